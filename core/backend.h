@@ -1,0 +1,135 @@
+// The op set every backend implements. The CPU backend (core/cpu) is the reference: plain fp32 loops;
+// the CUDA backend (core/cuda) must match it. Shapes are in the comments; "[M, D] rows" means a 2-D view
+// whose last dimension is contiguous and whose row stride may be larger than D (a slice of columns).
+//
+// Conventions:
+//  - Forward ops overwrite their outputs. Backward ops ACCUMULATE into gradient outputs (dx += ...),
+//    so residual branches and tied weights need no extra adds; callers zero gradients once.
+//  - Index tensors (token ids, positions, expert ids) are I32.
+//  - Shape mismatches are programmer errors (CHECK); user input is validated before it gets here.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace r1lab::core {
+
+// The DeepSeek MoE router: which experts each token uses and with what weight.
+struct RouterConfig {
+  enum class Scoring { kSigmoid, kSoftmax };
+  // noaux_tc (V3): group score = sum of the top-2 biased scores in the group;
+  // group_limited_greedy (V2): group score = max score in the group; greedy: no groups.
+  enum class TopkMethod { kNoauxTc, kGroupLimitedGreedy, kGreedy };
+  Scoring scoring = Scoring::kSigmoid;
+  TopkMethod method = TopkMethod::kNoauxTc;
+  int n_experts = 0;
+  int top_k = 0;
+  int n_group = 1;
+  int topk_group = 1;
+  bool norm_topk_prob = true;
+  float routed_scaling_factor = 1.0f;
+};
+
+// cos/sin of every position: [max_positions, rope_dim/2], any YaRN attention factor folded in.
+struct RopeTable {
+  Tensor cos;
+  Tensor sin;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // ---- memory
+  // A zero-filled contiguous tensor on this backend's device.
+  virtual Tensor zeros(const Shape& shape, DType dtype = DType::kF32) = 0;
+  // Copies between a host tensor and a tensor of this backend (same shape and dtype, contiguous).
+  virtual void upload(const Tensor& host, Tensor& dst) = 0;
+  virtual Tensor download(const Tensor& src) = 0;
+  // dst = src, any strides, same shape (up to 4 dimensions).
+  virtual void copy(const Tensor& src, Tensor& dst) = 0;
+  // y += alpha * x, any strides, same shape (up to 4 dimensions).
+  virtual void add(const Tensor& x, Tensor& y, float alpha = 1.0f) = 0;
+  // t = value (contiguous).
+  virtual void fill(Tensor& t, float value) = 0;
+
+  // ---- matrix products
+  // c = alpha * op(a) · op(b) + beta * c, op(x) = x or xᵀ. a: [m, k] rows ([k, m] if trans_a),
+  // b: [k, n] rows ([n, k] if trans_b), c: [m, n] rows.
+  virtual void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
+                    float alpha = 1.0f, float beta = 0.0f) = 0;
+  // One launch over all groups (experts). For group g, rows r in [offsets[g], offsets[g+1]):
+  //   c[r] = a[r] · op(w[g]) + beta * c[r];   a: [R, k], w: [G, n, k] (trans_w) or [G, k, n], c: [R, n].
+  virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w,
+                            const std::vector<int64_t>& offsets, Tensor& c, float beta = 0.0f) = 0;
+  // Weight gradient of grouped_gemm with trans_w: dw[g] += dc[rows_g]ᵀ · a[rows_g];
+  //   dc: [R, n], a: [R, k], dw: [G, n, k].
+  virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,
+                                  Tensor& dw) = 0;
+
+  // ---- normalisation, activations, embeddings
+  // y = x / sqrt(mean(x²) + eps) * w;  x, y: [M, D] rows, w: [D], rstd: [M] saved for backward.
+  virtual void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) = 0;
+  // dx += ∂/∂x, dw += ∂/∂w.
+  virtual void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                                Tensor& dx, Tensor& dw) = 0;
+  // h = silu(g) * u where gu = [g | u]: gu [M, 2I] rows, h [M, I] rows.
+  virtual void silu_mul_forward(const Tensor& gu, Tensor& h) = 0;
+  virtual void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) = 0;
+  // out[m] = table[ids[m]];  table [V, D], ids [M] I32, out [M, D].
+  virtual void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) = 0;
+  virtual void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) = 0;
+
+  // ---- rotary embedding, in place on x [M, H, D] (last dim contiguous), positions [M] I32.
+  // interleaved: rotates pairs (2i, 2i+1) by angle i; else pairs (i, i + D/2) (rotate_half).
+  // inverse rotates by the negative angle: the backward of the forward rotation.
+  virtual void rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
+                    bool inverse) = 0;
+
+  // ---- causal softmax attention (multi-query when Hk < Hq: head h reads kv head h / (Hq/Hk)).
+  // q [B, T, Hq, D], k [B, S, Hk, D], v [B, S, Hk, Dv], out [B, T, Hq, Dv], lse [B, Hq, T].
+  // Query t sits at position S - T + t and sees keys 0 .. S - T + t.
+  virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
+                                 Tensor& lse) = 0;
+  virtual void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
+                                  Tensor& dv) = 0;
+
+  // ---- mixture of experts
+  // logits [M, E] -> idx [M, K] I32, weights [M, K], scores [M, E] (sigmoid or softmax, kept for
+  // backward). bias [E] (e_score_correction_bias) steers selection only; may be undefined.
+  virtual void moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
+                         Tensor& weights, Tensor& scores) = 0;
+  // dlogits += ∂weights/∂logits · dweights (selection is piecewise constant).
+  virtual void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
+                                  const RouterConfig& cfg, Tensor& dlogits) = 0;
+  // Sorts the M*K (token, slot) assignments by expert: xs [M*K, H] holds the token rows grouped by
+  // expert, row_of [M*K] I32 the xs row of assignment m*K+k, offsets (E+1) the group bounds.
+  virtual void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
+                            std::vector<int64_t>& offsets) = 0;
+  // dx[m] += Σ_k dxs[row_of[m*K+k]].
+  virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) = 0;
+  // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]].
+  virtual void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) = 0;
+  // dys[row] += w · dout[m];  dweights[m, k] += dout[m] · ys[row].
+  virtual void moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights,
+                                    const Tensor& row_of, Tensor& dys, Tensor& dweights) = 0;
+
+  // ---- token log-probabilities
+  // lp[m] = logits[m, targets[m]] - logsumexp(logits[m]);  logits [M, V] rows, lse [M] saved.
+  virtual void logprobs_forward(const Tensor& logits, const Tensor& targets, Tensor& lp, Tensor& lse) = 0;
+  // dlogits[m] += dlp[m] · (onehot(targets[m]) - softmax(logits[m])).
+  virtual void logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets,
+                                 const Tensor& lse, Tensor& dlogits) = 0;
+};
+
+// The CPU reference backend.
+std::unique_ptr<Backend> make_cpu_backend();
+
+}  // namespace r1lab::core

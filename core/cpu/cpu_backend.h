@@ -1,0 +1,71 @@
+// The CPU reference backend: plain, correct fp32 loops (OpenMP over rows where it is free to do so).
+// Every GPU kernel is tested against these.
+#pragma once
+
+#include "core/backend.h"
+
+namespace r1lab::core::cpu {
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::kCpu; }
+  std::string name() const override { return "cpu"; }
+
+  Tensor zeros(const Shape& shape, DType dtype) override;
+  void upload(const Tensor& host, Tensor& dst) override;
+  Tensor download(const Tensor& src) override;
+  void copy(const Tensor& src, Tensor& dst) override;
+  void add(const Tensor& x, Tensor& y, float alpha) override;
+  void fill(Tensor& t, float value) override;
+
+  void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+            float beta) override;
+  void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
+                    Tensor& c, float beta) override;
+  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,
+                          Tensor& dw) override;
+
+  void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
+                        Tensor& dw) override;
+  void silu_mul_forward(const Tensor& gu, Tensor& h) override;
+  void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) override;
+  void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) override;
+  void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) override;
+
+  void rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
+            bool inverse) override;
+
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
+                         Tensor& lse) override;
+  void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                          const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
+                          Tensor& dv) override;
+
+  void moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
+                 Tensor& weights, Tensor& scores) override;
+  void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
+                          const RouterConfig& cfg, Tensor& dlogits) override;
+  void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
+                    std::vector<int64_t>& offsets) override;
+  void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) override;
+  void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) override;
+  void moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights, const Tensor& row_of,
+                            Tensor& dys, Tensor& dweights) override;
+
+  void logprobs_forward(const Tensor& logits, const Tensor& targets, Tensor& lp, Tensor& lse) override;
+  void logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                         Tensor& dlogits) override;
+};
+
+// A 2-D f32 view's geometry: rows, cols, row stride (the last dimension must be contiguous).
+struct Rows {
+  float* p;
+  int64_t rows;
+  int64_t cols;
+  int64_t ld;
+  float* row(int64_t r) const { return p + r * ld; }
+};
+Rows rows_of(const Tensor& t);
+
+}  // namespace r1lab::core::cpu

@@ -1,0 +1,99 @@
+// Matrix products of the CPU backend: plain row-by-row loops with fp32 accumulation.
+#include <vector>
+
+#include "core/cpu/cpu_backend.h"
+
+namespace r1lab::core::cpu {
+namespace {
+
+// Σ_p x[p] * y[p] with eight independent partial sums (lets the compiler vectorise without fast-math).
+inline float dot(const float* x, const float* y, int64_t n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8)
+    for (int l = 0; l < 8; ++l) s[l] += x[p + l] * y[p + l];
+  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; p < n; ++p) t += x[p] * y[p];
+  return t;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+// c[m, n] = alpha * op(a) op(b) + beta * c on raw row-major views.
+void gemm_raw(const Rows& a, bool ta, const Rows& b, bool tb, const Rows& c, float alpha, float beta) {
+  const int64_t m = c.rows, n = c.cols;
+  const int64_t k = ta ? a.rows : a.cols;
+  CHECK_EQ(ta ? a.cols : a.rows, m) << "gemm: rows of op(a) vs c";
+  CHECK_EQ(tb ? b.cols : b.rows, k) << "gemm: inner dimension";
+  CHECK_EQ(tb ? b.rows : b.cols, n) << "gemm: columns of op(b) vs c";
+#pragma omp parallel
+  {
+    std::vector<float> acc(static_cast<size_t>(n));
+#pragma omp for
+    for (int64_t i = 0; i < m; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      if (!ta && tb) {
+        const float* ai = a.row(i);
+        for (int64_t j = 0; j < n; ++j) acc[j] = dot(ai, b.row(j), k);
+      } else if (!ta && !tb) {
+        const float* ai = a.row(i);
+        for (int64_t p = 0; p < k; ++p) axpy(ai[p], b.row(p), acc.data(), n);
+      } else if (ta && !tb) {
+        for (int64_t p = 0; p < k; ++p) axpy(a.row(p)[i], b.row(p), acc.data(), n);
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const float* bj = b.row(j);
+          float s = 0;
+          for (int64_t p = 0; p < k; ++p) s += a.row(p)[i] * bj[p];
+          acc[j] = s;
+        }
+      }
+      float* ci = c.row(i);
+      if (beta == 0.0f) {
+        for (int64_t j = 0; j < n; ++j) ci[j] = alpha * acc[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) ci[j] = alpha * acc[j] + beta * ci[j];
+      }
+    }
+  }
+}
+
+Rows sub_rows(const Rows& r, int64_t start, int64_t count) {
+  return Rows{r.p + start * r.ld, count, r.cols, r.ld};
+}
+
+}  // namespace
+
+void CpuBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+                      float beta) {
+  CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2) << "gemm takes 2-D views";
+  gemm_raw(rows_of(a), trans_a, rows_of(b), trans_b, rows_of(c), alpha, beta);
+}
+
+void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
+                              Tensor& c, float beta) {
+  CHECK_EQ(w.dim(), 3);
+  CHECK_EQ(static_cast<int64_t>(offsets.size()), w.size(0) + 1);
+  Rows ar = rows_of(a), cr = rows_of(c);
+  for (int64_t g = 0; g < w.size(0); ++g) {
+    const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
+    if (nr == 0) continue;
+    gemm_raw(sub_rows(ar, r0, nr), false, rows_of(w[g]), trans_w, sub_rows(cr, r0, nr), 1.0f, beta);
+  }
+}
+
+void CpuBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,
+                                    Tensor& dw) {
+  CHECK_EQ(dw.dim(), 3);
+  CHECK_EQ(static_cast<int64_t>(offsets.size()), dw.size(0) + 1);
+  Rows dcr = rows_of(dc), ar = rows_of(a);
+  for (int64_t g = 0; g < dw.size(0); ++g) {
+    const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
+    if (nr == 0) continue;
+    gemm_raw(sub_rows(dcr, r0, nr), true, sub_rows(ar, r0, nr), false, rows_of(dw[g]), 1.0f, 1.0f);
+  }
+}
+
+}  // namespace r1lab::core::cpu

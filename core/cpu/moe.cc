@@ -1,0 +1,211 @@
+// The MoE router and expert dispatch/combine of the CPU backend, forward and backward.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "core/cpu/cpu_backend.h"
+
+namespace r1lab::core::cpu {
+
+// scores = sigmoid(logits) or softmax(logits); choice = scores + bias;
+// groups: keep the topk_group groups by group score, other experts' choice := 0 (as transformers does);
+// idx = top_k of choice; w = scores[idx] (/ (Σ + 1e-20) if norm_topk_prob) * routed_scaling_factor.
+void CpuBackend::moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
+                           Tensor& weights, Tensor& scores) {
+  Rows lr = rows_of(logits);
+  const int64_t e = cfg.n_experts, kk = cfg.top_k;
+  CHECK_EQ(lr.cols, e);
+  CHECK(idx.dtype() == DType::kI32 && idx.is_contiguous() && weights.is_contiguous() && scores.is_contiguous());
+  CHECK_EQ(e % cfg.n_group, 0);
+  const int64_t per_group = e / cfg.n_group;
+  const float* bp = bias.defined() ? bias.f32() : nullptr;
+  int32_t* ip = idx.data<int32_t>();
+  float* wp = weights.f32();
+  float* sp = scores.f32();
+  std::vector<float> choice(static_cast<size_t>(e)), gscore(static_cast<size_t>(cfg.n_group));
+  std::vector<int> order(static_cast<size_t>(e)), gorder(static_cast<size_t>(cfg.n_group));
+  for (int64_t m = 0; m < lr.rows; ++m) {
+    const float* l = lr.row(m);
+    float* s = sp + m * e;
+    if (cfg.scoring == RouterConfig::Scoring::kSigmoid) {
+      for (int64_t j = 0; j < e; ++j) s[j] = 1.0f / (1.0f + std::exp(-l[j]));
+    } else {
+      float mx = *std::max_element(l, l + e);
+      double sum = 0;
+      for (int64_t j = 0; j < e; ++j) sum += std::exp(static_cast<double>(l[j] - mx));
+      for (int64_t j = 0; j < e; ++j) s[j] = static_cast<float>(std::exp(static_cast<double>(l[j] - mx)) / sum);
+    }
+    for (int64_t j = 0; j < e; ++j) choice[j] = s[j] + (bp ? bp[j] : 0.0f);
+    if (cfg.method != RouterConfig::TopkMethod::kGreedy && cfg.n_group > 1) {
+      for (int g = 0; g < cfg.n_group; ++g) {
+        std::vector<float> in(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group);
+        std::sort(in.begin(), in.end(), std::greater<float>());
+        if (cfg.method == RouterConfig::TopkMethod::kNoauxTc) {
+          gscore[g] = in[0] + (per_group > 1 ? in[1] : 0.0f);
+        } else {
+          gscore[g] = in[0];
+        }
+      }
+      std::iota(gorder.begin(), gorder.end(), 0);
+      std::stable_sort(gorder.begin(), gorder.end(), [&](int a, int b) { return gscore[a] > gscore[b]; });
+      std::vector<bool> keep(static_cast<size_t>(cfg.n_group), false);
+      for (int g = 0; g < cfg.topk_group; ++g) keep[gorder[g]] = true;
+      for (int64_t j = 0; j < e; ++j)
+        if (!keep[j / per_group]) choice[j] = 0.0f;
+    }
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return choice[a] > choice[b]; });
+    double denom = 0;
+    for (int64_t k = 0; k < kk; ++k) {
+      ip[m * kk + k] = order[k];
+      denom += s[order[k]];
+    }
+    const float norm = cfg.norm_topk_prob ? static_cast<float>(denom + 1e-20) : 1.0f;
+    for (int64_t k = 0; k < kk; ++k) wp[m * kk + k] = s[order[k]] / norm * cfg.routed_scaling_factor;
+  }
+}
+
+// Through w_k = c·s_k / S (S = Σ_j s_j + 1e-20 when normalised, else 1):
+//   ds_j = c·dw_j / S - [norm] c·Σ_k dw_k s_k / S²;  then through sigmoid or softmax.
+void CpuBackend::moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
+                                    const RouterConfig& cfg, Tensor& dlogits) {
+  Rows dl = rows_of(dlogits);
+  const int64_t e = cfg.n_experts, kk = cfg.top_k;
+  const float* dw = dweights.f32();
+  const float* sp = scores.f32();
+  const int32_t* ip = idx.data<int32_t>();
+  const float c = cfg.routed_scaling_factor;
+  std::vector<double> ds(static_cast<size_t>(e));
+  for (int64_t m = 0; m < dl.rows; ++m) {
+    const float* s = sp + m * e;
+    std::fill(ds.begin(), ds.end(), 0.0);
+    double denom = 1.0, cross = 0.0;
+    if (cfg.norm_topk_prob) {
+      denom = 1e-20;
+      for (int64_t k = 0; k < kk; ++k) denom += s[ip[m * kk + k]];
+      for (int64_t k = 0; k < kk; ++k) cross += static_cast<double>(dw[m * kk + k]) * s[ip[m * kk + k]];
+    }
+    for (int64_t k = 0; k < kk; ++k) {
+      const int j = ip[m * kk + k];
+      ds[j] += c * dw[m * kk + k] / denom;
+      if (cfg.norm_topk_prob) ds[j] -= c * cross / (denom * denom);
+    }
+    float* g = dl.row(m);
+    if (cfg.scoring == RouterConfig::Scoring::kSigmoid) {
+      for (int64_t j = 0; j < e; ++j) g[j] += static_cast<float>(ds[j] * s[j] * (1.0 - s[j]));
+    } else {
+      double dot = 0;
+      for (int64_t j = 0; j < e; ++j) dot += ds[j] * s[j];
+      for (int64_t j = 0; j < e; ++j) g[j] += static_cast<float>(s[j] * (ds[j] - dot));
+    }
+  }
+}
+
+// Counting sort of assignments by expert, stable in assignment order (deterministic).
+void CpuBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
+                              std::vector<int64_t>& offsets) {
+  Rows xr = rows_of(x), xsr = rows_of(xs);
+  const int64_t m = idx.size(0), kk = idx.size(1), n = m * kk;
+  CHECK_EQ(xr.rows, m);
+  CHECK_EQ(xsr.rows, n);
+  const int32_t* ip = idx.data<int32_t>();
+  int32_t* ro = row_of.data<int32_t>();
+  offsets.assign(static_cast<size_t>(n_experts) + 1, 0);
+  for (int64_t a = 0; a < n; ++a) {
+    CHECK(ip[a] >= 0 && ip[a] < n_experts);
+    ++offsets[ip[a] + 1];
+  }
+  for (int e = 0; e < n_experts; ++e) offsets[e + 1] += offsets[e];
+  std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+  for (int64_t a = 0; a < n; ++a) {
+    const int64_t r = next[ip[a]]++;
+    ro[a] = static_cast<int32_t>(r);
+    std::copy(xr.row(a / kk), xr.row(a / kk) + xr.cols, xsr.row(r));
+  }
+}
+
+void CpuBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) {
+  Rows dxsr = rows_of(dxs), dxr = rows_of(dx);
+  const int32_t* ro = row_of.data<int32_t>();
+  const int64_t kk = row_of.numel() / dxr.rows;
+  for (int64_t a = 0; a < row_of.numel(); ++a) {
+    const float* src = dxsr.row(ro[a]);
+    float* dst = dxr.row(a / kk);
+    for (int64_t i = 0; i < dxr.cols; ++i) dst[i] += src[i];
+  }
+}
+
+void CpuBackend::moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) {
+  Rows yr = rows_of(ys), orr = rows_of(out);
+  const int32_t* ro = row_of.data<int32_t>();
+  const float* w = weights.f32();
+  const int64_t kk = weights.size(1);
+  for (int64_t m = 0; m < orr.rows; ++m) {
+    float* o = orr.row(m);
+    for (int64_t k = 0; k < kk; ++k) {
+      const float* y = yr.row(ro[m * kk + k]);
+      const float wk = w[m * kk + k];
+      for (int64_t i = 0; i < orr.cols; ++i) o[i] += wk * y[i];
+    }
+  }
+}
+
+void CpuBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights,
+                                      const Tensor& row_of, Tensor& dys, Tensor& dweights) {
+  Rows dor = rows_of(dout), yr = rows_of(ys), dyr = rows_of(dys);
+  const int32_t* ro = row_of.data<int32_t>();
+  const float* w = weights.f32();
+  float* dw = dweights.f32();
+  const int64_t kk = weights.size(1);
+  for (int64_t m = 0; m < dor.rows; ++m) {
+    const float* g = dor.row(m);
+    for (int64_t k = 0; k < kk; ++k) {
+      const int64_t r = ro[m * kk + k];
+      const float* y = yr.row(r);
+      float* dy = dyr.row(r);
+      double dot = 0;
+      for (int64_t i = 0; i < dor.cols; ++i) {
+        dy[i] += w[m * kk + k] * g[i];
+        dot += static_cast<double>(g[i]) * y[i];
+      }
+      dw[m * kk + k] += static_cast<float>(dot);
+    }
+  }
+}
+
+// lp = logit[target] - logsumexp(logits).
+void CpuBackend::logprobs_forward(const Tensor& logits, const Tensor& targets, Tensor& lp, Tensor& lse) {
+  Rows lr = rows_of(logits);
+  const int32_t* tg = targets.data<int32_t>();
+  float* out = lp.f32();
+  float* ls = lse.f32();
+#pragma omp parallel for
+  for (int64_t m = 0; m < lr.rows; ++m) {
+    const float* l = lr.row(m);
+    const float mx = *std::max_element(l, l + lr.cols);
+    double sum = 0;
+    for (int64_t j = 0; j < lr.cols; ++j) sum += std::exp(static_cast<double>(l[j] - mx));
+    ls[m] = mx + static_cast<float>(std::log(sum));
+    CHECK(tg[m] >= 0 && tg[m] < lr.cols) << "target " << tg[m] << " outside vocabulary " << lr.cols;
+    out[m] = l[tg[m]] - ls[m];
+  }
+}
+
+void CpuBackend::logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets,
+                                   const Tensor& lse, Tensor& dlogits) {
+  Rows lr = rows_of(logits), dr = rows_of(dlogits);
+  const int32_t* tg = targets.data<int32_t>();
+  const float* g = dlp.f32();
+  const float* ls = lse.f32();
+#pragma omp parallel for
+  for (int64_t m = 0; m < lr.rows; ++m) {
+    if (g[m] == 0.0f) continue;
+    const float* l = lr.row(m);
+    float* d = dr.row(m);
+    for (int64_t j = 0; j < lr.cols; ++j) d[j] -= g[m] * std::exp(l[j] - ls[m]);
+    d[tg[m]] += g[m];
+  }
+}
+
+}  // namespace r1lab::core::cpu
