@@ -86,13 +86,39 @@ Tensor Tensor::slice(int d, int64_t start, int64_t len) const {
                 std::move(shape), strides_, dtype_);
 }
 
-Tensor Tensor::operator[](int64_t i) const {
-  CHECK(dim() >= 1 && i >= 0 && i < shape_[0]);
-  Shape shape(shape_.begin() + 1, shape_.end());
-  Shape strides(strides_.begin() + 1, strides_.end());
-  return Tensor(storage_, byte_offset_ + static_cast<size_t>(i * strides_[0]) * dtype_size(dtype_),
+Tensor Tensor::unsqueeze(int d) const {
+  if (d < 0) d += dim() + 1;
+  CHECK(d >= 0 && d <= dim());
+  Shape shape = shape_, strides = strides_;
+  const int64_t st = d < dim() ? strides_[d] * shape_[d] : 1;
+  shape.insert(shape.begin() + d, 1);
+  strides.insert(strides.begin() + d, st);
+  return Tensor(storage_, byte_offset_, std::move(shape), std::move(strides), dtype_);
+}
+
+Tensor Tensor::expand(const Shape& shape) const {
+  CHECK_EQ(shape.size(), shape_.size());
+  Shape strides = strides_;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] == shape_[i]) continue;
+    CHECK_EQ(shape_[i], 1) << "expand " << shape_str(shape_) << " to " << shape_str(shape);
+    strides[i] = 0;
+  }
+  return Tensor(storage_, byte_offset_, shape, std::move(strides), dtype_);
+}
+
+Tensor Tensor::select(int d, int64_t i) const {
+  if (d < 0) d += dim();
+  CHECK(d >= 0 && d < dim() && i >= 0 && i < shape_[d]) << "select " << i << " of dim " << d << " of "
+                                                          << shape_str(shape_);
+  Shape shape = shape_, strides = strides_;
+  shape.erase(shape.begin() + d);
+  strides.erase(strides.begin() + d);
+  return Tensor(storage_, byte_offset_ + static_cast<size_t>(i * strides_[d]) * dtype_size(dtype_),
                 std::move(shape), std::move(strides), dtype_);
 }
+
+Tensor Tensor::operator[](int64_t i) const { return select(0, i); }
 
 namespace {
 

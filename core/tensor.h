@@ -83,6 +83,12 @@ class Tensor {
   Tensor view(Shape shape) const;
   // Elements [start, start+len) along dimension d (a strided view).
   Tensor slice(int d, int64_t start, int64_t len) const;
+  // A new dimension of size 1 at d.
+  Tensor unsqueeze(int d) const;
+  // Dimensions of size 1 repeated to `shape` with stride 0 (a broadcast view; read it, never write it).
+  Tensor expand(const Shape& shape) const;
+  // Index i of dimension d, dropping that dimension.
+  Tensor select(int d, int64_t i) const;
   // Index i of dimension 0, dropping that dimension.
   Tensor operator[](int64_t i) const;
 

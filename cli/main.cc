@@ -1,0 +1,133 @@
+// r1lab: one program, subcommands as thin adapters over the libraries.
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "core/backend.h"
+#include "model/model.h"
+#include "nlohmann/json.hpp"
+#include "rollout/sampler.h"
+#include "trainer/parity.h"
+
+ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda");
+ABSL_FLAG(std::string, reference, "", "check-parity: reference tensors (default FIXTURE_DIR/reference.safetensors)");
+ABSL_FLAG(std::string, model, "", "generate: a Hugging Face model directory");
+ABSL_FLAG(std::string, prompt_ids, "", "generate: comma-separated prompt token ids");
+ABSL_FLAG(int, max_new_tokens, 16, "generate: tokens to sample at most");
+ABSL_FLAG(double, temperature, 0.0, "generate: 0 is greedy");
+ABSL_FLAG(double, top_p, 1.0, "generate: nucleus mass in (0, 1]");
+ABSL_FLAG(int, top_k, 0, "generate: keep the k most likely tokens (0: all)");
+ABSL_FLAG(double, min_p, 0.0, "generate: drop tokens below min_p times the most likely");
+ABSL_FLAG(uint64_t, seed, 0, "generate: sampling seed");
+
+namespace {
+
+using r1lab::core::Backend;
+
+constexpr char kUsage[] =
+    "r1lab <command> [flags]\n"
+    "commands:\n"
+    "  check-parity FIXTURE_DIR [--reference FILE] [--device cpu]\n"
+    "      compare the model with a Hugging Face reference fixture; exit 0 when all items pass\n"
+    "  generate --model DIR --prompt-ids 1,2,3 [--max-new-tokens N --temperature T --top-p P --top-k K\n"
+    "           --min-p M --seed S]\n"
+    "      sample a continuation through the latent cache; prints one JSON object\n";
+
+absl::StatusOr<std::unique_ptr<Backend>> make_backend() {
+  const std::string d = absl::GetFlag(FLAGS_device);
+  if (d == "cpu") return r1lab::core::make_cpu_backend();
+  if (d == "cuda")
+    return absl::UnimplementedError("--device cuda: the CUDA model backend is not in this build yet; use --device cpu");
+  return absl::InvalidArgumentError(absl::StrCat("unknown --device '", d, "' (cpu, cuda)"));
+}
+
+int fail(const absl::Status& s) {
+  std::cerr << "r1lab: " << s.message() << "\n";
+  return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+int check_parity(const std::vector<char*>& args) {
+  if (args.size() != 3) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  auto be = make_backend();
+  if (!be.ok()) return fail(be.status());
+  r1lab::trainer::ParityOptions opt;
+  opt.reference = absl::GetFlag(FLAGS_reference);
+  auto rep = r1lab::trainer::check_parity(args[2], **be, opt);
+  if (!rep.ok()) return fail(rep.status());
+  std::printf("%-62s %-18s %12s %10s  %s\n", "item", "metric", "value", "tolerance", "result");
+  int failed = 0;
+  for (const auto& it : rep->items) {
+    std::printf("%-62s %-18s %12.3e %10.1e  %s\n", it.name.c_str(), it.metric.c_str(), it.value, it.tolerance,
+                it.pass ? "ok" : "FAIL");
+    failed += it.pass ? 0 : 1;
+  }
+  std::printf("%zu items, %d failed; forward %.2f ms, GRPO backward %.2f ms on %s\n", rep->items.size(), failed,
+              rep->forward_ms, rep->backward_ms, (*be)->name().c_str());
+  return rep->all_pass() ? 0 : 1;
+}
+
+int generate(const std::vector<char*>& args) {
+  if (args.size() != 2 || absl::GetFlag(FLAGS_model).empty() || absl::GetFlag(FLAGS_prompt_ids).empty()) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  std::vector<int32_t> prompt;
+  for (absl::string_view piece : absl::StrSplit(absl::GetFlag(FLAGS_prompt_ids), ',')) {
+    int32_t id;
+    if (!absl::SimpleAtoi(piece, &id))
+      return fail(absl::InvalidArgumentError(absl::StrCat("--prompt-ids: '", piece, "' is not an integer")));
+    prompt.push_back(id);
+  }
+  auto be = make_backend();
+  if (!be.ok()) return fail(be.status());
+  auto model = r1lab::model::Model::load(absl::GetFlag(FLAGS_model), **be);
+  if (!model.ok()) return fail(model.status());
+  r1lab::rollout::SamplingParams sp;
+  sp.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
+  sp.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
+  sp.top_k = absl::GetFlag(FLAGS_top_k);
+  sp.min_p = static_cast<float>(absl::GetFlag(FLAGS_min_p));
+  sp.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  sp.seed = absl::GetFlag(FLAGS_seed);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto out = r1lab::rollout::generate(**model, {prompt}, sp);
+  if (!out.ok()) return fail(out.status());
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto& c = (*out)[0];
+  nlohmann::json j;
+  j["prompt_ids"] = prompt;
+  j["tokens"] = c.tokens;
+  j["logprobs"] = c.logprobs;
+  j["finish_reason"] = c.finish_reason;
+  j["tokens_per_second"] = s > 0 ? c.tokens.size() / s : 0.0;
+  std::cout << j.dump() << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kUsage);
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() < 2) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  const std::string cmd = args[1];
+  if (cmd == "check-parity") return check_parity(args);
+  if (cmd == "generate") return generate(args);
+  std::cerr << "r1lab: unknown command '" << cmd << "'\n" << kUsage;
+  return 2;
+}

@@ -1,0 +1,37 @@
+// The layers of the network, forward and backward side by side (internal to model/).
+#pragma once
+
+#include "core/backend.h"
+#include "model/config.h"
+#include "model/latent_cache.h"
+#include "model/model.h"
+#include "model/weights.h"
+
+namespace r1lab::model {
+
+// Multi-head Latent Attention over x [M, H] (M = B*T, positions [M] I32). Writes y [M, H].
+void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
+                 const core::Tensor& x, const core::Tensor& positions, int64_t batch, AttentionActs& a,
+                 core::Tensor& y);
+// dx += ∂/∂x, g.* += ∂/∂weights.
+void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
+                  const core::RopeTable& rope, const core::Tensor& x, const core::Tensor& positions,
+                  const AttentionActs& a, const core::Tensor& dy, core::Tensor& dx);
+// The same attention for tokens continuing the sequences of `cache` (layer l): appends their latents,
+// then attends in latent space: q·k = (W_UKᵀ q_nope)·c + q_pe·k_pe, out = W_UV (Σ p c).
+void mla_forward_cached(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
+                        const core::RopeTable& rope, const core::Tensor& x, const core::Tensor& positions,
+                        LatentCache& cache, int layer, core::Tensor& y);
+
+// SiLU-gated MLP: y = (silu(x·gateᵀ) * (x·upᵀ)) · downᵀ.  x [N, H], y [N, H] (overwritten).
+void mlp_forward(core::Backend& be, const MlpWeights& w, const core::Tensor& x, MlpActs& a, core::Tensor& y);
+void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const core::Tensor& x,
+                  const MlpActs& a, const core::Tensor& dy, core::Tensor& dx);
+
+// DeepSeekMoE: routed experts (top-k by the router) plus shared experts. y overwritten.
+void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x,
+                 MoeActs& a, core::Tensor& y);
+void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
+                  const core::Tensor& x, const MoeActs& a, const core::Tensor& dy, core::Tensor& dx);
+
+}  // namespace r1lab::model

@@ -1,0 +1,192 @@
+// Multi-head Latent Attention, forward and backward, and its latent-cache decode.
+//
+//   q      = x · W_qᵀ (or rmsnorm(x · W_qaᵀ) · W_qbᵀ)          [M, heads, nope + rope]
+//   ckv    = x · W_kvaᵀ = [c | k_pe]                            [M, r + rope]
+//   kv     = rmsnorm(c) · W_kvbᵀ = [k_nope | v] per head       [M, heads, nope + v]
+//   k      = [k_nope | rope(k_pe) shared by all heads],  q_pe = rope(q_pe)
+//   y      = softmax(q·kᵀ · scale, causal) · v · W_oᵀ
+#include "model/layers.h"
+
+namespace r1lab::model {
+namespace {
+
+using core::Tensor;
+
+// [M, heads, d] (contiguous) viewed as [B, T, heads, d].
+Tensor split_batch(const Tensor& t, int64_t batch) {
+  return t.view({batch, t.size(0) / batch, t.size(1), t.size(2)});
+}
+
+}  // namespace
+
+void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
+                 const Tensor& x, const Tensor& positions, int64_t batch, AttentionActs& a, Tensor& y) {
+  const int64_t m = x.size(0), heads = cfg.num_attention_heads;
+  const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
+  const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
+  // Queries.
+  a.q = be.zeros({m, heads, qk});
+  Tensor q2 = a.q.view({m, heads * qk});
+  if (cfg.q_lora_rank > 0) {
+    a.q_a = be.zeros({m, cfg.q_lora_rank});
+    a.q_a_norm = be.zeros({m, cfg.q_lora_rank});
+    a.q_a_rstd = be.zeros({m});
+    be.gemm(x, false, w.q_a_proj, true, a.q_a);
+    be.rmsnorm_forward(a.q_a, w.q_a_norm, static_cast<float>(cfg.rms_norm_eps), a.q_a_norm, a.q_a_rstd);
+    be.gemm(a.q_a_norm, false, w.q_b_proj, true, q2);
+  } else {
+    be.gemm(x, false, w.q_proj, true, q2);
+  }
+  Tensor q_pe = a.q.slice(2, nope, rd);
+  be.rope(q_pe, positions, rope, cfg.rope_interleave, false);
+  // Compressed latent and the shared rope key.
+  a.ckv = be.zeros({m, r + rd});
+  be.gemm(x, false, w.kv_a_proj, true, a.ckv);
+  a.c_norm = be.zeros({m, r});
+  a.c_rstd = be.zeros({m});
+  be.rmsnorm_forward(a.ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), a.c_norm, a.c_rstd);
+  a.kv = be.zeros({m, heads * (nope + vd)});
+  be.gemm(a.c_norm, false, w.kv_b_proj, true, a.kv);
+  Tensor k_pe = be.zeros({m, 1, rd});
+  be.copy(a.ckv.slice(1, r, rd).unsqueeze(1), k_pe);
+  be.rope(k_pe, positions, rope, cfg.rope_interleave, false);
+  // Per-head keys and values.
+  Tensor kv3 = a.kv.view({m, heads, nope + vd});
+  a.k = be.zeros({m, heads, qk});
+  a.v = be.zeros({m, heads, vd});
+  Tensor k_nope_dst = a.k.slice(2, 0, nope);
+  be.copy(kv3.slice(2, 0, nope), k_nope_dst);
+  Tensor k_pe_dst = a.k.slice(2, nope, rd);
+  be.copy(k_pe.expand({m, heads, rd}), k_pe_dst);
+  be.copy(kv3.slice(2, nope, vd), a.v);
+  // Attention.
+  a.out = be.zeros({m, heads, vd});
+  a.lse = be.zeros({batch, heads, m / batch});
+  Tensor out4 = split_batch(a.out, batch);
+  be.attention_forward(split_batch(a.q, batch), split_batch(a.k, batch), split_batch(a.v, batch),
+                       cfg.attention_scale(), out4, a.lse);
+  be.gemm(a.out.view({m, heads * vd}), false, w.o_proj, true, y);
+}
+
+void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
+                  const core::RopeTable& rope, const Tensor& x, const Tensor& positions, const AttentionActs& a,
+                  const Tensor& dy, Tensor& dx) {
+  const int64_t m = x.size(0), heads = cfg.num_attention_heads;
+  const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
+  const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
+  const int64_t batch = a.lse.size(0);
+  // y = out · W_oᵀ
+  Tensor dout = be.zeros({m, heads, vd});
+  Tensor dout2 = dout.view({m, heads * vd});
+  be.gemm(dy, false, w.o_proj, false, dout2);
+  Tensor go = g.o_proj;
+  be.gemm(dy, true, a.out.view({m, heads * vd}), false, go, 1.0f, 1.0f);
+  // Attention.
+  Tensor dq = be.zeros({m, heads, qk}), dk = be.zeros({m, heads, qk}), dv = be.zeros({m, heads, vd});
+  Tensor dq4 = split_batch(dq, batch), dk4 = split_batch(dk, batch), dv4 = split_batch(dv, batch);
+  be.attention_backward(split_batch(dout, batch), split_batch(a.q, batch), split_batch(a.k, batch),
+                        split_batch(a.v, batch), split_batch(a.out, batch), a.lse, cfg.attention_scale(), dq4, dk4,
+                        dv4);
+  // Keys and values back to kv and the shared rope key.
+  Tensor dkv = be.zeros({m, heads, nope + vd});
+  Tensor dkv_nope = dkv.slice(2, 0, nope), dkv_v = dkv.slice(2, nope, vd);
+  be.add(dk.slice(2, 0, nope), dkv_nope);
+  be.add(dv, dkv_v);
+  Tensor dk_pe = be.zeros({m, 1, rd});
+  for (int64_t h = 0; h < heads; ++h) be.add(dk.slice(1, h, 1).slice(2, nope, rd), dk_pe);
+  be.rope(dk_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
+  Tensor dckv = be.zeros({m, r + rd});
+  Tensor dckv_pe = dckv.slice(1, r, rd).unsqueeze(1);
+  be.add(dk_pe, dckv_pe);
+  // kv = c_norm · W_kvbᵀ
+  Tensor dc_norm = be.zeros({m, r});
+  Tensor dkv2 = dkv.view({m, heads * (nope + vd)});
+  be.gemm(dkv2, false, w.kv_b_proj, false, dc_norm);
+  Tensor gkvb = g.kv_b_proj;
+  be.gemm(dkv2, true, a.c_norm, false, gkvb, 1.0f, 1.0f);
+  Tensor dc = dckv.slice(1, 0, r);
+  Tensor gkvan = g.kv_a_norm;
+  be.rmsnorm_backward(dc_norm, a.ckv.slice(1, 0, r), w.kv_a_norm, a.c_rstd, dc, gkvan);
+  // ckv = x · W_kvaᵀ
+  be.gemm(dckv, false, w.kv_a_proj, false, dx, 1.0f, 1.0f);
+  Tensor gkva = g.kv_a_proj;
+  be.gemm(dckv, true, x, false, gkva, 1.0f, 1.0f);
+  // Queries.
+  Tensor dq_pe = dq.slice(2, nope, rd);
+  be.rope(dq_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
+  Tensor dq2 = dq.view({m, heads * qk});
+  if (cfg.q_lora_rank > 0) {
+    Tensor dq_a_norm = be.zeros({m, cfg.q_lora_rank}), dq_a = be.zeros({m, cfg.q_lora_rank});
+    be.gemm(dq2, false, w.q_b_proj, false, dq_a_norm);
+    Tensor gqb = g.q_b_proj;
+    be.gemm(dq2, true, a.q_a_norm, false, gqb, 1.0f, 1.0f);
+    Tensor gqan = g.q_a_norm;
+    be.rmsnorm_backward(dq_a_norm, a.q_a, w.q_a_norm, a.q_a_rstd, dq_a, gqan);
+    be.gemm(dq_a, false, w.q_a_proj, false, dx, 1.0f, 1.0f);
+    Tensor gqa = g.q_a_proj;
+    be.gemm(dq_a, true, x, false, gqa, 1.0f, 1.0f);
+  } else {
+    be.gemm(dq2, false, w.q_proj, false, dx, 1.0f, 1.0f);
+    Tensor gq = g.q_proj;
+    be.gemm(dq2, true, x, false, gq, 1.0f, 1.0f);
+  }
+}
+
+void mla_forward_cached(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
+                        const core::RopeTable& rope, const Tensor& x, const Tensor& positions, LatentCache& cache,
+                        int layer, Tensor& y) {
+  const int64_t m = x.size(0), heads = cfg.num_attention_heads, batch = cache.batch(), t = m / batch;
+  const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
+  const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
+  const int64_t start = cache.length(), s_len = start + t;
+  // Queries, as in training.
+  Tensor q = be.zeros({m, heads, qk});
+  Tensor q2 = q.view({m, heads * qk});
+  if (cfg.q_lora_rank > 0) {
+    Tensor q_a = be.zeros({m, cfg.q_lora_rank}), q_a_norm = be.zeros({m, cfg.q_lora_rank}), rstd = be.zeros({m});
+    be.gemm(x, false, w.q_a_proj, true, q_a);
+    be.rmsnorm_forward(q_a, w.q_a_norm, static_cast<float>(cfg.rms_norm_eps), q_a_norm, rstd);
+    be.gemm(q_a_norm, false, w.q_b_proj, true, q2);
+  } else {
+    be.gemm(x, false, w.q_proj, true, q2);
+  }
+  Tensor q_pe = q.slice(2, nope, rd);
+  be.rope(q_pe, positions, rope, cfg.rope_interleave, false);
+  // New latents straight into the cache rows [start, start + t) of every sequence.
+  Tensor ckv = be.zeros({m, r + rd}), rstd = be.zeros({m});
+  be.gemm(x, false, w.kv_a_proj, true, ckv);
+  Tensor rows = cache.layer(layer).slice(1, start, t);  // [B, t, r + rope]
+  Tensor c_dst = rows.slice(2, 0, r);
+  Tensor c_tmp = be.zeros({m, r});
+  be.rmsnorm_forward(ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), c_tmp, rstd);
+  be.copy(c_tmp.view({batch, t, r}), c_dst);
+  Tensor k_pe = be.zeros({m, 1, rd});
+  be.copy(ckv.slice(1, r, rd).unsqueeze(1), k_pe);
+  be.rope(k_pe, positions, rope, cfg.rope_interleave, false);
+  Tensor pe_dst = rows.slice(2, r, rd);
+  be.copy(k_pe.view({batch, t, rd}), pe_dst);
+  // Absorb W_UK into the queries: q_lat[h] = q_nope[h] · W_UK[h], W_UK[h] = kv_b_proj rows [nope, r].
+  Tensor qa = be.zeros({m, heads, r + rd});
+  Tensor kvb = w.kv_b_proj.view({heads, nope + vd, r});
+  for (int64_t h = 0; h < heads; ++h) {
+    Tensor dst = qa.select(1, h).slice(1, 0, r);  // [m, r]
+    be.gemm(q.select(1, h).slice(1, 0, nope), false, kvb.select(0, h).slice(0, 0, nope), false, dst);
+  }
+  Tensor qa_pe = qa.slice(2, r, rd);
+  be.copy(q.slice(2, nope, rd), qa_pe);
+  // One latent "head" shared by all query heads: k = [c | k_pe], v = c.
+  Tensor kv_all = cache.layer(layer).slice(1, 0, s_len).unsqueeze(2);  // [B, S, 1, r + rope]
+  Tensor o_lat = be.zeros({m, heads, r});
+  Tensor lse = be.zeros({batch, heads, t});
+  Tensor o4 = split_batch(o_lat, batch);
+  be.attention_forward(split_batch(qa, batch), kv_all, kv_all.slice(3, 0, r), cfg.attention_scale(), o4, lse);
+  // Un-absorb W_UV: out[h] = o_lat[h] · W_UV[h]ᵀ, W_UV[h] = kv_b_proj rows [v, r].
+  Tensor out = be.zeros({m, heads, vd});
+  for (int64_t h = 0; h < heads; ++h) {
+    Tensor dst = out.select(1, h);  // [m, v]
+    be.gemm(o_lat.select(1, h), false, kvb.select(0, h).slice(0, nope, vd), true, dst);
+  }
+  be.gemm(out.view({m, heads * vd}), false, w.o_proj, true, y);
+}
+
+}  // namespace r1lab::model

@@ -1,0 +1,190 @@
+// The whole network: embedding -> layers (MLA + MLP or MoE, pre-norm residual) -> norm -> lm_head.
+#include "model/model.h"
+
+#include <random>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "model/layers.h"
+
+namespace r1lab::model {
+
+using core::Tensor;
+
+Model::Model(ModelConfig cfg, core::Backend& backend)
+    : cfg_(std::move(cfg)), backend_(backend), params_(cfg_, backend), grads_(cfg_, backend) {
+  w_ = bind_weights(cfg_, params_);
+  g_ = bind_weights(cfg_, grads_);
+  core::RopeTable host = make_rope_table(cfg_, cfg_.max_position_embeddings);
+  rope_.cos = backend_.zeros(host.cos.shape());
+  rope_.sin = backend_.zeros(host.sin.shape());
+  backend_.upload(host.cos, rope_.cos);
+  backend_.upload(host.sin, rope_.sin);
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::load(const std::string& dir, core::Backend& backend) {
+  R1LAB_ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::from_file(dir + "/config.json"));
+  auto m = std::make_unique<Model>(std::move(cfg), backend);
+  R1LAB_RETURN_IF_ERROR(load_weights(dir, m->cfg_, backend, m->params_));
+  return m;
+}
+
+void Model::init_random(uint64_t seed, float std) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, std);
+  Tensor host = Tensor::zeros({params_.numel()});
+  float* p = host.f32();
+  for (const ParamInfo& info : params_.infos()) {
+    const int64_t n = core::shape_numel(info.shape);
+    const bool is_norm = absl::EndsWith(info.name, "norm.weight") || absl::EndsWith(info.name, "layernorm.weight");
+    const bool is_bias = absl::EndsWith(info.name, "e_score_correction_bias");
+    for (int64_t i = 0; i < n; ++i) p[info.offset + i] = is_norm ? 1.0f : is_bias ? 0.0f : normal(rng);
+  }
+  Tensor buf = params_.buffer();
+  backend_.upload(host, buf);
+}
+
+absl::Status Model::save(const std::string& dir, ExpertLayout layout) const {
+  return save_checkpoint(dir, cfg_, backend_, params_, layout);
+}
+
+void Model::zero_grads() {
+  Tensor b = grads_.buffer();
+  backend_.fill(b, 0.0f);
+}
+
+Tensor Model::embed(const Tensor& tokens_host, Tensor* ids_out) {
+  CHECK(tokens_host.dtype() == core::DType::kI32 && tokens_host.dim() == 2);
+  const int64_t m = tokens_host.numel();
+  *ids_out = backend_.zeros({m}, core::DType::kI32);
+  backend_.upload(tokens_host.clone().view({m}), *ids_out);
+  Tensor x = backend_.zeros({m, cfg_.hidden_size});
+  backend_.embedding_forward(w_.embed, *ids_out, x);
+  return x;
+}
+
+Tensor Model::forward(const Tensor& tokens, ForwardState* state, std::vector<Tensor>* hidden) {
+  const int64_t batch = tokens.size(0), seq = tokens.size(1), m = batch * seq;
+  CHECK_LE(seq, cfg_.max_position_embeddings);
+  ForwardState local;
+  ForwardState& st = state ? *state : local;
+  st = ForwardState();
+  st.batch = batch;
+  st.seq = seq;
+  Tensor x = embed(tokens, &st.tokens);
+  Tensor pos_host = Tensor::zeros({m}, core::DType::kI32);
+  for (int64_t i = 0; i < m; ++i) pos_host.data<int32_t>()[i] = static_cast<int32_t>(i % seq);
+  st.positions = backend_.zeros({m}, core::DType::kI32);
+  backend_.upload(pos_host, st.positions);
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  if (hidden) hidden->assign(1, x);
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+    const LayerWeights& lw = w_.layers[l];
+    LayerActs a;
+    a.x = x;
+    a.ln1 = backend_.zeros({m, cfg_.hidden_size});
+    a.ln1_rstd = backend_.zeros({m});
+    backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd);
+    a.h1 = backend_.zeros({m, cfg_.hidden_size});
+    mla_forward(backend_, cfg_, lw, rope_, a.ln1, st.positions, batch, a.attn, a.h1);
+    backend_.add(x, a.h1);
+    a.ln2 = backend_.zeros({m, cfg_.hidden_size});
+    a.ln2_rstd = backend_.zeros({m});
+    backend_.rmsnorm_forward(a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd);
+    Tensor out = backend_.zeros({m, cfg_.hidden_size});
+    if (lw.moe) {
+      moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out);
+    } else {
+      mlp_forward(backend_, lw.mlp, a.ln2, a.mlp, out);
+    }
+    backend_.add(a.h1, out);
+    x = out;
+    if (state) st.layers.push_back(std::move(a));
+    if (hidden && l + 1 < cfg_.num_hidden_layers) hidden->push_back(x);
+  }
+  st.x_final = x;
+  st.normed = backend_.zeros({m, cfg_.hidden_size});
+  st.final_rstd = backend_.zeros({m});
+  backend_.rmsnorm_forward(x, w_.final_norm, eps, st.normed, st.final_rstd);
+  if (hidden) hidden->push_back(st.normed);
+  Tensor logits = backend_.zeros({m, cfg_.vocab_size});
+  backend_.gemm(st.normed, false, w_.lm_head, true, logits);
+  return logits;
+}
+
+void Model::backward(ForwardState& st, const Tensor& dlogits) {
+  CHECK_EQ(static_cast<int>(st.layers.size()), cfg_.num_hidden_layers) << "forward ran without a state";
+  const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
+  // logits = normed · lm_headᵀ
+  Tensor dnormed = backend_.zeros({m, h});
+  backend_.gemm(dlogits, false, w_.lm_head, false, dnormed);
+  Tensor glm = g_.lm_head;
+  backend_.gemm(dlogits, true, st.normed, false, glm, 1.0f, 1.0f);
+  Tensor dx = backend_.zeros({m, h});
+  Tensor gnorm = g_.final_norm;
+  backend_.rmsnorm_backward(dnormed, st.x_final, w_.final_norm, st.final_rstd, dx, gnorm);
+  for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
+    const LayerWeights& lw = w_.layers[l];
+    const LayerWeights& lg = g_.layers[l];
+    const LayerActs& a = st.layers[l];
+    // out = h1 + ffn(ln2(h1))
+    Tensor dln2 = backend_.zeros({m, h});
+    if (lw.moe) {
+      moe_backward(backend_, cfg_, lw, lg, a.ln2, a.moe, dx, dln2);
+    } else {
+      mlp_backward(backend_, lw.mlp, lg.mlp, a.ln2, a.mlp, dx, dln2);
+    }
+    Tensor dh1 = dx;  // the residual path
+    Tensor gpost = lg.post_norm;
+    backend_.rmsnorm_backward(dln2, a.h1, lw.post_norm, a.ln2_rstd, dh1, gpost);
+    // h1 = x + attn(ln1(x))
+    Tensor dln1 = backend_.zeros({m, h});
+    mla_backward(backend_, cfg_, lw, lg, rope_, a.ln1, st.positions, a.attn, dh1, dln1);
+    Tensor gin = lg.input_norm;
+    backend_.rmsnorm_backward(dln1, a.x, lw.input_norm, a.ln1_rstd, dh1, gin);
+    dx = dh1;
+  }
+  Tensor gemb = g_.embed;
+  backend_.embedding_backward(dx, st.tokens, gemb);
+}
+
+Tensor Model::forward_cached(const Tensor& tokens, LatentCache& cache) {
+  const int64_t batch = tokens.size(0), t = tokens.size(1), m = batch * t;
+  CHECK_EQ(batch, cache.batch());
+  CHECK_LE(cache.length() + t, cache.capacity());
+  CHECK_LE(cache.length() + t, cfg_.max_position_embeddings);
+  Tensor ids;
+  Tensor x = embed(tokens, &ids);
+  Tensor pos_host = Tensor::zeros({m}, core::DType::kI32);
+  for (int64_t i = 0; i < m; ++i) pos_host.data<int32_t>()[i] = static_cast<int32_t>(cache.length() + i % t);
+  Tensor positions = backend_.zeros({m}, core::DType::kI32);
+  backend_.upload(pos_host, positions);
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  Tensor ln = backend_.zeros({m, cfg_.hidden_size}), rstd = backend_.zeros({m});
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+    const LayerWeights& lw = w_.layers[l];
+    backend_.rmsnorm_forward(x, lw.input_norm, eps, ln, rstd);
+    Tensor h1 = backend_.zeros({m, cfg_.hidden_size});
+    mla_forward_cached(backend_, cfg_, lw, rope_, ln, positions, cache, l, h1);
+    backend_.add(x, h1);
+    backend_.rmsnorm_forward(h1, lw.post_norm, eps, ln, rstd);
+    Tensor out = backend_.zeros({m, cfg_.hidden_size});
+    if (lw.moe) {
+      MoeActs a;
+      moe_forward(backend_, cfg_, lw, ln, a, out);
+    } else {
+      MlpActs a;
+      mlp_forward(backend_, lw.mlp, ln, a, out);
+    }
+    backend_.add(h1, out);
+    x = out;
+  }
+  cache.advance(t);
+  backend_.rmsnorm_forward(x, w_.final_norm, eps, ln, rstd);
+  Tensor logits = backend_.zeros({m, cfg_.vocab_size});
+  backend_.gemm(ln, false, w_.lm_head, true, logits);
+  return logits;
+}
+
+}  // namespace r1lab::model

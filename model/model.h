@@ -1,0 +1,97 @@
+// The DeepSeek-V3-family network (Multi-head Latent Attention + DeepSeekMoE) over a core::Backend:
+// forward, a hand-written backward for every parameter, and incremental decoding through a cache that
+// keeps only MLA's compressed latent and rope key per token (absorbed weights, never full K/V).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/backend.h"
+#include "model/config.h"
+#include "model/latent_cache.h"
+#include "model/weights.h"
+
+namespace r1lab::model {
+
+// What one layer's backward needs from its forward. M = B*T tokens.
+struct AttentionActs {
+  core::Tensor q_a, q_a_norm, q_a_rstd;  // [M, q_lora_rank], [M] (with query compression)
+  core::Tensor q;                        // [B, T, heads, nope + rope], rope applied
+  core::Tensor ckv;                      // [M, r + rope] output of kv_a_proj_with_mqa (before rope)
+  core::Tensor c_norm, c_rstd;           // [M, r] normalised latent, [M]
+  core::Tensor kv;                       // [M, heads * (nope + v)] = c_norm · kv_b_projᵀ
+  core::Tensor k, v;                     // [B, T, heads, nope + rope], [B, T, heads, v]
+  core::Tensor out, lse;                 // [B, T, heads, v], [B, heads, T]
+};
+struct MlpActs {
+  core::Tensor gate_up, act;  // [N, 2I], [N, I]
+};
+struct MoeActs {
+  core::Tensor logits, scores, idx, weights;  // [M, E], [M, E], [M, K] I32, [M, K]
+  core::Tensor xs, row_of;                    // [M*K, H] grouped by expert, [M*K] I32
+  std::vector<int64_t> offsets;               // E + 1 group bounds
+  MlpActs experts;                            // over the M*K rows
+  core::Tensor ys;                            // [M*K, H]
+  MlpActs shared;
+};
+struct LayerActs {
+  core::Tensor x;                  // [M, H] layer input
+  core::Tensor ln1, ln1_rstd;      // input_layernorm
+  AttentionActs attn;
+  core::Tensor h1;                 // [M, H] x + attention
+  core::Tensor ln2, ln2_rstd;      // post_attention_layernorm
+  MlpActs mlp;
+  MoeActs moe;
+};
+struct ForwardState {
+  int64_t batch = 0, seq = 0;
+  core::Tensor tokens, positions;  // [M] I32 on the backend
+  std::vector<LayerActs> layers;
+  core::Tensor x_final, normed, final_rstd;  // [M, H], [M, H], [M]
+};
+
+class Model {
+ public:
+  // Parameters zeroed; call init_random or load.
+  Model(ModelConfig cfg, core::Backend& backend);
+  // config.json + weights of a Hugging Face directory.
+  static absl::StatusOr<std::unique_ptr<Model>> load(const std::string& dir, core::Backend& backend);
+
+  // Linear and embedding weights ~ N(0, std²), norms 1, router bias 0 (transformers' init).
+  void init_random(uint64_t seed, float std);
+  absl::Status save(const std::string& dir, ExpertLayout layout = ExpertLayout::kFused) const;
+
+  const ModelConfig& config() const { return cfg_; }
+  core::Backend& backend() const { return backend_; }
+  ParameterSet& params() { return params_; }
+  ParameterSet& grads() { return grads_; }
+  const ParameterSet& params() const { return params_; }
+  void zero_grads();
+
+  // tokens: host I32 [B, T] at positions 0..T-1. Returns logits [B*T, V] on the backend.
+  // state: keeps what backward needs. hidden: as transformers' output_hidden_states: the embeddings,
+  // the output of every layer but the last, then the final normalised hidden state ([B*T, H] each).
+  core::Tensor forward(const core::Tensor& tokens, ForwardState* state = nullptr,
+                       std::vector<core::Tensor>* hidden = nullptr);
+  // Accumulates d(loss)/d(parameter) into grads() from dlogits [B*T, V].
+  void backward(ForwardState& state, const core::Tensor& dlogits);
+
+  // tokens: host I32 [B, T] continuing every sequence of the cache at its current length; appends their
+  // latents and returns logits [B*T, V]. Attention runs in latent space with the absorbed weights.
+  core::Tensor forward_cached(const core::Tensor& tokens, LatentCache& cache);
+
+ private:
+  core::Tensor embed(const core::Tensor& tokens_host, core::Tensor* ids_out);
+
+  ModelConfig cfg_;
+  core::Backend& backend_;
+  ParameterSet params_;
+  ParameterSet grads_;
+  Weights w_;
+  Weights g_;
+  core::RopeTable rope_;
+};
+
+}  // namespace r1lab::model

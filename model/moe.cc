@@ -1,0 +1,88 @@
+// The SiLU-gated MLP and DeepSeekMoE, forward and backward.
+//
+//   mlp(x)  = (silu(x·W_gᵀ) * (x·W_uᵀ)) · W_dᵀ
+//   moe(x)  = Σ_{e ∈ topk(x)} w_e(x) · expert_e(x) + shared(x)
+// Routed experts run as one grouped GEMM over the tokens sorted by expert.
+#include "model/layers.h"
+
+namespace r1lab::model {
+
+using core::Tensor;
+
+void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, Tensor& y) {
+  const int64_t n = x.size(0), inter = w.down.size(1);
+  a.gate_up = be.zeros({n, 2 * inter});
+  a.act = be.zeros({n, inter});
+  be.gemm(x, false, w.gate_up, true, a.gate_up);
+  be.silu_mul_forward(a.gate_up, a.act);
+  be.gemm(a.act, false, w.down, true, y);
+}
+
+void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const Tensor& x, const MlpActs& a,
+                  const Tensor& dy, Tensor& dx) {
+  const int64_t n = x.size(0), inter = w.down.size(1);
+  Tensor dact = be.zeros({n, inter}), dgu = be.zeros({n, 2 * inter});
+  be.gemm(dy, false, w.down, false, dact);
+  Tensor gd = g.down, ggu = g.gate_up;
+  be.gemm(dy, true, a.act, false, gd, 1.0f, 1.0f);
+  be.silu_mul_backward(dact, a.gate_up, dgu);
+  be.gemm(dgu, false, w.gate_up, false, dx, 1.0f, 1.0f);
+  be.gemm(dgu, true, x, false, ggu, 1.0f, 1.0f);
+}
+
+void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,
+                 Tensor& y) {
+  const int64_t m = x.size(0), h = x.size(1), e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
+  const int64_t inter = cfg.moe_intermediate_size;
+  const core::RouterConfig rc = cfg.router();
+  // Router.
+  a.logits = be.zeros({m, e});
+  a.scores = be.zeros({m, e});
+  a.idx = be.zeros({m, k}, core::DType::kI32);
+  a.weights = be.zeros({m, k});
+  be.gemm(x, false, w.router, true, a.logits);
+  be.moe_route(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores);
+  // Routed experts over the token rows grouped by expert.
+  a.xs = be.zeros({m * k, h});
+  a.row_of = be.zeros({m * k}, core::DType::kI32);
+  be.moe_dispatch(x, a.idx, static_cast<int>(e), a.xs, a.row_of, a.offsets);
+  a.experts.gate_up = be.zeros({m * k, 2 * inter});
+  a.experts.act = be.zeros({m * k, inter});
+  a.ys = be.zeros({m * k, h});
+  be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
+  be.silu_mul_forward(a.experts.gate_up, a.experts.act);
+  be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
+  if (w.shared.down.defined()) {
+    mlp_forward(be, w.shared, x, a.shared, y);
+  } else {
+    be.fill(y, 0.0f);
+  }
+  be.moe_combine(a.ys, a.weights, a.row_of, y);
+}
+
+void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
+                  const Tensor& x, const MoeActs& a, const Tensor& dy, Tensor& dx) {
+  const int64_t m = x.size(0), h = x.size(1), e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
+  const int64_t inter = cfg.moe_intermediate_size;
+  if (w.shared.down.defined()) mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dx);
+  // Combine.
+  Tensor dys = be.zeros({m * k, h}), dweights = be.zeros({m, k});
+  be.moe_combine_backward(dy, a.ys, a.weights, a.row_of, dys, dweights);
+  // Experts.
+  Tensor dact = be.zeros({m * k, inter}), dgu = be.zeros({m * k, 2 * inter}), dxs = be.zeros({m * k, h});
+  be.grouped_gemm(dys, w.experts_down, false, a.offsets, dact);
+  Tensor gdown = g.experts_down, ggu = g.experts_gate_up;
+  be.grouped_gemm_wgrad(dys, a.experts.act, a.offsets, gdown);
+  be.silu_mul_backward(dact, a.experts.gate_up, dgu);
+  be.grouped_gemm(dgu, w.experts_gate_up, false, a.offsets, dxs);
+  be.grouped_gemm_wgrad(dgu, a.xs, a.offsets, ggu);
+  be.moe_dispatch_backward(dxs, a.row_of, dx);
+  // Router: the weights are differentiable, the selection is not.
+  Tensor dlogits = be.zeros({m, e});
+  be.moe_route_backward(dweights, a.scores, a.idx, cfg.router(), dlogits);
+  be.gemm(dlogits, false, w.router, false, dx, 1.0f, 1.0f);
+  Tensor grouter = g.router;
+  be.gemm(dlogits, true, x, false, grouter, 1.0f, 1.0f);
+}
+
+}  // namespace r1lab::model
