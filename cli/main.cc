@@ -1,4 +1,5 @@
 // r1lab: one program, subcommands as thin adapters over the libraries.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -120,7 +121,19 @@ int generate(const std::vector<char*>& args) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
-  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  // Flags are spelled with dashes (--prompt-ids) as well as Abseil's underscores (--prompt_ids).
+  std::vector<std::string> storage(argv, argv + argc);
+  for (size_t i = 1; i < storage.size(); ++i) {
+    std::string& a = storage[i];
+    if (a == "--") break;
+    if (a.size() < 3 || a[0] != '-' || a[1] != '-') continue;
+    const size_t end = std::min(a.find('='), a.size());
+    for (size_t c = 2; c < end; ++c)
+      if (a[c] == '-') a[c] = '_';
+  }
+  std::vector<char*> cargv;
+  for (std::string& a : storage) cargv.push_back(a.data());
+  std::vector<char*> args = absl::ParseCommandLine(argc, cargv.data());
   if (args.size() < 2) {
     std::cerr << kUsage;
     return 2;

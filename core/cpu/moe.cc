@@ -1,6 +1,7 @@
 // The MoE router and expert dispatch/combine of the CPU backend, forward and backward.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -9,7 +10,9 @@
 namespace r1lab::core::cpu {
 
 // scores = sigmoid(logits) or softmax(logits); choice = scores + bias;
-// groups: keep the topk_group groups by group score, other experts' choice := 0 (as transformers does);
+// groups: keep the topk_group groups by group score, other experts' choice := -inf (DeepSeek's reference
+// inference code; transformers writes 0.0 instead, which agrees unless a kept expert's biased score is
+// negative, where 0.0 would let an expert of a dropped group win and break group-limited routing);
 // idx = top_k of choice; w = scores[idx] (/ (Σ + 1e-20) if norm_topk_prob) * routed_scaling_factor.
 void CpuBackend::moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
                            Tensor& weights, Tensor& scores) {
@@ -52,7 +55,7 @@ void CpuBackend::moe_route(const Tensor& logits, const Tensor& bias, const Route
       std::vector<bool> keep(static_cast<size_t>(cfg.n_group), false);
       for (int g = 0; g < cfg.topk_group; ++g) keep[gorder[g]] = true;
       for (int64_t j = 0; j < e; ++j)
-        if (!keep[j / per_group]) choice[j] = 0.0f;
+        if (!keep[j / per_group]) choice[j] = -std::numeric_limits<float>::infinity();
     }
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return choice[a] > choice[b]; });

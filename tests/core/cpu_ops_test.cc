@@ -1,0 +1,353 @@
+// The CPU reference ops: forward against direct formulas, backward against finite differences.
+#include <cmath>
+#include <random>
+#include <set>
+
+#include "core/backend.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace r1lab::core {
+namespace {
+
+using testing::dot;
+using testing::expect_directional_grad;
+using testing::randn;
+
+class CpuOps : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> be_ = make_cpu_backend();
+  std::mt19937_64 rng_{1234};
+};
+
+TEST_F(CpuOps, GemmAllTransposesMatchNaiveProducts) {
+  const int64_t m = 5, n = 7, k = 9;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      Tensor a = randn(ta ? Shape{k, m} : Shape{m, k}, rng_);
+      Tensor b = randn(tb ? Shape{n, k} : Shape{k, n}, rng_);
+      Tensor c = randn({m, n}, rng_);
+      Tensor c0 = c.clone();
+      be_->gemm(a, ta, b, tb, c, 0.5f, 2.0f);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          double s = 0;
+          for (int64_t p = 0; p < k; ++p)
+            s += (ta ? a.f32()[p * m + i] : a.f32()[i * k + p]) * (tb ? b.f32()[j * k + p] : b.f32()[p * n + j]);
+          EXPECT_NEAR(c.f32()[i * n + j], 0.5 * s + 2.0 * c0.f32()[i * n + j], 1e-4) << ta << tb;
+        }
+    }
+  }
+}
+
+TEST_F(CpuOps, GemmReadsAndWritesColumnSlices) {
+  Tensor big = randn({4, 10}, rng_);
+  Tensor a = big.slice(1, 2, 3);  // [4, 3], row stride 10
+  Tensor b = randn({2, 3}, rng_);
+  Tensor out = Tensor::zeros({4, 8});
+  Tensor c = out.slice(1, 5, 2);
+  be_->gemm(a, false, b, true, c);
+  Tensor ac = a.clone();
+  for (int64_t i = 0; i < 4; ++i)
+    for (int64_t j = 0; j < 2; ++j) {
+      double s = 0;
+      for (int64_t p = 0; p < 3; ++p) s += ac.f32()[i * 3 + p] * b.f32()[j * 3 + p];
+      EXPECT_NEAR(out.f32()[i * 8 + 5 + j], s, 1e-5);
+    }
+  EXPECT_EQ(out.f32()[0], 0.0f);  // untouched columns stay
+}
+
+TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
+  const std::vector<int64_t> offsets = {0, 3, 3, 7};  // an empty group in the middle
+  Tensor a = randn({7, 4}, rng_), w = randn({3, 5, 4}, rng_), c = Tensor::zeros({7, 5});
+  be_->grouped_gemm(a, w, true, offsets, c);
+  for (int g = 0; g < 3; ++g)
+    for (int64_t r = offsets[g]; r < offsets[g + 1]; ++r)
+      for (int64_t j = 0; j < 5; ++j) {
+        double s = 0;
+        for (int64_t p = 0; p < 4; ++p) s += a.f32()[r * 4 + p] * w.f32()[(g * 5 + j) * 4 + p];
+        EXPECT_NEAR(c.f32()[r * 5 + j], s, 1e-5);
+      }
+  // The weight gradient of c = a · w[g]ᵀ with respect to w under S = Σ dc·c.
+  Tensor dc = randn({7, 5}, rng_), dw = Tensor::zeros({3, 5, 4});
+  be_->grouped_gemm_wgrad(dc, a, offsets, dw);
+  expect_directional_grad("grouped_gemm dw", w, dw, [&] {
+    Tensor out = Tensor::zeros({7, 5});
+    be_->grouped_gemm(a, w, true, offsets, out);
+    return dot(out, dc);
+  }, rng_);
+}
+
+TEST_F(CpuOps, RmsNormForwardAndBackward) {
+  Tensor x = randn({6, 16}, rng_), w = randn({16}, rng_, 0.3f), y = Tensor::zeros({6, 16}), rstd = Tensor::zeros({6});
+  for (int i = 0; i < 16; ++i) w.f32()[i] += 1.0f;
+  be_->rmsnorm_forward(x, w, 1e-6f, y, rstd);
+  double ss = 0;
+  for (int i = 0; i < 16; ++i) ss += x.f32()[i] * x.f32()[i];
+  EXPECT_NEAR(y.f32()[3], x.f32()[3] / std::sqrt(ss / 16 + 1e-6) * w.f32()[3], 1e-5);
+  Tensor dy = randn({6, 16}, rng_), dx = Tensor::zeros({6, 16}), dw = Tensor::zeros({16});
+  be_->rmsnorm_backward(dy, x, w, rstd, dx, dw);
+  auto s = [&] {
+    Tensor o = Tensor::zeros({6, 16}), r = Tensor::zeros({6});
+    be_->rmsnorm_forward(x, w, 1e-6f, o, r);
+    return dot(o, dy);
+  };
+  expect_directional_grad("rmsnorm dx", x, dx, s, rng_);
+  expect_directional_grad("rmsnorm dw", w, dw, s, rng_);
+}
+
+TEST_F(CpuOps, SiluMulBackward) {
+  Tensor gu = randn({5, 12}, rng_), dh = randn({5, 6}, rng_), dgu = Tensor::zeros({5, 12});
+  be_->silu_mul_backward(dh, gu, dgu);
+  expect_directional_grad("silu_mul", gu, dgu, [&] {
+    Tensor h = Tensor::zeros({5, 6});
+    be_->silu_mul_forward(gu, h);
+    return dot(h, dh);
+  }, rng_);
+}
+
+RopeTable test_table(int positions, int half) {
+  RopeTable t{Tensor::zeros({positions, half}), Tensor::zeros({positions, half})};
+  for (int p = 0; p < positions; ++p)
+    for (int i = 0; i < half; ++i) {
+      const double a = p * std::pow(10000.0, -2.0 * i / (2 * half));
+      t.cos.f32()[p * half + i] = static_cast<float>(std::cos(a));
+      t.sin.f32()[p * half + i] = static_cast<float>(std::sin(a));
+    }
+  return t;
+}
+
+TEST_F(CpuOps, RopeInterleavedIsHalfSplitOnDeinterleavedPairs) {
+  const int64_t m = 4, h = 2, d = 8;
+  RopeTable table = test_table(16, d / 2);
+  Tensor pos = Tensor::zeros({m}, DType::kI32);
+  for (int i = 0; i < m; ++i) pos.data<int32_t>()[i] = 3 * i + 1;
+  Tensor x = randn({m, h, d}, rng_);
+  // Deinterleave: y[j] = x[2j], y[j + d/2] = x[2j + 1].
+  Tensor y = Tensor::zeros({m, h, d});
+  for (int64_t r = 0; r < m * h; ++r)
+    for (int64_t j = 0; j < d / 2; ++j) {
+      y.f32()[r * d + j] = x.f32()[r * d + 2 * j];
+      y.f32()[r * d + j + d / 2] = x.f32()[r * d + 2 * j + 1];
+    }
+  be_->rope(x, pos, table, true, false);
+  be_->rope(y, pos, table, false, false);
+  for (int64_t r = 0; r < m * h; ++r)
+    for (int64_t j = 0; j < d / 2; ++j) {
+      EXPECT_NEAR(x.f32()[r * d + 2 * j], y.f32()[r * d + j], 1e-6);
+      EXPECT_NEAR(x.f32()[r * d + 2 * j + 1], y.f32()[r * d + j + d / 2], 1e-6);
+    }
+}
+
+TEST_F(CpuOps, RopeInverseIsTheTranspose) {
+  const int64_t m = 3, h = 2, d = 6;
+  RopeTable table = test_table(8, d / 2);
+  for (int i = 0; i < table.cos.numel(); ++i) {  // a YaRN-like attention factor folded in
+    table.cos.f32()[i] *= 1.3f;
+    table.sin.f32()[i] *= 1.3f;
+  }
+  Tensor pos = Tensor::zeros({m}, DType::kI32);
+  for (int i = 0; i < m; ++i) pos.data<int32_t>()[i] = 2 + i;
+  for (bool inter : {false, true}) {
+    Tensor x = randn({m, h, d}, rng_), y = randn({m, h, d}, rng_);
+    Tensor rx = x.clone(), ry = y.clone();
+    be_->rope(rx, pos, table, inter, false);
+    be_->rope(ry, pos, table, inter, true);
+    EXPECT_NEAR(dot(rx, y), dot(x, ry), 1e-4) << "<R x, y> = <x, Rᵀ y>";
+  }
+}
+
+struct AttnCase {
+  int64_t b, t, s, hq, hk, d, dv;
+};
+
+class CpuAttention : public CpuOps, public ::testing::WithParamInterface<AttnCase> {};
+
+TEST_P(CpuAttention, ForwardMatchesSoftmaxAndBackwardMatchesFiniteDifferences) {
+  const AttnCase c = GetParam();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+  Tensor q = randn({c.b, c.t, c.hq, c.d}, rng_), k = randn({c.b, c.s, c.hk, c.d}, rng_);
+  Tensor v = randn({c.b, c.s, c.hk, c.dv}, rng_);
+  Tensor out = Tensor::zeros({c.b, c.t, c.hq, c.dv}), lse = Tensor::zeros({c.b, c.hq, c.t});
+  be_->attention_forward(q, k, v, scale, out, lse);
+  // Direct check of one output row: the last query of the last batch and head.
+  {
+    const int64_t bi = c.b - 1, h = c.hq - 1, t = c.t - 1, kh = h / (c.hq / c.hk), last = c.s - c.t + t;
+    std::vector<double> p(static_cast<size_t>(last + 1));
+    double z = 0;
+    for (int64_t s = 0; s <= last; ++s) {
+      double a = 0;
+      for (int64_t i = 0; i < c.d; ++i)
+        a += q.f32()[((bi * c.t + t) * c.hq + h) * c.d + i] * k.f32()[((bi * c.s + s) * c.hk + kh) * c.d + i];
+      p[s] = std::exp(a * scale);
+      z += p[s];
+    }
+    for (int64_t i = 0; i < c.dv; ++i) {
+      double o = 0;
+      for (int64_t s = 0; s <= last; ++s) o += p[s] / z * v.f32()[((bi * c.s + s) * c.hk + kh) * c.dv + i];
+      EXPECT_NEAR(out.f32()[((bi * c.t + t) * c.hq + h) * c.dv + i], o, 1e-5);
+    }
+  }
+  Tensor dout = randn(out.shape(), rng_);
+  Tensor dq = Tensor::zeros(q.shape()), dk = Tensor::zeros(k.shape()), dv = Tensor::zeros(v.shape());
+  be_->attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv);
+  auto s = [&] {
+    Tensor o = Tensor::zeros(out.shape()), l = Tensor::zeros(lse.shape());
+    be_->attention_forward(q, k, v, scale, o, l);
+    return dot(o, dout);
+  };
+  expect_directional_grad("attention dq", q, dq, s, rng_);
+  expect_directional_grad("attention dk", k, dk, s, rng_);
+  expect_directional_grad("attention dv", v, dv, s, rng_);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CpuAttention,
+                         ::testing::Values(AttnCase{2, 5, 5, 3, 3, 8, 6},    // training: T = S
+                                           AttnCase{1, 3, 7, 4, 1, 10, 6},   // latent decode: one kv head, S > T
+                                           AttnCase{2, 1, 6, 4, 2, 4, 4}));  // grouped heads, one query
+
+struct RouteCase {
+  RouterConfig::Scoring scoring;
+  RouterConfig::TopkMethod method;
+  int n_group, topk_group;
+  bool norm;
+};
+
+class CpuRouter : public CpuOps, public ::testing::WithParamInterface<RouteCase> {};
+
+TEST_P(CpuRouter, WeightsDifferentiateThroughScores) {
+  const RouteCase c = GetParam();
+  RouterConfig rc;
+  rc.scoring = c.scoring;
+  rc.method = c.method;
+  rc.n_experts = 8;
+  rc.top_k = 3;
+  rc.n_group = c.n_group;
+  rc.topk_group = c.topk_group;
+  rc.norm_topk_prob = c.norm;
+  rc.routed_scaling_factor = 2.5f;
+  const int64_t m = 6;
+  Tensor logits = randn({m, 8}, rng_), bias = randn({8}, rng_, 0.1f);
+  Tensor idx = Tensor::zeros({m, 3}, DType::kI32), w = Tensor::zeros({m, 3}), scores = Tensor::zeros({m, 8});
+  be_->moe_route(logits, bias, rc, idx, w, scores);
+  for (int64_t i = 0; i < m; ++i) {
+    double sum = 0;
+    for (int k = 0; k < 3; ++k) sum += w.f32()[i * 3 + k];
+    if (c.norm) {
+      EXPECT_NEAR(sum, 2.5, 1e-5);
+    }
+    if (c.method != RouterConfig::TopkMethod::kGreedy && c.n_group > 1) {
+      std::set<int> groups;
+      for (int k = 0; k < 3; ++k) groups.insert(idx.data<int32_t>()[i * 3 + k] / (8 / c.n_group));
+      EXPECT_LE(static_cast<int>(groups.size()), c.topk_group) << "experts from outside the chosen groups";
+    }
+  }
+  Tensor dw = randn({m, 3}, rng_), dlogits = Tensor::zeros({m, 8});
+  be_->moe_route_backward(dw, scores, idx, rc, dlogits);
+  expect_directional_grad("router", logits, dlogits, [&] {
+    Tensor i2 = Tensor::zeros({m, 3}, DType::kI32), w2 = Tensor::zeros({m, 3}), s2 = Tensor::zeros({m, 8});
+    be_->moe_route(logits, bias, rc, i2, w2, s2);
+    return dot(w2, dw);
+  }, rng_, 1e-4);
+}
+
+using S = RouterConfig::Scoring;
+using M = RouterConfig::TopkMethod;
+INSTANTIATE_TEST_SUITE_P(Configs, CpuRouter,
+                         ::testing::Values(RouteCase{S::kSigmoid, M::kNoauxTc, 2, 1, true},
+                                           RouteCase{S::kSigmoid, M::kNoauxTc, 4, 2, false},
+                                           RouteCase{S::kSoftmax, M::kGroupLimitedGreedy, 4, 2, true},
+                                           RouteCase{S::kSoftmax, M::kGreedy, 1, 1, false}));
+
+TEST_F(CpuOps, RouterLimitsSelectionToTheBestGroupsAndUsesBiasForSelectionOnly) {
+  RouterConfig rc;
+  rc.n_experts = 4;
+  rc.top_k = 2;
+  rc.n_group = 2;
+  rc.topk_group = 1;
+  rc.norm_topk_prob = false;
+  // Expert 0 alone is the best; group 1 (experts 2, 3) has the best top-2 sum.
+  Tensor logits = Tensor::zeros({1, 4});
+  const float l[4] = {3.0f, -3.0f, 1.0f, 1.0f};
+  std::copy(l, l + 4, logits.f32());
+  Tensor idx = Tensor::zeros({1, 2}, DType::kI32), w = Tensor::zeros({1, 2}), s = Tensor::zeros({1, 4});
+  be_->moe_route(logits, Tensor(), rc, idx, w, s);
+  std::set<int> chosen = {idx.data<int32_t>()[0], idx.data<int32_t>()[1]};
+  EXPECT_EQ(chosen, (std::set<int>{2, 3}));
+  // A bias on expert 1 moves group 0 ahead, but weights stay the unbiased scores.
+  Tensor bias = Tensor::zeros({4});
+  bias.f32()[1] = 2.0f;
+  be_->moe_route(logits, bias, rc, idx, w, s);
+  chosen = {idx.data<int32_t>()[0], idx.data<int32_t>()[1]};
+  EXPECT_EQ(chosen, (std::set<int>{0, 1}));
+  for (int k = 0; k < 2; ++k) EXPECT_FLOAT_EQ(w.f32()[k], s.f32()[idx.data<int32_t>()[k]]);
+}
+
+TEST_F(CpuOps, DispatchCombineIsTheWeightedSumAndDifferentiates) {
+  const int64_t m = 5, k = 2, h = 4, e = 3;
+  Tensor x = randn({m, h}, rng_), w = randn({m, k}, rng_);
+  Tensor idx = Tensor::zeros({m, k}, DType::kI32);
+  for (int64_t i = 0; i < m * k; ++i) idx.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + 1) % e);
+  Tensor xs = Tensor::zeros({m * k, h}), row_of = Tensor::zeros({m * k}, DType::kI32);
+  std::vector<int64_t> offsets;
+  be_->moe_dispatch(x, idx, static_cast<int>(e), xs, row_of, offsets);
+  ASSERT_EQ(offsets.size(), static_cast<size_t>(e + 1));
+  EXPECT_EQ(offsets.back(), m * k);
+  for (int64_t a = 0; a < m * k; ++a) {
+    const int64_t r = row_of.data<int32_t>()[a];
+    EXPECT_GE(r, offsets[idx.data<int32_t>()[a]]);
+    EXPECT_LT(r, offsets[idx.data<int32_t>()[a] + 1]);
+  }
+  Tensor out = Tensor::zeros({m, h});
+  be_->moe_combine(xs, w, row_of, out);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < h; ++j)
+      EXPECT_NEAR(out.f32()[i * h + j], (w.f32()[i * k] + w.f32()[i * k + 1]) * x.f32()[i * h + j], 1e-5);
+  Tensor dout = randn({m, h}, rng_), dys = Tensor::zeros({m * k, h}), dw = Tensor::zeros({m, k});
+  be_->moe_combine_backward(dout, xs, w, row_of, dys, dw);
+  Tensor dx = Tensor::zeros({m, h});
+  be_->moe_dispatch_backward(dys, row_of, dx);
+  auto s = [&] {
+    Tensor xs2 = Tensor::zeros({m * k, h}), r2 = Tensor::zeros({m * k}, DType::kI32), o = Tensor::zeros({m, h});
+    std::vector<int64_t> off;
+    be_->moe_dispatch(x, idx, static_cast<int>(e), xs2, r2, off);
+    be_->moe_combine(xs2, w, r2, o);
+    return dot(o, dout);
+  };
+  expect_directional_grad("combine dweights", w, dw, s, rng_);
+  expect_directional_grad("dispatch dx", x, dx, s, rng_);
+}
+
+TEST_F(CpuOps, LogprobsAndEmbeddings) {
+  const int64_t m = 4, v = 11;
+  Tensor logits = randn({m, v}, rng_), targets = Tensor::zeros({m}, DType::kI32);
+  for (int i = 0; i < m; ++i) targets.data<int32_t>()[i] = (i * 5) % v;
+  Tensor lp = Tensor::zeros({m}), lse = Tensor::zeros({m});
+  be_->logprobs_forward(logits, targets, lp, lse);
+  double z = 0;
+  for (int j = 0; j < v; ++j) z += std::exp(logits.f32()[j]);
+  EXPECT_NEAR(lp.f32()[0], logits.f32()[0] - std::log(z), 1e-5);
+  Tensor dlp = randn({m}, rng_), dlogits = Tensor::zeros({m, v});
+  be_->logprobs_backward(dlp, logits, targets, lse, dlogits);
+  expect_directional_grad("logprobs", logits, dlogits, [&] {
+    Tensor a = Tensor::zeros({m}), b = Tensor::zeros({m});
+    be_->logprobs_forward(logits, targets, a, b);
+    return dot(a, dlp);
+  }, rng_);
+  // Embedding backward accumulates repeated ids.
+  Tensor table = randn({v, 3}, rng_), ids = Tensor::zeros({3}, DType::kI32), out = Tensor::zeros({3, 3});
+  ids.data<int32_t>()[0] = 2;
+  ids.data<int32_t>()[1] = 7;
+  ids.data<int32_t>()[2] = 2;
+  be_->embedding_forward(table, ids, out);
+  EXPECT_EQ(out.f32()[3], table.f32()[7 * 3]);
+  Tensor dt = Tensor::zeros({v, 3}), dout = Tensor::zeros({3, 3});
+  be_->fill(dout, 1.0f);
+  be_->embedding_backward(dout, ids, dt);
+  EXPECT_EQ(dt.f32()[2 * 3], 2.0f);
+  EXPECT_EQ(dt.f32()[7 * 3], 1.0f);
+  EXPECT_EQ(dt.f32()[0], 0.0f);
+}
+
+}  // namespace
+}  // namespace r1lab::core
