@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
@@ -59,7 +60,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std
                        nullptr, /*allow_exceptions=*/false);
   if (h.is_discarded() || !h.is_object())
     return absl::DataLossError(absl::StrCat(path, ": header is not a JSON object (corrupt file)"));
-  std::vector<std::pair<size_t, size_t>> ranges;
+  std::vector<std::tuple<size_t, size_t, std::string>> ranges;
   for (auto it = h.begin(); it != h.end(); ++it) {
     const std::string& name = it.key();
     if (name == "__metadata__") {
@@ -99,13 +100,14 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std
     if (entry.end - entry.begin != numel * core::dtype_size(entry.dtype))
       return bad(absl::StrCat("holds ", entry.end - entry.begin, " bytes but shape ", core::shape_str(entry.shape),
                               " of ", core::dtype_name(entry.dtype), " needs ", numel * core::dtype_size(entry.dtype)));
-    ranges.emplace_back(entry.begin, entry.end);
+    if (entry.end > entry.begin) ranges.emplace_back(entry.begin, entry.end, name);
     f->entries_.emplace(name, std::move(entry));
   }
   std::sort(ranges.begin(), ranges.end());
   for (size_t i = 1; i < ranges.size(); ++i)
-    if (ranges[i].first < ranges[i - 1].second)
-      return absl::DataLossError(absl::StrCat(path, ": tensors overlap in the data section"));
+    if (std::get<0>(ranges[i]) < std::get<1>(ranges[i - 1]))
+      return absl::DataLossError(absl::StrCat(path, ": tensors '", std::get<2>(ranges[i - 1]), "' and '",
+                                              std::get<2>(ranges[i]), "' overlap in the data section"));
   return f;
 }
 
