@@ -1,0 +1,15 @@
+// Token cross-entropy for supervised fine-tuning (cold start, rejection sampling, distillation):
+//   loss = -Σ_m w_m · log p(target_m | prefix) / Σ_m w_m,
+// with per-token weights w (0 masks prompt tokens and padding).
+#pragma once
+
+#include "core/backend.h"
+
+namespace r1lab::trainer {
+
+// logits [M, V] and targets [M] I32 on the backend; weights: host f32 [M]. Returns the loss; when
+// dlogits is given ([M, V] on the backend) the gradient is accumulated into it.
+double cross_entropy(core::Backend& be, const core::Tensor& logits, const core::Tensor& targets,
+                     const core::Tensor& weights, core::Tensor* dlogits);
+
+}  // namespace r1lab::trainer
