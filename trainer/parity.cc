@@ -174,7 +174,6 @@ absl::StatusOr<ParityReport> check_parity(const std::string& dir, core::Backend&
     model->backward(state, dlogits);
     rep.backward_ms = ms_since(t0);
     Tensor grads = be.download(model->grads().buffer());
-    int n_grads = 0;
     for (const model::ParamInfo& p : model->grads().infos()) {
       const std::string name = "grad." + p.name;
       if (!ref->contains(name)) {
@@ -184,14 +183,12 @@ absl::StatusOr<ParityReport> check_parity(const std::string& dir, core::Backend&
       }
       Tensor mine = grads.slice(0, p.offset, core::shape_numel(p.shape)).view(p.shape);
       add(name, "rel L2", rel_l2(mine, ref->tensor(name)), opt.grad_tolerance);
-      ++n_grads;
     }
     if (cfg.tie_word_embeddings && ref->contains("grad.lm_head.weight"))
       add("grad.lm_head.weight (tied)", "rel L2",
           rel_l2(grads.slice(0, 0, static_cast<int64_t>(cfg.vocab_size) * cfg.hidden_size).view({cfg.vocab_size, cfg.hidden_size}),
                  ref->tensor("grad.lm_head.weight")),
           opt.grad_tolerance);
-    (void)n_grads;
   }
   return rep;
 }
