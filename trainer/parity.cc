@@ -88,6 +88,9 @@ absl::StatusOr<ParityReport> check_parity(const std::string& dir, core::Backend&
   Tensor ids64 = ref->tensor("input_ids");
   if (ids64.dim() != 2) return absl::InvalidArgumentError(absl::StrCat(ref_path, ": input_ids must be [B, T]"));
   const int64_t b = ids64.size(0), t = ids64.size(1), m = b * t;
+  if (t < 2 || t > cfg.max_position_embeddings)
+    return absl::InvalidArgumentError(absl::StrCat(ref_path, ": input_ids has ", t,
+                                                   " positions; the model takes 2 to ", cfg.max_position_embeddings));
   Tensor ids = Tensor::zeros({b, t}, core::DType::kI32);
   {
     Tensor f = ids64.to_f32();
