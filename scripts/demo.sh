@@ -10,5 +10,5 @@ fixtures=${R1LAB_FIXTURES:-../shared/fixtures/hf_deepseek_v3}
 echo "== r1lab check-parity $fixtures/tiny_a"
 build/bin/r1lab check-parity "$fixtures/tiny_a" | awk 'NR == 1 || NR <= 10 || /FAIL/ || /items,/'
 echo
-echo "== r1lab generate --model $fixtures/tiny_a --prompt-ids 1,2,3 --max-new-tokens 16 --temperature 0.8 --seed 1"
-build/bin/r1lab generate --model "$fixtures/tiny_a" --prompt-ids 1,2,3 --max-new-tokens 16 --temperature 0.8 --seed 1
+echo "== r1lab generate --model $fixtures/tiny_a --prompt-ids 1,2,3 --max-new-tokens 16 --temperature 0.8 --seed 2"
+build/bin/r1lab generate --model "$fixtures/tiny_a" --prompt-ids 1,2,3 --max-new-tokens 16 --temperature 0.8 --seed 2
