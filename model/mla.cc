@@ -17,6 +17,31 @@ Tensor split_batch(const Tensor& t, int64_t batch) {
   return t.view({batch, t.size(0) / batch, t.size(1), t.size(2)});
 }
 
+// q = x · W_qᵀ, or rmsnorm(x · W_qaᵀ) · W_qbᵀ with query compression; then rope on each head's rope
+// part. Returns [M, heads, nope + rope]; `a` (optional) keeps what backward needs.
+Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
+               const Tensor& x, const Tensor& positions, AttentionActs* a) {
+  const int64_t m = x.size(0), heads = cfg.num_attention_heads;
+  Tensor q = be.zeros({m, heads, cfg.qk_head_dim()});
+  Tensor q2 = q.view({m, heads * cfg.qk_head_dim()});
+  if (cfg.q_lora_rank > 0) {
+    Tensor q_a = be.zeros({m, cfg.q_lora_rank}), q_a_norm = be.zeros({m, cfg.q_lora_rank}), rstd = be.zeros({m});
+    be.gemm(x, false, w.q_a_proj, true, q_a);
+    be.rmsnorm_forward(q_a, w.q_a_norm, static_cast<float>(cfg.rms_norm_eps), q_a_norm, rstd);
+    be.gemm(q_a_norm, false, w.q_b_proj, true, q2);
+    if (a) {
+      a->q_a = q_a;
+      a->q_a_norm = q_a_norm;
+      a->q_a_rstd = rstd;
+    }
+  } else {
+    be.gemm(x, false, w.q_proj, true, q2);
+  }
+  Tensor q_pe = q.slice(2, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim);
+  be.rope(q_pe, positions, rope, cfg.rope_interleave, false);
+  return q;
+}
+
 }  // namespace
 
 void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
@@ -24,21 +49,7 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   const int64_t m = x.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
-  // Queries.
-  a.q = be.zeros({m, heads, qk});
-  Tensor q2 = a.q.view({m, heads * qk});
-  if (cfg.q_lora_rank > 0) {
-    a.q_a = be.zeros({m, cfg.q_lora_rank});
-    a.q_a_norm = be.zeros({m, cfg.q_lora_rank});
-    a.q_a_rstd = be.zeros({m});
-    be.gemm(x, false, w.q_a_proj, true, a.q_a);
-    be.rmsnorm_forward(a.q_a, w.q_a_norm, static_cast<float>(cfg.rms_norm_eps), a.q_a_norm, a.q_a_rstd);
-    be.gemm(a.q_a_norm, false, w.q_b_proj, true, q2);
-  } else {
-    be.gemm(x, false, w.q_proj, true, q2);
-  }
-  Tensor q_pe = a.q.slice(2, nope, rd);
-  be.rope(q_pe, positions, rope, cfg.rope_interleave, false);
+  a.q = queries(be, cfg, w, rope, x, positions, &a);
   // Compressed latent and the shared rope key.
   a.ckv = be.zeros({m, r + rd});
   be.gemm(x, false, w.kv_a_proj, true, a.ckv);
@@ -136,22 +147,10 @@ void mla_forward_cached(core::Backend& be, const ModelConfig& cfg, const LayerWe
                         const core::RopeTable& rope, const Tensor& x, const Tensor& positions, LatentCache& cache,
                         int layer, Tensor& y) {
   const int64_t m = x.size(0), heads = cfg.num_attention_heads, batch = cache.batch(), t = m / batch;
-  const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
+  const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   const int64_t start = cache.length(), s_len = start + t;
-  // Queries, as in training.
-  Tensor q = be.zeros({m, heads, qk});
-  Tensor q2 = q.view({m, heads * qk});
-  if (cfg.q_lora_rank > 0) {
-    Tensor q_a = be.zeros({m, cfg.q_lora_rank}), q_a_norm = be.zeros({m, cfg.q_lora_rank}), rstd = be.zeros({m});
-    be.gemm(x, false, w.q_a_proj, true, q_a);
-    be.rmsnorm_forward(q_a, w.q_a_norm, static_cast<float>(cfg.rms_norm_eps), q_a_norm, rstd);
-    be.gemm(q_a_norm, false, w.q_b_proj, true, q2);
-  } else {
-    be.gemm(x, false, w.q_proj, true, q2);
-  }
-  Tensor q_pe = q.slice(2, nope, rd);
-  be.rope(q_pe, positions, rope, cfg.rope_interleave, false);
+  Tensor q = queries(be, cfg, w, rope, x, positions, nullptr);
   // New latents straight into the cache rows [start, start + t) of every sequence.
   Tensor ckv = be.zeros({m, r + rd}), rstd = be.zeros({m});
   be.gemm(x, false, w.kv_a_proj, true, ckv);
