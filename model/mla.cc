@@ -42,25 +42,35 @@ Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
   return q;
 }
 
+// ckv = x · W_kvaᵀ = [c | k_pe];  a->c_norm = rmsnorm(c);  returns rope(k_pe) as [M, 1, rope].
+// Fills a->ckv, a->c_norm, a->c_rstd (the cached path keeps them only long enough to store them).
+Tensor latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
+               const Tensor& x, const Tensor& positions, AttentionActs* a) {
+  const int64_t m = x.size(0), r = cfg.kv_lora_rank, rd = cfg.qk_rope_head_dim;
+  a->ckv = be.zeros({m, r + rd});
+  be.gemm(x, false, w.kv_a_proj, true, a->ckv);
+  a->c_norm = be.zeros({m, r});
+  a->c_rstd = be.zeros({m});
+  be.rmsnorm_forward(a->ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), a->c_norm,
+                     a->c_rstd);
+  Tensor k_pe = be.zeros({m, 1, rd});
+  be.copy(a->ckv.slice(1, r, rd).unsqueeze(1), k_pe);
+  be.rope(k_pe, positions, rope, cfg.rope_interleave, false);
+  return k_pe;
+}
+
 }  // namespace
 
 void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
                  const Tensor& x, const Tensor& positions, int64_t batch, AttentionActs& a, Tensor& y) {
   const int64_t m = x.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
-  const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
+  const int64_t vd = cfg.v_head_dim;
   a.q = queries(be, cfg, w, rope, x, positions, &a);
   // Compressed latent and the shared rope key.
-  a.ckv = be.zeros({m, r + rd});
-  be.gemm(x, false, w.kv_a_proj, true, a.ckv);
-  a.c_norm = be.zeros({m, r});
-  a.c_rstd = be.zeros({m});
-  be.rmsnorm_forward(a.ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), a.c_norm, a.c_rstd);
+  Tensor k_pe = latents(be, cfg, w, rope, x, positions, &a);
   a.kv = be.zeros({m, heads * (nope + vd)});
   be.gemm(a.c_norm, false, w.kv_b_proj, true, a.kv);
-  Tensor k_pe = be.zeros({m, 1, rd});
-  be.copy(a.ckv.slice(1, r, rd).unsqueeze(1), k_pe);
-  be.rope(k_pe, positions, rope, cfg.rope_interleave, false);
   // Per-head keys and values.
   Tensor kv3 = a.kv.view({m, heads, nope + vd});
   a.k = be.zeros({m, heads, qk});
@@ -151,17 +161,12 @@ void mla_forward_cached(core::Backend& be, const ModelConfig& cfg, const LayerWe
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   const int64_t start = cache.length(), s_len = start + t;
   Tensor q = queries(be, cfg, w, rope, x, positions, nullptr);
-  // New latents straight into the cache rows [start, start + t) of every sequence.
-  Tensor ckv = be.zeros({m, r + rd}), rstd = be.zeros({m});
-  be.gemm(x, false, w.kv_a_proj, true, ckv);
+  // New latents into the cache rows [start, start + t) of every sequence.
+  AttentionActs lat;
+  Tensor k_pe = latents(be, cfg, w, rope, x, positions, &lat);
   Tensor rows = cache.layer(layer).slice(1, start, t);  // [B, t, r + rope]
   Tensor c_dst = rows.slice(2, 0, r);
-  Tensor c_tmp = be.zeros({m, r});
-  be.rmsnorm_forward(ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), c_tmp, rstd);
-  be.copy(c_tmp.view({batch, t, r}), c_dst);
-  Tensor k_pe = be.zeros({m, 1, rd});
-  be.copy(ckv.slice(1, r, rd).unsqueeze(1), k_pe);
-  be.rope(k_pe, positions, rope, cfg.rope_interleave, false);
+  be.copy(lat.c_norm.view({batch, t, r}), c_dst);
   Tensor pe_dst = rows.slice(2, r, rd);
   be.copy(k_pe.view({batch, t, rd}), pe_dst);
   // Absorb W_UK into the queries: q_lat[h] = q_nope[h] · W_UK[h], W_UK[h] = kv_b_proj rows [nope, r].
