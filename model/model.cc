@@ -64,6 +64,14 @@ Tensor Model::embed(const Tensor& tokens_host, Tensor* ids_out) {
   return x;
 }
 
+Tensor Model::positions(int64_t batch, int64_t t, int64_t start) {
+  Tensor host = Tensor::zeros({batch * t}, core::DType::kI32);
+  for (int64_t i = 0; i < batch * t; ++i) host.data<int32_t>()[i] = static_cast<int32_t>(start + i % t);
+  Tensor dev = backend_.zeros({batch * t}, core::DType::kI32);
+  backend_.upload(host, dev);
+  return dev;
+}
+
 Tensor Model::forward(const Tensor& tokens, ForwardState* state, std::vector<Tensor>* hidden) {
   const int64_t batch = tokens.size(0), seq = tokens.size(1), m = batch * seq;
   CHECK_LE(seq, cfg_.max_position_embeddings);
@@ -73,10 +81,7 @@ Tensor Model::forward(const Tensor& tokens, ForwardState* state, std::vector<Ten
   st.batch = batch;
   st.seq = seq;
   Tensor x = embed(tokens, &st.tokens);
-  Tensor pos_host = Tensor::zeros({m}, core::DType::kI32);
-  for (int64_t i = 0; i < m; ++i) pos_host.data<int32_t>()[i] = static_cast<int32_t>(i % seq);
-  st.positions = backend_.zeros({m}, core::DType::kI32);
-  backend_.upload(pos_host, st.positions);
+  st.positions = positions(batch, seq, 0);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   if (hidden) hidden->assign(1, x);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
@@ -156,10 +161,7 @@ Tensor Model::forward_cached(const Tensor& tokens, LatentCache& cache) {
   CHECK_LE(cache.length() + t, cfg_.max_position_embeddings);
   Tensor ids;
   Tensor x = embed(tokens, &ids);
-  Tensor pos_host = Tensor::zeros({m}, core::DType::kI32);
-  for (int64_t i = 0; i < m; ++i) pos_host.data<int32_t>()[i] = static_cast<int32_t>(cache.length() + i % t);
-  Tensor positions = backend_.zeros({m}, core::DType::kI32);
-  backend_.upload(pos_host, positions);
+  Tensor positions = this->positions(batch, t, cache.length());
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   Tensor ln = backend_.zeros({m, cfg_.hidden_size}), rstd = backend_.zeros({m});
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {

@@ -84,6 +84,8 @@ class Model {
 
  private:
   core::Tensor embed(const core::Tensor& tokens_host, core::Tensor* ids_out);
+  // Positions start .. start+t-1 of each of `batch` sequences, [batch * t] I32 on the backend.
+  core::Tensor positions(int64_t batch, int64_t t, int64_t start);
 
   ModelConfig cfg_;
   core::Backend& backend_;
