@@ -135,10 +135,8 @@ void CpuBackend::embedding_backward(const Tensor& dout, const Tensor& ids, Tenso
   }
 }
 
-std::unique_ptr<Backend> make_cpu_backend_impl() { return std::make_unique<CpuBackend>(); }
-
 }  // namespace r1lab::core::cpu
 
 namespace r1lab::core {
-std::unique_ptr<Backend> make_cpu_backend() { return cpu::make_cpu_backend_impl(); }
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<cpu::CpuBackend>(); }
 }  // namespace r1lab::core
