@@ -88,7 +88,8 @@ class Backend {
 
   // ---- rotary embedding, in place on x [M, H, D] (last dim contiguous), positions [M] I32.
   // interleaved: rotates pairs (2i, 2i+1) by angle i; else pairs (i, i + D/2) (rotate_half).
-  // inverse rotates by the negative angle: the backward of the forward rotation.
+  // inverse rotates by the negative angle with the same table: the transpose of the forward rotation
+  // (not its inverse when a YaRN attention factor scales cos/sin), which is what backward needs.
   virtual void rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
                     bool inverse) = 0;
 
