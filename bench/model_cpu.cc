@@ -1,10 +1,8 @@
 // CPU reference backend figures for a model directory (default: the tiny_a fixture):
 //   - forward and forward+backward time of one batch,
-//   - decode tokens/s through the MLA latent cache against the naive loop that re-runs the whole
-//     forward for every new token (the baseline, measured in the same run), and the ratio,
 //   - cache bytes per token, latents against full per-head K/V, for this model, the benchmark model
 //     and DeepSeek-V3.
-// Usage: model_cpu [MODEL_DIR] [--batch B] [--seq T] [--new N]
+// Decoding speed is bench/rollout_cpu's. Usage: model_cpu [MODEL_DIR] [--batch B] [--seq T]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -45,11 +43,10 @@ void cache_row(const char* name, const ModelConfig& c) {
 
 int main(int argc, char** argv) {
   std::string dir = "../shared/fixtures/hf_deepseek_v3/tiny_a";
-  int64_t batch = 2, seq = 24, n_new = 32;
+  int64_t batch = 2, seq = 24;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) batch = std::atoll(argv[++i]);
     else if (!std::strcmp(argv[i], "--seq") && i + 1 < argc) seq = std::atoll(argv[++i]);
-    else if (!std::strcmp(argv[i], "--new") && i + 1 < argc) n_new = std::atoll(argv[++i]);
     else dir = argv[i];
   }
   auto be = r1lab::core::make_cpu_backend();
@@ -75,25 +72,6 @@ int main(int argc, char** argv) {
   std::printf("| step | ms | tokens/s |\n|---|---|---|\n");
   std::printf("| forward | %.2f | %.0f |\n", fwd * 1e3, batch * seq / fwd);
   std::printf("| forward + backward | %.2f | %.0f |\n\n", fwd_bwd * 1e3, batch * seq / fwd_bwd);
-
-  // Decode n_new tokens after a prompt of `seq`: latent cache vs re-running the full forward.
-  const int64_t total = seq + n_new;
-  const double cached = best_of(2, [&] {
-    LatentCache cache(c, *be, batch, total);
-    m.forward_cached(ids, cache);
-    Tensor step = Tensor::zeros({batch, 1}, r1lab::core::DType::kI32);
-    for (int64_t t = 0; t < n_new; ++t) m.forward_cached(step, cache);
-  });
-  const double naive = best_of(1, [&] {
-    for (int64_t t = 0; t < n_new; ++t) {
-      Tensor all = Tensor::zeros({batch, seq + t + 1}, r1lab::core::DType::kI32);
-      m.forward(all);
-    }
-  });
-  std::printf("| decode %lld new tokens x batch %lld | tokens/s | ratio |\n|---|---|---|\n",
-              static_cast<long long>(n_new), static_cast<long long>(batch));
-  std::printf("| full forward per token (baseline) | %.0f | 1.00 |\n", batch * n_new / naive);
-  std::printf("| MLA latent cache, absorbed weights | %.0f | %.2f |\n\n", batch * n_new / cached, naive / cached);
 
   ModelConfig v3;
   v3.num_hidden_layers = 61;

@@ -2,11 +2,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <optional>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/flags/marshalling.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
@@ -16,7 +19,7 @@
 #include "core/backend.h"
 #include "model/model.h"
 #include "nlohmann/json.hpp"
-#include "rollout/sampler.h"
+#include "rollout/engine.h"
 #include "trainer/parity.h"
 
 ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda");
@@ -29,6 +32,8 @@ ABSL_FLAG(double, top_p, 1.0, "generate: nucleus mass in (0, 1]");
 ABSL_FLAG(int, top_k, 0, "generate: keep the k most likely tokens (0: all)");
 ABSL_FLAG(double, min_p, 0.0, "generate: drop tokens below min_p times the most likely");
 ABSL_FLAG(uint64_t, seed, 0, "generate: sampling seed");
+ABSL_FLAG(int, num_samples, 1, "generate: completions of the prompt (a group)");
+ABSL_FLAG(std::vector<std::string>, stop, {}, "generate: comma-separated stop strings (needs tokenizer.json)");
 
 namespace {
 
@@ -40,8 +45,8 @@ constexpr char kUsage[] =
     "  check-parity FIXTURE_DIR [--reference FILE] [--device cpu]\n"
     "      compare the model with a Hugging Face reference fixture; exit 0 when all items pass\n"
     "  generate --model DIR --prompt-ids 1,2,3 [--max-new-tokens N --temperature T --top-p P --top-k K\n"
-    "           --min-p M --seed S]\n"
-    "      sample a continuation through the latent cache; prints one JSON object\n";
+    "           --min-p M --seed S --num-samples G --stop STR,...]\n"
+    "      sample G continuations with the rollout engine; prints one JSON object per completion\n";
 
 absl::StatusOr<std::unique_ptr<Backend>> make_backend() {
   const std::string d = absl::GetFlag(FLAGS_device);
@@ -95,25 +100,43 @@ int generate(const std::vector<char*>& args) {
   if (!be.ok()) return fail(be.status());
   auto model = r1lab::model::Model::load(absl::GetFlag(FLAGS_model), **be);
   if (!model.ok()) return fail(model.status());
-  r1lab::rollout::SamplingParams sp;
+  std::optional<r1lab::model::Vocabulary> vocab;
+  const std::string tok_path = absl::GetFlag(FLAGS_model) + "/tokenizer.json";
+  if (std::filesystem::exists(tok_path)) {
+    auto v = r1lab::model::Vocabulary::from_file(tok_path);
+    if (!v.ok()) return fail(v.status());
+    vocab = std::move(*v);
+  }
+  r1lab::rollout::GroupRequest g;
+  g.prompt = prompt;
+  g.num_samples = absl::GetFlag(FLAGS_num_samples);
+  r1lab::rollout::SamplingParams& sp = g.params;
   sp.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
   sp.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
   sp.top_k = absl::GetFlag(FLAGS_top_k);
   sp.min_p = static_cast<float>(absl::GetFlag(FLAGS_min_p));
   sp.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   sp.seed = absl::GetFlag(FLAGS_seed);
+  sp.stop_strings = absl::GetFlag(FLAGS_stop);
+  r1lab::rollout::Engine engine(**model, r1lab::rollout::EngineOptions{}, vocab ? &*vocab : nullptr);
   const auto t0 = std::chrono::steady_clock::now();
-  auto out = r1lab::rollout::generate(**model, {prompt}, sp);
+  auto out = engine.generate({g});
   if (!out.ok()) return fail(out.status());
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const auto& c = (*out)[0];
-  nlohmann::json j;
-  j["prompt_ids"] = prompt;
-  j["tokens"] = c.tokens;
-  j["logprobs"] = c.logprobs;
-  j["finish_reason"] = c.finish_reason;
-  j["tokens_per_second"] = s > 0 ? c.tokens.size() / s : 0.0;
-  std::cout << j.dump() << "\n";
+  int64_t total = 0;
+  for (const auto& c : *out) total += static_cast<int64_t>(c.tokens.size());
+  for (const auto& c : *out) {
+    nlohmann::json j;
+    j["sample"] = c.sample;
+    j["prompt_ids"] = prompt;
+    j["tokens"] = c.tokens;
+    j["logprobs"] = c.logprobs;
+    if (vocab) j["text"] = c.text;
+    j["finish_reason"] = r1lab::rollout::finish_reason_name(c.finish_reason);
+    j["stop"] = c.stop;
+    j["tokens_per_second"] = s > 0 ? static_cast<double>(total) / s : 0.0;
+    std::cout << j.dump() << "\n";
+  }
   return 0;
 }
 

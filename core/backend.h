@@ -102,6 +102,21 @@ class Backend {
                                   const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
                                   Tensor& dv) = 0;
 
+  // ---- MLA attention in latent space over a paged cache (the rollout engine's decode and prefill).
+  // The cache is a pool of fixed-size blocks; row p of sequence s lives at pool row
+  // block_tables[s, p / block_size] * block_size + p % block_size. Every query head attends to one
+  // shared latent "head": key = the whole row [c | k_pe], value = its first dv values (c).
+  //   q [N, H, D] (the new tokens of all sequences, sequence by sequence), pool [R, D] rows,
+  //   seq_starts [S + 1] I32 (sequence s owns q rows seq_starts[s] .. seq_starts[s+1] - 1),
+  //   context_lens [S] I32 (tokens of s in the cache, new ones included: its new token i of n sits at
+  //   position context_len - n + i and sees positions 0 .. that), block_tables [S, max_blocks] I32,
+  //   out [N, H, dv].
+  virtual void paged_latent_attention(const Tensor& q, const Tensor& pool, int block_size,
+                                      const Tensor& block_tables, const Tensor& seq_starts,
+                                      const Tensor& context_lens, float scale, Tensor& out) = 0;
+  // dst[rows[i]] = src[i];  src [N, D] rows, rows [N] I32 (distinct), dst [R, D] rows.
+  virtual void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) = 0;
+
   // ---- mixture of experts
   // logits [M, E] -> idx [M, K] I32, weights [M, K], scores [M, E] (sigmoid or softmax, kept for
   // backward). bias [E] (e_score_correction_bias) steers selection only; may be undefined.

@@ -1,6 +1,10 @@
-// The decode cache of MLA: per layer and token only the normalised compressed latent c (kv_lora_rank)
-// and the rotated rope key (qk_rope_head_dim) — not per-head K and V. For DeepSeek-V3 that is
-// (512 + 64) values per token per layer against 128 heads × (192 + 128) for full K/V: 1.8%.
+// The paged decode cache of MLA. Per layer and token it keeps only the normalised compressed latent c
+// (kv_lora_rank) and the rotated rope key (qk_rope_head_dim) — not per-head K and V. For DeepSeek-V3
+// that is (512 + 64) values per token per layer against 128 heads × (192 + 128) for full K/V: 1.8%.
+//
+// Rows live in a pool of fixed-size blocks; a sequence owns a block table (logical block -> pool block).
+// Which blocks are free, shared or cached is the rollout engine's business (rollout/block_manager.h);
+// this file holds the storage and the description of one forward step over it.
 #pragma once
 
 #include <cstdint>
@@ -13,16 +17,16 @@ namespace r1lab::model {
 
 class LatentCache {
  public:
-  // Room for `batch` sequences of up to `capacity` tokens each, all advancing together.
-  LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t batch, int64_t capacity);
+  LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t num_blocks, int block_size);
 
-  int64_t batch() const { return batch_; }
-  int64_t capacity() const { return capacity_; }
-  int64_t length() const { return length_; }
-  // [B, capacity, r + rope] of layer l: row t = [c_t | k_pe_t].
+  int64_t num_blocks() const { return num_blocks_; }
+  int block_size() const { return block_size_; }
+  // [num_blocks * block_size, r + rope] of layer l: one row [c | k_pe] per token.
   const core::Tensor& layer(int l) const { return layers_[l]; }
-  void advance(int64_t n);
-  void reset() { length_ = 0; }
+  // Copies pool block src over block dst in every layer (copy-on-write of a shared block).
+  void copy_block(int64_t src, int64_t dst);
+  // Bytes of the whole pool.
+  int64_t bytes() const;
 
   // Bytes per token over all layers, at `bytes_per_value` (4 for f32, 2 for bf16).
   static int64_t bytes_per_token(const ModelConfig& cfg, int bytes_per_value);
@@ -30,8 +34,29 @@ class LatentCache {
   static int64_t full_kv_bytes_per_token(const ModelConfig& cfg, int bytes_per_value);
 
  private:
-  int64_t batch_, capacity_, length_ = 0;
+  core::Backend& backend_;
+  int64_t num_blocks_;
+  int block_size_;
   std::vector<core::Tensor> layers_;
+};
+
+// The new tokens of one forward step over a LatentCache: any mix of prompt chunks (prefill) and single
+// decode tokens, sequence by sequence. Host vectors; Model::forward_step uploads them.
+struct StepBatch {
+  std::vector<int32_t> tokens;        // [N]
+  std::vector<int32_t> positions;     // [N] position of each token in its sequence
+  std::vector<int32_t> slots;         // [N] pool row that receives each token's latent
+  std::vector<int32_t> seq_starts{0};  // [S + 1] sequence s owns tokens seq_starts[s] .. seq_starts[s+1]-1
+  std::vector<int32_t> context_lens;  // [S] tokens of s in the cache once this step has run
+  std::vector<std::vector<int32_t>> block_tables;  // [S][blocks] pool blocks of s in logical order
+  std::vector<int32_t> logit_rows;    // tokens whose next-token logits the step returns, in order
+
+  // Appends `tokens` of a sequence at positions start .. start + n - 1. block_table must cover them.
+  // want_logits: return the logits after the last of them.
+  void add(const int32_t* tokens, int64_t n, int64_t start, const std::vector<int32_t>& block_table,
+           int block_size, bool want_logits);
+  int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()); }
+  int64_t num_sequences() const { return static_cast<int64_t>(context_lens.size()); }
 };
 
 }  // namespace r1lab::model

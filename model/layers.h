@@ -17,11 +17,15 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
 void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::RopeTable& rope, const core::Tensor& x, const core::Tensor& positions,
                   const AttentionActs& a, const core::Tensor& dy, core::Tensor& dx);
-// The same attention for tokens continuing the sequences of `cache` (layer l): appends their latents,
-// then attends in latent space: q·k = (W_UKᵀ q_nope)·c + q_pe·k_pe, out = W_UV (Σ p c).
-void mla_forward_cached(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
-                        const core::RopeTable& rope, const core::Tensor& x, const core::Tensor& positions,
-                        LatentCache& cache, int layer, core::Tensor& y);
+// A StepBatch on the backend.
+struct StepTensors {
+  core::Tensor positions, slots, seq_starts, context_lens, block_tables;  // I32
+};
+// The same attention for the new tokens of a step over the paged cache (layer l): stores their latents
+// in their slots, then attends in latent space: q·k = (W_UKᵀ q_nope)·c + q_pe·k_pe, out = W_UV (Σ p c).
+void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
+                       const core::RopeTable& rope, const core::Tensor& x, const StepTensors& st,
+                       const LatentCache& cache, int layer, core::Tensor& y);
 
 // SiLU-gated MLP: y = (silu(x·gateᵀ) * (x·upᵀ)) · downᵀ.  x [N, H], y [N, H] (overwritten).
 void mlp_forward(core::Backend& be, const MlpWeights& w, const core::Tensor& x, MlpActs& a, core::Tensor& y);

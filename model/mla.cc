@@ -153,22 +153,22 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   }
 }
 
-void mla_forward_cached(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
-                        const core::RopeTable& rope, const Tensor& x, const Tensor& positions, LatentCache& cache,
-                        int layer, Tensor& y) {
-  const int64_t m = x.size(0), heads = cfg.num_attention_heads, batch = cache.batch(), t = m / batch;
+void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
+                       const core::RopeTable& rope, const Tensor& x, const StepTensors& st, const LatentCache& cache,
+                       int layer, Tensor& y) {
+  const int64_t m = x.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
-  const int64_t start = cache.length(), s_len = start + t;
-  Tensor q = queries(be, cfg, w, rope, x, positions, nullptr);
-  // New latents into the cache rows [start, start + t) of every sequence.
+  Tensor q = queries(be, cfg, w, rope, x, st.positions, nullptr);
+  // The new rows [c | k_pe] into their cache slots.
   AttentionActs lat;
-  Tensor k_pe = latents(be, cfg, w, rope, x, positions, &lat);
-  Tensor rows = cache.layer(layer).slice(1, start, t);  // [B, t, r + rope]
-  Tensor c_dst = rows.slice(2, 0, r);
-  be.copy(lat.c_norm.view({batch, t, r}), c_dst);
-  Tensor pe_dst = rows.slice(2, r, rd);
-  be.copy(k_pe.view({batch, t, rd}), pe_dst);
+  Tensor k_pe = latents(be, cfg, w, rope, x, st.positions, &lat);
+  Tensor rows = be.zeros({m, r + rd});
+  Tensor c_dst = rows.slice(1, 0, r), pe_dst = rows.slice(1, r, rd);
+  be.copy(lat.c_norm, c_dst);
+  be.copy(k_pe.view({m, rd}), pe_dst);
+  Tensor pool = cache.layer(layer);
+  be.scatter_rows(rows, st.slots, pool);
   // Absorb W_UK into the queries: q_lat[h] = q_nope[h] · W_UK[h], W_UK[h] = kv_b_proj rows [nope, r].
   Tensor qa = be.zeros({m, heads, r + rd});
   Tensor kvb = w.kv_b_proj.view({heads, nope + vd, r});
@@ -179,11 +179,9 @@ void mla_forward_cached(core::Backend& be, const ModelConfig& cfg, const LayerWe
   Tensor qa_pe = qa.slice(2, r, rd);
   be.copy(q.slice(2, nope, rd), qa_pe);
   // One latent "head" shared by all query heads: k = [c | k_pe], v = c.
-  Tensor kv_all = cache.layer(layer).slice(1, 0, s_len).unsqueeze(2);  // [B, S, 1, r + rope]
   Tensor o_lat = be.zeros({m, heads, r});
-  Tensor lse = be.zeros({batch, heads, t});
-  Tensor o4 = split_batch(o_lat, batch);
-  be.attention_forward(split_batch(qa, batch), kv_all, kv_all.slice(3, 0, r), cfg.attention_scale(), o4, lse);
+  be.paged_latent_attention(qa, pool, cache.block_size(), st.block_tables, st.seq_starts, st.context_lens,
+                            cfg.attention_scale(), o_lat);
   // Un-absorb W_UV: out[h] = o_lat[h] · W_UV[h]ᵀ, W_UV[h] = kv_b_proj rows [v, r].
   Tensor out = be.zeros({m, heads, vd});
   for (int64_t h = 0; h < heads; ++h) {

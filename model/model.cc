@@ -154,21 +154,43 @@ void Model::backward(ForwardState& st, const Tensor& dlogits) {
   backend_.embedding_backward(dx, st.tokens, gemb);
 }
 
-Tensor Model::forward_cached(const Tensor& tokens, LatentCache& cache) {
-  const int64_t batch = tokens.size(0), t = tokens.size(1), m = batch * t;
-  CHECK_EQ(batch, cache.batch());
-  CHECK_LE(cache.length() + t, cache.capacity());
-  CHECK_LE(cache.length() + t, cfg_.max_position_embeddings);
+namespace {
+
+Tensor upload_i32(core::Backend& be, const std::vector<int32_t>& v, const core::Shape& shape) {
+  Tensor host = Tensor::wrap(const_cast<int32_t*>(v.data()), shape, core::DType::kI32);
+  Tensor dev = be.zeros(shape, core::DType::kI32);
+  be.upload(host, dev);
+  return dev;
+}
+
+}  // namespace
+
+Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
+  const int64_t m = step.num_tokens(), n_seq = step.num_sequences();
+  CHECK_GT(m, 0);
+  CHECK_EQ(static_cast<int64_t>(step.seq_starts.size()), n_seq + 1);
+  for (int32_t p : step.positions) CHECK(p >= 0 && p < cfg_.max_position_embeddings) << "position " << p;
+  StepTensors st;
+  st.positions = upload_i32(backend_, step.positions, {m});
+  st.slots = upload_i32(backend_, step.slots, {m});
+  st.seq_starts = upload_i32(backend_, step.seq_starts, {n_seq + 1});
+  st.context_lens = upload_i32(backend_, step.context_lens, {n_seq});
+  size_t max_blocks = 1;
+  for (const auto& t : step.block_tables) max_blocks = std::max(max_blocks, t.size());
+  std::vector<int32_t> tables(static_cast<size_t>(n_seq) * max_blocks, 0);
+  for (int64_t s = 0; s < n_seq; ++s)
+    std::copy(step.block_tables[s].begin(), step.block_tables[s].end(), tables.begin() + s * max_blocks);
+  st.block_tables = upload_i32(backend_, tables, {n_seq, static_cast<int64_t>(max_blocks)});
+
   Tensor ids;
-  Tensor x = embed(tokens, &ids);
-  Tensor positions = this->positions(batch, t, cache.length());
+  Tensor x = embed(Tensor::wrap(const_cast<int32_t*>(step.tokens.data()), {1, m}, core::DType::kI32), &ids);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   Tensor ln = backend_.zeros({m, cfg_.hidden_size}), rstd = backend_.zeros({m});
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
     backend_.rmsnorm_forward(x, lw.input_norm, eps, ln, rstd);
     Tensor h1 = backend_.zeros({m, cfg_.hidden_size});
-    mla_forward_cached(backend_, cfg_, lw, rope_, ln, positions, cache, l, h1);
+    mla_forward_paged(backend_, cfg_, lw, rope_, ln, st, cache, l, h1);
     backend_.add(x, h1);
     backend_.rmsnorm_forward(h1, lw.post_norm, eps, ln, rstd);
     Tensor out = backend_.zeros({m, cfg_.hidden_size});
@@ -182,10 +204,16 @@ Tensor Model::forward_cached(const Tensor& tokens, LatentCache& cache) {
     backend_.add(h1, out);
     x = out;
   }
-  cache.advance(t);
-  backend_.rmsnorm_forward(x, w_.final_norm, eps, ln, rstd);
-  Tensor logits = backend_.zeros({m, cfg_.vocab_size});
-  backend_.gemm(ln, false, w_.lm_head, true, logits);
+  // Only the rows that need logits go through the final norm and the head.
+  const int64_t n_out = static_cast<int64_t>(step.logit_rows.size());
+  Tensor logits = backend_.zeros({n_out, cfg_.vocab_size});
+  if (n_out == 0) return logits;
+  Tensor rows = upload_i32(backend_, step.logit_rows, {n_out});
+  Tensor picked = backend_.zeros({n_out, cfg_.hidden_size});
+  backend_.embedding_forward(x, rows, picked);
+  Tensor normed = backend_.zeros({n_out, cfg_.hidden_size}), prstd = backend_.zeros({n_out});
+  backend_.rmsnorm_forward(picked, w_.final_norm, eps, normed, prstd);
+  backend_.gemm(normed, false, w_.lm_head, true, logits);
   return logits;
 }
 

@@ -78,9 +78,11 @@ class Model {
   // Accumulates d(loss)/d(parameter) into grads() from dlogits [B*T, V].
   void backward(ForwardState& state, const core::Tensor& dlogits);
 
-  // tokens: host I32 [B, T] continuing every sequence of the cache at its current length; appends their
-  // latents and returns logits [B*T, V]. Attention runs in latent space with the absorbed weights.
-  core::Tensor forward_cached(const core::Tensor& tokens, LatentCache& cache);
+  // Runs the new tokens of `step` (prompt chunks and decode tokens of many sequences) over the paged
+  // latent cache: stores their latents in their slots and returns the logits [logit_rows, V] of the rows
+  // step.logit_rows names. Attention runs in latent space with the absorbed weights. A token's result
+  // does not depend on what else is in the step.
+  core::Tensor forward_step(const StepBatch& step, LatentCache& cache);
 
  private:
   core::Tensor embed(const core::Tensor& tokens_host, core::Tensor* ids_out);

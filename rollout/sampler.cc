@@ -19,7 +19,20 @@ absl::Status validate(const SamplingParams& p) {
     return absl::InvalidArgumentError(absl::StrCat("min_p must be in [0, 1), got ", p.min_p));
   if (p.max_new_tokens <= 0)
     return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be positive, got ", p.max_new_tokens));
+  if (p.stop_token_ids.size() > 64 || p.stop_strings.size() > 64)
+    return absl::InvalidArgumentError("at most 64 stop token ids and 64 stop strings");
+  for (const std::string& s : p.stop_strings)
+    if (s.empty() || s.size() > 256)
+      return absl::InvalidArgumentError("a stop string must have 1 to 256 bytes");
   return absl::OkStatus();
+}
+
+uint64_t sample_seed(uint64_t seed, int64_t index) {
+  // splitmix64 of (seed, index): neighbouring seeds and indices give unrelated streams.
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(index + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
 }
 
 int32_t Sampler::sample(const float* logits, int64_t vocab, const SamplingParams& p, float* logprob) {
@@ -74,64 +87,6 @@ int32_t Sampler::sample(const float* logits, int64_t vocab, const SamplingParams
   }
   if (logprob) *logprob = static_cast<float>(logits[pick] - lse);
   return pick;
-}
-
-absl::StatusOr<std::vector<Completion>> generate(model::Model& m, const std::vector<std::vector<int32_t>>& prompts,
-                                                 const SamplingParams& p) {
-  R1LAB_RETURN_IF_ERROR(validate(p));
-  const model::ModelConfig& cfg = m.config();
-  if (prompts.empty()) return absl::InvalidArgumentError("no prompts");
-  const size_t len = prompts[0].size();
-  if (len == 0) return absl::InvalidArgumentError("empty prompt");
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    if (prompts[i].size() != len)
-      return absl::InvalidArgumentError(absl::StrCat("prompt ", i, " has ", prompts[i].size(),
-                                                     " tokens; batched prompts must all have ", len));
-    for (int32_t id : prompts[i])
-      if (id < 0 || id >= cfg.vocab_size)
-        return absl::InvalidArgumentError(absl::StrCat("prompt ", i, ": token id ", id, " outside [0, ",
-                                                       cfg.vocab_size, ")"));
-  }
-  if (static_cast<int64_t>(len) + p.max_new_tokens > cfg.max_position_embeddings)
-    return absl::InvalidArgumentError(absl::StrCat("prompt (", len, ") + max_new_tokens (", p.max_new_tokens,
-                                                   ") exceeds the context of ", cfg.max_position_embeddings));
-  const int64_t b = static_cast<int64_t>(prompts.size());
-  std::vector<int32_t> stops = p.stop_token_ids;
-  if (cfg.eos_token_id >= 0) stops.push_back(cfg.eos_token_id);
-  core::Backend& be = m.backend();
-  model::LatentCache cache(cfg, be, b, static_cast<int64_t>(len) + p.max_new_tokens);
-  std::vector<Sampler> samplers;
-  for (int64_t i = 0; i < b; ++i) samplers.emplace_back(p.seed + static_cast<uint64_t>(i));
-  std::vector<Completion> out(static_cast<size_t>(b));
-  std::vector<bool> done(static_cast<size_t>(b), false);
-  core::Tensor step = core::Tensor::zeros({b, static_cast<int64_t>(len)}, core::DType::kI32);
-  for (int64_t i = 0; i < b; ++i)
-    std::copy(prompts[i].begin(), prompts[i].end(), step.data<int32_t>() + i * static_cast<int64_t>(len));
-  for (int n = 0; n < p.max_new_tokens; ++n) {
-    core::Tensor logits = be.download(m.forward_cached(step, cache));  // [B*t, V]
-    const int64_t t = step.size(1);
-    core::Tensor next = core::Tensor::zeros({b, 1}, core::DType::kI32);
-    bool all_done = true;
-    for (int64_t i = 0; i < b; ++i) {
-      const float* row = logits.f32() + ((i + 1) * t - 1) * cfg.vocab_size;
-      float lp = 0;
-      int32_t tok = samplers[i].sample(row, cfg.vocab_size, p, &lp);
-      next.data<int32_t>()[i] = tok;
-      if (done[i]) continue;  // finished sequences ride along until the batch ends
-      out[i].tokens.push_back(tok);
-      out[i].logprobs.push_back(lp);
-      if (std::find(stops.begin(), stops.end(), tok) != stops.end()) {
-        done[i] = true;
-        out[i].finish_reason = "stop";
-      }
-      all_done &= done[i];
-    }
-    if (all_done) break;
-    step = next;
-  }
-  for (Completion& c : out)
-    if (c.finish_reason.empty()) c.finish_reason = "length";
-  return out;
 }
 
 }  // namespace r1lab::rollout

@@ -1,5 +1,4 @@
-// Token sampling from logits (temperature, top-k, top-p, min-p) with a per-sequence seeded generator,
-// and batched generation through the model's latent cache.
+// Token sampling from logits (temperature, top-k, top-p, min-p) with a per-sequence seeded generator.
 #pragma once
 
 #include <cstdint>
@@ -8,7 +7,6 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "model/model.h"
 
 namespace r1lab::rollout {
 
@@ -19,10 +17,16 @@ struct SamplingParams {
   float min_p = 0.0f;        // [0, 1)
   int max_new_tokens = 16;
   uint64_t seed = 0;
-  std::vector<int32_t> stop_token_ids;  // the model's eos is added by generate
+  std::vector<int32_t> stop_token_ids;  // besides the model's eos
+  std::vector<std::string> stop_strings;  // matched on the decoded text (needs a vocabulary)
+  bool include_stop_string = false;       // keep a matched stop string at the end of the text
+  bool logprobs = true;                   // report each sampled token's log-probability
 };
 
 absl::Status validate(const SamplingParams& p);
+
+// The generator seed of sample `index` of a group sampled with `seed`.
+uint64_t sample_seed(uint64_t seed, int64_t index);
 
 // One generator per sequence: the same seed gives the same tokens whatever else is in the batch.
 class Sampler {
@@ -34,16 +38,5 @@ class Sampler {
  private:
   std::mt19937_64 rng_;
 };
-
-struct Completion {
-  std::vector<int32_t> tokens;  // new tokens only
-  std::vector<float> logprobs;  // per new token
-  std::string finish_reason;    // "stop" (a stop token) or "length"
-};
-
-// Continues every prompt (all of one length) by up to max_new_tokens, prefilling once and decoding
-// one token per step through the latent cache. Sequence i uses seed p.seed + i.
-absl::StatusOr<std::vector<Completion>> generate(model::Model& m, const std::vector<std::vector<int32_t>>& prompts,
-                                                 const SamplingParams& p);
 
 }  // namespace r1lab::rollout

@@ -13,7 +13,7 @@
 #include "model/model.h"
 #include "model/safetensors.h"
 #include "nlohmann/json.hpp"
-#include "rollout/sampler.h"
+#include "rollout/engine.h"
 #include "trainer/grpo.h"
 
 namespace r1lab::trainer {
@@ -124,17 +124,18 @@ absl::StatusOr<ParityReport> check_parity(const std::string& dir, core::Backend&
     add(name, "max|d|/max|ref|", max_rel(be.download(hidden[i]), ref->tensor(name).to_f32().view({m, -1})),
         opt.logits_tolerance);
   }
-  // Greedy generation through the latent cache.
+  // Greedy generation through the rollout engine (paged latent cache).
   if (ref->contains("generated")) {
     Tensor gen = ref->tensor("generated").to_f32();
     const int64_t total = gen.size(1), n_new = total - gen_prompt;
-    std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(b));
-    for (int64_t i = 0; i < b; ++i)
-      for (int64_t j = 0; j < gen_prompt; ++j) prompts[i].push_back(ids.data<int32_t>()[i * t + j]);
-    rollout::SamplingParams sp;
-    sp.temperature = 0.0f;
-    sp.max_new_tokens = static_cast<int>(n_new);
-    R1LAB_ASSIGN_OR_RETURN(auto outs, rollout::generate(*model, prompts, sp));
+    std::vector<rollout::GroupRequest> groups(static_cast<size_t>(b));
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t j = 0; j < gen_prompt; ++j) groups[i].prompt.push_back(ids.data<int32_t>()[i * t + j]);
+      groups[i].params.temperature = 0.0f;
+      groups[i].params.max_new_tokens = static_cast<int>(n_new);
+    }
+    rollout::Engine engine(*model, rollout::EngineOptions{});
+    R1LAB_ASSIGN_OR_RETURN(auto outs, engine.generate(std::move(groups)));
     int64_t mismatches = 0;
     for (int64_t i = 0; i < b; ++i) {
       for (int64_t j = 0; j < n_new; ++j) {

@@ -1,5 +1,6 @@
 // Causal softmax attention of the CPU backend: the textbook O(T·S) form, forward and backward.
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -114,6 +115,86 @@ void CpuBackend::attention_backward(const Tensor& dout, const Tensor& q, const T
         }
       }
     }
+  }
+}
+
+// Per (token, head): scores over the sequence's cached rows in position order, softmax, weighted sum of
+// each row's first dv values. Every query's arithmetic is independent of what else is in the batch.
+void CpuBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, int block_size,
+                                        const Tensor& block_tables, const Tensor& seq_starts,
+                                        const Tensor& context_lens, float scale, Tensor& out) {
+  CHECK(q.dim() == 3 && out.dim() == 3 && q.stride(2) == 1 && out.stride(2) == 1);
+  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), dv = out.size(2);
+  const Rows P = rows_of(pool);
+  CHECK_EQ(P.cols, d);
+  CHECK_LE(dv, d);
+  CHECK(block_tables.dtype() == DType::kI32 && block_tables.dim() == 2 && block_tables.is_contiguous());
+  CHECK(seq_starts.dtype() == DType::kI32 && context_lens.dtype() == DType::kI32);
+  const int64_t n_seq = context_lens.numel(), max_blocks = block_tables.size(1);
+  CHECK_EQ(seq_starts.numel(), n_seq + 1);
+  CHECK_EQ(block_tables.size(0), n_seq);
+  const int32_t* starts = seq_starts.data<int32_t>();
+  const int32_t* ctx = context_lens.data<int32_t>();
+  const int32_t* tables = block_tables.data<int32_t>();
+  CHECK_EQ(starts[n_seq], n);
+  // The sequence of every query row.
+  std::vector<int32_t> seq_of(static_cast<size_t>(n));
+  for (int64_t s = 0; s < n_seq; ++s) {
+    const int64_t new_tokens = starts[s + 1] - starts[s];
+    CHECK(new_tokens >= 0 && new_tokens <= ctx[s] && ctx[s] <= max_blocks * block_size)
+        << "sequence " << s << ": " << new_tokens << " new tokens, context " << ctx[s];
+    for (int64_t i = starts[s]; i < starts[s + 1]; ++i) seq_of[i] = static_cast<int32_t>(s);
+  }
+  const float* Q = q.f32();
+  float* O = out.f32();
+#pragma omp parallel
+  {
+    std::vector<float> p;
+    std::vector<const float*> row;
+#pragma omp for collapse(2)
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t s = seq_of[i];
+        const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
+        p.resize(static_cast<size_t>(last + 1));
+        row.resize(static_cast<size_t>(last + 1));
+        const float* qv = Q + i * q.stride(0) + h * q.stride(1);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t pos = 0; pos <= last; ++pos) {
+          const int64_t block = tables[s * max_blocks + pos / block_size];
+          CHECK(block >= 0 && (block + 1) * block_size <= P.rows) << "block " << block << " outside the pool";
+          row[pos] = P.row(block * block_size + pos % block_size);
+          float acc = 0;
+          for (int64_t j = 0; j < d; ++j) acc += qv[j] * row[pos][j];
+          p[pos] = acc * scale;
+          mx = std::max(mx, p[pos]);
+        }
+        double sum = 0;
+        for (int64_t pos = 0; pos <= last; ++pos) {
+          p[pos] = std::exp(p[pos] - mx);
+          sum += p[pos];
+        }
+        const float inv = static_cast<float>(1.0 / sum);
+        float* o = O + i * out.stride(0) + h * out.stride(1);
+        for (int64_t j = 0; j < dv; ++j) o[j] = 0;
+        for (int64_t pos = 0; pos <= last; ++pos) {
+          const float w = p[pos] * inv;
+          for (int64_t j = 0; j < dv; ++j) o[j] += w * row[pos][j];
+        }
+      }
+    }
+  }
+}
+
+void CpuBackend::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) {
+  const Rows S = rows_of(src), D = rows_of(dst);
+  CHECK(rows.dtype() == DType::kI32 && rows.is_contiguous());
+  CHECK_EQ(rows.numel(), S.rows);
+  CHECK_EQ(S.cols, D.cols);
+  const int32_t* r = rows.data<int32_t>();
+  for (int64_t i = 0; i < S.rows; ++i) {
+    CHECK(r[i] >= 0 && r[i] < D.rows) << "row " << r[i] << " outside [0, " << D.rows << ")";
+    std::memcpy(D.row(r[i]), S.row(i), static_cast<size_t>(S.cols) * 4);
   }
 }
 

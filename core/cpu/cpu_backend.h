@@ -41,6 +41,10 @@ class CpuBackend final : public Backend {
   void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                           const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
                           Tensor& dv) override;
+  void paged_latent_attention(const Tensor& q, const Tensor& pool, int block_size, const Tensor& block_tables,
+                              const Tensor& seq_starts, const Tensor& context_lens, float scale,
+                              Tensor& out) override;
+  void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override;
 
   void moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
                  Tensor& weights, Tensor& scores) override;

@@ -154,26 +154,58 @@ TEST_P(ModelVariant, BackwardMatchesFiniteDifferences) {
   EXPECT_GT(checked, 20);
 }
 
-// Decoding token by token through the latent cache gives the full forward's logits at every step.
-TEST_P(ModelVariant, LatentCacheDecodingEqualsFullForward) {
-  const int64_t b = 2, t = 12, prefill = 5;
+// Running sequences through the paged latent cache — in shuffled pool blocks, in prompt chunks of
+// different sizes, then token by token, two sequences of different lengths in one step — gives the full
+// forward's logits at every position.
+TEST_P(ModelVariant, PagedLatentCacheEqualsFullForward) {
+  const int64_t b = 2, t = 12;
+  const int block_size = 4;
   Tensor ids = tokens(b, t, 13);
   Tensor full = model_->forward(ids);  // [b*t, V]
-  LatentCache cache(cfg_, *be_, b, t);
-  auto check_rows = [&](const Tensor& got, int64_t start, int64_t n) {
-    for (int64_t i = 0; i < b; ++i)
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < cfg_.vocab_size; ++v) {
-          const float want = full.f32()[(i * t + start + j) * cfg_.vocab_size + v];
-          ASSERT_NEAR(got.f32()[(i * n + j) * cfg_.vocab_size + v], want, 1e-4 * (1 + std::fabs(want)))
-              << "sequence " << i << " position " << start + j;
-        }
-  };
-  check_rows(model_->forward_cached(ids.slice(1, 0, prefill).clone(), cache), 0, prefill);
-  for (int64_t p = prefill; p < t; ++p) {
-    check_rows(model_->forward_cached(ids.slice(1, p, 1).clone(), cache), p, 1);
+  LatentCache cache(cfg_, *be_, 8, block_size);
+  // Sequence 0 in blocks {5, 0, 3}, sequence 1 in {2, 7, 1}.
+  const std::vector<std::vector<int32_t>> table = {{5, 0, 3}, {2, 7, 1}};
+  const int32_t* tok = ids.data<int32_t>();
+  // Sequence 0 advances by 5, 1, 1, ...; sequence 1 by 2, 3, 1, 1, ...
+  const std::vector<std::vector<int64_t>> chunks = {{5, 1, 1, 1, 1, 1, 1, 1}, {2, 3, 1, 1, 1, 1, 1, 1, 1, 1}};
+  int64_t len[2] = {0, 0};
+  size_t next[2] = {0, 0};
+  while (len[0] < t || len[1] < t) {
+    StepBatch step;
+    std::vector<std::pair<int64_t, int64_t>> rows;  // (sequence, position) of each logit row
+    for (int64_t s = 0; s < b; ++s) {
+      if (len[s] >= t) continue;
+      const int64_t n = chunks[s][next[s]++];
+      step.add(tok + s * t + len[s], n, len[s], table[s], block_size, true);
+      len[s] += n;
+      rows.emplace_back(s, len[s] - 1);
+    }
+    Tensor got = model_->forward_step(step, cache);
+    ASSERT_EQ(got.size(0), static_cast<int64_t>(rows.size()));
+    for (size_t r = 0; r < rows.size(); ++r)
+      for (int64_t v = 0; v < cfg_.vocab_size; ++v) {
+        const float want = full.f32()[(rows[r].first * t + rows[r].second) * cfg_.vocab_size + v];
+        ASSERT_NEAR(got.f32()[static_cast<int64_t>(r) * cfg_.vocab_size + v], want, 1e-4 * (1 + std::fabs(want)))
+            << "sequence " << rows[r].first << " position " << rows[r].second;
+      }
   }
-  EXPECT_EQ(cache.length(), t);
+}
+
+// A step's logits for a token are bit-identical whatever else is in the step: the property that makes a
+// batched rollout equal to each sequence decoded alone.
+TEST_P(ModelVariant, PagedStepIsIndependentOfBatchComposition) {
+  const int block_size = 4;
+  Tensor ids = tokens(2, 6, 5);
+  const int32_t* tok = ids.data<int32_t>();
+  LatentCache alone(cfg_, *be_, 4, block_size), mixed(cfg_, *be_, 4, block_size);
+  StepBatch a;
+  a.add(tok, 6, 0, {0, 1}, block_size, true);
+  Tensor la = model_->forward_step(a, alone);
+  StepBatch m;
+  m.add(tok + 6, 3, 0, {2}, block_size, true);
+  m.add(tok, 6, 0, {3, 0}, block_size, true);
+  Tensor lm = model_->forward_step(m, mixed);
+  for (int64_t v = 0; v < cfg_.vocab_size; ++v) ASSERT_EQ(la.f32()[v], lm.f32()[cfg_.vocab_size + v]) << v;
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, ModelVariant, ::testing::ValuesIn(kVariants),

@@ -1,0 +1,179 @@
+// The rollout engine: samples groups of completions for many prompts at once, the way the best serving
+// engines do it.
+//
+//  - Continuous batching: every step runs the new tokens of many sequences through Model::forward_step;
+//    sequences join and leave at every step. Prefill and decode share a per-step token budget; a long
+//    prompt is prefilled in chunks over several steps.
+//  - Paged latent cache: each sequence holds a table of fixed-size blocks of MLA latents. A group's
+//    prompt is prefilled once; its G samples then share the prompt's blocks, copying a shared block only
+//    when they write into it (copy-on-write).
+//  - Prefix cache: full blocks stay findable by content after their sequence ends, so a new prompt that
+//    starts with the same tokens skips their prefill; unused cached blocks are evicted least recently
+//    used first.
+//  - Preemption: when blocks run out, the youngest running sequences give theirs back and are recomputed
+//    later from their tokens — never dropped. A sequence's result does not depend on batching, sharing or
+//    preemption: every token's arithmetic is independent of the rest of the step and every sample has its
+//    own generator, seeded from (seed, sample index).
+//  - Weights: update_weights swaps in a new version between steps; every completion records the versions
+//    that produced it.
+//
+// Thread-safety: submit, cancel, update_weights and stats may be called from any thread. Steps run either
+// on the engine's own thread (start) or on the caller's (step); completions are delivered on the thread
+// that runs the step.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/latent_cache.h"
+#include "model/model.h"
+#include "model/vocabulary.h"
+#include "rollout/block_manager.h"
+#include "rollout/sampler.h"
+
+namespace r1lab::rollout {
+
+// One prompt, sampled num_samples times.
+struct GroupRequest {
+  std::vector<int32_t> prompt;
+  int num_samples = 1;
+  SamplingParams params;
+};
+
+enum class FinishReason { kStop, kLength, kCancelled };
+const char* finish_reason_name(FinishReason r);
+
+struct Completion {
+  uint64_t request_id = 0;
+  int group = 0;   // index of the group in its request
+  int sample = 0;  // index of the sample in its group
+  std::vector<int32_t> tokens;  // new tokens only; a stop token or the token completing a stop string included
+  std::vector<float> logprobs;  // per token under the unmodified distribution (empty with logprobs off)
+  std::string text;             // decoded tokens (with a vocabulary), cut before a matched stop string
+  FinishReason finish_reason = FinishReason::kLength;
+  std::string stop;             // the stop string, or the stop token id in decimal, that ended it
+  int64_t policy_version = 0;        // of the weights that sampled the last token
+  int64_t first_policy_version = 0;  // ... and the first (differs when an update landed mid-sequence)
+  int64_t prompt_tokens = 0;
+  int64_t cached_prompt_tokens = 0;  // prompt tokens whose latents came from the prefix cache or the group
+  int preemptions = 0;
+  double queue_seconds = 0;        // submit -> first scheduled
+  double first_token_seconds = 0;  // submit -> first token
+  double total_seconds = 0;        // submit -> finished
+};
+
+struct EngineOptions {
+  int block_size = 16;                       // tokens per cache block
+  int64_t num_blocks = 0;                    // 0: as many as cache_bytes holds
+  int64_t cache_bytes = int64_t{256} << 20;  // latent cache size when num_blocks is 0
+  int64_t max_tokens_per_step = 1024;        // prefill + decode tokens in one step
+  int64_t max_running = 256;                 // sequences in the running batch
+  bool prefix_cache = true;
+  int max_group_size = 1024;
+  int64_t max_sequences_per_request = int64_t{1} << 16;
+};
+
+struct EngineStats {
+  int64_t policy_version = 0;
+  int64_t running = 0, waiting = 0;  // sequences
+  int64_t blocks_total = 0, blocks_in_use = 0, blocks_cached = 0;
+  int block_size = 0;
+  int64_t steps = 0, tokens_computed = 0, tokens_generated = 0, prefix_hit_tokens = 0, preemptions = 0;
+};
+
+class Engine {
+ public:
+  using Sink = std::function<void(Completion&&)>;
+
+  // The engine reads the model's weights in place (an in-process trainer shares them without a copy).
+  // vocab (optional, must outlive the engine) enables stop strings and completion text.
+  Engine(model::Model& model, EngineOptions options, const model::Vocabulary* vocab = nullptr);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Checks every group (INVALID_ARGUMENT with a message on bad input) and queues them. on_completion
+  // gets each completion as it finishes; on_done is called once afterwards (also after cancel).
+  absl::StatusOr<uint64_t> submit(std::vector<GroupRequest> groups, Sink on_completion,
+                                  std::function<void()> on_done = nullptr);
+  // Ends a request's unfinished sequences (they complete with kCancelled) and frees their blocks.
+  void cancel(uint64_t request_id);
+  // Waits until no step is running, calls apply(model) (which may change the weights in place; an error
+  // leaves the version as it was), then sets the version and forgets the prefix cache. version must
+  // exceed the current one.
+  absl::Status update_weights(int64_t version, const std::function<absl::Status(model::Model&)>& apply);
+  EngineStats stats() const;
+  const model::ModelConfig& config() const { return model_.config(); }
+  const EngineOptions& options() const { return opt_; }
+
+  // Runs steps on an engine thread until stop() or destruction.
+  void start();
+  void stop();
+  // One step on the caller's thread (only when not started). False when there was nothing to run.
+  bool step();
+  // Submits and waits for every completion, returned in (group, sample) order. Without start(), the
+  // caller's thread runs the steps.
+  absl::StatusOr<std::vector<Completion>> generate(std::vector<GroupRequest> groups);
+
+ private:
+  struct Sequence;
+  struct Request;
+  using Clock = std::chrono::steady_clock;
+
+  absl::Status validate(const GroupRequest& g) const;
+  bool step_locked();
+  void absorb_incoming();
+  bool reserve(Sequence& s, int64_t n);
+  void preempt(Sequence* s);
+  void match_prefix(Sequence& s);
+  void publish_full_blocks(Sequence& s);
+  void on_logits(Sequence* s, const float* logits);
+  void sample_next(Sequence* s, const float* logits);
+  void finish(Sequence* s, FinishReason reason);
+  void release_blocks(Sequence& s);
+  void loop();
+  void publish_stats();  // under step_mu_
+
+  model::Model& model_;
+  EngineOptions opt_;
+  const model::Vocabulary* vocab_;
+  std::unique_ptr<model::LatentCache> cache_;
+  std::unique_ptr<BlockManager> blocks_;
+
+  // Guards the step (scheduler state, cache, weights).
+  mutable std::mutex step_mu_;
+  std::map<uint64_t, std::shared_ptr<Request>> requests_;
+  std::vector<std::unique_ptr<Sequence>> running_;  // oldest first
+  std::deque<std::unique_ptr<Sequence>> waiting_;   // preempted at the front, new at the back
+  EngineStats counters_;
+  EngineStats snapshot_;  // under in_mu_
+  bool has_work_ = false;  // under in_mu_
+  int64_t version_ = 0;
+  uint64_t next_order_ = 0;
+
+  // Guards what other threads hand in.
+  mutable std::mutex in_mu_;
+  std::condition_variable in_cv_;
+  std::vector<std::shared_ptr<Request>> incoming_;
+  std::vector<uint64_t> cancels_;
+  uint64_t next_request_ = 1;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+// The slow reference the engine is tested and benchmarked against: re-runs the full forward over the
+// whole sequence for every new token. Same sampling, seeds and stop rules as the engine (no stop strings).
+absl::StatusOr<Completion> reference_generate(model::Model& m, const std::vector<int32_t>& prompt,
+                                              const SamplingParams& p, int sample_index);
+
+}  // namespace r1lab::rollout
