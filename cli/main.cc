@@ -1,5 +1,6 @@
 // r1lab: one program, subcommands as thin adapters over the libraries.
 #include <algorithm>
+#include <csignal>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -20,6 +21,8 @@
 #include "model/model.h"
 #include "nlohmann/json.hpp"
 #include "rollout/engine.h"
+#include "rollout/client.h"
+#include "rollout/service.h"
 #include "trainer/parity.h"
 
 ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda");
@@ -32,8 +35,16 @@ ABSL_FLAG(double, top_p, 1.0, "generate: nucleus mass in (0, 1]");
 ABSL_FLAG(int, top_k, 0, "generate: keep the k most likely tokens (0: all)");
 ABSL_FLAG(double, min_p, 0.0, "generate: drop tokens below min_p times the most likely");
 ABSL_FLAG(uint64_t, seed, 0, "generate: sampling seed");
+ABSL_FLAG(std::string, server, "", "generate: a rollout worker host:port to sample from instead of --model");
 ABSL_FLAG(int, num_samples, 1, "generate: completions of the prompt (a group)");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "generate: comma-separated stop strings (needs tokenizer.json)");
+ABSL_FLAG(std::string, host, "127.0.0.1", "serve-rollout: address to listen on (loopback by default)");
+ABSL_FLAG(int, port, 50051, "serve-rollout: port (0: any free port, printed at start)");
+ABSL_FLAG(int, block_size, 16, "serve-rollout: tokens per latent-cache block");
+ABSL_FLAG(int64_t, cache_mb, 256, "serve-rollout: latent-cache size in MiB");
+ABSL_FLAG(int64_t, max_tokens_per_step, 1024, "serve-rollout: prefill + decode tokens per engine step");
+ABSL_FLAG(int64_t, max_running, 256, "serve-rollout: sequences decoded together at most");
+ABSL_FLAG(bool, prefix_cache, true, "serve-rollout: reuse cached prompt prefixes across requests");
 
 namespace {
 
@@ -44,9 +55,12 @@ constexpr char kUsage[] =
     "commands:\n"
     "  check-parity FIXTURE_DIR [--reference FILE] [--device cpu]\n"
     "      compare the model with a Hugging Face reference fixture; exit 0 when all items pass\n"
-    "  generate --model DIR --prompt-ids 1,2,3 [--max-new-tokens N --temperature T --top-p P --top-k K\n"
+    "  generate (--model DIR | --server HOST:PORT) --prompt-ids 1,2,3 [--max-new-tokens N --temperature T --top-p P --top-k K\n"
     "           --min-p M --seed S --num-samples G --stop STR,...]\n"
-    "      sample G continuations with the rollout engine; prints one JSON object per completion\n";
+    "      sample G continuations with the rollout engine; prints one JSON object per completion\n"
+    "  serve-rollout --model DIR [--host 127.0.0.1 --port 50051 --block-size 16 --cache-mb 256\n"
+    "                --max-tokens-per-step 1024 --max-running 256 --prefix-cache=true]\n"
+    "      a rollout worker: the r1lab.v1.Rollout gRPC service (proto/r1lab/v1/rollout.proto)\n";
 
 absl::StatusOr<std::unique_ptr<Backend>> make_backend() {
   const std::string d = absl::GetFlag(FLAGS_device);
@@ -84,8 +98,24 @@ int check_parity(const std::vector<char*>& args) {
   return rep->all_pass() ? 0 : 1;
 }
 
+// A Hugging Face directory: the model, and its vocabulary when tokenizer.json is there.
+absl::StatusOr<std::pair<std::unique_ptr<r1lab::model::Model>, std::optional<r1lab::model::Vocabulary>>>
+load_model_dir(const std::string& dir, Backend& be) {
+  auto model = r1lab::model::Model::load(dir, be);
+  if (!model.ok()) return model.status();
+  std::optional<r1lab::model::Vocabulary> vocab;
+  if (std::filesystem::exists(dir + "/tokenizer.json")) {
+    auto v = r1lab::model::Vocabulary::from_file(dir + "/tokenizer.json");
+    if (!v.ok()) return v.status();
+    vocab = std::move(*v);
+  }
+  return std::make_pair(std::move(*model), std::move(vocab));
+}
+
 int generate(const std::vector<char*>& args) {
-  if (args.size() != 2 || absl::GetFlag(FLAGS_model).empty() || absl::GetFlag(FLAGS_prompt_ids).empty()) {
+  const std::string server = absl::GetFlag(FLAGS_server);
+  if (args.size() != 2 || absl::GetFlag(FLAGS_model).empty() == server.empty() ||
+      absl::GetFlag(FLAGS_prompt_ids).empty()) {
     std::cerr << kUsage;
     return 2;
   }
@@ -96,17 +126,27 @@ int generate(const std::vector<char*>& args) {
       return fail(absl::InvalidArgumentError(absl::StrCat("--prompt-ids: '", piece, "' is not an integer")));
     prompt.push_back(id);
   }
-  auto be = make_backend();
-  if (!be.ok()) return fail(be.status());
-  auto model = r1lab::model::Model::load(absl::GetFlag(FLAGS_model), **be);
-  if (!model.ok()) return fail(model.status());
+  // In process, or through a worker: the same RolloutClient either way.
+  std::unique_ptr<Backend> be;
+  std::unique_ptr<r1lab::model::Model> model;
   std::optional<r1lab::model::Vocabulary> vocab;
-  const std::string tok_path = absl::GetFlag(FLAGS_model) + "/tokenizer.json";
-  if (std::filesystem::exists(tok_path)) {
-    auto v = r1lab::model::Vocabulary::from_file(tok_path);
-    if (!v.ok()) return fail(v.status());
-    vocab = std::move(*v);
+  std::unique_ptr<r1lab::rollout::Engine> engine;
+  std::unique_ptr<r1lab::rollout::RolloutClient> client;
+  if (server.empty()) {
+    auto b = make_backend();
+    if (!b.ok()) return fail(b.status());
+    be = std::move(*b);
+    auto loaded = load_model_dir(absl::GetFlag(FLAGS_model), *be);
+    if (!loaded.ok()) return fail(loaded.status());
+    model = std::move(loaded->first);
+    vocab = std::move(loaded->second);
+    engine = std::make_unique<r1lab::rollout::Engine>(*model, r1lab::rollout::EngineOptions{}, vocab ? &*vocab : nullptr);
+    client = r1lab::rollout::make_local_client(*engine, absl::GetFlag(FLAGS_model));
+  } else {
+    client = r1lab::rollout::make_grpc_client(server);
   }
+  auto health = client->health();
+  if (!health.ok()) return fail(health.status());
   r1lab::rollout::GroupRequest g;
   g.prompt = prompt;
   g.num_samples = absl::GetFlag(FLAGS_num_samples);
@@ -118,9 +158,8 @@ int generate(const std::vector<char*>& args) {
   sp.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   sp.seed = absl::GetFlag(FLAGS_seed);
   sp.stop_strings = absl::GetFlag(FLAGS_stop);
-  r1lab::rollout::Engine engine(**model, r1lab::rollout::EngineOptions{}, vocab ? &*vocab : nullptr);
   const auto t0 = std::chrono::steady_clock::now();
-  auto out = engine.generate({g});
+  auto out = client->generate_all({g});
   if (!out.ok()) return fail(out.status());
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   int64_t total = 0;
@@ -131,12 +170,56 @@ int generate(const std::vector<char*>& args) {
     j["prompt_ids"] = prompt;
     j["tokens"] = c.tokens;
     j["logprobs"] = c.logprobs;
-    if (vocab) j["text"] = c.text;
+    if (health->has_tokenizer) j["text"] = c.text;
+    j["policy_version"] = c.policy_version;
     j["finish_reason"] = r1lab::rollout::finish_reason_name(c.finish_reason);
     j["stop"] = c.stop;
     j["tokens_per_second"] = s > 0 ? static_cast<double>(total) / s : 0.0;
     std::cout << j.dump() << "\n";
   }
+  return 0;
+}
+
+int serve_rollout(const std::vector<char*>& args) {
+  const std::string dir = absl::GetFlag(FLAGS_model);
+  if (args.size() != 2 || dir.empty()) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  // Signals go to the thread that waits for them, not to gRPC's threads.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  auto be = make_backend();
+  if (!be.ok()) return fail(be.status());
+  auto loaded = load_model_dir(dir, **be);
+  if (!loaded.ok()) return fail(loaded.status());
+  auto& [model, vocab] = *loaded;
+  r1lab::rollout::ServerOptions opt;
+  opt.host = absl::GetFlag(FLAGS_host);
+  opt.port = absl::GetFlag(FLAGS_port);
+  opt.engine.block_size = absl::GetFlag(FLAGS_block_size);
+  opt.engine.cache_bytes = absl::GetFlag(FLAGS_cache_mb) << 20;
+  opt.engine.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);
+  opt.engine.max_running = absl::GetFlag(FLAGS_max_running);
+  opt.engine.prefix_cache = absl::GetFlag(FLAGS_prefix_cache);
+  if (opt.port < 0 || opt.port > 65535 || opt.engine.block_size <= 0 || opt.engine.cache_bytes <= 0 ||
+      opt.engine.max_tokens_per_step <= 0 || opt.engine.max_running <= 0)
+    return fail(absl::InvalidArgumentError("--port, --block-size, --cache-mb, --max-tokens-per-step and "
+                                           "--max-running must be positive (port in 0..65535)"));
+  auto server = r1lab::rollout::start_rollout_server(*model, vocab ? &*vocab : nullptr, dir, opt);
+  if (!server.ok()) return fail(server.status());
+  const auto st = (*server)->engine().stats();
+  std::printf("r1lab serve-rollout: %s on %s:%d, %lld cache blocks of %d tokens, tokenizer %s\n", dir.c_str(),
+              opt.host.c_str(), (*server)->port(), static_cast<long long>(st.blocks_total), st.block_size,
+              vocab ? "loaded" : "absent (no stop strings, no text)");
+  std::fflush(stdout);
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::printf("r1lab serve-rollout: signal %d, shutting down\n", sig);
+  (*server)->shutdown();
   return 0;
 }
 
@@ -164,6 +247,7 @@ int main(int argc, char** argv) {
   const std::string cmd = args[1];
   if (cmd == "check-parity") return check_parity(args);
   if (cmd == "generate") return generate(args);
+  if (cmd == "serve-rollout") return serve_rollout(args);
   std::cerr << "r1lab: unknown command '" << cmd << "'\n" << kUsage;
   return 2;
 }

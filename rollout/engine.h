@@ -114,6 +114,9 @@ class Engine {
   absl::Status update_weights(int64_t version, const std::function<absl::Status(model::Model&)>& apply);
   EngineStats stats() const;
   const model::ModelConfig& config() const { return model_.config(); }
+  model::Model& model() { return model_; }
+  bool has_vocabulary() const { return vocab_ != nullptr; }
+  bool started() const { return thread_.joinable(); }
   const EngineOptions& options() const { return opt_; }
 
   // Runs steps on an engine thread until stop() or destruction.

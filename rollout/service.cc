@@ -1,0 +1,218 @@
+#include "rollout/service.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/grpcpp.h"
+#include "r1lab/v1/rollout.grpc.pb.h"
+#include "rollout/client.h"
+#include "rollout/proto_convert.h"
+
+namespace r1lab::rollout {
+namespace {
+
+grpc::Status to_grpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::StatusOr<core::DType> dtype_from_proto(pb::DType d) {
+  switch (d) {
+    case pb::DTYPE_F32:
+      return core::DType::kF32;
+    case pb::DTYPE_BF16:
+      return core::DType::kBF16;
+    case pb::DTYPE_F16:
+      return core::DType::kF16;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("dtype ", static_cast<int>(d), " (F32, BF16, F16 accepted)"));
+  }
+}
+
+class Service final : public pb::Rollout::Service {
+ public:
+  Service(Engine& engine, std::string dir) : engine_(engine), dir_(std::move(dir)), local_(make_local_client(engine, dir_)) {}
+
+  grpc::Status Generate(grpc::ServerContext* ctx, const pb::GenerateRequest* req,
+                        grpc::ServerWriter<pb::GenerateResponse>* writer) override {
+    auto groups = groups_from_proto(*req);
+    if (!groups.ok()) return to_grpc(groups.status());
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<Completion> queue;
+    bool done = false;
+    auto id = engine_.submit(
+        std::move(*groups),
+        [&](Completion&& c) {
+          std::lock_guard<std::mutex> lk(mu);
+          queue.push_back(std::move(c));
+          cv.notify_all();
+        },
+        [&] {
+          std::lock_guard<std::mutex> lk(mu);
+          done = true;
+          cv.notify_all();
+        });
+    if (!id.ok()) return to_grpc(id.status());
+    bool broken = false;
+    for (;;) {
+      std::deque<Completion> ready;
+      bool finished;
+      {
+        std::unique_lock<std::mutex> lk(mu);
+        cv.wait_for(lk, std::chrono::milliseconds(50), [&] { return done || !queue.empty(); });
+        ready.swap(queue);
+        finished = done;
+      }
+      for (Completion& c : ready) {
+        if (broken) break;
+        pb::GenerateResponse resp;
+        completion_to_proto(c, resp.mutable_completion());
+        if (!writer->Write(resp)) broken = true;
+      }
+      if (finished && !broken) {
+        std::lock_guard<std::mutex> lk(mu);
+        if (queue.empty()) return grpc::Status::OK;
+        continue;
+      }
+      if (broken || ctx->IsCancelled()) {
+        // The client went away: end its sequences, and wait until the engine lets go of this stack.
+        engine_.cancel(*id);
+        std::unique_lock<std::mutex> lk(mu);
+        cv.wait(lk, [&] { return done; });
+        return grpc::Status(grpc::StatusCode::CANCELLED, "generate cancelled");
+      }
+    }
+  }
+
+  grpc::Status UpdateWeights(grpc::ServerContext* ctx, grpc::ServerReader<pb::WeightChunk>* reader,
+                             pb::UpdateWeightsResponse* resp) override {
+    const auto t0 = std::chrono::steady_clock::now();
+    struct Staged {
+      core::Tensor tensor;
+      size_t received = 0;
+    };
+    std::map<std::string, Staged> staged;
+    const model::ParameterSet& params = engine_.model().params();
+    pb::WeightChunk c;
+    bool any = false;
+    int64_t version = 0, bytes = 0;
+    auto bad = [](const std::string& m) { return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, m); };
+    while (reader->Read(&c)) {
+      if (!any) version = c.version();
+      any = true;
+      if (c.version() != version)
+        return bad(absl::StrCat("chunk of '", c.name(), "' has version ", c.version(), ", the stream's is ", version));
+      if (c.name().empty()) {
+        if (!c.data().empty()) return bad("a chunk with data must name its parameter");
+        continue;
+      }
+      if (!params.contains(c.name())) return bad(absl::StrCat("unknown parameter '", c.name(), "'"));
+      auto dtype = dtype_from_proto(c.dtype());
+      if (!dtype.ok()) return bad(absl::StrCat("parameter '", c.name(), "': ", dtype.status().message()));
+      core::Shape shape(c.shape().begin(), c.shape().end());
+      const model::ParamInfo& info = params.info(c.name());
+      if (shape != info.shape)
+        return bad(absl::StrCat("parameter '", c.name(), "': shape ", core::shape_str(shape), ", the model's is ",
+                                core::shape_str(info.shape)));
+      auto [it, fresh] = staged.try_emplace(c.name());
+      Staged& s = it->second;
+      if (fresh) s.tensor = core::Tensor::zeros(shape, *dtype);
+      if (s.tensor.dtype() != *dtype) return bad(absl::StrCat("parameter '", c.name(), "': dtype changed mid-stream"));
+      const size_t total = static_cast<size_t>(s.tensor.numel()) * core::dtype_size(*dtype);
+      if (c.offset() != s.received)
+        return bad(absl::StrCat("parameter '", c.name(), "': chunk at byte ", c.offset(), ", expected ", s.received));
+      if (s.received + c.data().size() > total)
+        return bad(absl::StrCat("parameter '", c.name(), "': more than its ", total, " bytes"));
+      std::memcpy(static_cast<char*>(s.tensor.raw()) + s.received, c.data().data(), c.data().size());
+      s.received += c.data().size();
+      bytes += static_cast<int64_t>(c.data().size());
+    }
+    if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "update cancelled");
+    if (!any) return bad("no chunks: the stream must carry at least the version");
+    std::vector<NamedTensor> tensors;
+    for (auto& [name, s] : staged) {
+      const size_t total = static_cast<size_t>(s.tensor.numel()) * core::dtype_size(s.tensor.dtype());
+      if (s.received != total)
+        return bad(absl::StrCat("parameter '", name, "': ", s.received, " of ", total, " bytes arrived"));
+      tensors.push_back({name, std::move(s.tensor)});
+    }
+    absl::Status st = local_->update_weights(version, tensors);
+    if (!st.ok()) return to_grpc(st);
+    resp->set_version(version);
+    resp->set_tensors(static_cast<int64_t>(tensors.size()));
+    resp->set_bytes(bytes);
+    resp->set_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Health(grpc::ServerContext*, const pb::HealthRequest*, pb::HealthResponse* resp) override {
+    auto h = local_->health();
+    if (!h.ok()) return to_grpc(h.status());
+    health_to_proto(*h, resp);
+    return grpc::Status::OK;
+  }
+
+ private:
+  Engine& engine_;
+  std::string dir_;
+  std::unique_ptr<RolloutClient> local_;  // health and the weight checks, shared with in-process use
+};
+
+class Server final : public RolloutServer {
+ public:
+  Server(model::Model& model, const model::Vocabulary* vocab, std::string dir, const ServerOptions& opt)
+      : engine_(model, opt.engine, vocab), service_(engine_, std::move(dir)) {}
+
+  absl::Status start(const ServerOptions& opt) {
+    engine_.start();
+    grpc::ServerBuilder b;
+    const std::string addr = absl::StrCat(opt.host.find(':') != std::string::npos ? "[" + opt.host + "]" : opt.host,
+                                          ":", opt.port);
+    b.AddListeningPort(addr, grpc::InsecureServerCredentials(), &port_);
+    b.SetMaxReceiveMessageSize(64 << 20);
+    b.RegisterService(&service_);
+    server_ = b.BuildAndStart();
+    if (!server_ || port_ == 0) {
+      engine_.stop();
+      return absl::UnavailableError(absl::StrCat("cannot listen on ", addr));
+    }
+    return absl::OkStatus();
+  }
+  ~Server() override { shutdown(); }
+
+  int port() const override { return port_; }
+  Engine& engine() override { return engine_; }
+  void shutdown() override {
+    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    engine_.stop();
+  }
+  void wait() override {
+    if (server_) server_->Wait();
+  }
+
+ private:
+  Engine engine_;
+  Service service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<RolloutServer>> start_rollout_server(model::Model& model,
+                                                                    const model::Vocabulary* vocab,
+                                                                    std::string model_dir,
+                                                                    const ServerOptions& options) {
+  auto s = std::make_unique<Server>(model, vocab, std::move(model_dir), options);
+  absl::Status st = s->start(options);
+  if (!st.ok()) return st;
+  return std::unique_ptr<RolloutServer>(std::move(s));
+}
+
+}  // namespace r1lab::rollout
