@@ -1,7 +1,5 @@
 // CPU reference backend figures for a model directory (default: the tiny_a fixture):
 //   - forward and forward+backward time of one batch,
-//   - cache bytes per token, latents against full per-head K/V, for this model, the benchmark model
-//     and DeepSeek-V3.
 // Decoding speed is bench/rollout_cpu's. Usage: model_cpu [MODEL_DIR] [--batch B] [--seq T]
 #include <chrono>
 #include <cstdio>
@@ -15,7 +13,6 @@
 namespace {
 
 using r1lab::core::Tensor;
-using r1lab::model::LatentCache;
 using r1lab::model::ModelConfig;
 
 double seconds(std::chrono::steady_clock::time_point t0) {
@@ -31,12 +28,6 @@ double best_of(int n, F f) {
     best = std::min(best, seconds(t0));
   }
   return best;
-}
-
-void cache_row(const char* name, const ModelConfig& c) {
-  const double lat = static_cast<double>(LatentCache::bytes_per_token(c, 2));
-  const double full = static_cast<double>(LatentCache::full_kv_bytes_per_token(c, 2));
-  std::printf("| %-28s | %12.1f KB | %12.1f KB | %6.2f%% |\n", name, lat / 1024, full / 1024, 100 * lat / full);
 }
 
 }  // namespace
@@ -73,23 +64,5 @@ int main(int argc, char** argv) {
   std::printf("| forward | %.2f | %.0f |\n", fwd * 1e3, batch * seq / fwd);
   std::printf("| forward + backward | %.2f | %.0f |\n\n", fwd_bwd * 1e3, batch * seq / fwd_bwd);
 
-  ModelConfig v3;
-  v3.num_hidden_layers = 61;
-  v3.num_attention_heads = 128;
-  v3.kv_lora_rank = 512;
-  v3.qk_rope_head_dim = 64;
-  v3.qk_nope_head_dim = 128;
-  v3.v_head_dim = 128;
-  ModelConfig b05;
-  b05.num_hidden_layers = 8;
-  b05.num_attention_heads = 16;
-  b05.kv_lora_rank = 256;
-  b05.qk_rope_head_dim = 32;
-  b05.qk_nope_head_dim = 64;
-  b05.v_head_dim = 64;
-  std::printf("| cache per token (bf16) | MLA latents | full K/V | latent/full |\n|---|---|---|---|\n");
-  cache_row("this model", c);
-  cache_row("bench_moe_mla_0.5b", b05);
-  cache_row("DeepSeek-V3 (61 x 128 heads)", v3);
   return 0;
 }

@@ -349,5 +349,50 @@ TEST_F(CpuOps, LogprobsAndEmbeddings) {
   EXPECT_EQ(dt.f32()[0], 0.0f);
 }
 
+// Paged latent attention equals dense multi-query attention over the same rows laid out contiguously,
+// for sequences with different context lengths and numbers of new tokens, in scattered blocks.
+TEST_F(CpuOps, PagedLatentAttentionMatchesDenseAttention) {
+  const int64_t heads = 3, d = 10, dv = 6, block = 4, n_blocks = 9;
+  const std::vector<int32_t> ctx = {7, 1, 12}, new_tokens = {3, 1, 12};
+  const std::vector<std::vector<int32_t>> tables = {{4, 0}, {8}, {2, 7, 5}};
+  Tensor pool = randn({n_blocks * block, d}, rng_);
+  std::vector<int32_t> starts = {0};
+  for (int32_t n : new_tokens) starts.push_back(starts.back() + n);
+  const int64_t n = starts.back();
+  Tensor q = randn({n, heads, d}, rng_);
+  Tensor out = Tensor::zeros({n, heads, dv});
+  Tensor table = Tensor::zeros({3, 3}, DType::kI32);
+  for (int s = 0; s < 3; ++s)
+    for (size_t b = 0; b < tables[s].size(); ++b) table.data<int32_t>()[s * 3 + b] = tables[s][b];
+  be_->scatter_rows(Tensor::zeros({0, d}), Tensor::zeros({0}, DType::kI32), pool);  // no rows: no-op
+  be_->paged_latent_attention(q, pool, static_cast<int>(block), table,
+                              Tensor::wrap(starts.data(), {4}, DType::kI32),
+                              Tensor::wrap(const_cast<int32_t*>(ctx.data()), {3}, DType::kI32), 0.3f, out);
+  for (int s = 0; s < 3; ++s) {
+    // The sequence's rows gathered into [1, S, 1, d].
+    Tensor kv = Tensor::zeros({1, ctx[s], 1, d});
+    for (int p = 0; p < ctx[s]; ++p)
+      for (int64_t j = 0; j < d; ++j)
+        kv.f32()[p * d + j] = pool.f32()[(tables[s][p / block] * block + p % block) * d + j];
+    Tensor qs = q.slice(0, starts[s], new_tokens[s]).clone().unsqueeze(0);
+    Tensor want = Tensor::zeros({1, new_tokens[s], heads, dv}), lse = Tensor::zeros({1, heads, new_tokens[s]});
+    be_->attention_forward(qs, kv, kv.slice(3, 0, dv), 0.3f, want, lse);
+    for (int64_t i = 0; i < want.numel(); ++i)
+      EXPECT_NEAR(out.f32()[starts[s] * heads * dv + i], want.f32()[i], 1e-5) << "sequence " << s;
+  }
+}
+
+TEST_F(CpuOps, ScatterRowsWritesTheNamedRows) {
+  Tensor dst = Tensor::zeros({5, 3});
+  Tensor src = randn({2, 3}, rng_);
+  std::vector<int32_t> rows = {4, 1};
+  be_->scatter_rows(src, Tensor::wrap(rows.data(), {2}, DType::kI32), dst);
+  for (int64_t j = 0; j < 3; ++j) {
+    EXPECT_EQ(dst.f32()[4 * 3 + j], src.f32()[j]);
+    EXPECT_EQ(dst.f32()[1 * 3 + j], src.f32()[3 + j]);
+    EXPECT_EQ(dst.f32()[0 * 3 + j], 0.0f);
+  }
+}
+
 }  // namespace
 }  // namespace r1lab::core
