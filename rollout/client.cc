@@ -67,32 +67,13 @@ class LocalClient final : public RolloutClient {
 
   absl::Status generate(std::vector<GroupRequest> groups,
                         const std::function<bool(Completion&&)>& on_completion) override {
-    std::mutex mu;
-    std::condition_variable cv;
-    std::deque<Completion> queue;
-    bool done = false;
-    R1LAB_ASSIGN_OR_RETURN(uint64_t id, engine_.submit(
-                                            std::move(groups),
-                                            [&](Completion&& c) {
-                                              std::lock_guard<std::mutex> lk(mu);
-                                              queue.push_back(std::move(c));
-                                              cv.notify_all();
-                                            },
-                                            [&] {
-                                              std::lock_guard<std::mutex> lk(mu);
-                                              done = true;
-                                              cv.notify_all();
-                                            }));
+    CompletionQueue q;
+    R1LAB_ASSIGN_OR_RETURN(uint64_t id, engine_.submit(std::move(groups), q.sink(), q.on_done()));
     bool cancelled = false;
     for (;;) {
       std::deque<Completion> ready;
-      bool finished;
-      {
-        std::unique_lock<std::mutex> lk(mu);
-        if (engine_.started()) cv.wait(lk, [&] { return done || !queue.empty(); });
-        ready.swap(queue);
-        finished = done;
-      }
+      const bool finished =
+          q.take(&ready, engine_.started() ? CompletionQueue::kForever : std::chrono::steady_clock::duration::zero());
       for (Completion& c : ready) {
         if (cancelled) continue;
         if (!on_completion(std::move(c))) {
@@ -100,11 +81,7 @@ class LocalClient final : public RolloutClient {
           engine_.cancel(id);
         }
       }
-      if (finished) {
-        std::lock_guard<std::mutex> lk(mu);
-        if (queue.empty()) break;
-        continue;
-      }
+      if (finished) break;
       if (!engine_.started()) engine_.step();
     }
     return absl::OkStatus();

@@ -140,7 +140,9 @@ void Engine::cancel(uint64_t request_id) {
 }
 
 absl::Status Engine::update_weights(int64_t version, const std::function<absl::Status(model::Model&)>& apply) {
-  std::lock_guard<std::mutex> lk(step_mu_);
+  ++updates_waiting_;
+  std::unique_lock<std::mutex> lk(step_mu_);
+  --updates_waiting_;
   if (version <= version_)
     return absl::FailedPreconditionError(
         absl::StrCat("weights version ", version, " is not newer than the current version ", version_));
@@ -192,6 +194,7 @@ void Engine::loop() {
       in_cv_.wait(lk, [&] { return stopping_ || !incoming_.empty() || !cancels_.empty() || has_work_; });
       if (stopping_) return;
     }
+    while (updates_waiting_.load() > 0) std::this_thread::yield();  // a weight update goes between steps
     std::lock_guard<std::mutex> lk(step_mu_);
     step_locked();
   }
@@ -204,39 +207,48 @@ bool Engine::step() {
 }
 
 absl::StatusOr<std::vector<Completion>> Engine::generate(std::vector<GroupRequest> groups) {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  std::vector<Completion> out;
-  R1LAB_ASSIGN_OR_RETURN(
-      uint64_t id, submit(
-                       std::move(groups),
-                       [&](Completion&& c) {
-                         std::lock_guard<std::mutex> lk(mu);
-                         out.push_back(std::move(c));
-                       },
-                       [&] {
-                         std::lock_guard<std::mutex> lk(mu);
-                         done = true;
-                         cv.notify_all();
-                       }));
-  (void)id;
-  if (thread_.joinable()) {
-    std::unique_lock<std::mutex> lk(mu);
-    cv.wait(lk, [&] { return done; });
-  } else {
-    for (;;) {
-      {
-        std::lock_guard<std::mutex> lk(mu);
-        if (done) break;
-      }
-      CHECK(step()) << "engine idle with a request outstanding";
-    }
+  CompletionQueue q;
+  R1LAB_RETURN_IF_ERROR(submit(std::move(groups), q.sink(), q.on_done()).status());
+  std::deque<Completion> out;
+  for (;;) {
+    const bool finished = q.take(&out, started() ? CompletionQueue::kForever : Clock::duration::zero());
+    if (finished) break;
+    if (!started()) CHECK(step()) << "engine idle with a request outstanding";
   }
-  std::sort(out.begin(), out.end(), [](const Completion& a, const Completion& b) {
+  std::vector<Completion> sorted(std::make_move_iterator(out.begin()), std::make_move_iterator(out.end()));
+  std::sort(sorted.begin(), sorted.end(), [](const Completion& a, const Completion& b) {
     return std::make_pair(a.group, a.sample) < std::make_pair(b.group, b.sample);
   });
-  return out;
+  return sorted;
+}
+
+Engine::Sink CompletionQueue::sink() {
+  return [this](Completion&& c) {
+    std::lock_guard<std::mutex> lk(mu_);
+    queue_.push_back(std::move(c));
+    cv_.notify_all();
+  };
+}
+
+std::function<void()> CompletionQueue::on_done() {
+  return [this] {
+    std::lock_guard<std::mutex> lk(mu_);
+    done_ = true;
+    cv_.notify_all();
+  };
+}
+
+bool CompletionQueue::take(std::deque<Completion>* out, std::chrono::steady_clock::duration wait) {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait_for(lk, wait, [&] { return done_ || !queue_.empty(); });
+  for (Completion& c : queue_) out->push_back(std::move(c));
+  queue_.clear();
+  return done_;
+}
+
+void CompletionQueue::wait_done() {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [&] { return done_; });
 }
 
 void Engine::absorb_incoming() {

@@ -22,6 +22,7 @@
 // that runs the step.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -171,7 +172,28 @@ class Engine {
   std::vector<uint64_t> cancels_;
   uint64_t next_request_ = 1;
   bool stopping_ = false;
+  std::atomic<int> updates_waiting_{0};  // the loop steps aside for them
   std::thread thread_;
+};
+
+// The completions of one submitted request, handed from the thread that runs the engine's steps to the
+// thread that consumes them:  CompletionQueue q; engine.submit(groups, q.sink(), q.on_done());
+class CompletionQueue {
+ public:
+  Engine::Sink sink();
+  std::function<void()> on_done();
+  // Waits up to `wait` for completions or the request's end, then moves the completions ready into
+  // *out. True when the request has ended and *out holds the last of them.
+  bool take(std::deque<Completion>* out, std::chrono::steady_clock::duration wait);
+  static constexpr std::chrono::steady_clock::duration kForever = std::chrono::hours(24 * 365);
+  // Blocks until the request has ended (after Engine::cancel, before this queue goes away).
+  void wait_done();
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Completion> queue_;
+  bool done_ = false;
 };
 
 // The slow reference the engine is tested and benchmarked against: re-runs the full forward over the

@@ -42,49 +42,26 @@ class Service final : public pb::Rollout::Service {
                         grpc::ServerWriter<pb::GenerateResponse>* writer) override {
     auto groups = groups_from_proto(*req);
     if (!groups.ok()) return to_grpc(groups.status());
-    std::mutex mu;
-    std::condition_variable cv;
-    std::deque<Completion> queue;
-    bool done = false;
-    auto id = engine_.submit(
-        std::move(*groups),
-        [&](Completion&& c) {
-          std::lock_guard<std::mutex> lk(mu);
-          queue.push_back(std::move(c));
-          cv.notify_all();
-        },
-        [&] {
-          std::lock_guard<std::mutex> lk(mu);
-          done = true;
-          cv.notify_all();
-        });
+    CompletionQueue q;
+    auto id = engine_.submit(std::move(*groups), q.sink(), q.on_done());
     if (!id.ok()) return to_grpc(id.status());
-    bool broken = false;
     for (;;) {
       std::deque<Completion> ready;
-      bool finished;
-      {
-        std::unique_lock<std::mutex> lk(mu);
-        cv.wait_for(lk, std::chrono::milliseconds(50), [&] { return done || !queue.empty(); });
-        ready.swap(queue);
-        finished = done;
-      }
-      for (Completion& c : ready) {
-        if (broken) break;
+      const bool finished = q.take(&ready, std::chrono::milliseconds(50));
+      bool broken = false;
+      for (const Completion& c : ready) {
         pb::GenerateResponse resp;
         completion_to_proto(c, resp.mutable_completion());
-        if (!writer->Write(resp)) broken = true;
+        if (!writer->Write(resp)) {
+          broken = true;
+          break;
+        }
       }
-      if (finished && !broken) {
-        std::lock_guard<std::mutex> lk(mu);
-        if (queue.empty()) return grpc::Status::OK;
-        continue;
-      }
+      if (finished && !broken) return grpc::Status::OK;
       if (broken || ctx->IsCancelled()) {
-        // The client went away: end its sequences, and wait until the engine lets go of this stack.
+        // The client went away: end its sequences, and wait until the engine lets go of the queue.
         engine_.cancel(*id);
-        std::unique_lock<std::mutex> lk(mu);
-        cv.wait(lk, [&] { return done; });
+        q.wait_done();
         return grpc::Status(grpc::StatusCode::CANCELLED, "generate cancelled");
       }
     }

@@ -20,6 +20,36 @@ struct View4 {
   float* at(int64_t a, int64_t b, int64_t c) const { return p + a * s0 + b * s1 + c * s2; }
 };
 
+// One query over keys/values 0..last: o = Σ_s softmax_s(scale · q·k[s]) v[s]; returns log Σ_s exp(...).
+// key(s), value(s) give row pointers; p is scratch. The same arithmetic, in the same order, for the dense
+// and the paged attention.
+template <typename KeyAt, typename ValueAt>
+float attend_one(const float* q, int64_t d, int64_t dv, int64_t last, float scale, KeyAt key, ValueAt value,
+                 std::vector<float>& p, float* o) {
+  p.resize(static_cast<size_t>(last + 1));
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s <= last; ++s) {
+    const float* kv = key(s);
+    float acc = 0;
+    for (int64_t i = 0; i < d; ++i) acc += q[i] * kv[i];
+    p[s] = acc * scale;
+    mx = std::max(mx, p[s]);
+  }
+  double sum = 0;
+  for (int64_t s = 0; s <= last; ++s) {
+    p[s] = std::exp(p[s] - mx);
+    sum += p[s];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < dv; ++i) o[i] = 0;
+  for (int64_t s = 0; s <= last; ++s) {
+    const float w = p[s] * inv;
+    const float* vv = value(s);
+    for (int64_t i = 0; i < dv; ++i) o[i] += w * vv[i];
+  }
+  return mx + static_cast<float>(std::log(sum));
+}
+
 }  // namespace
 
 // p[t, s] = softmax_s(scale · q[t]·k[s]) over s ≤ S - T + t;  out[t] = Σ_s p[t, s] v[s];
@@ -38,33 +68,12 @@ void CpuBackend::attention_forward(const Tensor& q, const Tensor& k, const Tenso
 #pragma omp parallel for collapse(2)
   for (int64_t bi = 0; bi < b; ++bi) {
     for (int64_t h = 0; h < hq; ++h) {
-      std::vector<float> p(static_cast<size_t>(s_len));
+      std::vector<float> p;
       const int64_t kh = h / group;
       for (int64_t t = 0; t < t_len; ++t) {
-        const int64_t last = s_len - t_len + t;
-        const float* qv = Q.at(bi, t, h);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s <= last; ++s) {
-          const float* kv = K.at(bi, s, kh);
-          float acc = 0;
-          for (int64_t i = 0; i < d; ++i) acc += qv[i] * kv[i];
-          p[s] = acc * scale;
-          mx = std::max(mx, p[s]);
-        }
-        double sum = 0;
-        for (int64_t s = 0; s <= last; ++s) {
-          p[s] = std::exp(p[s] - mx);
-          sum += p[s];
-        }
-        const float inv = static_cast<float>(1.0 / sum);
-        float* o = O.at(bi, t, h);
-        for (int64_t i = 0; i < dv; ++i) o[i] = 0;
-        for (int64_t s = 0; s <= last; ++s) {
-          const float w = p[s] * inv;
-          const float* vv = V.at(bi, s, kh);
-          for (int64_t i = 0; i < dv; ++i) o[i] += w * vv[i];
-        }
-        L[(bi * hq + h) * t_len + t] = mx + static_cast<float>(std::log(sum));
+        L[(bi * hq + h) * t_len + t] = attend_one(
+            Q.at(bi, t, h), d, dv, s_len - t_len + t, scale, [&](int64_t s) { return K.at(bi, s, kh); },
+            [&](int64_t s) { return V.at(bi, s, kh); }, p, O.at(bi, t, h));
       }
     }
   }
@@ -156,31 +165,15 @@ void CpuBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, int
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t s = seq_of[i];
         const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
-        p.resize(static_cast<size_t>(last + 1));
         row.resize(static_cast<size_t>(last + 1));
-        const float* qv = Q + i * q.stride(0) + h * q.stride(1);
-        float mx = -std::numeric_limits<float>::infinity();
         for (int64_t pos = 0; pos <= last; ++pos) {
           const int64_t block = tables[s * max_blocks + pos / block_size];
           CHECK(block >= 0 && (block + 1) * block_size <= P.rows) << "block " << block << " outside the pool";
           row[pos] = P.row(block * block_size + pos % block_size);
-          float acc = 0;
-          for (int64_t j = 0; j < d; ++j) acc += qv[j] * row[pos][j];
-          p[pos] = acc * scale;
-          mx = std::max(mx, p[pos]);
         }
-        double sum = 0;
-        for (int64_t pos = 0; pos <= last; ++pos) {
-          p[pos] = std::exp(p[pos] - mx);
-          sum += p[pos];
-        }
-        const float inv = static_cast<float>(1.0 / sum);
-        float* o = O + i * out.stride(0) + h * out.stride(1);
-        for (int64_t j = 0; j < dv; ++j) o[j] = 0;
-        for (int64_t pos = 0; pos <= last; ++pos) {
-          const float w = p[pos] * inv;
-          for (int64_t j = 0; j < dv; ++j) o[j] += w * row[pos][j];
-        }
+        auto at = [&](int64_t pos) { return row[pos]; };
+        attend_one(Q + i * q.stride(0) + h * q.stride(1), d, dv, last, scale, at, at, p,
+                   O + i * out.stride(0) + h * out.stride(1));
       }
     }
   }
