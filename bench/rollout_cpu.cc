@@ -3,7 +3,7 @@
 // sizes of prompt groups; then latent-cache bytes per token against a full per-head K/V cache.
 // Prompts share a template (as R1 prompts do), then differ; sampling at temperature 1, eos ignored
 // (it is an ordinary stop token id the prompts are kept away from), so every sequence makes --new tokens.
-// Usage: rollout_cpu [MODEL_DIR] [--batches 1,16,64] [--group 8] [--prompt 16] [--new 16]
+// Usage: rollout_cpu [MODEL_DIR] [--batches 1,16,64] [--group 8] [--prompt 32] [--new 16]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -38,7 +38,7 @@ void cache_row(const char* name, const ModelConfig& c) {
 int main(int argc, char** argv) {
   std::string dir = "../shared/fixtures/hf_deepseek_v3/tiny_a";
   std::vector<int> batches = {1, 16, 64};
-  int group = 8, prompt_len = 16, n_new = 16;
+  int group = 8, prompt_len = 32, n_new = 16;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--batches") && i + 1 < argc) {
       batches.clear();

@@ -345,9 +345,9 @@ void Engine::match_prefix(Sequence& s) {
   if (!s.scheduled) s.out.cached_prompt_tokens = std::min(s.computed, s.prompt_len);
 }
 
-void Engine::publish_full_blocks(Sequence& s) {
+void Engine::publish_full_blocks(Sequence& s, int64_t upto) {
   const int bs = opt_.block_size;
-  const int64_t full = s.computed / bs;
+  const int64_t full = upto / bs;
   for (int64_t i = s.published; i < full; ++i) {
     const uint64_t parent = i > 0 ? s.hashes[i - 1] : 0;
     const int32_t* t = s.tokens.data() + i * bs;
@@ -388,10 +388,13 @@ bool Engine::step_locked() {
       }
     }
     if (!fits) break;
+    if (opt_.prefix_cache) publish_full_blocks(*s, s->computed + n);
     batch.push_back({s, n});
     budget -= n;
   }
-  // Then waiting sequences, first come first served (preempted ones first), while there is room.
+  // Then waiting sequences, first come first served (preempted ones first), while there is room. Blocks
+  // this step fills are offered to the prefix cache before it runs: a later sequence in the same step
+  // may share them, since every layer stores the step's new latents before any attention reads them.
   while (!preempted && !waiting_.empty() && budget > 0 && static_cast<int64_t>(running_.size()) < opt_.max_running) {
     Sequence& s = *waiting_.front();
     if (opt_.prefix_cache) match_prefix(s);
@@ -402,6 +405,7 @@ bool Engine::step_locked() {
       s.published = 0;
       break;
     }
+    if (opt_.prefix_cache) publish_full_blocks(s, s.computed + n);
     if (!s.scheduled) {
       s.scheduled = true;
       s.out.queue_seconds = seconds_since(s.req->submitted);
@@ -424,7 +428,6 @@ bool Engine::step_locked() {
     const int64_t vocab = model_.config().vocab_size;
     for (const Item& it : batch) {
       it.s->computed += it.n;
-      if (opt_.prefix_cache) publish_full_blocks(*it.s);
       if (it.s->computed == static_cast<int64_t>(it.s->tokens.size())) on_logits(it.s, logits.f32() + row++ * vocab);
     }
     running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),

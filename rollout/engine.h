@@ -140,7 +140,8 @@ class Engine {
   bool reserve(Sequence& s, int64_t n);
   void preempt(Sequence* s);
   void match_prefix(Sequence& s);
-  void publish_full_blocks(Sequence& s);
+  // Offers s's full blocks below token `upto` (computed, or being computed this step) to the prefix cache.
+  void publish_full_blocks(Sequence& s, int64_t upto);
   void on_logits(Sequence* s, const float* logits);
   void sample_next(Sequence* s, const float* logits);
   void finish(Sequence* s, FinishReason reason);

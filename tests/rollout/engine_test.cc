@@ -106,11 +106,12 @@ TEST_F(EngineTest, PrefixSharingChunkingAndPreemptionChangeNothing) {
   shared.block_size = 4;
   EngineStats s;
   expect_same(run(shared, groups, &s), want);
+  // Admitted in the same step, later prompts share the template's two full blocks with the first.
+  EXPECT_EQ(s.prefix_hit_tokens, 7 * 8);
 
   EngineOptions chunked = shared;
   chunked.max_tokens_per_step = 5;  // prompts of 10+ tokens are prefilled over several steps
   expect_same(run(chunked, groups, &s), want);
-  // Admitted one after another, later prompts find the template's blocks computed by earlier ones.
   EXPECT_GT(s.prefix_hit_tokens, 0);
 
   EngineOptions tight = shared;
