@@ -1,0 +1,66 @@
+// The first rule-based rewards of the R1 recipe.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "rewards/reward.h"
+
+namespace r1lab::rewards {
+
+// The text of the last <answer>...</answer> in a completion, trimmed; nullopt when there is none.
+std::optional<std::string> extract_answer(const std::string& completion);
+
+// A number written the usual ways: "42", "-3.5", "1,000", "3/4", "1e3", "$42$", "\boxed{42}".
+std::optional<double> parse_number(const std::string& text);
+
+// 1 when the whole completion matches an RE2 pattern, else 0. The default is R1's format:
+// <think> reasoning </think> then <answer> answer </answer>, nothing else but whitespace around.
+// params: {"pattern": "..."}.
+class FormatReward final : public RewardFn {
+ public:
+  static constexpr char kR1Pattern[] = R"(\s*<think>.*?</think>\s*<answer>.*?</answer>\s*)";
+  static absl::StatusOr<std::unique_ptr<FormatReward>> make(const std::string& pattern = kR1Pattern);
+  Score score(const Sample& s) const override;
+  ~FormatReward() override;
+
+ private:
+  struct Impl;
+  explicit FormatReward(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// 1 when the extracted answer equals the reference: numerically (relative tolerance) when both are
+// numbers, else as text after trimming and collapsing whitespace (optionally ignoring case).
+// params: {"tolerance": 1e-6, "ignore_case": false, "require_tags": true}. Without require_tags a
+// completion with no <answer> tag is compared whole.
+class AnswerMatch final : public RewardFn {
+ public:
+  struct Options {
+    double tolerance = 1e-6;
+    bool ignore_case = false;
+    bool require_tags = true;
+  };
+  explicit AnswerMatch(Options o) : opt_(o) {}
+  Score score(const Sample& s) const override;
+
+ private:
+  Options opt_;
+};
+
+// Countdown (as in TinyZero): the answer is an arithmetic expression over the given numbers with
+// + - * / and parentheses (an optional "= target" at the end is ignored) that evaluates exactly to the
+// target. meta: {"numbers": [...], "target": N}. params: {"use_all": false}: each number at most once
+// (default) or exactly once.
+class CountdownReward final : public RewardFn {
+ public:
+  explicit CountdownReward(bool use_all) : use_all_(use_all) {}
+  Score score(const Sample& s) const override;
+
+ private:
+  bool use_all_;
+};
+
+}  // namespace r1lab::rewards
