@@ -1,0 +1,44 @@
+// Built-in tasks with verifiable answers, generated from a seed: the same (task, seed, index) always
+// gives the same problem, so runs replay exactly and train/held-out splits never overlap (they use
+// different seeds).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+
+namespace r1lab::data {
+
+struct Problem {
+  std::string task;      // "arithmetic" | "countdown"
+  std::string question;  // what the user asks
+  std::string answer;    // the reference answer (for countdown: one expression that reaches the target)
+  nlohmann::json meta;   // for countdown {"numbers": [...], "target": N}
+};
+
+// Multi-digit arithmetic: a + b, a - b, a * b with operands of 1..max_digits digits (products use at
+// most 2-digit factors).
+struct ArithmeticOptions {
+  int max_digits = 3;
+};
+Problem arithmetic_problem(const ArithmeticOptions& o, uint64_t seed, int64_t index);
+
+// Countdown as in TinyZero: `count` numbers in [1, max_number] and a target in [1, max_target] reached
+// by an expression over all of them with + - * and exact /.
+struct CountdownOptions {
+  int min_count = 3, max_count = 4;
+  int max_number = 99;
+  int max_target = 999;
+};
+Problem countdown_problem(const CountdownOptions& o, uint64_t seed, int64_t index);
+
+// `n` problems of a named task ("arithmetic" or "countdown"), indices first .. first + n - 1.
+absl::StatusOr<std::vector<Problem>> make_problems(const std::string& task, uint64_t seed, int64_t first, int64_t n);
+
+// The R1-Zero prompt around a question.
+std::string r1_zero_prompt(const std::string& question);
+
+}  // namespace r1lab::data
