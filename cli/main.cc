@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <iostream>
 #include <string>
@@ -23,6 +24,7 @@
 #include "rollout/engine.h"
 #include "rollout/client.h"
 #include "rollout/service.h"
+#include "rewards/service.h"
 #include "trainer/parity.h"
 
 ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda");
@@ -38,8 +40,11 @@ ABSL_FLAG(uint64_t, seed, 0, "generate: sampling seed");
 ABSL_FLAG(std::string, server, "", "generate: a rollout worker host:port to sample from instead of --model");
 ABSL_FLAG(int, num_samples, 1, "generate: completions of the prompt (a group)");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "generate: comma-separated stop strings (needs tokenizer.json)");
-ABSL_FLAG(std::string, host, "127.0.0.1", "serve-rollout: address to listen on (loopback by default)");
-ABSL_FLAG(int, port, 50051, "serve-rollout: port (0: any free port, printed at start)");
+ABSL_FLAG(std::string, host, "127.0.0.1", "serve-*: address to listen on (loopback by default)");
+ABSL_FLAG(int, port, -1, "serve-*: port (default 50051 for serve-rollout, 50052 for serve-reward; 0: any free port, "
+          "printed at start)");
+ABSL_FLAG(std::string, rewards, "", "serve-reward: JSON file of named rewards: {\"name\": [{\"name\": rule, "
+          "\"weight\": w, \"params\": {...}}, ...]}");
 ABSL_FLAG(int, block_size, 16, "serve-rollout: tokens per latent-cache block");
 ABSL_FLAG(int64_t, cache_mb, 256, "serve-rollout: latent-cache size in MiB");
 ABSL_FLAG(int64_t, max_tokens_per_step, 1024, "serve-rollout: prefill + decode tokens per engine step");
@@ -60,7 +65,10 @@ constexpr char kUsage[] =
     "      sample G continuations with the rollout engine; prints one JSON object per completion\n"
     "  serve-rollout --model DIR [--host 127.0.0.1 --port 50051 --block-size 16 --cache-mb 256\n"
     "                --max-tokens-per-step 1024 --max-running 256 --prefix-cache=true]\n"
-    "      a rollout worker: the r1lab.v1.Rollout gRPC service (proto/r1lab/v1/rollout.proto)\n";
+    "      a rollout worker: the r1lab.v1.Rollout gRPC service (proto/r1lab/v1/rollout.proto)\n"
+    "  serve-reward [--rewards FILE.json --host 127.0.0.1 --port 50052]\n"
+    "      the reward service: r1lab.v1.Reward (proto/r1lab/v1/reward.proto) with the built-in rules\n"
+    "      and the named weighted sums of FILE.json\n";
 
 absl::StatusOr<std::unique_ptr<Backend>> make_backend() {
   const std::string d = absl::GetFlag(FLAGS_device);
@@ -180,18 +188,29 @@ int generate(const std::vector<char*>& args) {
   return 0;
 }
 
+// SIGINT and SIGTERM blocked in this thread and every thread started after: they wait for wait_for.
+sigset_t block_stop_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  return set;
+}
+
+int wait_for(const sigset_t& set) {
+  int sig = 0;
+  sigwait(&set, &sig);
+  return sig;
+}
+
 int serve_rollout(const std::vector<char*>& args) {
   const std::string dir = absl::GetFlag(FLAGS_model);
   if (args.size() != 2 || dir.empty()) {
     std::cerr << kUsage;
     return 2;
   }
-  // Signals go to the thread that waits for them, not to gRPC's threads.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  const sigset_t stop_signals = block_stop_signals();
   auto be = make_backend();
   if (!be.ok()) return fail(be.status());
   auto loaded = load_model_dir(dir, **be);
@@ -199,7 +218,7 @@ int serve_rollout(const std::vector<char*>& args) {
   auto& [model, vocab] = *loaded;
   r1lab::rollout::ServerOptions opt;
   opt.host = absl::GetFlag(FLAGS_host);
-  opt.port = absl::GetFlag(FLAGS_port);
+  opt.port = absl::GetFlag(FLAGS_port) < 0 ? 50051 : absl::GetFlag(FLAGS_port);
   opt.engine.block_size = absl::GetFlag(FLAGS_block_size);
   opt.engine.cache_bytes = absl::GetFlag(FLAGS_cache_mb) << 20;
   opt.engine.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);
@@ -216,9 +235,37 @@ int serve_rollout(const std::vector<char*>& args) {
               opt.host.c_str(), (*server)->port(), static_cast<long long>(st.blocks_total), st.block_size,
               vocab ? "loaded" : "absent (no stop strings, no text)");
   std::fflush(stdout);
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
-  std::printf("r1lab serve-rollout: signal %d, shutting down\n", sig);
+  std::printf("r1lab serve-rollout: signal %d, shutting down\n", wait_for(stop_signals));
+  (*server)->shutdown();
+  return 0;
+}
+
+int serve_reward(const std::vector<char*>& args) {
+  if (args.size() != 2) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  const sigset_t stop_signals = block_stop_signals();
+  nlohmann::json spec;
+  const std::string path = absl::GetFlag(FLAGS_rewards);
+  if (!path.empty()) {
+    std::ifstream in(path);
+    if (!in) return fail(absl::NotFoundError(absl::StrCat("--rewards: cannot open ", path)));
+    spec = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (spec.is_discarded()) return fail(absl::InvalidArgumentError(absl::StrCat("--rewards: ", path, " is not JSON")));
+  }
+  auto set = r1lab::rewards::RewardSet::make(r1lab::rewards::RewardRegistry::with_builtin_rules(), spec);
+  if (!set.ok()) return fail(set.status());
+  auto shared = std::make_shared<const r1lab::rewards::RewardSet>(std::move(*set));
+  const std::string host = absl::GetFlag(FLAGS_host);
+  const int port = absl::GetFlag(FLAGS_port) < 0 ? 50052 : absl::GetFlag(FLAGS_port);
+  auto server = r1lab::rewards::start_reward_server(shared, host, port);
+  if (!server.ok()) return fail(server.status());
+  std::string names;
+  for (const auto& [name, rule_spec] : shared->list()) absl::StrAppend(&names, names.empty() ? "" : ", ", name);
+  std::printf("r1lab serve-reward: on %s:%d, rewards: %s\n", host.c_str(), (*server)->port(), names.c_str());
+  std::fflush(stdout);
+  std::printf("r1lab serve-reward: signal %d, shutting down\n", wait_for(stop_signals));
   (*server)->shutdown();
   return 0;
 }
@@ -248,6 +295,7 @@ int main(int argc, char** argv) {
   if (cmd == "check-parity") return check_parity(args);
   if (cmd == "generate") return generate(args);
   if (cmd == "serve-rollout") return serve_rollout(args);
+  if (cmd == "serve-reward") return serve_reward(args);
   std::cerr << "r1lab: unknown command '" << cmd << "'\n" << kUsage;
   return 2;
 }
