@@ -22,9 +22,7 @@ absl::StatusOr<std::vector<Completion>> RolloutClient::generate_all(std::vector<
     out.push_back(std::move(c));
     return true;
   }));
-  std::sort(out.begin(), out.end(), [](const Completion& a, const Completion& b) {
-    return std::make_pair(a.group, a.sample) < std::make_pair(b.group, b.sample);
-  });
+  sort_completions(out);
   return out;
 }
 
@@ -67,24 +65,7 @@ class LocalClient final : public RolloutClient {
 
   absl::Status generate(std::vector<GroupRequest> groups,
                         const std::function<bool(Completion&&)>& on_completion) override {
-    CompletionQueue q;
-    R1LAB_ASSIGN_OR_RETURN(uint64_t id, engine_.submit(std::move(groups), q.sink(), q.on_done()));
-    bool cancelled = false;
-    for (;;) {
-      std::deque<Completion> ready;
-      const bool finished =
-          q.take(&ready, engine_.started() ? CompletionQueue::kForever : std::chrono::steady_clock::duration::zero());
-      for (Completion& c : ready) {
-        if (cancelled) continue;
-        if (!on_completion(std::move(c))) {
-          cancelled = true;
-          engine_.cancel(id);
-        }
-      }
-      if (finished) break;
-      if (!engine_.started()) engine_.step();
-    }
-    return absl::OkStatus();
+    return engine_.stream(std::move(groups), on_completion);
   }
 
   absl::Status update_weights(int64_t version, const std::vector<NamedTensor>& tensors) override {

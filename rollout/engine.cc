@@ -206,20 +206,41 @@ bool Engine::step() {
   return step_locked();
 }
 
-absl::StatusOr<std::vector<Completion>> Engine::generate(std::vector<GroupRequest> groups) {
+absl::Status Engine::stream(std::vector<GroupRequest> groups, const std::function<bool(Completion&&)>& on_completion) {
   CompletionQueue q;
-  R1LAB_RETURN_IF_ERROR(submit(std::move(groups), q.sink(), q.on_done()).status());
-  std::deque<Completion> out;
+  R1LAB_ASSIGN_OR_RETURN(uint64_t id, submit(std::move(groups), q.sink(), q.on_done()));
+  bool cancelled = false, idle = false;
   for (;;) {
-    const bool finished = q.take(&out, started() ? CompletionQueue::kForever : Clock::duration::zero());
-    if (finished) break;
-    if (!started()) CHECK(step()) << "engine idle with a request outstanding";
+    std::deque<Completion> ready;
+    const bool finished = q.take(&ready, started() ? CompletionQueue::kForever : Clock::duration::zero());
+    for (Completion& c : ready) {
+      if (cancelled) continue;
+      if (!on_completion(std::move(c))) {
+        cancelled = true;
+        cancel(id);
+      }
+    }
+    if (finished) return absl::OkStatus();
+    // A step with nothing to run may still have ended the request (a cancel): look once more first.
+    CHECK(!idle) << "engine idle with a request outstanding";
+    if (!started()) idle = !step();
   }
-  std::vector<Completion> sorted(std::make_move_iterator(out.begin()), std::make_move_iterator(out.end()));
-  std::sort(sorted.begin(), sorted.end(), [](const Completion& a, const Completion& b) {
+}
+
+absl::StatusOr<std::vector<Completion>> Engine::generate(std::vector<GroupRequest> groups) {
+  std::vector<Completion> out;
+  R1LAB_RETURN_IF_ERROR(stream(std::move(groups), [&](Completion&& c) {
+    out.push_back(std::move(c));
+    return true;
+  }));
+  sort_completions(out);
+  return out;
+}
+
+void sort_completions(std::vector<Completion>& c) {
+  std::sort(c.begin(), c.end(), [](const Completion& a, const Completion& b) {
     return std::make_pair(a.group, a.sample) < std::make_pair(b.group, b.sample);
   });
-  return sorted;
 }
 
 Engine::Sink CompletionQueue::sink() {
@@ -315,10 +336,14 @@ bool Engine::reserve(Sequence& s, int64_t n) {
   return true;
 }
 
+void Engine::drop_cache(Sequence& s) {
+  release_blocks(s);
+  s.computed = 0;
+  s.published = 0;
+}
+
 void Engine::preempt(Sequence* s) {
-  release_blocks(*s);
-  s->computed = 0;
-  s->published = 0;
+  drop_cache(*s);
   ++s->out.preemptions;
   ++counters_.preemptions;
   auto it = std::find_if(running_.begin(), running_.end(), [&](const auto& p) { return p.get() == s; });
@@ -341,8 +366,6 @@ void Engine::match_prefix(Sequence& s) {
   }
   s.computed = static_cast<int64_t>(s.blocks.size()) * bs;
   s.published = static_cast<int64_t>(s.blocks.size());
-  counters_.prefix_hit_tokens += s.computed;
-  if (!s.scheduled) s.out.cached_prompt_tokens = std::min(s.computed, s.prompt_len);
 }
 
 void Engine::publish_full_blocks(Sequence& s, int64_t upto) {
@@ -400,13 +423,13 @@ bool Engine::step_locked() {
     if (opt_.prefix_cache) match_prefix(s);
     const int64_t n = std::min<int64_t>(static_cast<int64_t>(s.tokens.size()) - s.computed, budget);
     if (!reserve(s, n)) {
-      release_blocks(s);
-      s.computed = 0;
-      s.published = 0;
+      drop_cache(s);  // matched blocks too: waiting sequences hold none
       break;
     }
+    counters_.prefix_hit_tokens += s.computed;  // what the prefix cache saved this admission
     if (opt_.prefix_cache) publish_full_blocks(s, s.computed + n);
     if (!s.scheduled) {
+      s.out.cached_prompt_tokens = std::min(s.computed, s.prompt_len);
       s.scheduled = true;
       s.out.queue_seconds = seconds_since(s.req->submitted);
     }

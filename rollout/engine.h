@@ -125,8 +125,11 @@ class Engine {
   void stop();
   // One step on the caller's thread (only when not started). False when there was nothing to run.
   bool step();
-  // Submits and waits for every completion, returned in (group, sample) order. Without start(), the
+  // Submits and hands each completion to on_completion on the caller's thread as it finishes; returning
+  // false cancels the rest (not delivered). Returns when the request has ended. Without start(), the
   // caller's thread runs the steps.
+  absl::Status stream(std::vector<GroupRequest> groups, const std::function<bool(Completion&&)>& on_completion);
+  // Every completion, in (group, sample) order.
   absl::StatusOr<std::vector<Completion>> generate(std::vector<GroupRequest> groups);
 
  private:
@@ -146,6 +149,8 @@ class Engine {
   void sample_next(Sequence* s, const float* logits);
   void finish(Sequence* s, FinishReason reason);
   void release_blocks(Sequence& s);
+  // Gives the blocks back and forgets what was computed (recomputed from the tokens when rescheduled).
+  void drop_cache(Sequence& s);
   void loop();
   void publish_stats();  // under step_mu_
 
@@ -176,6 +181,9 @@ class Engine {
   std::atomic<int> updates_waiting_{0};  // the loop steps aside for them
   std::thread thread_;
 };
+
+// Orders completions by (group, sample).
+void sort_completions(std::vector<Completion>& completions);
 
 // The completions of one submitted request, handed from the thread that runs the engine's steps to the
 // thread that consumes them:  CompletionQueue q; engine.submit(groups, q.sink(), q.on_done());
