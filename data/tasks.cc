@@ -1,6 +1,9 @@
 #include "data/tasks.h"
 
+#include <algorithm>
 #include <random>
+
+#include "core/check.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -29,11 +32,16 @@ int64_t pow10(int d) {
 
 Problem arithmetic_problem(const ArithmeticOptions& o, uint64_t seed, int64_t index) {
   auto r = rng_for(seed, index, 1);
-  const int op = static_cast<int>(uniform(r, 0, 2));
-  const int digits = op == 2 ? std::min(o.max_digits, 2) : o.max_digits;
-  auto operand = [&] { return uniform(r, 1, pow10(static_cast<int>(uniform(r, 1, digits))) - 1); };
+  CHECK(!o.ops.empty() && o.ops.find_first_not_of("+-*") == std::string::npos) << "arithmetic ops: " << o.ops;
+  const char sym = o.ops[static_cast<size_t>(uniform(r, 0, static_cast<int64_t>(o.ops.size()) - 1))];
+  const int op = sym == '+' ? 0 : sym == '-' ? 1 : 2;
+  const int hi = op == 2 ? std::min(o.max_digits, 2) : o.max_digits;
+  const int lo = std::min(o.min_digits, hi);
+  auto operand = [&] {
+    const int d = static_cast<int>(uniform(r, lo, hi));
+    return uniform(r, d == 1 ? 1 : pow10(d - 1), pow10(d) - 1);
+  };
   const int64_t a = operand(), b = operand();
-  const char sym = "+-*"[op];
   const int64_t value = op == 0 ? a + b : op == 1 ? a - b : a * b;
   Problem p;
   p.task = "arithmetic";
@@ -99,20 +107,52 @@ Problem countdown_problem(const CountdownOptions& o, uint64_t seed, int64_t inde
 }
 
 absl::StatusOr<std::vector<Problem>> make_problems(const std::string& task, uint64_t seed, int64_t first,
-                                                   int64_t n) {
+                                                   int64_t n, const TaskOptions& options) {
   if (n < 0 || first < 0) return absl::InvalidArgumentError("make_problems: negative index or count");
   std::vector<Problem> out;
   out.reserve(static_cast<size_t>(n));
   for (int64_t i = first; i < first + n; ++i) {
     if (task == "arithmetic") {
-      out.push_back(arithmetic_problem({}, seed, i));
+      out.push_back(arithmetic_problem(options.arithmetic, seed, i));
     } else if (task == "countdown") {
-      out.push_back(countdown_problem({}, seed, i));
+      out.push_back(countdown_problem(options.countdown, seed, i));
     } else {
       return absl::InvalidArgumentError(absl::StrCat("unknown task '", task, "' (arithmetic, countdown)"));
     }
   }
   return out;
+}
+
+absl::StatusOr<std::string> worked_solution(const Problem& p, bool slip, uint64_t seed) {
+  if (p.task != "arithmetic" || !p.meta.is_object() || p.meta.value("op", "") != "+")
+    return absl::UnimplementedError(absl::StrCat("worked solutions exist for additions only, not for '", p.question, "'"));
+  const int64_t a = p.meta.value("a", int64_t{-1}), b = p.meta.value("b", int64_t{-1});
+  if (a < 0 || b < 0) return absl::InvalidArgumentError(absl::StrCat("worked_solution: bad operands in ", p.meta.dump()));
+  const std::string sa = absl::StrCat(a), sb = absl::StrCat(b);
+  const size_t columns = std::max(sa.size(), sb.size());
+  auto rng = rng_for(seed, a * 100003 + b, 3);
+  const size_t slipped = slip ? static_cast<size_t>(uniform(rng, 0, static_cast<int64_t>(columns) - 1)) : columns;
+  std::vector<std::string> steps;
+  std::string digits;  // result digits, least significant first
+  int carry = 0;
+  for (size_t c = 0; c < columns; ++c) {
+    const int da = c < sa.size() ? sa[sa.size() - 1 - c] - '0' : -1;
+    const int db = c < sb.size() ? sb[sb.size() - 1 - c] - '0' : -1;
+    int sum = std::max(da, 0) + std::max(db, 0) + carry;
+    if (c == slipped) sum = sum == 0 ? 1 : sum + (uniform(rng, 0, 1) ? 1 : -1);
+    std::string step;
+    for (int d : {da, db}) {
+      if (d < 0) continue;
+      step = step.empty() ? absl::StrCat(d) : absl::StrCat(step, "+", d);
+    }
+    if (carry) step = absl::StrCat(step, "+", carry);
+    steps.push_back(absl::StrCat(step, "=", sum));
+    digits.push_back(static_cast<char>('0' + sum % 10));
+    carry = sum / 10;
+  }
+  if (carry) digits.push_back(static_cast<char>('0' + carry));
+  std::reverse(digits.begin(), digits.end());
+  return absl::StrCat(" <think>", absl::StrJoin(steps, " "), "</think> <answer>", digits, "</answer>");
 }
 
 std::string r1_zero_prompt(const std::string& question) {
