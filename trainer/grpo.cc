@@ -7,7 +7,7 @@ namespace r1lab::trainer {
 
 double grpo_loss(const GrpoConfig& cfg, const core::Tensor& logp, const core::Tensor& old_logp,
                  const core::Tensor& ref_logp, const core::Tensor& advantages, const core::Tensor& mask,
-                 core::Tensor* dlogp) {
+                 core::Tensor* dlogp, const GrpoNormaliser& norm, GrpoTokenStats* stats) {
   const int64_t b = logp.size(0), t = logp.size(1);
   CHECK(old_logp.shape() == logp.shape() && ref_logp.shape() == logp.shape() && mask.shape() == logp.shape());
   CHECK_EQ(advantages.numel(), b);
@@ -19,13 +19,15 @@ double grpo_loss(const GrpoConfig& cfg, const core::Tensor& logp, const core::Te
   float* d = dlogp ? dlogp->f32() : nullptr;
   double total_mask = 0;
   for (int64_t i = 0; i < b * t; ++i) total_mask += mk[i];
+  if (norm.tokens > 0) total_mask = norm.tokens;
+  const double sequences = norm.sequences > 0 ? static_cast<double>(norm.sequences) : static_cast<double>(b);
   double loss = 0;
   for (int64_t s = 0; s < b; ++s) {
     double seq_mask = 0;
     for (int64_t j = 0; j < t; ++j) seq_mask += mk[s * t + j];
     double weight;  // d loss / d per-token term, for unmasked tokens
     if (cfg.aggregation == GrpoConfig::Aggregation::kSequenceMean) {
-      weight = seq_mask > 0 ? 1.0 / (seq_mask * static_cast<double>(b)) : 0.0;
+      weight = seq_mask > 0 ? 1.0 / (seq_mask * sequences) : 0.0;
     } else {
       weight = total_mask > 0 ? 1.0 / total_mask : 0.0;
     }
@@ -44,10 +46,36 @@ double grpo_loss(const GrpoConfig& cfg, const core::Tensor& logp, const core::Te
       const double kl = std::exp(diff) - diff - 1.0;
       const double dkl = -std::exp(diff) + 1.0;
       loss += weight * mk[i] * (pg + cfg.kl_beta * kl);
+      if (stats != nullptr && mk[i] > 0) {
+        stats->tokens += mk[i];
+        stats->kl += mk[i] * kl;
+        stats->ratio += mk[i] * ratio;
+        if ((a > 0 && ratio > 1.0 + cfg.clip_eps_high) || (a < 0 && ratio < 1.0 - cfg.clip_eps_low)) stats->clipped += mk[i];
+      }
       if (d) d[i] = static_cast<float>(weight * mk[i] * (dpg + cfg.kl_beta * dkl));
     }
   }
   return loss;
+}
+
+std::vector<float> group_advantages(const std::vector<double>& rewards, int group_size, bool scale_by_std,
+                                    double eps) {
+  CHECK(group_size > 0 && rewards.size() % static_cast<size_t>(group_size) == 0)
+      << rewards.size() << " rewards in groups of " << group_size;
+  std::vector<float> adv(rewards.size(), 0.0f);
+  const size_t g = static_cast<size_t>(group_size);
+  for (size_t start = 0; start < rewards.size(); start += g) {
+    double mean = 0;
+    for (size_t i = 0; i < g; ++i) mean += rewards[start + i];
+    mean /= static_cast<double>(g);
+    double var = 0;
+    for (size_t i = 0; i < g; ++i) var += (rewards[start + i] - mean) * (rewards[start + i] - mean);
+    const double std = g > 1 ? std::sqrt(var / static_cast<double>(g - 1)) : 0.0;
+    if (std == 0.0) continue;  // every sample alike: nothing to prefer
+    for (size_t i = 0; i < g; ++i)
+      adv[start + i] = static_cast<float>(scale_by_std ? (rewards[start + i] - mean) / (std + eps) : rewards[start + i] - mean);
+  }
+  return adv;
 }
 
 }  // namespace r1lab::trainer

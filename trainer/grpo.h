@@ -5,6 +5,8 @@
 //          Σ_bt mask·(pg + β·kl) / Σ_bt mask            (kTokenMean).
 #pragma once
 
+#include <vector>
+
 #include "core/tensor.h"
 
 namespace r1lab::trainer {
@@ -17,10 +19,32 @@ struct GrpoConfig {
   Aggregation aggregation = Aggregation::kSequenceMean;
 };
 
-// logp, old_logp, ref_logp, mask: host f32 [B, T]; advantages: [B]. Returns the loss; when dlogp is
-// given (host f32 [B, T]) it is overwritten with d loss / d logp.
+// What a batch's loss is normalised by when it is computed a micro-batch at a time: the whole batch's
+// number of sequences (kSequenceMean) or of unmasked tokens (kTokenMean). Zero: this call's own.
+struct GrpoNormaliser {
+  int64_t sequences = 0;
+  double tokens = 0;
+};
+// Sums over the unmasked tokens of one call, for logging.
+struct GrpoTokenStats {
+  double tokens = 0;
+  double kl = 0;            // Σ k3
+  double clipped = 0;       // tokens whose ratio is outside the clip range on the side that binds
+  double ratio = 0;         // Σ ratio
+};
+
+// logp, old_logp, ref_logp, mask: host f32 [B, T]; advantages: [B]. Returns the loss (this call's
+// share of the batch's when `norm` names the batch); when dlogp is given (host f32 [B, T]) it is
+// overwritten with d loss / d logp.
 double grpo_loss(const GrpoConfig& cfg, const core::Tensor& logp, const core::Tensor& old_logp,
                  const core::Tensor& ref_logp, const core::Tensor& advantages, const core::Tensor& mask,
-                 core::Tensor* dlogp);
+                 core::Tensor* dlogp, const GrpoNormaliser& norm = {}, GrpoTokenStats* stats = nullptr);
+
+// Group-relative advantages: rewards come in groups of `group_size` consecutive samples of one prompt;
+// A_i = (r_i - mean_group) / (std_group + eps) (GRPO; std is the sample standard deviation, as TRL's),
+// or r_i - mean_group when scale_by_std is false (Dr. GRPO). A group whose rewards are all equal gets
+// zeros.
+std::vector<float> group_advantages(const std::vector<double>& rewards, int group_size, bool scale_by_std = true,
+                                    double eps = 1e-4);
 
 }  // namespace r1lab::trainer

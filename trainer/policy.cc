@@ -1,0 +1,205 @@
+#include "trainer/policy.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace r1lab::trainer {
+namespace {
+
+using core::Tensor;
+
+// One micro-batch laid out for the model: tokens [B, T] right-padded; row i*T + j predicts token j + 1
+// of sequence i; completion rows are j in [prompt_len - 1, len - 2].
+struct Packed {
+  int64_t b = 0, t = 0;
+  Tensor tokens;   // host I32 [B, T]
+  Tensor targets;  // host I32 [B*T]
+  std::vector<size_t> index;  // batch position of each row
+};
+
+Packed pack(const std::vector<TrainSequence>& batch, size_t begin, size_t end) {
+  Packed p;
+  p.b = static_cast<int64_t>(end - begin);
+  for (size_t i = begin; i < end; ++i) {
+    const TrainSequence& s = batch[i];
+    CHECK(s.prompt_len >= 1 && s.prompt_len <= static_cast<int32_t>(s.tokens.size()))
+        << "sequence " << i << ": prompt_len " << s.prompt_len << " of " << s.tokens.size() << " tokens";
+    p.t = std::max<int64_t>(p.t, static_cast<int64_t>(s.tokens.size()));
+    p.index.push_back(i);
+  }
+  p.tokens = Tensor::zeros({p.b, p.t}, core::DType::kI32);
+  p.targets = Tensor::zeros({p.b * p.t}, core::DType::kI32);
+  int32_t* tok = p.tokens.data<int32_t>();
+  int32_t* tg = p.targets.data<int32_t>();
+  for (int64_t r = 0; r < p.b; ++r) {
+    const auto& s = batch[p.index[static_cast<size_t>(r)]].tokens;
+    for (size_t j = 0; j < s.size(); ++j) tok[r * p.t + static_cast<int64_t>(j)] = s[j];
+    for (size_t j = 0; j + 1 < s.size(); ++j) tg[r * p.t + static_cast<int64_t>(j)] = s[j + 1];
+  }
+  return p;
+}
+
+int64_t completion_len(const TrainSequence& s) { return static_cast<int64_t>(s.tokens.size()) - s.prompt_len; }
+
+// Logprobs of the targets, [B*T] host, and the backend tensors backward needs.
+struct MicroForward {
+  model::ForwardState state;
+  Tensor logits, targets, lse;
+  Tensor lp_host;
+};
+
+MicroForward run_forward(model::Model& m, const Packed& p, bool keep_state) {
+  core::Backend& be = m.backend();
+  MicroForward f;
+  f.logits = m.forward(p.tokens, keep_state ? &f.state : nullptr);
+  const int64_t rows = p.b * p.t;
+  f.targets = be.zeros({rows}, core::DType::kI32);
+  be.upload(p.targets, f.targets);
+  Tensor lp = be.zeros({rows});
+  f.lse = be.zeros({rows});
+  be.logprobs_forward(f.logits, f.targets, lp, f.lse);
+  f.lp_host = be.download(lp);
+  return f;
+}
+
+// Mean entropy over the completion rows of a micro-batch (summed, with the row count).
+double entropy_sum(core::Backend& be, const Tensor& logits, const Tensor& lse, const Packed& p,
+                   const std::vector<TrainSequence>& batch) {
+  const Tensor lg = be.download(logits), ls = be.download(lse);
+  const int64_t v = lg.size(1);
+  double sum = 0;
+  for (int64_t r = 0; r < p.b; ++r) {
+    const TrainSequence& s = batch[p.index[static_cast<size_t>(r)]];
+    for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j) {
+      const float* row = lg.f32() + (r * p.t + j) * v;
+      const double l = ls.f32()[r * p.t + j];
+      double h = 0;
+      for (int64_t k = 0; k < v; ++k) {
+        const double lpk = row[k] - l;
+        h -= std::exp(lpk) * lpk;
+      }
+      sum += h;
+    }
+  }
+  return sum;
+}
+
+}  // namespace
+
+std::vector<std::vector<float>> completion_logprobs(model::Model& model, const std::vector<TrainSequence>& batch,
+                                                    int micro_batch) {
+  CHECK(micro_batch > 0);
+  std::vector<std::vector<float>> out(batch.size());
+  for (size_t begin = 0; begin < batch.size(); begin += static_cast<size_t>(micro_batch)) {
+    const size_t end = std::min(batch.size(), begin + static_cast<size_t>(micro_batch));
+    const Packed p = pack(batch, begin, end);
+    const MicroForward f = run_forward(model, p, /*keep_state=*/false);
+    for (int64_t r = 0; r < p.b; ++r) {
+      const TrainSequence& s = batch[p.index[static_cast<size_t>(r)]];
+      auto& lp = out[p.index[static_cast<size_t>(r)]];
+      for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j)
+        lp.push_back(f.lp_host.f32()[r * p.t + j]);
+    }
+  }
+  return out;
+}
+
+GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const std::vector<TrainSequence>& batch,
+                             int micro_batch) {
+  CHECK(micro_batch > 0);
+  core::Backend& be = model.backend();
+  model.zero_grads();
+  GrpoNormaliser norm;
+  norm.sequences = static_cast<int64_t>(batch.size());
+  for (const TrainSequence& s : batch) {
+    const size_t n = static_cast<size_t>(completion_len(s));
+    CHECK(s.old_logprobs.size() == n) << "old_logprobs: " << s.old_logprobs.size() << " for " << n << " tokens";
+    CHECK(cfg.kl_beta == 0.0f || s.ref_logprobs.size() == n) << "ref_logprobs: " << s.ref_logprobs.size() << " for " << n;
+    norm.tokens += static_cast<double>(n);
+  }
+  GrpoStepStats st;
+  GrpoTokenStats ts;
+  double entropy = 0;
+  for (size_t begin = 0; begin < batch.size(); begin += static_cast<size_t>(micro_batch)) {
+    const size_t end = std::min(batch.size(), begin + static_cast<size_t>(micro_batch));
+    const Packed p = pack(batch, begin, end);
+    MicroForward f = run_forward(model, p, /*keep_state=*/true);
+    const int64_t rows = p.b * p.t;
+    // The loss's [B, T] views: every row, masked to completion rows.
+    Tensor logp = Tensor::zeros({p.b, p.t}), old = Tensor::zeros({p.b, p.t}), ref = Tensor::zeros({p.b, p.t});
+    Tensor mask = Tensor::zeros({p.b, p.t}), adv = Tensor::zeros({p.b});
+    std::copy(f.lp_host.f32(), f.lp_host.f32() + rows, logp.f32());
+    for (int64_t r = 0; r < p.b; ++r) {
+      const TrainSequence& s = batch[p.index[static_cast<size_t>(r)]];
+      adv.f32()[r] = s.advantage;
+      for (int64_t k = 0; k < completion_len(s); ++k) {
+        const int64_t i = r * p.t + s.prompt_len - 1 + k;
+        mask.f32()[i] = 1.0f;
+        old.f32()[i] = s.old_logprobs[static_cast<size_t>(k)];
+        ref.f32()[i] = cfg.kl_beta == 0.0f ? logp.f32()[i] : s.ref_logprobs[static_cast<size_t>(k)];
+      }
+    }
+    Tensor dlogp = Tensor::zeros({p.b, p.t});
+    st.loss += grpo_loss(cfg, logp, old, ref, adv, mask, &dlogp, norm, &ts);
+    entropy += entropy_sum(be, f.logits, f.lse, p, batch);
+    Tensor dlp = be.zeros({rows}), dlogits = be.zeros({rows, model.config().vocab_size});
+    be.upload(dlogp.view({rows}), dlp);
+    be.logprobs_backward(dlp, f.logits, f.targets, f.lse, dlogits);
+    model.backward(f.state, dlogits);
+  }
+  st.tokens = static_cast<int64_t>(ts.tokens);
+  if (ts.tokens > 0) {
+    st.kl = ts.kl / ts.tokens;
+    st.clip_fraction = ts.clipped / ts.tokens;
+    st.ratio = ts.ratio / ts.tokens;
+    st.entropy = entropy / ts.tokens;
+  }
+  return st;
+}
+
+GrpoStepStats grpo_step(model::Model& model, AdamW& opt, const GrpoConfig& cfg,
+                        const std::vector<TrainSequence>& batch, int micro_batch) {
+  GrpoStepStats st = grpo_gradients(model, cfg, batch, micro_batch);
+  st.opt = opt.step(model.params(), model.grads());
+  return st;
+}
+
+SftStepStats sft_step(model::Model& model, AdamW& opt, const std::vector<TrainSequence>& batch, int micro_batch) {
+  CHECK(micro_batch > 0);
+  core::Backend& be = model.backend();
+  model.zero_grads();
+  double total = 0;
+  for (const TrainSequence& s : batch) total += static_cast<double>(completion_len(s));
+  SftStepStats st;
+  if (total == 0) return st;
+  double correct = 0;
+  for (size_t begin = 0; begin < batch.size(); begin += static_cast<size_t>(micro_batch)) {
+    const size_t end = std::min(batch.size(), begin + static_cast<size_t>(micro_batch));
+    const Packed p = pack(batch, begin, end);
+    MicroForward f = run_forward(model, p, /*keep_state=*/true);
+    const int64_t rows = p.b * p.t;
+    const int64_t v = model.config().vocab_size;
+    Tensor dlp_host = Tensor::zeros({rows});
+    const Tensor lg = be.download(f.logits);
+    for (int64_t r = 0; r < p.b; ++r) {
+      const TrainSequence& s = batch[p.index[static_cast<size_t>(r)]];
+      for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j) {
+        const int64_t i = r * p.t + j;
+        st.loss -= f.lp_host.f32()[i] / total;
+        dlp_host.f32()[i] = static_cast<float>(-1.0 / total);
+        const float* row = lg.f32() + i * v;
+        correct += (std::max_element(row, row + v) - row) == p.targets.data<int32_t>()[i];
+      }
+    }
+    Tensor dlp = be.zeros({rows}), dlogits = be.zeros({rows, v});
+    be.upload(dlp_host, dlp);
+    be.logprobs_backward(dlp, f.logits, f.targets, f.lse, dlogits);
+    model.backward(f.state, dlogits);
+  }
+  st.tokens = static_cast<int64_t>(total);
+  st.token_accuracy = correct / total;
+  st.opt = opt.step(model.params(), model.grads());
+  return st;
+}
+
+}  // namespace r1lab::trainer
