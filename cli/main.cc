@@ -26,6 +26,8 @@
 #include "rollout/service.h"
 #include "rewards/service.h"
 #include "trainer/parity.h"
+#include "run/recipe.h"
+#include "run/stages.h"
 
 ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda");
 ABSL_FLAG(std::string, reference, "", "check-parity: reference tensors (default FIXTURE_DIR/reference.safetensors)");
@@ -49,6 +51,7 @@ ABSL_FLAG(int, block_size, 16, "serve-rollout: tokens per latent-cache block");
 ABSL_FLAG(int64_t, cache_mb, 256, "serve-rollout: latent-cache size in MiB");
 ABSL_FLAG(int64_t, max_tokens_per_step, 1024, "serve-rollout: prefill + decode tokens per engine step");
 ABSL_FLAG(int64_t, max_running, 256, "serve-rollout: sequences decoded together at most");
+ABSL_FLAG(std::string, out, "", "pretrain-base: the model directory to write");
 ABSL_FLAG(bool, prefix_cache, true, "serve-rollout: reuse cached prompt prefixes across requests");
 
 namespace {
@@ -270,6 +273,51 @@ int serve_reward(const std::vector<char*>& args) {
   return 0;
 }
 
+int pretrain_base(const std::vector<char*>& args) {
+  if (args.size() < 3 || absl::GetFlag(FLAGS_out).empty()) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  auto recipe = r1lab::run::load_recipe(args[2], std::vector<std::string>(args.begin() + 3, args.end()));
+  if (!recipe.ok()) return fail(recipe.status());
+  const std::string out = absl::GetFlag(FLAGS_out);
+  const int64_t every = std::max<int64_t>(1, recipe->pretrain.steps / 20);
+  auto st = r1lab::run::pretrain_base(recipe->task, recipe->pretrain, out,
+                                      [&](int64_t step, const r1lab::trainer::SftStepStats& s, double secs) {
+                                        if ((step + 1) % every && step + 1 != recipe->pretrain.steps) return;
+                                        std::printf("pretrain %5lld  loss %.4f  token acc %.3f  grad %.3f  lr %.2e  %.1fs\n",
+                                                    static_cast<long long>(step + 1), s.loss, s.token_accuracy,
+                                                    s.opt.grad_norm, s.opt.lr, secs);
+                                        std::fflush(stdout);
+                                      });
+  if (!st.ok()) return fail(st);
+  auto be = r1lab::core::make_cpu_backend();
+  auto m = r1lab::model::Model::load(out, *be);
+  if (!m.ok()) return fail(m.status());
+  const r1lab::data::Tokenizer tok = r1lab::data::Tokenizer::builtin();
+  r1lab::rollout::EngineOptions eo;
+  eo.cache_bytes = recipe->rollout_cache_mb << 20;
+  r1lab::rollout::Engine engine(**m, eo);
+  auto rollout = r1lab::rollout::make_local_client(engine, out);
+  auto set = r1lab::rewards::RewardSet::make(r1lab::rewards::RewardRegistry::with_builtin_rules(), recipe->rewards_file());
+  if (!set.ok()) return fail(set.status());
+  auto rewards = r1lab::rewards::make_local_reward_client(std::make_shared<const r1lab::rewards::RewardSet>(*std::move(set)));
+  auto problems = r1lab::data::make_problems(recipe->task.task, recipe->task.eval_seed, 0, recipe->eval.problems,
+                                             recipe->task.options);
+  if (!problems.ok()) return fail(problems.status());
+  r1lab::rollout::SamplingParams sp;
+  sp.temperature = static_cast<float>(recipe->eval.temperature);
+  sp.max_new_tokens = recipe->eval.max_new_tokens;
+  sp.seed = recipe->task.eval_seed;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto ev = r1lab::run::evaluate(*rollout, *rewards, recipe->reward_name, tok, *problems, recipe->eval.samples, sp);
+  if (!ev.ok()) return fail(ev.status());
+  std::printf("held-out: accuracy %.1f%%  format %.1f%%  length %.1f  (%lld samples, %.1fs)\n", 100 * ev->accuracy,
+              100 * ev->format_rate, ev->mean_length, static_cast<long long>(ev->samples),
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -296,6 +344,7 @@ int main(int argc, char** argv) {
   if (cmd == "generate") return generate(args);
   if (cmd == "serve-rollout") return serve_rollout(args);
   if (cmd == "serve-reward") return serve_reward(args);
+  if (cmd == "pretrain-base") return pretrain_base(args);
   std::cerr << "r1lab: unknown command '" << cmd << "'\n" << kUsage;
   return 2;
 }

@@ -1,0 +1,61 @@
+// A run's recipe: a YAML file (recipes/*.yaml) with `key=value` overrides from the command line (dotted
+// keys: rl.steps=20, pretrain.lr=3e-3). Every key is checked: an unknown one (a typo) or a value of the
+// wrong type is an error naming it, never silently ignored.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+#include "run/stages.h"
+#include "trainer/grpo.h"
+
+namespace r1lab::run {
+
+struct RlOptions {
+  int64_t steps = 60;
+  int prompts_per_step = 16;
+  int group_size = 8;
+  int max_new_tokens = 48;
+  double temperature = 1.0;
+  int micro_batch = 64;
+  trainer::GrpoConfig grpo;
+  bool scale_by_std = true;  // false: Dr. GRPO advantages
+  trainer::AdamWConfig adam;
+  int log_samples = 4;        // completions stored per step
+};
+
+struct EvalOptions {
+  int problems = 200;
+  int samples = 4;  // per problem
+  double temperature = 1.0;
+  int max_new_tokens = 48;
+  int every = 0;  // RL steps between held-out evaluations (0: before and after only)
+};
+
+struct Recipe {
+  std::string name = "run";
+  TaskSpec task;
+  PretrainOptions pretrain;
+  RlOptions rl;
+  EvalOptions eval;
+  std::string reward_name = "r1";
+  nlohmann::json reward_spec;  // [{"name": rule, "weight": w, "params": {...}}, ...]
+  std::string runs_dir = "runs";
+  std::string base_model;  // a model directory to start from instead of pretrain_base
+  int64_t rollout_cache_mb = 64;
+  nlohmann::json source;   // the resolved recipe, as stored with the run
+
+  // The rewards file serve-reward takes: {reward_name: reward_spec}.
+  nlohmann::json rewards_file() const { return {{reward_name, reward_spec}}; }
+};
+
+// YAML text -> JSON (scalars typed as YAML 1.2 core: null, bools, ints, floats, else strings).
+absl::StatusOr<nlohmann::json> yaml_to_json(const std::string& yaml_text);
+// Applies "a.b.c=value" overrides (value read as a YAML scalar or flow collection).
+absl::Status apply_overrides(nlohmann::json& doc, const std::vector<std::string>& overrides);
+absl::StatusOr<Recipe> recipe_from_json(const nlohmann::json& doc);
+absl::StatusOr<Recipe> load_recipe(const std::string& path, const std::vector<std::string>& overrides);
+
+}  // namespace r1lab::run

@@ -1,0 +1,168 @@
+#include "run/stages.h"
+
+#include <chrono>
+#include <filesystem>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "core/backend.h"
+#include "model/model.h"
+
+namespace r1lab::run {
+
+model::ModelConfig tiny_config(const TinyModelOptions& o, const data::Tokenizer& tok) {
+  model::ModelConfig c;
+  c.vocab_size = tok.size();
+  c.hidden_size = o.hidden;
+  c.intermediate_size = o.intermediate;
+  c.moe_intermediate_size = o.moe_intermediate;
+  c.num_hidden_layers = o.layers;
+  c.first_k_dense_replace = o.layers > 1 ? 1 : 0;
+  c.num_attention_heads = o.heads;
+  c.q_lora_rank = o.q_lora_rank;
+  c.kv_lora_rank = o.kv_lora_rank;
+  c.qk_nope_head_dim = o.qk_nope_head_dim;
+  c.qk_rope_head_dim = o.qk_rope_head_dim;
+  c.v_head_dim = o.v_head_dim;
+  c.n_routed_experts = o.routed_experts;
+  c.n_shared_experts = o.shared_experts;
+  c.num_experts_per_tok = o.experts_per_token;
+  c.n_group = o.groups;
+  c.topk_group = o.topk_groups;
+  c.routed_scaling_factor = 1.0;
+  c.max_position_embeddings = o.max_positions;
+  c.bos_token_id = tok.bos();
+  c.eos_token_id = tok.eos();
+  return c;
+}
+
+absl::StatusOr<trainer::TrainSequence> worked_example(const data::Tokenizer& tok, const data::Problem& p, bool slip,
+                                                      uint64_t seed) {
+  auto solution = data::worked_solution(p, slip, seed);
+  if (!solution.ok()) return solution.status();
+  auto prompt = tok.encode(data::r1_zero_prompt(p.question));
+  if (!prompt.ok()) return prompt.status();
+  auto completion = tok.encode(*solution);
+  if (!completion.ok()) return completion.status();
+  trainer::TrainSequence s;
+  s.tokens.push_back(tok.bos());
+  s.tokens.insert(s.tokens.end(), prompt->begin(), prompt->end());
+  s.prompt_len = static_cast<int32_t>(s.tokens.size());
+  s.tokens.insert(s.tokens.end(), completion->begin(), completion->end());
+  s.tokens.push_back(tok.eos());
+  return s;
+}
+
+absl::Status pretrain_base(const TaskSpec& task, const PretrainOptions& o, const std::string& out_dir,
+                           const SftProgress& progress) {
+  if (o.steps <= 0 || o.batch <= 0 || o.micro_batch <= 0)
+    return absl::InvalidArgumentError("pretrain_base: steps, batch and micro_batch must be positive");
+  if (o.slip_fraction < 0 || o.slip_fraction > 1)
+    return absl::InvalidArgumentError("pretrain_base: slip_fraction must be in [0, 1]");
+  const data::Tokenizer tok = data::Tokenizer::builtin();
+  const model::ModelConfig cfg = tiny_config(o.model, tok);
+  if (auto st = cfg.validate(); !st.ok()) return st;
+  auto be = core::make_cpu_backend();
+  model::Model m(cfg, *be);
+  m.init_random(o.seed, 0.02f);
+  trainer::AdamWConfig adam = o.adam;
+  adam.total_steps = o.steps;
+  trainer::AdamW opt(m.params(), adam);
+  std::mt19937_64 rng(o.seed);
+  std::bernoulli_distribution slip(o.slip_fraction);
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t next_problem = 0;
+  for (int64_t step = 0; step < o.steps; ++step) {
+    auto problems = data::make_problems(task.task, task.base_seed, next_problem, o.batch, task.options);
+    if (!problems.ok()) return problems.status();
+    next_problem += o.batch;
+    std::vector<trainer::TrainSequence> batch;
+    for (const data::Problem& p : *problems) {
+      auto ex = worked_example(tok, p, slip(rng), rng());
+      if (!ex.ok()) return ex.status();
+      if (static_cast<int>(ex->tokens.size()) > cfg.max_position_embeddings)
+        return absl::InvalidArgumentError(absl::StrCat("pretrain_base: an example of ", ex->tokens.size(),
+                                                       " tokens exceeds the model's ", cfg.max_position_embeddings));
+      batch.push_back(*std::move(ex));
+    }
+    const trainer::SftStepStats st = trainer::sft_step(m, opt, batch, o.micro_batch);
+    if (progress)
+      progress(step, st, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  if (auto st = m.save(out_dir); !st.ok()) return st;
+  return tok.save(out_dir + "/tokenizer.json");
+}
+
+absl::StatusOr<std::vector<Scored>> score(rewards::RewardClient& rewards, const std::string& reward,
+                                          const std::vector<data::Problem>& problems, int per_problem,
+                                          const std::vector<std::string>& completions) {
+  if (completions.size() != problems.size() * static_cast<size_t>(per_problem))
+    return absl::InternalError(absl::StrCat(completions.size(), " completions for ", problems.size(), " problems x ",
+                                            per_problem));
+  std::vector<rewards::Sample> samples;
+  samples.reserve(completions.size());
+  for (size_t i = 0; i < completions.size(); ++i) {
+    const data::Problem& p = problems[i / static_cast<size_t>(per_problem)];
+    samples.push_back({data::r1_zero_prompt(p.question), completions[i], p.answer, p.task, p.meta});
+  }
+  auto scores = rewards.score(reward, samples);
+  if (!scores.ok()) return scores.status();
+  std::vector<Scored> out;
+  for (const rewards::Score& s : *scores) {
+    Scored x;
+    x.reward = s.value;
+    for (const char* answer_rule : {"answer_match", "countdown"}) {
+      auto it = s.components.find(answer_rule);
+      if (it != s.components.end() && it->second >= 1.0) x.correct = true;
+    }
+    auto f = s.components.find("format");
+    x.formatted = f != s.components.end() && f->second >= 1.0;
+    out.push_back(x);
+  }
+  return out;
+}
+
+absl::StatusOr<EvalResult> evaluate(rollout::RolloutClient& rollout, rewards::RewardClient& rewards,
+                                    const std::string& reward, const data::Tokenizer& tok,
+                                    const std::vector<data::Problem>& problems, int per_problem,
+                                    const rollout::SamplingParams& params) {
+  std::vector<rollout::GroupRequest> groups;
+  for (const data::Problem& p : problems) {
+    auto ids = tok.encode(data::r1_zero_prompt(p.question));
+    if (!ids.ok()) return ids.status();
+    rollout::GroupRequest g;
+    g.prompt.push_back(tok.bos());
+    g.prompt.insert(g.prompt.end(), ids->begin(), ids->end());
+    g.num_samples = per_problem;
+    g.params = params;
+    g.params.logprobs = false;
+    groups.push_back(std::move(g));
+  }
+  auto done = rollout.generate_all(std::move(groups));
+  if (!done.ok()) return done.status();
+  std::vector<std::string> texts;
+  EvalResult r;
+  for (const rollout::Completion& c : *done) {
+    auto text = tok.decode(c.tokens);
+    if (!text.ok()) return text.status();
+    texts.push_back(*std::move(text));
+    r.mean_length += static_cast<double>(c.tokens.size());
+  }
+  auto scored = score(rewards, reward, problems, per_problem, texts);
+  if (!scored.ok()) return scored.status();
+  for (const Scored& s : *scored) {
+    r.accuracy += s.correct;
+    r.format_rate += s.formatted;
+  }
+  r.samples = static_cast<int64_t>(scored->size());
+  if (r.samples > 0) {
+    r.accuracy /= static_cast<double>(r.samples);
+    r.format_rate /= static_cast<double>(r.samples);
+    r.mean_length /= static_cast<double>(r.samples);
+  }
+  return r;
+}
+
+}  // namespace r1lab::run
