@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <atomic>
+#include <thread>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -28,6 +30,8 @@
 #include "trainer/parity.h"
 #include "run/recipe.h"
 #include "run/stages.h"
+#include "run/runner.h"
+#include "run/report.h"
 
 ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda");
 ABSL_FLAG(std::string, reference, "", "check-parity: reference tensors (default FIXTURE_DIR/reference.safetensors)");
@@ -51,6 +55,9 @@ ABSL_FLAG(int, block_size, 16, "serve-rollout: tokens per latent-cache block");
 ABSL_FLAG(int64_t, cache_mb, 256, "serve-rollout: latent-cache size in MiB");
 ABSL_FLAG(int64_t, max_tokens_per_step, 1024, "serve-rollout: prefill + decode tokens per engine step");
 ABSL_FLAG(int64_t, max_running, 256, "serve-rollout: sequences decoded together at most");
+ABSL_FLAG(bool, in_process, false, "run: rollout and rewards in this process instead of child processes");
+ABSL_FLAG(std::string, run_dir, "", "run: the run directory (default RUNS_DIR/NAME-DATE-TIME)");
+ABSL_FLAG(std::string, plots, "", "report: where to write the PNG plots (default: beside RUN_DB)");
 ABSL_FLAG(std::string, out, "", "pretrain-base: the model directory to write");
 ABSL_FLAG(bool, prefix_cache, true, "serve-rollout: reuse cached prompt prefixes across requests");
 
@@ -273,6 +280,66 @@ int serve_reward(const std::vector<char*>& args) {
   return 0;
 }
 
+int run(const std::vector<char*>& args) {
+  if (args.size() < 3) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  auto recipe = r1lab::run::load_recipe(args[2], std::vector<std::string>(args.begin() + 3, args.end()));
+  if (!recipe.ok()) return fail(recipe.status());
+  // Ctrl-C / SIGTERM: the first ends the run cleanly after the current step; a second exits at once (the
+  // children die with this process).
+  const sigset_t stop_signals = block_stop_signals();
+  static std::atomic<bool> stop{false};
+  std::thread([stop_signals] {
+    for (int n = 0;; ++n) {
+      const int sig = wait_for(stop_signals);
+      if (n == 0) {
+        std::fprintf(stderr, "\nr1lab run: signal %d, stopping after this step (again to quit now)\n", sig);
+        stop = true;
+      } else {
+        std::fprintf(stderr, "\nr1lab run: second signal, quitting now\n");
+        std::_Exit(130);
+      }
+    }
+  }).detach();
+  r1lab::run::RunnerOptions opt;
+  std::error_code ec;
+  opt.program = std::filesystem::read_symlink("/proc/self/exe", ec).string();
+  if (ec) opt.program = args[0];
+  opt.in_process = absl::GetFlag(FLAGS_in_process);
+  opt.run_dir = absl::GetFlag(FLAGS_run_dir);
+  auto res = r1lab::run::run_recipe(*recipe, opt, &stop);
+  if (!res.ok()) {
+    std::fprintf(stderr, "r1lab run: %s\n", std::string(res.status().message()).c_str());
+    return stop ? 130 : 1;
+  }
+  if (res->interrupted) {
+    std::printf("r1lab run: interrupted; the run store is %s\n", res->store_path.c_str());
+    return 130;
+  }
+  const double other = res->seconds_total - res->seconds_pretrain - res->seconds_rollout - res->seconds_reward -
+                       res->seconds_train - res->seconds_sync - res->seconds_eval;
+  std::printf("time: total %.0fs = pretrain %.0fs + rollout %.0fs + reward %.1fs + train %.0fs + weight sync %.1fs + "
+              "eval %.1fs + other %.1fs\n",
+              res->seconds_total, res->seconds_pretrain, res->seconds_rollout, res->seconds_reward, res->seconds_train,
+              res->seconds_sync, res->seconds_eval, other);
+  std::printf("run store: %s  (r1lab report %s)\n", res->store_path.c_str(), res->store_path.c_str());
+  std::printf("held-out accuracy: %.1f%% -> %.1f%%\n", 100 * res->accuracy_before, 100 * res->accuracy_after);
+  return 0;
+}
+
+int report(const std::vector<char*>& args) {
+  if (args.size() != 3) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  auto r = r1lab::run::report(args[2], absl::GetFlag(FLAGS_plots));
+  if (!r.ok()) return fail(r.status());
+  std::printf("%s", r->c_str());
+  return 0;
+}
+
 int pretrain_base(const std::vector<char*>& args) {
   if (args.size() < 3 || absl::GetFlag(FLAGS_out).empty()) {
     std::cerr << kUsage;
@@ -345,6 +412,8 @@ int main(int argc, char** argv) {
   if (cmd == "serve-rollout") return serve_rollout(args);
   if (cmd == "serve-reward") return serve_reward(args);
   if (cmd == "pretrain-base") return pretrain_base(args);
+  if (cmd == "run") return run(args);
+  if (cmd == "report") return report(args);
   std::cerr << "r1lab: unknown command '" << cmd << "'\n" << kUsage;
   return 2;
 }

@@ -54,7 +54,7 @@ absl::StatusOr<trainer::TrainSequence> worked_example(const data::Tokenizer& tok
 }
 
 absl::Status pretrain_base(const TaskSpec& task, const PretrainOptions& o, const std::string& out_dir,
-                           const SftProgress& progress) {
+                           const SftProgress& progress, const std::atomic<bool>* stop) {
   if (o.steps <= 0 || o.batch <= 0 || o.micro_batch <= 0)
     return absl::InvalidArgumentError("pretrain_base: steps, batch and micro_batch must be positive");
   if (o.slip_fraction < 0 || o.slip_fraction > 1)
@@ -73,6 +73,7 @@ absl::Status pretrain_base(const TaskSpec& task, const PretrainOptions& o, const
   const auto t0 = std::chrono::steady_clock::now();
   int64_t next_problem = 0;
   for (int64_t step = 0; step < o.steps; ++step) {
+    if (stop && stop->load()) return absl::OkStatus();
     auto problems = data::make_problems(task.task, task.base_seed, next_problem, o.batch, task.options);
     if (!problems.ok()) return problems.status();
     next_problem += o.batch;

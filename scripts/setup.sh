@@ -11,6 +11,7 @@ packages=(
   libboost-dev libboost-filesystem-dev
   libgtest-dev libgmock-dev
   libyaml-cpp-dev nlohmann-json3-dev libseccomp-dev
+  libcairo2-dev fonts-dejavu-core
 )
 
 missing=()

@@ -1,0 +1,168 @@
+#include "run/rl.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "data/tasks.h"
+#include "data/tokenizer.h"
+#include "trainer/policy.h"
+
+namespace r1lab::run {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+}  // namespace
+
+std::vector<rollout::NamedTensor> weight_tensors(const model::Model& m) {
+  std::vector<rollout::NamedTensor> out;
+  const core::Tensor host = m.backend().download(m.params().buffer());
+  for (const model::ParamInfo& p : m.params().infos())
+    out.push_back({p.name, host.slice(0, p.offset, core::shape_numel(p.shape)).view(p.shape).clone()});
+  return out;
+}
+
+absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
+  CHECK(ctx.policy && ctx.rollout && ctx.rewards);
+  const RlOptions& o = recipe.rl;
+  if (o.grpo.kl_beta > 0 && ctx.reference == nullptr)
+    return absl::InvalidArgumentError("rl: kl_beta > 0 needs a reference model");
+  const data::Tokenizer tok = data::Tokenizer::builtin();
+  if (tok.size() != ctx.policy->config().vocab_size)
+    return absl::InvalidArgumentError(absl::StrCat("rl: the built-in tokenizer has ", tok.size(),
+                                                   " tokens, the model's vocabulary ", ctx.policy->config().vocab_size));
+  trainer::AdamWConfig adam = o.adam;
+  adam.total_steps = o.steps;
+  trainer::AdamW opt(ctx.policy->params(), adam);
+  const int g = o.group_size;
+  for (int64_t step = 0; step < o.steps; ++step) {
+    if (ctx.stop && ctx.stop->load()) break;
+    const auto t_step = Clock::now();
+    auto problems = data::make_problems(recipe.task.task, recipe.task.train_seed, step * o.prompts_per_step,
+                                        o.prompts_per_step, recipe.task.options);
+    if (!problems.ok()) return problems.status();
+    // 1. Rollout.
+    std::vector<rollout::GroupRequest> groups;
+    std::vector<std::vector<int32_t>> prompts;
+    for (const data::Problem& p : *problems) {
+      auto ids = tok.encode(data::r1_zero_prompt(p.question));
+      if (!ids.ok()) return ids.status();
+      rollout::GroupRequest req;
+      req.prompt.push_back(tok.bos());
+      req.prompt.insert(req.prompt.end(), ids->begin(), ids->end());
+      req.num_samples = g;
+      req.params.temperature = static_cast<float>(o.temperature);
+      req.params.max_new_tokens = o.max_new_tokens;
+      req.params.seed = recipe.task.train_seed * 1000003u + static_cast<uint64_t>(step);
+      req.params.logprobs = true;
+      prompts.push_back(req.prompt);
+      groups.push_back(std::move(req));
+    }
+    const auto t_roll = Clock::now();
+    auto done = ctx.rollout->generate_all(std::move(groups));
+    if (!done.ok()) return absl::Status(done.status().code(), absl::StrCat("rollout: ", done.status().message()));
+    const double rollout_s = since(t_roll);
+    // 2. Rewards.
+    std::vector<std::string> texts;
+    int64_t gen_tokens = 0;
+    for (const rollout::Completion& c : *done) {
+      auto text = tok.decode(c.tokens);
+      if (!text.ok()) return text.status();
+      texts.push_back(*std::move(text));
+      gen_tokens += static_cast<int64_t>(c.tokens.size());
+    }
+    const auto t_rew = Clock::now();
+    auto scored = score(*ctx.rewards, recipe.reward_name, *problems, g, texts);
+    if (!scored.ok()) return absl::Status(scored.status().code(), absl::StrCat("reward: ", scored.status().message()));
+    const double reward_s = since(t_rew);
+    std::vector<double> rewards;
+    double correct = 0, formatted = 0, length = 0, stopped = 0;
+    for (size_t i = 0; i < scored->size(); ++i) {
+      rewards.push_back((*scored)[i].reward);
+      correct += (*scored)[i].correct;
+      formatted += (*scored)[i].formatted;
+      length += static_cast<double>((*done)[i].tokens.size());
+      stopped += (*done)[i].finish_reason == rollout::FinishReason::kStop;
+    }
+    const std::vector<float> adv = trainer::group_advantages(rewards, g, o.scale_by_std);
+    // 3. Training batch: prompt + completion, the sampler's logprobs, the reference's.
+    std::vector<trainer::TrainSequence> batch;
+    int64_t informative_groups = 0;
+    for (size_t i = 0; i < done->size(); ++i) {
+      const rollout::Completion& c = (*done)[i];
+      if (i % static_cast<size_t>(g) == 0) {
+        bool any = false;
+        for (int k = 0; k < g; ++k) any |= adv[i + static_cast<size_t>(k)] != 0.0f;
+        informative_groups += any;
+      }
+      if (c.tokens.empty()) continue;
+      trainer::TrainSequence s;
+      s.tokens = prompts[i / static_cast<size_t>(g)];
+      s.prompt_len = static_cast<int32_t>(s.tokens.size());
+      s.tokens.insert(s.tokens.end(), c.tokens.begin(), c.tokens.end());
+      s.old_logprobs = c.logprobs;
+      s.advantage = adv[i];
+      batch.push_back(std::move(s));
+    }
+    const auto t_train = Clock::now();
+    if (o.grpo.kl_beta > 0) {
+      auto ref = trainer::completion_logprobs(*ctx.reference, batch, o.micro_batch);
+      for (size_t i = 0; i < batch.size(); ++i) batch[i].ref_logprobs = std::move(ref[i]);
+    }
+    const trainer::GrpoStepStats st = trainer::grpo_step(*ctx.policy, opt, o.grpo, batch, o.micro_batch);
+    const double train_s = since(t_train);
+    // 4. The worker samples the next step from the new weights.
+    const auto t_sync = Clock::now();
+    const std::vector<rollout::NamedTensor> tensors =
+        ctx.rollout_shares_weights ? std::vector<rollout::NamedTensor>{} : weight_tensors(*ctx.policy);
+    if (auto s = ctx.rollout->update_weights(step + 1, tensors); !s.ok())
+      return absl::Status(s.code(), absl::StrCat("rollout: weight update: ", s.message()));
+    const double sync_s = since(t_sync);
+
+    const double n = static_cast<double>(rewards.size());
+    double mean = 0, var = 0;
+    for (double r : rewards) mean += r / n;
+    for (double r : rewards) var += (r - mean) * (r - mean) / n;
+    RlStepReport rep;
+    rep.step = step + 1;
+    rep.metrics = {{"reward_mean", mean},
+                   {"reward_std", std::sqrt(var)},
+                   {"accuracy", correct / n},
+                   {"format_rate", formatted / n},
+                   {"response_length", length / n},
+                   {"stop_rate", stopped / n},
+                   {"kl", st.kl},
+                   {"entropy", st.entropy},
+                   {"clip_fraction", st.clip_fraction},
+                   {"ratio", st.ratio},
+                   {"loss", st.loss},
+                   {"grad_norm", st.opt.grad_norm},
+                   {"lr", st.opt.lr},
+                   {"informative_groups", static_cast<double>(informative_groups) / static_cast<double>(problems->size())},
+                   {"rollout_seconds", rollout_s},
+                   {"reward_seconds", reward_s},
+                   {"train_seconds", train_s},
+                   {"sync_seconds", sync_s},
+                   {"step_seconds", since(t_step)},
+                   {"rollout_tokens_per_second", rollout_s > 0 ? static_cast<double>(gen_tokens) / rollout_s : 0.0}};
+    if (ctx.store) {
+      if (auto s = ctx.store->log_metrics("rl", rep.step, rep.metrics); !s.ok()) return s;
+      std::vector<SampleRow> rows;
+      for (int i = 0; i < o.log_samples && i < static_cast<int>(texts.size()); ++i) {
+        // One sample from each of the first groups.
+        const size_t k = static_cast<size_t>(i) * static_cast<size_t>(g) % texts.size();
+        const data::Problem& p = (*problems)[k / static_cast<size_t>(g)];
+        rows.push_back({p.question, texts[k], p.answer, rewards[k], (*scored)[k].correct});
+      }
+      if (auto s = ctx.store->log_samples("rl", rep.step, rows); !s.ok()) return s;
+    }
+    if (ctx.on_step) ctx.on_step(rep);
+    if (ctx.on_eval && recipe.eval.every > 0 && rep.step % recipe.eval.every == 0 && rep.step != o.steps)
+      if (auto s = ctx.on_eval(rep.step); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace r1lab::run
