@@ -152,6 +152,7 @@ absl::Status apply_overrides(json& doc, const std::vector<std::string>& override
     std::vector<std::string> parts = absl::StrSplit(o.substr(0, eq), '.');
     for (size_t i = 0; i < parts.size(); ++i) {
       if (parts[i].empty()) return absl::InvalidArgumentError(absl::StrCat("override '", o, "': empty key part"));
+      if (at->is_null()) *at = json::object();
       if (!at->is_object()) return absl::InvalidArgumentError(absl::StrCat("override '", o, "': not under a mapping"));
       at = &(*at)[parts[i]];
     }

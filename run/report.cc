@@ -180,6 +180,16 @@ absl::StatusOr<std::string> report(const std::string& store_path, const std::str
                                             get("entropy", step), get("clip_fraction", step), get("grad_norm", step),
                                             get("step_seconds", step)));
     }
+    // The trend in one line: mean reward over the first and the last tenth of the steps (10 at least).
+    const size_t n = reward.size(), k = std::min(n, std::max<size_t>(10, n / 10));
+    double first = 0, last_mean = 0;
+    size_t i = 0;
+    for (const auto& [step, r] : reward) {
+      if (i < k) first += r / static_cast<double>(k);
+      if (i >= n - k) last_mean += r / static_cast<double>(k);
+      ++i;
+    }
+    absl::StrAppend(&out, absl::StrFormat("\nmean reward: first %zu steps %.3f, last %zu steps %.3f\n", k, first, k, last_mean));
     double sums[5] = {0, 0, 0, 0, 0};
     const char* parts[5] = {"rollout_seconds", "reward_seconds", "train_seconds", "sync_seconds", "step_seconds"};
     for (int k = 0; k < 5; ++k)

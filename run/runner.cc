@@ -104,6 +104,9 @@ class Child {
     for (size_t i = lines.size() > 5 ? lines.size() - 5 : 0; i < lines.size(); ++i) absl::StrAppend(&out, "  ", lines[i], "\n");
     return out;
   }
+  void terminate() {
+    if (proc_.valid() && running()) ::kill(pid(), SIGTERM);
+  }
   // SIGTERM, then SIGKILL after `grace`.
   void shutdown(std::chrono::milliseconds grace = std::chrono::milliseconds(5000)) {
     if (!proc_.valid()) return;
@@ -188,7 +191,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     const bool cancelled = interrupted();
     (void)store.set("status", cancelled ? "interrupted" : "failed");
     (void)store.set("message", std::string(s.message()));
-    (void)store.set("finished", absl::StrCat(unix_seconds()));
+    (void)store.set("finished", absl::StrFormat("%.3f", unix_seconds()));
     return s;
   };
 
@@ -350,10 +353,13 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     (void)store.set("accuracy_before", absl::StrCat(res.accuracy_before));
     (void)store.set("accuracy_after", absl::StrCat(res.accuracy_after));
     (void)store.set("status", "finished");
-    (void)store.set("finished", absl::StrCat(unix_seconds()));
+    (void)store.set("finished", absl::StrFormat("%.3f", unix_seconds()));
   }
-  if (rollout_child) rollout_child->shutdown();
-  if (reward_child) reward_child->shutdown();
+  // Both at once: each takes about a second to wind gRPC down.
+  for (Child* c : {rollout_child.get(), reward_child.get()})
+    if (c != nullptr) c->terminate();
+  for (Child* c : {rollout_child.get(), reward_child.get()})
+    if (c != nullptr) c->shutdown();
   res.seconds_total = since(t_run);
   (void)store.set("seconds", absl::StrFormat(
       R"({"total": %.2f, "pretrain": %.2f, "rollout": %.2f, "reward": %.2f, "train": %.2f, "sync": %.2f, "eval": %.2f})",

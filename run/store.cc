@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "sqlite3.h"
 
 namespace r1lab::run {
@@ -92,7 +93,7 @@ absl::StatusOr<std::unique_ptr<RunStore>> RunStore::create(const std::string& pa
   std::unique_ptr<RunStore> s(new RunStore(path, *db));
   if (auto st = s->exec(kSchema); !st.ok()) return st;
   for (const auto& [k, v] : {std::pair<std::string, std::string>{"name", name}, {"recipe", recipe_json},
-                             {"status", "running"}, {"started", absl::StrCat(unix_seconds())}})
+                             {"status", "running"}, {"started", absl::StrFormat("%.3f", unix_seconds())}})
     if (auto st = s->set(k, v); !st.ok()) return st;
   return s;
 }

@@ -1,32 +1,12 @@
 #!/usr/bin/env bash
-# The main job. Until the R1-Zero loop lands this shows the policy network and the rollout worker: it
-# checks the model against the Hugging Face DeepseekV3 fixture (logits, hidden states, greedy decoding
-# through the rollout engine, GRPO loss and every gradient), then starts a rollout worker on loopback and
-# samples a group of completions through it over gRPC.
+# The main job: R1-Zero on two CPU cores. Builds r1lab, then `r1lab run recipes/r1_zero_tiny.yaml`:
+# trains a tiny DeepSeek-V3-family model (MLA + routed and shared experts) from scratch on worked
+# additions in the R1 format, some with slips, so it is right only part of the time; then improves it by
+# pure RL (GRPO) with the reward service and a rollout worker as child processes over gRPC on loopback.
+# Ends with `held-out accuracy: B% -> A%`; the run store (SQLite) and plots are in runs/.
+# Extra arguments go to `r1lab run` (key=value overrides, e.g. rl.steps=200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/build.sh > build.log 2>&1 || { tail -40 build.log; exit 1; }
-fixtures=${R1LAB_FIXTURES:-../shared/fixtures/hf_deepseek_v3}
-echo "== r1lab check-parity $fixtures/tiny_a"
-build/bin/r1lab check-parity "$fixtures/tiny_a" | awk 'NR == 1 || NR <= 10 || /FAIL/ || /items,/'
-echo
-echo "== r1lab serve-rollout --model $fixtures/tiny_a --port 0   (a gRPC rollout worker on loopback)"
-log=$(mktemp)
-build/bin/r1lab serve-rollout --model "$fixtures/tiny_a" --port 0 >"$log" 2>&1 &
-worker=$!
-trap 'kill $worker 2>/dev/null || true; rm -f "$log"' EXIT
-port=
-for _ in $(seq 100); do
-  port=$(sed -n 's/.* on 127\.0\.0\.1:\([0-9]*\),.*/\1/p' "$log")
-  [[ -n $port ]] && break
-  sleep 0.1
-done
-[[ -n $port ]] || { cat "$log"; exit 1; }
-cat "$log"
-echo
-echo "== r1lab generate --server 127.0.0.1:$port --prompt-ids 1,2,3 --num-samples 4 --max-new-tokens 16 --temperature 0.8 --seed 2"
-build/bin/r1lab generate --server "127.0.0.1:$port" --prompt-ids 1,2,3 --num-samples 4 --max-new-tokens 16 \
-  --temperature 0.8 --seed 2
-kill -TERM $worker
-wait $worker
+bash scripts/build.sh --target r1lab > build.log 2>&1 || { tail -40 build.log; exit 1; }
+exec build/bin/r1lab run recipes/r1_zero_tiny.yaml "$@"
