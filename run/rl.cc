@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "data/tasks.h"
 #include "data/tokenizer.h"
+#include "model/safetensors.h"
 #include "trainer/policy.h"
 
 namespace r1lab::run {
@@ -37,6 +38,15 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
   adam.total_steps = o.steps;
   trainer::AdamW opt(ctx.policy->params(), adam);
   const int g = o.group_size;
+  int64_t steps_done = 0;
+  auto save = [&]() -> absl::Status {
+    if (ctx.save_dir.empty()) return absl::OkStatus();
+    if (auto s = ctx.policy->save(ctx.save_dir); !s.ok()) return s;
+    if (auto s = tok.save(ctx.save_dir + "/tokenizer.json"); !s.ok()) return s;
+    if (auto s = opt.save(ctx.save_dir + "/optimizer.safetensors"); !s.ok()) return s;
+    return model::write_file_atomic(ctx.save_dir + "/trainer_state.json",
+                                    absl::StrCat("{\"rl_steps\": ", steps_done, "}\n"));
+  };
   for (int64_t step = 0; step < o.steps; ++step) {
     if (ctx.stop && ctx.stop->load()) break;
     const auto t_step = Clock::now();
@@ -120,6 +130,7 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
     if (auto s = ctx.rollout->update_weights(step + 1, tensors); !s.ok())
       return absl::Status(s.code(), absl::StrCat("rollout: weight update: ", s.message()));
     const double sync_s = since(t_sync);
+    steps_done = step + 1;
 
     const double n = static_cast<double>(rewards.size());
     double mean = 0, var = 0;
@@ -162,7 +173,7 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
     if (ctx.on_eval && recipe.eval.every > 0 && rep.step % recipe.eval.every == 0 && rep.step != o.steps)
       if (auto s = ctx.on_eval(rep.step); !s.ok()) return s;
   }
-  return absl::OkStatus();
+  return save();
 }
 
 }  // namespace r1lab::run

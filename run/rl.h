@@ -32,6 +32,9 @@ struct RlContext {
   RunStore* store = nullptr;  // optional
   const std::atomic<bool>* stop = nullptr;  // optional: set to end after the current step
   std::function<void(const RlStepReport&)> on_step;
+  // Where the policy ends up (a Hugging Face directory, with tokenizer.json, the optimizer's state and
+  // trainer_state.json {"rl_steps": N}), also after an early stop. Empty: not saved.
+  std::string save_dir;
   // Called every eval.every steps (and never when it is 0) with the step count done.
   std::function<absl::Status(int64_t step)> on_eval;
 };

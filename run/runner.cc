@@ -313,6 +313,8 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
   ctx.rewards = reward_client.get();
   ctx.store = &store;
   ctx.stop = stop;
+  const std::string policy_dir = res.run_dir + "/policy";
+  ctx.save_dir = policy_dir;
   double tokens_per_s = 0;
   ctx.on_step = [&](const RlStepReport& r) {
     const auto& m = r.metrics;
@@ -337,10 +339,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
   (void)store.end_stage("rl", st.ok() ? (interrupted() ? "interrupted" : "done") : "failed");
   if (!st.ok()) return part_error(st);
 
-  // ---- The trained policy, and the held-out evaluation after.
-  const std::string policy_dir = res.run_dir + "/policy";
-  if (auto s = policy.save(policy_dir); !s.ok()) return fail(s);
-  if (auto s = tok.save(policy_dir + "/tokenizer.json"); !s.ok()) return fail(s);
+  // ---- The held-out evaluation after (the policy is in policy_dir).
   if (interrupted()) {
     res.interrupted = true;
     (void)store.end_stage("eval", "interrupted");
