@@ -223,6 +223,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     progress.say(absl::StrFormat("pretrain_base: %.0fs, base model in %s", res.seconds_pretrain, base_dir));
   }
 
+  (void)store.set("base_model", base_dir);
   // ---- The parts: reward service and rollout worker (children), or in process.
   auto be = core::make_cpu_backend();
   auto policy_or = model::Model::load(base_dir, *be);
@@ -315,6 +316,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
   ctx.stop = stop;
   const std::string policy_dir = res.run_dir + "/policy";
   ctx.save_dir = policy_dir;
+  (void)store.set("policy", policy_dir);
   double tokens_per_s = 0;
   ctx.on_step = [&](const RlStepReport& r) {
     const auto& m = r.metrics;
