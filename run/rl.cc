@@ -57,11 +57,10 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
     std::vector<rollout::GroupRequest> groups;
     std::vector<std::vector<int32_t>> prompts;
     for (const data::Problem& p : *problems) {
-      auto ids = tok.encode(data::r1_zero_prompt(p.question));
+      auto ids = prompt_ids(tok, p);
       if (!ids.ok()) return ids.status();
       rollout::GroupRequest req;
-      req.prompt.push_back(tok.bos());
-      req.prompt.insert(req.prompt.end(), ids->begin(), ids->end());
+      req.prompt = *std::move(ids);
       req.num_samples = g;
       req.params.temperature = static_cast<float>(o.temperature);
       req.params.max_new_tokens = o.max_new_tokens;

@@ -36,17 +36,23 @@ model::ModelConfig tiny_config(const TinyModelOptions& o, const data::Tokenizer&
   return c;
 }
 
+absl::StatusOr<std::vector<int32_t>> prompt_ids(const data::Tokenizer& tok, const data::Problem& p) {
+  auto ids = tok.encode(data::r1_zero_prompt(p.question));
+  if (!ids.ok()) return ids.status();
+  ids->insert(ids->begin(), tok.bos());
+  return ids;
+}
+
 absl::StatusOr<trainer::TrainSequence> worked_example(const data::Tokenizer& tok, const data::Problem& p, bool slip,
                                                       uint64_t seed) {
   auto solution = data::worked_solution(p, slip, seed);
   if (!solution.ok()) return solution.status();
-  auto prompt = tok.encode(data::r1_zero_prompt(p.question));
+  auto prompt = prompt_ids(tok, p);
   if (!prompt.ok()) return prompt.status();
   auto completion = tok.encode(*solution);
   if (!completion.ok()) return completion.status();
   trainer::TrainSequence s;
-  s.tokens.push_back(tok.bos());
-  s.tokens.insert(s.tokens.end(), prompt->begin(), prompt->end());
+  s.tokens = *std::move(prompt);
   s.prompt_len = static_cast<int32_t>(s.tokens.size());
   s.tokens.insert(s.tokens.end(), completion->begin(), completion->end());
   s.tokens.push_back(tok.eos());
@@ -131,11 +137,10 @@ absl::StatusOr<EvalResult> evaluate(rollout::RolloutClient& rollout, rewards::Re
                                     const rollout::SamplingParams& params) {
   std::vector<rollout::GroupRequest> groups;
   for (const data::Problem& p : problems) {
-    auto ids = tok.encode(data::r1_zero_prompt(p.question));
+    auto ids = prompt_ids(tok, p);
     if (!ids.ok()) return ids.status();
     rollout::GroupRequest g;
-    g.prompt.push_back(tok.bos());
-    g.prompt.insert(g.prompt.end(), ids->begin(), ids->end());
+    g.prompt = *std::move(ids);
     g.num_samples = per_problem;
     g.params = params;
     g.params.logprobs = false;

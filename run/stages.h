@@ -58,6 +58,9 @@ struct PretrainOptions {
   uint64_t seed = 7;
 };
 
+// <|bos|> then the R1-Zero prompt of a problem: what the policy is sampled from.
+absl::StatusOr<std::vector<int32_t>> prompt_ids(const data::Tokenizer& tok, const data::Problem& p);
+
 // One training example: the R1-Zero prompt of a problem and a worked solution, then <|eos|>.
 absl::StatusOr<trainer::TrainSequence> worked_example(const data::Tokenizer& tok, const data::Problem& p, bool slip,
                                                       uint64_t seed);
