@@ -54,53 +54,37 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
                                         o.prompts_per_step, recipe.task.options);
     if (!problems.ok()) return problems.status();
     // 1. Rollout.
-    std::vector<rollout::GroupRequest> groups;
-    std::vector<std::vector<int32_t>> prompts;
-    for (const data::Problem& p : *problems) {
-      auto ids = prompt_ids(tok, p);
-      if (!ids.ok()) return ids.status();
-      rollout::GroupRequest req;
-      req.prompt = *std::move(ids);
-      req.num_samples = g;
-      req.params.temperature = static_cast<float>(o.temperature);
-      req.params.max_new_tokens = o.max_new_tokens;
-      req.params.seed = recipe.task.train_seed * 1000003u + static_cast<uint64_t>(step);
-      req.params.logprobs = true;
-      prompts.push_back(req.prompt);
-      groups.push_back(std::move(req));
-    }
+    rollout::SamplingParams sp;
+    sp.temperature = static_cast<float>(o.temperature);
+    sp.max_new_tokens = o.max_new_tokens;
+    sp.seed = recipe.task.train_seed * 1000003u + static_cast<uint64_t>(step);
+    sp.logprobs = true;
     const auto t_roll = Clock::now();
-    auto done = ctx.rollout->generate_all(std::move(groups));
-    if (!done.ok()) return absl::Status(done.status().code(), absl::StrCat("rollout: ", done.status().message()));
+    auto sampled = sample(*ctx.rollout, tok, *problems, g, sp);
+    if (!sampled.ok())
+      return absl::Status(sampled.status().code(), absl::StrCat("rollout: ", sampled.status().message()));
     const double rollout_s = since(t_roll);
+    const std::vector<rollout::Completion>& done = sampled->completions;
+    const std::vector<std::string>& texts = sampled->texts;
     // 2. Rewards.
-    std::vector<std::string> texts;
-    int64_t gen_tokens = 0;
-    for (const rollout::Completion& c : *done) {
-      auto text = tok.decode(c.tokens);
-      if (!text.ok()) return text.status();
-      texts.push_back(*std::move(text));
-      gen_tokens += static_cast<int64_t>(c.tokens.size());
-    }
     const auto t_rew = Clock::now();
     auto scored = score(*ctx.rewards, recipe.reward_name, *problems, g, texts);
     if (!scored.ok()) return absl::Status(scored.status().code(), absl::StrCat("reward: ", scored.status().message()));
     const double reward_s = since(t_rew);
     std::vector<double> rewards;
-    double correct = 0, formatted = 0, length = 0, stopped = 0;
+    double correct = 0, formatted = 0, stopped = 0;
     for (size_t i = 0; i < scored->size(); ++i) {
       rewards.push_back((*scored)[i].reward);
       correct += (*scored)[i].correct;
       formatted += (*scored)[i].formatted;
-      length += static_cast<double>((*done)[i].tokens.size());
-      stopped += (*done)[i].finish_reason == rollout::FinishReason::kStop;
+      stopped += done[i].finish_reason == rollout::FinishReason::kStop;
     }
     const std::vector<float> adv = trainer::group_advantages(rewards, g, o.scale_by_std);
     // 3. Training batch: prompt + completion, the sampler's logprobs, the reference's.
     std::vector<trainer::TrainSequence> batch;
     int64_t informative_groups = 0;
-    for (size_t i = 0; i < done->size(); ++i) {
-      const rollout::Completion& c = (*done)[i];
+    for (size_t i = 0; i < done.size(); ++i) {
+      const rollout::Completion& c = done[i];
       if (i % static_cast<size_t>(g) == 0) {
         bool any = false;
         for (int k = 0; k < g; ++k) any |= adv[i + static_cast<size_t>(k)] != 0.0f;
@@ -108,7 +92,7 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
       }
       if (c.tokens.empty()) continue;
       trainer::TrainSequence s;
-      s.tokens = prompts[i / static_cast<size_t>(g)];
+      s.tokens = sampled->prompts[i / static_cast<size_t>(g)];
       s.prompt_len = static_cast<int32_t>(s.tokens.size());
       s.tokens.insert(s.tokens.end(), c.tokens.begin(), c.tokens.end());
       s.old_logprobs = c.logprobs;
@@ -141,7 +125,7 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
                    {"reward_std", std::sqrt(var)},
                    {"accuracy", correct / n},
                    {"format_rate", formatted / n},
-                   {"response_length", length / n},
+                   {"response_length", static_cast<double>(sampled->tokens) / n},
                    {"stop_rate", stopped / n},
                    {"kl", st.kl},
                    {"entropy", st.entropy},
@@ -156,7 +140,7 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
                    {"train_seconds", train_s},
                    {"sync_seconds", sync_s},
                    {"step_seconds", since(t_step)},
-                   {"rollout_tokens_per_second", rollout_s > 0 ? static_cast<double>(gen_tokens) / rollout_s : 0.0}};
+                   {"rollout_tokens_per_second", rollout_s > 0 ? static_cast<double>(sampled->tokens) / rollout_s : 0.0}};
     if (ctx.store) {
       if (auto s = ctx.store->log_metrics("rl", rep.step, rep.metrics); !s.ok()) return s;
       std::vector<SampleRow> rows;

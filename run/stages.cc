@@ -131,10 +131,10 @@ absl::StatusOr<std::vector<Scored>> score(rewards::RewardClient& rewards, const 
   return out;
 }
 
-absl::StatusOr<EvalResult> evaluate(rollout::RolloutClient& rollout, rewards::RewardClient& rewards,
-                                    const std::string& reward, const data::Tokenizer& tok,
-                                    const std::vector<data::Problem>& problems, int per_problem,
-                                    const rollout::SamplingParams& params) {
+absl::StatusOr<Sampled> sample(rollout::RolloutClient& rollout, const data::Tokenizer& tok,
+                               const std::vector<data::Problem>& problems, int per_problem,
+                               const rollout::SamplingParams& params) {
+  Sampled out;
   std::vector<rollout::GroupRequest> groups;
   for (const data::Problem& p : problems) {
     auto ids = prompt_ids(tok, p);
@@ -143,21 +143,32 @@ absl::StatusOr<EvalResult> evaluate(rollout::RolloutClient& rollout, rewards::Re
     g.prompt = *std::move(ids);
     g.num_samples = per_problem;
     g.params = params;
-    g.params.logprobs = false;
+    out.prompts.push_back(g.prompt);
     groups.push_back(std::move(g));
   }
   auto done = rollout.generate_all(std::move(groups));
   if (!done.ok()) return done.status();
-  std::vector<std::string> texts;
-  EvalResult r;
-  for (const rollout::Completion& c : *done) {
+  out.completions = *std::move(done);
+  for (const rollout::Completion& c : out.completions) {
     auto text = tok.decode(c.tokens);
     if (!text.ok()) return text.status();
-    texts.push_back(*std::move(text));
-    r.mean_length += static_cast<double>(c.tokens.size());
+    out.texts.push_back(*std::move(text));
+    out.tokens += static_cast<int64_t>(c.tokens.size());
   }
-  auto scored = score(rewards, reward, problems, per_problem, texts);
+  return out;
+}
+
+absl::StatusOr<EvalResult> evaluate(rollout::RolloutClient& rollout, rewards::RewardClient& rewards,
+                                    const std::string& reward, const data::Tokenizer& tok,
+                                    const std::vector<data::Problem>& problems, int per_problem,
+                                    const rollout::SamplingParams& params) {
+  rollout::SamplingParams p = params;
+  p.logprobs = false;
+  auto sampled = sample(rollout, tok, problems, per_problem, p);
+  if (!sampled.ok()) return sampled.status();
+  auto scored = score(rewards, reward, problems, per_problem, sampled->texts);
   if (!scored.ok()) return scored.status();
+  EvalResult r;
   for (const Scored& s : *scored) {
     r.accuracy += s.correct;
     r.format_rate += s.formatted;
@@ -166,7 +177,7 @@ absl::StatusOr<EvalResult> evaluate(rollout::RolloutClient& rollout, rewards::Re
   if (r.samples > 0) {
     r.accuracy /= static_cast<double>(r.samples);
     r.format_rate /= static_cast<double>(r.samples);
-    r.mean_length /= static_cast<double>(r.samples);
+    r.mean_length = static_cast<double>(sampled->tokens) / static_cast<double>(r.samples);
   }
   return r;
 }

@@ -83,6 +83,17 @@ absl::StatusOr<std::vector<Scored>> score(rewards::RewardClient& rewards, const 
                                           const std::vector<data::Problem>& problems, int per_problem,
                                           const std::vector<std::string>& completions);
 
+// Completions of problems' R1-Zero prompts, `per_problem` each: sample i is of problems[i / per_problem].
+struct Sampled {
+  std::vector<std::vector<int32_t>> prompts;  // per problem
+  std::vector<rollout::Completion> completions;
+  std::vector<std::string> texts;  // decoded completions
+  int64_t tokens = 0;              // generated, in all
+};
+absl::StatusOr<Sampled> sample(rollout::RolloutClient& rollout, const data::Tokenizer& tok,
+                               const std::vector<data::Problem>& problems, int per_problem,
+                               const rollout::SamplingParams& params);
+
 struct EvalResult {
   double accuracy = 0, format_rate = 0, mean_length = 0;
   int64_t samples = 0;

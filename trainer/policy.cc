@@ -14,25 +14,28 @@ struct Packed {
   int64_t b = 0, t = 0;
   Tensor tokens;   // host I32 [B, T]
   Tensor targets;  // host I32 [B*T]
-  std::vector<size_t> index;  // batch position of each row
+  size_t begin = 0;  // batch position of row 0 (row r is sequence begin + r)
+  const TrainSequence& seq(const std::vector<TrainSequence>& batch, int64_t r) const {
+    return batch[begin + static_cast<size_t>(r)];
+  }
 };
 
 Packed pack(const std::vector<TrainSequence>& batch, size_t begin, size_t end) {
   Packed p;
   p.b = static_cast<int64_t>(end - begin);
+  p.begin = begin;
   for (size_t i = begin; i < end; ++i) {
     const TrainSequence& s = batch[i];
     CHECK(s.prompt_len >= 1 && s.prompt_len <= static_cast<int32_t>(s.tokens.size()))
         << "sequence " << i << ": prompt_len " << s.prompt_len << " of " << s.tokens.size() << " tokens";
     p.t = std::max<int64_t>(p.t, static_cast<int64_t>(s.tokens.size()));
-    p.index.push_back(i);
   }
   p.tokens = Tensor::zeros({p.b, p.t}, core::DType::kI32);
   p.targets = Tensor::zeros({p.b * p.t}, core::DType::kI32);
   int32_t* tok = p.tokens.data<int32_t>();
   int32_t* tg = p.targets.data<int32_t>();
   for (int64_t r = 0; r < p.b; ++r) {
-    const auto& s = batch[p.index[static_cast<size_t>(r)]].tokens;
+    const auto& s = p.seq(batch, r).tokens;
     for (size_t j = 0; j < s.size(); ++j) tok[r * p.t + static_cast<int64_t>(j)] = s[j];
     for (size_t j = 0; j + 1 < s.size(); ++j) tg[r * p.t + static_cast<int64_t>(j)] = s[j + 1];
   }
@@ -69,7 +72,7 @@ double entropy_sum(core::Backend& be, const Tensor& logits, const Tensor& lse, c
   const int64_t v = lg.size(1);
   double sum = 0;
   for (int64_t r = 0; r < p.b; ++r) {
-    const TrainSequence& s = batch[p.index[static_cast<size_t>(r)]];
+    const TrainSequence& s = p.seq(batch, r);
     for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j) {
       const float* row = lg.f32() + (r * p.t + j) * v;
       const double l = ls.f32()[r * p.t + j];
@@ -95,8 +98,8 @@ std::vector<std::vector<float>> completion_logprobs(model::Model& model, const s
     const Packed p = pack(batch, begin, end);
     const MicroForward f = run_forward(model, p, /*keep_state=*/false);
     for (int64_t r = 0; r < p.b; ++r) {
-      const TrainSequence& s = batch[p.index[static_cast<size_t>(r)]];
-      auto& lp = out[p.index[static_cast<size_t>(r)]];
+      const TrainSequence& s = p.seq(batch, r);
+      auto& lp = out[p.begin + static_cast<size_t>(r)];
       for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j)
         lp.push_back(f.lp_host.f32()[r * p.t + j]);
     }
@@ -130,7 +133,7 @@ GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const s
     Tensor mask = Tensor::zeros({p.b, p.t}), adv = Tensor::zeros({p.b});
     std::copy(f.lp_host.f32(), f.lp_host.f32() + rows, logp.f32());
     for (int64_t r = 0; r < p.b; ++r) {
-      const TrainSequence& s = batch[p.index[static_cast<size_t>(r)]];
+      const TrainSequence& s = p.seq(batch, r);
       adv.f32()[r] = s.advantage;
       for (int64_t k = 0; k < completion_len(s); ++k) {
         const int64_t i = r * p.t + s.prompt_len - 1 + k;
@@ -182,7 +185,7 @@ SftStepStats sft_step(model::Model& model, AdamW& opt, const std::vector<TrainSe
     Tensor dlp_host = Tensor::zeros({rows});
     const Tensor lg = be.download(f.logits);
     for (int64_t r = 0; r < p.b; ++r) {
-      const TrainSequence& s = batch[p.index[static_cast<size_t>(r)]];
+      const TrainSequence& s = p.seq(batch, r);
       for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j) {
         const int64_t i = r * p.t + j;
         st.loss -= f.lp_host.f32()[i] / total;
