@@ -9,6 +9,7 @@
 #include <atomic>
 #include <thread>
 #include <iostream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,7 @@
 #include "run/stages.h"
 #include "run/runner.h"
 #include "run/report.h"
+#include "sandbox/sandbox.h"
 
 ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda");
 ABSL_FLAG(std::string, reference, "", "check-parity: reference tensors (default FIXTURE_DIR/reference.safetensors)");
@@ -59,6 +61,15 @@ ABSL_FLAG(bool, in_process, false, "run: rollout and rewards in this process ins
 ABSL_FLAG(std::string, run_dir, "", "run: the run directory (default RUNS_DIR/NAME-DATE-TIME)");
 ABSL_FLAG(std::string, plots, "", "report: where to write the PNG plots (default: beside RUN_DB)");
 ABSL_FLAG(std::string, out, "", "pretrain-base: the model directory to write");
+ABSL_FLAG(std::string, lang, "python", "sandbox run: python, c or cpp");
+ABSL_FLAG(std::string, stdin, "", "sandbox run: a file given to the program as its standard input");
+ABSL_FLAG(std::string, expected, "", "sandbox run: a file with the expected standard output (WA when it differs)");
+ABSL_FLAG(int64_t, time_limit_ms, 2000, "sandbox run: CPU time limit");
+ABSL_FLAG(int64_t, wall_limit_ms, 0, "sandbox run: wall-clock limit (0: 2 x time limit + 1 s)");
+ABSL_FLAG(int64_t, memory_mb, 256, "sandbox run: memory limit (address space per process; cgroup memory.max)");
+ABSL_FLAG(int64_t, max_processes, 32, "sandbox run: processes and threads at once");
+ABSL_FLAG(int64_t, output_limit_bytes, 1 << 20, "sandbox run: stdout and stderr cap each (beyond it: OLE)");
+ABSL_FLAG(bool, allow_unsafe, false, "sandbox run: run even where namespaces or seccomp are missing");
 ABSL_FLAG(bool, prefix_cache, true, "serve-rollout: reuse cached prompt prefixes across requests");
 
 namespace {
@@ -387,6 +398,57 @@ int pretrain_base(const std::vector<char*>& args) {
 
 }  // namespace
 
+absl::StatusOr<std::string> read_input_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+int sandbox(const std::vector<char*>& args) {
+  namespace sb = r1lab::sandbox;
+  const std::string sub = args.size() > 2 ? args[2] : "";
+  if (!((sub == "run" && args.size() == 4) || (sub == "check" && args.size() == 3))) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  sb::RunnerOptions opt;
+  opt.allow_unsafe = absl::GetFlag(FLAGS_allow_unsafe);
+  auto runner = sb::Runner::create(opt);
+  if (!runner.ok()) return fail(runner.status());
+  if (sub == "check") {
+    std::cout << (*runner)->protections().describe();
+    return (*runner)->protections().missing().empty() ? 0 : 1;
+  }
+  sb::Program prog;
+  auto lang = sb::parse_language(absl::GetFlag(FLAGS_lang));
+  if (!lang.ok()) return fail(lang.status());
+  prog.lang = *lang;
+  auto src = read_input_file(args[3]);
+  if (!src.ok()) return fail(src.status());
+  prog.source = *src;
+  if (!absl::GetFlag(FLAGS_stdin).empty()) {
+    auto in = read_input_file(absl::GetFlag(FLAGS_stdin));
+    if (!in.ok()) return fail(in.status());
+    prog.stdin_data = *in;
+  }
+  std::optional<std::string> expected;
+  if (!absl::GetFlag(FLAGS_expected).empty()) {
+    auto e = read_input_file(absl::GetFlag(FLAGS_expected));
+    if (!e.ok()) return fail(e.status());
+    expected = *e;
+  }
+  sb::Limits lim;
+  lim.time_limit_ms = absl::GetFlag(FLAGS_time_limit_ms);
+  lim.wall_limit_ms = absl::GetFlag(FLAGS_wall_limit_ms);
+  lim.memory_mb = absl::GetFlag(FLAGS_memory_mb);
+  lim.max_processes = absl::GetFlag(FLAGS_max_processes);
+  lim.output_limit_bytes = absl::GetFlag(FLAGS_output_limit_bytes);
+  auto res = (*runner)->run(prog, lim, expected);
+  if (!res.ok()) return fail(res.status());
+  std::cout << sb::result_json(*res) << std::endl;
+  return res->verdict == sb::Verdict::kSandboxError ? 1 : 0;
+}
+
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
   // Flags are spelled with dashes (--prompt-ids) as well as Abseil's underscores (--prompt_ids).
@@ -414,6 +476,7 @@ int main(int argc, char** argv) {
   if (cmd == "pretrain-base") return pretrain_base(args);
   if (cmd == "run") return run(args);
   if (cmd == "report") return report(args);
+  if (cmd == "sandbox") return sandbox(args);
   std::cerr << "r1lab: unknown command '" << cmd << "'\n" << kUsage;
   return 2;
 }
