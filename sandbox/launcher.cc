@@ -670,6 +670,9 @@ Message probe() {
 
 int main(int argc, char** argv) {
   using namespace r1lab::sandbox;
+  // Descriptors that other threads of the Runner's process had open when it forked us are not ours: a
+  // pipe end kept here would hold another run's output open.
+  syscall(SYS_close_range, 3, ~0U, 0);
   signal(SIGPIPE, SIG_IGN);
   // Root's supplementary groups must not reach the sandbox (its maps cover one uid and gid only).
   if (geteuid() == 0) setgroups(0, nullptr);

@@ -556,6 +556,10 @@ absl::StatusOr<Result> Runner::run(const Program& program, const Limits& limits,
   } else if (wire::get_int(m, "cgroup.oom_kills") > 0) {
     res.verdict = Verdict::kMemoryLimitExceeded;
     res.message = absl::StrCat("the memory limit of ", limits.memory_mb, " MiB was reached (cgroup OOM kill)");
+  } else if (res.exit_code != 0 && absl::StrContains(res.stderr_data, "File too large")) {
+    // Interpreters that ignore SIGXFSZ see EFBIG instead.
+    res.verdict = Verdict::kOutputLimitExceeded;
+    res.message = absl::StrCat("wrote a file larger than ", limits.file_size_limit_bytes, " bytes");
   } else if (res.exit_code != 0) {
     if (is_memory_error(res.stderr_data) || res.memory_kb * 10 >= limits.memory_mb * 1024 * 9) {
       res.verdict = Verdict::kMemoryLimitExceeded;
