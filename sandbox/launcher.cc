@@ -13,6 +13,7 @@
 // outlives the run. The launcher dies by SIGALRM if a run overstays all its limits; init dies with it
 // (PR_SET_PDEATHSIG).
 #include <fcntl.h>
+#include <limits.h>
 #include <grp.h>
 #include <ftw.h>
 #include <linux/capability.h>
@@ -41,6 +42,7 @@
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -115,25 +117,36 @@ struct Request {
   int64_t cgroup_memory = 0, cgroup_pids = 0;
 };
 
-absl::StatusOr<Request> parse_request(const Message& m) {
+// Empty with *error set on a malformed request.
+std::optional<Request> parse_request(const Message& m, std::string* error) {
   Request r;
   r.mode = wire::get(m, "mode");
-  if (r.mode != "isolated" && r.mode != "unsafe") return absl::InvalidArgumentError("mode must be isolated or unsafe");
+  if (r.mode != "isolated" && r.mode != "unsafe") {
+    *error = "mode must be isolated or unsafe";
+    return std::nullopt;
+  }
   r.root = wire::get(m, "root");
-  for (absl::string_view line : absl::StrSplit(wire::get(m, "binds"), '\n', absl::SkipEmpty())) {
-    std::vector<std::string> f = absl::StrSplit(line, '\t');
-    if (f.size() != 3) return absl::InvalidArgumentError("bad bind entry");
+  for (const std::string& line : wire::split(wire::get(m, "binds"), '\n')) {
+    if (line.empty()) continue;
+    std::vector<std::string> f = wire::split(line, '\t');
+    if (f.size() != 3) {
+      *error = "bad bind entry";
+      return std::nullopt;
+    }
     r.binds.push_back({f[0], f[1], f[2] == "rw"});
   }
   const int64_t nfiles = wire::get_int(m, "files");
   for (int64_t i = 0; i < nfiles; ++i)
-    r.files.emplace_back(wire::get(m, absl::StrCat("file.", i, ".name")), wire::get(m, absl::StrCat("file.", i, ".data")));
+    r.files.emplace_back(wire::get(m, wire::cat("file.", i, ".name")), wire::get(m, wire::cat("file.", i, ".data")));
   const int64_t nsteps = wire::get_int(m, "steps");
   for (int64_t i = 0; i < nsteps; ++i) {
-    const std::string p = absl::StrCat("step.", i, ".");
+    const std::string p = wire::cat("step.", i, ".");
     Step s;
     s.argv = wire::split_list(wire::get(m, p + "argv"));
-    if (s.argv.empty()) return absl::InvalidArgumentError("a step without argv");
+    if (s.argv.empty()) {
+      *error = "a step without argv";
+      return std::nullopt;
+    }
     s.cpu_ms = wire::get_int(m, p + "cpu_ms");
     s.wall_ms = wire::get_int(m, p + "wall_ms");
     s.as_bytes = wire::get_int(m, p + "as_bytes");
@@ -200,7 +213,7 @@ void setup_isolated_root(const InitArgs& a) {
     if (mount(b.src.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) != 0) init_fail(a, "binding " + b.src);
     if (!b.writable && remount_ro(target, MS_NOSUID | MS_NODEV) != 0) init_fail(a, "remounting read-only " + b.src);
   }
-  const std::string size = absl::StrCat("size=", req.tmpfs_bytes, ",mode=");
+  const std::string size = wire::cat("size=", req.tmpfs_bytes, ",mode=");
   if (mount("tmpfs", (root + "/work").c_str(), "tmpfs", MS_NOSUID | MS_NODEV, (size + "0755").c_str()) != 0)
     init_fail(a, "mounting /work");
   if (mount("tmpfs", (root + "/tmp").c_str(), "tmpfs", MS_NOSUID | MS_NODEV, (size + "1777").c_str()) != 0)
@@ -218,7 +231,7 @@ void write_files(const InitArgs& a, const std::string& dir) {
   for (const auto& [name, data] : a.req->files) {
     // The Runner checked the names (relative, no ".."); make parent directories, never follow a link.
     std::string path = dir;
-    std::vector<std::string> parts = absl::StrSplit(name, '/', absl::SkipEmpty());
+    std::vector<std::string> parts = wire::split(name, '/');
     for (size_t i = 0; i + 1 < parts.size(); ++i) {
       path += "/" + parts[i];
       if (mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) init_fail(a, "creating directory " + path);
@@ -244,7 +257,7 @@ void kill_others(bool isolated) {
     while (!frontier.empty()) {
       pid_t p = frontier.back();
       frontier.pop_back();
-      std::ifstream in(absl::StrCat("/proc/", p, "/task/", p, "/children"));
+      std::ifstream in(wire::cat("/proc/", p, "/task/", p, "/children"));
       pid_t c;
       while (in >> c) {
         pids.push_back(c);
@@ -364,12 +377,12 @@ int init_main(void* arg) {
 
   scmp_filter_ctx filter = nullptr;
   if (req.seccomp) {
-    auto f = build_seccomp_filter();
-    if (!f.ok()) {
+    std::string why;
+    filter = build_seccomp_filter(&why);
+    if (filter == nullptr) {
       errno = 0;
-      init_fail(a, std::string(f.status().message()));
+      init_fail(a, why);
     }
-    filter = *f;
   }
 
   sigset_t chld;
@@ -483,7 +496,7 @@ void set_nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 Message launch(const Request& req) {
   Message resp;
   auto error = [&](const std::string& what) {
-    resp["error"] = absl::StrCat(what, errno ? absl::StrCat(": ", std::strerror(errno)) : "");
+    resp["error"] = wire::cat(what, errno ? wire::cat(": ", std::strerror(errno)) : "");
     return resp;
   };
   const bool isolated = req.mode == "isolated";
@@ -498,10 +511,12 @@ Message launch(const Request& req) {
   for (const auto& s : req.steps) total_ms += s.wall_ms + 1000;
   alarm(static_cast<unsigned>((total_ms + 999) / 1000));
 
-  std::vector<char> stack(1 << 20);
+  // init's stack. Static, so that only the pages it touches are ever faulted in (zeroing a heap buffer
+  // costs milliseconds on virtual machines with slow page faults).
+  alignas(64) static char stack[256 << 10];
   int flags = SIGCHLD;
   if (isolated) flags |= CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS;
-  const pid_t init = clone(init_main, stack.data() + stack.size(), flags, &args);
+  const pid_t init = clone(init_main, stack + sizeof(stack), flags, &args);
   if (init < 0) return error("clone with new namespaces");
   close(ctl[0]);
   close(rep[1]);
@@ -511,22 +526,22 @@ Message launch(const Request& req) {
 
   std::string cgroup;
   if (isolated) {
-    const std::string proc = absl::StrCat("/proc/", init);
+    const std::string proc = wire::cat("/proc/", init);
     errno = 0;
     if (!write_file(proc + "/setgroups", "deny") ||
-        !write_file(proc + "/uid_map", absl::StrCat("0 ", req.map_uid, " 1\n")) ||
-        !write_file(proc + "/gid_map", absl::StrCat("0 ", req.map_gid, " 1\n"))) {
+        !write_file(proc + "/uid_map", wire::cat("0 ", req.map_uid, " 1\n")) ||
+        !write_file(proc + "/gid_map", wire::cat("0 ", req.map_gid, " 1\n"))) {
       kill(init, SIGKILL);
       waitpid(init, nullptr, 0);
       return error("writing the uid/gid maps of the sandbox");
     }
   }
   if (!req.cgroup_parent.empty()) {
-    cgroup = absl::StrCat(req.cgroup_parent, "/r1lab-sandbox-", getpid());
+    cgroup = wire::cat(req.cgroup_parent, "/r1lab-sandbox-", getpid());
     errno = 0;
-    if (mkdir(cgroup.c_str(), 0755) != 0 || !write_file(cgroup + "/memory.max", absl::StrCat(req.cgroup_memory)) ||
-        !write_file(cgroup + "/memory.swap.max", "0") || !write_file(cgroup + "/pids.max", absl::StrCat(req.cgroup_pids)) ||
-        !write_file(cgroup + "/cgroup.procs", absl::StrCat(init))) {
+    if (mkdir(cgroup.c_str(), 0755) != 0 || !write_file(cgroup + "/memory.max", wire::cat(req.cgroup_memory)) ||
+        !write_file(cgroup + "/memory.swap.max", "0") || !write_file(cgroup + "/pids.max", wire::cat(req.cgroup_pids)) ||
+        !write_file(cgroup + "/cgroup.procs", wire::cat(init))) {
       kill(init, SIGKILL);
       waitpid(init, nullptr, 0);
       rmdir(cgroup.c_str());
@@ -562,18 +577,18 @@ Message launch(const Request& req) {
   auto finish_step = [&](const Report& r) {
     drain(out[0], outbuf, out_over);
     drain(err[0], errbuf, err_over);
-    auto key = [&](const char* k) { return absl::StrCat("step.", r.step, ".", k); };
-    resp[key("status")] = absl::StrCat(r.status);
-    resp[key("exec_errno")] = absl::StrCat(r.exec_errno);
+    auto key = [&](const char* k) { return wire::cat("step.", r.step, ".", k); };
+    resp[key("status")] = wire::cat(r.status);
+    resp[key("exec_errno")] = wire::cat(r.exec_errno);
     resp[key("killed")] = r.killed == kKilledWall ? "wall" : (r.killed == kKilledRequest && asked_kill) ? "output" : "";
-    resp[key("cpu_us")] = absl::StrCat(r.cpu_us);
-    resp[key("maxrss_kb")] = absl::StrCat(r.maxrss_kb);
-    resp[key("wall_us")] = absl::StrCat(r.wall_us);
+    resp[key("cpu_us")] = wire::cat(r.cpu_us);
+    resp[key("maxrss_kb")] = wire::cat(r.maxrss_kb);
+    resp[key("wall_us")] = wire::cat(r.wall_us);
     resp[key("stdout")] = std::move(outbuf);
     resp[key("stderr")] = std::move(errbuf);
-    resp[key("stdout_over")] = absl::StrCat(out_over ? 1 : 0);
-    resp[key("stderr_over")] = absl::StrCat(err_over ? 1 : 0);
-    resp["steps_run"] = absl::StrCat(r.step + 1);
+    resp[key("stdout_over")] = wire::cat(out_over ? 1 : 0);
+    resp[key("stderr_over")] = wire::cat(err_over ? 1 : 0);
+    resp["steps_run"] = wire::cat(r.step + 1);
     outbuf.clear();
     errbuf.clear();
     out_over = err_over = asked_kill = false;
@@ -621,15 +636,14 @@ Message launch(const Request& req) {
   int status = 0;
   waitpid(init, &status, 0);
   if (!cgroup.empty()) {
-    const std::string peak = read_file(cgroup + "/memory.peak");
-    int64_t v = 0;
-    if (absl::SimpleAtoi(absl::StripAsciiWhitespace(peak), &v)) resp["cgroup.peak_kb"] = absl::StrCat(v / 1024);
-    for (absl::string_view line : absl::StrSplit(read_file(cgroup + "/memory.events"), '\n'))
-      if (absl::ConsumePrefix(&line, "oom_kill ")) resp["cgroup.oom_kills"] = std::string(line);
+    const long long peak = std::atoll(read_file(cgroup + "/memory.peak").c_str());
+    if (peak > 0) resp["cgroup.peak_kb"] = wire::cat(peak / 1024);
+    for (const std::string& line : wire::split(read_file(cgroup + "/memory.events"), '\n'))
+      if (line.rfind("oom_kill ", 0) == 0) resp["cgroup.oom_kills"] = line.substr(9);
     rmdir(cgroup.c_str());
   }
   if (resp.find("steps_run") == resp.end() && resp.find("error") == resp.end())
-    resp["error"] = absl::StrCat("the sandbox ended before the program ran (status ", status, ")");
+    resp["error"] = wire::cat("the sandbox ended before the program ran (status ", status, ")");
   return resp;
 }
 
@@ -638,9 +652,9 @@ int probe_child(void*) { return 0; }
 
 Message probe() {
   Message resp;
-  std::vector<char> stack(1 << 16);
+  alignas(64) static char stack[64 << 10];
   auto try_clone = [&](int flags) {
-    const pid_t pid = clone(probe_child, stack.data() + stack.size(), flags | SIGCHLD, nullptr);
+    const pid_t pid = clone(probe_child, stack + sizeof(stack), flags | SIGCHLD, nullptr);
     if (pid < 0) return false;
     int status = 0;
     waitpid(pid, &status, 0);
@@ -655,8 +669,9 @@ Message probe() {
   // seccomp: load the real filter in a child.
   const pid_t pid = fork();
   if (pid == 0) {
-    auto f = build_seccomp_filter();
-    if (!f.ok() || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || seccomp_load(*f) != 0) _exit(1);
+    std::string why;
+    scmp_filter_ctx f = build_seccomp_filter(&why);
+    if (f == nullptr || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || seccomp_load(f) != 0) _exit(1);
     _exit(0);
   }
   int status = 0;
@@ -684,9 +699,10 @@ int main(int argc, char** argv) {
   } else {
     std::string data((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
     auto msg = wire::decode(data);
-    auto req = msg.ok() ? parse_request(*msg) : absl::StatusOr<Request>(msg.status());
-    if (!req.ok()) {
-      resp["error"] = std::string(req.status().message());
+    std::string why = "malformed request";
+    auto req = msg ? parse_request(*msg, &why) : std::nullopt;
+    if (!req) {
+      resp["error"] = why;
     } else {
       resp = launch(*req);
     }

@@ -190,7 +190,9 @@ absl::StatusOr<wire::Message> call_launcher(const std::string& launcher, const s
       return absl::InternalError(absl::StrCat("the sandbox launcher ", how, " without an answer",
                                               errs.empty() ? "" : ": ", errs));
     }
-    return wire::decode(data);
+    auto m = wire::decode(data);
+    if (!m) return absl::DataLossError("the sandbox launcher's answer is malformed");
+    return *m;
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("cannot start the sandbox launcher ", launcher, ": ", e.what()));
   }

@@ -6,7 +6,6 @@
 #include <cerrno>
 #include <cstring>
 
-#include "absl/strings/str_cat.h"
 
 #ifndef CLONE_NEWTIME
 #define CLONE_NEWTIME 0x00000080
@@ -14,9 +13,12 @@
 
 namespace r1lab::sandbox {
 
-absl::StatusOr<scmp_filter_ctx> build_seccomp_filter() {
+scmp_filter_ctx build_seccomp_filter(std::string* error) {
   scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
-  if (ctx == nullptr) return absl::InternalError("seccomp_init failed");
+  if (ctx == nullptr) {
+    *error = "seccomp_init failed";
+    return nullptr;
+  }
   // Syscalls of other ABIs than the native one: kill (the default action for a bad arch).
   seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_KILL_PROCESS);
   const char* denied[] = {
@@ -37,7 +39,8 @@ absl::StatusOr<scmp_filter_ctx> build_seccomp_filter() {
     const int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0);
     if (rc != 0) {
       seccomp_release(ctx);
-      return absl::InternalError(absl::StrCat("seccomp rule for ", name, ": ", std::strerror(-rc)));
+      *error = std::string("seccomp rule for ") + name + ": " + std::strerror(-rc);
+      return nullptr;
     }
   }
   int rc = 0;
@@ -51,7 +54,8 @@ absl::StatusOr<scmp_filter_ctx> build_seccomp_filter() {
   rc = rc ? rc : seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_NE, AF_UNIX));
   if (rc != 0) {
     seccomp_release(ctx);
-    return absl::InternalError(absl::StrCat("seccomp rule: ", std::strerror(-rc)));
+    *error = std::string("seccomp rule: ") + std::strerror(-rc);
+    return nullptr;
   }
   return ctx;
 }

@@ -3,7 +3,7 @@
 
 #include <seccomp.h>
 
-#include "absl/status/statusor.h"
+#include <string>
 
 namespace r1lab::sandbox {
 
@@ -13,6 +13,7 @@ namespace r1lab::sandbox {
 // kexec, bpf, perf_event_open, keyctl/add_key/request_key, reboot, module loading, swap, acct, quotactl,
 // userfaultfd, handle-based opens, io_uring (its operations bypass seccomp), syslog, and socket() for any
 // family other than AF_UNIX. Foreign syscall ABIs (i386, x32) kill the process.
-absl::StatusOr<scmp_filter_ctx> build_seccomp_filter();
+// nullptr with *error set when libseccomp fails.
+scmp_filter_ctx build_seccomp_filter(std::string* error);
 
 }  // namespace r1lab::sandbox
