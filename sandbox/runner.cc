@@ -16,6 +16,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -313,10 +314,22 @@ absl::StatusOr<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
   }
 
   // The prepared roots.
-  char tmpl[] = "/tmp/r1lab-sandbox-roots-XXXXXX";
-  if (mkdtemp(tmpl) == nullptr) return absl::InternalError(absl::StrCat("mkdtemp: ", std::strerror(errno)));
+  // Roots of runners that died without cleaning up (killed processes) go first.
+  {
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator("/tmp", ec)) {
+      const std::string name = e.path().filename().string();
+      constexpr absl::string_view kPrefix = "r1lab-sandbox-roots-";
+      if (!absl::StartsWith(name, kPrefix)) continue;
+      const std::string owner = name.substr(kPrefix.size(), name.find('-', kPrefix.size()) - kPrefix.size());
+      int pid = 0;
+      if (absl::SimpleAtoi(owner, &pid) && pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) fs::remove_all(e.path(), ec);
+    }
+  }
+  std::string tmpl = absl::StrCat("/tmp/r1lab-sandbox-roots-", getpid(), "-XXXXXX");
+  if (mkdtemp(tmpl.data()) == nullptr) return absl::InternalError(absl::StrCat("mkdtemp: ", std::strerror(errno)));
   r->scratch_ = tmpl;
-  chmod(tmpl, 0755);  // the sandbox's unprivileged uid walks through it
+  chmod(tmpl.c_str(), 0755);  // the sandbox's unprivileged uid walks through it
   std::vector<std::string> libdirs;
   for (const auto& e : fs::directory_iterator("/usr/lib"))
     if (e.is_directory() && absl::EndsWith(e.path().filename().string(), "-linux-gnu")) libdirs.push_back(e.path());
