@@ -154,8 +154,8 @@ void find_cgroup(const std::string& requested, Protections* p) {
   const std::string here = mnt + (own == "/" ? "" : own);
   const std::string controllers = std::string(absl::StripAsciiWhitespace(read_text(here + "/cgroup.controllers")));
   if (!has_controllers(controllers)) {
-    p->cgroup_detail = absl::StrCat("the cgroup v2 hierarchy at ", mnt, " offers [", controllers,
-                                    "] here, not memory and pids (on this host they are elsewhere, e.g. cgroup v1)");
+    p->cgroup_detail = absl::StrCat("this process's cgroup v2 (", here, ") has the controllers [", controllers,
+                                    "], not both memory and pids");
     return;
   }
   if (own == "/" && (has_controllers(read_text(here + "/cgroup.subtree_control")) ||
