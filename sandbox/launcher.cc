@@ -12,6 +12,7 @@
 // When init exits the kernel kills everything left in its PID namespace, so nothing the program started
 // outlives the run. The launcher dies by SIGALRM if a run overstays all its limits; init dies with it
 // (PR_SET_PDEATHSIG).
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <grp.h>
@@ -104,7 +105,6 @@ struct Request {
     bool writable;
   };
   std::vector<Bind> binds;
-  std::vector<std::string> symlinks;  // unused here; the prepared root holds them
   std::vector<std::pair<std::string, std::string>> files;
   std::vector<Step> steps;
   std::string stdin_data;
@@ -257,12 +257,19 @@ void kill_others(bool isolated) {
     while (!frontier.empty()) {
       pid_t p = frontier.back();
       frontier.pop_back();
-      std::ifstream in(wire::cat("/proc/", p, "/task/", p, "/children"));
-      pid_t c;
-      while (in >> c) {
-        pids.push_back(c);
-        frontier.push_back(c);
+      // Each thread has its own list of children.
+      DIR* tasks = opendir(wire::cat("/proc/", p, "/task").c_str());
+      if (tasks == nullptr) continue;
+      while (struct dirent* t = readdir(tasks)) {
+        if (t->d_name[0] == '.') continue;
+        std::ifstream in(wire::cat("/proc/", p, "/task/", t->d_name, "/children"));
+        pid_t c;
+        while (in >> c) {
+          pids.push_back(c);
+          frontier.push_back(c);
+        }
       }
+      closedir(tasks);
     }
     if (pids.empty()) return;
     for (pid_t p : pids) kill(p, SIGKILL);

@@ -158,9 +158,11 @@ void find_cgroup(const std::string& requested, Protections* p) {
                                     "], not both memory and pids");
     return;
   }
-  if (own == "/" && (has_controllers(read_text(here + "/cgroup.subtree_control")) ||
-                     std::ofstream(here + "/cgroup.subtree_control") << "+memory +pids")) {
-    if (has_controllers(read_text(here + "/cgroup.subtree_control")) && access(here.c_str(), W_OK) == 0) {
+  // The root cgroup may hold processes and children at once; elsewhere a cgroup must be delegated.
+  if (own == "/") {
+    const std::string subtree = here + "/cgroup.subtree_control";
+    if (!has_controllers(read_text(subtree))) std::ofstream(subtree) << "+memory +pids";
+    if (has_controllers(read_text(subtree)) && access(here.c_str(), W_OK) == 0) {
       p->cgroup = true;
       p->cgroup_dir = here;
       return;
