@@ -365,19 +365,17 @@ int init_main(void* arg) {
     char tmpl[] = "/tmp/r1lab-sandbox-XXXXXX";
     if (mkdtemp(tmpl) == nullptr) init_fail(a, "creating a work directory");
     workdir = tmpl;
-    if (req.run_as_uid >= 0 && geteuid() == 0 && chown(tmpl, req.run_as_uid, req.run_as_uid) != 0)
-      init_fail(a, "chown of the work directory");
     prctl(PR_SET_CHILD_SUBREAPER, 1);
   }
   write_files(a, workdir);
   if (!isolated && req.run_as_uid >= 0 && geteuid() == 0) {
-    const uid_t u = static_cast<uid_t>(req.run_as_uid);
+    // The work directory and the files in it belong to the uid the program will run as.
     static uid_t owner;
-    owner = u;
-    nftw(workdir.c_str(), [](const char* p, const struct stat*, int, struct FTW*) {
-      if (lchown(p, owner, owner) != 0) return 1;
-      return 0;
-    }, 16, FTW_PHYS);
+    owner = static_cast<uid_t>(req.run_as_uid);
+    errno = 0;
+    if (nftw(workdir.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return lchown(p, owner, owner); },
+             16, FTW_PHYS) != 0)
+      init_fail(a, "chown of the work directory");
   }
   // The program may run as the same uid: it must not read or trace init.
   prctl(PR_SET_DUMPABLE, 0);

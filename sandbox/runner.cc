@@ -227,6 +227,11 @@ bool is_memory_error(const std::string& err) {
          absl::StrContains(err, "Cannot allocate memory") || absl::StrContains(err, "out of memory");
 }
 
+// The interpreter or compiler of a language.
+const std::string& toolchain(const RunnerOptions& o, Language lang) {
+  return lang == Language::kPython ? o.python : lang == Language::kC ? o.cc : o.cxx;
+}
+
 std::string describe_signal(int sig) { return absl::StrCat("signal ", sig, " (", strsignal(sig), ")"); }
 
 }  // namespace
@@ -236,11 +241,7 @@ std::string describe_signal(int sig) { return absl::StrCat("signal ", sig, " (",
 struct Runner::Root {
   std::string dir;
   std::vector<std::pair<std::string, bool>> binds;  // host path (mounted at the same path), writable
-  std::string binds_wire() const {
-    std::string s;
-    for (const auto& [p, rw] : binds) absl::StrAppend(&s, p, "\t", p, "\t", rw ? "rw" : "ro", "\n");
-    return s;
-  }
+  std::string binds_wire;                            // the same, as the launcher reads it
 };
 
 namespace {
@@ -363,6 +364,7 @@ absl::StatusOr<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
     std::stable_sort(root->binds.begin(), root->binds.end(), [](const auto& a, const auto& b) {
       return std::count(a.first.begin(), a.first.end(), '/') < std::count(b.first.begin(), b.first.end(), '/');
     });
+    for (const auto& [p, rw] : root->binds) absl::StrAppend(&root->binds_wire, p, "\t", p, "\t", rw ? "rw" : "ro", "\n");
     r->roots_[lang] = std::move(root);
     return absl::OkStatus();
   };
@@ -382,15 +384,12 @@ absl::StatusOr<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
   std::vector<std::string> binutils;
   for (const char* t : {"/usr/bin/as", "/usr/bin/ld"})
     if (fs::exists(t)) binutils.push_back(t);
-  if (access(options.cc.c_str(), X_OK) == 0) {
+  for (Language lang : {Language::kC, Language::kCpp}) {
+    const std::string& compiler = toolchain(options, lang);
+    if (access(compiler.c_str(), X_OK) != 0) continue;
     std::vector<std::string> tools = binutils;
-    tools.push_back(options.cc);
-    if (auto s = make_root(Language::kC, tools, cdirs); !s.ok()) return s;
-  }
-  if (access(options.cxx.c_str(), X_OK) == 0) {
-    std::vector<std::string> tools = binutils;
-    tools.push_back(options.cxx);
-    if (auto s = make_root(Language::kCpp, tools, cdirs); !s.ok()) return s;
+    tools.push_back(compiler);
+    if (auto s = make_root(lang, tools, cdirs); !s.ok()) return s;
   }
   return r;
 }
@@ -424,10 +423,7 @@ absl::StatusOr<Result> Runner::run(const Program& program, const Limits& limits,
   auto root = roots_.find(program.lang);
   if (root == roots_.end())
     return absl::FailedPreconditionError(absl::StrCat("no ", language_name(program.lang), " toolchain on this host (",
-                                                      program.lang == Language::kPython ? options_.python
-                                                      : program.lang == Language::kC    ? options_.cc
-                                                                                        : options_.cxx,
-                                                      ")"));
+                                                      toolchain(options_, program.lang), ")"));
   const std::vector<std::string> missing = protections_.missing();
   if (!missing.empty() && !options_.allow_unsafe)
     return absl::FailedPreconditionError(absl::StrCat(
@@ -440,7 +436,7 @@ absl::StatusOr<Result> Runner::run(const Program& program, const Limits& limits,
   wire::Message req;
   req["mode"] = isolated ? "isolated" : "unsafe";
   req["root"] = root->second->dir;
-  req["binds"] = root->second->binds_wire();
+  req["binds"] = root->second->binds_wire;
   req["seccomp"] = protections_.seccomp ? "1" : "0";
   const bool host_root = geteuid() == 0;
   req["map_uid"] = absl::StrCat(host_root ? 65534 : geteuid());
@@ -477,8 +473,8 @@ absl::StatusOr<Result> Runner::run(const Program& program, const Limits& limits,
   const bool compiled = program.lang != Language::kPython;
   if (compiled) {
     std::vector<std::string> cc = program.lang == Language::kC
-                                      ? std::vector<std::string>{options_.cc, "-O2", "-std=gnu17", "-pipe", "-o", "main", main_file, "-lm"}
-                                      : std::vector<std::string>{options_.cxx, "-O2", "-std=gnu++17", "-pipe", "-o", "main", main_file};
+                                      ? std::vector<std::string>{toolchain(options_, program.lang), "-O2", "-std=gnu17", "-pipe", "-o", "main", main_file, "-lm"}
+                                      : std::vector<std::string>{toolchain(options_, program.lang), "-O2", "-std=gnu++17", "-pipe", "-o", "main", main_file};
     add_step(cc, limits.compile_time_limit_ms, 2 * limits.compile_time_limit_ms + 1000, limits.compile_memory_mb,
              std::max<int64_t>(nproc, 16), limits.compile_output_limit_bytes, false);
     add_step({"./main"}, limits.time_limit_ms, limits.effective_wall_limit_ms(), limits.memory_mb, nproc,
