@@ -1,6 +1,7 @@
 #include "rewards/reward.h"
 
 #include "absl/strings/str_cat.h"
+#include "rewards/math_equivalence.h"
 #include "rewards/rules.h"
 
 namespace r1lab::rewards {
@@ -32,6 +33,16 @@ RewardRegistry RewardRegistry::with_builtin_rules() {
     if (p.contains("use_all") && !p["use_all"].is_boolean())
       return absl::InvalidArgumentError("countdown: 'use_all' must be true or false");
     return std::unique_ptr<RewardFn>(std::make_unique<CountdownReward>(p.value("use_all", false)));
+  });
+  r.add("math", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
+    auto f = MathReward::make(p);
+    if (!f.ok()) return f.status();
+    return std::unique_ptr<RewardFn>(std::move(*f));
+  });
+  r.add("choice", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
+    auto f = ChoiceReward::make(p);
+    if (!f.ok()) return f.status();
+    return std::unique_ptr<RewardFn>(std::move(*f));
   });
   return r;
 }

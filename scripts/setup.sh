@@ -11,6 +11,7 @@ packages=(
   libboost-dev libboost-filesystem-dev
   libgtest-dev libgmock-dev
   libyaml-cpp-dev nlohmann-json3-dev libseccomp-dev
+  libgmp-dev libicu-dev python3-grpcio python3-protobuf
   libcairo2-dev fonts-dejavu-core
 )
 
