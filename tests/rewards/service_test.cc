@@ -1,4 +1,5 @@
 // The reward service over gRPC on loopback, against the same rewards in process.
+#include <algorithm>
 #include "rewards/service.h"
 
 #include "grpcpp/grpcpp.h"
@@ -58,7 +59,8 @@ TEST_F(RewardServiceTest, GrpcAndInProcessScoresAgree) {
   ASSERT_TRUE(list.ok());
   std::vector<std::string> names;
   for (const RewardInfo& i : *list) names.push_back(i.name);
-  EXPECT_EQ(names, (std::vector<std::string>{"answer_match", "countdown", "format", "r1_countdown"}));
+  for (const char* name : {"answer_match", "countdown", "format", "math", "r1_countdown"})
+    EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   auto empty = remote_->score("format", {});
   ASSERT_TRUE(empty.ok());
   EXPECT_TRUE(empty->empty());
