@@ -51,14 +51,19 @@ class RewardRegistry {
   std::map<std::string, RewardFactory> factories_;
 };
 
-// Σ weight_i · rule_i(sample); components hold each rule's unweighted value under its name. A rule that
-// reports an error contributes 0 and its error is passed on.
+// Σ weight_i · rule_i(sample); components hold each rule's unweighted value under its name (or its
+// "as"), and the components a rule reports itself. A rule that reports an error contributes 0 and its
+// error is passed on. A gated rule counts only when the rule it names scored at least `min` (say,
+// accuracy only when the format passed); when it does not, component "gated:<name>" is 1.
 class WeightedSum final : public RewardFn {
  public:
-  // spec: [{"name": "format", "weight": 0.1, "params": {...}}, ...]
+  // spec: [{"name": "format", "weight": 0.1, "params": {...}},
+  //        {"name": "math", "as": "accuracy", "gate": "format"},   // or "gate": {"name": "format", "min": 1}
+  //        ...]
   static absl::StatusOr<std::unique_ptr<WeightedSum>> from_json(const RewardRegistry& registry,
                                                                 const nlohmann::json& spec);
-  void add(std::string name, double weight, std::unique_ptr<RewardFn> fn);
+  void add(std::string name, double weight, std::unique_ptr<RewardFn> fn, std::string gate = "",
+           double gate_min = 1.0);
   Score score(const Sample& s) const override;
 
  private:
@@ -66,6 +71,8 @@ class WeightedSum final : public RewardFn {
     std::string name;
     double weight;
     std::unique_ptr<RewardFn> fn;
+    std::string gate;  // "" or the name of an earlier or later term
+    double gate_min = 1.0;
   };
   std::vector<Term> terms_;
 };

@@ -49,7 +49,7 @@ std::optional<double> parse_number(const std::string& text) {
 }
 
 struct FormatReward::Impl {
-  explicit Impl(const std::string& pattern) : re(pattern, options()) {}
+  Impl(const std::string& pattern, bool full) : re(pattern, options()), full_match(full) {}
   static RE2::Options options() {
     RE2::Options o;
     o.set_dot_nl(true);
@@ -57,13 +57,14 @@ struct FormatReward::Impl {
     return o;
   }
   RE2 re;
+  bool full_match;
 };
 
 FormatReward::FormatReward(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 FormatReward::~FormatReward() = default;
 
-absl::StatusOr<std::unique_ptr<FormatReward>> FormatReward::make(const std::string& pattern) {
-  auto impl = std::make_unique<Impl>(pattern);
+absl::StatusOr<std::unique_ptr<FormatReward>> FormatReward::make(const std::string& pattern, bool full_match) {
+  auto impl = std::make_unique<Impl>(pattern, full_match);
   if (!impl->re.ok())
     return absl::InvalidArgumentError(absl::StrCat("format: bad pattern '", pattern, "': ", impl->re.error()));
   return std::unique_ptr<FormatReward>(new FormatReward(std::move(impl)));
@@ -71,7 +72,21 @@ absl::StatusOr<std::unique_ptr<FormatReward>> FormatReward::make(const std::stri
 
 Score FormatReward::score(const Sample& s) const {
   Score out;
-  out.value = RE2::FullMatch(s.completion, impl_->re) ? 1.0 : 0.0;
+  const bool match = impl_->full_match ? RE2::FullMatch(s.completion, impl_->re) : RE2::PartialMatch(s.completion, impl_->re);
+  out.value = match ? 1.0 : 0.0;
+  return out;
+}
+
+Score TagCountReward::score(const Sample& s) const {
+  Score out;
+  for (const std::string& tag : tags_) {
+    size_t count = 0;
+    for (size_t at = s.completion.find(tag); at != std::string::npos && count < 2; at = s.completion.find(tag, at + 1))
+      ++count;
+    const double once = count == 1 ? 1.0 : 0.0;
+    out.components["tag:" + tag] = once;
+    out.value += once / static_cast<double>(tags_.size());
+  }
   return out;
 }
 

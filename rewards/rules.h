@@ -4,6 +4,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "rewards/reward.h"
@@ -16,13 +17,15 @@ std::optional<std::string> extract_answer(const std::string& completion);
 // A number written the usual ways: "42", "-3.5", "1,000", "3/4", "1e3", "$42$", "\boxed{42}".
 std::optional<double> parse_number(const std::string& text);
 
-// 1 when the whole completion matches an RE2 pattern, else 0. The default is R1's format:
-// <think> reasoning </think> then <answer> answer </answer>, nothing else but whitespace around.
-// params: {"pattern": "..."}.
+// 1 when the completion matches an RE2 pattern, else 0: the whole completion (mode "full", the
+// default) or anywhere in it (mode "search"). The default pattern is R1's format: <think> reasoning
+// </think> then <answer> answer </answer>, nothing else but whitespace around.
+// params: {"pattern": "...", "mode": "full" | "search"}.
 class FormatReward final : public RewardFn {
  public:
   static constexpr char kR1Pattern[] = R"(\s*<think>.*?</think>\s*<answer>.*?</answer>\s*)";
-  static absl::StatusOr<std::unique_ptr<FormatReward>> make(const std::string& pattern = kR1Pattern);
+  static absl::StatusOr<std::unique_ptr<FormatReward>> make(const std::string& pattern = kR1Pattern,
+                                                            bool full_match = true);
   Score score(const Sample& s) const override;
   ~FormatReward() override;
 
@@ -30,6 +33,18 @@ class FormatReward final : public RewardFn {
   struct Impl;
   explicit FormatReward(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
+};
+
+// Partial credit for R1's tags: each tag that appears exactly once earns 1/N (N tags), so a model
+// learning the template gets a signal before it gets the whole format right. Components: "tag:<think>"
+// etc. (1 when exactly once). params: {"tags": ["<think>", "</think>", "<answer>", "</answer>"]}.
+class TagCountReward final : public RewardFn {
+ public:
+  explicit TagCountReward(std::vector<std::string> tags) : tags_(std::move(tags)) {}
+  Score score(const Sample& s) const override;
+
+ private:
+  std::vector<std::string> tags_;
 };
 
 // 1 when the extracted answer equals the reference: numerically (relative tolerance) when both are
