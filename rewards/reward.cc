@@ -1,6 +1,7 @@
 #include "rewards/reward.h"
 
 #include "absl/strings/str_cat.h"
+#include "rewards/code.h"
 #include "rewards/language.h"
 #include "rewards/math_equivalence.h"
 #include "rewards/shaping.h"
@@ -70,6 +71,11 @@ RewardRegistry RewardRegistry::with_builtin_rules() {
   });
   r.add("repetition", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
     auto f = RepetitionReward::make(p);
+    if (!f.ok()) return f.status();
+    return std::unique_ptr<RewardFn>(std::move(*f));
+  });
+  r.add("code", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
+    auto f = CodeReward::make(p);
     if (!f.ok()) return f.status();
     return std::unique_ptr<RewardFn>(std::move(*f));
   });
