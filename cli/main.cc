@@ -1,22 +1,23 @@
 // r1lab: one program, subcommands as thin adapters over the libraries.
 #include <algorithm>
+#include <atomic>
 #include <csignal>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <optional>
-#include <atomic>
-#include <thread>
 #include <iostream>
 #include <iterator>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/marshalling.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -27,6 +28,7 @@
 #include "rollout/engine.h"
 #include "rollout/client.h"
 #include "rollout/service.h"
+#include "rewards/plugins.h"
 #include "rewards/service.h"
 #include "trainer/parity.h"
 #include "run/recipe.h"
@@ -51,8 +53,11 @@ ABSL_FLAG(std::vector<std::string>, stop, {}, "generate: comma-separated stop st
 ABSL_FLAG(std::string, host, "127.0.0.1", "serve-*: address to listen on (loopback by default)");
 ABSL_FLAG(int, port, -1, "serve-*: port (default 50051 for serve-rollout, 50052 for serve-reward; 0: any free port, "
           "printed at start)");
-ABSL_FLAG(std::string, rewards, "", "serve-reward: JSON file of named rewards: {\"name\": [{\"name\": rule, "
-          "\"weight\": w, \"params\": {...}}, ...]}");
+ABSL_FLAG(std::string, rewards, "", "serve-reward: a reward config (JSON or YAML): named rewards {\"name\": [{\"name\": "
+          "rule, \"weight\": w, \"params\": {...}, \"gate\": rule}, ...]} and \"plugins\" (see rewards/plugins.h)");
+ABSL_FLAG(std::string, reward, "", "reward score: the reward(s) to apply, NAME[,NAME...] (summed)");
+ABSL_FLAG(std::string, config, "", "reward score: a reward config (JSON or YAML), as serve-reward --rewards");
+ABSL_FLAG(std::string, input, "", "reward score: JSONL of {\"completion\", \"answer\", ...} (- for stdin)");
 ABSL_FLAG(int, block_size, 16, "serve-rollout: tokens per latent-cache block");
 ABSL_FLAG(int64_t, cache_mb, 256, "serve-rollout: latent-cache size in MiB");
 ABSL_FLAG(int64_t, max_tokens_per_step, 1024, "serve-rollout: prefill + decode tokens per engine step");
@@ -89,7 +94,13 @@ constexpr char kUsage[] =
     "      a rollout worker: the r1lab.v1.Rollout gRPC service (proto/r1lab/v1/rollout.proto)\n"
     "  serve-reward [--rewards FILE.json --host 127.0.0.1 --port 50052]\n"
     "      the reward service: r1lab.v1.Reward (proto/r1lab/v1/reward.proto) with the built-in rules\n"
-    "      and the named weighted sums of FILE.json\n";
+    "      and the named weighted sums and plugins of FILE (JSON or YAML)\n"
+    "  reward score --reward NAME[,NAME...] [--config FILE] --input FILE.jsonl\n"
+    "      scores each line {\"completion\", \"answer\", \"prompt\", \"task\", \"meta\", ...} and writes it back with\n"
+    "      \"reward\" and \"components\" (and \"error\" where a sample could not be judged); other fields of a\n"
+    "      line reach the rewards as metadata\n"
+    "  reward list [--config FILE]\n"
+    "      the rewards available, one JSON object per line\n";
 
 absl::StatusOr<std::unique_ptr<Backend>> make_backend() {
   const std::string d = absl::GetFlag(FLAGS_device);
@@ -269,13 +280,7 @@ int serve_reward(const std::vector<char*>& args) {
   const sigset_t stop_signals = block_stop_signals();
   nlohmann::json spec;
   const std::string path = absl::GetFlag(FLAGS_rewards);
-  if (!path.empty()) {
-    std::ifstream in(path);
-    if (!in) return fail(absl::NotFoundError(absl::StrCat("--rewards: cannot open ", path)));
-    spec = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-    if (spec.is_discarded()) return fail(absl::InvalidArgumentError(absl::StrCat("--rewards: ", path, " is not JSON")));
-  }
-  auto set = r1lab::rewards::RewardSet::make(r1lab::rewards::RewardRegistry::with_builtin_rules(), spec);
+  auto set = path.empty() ? r1lab::rewards::load_reward_set(spec, "") : r1lab::rewards::load_reward_set_file(path);
   if (!set.ok()) return fail(set.status());
   auto shared = std::make_shared<const r1lab::rewards::RewardSet>(std::move(*set));
   const std::string host = absl::GetFlag(FLAGS_host);
@@ -404,6 +409,115 @@ absl::StatusOr<std::string> read_input_file(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
+// r1lab reward score | list: the reward library from the command line, to try and debug rewards.
+int reward(const std::vector<char*>& args) {
+  namespace rw = r1lab::rewards;
+  using json = nlohmann::json;
+  const std::string sub = args.size() > 2 ? args[2] : "";
+  if (args.size() != 3 || (sub != "score" && sub != "list")) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  const std::string config = absl::GetFlag(FLAGS_config);
+  auto set = config.empty() ? rw::load_reward_set(json(), "") : rw::load_reward_set_file(config);
+  if (!set.ok()) return fail(set.status());
+  if (sub == "list") {
+    for (const auto& [name, spec] : set->list())
+      std::cout << json({{"name", name}, {"spec", json::parse(spec, nullptr, false)}}).dump() << "\n";
+    return 0;
+  }
+  std::vector<const rw::RewardFn*> fns;
+  std::vector<std::string> names = absl::StrSplit(absl::GetFlag(FLAGS_reward), ',', absl::SkipWhitespace());
+  if (names.empty()) return fail(absl::InvalidArgumentError("reward score: --reward NAME[,NAME...] is required"));
+  for (const std::string& n : names) {
+    const rw::RewardFn* fn = set->find(n);
+    if (!fn) {
+      std::string known;
+      for (const auto& [name, spec] : set->list()) absl::StrAppend(&known, known.empty() ? "" : ", ", name);
+      return fail(absl::InvalidArgumentError(absl::StrCat("unknown reward '", n, "' (known: ", known, ")")));
+    }
+    fns.push_back(fn);
+  }
+  const std::string input = absl::GetFlag(FLAGS_input);
+  if (input.empty()) return fail(absl::InvalidArgumentError("reward score: --input FILE.jsonl is required (- for stdin)"));
+  std::ifstream file;
+  if (input != "-") {
+    file.open(input);
+    if (!file) return fail(absl::NotFoundError(absl::StrCat("--input: cannot open ", input)));
+  }
+  std::istream& in = input == "-" ? std::cin : file;
+  // Every line, parsed; a line that is not a JSON object comes back with an error, never dropped.
+  std::vector<json> lines;
+  std::vector<std::string> line_errors;
+  int bad = 0;
+  for (std::string text; std::getline(in, text);) {
+    if (absl::StripAsciiWhitespace(text).empty()) continue;
+    json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+    std::string err;
+    if (j.is_discarded() || !j.is_object()) {
+      err = "not a JSON object";
+    } else if (!j.contains("completion") || !j["completion"].is_string()) {
+      err = "needs a string \"completion\"";
+    } else if (j.contains("meta") && !j["meta"].is_object()) {
+      err = "\"meta\" must be an object";
+    }
+    if (!err.empty()) {
+      std::cerr << "r1lab reward score: " << input << ":" << lines.size() + 1 << ": " << err << "\n";
+      ++bad;
+      j = json{{"line", text}};
+    }
+    lines.push_back(std::move(j));
+    line_errors.push_back(err);
+  }
+  auto text_field = [](const json& j, const char* key) {
+    return j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
+  };
+  std::vector<json> out(lines.size());
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next++) < lines.size();) {
+      json& j = lines[i];
+      if (!line_errors[i].empty()) {
+        out[i] = j;
+        out[i]["error"] = line_errors[i];
+        continue;
+      }
+      rw::Sample s;
+      s.prompt = text_field(j, "prompt");
+      s.completion = text_field(j, "completion");
+      s.reference = j.contains("answer") ? text_field(j, "answer") : text_field(j, "reference");
+      if (j.contains("answer") && j["answer"].is_number()) s.reference = j["answer"].dump();
+      s.task = text_field(j, "task");
+      s.meta = j.value("meta", json::object());
+      for (const auto& [k, v] : j.items())
+        if (k != "prompt" && k != "completion" && k != "answer" && k != "reference" && k != "task" && k != "meta" &&
+            !s.meta.contains(k))
+          s.meta[k] = v;
+      double value = 0;
+      json components = json::object();
+      std::string error;
+      for (size_t r = 0; r < fns.size(); ++r) {
+        const rw::Score sc = fns[r]->score(s);
+        value += sc.value;
+        if (fns.size() > 1) components[names[r]] = sc.value;
+        for (const auto& [k, v] : sc.components) components[k] = v;
+        if (!sc.error.empty()) absl::StrAppend(&error, error.empty() ? "" : "; ", sc.error);
+      }
+      out[i] = j;
+      out[i]["reward"] = value;
+      out[i]["components"] = components;
+      if (!error.empty()) out[i]["error"] = error;
+    }
+  };
+  std::vector<std::thread> threads;
+  const unsigned n = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), 16));
+  for (unsigned t = 0; t < n; ++t) threads.emplace_back(work);
+  for (std::thread& t : threads) t.join();
+  for (const json& j : out) std::cout << j.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+  std::cout.flush();
+  return bad > 0 ? 1 : 0;
+}
+
 int sandbox(const std::vector<char*>& args) {
   namespace sb = r1lab::sandbox;
   const std::string sub = args.size() > 2 ? args[2] : "";
@@ -477,6 +591,7 @@ int main(int argc, char** argv) {
   if (cmd == "run") return run(args);
   if (cmd == "report") return report(args);
   if (cmd == "sandbox") return sandbox(args);
+  if (cmd == "reward") return reward(args);
   std::cerr << "r1lab: unknown command '" << cmd << "'\n" << kUsage;
   return 2;
 }

@@ -181,7 +181,7 @@ class Service final : public pb::Reward::Service {
 
 class GrpcRewardClient final : public RewardClient {
  public:
-  explicit GrpcRewardClient(const std::string& target) {
+  GrpcRewardClient(const std::string& target, double timeout_s) : timeout_s_(timeout_s) {
     grpc::ChannelArguments args;
     args.SetMaxSendMessageSize(64 << 20);
     args.SetMaxReceiveMessageSize(64 << 20);
@@ -200,6 +200,7 @@ class GrpcRewardClient final : public RewardClient {
       if (!s.meta.is_null()) p->set_meta_json(s.meta.dump());
     }
     grpc::ClientContext ctx;
+    set_deadline(ctx);
     pb::ScoreResponse resp;
     R1LAB_RETURN_IF_ERROR(from_grpc(stub_->Score(&ctx, req, &resp)));
     if (resp.scores_size() != req.samples_size())
@@ -218,6 +219,7 @@ class GrpcRewardClient final : public RewardClient {
 
   absl::StatusOr<std::vector<RewardInfo>> list() override {
     grpc::ClientContext ctx;
+    set_deadline(ctx);
     pb::ListResponse resp;
     R1LAB_RETURN_IF_ERROR(from_grpc(stub_->List(&ctx, pb::ListRequest(), &resp)));
     std::vector<RewardInfo> out;
@@ -226,6 +228,12 @@ class GrpcRewardClient final : public RewardClient {
   }
 
  private:
+  void set_deadline(grpc::ClientContext& ctx) const {
+    if (timeout_s_ > 0)
+      ctx.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::microseconds(static_cast<int64_t>(timeout_s_ * 1e6)));
+  }
+  double timeout_s_;
   std::unique_ptr<pb::Reward::Stub> stub_;
 };
 
@@ -260,8 +268,8 @@ std::unique_ptr<RewardClient> make_local_reward_client(std::shared_ptr<const Rew
   return std::make_unique<LocalRewardClient>(std::move(rewards));
 }
 
-std::unique_ptr<RewardClient> make_grpc_reward_client(const std::string& target) {
-  return std::make_unique<GrpcRewardClient>(target);
+std::unique_ptr<RewardClient> make_grpc_reward_client(const std::string& target, double timeout_s) {
+  return std::make_unique<GrpcRewardClient>(target, timeout_s);
 }
 
 absl::StatusOr<std::unique_ptr<RewardServer>> start_reward_server(std::shared_ptr<const RewardSet> rewards,

@@ -47,7 +47,8 @@ class RewardClient {
 absl::Status check_samples(const std::vector<Sample>& samples);
 
 std::unique_ptr<RewardClient> make_local_reward_client(std::shared_ptr<const RewardSet> rewards);
-std::unique_ptr<RewardClient> make_grpc_reward_client(const std::string& target);
+// timeout_s > 0: each call fails with DEADLINE_EXCEEDED after that long.
+std::unique_ptr<RewardClient> make_grpc_reward_client(const std::string& target, double timeout_s = 0);
 
 class RewardServer {
  public:

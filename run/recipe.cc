@@ -1,54 +1,18 @@
 #include "run/recipe.h"
 
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "yaml-cpp/yaml.h"
+#include "data/yaml.h"
 
 namespace r1lab::run {
 namespace {
 
 using json = nlohmann::json;
-
-json scalar_to_json(const YAML::Node& n) {
-  const std::string s = n.Scalar();
-  if (n.Tag() == "!") return s;  // quoted: always a string
-  if (s == "null" || s == "~" || s.empty()) return nullptr;
-  if (s == "true" || s == "True") return true;
-  if (s == "false" || s == "False") return false;
-  json parsed = json::parse(s, nullptr, /*allow_exceptions=*/false);
-  if (!parsed.is_discarded() && parsed.is_number()) return parsed;
-  // YAML floats like "3e-3" and ".5" that JSON's grammar rejects.
-  try {
-    size_t used = 0;
-    const double d = std::stod(s, &used);
-    if (used == s.size()) return d;
-  } catch (...) {
-  }
-  return s;
-}
-
-json node_to_json(const YAML::Node& n) {
-  switch (n.Type()) {
-    case YAML::NodeType::Map: {
-      json o = json::object();
-      for (const auto& kv : n) o[kv.first.as<std::string>()] = node_to_json(kv.second);
-      return o;
-    }
-    case YAML::NodeType::Sequence: {
-      json a = json::array();
-      for (const auto& x : n) a.push_back(node_to_json(x));
-      return a;
-    }
-    case YAML::NodeType::Scalar:
-      return scalar_to_json(n);
-    default:
-      return nullptr;
-  }
-}
 
 // Reads the keys of one object, remembering which were read; finish() rejects the rest.
 class Reader {
@@ -132,21 +96,13 @@ absl::Status read_adam(Reader& r, trainer::AdamWConfig& a) {
 
 }  // namespace
 
-absl::StatusOr<json> yaml_to_json(const std::string& yaml_text) {
-  try {
-    return node_to_json(YAML::Load(yaml_text));
-  } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat("YAML: ", e.what()));
-  }
-}
-
 absl::Status apply_overrides(json& doc, const std::vector<std::string>& overrides) {
   if (doc.is_null()) doc = json::object();
   for (const std::string& o : overrides) {
     const size_t eq = o.find('=');
     if (eq == std::string::npos || eq == 0)
       return absl::InvalidArgumentError(absl::StrCat("override '", o, "' is not key=value (e.g. rl.steps=20)"));
-    auto value = yaml_to_json(o.substr(eq + 1));
+    auto value = data::yaml_to_json(o.substr(eq + 1));
     if (!value.ok()) return absl::InvalidArgumentError(absl::StrCat("override '", o, "': ", value.status().message()));
     json* at = &doc;
     std::vector<std::string> parts = absl::StrSplit(o.substr(0, eq), '.');
@@ -275,6 +231,10 @@ absl::StatusOr<Recipe> recipe_from_json(const json& doc) {
       if (!rules->is_array() || rules->empty()) w.fail("rules", "a non-empty list of {name, weight, params}");
       else r.reward_spec = *rules;
     }
+    if (const json* plugins = w.raw("plugins")) {
+      if (!plugins->is_array()) w.fail("plugins", "a list of {yaml: FILE} | {library: FILE.so} | {server: HOST:PORT}");
+      else r.reward_plugins = *plugins;
+    }
     top.absorb(w.finish());
   }
   if (auto st = top.finish(); !st.ok()) return st;
@@ -286,11 +246,18 @@ absl::StatusOr<Recipe> load_recipe(const std::string& path, const std::vector<st
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open recipe ", path));
   std::stringstream ss;
   ss << in.rdbuf();
-  auto doc = yaml_to_json(ss.str());
+  auto doc = data::yaml_to_json(ss.str());
   if (!doc.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", doc.status().message()));
   if (auto st = apply_overrides(*doc, overrides); !st.ok()) return st;
   auto r = recipe_from_json(*doc);
   if (!r.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", r.status().message()));
+  // Plugin files are found relative to the recipe, wherever the run starts the reward service.
+  const std::filesystem::path dir = std::filesystem::absolute(path).parent_path();
+  for (json& p : r->reward_plugins)
+    for (const char* key : {"yaml", "library"})
+      if (p.is_object() && p.contains(key) && p[key].is_string() && !p[key].get<std::string>().empty() &&
+          p[key].get<std::string>()[0] != '/')
+        p[key] = (dir / p[key].get<std::string>()).lexically_normal().string();
   return r;
 }
 

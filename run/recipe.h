@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "data/yaml.h"
 #include "nlohmann/json.hpp"
 #include "run/stages.h"
 #include "trainer/grpo.h"
@@ -42,17 +43,22 @@ struct Recipe {
   EvalOptions eval;
   std::string reward_name = "r1";
   nlohmann::json reward_spec;  // [{"name": rule, "weight": w, "params": {...}}, ...]
+  // Reward plugins (rewards/plugins.h): [{"yaml": FILE} | {"library": FILE.so} | {"server": HOST:PORT}],
+  // file paths made absolute (relative to the recipe file) by load_recipe.
+  nlohmann::json reward_plugins = nlohmann::json::array();
   std::string runs_dir = "runs";
   std::string base_model;  // a model directory to start from instead of pretrain_base
   int64_t rollout_cache_mb = 64;
   nlohmann::json source;   // the resolved recipe, as stored with the run
 
   // The rewards file serve-reward takes: {reward_name: reward_spec}.
-  nlohmann::json rewards_file() const { return {{reward_name, reward_spec}}; }
+  nlohmann::json rewards_file() const {
+    nlohmann::json f = {{reward_name, reward_spec}};
+    if (!reward_plugins.empty()) f["plugins"] = reward_plugins;
+    return f;
+  }
 };
 
-// YAML text -> JSON (scalars typed as YAML 1.2 core: null, bools, ints, floats, else strings).
-absl::StatusOr<nlohmann::json> yaml_to_json(const std::string& yaml_text);
 // Applies "a.b.c=value" overrides (value read as a YAML scalar or flow collection).
 absl::Status apply_overrides(nlohmann::json& doc, const std::vector<std::string>& overrides);
 absl::StatusOr<Recipe> recipe_from_json(const nlohmann::json& doc);

@@ -68,7 +68,9 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
     const std::vector<std::string>& texts = sampled->texts;
     // 2. Rewards.
     const auto t_rew = Clock::now();
-    auto scored = score(*ctx.rewards, recipe.reward_name, *problems, g, texts);
+    std::vector<int64_t> tokens;
+    for (const rollout::Completion& c : done) tokens.push_back(static_cast<int64_t>(c.tokens.size()));
+    auto scored = score(*ctx.rewards, recipe.reward_name, *problems, g, texts, tokens);
     if (!scored.ok()) return absl::Status(scored.status().code(), absl::StrCat("reward: ", scored.status().message()));
     const double reward_s = since(t_rew);
     std::vector<double> rewards;

@@ -23,6 +23,7 @@
 #include "core/backend.h"
 #include "model/model.h"
 #include "model/safetensors.h"
+#include "rewards/plugins.h"
 #include "rewards/service.h"
 #include "rollout/client.h"
 #include "rollout/engine.h"
@@ -244,7 +245,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
   std::unique_ptr<rollout::Engine> local_engine;
   std::shared_ptr<const rewards::RewardSet> local_rewards;
   if (options.in_process) {
-    auto set = rewards::RewardSet::make(rewards::RewardRegistry::with_builtin_rules(), recipe.rewards_file());
+    auto set = rewards::load_reward_set(recipe.rewards_file(), res.run_dir);
     if (!set.ok()) return fail(set.status());
     local_rewards = std::make_shared<const rewards::RewardSet>(*std::move(set));
     reward_client = rewards::make_local_reward_client(local_rewards);

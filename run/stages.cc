@@ -104,7 +104,8 @@ absl::Status pretrain_base(const TaskSpec& task, const PretrainOptions& o, const
 
 absl::StatusOr<std::vector<Scored>> score(rewards::RewardClient& rewards, const std::string& reward,
                                           const std::vector<data::Problem>& problems, int per_problem,
-                                          const std::vector<std::string>& completions) {
+                                          const std::vector<std::string>& completions,
+                                          const std::vector<int64_t>& completion_tokens) {
   if (completions.size() != problems.size() * static_cast<size_t>(per_problem))
     return absl::InternalError(absl::StrCat(completions.size(), " completions for ", problems.size(), " problems x ",
                                             per_problem));
@@ -113,6 +114,10 @@ absl::StatusOr<std::vector<Scored>> score(rewards::RewardClient& rewards, const 
   for (size_t i = 0; i < completions.size(); ++i) {
     const data::Problem& p = problems[i / static_cast<size_t>(per_problem)];
     samples.push_back({data::r1_zero_prompt(p.question), completions[i], p.answer, p.task, p.meta});
+    if (i < completion_tokens.size()) {
+      if (!samples.back().meta.is_object()) samples.back().meta = nlohmann::json::object();
+      samples.back().meta["completion_tokens"] = completion_tokens[i];
+    }
   }
   auto scores = rewards.score(reward, samples);
   if (!scores.ok()) return scores.status();
@@ -120,7 +125,7 @@ absl::StatusOr<std::vector<Scored>> score(rewards::RewardClient& rewards, const 
   for (const rewards::Score& s : *scores) {
     Scored x;
     x.reward = s.value;
-    for (const char* answer_rule : {"answer_match", "countdown"}) {
+    for (const char* answer_rule : {"answer_match", "countdown", "math", "choice", "code"}) {
       auto it = s.components.find(answer_rule);
       if (it != s.components.end() && it->second >= 1.0) x.correct = true;
     }
@@ -166,7 +171,9 @@ absl::StatusOr<EvalResult> evaluate(rollout::RolloutClient& rollout, rewards::Re
   p.logprobs = false;
   auto sampled = sample(rollout, tok, problems, per_problem, p);
   if (!sampled.ok()) return sampled.status();
-  auto scored = score(rewards, reward, problems, per_problem, sampled->texts);
+  std::vector<int64_t> tokens;
+  for (const rollout::Completion& c : sampled->completions) tokens.push_back(static_cast<int64_t>(c.tokens.size()));
+  auto scored = score(rewards, reward, problems, per_problem, sampled->texts, tokens);
   if (!scored.ok()) return scored.status();
   EvalResult r;
   for (const Scored& s : *scored) {

@@ -79,9 +79,11 @@ struct Scored {
   bool formatted = false;     // the format component is 1
 };
 // The reward service's scores of completion texts of problems (sample i is of problems[i / per_problem]).
+// completion_tokens (empty, or one per completion) reaches the rewards as meta "completion_tokens".
 absl::StatusOr<std::vector<Scored>> score(rewards::RewardClient& rewards, const std::string& reward,
                                           const std::vector<data::Problem>& problems, int per_problem,
-                                          const std::vector<std::string>& completions);
+                                          const std::vector<std::string>& completions,
+                                          const std::vector<int64_t>& completion_tokens = {});
 
 // Completions of problems' R1-Zero prompts, `per_problem` each: sample i is of problems[i / per_problem].
 struct Sampled {

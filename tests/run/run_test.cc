@@ -17,7 +17,7 @@ std::string fresh_dir(const std::string& name) {
 }
 
 TEST(Recipe, YamlOverridesAndDefaults) {
-  auto doc = yaml_to_json("name: t\nrl: {steps: 5, lr: 3e-4, loss_aggregation: token_mean}\ntask_options: {ops: \"+\"}\n");
+  auto doc = data::yaml_to_json("name: t\nrl: {steps: 5, lr: 3e-4, loss_aggregation: token_mean}\ntask_options: {ops: \"+\"}\n");
   ASSERT_TRUE(doc.ok()) << doc.status();
   ASSERT_TRUE(apply_overrides(*doc, {"rl.steps=7", "pretrain.slip_fraction=0.25", "rl.advantage=dr_grpo", "name=x"}).ok());
   auto r = recipe_from_json(*doc);
@@ -47,14 +47,14 @@ TEST(Recipe, MistakesAreNamed) {
            {"", "rl.steps", "not key=value"},
            {"rl: 3", "", "rl should be a mapping"},
        }) {
-    auto doc = yaml_to_json(c.yaml);
+    auto doc = data::yaml_to_json(c.yaml);
     ASSERT_TRUE(doc.ok()) << c.yaml;
     absl::Status st = apply_overrides(*doc, c.override_.empty() ? std::vector<std::string>{} : std::vector<std::string>{c.override_});
     if (st.ok()) st = recipe_from_json(*doc).status();
     ASSERT_FALSE(st.ok()) << c.yaml;
     EXPECT_NE(st.message().find(c.needle), std::string::npos) << st.message();
   }
-  EXPECT_FALSE(yaml_to_json("a: [1, 2").ok());
+  EXPECT_FALSE(data::yaml_to_json("a: [1, 2").ok());
   EXPECT_FALSE(load_recipe("/nonexistent/recipe.yaml", {}).ok());
 }
 
