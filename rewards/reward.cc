@@ -9,6 +9,20 @@
 
 namespace r1lab::rewards {
 
+namespace {
+
+// The factory of a rule whose T::make(params) validates its own parameters.
+template <typename T>
+RewardFactory factory_of() {
+  return [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
+    auto f = T::make(p);
+    if (!f.ok()) return f.status();
+    return std::unique_ptr<RewardFn>(std::move(*f));
+  };
+}
+
+}  // namespace
+
 RewardRegistry RewardRegistry::with_builtin_rules() {
   RewardRegistry r;
   r.add("format", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
@@ -54,41 +68,13 @@ RewardRegistry RewardRegistry::with_builtin_rules() {
     }
     return std::unique_ptr<RewardFn>(std::make_unique<TagCountReward>(std::move(tags)));
   });
-  r.add("language", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
-    auto f = LanguageConsistencyReward::make(p);
-    if (!f.ok()) return f.status();
-    return std::unique_ptr<RewardFn>(std::move(*f));
-  });
-  r.add("overlong", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
-    auto f = OverlongReward::make(p);
-    if (!f.ok()) return f.status();
-    return std::unique_ptr<RewardFn>(std::move(*f));
-  });
-  r.add("cosine", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
-    auto f = CosineLengthReward::make(p);
-    if (!f.ok()) return f.status();
-    return std::unique_ptr<RewardFn>(std::move(*f));
-  });
-  r.add("repetition", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
-    auto f = RepetitionReward::make(p);
-    if (!f.ok()) return f.status();
-    return std::unique_ptr<RewardFn>(std::move(*f));
-  });
-  r.add("code", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
-    auto f = CodeReward::make(p);
-    if (!f.ok()) return f.status();
-    return std::unique_ptr<RewardFn>(std::move(*f));
-  });
-  r.add("math", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
-    auto f = MathReward::make(p);
-    if (!f.ok()) return f.status();
-    return std::unique_ptr<RewardFn>(std::move(*f));
-  });
-  r.add("choice", [](const nlohmann::json& p) -> absl::StatusOr<std::unique_ptr<RewardFn>> {
-    auto f = ChoiceReward::make(p);
-    if (!f.ok()) return f.status();
-    return std::unique_ptr<RewardFn>(std::move(*f));
-  });
+  r.add("language", factory_of<LanguageConsistencyReward>());
+  r.add("overlong", factory_of<OverlongReward>());
+  r.add("cosine", factory_of<CosineLengthReward>());
+  r.add("repetition", factory_of<RepetitionReward>());
+  r.add("code", factory_of<CodeReward>());
+  r.add("math", factory_of<MathReward>());
+  r.add("choice", factory_of<ChoiceReward>());
   return r;
 }
 
