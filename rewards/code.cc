@@ -5,6 +5,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "rewards/rules.h"
 
 namespace r1lab::rewards {
 namespace {
@@ -42,12 +43,8 @@ std::optional<ExtractedCode> last_fence(std::string_view text, std::string_view 
 }  // namespace
 
 std::optional<ExtractedCode> extract_code(std::string_view completion, std::string_view prefer) {
-  const size_t open = completion.rfind("<answer>");
-  if (open != std::string_view::npos) {
-    const size_t close = completion.find("</answer>", open);
-    if (close != std::string_view::npos)
-      if (auto c = last_fence(completion.substr(open + 8, close - open - 8), prefer)) return c;
-  }
+  if (auto answer = extract_answer(completion))
+    if (auto c = last_fence(*answer, prefer)) return c;
   return last_fence(completion, prefer);
 }
 

@@ -4,11 +4,11 @@
 #include <cctype>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_replace.h"
 #include "rewards/math_expr.h"
+#include "rewards/rules.h"
 
 namespace r1lab::rewards {
 namespace {
@@ -41,21 +41,6 @@ std::string_view trim(std::string_view s) {
 }
 
 bool is_digit(char c) { return c >= '0' && c <= '9'; }
-
-// s.rfind(needle, before) by memrchr on the first byte: std::string_view::rfind compares at every
-// position, milliseconds on a megabyte.
-size_t rfind_fast(std::string_view s, std::string_view needle, size_t before = std::string_view::npos) {
-  if (needle.empty() || needle.size() > s.size()) return std::string_view::npos;
-  size_t end = std::min(before == std::string_view::npos ? s.size() : before + 1, s.size() - needle.size() + 1);
-  while (end > 0) {
-    const void* p = memrchr(s.data(), needle[0], end);
-    if (!p) return std::string_view::npos;
-    const size_t at = static_cast<size_t>(static_cast<const char*>(p) - s.data());
-    if (s.substr(at, needle.size()) == needle) return at;
-    end = at;
-  }
-  return std::string_view::npos;
-}
 bool is_alpha(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 
 // The index just past the brace group that opens at s[open] ('{'), or npos when it is not closed.
@@ -246,7 +231,7 @@ std::optional<std::string> last_boxed(std::string_view text) {
   size_t at = std::string_view::npos;
   size_t len = 0;
   for (std::string_view cmd : {std::string_view("\\boxed"), std::string_view("\\fbox")}) {
-    const size_t p = rfind_fast(text, cmd);
+    const size_t p = rfind_bytes(text, cmd);
     if (p != std::string_view::npos && (at == std::string_view::npos || p > at)) {
       at = p;
       len = cmd.size();
@@ -285,14 +270,10 @@ std::vector<AnswerSource> default_answer_sources() {
 namespace {
 
 std::optional<std::string> from_answer_tag(std::string_view c) {
-  const size_t open = rfind_fast(c, "<answer>");
-  if (open == std::string_view::npos) return std::nullopt;
-  const size_t start = open + 8;
-  const size_t close = c.find("</answer>", start);
-  if (close == std::string_view::npos) return std::nullopt;
-  const std::string_view inner = c.substr(start, close - start);
-  if (auto boxed = last_boxed(inner)) return boxed;
-  return std::string(trim(inner));
+  auto inner = extract_answer(c);
+  if (!inner) return std::nullopt;
+  if (auto boxed = last_boxed(*inner)) return boxed;
+  return inner;
 }
 
 // "... the answer is $42$." / "Final Answer: 42" -> the math or text that follows, to the sentence end.
@@ -342,9 +323,9 @@ std::optional<std::string> from_last_math(std::string_view c) {
   size_t best_end = std::string_view::npos;
   std::optional<std::string> best;
   for (auto [open, close] : {std::pair<std::string_view, std::string_view>{"\\(", "\\)"}, {"\\[", "\\]"}}) {
-    const size_t e = rfind_fast(c, close);
+    const size_t e = rfind_bytes(c, close);
     if (e == std::string_view::npos) continue;
-    const size_t b = rfind_fast(c, open, e);
+    const size_t b = rfind_bytes(c, open, e);
     if (b == std::string_view::npos) continue;
     if (best_end == std::string_view::npos || e > best_end) {
       best_end = e;
@@ -354,7 +335,7 @@ std::optional<std::string> from_last_math(std::string_view c) {
   // Dollars: the last pair of unescaped $ (or $$).
   size_t e = c.size();
   while (e > 0) {
-    e = rfind_fast(c, "$", e - 1);
+    e = rfind_bytes(c, "$", e - 1);
     if (e == std::string_view::npos || e == 0 || c[e - 1] != '\\') break;
   }
   if (e != std::string_view::npos && e > 0 && (best_end == std::string_view::npos || e > best_end)) {
@@ -362,7 +343,7 @@ std::optional<std::string> from_last_math(std::string_view c) {
     if (c[e - 1] == '$') --close_start;
     size_t b = close_start;
     while (b > 0) {
-      b = rfind_fast(c, "$", b - 1);
+      b = rfind_bytes(c, "$", b - 1);
       if (b == std::string_view::npos || b == 0 || c[b - 1] != '\\') break;
     }
     if (b != std::string_view::npos && b < close_start) {

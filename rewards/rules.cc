@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 
 #include "absl/strings/ascii.h"
@@ -13,13 +14,26 @@
 
 namespace r1lab::rewards {
 
-std::optional<std::string> extract_answer(const std::string& completion) {
-  const size_t open = completion.rfind("<answer>");
-  if (open == std::string::npos) return std::nullopt;
+size_t rfind_bytes(std::string_view s, std::string_view needle, size_t before) {
+  if (needle.empty() || needle.size() > s.size()) return std::string_view::npos;
+  size_t end = std::min(before == std::string_view::npos ? s.size() : before + 1, s.size() - needle.size() + 1);
+  while (end > 0) {
+    const void* p = memrchr(s.data(), needle[0], end);
+    if (!p) return std::string_view::npos;
+    const size_t at = static_cast<size_t>(static_cast<const char*>(p) - s.data());
+    if (s.substr(at, needle.size()) == needle) return at;
+    end = at;
+  }
+  return std::string_view::npos;
+}
+
+std::optional<std::string> extract_answer(std::string_view completion) {
+  const size_t open = rfind_bytes(completion, "<answer>");
+  if (open == std::string_view::npos) return std::nullopt;
   const size_t start = open + 8;
   const size_t close = completion.find("</answer>", start);
-  if (close == std::string::npos) return std::nullopt;
-  return std::string(absl::StripAsciiWhitespace(completion.substr(start, close - start)));
+  if (close == std::string_view::npos) return std::nullopt;
+  return std::string(absl::StripAsciiWhitespace(std::string(completion.substr(start, close - start))));
 }
 
 std::optional<double> parse_number(const std::string& text) {

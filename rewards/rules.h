@@ -4,6 +4,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -12,7 +13,11 @@
 namespace r1lab::rewards {
 
 // The text of the last <answer>...</answer> in a completion, trimmed; nullopt when there is none.
-std::optional<std::string> extract_answer(const std::string& completion);
+std::optional<std::string> extract_answer(std::string_view completion);
+
+// s.rfind(needle, before), by memrchr on the needle's first byte: std::string_view::rfind compares at
+// every position, milliseconds on the megabyte completions rewards must stay fast on.
+size_t rfind_bytes(std::string_view s, std::string_view needle, size_t before = std::string_view::npos);
 
 // A number written the usual ways: "42", "-3.5", "1,000", "3/4", "1e3", "$42$", "\boxed{42}".
 std::optional<double> parse_number(const std::string& text);
