@@ -18,11 +18,15 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "core/backend.h"
+#ifdef R1LAB_HAVE_CUDA
+#include "core/cuda/cuda.h"
+#endif
 #include "model/model.h"
 #include "nlohmann/json.hpp"
 #include "rollout/engine.h"
@@ -37,7 +41,8 @@
 #include "run/report.h"
 #include "sandbox/sandbox.h"
 
-ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda");
+ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda[:N]");
+ABSL_FLAG(std::string, gemm, "f32", "--device cuda: matrix products in f32, tf32 or bf16 (tensor cores; f32 storage)");
 ABSL_FLAG(std::string, reference, "", "check-parity: reference tensors (default FIXTURE_DIR/reference.safetensors)");
 ABSL_FLAG(std::string, model, "", "generate: a Hugging Face model directory");
 ABSL_FLAG(std::string, prompt_ids, "", "generate: comma-separated prompt token ids");
@@ -105,9 +110,29 @@ constexpr char kUsage[] =
 absl::StatusOr<std::unique_ptr<Backend>> make_backend() {
   const std::string d = absl::GetFlag(FLAGS_device);
   if (d == "cpu") return r1lab::core::make_cpu_backend();
-  if (d == "cuda")
-    return absl::UnimplementedError("--device cuda: the CUDA model backend is not in this build yet; use --device cpu");
-  return absl::InvalidArgumentError(absl::StrCat("unknown --device '", d, "' (cpu, cuda)"));
+  if (d == "cuda" || absl::StartsWith(d, "cuda:")) {
+#ifdef R1LAB_HAVE_CUDA
+    r1lab::core::cuda::Options o;
+    if (d != "cuda" && !absl::SimpleAtoi(d.substr(5), &o.device))
+      return absl::InvalidArgumentError(absl::StrCat("--device ", d, ": expected cuda or cuda:N"));
+    const std::string g = absl::GetFlag(FLAGS_gemm);
+    if (g == "f32") {
+      o.gemm = r1lab::core::cuda::Options::GemmPrecision::kF32;
+    } else if (g == "tf32") {
+      o.gemm = r1lab::core::cuda::Options::GemmPrecision::kTF32;
+    } else if (g == "bf16") {
+      o.gemm = r1lab::core::cuda::Options::GemmPrecision::kBF16;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("--gemm ", g, ": expected f32, tf32 or bf16"));
+    }
+    return r1lab::core::cuda::make_backend(o);
+#else
+    return absl::FailedPreconditionError(
+        "--device cuda: this r1lab was built without CUDA (no nvcc at configure time); rebuild where the CUDA "
+        "toolkit is installed, or use --device cpu");
+#endif
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown --device '", d, "' (cpu, cuda, cuda:N)"));
 }
 
 int fail(const absl::Status& s) {

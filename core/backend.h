@@ -34,6 +34,22 @@ struct RouterConfig {
   float routed_scaling_factor = 1.0f;
 };
 
+// A run of one parameter buffer that the optimizer updates (state such as the router's correction bias
+// is left out), and whether decoupled weight decay applies to it.
+struct ParamSpan {
+  int64_t offset = 0;
+  int64_t numel = 0;
+  bool decay = false;
+};
+
+// One AdamW update: with g = grad_scale · grad,  m = b1·m + (1-b1)·g,  v = b2·v + (1-b2)·g²,
+//   w -= lr·wd·w (decay spans),  w -= lr · (m / c1) / (sqrt(v / c2) + eps).
+struct AdamWUpdate {
+  double lr = 0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0;
+  double bias_correction1 = 1, bias_correction2 = 1;  // c1 = 1 - b1^t, c2 = 1 - b2^t
+  double grad_scale = 1;
+};
+
 // cos/sin of every position: [max_positions, rope_dim/2], any YaRN attention factor folded in.
 struct RopeTable {
   Tensor cos;
@@ -143,6 +159,16 @@ class Backend {
   // dlogits[m] += dlp[m] · (onehot(targets[m]) - softmax(logits[m])).
   virtual void logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets,
                                  const Tensor& lse, Tensor& dlogits) = 0;
+
+  // ---- the optimizer, over one flat f32 parameter buffer and its gradient/moment buffers
+  // Σ x² over the spans of x [N] (a NaN or Inf propagates to the result).
+  virtual double sum_squares(const Tensor& x, const std::vector<ParamSpan>& spans) = 0;
+  // The AdamW update above on the spans; w, g, m, v: [N] f32, contiguous.
+  virtual void adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
+                            const AdamWUpdate& u) = 0;
+
+  // Waits for the work queued so far (a device backend runs asynchronously; timing needs this).
+  virtual void synchronize() {}
 };
 
 // The CPU reference backend.

@@ -64,7 +64,8 @@ std::vector<ParamInfo> parameter_layout(const ModelConfig& c) {
   return out;
 }
 
-ParameterSet::ParameterSet(const ModelConfig& cfg, core::Backend& backend) : infos_(parameter_layout(cfg)) {
+ParameterSet::ParameterSet(const ModelConfig& cfg, core::Backend& backend)
+    : infos_(parameter_layout(cfg)), backend_(&backend) {
   int64_t total = 0;
   for (size_t i = 0; i < infos_.size(); ++i) {
     index_[infos_[i].name] = i;

@@ -35,6 +35,8 @@ class ParameterSet {
 
   const std::vector<ParamInfo>& infos() const { return infos_; }
   const core::Tensor& buffer() const { return buffer_; }
+  // The backend that holds the buffer.
+  core::Backend& backend() const { return *backend_; }
   int64_t numel() const { return buffer_.numel(); }
   bool contains(const std::string& name) const { return index_.count(name) > 0; }
   const ParamInfo& info(const std::string& name) const;
@@ -45,6 +47,7 @@ class ParameterSet {
   std::vector<ParamInfo> infos_;
   std::map<std::string, size_t> index_;
   core::Tensor buffer_;
+  core::Backend* backend_ = nullptr;
 };
 
 struct MlpWeights {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "core/backend.h"
 #include "model/weights.h"
 
 namespace r1lab::trainer {
@@ -33,6 +34,8 @@ struct StepStats {
   bool skipped = false;  // a non-finite gradient: parameters untouched
 };
 
+// The moments live on the parameters' backend, and the update runs there (one fused pass over the
+// buffer on a GPU); only the gradient norm comes back to the host, to decide clipping and skipping.
 class AdamW {
  public:
   AdamW(const model::ParameterSet& params, AdamWConfig config);
@@ -50,9 +53,9 @@ class AdamW {
  private:
   AdamWConfig cfg_;
   int64_t step_ = 0;
-  std::vector<float> m_, v_;
-  std::vector<uint8_t> decay_;  // per element: 1 where weight decay applies
-  std::vector<uint8_t> train_;  // per element: 0 for state that is not a parameter
+  core::Backend* backend_;
+  core::Tensor m_, v_;                 // [N] f32 on the backend
+  std::vector<core::ParamSpan> spans_;  // the trainable parameters
 };
 
 }  // namespace r1lab::trainer

@@ -1,30 +1,46 @@
-// The CUDA side of core: device memory and the fused kernels so far, each matching a CPU reference op
-// (core/cpu). Tensors passed here live on the device (Device::kCuda); f32 or bf16 activations with f32
-// math and f32 statistics. The full Backend over these kernels is the CUDA backend's work.
+// The CUDA backend: every core::Backend op on an NVIDIA GPU, matching the CPU reference (core/cpu).
+// Tensors live in device memory from a stream-ordered caching pool; all work runs on the backend's one
+// stream, so ops are asynchronous and ordered, and only download(), sum_squares() and moe_dispatch()
+// (which returns host group offsets) wait for the device. Every kernel is deterministic: the same
+// inputs give bitwise the same outputs on every run (no float atomics).
 #pragma once
 
+#include <memory>
 #include <string>
 
-#include "core/tensor.h"
+#include "core/backend.h"
 
 namespace r1lab::core::cuda {
 
 // True when a usable GPU is present; otherwise *why says what is missing (no device, no driver).
 bool available(std::string* why);
 
-// A zero-filled contiguous tensor in device memory.
-Tensor zeros(const Shape& shape, DType dtype = DType::kF32);
-// Host <-> device copies of contiguous tensors of one shape and dtype.
-void upload(const Tensor& host, Tensor& device);
-Tensor download(const Tensor& device);
+struct Options {
+  int device = 0;
+  // Matrix products: kF32 computes in full fp32 (CUDA cores; what parity against the CPU uses);
+  // kBF16 rounds the f32 operands to bf16 inside cuBLAS and accumulates in fp32 on tensor cores;
+  // kTF32 uses TF32 tensor cores.
+  enum class GemmPrecision { kF32, kTF32, kBF16 };
+  GemmPrecision gemm = GemmPrecision::kF32;
+  // Per-op timing (cudaEvents around every op, by op name); costs a little, for benchmarks.
+  bool profile = false;
+};
 
-// As CpuBackend::rmsnorm_forward/backward; x, y, dy, dx: [M, D] contiguous f32 or bf16 (one dtype);
-// w, dw, rstd: f32. dx and dw accumulate.
-void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd);
-void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
-                      Tensor& dw);
-// As CpuBackend::silu_mul_forward/backward; gu [M, 2I], h [M, I], f32 or bf16. dgu accumulates.
-void silu_mul_forward(const Tensor& gu, Tensor& h);
-void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu);
+// The backend, or an error saying why no GPU can be used.
+absl::StatusOr<std::unique_ptr<Backend>> make_backend(const Options& options = {});
+
+// What the profiler measured: per op name, calls and total milliseconds (empty without profile).
+struct OpTime {
+  std::string op;
+  int64_t calls = 0;
+  double ms = 0;
+  double flops = 0;  // useful floating-point operations counted for the op (GEMMs, attention)
+  double bytes = 0;  // bytes the op must move at least
+};
+std::vector<OpTime> profile(Backend& backend);
+void reset_profile(Backend& backend);
+// Bytes of device memory in use by the backend's pool at its peak since the last reset, and now.
+size_t peak_memory(Backend& backend);
+void reset_peak_memory(Backend& backend);
 
 }  // namespace r1lab::core::cuda

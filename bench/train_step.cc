@@ -1,0 +1,262 @@
+// One full training step of the policy on the GPU (forward, token cross-entropy, backward, AdamW) for a
+// model config at batch × seq random tokens: tokens/s, model FLOP utilisation, peak device memory, and
+// the ratio to the PyTorch/transformers baseline measured in the same call (its JSON result, written by
+// ../shared/bench/hf_baseline.py, passed as --baseline). Then a per-op table of one profiled step: time,
+// share of the step, achieved TFLOP/s or GB/s and the percentage of the device's ceiling, so the next
+// optimisation is obvious.
+//
+// Usage: train_step --config CONFIG.json [--batch 8] [--seq 1024] [--steps 10] [--warmup 3]
+//                   [--gemm f32|tf32|bf16] [--baseline baseline2.json] [--json OUT.json]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "core/cuda/cuda.h"
+#include "model/model.h"
+#include "nlohmann/json.hpp"
+#include "trainer/cross_entropy.h"
+#include "trainer/optimizer.h"
+
+#include <cuda_runtime.h>
+
+ABSL_FLAG(std::string, config, "", "a Hugging Face DeepseekV3 config.json");
+ABSL_FLAG(int64_t, batch, 8, "sequences per step");
+ABSL_FLAG(int64_t, seq, 1024, "tokens per sequence");
+ABSL_FLAG(int, steps, 10, "timed steps");
+ABSL_FLAG(int, warmup, 3, "untimed steps first");
+ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32 or bf16");
+ABSL_FLAG(std::string, baseline, "", "the PyTorch baseline's JSON ({impl: {train_tok_per_s, peak_gb}})");
+ABSL_FLAG(std::string, json, "", "also write the results here");
+
+namespace {
+
+using r1lab::core::Tensor;
+using Clock = std::chrono::steady_clock;
+
+// Multiply-adds per token of the matrix products (the active parameters that touch each token) and of
+// causal attention at mean context (seq + 1) / 2.
+struct FlopCount {
+  double matmul_params = 0;
+  double attention_per_token = 0;
+};
+
+FlopCount count(const r1lab::model::ModelConfig& c, int64_t seq) {
+  FlopCount f;
+  const double h = c.hidden_size, heads = c.num_attention_heads, qk = c.qk_head_dim(), r = c.kv_lora_rank;
+  double attn = c.q_lora_rank > 0 ? h * c.q_lora_rank + c.q_lora_rank * heads * qk : h * heads * qk;
+  attn += h * (r + c.qk_rope_head_dim) + r * heads * (c.qk_nope_head_dim + c.v_head_dim) + heads * c.v_head_dim * h;
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    f.matmul_params += attn;
+    if (c.is_moe_layer(l)) {
+      f.matmul_params += h * c.n_routed_experts + 3.0 * h * c.moe_intermediate_size *
+                                                      (c.num_experts_per_tok + c.n_shared_experts);
+    } else {
+      f.matmul_params += 3.0 * h * c.intermediate_size;
+    }
+  }
+  f.matmul_params += h * c.vocab_size;  // lm_head
+  f.attention_per_token = c.num_hidden_layers * heads * (qk + c.v_head_dim) * (seq + 1) / 2.0;
+  return f;
+}
+
+// The device's ceilings: dense bf16 / tf32 / f32 FLOP/s by name (H100 SXM, H200; A100), and the
+// memory bandwidth measured now by a device-to-device copy.
+struct Ceilings {
+  double bf16 = 0, tf32 = 0, f32 = 0, bytes_per_s = 0;
+  std::string device;
+};
+
+Ceilings ceilings() {
+  Ceilings c;
+  cudaDeviceProp p;
+  cudaGetDeviceProperties(&p, 0);
+  c.device = p.name;
+  const std::string n = p.name;
+  if (n.find("H100") != std::string::npos || n.find("H200") != std::string::npos) {
+    c.bf16 = 989e12, c.tf32 = 494e12, c.f32 = 67e12;
+  } else if (n.find("A100") != std::string::npos) {
+    c.bf16 = 312e12, c.tf32 = 156e12, c.f32 = 19.5e12;
+  }
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  cudaMalloc(&a, bytes);
+  cudaMalloc(&b, bytes);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+  cudaEventRecord(e0);
+  for (int i = 0; i < 5; ++i) cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+  cudaEventRecord(e1);
+  cudaEventSynchronize(e1);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, e0, e1);
+  c.bytes_per_s = 5 * 2.0 * bytes / (ms / 1e3);  // read + write
+  cudaFree(a);
+  cudaFree(b);
+  return c;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  std::string why;
+  if (!r1lab::core::cuda::available(&why)) {
+    std::fprintf(stderr, "train_step: %s\n", why.c_str());
+    return 77;
+  }
+  auto cfg = r1lab::model::ModelConfig::from_file(absl::GetFlag(FLAGS_config));
+  if (!cfg.ok()) {
+    std::fprintf(stderr, "train_step: %s\n", std::string(cfg.status().message()).c_str());
+    return 2;
+  }
+  r1lab::core::cuda::Options opt;
+  const std::string g = absl::GetFlag(FLAGS_gemm);
+  opt.gemm = g == "f32"    ? r1lab::core::cuda::Options::GemmPrecision::kF32
+             : g == "tf32" ? r1lab::core::cuda::Options::GemmPrecision::kTF32
+                           : r1lab::core::cuda::Options::GemmPrecision::kBF16;
+  const Ceilings ceil = ceilings();
+  auto be = r1lab::core::cuda::make_backend(opt);
+  if (!be.ok()) {
+    std::fprintf(stderr, "train_step: %s\n", std::string(be.status().message()).c_str());
+    return 1;
+  }
+  r1lab::core::Backend& backend = **be;
+  r1lab::model::Model model(*cfg, backend);
+  model.init_random(1, 0.02f);
+  r1lab::trainer::AdamWConfig ac;
+  ac.lr = 1e-5;
+  ac.weight_decay = 0.01;
+  r1lab::trainer::AdamW adam(model.params(), ac);
+
+  const int64_t b = absl::GetFlag(FLAGS_batch), t = absl::GetFlag(FLAGS_seq), m = b * t, v = cfg->vocab_size;
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int32_t> tok(0, v - 1);
+  Tensor tokens = Tensor::zeros({b, t}, r1lab::core::DType::kI32);
+  for (int64_t i = 0; i < m; ++i) tokens.data<int32_t>()[i] = tok(rng);
+  // Next-token targets; the last position of each sequence is masked (as labels=input_ids does).
+  Tensor targets_host = Tensor::zeros({m}, r1lab::core::DType::kI32), weights = Tensor::zeros({m});
+  for (int64_t i = 0; i < m; ++i) {
+    const bool last = i % t == t - 1;
+    targets_host.data<int32_t>()[i] = last ? 0 : tokens.data<int32_t>()[i + 1];
+    weights.f32()[i] = last ? 0.0f : 1.0f;
+  }
+  Tensor targets = backend.zeros({m}, r1lab::core::DType::kI32);
+  backend.upload(targets_host, targets);
+
+  double loss = 0;
+  auto step = [&] {
+    model.zero_grads();
+    r1lab::model::ForwardState st;
+    Tensor logits = model.forward(tokens, &st);
+    Tensor dlogits = backend.zeros({m, v});
+    loss = r1lab::trainer::cross_entropy(backend, logits, targets, weights, &dlogits);
+    logits = Tensor();
+    model.backward(st, dlogits);
+    adam.step(model.params(), model.grads());
+  };
+  for (int i = 0; i < absl::GetFlag(FLAGS_warmup); ++i) step();
+  backend.synchronize();
+  r1lab::core::cuda::reset_peak_memory(backend);
+  const int steps = absl::GetFlag(FLAGS_steps);
+  const auto t0 = Clock::now();
+  for (int i = 0; i < steps; ++i) step();
+  backend.synchronize();
+  const double sec = std::chrono::duration<double>(Clock::now() - t0).count() / steps;
+  const double peak_gb = r1lab::core::cuda::peak_memory(backend) / double(1 << 30);
+  const double tok_s = m / sec;
+  const FlopCount fc = count(*cfg, t);
+  const double flops_per_step = 6.0 * (fc.matmul_params + fc.attention_per_token) * m;
+  const double mfu = ceil.bf16 > 0 ? flops_per_step / sec / ceil.bf16 : 0;
+
+  double base_tok_s = 0, base_gb = 0;
+  if (!absl::GetFlag(FLAGS_baseline).empty()) {
+    std::ifstream in(absl::GetFlag(FLAGS_baseline));
+    nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+    if (j.is_object())
+      for (auto& [impl, r] : j.items())
+        if (r.is_object() && r.contains("train_tok_per_s")) {
+          base_tok_s = r["train_tok_per_s"].get<double>();
+          base_gb = r.value("peak_gb", 0.0);
+        }
+  }
+  std::printf("train step: %s, batch %lld x %lld, %.0f M active matmul params/token, gemm %s\n", ceil.device.c_str(),
+              static_cast<long long>(b), static_cast<long long>(t), fc.matmul_params / 1e6, g.c_str());
+  std::printf("| | tokens/s | s/step | MFU (bf16 dense) | peak GiB | loss |\n|---|---|---|---|---|---|\n");
+  std::printf("| r1lab (CUDA) | %.0f | %.4f | %.1f%% | %.2f | %.4f |\n", tok_s, sec, 100 * mfu, peak_gb, loss);
+  if (base_tok_s > 0) {
+    std::printf("| PyTorch + transformers (same call) | %.0f | %.4f | %.1f%% | %.2f | |\n", base_tok_s, m / base_tok_s,
+                ceil.bf16 > 0 ? 100 * flops_per_step * base_tok_s / m / ceil.bf16 : 0.0, base_gb);
+    std::printf("| **ratio** | **%.2fx** | | | %.2fx memory | |\n", tok_s / base_tok_s, base_gb > 0 ? peak_gb / base_gb : 0);
+  }
+
+  // One profiled step: per-op time and achieved rates.
+  r1lab::core::cuda::Options popt = opt;
+  popt.profile = true;
+  auto pbe = r1lab::core::cuda::make_backend(popt);
+  std::vector<r1lab::core::cuda::OpTime> ops;
+  double step_ms = 0;
+  {
+    // The same model, weights and batch on a profiling backend.
+    r1lab::model::Model pm(*cfg, **pbe);
+    Tensor buf = pm.params().buffer();
+    (*pbe)->upload(backend.download(model.params().buffer()), buf);
+    r1lab::trainer::AdamW pa(pm.params(), ac);
+    Tensor ptg = (*pbe)->zeros({m}, r1lab::core::DType::kI32);
+    (*pbe)->upload(targets_host, ptg);
+    auto pstep = [&] {
+      pm.zero_grads();
+      r1lab::model::ForwardState st;
+      Tensor logits = pm.forward(tokens, &st);
+      Tensor dlogits = (*pbe)->zeros({m, v});
+      r1lab::trainer::cross_entropy(**pbe, logits, ptg, weights, &dlogits);
+      logits = Tensor();
+      pm.backward(st, dlogits);
+      pa.step(pm.params(), pm.grads());
+    };
+    pstep();
+    r1lab::core::cuda::reset_profile(**pbe);
+    const auto p0 = Clock::now();
+    pstep();
+    (*pbe)->synchronize();
+    step_ms = std::chrono::duration<double, std::milli>(Clock::now() - p0).count();
+    ops = r1lab::core::cuda::profile(**pbe);
+  }
+  std::sort(ops.begin(), ops.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
+  const double peak_f = g == "f32" ? ceil.f32 : g == "tf32" ? ceil.tf32 : ceil.bf16;
+  double total = 0;
+  for (const auto& o : ops) total += o.ms;
+  std::printf("\nper op, one profiled step (%.1f ms wall; %.1f ms in ops; memory %.0f GB/s measured, GEMM ceiling "
+              "%.0f TFLOP/s):\n",
+              step_ms, total, ceil.bytes_per_s / 1e9, peak_f / 1e12);
+  std::printf("| op | calls | ms | %% of step | TFLOP/s | GB/s | %% of ceiling |\n|---|---|---|---|---|---|---|\n");
+  nlohmann::json jops = nlohmann::json::array();
+  for (const auto& o : ops) {
+    const double s = o.ms / 1e3;
+    const double tf = s > 0 ? o.flops / s : 0, bw = s > 0 ? o.bytes / s : 0;
+    const bool compute = o.op.find("gemm") != std::string::npos;
+    const bool attn = o.op.find("attention") != std::string::npos;
+    const double pct = compute ? (peak_f > 0 ? tf / peak_f : 0)
+                       : attn  ? (ceil.f32 > 0 ? tf / ceil.f32 : 0)
+                               : (ceil.bytes_per_s > 0 ? bw / ceil.bytes_per_s : 0);
+    std::printf("| %s | %lld | %.2f | %.1f%% | %.1f | %.0f | %.1f%% %s |\n", o.op.c_str(), static_cast<long long>(o.calls),
+                o.ms, 100 * o.ms / step_ms, tf / 1e12, bw / 1e9, 100 * pct,
+                compute ? "(gemm)" : attn ? "(fp32 CUDA cores)" : "(bandwidth)");
+    jops.push_back({{"op", o.op}, {"calls", o.calls}, {"ms", o.ms}, {"tflops", tf / 1e12}, {"gbps", bw / 1e9}});
+  }
+  if (!absl::GetFlag(FLAGS_json).empty()) {
+    nlohmann::json j = {{"device", ceil.device},     {"gemm", g},          {"batch", b},     {"seq", t},
+                        {"tok_per_s", tok_s},       {"sec_per_step", sec}, {"mfu", mfu},     {"peak_gb", peak_gb},
+                        {"baseline_tok_per_s", base_tok_s}, {"baseline_peak_gb", base_gb},
+                        {"ratio", base_tok_s > 0 ? tok_s / base_tok_s : 0}, {"ops", jops}};
+    std::ofstream(absl::GetFlag(FLAGS_json)) << j.dump(1) << "\n";
+  }
+  return 0;
+}

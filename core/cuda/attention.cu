@@ -1,0 +1,567 @@
+// Causal softmax attention of the CUDA backend in the flash-attention manner: tiles of keys and values
+// pass through shared memory, the softmax is computed online (running max and sum), and no T×S matrix
+// is ever stored; backward recomputes the probabilities from the saved log-sum-exp. fp32 on CUDA cores.
+// Also the decode/prefill attention in MLA's latent space over the paged cache.
+//
+// Work split: a block of kWarps warps owns kWarps·kRows consecutive queries (forward, dq) or keys
+// (dk/dv); a warp owns kRows of them; lane j of a warp owns key (or query) j of the current 32-row tile
+// for scores, and output dimensions lane, lane+32, ... for the accumulators. No atomics: every output
+// element is written by one thread, so results are bitwise repeatable.
+#include <cfloat>
+
+#include "core/cuda/cuda_backend.h"
+
+namespace r1lab::core::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kRows = 4;        // queries (or keys) per warp
+constexpr int kTile = 32;       // keys (or queries) per shared-memory tile
+constexpr int kMaxDU = 8;       // head dim ≤ 256
+constexpr int kMaxVU = 4;       // value dim ≤ 128
+constexpr unsigned kFull = 0xffffffffu;
+
+struct Dims {
+  int64_t T, S, Hq, Hk, D, Dv;
+  int64_t q0, q1, q2, k0, k1, k2, v0, v1, v2, o0, o1, o2;  // strides of dims 0..2 (dim 3 contiguous)
+  int64_t g0, g1, g2;                                      // dout (backward)
+  float scale;
+};
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// out[t] = Σ_s softmax_s(scale·q[t]·k[s]) v[s];  lse[t] = log Σ_s exp(scale·q[t]·k[s]).
+// grid (ceil(T / 32), B·Hq).
+__global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(const float* q, const float* k, const float* v,
+                                                                        float* out, float* lse, Dims a) {
+  extern __shared__ float sm[];
+  const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), ldk = D + 1, ldv = Dv + 1;
+  float* Ks = sm;                    // [kTile][D + 1]
+  float* Vs = Ks + kTile * ldk;      // [kTile][Dv + 1]
+  float* Qs = Vs + kTile * ldv;      // [kWarps·kRows][D]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kWarps * kRows, off = a.S - a.T;
+  for (int i = threadIdx.x; i < kWarps * kRows * D; i += blockDim.x) {
+    const int64_t t = t0 + i / D;
+    Qs[i] = t < a.T ? q[b * a.q0 + t * a.q1 + h * a.q2 + i % D] : 0.0f;
+  }
+  float m[kRows], l[kRows], acc[kRows][kMaxVU];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0;
+#pragma unroll
+    for (int u = 0; u < kMaxVU; ++u) acc[r][u] = 0;
+  }
+  const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kWarps * kRows - 1));
+  const float* kb = k + b * a.k0 + kh * a.k2;
+  const float* vb = v + b * a.v0 + kh * a.v2;
+  for (int64_t s0 = 0; s0 <= last; s0 += kTile) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTile * D; i += blockDim.x) {
+      const int64_t s = s0 + i / D;
+      Ks[(i / D) * ldk + i % D] = s < a.S ? kb[s * a.k1 + i % D] : 0.0f;
+    }
+    for (int i = threadIdx.x; i < kTile * Dv; i += blockDim.x) {
+      const int64_t s = s0 + i / Dv;
+      Vs[(i / Dv) * ldv + i % Dv] = s < a.S ? vb[s * a.v1 + i % Dv] : 0.0f;
+    }
+    __syncthreads();
+    const int64_t s = s0 + lane;
+    float sc[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) sc[r] = 0;
+    const float* kr = Ks + lane * ldk;
+    const float* qw = Qs + warp * kRows * D;
+    for (int c = 0; c < D; ++c) {
+      const float kc = kr[c];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) sc[r] += qw[r * D + c] * kc;
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t t = t0 + warp * kRows + r;
+      const bool visible = t < a.T && s <= off + t;
+      const float x = visible ? sc[r] * a.scale : -INFINITY;
+      const float mn = fmaxf(m[r], warp_max(x));
+      if (mn == -INFINITY) {
+        sc[r] = 0;
+        continue;
+      }
+      const float p = visible ? expf(x - mn) : 0.0f;
+      const float alpha = expf(m[r] - mn);
+      l[r] = l[r] * alpha + warp_sum(p);
+#pragma unroll
+      for (int u = 0; u < kMaxVU; ++u) acc[r][u] *= alpha;
+      m[r] = mn;
+      sc[r] = p;
+    }
+    for (int j = 0; j < kTile; ++j) {
+      float pj[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) pj[r] = __shfl_sync(kFull, sc[r], j);
+#pragma unroll
+      for (int u = 0; u < kMaxVU; ++u) {
+        const int c = lane + 32 * u;
+        if (c < Dv) {
+          const float vv = Vs[j * ldv + c];
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) acc[r][u] += pj[r] * vv;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t t = t0 + warp * kRows + r;
+    if (t >= a.T) continue;
+    const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+    float* o = out + b * a.o0 + t * a.o1 + h * a.o2;
+#pragma unroll
+    for (int u = 0; u < kMaxVU; ++u) {
+      const int c = lane + 32 * u;
+      if (c < Dv) o[c] = acc[r][u] * inv;
+    }
+    if (lane == 0) lse[(b * a.Hq + h) * a.T + t] = m[r] + logf(l[r]);
+  }
+}
+
+// delta[b, h, t] = dout[t] · out[t] (one warp per row).
+__global__ void attention_delta_kernel(const float* dout, const float* out, float* delta, Dims a, int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = row % a.T, h = (row / a.T) % a.Hq, b = row / (a.T * a.Hq);
+  const float* g = dout + b * a.g0 + t * a.g1 + h * a.g2;
+  const float* o = out + b * a.o0 + t * a.o1 + h * a.o2;
+  float s = 0;
+  for (int c = lane; c < a.Dv; c += 32) s += g[c] * o[c];
+  s = warp_sum(s);
+  if (lane == 0) delta[row] = s;
+}
+
+// dq[t] += scale · Σ_s p[t,s] (dout[t]·v[s] - delta[t]) k[s]. grid (ceil(T / 32), B·Hq).
+__global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const float* q, const float* k, const float* v,
+                                                                   const float* dout, const float* lse,
+                                                                   const float* delta, float* dq, int64_t dq0,
+                                                                   int64_t dq1, int64_t dq2, Dims a) {
+  extern __shared__ float sm[];
+  const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), ldk = D + 1, ldv = Dv + 1;
+  float* Ks = sm;                         // [kTile][D + 1]
+  float* Vs = Ks + kTile * ldk;           // [kTile][Dv + 1]
+  float* Qs = Vs + kTile * ldv;           // [kWarps·kRows][D]
+  float* Gs = Qs + kWarps * kRows * D;    // [kWarps·kRows][Dv]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kWarps * kRows, off = a.S - a.T;
+  for (int i = threadIdx.x; i < kWarps * kRows * D; i += blockDim.x) {
+    const int64_t t = t0 + i / D;
+    Qs[i] = t < a.T ? q[b * a.q0 + t * a.q1 + h * a.q2 + i % D] : 0.0f;
+  }
+  for (int i = threadIdx.x; i < kWarps * kRows * Dv; i += blockDim.x) {
+    const int64_t t = t0 + i / Dv;
+    Gs[i] = t < a.T ? dout[b * a.g0 + t * a.g1 + h * a.g2 + i % Dv] : 0.0f;
+  }
+  float L[kRows], Dl[kRows], acc[kRows][kMaxDU];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t t = t0 + warp * kRows + r;
+    L[r] = t < a.T ? lse[(b * a.Hq + h) * a.T + t] : 0.0f;
+    Dl[r] = t < a.T ? delta[(b * a.Hq + h) * a.T + t] : 0.0f;
+#pragma unroll
+    for (int u = 0; u < kMaxDU; ++u) acc[r][u] = 0;
+  }
+  const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kWarps * kRows - 1));
+  const float* kb = k + b * a.k0 + kh * a.k2;
+  const float* vb = v + b * a.v0 + kh * a.v2;
+  for (int64_t s0 = 0; s0 <= last; s0 += kTile) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTile * D; i += blockDim.x) {
+      const int64_t s = s0 + i / D;
+      Ks[(i / D) * ldk + i % D] = s < a.S ? kb[s * a.k1 + i % D] : 0.0f;
+    }
+    for (int i = threadIdx.x; i < kTile * Dv; i += blockDim.x) {
+      const int64_t s = s0 + i / Dv;
+      Vs[(i / Dv) * ldv + i % Dv] = s < a.S ? vb[s * a.v1 + i % Dv] : 0.0f;
+    }
+    __syncthreads();
+    const int64_t s = s0 + lane;
+    float sc[kRows], dp[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) sc[r] = dp[r] = 0;
+    const float* qw = Qs + warp * kRows * D;
+    const float* gw = Gs + warp * kRows * Dv;
+    for (int c = 0; c < D; ++c) {
+      const float kc = Ks[lane * ldk + c];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) sc[r] += qw[r * D + c] * kc;
+    }
+    for (int c = 0; c < Dv; ++c) {
+      const float vc = Vs[lane * ldv + c];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) dp[r] += gw[r * Dv + c] * vc;
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t t = t0 + warp * kRows + r;
+      const bool visible = t < a.T && s <= off + t;
+      const float p = visible ? expf(sc[r] * a.scale - L[r]) : 0.0f;
+      sc[r] = p * (dp[r] - Dl[r]) * a.scale;  // ds
+    }
+    for (int j = 0; j < kTile; ++j) {
+      float dsj[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) dsj[r] = __shfl_sync(kFull, sc[r], j);
+#pragma unroll
+      for (int u = 0; u < kMaxDU; ++u) {
+        const int c = lane + 32 * u;
+        if (c < D) {
+          const float kc = Ks[j * ldk + c];
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) acc[r][u] += dsj[r] * kc;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t t = t0 + warp * kRows + r;
+    if (t >= a.T) continue;
+    float* o = dq + b * dq0 + t * dq1 + h * dq2;
+#pragma unroll
+    for (int u = 0; u < kMaxDU; ++u) {
+      const int c = lane + 32 * u;
+      if (c < D) o[c] += acc[r][u];
+    }
+  }
+}
+
+// dv[s] += Σ_t p[t,s] dout[t];  dk[s] += scale · Σ_t p[t,s] (dout[t]·v[s] - delta[t]) q[t], over every
+// query head of kv head kh. grid (ceil(S / 32), B·Hk).
+__global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(const float* q, const float* k, const float* v,
+                                                                     const float* dout, const float* lse,
+                                                                     const float* delta, float* dk, int64_t dk0,
+                                                                     int64_t dk1, int64_t dk2, float* dv, int64_t dv0,
+                                                                     int64_t dv1, int64_t dv2, Dims a) {
+  extern __shared__ float sm[];
+  const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), ldq = D + 1, ldg = Dv + 1;
+  float* Kown = sm;                          // [kWarps·kRows][D]
+  float* Vown = Kown + kWarps * kRows * D;   // [kWarps·kRows][Dv]
+  float* Qt = Vown + kWarps * kRows * Dv;    // [kTile][D + 1]
+  float* Gt = Qt + kTile * ldq;              // [kTile][Dv + 1]
+  float* Lt = Gt + kTile * ldg;              // [kTile]
+  float* Dt = Lt + kTile;                    // [kTile]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk, group = a.Hq / a.Hk;
+  const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kWarps * kRows, off = a.S - a.T;
+  for (int i = threadIdx.x; i < kWarps * kRows * D; i += blockDim.x) {
+    const int64_t s = s_first + i / D;
+    Kown[i] = s < a.S ? k[b * a.k0 + s * a.k1 + kh * a.k2 + i % D] : 0.0f;
+  }
+  for (int i = threadIdx.x; i < kWarps * kRows * Dv; i += blockDim.x) {
+    const int64_t s = s_first + i / Dv;
+    Vown[i] = s < a.S ? v[b * a.v0 + s * a.v1 + kh * a.v2 + i % Dv] : 0.0f;
+  }
+  float gk[kRows][kMaxDU], gv[kRows][kMaxVU];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int u = 0; u < kMaxDU; ++u) gk[r][u] = 0;
+#pragma unroll
+    for (int u = 0; u < kMaxVU; ++u) gv[r][u] = 0;
+  }
+  // The first query that sees key s_first sits at t = s_first - off.
+  const int64_t t_begin = (s_first > off ? s_first - off : 0) / kTile * kTile;
+  const float* kw = Kown + warp * kRows * D;
+  const float* vw = Vown + warp * kRows * Dv;
+  for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+    for (int64_t t0 = t_begin; t0 < a.T; t0 += kTile) {
+      __syncthreads();
+      for (int i = threadIdx.x; i < kTile * D; i += blockDim.x) {
+        const int64_t t = t0 + i / D;
+        Qt[(i / D) * ldq + i % D] = t < a.T ? q[b * a.q0 + t * a.q1 + h * a.q2 + i % D] : 0.0f;
+      }
+      for (int i = threadIdx.x; i < kTile * Dv; i += blockDim.x) {
+        const int64_t t = t0 + i / Dv;
+        Gt[(i / Dv) * ldg + i % Dv] = t < a.T ? dout[b * a.g0 + t * a.g1 + h * a.g2 + i % Dv] : 0.0f;
+      }
+      if (threadIdx.x < kTile) {
+        const int64_t t = t0 + threadIdx.x;
+        Lt[threadIdx.x] = t < a.T ? lse[(b * a.Hq + h) * a.T + t] : 0.0f;
+        Dt[threadIdx.x] = t < a.T ? delta[(b * a.Hq + h) * a.T + t] : 0.0f;
+      }
+      __syncthreads();
+      const int64_t t = t0 + lane;
+      float sc[kRows], dp[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) sc[r] = dp[r] = 0;
+      for (int c = 0; c < D; ++c) {
+        const float qc = Qt[lane * ldq + c];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) sc[r] += kw[r * D + c] * qc;
+      }
+      for (int c = 0; c < Dv; ++c) {
+        const float gc = Gt[lane * ldg + c];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) dp[r] += vw[r * Dv + c] * gc;
+      }
+      float p[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t s = s_first + warp * kRows + r;
+        const bool visible = t < a.T && s < a.S && s <= off + t;
+        p[r] = visible ? expf(sc[r] * a.scale - Lt[lane]) : 0.0f;
+        sc[r] = p[r] * (dp[r] - Dt[lane]) * a.scale;  // ds
+      }
+      for (int j = 0; j < kTile; ++j) {
+        float pj[kRows], dsj[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          pj[r] = __shfl_sync(kFull, p[r], j);
+          dsj[r] = __shfl_sync(kFull, sc[r], j);
+        }
+#pragma unroll
+        for (int u = 0; u < kMaxVU; ++u) {
+          const int c = lane + 32 * u;
+          if (c < Dv) {
+            const float gc = Gt[j * ldg + c];
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) gv[r][u] += pj[r] * gc;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kMaxDU; ++u) {
+          const int c = lane + 32 * u;
+          if (c < D) {
+            const float qc = Qt[j * ldq + c];
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) gk[r][u] += dsj[r] * qc;
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t s = s_first + warp * kRows + r;
+    if (s >= a.S) continue;
+    float* ok = dk + b * dk0 + s * dk1 + kh * dk2;
+    float* ov = dv + b * dv0 + s * dv1 + kh * dv2;
+#pragma unroll
+    for (int u = 0; u < kMaxDU; ++u) {
+      const int c = lane + 32 * u;
+      if (c < D) ok[c] += gk[r][u];
+    }
+#pragma unroll
+    for (int u = 0; u < kMaxVU; ++u) {
+      const int c = lane + 32 * u;
+      if (c < Dv) ov[c] += gv[r][u];
+    }
+  }
+}
+
+// ---- MLA latent attention over the paged cache. grid (N, ceil(H / kWarps)); a warp per head, the
+// block's heads share each tile of latent rows in shared memory (a row is read once per block).
+constexpr int kPagedTile = 16;
+constexpr int kMaxLatentU = 20;  // latent row ≤ 640
+
+__global__ void __launch_bounds__(kWarps * 32) paged_latent_kernel(
+    const float* q, int64_t qs0, int64_t qs1, const float* pool, int64_t ldp, int64_t pool_rows, int block_size,
+    const int32_t* tables, int64_t max_blocks, const int32_t* seq_of, const int32_t* starts, const int32_t* ctx,
+    float* out, int64_t os0, int64_t os1, int64_t heads, int D, int dv, float scale) {
+  extern __shared__ float sm[];
+  float* rows = sm;  // [kPagedTile][D]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i = blockIdx.x, h = static_cast<int64_t>(blockIdx.y) * kWarps + warp;
+  const int32_t s = seq_of[i];
+  const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
+  float qr[kMaxLatentU], acc[kMaxLatentU];
+  const float* qh = q + i * qs0 + min(h, heads - 1) * qs1;
+#pragma unroll
+  for (int u = 0; u < kMaxLatentU; ++u) {
+    const int c = lane + 32 * u;
+    qr[u] = c < D ? qh[c] : 0.0f;
+    acc[u] = 0;
+  }
+  float m = -INFINITY, l = 0;
+  for (int64_t p0 = 0; p0 <= last; p0 += kPagedTile) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < kPagedTile * D; e += blockDim.x) {
+      const int64_t pos = p0 + e / D;
+      float val = 0;
+      if (pos <= last) {
+        const int64_t blk = tables[s * max_blocks + pos / block_size];
+        const int64_t row = blk * block_size + pos % block_size;
+        if (blk >= 0 && row < pool_rows) val = pool[row * ldp + e % D];
+      }
+      rows[e] = val;
+    }
+    __syncthreads();
+    if (h >= heads) continue;
+    const int n = static_cast<int>(last - p0 + 1 < kPagedTile ? last - p0 + 1 : kPagedTile);
+    for (int j = 0; j < n; ++j) {
+      const float* r = rows + j * D;
+      float part = 0;
+#pragma unroll
+      for (int u = 0; u < kMaxLatentU; ++u) {
+        const int c = lane + 32 * u;
+        if (c < D) part += qr[u] * r[c];
+      }
+      const float x = warp_sum(part) * scale;
+      const float mn = fmaxf(m, x);
+      const float alpha = expf(m - mn), p = expf(x - mn);
+      l = l * alpha + p;
+#pragma unroll
+      for (int u = 0; u < kMaxLatentU; ++u) {
+        const int c = lane + 32 * u;
+        if (c < dv) acc[u] = acc[u] * alpha + p * r[c];
+      }
+      m = mn;
+    }
+  }
+  if (h >= heads) return;
+  float* o = out + i * os0 + h * os1;
+#pragma unroll
+  for (int u = 0; u < kMaxLatentU; ++u) {
+    const int c = lane + 32 * u;
+    if (c < dv) o[c] = acc[u] / l;
+  }
+}
+
+__global__ void seq_of_kernel(const int32_t* starts, int64_t n_seq, int32_t* seq_of) {
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= n_seq) return;
+  for (int32_t i = starts[s]; i < starts[s + 1]; ++i) seq_of[i] = static_cast<int32_t>(s);
+}
+
+Dims make_dims(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, float scale) {
+  Dims a{};
+  a.T = q.size(1);
+  a.S = k.size(1);
+  a.Hq = q.size(2);
+  a.Hk = k.size(2);
+  a.D = q.size(3);
+  a.Dv = v.size(3);
+  a.q0 = q.stride(0), a.q1 = q.stride(1), a.q2 = q.stride(2);
+  a.k0 = k.stride(0), a.k1 = k.stride(1), a.k2 = k.stride(2);
+  a.v0 = v.stride(0), a.v1 = v.stride(1), a.v2 = v.stride(2);
+  a.o0 = out.stride(0), a.o1 = out.stride(1), a.o2 = out.stride(2);
+  a.scale = scale;
+  return a;
+}
+
+void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) {
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v, &out}) {
+    check_device(*t, DType::kF32);
+    CHECK(t->dim() == 4 && t->stride(3) == 1) << "attention takes [B, T, H, D] with the last dim contiguous";
+  }
+  CHECK_EQ(k.size(3), q.size(3));
+  CHECK(q.size(2) % k.size(2) == 0);
+  CHECK(k.size(1) >= q.size(1));
+  CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2));
+  CHECK(out.size(0) == q.size(0) && out.size(1) == q.size(1) && out.size(2) == q.size(2) && out.size(3) == v.size(3));
+  CHECK_LE(q.size(3), 32 * kMaxDU) << "attention head dim above " << 32 * kMaxDU;
+  CHECK_LE(v.size(3), 32 * kMaxVU) << "attention value dim above " << 32 * kMaxVU;
+}
+
+template <typename K>
+void set_smem(K kernel, size_t bytes) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+}  // namespace
+
+void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
+                                    Tensor& lse) {
+  check_attention(q, k, v, out);
+  check_device(lse, DType::kF32);
+  CHECK(lse.is_contiguous() && lse.numel() == q.size(0) * q.size(2) * q.size(1));
+  const Dims a = make_dims(q, k, v, out, scale);
+  const int64_t B = q.size(0);
+  if (B == 0 || a.T == 0) return;
+  // Causal pairs: T·S - T(T-1)/2 per head.
+  const double pairs = static_cast<double>(B * a.Hq) * (a.T * a.S - a.T * (a.T - 1) / 2.0);
+  Op op(this, "attention", 2.0 * pairs * (a.D + a.Dv), 4.0 * (q.numel() + k.numel() + v.numel() + out.numel()));
+  const size_t smem = sizeof(float) * (kTile * (a.D + 1) + kTile * (a.Dv + 1) + kWarps * kRows * a.D);
+  set_smem(attention_forward_kernel, smem);
+  attention_forward_kernel<<<dim3(blocks(a.T, kWarps * kRows), static_cast<unsigned>(B * a.Hq)), kWarps * 32, smem,
+                             stream()>>>(q.f32(), k.f32(), v.f32(), out.f32(), lse.f32(), a);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
+                                     Tensor& dv) {
+  check_attention(q, k, v, out);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dout, &dq, &dk, &dv}) {
+    check_device(*t, DType::kF32);
+    CHECK(t->dim() == 4 && t->stride(3) == 1);
+  }
+  CHECK(dout.shape() == out.shape() && dq.shape() == q.shape() && dk.shape() == k.shape() && dv.shape() == v.shape());
+  Dims a = make_dims(q, k, v, out, scale);
+  a.g0 = dout.stride(0), a.g1 = dout.stride(1), a.g2 = dout.stride(2);
+  const int64_t B = q.size(0);
+  if (B == 0 || a.T == 0) return;
+  const double pairs = static_cast<double>(B * a.Hq) * (a.T * a.S - a.T * (a.T - 1) / 2.0);
+  Op op(this, "attention_backward", 2.0 * pairs * (2 * a.D + 2 * a.Dv),
+        4.0 * 2 * (q.numel() + k.numel() + v.numel() + out.numel()));
+  const int64_t rows = B * a.Hq * a.T;
+  Tensor delta = zeros({rows}, DType::kF32);
+  attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), out.f32(), delta.f32(), a, rows);
+  const size_t smem_q =
+      sizeof(float) * (kTile * (a.D + 1) + kTile * (a.Dv + 1) + kWarps * kRows * (a.D + a.Dv));
+  set_smem(attention_dq_kernel, smem_q);
+  attention_dq_kernel<<<dim3(blocks(a.T, kWarps * kRows), static_cast<unsigned>(B * a.Hq)), kWarps * 32, smem_q,
+                        stream()>>>(q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dq.f32(),
+                                    dq.stride(0), dq.stride(1), dq.stride(2), a);
+  const size_t smem_k =
+      sizeof(float) * (kWarps * kRows * (a.D + a.Dv) + kTile * (a.D + 1) + kTile * (a.Dv + 1) + 2 * kTile);
+  set_smem(attention_dkdv_kernel, smem_k);
+  attention_dkdv_kernel<<<dim3(blocks(a.S, kWarps * kRows), static_cast<unsigned>(B * a.Hk)), kWarps * 32, smem_k,
+                          stream()>>>(q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dk.f32(),
+                                      dk.stride(0), dk.stride(1), dk.stride(2), dv.f32(), dv.stride(0), dv.stride(1),
+                                      dv.stride(2), a);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, int block_size,
+                                         const Tensor& block_tables, const Tensor& seq_starts,
+                                         const Tensor& context_lens, float scale, Tensor& out) {
+  CHECK(q.dim() == 3 && out.dim() == 3 && q.stride(2) == 1 && out.stride(2) == 1);
+  check_device(q, DType::kF32);
+  check_device(out, DType::kF32);
+  check_device(pool, DType::kF32);
+  check_device(block_tables, DType::kI32);
+  check_device(seq_starts, DType::kI32);
+  check_device(context_lens, DType::kI32);
+  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), dv = out.size(2);
+  const Rows P = rows_of(pool);
+  CHECK_EQ(P.cols, d);
+  CHECK_LE(dv, d);
+  CHECK_LE(d, 32 * kMaxLatentU) << "latent row above " << 32 * kMaxLatentU;
+  CHECK(block_tables.dim() == 2 && block_tables.is_contiguous());
+  const int64_t n_seq = context_lens.numel();
+  CHECK_EQ(seq_starts.numel(), n_seq + 1);
+  CHECK_EQ(block_tables.size(0), n_seq);
+  if (n == 0) return;
+  Op op(this, "paged_latent_attention", 0, 4.0 * (q.numel() + out.numel()));
+  Tensor seq_of = zeros({n}, DType::kI32);
+  seq_of_kernel<<<blocks(n_seq, 128), 128, 0, stream()>>>(seq_starts.data<int32_t>(), n_seq, seq_of.data<int32_t>());
+  const size_t smem = sizeof(float) * kPagedTile * d;
+  set_smem(paged_latent_kernel, smem);
+  paged_latent_kernel<<<dim3(static_cast<unsigned>(n), blocks(heads, kWarps)), kWarps * 32, smem, stream()>>>(
+      q.f32(), q.stride(0), q.stride(1), P.f(), P.ld, P.rows, block_size, block_tables.data<int32_t>(),
+      block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(), context_lens.data<int32_t>(), out.f32(),
+      out.stride(0), out.stride(1), heads, static_cast<int>(d), static_cast<int>(dv), scale);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace r1lab::core::cuda

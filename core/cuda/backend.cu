@@ -1,0 +1,519 @@
+// The CUDA backend's context and memory: a stream-ordered caching pool (cudaMallocAsync with the pool
+// keeping what it frees), host <-> device copies, strided copy/add/fill, embeddings, row scatter, the
+// per-op profiler and the optimizer (gradient norm and a fused AdamW over the one parameter buffer).
+#include <cub/device/device_radix_sort.cuh>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "core/cuda/cuda_backend.h"
+
+namespace r1lab::core::cuda {
+
+// ---------------------------------------------------------------------------------------------------
+// Shared helpers.
+
+Context::~Context() {
+  if (workspace) cudaFreeAsync(workspace, stream);
+  if (blas) cublasDestroy(blas);
+  if (stream) {
+    cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
+  }
+}
+
+void check_device(const Tensor& t, DType dtype) {
+  CHECK(t.defined() && t.device() == Device::kCuda) << "expected a device tensor";
+  CHECK(t.dtype() == dtype) << "dtype " << dtype_name(t.dtype()) << ", expected " << dtype_name(dtype);
+}
+
+Rows rows_of(const Tensor& t) {
+  CHECK(t.device() == Device::kCuda) << "expected a device tensor";
+  CHECK(t.dim() >= 1);
+  if (t.dim() == 1) {
+    CHECK(t.stride(0) == 1 || t.size(0) <= 1);
+    return Rows{t.raw(), 1, t.size(0), t.size(0)};
+  }
+  CHECK(t.stride(-1) == 1 || t.size(-1) == 1) << "last dimension must be contiguous, shape " << shape_str(t.shape());
+  int64_t rows = 1;
+  for (int d = 0; d < t.dim() - 1; ++d) rows *= t.size(d);
+  for (int d = t.dim() - 3; d >= 0; --d)
+    CHECK(t.size(d) == 1 || t.stride(d) == t.stride(d + 1) * t.size(d + 1))
+        << "rows of " << shape_str(t.shape()) << " are not uniformly strided";
+  return Rows{t.raw(), rows, t.size(-1), t.stride(-2)};
+}
+
+Dims4 dims4(const Tensor& t) {
+  CHECK_LE(t.dim(), 4);
+  Dims4 d{{1, 1, 1, 1}, {0, 0, 0, 0}};
+  const int off = 4 - t.dim();
+  for (int i = 0; i < t.dim(); ++i) {
+    d.n[off + i] = t.size(i);
+    d.s[off + i] = t.stride(i);
+  }
+  return d;
+}
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Offset of flat element i (row-major over n) in a strided view.
+__device__ __forceinline__ int64_t offset4(const Dims4& d, int64_t i) {
+  const int64_t i3 = i % d.n[3];
+  i /= d.n[3];
+  const int64_t i2 = i % d.n[2];
+  i /= d.n[2];
+  const int64_t i1 = i % d.n[1];
+  const int64_t i0 = i / d.n[1];
+  return i0 * d.s[0] + i1 * d.s[1] + i2 * d.s[2] + i3 * d.s[3];
+}
+
+template <typename T>
+__global__ void copy_kernel(const T* src, Dims4 ds, T* dst, Dims4 dd, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[offset4(dd, i)] = src[offset4(ds, i)];
+}
+
+__global__ void add_kernel(const float* x, Dims4 dx, float* y, Dims4 dy, int64_t n, float alpha) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[offset4(dy, i)] += alpha * x[offset4(dx, i)];
+}
+
+__global__ void fill_kernel(float* p, int64_t n, float v) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    p[i] = v;
+}
+
+unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(blocks(n, kThreads), 65536)); }
+
+// out[m] = table[ids[m]] (one block per row); a bad id writes zeros.
+__global__ void embedding_kernel(const float* table, int64_t ldt, int64_t vocab, const int32_t* ids, float* out,
+                                 int64_t ldo, int64_t cols) {
+  const int32_t id = ids[blockIdx.x];
+  float* o = out + blockIdx.x * ldo;
+  const bool ok = id >= 0 && id < vocab;
+  const float* t = table + (ok ? id : 0) * ldt;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) o[i] = ok ? t[i] : 0.0f;
+}
+
+// After a stable sort of (id, m): the first block of each run of one id sums dout over the run in m
+// order and adds it to dtable[id] (deterministic, no atomics).
+__global__ void embedding_backward_kernel(const int32_t* sorted_ids, const int32_t* sorted_m, int64_t n,
+                                          const float* dout, int64_t ldd, float* dtable, int64_t ldt,
+                                          int64_t vocab, int64_t cols) {
+  const int64_t i = blockIdx.x;
+  const int32_t id = sorted_ids[i];
+  if ((i > 0 && sorted_ids[i - 1] == id) || id < 0 || id >= vocab) return;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float acc = 0;
+    for (int64_t j = i; j < n && sorted_ids[j] == id; ++j) acc += dout[sorted_m[j] * ldd + c];
+    dtable[id * ldt + c] += acc;
+  }
+}
+
+__global__ void iota_kernel(int32_t* p, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) p[i] = static_cast<int32_t>(i);
+}
+
+__global__ void scatter_rows_kernel(const float* src, int64_t lds, const int32_t* rows, float* dst, int64_t ldd,
+                                    int64_t n_dst, int64_t cols) {
+  const int32_t r = rows[blockIdx.x];
+  if (r < 0 || r >= n_dst) return;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dst[r * ldd + c] = src[blockIdx.x * lds + c];
+}
+
+// ---- optimizer: the spans cut into chunks of at most kChunk elements, one block each.
+constexpr int64_t kChunk = 1 << 16;
+struct Chunk {
+  int64_t offset, numel;
+  int32_t decay, pad;
+};
+
+__global__ void sum_squares_kernel(const float* x, const Chunk* chunks, double* partial) {
+  const Chunk c = chunks[blockIdx.x];
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < c.numel; i += blockDim.x) {
+    const double v = x[c.offset + i];
+    s += v * v;
+  }
+  __shared__ double part[kThreads];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int o = kThreads / 2; o > 0; o >>= 1) {
+    if (threadIdx.x < o) part[threadIdx.x] += part[threadIdx.x + o];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = part[0];
+}
+
+// One block sums the partials in a fixed order.
+__global__ void sum_partials_kernel(const double* partial, int64_t n, double* out) {
+  __shared__ double part[kThreads];
+  double s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int o = kThreads / 2; o > 0; o >>= 1) {
+    if (threadIdx.x < o) part[threadIdx.x] += part[threadIdx.x + o];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *out = part[0];
+}
+
+// The CPU reference's double-precision arithmetic, element by element.
+__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, const Chunk* chunks, AdamWUpdate u) {
+  const Chunk c = chunks[blockIdx.x];
+  const double wd = c.decay ? u.lr * u.weight_decay : 0.0;
+  const double b1 = u.beta1, b2 = u.beta2;
+  for (int64_t j = threadIdx.x; j < c.numel; j += blockDim.x) {
+    const int64_t i = c.offset + j;
+    const double gi = g[i] * u.grad_scale;
+    const double mi = b1 * m[i] + (1.0 - b1) * gi;
+    const double vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+    m[i] = static_cast<float>(mi);
+    v[i] = static_cast<float>(vi);
+    double wi = w[i];
+    wi -= wd * wi;
+    wi -= u.lr * (mi / u.bias_correction1) / (sqrt(vi / u.bias_correction2) + u.eps);
+    w[i] = static_cast<float>(wi);
+  }
+}
+
+}  // namespace
+
+bool available(std::string* why) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear
+    if (why) *why = std::string("no usable CUDA driver/device: ") + cudaGetErrorString(e);
+    return false;
+  }
+  if (n == 0) {
+    if (why) *why = "no CUDA device";
+    return false;
+  }
+  return true;
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> make_backend(const Options& options) {
+  std::string why;
+  if (!available(&why)) return absl::FailedPreconditionError(absl::StrCat("--device cuda: ", why));
+  int n = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&n));
+  if (options.device < 0 || options.device >= n)
+    return absl::InvalidArgumentError(absl::StrCat("CUDA device ", options.device, " does not exist (", n, " found)"));
+  return std::unique_ptr<Backend>(new CudaBackend(options));
+}
+
+CudaBackend::CudaBackend(const Options& options) : opt_(options), ctx_(std::make_shared<Context>()) {
+  ctx_->device = options.device;
+  CUDA_CHECK(cudaSetDevice(options.device));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_->stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&ctx_->pool, options.device));
+  uint64_t keep = UINT64_MAX;  // a caching pool: freed memory stays reserved for the next allocation
+  CUDA_CHECK(cudaMemPoolSetAttribute(ctx_->pool, cudaMemPoolAttrReleaseThreshold, &keep));
+  CUBLAS_CHECK(cublasCreate(&ctx_->blas));
+  CUBLAS_CHECK(cublasSetStream(ctx_->blas, ctx_->stream));
+  constexpr size_t kWorkspace = 32 << 20;
+  CUDA_CHECK(cudaMallocAsync(&ctx_->workspace, kWorkspace, ctx_->stream));
+  CUBLAS_CHECK(cublasSetWorkspace(ctx_->blas, ctx_->workspace, kWorkspace));
+  CUBLAS_CHECK(cublasSetPointerMode(ctx_->blas, CUBLAS_POINTER_MODE_HOST));
+  // Deterministic: no atomics-based reductions inside cuBLAS.
+  CUBLAS_CHECK(cublasSetAtomicsMode(ctx_->blas, CUBLAS_ATOMICS_NOT_ALLOWED));
+}
+
+CudaBackend::~CudaBackend() {
+  synchronize();
+  for (Pending& p : pending_) {
+    cudaEventDestroy(p.start);
+    cudaEventDestroy(p.stop);
+  }
+}
+
+std::string CudaBackend::name() const {
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, opt_.device));
+  const char* prec = opt_.gemm == Options::GemmPrecision::kF32    ? "f32"
+                     : opt_.gemm == Options::GemmPrecision::kTF32 ? "tf32"
+                                                                  : "bf16";
+  return absl::StrCat("cuda:", opt_.device, " (", prop.name, ", gemm ", prec, ")");
+}
+
+void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(ctx_->stream)); }
+
+// ---------------------------------------------------------------------------------------------------
+// Memory.
+
+Tensor CudaBackend::zeros(const Shape& shape, DType dtype) {
+  const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
+  void* p = nullptr;
+  CUDA_CHECK(cudaMallocAsync(&p, bytes == 0 ? 16 : bytes, ctx_->stream));
+  if (bytes) CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, ctx_->stream));
+  std::shared_ptr<Context> ctx = ctx_;
+  auto st = std::make_shared<Storage>(p, bytes, Device::kCuda, [ctx](void* q) { cudaFreeAsync(q, ctx->stream); });
+  return Tensor(std::move(st), 0, shape, contiguous_strides(shape), dtype);
+}
+
+void CudaBackend::upload(const Tensor& host, Tensor& dst) {
+  CHECK(host.shape() == dst.shape() && host.dtype() == dst.dtype()) << shape_str(host.shape()) << " vs "
+                                                                    << shape_str(dst.shape());
+  CHECK(host.device() == Device::kCpu && dst.device() == Device::kCuda);
+  CHECK(host.is_contiguous() && dst.is_contiguous());
+  // From pageable memory this returns once the source is staged, so the caller may free it at once.
+  CUDA_CHECK(cudaMemcpyAsync(dst.raw(), host.raw(), static_cast<size_t>(host.numel()) * dtype_size(host.dtype()),
+                             cudaMemcpyHostToDevice, ctx_->stream));
+}
+
+Tensor CudaBackend::download(const Tensor& src) {
+  CHECK(src.device() == Device::kCuda);
+  if (!src.is_contiguous()) {
+    Tensor c = zeros(src.shape(), src.dtype());
+    copy(src, c);
+    return download(c);
+  }
+  Tensor host = Tensor::zeros(src.shape(), src.dtype());
+  CUDA_CHECK(cudaMemcpyAsync(host.raw(), src.raw(), static_cast<size_t>(src.numel()) * dtype_size(src.dtype()),
+                             cudaMemcpyDeviceToHost, ctx_->stream));
+  synchronize();
+  return host;
+}
+
+void CudaBackend::copy(const Tensor& src, Tensor& dst) {
+  CHECK(src.shape() == dst.shape()) << shape_str(src.shape()) << " vs " << shape_str(dst.shape());
+  CHECK(src.dtype() == dst.dtype() && src.device() == Device::kCuda && dst.device() == Device::kCuda);
+  const int64_t n = src.numel();
+  if (n == 0) return;
+  Op op(this, "copy", 0, 2.0 * n * dtype_size(src.dtype()));
+  const Dims4 ds = dims4(src), dd = dims4(dst);
+  switch (dtype_size(src.dtype())) {
+    case 4:
+      copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint32_t>(), ds, dst.data<uint32_t>(), dd, n);
+      break;
+    case 2:
+      copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint16_t>(), ds, dst.data<uint16_t>(), dd, n);
+      break;
+    case 8:
+      copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint64_t>(), ds, dst.data<uint64_t>(), dd, n);
+      break;
+    default:
+      CHECK(false) << "copy: unsupported dtype " << dtype_name(src.dtype());
+  }
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::add(const Tensor& x, Tensor& y, float alpha) {
+  CHECK(x.shape() == y.shape()) << shape_str(x.shape()) << " vs " << shape_str(y.shape());
+  check_device(x, DType::kF32);
+  check_device(y, DType::kF32);
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  Op op(this, "add", n, 12.0 * n);
+  add_kernel<<<grid_for(n), kThreads, 0, stream()>>>(x.f32(), dims4(x), y.f32(), dims4(y), n, alpha);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::fill(Tensor& t, float value) {
+  check_device(t, DType::kF32);
+  CHECK(t.is_contiguous());
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  Op op(this, "fill", 0, 4.0 * n);
+  if (value == 0.0f) {
+    CUDA_CHECK(cudaMemsetAsync(t.raw(), 0, static_cast<size_t>(n) * 4, stream()));
+    return;
+  }
+  fill_kernel<<<grid_for(n), kThreads, 0, stream()>>>(t.f32(), n, value);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void* CudaBackend::scratch(size_t bytes) {
+  if (!scratch_.defined() || static_cast<size_t>(scratch_.numel()) < bytes)
+    scratch_ = zeros({static_cast<int64_t>(std::max<size_t>(bytes, 1 << 20) + 3) / 4}, DType::kI32);
+  return scratch_.raw();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Embeddings and rows.
+
+void CudaBackend::embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) {
+  const Rows t = rows_of(table), o = rows_of(out);
+  check_device(ids, DType::kI32);
+  check_device(table, DType::kF32);
+  check_device(out, DType::kF32);
+  CHECK(ids.is_contiguous());
+  CHECK_EQ(ids.numel(), o.rows);
+  CHECK_EQ(t.cols, o.cols);
+  if (o.rows == 0) return;
+  Op op(this, "embedding", 0, 8.0 * o.rows * o.cols);
+  embedding_kernel<<<static_cast<unsigned>(o.rows), kThreads, 0, stream()>>>(
+      t.f(), t.ld, t.rows, ids.data<int32_t>(), o.f(), o.ld, o.cols);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) {
+  const Rows d = rows_of(dout), t = rows_of(dtable);
+  check_device(ids, DType::kI32);
+  CHECK(ids.is_contiguous());
+  CHECK_EQ(ids.numel(), d.rows);
+  CHECK_EQ(t.cols, d.cols);
+  const int64_t n = d.rows;
+  if (n == 0) return;
+  Op op(this, "embedding_backward", n * d.cols, 12.0 * n * d.cols);
+  // Stable radix sort of (id, m) so that every id's rows are summed in order.
+  Tensor keys = zeros({2 * n}, DType::kI32), vals = zeros({2 * n}, DType::kI32);
+  int32_t* m_in = vals.data<int32_t>();
+  int32_t* m_out = m_in + n;
+  int32_t* k_out = keys.data<int32_t>() + n;
+  iota_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(m_in, n);
+  size_t temp = 0;
+  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp, ids.data<int32_t>(), k_out, m_in, m_out,
+                                             static_cast<int>(n), 0, 32, stream()));
+  void* tmp = scratch(temp);
+  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(tmp, temp, ids.data<int32_t>(), k_out, m_in, m_out,
+                                             static_cast<int>(n), 0, 32, stream()));
+  embedding_backward_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(k_out, m_out, n, d.f(), d.ld, t.f(),
+                                                                                 t.ld, t.rows, d.cols);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) {
+  const Rows s = rows_of(src), d = rows_of(dst);
+  check_device(rows, DType::kI32);
+  check_device(src, DType::kF32);
+  CHECK_EQ(rows.numel(), s.rows);
+  CHECK_EQ(s.cols, d.cols);
+  if (s.rows == 0) return;
+  Op op(this, "scatter_rows", 0, 8.0 * s.rows * s.cols);
+  scatter_rows_kernel<<<static_cast<unsigned>(s.rows), kThreads, 0, stream()>>>(s.f(), s.ld, rows.data<int32_t>(),
+                                                                                d.f(), d.ld, d.rows, s.cols);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Optimizer.
+
+const void* CudaBackend::span_chunks(const std::vector<ParamSpan>& spans, int64_t* n_chunks) {
+  const bool same = spans.size() == cached_spans_.size() &&
+                    std::equal(spans.begin(), spans.end(), cached_spans_.begin(), [](const ParamSpan& a, const ParamSpan& b) {
+                      return a.offset == b.offset && a.numel == b.numel && a.decay == b.decay;
+                    });
+  if (!same || !span_table_.defined()) {
+    std::vector<Chunk> chunks;
+    for (const ParamSpan& s : spans)
+      for (int64_t o = 0; o < s.numel; o += kChunk)
+        chunks.push_back({s.offset + o, std::min(kChunk, s.numel - o), s.decay ? 1 : 0, 0});
+    span_chunks_ = static_cast<int64_t>(chunks.size());
+    static_assert(sizeof(Chunk) % 4 == 0);
+    const int64_t words = span_chunks_ * static_cast<int64_t>(sizeof(Chunk) / 4);
+    span_table_ = zeros({std::max<int64_t>(1, words)}, DType::kI32);
+    if (!chunks.empty()) {
+      Tensor host = Tensor::wrap(chunks.data(), {words}, DType::kI32);
+      upload(host, span_table_);
+    }
+    cached_spans_ = spans;
+  }
+  *n_chunks = span_chunks_;
+  return span_table_.raw();
+}
+
+double CudaBackend::sum_squares(const Tensor& x, const std::vector<ParamSpan>& spans) {
+  check_device(x, DType::kF32);
+  CHECK(x.is_contiguous());
+  for (const ParamSpan& s : spans) CHECK(s.offset >= 0 && s.numel >= 0 && s.offset + s.numel <= x.numel());
+  int64_t n = 0;
+  const Chunk* chunks = static_cast<const Chunk*>(span_chunks(spans, &n));
+  if (n == 0) return 0.0;
+  Op op(this, "sum_squares", 2.0 * x.numel(), 4.0 * x.numel());
+  Tensor partial = zeros({n + 1}, DType::kI64);  // doubles
+  double* p = partial.data<double>();
+  sum_squares_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(x.f32(), chunks, p);
+  sum_partials_kernel<<<1, kThreads, 0, stream()>>>(p, n, p + n);
+  CUDA_CHECK(cudaGetLastError());
+  double out = 0;
+  CUDA_CHECK(cudaMemcpyAsync(&out, p + n, sizeof(double), cudaMemcpyDeviceToHost, stream()));
+  synchronize();
+  return out;
+}
+
+void CudaBackend::adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
+                               const AdamWUpdate& u) {
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&w, &g, &m, &v}) {
+    check_device(*t, DType::kF32);
+    CHECK(t->is_contiguous() && t->numel() == w.numel());
+  }
+  for (const ParamSpan& s : spans) CHECK(s.offset >= 0 && s.numel >= 0 && s.offset + s.numel <= w.numel());
+  int64_t n = 0;
+  const Chunk* chunks = static_cast<const Chunk*>(span_chunks(spans, &n));
+  if (n == 0) return;
+  Op op(this, "adamw", 10.0 * w.numel(), 28.0 * w.numel());
+  adamw_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(w.f32(), g.f32(), m.f32(), v.f32(), chunks, u);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Profiling.
+
+CudaBackend::Op::Op(CudaBackend* be, const char* name, double flops, double bytes)
+    : be_(be), name_(name), flops_(flops), bytes_(bytes) {
+  if (!be_->opt_.profile) return;
+  CUDA_CHECK(cudaEventCreate(&start_));
+  CUDA_CHECK(cudaEventRecord(start_, be_->stream()));
+}
+
+CudaBackend::Op::~Op() {
+  if (!start_) return;
+  cudaEvent_t stop;
+  CUDA_CHECK(cudaEventCreate(&stop));
+  CUDA_CHECK(cudaEventRecord(stop, be_->stream()));
+  be_->pending_.push_back({name_, start_, stop, flops_, bytes_});
+  if (be_->pending_.size() > 20000) be_->profile();  // resolve what is pending
+}
+
+std::vector<OpTime> CudaBackend::profile() {
+  synchronize();
+  for (Pending& p : pending_) {
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, p.start, p.stop));
+    OpTime& t = times_[p.name];
+    t.op = p.name;
+    t.calls += 1;
+    t.ms += ms;
+    t.flops += p.flops;
+    t.bytes += p.bytes;
+    CUDA_CHECK(cudaEventDestroy(p.start));
+    CUDA_CHECK(cudaEventDestroy(p.stop));
+  }
+  pending_.clear();
+  std::vector<OpTime> out;
+  for (const auto& [name, t] : times_) out.push_back(t);
+  return out;
+}
+
+void CudaBackend::reset_profile() {
+  profile();
+  times_.clear();
+}
+
+size_t CudaBackend::peak_memory() const {
+  uint64_t high = 0;
+  CUDA_CHECK(cudaMemPoolGetAttribute(ctx_->pool, cudaMemPoolAttrUsedMemHigh, &high));
+  return high;
+}
+
+void CudaBackend::reset_peak_memory() {
+  uint64_t zero = 0;
+  CUDA_CHECK(cudaMemPoolSetAttribute(ctx_->pool, cudaMemPoolAttrUsedMemHigh, &zero));
+}
+
+std::vector<OpTime> profile(Backend& backend) { return dynamic_cast<CudaBackend&>(backend).profile(); }
+void reset_profile(Backend& backend) { dynamic_cast<CudaBackend&>(backend).reset_profile(); }
+size_t peak_memory(Backend& backend) { return dynamic_cast<CudaBackend&>(backend).peak_memory(); }
+void reset_peak_memory(Backend& backend) { dynamic_cast<CudaBackend&>(backend).reset_peak_memory(); }
+
+}  // namespace r1lab::core::cuda

@@ -1,0 +1,157 @@
+// The CUDA backend's class and the helpers its .cu files share (internal to core/cuda).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/cuda/cuda.h"
+#include "core/cuda/cuda_check.h"
+
+#define CUBLAS_CHECK(call)                                                                                   \
+  do {                                                                                                       \
+    cublasStatus_t r1lab_st_ = (call);                                                                       \
+    if (r1lab_st_ != CUBLAS_STATUS_SUCCESS) {                                                                \
+      std::fprintf(stderr, "%s:%d: cuBLAS error %s in %s\n", __FILE__, __LINE__, cublasGetStatusName(r1lab_st_), \
+                   #call);                                                                                   \
+      std::abort();                                                                                          \
+    }                                                                                                        \
+  } while (0)
+
+namespace r1lab::core::cuda {
+
+// The device, its stream, cuBLAS handle and memory pool. Shared by the backend and by every storage it
+// allocated (a tensor may outlive the backend; its memory returns to the pool on the same stream).
+struct Context {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  cudaMemPool_t pool = nullptr;
+  void* workspace = nullptr;  // cuBLAS workspace
+  ~Context();
+};
+
+// A 2-D view of a device tensor: rows of `cols` contiguous elements, `ld` apart.
+struct Rows {
+  void* p;
+  int64_t rows, cols, ld;
+  float* f() const { return static_cast<float*>(p); }
+};
+Rows rows_of(const Tensor& t);
+// Up to 4 dimensions, sizes and strides padded at the front (size 1, stride 0).
+struct Dims4 {
+  int64_t n[4], s[4];
+};
+Dims4 dims4(const Tensor& t);
+inline unsigned blocks(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+void check_device(const Tensor& t, DType dtype);
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const Options& options);
+  ~CudaBackend() override;
+  Device device() const override { return Device::kCuda; }
+  std::string name() const override;
+
+  Tensor zeros(const Shape& shape, DType dtype) override;
+  void upload(const Tensor& host, Tensor& dst) override;
+  Tensor download(const Tensor& src) override;
+  void copy(const Tensor& src, Tensor& dst) override;
+  void add(const Tensor& x, Tensor& y, float alpha) override;
+  void fill(Tensor& t, float value) override;
+
+  void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+            float beta) override;
+  void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
+                    Tensor& c, float beta) override;
+  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,
+                          Tensor& dw) override;
+
+  void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
+                        Tensor& dw) override;
+  void silu_mul_forward(const Tensor& gu, Tensor& h) override;
+  void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) override;
+  void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) override;
+  void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) override;
+
+  void rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
+            bool inverse) override;
+
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
+                         Tensor& lse) override;
+  void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                          const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
+                          Tensor& dv) override;
+  void paged_latent_attention(const Tensor& q, const Tensor& pool, int block_size, const Tensor& block_tables,
+                              const Tensor& seq_starts, const Tensor& context_lens, float scale,
+                              Tensor& out) override;
+  void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override;
+
+  void moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
+                 Tensor& weights, Tensor& scores) override;
+  void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
+                          const RouterConfig& cfg, Tensor& dlogits) override;
+  void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
+                    std::vector<int64_t>& offsets) override;
+  void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) override;
+  void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) override;
+  void moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights, const Tensor& row_of,
+                            Tensor& dys, Tensor& dweights) override;
+
+  void logprobs_forward(const Tensor& logits, const Tensor& targets, Tensor& lp, Tensor& lse) override;
+  void logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                         Tensor& dlogits) override;
+
+  double sum_squares(const Tensor& x, const std::vector<ParamSpan>& spans) override;
+  void adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
+                    const AdamWUpdate& u) override;
+  void synchronize() override;
+
+  cudaStream_t stream() const { return ctx_->stream; }
+  const Options& options() const { return opt_; }
+  std::vector<OpTime> profile();
+  void reset_profile();
+  size_t peak_memory() const;
+  void reset_peak_memory();
+
+  // Times the enclosing op when profiling (by name, with the useful flops and bytes it does).
+  class Op {
+   public:
+    Op(CudaBackend* be, const char* name, double flops = 0, double bytes = 0);
+    ~Op();
+
+   private:
+    CudaBackend* be_;
+    cudaEvent_t start_ = nullptr;
+    const char* name_;
+    double flops_, bytes_;
+  };
+
+ private:
+  // A device copy of spans split into chunks (for the optimizer), cached by content.
+  const void* span_chunks(const std::vector<ParamSpan>& spans, int64_t* n_chunks);
+  // Scratch device memory of at least `bytes` (reused; valid until the next call).
+  void* scratch(size_t bytes);
+
+  Options opt_;
+  std::shared_ptr<Context> ctx_;
+  struct Pending {
+    const char* name;
+    cudaEvent_t start, stop;
+    double flops, bytes;
+  };
+  std::vector<Pending> pending_;
+  std::map<std::string, OpTime> times_;
+  std::vector<ParamSpan> cached_spans_;
+  Tensor span_table_;
+  int64_t span_chunks_ = 0;
+  Tensor scratch_;
+};
+
+}  // namespace r1lab::core::cuda

@@ -1,0 +1,433 @@
+// The MoE router, the expert dispatch/combine, and token log-probabilities of the CUDA backend, forward
+// and backward. Each follows its CPU reference's order of operations (ties in the router broken toward
+// the lower expert index, assignments grouped by expert stably in token order), with no atomics.
+#include <cub/block/block_scan.cuh>
+
+#include "core/cuda/cuda_backend.h"
+
+namespace r1lab::core::cuda {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kRouteWarps = 4;
+
+// The better of two (value, index) candidates: larger value, then lower index; NaN never wins.
+__device__ __forceinline__ void better(float& v, int& i, float ov, int oi) {
+  if (oi < 0) return;
+  if (i < 0 || ov > v || (ov == v && oi < i)) {
+    v = ov;
+    i = oi;
+  }
+}
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(kFull, v, o);
+    const int oi = __shfl_xor_sync(kFull, i, o);
+    better(v, i, ov, oi);
+  }
+}
+
+// One warp per token. Shared memory per warp: choice[E] f32, taken[E] u8, gscore[G] f32.
+__global__ void route_kernel(const float* logits, int64_t ldl, const float* bias, RouterConfig cfg, int64_t rows,
+                             int32_t* idx, float* weights, float* scores) {
+  extern __shared__ float sm[];
+  const int E = cfg.n_experts, K = cfg.top_k, G = cfg.n_group;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* choice = sm + warp * (2 * E + G);
+  float* gscore = choice + E;
+  unsigned char* taken = reinterpret_cast<unsigned char*>(gscore + G);
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
+  if (m >= rows) return;
+  const float* l = logits + m * ldl;
+  float* s = scores + m * E;
+  if (cfg.scoring == RouterConfig::Scoring::kSigmoid) {
+    for (int j = lane; j < E; j += 32) s[j] = 1.0f / (1.0f + expf(-l[j]));
+  } else {
+    float mx = -INFINITY;
+    for (int j = lane; j < E; j += 32) mx = fmaxf(mx, l[j]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
+    double sum = 0;
+    for (int j = lane; j < E; j += 32) sum += exp(static_cast<double>(l[j] - mx));
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(kFull, sum, o);
+    for (int j = lane; j < E; j += 32) s[j] = static_cast<float>(exp(static_cast<double>(l[j] - mx)) / sum);
+  }
+  __syncwarp();
+  for (int j = lane; j < E; j += 32) {
+    choice[j] = s[j] + (bias ? bias[j] : 0.0f);
+    taken[j] = 0;
+  }
+  __syncwarp();
+  if (cfg.method != RouterConfig::TopkMethod::kGreedy && G > 1) {
+    const int per = E / G;
+    for (int g = lane; g < G; g += 32) {
+      float a = -INFINITY, b = -INFINITY;  // the two largest in the group
+      for (int j = g * per; j < (g + 1) * per; ++j) {
+        const float c = choice[j];
+        if (c > a) {
+          b = a;
+          a = c;
+        } else if (c > b) {
+          b = c;
+        }
+      }
+      gscore[g] = cfg.method == RouterConfig::TopkMethod::kNoauxTc ? a + (per > 1 ? b : 0.0f) : a;
+    }
+    __syncwarp();
+    // Keep the topk_group best groups (ties to the lower group); the rest are marked by -inf scores.
+    unsigned long long keep = 0;
+    for (int r = 0; r < cfg.topk_group; ++r) {
+      float v = -INFINITY;
+      int i = -1;
+      for (int g = lane; g < G; g += 32)
+        if (!((keep >> g) & 1ull)) better(v, i, gscore[g], g);
+      warp_best(v, i);
+      if (i >= 0) keep |= 1ull << i;
+    }
+    for (int j = lane; j < E; j += 32)
+      if (!((keep >> (j / per)) & 1ull)) choice[j] = -INFINITY;
+    __syncwarp();
+  }
+  double denom = 0;
+  for (int k = 0; k < K; ++k) {
+    float v = -INFINITY;
+    int i = -1;
+    for (int j = lane; j < E; j += 32)
+      if (!taken[j]) better(v, i, choice[j], j);
+    warp_best(v, i);
+    if (lane == 0) {
+      taken[i] = 1;
+      idx[m * K + k] = i;
+    }
+    __syncwarp();
+    denom += s[i];
+  }
+  if (lane == 0) {
+    const float norm = cfg.norm_topk_prob ? static_cast<float>(denom + 1e-20) : 1.0f;
+    for (int k = 0; k < K; ++k) weights[m * K + k] = s[idx[m * K + k]] / norm * cfg.routed_scaling_factor;
+  }
+}
+
+// One warp per token; ds[E] doubles in shared memory.
+__global__ void route_backward_kernel(const float* dw, const float* scores, const int32_t* idx, RouterConfig cfg,
+                                      int64_t rows, float* dlogits, int64_t ldd) {
+  extern __shared__ double dsm[];
+  const int E = cfg.n_experts, K = cfg.top_k;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  double* ds = dsm + warp * E;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
+  if (m >= rows) return;
+  const float* s = scores + m * E;
+  for (int j = lane; j < E; j += 32) ds[j] = 0;
+  __syncwarp();
+  const float c = cfg.routed_scaling_factor;
+  if (lane == 0) {
+    double denom = 1.0, cross = 0.0;
+    if (cfg.norm_topk_prob) {
+      denom = 1e-20;
+      for (int k = 0; k < K; ++k) denom += s[idx[m * K + k]];
+      for (int k = 0; k < K; ++k) cross += static_cast<double>(dw[m * K + k]) * s[idx[m * K + k]];
+    }
+    for (int k = 0; k < K; ++k) {
+      const int j = idx[m * K + k];
+      ds[j] += c * dw[m * K + k] / denom;
+      if (cfg.norm_topk_prob) ds[j] -= c * cross / (denom * denom);
+    }
+  }
+  __syncwarp();
+  float* g = dlogits + m * ldd;
+  if (cfg.scoring == RouterConfig::Scoring::kSigmoid) {
+    for (int j = lane; j < E; j += 32) g[j] += static_cast<float>(ds[j] * s[j] * (1.0 - s[j]));
+  } else {
+    double dot = 0;
+    if (lane == 0)
+      for (int j = 0; j < E; ++j) dot += ds[j] * s[j];
+    dot = __shfl_sync(kFull, dot, 0);
+    for (int j = lane; j < E; j += 32) g[j] += static_cast<float>(s[j] * (ds[j] - dot));
+  }
+}
+
+// Block e: the rank of every assignment to expert e among those before it (a block-wide scan over the
+// assignments in order), and the count of e.
+constexpr int kScanThreads = 256;
+__global__ void expert_rank_kernel(const int32_t* idx, int64_t n, int32_t* rank, int64_t* counts) {
+  using Scan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  const int e = blockIdx.x;
+  int base = 0;
+  for (int64_t a0 = 0; a0 < n; a0 += kScanThreads) {
+    const int64_t a = a0 + threadIdx.x;
+    const int flag = a < n && idx[a] == e ? 1 : 0;
+    int pre = 0, total = 0;
+    Scan(temp).ExclusiveSum(flag, pre, total);
+    if (flag) rank[a] = base + pre;
+    base += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) counts[e] = base;
+}
+
+__global__ void offsets_kernel(const int64_t* counts, int e, int64_t* offsets) {
+  int64_t acc = 0;
+  offsets[0] = 0;
+  for (int i = 0; i < e; ++i) {
+    acc += counts[i];
+    offsets[i + 1] = acc;
+  }
+}
+
+// Block a: row_of[a] = offsets[idx[a]] + rank[a]; xs[row] = x[a / K].
+__global__ void dispatch_kernel(const float* x, int64_t ldx, const int32_t* idx, const int32_t* rank,
+                                const int64_t* offsets, int64_t k, int64_t cols, int32_t* row_of, float* xs,
+                                int64_t ldxs, int n_experts) {
+  const int64_t a = blockIdx.x;
+  const int32_t e = idx[a];
+  if (e < 0 || e >= n_experts) return;
+  const int64_t row = offsets[e] + rank[a];
+  if (threadIdx.x == 0) row_of[a] = static_cast<int32_t>(row);
+  const float* src = x + (a / k) * ldx;
+  float* dst = xs + row * ldxs;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+}
+
+// dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order).
+__global__ void dispatch_backward_kernel(const float* dxs, int64_t ldxs, const int32_t* row_of, int64_t k, float* dx,
+                                         int64_t ldx, int64_t cols) {
+  const int64_t m = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float acc = dx[m * ldx + c];
+    for (int64_t j = 0; j < k; ++j) acc += dxs[row_of[m * k + j] * ldxs + c];
+    dx[m * ldx + c] = acc;
+  }
+}
+
+// out[m] += Σ_k w[m, k] · ys[row_of[m·K + k]].
+__global__ void combine_kernel(const float* ys, int64_t ldy, const float* w, const int32_t* row_of, int64_t k,
+                               float* out, int64_t ldo, int64_t cols) {
+  const int64_t m = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float acc = out[m * ldo + c];
+    for (int64_t j = 0; j < k; ++j) acc += w[m * k + j] * ys[row_of[m * k + j] * ldy + c];
+    out[m * ldo + c] = acc;
+  }
+}
+
+__device__ float block_sum256(float v) {
+  __shared__ float part[8];
+  __shared__ float total;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0;
+    for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) t += part[i];
+    total = t;
+  }
+  __syncthreads();
+  return total;
+}
+
+// dys[row] += w · dout[m];  dweights[m, k] += dout[m] · ys[row].
+__global__ void combine_backward_kernel(const float* dout, int64_t ldo, const float* ys, int64_t ldy, const float* w,
+                                        const int32_t* row_of, int64_t k, float* dys, int64_t lddy, float* dw,
+                                        int64_t cols) {
+  const int64_t m = blockIdx.x;
+  const float* g = dout + m * ldo;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t row = row_of[m * k + j];
+    const float wk = w[m * k + j];
+    float dot = 0;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      dys[row * lddy + c] += wk * g[c];
+      dot += g[c] * ys[row * ldy + c];
+    }
+    dot = block_sum256(dot);
+    if (threadIdx.x == 0) dw[m * k + j] += dot;
+  }
+}
+
+__device__ float block_max256(float v) {
+  __shared__ float part[8];
+  __shared__ float total;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = -INFINITY;
+    for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) t = fmaxf(t, part[i]);
+    total = t;
+  }
+  __syncthreads();
+  return total;
+}
+
+// lp[m] = logits[m, target] - logsumexp(logits[m]) (one block per row).
+__global__ void logprobs_forward_kernel(const float* logits, int64_t ld, int64_t v, const int32_t* targets, float* lp,
+                                        float* lse) {
+  const float* l = logits + blockIdx.x * ld;
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, l[j]);
+  mx = block_max256(mx);
+  float sum = 0;
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) sum += expf(l[j] - mx);
+  sum = block_sum256(sum);
+  if (threadIdx.x == 0) {
+    const float ls = mx + logf(sum);
+    const int32_t t = targets[blockIdx.x];
+    lse[blockIdx.x] = ls;
+    lp[blockIdx.x] = t >= 0 && t < v ? l[t] - ls : NAN;
+  }
+}
+
+// dlogits[m] += dlp[m] · (onehot(target) - softmax(logits[m])).
+__global__ void logprobs_backward_kernel(const float* dlp, const float* logits, int64_t ldl, int64_t v,
+                                         const int32_t* targets, const float* lse, float* dlogits, int64_t ldd) {
+  const float g = dlp[blockIdx.x];
+  if (g == 0.0f) return;
+  const float* l = logits + blockIdx.x * ldl;
+  float* d = dlogits + blockIdx.x * ldd;
+  const float ls = lse[blockIdx.x];
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) d[j] -= g * expf(l[j] - ls);
+  __syncthreads();
+  const int32_t t = targets[blockIdx.x];
+  if (threadIdx.x == 0 && t >= 0 && t < v) d[t] += g;
+}
+
+}  // namespace
+
+void CudaBackend::moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
+                            Tensor& weights, Tensor& scores) {
+  const Rows L = rows_of(logits);
+  check_device(logits, DType::kF32);
+  check_device(idx, DType::kI32);
+  check_device(weights, DType::kF32);
+  check_device(scores, DType::kF32);
+  if (bias.defined()) check_device(bias, DType::kF32);
+  CHECK_EQ(L.cols, cfg.n_experts);
+  CHECK(idx.is_contiguous() && weights.is_contiguous() && scores.is_contiguous());
+  CHECK_EQ(cfg.n_experts % cfg.n_group, 0);
+  CHECK_LE(cfg.n_group, 64) << "at most 64 expert groups";
+  CHECK(cfg.top_k >= 1 && cfg.top_k <= cfg.n_experts);
+  if (L.rows == 0) return;
+  Op op(this, "moe_route", 0, 8.0 * L.rows * cfg.n_experts);
+  const size_t smem = kRouteWarps * (sizeof(float) * (cfg.n_experts + cfg.n_group) + cfg.n_experts + 16);
+  const size_t per_warp = sizeof(float) * (2 * cfg.n_experts + cfg.n_group);  // as laid out by the kernel
+  const size_t bytes = std::max(smem, kRouteWarps * per_warp);
+  CUDA_CHECK(cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  route_kernel<<<blocks(L.rows, kRouteWarps), kRouteWarps * 32, bytes, stream()>>>(
+      L.f(), L.ld, bias.defined() ? bias.f32() : nullptr, cfg, L.rows, idx.data<int32_t>(), weights.f32(),
+      scores.f32());
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
+                                     const RouterConfig& cfg, Tensor& dlogits) {
+  const Rows D = rows_of(dlogits);
+  check_device(dweights, DType::kF32);
+  check_device(scores, DType::kF32);
+  check_device(idx, DType::kI32);
+  check_device(dlogits, DType::kF32);
+  CHECK_EQ(D.cols, cfg.n_experts);
+  if (D.rows == 0) return;
+  Op op(this, "moe_route_backward", 0, 8.0 * D.rows * cfg.n_experts);
+  const size_t bytes = kRouteWarps * sizeof(double) * cfg.n_experts;
+  CUDA_CHECK(cudaFuncSetAttribute(route_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)));
+  route_backward_kernel<<<blocks(D.rows, kRouteWarps), kRouteWarps * 32, bytes, stream()>>>(
+      dweights.f32(), scores.f32(), idx.data<int32_t>(), cfg, D.rows, D.f(), D.ld);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
+                               std::vector<int64_t>& offsets) {
+  const Rows X = rows_of(x), XS = rows_of(xs);
+  check_device(idx, DType::kI32);
+  check_device(row_of, DType::kI32);
+  CHECK(idx.dim() == 2 && idx.is_contiguous());
+  const int64_t m = idx.size(0), k = idx.size(1), n = m * k;
+  CHECK_EQ(X.rows, m);
+  CHECK_EQ(XS.rows, n);
+  CHECK_EQ(X.cols, XS.cols);
+  offsets.assign(static_cast<size_t>(n_experts) + 1, 0);
+  if (n == 0) return;
+  Op op(this, "moe_dispatch", 0, 8.0 * n * X.cols);
+  Tensor rank = zeros({n}, DType::kI32), counts = zeros({2 * n_experts + 1}, DType::kI64);
+  int64_t* cnt = counts.data<int64_t>();
+  int64_t* off = cnt + n_experts;
+  expert_rank_kernel<<<static_cast<unsigned>(n_experts), kScanThreads, 0, stream()>>>(idx.data<int32_t>(), n,
+                                                                                     rank.data<int32_t>(), cnt);
+  offsets_kernel<<<1, 1, 0, stream()>>>(cnt, n_experts, off);
+  dispatch_kernel<<<static_cast<unsigned>(n), 256, 0, stream()>>>(X.f(), X.ld, idx.data<int32_t>(), rank.data<int32_t>(),
+                                                                   off, k, X.cols, row_of.data<int32_t>(), XS.f(), XS.ld,
+                                                                   n_experts);
+  CUDA_CHECK(cudaGetLastError());
+  CUDA_CHECK(cudaMemcpyAsync(offsets.data(), off, sizeof(int64_t) * (n_experts + 1), cudaMemcpyDeviceToHost, stream()));
+  synchronize();
+  CHECK_EQ(offsets.back(), n) << "an expert index outside [0, " << n_experts << ")";
+}
+
+void CudaBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) {
+  const Rows DXS = rows_of(dxs), DX = rows_of(dx);
+  check_device(row_of, DType::kI32);
+  const int64_t k = row_of.numel() / std::max<int64_t>(1, DX.rows);
+  if (DX.rows == 0) return;
+  Op op(this, "moe_dispatch_backward", 0, 4.0 * (k + 2) * DX.rows * DX.cols);
+  dispatch_backward_kernel<<<static_cast<unsigned>(DX.rows), 256, 0, stream()>>>(
+      DXS.f(), DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld, DX.cols);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) {
+  const Rows Y = rows_of(ys), O = rows_of(out);
+  check_device(weights, DType::kF32);
+  check_device(row_of, DType::kI32);
+  const int64_t k = weights.size(1);
+  if (O.rows == 0) return;
+  Op op(this, "moe_combine", 2.0 * k * O.rows * O.cols, 4.0 * (k + 2) * O.rows * O.cols);
+  combine_kernel<<<static_cast<unsigned>(O.rows), 256, 0, stream()>>>(Y.f(), Y.ld, weights.f32(),
+                                                                       row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights,
+                                       const Tensor& row_of, Tensor& dys, Tensor& dweights) {
+  const Rows G = rows_of(dout), Y = rows_of(ys), DY = rows_of(dys);
+  check_device(weights, DType::kF32);
+  check_device(dweights, DType::kF32);
+  check_device(row_of, DType::kI32);
+  const int64_t k = weights.size(1);
+  if (G.rows == 0) return;
+  Op op(this, "moe_combine_backward", 4.0 * k * G.rows * G.cols, 4.0 * (3 * k + 1) * G.rows * G.cols);
+  combine_backward_kernel<<<static_cast<unsigned>(G.rows), 256, 0, stream()>>>(
+      G.f(), G.ld, Y.f(), Y.ld, weights.f32(), row_of.data<int32_t>(), k, DY.f(), DY.ld, dweights.f32(), G.cols);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::logprobs_forward(const Tensor& logits, const Tensor& targets, Tensor& lp, Tensor& lse) {
+  const Rows L = rows_of(logits);
+  check_device(targets, DType::kI32);
+  check_device(lp, DType::kF32);
+  check_device(lse, DType::kF32);
+  CHECK(targets.numel() == L.rows && lp.numel() == L.rows && lse.numel() == L.rows);
+  if (L.rows == 0) return;
+  Op op(this, "logprobs", 3.0 * L.rows * L.cols, 4.0 * L.rows * L.cols);
+  logprobs_forward_kernel<<<static_cast<unsigned>(L.rows), 256, 0, stream()>>>(L.f(), L.ld, L.cols,
+                                                                                targets.data<int32_t>(), lp.f32(),
+                                                                                lse.f32());
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                                    Tensor& dlogits) {
+  const Rows L = rows_of(logits), D = rows_of(dlogits);
+  check_device(dlp, DType::kF32);
+  check_device(targets, DType::kI32);
+  check_device(lse, DType::kF32);
+  CHECK(L.rows == D.rows && L.cols == D.cols);
+  if (L.rows == 0) return;
+  Op op(this, "logprobs_backward", 3.0 * L.rows * L.cols, 12.0 * L.rows * L.cols);
+  logprobs_backward_kernel<<<static_cast<unsigned>(L.rows), 256, 0, stream()>>>(
+      dlp.f32(), L.f(), L.ld, L.cols, targets.data<int32_t>(), lse.f32(), D.f(), D.ld);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace r1lab::core::cuda

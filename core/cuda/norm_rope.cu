@@ -1,0 +1,254 @@
+// RMSNorm, the SiLU gate and rotary embeddings of the CUDA backend, forward and backward. Loads and
+// stores in the tensor's dtype (f32 or bf16), math in f32; weight gradients are reduced over rows in a
+// fixed order (no atomics), so results are bitwise repeatable.
+#include <cuda_bf16.h>
+
+#include "core/cuda/cuda_backend.h"
+
+namespace r1lab::core::cuda {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ float load(const T* p) { return static_cast<float>(*p); }
+template <>
+__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+template <typename T>
+__device__ __forceinline__ void store(T* p, float v) { *p = v; }
+template <>
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+constexpr int kThreads = 256;
+
+// Sum over a block of kThreads threads; the result is valid in every thread.
+__device__ float block_sum(float v) {
+  __shared__ float partial[32];
+  __shared__ float total;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < blockDim.x / 32 ? partial[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  return total;
+}
+
+// One block per row: rstd = 1/sqrt(mean(x²) + eps); y = x · rstd · w.
+template <typename T>
+__global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, float eps, T* y, int64_t ldy,
+                                       float* rstd, int d) {
+  const T* xr = x + blockIdx.x * ldx;
+  float ss = 0;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = load(xr + i);
+    ss += v * v;
+  }
+  const float r = rsqrtf(block_sum(ss) / d + eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+  T* yr = y + blockIdx.x * ldy;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) store(yr + i, w[i] * (load(xr + i) * r));
+}
+
+// One block per row: n = x·rstd;  dx += rstd · (dy·w - n · mean(dy·w·n)).
+template <typename T>
+__global__ void rmsnorm_backward_dx_kernel(const T* dy, int64_t ldg, const T* x, int64_t ldx, const float* w,
+                                           const float* rstd, T* dx, int64_t ldd, int d) {
+  const T* g = dy + blockIdx.x * ldg;
+  const T* xr = x + blockIdx.x * ldx;
+  T* o = dx + blockIdx.x * ldd;
+  const float r = rstd[blockIdx.x];
+  float dot = 0;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) dot += load(g + i) * w[i] * load(xr + i) * r;
+  const float mean = block_sum(dot) / d;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    const float n = load(xr + i) * r;
+    store(o + i, load(o + i) + r * (load(g + i) * w[i] - n * mean));
+  }
+}
+
+// partial[s, i] = Σ_{rows r of split s} dy[r, i] · x[r, i] · rstd[r]  (grid: column blocks × splits).
+template <typename T>
+__global__ void rmsnorm_dw_partial_kernel(const T* dy, int64_t ldg, const T* x, int64_t ldx, const float* rstd,
+                                          int64_t rows, int d, int64_t rows_per_split, float* partial) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= d) return;
+  const int64_t r0 = blockIdx.y * rows_per_split, r1 = min(rows, r0 + rows_per_split);
+  float acc = 0;
+  for (int64_t r = r0; r < r1; ++r) acc += load(dy + r * ldg + i) * load(x + r * ldx + i) * rstd[r];
+  partial[blockIdx.y * static_cast<int64_t>(d) + i] = acc;
+}
+
+// dw[i] += Σ_s partial[s, i], in split order.
+__global__ void column_sum_kernel(const float* partial, int splits, int d, float* dw) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= d) return;
+  float acc = 0;
+  for (int s = 0; s < splits; ++s) acc += partial[static_cast<int64_t>(s) * d + i];
+  dw[i] += acc;
+}
+
+// h = silu(g) · u over gu = [g | u].
+template <typename T>
+__global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, T* h, int64_t ldh, int64_t rows, int inter) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * inter) return;
+  const int64_t r = i / inter, c = i % inter;
+  const float g = load(gu + r * ldgu + c), u = load(gu + r * ldgu + inter + c);
+  store(h + r * ldh + c, g / (1.0f + __expf(-g)) * u);
+}
+
+// d silu(g)/dg = s(g) · (1 + g · (1 - s(g))).
+template <typename T>
+__global__ void silu_mul_backward_kernel(const T* dh, int64_t lddh, const T* gu, int64_t ldgu, T* dgu,
+                                         int64_t lddgu, int64_t rows, int inter) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * inter) return;
+  const int64_t r = i / inter, c = i % inter;
+  const float g = load(gu + r * ldgu + c), u = load(gu + r * ldgu + inter + c), d = load(dh + r * lddh + c);
+  const float s = 1.0f / (1.0f + __expf(-g));
+  T* dg = dgu + r * lddgu + c;
+  store(dg, load(dg) + d * u * s * (1.0f + g * (1.0f - s)));
+  store(dg + inter, load(dg + inter) + d * g * s);
+}
+
+// (a, b) -> (a cos - b sin, a sin + b cos), angle of pair i at the token's position; -angle if inverse.
+__global__ void rope_kernel(float* x, int64_t s0, int64_t s1, int64_t m, int64_t heads, int half,
+                            const int32_t* pos, const float* cos_t, const float* sin_t, int64_t n_pos,
+                            bool interleaved, bool inverse) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= m * heads * half) return;
+  const int i = static_cast<int>(idx % half);
+  const int64_t h = (idx / half) % heads, t = idx / (half * heads);
+  const int32_t p = pos[t];
+  if (p < 0 || p >= n_pos) return;
+  float* v = x + t * s0 + h * s1;
+  float* pa = interleaved ? v + 2 * i : v + i;
+  float* pb = interleaved ? v + 2 * i + 1 : v + i + half;
+  const float c = cos_t[static_cast<int64_t>(p) * half + i];
+  const float s = inverse ? -sin_t[static_cast<int64_t>(p) * half + i] : sin_t[static_cast<int64_t>(p) * half + i];
+  const float a = *pa, b = *pb;
+  *pa = a * c - b * s;
+  *pb = a * s + b * c;
+}
+
+template <typename F>
+void dispatch(DType dtype, F f) {
+  if (dtype == DType::kF32) {
+    f(static_cast<float*>(nullptr));
+  } else if (dtype == DType::kBF16) {
+    f(static_cast<__nv_bfloat16*>(nullptr));
+  } else {
+    CHECK(false) << "unsupported activation dtype " << dtype_name(dtype);
+  }
+}
+
+}  // namespace
+
+void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+  const Rows X = rows_of(x), Y = rows_of(y);
+  check_device(y, x.dtype());
+  check_device(w, DType::kF32);
+  check_device(rstd, DType::kF32);
+  CHECK_EQ(w.numel(), X.cols);
+  CHECK_EQ(rstd.numel(), X.rows);
+  CHECK(X.rows == Y.rows && X.cols == Y.cols);
+  if (X.rows == 0) return;
+  Op op(this, "rmsnorm", 4.0 * X.rows * X.cols, 2.0 * X.rows * X.cols * dtype_size(x.dtype()));
+  dispatch(x.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rmsnorm_forward_kernel<T><<<static_cast<unsigned>(X.rows), kThreads, 0, stream()>>>(
+        static_cast<const T*>(X.p), X.ld, w.f32(), eps, static_cast<T*>(Y.p), Y.ld, rstd.f32(),
+        static_cast<int>(X.cols));
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
+                                   Tensor& dw) {
+  const Rows G = rows_of(dy), X = rows_of(x), D = rows_of(dx);
+  check_device(dy, x.dtype());
+  check_device(dx, x.dtype());
+  check_device(w, DType::kF32);
+  check_device(dw, DType::kF32);
+  check_device(rstd, DType::kF32);
+  CHECK(G.rows == X.rows && D.rows == X.rows && G.cols == X.cols && D.cols == X.cols);
+  const int64_t rows = X.rows;
+  const int d = static_cast<int>(X.cols);
+  if (rows == 0) return;
+  Op op(this, "rmsnorm_backward", 10.0 * rows * d, 4.0 * rows * d * dtype_size(x.dtype()));
+  const int64_t splits = std::min<int64_t>(std::max<int64_t>(1, rows / 64), 128);
+  const int64_t per_split = (rows + splits - 1) / splits;
+  Tensor partial = zeros({splits, d}, DType::kF32);
+  dispatch(x.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rmsnorm_backward_dx_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream()>>>(
+        static_cast<const T*>(G.p), G.ld, static_cast<const T*>(X.p), X.ld, w.f32(), rstd.f32(), static_cast<T*>(D.p),
+        D.ld, d);
+    rmsnorm_dw_partial_kernel<T><<<dim3(blocks(d, kThreads), static_cast<unsigned>(splits)), kThreads, 0, stream()>>>(
+        static_cast<const T*>(G.p), G.ld, static_cast<const T*>(X.p), X.ld, rstd.f32(), rows, d, per_split,
+        partial.f32());
+  });
+  column_sum_kernel<<<blocks(d, kThreads), kThreads, 0, stream()>>>(partial.f32(), static_cast<int>(splits), d,
+                                                                     dw.f32());
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
+  const Rows GU = rows_of(gu), H = rows_of(h);
+  check_device(h, gu.dtype());
+  CHECK_EQ(GU.cols, 2 * H.cols);
+  CHECK_EQ(GU.rows, H.rows);
+  const int64_t n = H.rows * H.cols;
+  if (n == 0) return;
+  Op op(this, "silu_mul", 5.0 * n, 3.0 * n * dtype_size(gu.dtype()));
+  dispatch(gu.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    silu_mul_forward_kernel<T><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
+        static_cast<const T*>(GU.p), GU.ld, static_cast<T*>(H.p), H.ld, H.rows, static_cast<int>(H.cols));
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) {
+  const Rows DH = rows_of(dh), GU = rows_of(gu), DG = rows_of(dgu);
+  check_device(dh, gu.dtype());
+  check_device(dgu, gu.dtype());
+  CHECK_EQ(GU.cols, 2 * DH.cols);
+  CHECK_EQ(DG.cols, 2 * DH.cols);
+  CHECK(GU.rows == DH.rows && DG.rows == DH.rows);
+  const int64_t n = DH.rows * DH.cols;
+  if (n == 0) return;
+  Op op(this, "silu_mul_backward", 12.0 * n, 7.0 * n * dtype_size(gu.dtype()));
+  dispatch(gu.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    silu_mul_backward_kernel<T><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
+        static_cast<const T*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<T*>(DG.p), DG.ld, DH.rows,
+        static_cast<int>(DH.cols));
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved, bool inverse) {
+  CHECK_EQ(x.dim(), 3) << "rope takes [M, H, D]";
+  CHECK_EQ(x.stride(2), 1);
+  check_device(x, DType::kF32);
+  check_device(positions, DType::kI32);
+  check_device(table.cos, DType::kF32);
+  const int64_t m = x.size(0), h = x.size(1), d = x.size(2), half = d / 2;
+  CHECK_EQ(d % 2, 0);
+  CHECK_EQ(table.cos.size(1), half);
+  CHECK_EQ(positions.numel(), m);
+  const int64_t n = m * h * half;
+  if (n == 0) return;
+  Op op(this, "rope", 6.0 * n, 16.0 * n);
+  rope_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(x.f32(), x.stride(0), x.stride(1), m, h,
+                                                               static_cast<int>(half), positions.data<int32_t>(),
+                                                               table.cos.f32(), table.sin.f32(), table.cos.size(0),
+                                                               interleaved, inverse);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace r1lab::core::cuda

@@ -1,0 +1,468 @@
+// Every op of the CUDA backend against the CPU reference on fresh random inputs of several shapes,
+// forward and backward; repeated runs bitwise identical; the whole model on the GPU against the CPU and
+// against the Hugging Face fixture. Skipped, with the reason, where there is no GPU.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include "core/backend.h"
+#include "core/cuda/cuda.h"
+#include "gtest/gtest.h"
+#include "model/model.h"
+#include "tests/test_util.h"
+#include "trainer/parity.h"
+
+namespace r1lab::core {
+namespace {
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    if (!cuda::available(&why)) GTEST_SKIP() << "CUDA tests skipped: " << why;
+    auto be = cuda::make_backend();
+    ASSERT_TRUE(be.ok()) << be.status();
+    gpu_ = std::move(*be);
+  }
+  // A device copy of a host tensor.
+  Tensor dev(const Tensor& host) {
+    Tensor c = host.clone();
+    Tensor d = gpu_->zeros(c.shape(), c.dtype());
+    gpu_->upload(c, d);
+    return d;
+  }
+  Tensor host(const Tensor& d) { return gpu_->download(d).to_f32(); }
+  Tensor randn(const Shape& s, float scale = 1.0f) { return testing::randn(s, rng_, scale); }
+  Tensor ids(const Shape& s, int32_t hi) {
+    Tensor t = Tensor::zeros(s, DType::kI32);
+    std::uniform_int_distribution<int32_t> u(0, hi - 1);
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<int32_t>()[i] = u(rng_);
+    return t;
+  }
+
+  std::unique_ptr<Backend> cpu_ = make_cpu_backend();
+  std::unique_ptr<Backend> gpu_;
+  std::mt19937_64 rng_{20261122};
+};
+
+// max |got - want| / max |want| (got may live on the device).
+double max_rel(Backend& gpu, const Tensor& got, const Tensor& want) {
+  Tensor g = got.device() == Device::kCuda ? gpu.download(got).to_f32() : got.to_f32();
+  Tensor w = want.to_f32();
+  EXPECT_EQ(g.numel(), w.numel());
+  double md = 0, mr = 0;
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    const double d = std::fabs(static_cast<double>(g.f32()[i]) - w.f32()[i]);
+    md = std::isnan(d) ? INFINITY : std::max(md, d);
+    mr = std::max(mr, std::fabs(static_cast<double>(w.f32()[i])));
+  }
+  return md / std::max(mr, 1e-30);
+}
+#define EXPECT_CLOSE(got, want, tol) EXPECT_LT(max_rel(*gpu_, got, want), tol) << #got
+
+bool bitwise_equal(const Tensor& a, const Tensor& b) {
+  return a.numel() == b.numel() && a.dtype() == b.dtype() &&
+         std::memcmp(a.raw(), b.raw(), static_cast<size_t>(a.numel()) * dtype_size(a.dtype())) == 0;
+}
+
+TEST_F(CudaBackendTest, MemoryOpsOnStridedViews) {
+  Tensor a = randn({3, 5, 7, 9}), b = randn({3, 5, 7, 9});
+  Tensor ga = dev(a), gb = dev(b);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(ga), a));
+  // copy and add between strided slices, a broadcast source.
+  Tensor src = a.slice(1, 1, 3).slice(3, 2, 5), dst = b.slice(2, 0, 7).slice(1, 2, 3).slice(3, 4, 5);
+  Tensor gsrc = ga.slice(1, 1, 3).slice(3, 2, 5), gdst = gb.slice(2, 0, 7).slice(1, 2, 3).slice(3, 4, 5);
+  cpu_->copy(src, dst);
+  gpu_->copy(gsrc, gdst);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gb), b));
+  Tensor row = a.slice(1, 0, 1), grow = ga.slice(1, 0, 1);
+  Tensor y = b.slice(1, 1, 4), gy = gb.slice(1, 1, 4);
+  cpu_->add(row.expand({3, 4, 7, 9}), y, -0.5f);
+  gpu_->add(grow.expand({3, 4, 7, 9}), gy, -0.5f);
+  EXPECT_CLOSE(gb, b, 1e-7);
+  Tensor f = Tensor::zeros({1000}), gf = gpu_->zeros({1000}, DType::kF32);
+  cpu_->fill(f, 2.5f);
+  gpu_->fill(gf, 2.5f);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gf), f));
+}
+
+TEST_F(CudaBackendTest, GemmAllTransposesStridedAndScaled) {
+  for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 13, 5}, {64, 96, 200}, {130, 33, 257}}) {
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = t & 1, tb = t & 2;
+      // Operands as column slices of wider matrices (row stride > columns).
+      Tensor a = randn({ta ? k : m, (ta ? m : k) + 3}).slice(1, 2, ta ? m : k);
+      Tensor b = randn({tb ? n : k, (tb ? k : n) + 5}).slice(1, 1, tb ? k : n);
+      Tensor c = randn({m, n});
+      Tensor ga = dev(a.clone()), gb = dev(b.clone()), gc = dev(c);
+      // device strided views of the same data
+      Tensor wa = randn({ta ? k : m, (ta ? m : k) + 3}), gwa = dev(wa);
+      Tensor va = wa.slice(1, 2, ta ? m : k), gva = gwa.slice(1, 2, ta ? m : k);
+      cpu_->gemm(va, ta, b, tb, c, 0.75f, 0.5f);
+      gpu_->gemm(gva, ta, gb, tb, gc, 0.75f, 0.5f);
+      EXPECT_CLOSE(gc, c, 1e-5) << m << "x" << n << "x" << k << " ta " << ta << " tb " << tb;
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, GemmTensorCorePrecisions) {
+  for (auto p : {cuda::Options::GemmPrecision::kTF32, cuda::Options::GemmPrecision::kBF16}) {
+    cuda::Options o;
+    o.gemm = p;
+    auto be = cuda::make_backend(o);
+    ASSERT_TRUE(be.ok());
+    Tensor a = randn({256, 512}), b = randn({384, 512}), c = Tensor::zeros({256, 384});
+    cpu_->gemm(a, false, b, true, c, 1.0f, 0.0f);
+    Tensor ga = (*be)->zeros(a.shape(), DType::kF32), gb = (*be)->zeros(b.shape(), DType::kF32),
+           gc = (*be)->zeros(c.shape(), DType::kF32);
+    (*be)->upload(a, ga);
+    (*be)->upload(b, gb);
+    (*be)->gemm(ga, false, gb, true, gc, 1.0f, 0.0f);
+    const double err = max_rel(**be, gc, c);
+    EXPECT_LT(err, 2e-2) << (*be)->name();
+    EXPECT_GT(err, 1e-7) << "expected reduced-precision products from " << (*be)->name();
+  }
+}
+
+TEST_F(CudaBackendTest, GroupedGemmAndWeightGradient) {
+  const int64_t g = 5, n = 48, k = 40;
+  const std::vector<int64_t> offsets = {0, 7, 7, 30, 31, 64};  // group 1 empty
+  const int64_t r = offsets.back();
+  for (bool trans : {true, false}) {
+    Tensor a = randn({r, k}), w = randn(trans ? Shape{g, n, k} : Shape{g, k, n}), c = randn({r, n});
+    Tensor gc = dev(c);
+    cpu_->grouped_gemm(a, w, trans, offsets, c, 0.5f);
+    gpu_->grouped_gemm(dev(a), dev(w), trans, offsets, gc, 0.5f);
+    EXPECT_CLOSE(gc, c, 1e-5) << "trans " << trans;
+  }
+  Tensor dc = randn({r, n}), a = randn({r, k}), dw = randn({g, n, k});
+  Tensor gdw = dev(dw);
+  cpu_->grouped_gemm_wgrad(dc, a, offsets, dw);
+  gpu_->grouped_gemm_wgrad(dev(dc), dev(a), offsets, gdw);
+  EXPECT_CLOSE(gdw, dw, 1e-5);
+}
+
+TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
+  for (auto [m, d] : {std::pair<int64_t, int64_t>{7, 64}, {33, 1000}, {300, 7168}}) {
+    // x as a column slice (the latent part of [c | k_pe]).
+    Tensor wide = randn({m, d + 16}), x = wide.slice(1, 0, d), w = randn({d}, 0.2f), dy = randn({m, d});
+    Tensor y = Tensor::zeros({m, d}), rstd = Tensor::zeros({m}), dx = randn({m, d}), dw = randn({d});
+    Tensor gwide = dev(wide), gx = gwide.slice(1, 0, d), gw = dev(w), gy = gpu_->zeros({m, d}, DType::kF32),
+           gr = gpu_->zeros({m}, DType::kF32), gdx = dev(dx), gdw = dev(dw);
+    cpu_->rmsnorm_forward(x, w, 1e-6f, y, rstd);
+    cpu_->rmsnorm_backward(dy, x, w, rstd, dx, dw);
+    gpu_->rmsnorm_forward(gx, gw, 1e-6f, gy, gr);
+    gpu_->rmsnorm_backward(dev(dy), gx, gw, gr, gdx, gdw);
+    EXPECT_CLOSE(gy, y, 1e-5) << m << "x" << d;
+    EXPECT_CLOSE(gr, rstd, 1e-5);
+    EXPECT_CLOSE(gdx, dx, 1e-5);
+    EXPECT_CLOSE(gdw, dw, 1e-4);
+    // bf16 activations (f32 math): inputs rounded to bf16 on both sides.
+    Tensor xb = x.clone().to(DType::kBF16), dyb = dy.to(DType::kBF16);
+    Tensor yr = Tensor::zeros({m, d}), rr = Tensor::zeros({m});
+    cpu_->rmsnorm_forward(xb.to_f32(), w, 1e-6f, yr, rr);
+    Tensor gyb = gpu_->zeros({m, d}, DType::kBF16);
+    gpu_->rmsnorm_forward(dev(xb), gw, 1e-6f, gyb, gr);
+    EXPECT_CLOSE(gyb, yr, 1e-2);
+  }
+}
+
+TEST_F(CudaBackendTest, SiluGateForwardBackward) {
+  for (auto [m, inter] : {std::pair<int64_t, int64_t>{1, 5}, {45, 300}, {257, 512}}) {
+    Tensor gu = randn({m, 2 * inter}, 3.0f), dh = randn({m, inter}), h = Tensor::zeros({m, inter});
+    Tensor dgu = randn({m, 2 * inter});
+    Tensor gh = gpu_->zeros({m, inter}, DType::kF32), gdgu = dev(dgu);
+    cpu_->silu_mul_forward(gu, h);
+    cpu_->silu_mul_backward(dh, gu, dgu);
+    gpu_->silu_mul_forward(dev(gu), gh);
+    gpu_->silu_mul_backward(dev(dh), dev(gu), gdgu);
+    EXPECT_CLOSE(gh, h, 1e-5);
+    EXPECT_CLOSE(gdgu, dgu, 1e-5);
+  }
+}
+
+TEST_F(CudaBackendTest, EmbeddingForwardBackwardWithRepeatedIds) {
+  const int64_t v = 50, d = 72, m = 300;
+  Tensor table = randn({v, d}), id = ids({m}, 7), dout = randn({m, d});  // ids 0..6: many repeats
+  Tensor out = Tensor::zeros({m, d}), dtable = randn({v, d});
+  Tensor gout = gpu_->zeros({m, d}, DType::kF32), gdtable = dev(dtable);
+  cpu_->embedding_forward(table, id, out);
+  cpu_->embedding_backward(dout, id, dtable);
+  gpu_->embedding_forward(dev(table), dev(id), gout);
+  gpu_->embedding_backward(dev(dout), dev(id), gdtable);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gout), out));
+  EXPECT_CLOSE(gdtable, dtable, 1e-6);
+}
+
+TEST_F(CudaBackendTest, RopeBothLayoutsForwardAndInverseOnSlices) {
+  const int64_t m = 37, h = 3, d = 16, npos = 64;
+  RopeTable t{randn({npos, d / 2}), randn({npos, d / 2})};
+  RopeTable gt{dev(t.cos), dev(t.sin)};
+  Tensor pos = ids({m}, npos);
+  for (bool interleaved : {true, false}) {
+    for (bool inverse : {false, true}) {
+      Tensor x = randn({m, h, d + 8}), gx = dev(x);
+      Tensor xs = x.slice(2, 8, d), gxs = gx.slice(2, 8, d);
+      cpu_->rope(xs, pos, t, interleaved, inverse);
+      gpu_->rope(gxs, dev(pos), gt, interleaved, inverse);
+      EXPECT_CLOSE(gx, x, 1e-6) << interleaved << inverse;
+    }
+  }
+}
+
+struct AttnCase {
+  int64_t b, t, s, hq, hk, d, dv;
+};
+
+TEST_F(CudaBackendTest, AttentionForwardBackwardCausalGqaAndPrefix) {
+  for (const AttnCase& c : {AttnCase{2, 37, 37, 4, 4, 48, 32}, AttnCase{1, 5, 70, 4, 2, 96, 64},
+                            AttnCase{2, 130, 130, 2, 2, 192, 128}, AttnCase{1, 1, 1, 1, 1, 8, 8},
+                            AttnCase{3, 64, 96, 6, 3, 40, 24}}) {
+    Tensor q = randn({c.b, c.t, c.hq, c.d}), k = randn({c.b, c.s, c.hk, c.d}), v = randn({c.b, c.s, c.hk, c.dv});
+    Tensor out = Tensor::zeros({c.b, c.t, c.hq, c.dv}), lse = Tensor::zeros({c.b, c.hq, c.t});
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+    cpu_->attention_forward(q, k, v, scale, out, lse);
+    Tensor gq = dev(q), gk = dev(k), gv = dev(v), gout = gpu_->zeros(out.shape(), DType::kF32),
+           glse = gpu_->zeros(lse.shape(), DType::kF32);
+    gpu_->attention_forward(gq, gk, gv, scale, gout, glse);
+    const std::string what = ::testing::PrintToString(std::vector<int64_t>{c.b, c.t, c.s, c.hq, c.hk, c.d, c.dv});
+    EXPECT_CLOSE(gout, out, 2e-5) << what;
+    EXPECT_CLOSE(glse, lse, 2e-6) << what;
+    Tensor dout = randn(out.shape()), dq = randn(q.shape()), dk = randn(k.shape()), dv = randn(v.shape());
+    Tensor gdq = dev(dq), gdk = dev(dk), gdv = dev(dv);
+    cpu_->attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv);
+    gpu_->attention_backward(dev(dout), gq, gk, gv, gout, glse, scale, gdq, gdk, gdv);
+    EXPECT_CLOSE(gdq, dq, 5e-5) << what;
+    EXPECT_CLOSE(gdk, dk, 5e-5) << what;
+    EXPECT_CLOSE(gdv, dv, 5e-5) << what;
+  }
+}
+
+TEST_F(CudaBackendTest, PagedLatentAttentionOverScrambledBlocks) {
+  for (auto [heads, d, dv] : {std::tuple<int64_t, int64_t, int64_t>{4, 80, 64}, {16, 576, 512}, {3, 24, 16}}) {
+    const int block = 4;
+    // Sequence 0: 9 cached + 3 new (prefill chunk); 1: decode at 17; 2: a first token.
+    const std::vector<int32_t> ctx = {12, 18, 1}, n_new = {3, 1, 1};
+    const int64_t n_blocks = 16, max_blocks = 5;
+    std::vector<int32_t> perm(n_blocks);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng_);
+    Tensor tables = Tensor::zeros({3, max_blocks}, DType::kI32);
+    for (int64_t i = 0; i < 3 * max_blocks; ++i) tables.data<int32_t>()[i] = perm[i];
+    Tensor starts = Tensor::zeros({4}, DType::kI32), lens = Tensor::zeros({3}, DType::kI32);
+    for (int s = 0; s < 3; ++s) {
+      starts.data<int32_t>()[s + 1] = starts.data<int32_t>()[s] + n_new[s];
+      lens.data<int32_t>()[s] = ctx[s];
+    }
+    const int64_t n = starts.data<int32_t>()[3];
+    Tensor pool = randn({n_blocks * block, d}), q = randn({n, heads, d}, 0.3f), out = Tensor::zeros({n, heads, dv});
+    cpu_->paged_latent_attention(q, pool, block, tables, starts, lens, 0.1f, out);
+    Tensor gout = gpu_->zeros(out.shape(), DType::kF32);
+    gpu_->paged_latent_attention(dev(q), dev(pool), block, dev(tables), dev(starts), dev(lens), 0.1f, gout);
+    EXPECT_CLOSE(gout, out, 2e-5) << heads << " heads, row " << d;
+  }
+  Tensor src = randn({5, 12}), dst = randn({20, 12}), rows = Tensor::zeros({5}, DType::kI32);
+  for (int i = 0; i < 5; ++i) rows.data<int32_t>()[i] = 17 - 3 * i;
+  Tensor gdst = dev(dst);
+  cpu_->scatter_rows(src, rows, dst);
+  gpu_->scatter_rows(dev(src), dev(rows), gdst);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gdst), dst));
+}
+
+TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
+  using M = RouterConfig::TopkMethod;
+  using S = RouterConfig::Scoring;
+  struct Case {
+    S scoring;
+    M method;
+    int e, k, groups, topk_groups;
+    bool norm;
+  };
+  for (const Case& c : {Case{S::kSigmoid, M::kNoauxTc, 8, 2, 2, 1, true}, Case{S::kSigmoid, M::kNoauxTc, 256, 8, 8, 4, true},
+                        Case{S::kSoftmax, M::kGreedy, 64, 6, 1, 1, false},
+                        Case{S::kSoftmax, M::kGroupLimitedGreedy, 160, 6, 8, 3, false},
+                        Case{S::kSigmoid, M::kGreedy, 32, 4, 1, 1, true}}) {
+    RouterConfig cfg;
+    cfg.scoring = c.scoring;
+    cfg.method = c.method;
+    cfg.n_experts = c.e;
+    cfg.top_k = c.k;
+    cfg.n_group = c.groups;
+    cfg.topk_group = c.topk_groups;
+    cfg.norm_topk_prob = c.norm;
+    cfg.routed_scaling_factor = 2.5f;
+    const int64_t m = 333;
+    Tensor logits = randn({m, c.e}, 2.0f), bias = randn({c.e}, 0.1f);
+    Tensor idx = Tensor::zeros({m, c.k}, DType::kI32), w = Tensor::zeros({m, c.k}), sc = Tensor::zeros({m, c.e});
+    cpu_->moe_route(logits, bias, cfg, idx, w, sc);
+    Tensor gidx = gpu_->zeros(idx.shape(), DType::kI32), gw = gpu_->zeros(w.shape(), DType::kF32),
+           gsc = gpu_->zeros(sc.shape(), DType::kF32);
+    gpu_->moe_route(dev(logits), dev(bias), cfg, gidx, gw, gsc);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gidx), idx)) << c.e << " experts";
+    EXPECT_CLOSE(gw, w, 1e-5);
+    EXPECT_CLOSE(gsc, sc, 1e-5);
+    Tensor dw = randn({m, c.k}), dl = randn({m, c.e}), gdl = dev(dl);
+    cpu_->moe_route_backward(dw, sc, idx, cfg, dl);
+    gpu_->moe_route_backward(dev(dw), gsc, gidx, cfg, gdl);
+    EXPECT_CLOSE(gdl, dl, 1e-5);
+  }
+}
+
+TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
+  const int64_t m = 200, k = 4, h = 40, e = 16;
+  Tensor x = randn({m, h}), idx = Tensor::zeros({m, k}, DType::kI32);
+  // Distinct experts per token, skewed toward low ids, one expert never used.
+  std::uniform_int_distribution<int> u(0, e - 2);
+  for (int64_t i = 0; i < m; ++i) {
+    std::vector<int> pick;
+    while (static_cast<int64_t>(pick.size()) < k) {
+      const int v = std::min(u(rng_), u(rng_));
+      if (std::find(pick.begin(), pick.end(), v) == pick.end()) pick.push_back(v);
+    }
+    for (int64_t j = 0; j < k; ++j) idx.data<int32_t>()[i * k + j] = pick[j];
+  }
+  Tensor xs = Tensor::zeros({m * k, h}), row_of = Tensor::zeros({m * k}, DType::kI32);
+  std::vector<int64_t> off, goff;
+  cpu_->moe_dispatch(x, idx, e, xs, row_of, off);
+  Tensor gxs = gpu_->zeros(xs.shape(), DType::kF32), grow = gpu_->zeros(row_of.shape(), DType::kI32);
+  gpu_->moe_dispatch(dev(x), dev(idx), e, gxs, grow, goff);
+  EXPECT_EQ(goff, off);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gxs), xs));
+  Tensor dxs = randn({m * k, h}), dx = randn({m, h}), gdx = dev(dx);
+  cpu_->moe_dispatch_backward(dxs, row_of, dx);
+  gpu_->moe_dispatch_backward(dev(dxs), grow, gdx);
+  EXPECT_CLOSE(gdx, dx, 1e-6);
+  Tensor ys = randn({m * k, h}), w = randn({m, k}), out = randn({m, h}), gout = dev(out);
+  cpu_->moe_combine(ys, w, row_of, out);
+  gpu_->moe_combine(dev(ys), dev(w), grow, gout);
+  EXPECT_CLOSE(gout, out, 1e-6);
+  Tensor dout = randn({m, h}), dys = randn({m * k, h}), dwt = randn({m, k}), gdys = dev(dys), gdwt = dev(dwt);
+  cpu_->moe_combine_backward(dout, ys, w, row_of, dys, dwt);
+  gpu_->moe_combine_backward(dev(dout), dev(ys), dev(w), grow, gdys, gdwt);
+  EXPECT_CLOSE(gdys, dys, 1e-6);
+  EXPECT_CLOSE(gdwt, dwt, 1e-5);
+}
+
+TEST_F(CudaBackendTest, LogprobsForwardBackward) {
+  for (auto [m, v] : {std::pair<int64_t, int64_t>{3, 10}, {77, 1024}, {16, 32768}}) {
+    Tensor logits = randn({m, v}, 4.0f), tg = ids({m}, static_cast<int32_t>(v));
+    Tensor lp = Tensor::zeros({m}), lse = Tensor::zeros({m});
+    cpu_->logprobs_forward(logits, tg, lp, lse);
+    Tensor gl = dev(logits), gtg = dev(tg), glp = gpu_->zeros({m}, DType::kF32), glse = gpu_->zeros({m}, DType::kF32);
+    gpu_->logprobs_forward(gl, gtg, glp, glse);
+    EXPECT_CLOSE(glp, lp, 1e-5);
+    EXPECT_CLOSE(glse, lse, 1e-6);
+    Tensor dlp = randn({m}), dl = randn({m, v});
+    dlp.f32()[0] = 0.0f;  // rows without gradient are skipped
+    Tensor gdl = dev(dl);
+    cpu_->logprobs_backward(dlp, logits, tg, lse, dl);
+    gpu_->logprobs_backward(dev(dlp), gl, gtg, glse, gdl);
+    EXPECT_CLOSE(gdl, dl, 1e-5);
+  }
+}
+
+TEST_F(CudaBackendTest, OptimizerSumSquaresAndAdamW) {
+  const int64_t n = 300000;
+  const std::vector<ParamSpan> spans = {{0, 1000, false}, {1000, 200000, true}, {250000, 50000, true}};
+  Tensor g = randn({n}), w = randn({n}), m = randn({n}, 0.01f), v = randn({n}, 0.01f);
+  for (int64_t i = 0; i < n; ++i) v.f32()[i] = std::fabs(v.f32()[i]);
+  const double sq = cpu_->sum_squares(g, spans);
+  EXPECT_NEAR(gpu_->sum_squares(dev(g), spans) / sq, 1.0, 1e-12);
+  AdamWUpdate u;
+  u.lr = 3e-3;
+  u.weight_decay = 0.1;
+  u.bias_correction1 = 0.19;
+  u.bias_correction2 = 0.0975;
+  u.grad_scale = 0.5;
+  Tensor gw = dev(w), gm = dev(m), gv = dev(v);
+  cpu_->adamw_update(w, g, m, v, spans, u);
+  gpu_->adamw_update(gw, dev(g), gm, gv, spans, u);
+  EXPECT_CLOSE(gw, w, 1e-6);
+  EXPECT_CLOSE(gm, m, 1e-6);
+  EXPECT_CLOSE(gv, v, 1e-6);
+  Tensor bad = g.clone();
+  bad.f32()[1500] = NAN;
+  EXPECT_TRUE(std::isnan(gpu_->sum_squares(dev(bad), spans)));
+}
+
+// ---- the whole model
+
+class CudaModelTest : public CudaBackendTest {
+ protected:
+  std::string fixture() const { return testing::fixtures_dir() + "/tiny_a"; }
+};
+
+// logits and every gradient of one forward/backward: CPU vs GPU, and GPU twice (bitwise).
+TEST_F(CudaModelTest, ForwardBackwardMatchesCpuAndRepeatsBitwise) {
+  auto cm = model::Model::load(fixture(), *cpu_);
+  auto gm = model::Model::load(fixture(), *gpu_);
+  ASSERT_TRUE(cm.ok()) << cm.status();
+  ASSERT_TRUE(gm.ok()) << gm.status();
+  const int64_t b = 3, t = 29, vocab = (*cm)->config().vocab_size;
+  Tensor tokens = ids({b, t}, static_cast<int32_t>(vocab));
+  Tensor dlogits = randn({b * t, vocab}, 1e-2f);
+  model::ForwardState cs;
+  Tensor cl = (*cm)->forward(tokens, &cs);
+  (*cm)->zero_grads();
+  (*cm)->backward(cs, dlogits);
+  Tensor runs[2][2];
+  for (int r = 0; r < 2; ++r) {
+    model::ForwardState gs;
+    Tensor gl = (*gm)->forward(tokens, &gs);
+    (*gm)->zero_grads();
+    (*gm)->backward(gs, dev(dlogits));
+    runs[r][0] = gpu_->download(gl);
+    runs[r][1] = gpu_->download((*gm)->grads().buffer());
+  }
+  EXPECT_CLOSE(runs[0][0], cl, 1e-4);
+  // Per parameter: relative L2 error of the gradient.
+  const Tensor cg = (*cm)->grads().buffer();
+  for (const model::ParamInfo& p : (*cm)->params().infos()) {
+    const int64_t n = shape_numel(p.shape);
+    double num = 0, den = 0;
+    for (int64_t i = p.offset; i < p.offset + n; ++i) {
+      const double d = static_cast<double>(runs[0][1].f32()[i]) - cg.f32()[i];
+      num += d * d;
+      den += static_cast<double>(cg.f32()[i]) * cg.f32()[i];
+    }
+    if (den > 0) {
+      EXPECT_LT(std::sqrt(num / den), 1e-4) << p.name;
+    }
+  }
+  EXPECT_TRUE(bitwise_equal(runs[0][0], runs[1][0])) << "logits differ between two identical runs";
+  EXPECT_TRUE(bitwise_equal(runs[0][1], runs[1][1])) << "gradients differ between two identical runs";
+}
+
+TEST_F(CudaModelTest, PagedDecodeMatchesCpu) {
+  auto cm = model::Model::load(fixture(), *cpu_);
+  auto gm = model::Model::load(fixture(), *gpu_);
+  ASSERT_TRUE(cm.ok() && gm.ok());
+  const int block = 4;
+  model::LatentCache cc((*cm)->config(), *cpu_, 32, block), gc((*gm)->config(), *gpu_, 32, block);
+  // Two sequences: prompts of 7 and 3 tokens, then a decode step for both.
+  const std::vector<int32_t> p0 = {5, 17, 99, 3, 400, 8, 61}, p1 = {1000, 2, 77};
+  const std::vector<int32_t> t0 = {0, 5, 2}, t1 = {7, 1, 9};
+  model::StepBatch prefill;
+  prefill.add(p0.data(), 7, 0, t0, block, true);
+  prefill.add(p1.data(), 3, 0, t1, block, true);
+  EXPECT_CLOSE(gpu_->download((*gm)->forward_step(prefill, gc)), (*cm)->forward_step(prefill, cc), 1e-4);
+  model::StepBatch decode;
+  const int32_t n0 = 42, n1 = 600;
+  decode.add(&n0, 1, 7, t0, block, true);
+  decode.add(&n1, 1, 3, t1, block, true);
+  EXPECT_CLOSE(gpu_->download((*gm)->forward_step(decode, gc)), (*cm)->forward_step(decode, cc), 1e-4);
+}
+
+TEST_F(CudaModelTest, HuggingFaceFixtureParity) {
+  for (const char* dir : {"tiny_a", "tiny_a_hub_layout"}) {
+    auto rep = trainer::check_parity(testing::fixtures_dir() + "/" + dir, *gpu_, trainer::ParityOptions{});
+    ASSERT_TRUE(rep.ok()) << rep.status();
+    for (const auto& it : rep->items) EXPECT_TRUE(it.pass) << dir << ": " << it.name << " " << it.metric << " " << it.value;
+  }
+}
+
+}  // namespace
+}  // namespace r1lab::core
