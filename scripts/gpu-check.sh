@@ -39,6 +39,7 @@ grep -q "CUDA tests skipped" "$out/cuda_tests.log" && { log "cuda_tests SKIPPED:
 
 # 2. The command users run.
 for f in tiny_a tiny_a_hub_layout; do
+  [[ -f $fixtures/$f/config.json ]] || { log "check-parity $f: no fixture at $fixtures/$f (generate.py makes tiny_a only)"; continue; }
   "$bin/r1lab" check-parity "$fixtures/$f" --device cuda > "$out/check_parity_$f.txt" 2>&1
   rc=$?
   log "r1lab check-parity $f --device cuda: exit $rc, $(tail -1 "$out/check_parity_$f.txt")"
