@@ -129,6 +129,38 @@ int main(int argc, char** argv) {
     return 1;
   }
   r1lab::core::Backend& backend = **be;
+
+  // Attention alone at the benchmark's shape: the fp32 CUDA-core kernels against the tensor-core ones.
+  {
+    const int64_t ab = absl::GetFlag(FLAGS_batch), at = absl::GetFlag(FLAGS_seq), ah = cfg->num_attention_heads;
+    const int64_t ad = cfg->qk_head_dim(), adv = cfg->v_head_dim;
+    std::printf("attention alone, [%lld, %lld, %lld heads, %lld/%lld], forward + backward:\n", (long long)ab,
+                (long long)at, (long long)ah, (long long)ad, (long long)adv);
+    for (auto prec : {r1lab::core::cuda::Options::GemmPrecision::kF32, r1lab::core::cuda::Options::GemmPrecision::kBF16}) {
+      r1lab::core::cuda::Options ao;
+      ao.gemm = prec;
+      auto abe = r1lab::core::cuda::make_backend(ao);
+      r1lab::core::Backend& x = **abe;
+      Tensor q = x.zeros({ab, at, ah, ad}), k = x.zeros({ab, at, ah, ad}), v = x.zeros({ab, at, ah, adv});
+      Tensor o = x.zeros({ab, at, ah, adv}), l = x.zeros({ab, ah, at}), g = x.zeros({ab, at, ah, adv});
+      Tensor dq = x.zeros(q.shape()), dk = x.zeros(k.shape()), dv = x.zeros(v.shape());
+      x.fill(q, 0.01f);
+      x.fill(k, 0.02f);
+      x.fill(v, 1.0f);
+      x.fill(g, 1.0f);
+      auto run = [&] {
+        x.attention_forward(q, k, v, 0.1f, o, l);
+        x.attention_backward(g, q, k, v, o, l, 0.1f, dq, dk, dv);
+      };
+      run();
+      x.synchronize();
+      const auto a0 = Clock::now();
+      for (int i = 0; i < 5; ++i) run();
+      x.synchronize();
+      const double ms = std::chrono::duration<double, std::milli>(Clock::now() - a0).count() / 5;
+      std::printf("  %-5s %8.2f ms per layer\n", prec == r1lab::core::cuda::Options::GemmPrecision::kF32 ? "fp32" : "bf16 TC", ms);
+    }
+  }
   r1lab::model::Model model(*cfg, backend);
   model.init_random(1, 0.02f);
   r1lab::trainer::AdamWConfig ac;

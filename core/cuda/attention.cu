@@ -12,21 +12,28 @@
 #include "core/cuda/cuda_backend.h"
 
 namespace r1lab::core::cuda {
+
+struct AttnDims {
+  int64_t T, S, Hq, Hk, D, Dv;
+  int64_t q0, q1, q2, k0, k1, k2, v0, v1, v2, o0, o1, o2;  // strides of dims 0..2 (dim 3 contiguous)
+  int64_t g0, g1, g2;                                      // dout (backward)
+  float scale;
+};
+
+}  // namespace r1lab::core::cuda
+
+#include "core/cuda/attention_tc.cuh"
+
+namespace r1lab::core::cuda {
 namespace {
 
+using Dims = AttnDims;
 constexpr int kWarps = 8;
 constexpr int kRows = 4;        // queries (or keys) per warp
 constexpr int kTile = 32;       // keys (or queries) per shared-memory tile
 constexpr int kMaxDU = 8;       // head dim ≤ 256
 constexpr int kMaxVU = 4;       // value dim ≤ 128
 constexpr unsigned kFull = 0xffffffffu;
-
-struct Dims {
-  int64_t T, S, Hq, Hk, D, Dv;
-  int64_t q0, q1, q2, k0, k1, k2, v0, v1, v2, o0, o1, o2;  // strides of dims 0..2 (dim 3 contiguous)
-  int64_t g0, g1, g2;                                      // dout (backward)
-  float scale;
-};
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
@@ -477,6 +484,34 @@ void set_smem(K kernel, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// Runs f.template operator()<D, DV>() for the head sizes the tensor-core kernels are built for; false
+// for others (they take the fp32 kernels).
+template <typename F>
+bool with_tc_dims(int64_t d, int64_t dv, F f) {
+#define R1LAB_TC_CASE(D, DV)            \
+  if (d == D && dv == DV) {             \
+    f.template operator()<D, DV>();     \
+    return true;                        \
+  }
+  R1LAB_TC_CASE(48, 32)
+  R1LAB_TC_CASE(64, 64)
+  R1LAB_TC_CASE(96, 64)
+  R1LAB_TC_CASE(128, 128)
+  R1LAB_TC_CASE(192, 128)
+#undef R1LAB_TC_CASE
+  return false;
+}
+
+// The tensor-core kernels read rows as float4: 16-byte aligned bases and strides in multiples of 4.
+bool vec4_rows(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts) {
+    if (reinterpret_cast<uintptr_t>(t->raw()) % 16) return false;
+    for (int d = 0; d < 3; ++d)
+      if (t->stride(d) % 4) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
@@ -490,6 +525,16 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
   // Causal pairs: T·S - T(T-1)/2 per head.
   const double pairs = static_cast<double>(B * a.Hq) * (a.T * a.S - a.T * (a.T - 1) / 2.0);
   Op op(this, "attention", 2.0 * pairs * (a.D + a.Dv), 4.0 * (q.numel() + k.numel() + v.numel() + out.numel()));
+  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&q, &k, &v}) &&
+      with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
+        constexpr size_t smem = tc::forward_smem<D, DV>();
+        set_smem(tc::forward<D, DV>, smem);
+        tc::forward<D, DV><<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, smem,
+                             stream()>>>(q.f32(), k.f32(), v.f32(), out.f32(), lse.f32(), a);
+      })) {
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   const size_t smem = sizeof(float) * (kTile * (a.D + 1) + kTile * (a.Dv + 1) + kWarps * kRows * a.D);
   set_smem(attention_forward_kernel, smem);
   attention_forward_kernel<<<dim3(blocks(a.T, kWarps * kRows), static_cast<unsigned>(B * a.Hq)), kWarps * 32, smem,
@@ -516,6 +561,22 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
   const int64_t rows = B * a.Hq * a.T;
   Tensor delta = zeros({rows}, DType::kF32);
   attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), out.f32(), delta.f32(), a, rows);
+  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&q, &k, &v, &dout}) &&
+      with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
+        constexpr size_t sq = tc::dq_smem<D, DV>(), skv = tc::dkdv_smem<D, DV>();
+        set_smem(tc::backward_dq<D, DV>, sq);
+        tc::backward_dq<D, DV><<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq,
+                                 stream()>>>(q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dq.f32(),
+                                             dq.stride(0), dq.stride(1), dq.stride(2), a);
+        set_smem(tc::backward_dkdv<D, DV>, skv);
+        tc::backward_dkdv<D, DV><<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT,
+                                   skv, stream()>>>(q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(),
+                                                    dk.f32(), dk.stride(0), dk.stride(1), dk.stride(2), dv.f32(),
+                                                    dv.stride(0), dv.stride(1), dv.stride(2), a);
+      })) {
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   const size_t smem_q =
       sizeof(float) * (kTile * (a.D + 1) + kTile * (a.Dv + 1) + kWarps * kRows * (a.D + a.Dv));
   set_smem(attention_dq_kernel, smem_q);
