@@ -276,11 +276,11 @@ int main(int argc, char** argv) {
     const bool compute = o.op.find("gemm") != std::string::npos;
     const bool attn = o.op.find("attention") != std::string::npos;
     const double pct = compute ? (peak_f > 0 ? tf / peak_f : 0)
-                       : attn  ? (ceil.f32 > 0 ? tf / ceil.f32 : 0)
+                       : attn  ? ((g == "f32" ? ceil.f32 : peak_f) > 0 ? tf / (g == "f32" ? ceil.f32 : peak_f) : 0)
                                : (ceil.bytes_per_s > 0 ? bw / ceil.bytes_per_s : 0);
     std::printf("| %s | %lld | %.2f | %.1f%% | %.1f | %.0f | %.1f%% %s |\n", o.op.c_str(), static_cast<long long>(o.calls),
                 o.ms, 100 * o.ms / step_ms, tf / 1e12, bw / 1e9, 100 * pct,
-                compute ? "(gemm)" : attn ? "(fp32 CUDA cores)" : "(bandwidth)");
+                compute ? "(gemm)" : attn ? (g == "f32" ? "(fp32 CUDA cores)" : "(bf16 tensor cores)") : "(bandwidth)");
     jops.push_back({{"op", o.op}, {"calls", o.calls}, {"ms", o.ms}, {"tflops", tf / 1e12}, {"gbps", bw / 1e9}});
   }
   if (!absl::GetFlag(FLAGS_json).empty()) {
