@@ -44,6 +44,16 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// dst[r][c] = src[(r0 + r)·ld + c] for r < rows, c < width (dst rows ld_dst apart); 0 where r0 + r ≥ limit.
+// The staging of every tile of the fp32 kernels (the block's threads share the work).
+__device__ __forceinline__ void load_rows(float* dst, int ld_dst, const float* src, int64_t ld, int64_t r0,
+                                          int64_t limit, int rows, int width) {
+  for (int i = threadIdx.x; i < rows * width; i += blockDim.x) {
+    const int r = i / width, c = i % width;
+    dst[r * ld_dst + c] = r0 + r < limit ? src[(r0 + r) * ld + c] : 0.0f;
+  }
+}
+
 // out[t] = Σ_s softmax_s(scale·q[t]·k[s]) v[s];  lse[t] = log Σ_s exp(scale·q[t]·k[s]).
 // grid (ceil(T / 32), B·Hq).
 __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(const float* q, const float* k, const float* v,
@@ -56,10 +66,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(const fl
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kWarps * kRows, off = a.S - a.T;
-  for (int i = threadIdx.x; i < kWarps * kRows * D; i += blockDim.x) {
-    const int64_t t = t0 + i / D;
-    Qs[i] = t < a.T ? q[b * a.q0 + t * a.q1 + h * a.q2 + i % D] : 0.0f;
-  }
+  load_rows(Qs, D, q + b * a.q0 + h * a.q2, a.q1, t0, a.T, kWarps * kRows, D);
   float m[kRows], l[kRows], acc[kRows][kMaxVU];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -73,14 +80,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(const fl
   const float* vb = v + b * a.v0 + kh * a.v2;
   for (int64_t s0 = 0; s0 <= last; s0 += kTile) {
     __syncthreads();
-    for (int i = threadIdx.x; i < kTile * D; i += blockDim.x) {
-      const int64_t s = s0 + i / D;
-      Ks[(i / D) * ldk + i % D] = s < a.S ? kb[s * a.k1 + i % D] : 0.0f;
-    }
-    for (int i = threadIdx.x; i < kTile * Dv; i += blockDim.x) {
-      const int64_t s = s0 + i / Dv;
-      Vs[(i / Dv) * ldv + i % Dv] = s < a.S ? vb[s * a.v1 + i % Dv] : 0.0f;
-    }
+    load_rows(Ks, ldk, kb, a.k1, s0, a.S, kTile, D);
+    load_rows(Vs, ldv, vb, a.v1, s0, a.S, kTile, Dv);
     __syncthreads();
     const int64_t s = s0 + lane;
     float sc[kRows];
@@ -169,14 +170,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const float* 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kWarps * kRows, off = a.S - a.T;
-  for (int i = threadIdx.x; i < kWarps * kRows * D; i += blockDim.x) {
-    const int64_t t = t0 + i / D;
-    Qs[i] = t < a.T ? q[b * a.q0 + t * a.q1 + h * a.q2 + i % D] : 0.0f;
-  }
-  for (int i = threadIdx.x; i < kWarps * kRows * Dv; i += blockDim.x) {
-    const int64_t t = t0 + i / Dv;
-    Gs[i] = t < a.T ? dout[b * a.g0 + t * a.g1 + h * a.g2 + i % Dv] : 0.0f;
-  }
+  load_rows(Qs, D, q + b * a.q0 + h * a.q2, a.q1, t0, a.T, kWarps * kRows, D);
+  load_rows(Gs, Dv, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T, kWarps * kRows, Dv);
   float L[kRows], Dl[kRows], acc[kRows][kMaxDU];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -191,14 +186,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const float* 
   const float* vb = v + b * a.v0 + kh * a.v2;
   for (int64_t s0 = 0; s0 <= last; s0 += kTile) {
     __syncthreads();
-    for (int i = threadIdx.x; i < kTile * D; i += blockDim.x) {
-      const int64_t s = s0 + i / D;
-      Ks[(i / D) * ldk + i % D] = s < a.S ? kb[s * a.k1 + i % D] : 0.0f;
-    }
-    for (int i = threadIdx.x; i < kTile * Dv; i += blockDim.x) {
-      const int64_t s = s0 + i / Dv;
-      Vs[(i / Dv) * ldv + i % Dv] = s < a.S ? vb[s * a.v1 + i % Dv] : 0.0f;
-    }
+    load_rows(Ks, ldk, kb, a.k1, s0, a.S, kTile, D);
+    load_rows(Vs, ldv, vb, a.v1, s0, a.S, kTile, Dv);
     __syncthreads();
     const int64_t s = s0 + lane;
     float sc[kRows], dp[kRows];
@@ -269,14 +258,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(const float
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk, group = a.Hq / a.Hk;
   const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kWarps * kRows, off = a.S - a.T;
-  for (int i = threadIdx.x; i < kWarps * kRows * D; i += blockDim.x) {
-    const int64_t s = s_first + i / D;
-    Kown[i] = s < a.S ? k[b * a.k0 + s * a.k1 + kh * a.k2 + i % D] : 0.0f;
-  }
-  for (int i = threadIdx.x; i < kWarps * kRows * Dv; i += blockDim.x) {
-    const int64_t s = s_first + i / Dv;
-    Vown[i] = s < a.S ? v[b * a.v0 + s * a.v1 + kh * a.v2 + i % Dv] : 0.0f;
-  }
+  load_rows(Kown, D, k + b * a.k0 + kh * a.k2, a.k1, s_first, a.S, kWarps * kRows, D);
+  load_rows(Vown, Dv, v + b * a.v0 + kh * a.v2, a.v1, s_first, a.S, kWarps * kRows, Dv);
   float gk[kRows][kMaxDU], gv[kRows][kMaxVU];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -292,14 +275,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(const float
   for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
     for (int64_t t0 = t_begin; t0 < a.T; t0 += kTile) {
       __syncthreads();
-      for (int i = threadIdx.x; i < kTile * D; i += blockDim.x) {
-        const int64_t t = t0 + i / D;
-        Qt[(i / D) * ldq + i % D] = t < a.T ? q[b * a.q0 + t * a.q1 + h * a.q2 + i % D] : 0.0f;
-      }
-      for (int i = threadIdx.x; i < kTile * Dv; i += blockDim.x) {
-        const int64_t t = t0 + i / Dv;
-        Gt[(i / Dv) * ldg + i % Dv] = t < a.T ? dout[b * a.g0 + t * a.g1 + h * a.g2 + i % Dv] : 0.0f;
-      }
+      load_rows(Qt, ldq, q + b * a.q0 + h * a.q2, a.q1, t0, a.T, kTile, D);
+      load_rows(Gt, ldg, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T, kTile, Dv);
       if (threadIdx.x < kTile) {
         const int64_t t = t0 + threadIdx.x;
         Lt[threadIdx.x] = t < a.T ? lse[(b * a.Hq + h) * a.T + t] : 0.0f;

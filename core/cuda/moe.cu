@@ -309,9 +309,8 @@ void CudaBackend::moe_route(const Tensor& logits, const Tensor& bias, const Rout
   CHECK(cfg.top_k >= 1 && cfg.top_k <= cfg.n_experts);
   if (L.rows == 0) return;
   Op op(this, "moe_route", 0, 8.0 * L.rows * cfg.n_experts);
-  const size_t smem = kRouteWarps * (sizeof(float) * (cfg.n_experts + cfg.n_group) + cfg.n_experts + 16);
-  const size_t per_warp = sizeof(float) * (2 * cfg.n_experts + cfg.n_group);  // as laid out by the kernel
-  const size_t bytes = std::max(smem, kRouteWarps * per_warp);
+  // Per warp, as the kernel lays it out: choice[E] and gscore[G] f32, then taken[E] bytes within E more floats.
+  const size_t bytes = kRouteWarps * sizeof(float) * (2 * cfg.n_experts + cfg.n_group);
   CUDA_CHECK(cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   route_kernel<<<blocks(L.rows, kRouteWarps), kRouteWarps * 32, bytes, stream()>>>(
       L.f(), L.ld, bias.defined() ? bias.f32() : nullptr, cfg, L.rows, idx.data<int32_t>(), weights.f32(),
