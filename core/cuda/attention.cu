@@ -479,7 +479,8 @@ bool with_tc_dims(int64_t d, int64_t dv, F f) {
   return false;
 }
 
-// The tensor-core kernels read rows as float4: 16-byte aligned bases and strides in multiples of 4.
+// The tensor-core kernels read rows as float4 and write pairs as float2: 16-byte aligned bases and
+// strides in multiples of 4.
 bool vec4_rows(std::initializer_list<const Tensor*> ts) {
   for (const Tensor* t : ts) {
     if (reinterpret_cast<uintptr_t>(t->raw()) % 16) return false;
@@ -502,7 +503,7 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
   // Causal pairs: T·S - T(T-1)/2 per head.
   const double pairs = static_cast<double>(B * a.Hq) * (a.T * a.S - a.T * (a.T - 1) / 2.0);
   Op op(this, "attention", 2.0 * pairs * (a.D + a.Dv), 4.0 * (q.numel() + k.numel() + v.numel() + out.numel()));
-  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&q, &k, &v}) &&
+  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&q, &k, &v, &out}) &&
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
         constexpr size_t smem = tc::forward_smem<D, DV>();
         set_smem(tc::forward<D, DV>, smem);
@@ -538,7 +539,7 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
   const int64_t rows = B * a.Hq * a.T;
   Tensor delta = zeros({rows}, DType::kF32);
   attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), out.f32(), delta.f32(), a, rows);
-  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&q, &k, &v, &dout}) &&
+  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&q, &k, &v, &dout, &dq, &dk, &dv}) &&
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
         constexpr size_t sq = tc::dq_smem<D, DV>(), skv = tc::dkdv_smem<D, DV>();
         set_smem(tc::backward_dq<D, DV>, sq);

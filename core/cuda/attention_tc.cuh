@@ -1,38 +1,40 @@
-// Tensor-core (bf16 WMMA, fp32 accumulation) flash attention, forward and backward: included by
-// attention.cu, which owns Dims and picks these kernels when reduced-precision products are enabled.
+// Tensor-core flash attention (bf16 products, fp32 accumulation and softmax), forward and backward, in
+// the FlashAttention-2 manner: included by attention.cu, which owns Dims and picks these kernels when
+// reduced-precision products are enabled.
 //
-// A block is 4 warps; a warp owns 16 rows (queries, or keys in dk/dv) of a 64-row tile, and every tile
-// of 64 keys (or queries) is staged in shared memory as bf16. Products are 16×16×16 WMMA steps; the
-// softmax, masks and rescaling run in fp32 on the score tiles in shared memory; the output accumulator
-// of the forward pass lives in shared memory so that each row can be rescaled by its new maximum.
-#include <mma.h>
-
+// A block is 4 warps; a warp owns 16 rows (queries in forward and dq, keys in dk/dv) of a 64-row tile.
+// Tiles of the other side (64 keys, or queries) are staged in shared memory as bf16, converted from the
+// f32 tensors on the way in. Products are mma.sync m16n8k16 steps with operands read by ldmatrix; the
+// scores stay in registers: the accumulator layout of one product is the operand layout of the next, so
+// masks, softmax and rescaling run on registers and P (or dS) never goes through shared memory. No
+// atomics: dq has its own kernel, so results are bitwise repeatable.
+//
+// Fragment layout (PTX ISA, mma.m16n8k16): lane = 4·g + c. An accumulator holds rows g and g+8,
+// columns 2c and 2c+1 of a 16×8 block; an A operand holds the same rows and columns 2c, 2c+1, 2c+8,
+// 2c+9 of a 16×16 block.
 #include <cuda_bf16.h>
 
 namespace tc {
 
-using namespace nvcuda;
 using bf16 = __nv_bfloat16;
 constexpr int kRowsT = 64;  // rows of a tile
 constexpr int kThreadsT = 128;
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
-using FragBr = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
-using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+constexpr float kLog2e = 1.4426950408889634f;
 
 template <int D, int DV>
 struct Layout {
-  static constexpr int LQ = D + 8, LV = DV + 8, LS = kRowsT + 4, LP = kRowsT + 8, LO = (D > DV ? D : DV) + 4;
+  static constexpr int LQ = D + 8, LV = DV + 8;  // +8 bf16: ldmatrix rows fall in distinct banks
+  static constexpr int NQ = D > 128 ? 32 : 64;   // queries per tile in dk/dv (registers bound it)
+  static constexpr int kMinBlocks = D > 128 ? 2 : 3;  // blocks per SM: caps registers at 255 or 168
 };
 
-// rows [r0, r0 + 64) of a strided f32 matrix (row stride ld) -> bf16 tile [64][L]; rows ≥ n are zero.
-// Every thread first issues all its 16-byte loads, then converts: the loads are in flight together
-// (one at a time, a tile load is bound by memory latency). Needs 16-byte aligned rows (checked by the
-// caller).
-template <int W, int L>
+// rows [r0, r0 + R) of a strided f32 matrix (row stride ld) -> bf16 tile [R][L]; rows ≥ n are zero.
+// Every thread first issues all its 16-byte loads, then converts: the loads are in flight together.
+// Needs 16-byte aligned rows (checked by the caller).
+template <int W, int L, int R = kRowsT>
 __device__ __forceinline__ void load_tile(bf16* dst, const float* src, int64_t ld, int64_t r0, int64_t n) {
   static_assert(W % 4 == 0, "row width must be a multiple of 4");
-  constexpr int kVec = kRowsT * W / 4, kPer = (kVec + kThreadsT - 1) / kThreadsT;
+  constexpr int kVec = R * W / 4, kPer = (kVec + kThreadsT - 1) / kThreadsT;
   float4 buf[kPer];
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
@@ -52,117 +54,209 @@ __device__ __forceinline__ void load_tile(bf16* dst, const float* src, int64_t l
   }
 }
 
-// S[16 rows of warp][64] = A[16][K] · B[64][K]ᵀ  (A rows at a, B rows at b, both bf16 row-major).
-template <int K, int LA, int LB, int LSS>
-__device__ void scores(const bf16* a, const bf16* b, float* s) {
+__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm4(uint32_t* r, const bf16* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm4_t(uint32_t* r, const bf16* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// The A operand of the 16×16 block at p (row-major, row stride ld).
+__device__ __forceinline__ void load_a(uint32_t* a, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldsm4(a, p + (lane % 16) * ld + (lane / 16) * 8);
+}
+
+// B operands of two 16(k)×8(n) blocks, from a matrix stored [n][k] (row stride ld) at p: b[0..1] is
+// columns n 0..7, b[2..3] columns n 8..15.
+__device__ __forceinline__ void load_b_nk(uint32_t* b, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldsm4(b, p + (lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8);
+}
+
+// The same from a matrix stored [k][n] (row stride ld).
+__device__ __forceinline__ void load_b_kn(uint32_t* b, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldsm4_t(b, p + (lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8);
+}
+
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The A operand for k-slice kk of the 16×(8·N) accumulator c: columns 16kk .. 16kk+15.
+template <int N>
+__device__ __forceinline__ void acc_to_a(uint32_t* a, const float (*c)[4], int kk) {
+  a[0] = pack(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// c[16 rows of the warp][8·N] (+)= A[16][K] · Bᵀ where B is stored [8·N][K]: both in shared memory.
+template <int K, int N>
+__device__ __forceinline__ void product_nk(float (*c)[4], const bf16* a, int lda, const bf16* b, int ldb) {
 #pragma unroll
-  for (int j = 0; j < kRowsT / 16; ++j) {
-    FragC acc;
-    wmma::fill_fragment(acc, 0.0f);
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t fa[4];
+    load_a(fa, a + kk * 16, lda);
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-      FragA fa;
-      FragBc fb;
-      wmma::load_matrix_sync(fa, a + kk * 16, LA);
-      wmma::load_matrix_sync(fb, b + j * 16 * LB + kk * 16, LB);
-      wmma::mma_sync(acc, fa, fb, acc);
+    for (int np = 0; np < N / 2; ++np) {
+      uint32_t fb[4];
+      load_b_nk(fb, b + np * 16 * ldb + kk * 16, ldb);
+      mma(c[2 * np], fa, fb[0], fb[1]);
+      mma(c[2 * np + 1], fa, fb[2], fb[3]);
     }
-    wmma::store_matrix_sync(s + j * 16, acc, LSS, wmma::mem_row_major);
   }
 }
 
+// c[16][8·N] += P · B where P is the register accumulator p[16][16·KS] and B is stored [16·KS][8·N].
+template <int KS, int N, int NP>
+__device__ __forceinline__ void product_kn(float (*c)[4], const float (*p)[4], const bf16* b, int ldb) {
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t fa[4];
+    acc_to_a<NP>(fa, p, kk);
+#pragma unroll
+    for (int np = 0; np < N / 2; ++np) {
+      uint32_t fb[4];
+      load_b_kn(fb, b + kk * 16 * ldb + np * 16, ldb);
+      mma(c[2 * np], fa, fb[0], fb[1]);
+      mma(c[2 * np + 1], fa, fb[2], fb[3]);
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (*c)[4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.0f;
+}
+
+// dst[rows r0 + g, r0 + g + 8][8·N] (f32, row stride ld) += c; rows ≥ n are skipped.
+template <int N>
+__device__ __forceinline__ void add_rows(const float (*c)[4], float* dst, int64_t ld, int64_t r0, int64_t n) {
+  const int lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r = r0 + g + 8 * half;
+    if (r >= n) continue;
+    float* row = dst + r * ld + cc;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float2 v = *reinterpret_cast<float2*>(row + 8 * j);
+      v.x += c[j][2 * half];
+      v.y += c[j][2 * half + 1];
+      *reinterpret_cast<float2*>(row + 8 * j) = v;
+    }
+  }
+}
+
+// Heavy tiles first: in forward and dq the last query tile sees the most keys.
+__device__ __forceinline__ int64_t reversed_tile() { return static_cast<int64_t>(gridDim.x - 1 - blockIdx.x); }
+
 // ---- forward. grid (ceil(T / 64), B·Hq).
 template <int D, int DV>
-__global__ void __launch_bounds__(kThreadsT) forward(const float* q, const float* k, const float* v, float* out,
+__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) forward(const float* q, const float* k, const float* v, float* out,
                                                      float* lse, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Ks = Qs + kRowsT * Ly::LQ;
   bf16* Vs = Ks + kRowsT * Ly::LQ;
-  float* Ss = reinterpret_cast<float*>(Vs + kRowsT * Ly::LV);
-  bf16* Ps = reinterpret_cast<bf16*>(Ss + kRowsT * Ly::LS);
-  float* Os = reinterpret_cast<float*>(Ps + kRowsT * Ly::LP);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRowsT, off = a.S - a.T;
+  const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
   load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);
-  for (int i = threadIdx.x; i < kRowsT * Ly::LO; i += blockDim.x) Os[i] = 0;
-  // Lane pair (2r, 2r+1) of warp w owns row 16w + r; each lane half of the 64 columns.
-  const int r = 16 * warp + lane / 2, half = lane % 2;
-  const int64_t t = t0 + r;
-  float m = -INFINITY, l = 0;
+  const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
+  const float sl2 = a.scale * kLog2e;
+  float o[DV / 8][4];
+  zero<DV / 8>(o);
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kRowsT - 1));
   for (int64_t s0 = 0; s0 <= last; s0 += kRowsT) {
     __syncthreads();
     load_tile<D, Ly::LQ>(Ks, k + b * a.k0 + kh * a.k2, a.k1, s0, a.S);
     load_tile<DV, Ly::LV>(Vs, v + b * a.v0 + kh * a.v2, a.v1, s0, a.S);
     __syncthreads();
-    scores<D, Ly::LQ, Ly::LQ, Ly::LS>(Qs + 16 * warp * Ly::LQ, Ks, Ss + 16 * warp * Ly::LS);
-    __syncwarp();
-    float* srow = Ss + r * Ly::LS + 32 * half;
-    float mx = -INFINITY;
-    for (int c = 0; c < 32; ++c) {
-      const int64_t s = s0 + 32 * half + c;
-      const bool vis = t < a.T && s <= off + t;
-      srow[c] = vis ? srow[c] * a.scale : -INFINITY;
-      mx = fmaxf(mx, srow[c]);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float mn = fmaxf(m, mx);
-    const float alpha = mn == -INFINITY ? 1.0f : expf(m - mn);
-    float sum = 0;
-    bf16* prow = Ps + r * Ly::LP + 32 * half;
-    for (int c = 0; c < 32; ++c) {
-      const float p = mn == -INFINITY ? 0.0f : expf(srow[c] - mn);
-      sum += p;
-      prow[c] = __float2bfloat16(p);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = l * alpha + sum;
-    m = mn;
-    float* orow = Os + r * Ly::LO;
-    for (int c = half; c < DV; c += 2) orow[c] *= alpha;
-    __syncwarp();
+    float s[kRowsT / 8][4];
+    zero<kRowsT / 8>(s);
+    product_nk<D, kRowsT / 8>(s, Qs + 16 * warp * Ly::LQ, Ly::LQ, Ks, Ly::LQ);
+    // Scores in the log2 domain, masked; the row max over the 4 lanes that share a row.
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < DV / 16; ++j) {
-      FragC acc;
-      wmma::load_matrix_sync(acc, Os + 16 * warp * Ly::LO + 16 * j, Ly::LO, wmma::mem_row_major);
+    for (int j = 0; j < kRowsT / 8; ++j) {
 #pragma unroll
-      for (int kk = 0; kk < kRowsT / 16; ++kk) {
-        FragA fa;
-        FragBr fb;
-        wmma::load_matrix_sync(fa, Ps + 16 * warp * Ly::LP + 16 * kk, Ly::LP);
-        wmma::load_matrix_sync(fb, Vs + 16 * kk * Ly::LV + 16 * j, Ly::LV);
-        wmma::mma_sync(acc, fa, fb, acc);
+      for (int e = 0; e < 4; ++e) {
+        const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
+        s[j][e] = t < a.T && col <= off + t ? s[j][e] * sl2 : -INFINITY;
+        mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
       }
-      wmma::store_matrix_sync(Os + 16 * warp * Ly::LO + 16 * j, acc, Ly::LO, wmma::mem_row_major);
     }
-    __syncwarp();
-  }
-  if (t >= a.T) return;
-  const float inv = l > 0 ? 1.0f / l : 0.0f;
-  float* o = out + b * a.o0 + t * a.o1 + h * a.o2;
-  for (int c = half; c < DV; c += 2) o[c] = Os[r * Ly::LO + c] * inv;
-  if (half == 0) lse[(b * a.Hq + h) * a.T + t] = m + logf(l);
-}
-
-// dst[16 rows][W] (f32, row stride ld) += the accumulators frags (staged through st, ld LO).
-template <int W, int LO>
-__device__ void add_out(const FragC* frags, float* st, float* dst, int64_t ld, int64_t rows_left) {
-  const int lane = threadIdx.x % 32;
+    float alpha[2];
 #pragma unroll
-  for (int j = 0; j < W / 16; ++j) wmma::store_matrix_sync(st + 16 * j, frags[j], LO, wmma::mem_row_major);
-  __syncwarp();
-  for (int i = lane; i < 16 * W; i += 32) {
-    const int r = i / W, c = i % W;
-    if (r < rows_left) dst[r * ld + c] += st[r * LO + c];
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float mn = fmaxf(m[r], mx[r]);
+      alpha[r] = mn == -INFINITY ? 1.0f : exp2f(m[r] - mn);
+      m[r] = mn;
+    }
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < kRowsT / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float mr = m[e / 2];
+        s[j][e] = mr == -INFINITY ? 0.0f : exp2f(s[j][e] - mr);
+        sum[e / 2] += s[j][e];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];  // per lane; summed over the row at the end
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) {
+      o[j][0] *= alpha[0], o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1], o[j][3] *= alpha[1];
+    }
+    product_kn<kRowsT / 16, DV / 8, kRowsT / 8>(o, s, Vs, Ly::LV);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < DV / 8; ++j) o[j][2 * r] *= inv, o[j][2 * r + 1] *= inv;
+    const int64_t t = tr[r];
+    if (t < a.T) {
+      float* row = out + b * a.o0 + t * a.o1 + h * a.o2 + cc;
+#pragma unroll
+      for (int j = 0; j < DV / 8; ++j) *reinterpret_cast<float2*>(row + 8 * j) = make_float2(o[j][2 * r], o[j][2 * r + 1]);
+      if (cc == 0) lse[(b * a.Hq + h) * a.T + t] = m[r] / kLog2e + logf(l[r]);
+    }
   }
 }
 
 // ---- dq. grid (ceil(T / 64), B·Hq).
 template <int D, int DV>
-__global__ void __launch_bounds__(kThreadsT) backward_dq(const float* q, const float* k, const float* v,
+__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward_dq(const float* q, const float* k, const float* v,
                                                          const float* dout, const float* lse, const float* delta,
                                                          float* dq, int64_t dq0, int64_t dq1, int64_t dq2,
                                                          r1lab::core::cuda::AttnDims a) {
@@ -172,151 +266,122 @@ __global__ void __launch_bounds__(kThreadsT) backward_dq(const float* q, const f
   bf16* Gs = Qs + kRowsT * Ly::LQ;
   bf16* Ks = Gs + kRowsT * Ly::LV;
   bf16* Vs = Ks + kRowsT * Ly::LQ;
-  float* Ss = reinterpret_cast<float*>(Vs + kRowsT * Ly::LV);
-  float* Ds = Ss + kRowsT * Ly::LS;
-  bf16* dSs = reinterpret_cast<bf16*>(Ds + kRowsT * Ly::LS);
-  float* St = reinterpret_cast<float*>(dSs + kRowsT * Ly::LP);  // [64][LO] staging
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRowsT, off = a.S - a.T;
+  const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
   load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);
   load_tile<DV, Ly::LV>(Gs, dout + b * a.g0 + h * a.g2 + t0 * a.g1, a.g1, 0, a.T - t0);
-  const int r = 16 * warp + lane / 2, half = lane % 2;
-  const int64_t t = t0 + r;
-  const float L = t < a.T ? lse[(b * a.Hq + h) * a.T + t] : 0.0f;
-  const float Dl = t < a.T ? delta[(b * a.Hq + h) * a.T + t] : 0.0f;
-  FragC acc[D / 16];
+  const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
+  const float sl2 = a.scale * kLog2e;
+  float L[2], Dl[2];
 #pragma unroll
-  for (int j = 0; j < D / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  for (int r = 0; r < 2; ++r) {
+    L[r] = tr[r] < a.T ? lse[(b * a.Hq + h) * a.T + tr[r]] * kLog2e : 0.0f;
+    Dl[r] = tr[r] < a.T ? delta[(b * a.Hq + h) * a.T + tr[r]] : 0.0f;
+  }
+  float acc[D / 8][4];
+  zero<D / 8>(acc);
   const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kRowsT - 1));
   for (int64_t s0 = 0; s0 <= last; s0 += kRowsT) {
     __syncthreads();
     load_tile<D, Ly::LQ>(Ks, k + b * a.k0 + kh * a.k2, a.k1, s0, a.S);
     load_tile<DV, Ly::LV>(Vs, v + b * a.v0 + kh * a.v2, a.v1, s0, a.S);
     __syncthreads();
-    scores<D, Ly::LQ, Ly::LQ, Ly::LS>(Qs + 16 * warp * Ly::LQ, Ks, Ss + 16 * warp * Ly::LS);
-    scores<DV, Ly::LV, Ly::LV, Ly::LS>(Gs + 16 * warp * Ly::LV, Vs, Ds + 16 * warp * Ly::LS);
-    __syncwarp();
-    for (int c = 32 * half; c < 32 * half + 32; ++c) {
-      const int64_t s = s0 + c;
-      const bool vis = t < a.T && s <= off + t;
-      const float p = vis ? expf(Ss[r * Ly::LS + c] * a.scale - L) : 0.0f;
-      dSs[r * Ly::LP + c] = __float2bfloat16(p * (Ds[r * Ly::LS + c] - Dl) * a.scale);
-    }
-    __syncwarp();
+    float s[kRowsT / 8][4], dp[kRowsT / 8][4];
+    zero<kRowsT / 8>(s);
+    zero<kRowsT / 8>(dp);
+    product_nk<D, kRowsT / 8>(s, Qs + 16 * warp * Ly::LQ, Ly::LQ, Ks, Ly::LQ);
+    product_nk<DV, kRowsT / 8>(dp, Gs + 16 * warp * Ly::LV, Ly::LV, Vs, Ly::LV);
 #pragma unroll
-    for (int j = 0; j < D / 16; ++j) {
+    for (int j = 0; j < kRowsT / 8; ++j) {
 #pragma unroll
-      for (int kk = 0; kk < kRowsT / 16; ++kk) {
-        FragA fa;
-        FragBr fb;
-        wmma::load_matrix_sync(fa, dSs + 16 * warp * Ly::LP + 16 * kk, Ly::LP);
-        wmma::load_matrix_sync(fb, Ks + 16 * kk * Ly::LQ + 16 * j, Ly::LQ);
-        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+      for (int e = 0; e < 4; ++e) {
+        const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
+        const float p = t < a.T && col <= off + t ? exp2f(s[j][e] * sl2 - L[e / 2]) : 0.0f;
+        s[j][e] = p * (dp[j][e] - Dl[e / 2]) * a.scale;  // dS
       }
     }
+    product_kn<kRowsT / 16, D / 8, kRowsT / 8>(acc, s, Ks, Ly::LQ);
   }
-  add_out<D, Ly::LO>(acc, St + 16 * warp * Ly::LO, dq + b * dq0 + h * dq2 + (t0 + 16 * warp) * dq1, dq1,
-                     a.T - t0 - 16 * warp);
+  add_rows<D / 8>(acc, dq + b * dq0 + h * dq2, dq1, t0 + 16 * warp, a.T);
 }
 
-// ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn.
+// ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn, NQ queries a tile.
 template <int D, int DV>
-__global__ void __launch_bounds__(kThreadsT) backward_dkdv(const float* q, const float* k, const float* v,
+__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward_dkdv(const float* q, const float* k, const float* v,
                                                            const float* dout, const float* lse, const float* delta,
                                                            float* dk, int64_t dk0, int64_t dk1, int64_t dk2,
                                                            float* dv, int64_t dv0, int64_t dv1, int64_t dv2,
                                                            r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
+  constexpr int NQ = Ly::NQ;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Ks = reinterpret_cast<bf16*>(smem);
   bf16* Vs = Ks + kRowsT * Ly::LQ;
   bf16* Qs = Vs + kRowsT * Ly::LV;
-  bf16* Gs = Qs + kRowsT * Ly::LQ;
-  float* Ss = reinterpret_cast<float*>(Gs + kRowsT * Ly::LV);  // Sᵀ [keys][queries]
-  float* Ds = Ss + kRowsT * Ly::LS;                             // dPᵀ
-  bf16* Ps = reinterpret_cast<bf16*>(Ds + kRowsT * Ly::LS);     // Pᵀ
-  bf16* dSs = Ps + kRowsT * Ly::LP;                             // dSᵀ
-  float* Lt = reinterpret_cast<float*>(dSs + kRowsT * Ly::LP);  // [64]
-  float* Dt = Lt + kRowsT;                                      // [64]
-  float* St = Dt + kRowsT;                                      // [64][LO] staging
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  bf16* Gs = Qs + NQ * Ly::LQ;
+  float* Lt = reinterpret_cast<float*>(Gs + NQ * Ly::LV);  // [NQ], log2 domain
+  float* Dt = Lt + NQ;                                     // [NQ]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk, group = a.Hq / a.Hk;
   const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kRowsT, off = a.S - a.T;
   load_tile<D, Ly::LQ>(Ks, k + b * a.k0 + kh * a.k2, a.k1, s_first, a.S);
   load_tile<DV, Ly::LV>(Vs, v + b * a.v0 + kh * a.v2, a.v1, s_first, a.S);
-  const int r = 16 * warp + lane / 2, half = lane % 2;
-  const int64_t s = s_first + r;
-  FragC gk[D / 16], gv[DV / 16];
-#pragma unroll
-  for (int j = 0; j < D / 16; ++j) wmma::fill_fragment(gk[j], 0.0f);
-#pragma unroll
-  for (int j = 0; j < DV / 16; ++j) wmma::fill_fragment(gv[j], 0.0f);
-  const int64_t t_begin = (s_first > off ? s_first - off : 0) / kRowsT * kRowsT;
+  const int64_t sr[2] = {s_first + 16 * warp + g, s_first + 16 * warp + g + 8};
+  const float sl2 = a.scale * kLog2e;
+  float gk[D / 8][4], gv[DV / 8][4];
+  zero<D / 8>(gk);
+  zero<DV / 8>(gv);
+  const int64_t t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
   for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
-    for (int64_t t0 = t_begin; t0 < a.T; t0 += kRowsT) {
+    for (int64_t t0 = t_begin; t0 < a.T; t0 += NQ) {
       __syncthreads();
-      load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2, a.q1, t0, a.T);
-      load_tile<DV, Ly::LV>(Gs, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T);
-      if (threadIdx.x < kRowsT) {
+      load_tile<D, Ly::LQ, NQ>(Qs, q + b * a.q0 + h * a.q2, a.q1, t0, a.T);
+      load_tile<DV, Ly::LV, NQ>(Gs, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T);
+      if (threadIdx.x < NQ) {
         const int64_t t = t0 + threadIdx.x;
-        Lt[threadIdx.x] = t < a.T ? lse[(b * a.Hq + h) * a.T + t] : 0.0f;
+        Lt[threadIdx.x] = t < a.T ? lse[(b * a.Hq + h) * a.T + t] * kLog2e : 0.0f;
         Dt[threadIdx.x] = t < a.T ? delta[(b * a.Hq + h) * a.T + t] : 0.0f;
       }
       __syncthreads();
-      scores<D, Ly::LQ, Ly::LQ, Ly::LS>(Ks + 16 * warp * Ly::LQ, Qs, Ss + 16 * warp * Ly::LS);
-      scores<DV, Ly::LV, Ly::LV, Ly::LS>(Vs + 16 * warp * Ly::LV, Gs, Ds + 16 * warp * Ly::LS);
-      __syncwarp();
-      for (int c = 32 * half; c < 32 * half + 32; ++c) {
-        const int64_t t = t0 + c;
-        const bool vis = t < a.T && s < a.S && s <= off + t;
-        const float p = vis ? expf(Ss[r * Ly::LS + c] * a.scale - Lt[c]) : 0.0f;
-        Ps[r * Ly::LP + c] = __float2bfloat16(p);
-        dSs[r * Ly::LP + c] = __float2bfloat16(p * (Ds[r * Ly::LS + c] - Dt[c]) * a.scale);
-      }
-      __syncwarp();
+      float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [16 keys of the warp][NQ queries]
+      zero<NQ / 8>(st);
+      zero<NQ / 8>(dpt);
+      product_nk<D, NQ / 8>(st, Ks + 16 * warp * Ly::LQ, Ly::LQ, Qs, Ly::LQ);
+      product_nk<DV, NQ / 8>(dpt, Vs + 16 * warp * Ly::LV, Ly::LV, Gs, Ly::LV);
 #pragma unroll
-      for (int kk = 0; kk < kRowsT / 16; ++kk) {
-        FragA fp, fds;
-        wmma::load_matrix_sync(fp, Ps + 16 * warp * Ly::LP + 16 * kk, Ly::LP);
-        wmma::load_matrix_sync(fds, dSs + 16 * warp * Ly::LP + 16 * kk, Ly::LP);
+      for (int j = 0; j < NQ / 8; ++j) {
 #pragma unroll
-        for (int j = 0; j < DV / 16; ++j) {
-          FragBr fb;
-          wmma::load_matrix_sync(fb, Gs + 16 * kk * Ly::LV + 16 * j, Ly::LV);
-          wmma::mma_sync(gv[j], fp, fb, gv[j]);
-        }
-#pragma unroll
-        for (int j = 0; j < D / 16; ++j) {
-          FragBr fb;
-          wmma::load_matrix_sync(fb, Qs + 16 * kk * Ly::LQ + 16 * j, Ly::LQ);
-          wmma::mma_sync(gk[j], fds, fb, gk[j]);
+        for (int e = 0; e < 4; ++e) {
+          const int c = 8 * j + cc + e % 2;
+          const int64_t s = sr[e / 2], t = t0 + c;
+          const float p = t < a.T && s < a.S && s <= off + t ? exp2f(st[j][e] * sl2 - Lt[c]) : 0.0f;
+          st[j][e] = p;
+          dpt[j][e] = p * (dpt[j][e] - Dt[c]) * a.scale;  // dSᵀ
         }
       }
+      product_kn<NQ / 16, DV / 8, NQ / 8>(gv, st, Gs, Ly::LV);
+      product_kn<NQ / 16, D / 8, NQ / 8>(gk, dpt, Qs, Ly::LQ);
     }
   }
-  const int64_t rows_left = a.S - s_first - 16 * warp;
-  add_out<D, Ly::LO>(gk, St + 16 * warp * Ly::LO, dk + b * dk0 + kh * dk2 + (s_first + 16 * warp) * dk1, dk1,
-                     rows_left);
-  __syncwarp();
-  add_out<DV, Ly::LO>(gv, St + 16 * warp * Ly::LO, dv + b * dv0 + kh * dv2 + (s_first + 16 * warp) * dv1, dv1,
-                      rows_left);
+  add_rows<D / 8>(gk, dk + b * dk0 + kh * dk2, dk1, s_first + 16 * warp, a.S);
+  add_rows<DV / 8>(gv, dv + b * dv0 + kh * dv2, dv1, s_first + 16 * warp, a.S);
 }
 
 template <int D, int DV>
 constexpr size_t forward_smem() {
   using Ly = Layout<D, DV>;
-  return kRowsT * (2 * (2 * Ly::LQ + Ly::LV + Ly::LP) + 4 * (Ly::LS + Ly::LO));
+  return 2 * kRowsT * (2 * Ly::LQ + Ly::LV);
 }
 template <int D, int DV>
 constexpr size_t dq_smem() {
   using Ly = Layout<D, DV>;
-  return kRowsT * (2 * (2 * Ly::LQ + 2 * Ly::LV + Ly::LP) + 4 * (2 * Ly::LS + Ly::LO));
+  return 2 * kRowsT * (2 * Ly::LQ + 2 * Ly::LV);
 }
 template <int D, int DV>
 constexpr size_t dkdv_smem() {
   using Ly = Layout<D, DV>;
-  return kRowsT * (2 * (2 * Ly::LQ + 2 * Ly::LV + 2 * Ly::LP) + 4 * (2 * Ly::LS + Ly::LO + 2));
+  return 2 * (kRowsT + Ly::NQ) * (Ly::LQ + Ly::LV) + 4 * 2 * Ly::NQ;
 }
 
 }  // namespace tc
