@@ -186,12 +186,7 @@ int main(int argc, char** argv) {
   double loss = 0;
   auto step = [&] {
     model.zero_grads();
-    r1lab::model::ForwardState st;
-    Tensor logits = model.forward(tokens, &st);
-    Tensor dlogits = backend.zeros({m, v});
-    loss = r1lab::trainer::cross_entropy(backend, logits, targets, weights, &dlogits);
-    logits = Tensor();
-    model.backward(st, dlogits);
+    loss = r1lab::trainer::cross_entropy(model, tokens, targets, weights, /*backward=*/true);
     adam.step(model.params(), model.grads());
   };
   for (int i = 0; i < absl::GetFlag(FLAGS_warmup); ++i) step();
@@ -245,12 +240,7 @@ int main(int argc, char** argv) {
     (*pbe)->upload(targets_host, ptg);
     auto pstep = [&] {
       pm.zero_grads();
-      r1lab::model::ForwardState st;
-      Tensor logits = pm.forward(tokens, &st);
-      Tensor dlogits = (*pbe)->zeros({m, v});
-      r1lab::trainer::cross_entropy(**pbe, logits, ptg, weights, &dlogits);
-      logits = Tensor();
-      pm.backward(st, dlogits);
+      r1lab::trainer::cross_entropy(pm, tokens, ptg, weights, /*backward=*/true);
       pa.step(pm.params(), pm.grads());
     };
     pstep();

@@ -13,8 +13,12 @@ namespace {
 using core::Tensor;
 
 // [M, heads, d] (contiguous) viewed as [B, T, heads, d].
+// [M, H, D] with rows of any stride as [batch, M / batch, H, D].
 Tensor split_batch(const Tensor& t, int64_t batch) {
-  return t.view({batch, t.size(0) / batch, t.size(1), t.size(2)});
+  const int64_t t_len = t.size(0) / batch;
+  const size_t off = static_cast<size_t>(static_cast<char*>(t.raw()) - static_cast<char*>(t.storage()->data()));
+  return Tensor(t.storage(), off, {batch, t_len, t.size(1), t.size(2)},
+                {t.stride(0) * t_len, t.stride(0), t.stride(1), t.stride(2)}, t.dtype());
 }
 
 // q = x · W_qᵀ, or rmsnorm(x · W_qaᵀ) · W_qbᵀ with query compression; then rope on each head's rope
@@ -74,12 +78,11 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   // Per-head keys and values.
   Tensor kv3 = a.kv.view({m, heads, nope + vd});
   a.k = be.zeros({m, heads, qk});
-  a.v = be.zeros({m, heads, vd});
+  a.v = kv3.slice(2, nope, vd);  // attention reads the values in place
   Tensor k_nope_dst = a.k.slice(2, 0, nope);
   be.copy(kv3.slice(2, 0, nope), k_nope_dst);
   Tensor k_pe_dst = a.k.slice(2, nope, rd);
   be.copy(k_pe.expand({m, heads, rd}), k_pe_dst);
-  be.copy(kv3.slice(2, nope, vd), a.v);
   // Attention.
   a.out = be.zeros({m, heads, vd});
   a.lse = be.zeros({batch, heads, m / batch});
@@ -103,16 +106,16 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor go = g.o_proj;
   be.gemm(dy, true, a.out.view({m, heads * vd}), false, go, 1.0f, 1.0f);
   // Attention.
-  Tensor dq = be.zeros({m, heads, qk}), dk = be.zeros({m, heads, qk}), dv = be.zeros({m, heads, vd});
-  Tensor dq4 = split_batch(dq, batch), dk4 = split_batch(dk, batch), dv4 = split_batch(dv, batch);
+  // dv goes straight into its place in d(kv).
+  Tensor dkv = be.zeros({m, heads, nope + vd});
+  Tensor dkv_nope = dkv.slice(2, 0, nope);
+  Tensor dq = be.zeros({m, heads, qk}), dk = be.zeros({m, heads, qk});
+  Tensor dq4 = split_batch(dq, batch), dk4 = split_batch(dk, batch), dv4 = split_batch(dkv.slice(2, nope, vd), batch);
   be.attention_backward(split_batch(dout, batch), split_batch(a.q, batch), split_batch(a.k, batch),
                         split_batch(a.v, batch), split_batch(a.out, batch), a.lse, cfg.attention_scale(), dq4, dk4,
                         dv4);
   // Keys and values back to kv and the shared rope key.
-  Tensor dkv = be.zeros({m, heads, nope + vd});
-  Tensor dkv_nope = dkv.slice(2, 0, nope), dkv_v = dkv.slice(2, nope, vd);
   be.add(dk.slice(2, 0, nope), dkv_nope);
-  be.add(dv, dkv_v);
   Tensor dk_pe = be.zeros({m, 1, rd});
   for (int64_t h = 0; h < heads; ++h) be.add(dk.slice(1, h, 1).slice(2, nope, rd), dk_pe);
   be.rope(dk_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);

@@ -1,6 +1,7 @@
 // The whole network: embedding -> layers (MLA + MLP or MoE, pre-norm residual) -> norm -> lm_head.
 #include "model/model.h"
 
+#include <algorithm>
 #include <random>
 
 #include "absl/strings/match.h"
@@ -73,10 +74,65 @@ Tensor Model::positions(int64_t batch, int64_t t, int64_t start) {
 }
 
 Tensor Model::forward(const Tensor& tokens, ForwardState* state, std::vector<Tensor>* hidden) {
-  const int64_t batch = tokens.size(0), seq = tokens.size(1), m = batch * seq;
-  CHECK_LE(seq, cfg_.max_position_embeddings);
   ForwardState local;
   ForwardState& st = state ? *state : local;
+  forward_hidden(tokens, st, state != nullptr, hidden);
+  Tensor logits = backend_.zeros({st.batch * st.seq, cfg_.vocab_size});
+  backend_.gemm(st.normed, false, w_.lm_head, true, logits);
+  return logits;
+}
+
+int64_t Model::head_chunk_rows() const {
+  if (head_chunk_rows_ > 0) return head_chunk_rows_;
+  constexpr int64_t kChunkElements = int64_t{1} << 25;  // 128 MiB of f32 logits a chunk
+  return std::max<int64_t>(1, kChunkElements / cfg_.vocab_size);
+}
+
+Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, ForwardState* state) {
+  ForwardState local;
+  ForwardState& st = state ? *state : local;
+  forward_hidden(tokens, st, state != nullptr, nullptr);
+  const int64_t m = st.batch * st.seq, v = cfg_.vocab_size, chunk = std::min(m, head_chunk_rows());
+  CHECK(targets.dtype() == core::DType::kI32 && targets.numel() == m) << "targets: [B*T] I32";
+  Tensor lp = backend_.zeros({m});
+  st.lse = backend_.zeros({m});
+  Tensor buf = backend_.zeros({chunk, v});
+  for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+    const int64_t n = std::min(chunk, m - r0);
+    Tensor logits = buf.slice(0, 0, n), lp_c = lp.slice(0, r0, n), lse_c = st.lse.slice(0, r0, n);
+    backend_.gemm(st.normed.slice(0, r0, n), false, w_.lm_head, true, logits);
+    backend_.logprobs_forward(logits, targets.slice(0, r0, n), lp_c, lse_c);
+  }
+  return lp;
+}
+
+void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Tensor& dlp) {
+  CHECK(st.lse.defined()) << "backward_logprobs needs the state of forward_logprobs";
+  const int64_t m = st.batch * st.seq, h = cfg_.hidden_size, v = cfg_.vocab_size;
+  const int64_t chunk = std::min(m, head_chunk_rows());
+  CHECK_EQ(dlp.numel(), m);
+  Tensor dnormed = backend_.zeros({m, h});
+  Tensor glm = g_.lm_head;
+  Tensor buf = backend_.zeros({chunk, v}), dbuf = backend_.zeros({chunk, v});
+  // Each chunk's logits again (one more product than keeping them, for no [M, V] tensor), their
+  // gradient, and its two products.
+  for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+    const int64_t n = std::min(chunk, m - r0);
+    Tensor logits = buf.slice(0, 0, n), dlogits = dbuf.slice(0, 0, n), normed = st.normed.slice(0, r0, n);
+    Tensor dn = dnormed.slice(0, r0, n);
+    backend_.gemm(normed, false, w_.lm_head, true, logits);
+    if (r0 > 0) backend_.fill(dlogits, 0.0f);
+    backend_.logprobs_backward(dlp.slice(0, r0, n), logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n),
+                               dlogits);
+    backend_.gemm(dlogits, false, w_.lm_head, false, dn);
+    backend_.gemm(dlogits, true, normed, false, glm, 1.0f, 1.0f);
+  }
+  backward_hidden(st, dnormed);
+}
+
+void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, std::vector<Tensor>* hidden) {
+  const int64_t batch = tokens.size(0), seq = tokens.size(1), m = batch * seq;
+  CHECK_LE(seq, cfg_.max_position_embeddings);
   st = ForwardState();
   st.batch = batch;
   st.seq = seq;
@@ -105,7 +161,7 @@ Tensor Model::forward(const Tensor& tokens, ForwardState* state, std::vector<Ten
     }
     backend_.add(a.h1, out);
     x = out;
-    if (state) st.layers.push_back(std::move(a));
+    if (keep) st.layers.push_back(std::move(a));
     if (hidden && l + 1 < cfg_.num_hidden_layers) hidden->push_back(x);
   }
   st.x_final = x;
@@ -113,19 +169,21 @@ Tensor Model::forward(const Tensor& tokens, ForwardState* state, std::vector<Ten
   st.final_rstd = backend_.zeros({m});
   backend_.rmsnorm_forward(x, w_.final_norm, eps, st.normed, st.final_rstd);
   if (hidden) hidden->push_back(st.normed);
-  Tensor logits = backend_.zeros({m, cfg_.vocab_size});
-  backend_.gemm(st.normed, false, w_.lm_head, true, logits);
-  return logits;
 }
 
 void Model::backward(ForwardState& st, const Tensor& dlogits) {
-  CHECK_EQ(static_cast<int>(st.layers.size()), cfg_.num_hidden_layers) << "forward ran without a state";
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   // logits = normed · lm_headᵀ
   Tensor dnormed = backend_.zeros({m, h});
   backend_.gemm(dlogits, false, w_.lm_head, false, dnormed);
   Tensor glm = g_.lm_head;
   backend_.gemm(dlogits, true, st.normed, false, glm, 1.0f, 1.0f);
+  backward_hidden(st, dnormed);
+}
+
+void Model::backward_hidden(ForwardState& st, const Tensor& dnormed) {
+  CHECK_EQ(static_cast<int>(st.layers.size()), cfg_.num_hidden_layers) << "forward ran without a state";
+  const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   Tensor dx = backend_.zeros({m, h});
   Tensor gnorm = g_.final_norm;
   backend_.rmsnorm_backward(dnormed, st.x_final, w_.final_norm, st.final_rstd, dx, gnorm);

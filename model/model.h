@@ -22,7 +22,7 @@ struct AttentionActs {
   core::Tensor ckv;                      // [M, r + rope] output of kv_a_proj_with_mqa (before rope)
   core::Tensor c_norm, c_rstd;           // [M, r] normalised latent, [M]
   core::Tensor kv;                       // [M, heads * (nope + v)] = c_norm · kv_b_projᵀ
-  core::Tensor k, v;                     // [B, T, heads, nope + rope], [B, T, heads, v]
+  core::Tensor k, v;                     // [M, heads, nope + rope]; [M, heads, v], a view of kv
   core::Tensor out, lse;                 // [B, T, heads, v], [B, heads, T]
 };
 struct MlpActs {
@@ -50,6 +50,7 @@ struct ForwardState {
   core::Tensor tokens, positions;  // [M] I32 on the backend
   std::vector<LayerActs> layers;
   core::Tensor x_final, normed, final_rstd;  // [M, H], [M, H], [M]
+  core::Tensor lse;                          // [M] log-sum-exp of the logits (forward_logprobs)
 };
 
 class Model {
@@ -78,6 +79,17 @@ class Model {
   // Accumulates d(loss)/d(parameter) into grads() from dlogits [B*T, V].
   void backward(ForwardState& state, const core::Tensor& dlogits);
 
+  // The log-probability of each row's target (targets: backend I32 [B*T]) as [B*T] on the backend,
+  // with the LM head and log-softmax run over chunks of rows: the [B*T, V] logits never exist whole
+  // (one chunk of head_chunk_rows() rows at a time), here or in backward_logprobs.
+  core::Tensor forward_logprobs(const core::Tensor& tokens, const core::Tensor& targets, ForwardState* state);
+  // Accumulates into grads() from dlp = d(loss)/d(logprob) [B*T], after forward_logprobs with `state`.
+  // The head's logits are recomputed chunk by chunk.
+  void backward_logprobs(ForwardState& state, const core::Tensor& targets, const core::Tensor& dlp);
+  // Rows a chunk: 128 MiB of f32 logits by default; set_head_chunk_rows(n > 0) fixes it.
+  int64_t head_chunk_rows() const;
+  void set_head_chunk_rows(int64_t rows) { head_chunk_rows_ = rows; }
+
   // Runs the new tokens of `step` (prompt chunks and decode tokens of many sequences) over the paged
   // latent cache: stores their latents in their slots and returns the logits [logit_rows, V] of the rows
   // step.logit_rows names. Attention runs in latent space with the absorbed weights. A token's result
@@ -86,6 +98,11 @@ class Model {
 
  private:
   core::Tensor embed(const core::Tensor& tokens_host, core::Tensor* ids_out);
+  // Embedding through the final norm: fills state (its layers only when keep).
+  void forward_hidden(const core::Tensor& tokens, ForwardState& state, bool keep,
+                      std::vector<core::Tensor>* hidden);
+  // From d(loss)/d(final normalised hidden state) down to the embeddings.
+  void backward_hidden(ForwardState& state, const core::Tensor& dnormed);
   // Positions start .. start+t-1 of each of `batch` sequences, [batch * t] I32 on the backend.
   core::Tensor positions(int64_t batch, int64_t t, int64_t start);
 
@@ -96,6 +113,7 @@ class Model {
   Weights w_;
   Weights g_;
   core::RopeTable rope_;
+  int64_t head_chunk_rows_ = 0;
 };
 
 }  // namespace r1lab::model

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "core/backend.h"
+#include "model/model.h"
 
 namespace r1lab::trainer {
 
@@ -11,5 +12,10 @@ namespace r1lab::trainer {
 // dlogits is given ([M, V] on the backend) the gradient is accumulated into it.
 double cross_entropy(core::Backend& be, const core::Tensor& logits, const core::Tensor& targets,
                      const core::Tensor& weights, core::Tensor* dlogits);
+
+// The same loss of the model on tokens (host I32 [B, T]) through its chunked log-probability head, so
+// no [M, V] logits exist; with backward, the gradient is accumulated into the model's grads().
+double cross_entropy(model::Model& m, const core::Tensor& tokens, const core::Tensor& targets,
+                     const core::Tensor& weights, bool backward);
 
 }  // namespace r1lab::trainer

@@ -14,6 +14,14 @@ namespace r1lab::core::cuda {
 // Shared helpers.
 
 Context::~Context() {
+  for (Side& s : sides) {
+    cudaStreamSynchronize(s.stream);
+    cudaFreeAsync(s.workspace, stream);
+    cublasDestroy(s.blas);
+    cudaEventDestroy(s.done);
+    cudaStreamDestroy(s.stream);
+  }
+  if (fork) cudaEventDestroy(fork);
   if (workspace) cudaFreeAsync(workspace, stream);
   if (blas) cublasDestroy(blas);
   if (stream) {
@@ -166,21 +174,44 @@ __global__ void sum_partials_kernel(const double* partial, int64_t n, double* ou
 }
 
 // The CPU reference's double-precision arithmetic, element by element.
-__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, const Chunk* chunks, AdamWUpdate u) {
-  const Chunk c = chunks[blockIdx.x];
-  const double wd = c.decay ? u.lr * u.weight_decay : 0.0;
-  const double b1 = u.beta1, b2 = u.beta2;
-  for (int64_t j = threadIdx.x; j < c.numel; j += blockDim.x) {
-    const int64_t i = c.offset + j;
-    const double gi = g[i] * u.grad_scale;
-    const double mi = b1 * m[i] + (1.0 - b1) * gi;
-    const double vi = b2 * v[i] + (1.0 - b2) * gi * gi;
-    m[i] = static_cast<float>(mi);
-    v[i] = static_cast<float>(vi);
-    double wi = w[i];
+struct AdamWElem {
+  double wd, b1, b2;
+  const AdamWUpdate& u;
+  // One element in the CPU reference's double math (bitwise the same results).
+  __device__ __forceinline__ void operator()(float& w, float g, float& m, float& v) const {
+    const double gi = g * u.grad_scale;
+    const double mi = b1 * m + (1.0 - b1) * gi;
+    const double vi = b2 * v + (1.0 - b2) * gi * gi;
+    m = static_cast<float>(mi);
+    v = static_cast<float>(vi);
+    double wi = w;
     wi -= wd * wi;
     wi -= u.lr * (mi / u.bias_correction1) / (sqrt(vi / u.bias_correction2) + u.eps);
-    w[i] = static_cast<float>(wi);
+    w = static_cast<float>(wi);
+  }
+};
+
+// A chunk's unaligned head and tail one element a thread, its 16-byte aligned body four at a time
+// (128-bit loads keep more bytes in flight: the update is bound by memory bandwidth).
+__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, const Chunk* chunks, AdamWUpdate u,
+                             bool vec4) {
+  const Chunk c = chunks[blockIdx.x];
+  const AdamWElem step{c.decay ? u.lr * u.weight_decay : 0.0, u.beta1, u.beta2, u};
+  const int64_t end = c.offset + c.numel;
+  const int64_t body = vec4 ? min(end, (c.offset + 3) / 4 * 4) : end, body_end = max(body, end / 4 * 4);
+  for (int64_t i = c.offset + threadIdx.x; i < body; i += blockDim.x) step(w[i], g[i], m[i], v[i]);
+  for (int64_t i = body_end + threadIdx.x; i < end; i += blockDim.x) step(w[i], g[i], m[i], v[i]);
+  for (int64_t i = body + 4 * static_cast<int64_t>(threadIdx.x); i < body_end; i += 4 * blockDim.x) {
+    float4 wv = *reinterpret_cast<float4*>(w + i), mv = *reinterpret_cast<float4*>(m + i),
+           vv = *reinterpret_cast<float4*>(v + i);
+    const float4 gv = *reinterpret_cast<const float4*>(g + i);
+    step(wv.x, gv.x, mv.x, vv.x);
+    step(wv.y, gv.y, mv.y, vv.y);
+    step(wv.z, gv.z, mv.z, vv.z);
+    step(wv.w, gv.w, mv.w, vv.w);
+    *reinterpret_cast<float4*>(w + i) = wv;
+    *reinterpret_cast<float4*>(m + i) = mv;
+    *reinterpret_cast<float4*>(v + i) = vv;
   }
 }
 
@@ -251,10 +282,45 @@ void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(ctx_->stream)
 // Memory.
 
 Tensor CudaBackend::zeros(const Shape& shape, DType dtype) {
+  Tensor t = empty(shape, dtype);
+  if (t.numel()) CUDA_CHECK(cudaMemsetAsync(t.raw(), 0, static_cast<size_t>(t.numel()) * dtype_size(dtype), ctx_->stream));
+  return t;
+}
+
+const std::vector<Context::Side>& CudaBackend::fork_sides() {
+  constexpr int kSides = 4;
+  constexpr size_t kWorkspace = 8 << 20;
+  if (ctx_->sides.empty()) {
+    CUDA_CHECK(cudaEventCreateWithFlags(&ctx_->fork, cudaEventDisableTiming));
+    for (int i = 0; i < kSides; ++i) {
+      Context::Side s;
+      CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+      CUBLAS_CHECK(cublasCreate(&s.blas));
+      CUBLAS_CHECK(cublasSetStream(s.blas, s.stream));
+      CUDA_CHECK(cudaMallocAsync(&s.workspace, kWorkspace, ctx_->stream));
+      CUBLAS_CHECK(cublasSetWorkspace(s.blas, s.workspace, kWorkspace));
+      CUBLAS_CHECK(cublasSetPointerMode(s.blas, CUBLAS_POINTER_MODE_HOST));
+      CUBLAS_CHECK(cublasSetAtomicsMode(s.blas, CUBLAS_ATOMICS_NOT_ALLOWED));
+      ctx_->sides.push_back(s);
+    }
+  }
+  CUDA_CHECK(cudaEventRecord(ctx_->fork, ctx_->stream));
+  for (const Context::Side& s : ctx_->sides) CUDA_CHECK(cudaStreamWaitEvent(s.stream, ctx_->fork));
+  return ctx_->sides;
+}
+
+void CudaBackend::join_sides() {
+  for (const Context::Side& s : ctx_->sides) {
+    CUDA_CHECK(cudaEventRecord(s.done, s.stream));
+    CUDA_CHECK(cudaStreamWaitEvent(ctx_->stream, s.done));
+  }
+}
+
+Tensor CudaBackend::empty(const Shape& shape, DType dtype) {
   const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
   void* p = nullptr;
   CUDA_CHECK(cudaMallocAsync(&p, bytes == 0 ? 16 : bytes, ctx_->stream));
-  if (bytes) CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, ctx_->stream));
   std::shared_ptr<Context> ctx = ctx_;
   auto st = std::make_shared<Storage>(p, bytes, Device::kCuda, [ctx](void* q) { cudaFreeAsync(q, ctx->stream); });
   return Tensor(std::move(st), 0, shape, contiguous_strides(shape), dtype);
@@ -452,7 +518,12 @@ void CudaBackend::adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v,
   const Chunk* chunks = static_cast<const Chunk*>(span_chunks(spans, &n));
   if (n == 0) return;
   Op op(this, "adamw", 10.0 * w.numel(), 28.0 * w.numel());
-  adamw_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(w.f32(), g.f32(), m.f32(), v.f32(), chunks, u);
+  const bool vec4 = (reinterpret_cast<uintptr_t>(w.raw()) | reinterpret_cast<uintptr_t>(g.raw()) |
+                     reinterpret_cast<uintptr_t>(m.raw()) | reinterpret_cast<uintptr_t>(v.raw())) %
+                        16 ==
+                    0;
+  adamw_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(w.f32(), g.f32(), m.f32(), v.f32(), chunks, u,
+                                                                     vec4);
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -33,6 +33,16 @@ struct Context {
   cublasHandle_t blas = nullptr;
   cudaMemPool_t pool = nullptr;
   void* workspace = nullptr;  // cuBLAS workspace
+  // Side streams for the independent products of a grouped GEMM (one per expert is too small to fill
+  // the GPU alone): each with its own cuBLAS handle and workspace; made on first use.
+  struct Side {
+    cudaStream_t stream = nullptr;
+    cublasHandle_t blas = nullptr;
+    void* workspace = nullptr;
+    cudaEvent_t done = nullptr;
+  };
+  std::vector<Side> sides;
+  cudaEvent_t fork = nullptr;
   ~Context();
 };
 
@@ -48,6 +58,13 @@ struct Dims4 {
   int64_t n[4], s[4];
 };
 Dims4 dims4(const Tensor& t);
+// An operand of a matrix product: element (r, c) at p[(r / rows1) * ld0 + (r % rows1) * ld + c] (a
+// matrix, or a stack of matrices of rows1 rows each), in f32 or bf16.
+struct Operand {
+  const void* p;
+  cudaDataType_t type;
+  int64_t rows, cols, ld, rows1, ld0;
+};
 inline unsigned blocks(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 void check_device(const Tensor& t, DType dtype);
 
@@ -138,6 +155,15 @@ class CudaBackend final : public Backend {
   const void* span_chunks(const std::vector<ParamSpan>& spans, int64_t* n_chunks);
   // Scratch device memory of at least `bytes` (reused; valid until the next call).
   void* scratch(size_t bytes);
+  // The side streams, ready to start after the work queued so far on the main stream. join_sides
+  // joins them back: the main stream's later work waits for everything queued on them.
+  const std::vector<Context::Side>& fork_sides();
+  void join_sides();
+  // A tensor whose memory is not cleared (stream-ordered pool memory, like zeros).
+  Tensor empty(const Shape& shape, DType dtype);
+  // A matrix-product operand (see gemm.cu): f32 rows, or their bf16 copy kept alive in `keep`.
+  Operand gemm_operand(const float* p, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
+                              Tensor& keep);
 
   Options opt_;
   std::shared_ptr<Context> ctx_;

@@ -154,6 +154,37 @@ TEST_P(ModelVariant, BackwardMatchesFiniteDifferences) {
   EXPECT_GT(checked, 20);
 }
 
+// The chunked log-probability head (no [B*T, V] logits) equals the full logits followed by log-softmax:
+// the log-probabilities and every parameter's gradient, over chunks that do not divide the rows.
+TEST_P(ModelVariant, ChunkedLogprobHeadEqualsFullLogits) {
+  const int64_t b = 2, t = 7, m = b * t;
+  Tensor ids = tokens(b, t, 13), tg = tokens(1, m, 17).view({m});
+  std::mt19937_64 rng(9);
+  Tensor dlp = testing::randn({m}, rng);
+  ForwardState full;
+  Tensor logits = model_->forward(ids, &full);
+  Tensor lp = Tensor::zeros({m}), lse = Tensor::zeros({m}), dlogits = Tensor::zeros({m, cfg_.vocab_size});
+  be_->logprobs_forward(logits, tg, lp, lse);
+  be_->logprobs_backward(dlp, logits, tg, lse, dlogits);
+  model_->zero_grads();
+  model_->backward(full, dlogits);
+  const Tensor want = model_->grads().buffer().clone();
+  model_->set_head_chunk_rows(5);
+  ForwardState chunked;
+  Tensor lp2 = model_->forward_logprobs(ids, tg, &chunked);
+  model_->zero_grads();
+  model_->backward_logprobs(chunked, tg, dlp);
+  const Tensor got = model_->grads().buffer();
+  for (int64_t i = 0; i < m; ++i) EXPECT_NEAR(lp2.f32()[i], lp.f32()[i], 1e-5) << "row " << i;
+  double diff = 0, scale = 0;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::fabs(got.f32()[i] - want.f32()[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(want.f32()[i])));
+  }
+  EXPECT_GT(scale, 0.0);
+  EXPECT_LE(diff, 1e-5 * scale);
+}
+
 // Running sequences through the paged latent cache — in shuffled pool blocks, in prompt chunks of
 // different sizes, then token by token, two sequences of different lengths in one step — gives the full
 // forward's logits at every position.
