@@ -270,14 +270,19 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     progress.say(absl::StrFormat("reward service on %s (pid %d), rollout worker on %s (pid %d)", reward_child->target(),
                                  reward_child->pid(), rollout_child->target(), rollout_child->pid()));
   }
-  // An error from a part: name the child that died, if one did.
+  // An error from a part: name the child that died, if one did. A killed child's sockets close a moment
+  // before its exit can be collected, so a child that still looks alive gets a second to show its exit.
   auto part_error = [&](const absl::Status& s) -> absl::Status {
-    for (Child* c : {reward_child.get(), rollout_child.get()}) {
-      if (c != nullptr && !c->running())
-        return fail(absl::UnavailableError(absl::StrCat("the ", c->name(), " ", c->exit_description(), " (", s.message(),
-                                                        "); its log ends:\n", c->tail())));
+    const auto t0 = Clock::now();
+    for (;;) {
+      for (Child* c : {reward_child.get(), rollout_child.get()}) {
+        if (c != nullptr && !c->running())
+          return fail(absl::UnavailableError(absl::StrCat("the ", c->name(), " ", c->exit_description(), " (",
+                                                          s.message(), "); its log ends:\n", c->tail())));
+      }
+      if (options.in_process || since(t0) > 1.0) return fail(s);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    return fail(s);
   };
 
   const data::Tokenizer tok = data::Tokenizer::builtin();
