@@ -168,6 +168,19 @@ __device__ __forceinline__ void add_rows(const float (*c)[4], float* dst, int64_
   }
 }
 
+// The two products every backward tile starts with, for the warp's 16 rows: s = A·Bᵀ (K = D) and
+// dp = G·Vᵀ (K = DV), N 8-column blocks each. In dq: A = Q, B = K, G = dO, V = V; in dk/dv the roles swap
+// (A = K, B = Q, G = V, V = dO), which gives Sᵀ and dPᵀ.
+template <int D, int DV, int N>
+__device__ __forceinline__ void scores_and_dp(float (*s)[4], float (*dp)[4], const bf16* a, const bf16* b,
+                                              const bf16* g, const bf16* v) {
+  using Ly = Layout<D, DV>;
+  zero<N>(s);
+  zero<N>(dp);
+  product_nk<D, N>(s, a, Ly::LQ, b, Ly::LQ);
+  product_nk<DV, N>(dp, g, Ly::LV, v, Ly::LV);
+}
+
 // Heavy tiles first: in forward and dq the last query tile sees the most keys.
 __device__ __forceinline__ int64_t reversed_tile() { return static_cast<int64_t>(gridDim.x - 1 - blockIdx.x); }
 
@@ -288,10 +301,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward
     load_tile<DV, Ly::LV>(Vs, v + b * a.v0 + kh * a.v2, a.v1, s0, a.S);
     __syncthreads();
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];
-    zero<kRowsT / 8>(s);
-    zero<kRowsT / 8>(dp);
-    product_nk<D, kRowsT / 8>(s, Qs + 16 * warp * Ly::LQ, Ly::LQ, Ks, Ly::LQ);
-    product_nk<DV, kRowsT / 8>(dp, Gs + 16 * warp * Ly::LV, Ly::LV, Vs, Ly::LV);
+    scores_and_dp<D, DV, kRowsT / 8>(s, dp, Qs + 16 * warp * Ly::LQ, Ks, Gs + 16 * warp * Ly::LV, Vs);
 #pragma unroll
     for (int j = 0; j < kRowsT / 8; ++j) {
 #pragma unroll
@@ -345,10 +355,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward
       }
       __syncthreads();
       float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [16 keys of the warp][NQ queries]
-      zero<NQ / 8>(st);
-      zero<NQ / 8>(dpt);
-      product_nk<D, NQ / 8>(st, Ks + 16 * warp * Ly::LQ, Ly::LQ, Qs, Ly::LQ);
-      product_nk<DV, NQ / 8>(dpt, Vs + 16 * warp * Ly::LV, Ly::LV, Gs, Ly::LV);
+      scores_and_dp<D, DV, NQ / 8>(st, dpt, Ks + 16 * warp * Ly::LQ, Qs, Vs + 16 * warp * Ly::LV, Gs);
 #pragma unroll
       for (int j = 0; j < NQ / 8; ++j) {
 #pragma unroll
