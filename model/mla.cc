@@ -116,16 +116,11 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
                         dv4);
   // Keys and values back to kv and the shared rope key.
   be.add(dk.slice(2, 0, nope), dkv_nope);
-  // Σ over heads of their rope-key gradients, pairwise in place into head 0 (log2(heads) adds, not one
-  // per head), then back through the rope.
+  // Σ over heads of their rope-key gradients, in place into head 0 (in head order, as the forward's
+  // expand implies), then back through the rope.
   Tensor dk_rope = dk.slice(2, nope, rd);
-  for (int64_t n = heads; n > 1;) {
-    const int64_t half = n / 2, keep = n - half;
-    Tensor low = dk_rope.slice(1, 0, half);
-    be.add(dk_rope.slice(1, keep, half), low);
-    n = keep;
-  }
   Tensor dk_pe = dk_rope.slice(1, 0, 1);
+  for (int64_t h = 1; h < heads; ++h) be.add(dk_rope.slice(1, h, 1), dk_pe);
   be.rope(dk_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
   Tensor dckv = be.zeros({m, r + rd});
   Tensor dckv_pe = dckv.slice(1, r, rd).unsqueeze(1);
