@@ -100,8 +100,7 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// The A operand for k-slice kk of the 16×(8·N) accumulator c: columns 16kk .. 16kk+15.
-template <int N>
+// The A operand for k-slice kk of a 16-row accumulator c: columns 16kk .. 16kk+15.
 __device__ __forceinline__ void acc_to_a(uint32_t* a, const float (*c)[4], int kk) {
   a[0] = pack(c[2 * kk][0], c[2 * kk][1]);
   a[1] = pack(c[2 * kk][2], c[2 * kk][3]);
@@ -127,12 +126,12 @@ __device__ __forceinline__ void product_nk(float (*c)[4], const bf16* a, int lda
 }
 
 // c[16][8·N] += P · B where P is the register accumulator p[16][16·KS] and B is stored [16·KS][8·N].
-template <int KS, int N, int NP>
+template <int KS, int N>
 __device__ __forceinline__ void product_kn(float (*c)[4], const float (*p)[4], const bf16* b, int ldb) {
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t fa[4];
-    acc_to_a<NP>(fa, p, kk);
+    acc_to_a(fa, p, kk);
 #pragma unroll
     for (int np = 0; np < N / 2; ++np) {
       uint32_t fb[4];
@@ -248,7 +247,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) forward(
       o[j][0] *= alpha[0], o[j][1] *= alpha[0];
       o[j][2] *= alpha[1], o[j][3] *= alpha[1];
     }
-    product_kn<kRowsT / 16, DV / 8, kRowsT / 8>(o, s, Vs, Ly::LV);
+    product_kn<kRowsT / 16, DV / 8>(o, s, Vs, Ly::LV);
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -311,7 +310,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward
         s[j][e] = p * (dp[j][e] - Dl[e / 2]) * a.scale;  // dS
       }
     }
-    product_kn<kRowsT / 16, D / 8, kRowsT / 8>(acc, s, Ks, Ly::LQ);
+    product_kn<kRowsT / 16, D / 8>(acc, s, Ks, Ly::LQ);
   }
   add_rows<D / 8>(acc, dq + b * dq0 + h * dq2, dq1, t0 + 16 * warp, a.T);
 }
@@ -367,8 +366,8 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward
           dpt[j][e] = p * (dpt[j][e] - Dt[c]) * a.scale;  // dSᵀ
         }
       }
-      product_kn<NQ / 16, DV / 8, NQ / 8>(gv, st, Gs, Ly::LV);
-      product_kn<NQ / 16, D / 8, NQ / 8>(gk, dpt, Qs, Ly::LQ);
+      product_kn<NQ / 16, DV / 8>(gv, st, Gs, Ly::LV);
+      product_kn<NQ / 16, D / 8>(gk, dpt, Qs, Ly::LQ);
     }
   }
   add_rows<D / 8>(gk, dk + b * dk0 + kh * dk2, dk1, s_first + 16 * warp, a.S);

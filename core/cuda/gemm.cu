@@ -134,8 +134,8 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
     if (nr == 0) continue;
-    gemm_rows(sides[g % sides.size()].blas, ct, row_ptr(oa, r0), oa.type, oa.ld, false, row_ptr(ow, g * w.size(1)), ow.type, ow.ld,
-              trans_w, C.f() + r0 * C.ld, C.ld, nr, n, k, 1.0f, beta);
+    gemm_rows(sides[g % sides.size()].blas, ct, row_ptr(oa, r0), oa.type, oa.ld, false, row_ptr(ow, g * w.size(1)),
+              ow.type, ow.ld, trans_w, C.f() + r0 * C.ld, C.ld, nr, n, k, 1.0f, beta);
   }
   join_sides();
 }
