@@ -159,6 +159,9 @@ class Backend {
   // dlogits[m] += dlp[m] · (onehot(targets[m]) - softmax(logits[m])).
   virtual void logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets,
                                  const Tensor& lse, Tensor& dlogits) = 0;
+  // Per row of logits [M, V] with its lse [M]: the softmax's entropy, entropy[m] = lse[m] - Σ_j p_j·logits[m, j]
+  // (f32), and the first index of the row's maximum, argmax[m] (I32).
+  virtual void logit_stats(const Tensor& logits, const Tensor& lse, Tensor& entropy, Tensor& argmax) = 0;
 
   // ---- the optimizer, over one flat f32 parameter buffer and its gradient/moment buffers
   // Σ x² over the spans of x [N] (a NaN or Inf propagates to the result).

@@ -88,7 +88,7 @@ int64_t Model::head_chunk_rows() const {
   return std::max<int64_t>(1, kChunkElements / cfg_.vocab_size);
 }
 
-Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, ForwardState* state) {
+Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, ForwardState* state, HeadStats* stats) {
   ForwardState local;
   ForwardState& st = state ? *state : local;
   forward_hidden(tokens, st, state != nullptr, nullptr);
@@ -96,12 +96,20 @@ Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, Forw
   CHECK(targets.dtype() == core::DType::kI32 && targets.numel() == m) << "targets: [B*T] I32";
   Tensor lp = backend_.zeros({m});
   st.lse = backend_.zeros({m});
+  if (stats) {
+    stats->entropy = backend_.zeros({m});
+    stats->argmax = backend_.zeros({m}, core::DType::kI32);
+  }
   Tensor buf = backend_.zeros({chunk, v});
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t n = std::min(chunk, m - r0);
     Tensor logits = buf.slice(0, 0, n), lp_c = lp.slice(0, r0, n), lse_c = st.lse.slice(0, r0, n);
     backend_.gemm(st.normed.slice(0, r0, n), false, w_.lm_head, true, logits);
     backend_.logprobs_forward(logits, targets.slice(0, r0, n), lp_c, lse_c);
+    if (stats) {
+      Tensor h = stats->entropy.slice(0, r0, n), am = stats->argmax.slice(0, r0, n);
+      backend_.logit_stats(logits, lse_c, h, am);
+    }
   }
   return lp;
 }

@@ -53,6 +53,12 @@ struct ForwardState {
   core::Tensor lse;                          // [M] log-sum-exp of the logits (forward_logprobs)
 };
 
+// What forward_logprobs can report besides the log-probabilities.
+struct HeadStats {
+  core::Tensor entropy;  // [M] f32: the entropy of each row's next-token distribution (nats)
+  core::Tensor argmax;   // [M] I32: each row's most likely next token
+};
+
 class Model {
  public:
   // Parameters zeroed; call init_random or load.
@@ -82,7 +88,9 @@ class Model {
   // The log-probability of each row's target (targets: backend I32 [B*T]) as [B*T] on the backend,
   // with the LM head and log-softmax run over chunks of rows: the [B*T, V] logits never exist whole
   // (one chunk of head_chunk_rows() rows at a time), here or in backward_logprobs.
-  core::Tensor forward_logprobs(const core::Tensor& tokens, const core::Tensor& targets, ForwardState* state);
+  // stats: also each row's softmax entropy and argmax ([B*T] f32 and I32 on the backend), from the same chunks.
+  core::Tensor forward_logprobs(const core::Tensor& tokens, const core::Tensor& targets, ForwardState* state,
+                                HeadStats* stats = nullptr);
   // Accumulates into grads() from dlp = d(loss)/d(logprob) [B*T], after forward_logprobs with `state`.
   // The head's logits are recomputed chunk by chunk.
   void backward_logprobs(ForwardState& state, const core::Tensor& targets, const core::Tensor& dlp);

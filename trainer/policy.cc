@@ -44,45 +44,38 @@ Packed pack(const std::vector<TrainSequence>& batch, size_t begin, size_t end) {
 
 int64_t completion_len(const TrainSequence& s) { return static_cast<int64_t>(s.tokens.size()) - s.prompt_len; }
 
-// Logprobs of the targets, [B*T] host, and the backend tensors backward needs.
+// Logprobs of the targets, [B*T] host, and the backend tensors backward needs. The LM head runs in
+// chunks of rows (Model::forward_logprobs): no [B*T, V] logits, and only [B*T] vectors come to the host.
 struct MicroForward {
   model::ForwardState state;
-  Tensor logits, targets, lse;
-  Tensor lp_host;
+  Tensor targets;                   // backend I32 [B*T]
+  Tensor lp_host;                   // [B*T] f32
+  Tensor entropy_host, argmax_host; // [B*T] f32 and I32, with want_stats
 };
 
-MicroForward run_forward(model::Model& m, const Packed& p, bool keep_state) {
+MicroForward run_forward(model::Model& m, const Packed& p, bool keep_state, bool want_stats) {
   core::Backend& be = m.backend();
   MicroForward f;
-  f.logits = m.forward(p.tokens, keep_state ? &f.state : nullptr);
-  const int64_t rows = p.b * p.t;
-  f.targets = be.zeros({rows}, core::DType::kI32);
+  f.targets = be.zeros({p.b * p.t}, core::DType::kI32);
   be.upload(p.targets, f.targets);
-  Tensor lp = be.zeros({rows});
-  f.lse = be.zeros({rows});
-  be.logprobs_forward(f.logits, f.targets, lp, f.lse);
+  model::HeadStats stats;
+  const Tensor lp = m.forward_logprobs(p.tokens, f.targets, keep_state ? &f.state : nullptr,
+                                       want_stats ? &stats : nullptr);
   f.lp_host = be.download(lp);
+  if (want_stats) {
+    f.entropy_host = be.download(stats.entropy);
+    f.argmax_host = be.download(stats.argmax);
+  }
   return f;
 }
 
-// Mean entropy over the completion rows of a micro-batch (summed, with the row count).
-double entropy_sum(core::Backend& be, const Tensor& logits, const Tensor& lse, const Packed& p,
-                   const std::vector<TrainSequence>& batch) {
-  const Tensor lg = be.download(logits), ls = be.download(lse);
-  const int64_t v = lg.size(1);
+// The entropy summed over the completion rows of a micro-batch.
+double entropy_sum(const MicroForward& f, const Packed& p, const std::vector<TrainSequence>& batch) {
   double sum = 0;
   for (int64_t r = 0; r < p.b; ++r) {
     const TrainSequence& s = p.seq(batch, r);
-    for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j) {
-      const float* row = lg.f32() + (r * p.t + j) * v;
-      const double l = ls.f32()[r * p.t + j];
-      double h = 0;
-      for (int64_t k = 0; k < v; ++k) {
-        const double lpk = row[k] - l;
-        h -= std::exp(lpk) * lpk;
-      }
-      sum += h;
-    }
+    for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j)
+      sum += f.entropy_host.f32()[r * p.t + j];
   }
   return sum;
 }
@@ -96,7 +89,7 @@ std::vector<std::vector<float>> completion_logprobs(model::Model& model, const s
   for (size_t begin = 0; begin < batch.size(); begin += static_cast<size_t>(micro_batch)) {
     const size_t end = std::min(batch.size(), begin + static_cast<size_t>(micro_batch));
     const Packed p = pack(batch, begin, end);
-    const MicroForward f = run_forward(model, p, /*keep_state=*/false);
+    const MicroForward f = run_forward(model, p, /*keep_state=*/false, /*want_stats=*/false);
     for (int64_t r = 0; r < p.b; ++r) {
       const TrainSequence& s = p.seq(batch, r);
       auto& lp = out[p.begin + static_cast<size_t>(r)];
@@ -126,7 +119,7 @@ GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const s
   for (size_t begin = 0; begin < batch.size(); begin += static_cast<size_t>(micro_batch)) {
     const size_t end = std::min(batch.size(), begin + static_cast<size_t>(micro_batch));
     const Packed p = pack(batch, begin, end);
-    MicroForward f = run_forward(model, p, /*keep_state=*/true);
+    MicroForward f = run_forward(model, p, /*keep_state=*/true, /*want_stats=*/true);
     const int64_t rows = p.b * p.t;
     // The loss's [B, T] views: every row, masked to completion rows.
     Tensor logp = Tensor::zeros({p.b, p.t}), old = Tensor::zeros({p.b, p.t}), ref = Tensor::zeros({p.b, p.t});
@@ -144,11 +137,10 @@ GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const s
     }
     Tensor dlogp = Tensor::zeros({p.b, p.t});
     st.loss += grpo_loss(cfg, logp, old, ref, adv, mask, &dlogp, norm, &ts);
-    entropy += entropy_sum(be, f.logits, f.lse, p, batch);
-    Tensor dlp = be.zeros({rows}), dlogits = be.zeros({rows, model.config().vocab_size});
+    entropy += entropy_sum(f, p, batch);
+    Tensor dlp = be.zeros({rows});
     be.upload(dlogp.view({rows}), dlp);
-    be.logprobs_backward(dlp, f.logits, f.targets, f.lse, dlogits);
-    model.backward(f.state, dlogits);
+    model.backward_logprobs(f.state, f.targets, dlp);
   }
   st.tokens = static_cast<int64_t>(ts.tokens);
   if (ts.tokens > 0) {
@@ -179,25 +171,21 @@ SftStepStats sft_step(model::Model& model, AdamW& opt, const std::vector<TrainSe
   for (size_t begin = 0; begin < batch.size(); begin += static_cast<size_t>(micro_batch)) {
     const size_t end = std::min(batch.size(), begin + static_cast<size_t>(micro_batch));
     const Packed p = pack(batch, begin, end);
-    MicroForward f = run_forward(model, p, /*keep_state=*/true);
+    MicroForward f = run_forward(model, p, /*keep_state=*/true, /*want_stats=*/true);
     const int64_t rows = p.b * p.t;
-    const int64_t v = model.config().vocab_size;
     Tensor dlp_host = Tensor::zeros({rows});
-    const Tensor lg = be.download(f.logits);
     for (int64_t r = 0; r < p.b; ++r) {
       const TrainSequence& s = p.seq(batch, r);
       for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j) {
         const int64_t i = r * p.t + j;
         st.loss -= f.lp_host.f32()[i] / total;
         dlp_host.f32()[i] = static_cast<float>(-1.0 / total);
-        const float* row = lg.f32() + i * v;
-        correct += (std::max_element(row, row + v) - row) == p.targets.data<int32_t>()[i];
+        correct += f.argmax_host.data<int32_t>()[i] == p.targets.data<int32_t>()[i];
       }
     }
-    Tensor dlp = be.zeros({rows}), dlogits = be.zeros({rows, v});
+    Tensor dlp = be.zeros({rows});
     be.upload(dlp_host, dlp);
-    be.logprobs_backward(dlp, f.logits, f.targets, f.lse, dlogits);
-    model.backward(f.state, dlogits);
+    model.backward_logprobs(f.state, f.targets, dlp);
   }
   st.tokens = static_cast<int64_t>(total);
   st.token_accuracy = correct / total;

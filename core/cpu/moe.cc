@@ -211,4 +211,21 @@ void CpuBackend::logprobs_backward(const Tensor& dlp, const Tensor& logits, cons
   }
 }
 
+void CpuBackend::logit_stats(const Tensor& logits, const Tensor& lse, Tensor& entropy, Tensor& argmax) {
+  Rows lr = rows_of(logits);
+  CHECK(lse.numel() == lr.rows && entropy.numel() == lr.rows && argmax.numel() == lr.rows);
+  CHECK(argmax.dtype() == DType::kI32);
+  const float* ls = lse.f32();
+  float* h = entropy.f32();
+  int32_t* am = argmax.data<int32_t>();
+#pragma omp parallel for
+  for (int64_t m = 0; m < lr.rows; ++m) {
+    const float* l = lr.row(m);
+    double mean = 0;  // Σ p_j · logits_j
+    for (int64_t j = 0; j < lr.cols; ++j) mean += std::exp(static_cast<double>(l[j]) - ls[m]) * l[j];
+    h[m] = static_cast<float>(ls[m] - mean);
+    am[m] = static_cast<int32_t>(std::max_element(l, l + lr.cols) - l);
+  }
+}
+
 }  // namespace r1lab::core::cpu

@@ -292,6 +292,41 @@ __global__ void logprobs_backward_kernel(const float* dlp, const float* logits, 
   if (threadIdx.x == 0 && t >= 0 && t < v) d[t] += g;
 }
 
+// entropy[m] = lse[m] - Σ_j softmax_j · logits_j, argmax[m] the first index of the maximum (one block per row).
+__global__ void logit_stats_kernel(const float* logits, int64_t ld, int64_t v, const float* lse, float* entropy,
+                                   int32_t* argmax) {
+  const float* l = logits + blockIdx.x * ld;
+  const float ls = lse[blockIdx.x];
+  float mean = 0, best = -INFINITY;
+  int64_t at = v;
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
+    const float x = l[j];
+    mean += expf(x - ls) * x;
+    if (x > best || at == v) best = x, at = j;  // strided ascending: the first maximum of this thread
+  }
+  __shared__ float best_of[256];
+  __shared__ int64_t at_of[256];
+  best_of[threadIdx.x] = best;
+  at_of[threadIdx.x] = at;
+  mean = block_sum256(mean);
+  for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+    __syncthreads();
+    if (threadIdx.x < s) {
+      const float b = best_of[threadIdx.x + s];
+      const int64_t a = at_of[threadIdx.x + s];
+      if (a < v && (b > best_of[threadIdx.x] || (b == best_of[threadIdx.x] && a < at_of[threadIdx.x]) ||
+                    at_of[threadIdx.x] == v)) {
+        best_of[threadIdx.x] = b;
+        at_of[threadIdx.x] = a;
+      }
+    }
+  }
+  if (threadIdx.x == 0) {
+    entropy[blockIdx.x] = ls - mean;
+    argmax[blockIdx.x] = static_cast<int32_t>(at_of[0]);
+  }
+}
+
 }  // namespace
 
 void CudaBackend::moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
@@ -426,6 +461,20 @@ void CudaBackend::logprobs_backward(const Tensor& dlp, const Tensor& logits, con
   Op op(this, "logprobs_backward", 3.0 * L.rows * L.cols, 12.0 * L.rows * L.cols);
   logprobs_backward_kernel<<<static_cast<unsigned>(L.rows), 256, 0, stream()>>>(
       dlp.f32(), L.f(), L.ld, L.cols, targets.data<int32_t>(), lse.f32(), D.f(), D.ld);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::logit_stats(const Tensor& logits, const Tensor& lse, Tensor& entropy, Tensor& argmax) {
+  const Rows L = rows_of(logits);
+  check_device(lse, DType::kF32);
+  check_device(entropy, DType::kF32);
+  check_device(argmax, DType::kI32);
+  CHECK(lse.numel() == L.rows && entropy.numel() == L.rows && argmax.numel() == L.rows);
+  CHECK(lse.is_contiguous() && entropy.is_contiguous() && argmax.is_contiguous());
+  if (L.rows == 0) return;
+  Op op(this, "logit_stats", 4.0 * L.rows * L.cols, 4.0 * L.rows * L.cols);
+  logit_stats_kernel<<<static_cast<unsigned>(L.rows), 256, 0, stream()>>>(L.f(), L.ld, L.cols, lse.f32(),
+                                                                          entropy.f32(), argmax.data<int32_t>());
   CUDA_CHECK(cudaGetLastError());
 }
 

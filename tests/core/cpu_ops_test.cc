@@ -334,6 +334,25 @@ TEST_F(CpuOps, LogprobsAndEmbeddings) {
     be_->logprobs_forward(logits, targets, a, b);
     return dot(a, dlp);
   }, rng_);
+  // Entropy and argmax: a uniform row has entropy log V and its first index; a one-hot-like row entropy ~0.
+  Tensor lg2 = Tensor::zeros({3, v}), lse2 = Tensor::zeros({3}), h = Tensor::zeros({3});
+  Tensor am = Tensor::zeros({3}, DType::kI32), tg2 = Tensor::zeros({3}, DType::kI32);
+  lg2.f32()[v + 6] = 60.0f;
+  for (int j = 0; j < v; ++j) lg2.f32()[2 * v + j] = logits.f32()[j];
+  Tensor lp2 = Tensor::zeros({3});
+  be_->logprobs_forward(lg2, tg2, lp2, lse2);
+  be_->logit_stats(lg2, lse2, h, am);
+  EXPECT_NEAR(h.f32()[0], std::log(static_cast<double>(v)), 1e-6);
+  EXPECT_EQ(am.data<int32_t>()[0], 0);
+  EXPECT_NEAR(h.f32()[1], 0.0, 1e-6);
+  EXPECT_EQ(am.data<int32_t>()[1], 6);
+  double want_h = 0;
+  for (int j = 0; j < v; ++j) {
+    const double p = std::exp(logits.f32()[j]) / z;
+    want_h -= p * std::log(p);
+  }
+  EXPECT_NEAR(h.f32()[2], want_h, 1e-5);
+  EXPECT_EQ(am.data<int32_t>()[2], std::max_element(logits.f32(), logits.f32() + v) - logits.f32());
   // Embedding backward accumulates repeated ids.
   Tensor table = randn({v, 3}, rng_), ids = Tensor::zeros({3}, DType::kI32), out = Tensor::zeros({3, 3});
   ids.data<int32_t>()[0] = 2;

@@ -466,6 +466,19 @@ TEST_F(CudaBackendTest, LogprobsForwardBackward) {
     cpu_->logprobs_backward(dlp, logits, tg, lse, dl);
     gpu_->logprobs_backward(dev(dlp), gl, gtg, glse, gdl);
     EXPECT_CLOSE(gdl, dl, 1e-5);
+    // Entropy and argmax; row 1 has its maximum twice (the first index wins).
+    logits.f32()[v + v - 1] = logits.f32()[v + 1] = 100.0f;
+    gl = dev(logits);
+    cpu_->logprobs_forward(logits, tg, lp, lse);
+    gpu_->logprobs_forward(gl, gtg, glp, glse);
+    Tensor h = Tensor::zeros({m}), am = Tensor::zeros({m}, DType::kI32);
+    Tensor gh = gpu_->zeros({m}, DType::kF32), gam = gpu_->zeros({m}, DType::kI32);
+    cpu_->logit_stats(logits, lse, h, am);
+    gpu_->logit_stats(gl, glse, gh, gam);
+    EXPECT_CLOSE(gh, h, 1e-5);
+    EXPECT_EQ(am.data<int32_t>()[1], 1);
+    const Tensor gam_host = gpu_->download(gam);
+    for (int64_t i = 0; i < m; ++i) EXPECT_EQ(gam_host.data<int32_t>()[i], am.data<int32_t>()[i]) << "row " << i;
   }
 }
 

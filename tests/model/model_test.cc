@@ -171,11 +171,18 @@ TEST_P(ModelVariant, ChunkedLogprobHeadEqualsFullLogits) {
   const Tensor want = model_->grads().buffer().clone();
   model_->set_head_chunk_rows(5);
   ForwardState chunked;
-  Tensor lp2 = model_->forward_logprobs(ids, tg, &chunked);
+  HeadStats stats;
+  Tensor lp2 = model_->forward_logprobs(ids, tg, &chunked, &stats);
   model_->zero_grads();
   model_->backward_logprobs(chunked, tg, dlp);
   const Tensor got = model_->grads().buffer();
-  for (int64_t i = 0; i < m; ++i) EXPECT_NEAR(lp2.f32()[i], lp.f32()[i], 1e-5) << "row " << i;
+  Tensor h_full = Tensor::zeros({m}), am_full = Tensor::zeros({m}, core::DType::kI32);
+  be_->logit_stats(logits, lse, h_full, am_full);
+  for (int64_t i = 0; i < m; ++i) {
+    EXPECT_NEAR(lp2.f32()[i], lp.f32()[i], 1e-5) << "row " << i;
+    EXPECT_NEAR(stats.entropy.f32()[i], h_full.f32()[i], 1e-5) << "row " << i;
+    EXPECT_EQ(stats.argmax.data<int32_t>()[i], am_full.data<int32_t>()[i]) << "row " << i;
+  }
   double diff = 0, scale = 0;
   for (int64_t i = 0; i < want.numel(); ++i) {
     diff = std::max(diff, static_cast<double>(std::fabs(got.f32()[i] - want.f32()[i])));

@@ -3,7 +3,7 @@
 #include "rewards/math_equivalence.h"
 
 #include <algorithm>
-#include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -164,6 +164,13 @@ TEST(MathRewards, MathAndChoice) {
 }
 
 // Hostile answers: each scored quickly, without a crash, and wrong.
+// This thread's CPU time: the work a check did, not how long a loaded machine kept it waiting.
+double thread_cpu_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) * 1e-6;
+}
+
 TEST(MathAdversarial, BoundedTime) {
   std::vector<std::pair<std::string, std::string>> cases;
   cases.push_back({"1 MB completion", std::string(1 << 20, 'a') + " \\boxed{" + std::string(1000, '9') + "}"});
@@ -235,18 +242,19 @@ TEST(MathAdversarial, BoundedTime) {
   for (const auto& [name, completion] : cases) {
     double worst = 0;
     for (int rep = 0; rep < 5; ++rep) {
-      const auto t0 = std::chrono::steady_clock::now();
+      const double t0 = thread_cpu_ms();
       const Score s = (*math)->score({"", completion, "\\frac{1}{2}", "math", {}});
-      worst = std::max(worst, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      worst = std::max(worst, thread_cpu_ms() - t0);
       EXPECT_EQ(s.value, 0.0) << name;
     }
     ms.push_back(worst);
-    std::printf("  %-22s worst of 5: %.2f ms\n", name.c_str(), worst);
+    std::printf("  %-22s worst of 5: %.2f ms of CPU\n", name.c_str(), worst);
   }
   std::sort(ms.begin(), ms.end());
   const double p99 = ms[static_cast<size_t>(0.99 * (ms.size() - 1))];
-  std::printf("adversarial: %zu inputs, p99 %.2f ms, max %.2f ms\n", ms.size(), p99, ms.back());
-  // The target is 10 ms on the 2-core CI machine; allow sanitizer-free slack for a loaded runner.
+  std::printf("adversarial: %zu inputs, p99 %.2f ms, max %.2f ms of CPU\n", ms.size(), p99, ms.back());
+  // The target is 10 ms on the 2-core CI machine; CPU time, so a loaded runner does not count, and slack
+  // for a slower core.
   EXPECT_LE(p99, 50.0);
 }
 
