@@ -24,9 +24,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "core/backend.h"
-#ifdef R1LAB_HAVE_CUDA
-#include "core/cuda/cuda.h"
-#endif
+#include "core/device.h"
 #include "model/model.h"
 #include "nlohmann/json.hpp"
 #include "rollout/engine.h"
@@ -41,8 +39,10 @@
 #include "run/report.h"
 #include "sandbox/sandbox.h"
 
-ABSL_FLAG(std::string, device, "cpu", "backend: cpu (the reference) or cuda[:N]");
-ABSL_FLAG(std::string, gemm, "f32", "--device cuda: matrix products in f32, tf32 or bf16 (tensor cores; f32 storage)");
+ABSL_FLAG(std::string, device, "", "backend: cpu (the reference; the default) or cuda[:N]; run: overrides the "
+          "recipe's device");
+ABSL_FLAG(std::string, gemm, "", "--device cuda: matrix products in f32 (the default), tf32 or bf16 (tensor cores; "
+          "f32 storage); run: overrides the recipe's gemm");
 ABSL_FLAG(std::string, reference, "", "check-parity: reference tensors (default FIXTURE_DIR/reference.safetensors)");
 ABSL_FLAG(std::string, model, "", "generate: a Hugging Face model directory");
 ABSL_FLAG(std::string, prompt_ids, "", "generate: comma-separated prompt token ids");
@@ -89,6 +89,13 @@ using r1lab::core::Backend;
 constexpr char kUsage[] =
     "r1lab <command> [flags]\n"
     "commands:\n"
+    "  run RECIPE.yaml [key=value ...] [--device cuda[:N] --gemm bf16 --in-process --run-dir DIR]\n"
+    "      a whole run from a recipe (recipes/): base model, held-out evaluation, GRPO, evaluation again;\n"
+    "      key=value overrides recipe keys (rl.steps=20); --device/--gemm override its device and gemm\n"
+    "  report RUN_DIR/run.db [--plots DIR]\n"
+    "      a run's summary and plots\n"
+    "  pretrain-base RECIPE.yaml --out DIR [key=value ...]\n"
+    "      only the recipe's base model, then its held-out accuracy\n"
     "  check-parity FIXTURE_DIR [--reference FILE] [--device cpu]\n"
     "      compare the model with a Hugging Face reference fixture; exit 0 when all items pass\n"
     "  generate (--model DIR | --server HOST:PORT) --prompt-ids 1,2,3 [--max-new-tokens N --temperature T --top-p P --top-k K\n"
@@ -107,32 +114,10 @@ constexpr char kUsage[] =
     "  reward list [--config FILE]\n"
     "      the rewards available, one JSON object per line\n";
 
+// --device and --gemm (empty: cpu and f32; `run` takes them from its recipe instead).
 absl::StatusOr<std::unique_ptr<Backend>> make_backend() {
-  const std::string d = absl::GetFlag(FLAGS_device);
-  if (d == "cpu") return r1lab::core::make_cpu_backend();
-  if (d == "cuda" || absl::StartsWith(d, "cuda:")) {
-#ifdef R1LAB_HAVE_CUDA
-    r1lab::core::cuda::Options o;
-    if (d != "cuda" && !absl::SimpleAtoi(d.substr(5), &o.device))
-      return absl::InvalidArgumentError(absl::StrCat("--device ", d, ": expected cuda or cuda:N"));
-    const std::string g = absl::GetFlag(FLAGS_gemm);
-    if (g == "f32") {
-      o.gemm = r1lab::core::cuda::Options::GemmPrecision::kF32;
-    } else if (g == "tf32") {
-      o.gemm = r1lab::core::cuda::Options::GemmPrecision::kTF32;
-    } else if (g == "bf16") {
-      o.gemm = r1lab::core::cuda::Options::GemmPrecision::kBF16;
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat("--gemm ", g, ": expected f32, tf32 or bf16"));
-    }
-    return r1lab::core::cuda::make_backend(o);
-#else
-    return absl::FailedPreconditionError(
-        "--device cuda: this r1lab was built without CUDA (no nvcc at configure time); rebuild where the CUDA "
-        "toolkit is installed, or use --device cpu");
-#endif
-  }
-  return absl::InvalidArgumentError(absl::StrCat("unknown --device '", d, "' (cpu, cuda, cuda:N)"));
+  const std::string d = absl::GetFlag(FLAGS_device), g = absl::GetFlag(FLAGS_gemm);
+  return r1lab::core::make_backend(d.empty() ? "cpu" : d, g.empty() ? "f32" : g);
 }
 
 int fail(const absl::Status& s) {
@@ -321,12 +306,20 @@ int serve_reward(const std::vector<char*>& args) {
   return 0;
 }
 
+// A recipe's key=value overrides: those after the recipe, then --device and --gemm where given.
+std::vector<std::string> recipe_overrides(const std::vector<char*>& args) {
+  std::vector<std::string> o(args.begin() + 3, args.end());
+  if (!absl::GetFlag(FLAGS_device).empty()) o.push_back("device=" + absl::GetFlag(FLAGS_device));
+  if (!absl::GetFlag(FLAGS_gemm).empty()) o.push_back("gemm=" + absl::GetFlag(FLAGS_gemm));
+  return o;
+}
+
 int run(const std::vector<char*>& args) {
   if (args.size() < 3) {
     std::cerr << kUsage;
     return 2;
   }
-  auto recipe = r1lab::run::load_recipe(args[2], std::vector<std::string>(args.begin() + 3, args.end()));
+  auto recipe = r1lab::run::load_recipe(args[2], recipe_overrides(args));
   if (!recipe.ok()) return fail(recipe.status());
   // Ctrl-C / SIGTERM: the first ends the run cleanly after the current step; a second exits at once (the
   // children die with this process).
@@ -386,11 +379,13 @@ int pretrain_base(const std::vector<char*>& args) {
     std::cerr << kUsage;
     return 2;
   }
-  auto recipe = r1lab::run::load_recipe(args[2], std::vector<std::string>(args.begin() + 3, args.end()));
+  auto recipe = r1lab::run::load_recipe(args[2], recipe_overrides(args));
   if (!recipe.ok()) return fail(recipe.status());
+  auto be = r1lab::core::make_backend(recipe->device, recipe->gemm);
+  if (!be.ok()) return fail(be.status());
   const std::string out = absl::GetFlag(FLAGS_out);
   const int64_t every = std::max<int64_t>(1, recipe->pretrain.steps / 20);
-  auto st = r1lab::run::pretrain_base(recipe->task, recipe->pretrain, out,
+  auto st = r1lab::run::pretrain_base(**be, recipe->task, recipe->pretrain, out,
                                       [&](int64_t step, const r1lab::trainer::SftStepStats& s, double secs) {
                                         if ((step + 1) % every && step + 1 != recipe->pretrain.steps) return;
                                         std::printf("pretrain %5lld  loss %.4f  token acc %.3f  grad %.3f  lr %.2e  %.1fs\n",
@@ -399,8 +394,7 @@ int pretrain_base(const std::vector<char*>& args) {
                                         std::fflush(stdout);
                                       });
   if (!st.ok()) return fail(st);
-  auto be = r1lab::core::make_cpu_backend();
-  auto m = r1lab::model::Model::load(out, *be);
+  auto m = r1lab::model::Model::load(out, **be);
   if (!m.ok()) return fail(m.status());
   const r1lab::data::Tokenizer tok = r1lab::data::Tokenizer::builtin();
   r1lab::rollout::EngineOptions eo;

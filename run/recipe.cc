@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/device.h"
 #include "data/yaml.h"
 
 namespace r1lab::run {
@@ -127,6 +128,10 @@ absl::StatusOr<Recipe> recipe_from_json(const json& doc) {
   top.get("runs_dir", r.runs_dir);
   top.get("base_model", r.base_model);
   top.get("rollout_cache_mb", r.rollout_cache_mb);
+  top.get("device", r.device);
+  top.get("gemm", r.gemm);
+  if (auto st = core::check_device_names(r.device, "f32"); !st.ok()) top.fail("device", std::string(st.message()));
+  if (auto st = core::check_device_names("cpu", r.gemm); !st.ok()) top.fail("gemm", std::string(st.message()));
   if (const json* o = top.object("task_options")) {
     Reader t(*o, "task_options");
     t.get("min_digits", r.task.options.arithmetic.min_digits);

@@ -49,6 +49,10 @@ struct Recipe {
   std::string runs_dir = "runs";
   std::string base_model;  // a model directory to start from instead of pretrain_base
   int64_t rollout_cache_mb = 64;
+  // Where the trainer, the rollout worker and pretrain_base run (core/device.h): cpu, cuda or cuda:N,
+  // and the GPU's matrix-product precision (f32, tf32 or bf16).
+  std::string device = "cpu";
+  std::string gemm = "bf16";
   nlohmann::json source;   // the resolved recipe, as stored with the run
 
   // The rewards file serve-reward takes: {reward_name: reward_spec}.

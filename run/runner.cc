@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/backend.h"
+#include "core/device.h"
 #include "model/model.h"
 #include "model/safetensors.h"
 #include "rewards/plugins.h"
@@ -196,6 +197,12 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     return s;
   };
 
+  // The trainer's device (the rollout worker makes its own backend on the same device).
+  auto be_or = core::make_backend(recipe.device, recipe.gemm);
+  if (!be_or.ok()) return fail(be_or.status());
+  core::Backend& be = **be_or;
+  if (recipe.device != "cpu") progress.say(absl::StrCat("device: ", recipe.device, ", matrix products in ", recipe.gemm));
+
   // ---- Stage 1: the base model.
   std::string base_dir = recipe.base_model;
   if (base_dir.empty()) {
@@ -205,7 +212,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     const int64_t total = recipe.pretrain.steps;
     const int64_t log_every = std::max<int64_t>(1, total / 100);
     absl::Status st = pretrain_base(
-        recipe.task, recipe.pretrain, base_dir,
+        be, recipe.task, recipe.pretrain, base_dir,
         [&](int64_t step, const trainer::SftStepStats& s, double secs) {
           if ((step + 1) % log_every == 0 || step + 1 == total) {
             (void)store.log_metrics("pretrain_base", step + 1,
@@ -226,13 +233,12 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
 
   (void)store.set("base_model", base_dir);
   // ---- The parts: reward service and rollout worker (children), or in process.
-  auto be = core::make_cpu_backend();
-  auto policy_or = model::Model::load(base_dir, *be);
+  auto policy_or = model::Model::load(base_dir, be);
   if (!policy_or.ok()) return fail(policy_or.status());
   model::Model& policy = **policy_or;
   std::unique_ptr<model::Model> reference;
   if (recipe.rl.grpo.kl_beta > 0) {
-    auto r = model::Model::load(base_dir, *be);
+    auto r = model::Model::load(base_dir, be);
     if (!r.ok()) return fail(r.status());
     reference = *std::move(r);
   }
@@ -261,7 +267,8 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     reward_child = *std::move(rc);
     auto wc = Child::start("rollout worker", options.program,
                            {"serve-rollout", "--model=" + base_dir, "--port=0", "--host=127.0.0.1",
-                            absl::StrCat("--cache-mb=", recipe.rollout_cache_mb)},
+                            absl::StrCat("--cache-mb=", recipe.rollout_cache_mb), "--device=" + recipe.device,
+                            "--gemm=" + recipe.gemm},
                            res.run_dir + "/rollout.log", stop);
     if (!wc.ok()) return fail(wc.status());
     rollout_child = *std::move(wc);

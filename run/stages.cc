@@ -59,8 +59,8 @@ absl::StatusOr<trainer::TrainSequence> worked_example(const data::Tokenizer& tok
   return s;
 }
 
-absl::Status pretrain_base(const TaskSpec& task, const PretrainOptions& o, const std::string& out_dir,
-                           const SftProgress& progress, const std::atomic<bool>* stop) {
+absl::Status pretrain_base(core::Backend& backend, const TaskSpec& task, const PretrainOptions& o,
+                           const std::string& out_dir, const SftProgress& progress, const std::atomic<bool>* stop) {
   if (o.steps <= 0 || o.batch <= 0 || o.micro_batch <= 0)
     return absl::InvalidArgumentError("pretrain_base: steps, batch and micro_batch must be positive");
   if (o.slip_fraction < 0 || o.slip_fraction > 1)
@@ -68,8 +68,7 @@ absl::Status pretrain_base(const TaskSpec& task, const PretrainOptions& o, const
   const data::Tokenizer tok = data::Tokenizer::builtin();
   const model::ModelConfig cfg = tiny_config(o.model, tok);
   if (auto st = cfg.validate(); !st.ok()) return st;
-  auto be = core::make_cpu_backend();
-  model::Model m(cfg, *be);
+  model::Model m(cfg, backend);
   m.init_random(o.seed, 0.02f);
   trainer::AdamWConfig adam = o.adam;
   adam.total_steps = o.steps;

@@ -67,10 +67,11 @@ absl::StatusOr<trainer::TrainSequence> worked_example(const data::Tokenizer& tok
 
 using SftProgress = std::function<void(int64_t step, const trainer::SftStepStats& stats, double seconds)>;
 
-// Trains from random initialisation and writes config.json, model.safetensors and tokenizer.json.
-// `stop` (may be null) ends training early (nothing is written then).
-absl::Status pretrain_base(const TaskSpec& task, const PretrainOptions& o, const std::string& out_dir,
-                           const SftProgress& progress = nullptr, const std::atomic<bool>* stop = nullptr);
+// Trains from random initialisation on `backend` and writes config.json, model.safetensors and
+// tokenizer.json. `stop` (may be null) ends training early (nothing is written then).
+absl::Status pretrain_base(core::Backend& backend, const TaskSpec& task, const PretrainOptions& o,
+                           const std::string& out_dir, const SftProgress& progress = nullptr,
+                           const std::atomic<bool>* stop = nullptr);
 
 // Rewards of sampled completions of problems: what the reward service says, plus the parts a run logs.
 struct Scored {

@@ -18,7 +18,8 @@ bool available(std::string* why);
 struct Options {
   int device = 0;
   // Matrix products: kF32 computes in full fp32 (CUDA cores; what parity against the CPU uses);
-  // kBF16 rounds the f32 operands to bf16 inside cuBLAS and accumulates in fp32 on tensor cores;
+  // kBF16 rounds each f32 operand once into a bf16 copy and runs cuBLAS's bf16 tensor-core products with
+  // fp32 accumulation into f32 outputs;
   // kTF32 uses TF32 tensor cores.
   enum class GemmPrecision { kF32, kTF32, kBF16 };
   GemmPrecision gemm = GemmPrecision::kF32;

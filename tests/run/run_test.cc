@@ -2,7 +2,9 @@
 #include <fstream>
 
 #include "gtest/gtest.h"
+#include "core/device.h"
 #include "run/recipe.h"
+#include "run/runner.h"
 #include "run/report.h"
 #include "run/store.h"
 
@@ -30,6 +32,12 @@ TEST(Recipe, YamlOverridesAndDefaults) {
   EXPECT_DOUBLE_EQ(r->pretrain.slip_fraction, 0.25);
   EXPECT_EQ(r->task.options.arithmetic.ops, "+");
   EXPECT_EQ(r->rl.group_size, 8);  // a default
+  EXPECT_EQ(r->device, "cpu");
+  ASSERT_TRUE(apply_overrides(*doc, {"device=cuda:1", "gemm=tf32"}).ok());
+  r = recipe_from_json(*doc);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->device, "cuda:1");
+  EXPECT_EQ(r->gemm, "tf32");
   EXPECT_EQ(r->rewards_file().begin().key(), "r1");
 }
 
@@ -46,6 +54,9 @@ TEST(Recipe, MistakesAreNamed) {
            {"task_options: {ops: \"/\"}", "", "task_options.ops"},
            {"", "rl.steps", "not key=value"},
            {"rl: 3", "", "rl should be a mapping"},
+           {"device: tpu", "", "device: unknown device 'tpu'"},
+           {"device: cuda:x", "", "expected cuda or cuda:N"},
+           {"gemm: fp8", "", "gemm: matrix-product precision 'fp8'"},
        }) {
     auto doc = data::yaml_to_json(c.yaml);
     ASSERT_TRUE(doc.ok()) << c.yaml;
@@ -65,6 +76,29 @@ TEST(Recipe, ShippedRecipesLoad) {
     auto r = load_recipe(e.path().string(), {});
     EXPECT_TRUE(r.ok()) << e.path() << ": " << r.status();
   }
+}
+
+// A run asked for a device it cannot have fails at once with the reason, and its store says so.
+TEST(Runner, UnavailableDeviceFailsClearly) {
+  auto probe = core::make_backend("cuda", "bf16");
+  if (probe.ok()) GTEST_SKIP() << "a GPU is present: the cuda device is available";
+  auto doc = data::yaml_to_json("name: nodevice\ndevice: cuda\n");
+  ASSERT_TRUE(doc.ok());
+  auto r = recipe_from_json(*doc);
+  ASSERT_TRUE(r.ok()) << r.status();
+  RunnerOptions opt;
+  opt.in_process = true;
+  opt.live = false;
+  opt.run_dir = fresh_dir("nodevice");
+  auto res = run_recipe(*r, opt, nullptr);
+  ASSERT_FALSE(res.ok());
+  EXPECT_EQ(res.status().message(), probe.status().message());
+  auto store = RunStore::open(opt.run_dir + "/run.db");
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto status = (*store)->get("status");
+  ASSERT_TRUE(status.ok()) << status.status();
+  EXPECT_EQ(*status, "failed");
+  EXPECT_FALSE(std::filesystem::exists(opt.run_dir + "/base")) << "nothing was trained";
 }
 
 TEST(Store, RoundTripAndReport) {
