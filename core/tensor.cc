@@ -8,11 +8,11 @@
 
 namespace r1lab::core {
 
-std::shared_ptr<Storage> Storage::host(size_t bytes) {
+std::shared_ptr<Storage> Storage::host(size_t bytes, bool zeroed) {
   const size_t rounded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
   CHECK(p != nullptr) << "out of host memory allocating " << bytes << " bytes";
-  std::memset(p, 0, rounded == 0 ? 64 : rounded);
+  if (zeroed) std::memset(p, 0, rounded == 0 ? 64 : rounded);
   return std::make_shared<Storage>(p, bytes, Device::kCpu, [](void* q) { std::free(q); });
 }
 
@@ -44,6 +44,12 @@ Tensor::Tensor(std::shared_ptr<Storage> storage, size_t byte_offset, Shape shape
 
 Tensor Tensor::zeros(Shape shape, DType dtype) {
   auto st = Storage::host(static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype));
+  Shape strides = contiguous_strides(shape);
+  return Tensor(std::move(st), 0, std::move(shape), std::move(strides), dtype);
+}
+
+Tensor Tensor::empty(Shape shape, DType dtype) {
+  auto st = Storage::host(static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype), /*zeroed=*/false);
   Shape strides = contiguous_strides(shape);
   return Tensor(std::move(st), 0, std::move(shape), std::move(strides), dtype);
 }
@@ -122,16 +128,20 @@ Tensor Tensor::operator[](int64_t i) const { return select(0, i); }
 
 namespace {
 
-// Calls f(linear index into a contiguous result, element offset into this tensor) for every element.
+// Calls f(linear index into a contiguous result, element offset into this tensor, length, stride) for each
+// run of elements along the last dimension (a 0-d tensor is one run of one element).
 template <typename F>
-void for_each_offset(const Shape& shape, const Shape& strides, F f) {
+void for_each_row(const Shape& shape, const Shape& strides, F f) {
   const int64_t n = shape_numel(shape);
   if (n == 0) return;
-  std::vector<int64_t> idx(shape.size(), 0);
+  if (shape.empty()) return f(0, 0, 1, 1);
+  const int outer_dims = static_cast<int>(shape.size()) - 1;
+  const int64_t len = shape.back(), stride = strides.back();
+  std::vector<int64_t> idx(static_cast<size_t>(outer_dims), 0);
   int64_t off = 0;
-  for (int64_t lin = 0; lin < n; ++lin) {
-    f(lin, off);
-    for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
+  for (int64_t lin = 0; lin < n; lin += len) {
+    f(lin, off, len, stride);
+    for (int d = outer_dims - 1; d >= 0; --d) {
       if (++idx[d] < shape[d]) {
         off += strides[d];
         break;
@@ -142,21 +152,30 @@ void for_each_offset(const Shape& shape, const Shape& strides, F f) {
   }
 }
 
+// dst[i] = float(src[i * stride]) for i < n.
+template <typename T, typename Convert>
+void convert_run(float* dst, const char* src, int64_t n, int64_t stride, Convert convert) {
+  const T* p = reinterpret_cast<const T*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = convert(p[i * stride]);
+}
+
 }  // namespace
 
 Tensor Tensor::to_f32() const {
   CHECK(device() == Device::kCpu) << "to_f32 of a device tensor";
-  Tensor out = zeros(shape_, DType::kF32);
+  if (dtype_ == DType::kF32) return clone();
+  Tensor out = empty(shape_, DType::kF32);
   float* o = out.data<float>();
   const char* base = static_cast<const char*>(raw());
-  for_each_offset(shape_, strides_, [&](int64_t lin, int64_t off) {
-    const char* p = base + off * static_cast<int64_t>(dtype_size(dtype_));
+  const int64_t es = static_cast<int64_t>(dtype_size(dtype_));
+  for_each_row(shape_, strides_, [&](int64_t lin, int64_t off, int64_t n, int64_t stride) {
+    const char* p = base + off * es;
     switch (dtype_) {
-      case DType::kF32: std::memcpy(&o[lin], p, 4); break;
-      case DType::kBF16: { uint16_t h; std::memcpy(&h, p, 2); o[lin] = bf16_to_f32(h); break; }
-      case DType::kF16: { uint16_t h; std::memcpy(&h, p, 2); o[lin] = f16_to_f32(h); break; }
-      case DType::kI32: { int32_t v; std::memcpy(&v, p, 4); o[lin] = static_cast<float>(v); break; }
-      case DType::kI64: { int64_t v; std::memcpy(&v, p, 8); o[lin] = static_cast<float>(v); break; }
+      case DType::kF32: break;
+      case DType::kBF16: convert_run<uint16_t>(o + lin, p, n, stride, bf16_to_f32); break;
+      case DType::kF16: convert_run<uint16_t>(o + lin, p, n, stride, f16_to_f32); break;
+      case DType::kI32: convert_run<int32_t>(o + lin, p, n, stride, [](int32_t v) { return static_cast<float>(v); }); break;
+      case DType::kI64: convert_run<int64_t>(o + lin, p, n, stride, [](int64_t v) { return static_cast<float>(v); }); break;
     }
   });
   return out;
@@ -164,12 +183,22 @@ Tensor Tensor::to_f32() const {
 
 Tensor Tensor::clone() const {
   CHECK(device() == Device::kCpu) << "clone of a device tensor";
-  Tensor out = zeros(shape_, dtype_);
+  Tensor out = empty(shape_, dtype_);
   const size_t es = dtype_size(dtype_);
   char* o = static_cast<char*>(out.raw());
   const char* base = static_cast<const char*>(raw());
-  for_each_offset(shape_, strides_, [&](int64_t lin, int64_t off) {
-    std::memcpy(o + lin * es, base + off * static_cast<int64_t>(es), es);
+  if (is_contiguous()) {
+    if (numel() > 0) std::memcpy(o, base, static_cast<size_t>(numel()) * es);
+    return out;
+  }
+  for_each_row(shape_, strides_, [&](int64_t lin, int64_t off, int64_t n, int64_t stride) {
+    const char* p = base + off * static_cast<int64_t>(es);
+    if (stride == 1) {
+      std::memcpy(o + lin * static_cast<int64_t>(es), p, static_cast<size_t>(n) * es);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(o + (lin + i) * static_cast<int64_t>(es), p + i * stride * static_cast<int64_t>(es), es);
+    }
   });
   return out;
 }
@@ -177,17 +206,16 @@ Tensor Tensor::clone() const {
 Tensor Tensor::to(DType dtype) const {
   if (dtype == dtype_) return clone();
   Tensor src = to_f32();
-  Tensor out = zeros(shape_, dtype);
+  if (dtype == DType::kF32) return src;
+  Tensor out = empty(shape_, dtype);
   const float* s = src.data<float>();
   const int64_t n = numel();
-  for (int64_t i = 0; i < n; ++i) {
-    switch (dtype) {
-      case DType::kF32: out.data<float>()[i] = s[i]; break;
-      case DType::kBF16: out.data<uint16_t>()[i] = f32_to_bf16(s[i]); break;
-      case DType::kF16: out.data<uint16_t>()[i] = f32_to_f16(s[i]); break;
-      case DType::kI32: out.data<int32_t>()[i] = static_cast<int32_t>(s[i]); break;
-      case DType::kI64: out.data<int64_t>()[i] = static_cast<int64_t>(s[i]); break;
-    }
+  switch (dtype) {
+    case DType::kF32: break;
+    case DType::kBF16: for (int64_t i = 0; i < n; ++i) out.data<uint16_t>()[i] = f32_to_bf16(s[i]); break;
+    case DType::kF16: for (int64_t i = 0; i < n; ++i) out.data<uint16_t>()[i] = f32_to_f16(s[i]); break;
+    case DType::kI32: for (int64_t i = 0; i < n; ++i) out.data<int32_t>()[i] = static_cast<int32_t>(s[i]); break;
+    case DType::kI64: for (int64_t i = 0; i < n; ++i) out.data<int64_t>()[i] = static_cast<int64_t>(s[i]); break;
   }
   return out;
 }

@@ -28,8 +28,8 @@ class Storage {
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
 
-  // Zero-filled host memory, 64-byte aligned.
-  static std::shared_ptr<Storage> host(size_t bytes);
+  // Host memory, 64-byte aligned: zero-filled, or left as it comes where the caller writes all of it.
+  static std::shared_ptr<Storage> host(size_t bytes, bool zeroed = true);
 
   void* data() const { return data_; }
   size_t bytes() const { return bytes_; }
@@ -54,6 +54,8 @@ class Tensor {
 
   // A new zero-filled contiguous host tensor.
   static Tensor zeros(Shape shape, DType dtype = DType::kF32);
+  // Host memory left uninitialised: only for a tensor the caller then writes whole.
+  static Tensor empty(Shape shape, DType dtype = DType::kF32);
   // A contiguous tensor over storage the caller keeps alive elsewhere (not owned).
   static Tensor wrap(void* data, Shape shape, DType dtype, Device device = Device::kCpu);
 

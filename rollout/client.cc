@@ -42,10 +42,15 @@ absl::Status check_weight_update(const model::ParameterSet& params, const std::v
           absl::StrCat("parameter '", t.name, "': dtype ", core::dtype_name(d), " (F32, BF16, F16 accepted)"));
     if (t.tensor.device() != core::Device::kCpu || !t.tensor.is_contiguous())
       return absl::InvalidArgumentError(absl::StrCat("parameter '", t.name, "': not a contiguous host tensor"));
-    core::Tensor f = t.tensor.to_f32();
-    for (int64_t i = 0; i < f.numel(); ++i)
-      if (!std::isfinite(f.f32()[i]))
-        return absl::InvalidArgumentError(absl::StrCat("parameter '", t.name, "' has a non-finite value at ", i));
+    const core::Tensor f = d == core::DType::kF32 ? t.tensor : t.tensor.to_f32();
+    const float* v = f.f32();
+    const int64_t n = f.numel();
+    bool finite = true;
+    for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(v[i]);  // no early exit: this loop vectorises
+    if (!finite) {
+      const int64_t at = std::find_if(v, v + n, [](float x) { return !std::isfinite(x); }) - v;
+      return absl::InvalidArgumentError(absl::StrCat("parameter '", t.name, "' has a non-finite value at ", at));
+    }
   }
   return absl::OkStatus();
 }
@@ -53,7 +58,7 @@ absl::Status check_weight_update(const model::ParameterSet& params, const std::v
 void copy_weights(model::Model& model, const std::vector<NamedTensor>& tensors) {
   for (const NamedTensor& t : tensors) {
     core::Tensor dst = model.params().get(t.name);
-    model.backend().upload(t.tensor.to(dst.dtype()), dst);
+    model.backend().upload(t.tensor.dtype() == dst.dtype() ? t.tensor : t.tensor.to(dst.dtype()), dst);
   }
 }
 
@@ -117,6 +122,9 @@ class GrpcClient final : public RolloutClient {
   GrpcClient(const std::string& target, size_t chunk_bytes) : chunk_(std::max<size_t>(chunk_bytes, 1)) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(64 << 20);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
+    args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, 16 << 20);
+    args.SetInt(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 16 << 20);
     stub_ = pb::Rollout::NewStub(grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args));
   }
 

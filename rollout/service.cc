@@ -99,7 +99,7 @@ class Service final : public pb::Rollout::Service {
                                 core::shape_str(info.shape)));
       auto [it, fresh] = staged.try_emplace(c.name());
       Staged& s = it->second;
-      if (fresh) s.tensor = core::Tensor::zeros(shape, *dtype);
+      if (fresh) s.tensor = core::Tensor::empty(shape, *dtype);  // every byte arrives (checked below)
       if (s.tensor.dtype() != *dtype) return bad(absl::StrCat("parameter '", c.name(), "': dtype changed mid-stream"));
       const size_t total = static_cast<size_t>(s.tensor.numel()) * core::dtype_size(*dtype);
       if (c.offset() != s.received)
@@ -153,6 +153,8 @@ class Server final : public RolloutServer {
                                           ":", opt.port);
     b.AddListeningPort(addr, grpc::InsecureServerCredentials(), &port_);
     b.SetMaxReceiveMessageSize(64 << 20);
+    b.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
+    b.AddChannelArgument(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, 16 << 20);
     b.RegisterService(&service_);
     server_ = b.BuildAndStart();
     if (!server_ || port_ == 0) {

@@ -50,6 +50,32 @@ TEST(Tensor, SlicesAndViewsShareStorage) {
   EXPECT_EQ(t.f32()[0], 42.0f);
 }
 
+// Copies of strided views: every layout for_each_row meets (a row stride, a zero inner stride, a 0-d
+// tensor), in every dtype conversion path.
+TEST(Tensor, ClonesAndConvertsStridedViews) {
+  Tensor t = Tensor::zeros({2, 3, 4});
+  for (int i = 0; i < 24; ++i) t.f32()[i] = static_cast<float>(i);
+  const Tensor inner = t.slice(1, 1, 2).slice(2, 1, 2);  // [2, 2, 2]
+  const float want[8] = {5, 6, 9, 10, 17, 18, 21, 22};
+  const Tensor c = inner.clone(), f = inner.to_f32(), b = inner.to(DType::kBF16).to_f32();
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_EQ(c.f32()[i], want[i]) << i;
+    EXPECT_EQ(f.f32()[i], want[i]) << i;
+    EXPECT_EQ(b.f32()[i], want[i]) << i;
+  }
+  const Tensor rep = t.slice(2, 3, 1).expand({2, 3, 5});  // inner stride 0
+  const Tensor rb = rep.to(DType::kBF16);
+  const Tensor r = rb.to_f32(), rc = rep.clone();
+  for (int i = 0; i < 30; ++i) {
+    EXPECT_EQ(r.f32()[i], static_cast<float>(3 + 4 * (i / 5))) << i;
+    EXPECT_EQ(rc.f32()[i], r.f32()[i]) << i;
+  }
+  const Tensor scalar = t.select(0, 1).select(0, 2).select(0, 3);
+  EXPECT_EQ(scalar.clone().f32()[0], 23.0f);
+  EXPECT_EQ(scalar.to(DType::kF16).to_f32().f32()[0], 23.0f);
+  EXPECT_EQ(Tensor::zeros({0, 3}).clone().numel(), 0);
+}
+
 TEST(Tensor, ConvertsBetweenDtypes) {
   Tensor t = Tensor::zeros({4});
   for (int i = 0; i < 4; ++i) t.f32()[i] = 0.5f * i - 1.0f;
