@@ -19,9 +19,10 @@ double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock:
 
 std::vector<rollout::NamedTensor> weight_tensors(const model::Model& m) {
   std::vector<rollout::NamedTensor> out;
+  // One download; each tensor is a view of it (contiguous, sharing its storage).
   const core::Tensor host = m.backend().download(m.params().buffer());
   for (const model::ParamInfo& p : m.params().infos())
-    out.push_back({p.name, host.slice(0, p.offset, core::shape_numel(p.shape)).view(p.shape).clone()});
+    out.push_back({p.name, host.slice(0, p.offset, core::shape_numel(p.shape)).view(p.shape)});
   return out;
 }
 

@@ -43,7 +43,7 @@ struct RlContext {
 // a part (the worker, the reward service, the store).
 absl::Status grpo(const Recipe& recipe, const RlContext& ctx);
 
-// The policy's parameters as named tensors for RolloutClient::update_weights.
+// The policy's parameters as named tensors for RolloutClient::update_weights: views of one host copy.
 std::vector<rollout::NamedTensor> weight_tensors(const model::Model& m);
 
 }  // namespace r1lab::run

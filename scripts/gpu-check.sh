@@ -57,4 +57,25 @@ base=()
 rc=$?
 log "train_step: exit $rc"
 cat "$out/train_step.md" | tee -a "$out/summary.txt"
+# 4. The demo recipe end to end on the GPU (pretraining, trainer, reference and rollout worker there): it
+#    must finish and raise held-out accuracy.
+if "$bin/r1lab" run "$root/recipes/r1_zero_tiny.yaml" --device cuda --run-dir "$out/r1_zero_tiny_cuda" \
+    > "$out/r1_zero_tiny_cuda.log" 2>&1; then
+  acc=$(grep -E '^held-out accuracy:' "$out/r1_zero_tiny_cuda.log" | tail -1)
+  log "r1lab run r1_zero_tiny --device cuda: $acc; $(grep -E '^time:' "$out/r1_zero_tiny_cuda.log" | tail -1)"
+  if ! awk '{gsub("%", ""); exit !($NF > $(NF - 2))}' <<<"$acc"; then
+    log "r1_zero_tiny on cuda: held-out accuracy did not rise"
+    status=1
+  fi
+else
+  log "r1lab run r1_zero_tiny --device cuda FAILED (see r1_zero_tiny_cuda.log)"
+  status=1
+fi
+
+# 5. Publishing a new policy version to a rollout worker, the benchmark model's weights.
+if [[ -x $bin/weight_sync ]]; then
+  "$bin/weight_sync" --config "$bench/bench_moe_mla_0.5b.json" --device cuda --repeat 2 > "$out/weight_sync.md" 2>&1 ||
+    log "weight_sync FAILED"
+  cat "$out/weight_sync.md" | tee -a "$out/summary.txt"
+fi
 exit $status

@@ -343,7 +343,7 @@ Tensor CudaBackend::download(const Tensor& src) {
     copy(src, c);
     return download(c);
   }
-  Tensor host = Tensor::zeros(src.shape(), src.dtype());
+  Tensor host = Tensor::empty(src.shape(), src.dtype());  // every byte is copied in
   CUDA_CHECK(cudaMemcpyAsync(host.raw(), src.raw(), static_cast<size_t>(src.numel()) * dtype_size(src.dtype()),
                              cudaMemcpyDeviceToHost, ctx_->stream));
   synchronize();
