@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
@@ -45,15 +47,26 @@ int32_t Sampler::sample(const float* logits, int64_t vocab, const SamplingParams
   if (p.temperature == 0.0f) {
     pick = static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);  // first maximum
   } else {
-    std::vector<int32_t> order(static_cast<size_t>(vocab));
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-    size_t keep = order.size();
+    // Most likely first, ties in vocabulary order (as a stable sort by logit): (-logit, id) pairs sorted
+    // in place, not ids sorted through the logits (several times faster at a 32 k vocabulary); with top-k
+    // only the first k are ordered.
+    // Scratch reused across calls (a fresh 256 KB vector a call costs page faults as large as the sort).
+    thread_local std::vector<std::pair<float, int32_t>> ranked;
+    thread_local std::vector<double> prob;
+    ranked.resize(static_cast<size_t>(vocab));
+    for (int64_t j = 0; j < vocab; ++j) ranked[static_cast<size_t>(j)] = {-logits[j], static_cast<int32_t>(j)};
+    size_t keep = ranked.size();
     if (p.top_k > 0) keep = std::min(keep, static_cast<size_t>(p.top_k));
-    std::vector<double> prob(keep);
+    if (keep < ranked.size()) {
+      std::partial_sort(ranked.begin(), ranked.begin() + static_cast<int64_t>(keep), ranked.end());
+    } else {
+      std::sort(ranked.begin(), ranked.end());
+    }
+    auto order = [&](size_t i) { return ranked[i].second; };
+    prob.resize(keep);
     double total = 0;
     for (size_t i = 0; i < keep; ++i) {
-      prob[i] = std::exp((static_cast<double>(logits[order[i]]) - mx) / p.temperature);
+      prob[i] = std::exp((static_cast<double>(logits[order(i)]) - mx) / p.temperature);
       total += prob[i];
     }
     // min-p: drop tokens below min_p times the most likely one.
@@ -76,11 +89,11 @@ int32_t Sampler::sample(const float* logits, int64_t vocab, const SamplingParams
     }
     std::uniform_real_distribution<double> u(0.0, total);
     double x = u(rng_), acc = 0;
-    pick = order[keep - 1];
+    pick = order(keep - 1);
     for (size_t i = 0; i < keep; ++i) {
       acc += prob[i];
       if (x < acc) {
-        pick = order[i];
+        pick = order(i);
         break;
       }
     }

@@ -26,6 +26,19 @@ TEST(Sampler, GreedyAndTopOneAgreeAndLogprobIsUnmodified) {
   EXPECT_NEAR(lp_k, lp_g, 1e-7);
 }
 
+// Equal logits rank in vocabulary order, so a top-k cut inside a tie keeps the lower ids.
+TEST(Sampler, TopKCutsTiesInVocabularyOrder) {
+  const std::vector<float> logits = {1.0f, 5.0f, 5.0f, 5.0f, 0.0f, 5.0f};
+  SamplingParams p;
+  p.top_k = 2;
+  Sampler s(3);
+  int seen[6] = {0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < 400; ++i) ++seen[s.sample(logits.data(), 6, p, nullptr)];
+  EXPECT_GT(seen[1], 100);
+  EXPECT_GT(seen[2], 100);
+  EXPECT_EQ(seen[1] + seen[2], 400) << "ids 3 and 5 tie with 1 and 2 but come later";
+}
+
 TEST(Sampler, TopPKeepsTheNucleusAndMinPDropsTheTail) {
   std::vector<float> logits = {3.0f, 2.9f, -5.0f, -6.0f};
   SamplingParams p;

@@ -1,0 +1,203 @@
+// Sampling on the GPU with the rollout engine (continuous batching over the paged latent cache) for the
+// benchmark model: tokens/s beside Hugging Face generate measured in the same call (its JSON result,
+// written by ../shared/bench/hf_baseline.py, passed as --baseline), the time of one decode step, and
+// the share it reaches of the memory-bandwidth floor: the bytes a decode step must read (every weight
+// once in bf16, the latents of every running sequence) over the device bandwidth measured in this run.
+// Then a per-op table of profiled decode steps. All sequences run to full length (random weights;
+// prompts stay off the stop token; a sampled eos ends a sequence early and is counted as it is).
+// Usage: rollout --config CONFIG.json [--batches 64,256] [--prompt 128] [--new 256] [--gemm bf16]
+//                [--baseline baseline2.json] [--profile-new 16]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "core/cuda/cuda.h"
+#include "model/latent_cache.h"
+#include "model/model.h"
+#include "nlohmann/json.hpp"
+#include "rollout/engine.h"
+
+ABSL_FLAG(std::string, config, "", "a Hugging Face DeepseekV3 config.json");
+ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"64", "256"}), "sequences sampled together");
+ABSL_FLAG(int, prompt, 128, "prompt tokens per sequence");
+ABSL_FLAG(int, new_tokens, 256, "tokens sampled per sequence");
+ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32 or bf16");
+ABSL_FLAG(std::string, baseline, "", "the PyTorch baseline's JSON ({impl: {gen_bB_tok_per_s}})");
+ABSL_FLAG(int, profile_new, 16, "tokens per sequence in the profiled run (first batch size)");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using r1lab::core::Tensor;
+
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Device memory bandwidth now: a 1 GiB device-to-device copy (read + write), best of 5.
+double measure_bandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
+  cudaMemset(a, 1, bytes);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  float best = 1e30f;
+  for (int i = 0; i < 6; ++i) {
+    cudaEventRecord(e0);
+    cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    if (i > 0) best = std::min(best, ms);
+  }
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / (best / 1e3);
+}
+
+std::vector<r1lab::rollout::GroupRequest> requests(int batch, int prompt, int n_new, int32_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<r1lab::rollout::GroupRequest> groups(static_cast<size_t>(batch));
+  for (int b = 0; b < batch; ++b) {
+    auto& g = groups[static_cast<size_t>(b)];
+    for (int t = 0; t < prompt; ++t) g.prompt.push_back(static_cast<int32_t>(2 + rng() % (vocab - 2)));
+    g.num_samples = 1;
+    g.params.temperature = 1.0f;
+    g.params.max_new_tokens = n_new;
+    g.params.seed = static_cast<uint64_t>(b);
+  }
+  return groups;
+}
+
+r1lab::rollout::EngineOptions engine_options(int batch, int prompt, int n_new) {
+  r1lab::rollout::EngineOptions o;
+  o.num_blocks = 1 + int64_t{batch} * ((prompt + n_new) / o.block_size + 2);
+  o.max_running = batch;
+  o.max_tokens_per_step = 8192;
+  o.prefix_cache = false;  // every run prefills its prompts (as Hugging Face generate does)
+  return o;
+}
+
+// Sampled tokens and seconds of one engine.generate.
+std::pair<int64_t, double> sample(r1lab::rollout::Engine& engine, const std::vector<r1lab::rollout::GroupRequest>& g) {
+  const auto t0 = Clock::now();
+  auto out = engine.generate(g);
+  const double s = since(t0);
+  if (!out.ok()) {
+    std::fprintf(stderr, "rollout: %s\n", std::string(out.status().message()).c_str());
+    std::exit(1);
+  }
+  int64_t tokens = 0;
+  for (const auto& c : *out) tokens += static_cast<int64_t>(c.tokens.size());
+  return {tokens, s};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  auto cfg = r1lab::model::ModelConfig::from_file(absl::GetFlag(FLAGS_config));
+  if (!cfg.ok()) {
+    std::fprintf(stderr, "rollout: %s\n", std::string(cfg.status().message()).c_str());
+    return 1;
+  }
+  r1lab::core::cuda::Options opt;
+  const std::string g = absl::GetFlag(FLAGS_gemm);
+  opt.gemm = g == "f32"    ? r1lab::core::cuda::Options::GemmPrecision::kF32
+             : g == "tf32" ? r1lab::core::cuda::Options::GemmPrecision::kTF32
+                           : r1lab::core::cuda::Options::GemmPrecision::kBF16;
+  auto be = r1lab::core::cuda::make_backend(opt);
+  if (!be.ok()) {
+    std::fprintf(stderr, "rollout: %s\n", std::string(be.status().message()).c_str());
+    return 1;
+  }
+  r1lab::model::Model model(*cfg, **be);
+  model.init_random(1, 0.02f);
+  const int prompt = absl::GetFlag(FLAGS_prompt), n_new = absl::GetFlag(FLAGS_new_tokens);
+  const double bw = measure_bandwidth();
+  const double params = static_cast<double>(model.params().buffer().numel());
+  const double embed = static_cast<double>(cfg->vocab_size) * cfg->hidden_size;  // rows read, not the table
+  const double latent_bytes = static_cast<double>(r1lab::model::LatentCache::bytes_per_token(*cfg, 2));
+
+  nlohmann::json base;
+  if (!absl::GetFlag(FLAGS_baseline).empty()) {
+    std::ifstream in(absl::GetFlag(FLAGS_baseline));
+    nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+    if (j.is_object())
+      for (auto& [impl, r] : j.items())
+        if (r.is_object()) base = r;
+  }
+  std::printf("rollout: %s, %.0f M parameters, prompt %d, %d new tokens, gemm %s, memory %.0f GB/s measured\n\n",
+              absl::GetFlag(FLAGS_config).c_str(), params / 1e6, prompt, n_new, g.c_str(), bw / 1e9);
+  std::printf("| batch | tokens/s | HF generate tokens/s | ratio | decode step ms | floor ms | %% of floor | floor tokens/s |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  for (const std::string& bs : absl::GetFlag(FLAGS_batches)) {
+    const int batch = std::atoi(bs.c_str());
+    if (batch <= 0) continue;
+    r1lab::rollout::Engine engine(model, engine_options(batch, prompt, n_new));
+    sample(engine, requests(batch, prompt, 4, cfg->vocab_size, 99));  // warm-up
+    // Prefill + one token, then the whole run: their difference is n_new - 1 decode steps.
+    const auto one = sample(engine, requests(batch, prompt, 1, cfg->vocab_size, 7));
+    const auto all = sample(engine, requests(batch, prompt, n_new, cfg->vocab_size, 7));
+    const double tok_s = all.first / all.second;
+    const double step_s = (all.second - one.second) / std::max(1, n_new - 1);
+    // The floor of one decode step: every weight but the embedding table once in bf16, the batch's
+    // embedding rows, and the latents of the batch at its mean context.
+    const double bytes = 2 * (params - embed) + 2.0 * batch * cfg->hidden_size +
+                         latent_bytes * batch * (prompt + n_new / 2.0);
+    const double floor_s = bw > 0 ? bytes / bw : 0;
+    const std::string key = "gen_b" + bs + "_tok_per_s";
+    const double hf = base.is_object() && base.contains(key) ? base[key].get<double>() : 0;
+    std::printf("| %d | %.0f | %s | %s | %.2f | %.3f | %.1f%% | %.0f |\n", batch, tok_s,
+                hf > 0 ? std::to_string(static_cast<int64_t>(hf)).c_str() : "-",
+                hf > 0 ? (std::to_string(tok_s / hf).substr(0, 5) + "x").c_str() : "-", 1e3 * step_s, 1e3 * floor_s,
+                step_s > 0 ? 100 * floor_s / step_s : 0.0, floor_s > 0 ? batch / floor_s : 0.0);
+    std::fflush(stdout);
+  }
+
+  // Profiled decode steps at the first batch size: per-op time.
+  const int pbatch = std::atoi(absl::GetFlag(FLAGS_batches).front().c_str());
+  const int pnew = std::max(2, absl::GetFlag(FLAGS_profile_new));
+  r1lab::core::cuda::Options popt = opt;
+  popt.profile = true;
+  auto pbe = r1lab::core::cuda::make_backend(popt);
+  if (!pbe.ok() || pbatch <= 0) return 0;
+  r1lab::model::Model pm(*cfg, **pbe);
+  Tensor buf = pm.params().buffer();
+  (*pbe)->upload((*be)->download(model.params().buffer()), buf);
+  r1lab::rollout::Engine pengine(pm, engine_options(pbatch, prompt, pnew));
+  sample(pengine, requests(pbatch, prompt, 4, cfg->vocab_size, 99));  // warm-up
+  r1lab::core::cuda::reset_profile(**pbe);
+  sample(pengine, requests(pbatch, prompt, 1, cfg->vocab_size, 7));
+  const auto before = r1lab::core::cuda::profile(**pbe);
+  r1lab::core::cuda::reset_profile(**pbe);
+  const auto prof = sample(pengine, requests(pbatch, prompt, pnew, cfg->vocab_size, 7));
+  auto ops = r1lab::core::cuda::profile(**pbe);
+  // The prefill + 1 run subtracted op by op leaves pnew - 1 decode steps.
+  for (auto& o : ops)
+    for (const auto& b : before)
+      if (b.op == o.op) o.ms -= b.ms, o.calls -= b.calls;
+  std::sort(ops.begin(), ops.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
+  double total = 0;
+  for (const auto& o : ops) total += o.ms;
+  const double steps = pnew - 1;
+  std::printf("\nper op, batch %d, mean of %d decode steps (prefill subtracted; %.2f ms a step in ops, %.2f ms wall "
+              "a step with the prefill run):\n",
+              pbatch, pnew - 1, total / steps, 1e3 * prof.second / pnew);
+  std::printf("| op | calls a step | ms a step | %% of op time | GB/s |\n|---|---|---|---|---|\n");
+  for (const auto& o : ops) {
+    if (o.ms <= 0) continue;
+    std::printf("| %s | %.1f | %.3f | %.1f%% | %.0f |\n", o.op.c_str(), o.calls / steps, o.ms / steps,
+                100 * o.ms / total, o.ms > 0 ? o.bytes / (o.ms / 1e3) / 1e9 : 0.0);
+  }
+  return 0;
+}
