@@ -15,10 +15,9 @@
 #include <string>
 #include <vector>
 
-#include <cuda_runtime.h>
-
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "bench/gpu_ceilings.h"
 #include "core/cuda/cuda.h"
 #include "model/latent_cache.h"
 #include "model/model.h"
@@ -39,30 +38,6 @@ using Clock = std::chrono::steady_clock;
 using r1lab::core::Tensor;
 
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-// Device memory bandwidth now: a 1 GiB device-to-device copy (read + write), best of 5.
-double measure_bandwidth() {
-  const size_t bytes = size_t{1} << 30;
-  void *a = nullptr, *b = nullptr;
-  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) return 0;
-  cudaMemset(a, 1, bytes);
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  float best = 1e30f;
-  for (int i = 0; i < 6; ++i) {
-    cudaEventRecord(e0);
-    cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
-    cudaEventRecord(e1);
-    cudaEventSynchronize(e1);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, e0, e1);
-    if (i > 0) best = std::min(best, ms);
-  }
-  cudaFree(a);
-  cudaFree(b);
-  return 2.0 * bytes / (best / 1e3);
-}
 
 std::vector<r1lab::rollout::GroupRequest> requests(int batch, int prompt, int n_new, int32_t vocab, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -123,7 +98,7 @@ int main(int argc, char** argv) {
   r1lab::model::Model model(*cfg, **be);
   model.init_random(1, 0.02f);
   const int prompt = absl::GetFlag(FLAGS_prompt), n_new = absl::GetFlag(FLAGS_new_tokens);
-  const double bw = measure_bandwidth();
+  const double bw = r1lab::bench::ceilings().bytes_per_s;
   const double params = static_cast<double>(model.params().buffer().numel());
   const double embed = static_cast<double>(cfg->vocab_size) * cfg->hidden_size;  // rows read, not the table
   const double latent_bytes = static_cast<double>(r1lab::model::LatentCache::bytes_per_token(*cfg, 2));

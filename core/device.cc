@@ -15,14 +15,6 @@ bool is_cuda(const std::string& device) { return device == "cuda" || absl::Start
 
 }  // namespace
 
-bool built_with_cuda() {
-#ifdef R1LAB_HAVE_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
 absl::Status check_device_names(const std::string& device, const std::string& gemm) {
   if (device != "cpu" && !is_cuda(device))
     return absl::InvalidArgumentError(absl::StrCat("unknown device '", device, "' (cpu, cuda or cuda:N)"));

@@ -18,7 +18,4 @@ absl::Status check_device_names(const std::string& device, const std::string& ge
 // The backend, or an error that says why it cannot be had (an unknown name, a build without CUDA, no GPU).
 absl::StatusOr<std::unique_ptr<Backend>> make_backend(const std::string& device, const std::string& gemm);
 
-// True when this build has the CUDA backend.
-bool built_with_cuda();
-
 }  // namespace r1lab::core
