@@ -96,26 +96,27 @@ int main(int argc, char** argv) {
     std::vector<std::vector<int32_t>> seqs;
     for (const auto& g : groups)
       for (int s = 0; s < group; ++s) seqs.push_back(g.prompt);
-    std::vector<r1lab::rollout::Sampler> samplers;
+    std::vector<uint64_t> seeds;
     for (int64_t s = 0; s < n_seq; ++s)
-      samplers.emplace_back(r1lab::rollout::sample_seed(groups[s / group].params.seed, s % group));
+      seeds.push_back(r1lab::rollout::sample_seed(groups[s / group].params.seed, s % group));
     t0 = std::chrono::steady_clock::now();
     for (int step = 0; step < n_new; ++step) {
       const int64_t len = static_cast<int64_t>(seqs[0].size());
       Tensor ids = Tensor::zeros({n_seq, len}, r1lab::core::DType::kI32);
+      for (int64_t s = 0; s < n_seq; ++s) std::copy(seqs[s].begin(), seqs[s].end(), ids.data<int32_t>() + s * len);
+      const Tensor logits = m.forward(ids);
+      std::vector<r1lab::rollout::SampleRequest> picks;
       for (int64_t s = 0; s < n_seq; ++s)
-        std::copy(seqs[s].begin(), seqs[s].end(), ids.data<int32_t>() + s * len);
-      Tensor logits = be->download(m.forward(ids));
-      for (int64_t s = 0; s < n_seq; ++s)
-        seqs[s].push_back(samplers[s].sample(logits.f32() + ((s + 1) * len - 1) * c.vocab_size, c.vocab_size,
-                                             groups[0].params, nullptr));
+        picks.push_back({(s + 1) * len - 1, &groups[s / group].params, r1lab::rollout::sample_uniform(seeds[s], step)});
+      std::vector<int32_t> next;
+      r1lab::rollout::sample_tokens(*be, logits, picks, &next, nullptr);
+      for (int64_t s = 0; s < n_seq; ++s) seqs[s].push_back(next[s]);
     }
     const double t_naive = seconds(t0);
     const auto st = engine.stats();
-    std::printf("| %d x %d | %lld | %.0f | %.0f | %.2f | %lld | %lld |\n", batch, group,
-                static_cast<long long>(n_seq), tokens / t_engine, n_seq * n_new / t_naive,
-                (tokens / t_engine) / (n_seq * n_new / t_naive), static_cast<long long>(st.steps),
-                static_cast<long long>(st.prefix_hit_tokens));
+    std::printf("| %d x %d | %lld | %.0f | %.0f | %.2f | %lld | %lld |\n", batch, group, static_cast<long long>(n_seq),
+                tokens / t_engine, n_seq * n_new / t_naive, (tokens / t_engine) / (n_seq * n_new / t_naive),
+                static_cast<long long>(st.steps), static_cast<long long>(st.prefix_hit_tokens));
     std::fflush(stdout);
   }
 

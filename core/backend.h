@@ -56,6 +56,9 @@ struct RopeTable {
   Tensor sin;
 };
 
+// The columns of a sample_tokens spec row.
+enum SampleSpecColumn : int { kSpecRow, kSpecTemperature, kSpecTopP, kSpecTopK, kSpecMinP, kSpecUniform, kSampleSpecColumns };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -162,6 +165,17 @@ class Backend {
   // Per row of logits [M, V] with its lse [M]: the softmax's entropy, entropy[m] = lse[m] - Σ_j p_j·logits[m, j]
   // (f32), and the first index of the row's maximum, argmax[m] (I32).
   virtual void logit_stats(const Tensor& logits, const Tensor& lse, Tensor& entropy, Tensor& argmax) = 0;
+
+  // ---- token sampling (the rollout engine's next tokens, without the logits leaving the device)
+  // One token per row s of spec [S, kSampleSpecColumns] f32 (integers stored exactly):
+  //   (logits row r, temperature T, top_p, top_k, min_p, u in [0, 1)), r a row of logits [M, V] rows
+  //   (several specs may share a row: a group's samples after its prompt).
+  // T = 0 picks the first maximum. Otherwise p_j ∝ exp((logits[r, j] - max) / T) and tokens rank by
+  // (-logit, id): top_k > 0 keeps the first k, min_p keeps those with p >= min_p · p_max, then top_p < 1
+  // keeps the shortest prefix of what is left whose mass reaches top_p of its mass. The pick is the first
+  // kept token, in vocabulary order, at which the running sum of kept p exceeds u · (their sum).
+  // tokens [S] I32; logprobs [S] f32: logits[r, pick] - logsumexp(logits[r]) (T and the cuts left out).
+  virtual void sample_tokens(const Tensor& logits, const Tensor& spec, Tensor& tokens, Tensor& logprobs) = 0;
 
   // ---- the optimizer, over one flat f32 parameter buffer and its gradient/moment buffers
   // Σ x² over the spans of x [N] (a NaN or Inf propagates to the result).

@@ -145,8 +145,11 @@ class Engine {
   void match_prefix(Sequence& s);
   // Offers s's full blocks below token `upto` (computed, or being computed this step) to the prefix cache.
   void publish_full_blocks(Sequence& s, int64_t upto);
-  void on_logits(Sequence* s, const float* logits);
-  void sample_next(Sequence* s, const float* logits);
+  // The sequences that sample from s's logits: s, and when its group's prompt is now in the cache, the
+  // group's other samples (made here, sharing s's blocks).
+  std::vector<Sequence*> samplers_of(Sequence* s);
+  // Appends a sampled token (and its log-probability) and applies the stop rules.
+  void accept(Sequence* s, int32_t tok, float lp);
   void finish(Sequence* s, FinishReason reason);
   void release_blocks(Sequence& s);
   // Gives the blocks back and forgets what was computed (recomputed from the tokens when rescheduled).

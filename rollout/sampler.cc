@@ -2,11 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
-#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/check.h"
 #include "core/status_macros.h"
 
 namespace r1lab::rollout {
@@ -24,8 +23,7 @@ absl::Status validate(const SamplingParams& p) {
   if (p.stop_token_ids.size() > 64 || p.stop_strings.size() > 64)
     return absl::InvalidArgumentError("at most 64 stop token ids and 64 stop strings");
   for (const std::string& s : p.stop_strings)
-    if (s.empty() || s.size() > 256)
-      return absl::InvalidArgumentError("a stop string must have 1 to 256 bytes");
+    if (s.empty() || s.size() > 256) return absl::InvalidArgumentError("a stop string must have 1 to 256 bytes");
   return absl::OkStatus();
 }
 
@@ -37,69 +35,45 @@ uint64_t sample_seed(uint64_t seed, int64_t index) {
   return z ^ (z >> 31);
 }
 
-int32_t Sampler::sample(const float* logits, int64_t vocab, const SamplingParams& p, float* logprob) {
-  // log-softmax of the unmodified logits: what the trainer recomputes.
-  const float mx = *std::max_element(logits, logits + vocab);
-  double sum = 0;
-  for (int64_t j = 0; j < vocab; ++j) sum += std::exp(static_cast<double>(logits[j] - mx));
-  const double lse = mx + std::log(sum);
-  int32_t pick;
-  if (p.temperature == 0.0f) {
-    pick = static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);  // first maximum
-  } else {
-    // Most likely first, ties in vocabulary order (as a stable sort by logit): (-logit, id) pairs sorted
-    // in place, not ids sorted through the logits (several times faster at a 32 k vocabulary); with top-k
-    // only the first k are ordered.
-    // Scratch reused across calls (a fresh 256 KB vector a call costs page faults as large as the sort).
-    thread_local std::vector<std::pair<float, int32_t>> ranked;
-    thread_local std::vector<double> prob;
-    ranked.resize(static_cast<size_t>(vocab));
-    for (int64_t j = 0; j < vocab; ++j) ranked[static_cast<size_t>(j)] = {-logits[j], static_cast<int32_t>(j)};
-    size_t keep = ranked.size();
-    if (p.top_k > 0) keep = std::min(keep, static_cast<size_t>(p.top_k));
-    if (keep < ranked.size()) {
-      std::partial_sort(ranked.begin(), ranked.begin() + static_cast<int64_t>(keep), ranked.end());
-    } else {
-      std::sort(ranked.begin(), ranked.end());
-    }
-    auto order = [&](size_t i) { return ranked[i].second; };
-    prob.resize(keep);
-    double total = 0;
-    for (size_t i = 0; i < keep; ++i) {
-      prob[i] = std::exp((static_cast<double>(logits[order(i)]) - mx) / p.temperature);
-      total += prob[i];
-    }
-    // min-p: drop tokens below min_p times the most likely one.
-    if (p.min_p > 0.0f) {
-      size_t n = 0;
-      while (n < keep && prob[n] >= p.min_p * prob[0]) ++n;
-      keep = std::max<size_t>(n, 1);
-      total = std::accumulate(prob.begin(), prob.begin() + static_cast<int64_t>(keep), 0.0);
-    }
-    // top-p: the smallest prefix whose mass reaches top_p.
-    if (p.top_p < 1.0f) {
-      double acc = 0;
-      size_t n = 0;
-      while (n < keep) {
-        acc += prob[n++] / total;
-        if (acc >= p.top_p) break;
-      }
-      keep = n;
-      total = std::accumulate(prob.begin(), prob.begin() + static_cast<int64_t>(keep), 0.0);
-    }
-    std::uniform_real_distribution<double> u(0.0, total);
-    double x = u(rng_), acc = 0;
-    pick = order(keep - 1);
-    for (size_t i = 0; i < keep; ++i) {
-      acc += prob[i];
-      if (x < acc) {
-        pick = order(i);
-        break;
-      }
-    }
+float sample_uniform(uint64_t seed, int64_t step) {
+  // 24 random bits: exactly representable in the spec's f32 column.
+  return static_cast<float>(sample_seed(seed, step) >> 40) * 0x1p-24f;
+}
+
+void sample_tokens(core::Backend& be, const core::Tensor& logits, const std::vector<SampleRequest>& requests,
+                   std::vector<int32_t>* tokens, std::vector<float>* logprobs) {
+  const int64_t n = static_cast<int64_t>(requests.size());
+  tokens->clear();
+  if (logprobs) logprobs->clear();
+  if (n == 0) return;
+  CHECK_LT(logits.size(-1), int64_t{1} << 24) << "top_k and rows travel as f32";
+  core::Tensor spec = core::Tensor::empty({n, core::kSampleSpecColumns});
+  for (int64_t i = 0; i < n; ++i) {
+    const SampleRequest& r = requests[static_cast<size_t>(i)];
+    CHECK(r.row >= 0 && r.row < logits.size(0) && r.row < (int64_t{1} << 24));
+    float* q = spec.f32() + i * core::kSampleSpecColumns;
+    q[core::kSpecRow] = static_cast<float>(r.row);
+    q[core::kSpecTemperature] = r.params->temperature;
+    q[core::kSpecTopP] = r.params->top_p;
+    q[core::kSpecTopK] = static_cast<float>(std::min<int64_t>(r.params->top_k, logits.size(-1)));
+    q[core::kSpecMinP] = r.params->min_p;
+    q[core::kSpecUniform] = r.uniform;
   }
-  if (logprob) *logprob = static_cast<float>(logits[pick] - lse);
-  return pick;
+  core::Tensor tok, lp;
+  if (be.device() == core::Device::kCpu) {
+    tok = core::Tensor::empty({n}, core::DType::kI32);
+    lp = core::Tensor::empty({n});
+    be.sample_tokens(logits, spec, tok, lp);
+  } else {
+    core::Tensor dspec = be.zeros(spec.shape(), core::DType::kF32);
+    be.upload(spec, dspec);
+    core::Tensor dtok = be.zeros({n}, core::DType::kI32), dlp = be.zeros({n}, core::DType::kF32);
+    be.sample_tokens(logits, dspec, dtok, dlp);
+    tok = be.download(dtok);
+    lp = be.download(dlp);
+  }
+  tokens->assign(tok.data<int32_t>(), tok.data<int32_t>() + n);
+  if (logprobs) logprobs->assign(lp.f32(), lp.f32() + n);
 }
 
 }  // namespace r1lab::rollout

@@ -78,4 +78,10 @@ if [[ -x $bin/weight_sync ]]; then
     log "weight_sync FAILED"
   cat "$out/weight_sync.md" | tee -a "$out/summary.txt"
 fi
+# 6. Sampling with the rollout engine on the benchmark model, beside HF generate from step 3.
+if [[ -x $bin/rollout ]]; then
+  "$bin/rollout" --config "$bench/bench_moe_mla_0.5b.json" "${base[@]}" > "$out/rollout.md" 2> "$out/rollout.log" ||
+    { log "rollout benchmark FAILED (see rollout.log)"; status=1; }
+  cat "$out/rollout.md" | tee -a "$out/summary.txt"
+fi
 exit $status

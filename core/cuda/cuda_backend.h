@@ -125,6 +125,7 @@ class CudaBackend final : public Backend {
   void logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets, const Tensor& lse,
                          Tensor& dlogits) override;
   void logit_stats(const Tensor& logits, const Tensor& lse, Tensor& entropy, Tensor& argmax) override;
+  void sample_tokens(const Tensor& logits, const Tensor& spec, Tensor& tokens, Tensor& logprobs) override;
 
   double sum_squares(const Tensor& x, const std::vector<ParamSpan>& spans) override;
   void adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,

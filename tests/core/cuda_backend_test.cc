@@ -278,9 +278,9 @@ struct AttnCase {
 };
 
 TEST_F(CudaBackendTest, AttentionForwardBackwardCausalGqaAndPrefix) {
-  for (const AttnCase& c : {AttnCase{2, 37, 37, 4, 4, 48, 32}, AttnCase{1, 5, 70, 4, 2, 96, 64},
-                            AttnCase{2, 130, 130, 2, 2, 192, 128}, AttnCase{1, 1, 1, 1, 1, 8, 8},
-                            AttnCase{3, 64, 96, 6, 3, 40, 24}}) {
+  for (const AttnCase& c :
+       {AttnCase{2, 37, 37, 4, 4, 48, 32}, AttnCase{1, 5, 70, 4, 2, 96, 64}, AttnCase{2, 130, 130, 2, 2, 192, 128},
+        AttnCase{1, 1, 1, 1, 1, 8, 8}, AttnCase{3, 64, 96, 6, 3, 40, 24}}) {
     Tensor q = randn({c.b, c.t, c.hq, c.d}), k = randn({c.b, c.s, c.hk, c.d}), v = randn({c.b, c.s, c.hk, c.dv});
     Tensor out = Tensor::zeros({c.b, c.t, c.hq, c.dv}), lse = Tensor::zeros({c.b, c.hq, c.t});
     const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
@@ -309,9 +309,9 @@ TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
   auto tcb = cuda::make_backend(o);
   ASSERT_TRUE(tcb.ok());
   Backend& be = **tcb;
-  for (const AttnCase& c : {AttnCase{2, 37, 37, 4, 4, 48, 32}, AttnCase{1, 5, 70, 4, 2, 96, 64},
-                            AttnCase{2, 130, 130, 2, 2, 192, 128}, AttnCase{3, 64, 96, 6, 3, 64, 64},
-                            AttnCase{1, 200, 200, 2, 1, 128, 128}}) {
+  for (const AttnCase& c :
+       {AttnCase{2, 37, 37, 4, 4, 48, 32}, AttnCase{1, 5, 70, 4, 2, 96, 64}, AttnCase{2, 130, 130, 2, 2, 192, 128},
+        AttnCase{3, 64, 96, 6, 3, 64, 64}, AttnCase{1, 200, 200, 2, 1, 128, 128}}) {
     Tensor q = randn({c.b, c.t, c.hq, c.d}), k = randn({c.b, c.s, c.hk, c.d}), v = randn({c.b, c.s, c.hk, c.dv});
     Tensor out = Tensor::zeros({c.b, c.t, c.hq, c.dv}), lse = Tensor::zeros({c.b, c.hq, c.t});
     const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
@@ -385,10 +385,11 @@ TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
     int e, k, groups, topk_groups;
     bool norm;
   };
-  for (const Case& c : {Case{S::kSigmoid, M::kNoauxTc, 8, 2, 2, 1, true}, Case{S::kSigmoid, M::kNoauxTc, 256, 8, 8, 4, true},
-                        Case{S::kSoftmax, M::kGreedy, 64, 6, 1, 1, false},
-                        Case{S::kSoftmax, M::kGroupLimitedGreedy, 160, 6, 8, 3, false},
-                        Case{S::kSigmoid, M::kGreedy, 32, 4, 1, 1, true}}) {
+  for (const Case& c :
+       {Case{S::kSigmoid, M::kNoauxTc, 8, 2, 2, 1, true}, Case{S::kSigmoid, M::kNoauxTc, 256, 8, 8, 4, true},
+        Case{S::kSoftmax, M::kGreedy, 64, 6, 1, 1, false},
+        Case{S::kSoftmax, M::kGroupLimitedGreedy, 160, 6, 8, 3, false},
+        Case{S::kSigmoid, M::kGreedy, 32, 4, 1, 1, true}}) {
     RouterConfig cfg;
     cfg.scoring = c.scoring;
     cfg.method = c.method;
@@ -482,6 +483,103 @@ TEST_F(CudaBackendTest, LogprobsForwardBackward) {
   }
 }
 
+// Sampling: the same picks as the CPU reference for the same draws (a pick may differ only where the
+// f32 and f64 sums put the draw on different sides of a token boundary), every cut, ties at the cuts,
+// the exact logprob, and bitwise-repeatable results.
+TEST_F(CudaBackendTest, SampleTokensMatchesTheReference) {
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  for (auto [m, v] : {std::pair<int64_t, int64_t>{3, 10}, {24, 1000}, {12, 32768}, {4, 129280}}) {
+    Tensor logits = randn({m, v}, 3.0f);
+    for (int64_t i = 0; i < m * v; ++i) logits.f32()[i] = std::round(logits.f32()[i] * 8.0f) / 8.0f;  // ties
+    const int64_t n = 8 * m;
+    Tensor spec = Tensor::zeros({n, kSampleSpecColumns});
+    for (int64_t s = 0; s < n; ++s) {
+      float* q = spec.f32() + s * kSampleSpecColumns;
+      q[kSpecRow] = static_cast<float>(s % m);
+      const int kind = static_cast<int>(s % 8);  // greedy, plain, top-k, top-p, min-p, all, k=1, cold
+      q[kSpecTemperature] = kind == 0 ? 0.0f : kind == 7 ? 0.05f : 0.5f + unit(rng_);
+      q[kSpecTopP] = kind == 3 || kind == 5 ? 0.3f + 0.6f * unit(rng_) : 1.0f;
+      q[kSpecTopK] = kind == 2 || kind == 5 ? static_cast<float>(1 + static_cast<int64_t>(unit(rng_) * 50))
+                     : kind == 6            ? 1.0f
+                                            : 0.0f;
+      q[kSpecMinP] = kind == 4 || kind == 5 ? 0.2f * unit(rng_) : 0.0f;
+      q[kSpecUniform] = unit(rng_);
+    }
+    Tensor tok = Tensor::zeros({n}, DType::kI32), lp = Tensor::zeros({n});
+    cpu_->sample_tokens(logits, spec, tok, lp);
+    Tensor gl = dev(logits), gs = dev(spec);
+    Tensor gt = gpu_->zeros({n}, DType::kI32), glp = gpu_->zeros({n}, DType::kF32);
+    gpu_->sample_tokens(gl, gs, gt, glp);
+    const Tensor got = gpu_->download(gt), got_lp = gpu_->download(glp);
+    int64_t same = 0;
+    for (int64_t s = 0; s < n; ++s) {
+      const int32_t g = got.data<int32_t>()[s], c = tok.data<int32_t>()[s];
+      ASSERT_TRUE(g >= 0 && g < v) << "spec " << s;
+      const int64_t row = s % m;
+      // Its logprob is exact whichever token it is.
+      double z = 0;
+      const float* l = logits.f32() + row * v;
+      const float mx = *std::max_element(l, l + v);
+      for (int64_t j = 0; j < v; ++j) z += std::exp(static_cast<double>(l[j]) - mx);
+      EXPECT_NEAR(got_lp.f32()[s], l[g] - mx - std::log(z), 1e-4) << "spec " << s;
+      if (g == c) {
+        ++same;
+        continue;
+      }
+      const float* q = spec.f32() + s * kSampleSpecColumns;
+      EXPECT_NE(q[kSpecTemperature], 0.0f) << "greedy differs at spec " << s;
+      EXPECT_NE(q[kSpecTopK], 1.0f) << "top-1 differs at spec " << s;
+    }
+    EXPECT_GE(same, n - std::max<int64_t>(1, n / 50)) << "v = " << v;
+    // Bitwise repeatable.
+    Tensor gt2 = gpu_->zeros({n}, DType::kI32), glp2 = gpu_->zeros({n}, DType::kF32);
+    gpu_->sample_tokens(gl, gs, gt2, glp2);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gt2), got));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(glp2), got_lp));
+  }
+}
+
+// Cuts inside a tie keep the lower ids, on both backends: four equal maxima at ids 3, 5, 7, 9.
+TEST_F(CudaBackendTest, SampleTokensCutTiesInVocabularyOrder) {
+  const int64_t v = 1000;
+  Tensor logits = randn({1, v});
+  for (int64_t j : {3, 5, 7, 9}) logits.f32()[j] = 40.0f;
+  struct Case {
+    float temperature, top_p, top_k, min_p;
+    std::vector<int32_t> allowed;
+  };
+  const std::vector<Case> cases = {{0.0f, 1.0f, 0.0f, 0.0f, {3}},          {1.0f, 1.0f, 2.0f, 0.0f, {3, 5}},
+                                   {1.0f, 1.0f, 3.0f, 0.0f, {3, 5, 7}},    {1.0f, 0.3f, 0.0f, 0.0f, {3, 5}},
+                                   {1.0f, 0.6f, 0.0f, 0.0f, {3, 5, 7}},    {1.0f, 0.6f, 2.0f, 0.0f, {3, 5}},
+                                   {1.0f, 1.0f, 0.0f, 0.5f, {3, 5, 7, 9}}, {1.0f, 0.6f, 0.0f, 0.5f, {3, 5, 7}}};
+  const int64_t draws = 32, n = draws * static_cast<int64_t>(cases.size());
+  Tensor spec = Tensor::zeros({n, kSampleSpecColumns});
+  for (int64_t s = 0; s < n; ++s) {
+    const Case& c = cases[static_cast<size_t>(s / draws)];
+    float* q = spec.f32() + s * kSampleSpecColumns;
+    q[kSpecTemperature] = c.temperature;
+    q[kSpecTopP] = c.top_p;
+    q[kSpecTopK] = c.top_k;
+    q[kSpecMinP] = c.min_p;
+    q[kSpecUniform] = (static_cast<float>(s % draws) + 0.5f) / draws;
+  }
+  Tensor tok = Tensor::zeros({n}, DType::kI32), lp = Tensor::zeros({n});
+  cpu_->sample_tokens(logits, spec, tok, lp);
+  Tensor gt = gpu_->zeros({n}, DType::kI32), glp = gpu_->zeros({n}, DType::kF32);
+  gpu_->sample_tokens(dev(logits), dev(spec), gt, glp);
+  const Tensor got = gpu_->download(gt);
+  for (int64_t s = 0; s < n; ++s) {
+    const Case& c = cases[static_cast<size_t>(s / draws)];
+    const int32_t g = got.data<int32_t>()[s];
+    EXPECT_EQ(g, tok.data<int32_t>()[s]) << "spec " << s;
+    EXPECT_NE(std::find(c.allowed.begin(), c.allowed.end(), g), c.allowed.end()) << "spec " << s << " picked " << g;
+    // The draws spread over the allowed set: the last draw of a case lands on its last allowed id.
+    if (s % draws == draws - 1) {
+      EXPECT_EQ(g, c.allowed.back()) << "spec " << s;
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, OptimizerSumSquaresAndAdamW) {
   const int64_t n = 300000;
   const std::vector<ParamSpan> spans = {{0, 1000, false}, {1000, 200000, true}, {250000, 50000, true}};
@@ -555,9 +653,9 @@ TEST_F(CudaModelTest, ForwardBackwardMatchesCpuAndRepeatsBitwise) {
 }
 
 // The bf16 path (tensor-core products and attention) on a whole network: the logits and the gradient of a
-// cross-entropy step within relative L2 2e-2 of the fp32 CPU reference (the fixtures' bf16 tolerance). The network is the fixture's config made dense:
-// with routed experts, bf16 rounding flips near-tied expert choices of some tokens, and a flipped token
-// differs by design, not by error.
+// cross-entropy step within relative L2 2e-2 of the fp32 CPU reference (the fixtures' bf16 tolerance). The network is
+// the fixture's config made dense: with routed experts, bf16 rounding flips near-tied expert choices of some tokens,
+// and a flipped token differs by design, not by error.
 TEST_F(CudaModelTest, Bf16PathWithinTolerance) {
   cuda::Options o;
   o.gemm = cuda::Options::GemmPrecision::kBF16;
@@ -584,9 +682,9 @@ TEST_F(CudaModelTest, Bf16PathWithinTolerance) {
     double z = 0;
     for (int64_t j = 0; j < vocab; ++j) z += std::exp(static_cast<double>(row[j] - mx));
     for (int64_t j = 0; j < vocab; ++j)
-      d[j] = static_cast<float>((std::exp(static_cast<double>(row[j] - mx)) / z -
-                                 (j == targets.data<int32_t>()[i] ? 1.0 : 0.0)) /
-                                static_cast<double>(b * t));
+      d[j] = static_cast<float>(
+          (std::exp(static_cast<double>(row[j] - mx)) / z - (j == targets.data<int32_t>()[i] ? 1.0 : 0.0)) /
+          static_cast<double>(b * t));
   }
   cm.zero_grads();
   cm.backward(cs, dlogits);
@@ -641,7 +739,8 @@ TEST_F(CudaModelTest, HuggingFaceFixtureParity) {
     if (std::string(dir) != "tiny_a" && !std::ifstream(testing::fixtures_dir() + "/" + dir + "/config.json")) continue;
     auto rep = trainer::check_parity(testing::fixtures_dir() + "/" + dir, *gpu_, trainer::ParityOptions{});
     ASSERT_TRUE(rep.ok()) << rep.status();
-    for (const auto& it : rep->items) EXPECT_TRUE(it.pass) << dir << ": " << it.name << " " << it.metric << " " << it.value;
+    for (const auto& it : rep->items)
+      EXPECT_TRUE(it.pass) << dir << ": " << it.name << " " << it.metric << " " << it.value;
   }
 }
 
