@@ -64,6 +64,10 @@ class Backend {
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   virtual std::string name() const = 0;
+  // The dtype this backend's matrix products round their operands to. A model may keep a copy of its
+  // matrix weights in it; gemm and grouped_gemm then take those as they are (the same products, without
+  // a conversion of the weights in every call).
+  virtual DType weight_dtype() const { return DType::kF32; }
 
   // ---- memory
   // A zero-filled contiguous tensor on this backend's device.
@@ -71,7 +75,8 @@ class Backend {
   // Copies between a host tensor and a tensor of this backend (same shape and dtype, contiguous).
   virtual void upload(const Tensor& host, Tensor& dst) = 0;
   virtual Tensor download(const Tensor& src) = 0;
-  // dst = src, any strides, same shape (up to 4 dimensions).
+  // dst = src, any strides, same shape (up to 4 dimensions); f32 to bf16 rounds to nearest even, bf16 to
+  // f32 is exact.
   virtual void copy(const Tensor& src, Tensor& dst) = 0;
   // y += alpha * x, any strides, same shape (up to 4 dimensions).
   virtual void add(const Tensor& x, Tensor& y, float alpha = 1.0f) = 0;
@@ -83,6 +88,11 @@ class Backend {
   // b: [k, n] rows ([n, k] if trans_b), c: [m, n] rows.
   virtual void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
                     float alpha = 1.0f, float beta = 0.0f) = 0;
+  // c[i] = alpha · op(a[i]) · op(b[i]) + beta · c[i] for every i of the leading dimension of 3-D views
+  // whose last dimension is contiguous (any strides on the first two): a [B, m, k] ([B, k, m] if trans_a),
+  // b [B, k, n] ([B, n, k] if trans_b), c [B, m, n] f32.
+  virtual void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
+                            float alpha = 1.0f, float beta = 0.0f) = 0;
   // One launch over all groups (experts). For group g, rows r in [offsets[g], offsets[g+1]):
   //   c[r] = a[r] · op(w[g]) + beta * c[r];   a: [R, k], w: [G, n, k] (trans_w) or [G, k, n], c: [R, n].
   virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w,

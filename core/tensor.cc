@@ -126,6 +126,17 @@ Tensor Tensor::select(int d, int64_t i) const {
 
 Tensor Tensor::operator[](int64_t i) const { return select(0, i); }
 
+Tensor Tensor::transpose(int d0, int d1) const {
+  if (d0 < 0) d0 += dim();
+  if (d1 < 0) d1 += dim();
+  CHECK(d0 >= 0 && d0 < dim() && d1 >= 0 && d1 < dim()) << "transpose " << d0 << ", " << d1 << " of "
+                                                          << shape_str(shape_);
+  Shape shape = shape_, strides = strides_;
+  std::swap(shape[d0], shape[d1]);
+  std::swap(strides[d0], strides[d1]);
+  return Tensor(storage_, byte_offset_, std::move(shape), std::move(strides), dtype_);
+}
+
 namespace {
 
 // Calls f(linear index into a contiguous result, element offset into this tensor, length, stride) for each

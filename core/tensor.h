@@ -93,6 +93,8 @@ class Tensor {
   Tensor select(int d, int64_t i) const;
   // Index i of dimension 0, dropping that dimension.
   Tensor operator[](int64_t i) const;
+  // Dimensions d0 and d1 swapped (a strided view).
+  Tensor transpose(int d0, int d1) const;
 
   // A contiguous host copy in f32 (from any dtype, any strides). Host tensors only.
   Tensor to_f32() const;

@@ -178,10 +178,8 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   // Absorb W_UK into the queries: q_lat[h] = q_nope[h] · W_UK[h], W_UK[h] = kv_b_proj rows [nope, r].
   Tensor qa = be.zeros({m, heads, r + rd});
   Tensor kvb = w.kv_b_proj.view({heads, nope + vd, r});
-  for (int64_t h = 0; h < heads; ++h) {
-    Tensor dst = qa.select(1, h).slice(1, 0, r);  // [m, r]
-    be.gemm(q.select(1, h).slice(1, 0, nope), false, kvb.select(0, h).slice(0, 0, nope), false, dst);
-  }
+  Tensor qa_lat = qa.slice(2, 0, r).transpose(0, 1);  // [heads, m, r]
+  be.gemm_batched(q.slice(2, 0, nope).transpose(0, 1), false, kvb.slice(1, 0, nope), false, qa_lat);
   Tensor qa_pe = qa.slice(2, r, rd);
   be.copy(q.slice(2, nope, rd), qa_pe);
   // One latent "head" shared by all query heads: k = [c | k_pe], v = c.
@@ -190,10 +188,8 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
                             cfg.attention_scale(), o_lat);
   // Un-absorb W_UV: out[h] = o_lat[h] · W_UV[h]ᵀ, W_UV[h] = kv_b_proj rows [v, r].
   Tensor out = be.zeros({m, heads, vd});
-  for (int64_t h = 0; h < heads; ++h) {
-    Tensor dst = out.select(1, h);  // [m, v]
-    be.gemm(o_lat.select(1, h), false, kvb.select(0, h).slice(0, nope, vd), true, dst);
-  }
+  Tensor out_h = out.transpose(0, 1);  // [heads, m, v]
+  be.gemm_batched(o_lat.transpose(0, 1), false, kvb.slice(1, nope, vd), true, out_h);
   be.gemm(out.view({m, heads * vd}), false, w.o_proj, true, y);
 }
 

@@ -17,6 +17,11 @@ Model::Model(ModelConfig cfg, core::Backend& backend)
     : cfg_(std::move(cfg)), backend_(backend), params_(cfg_, backend), grads_(cfg_, backend) {
   w_ = bind_weights(cfg_, params_);
   g_ = bind_weights(cfg_, grads_);
+  mw_ = w_;
+  if (backend_.weight_dtype() != core::DType::kF32) {
+    mm_buffer_ = backend_.zeros({params_.numel()}, backend_.weight_dtype());
+    mw_ = matmul_views(w_, params_.buffer(), mm_buffer_);
+  }
   core::RopeTable host = make_rope_table(cfg_, cfg_.max_position_embeddings);
   rope_.cos = backend_.zeros(host.cos.shape());
   rope_.sin = backend_.zeros(host.sin.shape());
@@ -28,6 +33,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::load(const std::string& dir, core:
   R1LAB_ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::from_file(dir + "/config.json"));
   auto m = std::make_unique<Model>(std::move(cfg), backend);
   R1LAB_RETURN_IF_ERROR(load_weights(dir, m->cfg_, backend, m->params_));
+  m->weights_changed();
   return m;
 }
 
@@ -44,6 +50,13 @@ void Model::init_random(uint64_t seed, float std) {
   }
   Tensor buf = params_.buffer();
   backend_.upload(host, buf);
+  weights_changed();
+}
+
+void Model::refresh_matmul_weights(bool always) {
+  if (!mm_buffer_.defined() || (!always && mm_epoch_ == weights_epoch_)) return;
+  backend_.copy(params_.buffer(), mm_buffer_);
+  mm_epoch_ = weights_epoch_;
 }
 
 absl::Status Model::save(const std::string& dir, ExpertLayout layout) const {
@@ -61,7 +74,7 @@ Tensor Model::embed(const Tensor& tokens_host, Tensor* ids_out) {
   *ids_out = backend_.zeros({m}, core::DType::kI32);
   backend_.upload(tokens_host.clone().view({m}), *ids_out);
   Tensor x = backend_.zeros({m, cfg_.hidden_size});
-  backend_.embedding_forward(w_.embed, *ids_out, x);
+  backend_.embedding_forward(mw_.embed, *ids_out, x);
   return x;
 }
 
@@ -78,7 +91,7 @@ Tensor Model::forward(const Tensor& tokens, ForwardState* state, std::vector<Ten
   ForwardState& st = state ? *state : local;
   forward_hidden(tokens, st, state != nullptr, hidden);
   Tensor logits = backend_.zeros({st.batch * st.seq, cfg_.vocab_size});
-  backend_.gemm(st.normed, false, w_.lm_head, true, logits);
+  backend_.gemm(st.normed, false, mw_.lm_head, true, logits);
   return logits;
 }
 
@@ -104,7 +117,7 @@ Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, Forw
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t n = std::min(chunk, m - r0);
     Tensor logits = buf.slice(0, 0, n), lp_c = lp.slice(0, r0, n), lse_c = st.lse.slice(0, r0, n);
-    backend_.gemm(st.normed.slice(0, r0, n), false, w_.lm_head, true, logits);
+    backend_.gemm(st.normed.slice(0, r0, n), false, mw_.lm_head, true, logits);
     backend_.logprobs_forward(logits, targets.slice(0, r0, n), lp_c, lse_c);
     if (stats) {
       Tensor h = stats->entropy.slice(0, r0, n), am = stats->argmax.slice(0, r0, n);
@@ -128,11 +141,11 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
     const int64_t n = std::min(chunk, m - r0);
     Tensor logits = buf.slice(0, 0, n), dlogits = dbuf.slice(0, 0, n), normed = st.normed.slice(0, r0, n);
     Tensor dn = dnormed.slice(0, r0, n);
-    backend_.gemm(normed, false, w_.lm_head, true, logits);
+    backend_.gemm(normed, false, mw_.lm_head, true, logits);
     if (r0 > 0) backend_.fill(dlogits, 0.0f);
     backend_.logprobs_backward(dlp.slice(0, r0, n), logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n),
                                dlogits);
-    backend_.gemm(dlogits, false, w_.lm_head, false, dn);
+    backend_.gemm(dlogits, false, mw_.lm_head, false, dn);
     backend_.gemm(dlogits, true, normed, false, glm, 1.0f, 1.0f);
   }
   backward_hidden(st, dnormed);
@@ -141,6 +154,7 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
 void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, std::vector<Tensor>* hidden) {
   const int64_t batch = tokens.size(0), seq = tokens.size(1), m = batch * seq;
   CHECK_LE(seq, cfg_.max_position_embeddings);
+  refresh_matmul_weights(/*always=*/true);
   st = ForwardState();
   st.batch = batch;
   st.seq = seq;
@@ -149,7 +163,7 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   if (hidden) hidden->assign(1, x);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-    const LayerWeights& lw = w_.layers[l];
+    const LayerWeights& lw = mw_.layers[l];
     LayerActs a;
     a.x = x;
     a.ln1 = backend_.zeros({m, cfg_.hidden_size});
@@ -175,7 +189,7 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
   st.x_final = x;
   st.normed = backend_.zeros({m, cfg_.hidden_size});
   st.final_rstd = backend_.zeros({m});
-  backend_.rmsnorm_forward(x, w_.final_norm, eps, st.normed, st.final_rstd);
+  backend_.rmsnorm_forward(x, mw_.final_norm, eps, st.normed, st.final_rstd);
   if (hidden) hidden->push_back(st.normed);
 }
 
@@ -183,7 +197,7 @@ void Model::backward(ForwardState& st, const Tensor& dlogits) {
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   // logits = normed · lm_headᵀ
   Tensor dnormed = backend_.zeros({m, h});
-  backend_.gemm(dlogits, false, w_.lm_head, false, dnormed);
+  backend_.gemm(dlogits, false, mw_.lm_head, false, dnormed);
   Tensor glm = g_.lm_head;
   backend_.gemm(dlogits, true, st.normed, false, glm, 1.0f, 1.0f);
   backward_hidden(st, dnormed);
@@ -194,9 +208,9 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed) {
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   Tensor dx = backend_.zeros({m, h});
   Tensor gnorm = g_.final_norm;
-  backend_.rmsnorm_backward(dnormed, st.x_final, w_.final_norm, st.final_rstd, dx, gnorm);
+  backend_.rmsnorm_backward(dnormed, st.x_final, mw_.final_norm, st.final_rstd, dx, gnorm);
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
-    const LayerWeights& lw = w_.layers[l];
+    const LayerWeights& lw = mw_.layers[l];
     const LayerWeights& lg = g_.layers[l];
     const LayerActs& a = st.layers[l];
     // out = h1 + ffn(ln2(h1))
@@ -235,6 +249,7 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   const int64_t m = step.num_tokens(), n_seq = step.num_sequences();
   CHECK_GT(m, 0);
   CHECK_EQ(static_cast<int64_t>(step.seq_starts.size()), n_seq + 1);
+  refresh_matmul_weights(/*always=*/false);
   for (int32_t p : step.positions) CHECK(p >= 0 && p < cfg_.max_position_embeddings) << "position " << p;
   StepTensors st;
   st.positions = upload_i32(backend_, step.positions, {m});
@@ -253,7 +268,7 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   Tensor ln = backend_.zeros({m, cfg_.hidden_size}), rstd = backend_.zeros({m});
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-    const LayerWeights& lw = w_.layers[l];
+    const LayerWeights& lw = mw_.layers[l];
     backend_.rmsnorm_forward(x, lw.input_norm, eps, ln, rstd);
     Tensor h1 = backend_.zeros({m, cfg_.hidden_size});
     mla_forward_paged(backend_, cfg_, lw, rope_, ln, st, cache, l, h1);
@@ -278,8 +293,8 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   Tensor picked = backend_.zeros({n_out, cfg_.hidden_size});
   backend_.embedding_forward(x, rows, picked);
   Tensor normed = backend_.zeros({n_out, cfg_.hidden_size}), prstd = backend_.zeros({n_out});
-  backend_.rmsnorm_forward(picked, w_.final_norm, eps, normed, prstd);
-  backend_.gemm(normed, false, w_.lm_head, true, logits);
+  backend_.rmsnorm_forward(picked, mw_.final_norm, eps, normed, prstd);
+  backend_.gemm(normed, false, mw_.lm_head, true, logits);
   return logits;
 }
 

@@ -103,6 +103,9 @@ class Model {
   // step.logit_rows names. Attention runs in latent space with the absorbed weights. A token's result
   // does not depend on what else is in the step.
   core::Tensor forward_step(const StepBatch& step, LatentCache& cache);
+  // Tells forward_step that the parameters changed in place (Engine::update_weights calls it; forward,
+  // forward_logprobs, load and init_random need no call).
+  void weights_changed() { ++weights_epoch_; }
 
  private:
   core::Tensor embed(const core::Tensor& tokens_host, core::Tensor* ids_out);
@@ -111,6 +114,9 @@ class Model {
                       std::vector<core::Tensor>* hidden);
   // From d(loss)/d(final normalised hidden state) down to the embeddings.
   void backward_hidden(ForwardState& state, const core::Tensor& dnormed);
+  // Remakes the low-precision copy of the matrix weights from the parameters: always, or when
+  // weights_changed() was called since the last time.
+  void refresh_matmul_weights(bool always);
   // Positions start .. start+t-1 of each of `batch` sequences, [batch * t] I32 on the backend.
   core::Tensor positions(int64_t batch, int64_t t, int64_t start);
 
@@ -120,6 +126,13 @@ class Model {
   ParameterSet grads_;
   Weights w_;
   Weights g_;
+  // What the layers read: w_, or where the backend's products round weights to bf16
+  // (Backend::weight_dtype), w_ with its matrix weights viewed in mm_buffer_, a bf16 copy of the
+  // parameters made before every forward (forward_step: when the weights changed), so that products
+  // read 2 bytes a weight and convert nothing.
+  Weights mw_;
+  core::Tensor mm_buffer_;
+  int64_t weights_epoch_ = 0, mm_epoch_ = -1;
   core::RopeTable rope_;
   int64_t head_chunk_rows_ = 0;
 };

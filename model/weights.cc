@@ -85,6 +85,28 @@ core::Tensor ParameterSet::get(const std::string& name) const {
   return buffer_.slice(0, p.offset, core::shape_numel(p.shape)).view(p.shape);
 }
 
+Weights matmul_views(const Weights& w, const core::Tensor& buffer, const core::Tensor& copy) {
+  CHECK_EQ(buffer.numel(), copy.numel());
+  auto move = [&](const core::Tensor& t) {
+    if (!t.defined()) return t;
+    const int64_t bytes = static_cast<const char*>(t.raw()) - static_cast<const char*>(buffer.raw());
+    const int64_t offset = bytes / static_cast<int64_t>(core::dtype_size(buffer.dtype()));
+    CHECK(t.is_contiguous() && offset >= 0 && offset + t.numel() <= buffer.numel());
+    return copy.slice(0, offset, t.numel()).view(t.shape());
+  };
+  auto mlp = [&](const MlpWeights& m) { return MlpWeights{move(m.gate_up), move(m.down)}; };
+  Weights out = w;
+  out.lm_head = move(w.lm_head);
+  for (LayerWeights& lw : out.layers) {
+    for (core::Tensor* t : {&lw.q_a_proj, &lw.q_b_proj, &lw.q_proj, &lw.kv_a_proj, &lw.kv_b_proj, &lw.o_proj,
+                            &lw.router, &lw.experts_gate_up, &lw.experts_down})
+      *t = move(*t);
+    lw.mlp = mlp(lw.mlp);
+    lw.shared = mlp(lw.shared);
+  }
+  return out;
+}
+
 Weights bind_weights(const ModelConfig& c, const ParameterSet& ps) {
   Weights w;
   w.embed = ps.get("model.embed_tokens.weight");

@@ -82,6 +82,10 @@ struct Weights {
 
 // Named views of a parameter set (or a gradient set of the same layout).
 Weights bind_weights(const ModelConfig& cfg, const ParameterSet& params);
+// w with its matrix weights (the operands of products: projections, router, experts, lm_head) moved to
+// the same places in `copy`, a buffer laid out as `buffer` (say, its bf16 copy); norms, the embedding
+// table and the router bias stay as they are.
+Weights matmul_views(const Weights& w, const core::Tensor& buffer, const core::Tensor& copy);
 
 // Loads every parameter from a checkpoint directory, in either expert layout (fused, or one tensor per
 // expert as on the Hub) and f32/bf16/f16. Errors name the file and tensor: missing, wrongly shaped,

@@ -146,7 +146,11 @@ absl::Status Engine::update_weights(int64_t version, const std::function<absl::S
   if (version <= version_)
     return absl::FailedPreconditionError(
         absl::StrCat("weights version ", version, " is not newer than the current version ", version_));
-  if (apply) R1LAB_RETURN_IF_ERROR(apply(model_));
+  if (apply) {
+    const absl::Status applied = apply(model_);
+    model_.weights_changed();  // even a failed apply may have written some
+    R1LAB_RETURN_IF_ERROR(applied);
+  }
   version_ = version;
   blocks_->clear_cache();  // latents computed with the old weights must not be reused
   counters_.policy_version = version;

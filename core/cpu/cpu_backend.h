@@ -20,6 +20,8 @@ class CpuBackend final : public Backend {
 
   void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
             float beta) override;
+  void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+                    float beta) override;
   void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
                     Tensor& c, float beta) override;
   void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,

@@ -72,6 +72,13 @@ void CpuBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans
   gemm_raw(rows_of(a), trans_a, rows_of(b), trans_b, rows_of(c), alpha, beta);
 }
 
+void CpuBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+                              float beta) {
+  CHECK(a.dim() == 3 && b.dim() == 3 && c.dim() == 3) << "gemm_batched takes 3-D views";
+  CHECK(a.size(0) == c.size(0) && b.size(0) == c.size(0)) << "gemm_batched: batch sizes";
+  for (int64_t i = 0; i < c.size(0); ++i) gemm_raw(rows_of(a[i]), trans_a, rows_of(b[i]), trans_b, rows_of(c[i]), alpha, beta);
+}
+
 void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
                               Tensor& c, float beta) {
   CHECK_EQ(w.dim(), 3);

@@ -58,7 +58,19 @@ void zip4(const Tensor& a, const Tensor& b, F f) {
 }  // namespace
 
 void CpuBackend::copy(const Tensor& src, Tensor& dst) {
-  CHECK(src.dtype() == dst.dtype());
+  if (src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) {
+    const float* s = src.f32();
+    uint16_t* d = dst.data<uint16_t>();
+    zip4(src, dst, [&](int64_t a, int64_t b) { d[b] = f32_to_bf16(s[a]); });
+    return;
+  }
+  if (src.dtype() == DType::kBF16 && dst.dtype() == DType::kF32) {
+    const uint16_t* s = src.data<uint16_t>();
+    float* d = dst.f32();
+    zip4(src, dst, [&](int64_t a, int64_t b) { d[b] = bf16_to_f32(s[a]); });
+    return;
+  }
+  CHECK(src.dtype() == dst.dtype()) << "copy: " << dtype_name(src.dtype()) << " to " << dtype_name(dst.dtype());
   const size_t es = dtype_size(src.dtype());
   const char* s = static_cast<const char*>(src.raw());
   char* d = static_cast<char*>(dst.raw());

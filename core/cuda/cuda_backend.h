@@ -74,6 +74,9 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override;
   Device device() const override { return Device::kCuda; }
   std::string name() const override;
+  DType weight_dtype() const override {
+    return opt_.gemm == Options::GemmPrecision::kBF16 ? DType::kBF16 : DType::kF32;
+  }
 
   Tensor zeros(const Shape& shape, DType dtype) override;
   void upload(const Tensor& host, Tensor& dst) override;
@@ -84,6 +87,8 @@ class CudaBackend final : public Backend {
 
   void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
             float beta) override;
+  void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+                    float beta) override;
   void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
                     Tensor& c, float beta) override;
   void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,
@@ -164,7 +169,7 @@ class CudaBackend final : public Backend {
   // A tensor whose memory is not cleared (stream-ordered pool memory, like zeros).
   Tensor empty(const Shape& shape, DType dtype);
   // A matrix-product operand (see gemm.cu): f32 rows, or their bf16 copy kept alive in `keep`.
-  Operand gemm_operand(const float* p, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
+  Operand gemm_operand(const Tensor& t, bool bf16, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
                               Tensor& keep);
 
   Options opt_;

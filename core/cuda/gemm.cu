@@ -59,11 +59,12 @@ __global__ void to_bf16_kernel(const float* src, int64_t rows, int64_t cols, int
 
 }  // namespace
 
-// The operand as the products of this backend's precision take it: f32 as is, or a bf16 copy in `keep`.
-Operand CudaBackend::gemm_operand(const float* p, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
-                                  Tensor& keep) {
-  if (opt_.gemm != Options::GemmPrecision::kBF16 || rows == 0 || cols == 0)
-    return {p, CUDA_R_32F, rows, cols, ld, rows1, ld0};
+// The operand as a product takes it: bf16 as it is; f32 as it is, or (bf16 products) a bf16 copy in `keep`.
+Operand CudaBackend::gemm_operand(const Tensor& t, bool bf16, int64_t rows, int64_t cols, int64_t ld, int64_t rows1,
+                                  int64_t ld0, Tensor& keep) {
+  if (t.dtype() == DType::kBF16) return {t.raw(), CUDA_R_16BF, rows, cols, ld, rows1, ld0};
+  const float* p = t.f32();
+  if (!bf16 || rows == 0 || cols == 0) return {p, CUDA_R_32F, rows, cols, ld, rows1, ld0};
   keep = empty({rows, cols}, DType::kBF16);
   auto* dst = static_cast<__nv_bfloat16*>(keep.raw());
   const bool vec4 = cols % 4 == 0 && ld % 4 == 0 && ld0 % 4 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
@@ -83,6 +84,12 @@ cublasComputeType_t operand_compute(const Operand& a, Options::GemmPrecision p) 
   return a.type == CUDA_R_16BF ? CUBLAS_COMPUTE_32F : compute_type(p);
 }
 
+// An operand of a product: f32, or bf16 (a weight kept in the backend's weight_dtype()).
+void check_operand(const Tensor& t) {
+  CHECK(t.defined() && t.device() == Device::kCuda) << "expected a device tensor";
+  CHECK(t.dtype() == DType::kF32 || t.dtype() == DType::kBF16) << "gemm operand of dtype " << dtype_name(t.dtype());
+}
+
 size_t elem_size(const Operand& a) { return a.type == CUDA_R_16BF ? 2 : 4; }
 
 // Row r of operand x.
@@ -95,20 +102,52 @@ const void* row_ptr(const Operand& x, int64_t r) {
 void CudaBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
                        float beta) {
   CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2) << "gemm takes 2-D views";
-  check_device(a, DType::kF32);
-  check_device(b, DType::kF32);
+  check_operand(a);
+  check_operand(b);
   check_device(c, DType::kF32);
   const Rows A = rows_of(a), B = rows_of(b), C = rows_of(c);
   const int64_t m = C.rows, n = C.cols, k = trans_a ? A.rows : A.cols;
   CHECK_EQ(trans_a ? A.cols : A.rows, m) << "gemm: rows of op(a) vs c";
   CHECK_EQ(trans_b ? B.cols : B.rows, k) << "gemm: inner dimension";
   CHECK_EQ(trans_b ? B.rows : B.cols, n) << "gemm: columns of op(b) vs c";
-  Op op(this, "gemm", 2.0 * m * n * k, 4.0 * (m * k + k * n + m * n * (beta != 0.0f ? 2 : 1)));
+  Op op(this, "gemm", 2.0 * m * n * k,
+        1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n + 4.0 * m * n * (beta != 0.0f ? 2 : 1));
+  const bool bf16 = opt_.gemm == Options::GemmPrecision::kBF16 || a.dtype() == DType::kBF16 || b.dtype() == DType::kBF16;
   Tensor ka, kb;
-  const Operand oa = gemm_operand(A.f(), A.rows, A.cols, A.ld, A.rows, 0, ka);
-  const Operand ob = gemm_operand(B.f(), B.rows, B.cols, B.ld, B.rows, 0, kb);
+  const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
+  const Operand ob = gemm_operand(b, bf16, B.rows, B.cols, B.ld, B.rows, 0, kb);
   gemm_rows(ctx_->blas, operand_compute(oa, opt_.gemm), oa.p, oa.type, oa.ld, trans_a, ob.p, ob.type, ob.ld, trans_b,
             C.f(), C.ld, m, n, k, alpha, beta);
+}
+
+void CudaBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
+                               float beta) {
+  CHECK(a.dim() == 3 && b.dim() == 3 && c.dim() == 3) << "gemm_batched takes 3-D views";
+  check_operand(a);
+  check_operand(b);
+  check_device(c, DType::kF32);
+  const int64_t batch = c.size(0);
+  CHECK(a.size(0) == batch && b.size(0) == batch) << "gemm_batched: batch sizes";
+  CHECK(a.stride(2) == 1 && b.stride(2) == 1 && c.stride(2) == 1) << "gemm_batched: last dimensions must be contiguous";
+  const int64_t m = c.size(1), n = c.size(2), k = trans_a ? a.size(1) : a.size(2);
+  CHECK_EQ(trans_a ? a.size(2) : a.size(1), m) << "gemm_batched: rows of op(a) vs c";
+  CHECK_EQ(trans_b ? b.size(2) : b.size(1), k) << "gemm_batched: inner dimension";
+  CHECK_EQ(trans_b ? b.size(1) : b.size(2), n) << "gemm_batched: columns of op(b) vs c";
+  if (batch == 0 || m == 0 || n == 0) return;
+  Op op(this, "gemm_batched", 2.0 * batch * m * n * k,
+        batch * (1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n +
+                 4.0 * m * n * (beta != 0.0f ? 2 : 1)));
+  const bool bf16 = opt_.gemm == Options::GemmPrecision::kBF16 || a.dtype() == DType::kBF16 || b.dtype() == DType::kBF16;
+  Tensor ka, kb;
+  // A stack of matrices of size(1) rows each, size(0) of them, stride(0) apart.
+  const Operand oa = gemm_operand(a, bf16, batch * a.size(1), a.size(2), a.stride(1), a.size(1), a.stride(0), ka);
+  const Operand ob = gemm_operand(b, bf16, batch * b.size(1), b.size(2), b.stride(1), b.size(1), b.stride(0), kb);
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: the operands swap (see gemm_rows).
+  CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      ctx_->blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n),
+      static_cast<int>(m), static_cast<int>(k), &alpha, ob.p, ob.type, static_cast<int>(ob.ld), ob.ld0, oa.p, oa.type,
+      static_cast<int>(oa.ld), oa.ld0, &beta, c.f32(), CUDA_R_32F, static_cast<int>(c.stride(1)), c.stride(0),
+      static_cast<int>(batch), operand_compute(oa, opt_.gemm), CUBLAS_GEMM_DEFAULT));
 }
 
 void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
@@ -116,7 +155,7 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   CHECK_EQ(w.dim(), 3);
   CHECK_EQ(static_cast<int64_t>(offsets.size()), w.size(0) + 1);
   check_device(a, DType::kF32);
-  check_device(w, DType::kF32);
+  check_operand(w);
   check_device(c, DType::kF32);
   CHECK_EQ(w.stride(2), 1);
   const Rows A = rows_of(a), C = rows_of(c);
@@ -125,10 +164,12 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   CHECK_EQ(C.cols, n);
   CHECK_EQ(offsets.back(), A.rows);
   const int64_t rows = offsets.back() - offsets.front();
-  Op op(this, "grouped_gemm", 2.0 * rows * n * k, 4.0 * (rows * k + groups * n * k + rows * n));
+  Op op(this, "grouped_gemm", 2.0 * rows * n * k,
+        4.0 * (rows * k + rows * n) + 1.0 * dtype_size(w.dtype()) * groups * n * k);
+  const bool bf16 = opt_.gemm == Options::GemmPrecision::kBF16 || w.dtype() == DType::kBF16;
   Tensor ka, kw;
-  const Operand oa = gemm_operand(A.f(), A.rows, A.cols, A.ld, A.rows, 0, ka);
-  const Operand ow = gemm_operand(w.f32(), groups * w.size(1), w.size(2), w.stride(1), w.size(1), w.stride(0), kw);
+  const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
+  const Operand ow = gemm_operand(w, bf16, groups * w.size(1), w.size(2), w.stride(1), w.size(1), w.stride(0), kw);
   const cublasComputeType_t ct = operand_compute(oa, opt_.gemm);
   const auto& sides = fork_sides();
   for (int64_t g = 0; g < groups; ++g) {
@@ -154,9 +195,10 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const st
   CHECK_EQ(A.cols, k);
   const int64_t rows = offsets.back() - offsets.front();
   Op op(this, "grouped_gemm_wgrad", 2.0 * rows * n * k, 4.0 * (rows * (n + k) + 2 * groups * n * k));
+  const bool bf16 = opt_.gemm == Options::GemmPrecision::kBF16;
   Tensor kd, ka;
-  const Operand od = gemm_operand(D.f(), D.rows, D.cols, D.ld, D.rows, 0, kd);
-  const Operand oa = gemm_operand(A.f(), A.rows, A.cols, A.ld, A.rows, 0, ka);
+  const Operand od = gemm_operand(dc, bf16, D.rows, D.cols, D.ld, D.rows, 0, kd);
+  const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const cublasComputeType_t ct = operand_compute(od, opt_.gemm);
   const auto& sides = fork_sides();
   for (int64_t g = 0; g < groups; ++g) {

@@ -57,6 +57,33 @@ TEST_F(CpuOps, GemmReadsAndWritesColumnSlices) {
   EXPECT_EQ(out.f32()[0], 0.0f);  // untouched columns stay
 }
 
+// Batched products over transposed views (the MLA absorption's [heads, tokens, d] of a [tokens, heads, d]).
+TEST_F(CpuOps, GemmBatchedEqualsOneGemmPerBatchOnStridedViews) {
+  const int64_t heads = 3, m = 5, k = 4, n = 6;
+  Tensor q = randn({m, heads, k + 2}, rng_), w = randn({heads, n, k}, rng_), out = Tensor::zeros({m, heads, n});
+  Tensor out_h = out.transpose(0, 1);
+  be_->gemm_batched(q.slice(2, 0, k).transpose(0, 1), false, w, true, out_h, 2.0f, 0.0f);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (int64_t p = 0; p < k; ++p) s += q.f32()[(i * heads + h) * (k + 2) + p] * w.f32()[(h * n + j) * k + p];
+        EXPECT_NEAR(out.f32()[(i * heads + h) * n + j], 2 * s, 1e-5);
+      }
+}
+
+TEST_F(CpuOps, CopyConvertsBetweenF32AndBf16) {
+  Tensor x = randn({3, 5}, rng_), y = Tensor::zeros({3, 5}, DType::kBF16), back = Tensor::zeros({3, 5});
+  x.f32()[0] = 1.00390625f;  // halfway between two bf16 values: rounds to the even one, 1.0
+  be_->copy(x, y);
+  be_->copy(y, back);
+  EXPECT_EQ(back.f32()[0], 1.0f);
+  for (int64_t i = 1; i < 15; ++i) {
+    EXPECT_EQ(y.data<uint16_t>()[i], f32_to_bf16(x.f32()[i]));
+    EXPECT_NEAR(back.f32()[i], x.f32()[i], std::fabs(x.f32()[i]) / 128);
+  }
+}
+
 TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
   const std::vector<int64_t> offsets = {0, 3, 3, 7};  // an empty group in the middle
   Tensor a = randn({7, 4}, rng_), w = randn({3, 5, 4}, rng_), c = Tensor::zeros({7, 5});

@@ -205,6 +205,67 @@ TEST_F(CudaBackendTest, Bf16ProductsOnStridedAndGroupedOperands) {
   check(gdw, dw, "grouped weight gradient");
 }
 
+// Batched products on transposed, strided views, in f32 against the CPU, and with bf16 weights: the same
+// numbers as the bf16 products make from f32 weights.
+TEST_F(CudaBackendTest, GemmBatchedAndBf16WeightOperands) {
+  const int64_t heads = 16, k = 64, r = 256;
+  for (int64_t m : {1, 37, 256}) {
+    Tensor q = randn({m, heads, k + 32}), w = randn({heads, k + 64, r}), out = randn({m, heads, r});
+    Tensor qv = q.slice(2, 0, k).transpose(0, 1), wv = w.slice(1, 0, k), ov = out.transpose(0, 1);
+    Tensor gq = dev(q), gw = dev(w), gout = dev(out);
+    Tensor gov = gout.transpose(0, 1);
+    cpu_->gemm_batched(qv, false, wv, false, ov, 1.0f, 0.5f);
+    gpu_->gemm_batched(gq.slice(2, 0, k).transpose(0, 1), false, gw.slice(1, 0, k), false, gov, 1.0f, 0.5f);
+    EXPECT_CLOSE(gout, out, 1e-5) << "m " << m;
+    // Transposed second operand (the un-absorption): out[h] = o[h] · w[h, k:, :]ᵀ.
+    Tensor o = randn({m, heads, r}), y = Tensor::zeros({m, heads, 64});
+    Tensor yv = y.transpose(0, 1), gy = dev(y);
+    Tensor gyv = gy.transpose(0, 1);
+    cpu_->gemm_batched(o.transpose(0, 1), false, w.slice(1, k, 64), true, yv);
+    gpu_->gemm_batched(dev(o).transpose(0, 1), false, gw.slice(1, k, 64), true, gyv);
+    EXPECT_CLOSE(gy, y, 1e-5) << "m " << m << " trans_b";
+  }
+  cuda::Options o;
+  o.gemm = cuda::Options::GemmPrecision::kBF16;
+  auto made = cuda::make_backend(o);
+  ASSERT_TRUE(made.ok());
+  Backend& be = **made;
+  EXPECT_EQ(be.weight_dtype(), DType::kBF16);
+  EXPECT_EQ(gpu_->weight_dtype(), DType::kF32);
+  auto up = [&](const Tensor& t) {
+    Tensor d = be.zeros(t.shape(), DType::kF32);
+    be.upload(t, d);
+    return d;
+  };
+  auto to_bf16 = [&](const Tensor& d) {
+    Tensor h = be.zeros(d.shape(), DType::kBF16);
+    be.copy(d, h);
+    return h;
+  };
+  // copy rounds like the host conversion.
+  Tensor x = randn({1000});
+  const Tensor xb = be.download(to_bf16(up(x)));
+  for (int64_t i = 0; i < 1000; ++i) ASSERT_EQ(xb.data<uint16_t>()[i], f32_to_bf16(x.f32()[i])) << i;
+  Tensor a = randn({45, 96}), w = randn({80, 96}), ga = up(a), gw = up(w);
+  Tensor c1 = be.zeros({45, 80}, DType::kF32), c2 = be.zeros({45, 80}, DType::kF32);
+  be.gemm(ga, false, gw, true, c1);
+  be.gemm(ga, false, to_bf16(gw), true, c2);
+  EXPECT_TRUE(bitwise_equal(be.download(c1), be.download(c2))) << "gemm with a bf16 weight";
+  const std::vector<int64_t> offsets = {0, 10, 10, 45};
+  Tensor ew = randn({3, 80, 96}), gew = up(ew);
+  be.grouped_gemm(ga, gew, true, offsets, c1);
+  be.grouped_gemm(ga, to_bf16(gew), true, offsets, c2);
+  EXPECT_TRUE(bitwise_equal(be.download(c1), be.download(c2))) << "grouped_gemm with bf16 weights";
+  Tensor bq = randn({45, 4, 24}), bw = randn({4, 24, 80}), gbq = up(bq), gbw = up(bw);
+  Tensor b1 = be.zeros({4, 45, 80}, DType::kF32), b2 = be.zeros({4, 45, 80}, DType::kF32);
+  be.gemm_batched(gbq.transpose(0, 1), false, gbw, false, b1);
+  be.gemm_batched(gbq.transpose(0, 1), false, to_bf16(gbw), false, b2);
+  EXPECT_TRUE(bitwise_equal(be.download(b1), be.download(b2))) << "gemm_batched with bf16 weights";
+  Tensor want = Tensor::zeros({4, 45, 80});
+  cpu_->gemm_batched(bq.transpose(0, 1), false, bw, false, want);
+  EXPECT_LT(max_rel(be, b2, want), 2e-2);
+}
+
 TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
   for (auto [m, d] : {std::pair<int64_t, int64_t>{7, 64}, {33, 1000}, {300, 7168}}) {
     // x as a column slice (the latent part of [c | k_pe]).
