@@ -391,25 +391,46 @@ __global__ void __launch_bounds__(kWarps * 32) paged_latent_kernel(
     __syncthreads();
     if (h >= heads) continue;
     const int n = static_cast<int>(last - p0 + 1 < kPagedTile ? last - p0 + 1 : kPagedTile);
-    for (int j = 0; j < n; ++j) {
-      const float* r = rows + j * D;
+    // The tile's scores first (independent sums, reduced side by side), then one online-softmax
+    // rescale for the whole tile.
+    float x[kPagedTile];
+#pragma unroll
+    for (int j = 0; j < kPagedTile; ++j) {
       float part = 0;
+      if (j < n) {
+        const float* r = rows + j * D;
 #pragma unroll
-      for (int u = 0; u < kMaxLatentU; ++u) {
-        const int c = lane + 32 * u;
-        if (c < D) part += qr[u] * r[c];
+        for (int u = 0; u < kMaxLatentU; ++u) {
+          const int c = lane + 32 * u;
+          if (c < D) part += qr[u] * r[c];
+        }
       }
-      const float x = warp_sum(part) * scale;
-      const float mn = fmaxf(m, x);
-      const float alpha = expf(m - mn), p = expf(x - mn);
-      l = l * alpha + p;
-#pragma unroll
-      for (int u = 0; u < kMaxLatentU; ++u) {
-        const int c = lane + 32 * u;
-        if (c < dv) acc[u] = acc[u] * alpha + p * r[c];
-      }
-      m = mn;
+      x[j] = part;
     }
+    float mt = m;
+#pragma unroll
+    for (int j = 0; j < kPagedTile; ++j) {
+      x[j] = warp_sum(x[j]) * scale;
+      if (j < n) mt = fmaxf(mt, x[j]);
+    }
+    const float alpha = expf(m - mt);
+    l *= alpha;
+#pragma unroll
+    for (int u = 0; u < kMaxLatentU; ++u) acc[u] *= alpha;
+#pragma unroll
+    for (int j = 0; j < kPagedTile; ++j) {
+      if (j < n) {
+        const float* r = rows + j * D;
+        const float p = expf(x[j] - mt);
+        l += p;
+#pragma unroll
+        for (int u = 0; u < kMaxLatentU; ++u) {
+          const int c = lane + 32 * u;
+          if (c < dv) acc[u] += p * r[c];
+        }
+      }
+    }
+    m = mt;
   }
   if (h >= heads) return;
   float* o = out + i * os0 + h * os1;

@@ -9,6 +9,8 @@
 // inside a slower kernel. The copies live only for the call (stream-ordered pool memory).
 #include <cuda_bf16.h>
 
+#include <algorithm>
+
 #include "core/cuda/cuda_backend.h"
 
 namespace r1lab::core::cuda {
@@ -53,6 +55,66 @@ __global__ void to_bf16_kernel(const float* src, int64_t rows, int64_t cols, int
       reinterpret_cast<__nv_bfloat162*>(d)[1] = __floats2bfloat162_rn(v.z, v.w);
     } else {
       *d = __float2bfloat16(*s);
+    }
+  }
+}
+
+// The grouped product for few rows a group (MoE decode: a handful of tokens an expert), where cuBLAS's
+// one call per group leaves the GPU mostly idle: c[r] = a[r] · w[g]ᵀ + beta · c[r] with w[g] [n, k] bf16,
+// every weight read once. A block takes kSmallTile rows of one group's w; a warp takes one w row at a
+// time and dots it with the group's (at most kSmallRows) activation rows, rounded to bf16 in shared
+// memory as the bf16 products round them; f32 sums in a fixed order.
+constexpr int kSmallRows = 16, kSmallTile = 64, kSmallWarps = 8, kMaxSmallGroups = 512;
+struct GroupBounds {
+  int32_t at[kMaxSmallGroups + 1];
+};
+
+__global__ void __launch_bounds__(kSmallWarps * 32)
+    grouped_small_kernel(const float* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, float* c,
+                         int64_t ldc, int n, int k, GroupBounds bounds, float beta) {
+  extern __shared__ __nv_bfloat16 xs[];  // [rows, k]
+  const int g = blockIdx.x, r0 = bounds.at[g], rows = bounds.at[g + 1] - r0;
+  if (rows == 0) return;
+  for (int i = threadIdx.x; i < rows * k; i += blockDim.x)
+    xs[i] = __float2bfloat16(a[static_cast<int64_t>(r0 + i / k) * lda + i % k]);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const __nv_bfloat16* wg = w + g * ldw0;
+  for (int j = blockIdx.y * kSmallTile + warp; j < min(n, (blockIdx.y + 1) * kSmallTile); j += kSmallWarps) {
+    const __nv_bfloat16* wr = wg + static_cast<int64_t>(j) * ldw;
+    float acc[kSmallRows];
+#pragma unroll
+    for (int r = 0; r < kSmallRows; ++r) acc[r] = 0.0f;
+    for (int kk = lane * 8; kk < k; kk += 256) {  // 8 weights (16 bytes) a lane
+      const uint4 raw = *reinterpret_cast<const uint4*>(wr + kk);
+      const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+      float2 wf[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) wf[q] = __bfloat1622float2(w2[q]);
+#pragma unroll
+      for (int r = 0; r < kSmallRows; ++r) {
+        if (r < rows) {
+          const uint4 xraw = *reinterpret_cast<const uint4*>(xs + r * k + kk);
+          const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&xraw);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const float2 xf = __bfloat1622float2(x2[q]);
+            acc[r] = fmaf(wf[q].x, xf.x, acc[r]);
+            acc[r] = fmaf(wf[q].y, xf.y, acc[r]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kSmallRows; ++r) {
+      if (r < rows) {
+        float v = acc[r];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) {
+          float* out = c + static_cast<int64_t>(r0 + r) * ldc + j;
+          *out = beta == 0.0f ? v : v + beta * *out;
+        }
+      }
     }
   }
 }
@@ -166,6 +228,24 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   const int64_t rows = offsets.back() - offsets.front();
   Op op(this, "grouped_gemm", 2.0 * rows * n * k,
         4.0 * (rows * k + rows * n) + 1.0 * dtype_size(w.dtype()) * groups * n * k);
+  int64_t most = 0;
+  for (int64_t g = 0; g < groups; ++g) most = std::max(most, offsets[g + 1] - offsets[g]);
+  const size_t small_bytes = static_cast<size_t>(most) * k * 2;
+  if (trans_w && w.dtype() == DType::kBF16 && most <= kSmallRows && groups <= kMaxSmallGroups && k % 8 == 0 &&
+      w.stride(1) % 8 == 0 && w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.raw()) % 16 == 0 &&
+      small_bytes <= 96 * 1024 && offsets.front() == 0 && A.rows < (int64_t{1} << 31)) {
+    if (rows == 0) return;
+    GroupBounds b;
+    for (int64_t g = 0; g <= groups; ++g) b.at[g] = static_cast<int32_t>(offsets[g]);
+    if (small_bytes > 48 * 1024)  // an opt-in, per device
+      CUDA_CHECK(cudaFuncSetAttribute(grouped_small_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
+    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>((n + kSmallTile - 1) / kSmallTile));
+    grouped_small_kernel<<<grid, kSmallWarps * 32, small_bytes, stream()>>>(
+        A.f(), A.ld, static_cast<const __nv_bfloat16*>(w.raw()), w.stride(1), w.stride(0), C.f(), C.ld,
+        static_cast<int>(n), static_cast<int>(k), b, beta);
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   const bool bf16 = opt_.gemm == Options::GemmPrecision::kBF16 || w.dtype() == DType::kBF16;
   Tensor ka, kw;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);

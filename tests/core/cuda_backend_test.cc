@@ -266,6 +266,44 @@ TEST_F(CudaBackendTest, GemmBatchedAndBf16WeightOperands) {
   EXPECT_LT(max_rel(be, b2, want), 2e-2);
 }
 
+// Few rows a group (MoE decode) take the weight-streaming kernel: the exact sums of the bf16-rounded
+// operands, whatever k, with empty groups and beta.
+TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
+  cuda::Options o;
+  o.gemm = cuda::Options::GemmPrecision::kBF16;
+  auto made = cuda::make_backend(o);
+  ASSERT_TRUE(made.ok());
+  Backend& be = **made;
+  for (int64_t k : {64, 264, 1024}) {
+    const int64_t g = 6, n = 200;
+    const std::vector<int64_t> offsets = {0, 1, 1, 17, 25, 25, 40};  // groups 1 and 4 empty, 16 rows the most
+    const int64_t r = offsets.back();
+    Tensor wide = randn({r, k + 8}), w = randn({g, n, k}), c = randn({r, n});
+    Tensor a = wide.slice(1, 0, k);
+    Tensor gwide = be.zeros(wide.shape(), DType::kF32), gw = be.zeros(w.shape(), DType::kF32),
+           gc = be.zeros(c.shape(), DType::kF32), wb = be.zeros(w.shape(), DType::kBF16);
+    be.upload(wide, gwide);
+    be.upload(w, gw);
+    be.upload(c, gc);
+    be.copy(gw, wb);
+    be.grouped_gemm(gwide.slice(1, 0, k), wb, true, offsets, gc, 0.5f);
+    const Tensor got = be.download(gc);
+    double worst = 0, scale = 0;
+    for (int64_t gi = 0; gi < g; ++gi)
+      for (int64_t row = offsets[gi]; row < offsets[gi + 1]; ++row)
+        for (int64_t j = 0; j < n; ++j) {
+          double s = 0;
+          for (int64_t p = 0; p < k; ++p)
+            s += static_cast<double>(bf16_to_f32(f32_to_bf16(a.f32()[row * (k + 8) + p]))) *
+                 bf16_to_f32(f32_to_bf16(w.f32()[(gi * n + j) * k + p]));
+          const double want = s + 0.5 * c.f32()[row * n + j];
+          worst = std::max(worst, std::fabs(got.f32()[row * n + j] - want));
+          scale = std::max(scale, std::fabs(want));
+        }
+    EXPECT_LT(worst / scale, 1e-5) << "k " << k;
+  }
+}
+
 TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
   for (auto [m, d] : {std::pair<int64_t, int64_t>{7, 64}, {33, 1000}, {300, 7168}}) {
     // x as a column slice (the latent part of [c | k_pe]).
