@@ -29,10 +29,10 @@ namespace {
 
 using Dims = AttnDims;
 constexpr int kWarps = 8;
-constexpr int kRows = 4;        // queries (or keys) per warp
-constexpr int kTile = 32;       // keys (or queries) per shared-memory tile
-constexpr int kMaxDU = 8;       // head dim ≤ 256
-constexpr int kMaxVU = 4;       // value dim ≤ 128
+constexpr int kRows = 4;   // queries (or keys) per warp
+constexpr int kTile = 32;  // keys (or queries) per shared-memory tile
+constexpr int kMaxDU = 8;  // head dim ≤ 256
+constexpr int kMaxVU = 4;  // value dim ≤ 128
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -56,13 +56,13 @@ __device__ __forceinline__ void load_rows(float* dst, int ld_dst, const float* s
 
 // out[t] = Σ_s softmax_s(scale·q[t]·k[s]) v[s];  lse[t] = log Σ_s exp(scale·q[t]·k[s]).
 // grid (ceil(T / 32), B·Hq).
-__global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(const float* q, const float* k, const float* v,
-                                                                        float* out, float* lse, Dims a) {
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_forward_kernel(const float* q, const float* k, const float* v, float* out, float* lse, Dims a) {
   extern __shared__ float sm[];
   const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), ldk = D + 1, ldv = Dv + 1;
-  float* Ks = sm;                    // [kTile][D + 1]
-  float* Vs = Ks + kTile * ldk;      // [kTile][Dv + 1]
-  float* Qs = Vs + kTile * ldv;      // [kWarps·kRows][D]
+  float* Ks = sm;                // [kTile][D + 1]
+  float* Vs = Ks + kTile * ldk;  // [kTile][Dv + 1]
+  float* Qs = Vs + kTile * ldv;  // [kWarps·kRows][D]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kWarps * kRows, off = a.S - a.T;
@@ -157,16 +157,15 @@ __global__ void attention_delta_kernel(const float* dout, const float* out, floa
 }
 
 // dq[t] += scale · Σ_s p[t,s] (dout[t]·v[s] - delta[t]) k[s]. grid (ceil(T / 32), B·Hq).
-__global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const float* q, const float* k, const float* v,
-                                                                   const float* dout, const float* lse,
-                                                                   const float* delta, float* dq, int64_t dq0,
-                                                                   int64_t dq1, int64_t dq2, Dims a) {
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_dq_kernel(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                        const float* delta, float* dq, int64_t dq0, int64_t dq1, int64_t dq2, Dims a) {
   extern __shared__ float sm[];
   const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), ldk = D + 1, ldv = Dv + 1;
-  float* Ks = sm;                         // [kTile][D + 1]
-  float* Vs = Ks + kTile * ldk;           // [kTile][Dv + 1]
-  float* Qs = Vs + kTile * ldv;           // [kWarps·kRows][D]
-  float* Gs = Qs + kWarps * kRows * D;    // [kWarps·kRows][Dv]
+  float* Ks = sm;                       // [kTile][D + 1]
+  float* Vs = Ks + kTile * ldk;         // [kTile][Dv + 1]
+  float* Qs = Vs + kTile * ldv;         // [kWarps·kRows][D]
+  float* Gs = Qs + kWarps * kRows * D;  // [kWarps·kRows][Dv]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kWarps * kRows, off = a.S - a.T;
@@ -242,19 +241,18 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(const float* 
 
 // dv[s] += Σ_t p[t,s] dout[t];  dk[s] += scale · Σ_t p[t,s] (dout[t]·v[s] - delta[t]) q[t], over every
 // query head of kv head kh. grid (ceil(S / 32), B·Hk).
-__global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(const float* q, const float* k, const float* v,
-                                                                     const float* dout, const float* lse,
-                                                                     const float* delta, float* dk, int64_t dk0,
-                                                                     int64_t dk1, int64_t dk2, float* dv, int64_t dv0,
-                                                                     int64_t dv1, int64_t dv2, Dims a) {
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_dkdv_kernel(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                          const float* delta, float* dk, int64_t dk0, int64_t dk1, int64_t dk2, float* dv, int64_t dv0,
+                          int64_t dv1, int64_t dv2, Dims a) {
   extern __shared__ float sm[];
   const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), ldq = D + 1, ldg = Dv + 1;
-  float* Kown = sm;                          // [kWarps·kRows][D]
-  float* Vown = Kown + kWarps * kRows * D;   // [kWarps·kRows][Dv]
-  float* Qt = Vown + kWarps * kRows * Dv;    // [kTile][D + 1]
-  float* Gt = Qt + kTile * ldq;              // [kTile][Dv + 1]
-  float* Lt = Gt + kTile * ldg;              // [kTile]
-  float* Dt = Lt + kTile;                    // [kTile]
+  float* Kown = sm;                         // [kWarps·kRows][D]
+  float* Vown = Kown + kWarps * kRows * D;  // [kWarps·kRows][Dv]
+  float* Qt = Vown + kWarps * kRows * Dv;   // [kTile][D + 1]
+  float* Gt = Qt + kTile * ldq;             // [kTile][Dv + 1]
+  float* Lt = Gt + kTile * ldg;             // [kTile]
+  float* Dt = Lt + kTile;                   // [kTile]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk, group = a.Hq / a.Hk;
   const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kWarps * kRows, off = a.S - a.T;
@@ -352,15 +350,20 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dkdv_kernel(const float
   }
 }
 
-// ---- MLA latent attention over the paged cache. grid (N, ceil(H / kWarps)); a warp per head, the
-// block's heads share each tile of latent rows in shared memory (a row is read once per block).
+// ---- MLA latent attention over the paged cache. grid (N, ceil(H / kWarps), splits); a warp per head,
+// the block's heads share each tile of latent rows in shared memory (a row is read once per block).
+// With splits > 1 (few query rows: decode), block z takes positions [z·split_len, (z+1)·split_len) and
+// leaves its running max, sum and unnormalised output in part_ml [N, H, splits, 2] and part_acc
+// [N, H, splits, dv]; paged_combine_kernel merges them (flash-decoding), so that a few long sequences
+// still fill the GPU.
 constexpr int kPagedTile = 16;
 constexpr int kMaxLatentU = 20;  // latent row ≤ 640
 
-__global__ void __launch_bounds__(kWarps * 32) paged_latent_kernel(
-    const float* q, int64_t qs0, int64_t qs1, const float* pool, int64_t ldp, int64_t pool_rows, int block_size,
-    const int32_t* tables, int64_t max_blocks, const int32_t* seq_of, const int32_t* starts, const int32_t* ctx,
-    float* out, int64_t os0, int64_t os1, int64_t heads, int D, int dv, float scale) {
+__global__ void __launch_bounds__(kWarps * 32)
+    paged_latent_kernel(const float* q, int64_t qs0, int64_t qs1, const float* pool, int64_t ldp, int64_t pool_rows,
+                        int block_size, const int32_t* tables, int64_t max_blocks, const int32_t* seq_of,
+                        const int32_t* starts, const int32_t* ctx, float* out, int64_t os0, int64_t os1, int64_t heads,
+                        int D, int dv, float scale, int64_t split_len, float* part_ml, float* part_acc) {
   extern __shared__ float sm[];
   float* rows = sm;  // [kPagedTile][D]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -376,12 +379,14 @@ __global__ void __launch_bounds__(kWarps * 32) paged_latent_kernel(
     acc[u] = 0;
   }
   float m = -INFINITY, l = 0;
-  for (int64_t p0 = 0; p0 <= last; p0 += kPagedTile) {
+  const int64_t z = blockIdx.z, splits = gridDim.z;
+  const int64_t begin = z * split_len, end = splits == 1 ? last : min(last, begin + split_len - 1);
+  for (int64_t p0 = begin; p0 <= end; p0 += kPagedTile) {
     __syncthreads();
     for (int e = threadIdx.x; e < kPagedTile * D; e += blockDim.x) {
       const int64_t pos = p0 + e / D;
       float val = 0;
-      if (pos <= last) {
+      if (pos <= end) {
         const int64_t blk = tables[s * max_blocks + pos / block_size];
         const int64_t row = blk * block_size + pos % block_size;
         if (blk >= 0 && row < pool_rows) val = pool[row * ldp + e % D];
@@ -390,54 +395,65 @@ __global__ void __launch_bounds__(kWarps * 32) paged_latent_kernel(
     }
     __syncthreads();
     if (h >= heads) continue;
-    const int n = static_cast<int>(last - p0 + 1 < kPagedTile ? last - p0 + 1 : kPagedTile);
-    // The tile's scores first (independent sums, reduced side by side), then one online-softmax
-    // rescale for the whole tile.
-    float x[kPagedTile];
-#pragma unroll
-    for (int j = 0; j < kPagedTile; ++j) {
+    const int n = static_cast<int>(end - p0 + 1 < kPagedTile ? end - p0 + 1 : kPagedTile);
+    for (int j = 0; j < n; ++j) {
+      const float* r = rows + j * D;
       float part = 0;
-      if (j < n) {
-        const float* r = rows + j * D;
 #pragma unroll
-        for (int u = 0; u < kMaxLatentU; ++u) {
-          const int c = lane + 32 * u;
-          if (c < D) part += qr[u] * r[c];
-        }
+      for (int u = 0; u < kMaxLatentU; ++u) {
+        const int c = lane + 32 * u;
+        if (c < D) part += qr[u] * r[c];
       }
-      x[j] = part;
-    }
-    float mt = m;
+      const float x = warp_sum(part) * scale;
+      const float mn = fmaxf(m, x);
+      const float alpha = expf(m - mn), p = expf(x - mn);
+      l = l * alpha + p;
 #pragma unroll
-    for (int j = 0; j < kPagedTile; ++j) {
-      x[j] = warp_sum(x[j]) * scale;
-      if (j < n) mt = fmaxf(mt, x[j]);
-    }
-    const float alpha = expf(m - mt);
-    l *= alpha;
-#pragma unroll
-    for (int u = 0; u < kMaxLatentU; ++u) acc[u] *= alpha;
-#pragma unroll
-    for (int j = 0; j < kPagedTile; ++j) {
-      if (j < n) {
-        const float* r = rows + j * D;
-        const float p = expf(x[j] - mt);
-        l += p;
-#pragma unroll
-        for (int u = 0; u < kMaxLatentU; ++u) {
-          const int c = lane + 32 * u;
-          if (c < dv) acc[u] += p * r[c];
-        }
+      for (int u = 0; u < kMaxLatentU; ++u) {
+        const int c = lane + 32 * u;
+        if (c < dv) acc[u] = acc[u] * alpha + p * r[c];
       }
+      m = mn;
     }
-    m = mt;
   }
   if (h >= heads) return;
+  if (splits > 1) {
+    const int64_t slot = (i * heads + h) * splits + z;
+    if (lane == 0) part_ml[2 * slot] = m, part_ml[2 * slot + 1] = l;
+#pragma unroll
+    for (int u = 0; u < kMaxLatentU; ++u) {
+      const int c = lane + 32 * u;
+      if (c < dv) part_acc[slot * dv + c] = acc[u];
+    }
+    return;
+  }
   float* o = out + i * os0 + h * os1;
 #pragma unroll
   for (int u = 0; u < kMaxLatentU; ++u) {
     const int c = lane + 32 * u;
     if (c < dv) o[c] = acc[u] / l;
+  }
+}
+
+// out[i, h] = Σ_z acc_z · e^(m_z - M) / Σ_z l_z · e^(m_z - M), M = max_z m_z (splits without positions
+// carry m = -inf, l = 0). grid (N, H), 128 threads.
+__global__ void paged_combine_kernel(const float* part_ml, const float* part_acc, int64_t splits, int dv, float* out,
+                                     int64_t os0, int64_t os1, int64_t heads) {
+  const int64_t i = blockIdx.x, h = blockIdx.y, base = (i * heads + h) * splits;
+  float mx = -INFINITY;
+  for (int64_t z = 0; z < splits; ++z) mx = fmaxf(mx, part_ml[2 * (base + z)]);
+  float l = 0;
+  for (int64_t z = 0; z < splits; ++z) {
+    const float mz = part_ml[2 * (base + z)];
+    if (mz != -INFINITY) l += part_ml[2 * (base + z) + 1] * expf(mz - mx);
+  }
+  for (int c = threadIdx.x; c < dv; c += blockDim.x) {
+    float o = 0;
+    for (int64_t z = 0; z < splits; ++z) {
+      const float mz = part_ml[2 * (base + z)];
+      if (mz != -INFINITY) o += part_acc[(base + z) * dv + c] * expf(mz - mx);
+    }
+    out[i * os0 + h * os1 + c] = o / l;
   }
 }
 
@@ -486,10 +502,10 @@ void set_smem(K kernel, size_t bytes) {
 // for others (they take the fp32 kernels).
 template <typename F>
 bool with_tc_dims(int64_t d, int64_t dv, F f) {
-#define R1LAB_TC_CASE(D, DV)            \
-  if (d == D && dv == DV) {             \
-    f.template operator()<D, DV>();     \
-    return true;                        \
+#define R1LAB_TC_CASE(D, DV)        \
+  if (d == D && dv == DV) {         \
+    f.template operator()<D, DV>(); \
+    return true;                    \
   }
   R1LAB_TC_CASE(48, 32)
   R1LAB_TC_CASE(64, 64)
@@ -528,8 +544,9 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
         constexpr size_t smem = tc::forward_smem<D, DV>();
         set_smem(tc::forward<D, DV>, smem);
-        tc::forward<D, DV><<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, smem,
-                             stream()>>>(q.f32(), k.f32(), v.f32(), out.f32(), lse.f32(), a);
+        tc::forward<D, DV>
+            <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, smem, stream()>>>(
+                q.f32(), k.f32(), v.f32(), out.f32(), lse.f32(), a);
       })) {
     CUDA_CHECK(cudaGetLastError());
     return;
@@ -564,20 +581,20 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
         constexpr size_t sq = tc::dq_smem<D, DV>(), skv = tc::dkdv_smem<D, DV>();
         set_smem(tc::backward_dq<D, DV>, sq);
-        tc::backward_dq<D, DV><<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq,
-                                 stream()>>>(q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dq.f32(),
-                                             dq.stride(0), dq.stride(1), dq.stride(2), a);
+        tc::backward_dq<D, DV>
+            <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq, stream()>>>(
+                q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dq.f32(), dq.stride(0), dq.stride(1),
+                dq.stride(2), a);
         set_smem(tc::backward_dkdv<D, DV>, skv);
-        tc::backward_dkdv<D, DV><<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT,
-                                   skv, stream()>>>(q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(),
-                                                    dk.f32(), dk.stride(0), dk.stride(1), dk.stride(2), dv.f32(),
-                                                    dv.stride(0), dv.stride(1), dv.stride(2), a);
+        tc::backward_dkdv<D, DV>
+            <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, skv, stream()>>>(
+                q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dk.f32(), dk.stride(0), dk.stride(1),
+                dk.stride(2), dv.f32(), dv.stride(0), dv.stride(1), dv.stride(2), a);
       })) {
     CUDA_CHECK(cudaGetLastError());
     return;
   }
-  const size_t smem_q =
-      sizeof(float) * (kTile * (a.D + 1) + kTile * (a.Dv + 1) + kWarps * kRows * (a.D + a.Dv));
+  const size_t smem_q = sizeof(float) * (kTile * (a.D + 1) + kTile * (a.Dv + 1) + kWarps * kRows * (a.D + a.Dv));
   set_smem(attention_dq_kernel, smem_q);
   attention_dq_kernel<<<dim3(blocks(a.T, kWarps * kRows), static_cast<unsigned>(B * a.Hq)), kWarps * 32, smem_q,
                         stream()>>>(q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dq.f32(),
@@ -617,11 +634,31 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   seq_of_kernel<<<blocks(n_seq, 128), 128, 0, stream()>>>(seq_starts.data<int32_t>(), n_seq, seq_of.data<int32_t>());
   const size_t smem = sizeof(float) * kPagedTile * d;
   set_smem(paged_latent_kernel, smem);
-  paged_latent_kernel<<<dim3(static_cast<unsigned>(n), blocks(heads, kWarps)), kWarps * 32, smem, stream()>>>(
+  // Split the context when the query rows alone make too few blocks: the block table's width bounds
+  // every context, and a split of kPagedSplit positions stays long enough to amortise its combine.
+  constexpr int64_t kPagedSplit = 64, kWantBlocks = 4 * 132;
+  const int64_t head_blocks = blocks(heads, kWarps), longest = block_tables.size(1) * block_size;
+  const int64_t splits = std::max<int64_t>(
+      1, std::min((longest + kPagedSplit - 1) / kPagedSplit, kWantBlocks / std::max<int64_t>(1, n * head_blocks)));
+  Tensor ml, acc;
+  if (splits > 1) {
+    ml = empty({n, heads, splits, 2}, DType::kF32);
+    acc = empty({n, heads, splits, dv}, DType::kF32);
+  }
+  const int64_t split_len = splits > 1 ? (longest + splits - 1) / splits : longest;
+  paged_latent_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks),
+                             static_cast<unsigned>(splits)),
+                        kWarps * 32, smem, stream()>>>(
       q.f32(), q.stride(0), q.stride(1), P.f(), P.ld, P.rows, block_size, block_tables.data<int32_t>(),
       block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(), context_lens.data<int32_t>(), out.f32(),
-      out.stride(0), out.stride(1), heads, static_cast<int>(d), static_cast<int>(dv), scale);
+      out.stride(0), out.stride(1), heads, static_cast<int>(d), static_cast<int>(dv), scale, split_len,
+      splits > 1 ? ml.f32() : nullptr, splits > 1 ? acc.f32() : nullptr);
   CUDA_CHECK(cudaGetLastError());
+  if (splits > 1) {
+    paged_combine_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(heads)), 128, 0, stream()>>>(
+        ml.f32(), acc.f32(), splits, static_cast<int>(dv), out.f32(), out.stride(0), out.stride(1), heads);
+    CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 }  // namespace r1lab::core::cuda

@@ -63,12 +63,13 @@ __global__ void to_bf16_kernel(const float* src, int64_t rows, int64_t cols, int
 // one call per group leaves the GPU mostly idle: c[r] = a[r] · w[g]ᵀ + beta · c[r] with w[g] [n, k] bf16,
 // every weight read once. A block takes kSmallTile rows of one group's w; a warp takes one w row at a
 // time and dots it with the group's (at most kSmallRows) activation rows, rounded to bf16 in shared
-// memory as the bf16 products round them; f32 sums in a fixed order.
-constexpr int kSmallRows = 16, kSmallTile = 64, kSmallWarps = 8, kMaxSmallGroups = 512;
+// memory as the bf16 products round them; f32 sums in a fixed order. kRows: 16 or 32 rows a group at most.
+constexpr int kSmallTile = 64, kSmallWarps = 8, kMaxSmallGroups = 512;
 struct GroupBounds {
   int32_t at[kMaxSmallGroups + 1];
 };
 
+template <int kSmallRows>
 __global__ void __launch_bounds__(kSmallWarps * 32)
     grouped_small_kernel(const float* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, float* c,
                          int64_t ldc, int n, int k, GroupBounds bounds, float beta) {
@@ -172,9 +173,11 @@ void CudaBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool tran
   CHECK_EQ(trans_a ? A.cols : A.rows, m) << "gemm: rows of op(a) vs c";
   CHECK_EQ(trans_b ? B.cols : B.rows, k) << "gemm: inner dimension";
   CHECK_EQ(trans_b ? B.rows : B.cols, n) << "gemm: columns of op(b) vs c";
-  Op op(this, "gemm", 2.0 * m * n * k,
-        1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n + 4.0 * m * n * (beta != 0.0f ? 2 : 1));
-  const bool bf16 = opt_.gemm == Options::GemmPrecision::kBF16 || a.dtype() == DType::kBF16 || b.dtype() == DType::kBF16;
+  Op op(
+      this, "gemm", 2.0 * m * n * k,
+      1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n + 4.0 * m * n * (beta != 0.0f ? 2 : 1));
+  const bool bf16 =
+      opt_.gemm == Options::GemmPrecision::kBF16 || a.dtype() == DType::kBF16 || b.dtype() == DType::kBF16;
   Tensor ka, kb;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ob = gemm_operand(b, bf16, B.rows, B.cols, B.ld, B.rows, 0, kb);
@@ -199,7 +202,8 @@ void CudaBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, b
   Op op(this, "gemm_batched", 2.0 * batch * m * n * k,
         batch * (1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n +
                  4.0 * m * n * (beta != 0.0f ? 2 : 1)));
-  const bool bf16 = opt_.gemm == Options::GemmPrecision::kBF16 || a.dtype() == DType::kBF16 || b.dtype() == DType::kBF16;
+  const bool bf16 =
+      opt_.gemm == Options::GemmPrecision::kBF16 || a.dtype() == DType::kBF16 || b.dtype() == DType::kBF16;
   Tensor ka, kb;
   // A stack of matrices of size(1) rows each, size(0) of them, stride(0) apart.
   const Operand oa = gemm_operand(a, bf16, batch * a.size(1), a.size(2), a.stride(1), a.size(1), a.stride(0), ka);
@@ -231,18 +235,19 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   int64_t most = 0;
   for (int64_t g = 0; g < groups; ++g) most = std::max(most, offsets[g + 1] - offsets[g]);
   const size_t small_bytes = static_cast<size_t>(most) * k * 2;
-  if (trans_w && w.dtype() == DType::kBF16 && most <= kSmallRows && groups <= kMaxSmallGroups && k % 8 == 0 &&
+  if (trans_w && w.dtype() == DType::kBF16 && most <= 32 && groups <= kMaxSmallGroups && k % 8 == 0 &&
       w.stride(1) % 8 == 0 && w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.raw()) % 16 == 0 &&
       small_bytes <= 96 * 1024 && offsets.front() == 0 && A.rows < (int64_t{1} << 31)) {
     if (rows == 0) return;
     GroupBounds b;
     for (int64_t g = 0; g <= groups; ++g) b.at[g] = static_cast<int32_t>(offsets[g]);
+    const auto kernel = most <= 16 ? grouped_small_kernel<16> : grouped_small_kernel<32>;
     if (small_bytes > 48 * 1024)  // an opt-in, per device
-      CUDA_CHECK(cudaFuncSetAttribute(grouped_small_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>((n + kSmallTile - 1) / kSmallTile));
-    grouped_small_kernel<<<grid, kSmallWarps * 32, small_bytes, stream()>>>(
-        A.f(), A.ld, static_cast<const __nv_bfloat16*>(w.raw()), w.stride(1), w.stride(0), C.f(), C.ld,
-        static_cast<int>(n), static_cast<int>(k), b, beta);
+    kernel<<<grid, kSmallWarps * 32, small_bytes, stream()>>>(A.f(), A.ld, static_cast<const __nv_bfloat16*>(w.raw()),
+                                                              w.stride(1), w.stride(0), C.f(), C.ld,
+                                                              static_cast<int>(n), static_cast<int>(k), b, beta);
     CUDA_CHECK(cudaGetLastError());
     return;
   }
@@ -285,8 +290,8 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const st
     const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
     if (nr == 0) continue;
     // dw[g] [n, k] += dc[rows]ᵀ · a[rows]
-    gemm_rows(sides[g % sides.size()].blas, ct, row_ptr(od, r0), od.type, od.ld, true, row_ptr(oa, r0), oa.type,
-              oa.ld, false, dw.f32() + g * dw.stride(0), dw.stride(1), n, k, nr, 1.0f, 1.0f);
+    gemm_rows(sides[g % sides.size()].blas, ct, row_ptr(od, r0), od.type, od.ld, true, row_ptr(oa, r0), oa.type, oa.ld,
+              false, dw.f32() + g * dw.stride(0), dw.stride(1), n, k, nr, 1.0f, 1.0f);
   }
   join_sides();
 }

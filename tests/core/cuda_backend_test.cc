@@ -276,31 +276,34 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
   Backend& be = **made;
   for (int64_t k : {64, 264, 1024}) {
     const int64_t g = 6, n = 200;
-    const std::vector<int64_t> offsets = {0, 1, 1, 17, 25, 25, 40};  // groups 1 and 4 empty, 16 rows the most
-    const int64_t r = offsets.back();
-    Tensor wide = randn({r, k + 8}), w = randn({g, n, k}), c = randn({r, n});
-    Tensor a = wide.slice(1, 0, k);
-    Tensor gwide = be.zeros(wide.shape(), DType::kF32), gw = be.zeros(w.shape(), DType::kF32),
-           gc = be.zeros(c.shape(), DType::kF32), wb = be.zeros(w.shape(), DType::kBF16);
-    be.upload(wide, gwide);
-    be.upload(w, gw);
-    be.upload(c, gc);
-    be.copy(gw, wb);
-    be.grouped_gemm(gwide.slice(1, 0, k), wb, true, offsets, gc, 0.5f);
-    const Tensor got = be.download(gc);
-    double worst = 0, scale = 0;
-    for (int64_t gi = 0; gi < g; ++gi)
-      for (int64_t row = offsets[gi]; row < offsets[gi + 1]; ++row)
-        for (int64_t j = 0; j < n; ++j) {
-          double s = 0;
-          for (int64_t p = 0; p < k; ++p)
-            s += static_cast<double>(bf16_to_f32(f32_to_bf16(a.f32()[row * (k + 8) + p]))) *
-                 bf16_to_f32(f32_to_bf16(w.f32()[(gi * n + j) * k + p]));
-          const double want = s + 0.5 * c.f32()[row * n + j];
-          worst = std::max(worst, std::fabs(got.f32()[row * n + j] - want));
-          scale = std::max(scale, std::fabs(want));
-        }
-    EXPECT_LT(worst / scale, 1e-5) << "k " << k;
+    // Groups 1 and 4 empty, 16 rows the most; then 32.
+    for (const std::vector<int64_t>& offsets :
+         {std::vector<int64_t>{0, 1, 1, 17, 25, 25, 40}, std::vector<int64_t>{0, 32, 32, 33, 60, 60, 90}}) {
+      const int64_t r = offsets.back();
+      Tensor wide = randn({r, k + 8}), w = randn({g, n, k}), c = randn({r, n});
+      Tensor a = wide.slice(1, 0, k);
+      Tensor gwide = be.zeros(wide.shape(), DType::kF32), gw = be.zeros(w.shape(), DType::kF32),
+             gc = be.zeros(c.shape(), DType::kF32), wb = be.zeros(w.shape(), DType::kBF16);
+      be.upload(wide, gwide);
+      be.upload(w, gw);
+      be.upload(c, gc);
+      be.copy(gw, wb);
+      be.grouped_gemm(gwide.slice(1, 0, k), wb, true, offsets, gc, 0.5f);
+      const Tensor got = be.download(gc);
+      double worst = 0, scale = 0;
+      for (int64_t gi = 0; gi < g; ++gi)
+        for (int64_t row = offsets[gi]; row < offsets[gi + 1]; ++row)
+          for (int64_t j = 0; j < n; ++j) {
+            double s = 0;
+            for (int64_t p = 0; p < k; ++p)
+              s += static_cast<double>(bf16_to_f32(f32_to_bf16(a.f32()[row * (k + 8) + p]))) *
+                   bf16_to_f32(f32_to_bf16(w.f32()[(gi * n + j) * k + p]));
+            const double want = s + 0.5 * c.f32()[row * n + j];
+            worst = std::max(worst, std::fabs(got.f32()[row * n + j] - want));
+            scale = std::max(scale, std::fabs(want));
+          }
+      EXPECT_LT(worst / scale, 1e-5) << "k " << k << ", rows " << offsets.back();
+    }
   }
 }
 
@@ -445,28 +448,38 @@ TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
 }
 
 TEST_F(CudaBackendTest, PagedLatentAttentionOverScrambledBlocks) {
-  for (auto [heads, d, dv] : {std::tuple<int64_t, int64_t, int64_t>{4, 80, 64}, {16, 576, 512}, {3, 24, 16}}) {
-    const int block = 4;
-    // Sequence 0: 9 cached + 3 new (prefill chunk); 1: decode at 17; 2: a first token.
-    const std::vector<int32_t> ctx = {12, 18, 1}, n_new = {3, 1, 1};
-    const int64_t n_blocks = 16, max_blocks = 5;
-    std::vector<int32_t> perm(n_blocks);
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng_);
-    Tensor tables = Tensor::zeros({3, max_blocks}, DType::kI32);
-    for (int64_t i = 0; i < 3 * max_blocks; ++i) tables.data<int32_t>()[i] = perm[i];
-    Tensor starts = Tensor::zeros({4}, DType::kI32), lens = Tensor::zeros({3}, DType::kI32);
-    for (int s = 0; s < 3; ++s) {
-      starts.data<int32_t>()[s + 1] = starts.data<int32_t>()[s] + n_new[s];
-      lens.data<int32_t>()[s] = ctx[s];
+  struct Geometry {
+    int block;
+    std::vector<int32_t> ctx, n_new;
+    int64_t max_blocks;
+  };
+  // Sequence 0: 9 cached + 3 new (prefill chunk); 1: decode at 17; 2: a first token. Then long contexts
+  // of few query rows, which split the context over blocks (and a split past a short sequence's end).
+  const std::vector<Geometry> geometries = {{4, {12, 18, 1}, {3, 1, 1}, 5}, {16, {300, 70, 1, 129}, {1, 1, 1, 2}, 19}};
+  for (const Geometry& geo : geometries)
+    for (auto [heads, d, dv] : {std::tuple<int64_t, int64_t, int64_t>{4, 80, 64}, {16, 576, 512}, {3, 24, 16}}) {
+      const int block = geo.block;
+      const std::vector<int32_t>& ctx = geo.ctx;
+      const std::vector<int32_t>& n_new = geo.n_new;
+      const int64_t seqs = static_cast<int64_t>(ctx.size()), max_blocks = geo.max_blocks,
+                    n_blocks = seqs * max_blocks + 1;
+      std::vector<int32_t> perm(n_blocks);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng_);
+      Tensor tables = Tensor::zeros({seqs, max_blocks}, DType::kI32);
+      for (int64_t i = 0; i < seqs * max_blocks; ++i) tables.data<int32_t>()[i] = perm[i];
+      Tensor starts = Tensor::zeros({seqs + 1}, DType::kI32), lens = Tensor::zeros({seqs}, DType::kI32);
+      for (int s = 0; s < seqs; ++s) {
+        starts.data<int32_t>()[s + 1] = starts.data<int32_t>()[s] + n_new[s];
+        lens.data<int32_t>()[s] = ctx[s];
+      }
+      const int64_t n = starts.data<int32_t>()[seqs];
+      Tensor pool = randn({n_blocks * block, d}), q = randn({n, heads, d}, 0.3f), out = Tensor::zeros({n, heads, dv});
+      cpu_->paged_latent_attention(q, pool, block, tables, starts, lens, 0.1f, out);
+      Tensor gout = gpu_->zeros(out.shape(), DType::kF32);
+      gpu_->paged_latent_attention(dev(q), dev(pool), block, dev(tables), dev(starts), dev(lens), 0.1f, gout);
+      EXPECT_CLOSE(gout, out, 2e-5) << heads << " heads, row " << d << ", block " << block;
     }
-    const int64_t n = starts.data<int32_t>()[3];
-    Tensor pool = randn({n_blocks * block, d}), q = randn({n, heads, d}, 0.3f), out = Tensor::zeros({n, heads, dv});
-    cpu_->paged_latent_attention(q, pool, block, tables, starts, lens, 0.1f, out);
-    Tensor gout = gpu_->zeros(out.shape(), DType::kF32);
-    gpu_->paged_latent_attention(dev(q), dev(pool), block, dev(tables), dev(starts), dev(lens), 0.1f, gout);
-    EXPECT_CLOSE(gout, out, 2e-5) << heads << " heads, row " << d;
-  }
   Tensor src = randn({5, 12}), dst = randn({20, 12}), rows = Tensor::zeros({5}, DType::kI32);
   for (int i = 0; i < 5; ++i) rows.data<int32_t>()[i] = 17 - 3 * i;
   Tensor gdst = dev(dst);
