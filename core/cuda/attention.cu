@@ -636,7 +636,7 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   set_smem(paged_latent_kernel, smem);
   // Split the context when the query rows alone make too few blocks: the block table's width bounds
   // every context, and a split of kPagedSplit positions stays long enough to amortise its combine.
-  constexpr int64_t kPagedSplit = 64, kWantBlocks = 4 * 132;
+  constexpr int64_t kPagedSplit = 64, kWantBlocks = 8 * 132;
   const int64_t head_blocks = blocks(heads, kWarps), longest = block_tables.size(1) * block_size;
   const int64_t splits = std::max<int64_t>(
       1, std::min((longest + kPagedSplit - 1) / kPagedSplit, kWantBlocks / std::max<int64_t>(1, n * head_blocks)));

@@ -63,7 +63,8 @@ __global__ void to_bf16_kernel(const float* src, int64_t rows, int64_t cols, int
 // one call per group leaves the GPU mostly idle: c[r] = a[r] · w[g]ᵀ + beta · c[r] with w[g] [n, k] bf16,
 // every weight read once. A block takes kSmallTile rows of one group's w; a warp takes one w row at a
 // time and dots it with the group's (at most kSmallRows) activation rows, rounded to bf16 in shared
-// memory as the bf16 products round them; f32 sums in a fixed order. kRows: 16 or 32 rows a group at most.
+// memory as the bf16 products round them; f32 sums in a fixed order. kSmallRows (16 or 32) rows at a
+// time; up to 96 rows a group (more go to cuBLAS, whose tiles then pay off).
 constexpr int kSmallTile = 64, kSmallWarps = 8, kMaxSmallGroups = 512;
 struct GroupBounds {
   int32_t at[kMaxSmallGroups + 1];
@@ -74,46 +75,50 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
     grouped_small_kernel(const float* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, float* c,
                          int64_t ldc, int n, int k, GroupBounds bounds, float beta) {
   extern __shared__ __nv_bfloat16 xs[];  // [rows, k]
-  const int g = blockIdx.x, r0 = bounds.at[g], rows = bounds.at[g + 1] - r0;
-  if (rows == 0) return;
-  for (int i = threadIdx.x; i < rows * k; i += blockDim.x)
-    xs[i] = __float2bfloat16(a[static_cast<int64_t>(r0 + i / k) * lda + i % k]);
-  __syncthreads();
+  const int g = blockIdx.x, first = bounds.at[g], last = bounds.at[g + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const __nv_bfloat16* wg = w + g * ldw0;
-  for (int j = blockIdx.y * kSmallTile + warp; j < min(n, (blockIdx.y + 1) * kSmallTile); j += kSmallWarps) {
-    const __nv_bfloat16* wr = wg + static_cast<int64_t>(j) * ldw;
-    float acc[kSmallRows];
+  // kSmallRows rows at a time (a group past that reads its weights again, from L2).
+  for (int r0 = first; r0 < last; r0 += kSmallRows) {
+    const int rows = min(kSmallRows, last - r0);
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * k; i += blockDim.x)
+      xs[i] = __float2bfloat16(a[static_cast<int64_t>(r0 + i / k) * lda + i % k]);
+    __syncthreads();
+    for (int j = blockIdx.y * kSmallTile + warp; j < min(n, (blockIdx.y + 1) * kSmallTile); j += kSmallWarps) {
+      const __nv_bfloat16* wr = wg + static_cast<int64_t>(j) * ldw;
+      float acc[kSmallRows];
 #pragma unroll
-    for (int r = 0; r < kSmallRows; ++r) acc[r] = 0.0f;
-    for (int kk = lane * 8; kk < k; kk += 256) {  // 8 weights (16 bytes) a lane
-      const uint4 raw = *reinterpret_cast<const uint4*>(wr + kk);
-      const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
-      float2 wf[4];
+      for (int r = 0; r < kSmallRows; ++r) acc[r] = 0.0f;
+      for (int kk = lane * 8; kk < k; kk += 256) {  // 8 weights (16 bytes) a lane
+        const uint4 raw = *reinterpret_cast<const uint4*>(wr + kk);
+        const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        float2 wf[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) wf[q] = __bfloat1622float2(w2[q]);
+        for (int q = 0; q < 4; ++q) wf[q] = __bfloat1622float2(w2[q]);
 #pragma unroll
-      for (int r = 0; r < kSmallRows; ++r) {
-        if (r < rows) {
-          const uint4 xraw = *reinterpret_cast<const uint4*>(xs + r * k + kk);
-          const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&xraw);
+        for (int r = 0; r < kSmallRows; ++r) {
+          if (r < rows) {
+            const uint4 xraw = *reinterpret_cast<const uint4*>(xs + r * k + kk);
+            const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&xraw);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const float2 xf = __bfloat1622float2(x2[q]);
-            acc[r] = fmaf(wf[q].x, xf.x, acc[r]);
-            acc[r] = fmaf(wf[q].y, xf.y, acc[r]);
+            for (int q = 0; q < 4; ++q) {
+              const float2 xf = __bfloat1622float2(x2[q]);
+              acc[r] = fmaf(wf[q].x, xf.x, acc[r]);
+              acc[r] = fmaf(wf[q].y, xf.y, acc[r]);
+            }
           }
         }
       }
-    }
 #pragma unroll
-    for (int r = 0; r < kSmallRows; ++r) {
-      if (r < rows) {
-        float v = acc[r];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) {
-          float* out = c + static_cast<int64_t>(r0 + r) * ldc + j;
-          *out = beta == 0.0f ? v : v + beta * *out;
+      for (int r = 0; r < kSmallRows; ++r) {
+        if (r < rows) {
+          float v = acc[r];
+          for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+          if (lane == 0) {
+            float* out = c + static_cast<int64_t>(r0 + r) * ldc + j;
+            *out = beta == 0.0f ? v : v + beta * *out;
+          }
         }
       }
     }
@@ -234,8 +239,8 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
         4.0 * (rows * k + rows * n) + 1.0 * dtype_size(w.dtype()) * groups * n * k);
   int64_t most = 0;
   for (int64_t g = 0; g < groups; ++g) most = std::max(most, offsets[g + 1] - offsets[g]);
-  const size_t small_bytes = static_cast<size_t>(most) * k * 2;
-  if (trans_w && w.dtype() == DType::kBF16 && most <= 32 && groups <= kMaxSmallGroups && k % 8 == 0 &&
+  const size_t small_bytes = static_cast<size_t>(std::min<int64_t>(most, 32)) * k * 2;
+  if (trans_w && w.dtype() == DType::kBF16 && most <= 96 && groups <= kMaxSmallGroups && k % 8 == 0 &&
       w.stride(1) % 8 == 0 && w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.raw()) % 16 == 0 &&
       small_bytes <= 96 * 1024 && offsets.front() == 0 && A.rows < (int64_t{1} << 31)) {
     if (rows == 0) return;

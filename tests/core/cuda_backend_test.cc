@@ -276,9 +276,10 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
   Backend& be = **made;
   for (int64_t k : {64, 264, 1024}) {
     const int64_t g = 6, n = 200;
-    // Groups 1 and 4 empty, 16 rows the most; then 32.
+    // Groups 1 and 4 empty, 16 rows the most; then 32; then 77 (in chunks of 32).
     for (const std::vector<int64_t>& offsets :
-         {std::vector<int64_t>{0, 1, 1, 17, 25, 25, 40}, std::vector<int64_t>{0, 32, 32, 33, 60, 60, 90}}) {
+         {std::vector<int64_t>{0, 1, 1, 17, 25, 25, 40}, std::vector<int64_t>{0, 32, 32, 33, 60, 60, 90},
+          std::vector<int64_t>{0, 3, 3, 80, 90, 90, 100}}) {
       const int64_t r = offsets.back();
       Tensor wide = randn({r, k + 8}), w = randn({g, n, k}), c = randn({r, n});
       Tensor a = wide.slice(1, 0, k);
