@@ -147,6 +147,9 @@ absl::StatusOr<Sampled> sample(rollout::RolloutClient& rollout, const data::Toke
     g.prompt = *std::move(ids);
     g.num_samples = per_problem;
     g.params = params;
+    // Each problem its own random streams: with one seed for all, every problem's sample i would draw
+    // the same numbers at the same token, and one unlucky draw would sway the whole batch at once.
+    g.params.seed = rollout::sample_seed(params.seed, static_cast<int64_t>(groups.size()));
     out.prompts.push_back(g.prompt);
     groups.push_back(std::move(g));
   }

@@ -35,6 +35,23 @@ class CudaBackendTest : public ::testing::Test {
     return d;
   }
   Tensor host(const Tensor& d) { return gpu_->download(d).to_f32(); }
+  // A second backend whose products run in bf16 (made on first use).
+  Backend& bf16() {
+    if (!bf16_) {
+      cuda::Options o;
+      o.gemm = cuda::Options::GemmPrecision::kBF16;
+      auto made = cuda::make_backend(o);
+      CHECK(made.ok()) << made.status();
+      bf16_ = std::move(*made);
+    }
+    return *bf16_;
+  }
+  // A device copy on `be` of a contiguous host tensor.
+  static Tensor on(Backend& be, const Tensor& host) {
+    Tensor d = be.zeros(host.shape(), host.dtype());
+    be.upload(host, d);
+    return d;
+  }
   Tensor randn(const Shape& s, float scale = 1.0f) { return testing::randn(s, rng_, scale); }
   Tensor ids(const Shape& s, int32_t hi) {
     Tensor t = Tensor::zeros(s, DType::kI32);
@@ -45,6 +62,7 @@ class CudaBackendTest : public ::testing::Test {
 
   std::unique_ptr<Backend> cpu_ = make_cpu_backend();
   std::unique_ptr<Backend> gpu_;
+  std::unique_ptr<Backend> bf16_;
   std::mt19937_64 rng_{20261122};
 };
 
@@ -161,16 +179,8 @@ TEST_F(CudaBackendTest, GroupedGemmAndWeightGradient) {
 // product in one cuBLAS launch: odd widths (the scalar rounding path), strided views, transposes, beta,
 // empty groups.
 TEST_F(CudaBackendTest, Bf16ProductsOnStridedAndGroupedOperands) {
-  cuda::Options o;
-  o.gemm = cuda::Options::GemmPrecision::kBF16;
-  auto made = cuda::make_backend(o);
-  ASSERT_TRUE(made.ok());
-  Backend& be = **made;
-  auto up = [&](const Tensor& t) {
-    Tensor d = be.zeros(t.shape(), DType::kF32);
-    be.upload(t, d);
-    return d;
-  };
+  Backend& be = bf16();
+  auto up = [&](const Tensor& t) { return on(be, t); };
   auto check = [&](const Tensor& got, const Tensor& want, const std::string& what) {
     const double err = max_rel(be, got, want);
     EXPECT_LT(err, 2e-2) << what;
@@ -225,18 +235,10 @@ TEST_F(CudaBackendTest, GemmBatchedAndBf16WeightOperands) {
     gpu_->gemm_batched(dev(o).transpose(0, 1), false, gw.slice(1, k, 64), true, gyv);
     EXPECT_CLOSE(gy, y, 1e-5) << "m " << m << " trans_b";
   }
-  cuda::Options o;
-  o.gemm = cuda::Options::GemmPrecision::kBF16;
-  auto made = cuda::make_backend(o);
-  ASSERT_TRUE(made.ok());
-  Backend& be = **made;
+  Backend& be = bf16();
   EXPECT_EQ(be.weight_dtype(), DType::kBF16);
   EXPECT_EQ(gpu_->weight_dtype(), DType::kF32);
-  auto up = [&](const Tensor& t) {
-    Tensor d = be.zeros(t.shape(), DType::kF32);
-    be.upload(t, d);
-    return d;
-  };
+  auto up = [&](const Tensor& t) { return on(be, t); };
   auto to_bf16 = [&](const Tensor& d) {
     Tensor h = be.zeros(d.shape(), DType::kBF16);
     be.copy(d, h);
@@ -271,11 +273,7 @@ TEST_F(CudaBackendTest, GemmBatchedAndBf16WeightOperands) {
 // Few rows a group (MoE decode) take the weight-streaming kernel: the exact sums of the bf16-rounded
 // operands, whatever k, with empty groups and beta.
 TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
-  cuda::Options o;
-  o.gemm = cuda::Options::GemmPrecision::kBF16;
-  auto made = cuda::make_backend(o);
-  ASSERT_TRUE(made.ok());
-  Backend& be = **made;
+  Backend& be = bf16();
   for (int64_t k : {64, 264, 1024}) {
     const int64_t g = 6, n = 200;
     // Groups 1 and 4 empty, 16 rows the most; then 32; then 77 (in chunks of 32).
@@ -285,11 +283,7 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
       const int64_t r = offsets.back();
       Tensor wide = randn({r, k + 8}), w = randn({g, n, k}), c = randn({r, n});
       Tensor a = wide.slice(1, 0, k);
-      Tensor gwide = be.zeros(wide.shape(), DType::kF32), gw = be.zeros(w.shape(), DType::kF32),
-             gc = be.zeros(c.shape(), DType::kF32), wb = be.zeros(w.shape(), DType::kBF16);
-      be.upload(wide, gwide);
-      be.upload(w, gw);
-      be.upload(c, gc);
+      Tensor gwide = on(be, wide), gw = on(be, w), gc = on(be, c), wb = be.zeros(w.shape(), DType::kBF16);
       be.copy(gw, wb);
       be.grouped_gemm(gwide.slice(1, 0, k), wb, true, offsets, gc, 0.5f);
       const Tensor got = be.download(gc);
