@@ -17,10 +17,9 @@ Model::Model(ModelConfig cfg, core::Backend& backend)
     : cfg_(std::move(cfg)), backend_(backend), params_(cfg_, backend), grads_(cfg_, backend) {
   w_ = bind_weights(cfg_, params_);
   g_ = bind_weights(cfg_, grads_);
-  mw_ = w_;
   if (backend_.weight_dtype() != core::DType::kF32) {
     mm_buffer_ = backend_.zeros({params_.numel()}, backend_.weight_dtype());
-    mw_ = matmul_views(w_, params_.buffer(), mm_buffer_);
+    w_ = matmul_views(w_, params_.buffer(), mm_buffer_);
   }
   core::RopeTable host = make_rope_table(cfg_, cfg_.max_position_embeddings);
   rope_.cos = backend_.zeros(host.cos.shape());
@@ -74,7 +73,7 @@ Tensor Model::embed(const Tensor& tokens_host, Tensor* ids_out) {
   *ids_out = backend_.zeros({m}, core::DType::kI32);
   backend_.upload(tokens_host.clone().view({m}), *ids_out);
   Tensor x = backend_.zeros({m, cfg_.hidden_size});
-  backend_.embedding_forward(mw_.embed, *ids_out, x);
+  backend_.embedding_forward(w_.embed, *ids_out, x);
   return x;
 }
 
@@ -91,7 +90,7 @@ Tensor Model::forward(const Tensor& tokens, ForwardState* state, std::vector<Ten
   ForwardState& st = state ? *state : local;
   forward_hidden(tokens, st, state != nullptr, hidden);
   Tensor logits = backend_.zeros({st.batch * st.seq, cfg_.vocab_size});
-  backend_.gemm(st.normed, false, mw_.lm_head, true, logits);
+  backend_.gemm(st.normed, false, w_.lm_head, true, logits);
   return logits;
 }
 
@@ -117,7 +116,7 @@ Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, Forw
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t n = std::min(chunk, m - r0);
     Tensor logits = buf.slice(0, 0, n), lp_c = lp.slice(0, r0, n), lse_c = st.lse.slice(0, r0, n);
-    backend_.gemm(st.normed.slice(0, r0, n), false, mw_.lm_head, true, logits);
+    backend_.gemm(st.normed.slice(0, r0, n), false, w_.lm_head, true, logits);
     backend_.logprobs_forward(logits, targets.slice(0, r0, n), lp_c, lse_c);
     if (stats) {
       Tensor h = stats->entropy.slice(0, r0, n), am = stats->argmax.slice(0, r0, n);
@@ -141,11 +140,10 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
     const int64_t n = std::min(chunk, m - r0);
     Tensor logits = buf.slice(0, 0, n), dlogits = dbuf.slice(0, 0, n), normed = st.normed.slice(0, r0, n);
     Tensor dn = dnormed.slice(0, r0, n);
-    backend_.gemm(normed, false, mw_.lm_head, true, logits);
+    backend_.gemm(normed, false, w_.lm_head, true, logits);
     if (r0 > 0) backend_.fill(dlogits, 0.0f);
-    backend_.logprobs_backward(dlp.slice(0, r0, n), logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n),
-                               dlogits);
-    backend_.gemm(dlogits, false, mw_.lm_head, false, dn);
+    backend_.logprobs_backward(dlp.slice(0, r0, n), logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n), dlogits);
+    backend_.gemm(dlogits, false, w_.lm_head, false, dn);
     backend_.gemm(dlogits, true, normed, false, glm, 1.0f, 1.0f);
   }
   backward_hidden(st, dnormed);
@@ -163,7 +161,7 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   if (hidden) hidden->assign(1, x);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-    const LayerWeights& lw = mw_.layers[l];
+    const LayerWeights& lw = w_.layers[l];
     LayerActs a;
     a.x = x;
     a.ln1 = backend_.zeros({m, cfg_.hidden_size});
@@ -189,7 +187,7 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
   st.x_final = x;
   st.normed = backend_.zeros({m, cfg_.hidden_size});
   st.final_rstd = backend_.zeros({m});
-  backend_.rmsnorm_forward(x, mw_.final_norm, eps, st.normed, st.final_rstd);
+  backend_.rmsnorm_forward(x, w_.final_norm, eps, st.normed, st.final_rstd);
   if (hidden) hidden->push_back(st.normed);
 }
 
@@ -197,7 +195,7 @@ void Model::backward(ForwardState& st, const Tensor& dlogits) {
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   // logits = normed · lm_headᵀ
   Tensor dnormed = backend_.zeros({m, h});
-  backend_.gemm(dlogits, false, mw_.lm_head, false, dnormed);
+  backend_.gemm(dlogits, false, w_.lm_head, false, dnormed);
   Tensor glm = g_.lm_head;
   backend_.gemm(dlogits, true, st.normed, false, glm, 1.0f, 1.0f);
   backward_hidden(st, dnormed);
@@ -208,9 +206,9 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed) {
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   Tensor dx = backend_.zeros({m, h});
   Tensor gnorm = g_.final_norm;
-  backend_.rmsnorm_backward(dnormed, st.x_final, mw_.final_norm, st.final_rstd, dx, gnorm);
+  backend_.rmsnorm_backward(dnormed, st.x_final, w_.final_norm, st.final_rstd, dx, gnorm);
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
-    const LayerWeights& lw = mw_.layers[l];
+    const LayerWeights& lw = w_.layers[l];
     const LayerWeights& lg = g_.layers[l];
     const LayerActs& a = st.layers[l];
     // out = h1 + ffn(ln2(h1))
@@ -268,7 +266,7 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   Tensor ln = backend_.zeros({m, cfg_.hidden_size}), rstd = backend_.zeros({m});
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-    const LayerWeights& lw = mw_.layers[l];
+    const LayerWeights& lw = w_.layers[l];
     backend_.rmsnorm_forward(x, lw.input_norm, eps, ln, rstd);
     Tensor h1 = backend_.zeros({m, cfg_.hidden_size});
     mla_forward_paged(backend_, cfg_, lw, rope_, ln, st, cache, l, h1);
@@ -293,8 +291,8 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   Tensor picked = backend_.zeros({n_out, cfg_.hidden_size});
   backend_.embedding_forward(x, rows, picked);
   Tensor normed = backend_.zeros({n_out, cfg_.hidden_size}), prstd = backend_.zeros({n_out});
-  backend_.rmsnorm_forward(picked, mw_.final_norm, eps, normed, prstd);
-  backend_.gemm(normed, false, mw_.lm_head, true, logits);
+  backend_.rmsnorm_forward(picked, w_.final_norm, eps, normed, prstd);
+  backend_.gemm(normed, false, w_.lm_head, true, logits);
   return logits;
 }
 

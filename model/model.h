@@ -124,13 +124,12 @@ class Model {
   core::Backend& backend_;
   ParameterSet params_;
   ParameterSet grads_;
-  Weights w_;
-  Weights g_;
-  // What the layers read: w_, or where the backend's products round weights to bf16
-  // (Backend::weight_dtype), w_ with its matrix weights viewed in mm_buffer_, a bf16 copy of the
+  // What the layers read: views of params_, except where the backend's products round weights to bf16
+  // (Backend::weight_dtype): there the matrix weights are views of mm_buffer_, a bf16 copy of the
   // parameters made before every forward (forward_step: when the weights changed), so that products
   // read 2 bytes a weight and convert nothing.
-  Weights mw_;
+  Weights w_;
+  Weights g_;
   core::Tensor mm_buffer_;
   int64_t weights_epoch_ = 0, mm_epoch_ = -1;
   core::RopeTable rope_;

@@ -59,19 +59,11 @@ void sample_tokens(core::Backend& be, const core::Tensor& logits, const std::vec
     q[core::kSpecMinP] = r.params->min_p;
     q[core::kSpecUniform] = r.uniform;
   }
-  core::Tensor tok, lp;
-  if (be.device() == core::Device::kCpu) {
-    tok = core::Tensor::empty({n}, core::DType::kI32);
-    lp = core::Tensor::empty({n});
-    be.sample_tokens(logits, spec, tok, lp);
-  } else {
-    core::Tensor dspec = be.zeros(spec.shape(), core::DType::kF32);
-    be.upload(spec, dspec);
-    core::Tensor dtok = be.zeros({n}, core::DType::kI32), dlp = be.zeros({n}, core::DType::kF32);
-    be.sample_tokens(logits, dspec, dtok, dlp);
-    tok = be.download(dtok);
-    lp = be.download(dlp);
-  }
+  core::Tensor dspec = be.zeros(spec.shape(), core::DType::kF32);
+  be.upload(spec, dspec);
+  core::Tensor dtok = be.zeros({n}, core::DType::kI32), dlp = be.zeros({n}, core::DType::kF32);
+  be.sample_tokens(logits, dspec, dtok, dlp);
+  const core::Tensor tok = be.download(dtok), lp = be.download(dlp);
   tokens->assign(tok.data<int32_t>(), tok.data<int32_t>() + n);
   if (logprobs) logprobs->assign(lp.f32(), lp.f32() + n);
 }

@@ -90,15 +90,6 @@ __global__ void to_bf16_copy_kernel(const float* src, Dims4 ds, __nv_bfloat16* d
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     dst[offset4(dd, i)] = __float2bfloat16(src[offset4(ds, i)]);
 }
-// Both contiguous, n a multiple of 4 and 16-byte aligned: 4 elements a thread.
-__global__ void to_bf16_contiguous_kernel(const float4* src, __nv_bfloat162* dst, int64_t n4) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float4 v = src[i];
-    dst[2 * i] = __floats2bfloat162_rn(v.x, v.y);
-    dst[2 * i + 1] = __floats2bfloat162_rn(v.z, v.w);
-  }
-}
 __global__ void from_bf16_copy_kernel(const __nv_bfloat16* src, Dims4 ds, float* dst, Dims4 dd, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -379,10 +370,8 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) {
   if (src.dtype() != dst.dtype()) {
     Op op(this, "copy_convert", 0, 6.0 * n);
     if (src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) {
-      if (src.is_contiguous() && dst.is_contiguous() && n % 4 == 0 && reinterpret_cast<uintptr_t>(src.raw()) % 16 == 0 &&
-          reinterpret_cast<uintptr_t>(dst.raw()) % 8 == 0) {
-        to_bf16_contiguous_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(
-            static_cast<const float4*>(src.raw()), static_cast<__nv_bfloat162*>(dst.raw()), n / 4);
+      if (src.is_contiguous() && dst.is_contiguous()) {
+        to_bf16(src.f32(), 1, n, n, 1, 0, dst.raw());  // one row
       } else {
         to_bf16_copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(
             src.f32(), dims4(src), static_cast<__nv_bfloat16*>(dst.raw()), dims4(dst), n);

@@ -169,6 +169,11 @@ class CudaBackend final : public Backend {
   // A tensor whose memory is not cleared (stream-ordered pool memory, like zeros).
   Tensor empty(const Shape& shape, DType dtype);
   // A matrix-product operand (see gemm.cu): f32 rows, or their bf16 copy kept alive in `keep`.
+  // dst [rows, cols] contiguous bf16 = the f32 rows (element (r, c) at p[(r / rows1) * ld0 + (r % rows1)
+  // * ld + c]) rounded to nearest even: the one f32 -> bf16 conversion of products and copy.
+  void to_bf16(const float* p, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0, void* dst);
+  // Whether a product of a and b runs in bf16: bf16 products, or an operand already in bf16.
+  bool bf16_products(const Tensor& a, const Tensor& b) const;
   Operand gemm_operand(const Tensor& t, bool bf16, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
                               Tensor& keep);
 

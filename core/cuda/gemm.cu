@@ -127,15 +127,12 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
 
 }  // namespace
 
-// The operand as a product takes it: bf16 as it is; f32 as it is, or (bf16 products) a bf16 copy in `keep`.
-Operand CudaBackend::gemm_operand(const Tensor& t, bool bf16, int64_t rows, int64_t cols, int64_t ld, int64_t rows1,
-                                  int64_t ld0, Tensor& keep) {
-  if (t.dtype() == DType::kBF16) return {t.raw(), CUDA_R_16BF, rows, cols, ld, rows1, ld0};
-  const float* p = t.f32();
-  if (!bf16 || rows == 0 || cols == 0) return {p, CUDA_R_32F, rows, cols, ld, rows1, ld0};
-  keep = empty({rows, cols}, DType::kBF16);
-  auto* dst = static_cast<__nv_bfloat16*>(keep.raw());
-  const bool vec4 = cols % 4 == 0 && ld % 4 == 0 && ld0 % 4 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+void CudaBackend::to_bf16(const float* p, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
+                          void* out) {
+  if (rows == 0 || cols == 0) return;
+  auto* dst = static_cast<__nv_bfloat16*>(out);
+  const bool vec4 = cols % 4 == 0 && ld % 4 == 0 && ld0 % 4 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(dst) % 8 == 0;
   const int64_t work = rows * cols / (vec4 ? 4 : 1);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(blocks(work, 256), 132 * 16));
   if (vec4)
@@ -143,7 +140,21 @@ Operand CudaBackend::gemm_operand(const Tensor& t, bool bf16, int64_t rows, int6
   else
     to_bf16_kernel<false><<<grid, 256, 0, stream()>>>(p, rows, cols, ld, rows1, ld0, dst);
   CUDA_CHECK(cudaGetLastError());
-  return {dst, CUDA_R_16BF, rows, cols, cols, rows1, rows1 * cols};
+}
+
+bool CudaBackend::bf16_products(const Tensor& a, const Tensor& b) const {
+  return opt_.gemm == Options::GemmPrecision::kBF16 || a.dtype() == DType::kBF16 || b.dtype() == DType::kBF16;
+}
+
+// The operand as a product takes it: bf16 as it is; f32 as it is, or (bf16 products) a bf16 copy in `keep`.
+Operand CudaBackend::gemm_operand(const Tensor& t, bool bf16, int64_t rows, int64_t cols, int64_t ld, int64_t rows1,
+                                  int64_t ld0, Tensor& keep) {
+  if (t.dtype() == DType::kBF16) return {t.raw(), CUDA_R_16BF, rows, cols, ld, rows1, ld0};
+  const float* p = t.f32();
+  if (!bf16 || rows == 0 || cols == 0) return {p, CUDA_R_32F, rows, cols, ld, rows1, ld0};
+  keep = empty({rows, cols}, DType::kBF16);
+  to_bf16(p, rows, cols, ld, rows1, ld0, keep.raw());
+  return {keep.raw(), CUDA_R_16BF, rows, cols, cols, rows1, rows1 * cols};
 }
 
 namespace {
@@ -181,8 +192,7 @@ void CudaBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool tran
   Op op(
       this, "gemm", 2.0 * m * n * k,
       1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n + 4.0 * m * n * (beta != 0.0f ? 2 : 1));
-  const bool bf16 =
-      opt_.gemm == Options::GemmPrecision::kBF16 || a.dtype() == DType::kBF16 || b.dtype() == DType::kBF16;
+  const bool bf16 = bf16_products(a, b);
   Tensor ka, kb;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ob = gemm_operand(b, bf16, B.rows, B.cols, B.ld, B.rows, 0, kb);
@@ -207,8 +217,7 @@ void CudaBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, b
   Op op(this, "gemm_batched", 2.0 * batch * m * n * k,
         batch * (1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n +
                  4.0 * m * n * (beta != 0.0f ? 2 : 1)));
-  const bool bf16 =
-      opt_.gemm == Options::GemmPrecision::kBF16 || a.dtype() == DType::kBF16 || b.dtype() == DType::kBF16;
+  const bool bf16 = bf16_products(a, b);
   Tensor ka, kb;
   // A stack of matrices of size(1) rows each, size(0) of them, stride(0) apart.
   const Operand oa = gemm_operand(a, bf16, batch * a.size(1), a.size(2), a.stride(1), a.size(1), a.stride(0), ka);
@@ -256,7 +265,7 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
     CUDA_CHECK(cudaGetLastError());
     return;
   }
-  const bool bf16 = opt_.gemm == Options::GemmPrecision::kBF16 || w.dtype() == DType::kBF16;
+  const bool bf16 = bf16_products(a, w);
   Tensor ka, kw;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ow = gemm_operand(w, bf16, groups * w.size(1), w.size(2), w.stride(1), w.size(1), w.stride(0), kw);
@@ -285,7 +294,7 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const st
   CHECK_EQ(A.cols, k);
   const int64_t rows = offsets.back() - offsets.front();
   Op op(this, "grouped_gemm_wgrad", 2.0 * rows * n * k, 4.0 * (rows * (n + k) + 2 * groups * n * k));
-  const bool bf16 = opt_.gemm == Options::GemmPrecision::kBF16;
+  const bool bf16 = bf16_products(dc, a);
   Tensor kd, ka;
   const Operand od = gemm_operand(dc, bf16, D.rows, D.cols, D.ld, D.rows, 0, kd);
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
