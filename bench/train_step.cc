@@ -160,6 +160,20 @@ int main(int argc, char** argv) {
   for (int i = 0; i < steps; ++i) step();
   backend.synchronize();
   const double sec = std::chrono::duration<double>(Clock::now() - t0).count() / steps;
+  // Each step alone: its time to the last queued op on the host, and to the GPU's end. A host time near
+  // the step time means the step waits on the host (launches, synchronisations), not on the GPU.
+  std::vector<double> host_ms, step_ms_each;
+  for (int i = 0; i < steps; ++i) {
+    const auto s0 = Clock::now();
+    step();
+    host_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - s0).count());
+    backend.synchronize();
+    step_ms_each.push_back(std::chrono::duration<double, std::milli>(Clock::now() - s0).count());
+  }
+  std::sort(host_ms.begin(), host_ms.end());
+  std::sort(step_ms_each.begin(), step_ms_each.end());
+  std::printf("steps one at a time: %.1f ms min, %.1f ms median; host queues a step in %.1f ms (median)\n",
+              step_ms_each.front(), step_ms_each[step_ms_each.size() / 2], host_ms[host_ms.size() / 2]);
   const double peak_gb = r1lab::core::cuda::peak_memory(backend) / double(1 << 30);
   const double tok_s = m / sec;
   const FlopCount fc = count(*cfg, t);

@@ -95,12 +95,13 @@ class Backend {
                             float alpha = 1.0f, float beta = 0.0f) = 0;
   // One launch over all groups (experts). For group g, rows r in [offsets[g], offsets[g+1]):
   //   c[r] = a[r] · op(w[g]) + beta * c[r];   a: [R, k], w: [G, n, k] (trans_w) or [G, k, n], c: [R, n].
-  virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w,
-                            const std::vector<int64_t>& offsets, Tensor& c, float beta = 0.0f) = 0;
+  // offsets: [G + 1] I64 on this backend's device (as moe_dispatch makes them), ascending within [0, R];
+  // rows outside every group are left as they are.
+  virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
+                            float beta = 0.0f) = 0;
   // Weight gradient of grouped_gemm with trans_w: dw[g] += dc[rows_g]ᵀ · a[rows_g];
   //   dc: [R, n], a: [R, k], dw: [G, n, k].
-  virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,
-                                  Tensor& dw) = 0;
+  virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) = 0;
 
   // ---- normalisation, activations, embeddings
   // y = x / sqrt(mean(x²) + eps) * w;  x, y: [M, D] rows, w: [D], rstd: [M] saved for backward.
@@ -155,9 +156,11 @@ class Backend {
   virtual void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
                                   const RouterConfig& cfg, Tensor& dlogits) = 0;
   // Sorts the M*K (token, slot) assignments by expert: xs [M*K, H] holds the token rows grouped by
-  // expert, row_of [M*K] I32 the xs row of assignment m*K+k, offsets (E+1) the group bounds.
+  // expert, row_of [M*K] I32 the xs row of assignment m*K+k, offsets [E+1] I64 (made here, on this
+  // backend's device) the group bounds. The host need not wait for them: grouped_gemm reads them where
+  // they are.
   virtual void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
-                            std::vector<int64_t>& offsets) = 0;
+                            Tensor& offsets) = 0;
   // dx[m] += Σ_k dxs[row_of[m*K+k]].
   virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) = 0;
   // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]].

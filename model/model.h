@@ -31,7 +31,7 @@ struct MlpActs {
 struct MoeActs {
   core::Tensor logits, scores, idx, weights;  // [M, E], [M, E], [M, K] I32, [M, K]
   core::Tensor xs, row_of;                    // [M*K, H] grouped by expert, [M*K] I32
-  std::vector<int64_t> offsets;               // E + 1 group bounds
+  core::Tensor offsets;                       // [E + 1] I64 group bounds, on the device
   MlpActs experts;                            // over the M*K rows
   core::Tensor ys;                            // [M*K, H]
   MlpActs shared;

@@ -1,4 +1,5 @@
 // Matrix products of the CPU backend: plain row-by-row loops with fp32 accumulation.
+#include <algorithm>
 #include <vector>
 
 #include "core/cpu/cpu_backend.h"
@@ -79,11 +80,26 @@ void CpuBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bo
   for (int64_t i = 0; i < c.size(0); ++i) gemm_raw(rows_of(a[i]), trans_a, rows_of(b[i]), trans_b, rows_of(c[i]), alpha, beta);
 }
 
-void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
-                              Tensor& c, float beta) {
+namespace {
+
+// The group bounds as host values, checked: [groups + 1] I64, ascending within [0, rows].
+const int64_t* group_bounds(const Tensor& offsets, int64_t groups, int64_t rows) {
+  CHECK(offsets.device() == Device::kCpu && offsets.dtype() == DType::kI64 && offsets.is_contiguous())
+      << "group offsets must be a host I64 tensor";
+  CHECK_EQ(offsets.numel(), groups + 1) << "group offsets";
+  const int64_t* o = offsets.data<int64_t>();
+  CHECK(o[0] >= 0 && o[groups] <= rows) << "group offsets outside [0, " << rows << "]";
+  for (int64_t g = 0; g < groups; ++g) CHECK_LE(o[g], o[g + 1]) << "group offsets must ascend";
+  return o;
+}
+
+}  // namespace
+
+void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offset_tensor, Tensor& c,
+                              float beta) {
   CHECK_EQ(w.dim(), 3);
-  CHECK_EQ(static_cast<int64_t>(offsets.size()), w.size(0) + 1);
   Rows ar = rows_of(a), cr = rows_of(c);
+  const int64_t* offsets = group_bounds(offset_tensor, w.size(0), std::min(ar.rows, cr.rows));
   for (int64_t g = 0; g < w.size(0); ++g) {
     const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
     if (nr == 0) continue;
@@ -91,11 +107,10 @@ void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, co
   }
 }
 
-void CpuBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,
-                                    Tensor& dw) {
+void CpuBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offset_tensor, Tensor& dw) {
   CHECK_EQ(dw.dim(), 3);
-  CHECK_EQ(static_cast<int64_t>(offsets.size()), dw.size(0) + 1);
   Rows dcr = rows_of(dc), ar = rows_of(a);
+  const int64_t* offsets = group_bounds(offset_tensor, dw.size(0), std::min(dcr.rows, ar.rows));
   for (int64_t g = 0; g < dw.size(0); ++g) {
     const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
     if (nr == 0) continue;

@@ -107,20 +107,21 @@ void CpuBackend::moe_route_backward(const Tensor& dweights, const Tensor& scores
 
 // Counting sort of assignments by expert, stable in assignment order (deterministic).
 void CpuBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
-                              std::vector<int64_t>& offsets) {
+                              Tensor& offset_tensor) {
   Rows xr = rows_of(x), xsr = rows_of(xs);
   const int64_t m = idx.size(0), kk = idx.size(1), n = m * kk;
   CHECK_EQ(xr.rows, m);
   CHECK_EQ(xsr.rows, n);
   const int32_t* ip = idx.data<int32_t>();
   int32_t* ro = row_of.data<int32_t>();
-  offsets.assign(static_cast<size_t>(n_experts) + 1, 0);
+  offset_tensor = Tensor::zeros({n_experts + 1}, DType::kI64);
+  int64_t* offsets = offset_tensor.data<int64_t>();
   for (int64_t a = 0; a < n; ++a) {
     CHECK(ip[a] >= 0 && ip[a] < n_experts);
     ++offsets[ip[a] + 1];
   }
   for (int e = 0; e < n_experts; ++e) offsets[e + 1] += offsets[e];
-  std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+  std::vector<int64_t> next(offsets, offsets + n_experts);
   for (int64_t a = 0; a < n; ++a) {
     const int64_t r = next[ip[a]]++;
     ro[a] = static_cast<int32_t>(r);

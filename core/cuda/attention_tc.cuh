@@ -7,16 +7,14 @@
 // f32 tensors on the way in. Products are mma.sync m16n8k16 steps with operands read by ldmatrix; the
 // scores stay in registers: the accumulator layout of one product is the operand layout of the next, so
 // masks, softmax and rescaling run on registers and P (or dS) never goes through shared memory. No
-// atomics: dq has its own kernel, so results are bitwise repeatable.
-//
-// Fragment layout (PTX ISA, mma.m16n8k16): lane = 4·g + c. An accumulator holds rows g and g+8,
-// columns 2c and 2c+1 of a 16×8 block; an A operand holds the same rows and columns 2c, 2c+1, 2c+8,
-// 2c+9 of a 16×16 block.
+// atomics: dq has its own kernel, so results are bitwise repeatable. The mma and ldmatrix primitives
+// (and the fragment layout) are in mma.cuh.
 #include <cuda_bf16.h>
+
+#include "core/cuda/mma.cuh"
 
 namespace tc {
 
-using bf16 = __nv_bfloat16;
 constexpr int kRowsT = 64;  // rows of a tile
 constexpr int kThreadsT = 128;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -52,47 +50,6 @@ __device__ __forceinline__ void load_tile(bf16* dst, const float* src, int64_t l
     d[0] = __floats2bfloat162_rn(buf[u].x, buf[u].y);
     d[1] = __floats2bfloat162_rn(buf[u].z, buf[u].w);
   }
-}
-
-__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldsm4(uint32_t* r, const bf16* p) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldsm4_t(uint32_t* r, const bf16* p) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// The A operand of the 16×16 block at p (row-major, row stride ld).
-__device__ __forceinline__ void load_a(uint32_t* a, const bf16* p, int ld) {
-  const int lane = threadIdx.x % 32;
-  ldsm4(a, p + (lane % 16) * ld + (lane / 16) * 8);
-}
-
-// B operands of two 16(k)×8(n) blocks, from a matrix stored [n][k] (row stride ld) at p: b[0..1] is
-// columns n 0..7, b[2..3] columns n 8..15.
-__device__ __forceinline__ void load_b_nk(uint32_t* b, const bf16* p, int ld) {
-  const int lane = threadIdx.x % 32;
-  ldsm4(b, p + (lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8);
-}
-
-// The same from a matrix stored [k][n] (row stride ld).
-__device__ __forceinline__ void load_b_kn(uint32_t* b, const bf16* p, int ld) {
-  const int lane = threadIdx.x % 32;
-  ldsm4_t(b, p + (lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8);
 }
 
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {

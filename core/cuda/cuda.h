@@ -1,8 +1,8 @@
 // The CUDA backend: every core::Backend op on an NVIDIA GPU, matching the CPU reference (core/cpu).
 // Tensors live in device memory from a stream-ordered caching pool; all work runs on the backend's one
-// stream, so ops are asynchronous and ordered, and only download(), sum_squares() and moe_dispatch()
-// (which returns host group offsets) wait for the device. Every kernel is deterministic: the same
-// inputs give bitwise the same outputs on every run (no float atomics).
+// stream, so ops are asynchronous and ordered, and only download() and sum_squares() wait for the device
+// (and grouped products in f32 or tf32, which read the group offsets on the host). Every kernel is
+// deterministic: the same inputs give bitwise the same outputs on every run (no float atomics).
 #pragma once
 
 #include <memory>

@@ -89,10 +89,8 @@ class CudaBackend final : public Backend {
             float beta) override;
   void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
                     float beta) override;
-  void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
-                    Tensor& c, float beta) override;
-  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,
-                          Tensor& dw) override;
+  void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta) override;
+  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) override;
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
@@ -120,7 +118,7 @@ class CudaBackend final : public Backend {
   void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
                           const RouterConfig& cfg, Tensor& dlogits) override;
   void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
-                    std::vector<int64_t>& offsets) override;
+                    Tensor& offsets) override;
   void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) override;
   void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) override;
   void moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights, const Tensor& row_of,
@@ -162,6 +160,9 @@ class CudaBackend final : public Backend {
   const void* span_chunks(const std::vector<ParamSpan>& spans, int64_t* n_chunks);
   // Scratch device memory of at least `bytes` (reused; valid until the next call).
   void* scratch(size_t bytes);
+  // Group offsets ([G + 1] I64 on the device) on the host, checked to ascend within [0, rows]. Waits for
+  // the stream: only the f32 and tf32 grouped products (cuBLAS a group at a time) need them.
+  std::vector<int64_t> host_offsets(const Tensor& offsets, int64_t rows);
   // The side streams, ready to start after the work queued so far on the main stream. join_sides
   // joins them back: the main stream's later work waits for everything queued on them.
   const std::vector<Context::Side>& fork_sides();

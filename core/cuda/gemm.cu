@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "core/cuda/cuda_backend.h"
+#include "core/cuda/mma.cuh"
 
 namespace r1lab::core::cuda {
 namespace {
@@ -65,17 +66,14 @@ __global__ void to_bf16_kernel(const float* src, int64_t rows, int64_t cols, int
 // time and dots it with the group's (at most kSmallRows) activation rows, rounded to bf16 in shared
 // memory as the bf16 products round them; f32 sums in a fixed order. kSmallRows (16 or 32) rows at a
 // time; up to 96 rows a group (more go to cuBLAS, whose tiles then pay off).
-constexpr int kSmallTile = 64, kSmallWarps = 8, kMaxSmallGroups = 512;
-struct GroupBounds {
-  int32_t at[kMaxSmallGroups + 1];
-};
+constexpr int kSmallTile = 64, kSmallWarps = 8;
 
 template <int kSmallRows>
 __global__ void __launch_bounds__(kSmallWarps * 32)
     grouped_small_kernel(const float* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, float* c,
-                         int64_t ldc, int n, int k, GroupBounds bounds, float beta) {
+                         int64_t ldc, int n, int k, const int64_t* bounds, float beta) {
   extern __shared__ __nv_bfloat16 xs[];  // [rows, k]
-  const int g = blockIdx.x, first = bounds.at[g], last = bounds.at[g + 1];
+  const int g = blockIdx.x, first = static_cast<int>(bounds[g]), last = static_cast<int>(bounds[g + 1]);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const __nv_bfloat16* wg = w + g * ldw0;
   // kSmallRows rows at a time (a group past that reads its weights again, from L2).
@@ -123,6 +121,199 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
       }
     }
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Grouped products on tensor cores, one launch for all groups, group bounds read on the device (the
+// host never waits for them). A block computes a kTileM × kTileN tile of one group's
+//   C[m, n] = Σ_k A(m, k) · B(k, n) + beta · C[m, n]
+// from bf16 operands (f32 ones are rounded into bf16 copies first, as the bf16 products round them) in
+// kTileK steps through a kStages-deep cp.async pipeline: the loads of later steps are in flight while
+// the tensor cores work on the current one. Each operand stays in shared memory as it lies in global
+// memory, k-contiguous or not, and ldmatrix (transposing where needed) makes the mma.sync m16n8k16
+// fragments. 8 warps of 64 × 32 outputs; f32 sums in a fixed order, no atomics, so results repeat
+// bitwise.
+constexpr int kTileM = 128, kTileN = 128, kTileK = 32, kStages = 4, kTcThreads = 256, kTcPad = 8;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// One operand's tile: kExtent rows along m (or n) by kTileK along k. kK: k is the contiguous dimension
+// in global memory (element (i, k) at p[i·ld + k]), else i is (at p[k·ld + i]). Shared memory keeps the
+// same orientation: [kExtent][kTileK + pad] or [kTileK][kExtent + pad] (the pad puts the rows ldmatrix
+// reads together in distinct banks).
+template <bool kK, int kExtent>
+struct TcTile {
+  static constexpr int kLd = kK ? kTileK + kTcPad : kExtent + kTcPad;
+  static constexpr int kElems = kK ? kExtent * kLd : kTileK * kLd;
+  static constexpr int kChunks = kExtent * kTileK / 8;  // of 16 bytes
+  static_assert(kChunks % kTcThreads == 0, "tile not a whole number of chunks a thread");
+
+  // The tile at p (its first element), ni rows and nk ks of it inside the matrix (the contiguous extent
+  // is a multiple of 8, so a chunk is wholly in or out; chunks out are zero-filled).
+  __device__ static void load(__nv_bfloat16* smem, const __nv_bfloat16* p, int64_t ld, int ni, int nk) {
+#pragma unroll
+    for (int u = 0; u < kChunks / kTcThreads; ++u) {
+      const int idx = threadIdx.x + u * kTcThreads;
+      int i, k;
+      if constexpr (kK) {
+        i = idx / (kTileK / 8);
+        k = (idx % (kTileK / 8)) * 8;
+      } else {
+        k = idx / (kExtent / 8);
+        i = (idx % (kExtent / 8)) * 8;
+      }
+      const bool valid = i < ni && k < nk;
+      cp_async16(smem + (kK ? i * kLd + k : k * kLd + i), valid ? (kK ? p + i * ld + k : p + k * ld + i) : p, valid);
+    }
+  }
+};
+
+constexpr size_t kTcSmem = sizeof(__nv_bfloat16) * kStages *
+                           (TcTile<true, kTileM>::kElems > TcTile<false, kTileM>::kElems
+                                ? TcTile<true, kTileM>::kElems + TcTile<true, kTileN>::kElems
+                                : TcTile<false, kTileM>::kElems + TcTile<false, kTileN>::kElems);
+
+// The A operand (16 rows × 16 k) at row r, step kk of a tile stored [k][m] (transposed by ldmatrix).
+__device__ __forceinline__ void load_a_km(uint32_t* a, const __nv_bfloat16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  tc::ldsm4_t(a, p + (lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8);
+}
+
+// The block's tile at (m0, n0) of one product: M × N outputs over K, a (k-contiguous if kAK) and b
+// (k-contiguous if kBK) bf16, c f32 rows.
+template <bool kAK, bool kBK>
+__device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
+                                        float* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta) {
+  using TileA = TcTile<kAK, kTileM>;
+  using TileB = TcTile<kBK, kTileN>;
+  extern __shared__ __align__(16) unsigned char tc_smem[];
+  __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(tc_smem);
+  __nv_bfloat16* sb = sa + kStages * TileA::kElems;
+  const __nv_bfloat16* pa = kAK ? a + m0 * lda : a + m0;
+  const __nv_bfloat16* pb = kBK ? b + n0 * ldb : b + n0;
+  const int ni_a = min(kTileM, M - m0), ni_b = min(kTileN, N - n0);
+  const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  const int steps = (K + kTileK - 1) / kTileK;
+  const auto issue = [&](int s) {
+    if (s < steps) {
+      const int k0 = s * kTileK, st = s % kStages;
+      TileA::load(sa + st * TileA::kElems, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
+      TileB::load(sb + st * TileB::kElems, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
+    }
+    cp_async_commit();  // an empty group past the end keeps the count uniform
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // step s is in; every warp is done with step s - 1, whose buffer is reloaded next
+    issue(s + kStages - 1);
+    const __nv_bfloat16* ta = sa + (s % kStages) * TileA::kElems;
+    const __nv_bfloat16* tb = sb + (s % kStages) * TileB::kElems;
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += 16) {
+      uint32_t fa[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = wm * 64 + i * 16;
+        if constexpr (kAK)
+          tc::load_a(fa[i], ta + r * TileA::kLd + kk, TileA::kLd);
+        else
+          load_a_km(fa[i], ta + kk * TileA::kLd + r, TileA::kLd);
+      }
+#pragma unroll
+      for (int jp = 0; jp < 2; ++jp) {
+        const int col = wn * 32 + jp * 16;
+        uint32_t fb[4];
+        if constexpr (kBK)
+          tc::load_b_nk(fb, tb + col * TileB::kLd + kk, TileB::kLd);
+        else
+          tc::load_b_kn(fb, tb + kk * TileB::kLd + col, TileB::kLd);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          tc::mma(acc[i][2 * jp], fa[i], fb[0], fb[1]);
+          tc::mma(acc[i][2 * jp + 1], fa[i], fb[2], fb[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = m0 + wm * 64 + i * 16 + g + 8 * h;
+        if (r >= M) continue;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + wn * 32 + j * 8 + 2 * q + e;
+          if (col >= N) continue;
+          float* out = c + static_cast<int64_t>(r) * ldc + col;
+          const float v = acc[i][j][2 * h + e];
+          *out = beta == 0.0f ? v : v + beta * *out;
+        }
+      }
+}
+
+// c[r] = a[r] · op(w[g]) + beta · c[r] for the rows r of group g: blockIdx.x picks the column tile,
+// blockIdx.y the row tile counted over all groups in order (the grid has enough for any bounds; blocks
+// past the last group's tiles return).
+template <bool kBK>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    grouped_tc_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
+                      float* c, int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta) {
+  __shared__ int tile_group, tile_row;
+  if (threadIdx.x == 0) {
+    int t = blockIdx.y, found = -1;
+    for (int g = 0; g < groups; ++g) {
+      const int tiles = static_cast<int>((bounds[g + 1] - bounds[g] + kTileM - 1) / kTileM);
+      if (t < tiles) {
+        found = g;
+        break;
+      }
+      t -= tiles;
+    }
+    tile_group = found;
+    tile_row = t * kTileM;
+  }
+  __syncthreads();
+  const int g = tile_group;
+  if (g < 0) return;
+  const int64_t r0 = bounds[g];
+  tc_tile<true, kBK>(a + r0 * lda, lda, w + g * ldw0, ldw, c + r0 * ldc, ldc, static_cast<int>(bounds[g + 1] - r0), n,
+                     k, tile_row, blockIdx.x * kTileN, beta);
+}
+
+// dw[g] [n, k] += dc[rows_g]ᵀ · a[rows_g]: blockIdx.z is the group; the sum runs over its rows.
+__global__ void __launch_bounds__(kTcThreads, 2)
+    grouped_wgrad_tc_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* a, int64_t lda, float* dw,
+                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k) {
+  const int g = blockIdx.z;
+  const int64_t r0 = bounds[g];
+  const int rows = static_cast<int>(bounds[g + 1] - r0);
+  if (rows <= 0) return;
+  tc_tile<false, false>(dc + r0 * lddc, lddc, a + r0 * lda, lda, dw + g * ldw0, ldw, n, k, rows, blockIdx.y * kTileM,
+                        blockIdx.x * kTileN, 1.0f);
 }
 
 }  // namespace
@@ -230,49 +421,89 @@ void CudaBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, b
       static_cast<int>(batch), operand_compute(oa, opt_.gemm), CUBLAS_GEMM_DEFAULT));
 }
 
-void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const std::vector<int64_t>& offsets,
-                               Tensor& c, float beta) {
+namespace {
+
+// Whether the grouped kernels can take an operand of `cols` contiguous columns, row stride ld (bf16
+// elements): 16-byte chunks of whole rows.
+bool tc_operand(const Operand& o, int64_t cols) {
+  return o.type == CUDA_R_16BF && cols % 8 == 0 && o.ld % 8 == 0 && (o.rows1 == o.rows || o.ld0 % 8 == 0) &&
+         reinterpret_cast<uintptr_t>(o.p) % 16 == 0;
+}
+
+void check_offsets(const Tensor& offsets, int64_t groups) {
+  check_device(offsets, DType::kI64);
+  CHECK(offsets.is_contiguous() && offsets.numel() == groups + 1)
+      << "group offsets: " << shape_str(offsets.shape()) << " for " << groups << " groups";
+}
+
+}  // namespace
+
+std::vector<int64_t> CudaBackend::host_offsets(const Tensor& offsets, int64_t rows) {
+  const Tensor h = download(offsets);
+  std::vector<int64_t> o(h.data<int64_t>(), h.data<int64_t>() + h.numel());
+  CHECK(!o.empty() && o.front() >= 0 && o.back() <= rows) << "group offsets outside [0, " << rows << "]";
+  for (size_t g = 0; g + 1 < o.size(); ++g) CHECK_LE(o[g], o[g + 1]) << "group offsets must ascend";
+  return o;
+}
+
+void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
+                               float beta) {
   CHECK_EQ(w.dim(), 3);
-  CHECK_EQ(static_cast<int64_t>(offsets.size()), w.size(0) + 1);
   check_device(a, DType::kF32);
   check_operand(w);
   check_device(c, DType::kF32);
   CHECK_EQ(w.stride(2), 1);
   const Rows A = rows_of(a), C = rows_of(c);
   const int64_t groups = w.size(0), n = trans_w ? w.size(1) : w.size(2), k = trans_w ? w.size(2) : w.size(1);
+  check_offsets(offsets, groups);
   CHECK_EQ(A.cols, k);
   CHECK_EQ(C.cols, n);
-  CHECK_EQ(offsets.back(), A.rows);
-  const int64_t rows = offsets.back() - offsets.front();
+  CHECK_EQ(A.rows, C.rows);
+  // Counted as if every row is in a group (the bounds stay on the device).
+  const int64_t rows = A.rows;
   Op op(this, "grouped_gemm", 2.0 * rows * n * k,
         4.0 * (rows * k + rows * n) + 1.0 * dtype_size(w.dtype()) * groups * n * k);
-  int64_t most = 0;
-  for (int64_t g = 0; g < groups; ++g) most = std::max(most, offsets[g + 1] - offsets[g]);
-  const size_t small_bytes = static_cast<size_t>(std::min<int64_t>(most, 32)) * k * 2;
-  if (trans_w && w.dtype() == DType::kBF16 && most <= 96 && groups <= kMaxSmallGroups && k % 8 == 0 &&
-      w.stride(1) % 8 == 0 && w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.raw()) % 16 == 0 &&
-      small_bytes <= 96 * 1024 && offsets.front() == 0 && A.rows < (int64_t{1} << 31)) {
-    if (rows == 0) return;
-    GroupBounds b;
-    for (int64_t g = 0; g <= groups; ++g) b.at[g] = static_cast<int32_t>(offsets[g]);
-    const auto kernel = most <= 16 ? grouped_small_kernel<16> : grouped_small_kernel<32>;
+  if (rows == 0 || groups == 0) return;
+  const bool bf16 = bf16_products(a, w);
+  const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
+  // Few rows a group (decode): the weight-streaming kernel; 16 or 32 rows at a time by the mean.
+  const size_t small_bytes = static_cast<size_t>(rows <= 8 * groups ? 16 : 32) * k * 2;
+  if (trans_w && w.dtype() == DType::kBF16 && fits && rows <= 32 * groups && k % 8 == 0 && w.stride(1) % 8 == 0 &&
+      w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.raw()) % 16 == 0 && small_bytes <= 96 * 1024) {
+    const auto kernel = rows <= 8 * groups ? grouped_small_kernel<16> : grouped_small_kernel<32>;
     if (small_bytes > 48 * 1024)  // an opt-in, per device
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>((n + kSmallTile - 1) / kSmallTile));
     kernel<<<grid, kSmallWarps * 32, small_bytes, stream()>>>(A.f(), A.ld, static_cast<const __nv_bfloat16*>(w.raw()),
                                                               w.stride(1), w.stride(0), C.f(), C.ld,
-                                                              static_cast<int>(n), static_cast<int>(k), b, beta);
+                                                              static_cast<int>(n), static_cast<int>(k),
+                                                              offsets.data<int64_t>(), beta);
     CUDA_CHECK(cudaGetLastError());
     return;
   }
-  const bool bf16 = bf16_products(a, w);
+  // bf16 products: the tensor-core kernel, all groups in one launch.
   Tensor ka, kw;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ow = gemm_operand(w, bf16, groups * w.size(1), w.size(2), w.stride(1), w.size(1), w.stride(0), kw);
+  if (bf16 && fits && tc_operand(oa, k) && tc_operand(ow, w.size(2)) && groups < 65535) {
+    const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
+                    static_cast<unsigned>((rows + kTileM - 1) / kTileM + groups));
+    CHECK_LT(grid.y, 65536u) << "grouped_gemm: too many rows";
+    const auto kernel = trans_w ? grouped_tc_kernel<true> : grouped_tc_kernel<false>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTcSmem)));
+    kernel<<<grid, kTcThreads, kTcSmem, stream()>>>(
+        static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0, C.f(),
+        C.ld, offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), beta);
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  // f32 or tf32 products (or operands the kernels cannot take): cuBLAS a group at a time, which needs
+  // the bounds on the host.
+  const std::vector<int64_t> o = host_offsets(offsets, rows);
   const cublasComputeType_t ct = operand_compute(oa, opt_.gemm);
   const auto& sides = fork_sides();
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
+    const int64_t r0 = o[g], nr = o[g + 1] - o[g];
     if (nr == 0) continue;
     gemm_rows(sides[g % sides.size()].blas, ct, row_ptr(oa, r0), oa.type, oa.ld, false, row_ptr(ow, g * w.size(1)),
               ow.type, ow.ld, trans_w, C.f() + r0 * C.ld, C.ld, nr, n, k, 1.0f, beta);
@@ -280,28 +511,41 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   join_sides();
 }
 
-void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const std::vector<int64_t>& offsets,
-                                     Tensor& dw) {
+void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) {
   CHECK_EQ(dw.dim(), 3);
-  CHECK_EQ(static_cast<int64_t>(offsets.size()), dw.size(0) + 1);
   check_device(dc, DType::kF32);
   check_device(a, DType::kF32);
   check_device(dw, DType::kF32);
   CHECK_EQ(dw.stride(2), 1);
   const Rows D = rows_of(dc), A = rows_of(a);
   const int64_t groups = dw.size(0), n = dw.size(1), k = dw.size(2);
+  check_offsets(offsets, groups);
   CHECK_EQ(D.cols, n);
   CHECK_EQ(A.cols, k);
-  const int64_t rows = offsets.back() - offsets.front();
+  CHECK_EQ(D.rows, A.rows);
+  const int64_t rows = A.rows;
   Op op(this, "grouped_gemm_wgrad", 2.0 * rows * n * k, 4.0 * (rows * (n + k) + 2 * groups * n * k));
+  if (rows == 0 || groups == 0) return;
   const bool bf16 = bf16_products(dc, a);
   Tensor kd, ka;
   const Operand od = gemm_operand(dc, bf16, D.rows, D.cols, D.ld, D.rows, 0, kd);
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
+  if (bf16 && tc_operand(od, n) && tc_operand(oa, k) && rows < (int64_t{1} << 31) && groups < 65536) {
+    const dim3 grid(static_cast<unsigned>((k + kTileN - 1) / kTileN), static_cast<unsigned>((n + kTileM - 1) / kTileM),
+                    static_cast<unsigned>(groups));
+    CUDA_CHECK(cudaFuncSetAttribute(grouped_wgrad_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(kTcSmem)));
+    grouped_wgrad_tc_kernel<<<grid, kTcThreads, kTcSmem, stream()>>>(
+        static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
+        dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k));
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  const std::vector<int64_t> o = host_offsets(offsets, rows);
   const cublasComputeType_t ct = operand_compute(od, opt_.gemm);
   const auto& sides = fork_sides();
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
+    const int64_t r0 = o[g], nr = o[g + 1] - o[g];
     if (nr == 0) continue;
     // dw[g] [n, k] += dc[rows]ᵀ · a[rows]
     gemm_rows(sides[g % sides.size()].blas, ct, row_ptr(od, r0), od.type, od.ld, true, row_ptr(oa, r0), oa.type, oa.ld,

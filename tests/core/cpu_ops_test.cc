@@ -85,9 +85,11 @@ TEST_F(CpuOps, CopyConvertsBetweenF32AndBf16) {
 }
 
 TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
-  const std::vector<int64_t> offsets = {0, 3, 3, 7};  // an empty group in the middle
+  const int64_t offsets[] = {0, 3, 3, 7};  // an empty group in the middle
+  Tensor bounds = Tensor::zeros({4}, DType::kI64);
+  std::copy(std::begin(offsets), std::end(offsets), bounds.data<int64_t>());
   Tensor a = randn({7, 4}, rng_), w = randn({3, 5, 4}, rng_), c = Tensor::zeros({7, 5});
-  be_->grouped_gemm(a, w, true, offsets, c);
+  be_->grouped_gemm(a, w, true, bounds, c);
   for (int g = 0; g < 3; ++g)
     for (int64_t r = offsets[g]; r < offsets[g + 1]; ++r)
       for (int64_t j = 0; j < 5; ++j) {
@@ -97,10 +99,10 @@ TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
       }
   // The weight gradient of c = a · w[g]ᵀ with respect to w under S = Σ dc·c.
   Tensor dc = randn({7, 5}, rng_), dw = Tensor::zeros({3, 5, 4});
-  be_->grouped_gemm_wgrad(dc, a, offsets, dw);
+  be_->grouped_gemm_wgrad(dc, a, bounds, dw);
   expect_directional_grad("grouped_gemm dw", w, dw, [&] {
     Tensor out = Tensor::zeros({7, 5});
-    be_->grouped_gemm(a, w, true, offsets, out);
+    be_->grouped_gemm(a, w, true, bounds, out);
     return dot(out, dc);
   }, rng_);
 }
@@ -316,10 +318,12 @@ TEST_F(CpuOps, DispatchCombineIsTheWeightedSumAndDifferentiates) {
   Tensor idx = Tensor::zeros({m, k}, DType::kI32);
   for (int64_t i = 0; i < m * k; ++i) idx.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + 1) % e);
   Tensor xs = Tensor::zeros({m * k, h}), row_of = Tensor::zeros({m * k}, DType::kI32);
-  std::vector<int64_t> offsets;
-  be_->moe_dispatch(x, idx, static_cast<int>(e), xs, row_of, offsets);
-  ASSERT_EQ(offsets.size(), static_cast<size_t>(e + 1));
-  EXPECT_EQ(offsets.back(), m * k);
+  Tensor bounds;
+  be_->moe_dispatch(x, idx, static_cast<int>(e), xs, row_of, bounds);
+  ASSERT_EQ(bounds.numel(), e + 1);
+  ASSERT_EQ(bounds.dtype(), DType::kI64);
+  const int64_t* offsets = bounds.data<int64_t>();
+  EXPECT_EQ(offsets[e], m * k);
   for (int64_t a = 0; a < m * k; ++a) {
     const int64_t r = row_of.data<int32_t>()[a];
     EXPECT_GE(r, offsets[idx.data<int32_t>()[a]]);
@@ -336,7 +340,7 @@ TEST_F(CpuOps, DispatchCombineIsTheWeightedSumAndDifferentiates) {
   be_->moe_dispatch_backward(dys, row_of, dx);
   auto s = [&] {
     Tensor xs2 = Tensor::zeros({m * k, h}), r2 = Tensor::zeros({m * k}, DType::kI32), o = Tensor::zeros({m, h});
-    std::vector<int64_t> off;
+    Tensor off;
     be_->moe_dispatch(x, idx, static_cast<int>(e), xs2, r2, off);
     be_->moe_combine(xs2, w, r2, o);
     return dot(o, dout);

@@ -52,6 +52,12 @@ class CudaBackendTest : public ::testing::Test {
     be.upload(host, d);
     return d;
   }
+  // Group offsets as the grouped products take them (a host I64 tensor; `on` puts it on a device).
+  static Tensor bounds(const std::vector<int64_t>& o) {
+    Tensor t = Tensor::zeros({static_cast<int64_t>(o.size())}, DType::kI64);
+    std::copy(o.begin(), o.end(), t.data<int64_t>());
+    return t;
+  }
   Tensor randn(const Shape& s, float scale = 1.0f) { return testing::randn(s, rng_, scale); }
   Tensor ids(const Shape& s, int32_t hi) {
     Tensor t = Tensor::zeros(s, DType::kI32);
@@ -164,20 +170,20 @@ TEST_F(CudaBackendTest, GroupedGemmAndWeightGradient) {
   for (bool trans : {true, false}) {
     Tensor a = randn({r, k}), w = randn(trans ? Shape{g, n, k} : Shape{g, k, n}), c = randn({r, n});
     Tensor gc = dev(c);
-    cpu_->grouped_gemm(a, w, trans, offsets, c, 0.5f);
-    gpu_->grouped_gemm(dev(a), dev(w), trans, offsets, gc, 0.5f);
+    cpu_->grouped_gemm(a, w, trans, bounds(offsets), c, 0.5f);
+    gpu_->grouped_gemm(dev(a), dev(w), trans, dev(bounds(offsets)), gc, 0.5f);
     EXPECT_CLOSE(gc, c, 1e-5) << "trans " << trans;
   }
   Tensor dc = randn({r, n}), a = randn({r, k}), dw = randn({g, n, k});
   Tensor gdw = dev(dw);
-  cpu_->grouped_gemm_wgrad(dc, a, offsets, dw);
-  gpu_->grouped_gemm_wgrad(dev(dc), dev(a), offsets, gdw);
+  cpu_->grouped_gemm_wgrad(dc, a, bounds(offsets), dw);
+  gpu_->grouped_gemm_wgrad(dev(dc), dev(a), dev(bounds(offsets)), gdw);
   EXPECT_CLOSE(gdw, dw, 1e-5);
 }
 
-// bf16 products round the f32 operands into bf16 copies first (gemm.cu), and run the groups of a grouped
-// product in one cuBLAS launch: odd widths (the scalar rounding path), strided views, transposes, beta,
-// empty groups.
+// bf16 products round the f32 operands into bf16 copies first (gemm.cu); grouped products run on the
+// tensor-core kernel (widths a multiple of 4) or cuBLAS (odd widths): odd widths (the scalar rounding
+// path), strided views, transposes, beta, empty groups, several tiles each way.
 TEST_F(CudaBackendTest, Bf16ProductsOnStridedAndGroupedOperands) {
   Backend& be = bf16();
   auto up = [&](const Tensor& t) { return on(be, t); };
@@ -198,21 +204,24 @@ TEST_F(CudaBackendTest, Bf16ProductsOnStridedAndGroupedOperands) {
     be.gemm(up(at), true, up(bt), true, gc2, 1.0f, 0.0f);
     check(gc2, c2, "gemm transposed k " + std::to_string(k));
   }
-  const int64_t g = 6, n = 48, k = 40;
+  const int64_t g = 6;
   const std::vector<int64_t> offsets = {0, 70, 70, 300, 301, 512, 512};  // groups 1 and 5 empty
   const int64_t r = offsets.back();
-  for (bool trans : {true, false}) {
-    Tensor wide = randn({r, k + 8}), w = randn(trans ? Shape{g, n, k} : Shape{g, k, n}), c = randn({r, n});
-    Tensor gwide = up(wide), gc = up(c);
-    cpu_->grouped_gemm(wide.slice(1, 0, k), w, trans, offsets, c, 0.5f);
-    be.grouped_gemm(gwide.slice(1, 0, k), up(w), trans, offsets, gc, 0.5f);
-    check(gc, c, trans ? "grouped, trans_w" : "grouped");
+  for (auto [n, k] : {std::pair<int64_t, int64_t>{48, 40}, {200, 264}, {30, 37}}) {
+    const std::string shape = " n " + std::to_string(n) + " k " + std::to_string(k);
+    for (bool trans : {true, false}) {
+      Tensor wide = randn({r, k + 8}), w = randn(trans ? Shape{g, n, k} : Shape{g, k, n}), c = randn({r, n});
+      Tensor gwide = up(wide), gc = up(c);
+      cpu_->grouped_gemm(wide.slice(1, 0, k), w, trans, bounds(offsets), c, 0.5f);
+      be.grouped_gemm(gwide.slice(1, 0, k), up(w), trans, up(bounds(offsets)), gc, 0.5f);
+      check(gc, c, (trans ? "grouped, trans_w" : "grouped") + shape);
+    }
+    Tensor dc = randn({r, n}), a = randn({r, k}), dw = randn({g, n, k});
+    Tensor gdw = up(dw);
+    cpu_->grouped_gemm_wgrad(dc, a, bounds(offsets), dw);
+    be.grouped_gemm_wgrad(up(dc), up(a), up(bounds(offsets)), gdw);
+    check(gdw, dw, "grouped weight gradient" + shape);
   }
-  Tensor dc = randn({r, n}), a = randn({r, k}), dw = randn({g, n, k});
-  Tensor gdw = up(dw);
-  cpu_->grouped_gemm_wgrad(dc, a, offsets, dw);
-  be.grouped_gemm_wgrad(up(dc), up(a), offsets, gdw);
-  check(gdw, dw, "grouped weight gradient");
 }
 
 // Batched products on transposed, strided views, in f32 against the CPU, and with bf16 weights: the same
@@ -253,8 +262,9 @@ TEST_F(CudaBackendTest, GemmBatchedAndBf16WeightOperands) {
   be.gemm(ga, false, gw, true, c1);
   be.gemm(ga, false, to_bf16(gw), true, c2);
   EXPECT_TRUE(bitwise_equal(be.download(c1), be.download(c2))) << "gemm with a bf16 weight";
-  // Groups large enough for cuBLAS (few rows a group take the weight-streaming kernel, tested apart).
-  const std::vector<int64_t> offsets = {0, 100, 100, 300};
+  // Groups large enough for the tensor-core kernel (few rows a group take the weight-streaming kernel,
+  // tested apart), which rounds f32 weights as it loads them.
+  const Tensor offsets = up(bounds({0, 100, 100, 300}));
   Tensor ea = randn({300, 96}), ew = randn({3, 80, 96}), gea = up(ea), gew = up(ew);
   Tensor e1 = be.zeros({300, 80}, DType::kF32), e2 = be.zeros({300, 80}, DType::kF32);
   be.grouped_gemm(gea, gew, true, offsets, e1);
@@ -270,22 +280,23 @@ TEST_F(CudaBackendTest, GemmBatchedAndBf16WeightOperands) {
   EXPECT_LT(max_rel(be, b2, want), 2e-2);
 }
 
-// Few rows a group (MoE decode) take the weight-streaming kernel: the exact sums of the bf16-rounded
-// operands, whatever k, with empty groups and beta.
+// Few rows a group (MoE decode) take the weight-streaming kernel, more the tensor-core one: the exact
+// sums of the bf16-rounded operands, whatever k, with empty groups and beta.
 TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
   Backend& be = bf16();
   for (int64_t k : {64, 264, 1024}) {
     const int64_t g = 6, n = 200;
-    // Groups 1 and 4 empty, 16 rows the most; then 32; then 77 (in chunks of 32).
+    // Groups 1 and 4 empty, 16 rows the most; then 32; then 77 (in chunks of 32); then 300 rows a group
+    // on average (tensor cores, tiles cut by the group bounds).
     for (const std::vector<int64_t>& offsets :
          {std::vector<int64_t>{0, 1, 1, 17, 25, 25, 40}, std::vector<int64_t>{0, 32, 32, 33, 60, 60, 90},
-          std::vector<int64_t>{0, 3, 3, 80, 90, 90, 100}}) {
+          std::vector<int64_t>{0, 3, 3, 80, 90, 90, 100}, std::vector<int64_t>{0, 130, 130, 400, 401, 401, 1800}}) {
       const int64_t r = offsets.back();
       Tensor wide = randn({r, k + 8}), w = randn({g, n, k}), c = randn({r, n});
       Tensor a = wide.slice(1, 0, k);
       Tensor gwide = on(be, wide), gw = on(be, w), gc = on(be, c), wb = be.zeros(w.shape(), DType::kBF16);
       be.copy(gw, wb);
-      be.grouped_gemm(gwide.slice(1, 0, k), wb, true, offsets, gc, 0.5f);
+      be.grouped_gemm(gwide.slice(1, 0, k), wb, true, on(be, bounds(offsets)), gc, 0.5f);
       const Tensor got = be.download(gc);
       double worst = 0, scale = 0;
       for (int64_t gi = 0; gi < g; ++gi)
@@ -539,11 +550,11 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
     for (int64_t j = 0; j < k; ++j) idx.data<int32_t>()[i * k + j] = pick[j];
   }
   Tensor xs = Tensor::zeros({m * k, h}), row_of = Tensor::zeros({m * k}, DType::kI32);
-  std::vector<int64_t> off, goff;
+  Tensor off, goff;
   cpu_->moe_dispatch(x, idx, e, xs, row_of, off);
   Tensor gxs = gpu_->zeros(xs.shape(), DType::kF32), grow = gpu_->zeros(row_of.shape(), DType::kI32);
   gpu_->moe_dispatch(dev(x), dev(idx), e, gxs, grow, goff);
-  EXPECT_EQ(goff, off);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(goff), off));
   EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
   EXPECT_TRUE(bitwise_equal(gpu_->download(gxs), xs));
   Tensor dxs = randn({m * k, h}), dx = randn({m, h}), gdx = dev(dx);

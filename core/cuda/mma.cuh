@@ -1,0 +1,59 @@
+// Tensor-core primitives shared by the attention and grouped-product kernels: the bf16 mma.sync
+// m16n8k16 step (f32 accumulators) and the ldmatrix loads that make its operand fragments from shared
+// memory.
+//
+// Fragment layout (PTX ISA, mma.m16n8k16): lane = 4·g + c. An accumulator holds rows g and g+8,
+// columns 2c and 2c+1 of a 16×8 block; an A operand holds the same rows and columns 2c, 2c+1, 2c+8,
+// 2c+9 of a 16×16 block.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace tc {
+
+using bf16 = __nv_bfloat16;
+
+__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm4(uint32_t* r, const bf16* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm4_t(uint32_t* r, const bf16* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// The A operand of the 16×16 block at p (row-major, row stride ld).
+__device__ __forceinline__ void load_a(uint32_t* a, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldsm4(a, p + (lane % 16) * ld + (lane / 16) * 8);
+}
+
+// B operands of two 16(k)×8(n) blocks, from a matrix stored [n][k] (row stride ld) at p: b[0..1] is
+// columns n 0..7, b[2..3] columns n 8..15.
+__device__ __forceinline__ void load_b_nk(uint32_t* b, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldsm4(b, p + (lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8);
+}
+
+// The same from a matrix stored [k][n] (row stride ld).
+__device__ __forceinline__ void load_b_kn(uint32_t* b, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldsm4_t(b, p + (lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8);
+}
+
+}  // namespace tc
