@@ -124,6 +124,38 @@ int main(int argc, char** argv) {
       std::printf("  %-5s %8.2f ms per layer\n", prec == r1lab::core::cuda::Options::GemmPrecision::kF32 ? "fp32" : "bf16 TC", ms);
     }
   }
+  // The routed experts' products alone at the benchmark's shape (tokens × top-k rows spread evenly over
+  // the experts, bf16 weights): the grouped kernels beside one dense cuBLAS product of the same rows and
+  // flops (the same f32 -> bf16 rounding of the activations in both).
+  {
+    const int64_t rows = absl::GetFlag(FLAGS_batch) * absl::GetFlag(FLAGS_seq) * cfg->num_experts_per_tok;
+    const int64_t e = cfg->n_routed_experts, h = cfg->hidden_size, n2 = 2 * cfg->moe_intermediate_size;
+    Tensor bounds = Tensor::zeros({e + 1}, r1lab::core::DType::kI64);
+    for (int64_t g = 0; g <= e; ++g) bounds.data<int64_t>()[g] = rows * g / e;
+    Tensor off = backend.zeros({e + 1}, r1lab::core::DType::kI64);
+    backend.upload(bounds, off);
+    Tensor x = backend.zeros({rows, h}), y = backend.zeros({rows, n2}), dw = backend.zeros({e, n2, h});
+    Tensor w = backend.zeros({e, n2, h}, r1lab::core::DType::kBF16), wd = backend.zeros({n2, h}, r1lab::core::DType::kBF16);
+    backend.fill(x, 0.01f);
+    backend.fill(y, 0.01f);
+    const auto time = [&](const auto& f) {
+      f();
+      backend.synchronize();
+      const auto a0 = Clock::now();
+      for (int i = 0; i < 10; ++i) f();
+      backend.synchronize();
+      return std::chrono::duration<double>(Clock::now() - a0).count() / 10;
+    };
+    const double flops = 2.0 * rows * h * n2;
+    const double dense = time([&] { backend.gemm(x, false, wd, true, y); });
+    const double fwd = time([&] { backend.grouped_gemm(x, w, true, off, y); });
+    const double dgrad = time([&] { backend.grouped_gemm(y, w, false, off, x); });
+    const double wgrad = time([&] { backend.grouped_gemm_wgrad(y, x, off, dw); });
+    std::printf("routed experts alone, %lld rows over %lld experts, %lld x %lld (TFLOP/s):\n", (long long)rows,
+                (long long)e, (long long)n2, (long long)h);
+    std::printf("  dense cuBLAS %.0f | grouped forward %.0f | data gradient %.0f | weight gradient %.0f\n",
+                flops / dense / 1e12, flops / fwd / 1e12, flops / dgrad / 1e12, flops / wgrad / 1e12);
+  }
   r1lab::model::Model model(*cfg, backend);
   model.init_random(1, 0.02f);
   r1lab::trainer::AdamWConfig ac;

@@ -116,11 +116,17 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
                         dv4);
   // Keys and values back to kv and the shared rope key.
   be.add(dk.slice(2, 0, nope), dkv_nope);
-  // Σ over heads of their rope-key gradients, in place into head 0 (in head order, as the forward's
-  // expand implies), then back through the rope.
+  // Σ over heads of their rope-key gradients (the forward shares one rope key among the heads), in place
+  // into head 0 by halving: heads [half, n) onto [0, n - half), so log2(heads) adds rather than one a
+  // head. Then back through the rope.
   Tensor dk_rope = dk.slice(2, nope, rd);
+  for (int64_t n = heads; n > 1;) {
+    const int64_t half = (n + 1) / 2;
+    Tensor lower = dk_rope.slice(1, 0, n - half);
+    be.add(dk_rope.slice(1, half, n - half), lower);
+    n = half;
+  }
   Tensor dk_pe = dk_rope.slice(1, 0, 1);
-  for (int64_t h = 1; h < heads; ++h) be.add(dk_rope.slice(1, h, 1), dk_pe);
   be.rope(dk_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
   Tensor dckv = be.zeros({m, r + rd});
   Tensor dckv_pe = dckv.slice(1, r, rd).unsqueeze(1);

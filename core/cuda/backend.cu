@@ -102,6 +102,20 @@ __global__ void add_kernel(const float* x, Dims4 dx, float* y, Dims4 dy, int64_t
     y[offset4(dy, i)] += alpha * x[offset4(dx, i)];
 }
 
+// The same on contiguous tensors, 4 elements a thread (the residual adds: no index arithmetic).
+__global__ void add_vec4_kernel(const float4* x, float4* y, int64_t n4, float alpha) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 a = x[i];
+    float4 b = y[i];
+    b.x += alpha * a.x;
+    b.y += alpha * a.y;
+    b.z += alpha * a.z;
+    b.w += alpha * a.w;
+    y[i] = b;
+  }
+}
+
 __global__ void fill_kernel(float* p, int64_t n, float v) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -386,6 +400,11 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) {
     return;
   }
   Op op(this, "copy", 0, 2.0 * n * dtype_size(src.dtype()));
+  if (src.is_contiguous() && dst.is_contiguous()) {
+    CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src.raw(), static_cast<size_t>(n) * dtype_size(src.dtype()),
+                               cudaMemcpyDeviceToDevice, stream()));
+    return;
+  }
   const Dims4 ds = dims4(src), dd = dims4(dst);
   switch (dtype_size(src.dtype())) {
     case 4:
@@ -410,7 +429,13 @@ void CudaBackend::add(const Tensor& x, Tensor& y, float alpha) {
   const int64_t n = x.numel();
   if (n == 0) return;
   Op op(this, "add", n, 12.0 * n);
-  add_kernel<<<grid_for(n), kThreads, 0, stream()>>>(x.f32(), dims4(x), y.f32(), dims4(y), n, alpha);
+  if (x.is_contiguous() && y.is_contiguous() && n % 4 == 0 && reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(y.raw()) % 16 == 0) {
+    add_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(static_cast<const float4*>(x.raw()),
+                                                                static_cast<float4*>(y.raw()), n / 4, alpha);
+  } else {
+    add_kernel<<<grid_for(n), kThreads, 0, stream()>>>(x.f32(), dims4(x), y.f32(), dims4(y), n, alpha);
+  }
   CUDA_CHECK(cudaGetLastError());
 }
 

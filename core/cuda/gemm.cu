@@ -283,18 +283,31 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_tc_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
                       float* c, int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta) {
   __shared__ int tile_group, tile_row;
-  if (threadIdx.x == 0) {
-    int t = blockIdx.y, found = -1;
-    for (int g = 0; g < groups; ++g) {
-      const int tiles = static_cast<int>((bounds[g + 1] - bounds[g] + kTileM - 1) / kTileM);
-      if (t < tiles) {
-        found = g;
-        break;
+  if (threadIdx.x < 32) {  // the first warp scans the groups' tile counts, 32 groups at a time
+    const int lane = threadIdx.x;
+    int t = blockIdx.y, found = -1, row = 0;
+    for (int base = 0; base < groups && found < 0; base += 32) {
+      const int g = base + lane;
+      const int tiles = g < groups ? static_cast<int>((bounds[g + 1] - bounds[g] + kTileM - 1) / kTileM) : 0;
+      int upto = tiles;  // inclusive prefix sum over the lanes
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, upto, o);
+        if (lane >= o) upto += v;
       }
-      t -= tiles;
+      const unsigned hit = __ballot_sync(0xffffffffu, t >= upto - tiles && t < upto);
+      if (hit) {
+        const int l = __ffs(static_cast<int>(hit)) - 1;
+        found = base + l;
+        row = (t - __shfl_sync(0xffffffffu, upto - tiles, l)) * kTileM;
+      } else {
+        t -= __shfl_sync(0xffffffffu, upto, 31);
+      }
     }
-    tile_group = found;
-    tile_row = t * kTileM;
+    if (lane == 0) {
+      tile_group = found;
+      tile_row = row;
+    }
   }
   __syncthreads();
   const int g = tile_group;
@@ -467,10 +480,10 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   const bool bf16 = bf16_products(a, w);
   const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
   // Few rows a group (decode): the weight-streaming kernel; 16 or 32 rows at a time by the mean.
-  const size_t small_bytes = static_cast<size_t>(rows <= 8 * groups ? 16 : 32) * k * 2;
-  if (trans_w && w.dtype() == DType::kBF16 && fits && rows <= 32 * groups && k % 8 == 0 && w.stride(1) % 8 == 0 &&
+  const size_t small_bytes = static_cast<size_t>(rows <= 2 * groups ? 16 : 32) * k * 2;
+  if (trans_w && w.dtype() == DType::kBF16 && fits && rows <= 4 * groups && k % 8 == 0 && w.stride(1) % 8 == 0 &&
       w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.raw()) % 16 == 0 && small_bytes <= 96 * 1024) {
-    const auto kernel = rows <= 8 * groups ? grouped_small_kernel<16> : grouped_small_kernel<32>;
+    const auto kernel = rows <= 2 * groups ? grouped_small_kernel<16> : grouped_small_kernel<32>;
     if (small_bytes > 48 * 1024)  // an opt-in, per device
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>((n + kSmallTile - 1) / kSmallTile));

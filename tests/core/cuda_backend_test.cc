@@ -285,12 +285,14 @@ TEST_F(CudaBackendTest, GemmBatchedAndBf16WeightOperands) {
 TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
   Backend& be = bf16();
   for (int64_t k : {64, 264, 1024}) {
-    const int64_t g = 6, n = 200;
-    // Groups 1 and 4 empty, 16 rows the most; then 32; then 77 (in chunks of 32); then 300 rows a group
-    // on average (tensor cores, tiles cut by the group bounds).
-    for (const std::vector<int64_t>& offsets :
-         {std::vector<int64_t>{0, 1, 1, 17, 25, 25, 40}, std::vector<int64_t>{0, 32, 32, 33, 60, 60, 90},
-          std::vector<int64_t>{0, 3, 3, 80, 90, 90, 100}, std::vector<int64_t>{0, 130, 130, 400, 401, 401, 1800}}) {
+    const int64_t g = 24, n = 200;
+    // Rows a group, the rest of the 24 groups empty: up to 2 a group on average, 16 the most (16 rows at
+    // a time); up to 4 on average, 32 the most; 77 in one group (in chunks of 32); then 75 a group on
+    // average (tensor cores, tiles cut by the group bounds).
+    for (const std::vector<int64_t>& sizes : {std::vector<int64_t>{1, 0, 16, 8, 0, 15}, {32, 0, 1, 27, 0, 30},
+                                              {3, 0, 77, 10, 0, 6}, {130, 0, 270, 1, 0, 1399}}) {
+      std::vector<int64_t> offsets = {0};
+      for (int64_t i = 0; i < g; ++i) offsets.push_back(offsets.back() + (i < 6 ? sizes[i] : 0));
       const int64_t r = offsets.back();
       Tensor wide = randn({r, k + 8}), w = randn({g, n, k}), c = randn({r, n});
       Tensor a = wide.slice(1, 0, k);
