@@ -383,20 +383,25 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t begin = z * split_len, end = splits == 1 ? last : min(last, begin + split_len - 1);
   for (int64_t p0 = begin; p0 <= end; p0 += kPagedTile) {
     __syncthreads();
-    for (int e = threadIdx.x; e < kPagedTile * D; e += blockDim.x) {
-      const int64_t pos = p0 + e / D;
-      float val = 0;
+    // A warp a row: its block-table entry once, then the row's D floats (zeros past the end).
+    for (int j = warp; j < kPagedTile; j += kWarps) {
+      const int64_t pos = p0 + j;
+      const float* src = nullptr;
       if (pos <= end) {
         const int64_t blk = tables[s * max_blocks + pos / block_size];
         const int64_t row = blk * block_size + pos % block_size;
-        if (blk >= 0 && row < pool_rows) val = pool[row * ldp + e % D];
+        if (blk >= 0 && row < pool_rows) src = pool + row * ldp;
       }
-      rows[e] = val;
+      for (int c = lane; c < D; c += 32) rows[j * D + c] = src ? src[c] : 0.0f;
     }
     __syncthreads();
     if (h >= heads) continue;
     const int n = static_cast<int>(end - p0 + 1 < kPagedTile ? end - p0 + 1 : kPagedTile);
-    for (int j = 0; j < n; ++j) {
+    // The tile's kPagedTile scores side by side (independent sums, reduced across the warp together),
+    // then one online-softmax update for the tile.
+    float x[kPagedTile];
+#pragma unroll
+    for (int j = 0; j < kPagedTile; ++j) {
       const float* r = rows + j * D;
       float part = 0;
 #pragma unroll
@@ -404,17 +409,36 @@ __global__ void __launch_bounds__(kWarps * 32)
         const int c = lane + 32 * u;
         if (c < D) part += qr[u] * r[c];
       }
-      const float x = warp_sum(part) * scale;
-      const float mn = fmaxf(m, x);
-      const float alpha = expf(m - mn), p = expf(x - mn);
-      l = l * alpha + p;
+      x[j] = part;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int j = 0; j < kPagedTile; ++j) x[j] += __shfl_xor_sync(0xffffffffu, x[j], o);
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kPagedTile; ++j) {
+      x[j] = j < n ? x[j] * scale : -INFINITY;
+      tile_max = fmaxf(tile_max, x[j]);
+    }
+    const float mn = fmaxf(m, tile_max);
+    const float alpha = expf(m - mn);
+    l *= alpha;
+#pragma unroll
+    for (int u = 0; u < kMaxLatentU; ++u) acc[u] *= alpha;
+#pragma unroll
+    for (int j = 0; j < kPagedTile; ++j) {
+      if (j >= n) break;
+      const float p = expf(x[j] - mn);
+      l += p;
+      const float* r = rows + j * D;
 #pragma unroll
       for (int u = 0; u < kMaxLatentU; ++u) {
         const int c = lane + 32 * u;
-        if (c < dv) acc[u] = acc[u] * alpha + p * r[c];
+        if (c < dv) acc[u] += p * r[c];
       }
-      m = mn;
     }
+    m = mn;
   }
   if (h >= heads) return;
   if (splits > 1) {

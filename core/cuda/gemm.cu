@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
 // memory, k-contiguous or not, and ldmatrix (transposing where needed) makes the mma.sync m16n8k16
 // fragments. 8 warps of 64 × 32 outputs; f32 sums in a fixed order, no atomics, so results repeat
 // bitwise.
-constexpr int kTileM = 128, kTileN = 128, kTileK = 32, kStages = 4, kTcThreads = 256, kTcPad = 8;
+constexpr int kTileM = 128, kTileN = 128, kTileK = 64, kStages = 3, kTcThreads = 256, kTcPad = 8;
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -504,6 +504,7 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
     CHECK_LT(grid.y, 65536u) << "grouped_gemm: too many rows";
     const auto kernel = trans_w ? grouped_tc_kernel<true> : grouped_tc_kernel<false>;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTcSmem)));
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));  // 2 blocks an SM
     kernel<<<grid, kTcThreads, kTcSmem, stream()>>>(
         static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0, C.f(),
         C.ld, offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), beta);
@@ -548,6 +549,7 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
                     static_cast<unsigned>(groups));
     CUDA_CHECK(cudaFuncSetAttribute(grouped_wgrad_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(kTcSmem)));
+    CUDA_CHECK(cudaFuncSetAttribute(grouped_wgrad_tc_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
     grouped_wgrad_tc_kernel<<<grid, kTcThreads, kTcSmem, stream()>>>(
         static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
         dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k));
