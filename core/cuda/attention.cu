@@ -352,6 +352,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 // ---- MLA latent attention over the paged cache. grid (N, ceil(H / kWarps), splits); a warp per head,
 // the block's heads share each tile of latent rows in shared memory (a row is read once per block).
+// Tiles come in by cp.async into two buffers, so the next tile's loads are in flight while the warps
+// score the current one; kU (32-lane units of a latent row) sizes the registers to the model's rows.
 // With splits > 1 (few query rows: decode), block z takes positions [z·split_len, (z+1)·split_len) and
 // leaves its running max, sum and unnormalised output in part_ml [N, H, splits, 2] and part_acc
 // [N, H, splits, dv]; paged_combine_kernel merges them (flash-decoding), so that a few long sequences
@@ -359,21 +361,26 @@ __global__ void __launch_bounds__(kWarps * 32)
 constexpr int kPagedTile = 16;
 constexpr int kMaxLatentU = 20;  // latent row ≤ 640
 
+__device__ __forceinline__ void cp_async4(float* smem, const float* gmem, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(gmem), "r"(valid ? 4 : 0));
+}
+
+template <int kU>
 __global__ void __launch_bounds__(kWarps * 32)
     paged_latent_kernel(const float* q, int64_t qs0, int64_t qs1, const float* pool, int64_t ldp, int64_t pool_rows,
                         int block_size, const int32_t* tables, int64_t max_blocks, const int32_t* seq_of,
                         const int32_t* starts, const int32_t* ctx, float* out, int64_t os0, int64_t os1, int64_t heads,
                         int D, int dv, float scale, int64_t split_len, float* part_ml, float* part_acc) {
-  extern __shared__ float sm[];
-  float* rows = sm;  // [kPagedTile][D]
+  extern __shared__ float sm[];  // two tiles [kPagedTile][D]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t i = blockIdx.x, h = static_cast<int64_t>(blockIdx.y) * kWarps + warp;
   const int32_t s = seq_of[i];
   const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
-  float qr[kMaxLatentU], acc[kMaxLatentU];
+  float qr[kU], acc[kU];
   const float* qh = q + i * qs0 + min(h, heads - 1) * qs1;
 #pragma unroll
-  for (int u = 0; u < kMaxLatentU; ++u) {
+  for (int u = 0; u < kU; ++u) {
     const int c = lane + 32 * u;
     qr[u] = c < D ? qh[c] : 0.0f;
     acc[u] = 0;
@@ -381,71 +388,85 @@ __global__ void __launch_bounds__(kWarps * 32)
   float m = -INFINITY, l = 0;
   const int64_t z = blockIdx.z, splits = gridDim.z;
   const int64_t begin = z * split_len, end = splits == 1 ? last : min(last, begin + split_len - 1);
-  for (int64_t p0 = begin; p0 <= end; p0 += kPagedTile) {
-    __syncthreads();
-    // A warp a row: its block-table entry once, then the row's D floats (zeros past the end).
+  // A warp a row: its block-table entry once, then the row's D floats (zeros past the end).
+  const auto load = [&](float* rows, int64_t p0) {
     for (int j = warp; j < kPagedTile; j += kWarps) {
       const int64_t pos = p0 + j;
-      const float* src = nullptr;
+      const float* src = pool;
+      bool valid = false;
       if (pos <= end) {
         const int64_t blk = tables[s * max_blocks + pos / block_size];
         const int64_t row = blk * block_size + pos % block_size;
-        if (blk >= 0 && row < pool_rows) src = pool + row * ldp;
+        if (blk >= 0 && row < pool_rows) src = pool + row * ldp, valid = true;
       }
-      for (int c = lane; c < D; c += 32) rows[j * D + c] = src ? src[c] : 0.0f;
+      for (int c = lane; c < D; c += 32) cp_async4(rows + j * D + c, valid ? src + c : pool, valid);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  if (begin <= end) load(sm, begin);
+  int buf = 0;
+  for (int64_t p0 = begin; p0 <= end; p0 += kPagedTile, buf ^= 1) {
+    if (p0 + kPagedTile <= end) {
+      load(sm + (buf ^ 1) * kPagedTile * D, p0 + kPagedTile);
+      asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
     }
     __syncthreads();
-    if (h >= heads) continue;
-    const int n = static_cast<int>(end - p0 + 1 < kPagedTile ? end - p0 + 1 : kPagedTile);
-    // The tile's kPagedTile scores side by side (independent sums, reduced across the warp together),
-    // then one online-softmax update for the tile.
-    float x[kPagedTile];
+    const float* rows = sm + buf * kPagedTile * D;
+    if (h < heads) {
+      const int n = static_cast<int>(end - p0 + 1 < kPagedTile ? end - p0 + 1 : kPagedTile);
+      // The tile's kPagedTile scores side by side (independent sums, reduced across the warp together),
+      // then one online-softmax update for the tile.
+      float x[kPagedTile];
 #pragma unroll
-    for (int j = 0; j < kPagedTile; ++j) {
-      const float* r = rows + j * D;
-      float part = 0;
+      for (int j = 0; j < kPagedTile; ++j) {
+        const float* r = rows + j * D;
+        float part = 0;
 #pragma unroll
-      for (int u = 0; u < kMaxLatentU; ++u) {
-        const int c = lane + 32 * u;
-        if (c < D) part += qr[u] * r[c];
+        for (int u = 0; u < kU; ++u) {
+          const int c = lane + 32 * u;
+          if (c < D) part += qr[u] * r[c];
+        }
+        x[j] = part;
       }
-      x[j] = part;
-    }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
+      for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
-      for (int j = 0; j < kPagedTile; ++j) x[j] += __shfl_xor_sync(0xffffffffu, x[j], o);
-    float tile_max = -INFINITY;
+        for (int j = 0; j < kPagedTile; ++j) x[j] += __shfl_xor_sync(0xffffffffu, x[j], o);
+      float tile_max = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < kPagedTile; ++j) {
-      x[j] = j < n ? x[j] * scale : -INFINITY;
-      tile_max = fmaxf(tile_max, x[j]);
-    }
-    const float mn = fmaxf(m, tile_max);
-    const float alpha = expf(m - mn);
-    l *= alpha;
-#pragma unroll
-    for (int u = 0; u < kMaxLatentU; ++u) acc[u] *= alpha;
-#pragma unroll
-    for (int j = 0; j < kPagedTile; ++j) {
-      if (j >= n) break;
-      const float p = expf(x[j] - mn);
-      l += p;
-      const float* r = rows + j * D;
-#pragma unroll
-      for (int u = 0; u < kMaxLatentU; ++u) {
-        const int c = lane + 32 * u;
-        if (c < dv) acc[u] += p * r[c];
+      for (int j = 0; j < kPagedTile; ++j) {
+        x[j] = j < n ? x[j] * scale : -INFINITY;
+        tile_max = fmaxf(tile_max, x[j]);
       }
+      const float mn = fmaxf(m, tile_max);
+      const float alpha = expf(m - mn);
+      l *= alpha;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) acc[u] *= alpha;
+#pragma unroll
+      for (int j = 0; j < kPagedTile; ++j) {
+        if (j >= n) break;
+        const float p = expf(x[j] - mn);
+        l += p;
+        const float* r = rows + j * D;
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int c = lane + 32 * u;
+          if (c < dv) acc[u] += p * r[c];
+        }
+      }
+      m = mn;
     }
-    m = mn;
+    __syncthreads();  // every warp is done with this buffer before it is loaded again
   }
   if (h >= heads) return;
   if (splits > 1) {
     const int64_t slot = (i * heads + h) * splits + z;
     if (lane == 0) part_ml[2 * slot] = m, part_ml[2 * slot + 1] = l;
 #pragma unroll
-    for (int u = 0; u < kMaxLatentU; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const int c = lane + 32 * u;
       if (c < dv) part_acc[slot * dv + c] = acc[u];
     }
@@ -453,7 +474,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   float* o = out + i * os0 + h * os1;
 #pragma unroll
-  for (int u = 0; u < kMaxLatentU; ++u) {
+  for (int u = 0; u < kU; ++u) {
     const int c = lane + 32 * u;
     if (c < dv) o[c] = acc[u] / l;
   }
@@ -656,8 +677,14 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   Op op(this, "paged_latent_attention", 0, 4.0 * (q.numel() + out.numel()));
   Tensor seq_of = zeros({n}, DType::kI32);
   seq_of_kernel<<<blocks(n_seq, 128), 128, 0, stream()>>>(seq_starts.data<int32_t>(), n_seq, seq_of.data<int32_t>());
-  const size_t smem = sizeof(float) * kPagedTile * d;
-  set_smem(paged_latent_kernel, smem);
+  const size_t smem = 2 * sizeof(float) * kPagedTile * d;
+  const int units = static_cast<int>((d + 31) / 32);
+  const auto kernel = units <= 4    ? paged_latent_kernel<4>
+                      : units <= 9  ? paged_latent_kernel<9>
+                      : units <= 12 ? paged_latent_kernel<12>
+                      : units <= 18 ? paged_latent_kernel<18>
+                                    : paged_latent_kernel<kMaxLatentU>;
+  set_smem(kernel, smem);
   // Split the context when the query rows alone make too few blocks: the block table's width bounds
   // every context, and a split of kPagedSplit positions stays long enough to amortise its combine.
   constexpr int64_t kPagedSplit = 64, kWantBlocks = 8 * 132;
@@ -670,9 +697,8 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
     acc = empty({n, heads, splits, dv}, DType::kF32);
   }
   const int64_t split_len = splits > 1 ? (longest + splits - 1) / splits : longest;
-  paged_latent_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks),
-                             static_cast<unsigned>(splits)),
-                        kWarps * 32, smem, stream()>>>(
+  kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(splits)),
+           kWarps * 32, smem, stream()>>>(
       q.f32(), q.stride(0), q.stride(1), P.f(), P.ld, P.rows, block_size, block_tables.data<int32_t>(),
       block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(), context_lens.data<int32_t>(), out.f32(),
       out.stride(0), out.stride(1), heads, static_cast<int>(d), static_cast<int>(dv), scale, split_len,
