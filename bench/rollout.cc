@@ -113,8 +113,9 @@ int main(int argc, char** argv) {
   }
   std::printf("rollout: %s, %.0f M parameters, prompt %d, %d new tokens, gemm %s, memory %.0f GB/s measured\n\n",
               absl::GetFlag(FLAGS_config).c_str(), params / 1e6, prompt, n_new, g.c_str(), bw / 1e9);
-  std::printf("| batch | tokens/s | HF generate tokens/s | ratio | decode step ms | floor ms | %% of floor | floor tokens/s |\n");
-  std::printf("|---|---|---|---|---|---|---|---|\n");
+  std::printf("| batch | tokens/s | HF generate tokens/s | ratio | decode step ms | host ms a step | floor ms | %% of floor "
+              "| floor tokens/s |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const std::string& bs : absl::GetFlag(FLAGS_batches)) {
     const int batch = std::atoi(bs.c_str());
     if (batch <= 0) continue;
@@ -122,7 +123,11 @@ int main(int argc, char** argv) {
     sample(engine, requests(batch, prompt, 4, cfg->vocab_size, 99));  // warm-up
     // Prefill + one token, then the whole run: their difference is n_new - 1 decode steps.
     const auto one = sample(engine, requests(batch, prompt, 1, cfg->vocab_size, 7));
+    const r1lab::rollout::EngineStats s0 = engine.stats();
     const auto all = sample(engine, requests(batch, prompt, n_new, cfg->vocab_size, 7));
+    const r1lab::rollout::EngineStats s1 = engine.stats();
+    // The engine thread's scheduling and launching, a step of the whole run (its prefill step included).
+    const double host_ms = 1e3 * (s1.host_seconds - s0.host_seconds) / std::max<int64_t>(1, s1.steps - s0.steps);
     const double tok_s = all.first / all.second;
     const double step_s = (all.second - one.second) / std::max(1, n_new - 1);
     // The floor of one decode step: every weight but the embedding table once in bf16, the batch's
@@ -132,9 +137,10 @@ int main(int argc, char** argv) {
     const double floor_s = bw > 0 ? bytes / bw : 0;
     const std::string key = "gen_b" + bs + "_tok_per_s";
     const double hf = base.is_object() && base.contains(key) ? base[key].get<double>() : 0;
-    std::printf("| %d | %.0f | %s | %s | %.2f | %.3f | %.1f%% | %.0f |\n", batch, tok_s,
+    std::printf("| %d | %.0f | %s | %s | %.2f | %.2f | %.3f | %.1f%% | %.0f |\n", batch, tok_s,
                 hf > 0 ? std::to_string(static_cast<int64_t>(hf)).c_str() : "-",
-                hf > 0 ? (std::to_string(tok_s / hf).substr(0, 5) + "x").c_str() : "-", 1e3 * step_s, 1e3 * floor_s,
+                hf > 0 ? (std::to_string(tok_s / hf).substr(0, 5) + "x").c_str() : "-", 1e3 * step_s, host_ms,
+                1e3 * floor_s,
                 step_s > 0 ? 100 * floor_s / step_s : 0.0, floor_s > 0 ? batch / floor_s : 0.0);
     std::fflush(stdout);
   }

@@ -395,6 +395,7 @@ bool Engine::step_locked() {
     int64_t n;
   };
   std::vector<Item> batch;
+  const auto step_start = Clock::now();
   int64_t budget = opt_.max_tokens_per_step;
   // Running sequences, oldest first; when blocks run out the youngest give theirs back.
   std::stable_sort(running_.begin(), running_.end(),
@@ -451,6 +452,7 @@ bool Engine::step_locked() {
     // Logits [sequences that end their known tokens this step, V] stay on the device; only the picks
     // come back.
     const core::Tensor logits = model_.forward_step(sb, *cache_);
+    counters_.host_seconds += seconds_since(step_start);
     ++counters_.steps;
     counters_.tokens_computed += sb.num_tokens();
     std::vector<Sequence*> picking;
@@ -471,6 +473,7 @@ bool Engine::step_locked() {
     for (size_t i = 0; i < picking.size(); ++i) accept(picking[i], tokens[i], logprobs[i]);
     running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
                    running_.end());
+    counters_.step_seconds += seconds_since(step_start);
   }
   publish_stats();
   return true;

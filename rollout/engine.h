@@ -90,6 +90,10 @@ struct EngineStats {
   int64_t blocks_total = 0, blocks_in_use = 0, blocks_cached = 0;
   int block_size = 0;
   int64_t steps = 0, tokens_computed = 0, tokens_generated = 0, prefix_hit_tokens = 0, preemptions = 0;
+  // Seconds of the engine's thread in steps: scheduling and queuing the model's device work (up to the
+  // forward's return), and whole steps (through sampling). Host time near step time: the host is the
+  // bottleneck, not the device.
+  double host_seconds = 0, step_seconds = 0;
 };
 
 class Engine {
