@@ -5,7 +5,7 @@
 // once in bf16, the latents of every running sequence) over the device bandwidth measured in this run.
 // Then a per-op table of profiled decode steps. All sequences run to full length (random weights;
 // prompts stay off the stop token; a sampled eos ends a sequence early and is counted as it is).
-// Usage: rollout --config CONFIG.json [--batches 64,256] [--prompt 128] [--new 256] [--gemm bf16]
+// Usage: rollout --config CONFIG.json [--batches 64,256] [--prompt 128] [--new 256] [--gemm bf16] [--step_graphs]
 //                [--baseline baseline2.json] [--profile-new 16]
 #include <algorithm>
 #include <chrono>
@@ -31,6 +31,7 @@ ABSL_FLAG(int, new_tokens, 256, "tokens sampled per sequence");
 ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32 or bf16");
 ABSL_FLAG(std::string, baseline, "", "the PyTorch baseline's JSON ({impl: {gen_bB_tok_per_s}})");
 ABSL_FLAG(int, profile_new, 16, "tokens per sequence in the profiled run (first batch size)");
+ABSL_FLAG(bool, step_graphs, true, "decode steps replay captured CUDA graphs (false: every step launched as it comes)");
 
 namespace {
 
@@ -59,6 +60,7 @@ r1lab::rollout::EngineOptions engine_options(int batch, int prompt, int n_new) {
   o.max_running = batch;
   o.max_tokens_per_step = 8192;
   o.prefix_cache = false;  // every run prefills its prompts (as Hugging Face generate does)
+  o.step_graphs = absl::GetFlag(FLAGS_step_graphs);
   return o;
 }
 
@@ -111,8 +113,10 @@ int main(int argc, char** argv) {
       for (auto& [impl, r] : j.items())
         if (r.is_object()) base = r;
   }
-  std::printf("rollout: %s, %.0f M parameters, prompt %d, %d new tokens, gemm %s, memory %.0f GB/s measured\n\n",
-              absl::GetFlag(FLAGS_config).c_str(), params / 1e6, prompt, n_new, g.c_str(), bw / 1e9);
+  std::printf("rollout: %s, %.0f M parameters, prompt %d, %d new tokens, gemm %s, decode graphs %s, memory %.0f GB/s "
+              "measured\n\n",
+              absl::GetFlag(FLAGS_config).c_str(), params / 1e6, prompt, n_new, g.c_str(),
+              absl::GetFlag(FLAGS_step_graphs) ? "on" : "off", bw / 1e9);
   std::printf("| batch | tokens/s | HF generate tokens/s | ratio | decode step ms | host ms a step | floor ms | %% of floor "
               "| floor tokens/s |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");

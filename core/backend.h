@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -199,6 +200,15 @@ class Backend {
 
   // Waits for the work queued so far (a device backend runs asynchronously; timing needs this).
   virtual void synchronize() {}
+
+  // ---- captured work (CUDA graphs)
+  // Records the device work `work` queues (without running it) and returns what queues the same work
+  // again with one call: the same kernels on the same memory, so the inputs it reads must be written in
+  // place between replays. `work` must not wait for the device, copy from the host, or keep a tensor it
+  // allocates past its end. Empty where the backend cannot capture (can_capture(): the CUDA backend with
+  // bf16 products and no profiler).
+  virtual bool can_capture() const { return false; }
+  virtual std::function<void()> capture(const std::function<void()>& work) { return {}; }
 };
 
 // The CPU reference backend.

@@ -9,7 +9,7 @@ LatentCache::LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t
   CHECK_GT(num_blocks, 0);
   CHECK_GT(block_size, 0);
   for (int l = 0; l < cfg.num_hidden_layers; ++l)
-    layers_.push_back(backend.zeros({num_blocks * block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim}));
+    layers_.push_back(backend.zeros({(num_blocks + 1) * block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim}));
 }
 
 void LatentCache::copy_block(int64_t src, int64_t dst) {

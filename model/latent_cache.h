@@ -21,7 +21,11 @@ class LatentCache {
 
   int64_t num_blocks() const { return num_blocks_; }
   int block_size() const { return block_size_; }
-  // [num_blocks * block_size, r + rope] of layer l: one row [c | k_pe] per token.
+  // One more block past num_blocks(), owned by no sequence: the rows that pad a decode batch up to its
+  // captured size write their latents here and attend to them alone.
+  int64_t pad_block() const { return num_blocks_; }
+  // [(num_blocks + 1) * block_size, r + rope] of layer l: one row [c | k_pe] per token (the pad block
+  // last).
   const core::Tensor& layer(int l) const { return layers_[l]; }
   // Copies pool block src over block dst in every layer (copy-on-write of a shared block).
   void copy_block(int64_t src, int64_t dst);

@@ -2,6 +2,7 @@
 #include "model/model.h"
 
 #include <algorithm>
+#include <functional>
 #include <random>
 
 #include "absl/strings/match.h"
@@ -243,26 +244,132 @@ Tensor upload_i32(core::Backend& be, const std::vector<int32_t>& v, const core::
 
 }  // namespace
 
+// Decode steps replay a graph per (batch, table width) bucket: buffers the graph reads and writes in
+// place, and the graph once captured.
+struct Model::StepGraph {
+  StepTensors st;
+  Tensor ids, logits;  // [B] I32, [B, V]
+  const LatentCache* cache = nullptr;
+  const void* pool = nullptr;  // the cache's memory when captured
+  bool warmed = false;
+  std::function<void()> replay;
+};
+
+Model::~Model() = default;
+
+namespace {
+
+constexpr int64_t kMaxGraphBatch = 512, kMaxGraphs = 32;
+
+// Batch buckets: powers of two and the halfway points between them (1, 2, 3, 4, 6, 8, 12, 16, ...).
+int64_t batch_bucket(int64_t n) {
+  int64_t b = 1;
+  while (b < n) {
+    if (b >= 2 && b + b / 2 >= n) return b + b / 2;
+    b *= 2;
+  }
+  return b;
+}
+
+int64_t width_bucket(int64_t w) {
+  int64_t b = 4;
+  while (b < w) b *= 2;
+  return b;
+}
+
+}  // namespace
+
 Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   const int64_t m = step.num_tokens(), n_seq = step.num_sequences();
   CHECK_GT(m, 0);
   CHECK_EQ(static_cast<int64_t>(step.seq_starts.size()), n_seq + 1);
   refresh_matmul_weights(/*always=*/false);
   for (int32_t p : step.positions) CHECK(p >= 0 && p < cfg_.max_position_embeddings) << "position " << p;
+  size_t max_blocks = 1;
+  for (const auto& t : step.block_tables) max_blocks = std::max(max_blocks, t.size());
+  // One token a sequence, each wanting its logits: a decode step.
+  if (step_graphs_on_ && backend_.can_capture() && m == n_seq && static_cast<int64_t>(step.logit_rows.size()) == m &&
+      m <= kMaxGraphBatch)
+    return forward_step_graph(step, cache, static_cast<int64_t>(max_blocks));
   StepTensors st;
   st.positions = upload_i32(backend_, step.positions, {m});
   st.slots = upload_i32(backend_, step.slots, {m});
   st.seq_starts = upload_i32(backend_, step.seq_starts, {n_seq + 1});
   st.context_lens = upload_i32(backend_, step.context_lens, {n_seq});
-  size_t max_blocks = 1;
-  for (const auto& t : step.block_tables) max_blocks = std::max(max_blocks, t.size());
   std::vector<int32_t> tables(static_cast<size_t>(n_seq) * max_blocks, 0);
   for (int64_t s = 0; s < n_seq; ++s)
     std::copy(step.block_tables[s].begin(), step.block_tables[s].end(), tables.begin() + s * max_blocks);
   st.block_tables = upload_i32(backend_, tables, {n_seq, static_cast<int64_t>(max_blocks)});
+  const Tensor ids = upload_i32(backend_, step.tokens, {m});
+  const int64_t n_out = static_cast<int64_t>(step.logit_rows.size());
+  Tensor logits = backend_.zeros({n_out, cfg_.vocab_size});
+  if (n_out == 0) return logits;
+  const Tensor rows = upload_i32(backend_, step.logit_rows, {n_out});
+  run_step(st, ids, &rows, cache, logits);
+  return logits;
+}
 
-  Tensor ids;
-  Tensor x = embed(Tensor::wrap(const_cast<int32_t*>(step.tokens.data()), {1, m}, core::DType::kI32), &ids);
+Tensor Model::forward_step_graph(const StepBatch& step, LatentCache& cache, int64_t max_blocks) {
+  const int64_t n = step.num_sequences(), b = batch_bucket(n), w = width_bucket(max_blocks);
+  std::unique_ptr<StepGraph>& g = step_graphs_[{b, w}];
+  if (!g || g->cache != &cache || g->pool != cache.layer(0).raw()) {
+    if (static_cast<int64_t>(step_graphs_.size()) > kMaxGraphs) {  // shapes keep changing: start over
+      step_graphs_.clear();
+      return forward_step_graph(step, cache, max_blocks);
+    }
+    g = std::make_unique<StepGraph>();
+    g->st.positions = backend_.zeros({b}, core::DType::kI32);
+    g->st.slots = backend_.zeros({b}, core::DType::kI32);
+    g->st.seq_starts = backend_.zeros({b + 1}, core::DType::kI32);
+    g->st.context_lens = backend_.zeros({b}, core::DType::kI32);
+    g->st.block_tables = backend_.zeros({b, w}, core::DType::kI32);
+    g->ids = backend_.zeros({b}, core::DType::kI32);
+    g->logits = backend_.zeros({b, cfg_.vocab_size});
+    g->cache = &cache;
+    g->pool = cache.layer(0).raw();
+  }
+  // The step's rows, then pad rows: token 0 at position 0 in the pad block, a context of one.
+  const int32_t pad = static_cast<int32_t>(cache.pad_block());
+  std::vector<int32_t> ids(b, 0), positions(b, 0), slots(b, pad * cache.block_size()), starts(b + 1), ctx(b, 1),
+      tables(static_cast<size_t>(b * w), 0);
+  for (int64_t i = 0; i < b; ++i) {
+    starts[i + 1] = static_cast<int32_t>(i + 1);
+    if (i < n) {
+      ids[i] = step.tokens[i];
+      positions[i] = step.positions[i];
+      slots[i] = step.slots[i];
+      ctx[i] = step.context_lens[i];
+      std::copy(step.block_tables[i].begin(), step.block_tables[i].end(), tables.begin() + i * w);
+    } else {
+      tables[i * w] = pad;
+    }
+  }
+  const auto put = [&](const std::vector<int32_t>& v, Tensor& dst) {
+    backend_.upload(Tensor::wrap(const_cast<int32_t*>(v.data()), dst.shape(), core::DType::kI32), dst);
+  };
+  put(ids, g->ids);
+  put(positions, g->st.positions);
+  put(slots, g->st.slots);
+  put(starts, g->st.seq_starts);
+  put(ctx, g->st.context_lens);
+  put(tables, g->st.block_tables);
+  StepGraph& sg = *g;
+  const auto work = [this, &sg, &cache] { run_step(sg.st, sg.ids, nullptr, cache, sg.logits); };
+  if (!sg.replay && sg.warmed) sg.replay = backend_.capture(work);
+  if (sg.replay) {
+    sg.replay();
+  } else {
+    work();
+    sg.warmed = true;
+  }
+  return sg.logits.slice(0, 0, n);
+}
+
+void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* logit_rows, LatentCache& cache,
+                     Tensor& logits) {
+  const int64_t m = ids.numel();
+  Tensor x = backend_.zeros({m, cfg_.hidden_size});
+  backend_.embedding_forward(w_.embed, ids, x);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   Tensor ln = backend_.zeros({m, cfg_.hidden_size}), rstd = backend_.zeros({m});
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
@@ -284,16 +391,15 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
     x = out;
   }
   // Only the rows that need logits go through the final norm and the head.
-  const int64_t n_out = static_cast<int64_t>(step.logit_rows.size());
-  Tensor logits = backend_.zeros({n_out, cfg_.vocab_size});
-  if (n_out == 0) return logits;
-  Tensor rows = upload_i32(backend_, step.logit_rows, {n_out});
-  Tensor picked = backend_.zeros({n_out, cfg_.hidden_size});
-  backend_.embedding_forward(x, rows, picked);
+  const int64_t n_out = logits.size(0);
+  Tensor picked = x;
+  if (logit_rows) {
+    picked = backend_.zeros({n_out, cfg_.hidden_size});
+    backend_.embedding_forward(x, *logit_rows, picked);
+  }
   Tensor normed = backend_.zeros({n_out, cfg_.hidden_size}), prstd = backend_.zeros({n_out});
   backend_.rmsnorm_forward(picked, w_.final_norm, eps, normed, prstd);
   backend_.gemm(normed, false, w_.lm_head, true, logits);
-  return logits;
 }
 
 }  // namespace r1lab::model

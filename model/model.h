@@ -3,6 +3,7 @@
 // keeps only MLA's compressed latent and rope key per token (absorbed weights, never full K/V).
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,6 +60,8 @@ struct HeadStats {
   core::Tensor argmax;   // [M] I32: each row's most likely next token
 };
 
+struct StepTensors;  // model/layers.h
+
 class Model {
  public:
   // Parameters zeroed; call init_random or load.
@@ -101,13 +104,29 @@ class Model {
   // Runs the new tokens of `step` (prompt chunks and decode tokens of many sequences) over the paged
   // latent cache: stores their latents in their slots and returns the logits [logit_rows, V] of the rows
   // step.logit_rows names. Attention runs in latent space with the absorbed weights. A token's result
-  // does not depend on what else is in the step.
+  // does not depend on what else is in the step (up to the rounding of the kernels a batch size picks).
+  //
+  // Decode steps (one token a sequence, every one wanting logits) replay a captured graph of the whole
+  // step where the backend can capture (Backend::capture), one per batch bucket and block-table width
+  // bucket: the batch is padded with rows that write and read only the cache's pad block, the tables
+  // with unused columns. A shape is captured the second time it comes (the first runs as it comes and
+  // warms every buffer). The logits then live in the graph's output buffer: read them before the next
+  // step. set_step_graphs(false) runs every step as it comes.
   core::Tensor forward_step(const StepBatch& step, LatentCache& cache);
+  void set_step_graphs(bool on) { step_graphs_on_ = on; }
   // Tells forward_step that the parameters changed in place (Engine::update_weights calls it; forward,
   // forward_logprobs, load and init_random need no call).
   void weights_changed() { ++weights_epoch_; }
 
+  ~Model();
+
  private:
+  struct StepGraph;
+  // The device part of forward_step on uploaded inputs: logits [rows, V] of the rows logit_rows names
+  // (all rows when it is null) into `logits`.
+  void run_step(const StepTensors& st, const core::Tensor& ids, const core::Tensor* logit_rows, LatentCache& cache,
+                core::Tensor& logits);
+  core::Tensor forward_step_graph(const StepBatch& step, LatentCache& cache, int64_t max_blocks);
   core::Tensor embed(const core::Tensor& tokens_host, core::Tensor* ids_out);
   // Embedding through the final norm: fills state (its layers only when keep).
   void forward_hidden(const core::Tensor& tokens, ForwardState& state, bool keep,
@@ -134,6 +153,8 @@ class Model {
   int64_t weights_epoch_ = 0, mm_epoch_ = -1;
   core::RopeTable rope_;
   int64_t head_chunk_rows_ = 0;
+  bool step_graphs_on_ = true;
+  std::map<std::pair<int64_t, int64_t>, std::unique_ptr<StepGraph>> step_graphs_;  // by (batch, width) bucket
 };
 
 }  // namespace r1lab::model

@@ -68,6 +68,7 @@ Engine::Engine(model::Model& model, EngineOptions options, const model::Vocabula
     n = std::max<int64_t>(1, opt_.cache_bytes / per_block);
   }
   cache_ = std::make_unique<model::LatentCache>(model.config(), model.backend(), n, opt_.block_size);
+  model_.set_step_graphs(opt_.step_graphs);
   blocks_ = std::make_unique<BlockManager>(n, opt_.block_size);
   counters_.blocks_total = n;
   counters_.block_size = opt_.block_size;

@@ -80,6 +80,7 @@ struct EngineOptions {
   int64_t max_tokens_per_step = 1024;        // prefill + decode tokens in one step
   int64_t max_running = 256;                 // sequences in the running batch
   bool prefix_cache = true;
+  bool step_graphs = true;  // decode steps replay captured graphs where the backend can (Model::forward_step)
   int max_group_size = 1024;
   int64_t max_sequences_per_request = int64_t{1} << 16;
 };

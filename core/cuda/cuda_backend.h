@@ -134,6 +134,9 @@ class CudaBackend final : public Backend {
   void adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
                     const AdamWUpdate& u) override;
   void synchronize() override;
+  // bf16 products only: the f32 and tf32 grouped products read the group offsets on the host.
+  bool can_capture() const override { return !opt_.profile && opt_.gemm == Options::GemmPrecision::kBF16; }
+  std::function<void()> capture(const std::function<void()>& work) override;
 
   cudaStream_t stream() const { return ctx_->stream; }
   const Options& options() const { return opt_; }
