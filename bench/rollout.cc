@@ -31,6 +31,9 @@ ABSL_FLAG(int, new_tokens, 256, "tokens sampled per sequence");
 ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32 or bf16");
 ABSL_FLAG(std::string, baseline, "", "the PyTorch baseline's JSON ({impl: {gen_bB_tok_per_s}})");
 ABSL_FLAG(int, profile_new, 16, "tokens per sequence in the profiled run (first batch size)");
+ABSL_FLAG(int, long_tail, 8192,
+          "the long-tail case: 256 sequences of which 16 run to this many new tokens, the rest to --new_tokens "
+          "(0: skip)");
 ABSL_FLAG(bool, step_graphs, true, "decode steps replay captured CUDA graphs (false: every step launched as it comes)");
 
 namespace {
@@ -64,8 +67,9 @@ r1lab::rollout::EngineOptions engine_options(int batch, int prompt, int n_new) {
   return o;
 }
 
-// Sampled tokens and seconds of one engine.generate.
-std::pair<int64_t, double> sample(r1lab::rollout::Engine& engine, const std::vector<r1lab::rollout::GroupRequest>& g) {
+// Sampled tokens and seconds of one engine.generate (its completions into *kept when given).
+std::pair<int64_t, double> sample(r1lab::rollout::Engine& engine, const std::vector<r1lab::rollout::GroupRequest>& g,
+                                  std::vector<r1lab::rollout::Completion>* kept = nullptr) {
   const auto t0 = Clock::now();
   auto out = engine.generate(g);
   const double s = since(t0);
@@ -75,7 +79,37 @@ std::pair<int64_t, double> sample(r1lab::rollout::Engine& engine, const std::vec
   }
   int64_t tokens = 0;
   for (const auto& c : *out) tokens += static_cast<int64_t>(c.tokens.size());
+  if (kept) *kept = std::move(*out);
   return {tokens, s};
+}
+
+// The trainer's view of sampled tokens: the log-probabilities Model::forward_logprobs recomputes over
+// prompt + completion (the full-sequence path GRPO's ratio uses), against those the engine returned
+// while sampling. Returns the largest absolute difference over the first `n` completions.
+double logprob_gap(r1lab::model::Model& model, const std::vector<r1lab::rollout::GroupRequest>& groups,
+                   const std::vector<r1lab::rollout::Completion>& done, int n) {
+  r1lab::core::Backend& be = model.backend();
+  double worst = 0;
+  for (int i = 0; i < n && i < static_cast<int>(done.size()); ++i) {
+    const auto& c = done[static_cast<size_t>(i)];
+    const auto& prompt = groups[static_cast<size_t>(c.group)].prompt;
+    std::vector<int32_t> seq(prompt.begin(), prompt.end());
+    seq.insert(seq.end(), c.tokens.begin(), c.tokens.end());
+    const int64_t t = static_cast<int64_t>(seq.size());
+    Tensor tokens = Tensor::zeros({1, t}, r1lab::core::DType::kI32), next = Tensor::zeros({t}, r1lab::core::DType::kI32);
+    for (int64_t j = 0; j < t; ++j) {
+      tokens.data<int32_t>()[j] = seq[static_cast<size_t>(j)];
+      next.data<int32_t>()[j] = j + 1 < t ? seq[static_cast<size_t>(j + 1)] : 0;
+    }
+    Tensor targets = be.zeros({t}, r1lab::core::DType::kI32);
+    be.upload(next, targets);
+    const Tensor lp = be.download(model.forward_logprobs(tokens, targets, nullptr));
+    for (size_t j = 0; j < c.logprobs.size(); ++j) {
+      const int64_t row = static_cast<int64_t>(prompt.size() + j) - 1;  // predicts completion token j
+      worst = std::max(worst, std::fabs(static_cast<double>(lp.f32()[row]) - c.logprobs[j]));
+    }
+  }
+  return worst;
 }
 
 }  // namespace
@@ -97,6 +131,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rollout: %s\n", std::string(be.status().message()).c_str());
     return 1;
   }
+  // The long-tail case runs past the benchmark config's positions: the randomly initialised model just
+  // gets a longer rope table.
+  cfg->max_position_embeddings = std::max<int64_t>(
+      cfg->max_position_embeddings, absl::GetFlag(FLAGS_prompt) + std::max(absl::GetFlag(FLAGS_long_tail), 0) + 1);
   r1lab::model::Model model(*cfg, **be);
   model.init_random(1, 0.02f);
   const int prompt = absl::GetFlag(FLAGS_prompt), n_new = absl::GetFlag(FLAGS_new_tokens);
@@ -120,6 +158,8 @@ int main(int argc, char** argv) {
   std::printf("| batch | tokens/s | HF generate tokens/s | ratio | decode step ms | host ms a step | floor ms | %% of floor "
               "| floor tokens/s |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  double lp_gap = -1;
+  int lp_batch = 0;
   for (const std::string& bs : absl::GetFlag(FLAGS_batches)) {
     const int batch = std::atoi(bs.c_str());
     if (batch <= 0) continue;
@@ -128,8 +168,11 @@ int main(int argc, char** argv) {
     // Prefill + one token, then the whole run: their difference is n_new - 1 decode steps.
     const auto one = sample(engine, requests(batch, prompt, 1, cfg->vocab_size, 7));
     const r1lab::rollout::EngineStats s0 = engine.stats();
-    const auto all = sample(engine, requests(batch, prompt, n_new, cfg->vocab_size, 7));
+    const auto groups = requests(batch, prompt, n_new, cfg->vocab_size, 7);
+    std::vector<r1lab::rollout::Completion> done;
+    const auto all = sample(engine, groups, &done);
     const r1lab::rollout::EngineStats s1 = engine.stats();
+    if (lp_gap < 0) lp_gap = logprob_gap(model, groups, done, 8), lp_batch = batch;
     // The engine thread's scheduling and launching, a step of the whole run (its prefill step included).
     const double host_ms = 1e3 * (s1.host_seconds - s0.host_seconds) / std::max<int64_t>(1, s1.steps - s0.steps);
     const double tok_s = all.first / all.second;
@@ -148,6 +191,48 @@ int main(int argc, char** argv) {
                 step_s > 0 ? 100 * floor_s / step_s : 0.0, floor_s > 0 ? batch / floor_s : 0.0);
     std::fflush(stdout);
   }
+
+  // The long tail: 240 sequences of --new_tokens and 16 of --long_tail tokens in one batch. Every
+  // running sequence decodes a token a step, so when the short ones end the long ones hold about
+  // --new_tokens each: the tail phase makes the rest of theirs.
+  if (const int tail = absl::GetFlag(FLAGS_long_tail); tail > n_new) {
+    constexpr int kAll = 256, kLong = 16;
+    auto groups = requests(kAll, prompt, n_new, cfg->vocab_size, 11);
+    for (int i = 0; i < kLong; ++i) groups[static_cast<size_t>(i * (kAll / kLong))].params.max_new_tokens = tail;
+    r1lab::rollout::EngineOptions o = engine_options(kAll, prompt, n_new);
+    o.num_blocks = 1 + int64_t{kAll} * ((prompt + n_new) / o.block_size + 2) + int64_t{kLong} * (tail / o.block_size + 2);
+    r1lab::rollout::Engine engine(model, o);
+    sample(engine, requests(kAll, prompt, 4, cfg->vocab_size, 99));  // warm-up
+    int short_done = 0;
+    int64_t tokens = 0, tail_tokens = 0;  // the long ones' tokens past n_new (a sampled eos may end one early)
+    const auto t0 = Clock::now();
+    double t_short = 0;
+    const absl::Status st = engine.stream(groups, [&](r1lab::rollout::Completion&& c) {
+      const int64_t len = static_cast<int64_t>(c.tokens.size());
+      tokens += len;
+      if (c.group % (kAll / kLong) == 0) {
+        tail_tokens += std::max<int64_t>(0, len - n_new);
+      } else if (++short_done == kAll - kLong) {
+        t_short = since(t0);
+      }
+      return true;
+    });
+    const double total = since(t0);
+    if (!st.ok()) {
+      std::fprintf(stderr, "rollout: %s\n", std::string(st.message()).c_str());
+      return 1;
+    }
+    const double tail_s = total - t_short;
+    std::printf("\nlong tail: %d sequences, %d of them to %d new tokens, the rest to %d: %.0f tokens/s overall (%.1f s); "
+                "after the short ones end, %.0f tokens/s (%.1f s, %.2f ms a decode step of %d sequences)\n",
+                kAll, kLong, tail, n_new, tokens / total, total, tail_s > 0 ? tail_tokens / tail_s : 0.0, tail_s,
+                tail_s > 0 ? 1e3 * tail_s / (tail - n_new) : 0.0, kLong);
+  }
+
+  if (lp_gap >= 0)
+    std::printf("\nlogprobs: sampled (batch %d) vs recomputed by the trainer's forward_logprobs over prompt + "
+                "completion, 8 sequences: max |difference| %.3g\n",
+                lp_batch, lp_gap);
 
   // Profiled decode steps at the first batch size: per-op time.
   const int pbatch = std::atoi(absl::GetFlag(FLAGS_batches).front().c_str());

@@ -303,9 +303,8 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   const Tensor ids = upload_i32(backend_, step.tokens, {m});
   const int64_t n_out = static_cast<int64_t>(step.logit_rows.size());
   Tensor logits = backend_.zeros({n_out, cfg_.vocab_size});
-  if (n_out == 0) return logits;
-  const Tensor rows = upload_i32(backend_, step.logit_rows, {n_out});
-  run_step(st, ids, &rows, cache, logits);
+  const Tensor rows = n_out > 0 ? upload_i32(backend_, step.logit_rows, {n_out}) : Tensor();
+  run_step(st, ids, &rows, cache, logits);  // with no logits wanted, still the latents of every token
   return logits;
 }
 
@@ -392,6 +391,7 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
   }
   // Only the rows that need logits go through the final norm and the head.
   const int64_t n_out = logits.size(0);
+  if (n_out == 0) return;
   Tensor picked = x;
   if (logit_rows) {
     picked = backend_.zeros({n_out, cfg_.hidden_size});
