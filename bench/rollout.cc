@@ -96,7 +96,8 @@ double logprob_gap(r1lab::model::Model& model, const std::vector<r1lab::rollout:
     std::vector<int32_t> seq(prompt.begin(), prompt.end());
     seq.insert(seq.end(), c.tokens.begin(), c.tokens.end());
     const int64_t t = static_cast<int64_t>(seq.size());
-    Tensor tokens = Tensor::zeros({1, t}, r1lab::core::DType::kI32), next = Tensor::zeros({t}, r1lab::core::DType::kI32);
+    Tensor tokens = Tensor::zeros({1, t}, r1lab::core::DType::kI32),
+           next = Tensor::zeros({t}, r1lab::core::DType::kI32);
     for (int64_t j = 0; j < t; ++j) {
       tokens.data<int32_t>()[j] = seq[static_cast<size_t>(j)];
       next.data<int32_t>()[j] = j + 1 < t ? seq[static_cast<size_t>(j + 1)] : 0;
@@ -151,12 +152,14 @@ int main(int argc, char** argv) {
       for (auto& [impl, r] : j.items())
         if (r.is_object()) base = r;
   }
-  std::printf("rollout: %s, %.0f M parameters, prompt %d, %d new tokens, gemm %s, decode graphs %s, memory %.0f GB/s "
-              "measured\n\n",
-              absl::GetFlag(FLAGS_config).c_str(), params / 1e6, prompt, n_new, g.c_str(),
-              absl::GetFlag(FLAGS_step_graphs) ? "on" : "off", bw / 1e9);
-  std::printf("| batch | tokens/s | HF generate tokens/s | ratio | decode step ms | host ms a step | floor ms | %% of floor "
-              "| floor tokens/s |\n");
+  std::printf(
+      "rollout: %s, %.0f M parameters, prompt %d, %d new tokens, gemm %s, decode graphs %s, memory %.0f GB/s "
+      "measured\n\n",
+      absl::GetFlag(FLAGS_config).c_str(), params / 1e6, prompt, n_new, g.c_str(),
+      absl::GetFlag(FLAGS_step_graphs) ? "on" : "off", bw / 1e9);
+  std::printf(
+      "| batch | tokens/s | HF generate tokens/s | ratio | decode step ms | host ms a step | floor ms | %% of floor "
+      "| floor tokens/s |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   double lp_gap = -1;
   int lp_batch = 0;
@@ -179,16 +182,15 @@ int main(int argc, char** argv) {
     const double step_s = (all.second - one.second) / std::max(1, n_new - 1);
     // The floor of one decode step: every weight but the embedding table once in bf16, the batch's
     // embedding rows, and the latents of the batch at its mean context.
-    const double bytes = 2 * (params - embed) + 2.0 * batch * cfg->hidden_size +
-                         latent_bytes * batch * (prompt + n_new / 2.0);
+    const double bytes =
+        2 * (params - embed) + 2.0 * batch * cfg->hidden_size + latent_bytes * batch * (prompt + n_new / 2.0);
     const double floor_s = bw > 0 ? bytes / bw : 0;
     const std::string key = "gen_b" + bs + "_tok_per_s";
     const double hf = base.is_object() && base.contains(key) ? base[key].get<double>() : 0;
     std::printf("| %d | %.0f | %s | %s | %.2f | %.2f | %.3f | %.1f%% | %.0f |\n", batch, tok_s,
                 hf > 0 ? std::to_string(static_cast<int64_t>(hf)).c_str() : "-",
                 hf > 0 ? (std::to_string(tok_s / hf).substr(0, 5) + "x").c_str() : "-", 1e3 * step_s, host_ms,
-                1e3 * floor_s,
-                step_s > 0 ? 100 * floor_s / step_s : 0.0, floor_s > 0 ? batch / floor_s : 0.0);
+                1e3 * floor_s, step_s > 0 ? 100 * floor_s / step_s : 0.0, floor_s > 0 ? batch / floor_s : 0.0);
     std::fflush(stdout);
   }
 
@@ -200,7 +202,8 @@ int main(int argc, char** argv) {
     auto groups = requests(kAll, prompt, n_new, cfg->vocab_size, 11);
     for (int i = 0; i < kLong; ++i) groups[static_cast<size_t>(i * (kAll / kLong))].params.max_new_tokens = tail;
     r1lab::rollout::EngineOptions o = engine_options(kAll, prompt, n_new);
-    o.num_blocks = 1 + int64_t{kAll} * ((prompt + n_new) / o.block_size + 2) + int64_t{kLong} * (tail / o.block_size + 2);
+    o.num_blocks =
+        1 + int64_t{kAll} * ((prompt + n_new) / o.block_size + 2) + int64_t{kLong} * (tail / o.block_size + 2);
     r1lab::rollout::Engine engine(model, o);
     sample(engine, requests(kAll, prompt, 4, cfg->vocab_size, 99));  // warm-up
     int short_done = 0;
@@ -223,16 +226,18 @@ int main(int argc, char** argv) {
       return 1;
     }
     const double tail_s = total - t_short;
-    std::printf("\nlong tail: %d sequences, %d of them to %d new tokens, the rest to %d: %.0f tokens/s overall (%.1f s); "
-                "after the short ones end, %.0f tokens/s (%.1f s, %.2f ms a decode step of %d sequences)\n",
-                kAll, kLong, tail, n_new, tokens / total, total, tail_s > 0 ? tail_tokens / tail_s : 0.0, tail_s,
-                tail_s > 0 ? 1e3 * tail_s / (tail - n_new) : 0.0, kLong);
+    std::printf(
+        "\nlong tail: %d sequences, %d of them to %d new tokens, the rest to %d: %.0f tokens/s overall (%.1f s); "
+        "after the short ones end, %.0f tokens/s (%.1f s, %.2f ms a decode step of %d sequences)\n",
+        kAll, kLong, tail, n_new, tokens / total, total, tail_s > 0 ? tail_tokens / tail_s : 0.0, tail_s,
+        tail_s > 0 ? 1e3 * tail_s / (tail - n_new) : 0.0, kLong);
   }
 
   if (lp_gap >= 0)
-    std::printf("\nlogprobs: sampled (batch %d) vs recomputed by the trainer's forward_logprobs over prompt + "
-                "completion, 8 sequences: max |difference| %.3g\n",
-                lp_batch, lp_gap);
+    std::printf(
+        "\nlogprobs: sampled (batch %d) vs recomputed by the trainer's forward_logprobs over prompt + "
+        "completion, 8 sequences: max |difference| %.3g\n",
+        lp_batch, lp_gap);
 
   // Profiled decode steps at the first batch size: per-op time.
   const int pbatch = std::atoi(absl::GetFlag(FLAGS_batches).front().c_str());
@@ -260,9 +265,10 @@ int main(int argc, char** argv) {
   double total = 0;
   for (const auto& o : ops) total += o.ms;
   const double steps = pnew - 1;
-  std::printf("\nper op, batch %d, mean of %d decode steps (prefill subtracted; %.2f ms a step in ops, %.2f ms wall "
-              "a step with the prefill run):\n",
-              pbatch, pnew - 1, total / steps, 1e3 * prof.second / pnew);
+  std::printf(
+      "\nper op, batch %d, mean of %d decode steps (prefill subtracted; %.2f ms a step in ops, %.2f ms wall "
+      "a step with the prefill run):\n",
+      pbatch, pnew - 1, total / steps, 1e3 * prof.second / pnew);
   std::printf("| op | calls a step | ms a step | %% of op time | GB/s |\n|---|---|---|---|---|\n");
   for (const auto& o : ops) {
     if (o.ms <= 0) continue;

@@ -7,6 +7,8 @@
 //
 // Usage: train_step --config CONFIG.json [--batch 8] [--seq 1024] [--steps 10] [--warmup 3]
 //                   [--gemm f32|tf32|bf16] [--baseline baseline2.json] [--json OUT.json]
+#include <cuda_runtime.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -23,8 +25,6 @@
 #include "nlohmann/json.hpp"
 #include "trainer/cross_entropy.h"
 #include "trainer/optimizer.h"
-
-#include <cuda_runtime.h>
 
 ABSL_FLAG(std::string, config, "", "a Hugging Face DeepseekV3 config.json");
 ABSL_FLAG(int64_t, batch, 8, "sequences per step");
@@ -55,8 +55,8 @@ FlopCount count(const r1lab::model::ModelConfig& c, int64_t seq) {
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     f.matmul_params += attn;
     if (c.is_moe_layer(l)) {
-      f.matmul_params += h * c.n_routed_experts + 3.0 * h * c.moe_intermediate_size *
-                                                      (c.num_experts_per_tok + c.n_shared_experts);
+      f.matmul_params +=
+          h * c.n_routed_experts + 3.0 * h * c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts);
     } else {
       f.matmul_params += 3.0 * h * c.intermediate_size;
     }
@@ -99,7 +99,8 @@ int main(int argc, char** argv) {
     const int64_t ad = cfg->qk_head_dim(), adv = cfg->v_head_dim;
     std::printf("attention alone, [%lld, %lld, %lld heads, %lld/%lld], forward + backward:\n", (long long)ab,
                 (long long)at, (long long)ah, (long long)ad, (long long)adv);
-    for (auto prec : {r1lab::core::cuda::Options::GemmPrecision::kF32, r1lab::core::cuda::Options::GemmPrecision::kBF16}) {
+    for (auto prec :
+         {r1lab::core::cuda::Options::GemmPrecision::kF32, r1lab::core::cuda::Options::GemmPrecision::kBF16}) {
       r1lab::core::cuda::Options ao;
       ao.gemm = prec;
       auto abe = r1lab::core::cuda::make_backend(ao);
@@ -121,7 +122,8 @@ int main(int argc, char** argv) {
       for (int i = 0; i < 5; ++i) run();
       x.synchronize();
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - a0).count() / 5;
-      std::printf("  %-5s %8.2f ms per layer\n", prec == r1lab::core::cuda::Options::GemmPrecision::kF32 ? "fp32" : "bf16 TC", ms);
+      std::printf("  %-5s %8.2f ms per layer\n",
+                  prec == r1lab::core::cuda::Options::GemmPrecision::kF32 ? "fp32" : "bf16 TC", ms);
     }
   }
   // The routed experts' products alone at the benchmark's shape (tokens × top-k rows spread evenly over
@@ -135,7 +137,8 @@ int main(int argc, char** argv) {
     Tensor off = backend.zeros({e + 1}, r1lab::core::DType::kI64);
     backend.upload(bounds, off);
     Tensor x = backend.zeros({rows, h}), y = backend.zeros({rows, n2}), dw = backend.zeros({e, n2, h});
-    Tensor w = backend.zeros({e, n2, h}, r1lab::core::DType::kBF16), wd = backend.zeros({n2, h}, r1lab::core::DType::kBF16);
+    Tensor w = backend.zeros({e, n2, h}, r1lab::core::DType::kBF16),
+           wd = backend.zeros({n2, h}, r1lab::core::DType::kBF16);
     backend.fill(x, 0.01f);
     backend.fill(y, 0.01f);
     const auto time = [&](const auto& f) {
@@ -230,7 +233,8 @@ int main(int argc, char** argv) {
   if (base_tok_s > 0) {
     std::printf("| PyTorch + transformers (same call) | %.0f | %.4f | %.1f%% | %.2f | |\n", base_tok_s, m / base_tok_s,
                 ceil.bf16 > 0 ? 100 * flops_per_step * base_tok_s / m / ceil.bf16 : 0.0, base_gb);
-    std::printf("| **ratio** | **%.2fx** | | | %.2fx memory | |\n", tok_s / base_tok_s, base_gb > 0 ? peak_gb / base_gb : 0);
+    std::printf("| **ratio** | **%.2fx** | | | %.2fx memory | |\n", tok_s / base_tok_s,
+                base_gb > 0 ? peak_gb / base_gb : 0);
   }
 
   // One profiled step: per-op time and achieved rates.
@@ -264,9 +268,10 @@ int main(int argc, char** argv) {
   const double peak_f = g == "f32" ? ceil.f32 : g == "tf32" ? ceil.tf32 : ceil.bf16;
   double total = 0;
   for (const auto& o : ops) total += o.ms;
-  std::printf("\nper op, one profiled step (%.1f ms wall; %.1f ms in ops; memory %.0f GB/s measured, GEMM ceiling "
-              "%.0f TFLOP/s):\n",
-              step_ms, total, ceil.bytes_per_s / 1e9, peak_f / 1e12);
+  std::printf(
+      "\nper op, one profiled step (%.1f ms wall; %.1f ms in ops; memory %.0f GB/s measured, GEMM ceiling "
+      "%.0f TFLOP/s):\n",
+      step_ms, total, ceil.bytes_per_s / 1e9, peak_f / 1e12);
   std::printf("| op | calls | ms | %% of step | TFLOP/s | GB/s | %% of ceiling |\n|---|---|---|---|---|---|---|\n");
   nlohmann::json jops = nlohmann::json::array();
   for (const auto& o : ops) {
@@ -277,16 +282,26 @@ int main(int argc, char** argv) {
     const double pct = compute ? (peak_f > 0 ? tf / peak_f : 0)
                        : attn  ? ((g == "f32" ? ceil.f32 : peak_f) > 0 ? tf / (g == "f32" ? ceil.f32 : peak_f) : 0)
                                : (ceil.bytes_per_s > 0 ? bw / ceil.bytes_per_s : 0);
-    std::printf("| %s | %lld | %.2f | %.1f%% | %.1f | %.0f | %.1f%% %s |\n", o.op.c_str(), static_cast<long long>(o.calls),
-                o.ms, 100 * o.ms / step_ms, tf / 1e12, bw / 1e9, 100 * pct,
-                compute ? "(gemm)" : attn ? (g == "f32" ? "(fp32 CUDA cores)" : "(bf16 tensor cores)") : "(bandwidth)");
+    std::printf("| %s | %lld | %.2f | %.1f%% | %.1f | %.0f | %.1f%% %s |\n", o.op.c_str(),
+                static_cast<long long>(o.calls), o.ms, 100 * o.ms / step_ms, tf / 1e12, bw / 1e9, 100 * pct,
+                compute ? "(gemm)"
+                : attn  ? (g == "f32" ? "(fp32 CUDA cores)" : "(bf16 tensor cores)")
+                        : "(bandwidth)");
     jops.push_back({{"op", o.op}, {"calls", o.calls}, {"ms", o.ms}, {"tflops", tf / 1e12}, {"gbps", bw / 1e9}});
   }
   if (!absl::GetFlag(FLAGS_json).empty()) {
-    nlohmann::json j = {{"device", ceil.device},     {"gemm", g},          {"batch", b},     {"seq", t},
-                        {"tok_per_s", tok_s},       {"sec_per_step", sec}, {"mfu", mfu},     {"peak_gb", peak_gb},
-                        {"baseline_tok_per_s", base_tok_s}, {"baseline_peak_gb", base_gb},
-                        {"ratio", base_tok_s > 0 ? tok_s / base_tok_s : 0}, {"ops", jops}};
+    nlohmann::json j = {{"device", ceil.device},
+                        {"gemm", g},
+                        {"batch", b},
+                        {"seq", t},
+                        {"tok_per_s", tok_s},
+                        {"sec_per_step", sec},
+                        {"mfu", mfu},
+                        {"peak_gb", peak_gb},
+                        {"baseline_tok_per_s", base_tok_s},
+                        {"baseline_peak_gb", base_gb},
+                        {"ratio", base_tok_s > 0 ? tok_s / base_tok_s : 0},
+                        {"ops", jops}};
     std::ofstream(absl::GetFlag(FLAGS_json)) << j.dump(1) << "\n";
   }
   return 0;

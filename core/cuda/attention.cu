@@ -361,11 +361,6 @@ __global__ void __launch_bounds__(kWarps * 32)
 constexpr int kPagedTile = 16;
 constexpr int kMaxLatentU = 20;  // latent row ≤ 640
 
-__device__ __forceinline__ void cp_async4(float* smem, const float* gmem, bool valid) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(gmem), "r"(valid ? 4 : 0));
-}
-
 template <int kU>
 __global__ void __launch_bounds__(kWarps * 32)
     paged_latent_kernel(const float* q, int64_t qs0, int64_t qs1, const float* pool, int64_t ldp, int64_t pool_rows,
@@ -399,18 +394,18 @@ __global__ void __launch_bounds__(kWarps * 32)
         const int64_t row = blk * block_size + pos % block_size;
         if (blk >= 0 && row < pool_rows) src = pool + row * ldp, valid = true;
       }
-      for (int c = lane; c < D; c += 32) cp_async4(rows + j * D + c, valid ? src + c : pool, valid);
+      for (int c = lane; c < D; c += 32) tc::cp_async4(rows + j * D + c, valid ? src + c : pool, valid);
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    tc::cp_async_commit();
   };
   if (begin <= end) load(sm, begin);
   int buf = 0;
   for (int64_t p0 = begin; p0 <= end; p0 += kPagedTile, buf ^= 1) {
     if (p0 + kPagedTile <= end) {
       load(sm + (buf ^ 1) * kPagedTile * D, p0 + kPagedTile);
-      asm volatile("cp.async.wait_group 1;\n" ::);
+      tc::cp_async_wait<1>();
     } else {
-      asm volatile("cp.async.wait_group 0;\n" ::);
+      tc::cp_async_wait<0>();
     }
     __syncthreads();
     const float* rows = sm + buf * kPagedTile * D;

@@ -136,16 +136,6 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
 // bitwise.
 constexpr int kTileM = 128, kTileN = 128, kTileK = 64, kStages = 3, kTcThreads = 256, kTcPad = 8;
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 // One operand's tile: kExtent rows along m (or n) by kTileK along k. kK: k is the contiguous dimension
 // in global memory (element (i, k) at p[i·ld + k]), else i is (at p[k·ld + i]). Shared memory keeps the
 // same orientation: [kExtent][kTileK + pad] or [kTileK][kExtent + pad] (the pad puts the rows ldmatrix
@@ -172,7 +162,8 @@ struct TcTile {
         i = (idx % (kExtent / 8)) * 8;
       }
       const bool valid = i < ni && k < nk;
-      cp_async16(smem + (kK ? i * kLd + k : k * kLd + i), valid ? (kK ? p + i * ld + k : p + k * ld + i) : p, valid);
+      const __nv_bfloat16* src = kK ? p + i * ld + k : p + k * ld + i;
+      tc::cp_async16(smem + (kK ? i * kLd + k : k * kLd + i), valid ? src : p, valid);
     }
   }
 };
@@ -217,12 +208,12 @@ __device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, con
       TileA::load(sa + st * TileA::kElems, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
       TileB::load(sb + st * TileB::kElems, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
     }
-    cp_async_commit();  // an empty group past the end keeps the count uniform
+    tc::cp_async_commit();  // an empty group past the end keeps the count uniform
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);
   for (int s = 0; s < steps; ++s) {
-    cp_async_wait<kStages - 2>();
+    tc::cp_async_wait<kStages - 2>();
     __syncthreads();  // step s is in; every warp is done with step s - 1, whose buffer is reloaded next
     issue(s + kStages - 1);
     const __nv_bfloat16* ta = sa + (s % kStages) * TileA::kElems;
@@ -254,7 +245,7 @@ __device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, con
       }
     }
   }
-  cp_async_wait<0>();
+  tc::cp_async_wait<0>();
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 #pragma unroll
   for (int i = 0; i < 4; ++i)

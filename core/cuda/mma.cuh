@@ -1,6 +1,6 @@
-// Tensor-core primitives shared by the attention and grouped-product kernels: the bf16 mma.sync
-// m16n8k16 step (f32 accumulators) and the ldmatrix loads that make its operand fragments from shared
-// memory.
+// Primitives shared by the attention and grouped-product kernels: the bf16 mma.sync m16n8k16 step (f32
+// accumulators), the ldmatrix loads that make its operand fragments from shared memory, and cp.async
+// copies from global to shared memory (zero-filled where invalid), committed and waited for in groups.
 //
 // Fragment layout (PTX ISA, mma.m16n8k16): lane = 4·g + c. An accumulator holds rows g and g+8,
 // columns 2c and 2c+1 of a 16×8 block; an A operand holds the same rows and columns 2c, 2c+1, 2c+8,
@@ -54,6 +54,21 @@ __device__ __forceinline__ void load_b_nk(uint32_t* b, const bf16* p, int ld) {
 __device__ __forceinline__ void load_b_kn(uint32_t* b, const bf16* p, int ld) {
   const int lane = threadIdx.x % 32;
   ldsm4_t(b, p + (lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(float* smem, const float* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most kPending committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
 }  // namespace tc
