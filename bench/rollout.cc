@@ -85,11 +85,11 @@ std::pair<int64_t, double> sample(r1lab::rollout::Engine& engine, const std::vec
 
 // The trainer's view of sampled tokens: the log-probabilities Model::forward_logprobs recomputes over
 // prompt + completion (the full-sequence path GRPO's ratio uses), against those the engine returned
-// while sampling. Returns the largest absolute difference over the first `n` completions.
-double logprob_gap(r1lab::model::Model& model, const std::vector<r1lab::rollout::GroupRequest>& groups,
-                   const std::vector<r1lab::rollout::Completion>& done, int n) {
+// while sampling: the absolute differences over the first `n` completions' tokens, sorted.
+std::vector<double> logprob_gaps(r1lab::model::Model& model, const std::vector<r1lab::rollout::GroupRequest>& groups,
+                                 const std::vector<r1lab::rollout::Completion>& done, int n) {
   r1lab::core::Backend& be = model.backend();
-  double worst = 0;
+  std::vector<double> gaps;
   for (int i = 0; i < n && i < static_cast<int>(done.size()); ++i) {
     const auto& c = done[static_cast<size_t>(i)];
     const auto& prompt = groups[static_cast<size_t>(c.group)].prompt;
@@ -107,10 +107,11 @@ double logprob_gap(r1lab::model::Model& model, const std::vector<r1lab::rollout:
     const Tensor lp = be.download(model.forward_logprobs(tokens, targets, nullptr));
     for (size_t j = 0; j < c.logprobs.size(); ++j) {
       const int64_t row = static_cast<int64_t>(prompt.size() + j) - 1;  // predicts completion token j
-      worst = std::max(worst, std::fabs(static_cast<double>(lp.f32()[row]) - c.logprobs[j]));
+      gaps.push_back(std::fabs(static_cast<double>(lp.f32()[row]) - c.logprobs[j]));
     }
   }
-  return worst;
+  std::sort(gaps.begin(), gaps.end());
+  return gaps;
 }
 
 }  // namespace
@@ -161,7 +162,7 @@ int main(int argc, char** argv) {
       "| batch | tokens/s | HF generate tokens/s | ratio | decode step ms | host ms a step | floor ms | %% of floor "
       "| floor tokens/s |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
-  double lp_gap = -1;
+  std::vector<double> lp_gaps;
   int lp_batch = 0;
   for (const std::string& bs : absl::GetFlag(FLAGS_batches)) {
     const int batch = std::atoi(bs.c_str());
@@ -175,7 +176,7 @@ int main(int argc, char** argv) {
     std::vector<r1lab::rollout::Completion> done;
     const auto all = sample(engine, groups, &done);
     const r1lab::rollout::EngineStats s1 = engine.stats();
-    if (lp_gap < 0) lp_gap = logprob_gap(model, groups, done, 8), lp_batch = batch;
+    if (lp_batch == 0) lp_gaps = logprob_gaps(model, groups, done, 8), lp_batch = batch;
     // The engine thread's scheduling and launching, a step of the whole run (its prefill step included).
     const double host_ms = 1e3 * (s1.host_seconds - s0.host_seconds) / std::max<int64_t>(1, s1.steps - s0.steps);
     const double tok_s = all.first / all.second;
@@ -233,11 +234,14 @@ int main(int argc, char** argv) {
         tail_s > 0 ? 1e3 * tail_s / (tail - n_new) : 0.0, kLong);
   }
 
-  if (lp_gap >= 0)
+  if (!lp_gaps.empty()) {
+    const auto at = [&](double q) { return lp_gaps[static_cast<size_t>(q * (lp_gaps.size() - 1))]; };
+    const auto over = std::count_if(lp_gaps.begin(), lp_gaps.end(), [](double d) { return d > 0.01; });
     std::printf(
         "\nlogprobs: sampled (batch %d) vs recomputed by the trainer's forward_logprobs over prompt + "
-        "completion, 8 sequences: max |difference| %.3g\n",
-        lp_batch, lp_gap);
+        "completion, %zu tokens of 8 sequences: |difference| median %.3g, p99 %.3g, max %.3g; %lld over 0.01\n",
+        lp_batch, lp_gaps.size(), at(0.5), at(0.99), lp_gaps.back(), static_cast<long long>(over));
+  }
 
   // Profiled decode steps at the first batch size: per-op time.
   const int pbatch = std::atoi(absl::GetFlag(FLAGS_batches).front().c_str());
