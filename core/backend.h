@@ -103,6 +103,11 @@ class Backend {
   // Weight gradient of grouped_gemm with trans_w: dw[g] += dc[rows_g]ᵀ · a[rows_g];
   //   dc: [R, n], a: [R, k], dw: [G, n, k].
   virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) = 0;
+  // Checks group bounds read on the host, o[0 .. groups]: ascending within [0, rows].
+  static void check_group_bounds(const int64_t* o, int64_t groups, int64_t rows) {
+    CHECK(o[0] >= 0 && o[groups] <= rows) << "group offsets outside [0, " << rows << "]";
+    for (int64_t g = 0; g < groups; ++g) CHECK_LE(o[g], o[g + 1]) << "group offsets must ascend";
+  }
 
   // ---- normalisation, activations, embeddings
   // y = x / sqrt(mean(x²) + eps) * w;  x, y: [M, D] rows, w: [D], rstd: [M] saved for backward.

@@ -1,11 +1,18 @@
 #include "model/latent_cache.h"
 
+#include <atomic>
+
 #include "core/check.h"
 
 namespace r1lab::model {
+namespace {
+
+std::atomic<uint64_t> next_cache_id{1};
+
+}  // namespace
 
 LatentCache::LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t num_blocks, int block_size)
-    : backend_(backend), num_blocks_(num_blocks), block_size_(block_size) {
+    : backend_(backend), num_blocks_(num_blocks), block_size_(block_size), id_(next_cache_id++) {
   CHECK_GT(num_blocks, 0);
   CHECK_GT(block_size, 0);
   for (int l = 0; l < cfg.num_hidden_layers; ++l)

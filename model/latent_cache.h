@@ -21,6 +21,9 @@ class LatentCache {
 
   int64_t num_blocks() const { return num_blocks_; }
   int block_size() const { return block_size_; }
+  // Distinct for every cache made in this process (memory a freed cache held may come back at the same
+  // address in a new one; work captured over the old one must not be replayed over the new).
+  uint64_t id() const { return id_; }
   // One more block past num_blocks(), owned by no sequence: the rows that pad a decode batch up to its
   // captured size write their latents here and attend to them alone.
   int64_t pad_block() const { return num_blocks_; }
@@ -41,6 +44,7 @@ class LatentCache {
   core::Backend& backend_;
   int64_t num_blocks_;
   int block_size_;
+  uint64_t id_;
   std::vector<core::Tensor> layers_;
 };
 

@@ -235,6 +235,15 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed) {
 
 namespace {
 
+// The step's block tables as `rows` rows of `width` entries (zeros past each table's end and in rows
+// past the step's sequences).
+std::vector<int32_t> table_rows(const StepBatch& step, int64_t rows, int64_t width) {
+  std::vector<int32_t> t(static_cast<size_t>(rows * width), 0);
+  for (size_t s = 0; s < step.block_tables.size(); ++s)
+    std::copy(step.block_tables[s].begin(), step.block_tables[s].end(), t.begin() + static_cast<int64_t>(s) * width);
+  return t;
+}
+
 Tensor upload_i32(core::Backend& be, const std::vector<int32_t>& v, const core::Shape& shape) {
   Tensor host = Tensor::wrap(const_cast<int32_t*>(v.data()), shape, core::DType::kI32);
   Tensor dev = be.zeros(shape, core::DType::kI32);
@@ -249,8 +258,6 @@ Tensor upload_i32(core::Backend& be, const std::vector<int32_t>& v, const core::
 struct Model::StepGraph {
   StepTensors st;
   Tensor ids, logits;  // [B] I32, [B, V]
-  const LatentCache* cache = nullptr;
-  const void* pool = nullptr;  // the cache's memory when captured
   bool warmed = false;
   std::function<void()> replay;
 };
@@ -296,10 +303,8 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   st.slots = upload_i32(backend_, step.slots, {m});
   st.seq_starts = upload_i32(backend_, step.seq_starts, {n_seq + 1});
   st.context_lens = upload_i32(backend_, step.context_lens, {n_seq});
-  std::vector<int32_t> tables(static_cast<size_t>(n_seq) * max_blocks, 0);
-  for (int64_t s = 0; s < n_seq; ++s)
-    std::copy(step.block_tables[s].begin(), step.block_tables[s].end(), tables.begin() + s * max_blocks);
-  st.block_tables = upload_i32(backend_, tables, {n_seq, static_cast<int64_t>(max_blocks)});
+  st.block_tables = upload_i32(backend_, table_rows(step, n_seq, static_cast<int64_t>(max_blocks)),
+                               {n_seq, static_cast<int64_t>(max_blocks)});
   const Tensor ids = upload_i32(backend_, step.tokens, {m});
   const int64_t n_out = static_cast<int64_t>(step.logit_rows.size());
   Tensor logits = backend_.zeros({n_out, cfg_.vocab_size});
@@ -310,8 +315,12 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
 
 Tensor Model::forward_step_graph(const StepBatch& step, LatentCache& cache, int64_t max_blocks) {
   const int64_t n = step.num_sequences(), b = batch_bucket(n), w = width_bucket(max_blocks);
+  if (cache.id() != graphs_cache_) {  // the graphs write another cache's memory
+    step_graphs_.clear();
+    graphs_cache_ = cache.id();
+  }
   std::unique_ptr<StepGraph>& g = step_graphs_[{b, w}];
-  if (!g || g->cache != &cache || g->pool != cache.layer(0).raw()) {
+  if (!g) {
     if (static_cast<int64_t>(step_graphs_.size()) > kMaxGraphs) {  // shapes keep changing: start over
       step_graphs_.clear();
       return forward_step_graph(step, cache, max_blocks);
@@ -324,13 +333,11 @@ Tensor Model::forward_step_graph(const StepBatch& step, LatentCache& cache, int6
     g->st.block_tables = backend_.zeros({b, w}, core::DType::kI32);
     g->ids = backend_.zeros({b}, core::DType::kI32);
     g->logits = backend_.zeros({b, cfg_.vocab_size});
-    g->cache = &cache;
-    g->pool = cache.layer(0).raw();
   }
   // The step's rows, then pad rows: token 0 at position 0 in the pad block, a context of one.
   const int32_t pad = static_cast<int32_t>(cache.pad_block());
-  std::vector<int32_t> ids(b, 0), positions(b, 0), slots(b, pad * cache.block_size()), starts(b + 1), ctx(b, 1),
-      tables(static_cast<size_t>(b * w), 0);
+  std::vector<int32_t> ids(b, 0), positions(b, 0), slots(b, pad * cache.block_size()), starts(b + 1), ctx(b, 1);
+  std::vector<int32_t> tables = table_rows(step, b, w);
   for (int64_t i = 0; i < b; ++i) {
     starts[i + 1] = static_cast<int32_t>(i + 1);
     if (i < n) {
@@ -338,7 +345,6 @@ Tensor Model::forward_step_graph(const StepBatch& step, LatentCache& cache, int6
       positions[i] = step.positions[i];
       slots[i] = step.slots[i];
       ctx[i] = step.context_lens[i];
-      std::copy(step.block_tables[i].begin(), step.block_tables[i].end(), tables.begin() + i * w);
     } else {
       tables[i * w] = pad;
     }

@@ -155,6 +155,7 @@ class Model {
   int64_t head_chunk_rows_ = 0;
   bool step_graphs_on_ = true;
   std::map<std::pair<int64_t, int64_t>, std::unique_ptr<StepGraph>> step_graphs_;  // by (batch, width) bucket
+  uint64_t graphs_cache_ = 0;  // LatentCache::id() of the cache the graphs were captured over
 };
 
 }  // namespace r1lab::model

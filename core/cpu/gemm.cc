@@ -88,8 +88,7 @@ const int64_t* group_bounds(const Tensor& offsets, int64_t groups, int64_t rows)
       << "group offsets must be a host I64 tensor";
   CHECK_EQ(offsets.numel(), groups + 1) << "group offsets";
   const int64_t* o = offsets.data<int64_t>();
-  CHECK(o[0] >= 0 && o[groups] <= rows) << "group offsets outside [0, " << rows << "]";
-  for (int64_t g = 0; g < groups; ++g) CHECK_LE(o[g], o[g + 1]) << "group offsets must ascend";
+  Backend::check_group_bounds(o, groups, rows);
   return o;
 }
 

@@ -65,7 +65,7 @@ __global__ void to_bf16_kernel(const float* src, int64_t rows, int64_t cols, int
 // every weight read once. A block takes kSmallTile rows of one group's w; a warp takes one w row at a
 // time and dots it with the group's (at most kSmallRows) activation rows, rounded to bf16 in shared
 // memory as the bf16 products round them; f32 sums in a fixed order. kSmallRows (16 or 32) rows at a
-// time; up to 96 rows a group (more go to cuBLAS, whose tiles then pay off).
+// time; taken up to 4 rows a group on average (more go to the tensor-core kernel below).
 constexpr int kSmallTile = 64, kSmallWarps = 8;
 
 template <int kSmallRows>
@@ -123,7 +123,6 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
   }
 }
 
-
 // ---------------------------------------------------------------------------------------------------
 // Grouped products on tensor cores, one launch for all groups, group bounds read on the device (the
 // host never waits for them). A block computes a kTileM × kTileN tile of one group's
@@ -172,6 +171,14 @@ constexpr size_t kTcSmem = sizeof(__nv_bfloat16) * kStages *
                            (TcTile<true, kTileM>::kElems > TcTile<false, kTileM>::kElems
                                 ? TcTile<true, kTileM>::kElems + TcTile<true, kTileN>::kElems
                                 : TcTile<false, kTileM>::kElems + TcTile<false, kTileN>::kElems);
+
+// A tensor-core grouped kernel's launch attributes: its pipeline's shared memory, and a carveout that
+// leaves room for 2 blocks an SM.
+template <typename K>
+void set_tc_attributes(K kernel) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTcSmem)));
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+}
 
 // The A operand (16 rows × 16 k) at row r, step kk of a tile stored [k][m] (transposed by ldmatrix).
 __device__ __forceinline__ void load_a_km(uint32_t* a, const __nv_bfloat16* p, int ld) {
@@ -445,8 +452,7 @@ void check_offsets(const Tensor& offsets, int64_t groups) {
 std::vector<int64_t> CudaBackend::host_offsets(const Tensor& offsets, int64_t rows) {
   const Tensor h = download(offsets);
   std::vector<int64_t> o(h.data<int64_t>(), h.data<int64_t>() + h.numel());
-  CHECK(!o.empty() && o.front() >= 0 && o.back() <= rows) << "group offsets outside [0, " << rows << "]";
-  for (size_t g = 0; g + 1 < o.size(); ++g) CHECK_LE(o[g], o[g + 1]) << "group offsets must ascend";
+  check_group_bounds(o.data(), h.numel() - 1, rows);
   return o;
 }
 
@@ -494,8 +500,7 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
                     static_cast<unsigned>((rows + kTileM - 1) / kTileM + groups));
     CHECK_LT(grid.y, 65536u) << "grouped_gemm: too many rows";
     const auto kernel = trans_w ? grouped_tc_kernel<true> : grouped_tc_kernel<false>;
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTcSmem)));
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));  // 2 blocks an SM
+    set_tc_attributes(kernel);
     kernel<<<grid, kTcThreads, kTcSmem, stream()>>>(
         static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0, C.f(),
         C.ld, offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), beta);
@@ -538,9 +543,7 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
   if (bf16 && tc_operand(od, n) && tc_operand(oa, k) && rows < (int64_t{1} << 31) && groups < 65536) {
     const dim3 grid(static_cast<unsigned>((k + kTileN - 1) / kTileN), static_cast<unsigned>((n + kTileM - 1) / kTileM),
                     static_cast<unsigned>(groups));
-    CUDA_CHECK(cudaFuncSetAttribute(grouped_wgrad_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(kTcSmem)));
-    CUDA_CHECK(cudaFuncSetAttribute(grouped_wgrad_tc_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
+    set_tc_attributes(grouped_wgrad_tc_kernel);
     grouped_wgrad_tc_kernel<<<grid, kTcThreads, kTcSmem, stream()>>>(
         static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
         dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k));
