@@ -74,6 +74,15 @@ ParameterSet::ParameterSet(const ModelConfig& cfg, core::Backend& backend)
   buffer_ = backend.zeros({total});
 }
 
+std::string ParameterSet::fingerprint() const {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](const std::string& bytes) {
+    for (unsigned char c : bytes) h = (h ^ c) * 1099511628211ull;
+  };
+  for (const ParamInfo& p : infos_) mix(absl::StrCat(p.name, " ", core::shape_str(p.shape), " ", p.offset, ";"));
+  return absl::StrCat(infos_.size(), ":", numel(), ":", absl::Hex(h, absl::kZeroPad16));
+}
+
 const ParamInfo& ParameterSet::info(const std::string& name) const {
   auto it = index_.find(name);
   CHECK(it != index_.end()) << "no parameter " << name;

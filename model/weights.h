@@ -42,6 +42,10 @@ class ParameterSet {
   const ParamInfo& info(const std::string& name) const;
   // The view of one parameter (CHECKs that the name exists).
   core::Tensor get(const std::string& name) const;
+  // The layout in a few bytes, the same in every process for the same layout: "<parameters>:<elements>:
+  // <FNV-1a 64 of every name, shape and offset>". Two buffers with equal fingerprints can be copied
+  // into each other whole (a weight broadcast checks this first).
+  std::string fingerprint() const;
 
  private:
   std::vector<ParamInfo> infos_;

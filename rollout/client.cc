@@ -6,10 +6,12 @@
 #include <deque>
 #include <mutex>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
 #include "core/check.h"
+#include "core/comm.h"
 #include "grpcpp/grpcpp.h"
 #include "r1lab/v1/rollout.grpc.pb.h"
 #include "rollout/proto_convert.h"
@@ -23,6 +25,23 @@ absl::StatusOr<std::vector<Completion>> RolloutClient::generate_all(std::vector<
     return true;
   }));
   sort_completions(out);
+  return out;
+}
+
+absl::Status RolloutClient::publish_weights(int64_t version, const model::Model& policy) {
+  return update_weights(version, weight_tensors(policy));
+}
+
+absl::Status RolloutClient::join_weight_group(const model::Model&, double) {
+  return absl::FailedPreconditionError("an in-process engine needs no weight group (it shares or copies weights)");
+}
+
+std::vector<NamedTensor> weight_tensors(const model::Model& m) {
+  std::vector<NamedTensor> out;
+  // One download; each tensor is a view of it (contiguous, sharing its storage).
+  const core::Tensor host = m.backend().download(m.params().buffer());
+  for (const model::ParamInfo& p : m.params().infos())
+    out.push_back({p.name, host.slice(0, p.offset, core::shape_numel(p.shape)).view(p.shape)});
   return out;
 }
 
@@ -81,6 +100,27 @@ class LocalClient final : public RolloutClient {
     });
   }
 
+  // The engine's own model: nothing moves. Another model on the same backend: one device copy of the
+  // buffer between steps. Elsewhere: through the host.
+  absl::Status publish_weights(int64_t version, const model::Model& policy) override {
+    const std::string path = weight_path(policy);
+    if (path == "shared") return update_weights(version, {});
+    if (path != "copy") return RolloutClient::publish_weights(version, policy);
+    return engine_.update_weights(version, [&](model::Model& m) {
+      core::Tensor dst = m.params().buffer();
+      m.backend().copy(policy.params().buffer(), dst);
+      return absl::OkStatus();
+    });
+  }
+
+  std::string weight_path(const model::Model& policy) const override {
+    const model::Model& mine = engine_.model();
+    if (&mine == &policy) return "shared";
+    if (&mine.backend() == &policy.backend() && mine.params().fingerprint() == policy.params().fingerprint())
+      return "copy";
+    return "host";
+  }
+
   absl::StatusOr<Health> health() override {
     Health h;
     h.stats = engine_.stats();
@@ -102,19 +142,6 @@ class LocalClient final : public RolloutClient {
 absl::Status from_grpc(const grpc::Status& s) {
   if (s.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
-
-pb::DType dtype_to_proto(core::DType d) {
-  switch (d) {
-    case core::DType::kF32:
-      return pb::DTYPE_F32;
-    case core::DType::kBF16:
-      return pb::DTYPE_BF16;
-    case core::DType::kF16:
-      return pb::DTYPE_F16;
-    default:
-      return pb::DTYPE_UNSPECIFIED;
-  }
 }
 
 class GrpcClient final : public RolloutClient {
@@ -179,6 +206,90 @@ class GrpcClient final : public RolloutClient {
     return from_grpc(writer->Finish());
   }
 
+  // Joins the worker as rank 1 of a two-member group: the JoinWeightGroup call runs on a thread of its
+  // own while this thread joins as rank 0 (each returns once both have).
+  absl::Status join_weight_group(const model::Model& policy, double timeout_seconds) override {
+    if (policy.backend().device() != core::Device::kCuda)
+      return absl::FailedPreconditionError("the trainer's weights are on the CPU; a weight group needs a GPU");
+    std::string why;
+    if (!core::comm_available(&why)) return absl::FailedPreconditionError(why);
+    auto id = core::new_group_id();
+    if (!id.ok()) return id.status();
+    pb::JoinWeightGroupRequest req;
+    req.set_group_id(*id);
+    req.set_rank(1);
+    req.set_world_size(2);
+    req.set_timeout_seconds(timeout_seconds);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(1e3 * (timeout_seconds + 10))));
+    pb::JoinWeightGroupResponse resp;
+    grpc::Status rpc;
+    std::atomic<bool> rpc_failed{false};
+    std::thread call([&] {
+      rpc = stub_->JoinWeightGroup(&ctx, req, &resp);
+      rpc_failed = !rpc.ok();
+    });
+    auto comm = core::join_group(policy.backend(), *id, 0, 2, {timeout_seconds, [&] { return rpc_failed.load(); }});
+    if (!comm.ok()) ctx.TryCancel();
+    call.join();
+    const bool worker_failed = !rpc.ok() && rpc.error_code() != grpc::StatusCode::CANCELLED;
+    if (!comm.ok())  // this side's error, and the worker's where it had its own
+      return absl::Status(comm.status().code(),
+                          absl::StrCat(comm.status().message(),
+                                       worker_failed ? absl::StrCat("; the worker: ", rpc.error_message()) : ""));
+    if (!rpc.ok())
+      return absl::Status(from_grpc(rpc).code(),
+                          absl::StrCat("the worker did not join the weight group: ", rpc.error_message()));
+    group_ = *std::move(comm);
+    layout_ = policy.params().fingerprint();
+    worker_device_ = resp.device();
+    return absl::OkStatus();
+  }
+
+  // Over the weight group: the worker checks the request and says ready, then this side broadcasts
+  // the parameter buffer while a second thread reads the worker's result (or sees it fail, which ends
+  // the broadcast here too).
+  absl::Status publish_weights(int64_t version, const model::Model& policy) override {
+    if (!group_) return RolloutClient::publish_weights(version, policy);
+    if (policy.params().fingerprint() != layout_)
+      return absl::InvalidArgumentError("publish_weights: the model's parameter layout is not the one the weight group joined with");
+    constexpr double kTimeout = 300;
+    pb::BroadcastWeightsRequest req;
+    req.set_version(version);
+    req.set_layout(layout_);
+    req.set_dtype(dtype_to_proto(policy.params().buffer().dtype()));
+    req.set_numel(policy.params().numel());
+    req.set_timeout_seconds(kTimeout);
+    grpc::ClientContext ctx;
+    auto reader = stub_->BroadcastWeights(&ctx, req);
+    pb::BroadcastWeightsResponse resp;
+    if (!reader->Read(&resp) || !resp.ready()) {
+      const absl::Status st = from_grpc(reader->Finish());  // a refusal: the group stays usable
+      return st.ok() ? absl::InternalError("BroadcastWeights: the worker ended without saying ready") : st;
+    }
+    std::atomic<bool> ended{false}, applied{false};
+    std::thread result([&] {
+      pb::BroadcastWeightsResponse last;
+      applied = reader->Read(&last) && last.has_applied();
+      ended = true;
+    });
+    core::Tensor buffer = policy.params().buffer();
+    const absl::Status sent = group_->broadcast(buffer, 0, {kTimeout, [&] { return ended && !applied; }});
+    if (!sent.ok()) ctx.TryCancel();
+    result.join();
+    const absl::Status st = from_grpc(reader->Finish());
+    if (!sent.ok()) {
+      group_.reset();
+      return absl::Status(sent.code(), absl::StrCat("NCCL weight broadcast failed (", sent.message(),
+                                                    st.ok() ? "" : absl::StrCat("; the worker: ", st.message()),
+                                                    "); later versions go by UpdateWeights"));
+    }
+    return st;
+  }
+
+  std::string weight_path(const model::Model&) const override { return group_ ? "nccl" : "grpc"; }
+
   absl::StatusOr<Health> health() override {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -190,6 +301,8 @@ class GrpcClient final : public RolloutClient {
  private:
   std::unique_ptr<pb::Rollout::Stub> stub_;
   size_t chunk_;
+  std::unique_ptr<core::Communicator> group_;  // the weight group with the worker, once joined
+  std::string layout_, worker_device_;
 };
 
 }  // namespace

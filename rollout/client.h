@@ -37,12 +37,27 @@ class RolloutClient {
   // Makes `version` current with these tensors replaced (none: the weights are already in place, as
   // with an in-process engine that shares the trainer's model).
   virtual absl::Status update_weights(int64_t version, const std::vector<NamedTensor>& tensors) = 0;
+  // Makes `version` current with all of `policy`'s weights (the same architecture), the fastest way
+  // this client has: an in-process engine over `policy` itself moves nothing; a worker that joined a
+  // weight group (join_weight_group) gets an NCCL broadcast from policy's GPU; otherwise the weights go
+  // to the host and through update_weights.
+  virtual absl::Status publish_weights(int64_t version, const model::Model& policy);
+  // Opens the NCCL path from policy's GPU to the worker (a worker behind gRPC only). An error (a side on
+  // the CPU, a build without NCCL, both sides on one GPU, a worker that does not answer) changes
+  // nothing: publish_weights keeps using update_weights.
+  virtual absl::Status join_weight_group(const model::Model& policy, double timeout_seconds = 60);
+  // How publish_weights moves policy's weights now. In process: "shared" (the engine's own model),
+  // "copy" (another model on the same backend: one device copy) or "host". To a worker: "nccl" or
+  // "grpc".
+  virtual std::string weight_path(const model::Model& policy) const = 0;
   virtual absl::StatusOr<Health> health() = 0;
 
   // Every completion, in (group, sample) order.
   absl::StatusOr<std::vector<Completion>> generate_all(std::vector<GroupRequest> groups);
 };
 
+// A model's parameters as named tensors for update_weights: views of one host copy.
+std::vector<NamedTensor> weight_tensors(const model::Model& m);
 // Checks named tensors against a model's parameters (known name, shape, dtype, no repeats).
 absl::Status check_weight_update(const model::ParameterSet& params, const std::vector<NamedTensor>& tensors);
 // Copies them into the parameters (after check_weight_update).

@@ -167,4 +167,30 @@ Health health_from_proto(const pb::HealthResponse& h) {
   return out;
 }
 
+pb::DType dtype_to_proto(core::DType d) {
+  switch (d) {
+    case core::DType::kF32:
+      return pb::DTYPE_F32;
+    case core::DType::kBF16:
+      return pb::DTYPE_BF16;
+    case core::DType::kF16:
+      return pb::DTYPE_F16;
+    default:
+      return pb::DTYPE_UNSPECIFIED;
+  }
+}
+
+absl::StatusOr<core::DType> dtype_from_proto(pb::DType d) {
+  switch (d) {
+    case pb::DTYPE_F32:
+      return core::DType::kF32;
+    case pb::DTYPE_BF16:
+      return core::DType::kBF16;
+    case pb::DTYPE_F16:
+      return core::DType::kF16;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("dtype ", static_cast<int>(d), " (F32, BF16, F16 accepted)"));
+  }
+}
+
 }  // namespace r1lab::rollout

@@ -20,6 +20,9 @@ void groups_to_proto(const std::vector<GroupRequest>& groups, pb::GenerateReques
 void completion_to_proto(const Completion& c, pb::Completion* out);
 Completion completion_from_proto(const pb::Completion& c);
 
+pb::DType dtype_to_proto(core::DType d);  // DTYPE_UNSPECIFIED for a dtype weights never have
+absl::StatusOr<core::DType> dtype_from_proto(pb::DType d);
+
 void health_to_proto(const Health& h, pb::HealthResponse* out);
 Health health_from_proto(const pb::HealthResponse& h);
 

@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "core/comm.h"
 #include "grpcpp/grpcpp.h"
 #include "r1lab/v1/rollout.grpc.pb.h"
 #include "rollout/client.h"
@@ -19,19 +20,6 @@ namespace {
 grpc::Status to_grpc(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
-
-absl::StatusOr<core::DType> dtype_from_proto(pb::DType d) {
-  switch (d) {
-    case pb::DTYPE_F32:
-      return core::DType::kF32;
-    case pb::DTYPE_BF16:
-      return core::DType::kBF16;
-    case pb::DTYPE_F16:
-      return core::DType::kF16;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("dtype ", static_cast<int>(d), " (F32, BF16, F16 accepted)"));
-  }
 }
 
 class Service final : public pb::Rollout::Service {
@@ -128,6 +116,72 @@ class Service final : public pb::Rollout::Service {
     return grpc::Status::OK;
   }
 
+  grpc::Status JoinWeightGroup(grpc::ServerContext* ctx, const pb::JoinWeightGroupRequest* req,
+                               pb::JoinWeightGroupResponse* resp) override {
+    if (req->world_size() < 2 || req->rank() < 1 || req->rank() >= req->world_size())
+      return to_grpc(absl::InvalidArgumentError(
+          absl::StrCat("JoinWeightGroup: rank ", req->rank(), " of ", req->world_size(), " (a worker's rank is in [1, world_size))")));
+    const double timeout = req->timeout_seconds() > 0 ? req->timeout_seconds() : 60;
+    std::lock_guard<std::mutex> lk(group_mu_);
+    // NCCL sets itself up on this thread and its own streams; the engine keeps stepping meanwhile.
+    auto comm = core::join_group(engine_.model().backend(), req->group_id(), req->rank(), req->world_size(),
+                                 {timeout, [ctx] { return ctx->IsCancelled(); }});
+    if (!comm.ok()) return to_grpc(comm.status());
+    group_ = *std::move(comm);
+    group_failure_.clear();
+    resp->set_device(engine_.model().backend().name());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status BroadcastWeights(grpc::ServerContext* ctx, const pb::BroadcastWeightsRequest* req,
+                                grpc::ServerWriter<pb::BroadcastWeightsResponse>* writer) override {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::lock_guard<std::mutex> lk(group_mu_);
+    if (!group_)
+      return to_grpc(absl::FailedPreconditionError(
+          group_failure_.empty() ? "BroadcastWeights: no weight group (call JoinWeightGroup first)"
+                                 : absl::StrCat("BroadcastWeights: the weight group failed (", group_failure_, "); join again")));
+    const model::ParameterSet& params = engine_.model().params();
+    if (req->layout() != params.fingerprint())
+      return to_grpc(absl::InvalidArgumentError(absl::StrCat("BroadcastWeights: parameter layout ", req->layout(),
+                                                             ", this worker's is ", params.fingerprint())));
+    if (req->dtype() != dtype_to_proto(params.buffer().dtype()) || req->numel() != params.numel())
+      return to_grpc(absl::InvalidArgumentError(absl::StrCat("BroadcastWeights: ", req->numel(), " elements of dtype ",
+                                                             static_cast<int>(req->dtype()), ", this worker holds ",
+                                                             params.numel(), " of F32")));
+    const double timeout = req->timeout_seconds() > 0 ? req->timeout_seconds() : 300;
+    bool ready = false;
+    absl::Status received;
+    // Between engine steps, so that this thread owns the backend's stream: stage, say ready, receive,
+    // and only a complete transfer replaces the weights.
+    const absl::Status st = engine_.update_weights(req->version(), [&](model::Model& m) -> absl::Status {
+      core::Tensor staging = m.backend().zeros({req->numel()}, params.buffer().dtype());
+      pb::BroadcastWeightsResponse r;
+      r.set_ready(true);
+      if (!writer->Write(r)) return absl::CancelledError("BroadcastWeights: the trainer went away before the transfer");
+      ready = true;
+      received = group_->broadcast(staging, 0, {timeout, [ctx] { return ctx->IsCancelled(); }});
+      if (!received.ok()) return received;
+      core::Tensor dst = m.params().buffer();
+      m.backend().copy(staging, dst);
+      m.backend().synchronize();
+      return absl::OkStatus();
+    });
+    if (ready && !received.ok()) {
+      group_failure_ = std::string(received.message());
+      group_.reset();
+    }
+    if (!st.ok()) return to_grpc(st);
+    pb::BroadcastWeightsResponse r;
+    pb::UpdateWeightsResponse* a = r.mutable_applied();
+    a->set_version(req->version());
+    a->set_tensors(static_cast<int64_t>(params.infos().size()));
+    a->set_bytes(req->numel() * static_cast<int64_t>(core::dtype_size(params.buffer().dtype())));
+    a->set_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    writer->Write(r);
+    return grpc::Status::OK;
+  }
+
   grpc::Status Health(grpc::ServerContext*, const pb::HealthRequest*, pb::HealthResponse* resp) override {
     auto h = local_->health();
     if (!h.ok()) return to_grpc(h.status());
@@ -139,6 +193,9 @@ class Service final : public pb::Rollout::Service {
   Engine& engine_;
   std::string dir_;
   std::unique_ptr<RolloutClient> local_;  // health and the weight checks, shared with in-process use
+  std::mutex group_mu_;                     // one weight-group call at a time
+  std::unique_ptr<core::Communicator> group_;
+  std::string group_failure_;  // why the last group ended, if it failed
 };
 
 class Server final : public RolloutServer {

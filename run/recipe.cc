@@ -130,6 +130,10 @@ absl::StatusOr<Recipe> recipe_from_json(const json& doc) {
   top.get("rollout_cache_mb", r.rollout_cache_mb);
   top.get("device", r.device);
   top.get("gemm", r.gemm);
+  top.get("rollout_device", r.rollout_device);
+  if (!r.rollout_device.empty())
+    if (auto st = core::check_device_names(r.rollout_device, "f32"); !st.ok())
+      top.fail("rollout_device", std::string(st.message()));
   if (auto st = core::check_device_names(r.device, "f32"); !st.ok()) top.fail("device", std::string(st.message()));
   if (auto st = core::check_device_names("cpu", r.gemm); !st.ok()) top.fail("gemm", std::string(st.message()));
   if (const json* o = top.object("task_options")) {

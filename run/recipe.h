@@ -53,6 +53,9 @@ struct Recipe {
   // and the GPU's matrix-product precision (f32, tf32 or bf16).
   std::string device = "cpu";
   std::string gemm = "bf16";
+  // The rollout worker's device when it differs (empty: `device`). On a GPU other than the trainer's,
+  // each new policy version reaches the worker by NCCL broadcast, GPU to GPU; otherwise over gRPC.
+  std::string rollout_device;
   nlohmann::json source;   // the resolved recipe, as stored with the run
 
   // The rewards file serve-reward takes: {reward_name: reward_spec}.

@@ -17,15 +17,6 @@ double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock:
 
 }  // namespace
 
-std::vector<rollout::NamedTensor> weight_tensors(const model::Model& m) {
-  std::vector<rollout::NamedTensor> out;
-  // One download; each tensor is a view of it (contiguous, sharing its storage).
-  const core::Tensor host = m.backend().download(m.params().buffer());
-  for (const model::ParamInfo& p : m.params().infos())
-    out.push_back({p.name, host.slice(0, p.offset, core::shape_numel(p.shape)).view(p.shape)});
-  return out;
-}
-
 absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
   CHECK(ctx.policy && ctx.rollout && ctx.rewards);
   const RlOptions& o = recipe.rl;
@@ -111,9 +102,7 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
     const double train_s = since(t_train);
     // 4. The worker samples the next step from the new weights.
     const auto t_sync = Clock::now();
-    const std::vector<rollout::NamedTensor> tensors =
-        ctx.rollout_shares_weights ? std::vector<rollout::NamedTensor>{} : weight_tensors(*ctx.policy);
-    if (auto s = ctx.rollout->update_weights(step + 1, tensors); !s.ok())
+    if (auto s = ctx.rollout->publish_weights(step + 1, *ctx.policy); !s.ok())
       return absl::Status(s.code(), absl::StrCat("rollout: weight update: ", s.message()));
     const double sync_s = since(t_sync);
     steps_done = step + 1;

@@ -26,8 +26,6 @@ struct RlContext {
   model::Model* policy = nullptr;     // trained in place
   model::Model* reference = nullptr;  // frozen; may be null when kl_beta is 0
   rollout::RolloutClient* rollout = nullptr;
-  // True when the worker samples from `policy` itself (in process): weights need no transfer.
-  bool rollout_shares_weights = false;
   rewards::RewardClient* rewards = nullptr;
   RunStore* store = nullptr;  // optional
   const std::atomic<bool>* stop = nullptr;  // optional: set to end after the current step
@@ -42,8 +40,5 @@ struct RlContext {
 // Runs recipe.rl.steps GRPO steps. Stops early (OK) when *stop becomes true; returns the first error of
 // a part (the worker, the reward service, the store).
 absl::Status grpo(const Recipe& recipe, const RlContext& ctx);
-
-// The policy's parameters as named tensors for RolloutClient::update_weights: views of one host copy.
-std::vector<rollout::NamedTensor> weight_tensors(const model::Model& m);
 
 }  // namespace r1lab::run

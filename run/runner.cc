@@ -18,6 +18,7 @@
 #include <boost/process.hpp>
 #include <boost/process/extend.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/backend.h"
@@ -245,6 +246,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
   const std::string rewards_path = res.run_dir + "/rewards.json";
   if (auto st = model::write_file_atomic(rewards_path, recipe.rewards_file().dump(2)); !st.ok()) return fail(st);
 
+  const std::string rollout_device = recipe.rollout_device.empty() ? recipe.device : recipe.rollout_device;
   std::unique_ptr<Child> reward_child, rollout_child;
   std::unique_ptr<rewards::RewardClient> reward_client;
   std::unique_ptr<rollout::RolloutClient> rollout_client;
@@ -267,7 +269,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     reward_child = *std::move(rc);
     auto wc = Child::start("rollout worker", options.program,
                            {"serve-rollout", "--model=" + base_dir, "--port=0", "--host=127.0.0.1",
-                            absl::StrCat("--cache-mb=", recipe.rollout_cache_mb), "--device=" + recipe.device,
+                            absl::StrCat("--cache-mb=", recipe.rollout_cache_mb), "--device=" + rollout_device,
                             "--gemm=" + recipe.gemm},
                            res.run_dir + "/rollout.log", stop);
     if (!wc.ok()) return fail(wc.status());
@@ -276,6 +278,15 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     rollout_client = rollout::make_grpc_client(rollout_child->target());
     progress.say(absl::StrFormat("reward service on %s (pid %d), rollout worker on %s (pid %d)", reward_child->target(),
                                  reward_child->pid(), rollout_child->target(), rollout_child->pid()));
+    // A worker on another GPU joins the trainer's weight group: new versions go GPU to GPU.
+    auto gpu = [](const std::string& d) { return d == "cuda" ? std::string("cuda:0") : d; };
+    if (absl::StartsWith(recipe.device, "cuda") && absl::StartsWith(rollout_device, "cuda") &&
+        gpu(recipe.device) != gpu(rollout_device)) {
+      const absl::Status joined = rollout_client->join_weight_group(policy);
+      progress.say(joined.ok() ? absl::StrFormat("weights: NCCL broadcast from %s to the worker on %s", recipe.device,
+                                                 rollout_device)
+                               : absl::StrFormat("weights: over gRPC (no NCCL weight group: %s)", joined.message()));
+    }
   }
   // An error from a part: name the child that died, if one did. A killed child's sockets close a moment
   // before its exit can be collected, so a child that still looks alive gets a second to show its exit.
@@ -323,7 +334,6 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
   ctx.policy = &policy;
   ctx.reference = reference.get();
   ctx.rollout = rollout_client.get();
-  ctx.rollout_shares_weights = options.in_process;
   ctx.rewards = reward_client.get();
   ctx.store = &store;
   ctx.stop = stop;

@@ -14,6 +14,7 @@ namespace r1lab::core::cuda {
 // Shared helpers.
 
 Context::~Context() {
+  use_device(device);
   for (Side& s : sides) {
     cudaStreamSynchronize(s.stream);
     cudaFreeAsync(s.workspace, stream);
@@ -302,13 +303,23 @@ std::string CudaBackend::name() const {
   return absl::StrCat("cuda:", opt_.device, " (", prop.name, ", gemm ", prec, ")");
 }
 
-void CudaBackend::synchronize() { CUDA_CHECK(cudaStreamSynchronize(ctx_->stream)); }
+void use_device(int device) {
+  int current = -1;
+  CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device) CUDA_CHECK(cudaSetDevice(device));
+}
+
+void CudaBackend::synchronize() {
+  use_device(ctx_->device);
+  CUDA_CHECK(cudaStreamSynchronize(ctx_->stream));
+}
 
 // A CUDA graph of the stream's work. Allocations made and freed inside become the graph's own memory
 // nodes; the profiler's events would time the capture, not the replays, so a profiling backend runs
 // everything as it comes.
 std::function<void()> CudaBackend::capture(const std::function<void()>& work) {
   if (!can_capture()) return {};
+  use_device(ctx_->device);
   CUDA_CHECK(cudaStreamBeginCapture(ctx_->stream, cudaStreamCaptureModeThreadLocal));
   work();
   cudaGraph_t graph = nullptr;
@@ -319,7 +330,10 @@ std::function<void()> CudaBackend::capture(const std::function<void()>& work) {
   CUDA_CHECK(made);
   std::shared_ptr<CUgraphExec_st> held(exec, [](cudaGraphExec_t e) { cudaGraphExecDestroy(e); });
   std::shared_ptr<Context> ctx = ctx_;
-  return [held, ctx] { CUDA_CHECK(cudaGraphLaunch(held.get(), ctx->stream)); };
+  return [held, ctx] {
+    use_device(ctx->device);
+    CUDA_CHECK(cudaGraphLaunch(held.get(), ctx->stream));
+  };
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -334,6 +348,7 @@ Tensor CudaBackend::zeros(const Shape& shape, DType dtype) {
 const std::vector<Context::Side>& CudaBackend::fork_sides() {
   constexpr int kSides = 4;
   constexpr size_t kWorkspace = 8 << 20;
+  use_device(ctx_->device);
   if (ctx_->sides.empty()) {
     CUDA_CHECK(cudaEventCreateWithFlags(&ctx_->fork, cudaEventDisableTiming));
     for (int i = 0; i < kSides; ++i) {
@@ -364,9 +379,13 @@ void CudaBackend::join_sides() {
 Tensor CudaBackend::empty(const Shape& shape, DType dtype) {
   const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
   void* p = nullptr;
+  use_device(ctx_->device);
   CUDA_CHECK(cudaMallocAsync(&p, bytes == 0 ? 16 : bytes, ctx_->stream));
   std::shared_ptr<Context> ctx = ctx_;
-  auto st = std::make_shared<Storage>(p, bytes, Device::kCuda, [ctx](void* q) { cudaFreeAsync(q, ctx->stream); });
+  auto st = std::make_shared<Storage>(p, bytes, Device::kCuda, [ctx](void* q) {
+    use_device(ctx->device);
+    cudaFreeAsync(q, ctx->stream);
+  });
   return Tensor(std::move(st), 0, shape, contiguous_strides(shape), dtype);
 }
 
@@ -375,6 +394,7 @@ void CudaBackend::upload(const Tensor& host, Tensor& dst) {
                                                                     << shape_str(dst.shape());
   CHECK(host.device() == Device::kCpu && dst.device() == Device::kCuda);
   CHECK(host.is_contiguous() && dst.is_contiguous());
+  use_device(ctx_->device);
   // From pageable memory this returns once the source is staged, so the caller may free it at once.
   CUDA_CHECK(cudaMemcpyAsync(dst.raw(), host.raw(), static_cast<size_t>(host.numel()) * dtype_size(host.dtype()),
                              cudaMemcpyHostToDevice, ctx_->stream));
@@ -388,6 +408,7 @@ Tensor CudaBackend::download(const Tensor& src) {
     return download(c);
   }
   Tensor host = Tensor::empty(src.shape(), src.dtype());  // every byte is copied in
+  use_device(ctx_->device);
   CUDA_CHECK(cudaMemcpyAsync(host.raw(), src.raw(), static_cast<size_t>(src.numel()) * dtype_size(src.dtype()),
                              cudaMemcpyDeviceToHost, ctx_->stream));
   synchronize();
@@ -605,6 +626,7 @@ void CudaBackend::adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v,
 
 CudaBackend::Op::Op(CudaBackend* be, const char* name, double flops, double bytes)
     : be_(be), name_(name), flops_(flops), bytes_(bytes) {
+  use_device(be_->ctx_->device);
   if (!be_->opt_.profile) return;
   CUDA_CHECK(cudaEventCreate(&start_));
   CUDA_CHECK(cudaEventRecord(start_, be_->stream()));

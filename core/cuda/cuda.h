@@ -9,6 +9,7 @@
 #include <string>
 
 #include "core/backend.h"
+#include "core/comm.h"
 
 namespace r1lab::core::cuda {
 
@@ -43,5 +44,10 @@ void reset_profile(Backend& backend);
 // Bytes of device memory in use by the backend's pool at its peak since the last reset, and now.
 size_t peak_memory(Backend& backend);
 void reset_peak_memory(Backend& backend);
+
+// NCCL groups (core/comm.h); defined where the build found NCCL (R1LAB_HAVE_NCCL).
+absl::StatusOr<std::string> new_group_id();
+absl::StatusOr<std::unique_ptr<Communicator>> join_group(Backend& backend, const std::string& id, int rank, int size,
+                                                         const CommWait& wait);
 
 }  // namespace r1lab::core::cuda

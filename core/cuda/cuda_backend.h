@@ -67,6 +67,10 @@ struct Operand {
 };
 inline unsigned blocks(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 void check_device(const Tensor& t, DType dtype);
+// Makes `device` current on the calling thread (cheap when it already is): a backend is called from
+// its owner's threads (engine steps, server handlers), and one process may drive backends on several
+// GPUs. Every entry point that queues work or allocates calls it.
+void use_device(int device);
 
 class CudaBackend final : public Backend {
  public:
@@ -139,6 +143,7 @@ class CudaBackend final : public Backend {
   std::function<void()> capture(const std::function<void()>& work) override;
 
   cudaStream_t stream() const { return ctx_->stream; }
+  int device_index() const { return ctx_->device; }
   const Options& options() const { return opt_; }
   std::vector<OpTime> profile();
   void reset_profile();

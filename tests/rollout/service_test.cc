@@ -1,4 +1,5 @@
 // The rollout worker over gRPC on loopback, against the same engine in process.
+#include <cstring>
 #include <thread>
 
 #include "core/backend.h"
@@ -238,6 +239,111 @@ TEST_F(ServiceTest, LargeTensorsArriveInChunks) {
   core::Tensor now = be_->download(served_->params().get("model.embed_tokens.weight"));
   EXPECT_EQ(now.f32()[0], emb.f32()[0]);
   EXPECT_EQ(now.f32()[emb.numel() - 1], emb.f32()[emb.numel() - 1]);
+}
+
+// Every weight path a trainer can take: the engine's own model (nothing moves), another model on the
+// same backend (one copy), a model elsewhere (host tensors), a gRPC worker (streamed; a weight group is
+// refused on the CPU and publishing falls back).
+TEST_F(ServiceTest, PublishWeightsTakesTheFastestPathAndEveryPathDelivers) {
+  auto policy = load();
+  core::Tensor head = policy->params().get("lm_head.weight");
+  core::Tensor scaled = be_->download(head);
+  for (int64_t i = 0; i < scaled.numel(); ++i) scaled.f32()[i] *= 2.0f;
+  be_->upload(scaled, head);
+  auto head_of = [&](const model::Model& m) { return m.backend().download(m.params().get("lm_head.weight")); };
+  auto same = [](const core::Tensor& a, const core::Tensor& b) {
+    return a.numel() == b.numel() && std::memcmp(a.raw(), b.raw(), a.numel() * sizeof(float)) == 0;
+  };
+
+  EngineOptions eo;
+  eo.num_blocks = 64;
+  Engine own(*policy, eo);
+  auto shared = make_local_client(own);
+  EXPECT_EQ(shared->weight_path(*policy), "shared");
+  ASSERT_TRUE(shared->publish_weights(1, *policy).ok());
+  EXPECT_EQ(shared->health()->policy_version, 1);
+  EXPECT_EQ(shared->publish_weights(1, *policy).code(), absl::StatusCode::kFailedPrecondition);
+
+  auto sibling = load();
+  Engine beside(*sibling, eo);
+  auto copied = make_local_client(beside);
+  EXPECT_EQ(copied->weight_path(*policy), "copy");
+  EXPECT_FALSE(same(head_of(*sibling), scaled));
+  ASSERT_TRUE(copied->publish_weights(1, *policy).ok());
+  EXPECT_TRUE(same(head_of(*sibling), scaled));
+
+  auto other_be = core::make_cpu_backend();
+  auto elsewhere = model::Model::load(testing::fixtures_dir() + "/tiny_a", *other_be);
+  ASSERT_TRUE(elsewhere.ok());
+  Engine far(**elsewhere, eo);
+  auto hosted = make_local_client(far);
+  EXPECT_EQ(hosted->weight_path(*policy), "host");
+  ASSERT_TRUE(hosted->publish_weights(3, *policy).ok());
+  EXPECT_TRUE(same(head_of(**elsewhere), scaled));
+  EXPECT_EQ(hosted->join_weight_group(*policy).code(), absl::StatusCode::kFailedPrecondition);
+
+  // A worker: no weight group from the CPU, and the gRPC stream delivers instead.
+  const absl::Status joined = client_->join_weight_group(*policy);
+  EXPECT_EQ(joined.code(), absl::StatusCode::kFailedPrecondition) << joined;
+  EXPECT_EQ(client_->weight_path(*policy), "grpc");
+  ASSERT_TRUE(client_->publish_weights(4, *policy).ok());
+  EXPECT_EQ(client_->health()->policy_version, 4);
+  EXPECT_TRUE(same(head_of(*served_), scaled));
+}
+
+// The weight-group calls on a CPU worker: malformed requests and calls out of order get clear errors,
+// and the worker keeps serving.
+TEST_F(ServiceTest, WeightGroupCallsFailCleanlyWhereNoGroupCanBe) {
+  auto stub = v1::Rollout::NewStub(grpc::CreateChannel(target_, grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;
+    v1::JoinWeightGroupRequest req;
+    req.set_rank(0);
+    req.set_world_size(2);
+    v1::JoinWeightGroupResponse resp;
+    const grpc::Status st = stub->JoinWeightGroup(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::JoinWeightGroupRequest req;
+    req.set_group_id(std::string(128, 'x'));
+    req.set_rank(1);
+    req.set_world_size(2);
+    req.set_timeout_seconds(5);
+    v1::JoinWeightGroupResponse resp;
+    const grpc::Status st = stub->JoinWeightGroup(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::BroadcastWeightsRequest req;
+    req.set_version(1);
+    req.set_layout(served_->params().fingerprint());
+    req.set_dtype(v1::DTYPE_F32);
+    req.set_numel(served_->params().numel());
+    auto reader = stub->BroadcastWeights(&ctx, req);
+    v1::BroadcastWeightsResponse resp;
+    EXPECT_FALSE(reader->Read(&resp));
+    const grpc::Status st = reader->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+    EXPECT_NE(st.error_message().find("JoinWeightGroup"), std::string::npos) << st.error_message();
+  }
+  EXPECT_EQ(client_->health()->policy_version, 0);
+  auto c = client_->generate_all({group(3, 1, 4)});
+  ASSERT_TRUE(c.ok()) << c.status();
+}
+
+TEST(ParameterSetTest, FingerprintNamesTheLayout) {
+  auto be = core::make_cpu_backend();
+  auto a = model::ModelConfig::from_file(testing::fixtures_dir() + "/tiny_a/config.json");
+  ASSERT_TRUE(a.ok());
+  model::ModelConfig b = *a;
+  b.num_hidden_layers += 1;
+  const model::ParameterSet pa(*a, *be), pa2(*a, *be), pb(b, *be);
+  EXPECT_EQ(pa.fingerprint(), pa2.fingerprint());
+  EXPECT_NE(pa.fingerprint(), pb.fingerprint());
+  EXPECT_EQ(pa.fingerprint().substr(0, pa.fingerprint().find(':')), std::to_string(pa.infos().size()));
 }
 
 }  // namespace
