@@ -205,9 +205,13 @@ absl::StatusOr<Recipe> recipe_from_json(const json& doc) {
     p.get("clip_eps_low", rl.grpo.clip_eps_low);
     p.get("clip_eps_high", rl.grpo.clip_eps_high);
     p.get("log_samples", rl.log_samples);
-    std::string agg = "sequence_mean", adv = "grpo";
+    std::string agg = "sequence_mean", adv = "grpo", old_lp = "policy";
     p.get("loss_aggregation", agg);
     p.get("advantage", adv);
+    p.get("old_logprobs", old_lp);
+    if (old_lp == "policy") rl.grpo.old = trainer::GrpoConfig::Old::kPolicy;
+    else if (old_lp == "sampler") rl.grpo.old = trainer::GrpoConfig::Old::kSampler;
+    else p.fail("old_logprobs", "policy (the trainer's own, ratio exactly 1) or sampler (the rollout's)");
     if (agg == "sequence_mean") rl.grpo.aggregation = trainer::GrpoConfig::Aggregation::kSequenceMean;
     else if (agg == "token_mean") rl.grpo.aggregation = trainer::GrpoConfig::Aggregation::kTokenMean;
     else p.fail("loss_aggregation", "sequence_mean or token_mean");

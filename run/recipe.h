@@ -21,7 +21,13 @@ struct RlOptions {
   int max_new_tokens = 48;
   double temperature = 1.0;
   int micro_batch = 64;
-  trainer::GrpoConfig grpo;
+  // rl.old_logprobs picks grpo.old: "policy" (default; the trainer's own logprobs, so the ratio is
+  // exactly 1) or "sampler" (the rollout's returned logprobs).
+  trainer::GrpoConfig grpo = [] {
+    trainer::GrpoConfig c;
+    c.old = trainer::GrpoConfig::Old::kPolicy;
+    return c;
+  }();
   bool scale_by_std = true;  // false: Dr. GRPO advantages
   trainer::AdamWConfig adam;
   int log_samples = 4;        // completions stored per step

@@ -164,8 +164,9 @@ absl::StatusOr<std::string> report(const std::string& store_path, const std::str
     const auto& reward = rl.at("reward_mean");
     const int64_t last = reward.rbegin()->first;
     const int64_t every = std::max<int64_t>(1, last / 10);
-    absl::StrAppend(&out, absl::StrFormat("\n%6s %8s %8s %8s %8s %9s %8s %7s %8s %8s\n", "step", "reward", "acc", "format",
-                                          "length", "kl", "entropy", "clip", "grad", "s/step"));
+    // lp gap: the largest |trainer - sampler| logprob of the step's tokens, before the update.
+    absl::StrAppend(&out, absl::StrFormat("\n%6s %8s %8s %8s %8s %9s %8s %7s %8s %8s %8s\n", "step", "reward", "acc",
+                                          "format", "length", "kl", "entropy", "clip", "lp gap", "grad", "s/step"));
     auto get = [&](const char* name, int64_t step) {
       auto it = rl.find(name);
       if (it == rl.end()) return std::nan("");
@@ -174,10 +175,11 @@ absl::StatusOr<std::string> report(const std::string& store_path, const std::str
     };
     for (const auto& [step, r] : reward) {
       if (step % every && step != last && step != 1) continue;
-      absl::StrAppend(&out, absl::StrFormat("%6lld %8.3f %7.1f%% %7.1f%% %8.1f %9.5f %8.3f %7.3f %8.3f %8.2f\n",
+      absl::StrAppend(&out, absl::StrFormat("%6lld %8.3f %7.1f%% %7.1f%% %8.1f %9.5f %8.3f %7.3f %8.2g %8.3f %8.2f\n",
                                             static_cast<long long>(step), r, 100 * get("accuracy", step),
                                             100 * get("format_rate", step), get("response_length", step), get("kl", step),
-                                            get("entropy", step), get("clip_fraction", step), get("grad_norm", step),
+                                            get("entropy", step), get("clip_fraction", step),
+                                            get("logprob_gap_max", step), get("grad_norm", step),
                                             get("step_seconds", step)));
     }
     // The trend in one line: mean reward over the first and the last tenth of the steps (10 at least).

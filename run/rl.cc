@@ -123,6 +123,8 @@ absl::Status grpo(const Recipe& recipe, const RlContext& ctx) {
                    {"entropy", st.entropy},
                    {"clip_fraction", st.clip_fraction},
                    {"ratio", st.ratio},
+                   {"logprob_gap_max", st.logprob_gap_max},
+                   {"logprob_gap_mean", st.logprob_gap_mean},
                    {"loss", st.loss},
                    {"grad_norm", st.opt.grad_norm},
                    {"lr", st.opt.lr},

@@ -17,6 +17,13 @@ struct GrpoConfig {
   float kl_beta = 0.04f;
   enum class Aggregation { kSequenceMean, kTokenMean };
   Aggregation aggregation = Aggregation::kSequenceMean;
+  // What the ratio's `old` is. kSampler: the logprobs the sampler returned with each token. kPolicy: the
+  // policy's own logprobs in this very pass, held constant (the batch is used for one update, so the
+  // policy that sampled it is the one being trained): the ratio is exactly 1 and the gradient is A·∇logp,
+  // whatever rounding separates the sampler's kernels from the trainer's; the sampler's logprobs, where
+  // given, are then only compared (GrpoStepStats::logprob_gap_*).
+  enum class Old { kSampler, kPolicy };
+  Old old = Old::kSampler;
 };
 
 // What a batch's loss is normalised by when it is computed a micro-batch at a time: the whole batch's

@@ -109,13 +109,14 @@ GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const s
   norm.sequences = static_cast<int64_t>(batch.size());
   for (const TrainSequence& s : batch) {
     const size_t n = static_cast<size_t>(completion_len(s));
-    CHECK(s.old_logprobs.size() == n) << "old_logprobs: " << s.old_logprobs.size() << " for " << n << " tokens";
+    CHECK(s.old_logprobs.size() == n || (cfg.old == GrpoConfig::Old::kPolicy && s.old_logprobs.empty()))
+        << "old_logprobs: " << s.old_logprobs.size() << " for " << n << " tokens";
     CHECK(cfg.kl_beta == 0.0f || s.ref_logprobs.size() == n) << "ref_logprobs: " << s.ref_logprobs.size() << " for " << n;
     norm.tokens += static_cast<double>(n);
   }
   GrpoStepStats st;
   GrpoTokenStats ts;
-  double entropy = 0;
+  double entropy = 0, gap_sum = 0, gap_tokens = 0;
   for (size_t begin = 0; begin < batch.size(); begin += static_cast<size_t>(micro_batch)) {
     const size_t end = std::min(batch.size(), begin + static_cast<size_t>(micro_batch));
     const Packed p = pack(batch, begin, end);
@@ -131,7 +132,13 @@ GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const s
       for (int64_t k = 0; k < completion_len(s); ++k) {
         const int64_t i = r * p.t + s.prompt_len - 1 + k;
         mask.f32()[i] = 1.0f;
-        old.f32()[i] = s.old_logprobs[static_cast<size_t>(k)];
+        if (!s.old_logprobs.empty()) {
+          const double gap = std::fabs(static_cast<double>(logp.f32()[i]) - s.old_logprobs[static_cast<size_t>(k)]);
+          st.logprob_gap_max = std::max(st.logprob_gap_max, gap);
+          gap_sum += gap;
+          gap_tokens += 1;
+        }
+        old.f32()[i] = cfg.old == GrpoConfig::Old::kPolicy ? logp.f32()[i] : s.old_logprobs[static_cast<size_t>(k)];
         ref.f32()[i] = cfg.kl_beta == 0.0f ? logp.f32()[i] : s.ref_logprobs[static_cast<size_t>(k)];
       }
     }
@@ -149,6 +156,7 @@ GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const s
     st.ratio = ts.ratio / ts.tokens;
     st.entropy = entropy / ts.tokens;
   }
+  if (gap_tokens > 0) st.logprob_gap_mean = gap_sum / gap_tokens;
   return st;
 }
 

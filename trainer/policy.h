@@ -20,7 +20,8 @@ struct TrainSequence {
   std::vector<int32_t> tokens;  // prompt then completion
   int32_t prompt_len = 0;       // >= 1; tokens after it are the completion (what is trained)
   // Per completion token (tokens.size() - prompt_len each):
-  std::vector<float> old_logprobs;  // under the policy that sampled it (GRPO)
+  std::vector<float> old_logprobs;  // under the policy that sampled it, as the sampler computed them (GRPO;
+                                    // may be empty with GrpoConfig::Old::kPolicy)
   std::vector<float> ref_logprobs;  // under the reference model (GRPO with kl_beta > 0)
   float advantage = 0;
 };
@@ -35,6 +36,9 @@ struct GrpoStepStats {
   double clip_fraction = 0;
   double ratio = 0;       // mean ratio per completion token
   double entropy = 0;     // mean entropy of the policy per completion token (nats)
+  // |trainer logprob - sampler logprob| over the completion tokens that carry the sampler's (before the
+  // update: the same weights on both sides, so this is what the two computations' roundings leave).
+  double logprob_gap_max = 0, logprob_gap_mean = 0;
   int64_t tokens = 0;     // completion tokens
   StepStats opt;
 };

@@ -1,6 +1,7 @@
 #include "trainer/policy.h"
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <random>
 
@@ -73,6 +74,57 @@ TEST(Policy, GrpoGradientsMatchTheFixtureAtEveryMicroBatchSize) {
     EXPECT_GT(st.kl, 0.0);
     EXPECT_GT(st.entropy, 0.0);
   }
+}
+
+// Old::kPolicy: the ratio is the policy's own logprobs against themselves, exactly 1, whatever the
+// sampler returned; the gradient equals kSampler's when the sampler's logprobs are the trainer's own
+// recomputation (bitwise: the same pass), and the gap to the sampler's logprobs is reported.
+TEST(Policy, RatioAgainstThePolicyIsExactlyOneAndTheSamplerGapIsReported) {
+  const std::string dir = testing::fixtures_dir() + "/tiny_a";
+  auto be = core::make_cpu_backend();
+  auto m = model::Model::load(dir, *be);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto ref = model::SafetensorsFile::open(dir + "/reference.safetensors");
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  auto batch = fixture_batch(**ref);
+  const auto own = completion_logprobs(**m, batch, 2);
+  // A sampler whose logprobs are off by up to 0.3 (rounding, another kernel, a stale version).
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> off(-0.3f, 0.3f);
+  double want_max = 0;
+  for (size_t i = 0; i < batch.size(); ++i)
+    for (size_t k = 0; k < batch[i].old_logprobs.size(); ++k) {
+      batch[i].old_logprobs[k] = own[i][k] + off(rng);
+      want_max = std::max(want_max, static_cast<double>(std::fabs(batch[i].old_logprobs[k] - own[i][k])));
+    }
+  GrpoConfig cfg;
+  cfg.old = GrpoConfig::Old::kPolicy;
+  const GrpoStepStats pol = grpo_gradients(**m, cfg, batch, 2);
+  const Tensor g_pol = (*m)->grads().buffer().clone();
+  EXPECT_EQ(pol.ratio, 1.0);
+  EXPECT_EQ(pol.clip_fraction, 0.0);
+  EXPECT_NEAR(pol.logprob_gap_max, want_max, 1e-6);
+  EXPECT_GT(pol.logprob_gap_mean, 0.05);
+
+  cfg.old = GrpoConfig::Old::kSampler;
+  const GrpoStepStats noisy = grpo_gradients(**m, cfg, batch, 2);
+  EXPECT_NE(noisy.ratio, 1.0);
+  EXPECT_GT(noisy.clip_fraction, 0.0);
+
+  for (size_t i = 0; i < batch.size(); ++i) batch[i].old_logprobs = own[i];
+  const GrpoStepStats matched = grpo_gradients(**m, cfg, batch, 2);
+  EXPECT_EQ(matched.ratio, 1.0);
+  EXPECT_EQ(matched.logprob_gap_max, 0.0);
+  const Tensor g = (*m)->grads().buffer();
+  EXPECT_EQ(std::memcmp(g.raw(), g_pol.raw(), g.numel() * sizeof(float)), 0);
+
+  // Without the sampler's logprobs: the policy's own, no gap to report.
+  for (auto& s : batch) s.old_logprobs.clear();
+  cfg.old = GrpoConfig::Old::kPolicy;
+  const GrpoStepStats bare = grpo_gradients(**m, cfg, batch, 2);
+  EXPECT_EQ(bare.ratio, 1.0);
+  EXPECT_EQ(bare.logprob_gap_max, 0.0);
+  EXPECT_EQ(std::memcmp((*m)->grads().buffer().raw(), g_pol.raw(), g.numel() * sizeof(float)), 0);
 }
 
 TEST(Policy, GroupAdvantagesByHand) {
