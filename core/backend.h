@@ -146,11 +146,14 @@ class Backend {
   //   seq_starts [S + 1] I32 (sequence s owns q rows seq_starts[s] .. seq_starts[s+1] - 1),
   //   context_lens [S] I32 (tokens of s in the cache, new ones included: its new token i of n sits at
   //   position context_len - n + i and sees positions 0 .. that), block_tables [S, max_blocks] I32,
-  //   out [N, H, dv].
+  //   out [N, H, dv]. The pool is f32, or bf16 (a cache at half the bytes; on CUDA then D % 16 == 0 and
+  //   dv is 64, 128, 256 or 512, and the scores and weighted sums run on tensor cores with q and the softmax weights
+  //   rounded to bf16).
   virtual void paged_latent_attention(const Tensor& q, const Tensor& pool, int block_size,
                                       const Tensor& block_tables, const Tensor& seq_starts,
                                       const Tensor& context_lens, float scale, Tensor& out) = 0;
-  // dst[rows[i]] = src[i];  src [N, D] rows, rows [N] I32 (distinct), dst [R, D] rows.
+  // dst[rows[i]] = src[i];  src [N, D] rows, rows [N] I32 (distinct), dst [R, D] rows (f32, or bf16:
+  // rounded to nearest even).
   virtual void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) = 0;
 
   // ---- mixture of experts

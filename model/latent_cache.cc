@@ -12,11 +12,23 @@ std::atomic<uint64_t> next_cache_id{1};
 }  // namespace
 
 LatentCache::LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t num_blocks, int block_size)
-    : backend_(backend), num_blocks_(num_blocks), block_size_(block_size), id_(next_cache_id++) {
+    : backend_(backend),
+      num_blocks_(num_blocks),
+      block_size_(block_size),
+      id_(next_cache_id++),
+      dtype_(dtype_for(cfg, backend)) {
   CHECK_GT(num_blocks, 0);
   CHECK_GT(block_size, 0);
   for (int l = 0; l < cfg.num_hidden_layers; ++l)
-    layers_.push_back(backend.zeros({(num_blocks + 1) * block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim}));
+    layers_.push_back(backend.zeros({(num_blocks + 1) * block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim}, dtype_));
+}
+
+core::DType LatentCache::dtype_for(const ModelConfig& cfg, const core::Backend& backend) {
+  const int64_t r = cfg.kv_lora_rank, row = r + cfg.qk_rope_head_dim;
+  const bool fits = row % 16 == 0 && (r == 64 || r == 128 || r == 256 || r == 512);
+  return backend.device() == core::Device::kCuda && backend.weight_dtype() == core::DType::kBF16 && fits
+             ? core::DType::kBF16
+             : core::DType::kF32;
 }
 
 void LatentCache::copy_block(int64_t src, int64_t dst) {

@@ -17,7 +17,15 @@ namespace r1lab::model {
 
 class LatentCache {
  public:
+  // Rows in dtype_for(cfg, backend).
   LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t num_blocks, int block_size);
+
+  // The rows' dtype: bf16 where the backend's products run in bf16 on a GPU and the rows suit its
+  // tensor-core decode kernel ((kv_lora_rank + qk_rope_head_dim) % 16 == 0, kv_lora_rank 64, 128, 256
+  // or 512), so
+  // the cache takes half the memory and decode reads half the bytes; f32 otherwise (the reference).
+  static core::DType dtype_for(const ModelConfig& cfg, const core::Backend& backend);
+  core::DType dtype() const { return dtype_; }
 
   int64_t num_blocks() const { return num_blocks_; }
   int block_size() const { return block_size_; }
@@ -27,8 +35,8 @@ class LatentCache {
   // One more block past num_blocks(), owned by no sequence: the rows that pad a decode batch up to its
   // captured size write their latents here and attend to them alone.
   int64_t pad_block() const { return num_blocks_; }
-  // [(num_blocks + 1) * block_size, r + rope] of layer l: one row [c | k_pe] per token (the pad block
-  // last).
+  // [(num_blocks + 1) * block_size, r + rope] of layer l, in dtype(): one row [c | k_pe] per token (the
+  // pad block last).
   const core::Tensor& layer(int l) const { return layers_[l]; }
   // Copies pool block src over block dst in every layer (copy-on-write of a shared block).
   void copy_block(int64_t src, int64_t dst);
@@ -45,6 +53,7 @@ class LatentCache {
   int64_t num_blocks_;
   int block_size_;
   uint64_t id_;
+  core::DType dtype_;
   std::vector<core::Tensor> layers_;
 };
 

@@ -64,7 +64,9 @@ Engine::Engine(model::Model& model, EngineOptions options, const model::Vocabula
   CHECK_GT(opt_.max_running, 0);
   int64_t n = opt_.num_blocks;
   if (n <= 0) {
-    const int64_t per_block = model::LatentCache::bytes_per_token(model.config(), 4) * opt_.block_size;
+    const int bytes_per_value =
+        static_cast<int>(core::dtype_size(model::LatentCache::dtype_for(model.config(), model.backend())));
+    const int64_t per_block = model::LatentCache::bytes_per_token(model.config(), bytes_per_value) * opt_.block_size;
     n = std::max<int64_t>(1, opt_.cache_bytes / per_block);
   }
   cache_ = std::make_unique<model::LatentCache>(model.config(), model.backend(), n, opt_.block_size);

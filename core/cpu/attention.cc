@@ -133,6 +133,10 @@ void CpuBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, int
                                         const Tensor& block_tables, const Tensor& seq_starts,
                                         const Tensor& context_lens, float scale, Tensor& out) {
   CHECK(q.dim() == 3 && out.dim() == 3 && q.stride(2) == 1 && out.stride(2) == 1);
+  if (pool.dtype() == DType::kBF16) {  // a bf16 cache: its values, exactly, in f32
+    paged_latent_attention(q, pool.to_f32(), block_size, block_tables, seq_starts, context_lens, scale, out);
+    return;
+  }
   const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), dv = out.size(2);
   const Rows P = rows_of(pool);
   CHECK_EQ(P.cols, d);
@@ -180,8 +184,19 @@ void CpuBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, int
 }
 
 void CpuBackend::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) {
-  const Rows S = rows_of(src), D = rows_of(dst);
   CHECK(rows.dtype() == DType::kI32 && rows.is_contiguous());
+  if (dst.dtype() == DType::kBF16) {  // rounded to nearest even
+    const Rows S = rows_of(src);
+    CHECK(dst.dim() == 2 && dst.is_contiguous() && dst.size(1) == S.cols && rows.numel() == S.rows);
+    const int32_t* r = rows.data<int32_t>();
+    uint16_t* d = dst.data<uint16_t>();
+    for (int64_t i = 0; i < S.rows; ++i) {
+      CHECK(r[i] >= 0 && r[i] < dst.size(0)) << "row " << r[i] << " outside [0, " << dst.size(0) << ")";
+      for (int64_t c = 0; c < S.cols; ++c) d[r[i] * S.cols + c] = f32_to_bf16(S.row(i)[c]);
+    }
+    return;
+  }
+  const Rows S = rows_of(src), D = rows_of(dst);
   CHECK_EQ(rows.numel(), S.rows);
   CHECK_EQ(S.cols, D.cols);
   const int32_t* r = rows.data<int32_t>();

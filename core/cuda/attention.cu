@@ -497,6 +497,183 @@ __global__ void paged_combine_kernel(const float* part_ml, const float* part_acc
   }
 }
 
+// ---- MLA decode on tensor cores over a bf16 latent cache, in FlashMLA's shape with mma.sync: a block
+// takes one query row and 16 heads (the m16 of the mma), so every latent row it reads serves all of
+// them, and positions [z·split_len, (z+1)·split_len) of its sequence (splits as above, merged by
+// paged_combine_kernel). Tiles of kLatTile positions arrive by cp.async into two buffers. Per tile the
+// 4 warps score 16 positions each (S = Q·Kᵀ over the whole latent row), share the tile's row maxima and
+// sums through shared memory, write the softmax weights P in bf16, and then each warp adds P·V for its
+// quarter of the dv columns (V is the first dv columns of the same rows). Scores are kept in log2 units
+// (exp2); maxima leave in natural units for the combine. q and P are rounded to bf16, as the training
+// attention rounds K and V; sums and accumulators stay f32.
+constexpr int kLatTile = 64, kLatWarps = 4, kLatHeads = 16;
+
+template <int kDvw>  // dv / 4: the columns of one warp
+__global__ void __launch_bounds__(kLatWarps * 32)
+    paged_latent_tc_kernel(const float* q, int64_t qs0, int64_t qs1, const tc::bf16* pool, int64_t ldp,
+                           int64_t pool_rows, int block_size, const int32_t* tables, int64_t max_blocks,
+                           const int32_t* seq_of, const int32_t* starts, const int32_t* ctx, float* out, int64_t os0,
+                           int64_t os1, int64_t heads, int D, float scale, int64_t split_len, float* part_ml,
+                           float* part_acc) {
+  constexpr int kNt = kDvw / 8;  // accumulator n-tiles of a warp
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int ld = D + 8;  // bf16 row stride of the Q and K tiles (an odd number of 16-byte units)
+  constexpr int kLdp = kLatTile + 8;
+  tc::bf16* Qs = reinterpret_cast<tc::bf16*>(smem_raw);
+  tc::bf16* Ks = Qs + kLatHeads * ld;                    // two tiles [kLatTile][ld]
+  tc::bf16* Ps = Ks + 2 * kLatTile * ld;                 // [16][kLdp]
+  float* red = reinterpret_cast<float*>(Ps + kLatHeads * kLdp);  // [2][kLatWarps][16]: maxima, sums
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int64_t i = blockIdx.x, h0 = static_cast<int64_t>(blockIdx.y) * kLatHeads;
+  const int32_t s = seq_of[i];
+  const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
+  const int64_t z = blockIdx.z, splits = gridDim.z;
+  const int64_t begin = z * split_len, end = splits == 1 ? last : min(last, begin + split_len - 1);
+  // Q: 16 heads (zeros past the last) in bf16.
+  for (int e = threadIdx.x; e < kLatHeads * D; e += blockDim.x) {
+    const int r = e / D, col = e % D;
+    Qs[r * ld + col] = __float2bfloat16_rn(h0 + r < heads ? q[i * qs0 + (h0 + r) * qs1 + col] : 0.0f);
+  }
+  // A warp a row: its block-table entry once, then 16-byte pieces (zeros past the end).
+  const int pieces = D / 8;
+  const auto load = [&](tc::bf16* rows, int64_t p0) {
+    for (int j = warp; j < kLatTile; j += kLatWarps) {
+      const int64_t pos = p0 + j;
+      const tc::bf16* src = pool;
+      bool valid = false;
+      if (pos <= end) {
+        const int64_t blk = tables[s * max_blocks + pos / block_size];
+        const int64_t row = blk * block_size + pos % block_size;
+        if (blk >= 0 && row < pool_rows) src = pool + row * ldp, valid = true;
+      }
+      for (int k = lane; k < pieces; k += 32) tc::cp_async16(rows + j * ld + 8 * k, valid ? src + 8 * k : pool, valid);
+    }
+    tc::cp_async_commit();
+  };
+  const float scale_log2 = scale * 1.4426950408889634f;
+  float acc[kNt][4];
+#pragma unroll
+  for (int t = 0; t < kNt; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};  // rows g and g + 8, log2 units
+  if (begin <= end) load(Ks, begin);
+  int buf = 0;
+  for (int64_t p0 = begin; p0 <= end; p0 += kLatTile, buf ^= 1) {
+    if (p0 + kLatTile <= end) {
+      load(Ks + (buf ^ 1) * kLatTile * ld, p0 + kLatTile);
+      tc::cp_async_wait<1>();
+    } else {
+      tc::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const tc::bf16* K = Ks + buf * kLatTile * ld;
+    // S for this warp's 16 positions: two 16×8 blocks.
+    float sc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+    for (int kk = 0; kk < D; kk += 16) {
+      uint32_t a[4], b[4];
+      tc::load_a(a, Qs + kk, ld);
+      tc::load_b_nk(b, K + warp * 16 * ld + kk, ld);
+      tc::mma(sc[0], a, b[0], b[1]);
+      tc::mma(sc[1], a, b[2], b[3]);
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t pos = p0 + warp * 16 + t * 8 + 2 * c + (e & 1);
+        sc[t][e] = pos <= end ? sc[t][e] * scale_log2 : -INFINITY;
+        mx[e / 2] = fmaxf(mx[e / 2], sc[t][e]);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    }
+    if (c == 0) red[warp * 16 + g] = mx[0], red[warp * 16 + g + 8] = mx[1];
+    __syncthreads();
+    float mn[2], alpha[2], sum[2] = {0, 0};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kLatWarps; ++w) tile = fmaxf(tile, red[w * 16 + g + 8 * r]);
+      mn[r] = fmaxf(m[r], tile);  // finite: a tile's first position is always in range
+      alpha[r] = exp2f(m[r] - mn[r]);
+    }
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        p[e] = exp2f(sc[t][e] - mn[e / 2]);
+        sum[e / 2] += p[e];
+      }
+      const int col = warp * 16 + t * 8 + 2 * c;
+      *reinterpret_cast<__nv_bfloat162*>(Ps + g * kLdp + col) = __floats2bfloat162_rn(p[0], p[1]);
+      *reinterpret_cast<__nv_bfloat162*>(Ps + (g + 8) * kLdp + col) = __floats2bfloat162_rn(p[2], p[3]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+    }
+    if (c == 0) red[kLatWarps * 16 + warp * 16 + g] = sum[0], red[kLatWarps * 16 + warp * 16 + g + 8] = sum[1];
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile = 0;
+#pragma unroll
+      for (int w = 0; w < kLatWarps; ++w) tile += red[kLatWarps * 16 + w * 16 + g + 8 * r];
+      l[r] = l[r] * alpha[r] + tile;
+      m[r] = mn[r];
+    }
+#pragma unroll
+    for (int t = 0; t < kNt; ++t) {
+      acc[t][0] *= alpha[0], acc[t][1] *= alpha[0];
+      acc[t][2] *= alpha[1], acc[t][3] *= alpha[1];
+    }
+    // O[:, this warp's columns] += P · V.
+#pragma unroll
+    for (int kk = 0; kk < kLatTile; kk += 16) {
+      uint32_t a[4];
+      tc::load_a(a, Ps + kk, kLdp);
+#pragma unroll
+      for (int t = 0; t < kNt; t += 2) {
+        uint32_t b[4];
+        tc::load_b_kn(b, K + kk * ld + warp * kDvw + t * 8, ld);
+        tc::mma(acc[t], a, b[0], b[1]);
+        tc::mma(acc[t + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this tile, P and the sums before they are written again
+  }
+  const int64_t dv = 4 * kDvw;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t h = h0 + g + 8 * r;
+    if (h >= heads) continue;
+    if (splits > 1) {
+      const int64_t slot = (i * heads + h) * splits + z;
+      if (warp == 0 && c == 0) part_ml[2 * slot] = m[r] * 0.6931471805599453f, part_ml[2 * slot + 1] = l[r];
+#pragma unroll
+      for (int t = 0; t < kNt; ++t) {
+        const int64_t col = warp * kDvw + t * 8 + 2 * c;
+        part_acc[slot * dv + col] = acc[t][2 * r];
+        part_acc[slot * dv + col + 1] = acc[t][2 * r + 1];
+      }
+    } else {
+      float* o = out + i * os0 + h * os1;
+      const float inv = 1.0f / l[r];
+#pragma unroll
+      for (int t = 0; t < kNt; ++t) {
+        const int64_t col = warp * kDvw + t * 8 + 2 * c;
+        o[col] = acc[t][2 * r] * inv;
+        o[col + 1] = acc[t][2 * r + 1] * inv;
+      }
+    }
+  }
+}
+
 __global__ void seq_of_kernel(const int32_t* starts, int64_t n_seq, int32_t* seq_of) {
   const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= n_seq) return;
@@ -655,7 +832,8 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   CHECK(q.dim() == 3 && out.dim() == 3 && q.stride(2) == 1 && out.stride(2) == 1);
   check_device(q, DType::kF32);
   check_device(out, DType::kF32);
-  check_device(pool, DType::kF32);
+  CHECK(pool.device() == Device::kCuda && (pool.dtype() == DType::kF32 || pool.dtype() == DType::kBF16))
+      << "paged attention: an f32 or bf16 pool on the device";
   check_device(block_tables, DType::kI32);
   check_device(seq_starts, DType::kI32);
   check_device(context_lens, DType::kI32);
@@ -672,6 +850,42 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   Op op(this, "paged_latent_attention", 0, 4.0 * (q.numel() + out.numel()));
   Tensor seq_of = zeros({n}, DType::kI32);
   seq_of_kernel<<<blocks(n_seq, 128), 128, 0, stream()>>>(seq_starts.data<int32_t>(), n_seq, seq_of.data<int32_t>());
+  const int64_t longest = block_tables.size(1) * block_size;
+  if (pool.dtype() == DType::kBF16) {
+    CHECK(d % 16 == 0 && (dv == 64 || dv == 128 || dv == 256 || dv == 512))
+        << "bf16 latent rows need D % 16 == 0 and dv of 64, 128, 256 or 512; got D " << d << ", dv " << dv;
+    const auto kernel = dv == 64    ? paged_latent_tc_kernel<16>
+                        : dv == 128 ? paged_latent_tc_kernel<32>
+                        : dv == 256 ? paged_latent_tc_kernel<64>
+                                    : paged_latent_tc_kernel<128>;
+    const size_t smem = sizeof(tc::bf16) * ((kLatHeads + 2 * kLatTile) * (d + 8) + kLatHeads * (kLatTile + 8)) +
+                        sizeof(float) * 2 * kLatWarps * 16;
+    set_smem(kernel, smem);
+    // Splits: enough blocks for two per SM, none shorter than a tile.
+    constexpr int64_t kWant = 2 * 132;
+    const int64_t head_blocks = blocks(heads, kLatHeads);
+    const int64_t splits = std::max<int64_t>(
+        1, std::min((longest + kLatTile - 1) / kLatTile, kWant / std::max<int64_t>(1, n * head_blocks)));
+    Tensor ml, acc;
+    if (splits > 1) {
+      ml = empty({n, heads, splits, 2}, DType::kF32);
+      acc = empty({n, heads, splits, dv}, DType::kF32);
+    }
+    const int64_t split_len = splits > 1 ? (longest + splits - 1) / splits : longest;
+    kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(splits)),
+             kLatWarps * 32, smem, stream()>>>(
+        q.f32(), q.stride(0), q.stride(1), static_cast<const tc::bf16*>(pool.raw()), P.ld, P.rows, block_size,
+        block_tables.data<int32_t>(), block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(),
+        context_lens.data<int32_t>(), out.f32(), out.stride(0), out.stride(1), heads, static_cast<int>(d), scale,
+        split_len, splits > 1 ? ml.f32() : nullptr, splits > 1 ? acc.f32() : nullptr);
+    CUDA_CHECK(cudaGetLastError());
+    if (splits > 1) {
+      paged_combine_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(heads)), 128, 0, stream()>>>(
+          ml.f32(), acc.f32(), splits, static_cast<int>(dv), out.f32(), out.stride(0), out.stride(1), heads);
+      CUDA_CHECK(cudaGetLastError());
+    }
+    return;
+  }
   const size_t smem = 2 * sizeof(float) * kPagedTile * d;
   const int units = static_cast<int>((d + 31) / 32);
   const auto kernel = units <= 4    ? paged_latent_kernel<4>
@@ -683,7 +897,7 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   // Split the context when the query rows alone make too few blocks: the block table's width bounds
   // every context, and a split of kPagedSplit positions stays long enough to amortise its combine.
   constexpr int64_t kPagedSplit = 64, kWantBlocks = 8 * 132;
-  const int64_t head_blocks = blocks(heads, kWarps), longest = block_tables.size(1) * block_size;
+  const int64_t head_blocks = blocks(heads, kWarps);
   const int64_t splits = std::max<int64_t>(
       1, std::min((longest + kPagedSplit - 1) / kPagedSplit, kWantBlocks / std::max<int64_t>(1, n * head_blocks)));
   Tensor ml, acc;

@@ -155,11 +155,15 @@ __global__ void iota_kernel(int32_t* p, int64_t n) {
   if (i < n) p[i] = static_cast<int32_t>(i);
 }
 
-__global__ void scatter_rows_kernel(const float* src, int64_t lds, const int32_t* rows, float* dst, int64_t ldd,
+template <typename T>
+__global__ void scatter_rows_kernel(const float* src, int64_t lds, const int32_t* rows, T* dst, int64_t ldd,
                                     int64_t n_dst, int64_t cols) {
   const int32_t r = rows[blockIdx.x];
   if (r < 0 || r >= n_dst) return;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dst[r * ldd + c] = src[blockIdx.x * lds + c];
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    if constexpr (std::is_same_v<T, float>) dst[r * ldd + c] = src[blockIdx.x * lds + c];
+    else dst[r * ldd + c] = __float2bfloat16_rn(src[blockIdx.x * lds + c]);
+  }
 }
 
 // ---- optimizer: the spans cut into chunks of at most kChunk elements, one block each.
@@ -549,9 +553,14 @@ void CudaBackend::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& ds
   CHECK_EQ(rows.numel(), s.rows);
   CHECK_EQ(s.cols, d.cols);
   if (s.rows == 0) return;
-  Op op(this, "scatter_rows", 0, 8.0 * s.rows * s.cols);
-  scatter_rows_kernel<<<static_cast<unsigned>(s.rows), kThreads, 0, stream()>>>(s.f(), s.ld, rows.data<int32_t>(),
-                                                                                d.f(), d.ld, d.rows, s.cols);
+  CHECK(dst.dtype() == DType::kF32 || dst.dtype() == DType::kBF16) << "scatter_rows into f32 or bf16";
+  Op op(this, "scatter_rows", 0, (4.0 + dtype_size(dst.dtype())) * s.rows * s.cols);
+  if (dst.dtype() == DType::kBF16)
+    scatter_rows_kernel<<<static_cast<unsigned>(s.rows), kThreads, 0, stream()>>>(
+        s.f(), s.ld, rows.data<int32_t>(), static_cast<__nv_bfloat16*>(d.p), d.ld, d.rows, s.cols);
+  else
+    scatter_rows_kernel<<<static_cast<unsigned>(s.rows), kThreads, 0, stream()>>>(s.f(), s.ld, rows.data<int32_t>(),
+                                                                                  d.f(), d.ld, d.rows, s.cols);
   CUDA_CHECK(cudaGetLastError());
 }
 

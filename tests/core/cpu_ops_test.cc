@@ -442,6 +442,25 @@ TEST_F(CpuOps, ScatterRowsWritesTheNamedRows) {
     EXPECT_EQ(dst.f32()[1 * 3 + j], src.f32()[3 + j]);
     EXPECT_EQ(dst.f32()[0 * 3 + j], 0.0f);
   }
+  // A bf16 pool: rows rounded to nearest even, and attention over it reads exactly those values.
+  Tensor dst16 = Tensor::zeros({5, 3}, DType::kBF16);
+  be_->scatter_rows(src, Tensor::wrap(rows.data(), {2}, DType::kI32), dst16);
+  const Tensor back = dst16.to_f32();
+  for (int64_t j = 0; j < 3; ++j) {
+    EXPECT_EQ(dst16.data<uint16_t>()[4 * 3 + j], f32_to_bf16(src.f32()[j]));
+    EXPECT_EQ(back.f32()[1 * 3 + j], bf16_to_f32(f32_to_bf16(src.f32()[3 + j])));
+  }
+  std::vector<int32_t> table = {1, 0}, starts = {0, 1}, ctx = {4};
+  Tensor q = randn({1, 2, 3}, rng_), a = Tensor::zeros({1, 2, 2}), b = Tensor::zeros({1, 2, 2});
+  be_->paged_latent_attention(q, dst16, 2, Tensor::wrap(table.data(), {1, 2}, DType::kI32),
+                              Tensor::wrap(starts.data(), {2}, DType::kI32), Tensor::wrap(ctx.data(), {1}, DType::kI32),
+                              0.5f, a);
+  Tensor pool = Tensor::zeros({5, 3});
+  for (int64_t i = 0; i < 15; ++i) pool.f32()[i] = back.f32()[i];
+  be_->paged_latent_attention(q, pool, 2, Tensor::wrap(table.data(), {1, 2}, DType::kI32),
+                              Tensor::wrap(starts.data(), {2}, DType::kI32), Tensor::wrap(ctx.data(), {1}, DType::kI32),
+                              0.5f, b);
+  for (int64_t i = 0; i < 4; ++i) EXPECT_EQ(a.f32()[i], b.f32()[i]);
 }
 
 }  // namespace

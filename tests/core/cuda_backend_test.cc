@@ -496,6 +496,56 @@ TEST_F(CudaBackendTest, PagedLatentAttentionOverScrambledBlocks) {
   cpu_->scatter_rows(src, rows, dst);
   gpu_->scatter_rows(dev(src), dev(rows), gdst);
   EXPECT_TRUE(bitwise_equal(gpu_->download(gdst), dst));
+  // Into a bf16 pool: rounded to nearest even, the same bits on both.
+  Tensor dst16 = randn({20, 12}).to(DType::kBF16);
+  Tensor gdst16 = dev(dst16);
+  cpu_->scatter_rows(src, rows, dst16);
+  gpu_->scatter_rows(dev(src), dev(rows), gdst16);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gdst16), dst16));
+}
+
+// A bf16 latent pool: the tensor-core decode kernel (16 heads a block, q and the softmax weights in
+// bf16) against the reference over the same bf16 values; padded head blocks (3 and 20 heads), splits
+// over long contexts, prefill chunks, scrambled blocks.
+TEST_F(CudaBackendTest, PagedLatentAttentionOverABf16Pool) {
+  struct Geometry {
+    int block;
+    std::vector<int32_t> ctx, n_new;
+    int64_t max_blocks;
+  };
+  const std::vector<Geometry> geometries = {{4, {12, 18, 1}, {3, 1, 1}, 5},
+                                            {16, {300, 70, 1, 129}, {1, 1, 1, 2}, 19},
+                                            {64, {4000, 5}, {1, 1}, 63}};
+  for (const Geometry& geo : geometries)
+    for (auto [heads, d, dv] : {std::tuple<int64_t, int64_t, int64_t>{4, 80, 64},
+                                {16, 288, 256},
+                                {20, 288, 256},
+                                {3, 160, 128},
+                                {16, 576, 512}}) {
+      const int block = geo.block;
+      const int64_t seqs = static_cast<int64_t>(geo.ctx.size()), n_blocks = seqs * geo.max_blocks + 1;
+      std::vector<int32_t> perm(n_blocks);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng_);
+      Tensor tables = Tensor::zeros({seqs, geo.max_blocks}, DType::kI32);
+      for (int64_t i = 0; i < seqs * geo.max_blocks; ++i) tables.data<int32_t>()[i] = perm[i];
+      Tensor starts = Tensor::zeros({seqs + 1}, DType::kI32), lens = Tensor::zeros({seqs}, DType::kI32);
+      for (int s = 0; s < seqs; ++s) {
+        starts.data<int32_t>()[s + 1] = starts.data<int32_t>()[s] + geo.n_new[s];
+        lens.data<int32_t>()[s] = geo.ctx[s];
+      }
+      const int64_t n = starts.data<int32_t>()[seqs];
+      Tensor pool = randn({n_blocks * block, d}).to(DType::kBF16), q = randn({n, heads, d}, 0.3f),
+             out = Tensor::zeros({n, heads, dv});
+      cpu_->paged_latent_attention(q, pool, block, tables, starts, lens, 0.1f, out);
+      Tensor gout = gpu_->zeros(out.shape(), DType::kF32);
+      gpu_->paged_latent_attention(dev(q), dev(pool), block, dev(tables), dev(starts), dev(lens), 0.1f, gout);
+      EXPECT_CLOSE(gout, out, 2e-2) << heads << " heads, row " << d << ", block " << block;
+      // Deterministic: a second run gives the same bits.
+      Tensor again = gpu_->zeros(out.shape(), DType::kF32);
+      gpu_->paged_latent_attention(dev(q), dev(pool), block, dev(tables), dev(starts), dev(lens), 0.1f, again);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gout), gpu_->download(again)));
+    }
 }
 
 TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
@@ -847,12 +897,25 @@ TEST_F(CudaModelTest, PagedDecodeMatchesCpu) {
   model::StepBatch prefill;
   prefill.add(p0.data(), 7, 0, t0, block, true);
   prefill.add(p1.data(), 3, 0, t1, block, true);
-  EXPECT_CLOSE(gpu_->download((*gm)->forward_step(prefill, gc)), (*cm)->forward_step(prefill, cc), 1e-4);
+  const Tensor want_prefill = (*cm)->forward_step(prefill, cc);
+  EXPECT_CLOSE(gpu_->download((*gm)->forward_step(prefill, gc)), want_prefill, 1e-4);
   model::StepBatch decode;
   const int32_t n0 = 42, n1 = 600;
   decode.add(&n0, 1, 7, t0, block, true);
   decode.add(&n1, 1, 3, t1, block, true);
-  EXPECT_CLOSE(gpu_->download((*gm)->forward_step(decode, gc)), (*cm)->forward_step(decode, cc), 1e-4);
+  const Tensor want_decode = (*cm)->forward_step(decode, cc);
+  EXPECT_CLOSE(gpu_->download((*gm)->forward_step(decode, gc)), want_decode, 1e-4);
+  EXPECT_EQ(gc.dtype(), DType::kF32);
+
+  // bf16 products keep the latents in bf16 (half the cache) and decode on tensor cores: the same steps
+  // within bf16 rounding of the f32 reference.
+  auto bm = model::Model::load(fixture(), bf16());
+  ASSERT_TRUE(bm.ok());
+  model::LatentCache bc((*bm)->config(), bf16(), 32, block);
+  EXPECT_EQ(bc.dtype(), DType::kBF16);
+  EXPECT_EQ(bc.bytes() * 2, gc.bytes());
+  EXPECT_CLOSE(bf16().download((*bm)->forward_step(prefill, bc)), want_prefill, 3e-2);
+  EXPECT_CLOSE(bf16().download((*bm)->forward_step(decode, bc)), want_decode, 3e-2);
 }
 
 // Decode steps replay captured graphs (Model::forward_step): the same logits as steps run as they come,
