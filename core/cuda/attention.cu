@@ -529,24 +529,50 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
   const int64_t z = blockIdx.z, splits = gridDim.z;
   const int64_t begin = z * split_len, end = splits == 1 ? last : min(last, begin + split_len - 1);
-  // Q: 16 heads (zeros past the last) in bf16.
-  for (int e = threadIdx.x; e < kLatHeads * D; e += blockDim.x) {
-    const int r = e / D, col = e % D;
-    Qs[r * ld + col] = __float2bfloat16_rn(h0 + r < heads ? q[i * qs0 + (h0 + r) * qs1 + col] : 0.0f);
+  // Q: 16 heads (zeros past the last) in bf16, as float4 loads issued kBatch at a time (a loop of one
+  // load each would wait out a memory round trip per element). The host checks the alignment.
+  {
+    constexpr int kBatch = 8;
+    const int quads = D / 4, total = kLatHeads * quads;
+    for (int base = threadIdx.x; base < total; base += blockDim.x * kBatch) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int e = base + k * blockDim.x, r = e / quads;
+        v[k] = e < total && h0 + r < heads
+                   ? __ldg(reinterpret_cast<const float4*>(q + i * qs0 + (h0 + r) * qs1) + e % quads)
+                   : make_float4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int e = base + k * blockDim.x;
+        if (e >= total) break;
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(Qs + (e / quads) * ld + 4 * (e % quads));
+        dst[0] = __floats2bfloat162_rn(v[k].x, v[k].y);
+        dst[1] = __floats2bfloat162_rn(v[k].z, v[k].w);
+      }
+    }
   }
-  // A warp a row: its block-table entry once, then 16-byte pieces (zeros past the end).
+  // A warp takes every kLatWarps-th row of the tile: its lanes look up those rows' block-table entries
+  // together (one round trip), then the rows come in 16-byte pieces (zeros past the end).
   const int pieces = D / 8;
+  constexpr int kRowsPerWarp = kLatTile / kLatWarps;
   const auto load = [&](tc::bf16* rows, int64_t p0) {
-    for (int j = warp; j < kLatTile; j += kLatWarps) {
-      const int64_t pos = p0 + j;
-      const tc::bf16* src = pool;
-      bool valid = false;
+    int64_t mine = -1;
+    if (lane < kRowsPerWarp) {
+      const int64_t pos = p0 + warp + kLatWarps * lane;
       if (pos <= end) {
         const int64_t blk = tables[s * max_blocks + pos / block_size];
         const int64_t row = blk * block_size + pos % block_size;
-        if (blk >= 0 && row < pool_rows) src = pool + row * ldp, valid = true;
+        if (blk >= 0 && row < pool_rows) mine = row;
       }
-      for (int k = lane; k < pieces; k += 32) tc::cp_async16(rows + j * ld + 8 * k, valid ? src + 8 * k : pool, valid);
+    }
+#pragma unroll 4
+    for (int k = 0; k < kRowsPerWarp; ++k) {
+      const int64_t row = __shfl_sync(0xffffffffu, mine, k);
+      const tc::bf16* src = row >= 0 ? pool + row * ldp : pool;
+      tc::bf16* dst = rows + (warp + kLatWarps * k) * ld;
+      for (int c = lane; c < pieces; c += 32) tc::cp_async16(dst + 8 * c, src + 8 * c, row >= 0);
     }
     tc::cp_async_commit();
   };
@@ -854,6 +880,8 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   if (pool.dtype() == DType::kBF16) {
     CHECK(d % 16 == 0 && (dv == 64 || dv == 128 || dv == 256 || dv == 512))
         << "bf16 latent rows need D % 16 == 0 and dv of 64, 128, 256 or 512; got D " << d << ", dv " << dv;
+    CHECK(q.stride(0) % 4 == 0 && q.stride(1) % 4 == 0 && reinterpret_cast<uintptr_t>(q.raw()) % 16 == 0)
+        << "bf16 latent attention reads q rows as float4";
     const auto kernel = dv == 64    ? paged_latent_tc_kernel<16>
                         : dv == 128 ? paged_latent_tc_kernel<32>
                         : dv == 256 ? paged_latent_tc_kernel<64>
