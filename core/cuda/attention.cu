@@ -877,6 +877,35 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   Tensor seq_of = zeros({n}, DType::kI32);
   seq_of_kernel<<<blocks(n_seq, 128), 128, 0, stream()>>>(seq_starts.data<int32_t>(), n_seq, seq_of.data<int32_t>());
   const int64_t longest = block_tables.size(1) * block_size;
+  // The context split over blocks when the query rows leave SMs idle (flash-decoding): at most
+  // want_blocks in all, none shorter than min_len positions; each split leaves partial results that
+  // paged_combine_kernel merges.
+  int sms = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, ctx_->device));
+  struct Split {
+    int64_t count = 1, len = 0;
+    Tensor ml, acc;
+    float* ml_f() const { return count > 1 ? ml.f32() : nullptr; }
+    float* acc_f() const { return count > 1 ? acc.f32() : nullptr; }
+  };
+  const auto split = [&](int64_t head_blocks, int64_t min_len, int64_t want_blocks) {
+    Split sp;
+    sp.count = std::max<int64_t>(
+        1, std::min((longest + min_len - 1) / min_len, want_blocks / std::max<int64_t>(1, n * head_blocks)));
+    if (sp.count > 1) {
+      sp.ml = empty({n, heads, sp.count, 2}, DType::kF32);
+      sp.acc = empty({n, heads, sp.count, dv}, DType::kF32);
+    }
+    sp.len = sp.count > 1 ? (longest + sp.count - 1) / sp.count : longest;
+    return sp;
+  };
+  const auto combine = [&](const Split& sp) {
+    CUDA_CHECK(cudaGetLastError());
+    if (sp.count == 1) return;
+    paged_combine_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(heads)), 128, 0, stream()>>>(
+        sp.ml.f32(), sp.acc.f32(), sp.count, static_cast<int>(dv), out.f32(), out.stride(0), out.stride(1), heads);
+    CUDA_CHECK(cudaGetLastError());
+  };
   if (pool.dtype() == DType::kBF16) {
     CHECK(d % 16 == 0 && (dv == 64 || dv == 128 || dv == 256 || dv == 512))
         << "bf16 latent rows need D % 16 == 0 and dv of 64, 128, 256 or 512; got D " << d << ", dv " << dv;
@@ -889,33 +918,18 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
     const size_t smem = sizeof(tc::bf16) * ((kLatHeads + 2 * kLatTile) * (d + 8) + kLatHeads * (kLatTile + 8)) +
                         sizeof(float) * 2 * kLatWarps * 16;
     set_smem(kernel, smem);
-    // Splits only where the rows leave SMs idle: up to two blocks an SM, none shorter than a tile (more
-    // splits cost more than they give once every SM is busy: their partial sums go through memory; on
-    // an H100 at batch 256, 8 blocks an SM decoded at 69-73k tokens/s, 4 at 78k, 2 at 78-80k).
-    int sms = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, ctx_->device));
-    const int64_t kWant = 2 * static_cast<int64_t>(sms);
+    // Up to two blocks an SM: more splits cost more than they give once every SM is busy (their partial
+    // sums go through memory; on an H100 at batch 256, 8 blocks an SM decoded at 69-73k tokens/s, 4 at
+    // 78k, 2 at 78-80k).
     const int64_t head_blocks = blocks(heads, kLatHeads);
-    const int64_t splits = std::max<int64_t>(
-        1, std::min((longest + kLatTile - 1) / kLatTile, kWant / std::max<int64_t>(1, n * head_blocks)));
-    Tensor ml, acc;
-    if (splits > 1) {
-      ml = empty({n, heads, splits, 2}, DType::kF32);
-      acc = empty({n, heads, splits, dv}, DType::kF32);
-    }
-    const int64_t split_len = splits > 1 ? (longest + splits - 1) / splits : longest;
-    kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(splits)),
+    const Split sp = split(head_blocks, kLatTile, 2 * static_cast<int64_t>(sms));
+    kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(sp.count)),
              kLatWarps * 32, smem, stream()>>>(
         q.f32(), q.stride(0), q.stride(1), static_cast<const tc::bf16*>(pool.raw()), P.ld, P.rows, block_size,
         block_tables.data<int32_t>(), block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(),
         context_lens.data<int32_t>(), out.f32(), out.stride(0), out.stride(1), heads, static_cast<int>(d), scale,
-        split_len, splits > 1 ? ml.f32() : nullptr, splits > 1 ? acc.f32() : nullptr);
-    CUDA_CHECK(cudaGetLastError());
-    if (splits > 1) {
-      paged_combine_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(heads)), 128, 0, stream()>>>(
-          ml.f32(), acc.f32(), splits, static_cast<int>(dv), out.f32(), out.stride(0), out.stride(1), heads);
-      CUDA_CHECK(cudaGetLastError());
-    }
+        sp.len, sp.ml_f(), sp.acc_f());
+    combine(sp);
     return;
   }
   const size_t smem = 2 * sizeof(float) * kPagedTile * d;
@@ -926,30 +940,17 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
                       : units <= 18 ? paged_latent_kernel<18>
                                     : paged_latent_kernel<kMaxLatentU>;
   set_smem(kernel, smem);
-  // Split the context when the query rows alone make too few blocks: the block table's width bounds
-  // every context, and a split of kPagedSplit positions stays long enough to amortise its combine.
-  constexpr int64_t kPagedSplit = 64, kWantBlocks = 8 * 132;
+  // Eight blocks an SM, splits of at least kPagedSplit positions (long enough to amortise the combine).
+  constexpr int64_t kPagedSplit = 64;
   const int64_t head_blocks = blocks(heads, kWarps);
-  const int64_t splits = std::max<int64_t>(
-      1, std::min((longest + kPagedSplit - 1) / kPagedSplit, kWantBlocks / std::max<int64_t>(1, n * head_blocks)));
-  Tensor ml, acc;
-  if (splits > 1) {
-    ml = empty({n, heads, splits, 2}, DType::kF32);
-    acc = empty({n, heads, splits, dv}, DType::kF32);
-  }
-  const int64_t split_len = splits > 1 ? (longest + splits - 1) / splits : longest;
-  kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(splits)),
+  const Split sp = split(head_blocks, kPagedSplit, 8 * static_cast<int64_t>(sms));
+  kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(sp.count)),
            kWarps * 32, smem, stream()>>>(
       q.f32(), q.stride(0), q.stride(1), P.f(), P.ld, P.rows, block_size, block_tables.data<int32_t>(),
       block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(), context_lens.data<int32_t>(), out.f32(),
-      out.stride(0), out.stride(1), heads, static_cast<int>(d), static_cast<int>(dv), scale, split_len,
-      splits > 1 ? ml.f32() : nullptr, splits > 1 ? acc.f32() : nullptr);
-  CUDA_CHECK(cudaGetLastError());
-  if (splits > 1) {
-    paged_combine_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(heads)), 128, 0, stream()>>>(
-        ml.f32(), acc.f32(), splits, static_cast<int>(dv), out.f32(), out.stride(0), out.stride(1), heads);
-    CUDA_CHECK(cudaGetLastError());
-  }
+      out.stride(0), out.stride(1), heads, static_cast<int>(d), static_cast<int>(dv), scale, sp.len, sp.ml_f(),
+      sp.acc_f());
+  combine(sp);
 }
 
 }  // namespace r1lab::core::cuda

@@ -295,26 +295,19 @@ TEST_F(ServiceTest, PublishWeightsTakesTheFastestPathAndEveryPathDelivers) {
 // and the worker keeps serving.
 TEST_F(ServiceTest, WeightGroupCallsFailCleanlyWhereNoGroupCanBe) {
   auto stub = v1::Rollout::NewStub(grpc::CreateChannel(target_, grpc::InsecureChannelCredentials()));
-  {
+  const auto join = [&](const std::string& id, int rank, grpc::StatusCode want) {
     grpc::ClientContext ctx;
     v1::JoinWeightGroupRequest req;
-    req.set_rank(0);
-    req.set_world_size(2);
-    v1::JoinWeightGroupResponse resp;
-    const grpc::Status st = stub->JoinWeightGroup(&ctx, req, &resp);
-    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
-  }
-  {
-    grpc::ClientContext ctx;
-    v1::JoinWeightGroupRequest req;
-    req.set_group_id(std::string(128, 'x'));
-    req.set_rank(1);
+    req.set_group_id(id);
+    req.set_rank(rank);
     req.set_world_size(2);
     req.set_timeout_seconds(5);
     v1::JoinWeightGroupResponse resp;
     const grpc::Status st = stub->JoinWeightGroup(&ctx, req, &resp);
-    EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
-  }
+    EXPECT_EQ(st.error_code(), want) << st.error_message();
+  };
+  join("", 0, grpc::StatusCode::INVALID_ARGUMENT);                           // rank 0 is the trainer's
+  join(std::string(128, 'x'), 1, grpc::StatusCode::FAILED_PRECONDITION);  // a CPU worker
   {
     grpc::ClientContext ctx;
     v1::BroadcastWeightsRequest req;

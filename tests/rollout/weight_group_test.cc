@@ -32,19 +32,49 @@ std::unique_ptr<model::Model> load(core::Backend& be) {
   return m.ok() ? std::move(*m) : nullptr;
 }
 
+// A trainer's model on trainer_device and a gRPC worker in this process serving another copy on
+// worker_device; ready() is false (with why) where this machine cannot have both.
+struct Pair {
+  Pair(const std::string& trainer_device, const std::string& worker_device) {
+    trainer_be = backend_or_skip(trainer_device, &why);
+    worker_be = trainer_be ? backend_or_skip(worker_device, &why) : nullptr;
+    if (!worker_be) return;
+    policy = load(*trainer_be);
+    served = load(*worker_be);
+    if (!policy || !served) return;
+    so.port = 0;
+    so.engine.num_blocks = 64;
+    auto started = start_rollout_server(*served, nullptr, "tiny_a", so);
+    EXPECT_TRUE(started.ok()) << started.status();
+    if (!started.ok()) return;
+    server = *std::move(started);
+    target = "127.0.0.1:" + std::to_string(server->port());
+    client = make_grpc_client(target);
+  }
+  ~Pair() {
+    if (server) server->shutdown();
+  }
+  bool ready() const { return client != nullptr; }
+
+  std::string why;
+  std::unique_ptr<core::Backend> trainer_be, worker_be;
+  std::unique_ptr<model::Model> policy, served;
+  ServerOptions so;
+  std::unique_ptr<RolloutServer> server;
+  std::string target;
+  std::unique_ptr<RolloutClient> client;
+};
+
 bool same_weights(const model::Model& a, const model::Model& b) {
   const core::Tensor x = a.backend().download(a.params().buffer()), y = b.backend().download(b.params().buffer());
   return x.numel() == y.numel() && std::memcmp(x.raw(), y.raw(), x.numel() * sizeof(float)) == 0;
 }
 
 TEST(WeightGroupTest, BroadcastToAWorkerOnAnotherGpu) {
-  std::string why;
-  auto trainer_be = backend_or_skip("cuda:0", &why);
-  auto worker_be = trainer_be ? backend_or_skip("cuda:1", &why) : nullptr;
-  if (!worker_be) GTEST_SKIP() << "needs NCCL and two GPUs: " << why;
-  auto policy = load(*trainer_be);
-  auto served = load(*worker_be);
-  ASSERT_TRUE(policy && served);
+  Pair p("cuda:0", "cuda:1");
+  if (!p.worker_be) GTEST_SKIP() << "needs NCCL and two GPUs: " << p.why;
+  ASSERT_TRUE(p.ready());
+  auto [trainer_be, policy, served, so, client] = std::tie(p.trainer_be, p.policy, p.served, p.so, p.client);
   // The trainer's weights move away from the checkpoint both started from.
   core::Tensor w = trainer_be->download(policy->params().buffer());
   for (int64_t i = 0; i < w.numel(); i += 7) w.f32()[i] *= -1.5f;
@@ -52,12 +82,6 @@ TEST(WeightGroupTest, BroadcastToAWorkerOnAnotherGpu) {
   trainer_be->upload(w, buf);
   ASSERT_FALSE(same_weights(*policy, *served));
 
-  ServerOptions so;
-  so.port = 0;
-  so.engine.num_blocks = 64;
-  auto server = start_rollout_server(*served, nullptr, "tiny_a", so);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto client = make_grpc_client("127.0.0.1:" + std::to_string((*server)->port()));
   const absl::Status joined = client->join_weight_group(*policy, 60);
   ASSERT_TRUE(joined.ok()) << joined;
   EXPECT_EQ(client->weight_path(*policy), "nccl");
@@ -66,7 +90,7 @@ TEST(WeightGroupTest, BroadcastToAWorkerOnAnotherGpu) {
   std::atomic<bool> done{false};
   std::atomic<int> sampled{0};
   std::thread sampler([&] {
-    auto other = make_grpc_client("127.0.0.1:" + std::to_string((*server)->port()));
+    auto other = make_grpc_client(p.target);
     while (!done) {
       GroupRequest g;
       g.prompt = {3, 17, 29};
@@ -107,23 +131,13 @@ TEST(WeightGroupTest, BroadcastToAWorkerOnAnotherGpu) {
     EXPECT_EQ((*a)[i].tokens, (*b)[i].tokens);
     EXPECT_EQ((*a)[i].policy_version, 2);
   }
-  (*server)->shutdown();
 }
 
 TEST(WeightGroupTest, TwoMembersOnOneGpuGetAnErrorNotAHang) {
-  std::string why;
-  auto trainer_be = backend_or_skip("cuda:0", &why);
-  auto worker_be = trainer_be ? backend_or_skip("cuda:0", &why) : nullptr;
-  if (!worker_be) GTEST_SKIP() << "needs NCCL and a GPU: " << why;
-  auto policy = load(*trainer_be);
-  auto served = load(*worker_be);
-  ASSERT_TRUE(policy && served);
-  ServerOptions so;
-  so.port = 0;
-  so.engine.num_blocks = 64;
-  auto server = start_rollout_server(*served, nullptr, "tiny_a", so);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto client = make_grpc_client("127.0.0.1:" + std::to_string((*server)->port()));
+  Pair p("cuda:0", "cuda:0");
+  if (!p.worker_be) GTEST_SKIP() << "needs NCCL and a GPU: " << p.why;
+  ASSERT_TRUE(p.ready());
+  auto [policy, served, client] = std::tie(p.policy, p.served, p.client);
   const auto t0 = std::chrono::steady_clock::now();
   const absl::Status joined = client->join_weight_group(*policy, 20);
   const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -134,7 +148,6 @@ TEST(WeightGroupTest, TwoMembersOnOneGpuGetAnErrorNotAHang) {
   EXPECT_EQ(client->weight_path(*policy), "grpc");
   ASSERT_TRUE(client->publish_weights(1, *policy).ok());
   EXPECT_TRUE(same_weights(*policy, *served));
-  (*server)->shutdown();
 }
 
 }  // namespace

@@ -47,15 +47,27 @@ std::vector<TrainSequence> fixture_batch(const model::SafetensorsFile& ref) {
   return out;
 }
 
+// tiny_a on the CPU with its reference file (the fixture's GRPO batch, loss and gradients).
+struct TinyA {
+  std::unique_ptr<core::Backend> be = core::make_cpu_backend();
+  absl::StatusOr<std::unique_ptr<model::Model>> model =
+      model::Model::load(testing::fixtures_dir() + "/tiny_a", *be);
+  absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> ref =
+      model::SafetensorsFile::open(testing::fixtures_dir() + "/tiny_a/reference.safetensors");
+  bool ok() const {
+    EXPECT_TRUE(model.ok()) << model.status();
+    EXPECT_TRUE(ref.ok()) << ref.status();
+    return model.ok() && ref.ok();
+  }
+};
+
 // The trainer's own GRPO path (packing, micro-batches, accumulation, normalisation over the batch)
 // reproduces transformers' loss and every gradient, whatever the micro-batch size.
 TEST(Policy, GrpoGradientsMatchTheFixtureAtEveryMicroBatchSize) {
-  const std::string dir = testing::fixtures_dir() + "/tiny_a";
-  auto be = core::make_cpu_backend();
-  auto m = model::Model::load(dir, *be);
-  ASSERT_TRUE(m.ok()) << m.status();
-  auto ref = model::SafetensorsFile::open(dir + "/reference.safetensors");
-  ASSERT_TRUE(ref.ok()) << ref.status();
+  TinyA t;
+  ASSERT_TRUE(t.ok());
+  auto& m = t.model;
+  auto& ref = t.ref;
   const auto batch = fixture_batch(**ref);
   GrpoConfig cfg;  // the fixture's: eps 0.2, beta 0.04, mean per sequence then over sequences
   for (int micro : {1, 2}) {
@@ -80,13 +92,10 @@ TEST(Policy, GrpoGradientsMatchTheFixtureAtEveryMicroBatchSize) {
 // sampler returned; the gradient equals kSampler's when the sampler's logprobs are the trainer's own
 // recomputation (bitwise: the same pass), and the gap to the sampler's logprobs is reported.
 TEST(Policy, RatioAgainstThePolicyIsExactlyOneAndTheSamplerGapIsReported) {
-  const std::string dir = testing::fixtures_dir() + "/tiny_a";
-  auto be = core::make_cpu_backend();
-  auto m = model::Model::load(dir, *be);
-  ASSERT_TRUE(m.ok()) << m.status();
-  auto ref = model::SafetensorsFile::open(dir + "/reference.safetensors");
-  ASSERT_TRUE(ref.ok()) << ref.status();
-  auto batch = fixture_batch(**ref);
+  TinyA t;
+  ASSERT_TRUE(t.ok());
+  auto& m = t.model;
+  auto batch = fixture_batch(**t.ref);
   const auto own = completion_logprobs(**m, batch, 2);
   // A sampler whose logprobs are off by up to 0.3 (rounding, another kernel, a stale version).
   std::mt19937 rng(5);
