@@ -174,6 +174,10 @@ class Progress {
 }  // namespace
 
 absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& options, const std::atomic<bool>* stop) {
+  if (options.in_process && !recipe.rollout_device.empty() && recipe.rollout_device != recipe.device)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rollout_device=", recipe.rollout_device, " needs the rollout worker as a process of its own; in process ",
+        "the engine samples from the trainer's model on ", recipe.device, " (drop --in-process or rollout_device)"));
   const auto t_run = Clock::now();
   RunResult res;
   res.run_dir = options.run_dir.empty() ? default_run_dir(recipe) : options.run_dir;

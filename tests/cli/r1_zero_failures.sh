@@ -2,7 +2,8 @@
 # `r1lab run` when things go wrong:
 #  1. the rollout worker is killed mid-run: the run says which child died and how, exits 1, the store
 #     says failed, and the reward service is not left running;
-#  2. Ctrl-C (SIGINT) mid-run: the step finishes, children stop, exit 130, the store says interrupted.
+#  2. Ctrl-C (SIGINT) mid-run: the step finishes, children stop, exit 130, the store says interrupted;
+#  3. a rollout device that an in-process run cannot honour: refused before anything starts.
 # Usage: r1_zero_failures.sh R1LAB_BINARY SOURCE_DIR
 set -uo pipefail
 bin=$1
@@ -55,4 +56,11 @@ done
 "$bin" report "$work/interrupted/run.db" | grep -q "^run r1_zero_tiny: interrupted" ||
   { echo "store does not say interrupted"; exit 1; }
 [[ -s "$work/interrupted/policy/model.safetensors" ]] || { echo "policy not saved on interrupt"; exit 1; }
+
+# 3. rollout_device with --in-process.
+"$bin" run "$src/recipes/r1_zero_tiny.yaml" --in-process --run-dir "$work/in_process" rollout_device=cuda:1 \
+  >"$work/in_process.log" 2>&1 && { echo "an in-process run took rollout_device"; exit 1; }
+grep -q "rollout_device=cuda:1 needs the rollout worker as a process of its own" "$work/in_process.log" ||
+  { cat "$work/in_process.log"; echo "no clear message about rollout_device"; exit 1; }
+[[ -e "$work/in_process" ]] && { echo "a refused run left a run directory"; exit 1; }
 echo "ok"
