@@ -73,6 +73,10 @@ class Backend {
   // ---- memory
   // A zero-filled contiguous tensor on this backend's device.
   virtual Tensor zeros(const Shape& shape, DType dtype = DType::kF32) = 0;
+  // A contiguous tensor whose contents are unspecified, for an output the next op writes whole (forward
+  // ops write every element; a product with beta 0): no clearing pass. The CPU reference clears anyway;
+  // CUDA with Options::poison_empty fills it with NaN bytes, so that a read before the write shows.
+  virtual Tensor empty(const Shape& shape, DType dtype = DType::kF32) { return zeros(shape, dtype); }
   // Copies between a host tensor and a tensor of this backend (same shape and dtype, contiguous).
   virtual void upload(const Tensor& host, Tensor& dst) = 0;
   virtual Tensor download(const Tensor& src) = 0;

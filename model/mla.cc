@@ -26,10 +26,10 @@ Tensor split_batch(const Tensor& t, int64_t batch) {
 Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
                const Tensor& x, const Tensor& positions, AttentionActs* a) {
   const int64_t m = x.size(0), heads = cfg.num_attention_heads;
-  Tensor q = be.zeros({m, heads, cfg.qk_head_dim()});
+  Tensor q = be.empty({m, heads, cfg.qk_head_dim()});
   Tensor q2 = q.view({m, heads * cfg.qk_head_dim()});
   if (cfg.q_lora_rank > 0) {
-    Tensor q_a = be.zeros({m, cfg.q_lora_rank}), q_a_norm = be.zeros({m, cfg.q_lora_rank}), rstd = be.zeros({m});
+    Tensor q_a = be.empty({m, cfg.q_lora_rank}), q_a_norm = be.empty({m, cfg.q_lora_rank}), rstd = be.empty({m});
     be.gemm(x, false, w.q_a_proj, true, q_a);
     be.rmsnorm_forward(q_a, w.q_a_norm, static_cast<float>(cfg.rms_norm_eps), q_a_norm, rstd);
     be.gemm(q_a_norm, false, w.q_b_proj, true, q2);
@@ -51,13 +51,13 @@ Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
 Tensor latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
                const Tensor& x, const Tensor& positions, AttentionActs* a) {
   const int64_t m = x.size(0), r = cfg.kv_lora_rank, rd = cfg.qk_rope_head_dim;
-  a->ckv = be.zeros({m, r + rd});
+  a->ckv = be.empty({m, r + rd});
   be.gemm(x, false, w.kv_a_proj, true, a->ckv);
-  a->c_norm = be.zeros({m, r});
-  a->c_rstd = be.zeros({m});
+  a->c_norm = be.empty({m, r});
+  a->c_rstd = be.empty({m});
   be.rmsnorm_forward(a->ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), a->c_norm,
                      a->c_rstd);
-  Tensor k_pe = be.zeros({m, 1, rd});
+  Tensor k_pe = be.empty({m, 1, rd});
   be.copy(a->ckv.slice(1, r, rd).unsqueeze(1), k_pe);
   be.rope(k_pe, positions, rope, cfg.rope_interleave, false);
   return k_pe;
@@ -73,19 +73,19 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   a.q = queries(be, cfg, w, rope, x, positions, &a);
   // Compressed latent and the shared rope key.
   Tensor k_pe = latents(be, cfg, w, rope, x, positions, &a);
-  a.kv = be.zeros({m, heads * (nope + vd)});
+  a.kv = be.empty({m, heads * (nope + vd)});
   be.gemm(a.c_norm, false, w.kv_b_proj, true, a.kv);
   // Per-head keys and values.
   Tensor kv3 = a.kv.view({m, heads, nope + vd});
-  a.k = be.zeros({m, heads, qk});
+  a.k = be.empty({m, heads, qk});  // [k_nope | k_pe], both copied in below
   a.v = kv3.slice(2, nope, vd);  // attention reads the values in place
   Tensor k_nope_dst = a.k.slice(2, 0, nope);
   be.copy(kv3.slice(2, 0, nope), k_nope_dst);
   Tensor k_pe_dst = a.k.slice(2, nope, rd);
   be.copy(k_pe.expand({m, heads, rd}), k_pe_dst);
   // Attention.
-  a.out = be.zeros({m, heads, vd});
-  a.lse = be.zeros({batch, heads, m / batch});
+  a.out = be.empty({m, heads, vd});
+  a.lse = be.empty({batch, heads, m / batch});
   Tensor out4 = split_batch(a.out, batch);
   be.attention_forward(split_batch(a.q, batch), split_batch(a.k, batch), split_batch(a.v, batch),
                        cfg.attention_scale(), out4, a.lse);
@@ -175,25 +175,25 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   // The new rows [c | k_pe] into their cache slots.
   AttentionActs lat;
   Tensor k_pe = latents(be, cfg, w, rope, x, st.positions, &lat);
-  Tensor rows = be.zeros({m, r + rd});
+  Tensor rows = be.empty({m, r + rd});  // [c | k_pe], both copied in below
   Tensor c_dst = rows.slice(1, 0, r), pe_dst = rows.slice(1, r, rd);
   be.copy(lat.c_norm, c_dst);
   be.copy(k_pe.view({m, rd}), pe_dst);
   Tensor pool = cache.layer(layer);
   be.scatter_rows(rows, st.slots, pool);
   // Absorb W_UK into the queries: q_lat[h] = q_nope[h] · W_UK[h], W_UK[h] = kv_b_proj rows [nope, r].
-  Tensor qa = be.zeros({m, heads, r + rd});
+  Tensor qa = be.empty({m, heads, r + rd});  // the absorbed product, then the rope part
   Tensor kvb = w.kv_b_proj.view({heads, nope + vd, r});
   Tensor qa_lat = qa.slice(2, 0, r).transpose(0, 1);  // [heads, m, r]
   be.gemm_batched(q.slice(2, 0, nope).transpose(0, 1), false, kvb.slice(1, 0, nope), false, qa_lat);
   Tensor qa_pe = qa.slice(2, r, rd);
   be.copy(q.slice(2, nope, rd), qa_pe);
   // One latent "head" shared by all query heads: k = [c | k_pe], v = c.
-  Tensor o_lat = be.zeros({m, heads, r});
+  Tensor o_lat = be.empty({m, heads, r});
   be.paged_latent_attention(qa, pool, cache.block_size(), st.block_tables, st.seq_starts, st.context_lens,
                             cfg.attention_scale(), o_lat);
   // Un-absorb W_UV: out[h] = o_lat[h] · W_UV[h]ᵀ, W_UV[h] = kv_b_proj rows [v, r].
-  Tensor out = be.zeros({m, heads, vd});
+  Tensor out = be.empty({m, heads, vd});
   Tensor out_h = out.transpose(0, 1);  // [heads, m, v]
   be.gemm_batched(o_lat.transpose(0, 1), false, kvb.slice(1, nope, vd), true, out_h);
   be.gemm(out.view({m, heads * vd}), false, w.o_proj, true, y);

@@ -71,9 +71,9 @@ void Model::zero_grads() {
 Tensor Model::embed(const Tensor& tokens_host, Tensor* ids_out) {
   CHECK(tokens_host.dtype() == core::DType::kI32 && tokens_host.dim() == 2);
   const int64_t m = tokens_host.numel();
-  *ids_out = backend_.zeros({m}, core::DType::kI32);
+  *ids_out = backend_.empty({m}, core::DType::kI32);
   backend_.upload(tokens_host.clone().view({m}), *ids_out);
-  Tensor x = backend_.zeros({m, cfg_.hidden_size});
+  Tensor x = backend_.empty({m, cfg_.hidden_size});
   backend_.embedding_forward(w_.embed, *ids_out, x);
   return x;
 }
@@ -81,7 +81,7 @@ Tensor Model::embed(const Tensor& tokens_host, Tensor* ids_out) {
 Tensor Model::positions(int64_t batch, int64_t t, int64_t start) {
   Tensor host = Tensor::zeros({batch * t}, core::DType::kI32);
   for (int64_t i = 0; i < batch * t; ++i) host.data<int32_t>()[i] = static_cast<int32_t>(start + i % t);
-  Tensor dev = backend_.zeros({batch * t}, core::DType::kI32);
+  Tensor dev = backend_.empty({batch * t}, core::DType::kI32);
   backend_.upload(host, dev);
   return dev;
 }
@@ -90,7 +90,7 @@ Tensor Model::forward(const Tensor& tokens, ForwardState* state, std::vector<Ten
   ForwardState local;
   ForwardState& st = state ? *state : local;
   forward_hidden(tokens, st, state != nullptr, hidden);
-  Tensor logits = backend_.zeros({st.batch * st.seq, cfg_.vocab_size});
+  Tensor logits = backend_.empty({st.batch * st.seq, cfg_.vocab_size});
   backend_.gemm(st.normed, false, w_.lm_head, true, logits);
   return logits;
 }
@@ -107,13 +107,13 @@ Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, Forw
   forward_hidden(tokens, st, state != nullptr, nullptr);
   const int64_t m = st.batch * st.seq, v = cfg_.vocab_size, chunk = std::min(m, head_chunk_rows());
   CHECK(targets.dtype() == core::DType::kI32 && targets.numel() == m) << "targets: [B*T] I32";
-  Tensor lp = backend_.zeros({m});
-  st.lse = backend_.zeros({m});
+  Tensor lp = backend_.empty({m});
+  st.lse = backend_.empty({m});
   if (stats) {
-    stats->entropy = backend_.zeros({m});
-    stats->argmax = backend_.zeros({m}, core::DType::kI32);
+    stats->entropy = backend_.empty({m});
+    stats->argmax = backend_.empty({m}, core::DType::kI32);
   }
-  Tensor buf = backend_.zeros({chunk, v});
+  Tensor buf = backend_.empty({chunk, v});
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t n = std::min(chunk, m - r0);
     Tensor logits = buf.slice(0, 0, n), lp_c = lp.slice(0, r0, n), lse_c = st.lse.slice(0, r0, n);
@@ -165,16 +165,16 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
     const LayerWeights& lw = w_.layers[l];
     LayerActs a;
     a.x = x;
-    a.ln1 = backend_.zeros({m, cfg_.hidden_size});
-    a.ln1_rstd = backend_.zeros({m});
+    a.ln1 = backend_.empty({m, cfg_.hidden_size});
+    a.ln1_rstd = backend_.empty({m});
     backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd);
-    a.h1 = backend_.zeros({m, cfg_.hidden_size});
+    a.h1 = backend_.empty({m, cfg_.hidden_size});
     mla_forward(backend_, cfg_, lw, rope_, a.ln1, st.positions, batch, a.attn, a.h1);
     backend_.add(x, a.h1);
-    a.ln2 = backend_.zeros({m, cfg_.hidden_size});
-    a.ln2_rstd = backend_.zeros({m});
+    a.ln2 = backend_.empty({m, cfg_.hidden_size});
+    a.ln2_rstd = backend_.empty({m});
     backend_.rmsnorm_forward(a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd);
-    Tensor out = backend_.zeros({m, cfg_.hidden_size});
+    Tensor out = backend_.empty({m, cfg_.hidden_size});  // the shared experts' product or a fill, then the rest
     if (lw.moe) {
       moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out);
     } else {
@@ -186,8 +186,8 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
     if (hidden && l + 1 < cfg_.num_hidden_layers) hidden->push_back(x);
   }
   st.x_final = x;
-  st.normed = backend_.zeros({m, cfg_.hidden_size});
-  st.final_rstd = backend_.zeros({m});
+  st.normed = backend_.empty({m, cfg_.hidden_size});
+  st.final_rstd = backend_.empty({m});
   backend_.rmsnorm_forward(x, w_.final_norm, eps, st.normed, st.final_rstd);
   if (hidden) hidden->push_back(st.normed);
 }
@@ -246,7 +246,7 @@ std::vector<int32_t> table_rows(const StepBatch& step, int64_t rows, int64_t wid
 
 Tensor upload_i32(core::Backend& be, const std::vector<int32_t>& v, const core::Shape& shape) {
   Tensor host = Tensor::wrap(const_cast<int32_t*>(v.data()), shape, core::DType::kI32);
-  Tensor dev = be.zeros(shape, core::DType::kI32);
+  Tensor dev = be.empty(shape, core::DType::kI32);
   be.upload(host, dev);
   return dev;
 }
@@ -307,7 +307,7 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
                                {n_seq, static_cast<int64_t>(max_blocks)});
   const Tensor ids = upload_i32(backend_, step.tokens, {m});
   const int64_t n_out = static_cast<int64_t>(step.logit_rows.size());
-  Tensor logits = backend_.zeros({n_out, cfg_.vocab_size});
+  Tensor logits = backend_.empty({n_out, cfg_.vocab_size});
   const Tensor rows = n_out > 0 ? upload_i32(backend_, step.logit_rows, {n_out}) : Tensor();
   run_step(st, ids, &rows, cache, logits);  // with no logits wanted, still the latents of every token
   return logits;
@@ -373,18 +373,18 @@ Tensor Model::forward_step_graph(const StepBatch& step, LatentCache& cache, int6
 void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* logit_rows, LatentCache& cache,
                      Tensor& logits) {
   const int64_t m = ids.numel();
-  Tensor x = backend_.zeros({m, cfg_.hidden_size});
+  Tensor x = backend_.empty({m, cfg_.hidden_size});
   backend_.embedding_forward(w_.embed, ids, x);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  Tensor ln = backend_.zeros({m, cfg_.hidden_size}), rstd = backend_.zeros({m});
+  Tensor ln = backend_.empty({m, cfg_.hidden_size}), rstd = backend_.empty({m});
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
     backend_.rmsnorm_forward(x, lw.input_norm, eps, ln, rstd);
-    Tensor h1 = backend_.zeros({m, cfg_.hidden_size});
+    Tensor h1 = backend_.empty({m, cfg_.hidden_size});
     mla_forward_paged(backend_, cfg_, lw, rope_, ln, st, cache, l, h1);
     backend_.add(x, h1);
     backend_.rmsnorm_forward(h1, lw.post_norm, eps, ln, rstd);
-    Tensor out = backend_.zeros({m, cfg_.hidden_size});
+    Tensor out = backend_.empty({m, cfg_.hidden_size});
     if (lw.moe) {
       MoeActs a;
       moe_forward(backend_, cfg_, lw, ln, a, out);
@@ -400,10 +400,10 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
   if (n_out == 0) return;
   Tensor picked = x;
   if (logit_rows) {
-    picked = backend_.zeros({n_out, cfg_.hidden_size});
+    picked = backend_.empty({n_out, cfg_.hidden_size});
     backend_.embedding_forward(x, *logit_rows, picked);
   }
-  Tensor normed = backend_.zeros({n_out, cfg_.hidden_size}), prstd = backend_.zeros({n_out});
+  Tensor normed = backend_.empty({n_out, cfg_.hidden_size}), prstd = backend_.empty({n_out});
   backend_.rmsnorm_forward(picked, w_.final_norm, eps, normed, prstd);
   backend_.gemm(normed, false, w_.lm_head, true, logits);
 }

@@ -11,8 +11,8 @@ using core::Tensor;
 
 void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, Tensor& y) {
   const int64_t n = x.size(0), inter = w.down.size(1);
-  a.gate_up = be.zeros({n, 2 * inter});
-  a.act = be.zeros({n, inter});
+  a.gate_up = be.empty({n, 2 * inter});
+  a.act = be.empty({n, inter});
   be.gemm(x, false, w.gate_up, true, a.gate_up);
   be.silu_mul_forward(a.gate_up, a.act);
   be.gemm(a.act, false, w.down, true, y);
@@ -36,19 +36,19 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   const int64_t inter = cfg.moe_intermediate_size;
   const core::RouterConfig rc = cfg.router();
   // Router.
-  a.logits = be.zeros({m, e});
-  a.scores = be.zeros({m, e});
-  a.idx = be.zeros({m, k}, core::DType::kI32);
-  a.weights = be.zeros({m, k});
+  a.logits = be.empty({m, e});
+  a.scores = be.empty({m, e});
+  a.idx = be.empty({m, k}, core::DType::kI32);
+  a.weights = be.empty({m, k});
   be.gemm(x, false, w.router, true, a.logits);
   be.moe_route(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores);
   // Routed experts over the token rows grouped by expert.
-  a.xs = be.zeros({m * k, h});
-  a.row_of = be.zeros({m * k}, core::DType::kI32);
+  a.xs = be.empty({m * k, h});  // every row is some token's
+  a.row_of = be.empty({m * k}, core::DType::kI32);
   be.moe_dispatch(x, a.idx, static_cast<int>(e), a.xs, a.row_of, a.offsets);
-  a.experts.gate_up = be.zeros({m * k, 2 * inter});
-  a.experts.act = be.zeros({m * k, inter});
-  a.ys = be.zeros({m * k, h});
+  a.experts.gate_up = be.empty({m * k, 2 * inter});  // the groups cover every row
+  a.experts.act = be.empty({m * k, inter});
+  a.ys = be.empty({m * k, h});
   be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
   be.silu_mul_forward(a.experts.gate_up, a.experts.act);
   be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);

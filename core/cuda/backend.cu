@@ -344,7 +344,7 @@ std::function<void()> CudaBackend::capture(const std::function<void()>& work) {
 // Memory.
 
 Tensor CudaBackend::zeros(const Shape& shape, DType dtype) {
-  Tensor t = empty(shape, dtype);
+  Tensor t = uncleared(shape, dtype);
   if (t.numel()) CUDA_CHECK(cudaMemsetAsync(t.raw(), 0, static_cast<size_t>(t.numel()) * dtype_size(dtype), ctx_->stream));
   return t;
 }
@@ -381,6 +381,13 @@ void CudaBackend::join_sides() {
 }
 
 Tensor CudaBackend::empty(const Shape& shape, DType dtype) {
+  Tensor t = uncleared(shape, dtype);
+  if (opt_.poison_empty && t.numel())
+    CUDA_CHECK(cudaMemsetAsync(t.raw(), 0xFF, static_cast<size_t>(t.numel()) * dtype_size(dtype), ctx_->stream));
+  return t;
+}
+
+Tensor CudaBackend::uncleared(const Shape& shape, DType dtype) {
   const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
   void* p = nullptr;
   use_device(ctx_->device);

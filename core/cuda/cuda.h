@@ -26,6 +26,9 @@ struct Options {
   GemmPrecision gemm = GemmPrecision::kF32;
   // Per-op timing (cudaEvents around every op, by op name); costs a little, for benchmarks.
   bool profile = false;
+  // Backend::empty fills with 0xFF bytes (NaN in f32 and bf16, -1 in I32): tests use it to catch a read
+  // of memory before it is written.
+  bool poison_empty = false;
 };
 
 // The backend, or an error saying why no GPU can be used.

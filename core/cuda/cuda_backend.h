@@ -83,6 +83,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor zeros(const Shape& shape, DType dtype) override;
+  Tensor empty(const Shape& shape, DType dtype) override;
   void upload(const Tensor& host, Tensor& dst) override;
   Tensor download(const Tensor& src) override;
   void copy(const Tensor& src, Tensor& dst) override;
@@ -175,8 +176,8 @@ class CudaBackend final : public Backend {
   // joins them back: the main stream's later work waits for everything queued on them.
   const std::vector<Context::Side>& fork_sides();
   void join_sides();
-  // A tensor whose memory is not cleared (stream-ordered pool memory, like zeros).
-  Tensor empty(const Shape& shape, DType dtype);
+  // Stream-ordered pool memory, not cleared (zeros and empty start from it).
+  Tensor uncleared(const Shape& shape, DType dtype);
   // A matrix-product operand (see gemm.cu): f32 rows, or their bf16 copy kept alive in `keep`.
   // dst [rows, cols] contiguous bf16 = the f32 rows (element (r, c) at p[(r / rows1) * ld0 + (r % rows1)
   // * ld + c]) rounded to nearest even: the one f32 -> bf16 conversion of products and copy.
