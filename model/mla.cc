@@ -100,7 +100,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   const int64_t batch = a.lse.size(0);
   // y = out · W_oᵀ
-  Tensor dout = be.zeros({m, heads, vd});
+  Tensor dout = be.empty({m, heads, vd});
   Tensor dout2 = dout.view({m, heads * vd});
   be.gemm(dy, false, w.o_proj, false, dout2);
   Tensor go = g.o_proj;
@@ -132,7 +132,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor dckv_pe = dckv.slice(1, r, rd).unsqueeze(1);
   be.add(dk_pe, dckv_pe);
   // kv = c_norm · W_kvbᵀ
-  Tensor dc_norm = be.zeros({m, r});
+  Tensor dc_norm = be.empty({m, r});
   Tensor dkv2 = dkv.view({m, heads * (nope + vd)});
   be.gemm(dkv2, false, w.kv_b_proj, false, dc_norm);
   Tensor gkvb = g.kv_b_proj;

@@ -132,9 +132,9 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size, v = cfg_.vocab_size;
   const int64_t chunk = std::min(m, head_chunk_rows());
   CHECK_EQ(dlp.numel(), m);
-  Tensor dnormed = backend_.zeros({m, h});
+  Tensor dnormed = backend_.empty({m, h});  // a product a chunk of rows, with beta 0
   Tensor glm = g_.lm_head;
-  Tensor buf = backend_.zeros({chunk, v}), dbuf = backend_.zeros({chunk, v});
+  Tensor buf = backend_.empty({chunk, v}), dbuf = backend_.zeros({chunk, v});
   // Each chunk's logits again (one more product than keeping them, for no [M, V] tensor), their
   // gradient, and its two products.
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
@@ -195,7 +195,7 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
 void Model::backward(ForwardState& st, const Tensor& dlogits) {
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   // logits = normed · lm_headᵀ
-  Tensor dnormed = backend_.zeros({m, h});
+  Tensor dnormed = backend_.empty({m, h});
   backend_.gemm(dlogits, false, w_.lm_head, false, dnormed);
   Tensor glm = g_.lm_head;
   backend_.gemm(dlogits, true, st.normed, false, glm, 1.0f, 1.0f);

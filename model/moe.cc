@@ -21,7 +21,7 @@ void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpAct
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const Tensor& x, const MlpActs& a,
                   const Tensor& dy, Tensor& dx) {
   const int64_t n = x.size(0), inter = w.down.size(1);
-  Tensor dact = be.zeros({n, inter}), dgu = be.zeros({n, 2 * inter});
+  Tensor dact = be.empty({n, inter}), dgu = be.zeros({n, 2 * inter});
   be.gemm(dy, false, w.down, false, dact);
   Tensor gd = g.down, ggu = g.gate_up;
   be.gemm(dy, true, a.act, false, gd, 1.0f, 1.0f);
@@ -69,7 +69,7 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor dys = be.zeros({m * k, h}), dweights = be.zeros({m, k});
   be.moe_combine_backward(dy, a.ys, a.weights, a.row_of, dys, dweights);
   // Experts.
-  Tensor dact = be.zeros({m * k, inter}), dgu = be.zeros({m * k, 2 * inter}), dxs = be.zeros({m * k, h});
+  Tensor dact = be.empty({m * k, inter}), dgu = be.zeros({m * k, 2 * inter}), dxs = be.empty({m * k, h});
   be.grouped_gemm(dys, w.experts_down, false, a.offsets, dact);
   Tensor gdown = g.experts_down, ggu = g.experts_gate_up;
   be.grouped_gemm_wgrad(dys, a.experts.act, a.offsets, gdown);
