@@ -243,7 +243,6 @@ class GrpcClient final : public RolloutClient {
                           absl::StrCat("the worker did not join the weight group: ", rpc.error_message()));
     group_ = *std::move(comm);
     layout_ = policy.params().fingerprint();
-    worker_device_ = resp.device();
     return absl::OkStatus();
   }
 
@@ -302,7 +301,7 @@ class GrpcClient final : public RolloutClient {
   std::unique_ptr<pb::Rollout::Stub> stub_;
   size_t chunk_;
   std::unique_ptr<core::Communicator> group_;  // the weight group with the worker, once joined
-  std::string layout_, worker_device_;
+  std::string layout_;  // the parameter layout the group was joined with
 };
 
 }  // namespace

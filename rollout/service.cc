@@ -146,16 +146,16 @@ class Service final : public pb::Rollout::Service {
       return to_grpc(absl::InvalidArgumentError(absl::StrCat("BroadcastWeights: parameter layout ", req->layout(),
                                                              ", this worker's is ", params.fingerprint())));
     if (req->dtype() != dtype_to_proto(params.buffer().dtype()) || req->numel() != params.numel())
-      return to_grpc(absl::InvalidArgumentError(absl::StrCat("BroadcastWeights: ", req->numel(), " elements of dtype ",
-                                                             static_cast<int>(req->dtype()), ", this worker holds ",
-                                                             params.numel(), " of F32")));
+      return to_grpc(absl::InvalidArgumentError(absl::StrCat(
+          "BroadcastWeights: ", req->numel(), " elements of dtype ", pb::DType_Name(req->dtype()), ", this worker holds ",
+          params.numel(), " of ", core::dtype_name(params.buffer().dtype()))));
     const double timeout = req->timeout_seconds() > 0 ? req->timeout_seconds() : 300;
     bool ready = false;
     absl::Status received;
     // Between engine steps, so that this thread owns the backend's stream: stage, say ready, receive,
     // and only a complete transfer replaces the weights.
     const absl::Status st = engine_.update_weights(req->version(), [&](model::Model& m) -> absl::Status {
-      core::Tensor staging = m.backend().zeros({req->numel()}, params.buffer().dtype());
+      core::Tensor staging = m.backend().empty({req->numel()}, params.buffer().dtype());  // written whole
       pb::BroadcastWeightsResponse r;
       r.set_ready(true);
       if (!writer->Write(r)) return absl::CancelledError("BroadcastWeights: the trainer went away before the transfer");
