@@ -10,6 +10,11 @@
 namespace r1lab::model {
 
 // Multi-head Latent Attention over x [M, H] (M = B*T, positions [M] I32). Writes y [M, H].
+// x as the left operand of several matrix products: where products run in bf16 (Backend::weight_dtype),
+// one bf16 copy that each takes as it is, rather than a conversion in every product (the same rounding,
+// so the same results); x itself otherwise.
+core::Tensor product_operand(core::Backend& be, const core::Tensor& x);
+
 void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
                  const core::Tensor& x, const core::Tensor& positions, int64_t batch, AttentionActs& a,
                  core::Tensor& y);

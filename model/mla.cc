@@ -46,33 +46,40 @@ Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
   return q;
 }
 
-// ckv = x · W_kvaᵀ = [c | k_pe];  a->c_norm = rmsnorm(c);  returns rope(k_pe) as [M, 1, rope].
-// Fills a->ckv, a->c_norm, a->c_rstd (the cached path keeps them only long enough to store them).
-Tensor latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
-               const Tensor& x, const Tensor& positions, AttentionActs* a) {
+// ckv = x · W_kvaᵀ = [c | k_pe];  c_out [M, r] rows = rmsnorm(c);  pe_out [M, 1, rope] = rope(k_pe).
+// Keeps ckv and the norm's rstd in `a`. The outputs may be views of one buffer (the paged path writes
+// them straight into the cache rows it stores).
+void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
+             const Tensor& x, const Tensor& positions, Tensor& c_out, Tensor& pe_out, AttentionActs& a) {
   const int64_t m = x.size(0), r = cfg.kv_lora_rank, rd = cfg.qk_rope_head_dim;
-  a->ckv = be.empty({m, r + rd});
-  be.gemm(x, false, w.kv_a_proj, true, a->ckv);
-  a->c_norm = be.empty({m, r});
-  a->c_rstd = be.empty({m});
-  be.rmsnorm_forward(a->ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), a->c_norm,
-                     a->c_rstd);
-  Tensor k_pe = be.empty({m, 1, rd});
-  be.copy(a->ckv.slice(1, r, rd).unsqueeze(1), k_pe);
-  be.rope(k_pe, positions, rope, cfg.rope_interleave, false);
-  return k_pe;
+  a.ckv = be.empty({m, r + rd});
+  be.gemm(x, false, w.kv_a_proj, true, a.ckv);
+  a.c_rstd = be.empty({m});
+  be.rmsnorm_forward(a.ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), c_out, a.c_rstd);
+  be.copy(a.ckv.slice(1, r, rd).unsqueeze(1), pe_out);
+  be.rope(pe_out, positions, rope, cfg.rope_interleave, false);
 }
 
 }  // namespace
+
+Tensor product_operand(core::Backend& be, const Tensor& x) {
+  if (be.weight_dtype() != core::DType::kBF16 || x.dtype() != core::DType::kF32) return x;
+  Tensor xb = be.empty(x.shape(), core::DType::kBF16);
+  be.copy(x, xb);
+  return xb;
+}
 
 void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
                  const Tensor& x, const Tensor& positions, int64_t batch, AttentionActs& a, Tensor& y) {
   const int64_t m = x.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
   const int64_t vd = cfg.v_head_dim;
-  a.q = queries(be, cfg, w, rope, x, positions, &a);
+  const Tensor xin = product_operand(be, x);
+  a.q = queries(be, cfg, w, rope, xin, positions, &a);
   // Compressed latent and the shared rope key.
-  Tensor k_pe = latents(be, cfg, w, rope, x, positions, &a);
+  a.c_norm = be.empty({m, cfg.kv_lora_rank});
+  Tensor k_pe = be.empty({m, 1, rd});
+  latents(be, cfg, w, rope, xin, positions, a.c_norm, k_pe, a);
   a.kv = be.empty({m, heads * (nope + vd)});
   be.gemm(a.c_norm, false, w.kv_b_proj, true, a.kv);
   // Per-head keys and values.
@@ -171,14 +178,13 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   const int64_t m = x.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
-  Tensor q = queries(be, cfg, w, rope, x, st.positions, nullptr);
-  // The new rows [c | k_pe] into their cache slots.
+  const Tensor xin = product_operand(be, x);
+  Tensor q = queries(be, cfg, w, rope, xin, st.positions, nullptr);
+  // The new rows [c | k_pe], made in place, into their cache slots.
   AttentionActs lat;
-  Tensor k_pe = latents(be, cfg, w, rope, x, st.positions, &lat);
-  Tensor rows = be.empty({m, r + rd});  // [c | k_pe], both copied in below
-  Tensor c_dst = rows.slice(1, 0, r), pe_dst = rows.slice(1, r, rd);
-  be.copy(lat.c_norm, c_dst);
-  be.copy(k_pe.view({m, rd}), pe_dst);
+  Tensor rows = be.empty({m, r + rd});
+  Tensor c_dst = rows.slice(1, 0, r), pe_dst = rows.slice(1, r, rd).unsqueeze(1);
+  latents(be, cfg, w, rope, xin, st.positions, c_dst, pe_dst, lat);
   Tensor pool = cache.layer(layer);
   be.scatter_rows(rows, st.slots, pool);
   // Absorb W_UK into the queries: q_lat[h] = q_nope[h] · W_UK[h], W_UK[h] = kv_b_proj rows [nope, r].

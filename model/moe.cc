@@ -40,7 +40,8 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   a.scores = be.empty({m, e});
   a.idx = be.empty({m, k}, core::DType::kI32);
   a.weights = be.empty({m, k});
-  be.gemm(x, false, w.router, true, a.logits);
+  const Tensor xin = product_operand(be, x);  // the router's and the shared experts' products
+  be.gemm(xin, false, w.router, true, a.logits);
   be.moe_route(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores);
   // Routed experts over the token rows grouped by expert.
   a.xs = be.empty({m * k, h});  // every row is some token's
@@ -53,7 +54,7 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   be.silu_mul_forward(a.experts.gate_up, a.experts.act);
   be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
   if (w.shared.down.defined()) {
-    mlp_forward(be, w.shared, x, a.shared, y);
+    mlp_forward(be, w.shared, xin, a.shared, y);
   } else {
     be.fill(y, 0.0f);
   }
