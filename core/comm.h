@@ -33,8 +33,6 @@ class Communicator {
   // far; later work there sees the result. Returns when this member's part is done. The caller owns the
   // backend's stream while this runs (no other thread queues work on it).
   virtual absl::Status broadcast(Tensor& t, int root, const CommWait& wait) = 0;
-  // Why the communicator no longer works (empty while it does).
-  virtual std::string failure() const = 0;
 };
 
 // True when this build can form groups (CUDA with NCCL); otherwise *why says what is missing.

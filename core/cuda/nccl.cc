@@ -60,10 +60,10 @@ class NcclCommunicator final : public Communicator {
   ~NcclCommunicator() override {
     use_device(device_);
     if (comm_) ncclCommAbort(comm_);  // frees it; a member still waiting on us gets an error, not a hang
-    if (failure_.empty()) cudaStreamSynchronize(stream_);
     // After a failure the stream may hold a collective that never finished: its buffers (held_) and
     // the stream itself are left as they are rather than freed under it.
     if (failure_.empty()) {
+      cudaStreamSynchronize(stream_);
       cudaStreamDestroy(stream_);
       cudaEventDestroy(ready_);
       cudaEventDestroy(done_);
@@ -72,7 +72,6 @@ class NcclCommunicator final : public Communicator {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
-  std::string failure() const override { return failure_; }
 
   absl::Status broadcast(Tensor& t, int root, const CommWait& wait) override {
     if (!failure_.empty())
@@ -147,8 +146,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> join_group(Backend& backend, const
   if (size < 2 || rank < 0 || rank >= size)
     return absl::InvalidArgumentError(absl::StrCat("NCCL rank ", rank, " of ", size));
   std::copy(id.begin(), id.end(), uid.internal);
+  // NCCL sets up on this thread and its own streams: the backend's stream is not touched (an engine may
+  // be stepping on it from another thread).
   use_device(be->device_index());
-  be->synchronize();
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
   ncclComm_t comm = nullptr;
