@@ -99,13 +99,14 @@ class Backend {
   virtual void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
                             float alpha = 1.0f, float beta = 0.0f) = 0;
   // One launch over all groups (experts). For group g, rows r in [offsets[g], offsets[g+1]):
-  //   c[r] = a[r] · op(w[g]) + beta * c[r];   a: [R, k], w: [G, n, k] (trans_w) or [G, k, n], c: [R, n].
+  //   c[r] = a[r] · op(w[g]) + beta * c[r];   a: [R, k], w: [G, n, k] (trans_w) or [G, k, n], c: [R, n] f32;
+  // a and w f32 or bf16.
   // offsets: [G + 1] I64 on this backend's device (as moe_dispatch makes them), ascending within [0, R];
   // rows outside every group are left as they are.
   virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
                             float beta = 0.0f) = 0;
   // Weight gradient of grouped_gemm with trans_w: dw[g] += dc[rows_g]ᵀ · a[rows_g];
-  //   dc: [R, n], a: [R, k], dw: [G, n, k].
+  //   dc: [R, n] f32, a: [R, k] f32 or bf16, dw: [G, n, k] f32.
   virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) = 0;
   // Checks group bounds read on the host, o[0 .. groups]: ascending within [0, rows].
   static void check_group_bounds(const int64_t* o, int64_t groups, int64_t rows) {
@@ -115,11 +116,12 @@ class Backend {
 
   // ---- normalisation, activations, embeddings
   // y = x / sqrt(mean(x²) + eps) * w;  x, y: [M, D] rows, w: [D], rstd: [M] saved for backward.
+  // y in x's dtype, or bf16 (rounded once: an input only bf16 products read).
   virtual void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) = 0;
   // dx += ∂/∂x, dw += ∂/∂w.
   virtual void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                                 Tensor& dx, Tensor& dw) = 0;
-  // h = silu(g) * u where gu = [g | u]: gu [M, 2I] rows, h [M, I] rows.
+  // h = silu(g) * u where gu = [g | u]: gu [M, 2I] rows, h [M, I] rows, in gu's dtype or bf16.
   virtual void silu_mul_forward(const Tensor& gu, Tensor& h) = 0;
   virtual void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) = 0;
   // out[m] = table[ids[m]];  table [V, D], ids [M] I32, out [M, D].
@@ -171,7 +173,7 @@ class Backend {
   // Sorts the M*K (token, slot) assignments by expert: xs [M*K, H] holds the token rows grouped by
   // expert, row_of [M*K] I32 the xs row of assignment m*K+k, offsets [E+1] I64 (made here, on this
   // backend's device) the group bounds. The host need not wait for them: grouped_gemm reads them where
-  // they are.
+  // they are. x f32 or bf16; xs in x's dtype.
   virtual void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
                             Tensor& offsets) = 0;
   // dx[m] += Σ_k dxs[row_of[m*K+k]].

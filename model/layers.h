@@ -14,6 +14,9 @@ namespace r1lab::model {
 // one bf16 copy that each takes as it is, rather than a conversion in every product (the same rounding,
 // so the same results); x itself otherwise.
 core::Tensor product_operand(core::Backend& be, const core::Tensor& x);
+// The dtype of an activation that only matrix products read (a norm's output, the MLP's gated
+// activation): bf16 where products run in bf16, rounded once where it is made; f32 otherwise.
+inline core::DType product_dtype(const core::Backend& be) { return be.weight_dtype(); }
 
 void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
                  const core::Tensor& x, const core::Tensor& positions, int64_t batch, AttentionActs& a,

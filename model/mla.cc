@@ -29,7 +29,8 @@ Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
   Tensor q = be.empty({m, heads, cfg.qk_head_dim()});
   Tensor q2 = q.view({m, heads * cfg.qk_head_dim()});
   if (cfg.q_lora_rank > 0) {
-    Tensor q_a = be.empty({m, cfg.q_lora_rank}), q_a_norm = be.empty({m, cfg.q_lora_rank}), rstd = be.empty({m});
+    Tensor q_a = be.empty({m, cfg.q_lora_rank}), rstd = be.empty({m});
+    Tensor q_a_norm = be.empty({m, cfg.q_lora_rank}, product_dtype(be));
     be.gemm(x, false, w.q_a_proj, true, q_a);
     be.rmsnorm_forward(q_a, w.q_a_norm, static_cast<float>(cfg.rms_norm_eps), q_a_norm, rstd);
     be.gemm(q_a_norm, false, w.q_b_proj, true, q2);
@@ -77,7 +78,7 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   const Tensor xin = product_operand(be, x);
   a.q = queries(be, cfg, w, rope, xin, positions, &a);
   // Compressed latent and the shared rope key.
-  a.c_norm = be.empty({m, cfg.kv_lora_rank});
+  a.c_norm = be.empty({m, cfg.kv_lora_rank}, product_dtype(be));
   Tensor k_pe = be.empty({m, 1, rd});
   latents(be, cfg, w, rope, xin, positions, a.c_norm, k_pe, a);
   a.kv = be.empty({m, heads * (nope + vd)});

@@ -165,13 +165,13 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
     const LayerWeights& lw = w_.layers[l];
     LayerActs a;
     a.x = x;
-    a.ln1 = backend_.empty({m, cfg_.hidden_size});
+    a.ln1 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
     a.ln1_rstd = backend_.empty({m});
     backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd);
     a.h1 = backend_.empty({m, cfg_.hidden_size});
     mla_forward(backend_, cfg_, lw, rope_, a.ln1, st.positions, batch, a.attn, a.h1);
     backend_.add(x, a.h1);
-    a.ln2 = backend_.empty({m, cfg_.hidden_size});
+    a.ln2 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
     a.ln2_rstd = backend_.empty({m});
     backend_.rmsnorm_forward(a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd);
     Tensor out = backend_.empty({m, cfg_.hidden_size});  // the shared experts' product or a fill, then the rest
@@ -376,7 +376,7 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
   Tensor x = backend_.empty({m, cfg_.hidden_size});
   backend_.embedding_forward(w_.embed, ids, x);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
-  Tensor ln = backend_.empty({m, cfg_.hidden_size}), rstd = backend_.empty({m});
+  Tensor ln = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_)), rstd = backend_.empty({m});
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
     backend_.rmsnorm_forward(x, lw.input_norm, eps, ln, rstd);
@@ -403,7 +403,7 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
     picked = backend_.empty({n_out, cfg_.hidden_size});
     backend_.embedding_forward(x, *logit_rows, picked);
   }
-  Tensor normed = backend_.empty({n_out, cfg_.hidden_size}), prstd = backend_.empty({n_out});
+  Tensor normed = backend_.empty({n_out, cfg_.hidden_size}, product_dtype(backend_)), prstd = backend_.empty({n_out});
   backend_.rmsnorm_forward(picked, w_.final_norm, eps, normed, prstd);
   backend_.gemm(normed, false, w_.lm_head, true, logits);
 }

@@ -12,7 +12,7 @@ using core::Tensor;
 void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, Tensor& y) {
   const int64_t n = x.size(0), inter = w.down.size(1);
   a.gate_up = be.empty({n, 2 * inter});
-  a.act = be.empty({n, inter});
+  a.act = be.empty({n, inter}, product_dtype(be));
   be.gemm(x, false, w.gate_up, true, a.gate_up);
   be.silu_mul_forward(a.gate_up, a.act);
   be.gemm(a.act, false, w.down, true, y);
@@ -44,11 +44,11 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   be.gemm(xin, false, w.router, true, a.logits);
   be.moe_route(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores);
   // Routed experts over the token rows grouped by expert.
-  a.xs = be.empty({m * k, h});  // every row is some token's
+  a.xs = be.empty({m * k, h}, x.dtype());  // every row is some token's
   a.row_of = be.empty({m * k}, core::DType::kI32);
   be.moe_dispatch(x, a.idx, static_cast<int>(e), a.xs, a.row_of, a.offsets);
   a.experts.gate_up = be.empty({m * k, 2 * inter});  // the groups cover every row
-  a.experts.act = be.empty({m * k, inter});
+  a.experts.act = be.empty({m * k, inter}, product_dtype(be));
   a.ys = be.empty({m * k, h});
   be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
   be.silu_mul_forward(a.experts.gate_up, a.experts.act);

@@ -69,6 +69,9 @@ class CpuBackend final : public Backend {
                     const AdamWUpdate& u) override;
 };
 
+// t's values in f32: t itself, or for a bf16 operand a contiguous f32 copy (exact).
+Tensor f32_values(const Tensor& t);
+
 // A 2-D f32 view's geometry: rows, cols, row stride (the last dimension must be contiguous).
 struct Rows {
   float* p;

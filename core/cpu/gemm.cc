@@ -70,14 +70,15 @@ Rows sub_rows(const Rows& r, int64_t start, int64_t count) {
 void CpuBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
                       float beta) {
   CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2) << "gemm takes 2-D views";
-  gemm_raw(rows_of(a), trans_a, rows_of(b), trans_b, rows_of(c), alpha, beta);
+  gemm_raw(rows_of(f32_values(a)), trans_a, rows_of(f32_values(b)), trans_b, rows_of(c), alpha, beta);
 }
 
 void CpuBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
                               float beta) {
   CHECK(a.dim() == 3 && b.dim() == 3 && c.dim() == 3) << "gemm_batched takes 3-D views";
   CHECK(a.size(0) == c.size(0) && b.size(0) == c.size(0)) << "gemm_batched: batch sizes";
-  for (int64_t i = 0; i < c.size(0); ++i) gemm_raw(rows_of(a[i]), trans_a, rows_of(b[i]), trans_b, rows_of(c[i]), alpha, beta);
+  for (int64_t i = 0; i < c.size(0); ++i)
+    gemm_raw(rows_of(f32_values(a[i])), trans_a, rows_of(f32_values(b[i])), trans_b, rows_of(c[i]), alpha, beta);
 }
 
 namespace {
@@ -97,18 +98,20 @@ const int64_t* group_bounds(const Tensor& offsets, int64_t groups, int64_t rows)
 void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offset_tensor, Tensor& c,
                               float beta) {
   CHECK_EQ(w.dim(), 3);
-  Rows ar = rows_of(a), cr = rows_of(c);
+  const Tensor a32 = f32_values(a), w32 = f32_values(w);
+  Rows ar = rows_of(a32), cr = rows_of(c);
   const int64_t* offsets = group_bounds(offset_tensor, w.size(0), std::min(ar.rows, cr.rows));
   for (int64_t g = 0; g < w.size(0); ++g) {
     const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
     if (nr == 0) continue;
-    gemm_raw(sub_rows(ar, r0, nr), false, rows_of(w[g]), trans_w, sub_rows(cr, r0, nr), 1.0f, beta);
+    gemm_raw(sub_rows(ar, r0, nr), false, rows_of(w32[g]), trans_w, sub_rows(cr, r0, nr), 1.0f, beta);
   }
 }
 
 void CpuBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offset_tensor, Tensor& dw) {
   CHECK_EQ(dw.dim(), 3);
-  Rows dcr = rows_of(dc), ar = rows_of(a);
+  const Tensor a32 = f32_values(a);
+  Rows dcr = rows_of(dc), ar = rows_of(a32);
   const int64_t* offsets = group_bounds(offset_tensor, dw.size(0), std::min(dcr.rows, ar.rows));
   for (int64_t g = 0; g < dw.size(0); ++g) {
     const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];

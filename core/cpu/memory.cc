@@ -6,6 +6,8 @@
 
 namespace r1lab::core::cpu {
 
+Tensor f32_values(const Tensor& t) { return t.dtype() == DType::kBF16 ? t.to_f32() : t; }
+
 Rows rows_of(const Tensor& t) {
   CHECK(t.dtype() == DType::kF32) << "expected F32, got " << dtype_name(t.dtype());
   CHECK(t.dim() >= 1);
@@ -91,6 +93,12 @@ void CpuBackend::fill(Tensor& t, float value) {
 
 // h = silu(g) * u, silu(g) = g * sigmoid(g).
 void CpuBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
+  if (h.dtype() == DType::kBF16) {  // the f32 result, rounded
+    Tensor h32 = Tensor::zeros(h.shape());
+    silu_mul_forward(gu, h32);
+    copy(h32, h);
+    return;
+  }
   Rows in = rows_of(gu), out = rows_of(h);
   const int64_t inter = out.cols;
   CHECK_EQ(in.cols, 2 * inter);

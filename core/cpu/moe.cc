@@ -108,6 +108,12 @@ void CpuBackend::moe_route_backward(const Tensor& dweights, const Tensor& scores
 // Counting sort of assignments by expert, stable in assignment order (deterministic).
 void CpuBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
                               Tensor& offset_tensor) {
+  if (x.dtype() == DType::kBF16) {  // the rows as f32 values, copied back exactly
+    Tensor xs32 = Tensor::zeros(xs.shape());
+    moe_dispatch(f32_values(x), idx, n_experts, xs32, row_of, offset_tensor);
+    copy(xs32, xs);
+    return;
+  }
   Rows xr = rows_of(x), xsr = rows_of(xs);
   const int64_t m = idx.size(0), kk = idx.size(1), n = m * kk;
   CHECK_EQ(xr.rows, m);

@@ -7,6 +7,12 @@ namespace r1lab::core::cpu {
 
 // y = x * rstd * w,  rstd = 1 / sqrt(mean(x²) + eps).
 void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+  if (y.dtype() == DType::kBF16) {  // the f32 result, rounded
+    Tensor y32 = Tensor::zeros(y.shape());
+    rmsnorm_forward(x, w, eps, y32, rstd);
+    copy(y32, y);
+    return;
+  }
   Rows xr = rows_of(x), yr = rows_of(y);
   const float* wp = w.f32();
   float* rs = rstd.f32();

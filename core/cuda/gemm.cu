@@ -68,9 +68,12 @@ __global__ void to_bf16_kernel(const float* src, int64_t rows, int64_t cols, int
 // time; taken up to 4 rows a group on average (more go to the tensor-core kernel below).
 constexpr int kSmallTile = 64, kSmallWarps = 8;
 
-template <int kSmallRows>
+__device__ __forceinline__ __nv_bfloat16 as_bf16(float v) { return __float2bfloat16(v); }
+__device__ __forceinline__ __nv_bfloat16 as_bf16(__nv_bfloat16 v) { return v; }
+
+template <int kSmallRows, typename TA>
 __global__ void __launch_bounds__(kSmallWarps * 32)
-    grouped_small_kernel(const float* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, float* c,
+    grouped_small_kernel(const TA* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, float* c,
                          int64_t ldc, int n, int k, const int64_t* bounds, float beta) {
   extern __shared__ __nv_bfloat16 xs[];  // [rows, k]
   const int g = blockIdx.x, first = static_cast<int>(bounds[g]), last = static_cast<int>(bounds[g + 1]);
@@ -81,7 +84,7 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
     const int rows = min(kSmallRows, last - r0);
     __syncthreads();
     for (int i = threadIdx.x; i < rows * k; i += blockDim.x)
-      xs[i] = __float2bfloat16(a[static_cast<int64_t>(r0 + i / k) * lda + i % k]);
+      xs[i] = as_bf16(a[static_cast<int64_t>(r0 + i / k) * lda + i % k]);
     __syncthreads();
     for (int j = blockIdx.y * kSmallTile + warp; j < min(n, (blockIdx.y + 1) * kSmallTile); j += kSmallWarps) {
       const __nv_bfloat16* wr = wg + static_cast<int64_t>(j) * ldw;
@@ -459,7 +462,7 @@ std::vector<int64_t> CudaBackend::host_offsets(const Tensor& offsets, int64_t ro
 void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
                                float beta) {
   CHECK_EQ(w.dim(), 3);
-  check_device(a, DType::kF32);
+  check_operand(a);
   check_operand(w);
   check_device(c, DType::kF32);
   CHECK_EQ(w.stride(2), 1);
@@ -472,7 +475,7 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   // Counted as if every row is in a group (the bounds stay on the device).
   const int64_t rows = A.rows;
   Op op(this, "grouped_gemm", 2.0 * rows * n * k,
-        4.0 * (rows * k + rows * n) + 1.0 * dtype_size(w.dtype()) * groups * n * k);
+        1.0 * dtype_size(a.dtype()) * rows * k + 4.0 * rows * n + 1.0 * dtype_size(w.dtype()) * groups * n * k);
   if (rows == 0 || groups == 0) return;
   const bool bf16 = bf16_products(a, w);
   const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
@@ -480,14 +483,20 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   const size_t small_bytes = static_cast<size_t>(rows <= 2 * groups ? 16 : 32) * k * 2;
   if (trans_w && w.dtype() == DType::kBF16 && fits && rows <= 4 * groups && k % 8 == 0 && w.stride(1) % 8 == 0 &&
       w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.raw()) % 16 == 0 && small_bytes <= 96 * 1024) {
-    const auto kernel = rows <= 2 * groups ? grouped_small_kernel<16> : grouped_small_kernel<32>;
-    if (small_bytes > 48 * 1024)  // an opt-in, per device
-      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>((n + kSmallTile - 1) / kSmallTile));
-    kernel<<<grid, kSmallWarps * 32, small_bytes, stream()>>>(A.f(), A.ld, static_cast<const __nv_bfloat16*>(w.raw()),
-                                                              w.stride(1), w.stride(0), C.f(), C.ld,
-                                                              static_cast<int>(n), static_cast<int>(k),
-                                                              offsets.data<int64_t>(), beta);
+    const auto launch = [&](auto* tag) {
+      using TA = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+      const auto kernel = rows <= 2 * groups ? grouped_small_kernel<16, TA> : grouped_small_kernel<32, TA>;
+      if (small_bytes > 48 * 1024)  // an opt-in, per device
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
+      kernel<<<grid, kSmallWarps * 32, small_bytes, stream()>>>(
+          static_cast<const TA*>(A.p), A.ld, static_cast<const __nv_bfloat16*>(w.raw()), w.stride(1), w.stride(0),
+          C.f(), C.ld, static_cast<int>(n), static_cast<int>(k), offsets.data<int64_t>(), beta);
+    };
+    if (a.dtype() == DType::kBF16)
+      launch(static_cast<__nv_bfloat16*>(nullptr));
+    else
+      launch(static_cast<float*>(nullptr));
     CUDA_CHECK(cudaGetLastError());
     return;
   }
@@ -524,7 +533,7 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
 void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) {
   CHECK_EQ(dw.dim(), 3);
   check_device(dc, DType::kF32);
-  check_device(a, DType::kF32);
+  check_operand(a);
   check_device(dw, DType::kF32);
   CHECK_EQ(dw.stride(2), 1);
   const Rows D = rows_of(dc), A = rows_of(a);

@@ -2,6 +2,7 @@
 // and backward. Each follows its CPU reference's order of operations (ties in the router broken toward
 // the lower expert index, assignments grouped by expert stably in token order), with no atomics.
 #include <cub/block/block_scan.cuh>
+#include <cuda_bf16.h>
 
 #include "core/cuda/cuda_backend.h"
 
@@ -176,16 +177,17 @@ __global__ void offsets_kernel(const int64_t* counts, int e, int64_t* offsets) {
 }
 
 // Block a: row_of[a] = offsets[idx[a]] + rank[a]; xs[row] = x[a / K].
-__global__ void dispatch_kernel(const float* x, int64_t ldx, const int32_t* idx, const int32_t* rank,
-                                const int64_t* offsets, int64_t k, int64_t cols, int32_t* row_of, float* xs,
+template <typename T>
+__global__ void dispatch_kernel(const T* x, int64_t ldx, const int32_t* idx, const int32_t* rank,
+                                const int64_t* offsets, int64_t k, int64_t cols, int32_t* row_of, T* xs,
                                 int64_t ldxs, int n_experts) {
   const int64_t a = blockIdx.x;
   const int32_t e = idx[a];
   if (e < 0 || e >= n_experts) return;
   const int64_t row = offsets[e] + rank[a];
   if (threadIdx.x == 0) row_of[a] = static_cast<int32_t>(row);
-  const float* src = x + (a / k) * ldx;
-  float* dst = xs + row * ldxs;
+  const T* src = x + (a / k) * ldx;
+  T* dst = xs + row * ldxs;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
 }
 
@@ -374,6 +376,8 @@ void CudaBackend::moe_route_backward(const Tensor& dweights, const Tensor& score
 void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
                                Tensor& offsets) {
   const Rows X = rows_of(x), XS = rows_of(xs);
+  CHECK(x.dtype() == DType::kF32 || x.dtype() == DType::kBF16) << "moe_dispatch of " << dtype_name(x.dtype());
+  check_device(xs, x.dtype());
   check_device(idx, DType::kI32);
   check_device(row_of, DType::kI32);
   CHECK(idx.dim() == 2 && idx.is_contiguous());
@@ -383,16 +387,23 @@ void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts
   CHECK_EQ(X.cols, XS.cols);
   offsets = zeros({n_experts + 1}, DType::kI64);
   if (n == 0) return;
-  Op op(this, "moe_dispatch", 0, 8.0 * n * X.cols);
+  Op op(this, "moe_dispatch", 0, 2.0 * n * X.cols * dtype_size(x.dtype()));
   Tensor rank = zeros({n}, DType::kI32), counts = zeros({n_experts}, DType::kI64);
   int64_t* cnt = counts.data<int64_t>();
   int64_t* off = offsets.data<int64_t>();
   expert_rank_kernel<<<static_cast<unsigned>(n_experts), kScanThreads, 0, stream()>>>(idx.data<int32_t>(), n,
                                                                                      rank.data<int32_t>(), cnt);
   offsets_kernel<<<1, 1, 0, stream()>>>(cnt, n_experts, off);
-  dispatch_kernel<<<static_cast<unsigned>(n), 256, 0, stream()>>>(X.f(), X.ld, idx.data<int32_t>(), rank.data<int32_t>(),
-                                                                   off, k, X.cols, row_of.data<int32_t>(), XS.f(), XS.ld,
-                                                                   n_experts);
+  if (x.dtype() == DType::kBF16) {
+    using B = __nv_bfloat16;
+    dispatch_kernel<B><<<static_cast<unsigned>(n), 256, 0, stream()>>>(
+        static_cast<const B*>(X.p), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), off, k, X.cols,
+        row_of.data<int32_t>(), static_cast<B*>(XS.p), XS.ld, n_experts);
+  } else {
+    dispatch_kernel<float><<<static_cast<unsigned>(n), 256, 0, stream()>>>(
+        X.f(), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), off, k, X.cols, row_of.data<int32_t>(), XS.f(), XS.ld,
+        n_experts);
+  }
   CUDA_CHECK(cudaGetLastError());
 }
 

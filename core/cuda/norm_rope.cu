@@ -36,9 +36,10 @@ __device__ float block_sum(float v) {
   return total;
 }
 
-// One block per row: rstd = 1/sqrt(mean(x²) + eps); y = x · rstd · w.
-template <typename T>
-__global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, float eps, T* y, int64_t ldy,
+// One block per row: rstd = 1/sqrt(mean(x²) + eps); y = x · rstd · w (y in its own dtype: bf16 where
+// only bf16 products read it).
+template <typename T, typename TY>
+__global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, float eps, TY* y, int64_t ldy,
                                        float* rstd, int d) {
   const T* xr = x + blockIdx.x * ldx;
   float ss = 0;
@@ -48,7 +49,7 @@ __global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, 
   }
   const float r = rsqrtf(block_sum(ss) / d + eps);
   if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-  T* yr = y + blockIdx.x * ldy;
+  TY* yr = y + blockIdx.x * ldy;
   for (int i = threadIdx.x; i < d; i += blockDim.x) store(yr + i, w[i] * (load(xr + i) * r));
 }
 
@@ -90,9 +91,9 @@ __global__ void column_sum_kernel(const float* partial, int splits, int d, float
   dw[i] += acc;
 }
 
-// h = silu(g) · u over gu = [g | u].
-template <typename T>
-__global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, T* h, int64_t ldh, int64_t rows, int inter) {
+// h = silu(g) · u over gu = [g | u] (h in its own dtype, as y above).
+template <typename T, typename TH>
+__global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, TH* h, int64_t ldh, int64_t rows, int inter) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * inter) return;
   const int64_t r = i / inter, c = i % inter;
@@ -145,22 +146,32 @@ void dispatch(DType dtype, F f) {
   }
 }
 
+// f(in tag, out tag) for an op whose output may be rounded to bf16 while its input is f32.
+template <typename F>
+void dispatch2(DType in, DType out, F f) {
+  dispatch(in, [&](auto* ti) { dispatch(out, [&](auto* to) { f(ti, to); }); });
+}
+
 }  // namespace
 
 void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
   const Rows X = rows_of(x), Y = rows_of(y);
-  check_device(y, x.dtype());
+  check_device(y, y.dtype());
   check_device(w, DType::kF32);
   check_device(rstd, DType::kF32);
+  CHECK(x.dtype() == y.dtype() || y.dtype() == DType::kBF16)
+      << "rmsnorm of " << dtype_name(x.dtype()) << " into " << dtype_name(y.dtype());
   CHECK_EQ(w.numel(), X.cols);
   CHECK_EQ(rstd.numel(), X.rows);
   CHECK(X.rows == Y.rows && X.cols == Y.cols);
   if (X.rows == 0) return;
-  Op op(this, "rmsnorm", 4.0 * X.rows * X.cols, 2.0 * X.rows * X.cols * dtype_size(x.dtype()));
-  dispatch(x.dtype(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    rmsnorm_forward_kernel<T><<<static_cast<unsigned>(X.rows), kThreads, 0, stream()>>>(
-        static_cast<const T*>(X.p), X.ld, w.f32(), eps, static_cast<T*>(Y.p), Y.ld, rstd.f32(),
+  Op op(this, "rmsnorm", 4.0 * X.rows * X.cols,
+        1.0 * X.rows * X.cols * (dtype_size(x.dtype()) + dtype_size(y.dtype())));
+  dispatch2(x.dtype(), y.dtype(), [&](auto* ti, auto* to) {
+    using T = std::remove_pointer_t<decltype(ti)>;
+    using TY = std::remove_pointer_t<decltype(to)>;
+    rmsnorm_forward_kernel<T, TY><<<static_cast<unsigned>(X.rows), kThreads, 0, stream()>>>(
+        static_cast<const T*>(X.p), X.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
         static_cast<int>(X.cols));
   });
   CUDA_CHECK(cudaGetLastError());
@@ -198,16 +209,19 @@ void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tens
 
 void CudaBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
   const Rows GU = rows_of(gu), H = rows_of(h);
-  check_device(h, gu.dtype());
+  check_device(h, h.dtype());
+  CHECK(gu.dtype() == h.dtype() || h.dtype() == DType::kBF16)
+      << "silu_mul of " << dtype_name(gu.dtype()) << " into " << dtype_name(h.dtype());
   CHECK_EQ(GU.cols, 2 * H.cols);
   CHECK_EQ(GU.rows, H.rows);
   const int64_t n = H.rows * H.cols;
   if (n == 0) return;
-  Op op(this, "silu_mul", 5.0 * n, 3.0 * n * dtype_size(gu.dtype()));
-  dispatch(gu.dtype(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    silu_mul_forward_kernel<T><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
-        static_cast<const T*>(GU.p), GU.ld, static_cast<T*>(H.p), H.ld, H.rows, static_cast<int>(H.cols));
+  Op op(this, "silu_mul", 5.0 * n, 1.0 * n * (2 * dtype_size(gu.dtype()) + dtype_size(h.dtype())));
+  dispatch2(gu.dtype(), h.dtype(), [&](auto* ti, auto* to) {
+    using T = std::remove_pointer_t<decltype(ti)>;
+    using TH = std::remove_pointer_t<decltype(to)>;
+    silu_mul_forward_kernel<T, TH><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
+        static_cast<const T*>(GU.p), GU.ld, static_cast<TH*>(H.p), H.ld, H.rows, static_cast<int>(H.cols));
   });
   CUDA_CHECK(cudaGetLastError());
 }

@@ -84,6 +84,41 @@ TEST_F(CpuOps, CopyConvertsBetweenF32AndBf16) {
   }
 }
 
+// Activations only bf16 products read may be bf16 (the GPU's bf16 path makes them so): the CPU
+// reference takes and makes them too, with the f32 result rounded once, and bf16 operands read exactly.
+TEST_F(CpuOps, Bf16ActivationsAreTheF32ResultsRounded) {
+  const int64_t m = 6, d = 16;
+  Tensor x = randn({m, d}, rng_), w = randn({d}, rng_), y = Tensor::zeros({m, d}), rstd = Tensor::zeros({m});
+  Tensor yb = Tensor::zeros({m, d}, DType::kBF16), rb = Tensor::zeros({m});
+  be_->rmsnorm_forward(x, w, 1e-6f, y, rstd);
+  be_->rmsnorm_forward(x, w, 1e-6f, yb, rb);
+  Tensor gu = randn({m, 2 * d}, rng_), h = Tensor::zeros({m, d}), hb = Tensor::zeros({m, d}, DType::kBF16);
+  be_->silu_mul_forward(gu, h);
+  be_->silu_mul_forward(gu, hb);
+  for (int64_t i = 0; i < m * d; ++i) {
+    EXPECT_EQ(yb.data<uint16_t>()[i], f32_to_bf16(y.f32()[i]));
+    EXPECT_EQ(hb.data<uint16_t>()[i], f32_to_bf16(h.f32()[i]));
+  }
+  EXPECT_EQ(rb.f32()[3], rstd.f32()[3]);
+  // A bf16 operand is its values: the same product as from those values in f32.
+  Tensor b = randn({5, d}, rng_), c1 = Tensor::zeros({m, 5}), c2 = Tensor::zeros({m, 5});
+  be_->gemm(yb, false, b, true, c1);
+  be_->gemm(yb.to_f32(), false, b, true, c2);
+  for (int64_t i = 0; i < m * 5; ++i) EXPECT_EQ(c1.f32()[i], c2.f32()[i]);
+  // Dispatch moves bf16 rows as they are; the grouped product reads them exactly.
+  Tensor idx = Tensor::zeros({m, 2}, DType::kI32);
+  for (int64_t i = 0; i < 2 * m; ++i) idx.data<int32_t>()[i] = static_cast<int32_t>((i * 5) % 3);
+  Tensor xs = Tensor::zeros({2 * m, d}, DType::kBF16), xs32 = Tensor::zeros({2 * m, d});
+  Tensor row_of = Tensor::zeros({2 * m}, DType::kI32), off, off32;
+  be_->moe_dispatch(yb, idx, 3, xs, row_of, off);
+  be_->moe_dispatch(yb.to_f32(), idx, 3, xs32, row_of, off32);
+  for (int64_t i = 0; i < 2 * m * d; ++i) EXPECT_EQ(xs.data<uint16_t>()[i], f32_to_bf16(xs32.f32()[i]));
+  Tensor we = randn({3, 4, d}, rng_), o1 = Tensor::zeros({2 * m, 4}), o2 = Tensor::zeros({2 * m, 4});
+  be_->grouped_gemm(xs, we, true, off, o1);
+  be_->grouped_gemm(xs32, we, true, off32, o2);
+  for (int64_t i = 0; i < 2 * m * 4; ++i) EXPECT_EQ(o1.f32()[i], o2.f32()[i]);
+}
+
 TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
   const int64_t offsets[] = {0, 3, 3, 7};  // an empty group in the middle
   Tensor bounds = Tensor::zeros({4}, DType::kI64);

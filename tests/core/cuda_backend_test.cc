@@ -301,8 +301,23 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
       Tensor a = wide.slice(1, 0, k);
       Tensor gwide = on(be, wide), gw = on(be, w), gc = on(be, c), wb = be.zeros(w.shape(), DType::kBF16);
       be.copy(gw, wb);
+      Tensor gc0 = be.zeros(c.shape(), DType::kF32);
+      be.copy(gc, gc0);
       be.grouped_gemm(gwide.slice(1, 0, k), wb, true, on(be, bounds(offsets)), gc, 0.5f);
       const Tensor got = be.download(gc);
+      // bf16 rows (as a norm or the gate writes them for bf16 products) give the same bits: the f32
+      // ones are rounded the same way first.
+      Tensor ab = be.zeros({r, k}, DType::kBF16);
+      be.copy(gwide.slice(1, 0, k), ab);
+      be.grouped_gemm(ab, wb, true, on(be, bounds(offsets)), gc0, 0.5f);
+      EXPECT_TRUE(bitwise_equal(be.download(gc0), got)) << "bf16 rows, k " << k << ", rows " << r;
+      if (k % 8 == 0 && n % 8 == 0) {  // and the weight gradient over bf16 rows
+        Tensor dc = randn({r, n}), gdc = on(be, dc);
+        Tensor dw1 = be.zeros(w.shape(), DType::kF32), dw2 = be.zeros(w.shape(), DType::kF32);
+        be.grouped_gemm_wgrad(gdc, gwide.slice(1, 0, k), on(be, bounds(offsets)), dw1);
+        be.grouped_gemm_wgrad(gdc, ab, on(be, bounds(offsets)), dw2);
+        EXPECT_TRUE(bitwise_equal(be.download(dw1), be.download(dw2))) << "wgrad over bf16 rows, k " << k;
+      }
       double worst = 0, scale = 0;
       for (int64_t gi = 0; gi < g; ++gi)
         for (int64_t row = offsets[gi]; row < offsets[gi + 1]; ++row)
@@ -342,6 +357,14 @@ TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
     Tensor gyb = gpu_->zeros({m, d}, DType::kBF16);
     gpu_->rmsnorm_forward(dev(xb), gw, 1e-6f, gyb, gr);
     EXPECT_CLOSE(gyb, yr, 1e-2);
+    // f32 in, bf16 out (a norm whose output only bf16 products read): the f32 result rounded once, as
+    // the CPU reference rounds it; a last-bit difference where the f32 results differ at a tie.
+    Tensor yb = Tensor::zeros({m, d}, DType::kBF16), gy2 = gpu_->zeros({m, d}, DType::kBF16);
+    cpu_->rmsnorm_forward(x, w, 1e-6f, yb, rstd);
+    gpu_->rmsnorm_forward(gx, gw, 1e-6f, gy2, gr);
+    EXPECT_TRUE(bitwise_equal(yb, y.clone().to(DType::kBF16)));
+    EXPECT_LT(max_rel(*gpu_, gy2, yb), 8e-3);
+    EXPECT_CLOSE(gr, rstd, 1e-5);
   }
 }
 
@@ -356,6 +379,12 @@ TEST_F(CudaBackendTest, SiluGateForwardBackward) {
     gpu_->silu_mul_backward(dev(dh), dev(gu), gdgu);
     EXPECT_CLOSE(gh, h, 1e-5);
     EXPECT_CLOSE(gdgu, dgu, 1e-5);
+    // Into bf16 (the gated activation only a bf16 product reads): the f32 result rounded once.
+    Tensor hb = Tensor::zeros({m, inter}, DType::kBF16), ghb = gpu_->zeros({m, inter}, DType::kBF16);
+    cpu_->silu_mul_forward(gu, hb);
+    gpu_->silu_mul_forward(dev(gu), ghb);
+    EXPECT_TRUE(bitwise_equal(hb, h.clone().to(DType::kBF16)));
+    EXPECT_LT(max_rel(*gpu_, ghb, hb), 8e-3);
   }
 }
 
@@ -612,6 +641,14 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
   EXPECT_TRUE(bitwise_equal(gpu_->download(goff), off));
   EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
   EXPECT_TRUE(bitwise_equal(gpu_->download(gxs), xs));
+  // bf16 rows move as they are.
+  Tensor xb = x.clone().to(DType::kBF16), xsb = Tensor::zeros(xs.shape(), DType::kBF16), row2 = row_of.clone();
+  Tensor gxsb = gpu_->zeros(xs.shape(), DType::kBF16);
+  cpu_->moe_dispatch(xb, idx, e, xsb, row2, off);
+  gpu_->moe_dispatch(dev(xb), dev(idx), e, gxsb, grow, goff);
+  EXPECT_TRUE(bitwise_equal(xsb, xs.clone().to(DType::kBF16)));
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gxsb), xsb));
+  EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
   Tensor dxs = randn({m * k, h}), dx = randn({m, h}), gdx = dev(dx);
   cpu_->moe_dispatch_backward(dxs, row_of, dx);
   gpu_->moe_dispatch_backward(dev(dxs), grow, gdx);
