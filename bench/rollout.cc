@@ -17,6 +17,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_format.h"
 #include "bench/gpu_ceilings.h"
 #include "core/cuda/cuda.h"
 #include "model/latent_cache.h"
@@ -164,6 +165,7 @@ int main(int argc, char** argv) {
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   std::vector<double> lp_gaps;
   int lp_batch = 0;
+  std::vector<std::string> host_lines;
   for (const std::string& bs : absl::GetFlag(FLAGS_batches)) {
     const int batch = std::atoi(bs.c_str());
     if (batch <= 0) continue;
@@ -192,8 +194,16 @@ int main(int argc, char** argv) {
                 hf > 0 ? std::to_string(static_cast<int64_t>(hf)).c_str() : "-",
                 hf > 0 ? (std::to_string(tok_s / hf).substr(0, 5) + "x").c_str() : "-", 1e3 * step_s, host_ms,
                 1e3 * floor_s, step_s > 0 ? 100 * floor_s / step_s : 0.0, floor_s > 0 ? batch / floor_s : 0.0);
+    const double per = 1e3 / std::max<int64_t>(1, s1.steps - s0.steps);
+    host_lines.push_back(absl::StrFormat(
+        "batch %d, ms a step: schedule %.3f, forward's host side %.3f, sample (waits for the device) %.3f, "
+        "accept %.3f",
+        batch, per * (s1.schedule_seconds - s0.schedule_seconds), per * (s1.launch_seconds - s0.launch_seconds),
+        per * (s1.sample_seconds - s0.sample_seconds), per * (s1.accept_seconds - s0.accept_seconds)));
     std::fflush(stdout);
   }
+  std::printf("\n");
+  for (const std::string& l : host_lines) std::printf("%s\n", l.c_str());
 
   // The long tail: 240 sequences of --new_tokens and 16 of --long_tail tokens in one batch. Every
   // running sequence decodes a token a step, so when the short ones end the long ones hold about

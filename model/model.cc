@@ -256,6 +256,7 @@ Tensor upload_i32(core::Backend& be, const std::vector<int32_t>& v, const core::
 // Decode steps replay a graph per (batch, table width) bucket: buffers the graph reads and writes in
 // place, and the graph once captured.
 struct Model::StepGraph {
+  Tensor inputs;  // the step's inputs, I32, in one buffer (the views below)
   StepTensors st;
   Tensor ids, logits;  // [B] I32, [B, V]
   bool warmed = false;
@@ -277,6 +278,9 @@ int64_t batch_bucket(int64_t n) {
   }
   return b;
 }
+
+// Where the block tables start in a step graph's input buffer (a multiple of 4 entries).
+int64_t step_tables_at(int64_t b) { return (5 * b + 1 + 3) / 4 * 4; }
 
 int64_t width_bucket(int64_t w) {
   int64_t b = 4;
@@ -326,18 +330,27 @@ Tensor Model::forward_step_graph(const StepBatch& step, LatentCache& cache, int6
       return forward_step_graph(step, cache, max_blocks);
     }
     g = std::make_unique<StepGraph>();
-    g->st.positions = backend_.zeros({b}, core::DType::kI32);
-    g->st.slots = backend_.zeros({b}, core::DType::kI32);
-    g->st.seq_starts = backend_.zeros({b + 1}, core::DType::kI32);
-    g->st.context_lens = backend_.zeros({b}, core::DType::kI32);
-    g->st.block_tables = backend_.zeros({b, w}, core::DType::kI32);
-    g->ids = backend_.zeros({b}, core::DType::kI32);
+    // Every input of the step in one buffer, so that a step uploads them in one transfer:
+    // ids, positions, slots, context lengths [b] each, sequence starts [b + 1], block tables [b, w]
+    // (16-byte aligned).
+    g->inputs = backend_.zeros({step_tables_at(b) + b * w}, core::DType::kI32);
+    const auto part = [&](int64_t at, int64_t len) { return g->inputs.slice(0, at, len); };
+    g->ids = part(0, b);
+    g->st.positions = part(b, b);
+    g->st.slots = part(2 * b, b);
+    g->st.context_lens = part(3 * b, b);
+    g->st.seq_starts = part(4 * b, b + 1);
+    g->st.block_tables = part(step_tables_at(b), b * w).view({b, w});
     g->logits = backend_.zeros({b, cfg_.vocab_size});
   }
   // The step's rows, then pad rows: token 0 at position 0 in the pad block, a context of one.
   const int32_t pad = static_cast<int32_t>(cache.pad_block());
-  std::vector<int32_t> ids(b, 0), positions(b, 0), slots(b, pad * cache.block_size()), starts(b + 1), ctx(b, 1);
-  std::vector<int32_t> tables = table_rows(step, b, w);
+  std::vector<int32_t> host(static_cast<size_t>(step_tables_at(b) + b * w), 0);
+  int32_t* ids = host.data();
+  int32_t *positions = ids + b, *slots = ids + 2 * b, *ctx = ids + 3 * b, *starts = ids + 4 * b;
+  int32_t* tables = ids + step_tables_at(b);
+  for (size_t s = 0; s < step.block_tables.size(); ++s)
+    std::copy(step.block_tables[s].begin(), step.block_tables[s].end(), tables + static_cast<int64_t>(s) * w);
   for (int64_t i = 0; i < b; ++i) {
     starts[i + 1] = static_cast<int32_t>(i + 1);
     if (i < n) {
@@ -346,18 +359,12 @@ Tensor Model::forward_step_graph(const StepBatch& step, LatentCache& cache, int6
       slots[i] = step.slots[i];
       ctx[i] = step.context_lens[i];
     } else {
+      slots[i] = pad * cache.block_size();
+      ctx[i] = 1;
       tables[i * w] = pad;
     }
   }
-  const auto put = [&](const std::vector<int32_t>& v, Tensor& dst) {
-    backend_.upload(Tensor::wrap(const_cast<int32_t*>(v.data()), dst.shape(), core::DType::kI32), dst);
-  };
-  put(ids, g->ids);
-  put(positions, g->st.positions);
-  put(slots, g->st.slots);
-  put(starts, g->st.seq_starts);
-  put(ctx, g->st.context_lens);
-  put(tables, g->st.block_tables);
+  backend_.upload(Tensor::wrap(host.data(), g->inputs.shape(), core::DType::kI32), g->inputs);
   StepGraph& sg = *g;
   const auto work = [this, &sg, &cache] { run_step(sg.st, sg.ids, nullptr, cache, sg.logits); };
   if (!sg.replay && sg.warmed) sg.replay = backend_.capture(work);

@@ -454,7 +454,10 @@ bool Engine::step_locked() {
     }
     // Logits [sequences that end their known tokens this step, V] stay on the device; only the picks
     // come back.
+    const auto launch_start = Clock::now();
+    counters_.schedule_seconds += std::chrono::duration<double>(launch_start - step_start).count();
     const core::Tensor logits = model_.forward_step(sb, *cache_);
+    counters_.launch_seconds += seconds_since(launch_start);
     counters_.host_seconds += seconds_since(step_start);
     ++counters_.steps;
     counters_.tokens_computed += sb.num_tokens();
@@ -472,8 +475,12 @@ bool Engine::step_locked() {
     }
     std::vector<int32_t> tokens;
     std::vector<float> logprobs;
+    const auto sample_start = Clock::now();
     sample_tokens(model_.backend(), logits, requests, &tokens, &logprobs);
+    const auto accept_start = Clock::now();
+    counters_.sample_seconds += std::chrono::duration<double>(accept_start - sample_start).count();
     for (size_t i = 0; i < picking.size(); ++i) accept(picking[i], tokens[i], logprobs[i]);
+    counters_.accept_seconds += seconds_since(accept_start);
     running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
                    running_.end());
     counters_.step_seconds += seconds_since(step_start);

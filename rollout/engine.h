@@ -95,6 +95,10 @@ struct EngineStats {
   // forward's return), and whole steps (through sampling). Host time near step time: the host is the
   // bottleneck, not the device.
   double host_seconds = 0, step_seconds = 0;
+  // Where a step's time goes: scheduling (through the batch's description), the forward's host side
+  // (uploads and the launch or graph replay), sampling (with the wait for the device's work), and
+  // taking the sampled tokens (stop checks, completions).
+  double schedule_seconds = 0, launch_seconds = 0, sample_seconds = 0, accept_seconds = 0;
 };
 
 class Engine {

@@ -59,13 +59,20 @@ void sample_tokens(core::Backend& be, const core::Tensor& logits, const std::vec
     q[core::kSpecMinP] = r.params->min_p;
     q[core::kSpecUniform] = r.uniform;
   }
-  core::Tensor dspec = be.zeros(spec.shape(), core::DType::kF32);
+  core::Tensor dspec = be.empty(spec.shape(), core::DType::kF32);
   be.upload(spec, dspec);
-  core::Tensor dtok = be.zeros({n}, core::DType::kI32), dlp = be.zeros({n}, core::DType::kF32);
+  // The picks and their logprobs side by side in one buffer: one transfer back, one wait.
+  core::Tensor out = be.empty({2 * n}, core::DType::kI32);
+  core::Tensor dtok = out.slice(0, 0, n);
+  const size_t at = static_cast<size_t>(static_cast<char*>(out.raw()) - static_cast<char*>(out.storage()->data()));
+  core::Tensor dlp(out.storage(), at + static_cast<size_t>(n) * sizeof(int32_t), {n}, {1}, core::DType::kF32);
   be.sample_tokens(logits, dspec, dtok, dlp);
-  const core::Tensor tok = be.download(dtok), lp = be.download(dlp);
-  tokens->assign(tok.data<int32_t>(), tok.data<int32_t>() + n);
-  if (logprobs) logprobs->assign(lp.f32(), lp.f32() + n);
+  const core::Tensor both = be.download(out);
+  tokens->assign(both.data<int32_t>(), both.data<int32_t>() + n);
+  if (logprobs) {
+    const float* lp = reinterpret_cast<const float*>(both.data<int32_t>() + n);
+    logprobs->assign(lp, lp + n);
+  }
 }
 
 }  // namespace r1lab::rollout

@@ -290,10 +290,11 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
   for (int64_t k : {64, 264, 1024}) {
     const int64_t g = 24, n = 200;
     // Rows a group, the rest of the 24 groups empty: up to 2 a group on average, 16 the most (16 rows at
-    // a time); up to 4 on average, 32 the most; 77 in one group (in chunks of 32); then 75 a group on
-    // average (tensor cores, tiles cut by the group bounds).
-    for (const std::vector<int64_t>& sizes : {std::vector<int64_t>{1, 0, 16, 8, 0, 15}, {32, 0, 1, 27, 0, 30},
-                                              {3, 0, 77, 10, 0, 6}, {130, 0, 270, 1, 0, 1399}}) {
+    // a time); up to 4 on average, 32 the most; 77 in one group (in chunks of 32); then on tensor cores,
+    // tiles cut by the group bounds: 10 a group on average (32-row tiles), 58 (64-row tiles), 75 (128).
+    for (const std::vector<int64_t>& sizes :
+         {std::vector<int64_t>{1, 0, 16, 8, 0, 15}, {32, 0, 1, 27, 0, 30}, {3, 0, 77, 10, 0, 6},
+          {40, 0, 121, 33, 0, 46}, {300, 0, 517, 190, 0, 393}, {130, 0, 270, 1, 0, 1399}}) {
       std::vector<int64_t> offsets = {0};
       for (int64_t i = 0; i < g; ++i) offsets.push_back(offsets.back() + (i < 6 ? sizes[i] : 0));
       const int64_t r = offsets.back();
