@@ -95,7 +95,8 @@ class Backend {
                     float alpha = 1.0f, float beta = 0.0f) = 0;
   // c[i] = alpha · op(a[i]) · op(b[i]) + beta · c[i] for every i of the leading dimension of 3-D views
   // whose last dimension is contiguous (any strides on the first two): a [B, m, k] ([B, k, m] if trans_a),
-  // b [B, k, n] ([B, n, k] if trans_b), c [B, m, n] f32.
+  // b [B, k, n] ([B, n, k] if trans_b), c [B, m, n] f32, or bf16 (rounded once: a result only bf16
+  // products read).
   virtual void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
                             float alpha = 1.0f, float beta = 0.0f) = 0;
   // One launch over all groups (experts). For group g, rows r in [offsets[g], offsets[g+1]):
@@ -118,6 +119,12 @@ class Backend {
   // y = x / sqrt(mean(x²) + eps) * w;  x, y: [M, D] rows, w: [D], rstd: [M] saved for backward.
   // y in x's dtype, or bf16 (rounded once: an input only bf16 products read).
   virtual void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) = 0;
+  // h += x, then y = rmsnorm(h) as above (h f32): a layer's residual add and the next norm in one pass.
+  // This default is the reference; a backend may fuse it.
+  virtual void add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+    add(x, h);
+    rmsnorm_forward(h, w, eps, y, rstd);
+  }
   // dx += ∂/∂x, dw += ∂/∂w.
   virtual void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                                 Tensor& dx, Tensor& dw) = 0;
@@ -134,6 +141,12 @@ class Backend {
   // (not its inverse when a YaRN attention factor scales cos/sin), which is what backward needs.
   virtual void rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
                     bool inverse) = 0;
+  // x = src rotated (the forward rotation): a copy and rope in one pass. This default is the reference.
+  virtual void rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table,
+                         bool interleaved) {
+    copy(src, x);
+    rope(x, positions, table, interleaved, false);
+  }
 
   // ---- causal softmax attention (multi-query when Hk < Hq: head h reads kv head h / (Hq/Hk)).
   // q [B, T, Hq, D], k [B, S, Hk, D], v [B, S, Hk, Dv], out [B, T, Hq, Dv], lse [B, Hq, T].
@@ -154,7 +167,7 @@ class Backend {
   //   position context_len - n + i and sees positions 0 .. that), block_tables [S, max_blocks] I32,
   //   out [N, H, dv]. The pool is f32, or bf16 (a cache at half the bytes; on CUDA then D % 16 == 0 and
   //   dv is 64, 128, 256 or 512, and the scores and weighted sums run on tensor cores with q and the softmax weights
-  //   rounded to bf16).
+  //   rounded to bf16). out is f32, or with a bf16 pool bf16 (rounded once, for the bf16 product after it).
   virtual void paged_latent_attention(const Tensor& q, const Tensor& pool, int block_size,
                                       const Tensor& block_tables, const Tensor& seq_starts,
                                       const Tensor& context_lens, float scale, Tensor& out) = 0;

@@ -22,9 +22,10 @@ Tensor split_batch(const Tensor& t, int64_t batch) {
 }
 
 // q = x · W_qᵀ, or rmsnorm(x · W_qaᵀ) · W_qbᵀ with query compression; then rope on each head's rope
-// part. Returns [M, heads, nope + rope]; `a` (optional) keeps what backward needs.
+// part (unless `rotate` is false: the caller rotates it where it moves it). Returns [M, heads, nope +
+// rope]; `a` (optional) keeps what backward needs.
 Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
-               const Tensor& x, const Tensor& positions, AttentionActs* a) {
+               const Tensor& x, const Tensor& positions, AttentionActs* a, bool rotate = true) {
   const int64_t m = x.size(0), heads = cfg.num_attention_heads;
   Tensor q = be.empty({m, heads, cfg.qk_head_dim()});
   Tensor q2 = q.view({m, heads * cfg.qk_head_dim()});
@@ -42,8 +43,10 @@ Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
   } else {
     be.gemm(x, false, w.q_proj, true, q2);
   }
-  Tensor q_pe = q.slice(2, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim);
-  be.rope(q_pe, positions, rope, cfg.rope_interleave, false);
+  if (rotate) {
+    Tensor q_pe = q.slice(2, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim);
+    be.rope(q_pe, positions, rope, cfg.rope_interleave, false);
+  }
   return q;
 }
 
@@ -57,8 +60,7 @@ void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, c
   be.gemm(x, false, w.kv_a_proj, true, a.ckv);
   a.c_rstd = be.empty({m});
   be.rmsnorm_forward(a.ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), c_out, a.c_rstd);
-  be.copy(a.ckv.slice(1, r, rd).unsqueeze(1), pe_out);
-  be.rope(pe_out, positions, rope, cfg.rope_interleave, false);
+  be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1), pe_out, positions, rope, cfg.rope_interleave);
 }
 
 }  // namespace
@@ -180,7 +182,7 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   const Tensor xin = product_operand(be, x);
-  Tensor q = queries(be, cfg, w, rope, xin, st.positions, nullptr);
+  Tensor q = queries(be, cfg, w, rope, xin, st.positions, nullptr, /*rotate=*/false);
   // The new rows [c | k_pe], made in place, into their cache slots.
   AttentionActs lat;
   Tensor rows = be.empty({m, r + rd});
@@ -194,13 +196,14 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   Tensor qa_lat = qa.slice(2, 0, r).transpose(0, 1);  // [heads, m, r]
   be.gemm_batched(q.slice(2, 0, nope).transpose(0, 1), false, kvb.slice(1, 0, nope), false, qa_lat);
   Tensor qa_pe = qa.slice(2, r, rd);
-  be.copy(q.slice(2, nope, rd), qa_pe);
+  be.rope_from(q.slice(2, nope, rd), qa_pe, st.positions, rope, cfg.rope_interleave);
   // One latent "head" shared by all query heads: k = [c | k_pe], v = c.
-  Tensor o_lat = be.empty({m, heads, r});
+  // Its output in the pool's dtype: bf16 with a bf16 cache, where the product after it rounds it anyway.
+  Tensor o_lat = be.empty({m, heads, r}, pool.dtype());
   be.paged_latent_attention(qa, pool, cache.block_size(), st.block_tables, st.seq_starts, st.context_lens,
                             cfg.attention_scale(), o_lat);
   // Un-absorb W_UV: out[h] = o_lat[h] · W_UV[h]ᵀ, W_UV[h] = kv_b_proj rows [v, r].
-  Tensor out = be.empty({m, heads, vd});
+  Tensor out = be.empty({m, heads, vd}, product_dtype(be));
   Tensor out_h = out.transpose(0, 1);  // [heads, m, v]
   be.gemm_batched(o_lat.transpose(0, 1), false, kvb.slice(1, nope, vd), true, out_h);
   be.gemm(out.view({m, heads * vd}), false, w.o_proj, true, y);

@@ -170,10 +170,9 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
     backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd);
     a.h1 = backend_.empty({m, cfg_.hidden_size});
     mla_forward(backend_, cfg_, lw, rope_, a.ln1, st.positions, batch, a.attn, a.h1);
-    backend_.add(x, a.h1);
     a.ln2 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
     a.ln2_rstd = backend_.empty({m});
-    backend_.rmsnorm_forward(a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd);
+    backend_.add_rmsnorm_forward(x, a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd);  // h1 = x + attention
     Tensor out = backend_.empty({m, cfg_.hidden_size});  // the shared experts' product or a fill, then the rest
     if (lw.moe) {
       moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out);
@@ -384,13 +383,14 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
   backend_.embedding_forward(w_.embed, ids, x);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   Tensor ln = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_)), rstd = backend_.empty({m});
+  // Each residual add goes with the norm after it: x + attention with the post-attention norm, the
+  // layer's output with the next layer's input norm.
+  backend_.rmsnorm_forward(x, w_.layers[0].input_norm, eps, ln, rstd);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
-    backend_.rmsnorm_forward(x, lw.input_norm, eps, ln, rstd);
     Tensor h1 = backend_.empty({m, cfg_.hidden_size});
     mla_forward_paged(backend_, cfg_, lw, rope_, ln, st, cache, l, h1);
-    backend_.add(x, h1);
-    backend_.rmsnorm_forward(h1, lw.post_norm, eps, ln, rstd);
+    backend_.add_rmsnorm_forward(x, h1, lw.post_norm, eps, ln, rstd);
     Tensor out = backend_.empty({m, cfg_.hidden_size});
     if (lw.moe) {
       MoeActs a;
@@ -399,7 +399,11 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
       MlpActs a;
       mlp_forward(backend_, lw.mlp, ln, a, out);
     }
-    backend_.add(h1, out);
+    if (l + 1 < cfg_.num_hidden_layers) {
+      backend_.add_rmsnorm_forward(h1, out, w_.layers[l + 1].input_norm, eps, ln, rstd);
+    } else {
+      backend_.add(h1, out);
+    }
     x = out;
   }
   // Only the rows that need logits go through the final norm and the head.

@@ -133,6 +133,12 @@ void CpuBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, int
                                         const Tensor& block_tables, const Tensor& seq_starts,
                                         const Tensor& context_lens, float scale, Tensor& out) {
   CHECK(q.dim() == 3 && out.dim() == 3 && q.stride(2) == 1 && out.stride(2) == 1);
+  if (out.dtype() == DType::kBF16) {  // the f32 result, rounded
+    Tensor o32 = Tensor::zeros(out.shape());
+    paged_latent_attention(q, pool, block_size, block_tables, seq_starts, context_lens, scale, o32);
+    copy(o32, out);
+    return;
+  }
   if (pool.dtype() == DType::kBF16) {  // a bf16 cache: its values, exactly, in f32
     paged_latent_attention(q, pool.to_f32(), block_size, block_tables, seq_starts, context_lens, scale, out);
     return;

@@ -77,6 +77,12 @@ void CpuBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bo
                               float beta) {
   CHECK(a.dim() == 3 && b.dim() == 3 && c.dim() == 3) << "gemm_batched takes 3-D views";
   CHECK(a.size(0) == c.size(0) && b.size(0) == c.size(0)) << "gemm_batched: batch sizes";
+  if (c.dtype() == DType::kBF16) {  // the f32 result, rounded
+    Tensor c32 = c.to_f32();
+    gemm_batched(a, trans_a, b, trans_b, c32, alpha, beta);
+    copy(c32, c);
+    return;
+  }
   for (int64_t i = 0; i < c.size(0); ++i)
     gemm_raw(rows_of(f32_values(a[i])), trans_a, rows_of(f32_values(b[i])), trans_b, rows_of(c[i]), alpha, beta);
 }

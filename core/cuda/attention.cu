@@ -475,9 +475,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+__device__ __forceinline__ void put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void put(tc::bf16* p, float v) { *p = __float2bfloat16(v); }
+
 // out[i, h] = Σ_z acc_z · e^(m_z - M) / Σ_z l_z · e^(m_z - M), M = max_z m_z (splits without positions
-// carry m = -inf, l = 0). grid (N, H), 128 threads.
-__global__ void paged_combine_kernel(const float* part_ml, const float* part_acc, int64_t splits, int dv, float* out,
+// carry m = -inf, l = 0); out f32 or bf16. grid (N, H), 128 threads.
+template <typename TO>
+__global__ void paged_combine_kernel(const float* part_ml, const float* part_acc, int64_t splits, int dv, TO* out,
                                      int64_t os0, int64_t os1, int64_t heads) {
   const int64_t i = blockIdx.x, h = blockIdx.y, base = (i * heads + h) * splits;
   float mx = -INFINITY;
@@ -493,7 +497,7 @@ __global__ void paged_combine_kernel(const float* part_ml, const float* part_acc
       const float mz = part_ml[2 * (base + z)];
       if (mz != -INFINITY) o += part_acc[(base + z) * dv + c] * expf(mz - mx);
     }
-    out[i * os0 + h * os1 + c] = o / l;
+    put(out + i * os0 + h * os1 + c, o / l);
   }
 }
 
@@ -508,11 +512,11 @@ __global__ void paged_combine_kernel(const float* part_ml, const float* part_acc
 // attention rounds K and V; sums and accumulators stay f32.
 constexpr int kLatTile = 64, kLatWarps = 4, kLatHeads = 16;
 
-template <int kDvw>  // dv / 4: the columns of one warp
+template <int kDvw, typename TO>  // dv / 4: the columns of one warp; the output's dtype (f32 or bf16)
 __global__ void __launch_bounds__(kLatWarps * 32)
     paged_latent_tc_kernel(const float* q, int64_t qs0, int64_t qs1, const tc::bf16* pool, int64_t ldp,
                            int64_t pool_rows, int block_size, const int32_t* tables, int64_t max_blocks,
-                           const int32_t* seq_of, const int32_t* starts, const int32_t* ctx, float* out, int64_t os0,
+                           const int32_t* seq_of, const int32_t* starts, const int32_t* ctx, TO* out, int64_t os0,
                            int64_t os1, int64_t heads, int D, float scale, int64_t split_len, float* part_ml,
                            float* part_acc) {
   constexpr int kNt = kDvw / 8;  // accumulator n-tiles of a warp
@@ -688,13 +692,13 @@ __global__ void __launch_bounds__(kLatWarps * 32)
         part_acc[slot * dv + col + 1] = acc[t][2 * r + 1];
       }
     } else {
-      float* o = out + i * os0 + h * os1;
+      TO* o = out + i * os0 + h * os1;
       const float inv = 1.0f / l[r];
 #pragma unroll
       for (int t = 0; t < kNt; ++t) {
         const int64_t col = warp * kDvw + t * 8 + 2 * c;
-        o[col] = acc[t][2 * r] * inv;
-        o[col + 1] = acc[t][2 * r + 1] * inv;
+        put(o + col, acc[t][2 * r] * inv);
+        put(o + col + 1, acc[t][2 * r + 1] * inv);
       }
     }
   }
@@ -857,9 +861,11 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
                                          const Tensor& context_lens, float scale, Tensor& out) {
   CHECK(q.dim() == 3 && out.dim() == 3 && q.stride(2) == 1 && out.stride(2) == 1);
   check_device(q, DType::kF32);
-  check_device(out, DType::kF32);
+  check_device(out, out.dtype());
   CHECK(pool.device() == Device::kCuda && (pool.dtype() == DType::kF32 || pool.dtype() == DType::kBF16))
       << "paged attention: an f32 or bf16 pool on the device";
+  CHECK(out.dtype() == DType::kF32 || (out.dtype() == DType::kBF16 && pool.dtype() == DType::kBF16))
+      << "paged attention into " << dtype_name(out.dtype()) << " over a " << dtype_name(pool.dtype()) << " pool";
   check_device(block_tables, DType::kI32);
   check_device(seq_starts, DType::kI32);
   check_device(context_lens, DType::kI32);
@@ -902,8 +908,14 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   const auto combine = [&](const Split& sp) {
     CUDA_CHECK(cudaGetLastError());
     if (sp.count == 1) return;
-    paged_combine_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(heads)), 128, 0, stream()>>>(
-        sp.ml.f32(), sp.acc.f32(), sp.count, static_cast<int>(dv), out.f32(), out.stride(0), out.stride(1), heads);
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(heads));
+    if (out.dtype() == DType::kBF16)
+      paged_combine_kernel<<<grid, 128, 0, stream()>>>(sp.ml.f32(), sp.acc.f32(), sp.count, static_cast<int>(dv),
+                                                       static_cast<tc::bf16*>(out.raw()), out.stride(0),
+                                                       out.stride(1), heads);
+    else
+      paged_combine_kernel<<<grid, 128, 0, stream()>>>(sp.ml.f32(), sp.acc.f32(), sp.count, static_cast<int>(dv),
+                                                       out.f32(), out.stride(0), out.stride(1), heads);
     CUDA_CHECK(cudaGetLastError());
   };
   if (pool.dtype() == DType::kBF16) {
@@ -911,25 +923,32 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
         << "bf16 latent rows need D % 16 == 0 and dv of 64, 128, 256 or 512; got D " << d << ", dv " << dv;
     CHECK(q.stride(0) % 4 == 0 && q.stride(1) % 4 == 0 && reinterpret_cast<uintptr_t>(q.raw()) % 16 == 0)
         << "bf16 latent attention reads q rows as float4";
-    const auto kernel = dv == 64    ? paged_latent_tc_kernel<16>
-                        : dv == 128 ? paged_latent_tc_kernel<32>
-                        : dv == 256 ? paged_latent_tc_kernel<64>
-                                    : paged_latent_tc_kernel<128>;
-    const size_t smem = sizeof(tc::bf16) * ((kLatHeads + 2 * kLatTile) * (d + 8) + kLatHeads * (kLatTile + 8)) +
-                        sizeof(float) * 2 * kLatWarps * 16;
-    set_smem(kernel, smem);
-    // Up to two blocks an SM: more splits cost more than they give once every SM is busy (their partial
-    // sums go through memory; on an H100 at batch 256, 8 blocks an SM decoded at 69-73k tokens/s, 4 at
-    // 78k, 2 at 78-80k).
-    const int64_t head_blocks = blocks(heads, kLatHeads);
-    const Split sp = split(head_blocks, kLatTile, 2 * static_cast<int64_t>(sms));
-    kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(sp.count)),
-             kLatWarps * 32, smem, stream()>>>(
-        q.f32(), q.stride(0), q.stride(1), static_cast<const tc::bf16*>(pool.raw()), P.ld, P.rows, block_size,
-        block_tables.data<int32_t>(), block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(),
-        context_lens.data<int32_t>(), out.f32(), out.stride(0), out.stride(1), heads, static_cast<int>(d), scale,
-        sp.len, sp.ml_f(), sp.acc_f());
-    combine(sp);
+    const auto launch = [&](auto* tag) {
+      using TO = std::remove_pointer_t<decltype(tag)>;
+      const auto kernel = dv == 64    ? paged_latent_tc_kernel<16, TO>
+                          : dv == 128 ? paged_latent_tc_kernel<32, TO>
+                          : dv == 256 ? paged_latent_tc_kernel<64, TO>
+                                      : paged_latent_tc_kernel<128, TO>;
+      const size_t smem = sizeof(tc::bf16) * ((kLatHeads + 2 * kLatTile) * (d + 8) + kLatHeads * (kLatTile + 8)) +
+                          sizeof(float) * 2 * kLatWarps * 16;
+      set_smem(kernel, smem);
+      // Up to two blocks an SM: more splits cost more than they give once every SM is busy (their partial
+      // sums go through memory; on an H100 at batch 256, 8 blocks an SM decoded at 69-73k tokens/s, 4 at
+      // 78k, 2 at 78-80k).
+      const int64_t head_blocks = blocks(heads, kLatHeads);
+      const Split sp = split(head_blocks, kLatTile, 2 * static_cast<int64_t>(sms));
+      kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(sp.count)),
+               kLatWarps * 32, smem, stream()>>>(
+          q.f32(), q.stride(0), q.stride(1), static_cast<const tc::bf16*>(pool.raw()), P.ld, P.rows, block_size,
+          block_tables.data<int32_t>(), block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(),
+          context_lens.data<int32_t>(), static_cast<TO*>(out.raw()), out.stride(0), out.stride(1), heads,
+          static_cast<int>(d), scale, sp.len, sp.ml_f(), sp.acc_f());
+      combine(sp);
+    };
+    if (out.dtype() == DType::kBF16)
+      launch(static_cast<tc::bf16*>(nullptr));
+    else
+      launch(static_cast<float*>(nullptr));
     return;
   }
   const size_t smem = 2 * sizeof(float) * kPagedTile * d;

@@ -98,6 +98,7 @@ class CudaBackend final : public Backend {
   void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) override;
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
+  void add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
                         Tensor& dw) override;
   void silu_mul_forward(const Tensor& gu, Tensor& h) override;
@@ -107,6 +108,8 @@ class CudaBackend final : public Backend {
 
   void rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
             bool inverse) override;
+  void rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table,
+                 bool interleaved) override;
 
   void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
                          Tensor& lse) override;

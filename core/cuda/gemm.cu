@@ -422,7 +422,7 @@ void CudaBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, b
   CHECK(a.dim() == 3 && b.dim() == 3 && c.dim() == 3) << "gemm_batched takes 3-D views";
   check_operand(a);
   check_operand(b);
-  check_device(c, DType::kF32);
+  check_operand(c);  // f32, or bf16 (rounded once)
   const int64_t batch = c.size(0);
   CHECK(a.size(0) == batch && b.size(0) == batch) << "gemm_batched: batch sizes";
   CHECK(a.stride(2) == 1 && b.stride(2) == 1 && c.stride(2) == 1) << "gemm_batched: last dimensions must be contiguous";
@@ -433,7 +433,7 @@ void CudaBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, b
   if (batch == 0 || m == 0 || n == 0) return;
   Op op(this, "gemm_batched", 2.0 * batch * m * n * k,
         batch * (1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n +
-                 4.0 * m * n * (beta != 0.0f ? 2 : 1)));
+                 1.0 * dtype_size(c.dtype()) * m * n * (beta != 0.0f ? 2 : 1)));
   const bool bf16 = bf16_products(a, b);
   Tensor ka, kb;
   // A stack of matrices of size(1) rows each, size(0) of them, stride(0) apart.
@@ -443,7 +443,8 @@ void CudaBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, b
   CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       ctx_->blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n),
       static_cast<int>(m), static_cast<int>(k), &alpha, ob.p, ob.type, static_cast<int>(ob.ld), ob.ld0, oa.p, oa.type,
-      static_cast<int>(oa.ld), oa.ld0, &beta, c.f32(), CUDA_R_32F, static_cast<int>(c.stride(1)), c.stride(0),
+      static_cast<int>(oa.ld), oa.ld0, &beta, c.raw(), c.dtype() == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F,
+      static_cast<int>(c.stride(1)), c.stride(0),
       static_cast<int>(batch), operand_compute(oa, opt_.gemm), CUBLAS_GEMM_DEFAULT));
 }
 

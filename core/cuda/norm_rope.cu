@@ -53,6 +53,25 @@ __global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, 
   for (int i = threadIdx.x; i < d; i += blockDim.x) store(yr + i, w[i] * (load(xr + i) * r));
 }
 
+// The same with the residual add first, h += x (f32), as add and rmsnorm_forward_kernel compute them:
+// each thread sums the squares of the same elements in the same order, so the results are the same bits.
+template <typename TY>
+__global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h, int64_t ldh, const float* w,
+                                           float eps, TY* y, int64_t ldy, float* rstd, int d) {
+  const float* xr = x + blockIdx.x * ldx;
+  float* hr = h + blockIdx.x * ldh;
+  float ss = 0;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = hr[i] + xr[i];
+    hr[i] = v;
+    ss += v * v;
+  }
+  const float r = rsqrtf(block_sum(ss) / d + eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+  TY* yr = y + blockIdx.x * ldy;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) store(yr + i, w[i] * (hr[i] * r));
+}
+
 // One block per row: n = x·rstd;  dx += rstd · (dy·w - n · mean(dy·w·n)).
 template <typename T>
 __global__ void rmsnorm_backward_dx_kernel(const T* dy, int64_t ldg, const T* x, int64_t ldx, const float* w,
@@ -135,6 +154,29 @@ __global__ void rope_kernel(float* x, int64_t s0, int64_t s1, int64_t m, int64_t
   *pb = a * s + b * c;
 }
 
+// x = rope(src) with rope_kernel's arithmetic (a position outside the table copies the pair as it is).
+__global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, float* x, int64_t s0, int64_t s1,
+                                 int64_t m, int64_t heads, int half, const int32_t* pos, const float* cos_t,
+                                 const float* sin_t, int64_t n_pos, bool interleaved) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= m * heads * half) return;
+  const int i = static_cast<int>(idx % half);
+  const int64_t h = (idx / half) % heads, t = idx / (half * heads);
+  const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+  const float* u = src + t * ss0 + h * ss1;
+  float* v = x + t * s0 + h * s1;
+  const float a = u[ia], b = u[ib];
+  const int32_t p = pos[t];
+  if (p < 0 || p >= n_pos) {
+    v[ia] = a;
+    v[ib] = b;
+    return;
+  }
+  const float c = cos_t[static_cast<int64_t>(p) * half + i], s = sin_t[static_cast<int64_t>(p) * half + i];
+  v[ia] = a * c - b * s;
+  v[ib] = a * s + b * c;
+}
+
 template <typename F>
 void dispatch(DType dtype, F f) {
   if (dtype == DType::kF32) {
@@ -173,6 +215,28 @@ void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, T
     rmsnorm_forward_kernel<T, TY><<<static_cast<unsigned>(X.rows), kThreads, 0, stream()>>>(
         static_cast<const T*>(X.p), X.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
         static_cast<int>(X.cols));
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y,
+                                      Tensor& rstd) {
+  const Rows X = rows_of(x), H = rows_of(h), Y = rows_of(y);
+  check_device(x, DType::kF32);
+  check_device(h, DType::kF32);
+  check_device(y, y.dtype());
+  check_device(w, DType::kF32);
+  check_device(rstd, DType::kF32);
+  CHECK(X.rows == H.rows && X.cols == H.cols && Y.rows == H.rows && Y.cols == H.cols)
+      << shape_str(x.shape()) << ", " << shape_str(h.shape()) << ", " << shape_str(y.shape());
+  CHECK_EQ(w.numel(), H.cols);
+  CHECK_EQ(rstd.numel(), H.rows);
+  if (H.rows == 0) return;
+  Op op(this, "add_rmsnorm", 5.0 * H.rows * H.cols, 1.0 * H.rows * H.cols * (12 + dtype_size(y.dtype())));
+  dispatch(y.dtype(), [&](auto* to) {
+    using TY = std::remove_pointer_t<decltype(to)>;
+    add_rmsnorm_forward_kernel<TY><<<static_cast<unsigned>(H.rows), kThreads, 0, stream()>>>(
+        X.f(), X.ld, H.f(), H.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(), static_cast<int>(H.cols));
   });
   CUDA_CHECK(cudaGetLastError());
 }
@@ -242,6 +306,28 @@ void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& 
         static_cast<const T*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<T*>(DG.p), DG.ld, DH.rows,
         static_cast<int>(DH.cols));
   });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table,
+                            bool interleaved) {
+  CHECK(x.dim() == 3 && src.dim() == 3) << "rope takes [M, H, D]";
+  CHECK(x.stride(2) == 1 && src.stride(2) == 1);
+  CHECK(src.shape() == x.shape()) << shape_str(src.shape()) << " vs " << shape_str(x.shape());
+  check_device(x, DType::kF32);
+  check_device(src, DType::kF32);
+  check_device(positions, DType::kI32);
+  check_device(table.cos, DType::kF32);
+  const int64_t m = x.size(0), h = x.size(1), d = x.size(2), half = d / 2;
+  CHECK_EQ(d % 2, 0);
+  CHECK_EQ(table.cos.size(1), half);
+  CHECK_EQ(positions.numel(), m);
+  const int64_t n = m * h * half;
+  if (n == 0) return;
+  Op op(this, "rope", 6.0 * n, 24.0 * n);
+  rope_from_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(
+      src.f32(), src.stride(0), src.stride(1), x.f32(), x.stride(0), x.stride(1), m, h, static_cast<int>(half),
+      positions.data<int32_t>(), table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved);
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -281,6 +281,13 @@ TEST_F(CudaBackendTest, GemmBatchedAndBf16WeightOperands) {
   Tensor want = Tensor::zeros({4, 45, 80});
   cpu_->gemm_batched(bq.transpose(0, 1), false, bw, false, want);
   EXPECT_LT(max_rel(be, b2, want), 2e-2);
+  // A bf16 result (one only bf16 products read): the f32 one rounded once, within a last-bit difference.
+  Tensor b3 = be.zeros({4, 45, 80}, DType::kBF16);
+  be.gemm_batched(gbq.transpose(0, 1), false, to_bf16(gbw), false, b3);
+  EXPECT_LT(max_rel(be, b3, be.download(b1)), 8e-3);
+  Tensor cb = Tensor::zeros({4, 45, 80}, DType::kBF16);
+  cpu_->gemm_batched(bq.transpose(0, 1), false, bw, false, cb);
+  EXPECT_TRUE(bitwise_equal(cb, want.to(DType::kBF16)));
 }
 
 // Few rows a group (MoE decode) take the weight-streaming kernel, more the tensor-core one: the exact
@@ -366,6 +373,21 @@ TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
     EXPECT_TRUE(bitwise_equal(yb, y.clone().to(DType::kBF16)));
     EXPECT_LT(max_rel(*gpu_, gy2, yb), 8e-3);
     EXPECT_CLOSE(gr, rstd, 1e-5);
+    // The residual add and the norm in one pass: the same bits as add then rmsnorm on the GPU; the CPU
+    // reference is that composition.
+    Tensor r = randn({m, d}), hh = randn({m, d}), href = hh.clone(), yref = Tensor::zeros({m, d});
+    Tensor gh1 = dev(hh), gh2 = dev(hh), gr2 = dev(r), gya = gpu_->zeros({m, d}, DType::kBF16),
+           gyb2 = gpu_->zeros({m, d}, DType::kBF16), gra = gpu_->zeros({m}, DType::kF32),
+           grb = gpu_->zeros({m}, DType::kF32);
+    gpu_->add_rmsnorm_forward(gr2, gh1, gw, 1e-6f, gya, gra);
+    gpu_->add(gr2, gh2);
+    gpu_->rmsnorm_forward(gh2, gw, 1e-6f, gyb2, grb);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gh1), gpu_->download(gh2)));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gya), gpu_->download(gyb2)));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gra), gpu_->download(grb)));
+    cpu_->add_rmsnorm_forward(r, href, w, 1e-6f, yref, rstd);
+    EXPECT_CLOSE(gh1, href, 1e-6);
+    EXPECT_LT(max_rel(*gpu_, gya, yref), 8e-3);
   }
 }
 
@@ -415,6 +437,20 @@ TEST_F(CudaBackendTest, RopeBothLayoutsForwardAndInverseOnSlices) {
       gpu_->rope(gxs, dev(pos), gt, interleaved, inverse);
       EXPECT_CLOSE(gx, x, 1e-6) << interleaved << inverse;
     }
+    // Rotated into another tensor (a copy and rope in one pass): the same bits as copy then rope, on
+    // the GPU, and as the CPU reference within rounding. Positions past the table copy unrotated.
+    Tensor p2 = pos.clone();
+    p2.data<int32_t>()[5] = static_cast<int32_t>(npos + 3);
+    Tensor src = randn({m, h, d + 8}), gsrc = dev(src);
+    Tensor want = Tensor::zeros({m, h, d}), ga = gpu_->zeros({m, h, d}, DType::kF32),
+           gb = gpu_->zeros({m, h, d}, DType::kF32);
+    cpu_->rope_from(src.slice(2, 8, d), want, p2, t, interleaved);
+    gpu_->rope_from(gsrc.slice(2, 8, d), ga, dev(p2), gt, interleaved);
+    gpu_->copy(gsrc.slice(2, 8, d), gb);
+    gpu_->rope(gb, dev(p2), gt, interleaved, false);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(ga), gpu_->download(gb))) << interleaved;
+    EXPECT_CLOSE(ga, want, 1e-6) << interleaved;
+    EXPECT_EQ(want.f32()[5 * h * d], src.f32()[5 * h * (d + 8) + 8]);
   }
 }
 
@@ -578,6 +614,13 @@ TEST_F(CudaBackendTest, PagedLatentAttentionOverABf16Pool) {
       Tensor again = gpu_->zeros(out.shape(), DType::kF32);
       gpu_->paged_latent_attention(dev(q), dev(pool), block, dev(tables), dev(starts), dev(lens), 0.1f, again);
       EXPECT_TRUE(bitwise_equal(gpu_->download(gout), gpu_->download(again)));
+      // Into bf16 (for the bf16 product after it): the f32 result rounded once, bit for bit.
+      Tensor gb = gpu_->zeros(out.shape(), DType::kBF16);
+      gpu_->paged_latent_attention(dev(q), dev(pool), block, dev(tables), dev(starts), dev(lens), 0.1f, gb);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gb), gpu_->download(gout).to(DType::kBF16))) << heads << " heads";
+      Tensor cb = Tensor::zeros(out.shape(), DType::kBF16);
+      cpu_->paged_latent_attention(q, pool, block, tables, starts, lens, 0.1f, cb);
+      EXPECT_TRUE(bitwise_equal(cb, out.to(DType::kBF16)));
     }
 }
 
