@@ -11,6 +11,8 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -115,6 +117,89 @@ std::vector<double> logprob_gaps(r1lab::model::Model& model, const std::vector<r
   return gaps;
 }
 
+// The decode step's heaviest kernels alone at the benchmark's shapes, beside the bytes they must move:
+// the routed experts' two grouped products (tokens spread over the experts at random) and the paged
+// latent attention (every sequence at `ctx` positions).
+void decode_kernels(r1lab::core::Backend& be, const r1lab::model::ModelConfig& cfg, double bw, int ctx) {
+  using r1lab::core::DType;
+  using r1lab::core::Tensor;
+  std::printf("\ndecode kernels alone (mean of 50 calls%s), %d positions a sequence:\n",
+              be.can_capture() ? " replayed from a CUDA graph, as decode steps run them" : "", ctx);
+  std::printf("| kernel | batch | us a call | GB/s | %% of bandwidth |\n|---|---|---|---|---|\n");
+  const auto time = [&](const std::function<void()>& f) {
+    f();  // warm: attributes set, memory pooled
+    std::function<void()> run = [&] {
+      for (int i = 0; i < 50; ++i) f();
+    };
+    if (std::function<void()> replay = be.capture(run)) run = replay;
+    run();
+    be.synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    run();
+    be.synchronize();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 50;
+  };
+  const auto row = [&](const char* name, int b, double s, double bytes) {
+    std::printf("| %s | %d | %.1f | %.0f | %.1f%% |\n", name, b, 1e6 * s, bytes / s / 1e9,
+                bw > 0 ? 100 * bytes / s / bw : 0.0);
+  };
+  const int64_t h = cfg.hidden_size, e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
+  const int64_t inter = cfg.moe_intermediate_size, heads = cfg.num_attention_heads;
+  const int64_t r = cfg.kv_lora_rank, d = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+  std::mt19937 rng(5);
+  const auto filled = [&](const r1lab::core::Shape& shape, DType dt) {
+    Tensor host = Tensor::zeros(shape);
+    std::normal_distribution<float> nd(0.0f, 0.5f);
+    for (int64_t i = 0; i < host.numel(); ++i) host.f32()[i] = nd(rng);
+    Tensor dev = be.empty(shape, DType::kF32), out = be.empty(shape, dt);
+    be.upload(host, dev);
+    be.copy(dev, out);
+    return out;
+  };
+  for (int b : {64, 256}) {
+    if (e > 0) {
+      // Group sizes of b tokens choosing k distinct experts each, at random.
+      std::vector<int64_t> counts(static_cast<size_t>(e), 0);
+      for (int t = 0; t < b; ++t) {
+        std::vector<int64_t> pick(static_cast<size_t>(e));
+        std::iota(pick.begin(), pick.end(), 0);
+        std::shuffle(pick.begin(), pick.end(), rng);
+        for (int64_t j = 0; j < k; ++j) ++counts[static_cast<size_t>(pick[static_cast<size_t>(j)])];
+      }
+      Tensor off = Tensor::zeros({e + 1}, DType::kI64);
+      for (int64_t g = 0; g < e; ++g) off.data<int64_t>()[g + 1] = off.data<int64_t>()[g] + counts[static_cast<size_t>(g)];
+      Tensor doff = be.empty({e + 1}, DType::kI64);
+      be.upload(off, doff);
+      const int64_t rows = b * k;
+      Tensor x = filled({rows, h}, DType::kBF16), wgu = filled({e, 2 * inter, h}, DType::kBF16);
+      Tensor gu = be.empty({rows, 2 * inter}), act = filled({rows, inter}, DType::kBF16);
+      Tensor wd = filled({e, h, inter}, DType::kBF16), y = be.empty({rows, h});
+      row("experts gate_up", b, time([&] { be.grouped_gemm(x, wgu, true, doff, gu); }), 2.0 * e * 2 * inter * h);
+      row("experts down", b, time([&] { be.grouped_gemm(act, wd, true, doff, y); }), 2.0 * e * h * inter);
+    }
+    // Paged latent attention: b sequences of ctx positions, blocks of 16 in order.
+    const int block = 16;
+    const int64_t per = (ctx + block - 1) / block;
+    Tensor pool = filled({b * per * block, d}, DType::kBF16);
+    Tensor tables = Tensor::zeros({b, per}, DType::kI32), starts = Tensor::zeros({b + 1}, DType::kI32),
+           lens = Tensor::zeros({b}, DType::kI32);
+    for (int s = 0; s < b; ++s) {
+      for (int64_t j = 0; j < per; ++j) tables.data<int32_t>()[s * per + j] = static_cast<int32_t>(s * per + j);
+      starts.data<int32_t>()[s + 1] = s + 1;
+      lens.data<int32_t>()[s] = ctx;
+    }
+    const auto up = [&](const Tensor& t) {
+      Tensor dv = be.empty(t.shape(), t.dtype());
+      be.upload(t, dv);
+      return dv;
+    };
+    Tensor dt = up(tables), ds = up(starts), dl = up(lens);
+    Tensor q = filled({b, heads, d}, DType::kF32), o = be.empty({b, heads, r}, DType::kBF16);
+    row("paged latent attention", b,
+        time([&] { be.paged_latent_attention(q, pool, block, dt, ds, dl, 0.1f, o); }), 2.0 * b * ctx * d);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -197,13 +282,15 @@ int main(int argc, char** argv) {
     const double per = 1e3 / std::max<int64_t>(1, s1.steps - s0.steps);
     host_lines.push_back(absl::StrFormat(
         "batch %d, ms a step: schedule %.3f, forward's host side %.3f, sample (waits for the device) %.3f, "
-        "accept %.3f",
+        "accept %.3f; %d of %d steps queued before the host took the step before's picks",
         batch, per * (s1.schedule_seconds - s0.schedule_seconds), per * (s1.launch_seconds - s0.launch_seconds),
-        per * (s1.sample_seconds - s0.sample_seconds), per * (s1.accept_seconds - s0.accept_seconds)));
+        per * (s1.sample_seconds - s0.sample_seconds), per * (s1.accept_seconds - s0.accept_seconds),
+        static_cast<int>(s1.overlapped_steps - s0.overlapped_steps), static_cast<int>(s1.steps - s0.steps)));
     std::fflush(stdout);
   }
   std::printf("\n");
   for (const std::string& l : host_lines) std::printf("%s\n", l.c_str());
+  decode_kernels(**be, *cfg, bw, prompt + n_new);
 
   // The long tail: 240 sequences of --new_tokens and 16 of --long_tail tokens in one batch. Every
   // running sequence decodes a token a step, so when the short ones end the long ones hold about

@@ -80,6 +80,13 @@ class Backend {
   // Copies between a host tensor and a tensor of this backend (same shape and dtype, contiguous).
   virtual void upload(const Tensor& host, Tensor& dst) = 0;
   virtual Tensor download(const Tensor& src) = 0;
+  // A copy to the host in order with the work queued so far; the returned function waits for it (not
+  // for work queued after it) and gives the host tensor, so the caller may queue more first. This
+  // default copies at once.
+  virtual std::function<Tensor()> download_later(const Tensor& src) {
+    Tensor host = download(src);
+    return [host] { return host; };
+  }
   // dst = src, any strides, same shape (up to 4 dimensions); f32 to bf16 rounds to nearest even, bf16 to
   // f32 is exact.
   virtual void copy(const Tensor& src, Tensor& dst) = 0;

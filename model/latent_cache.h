@@ -67,6 +67,9 @@ struct StepBatch {
   std::vector<int32_t> context_lens;  // [S] tokens of s in the cache once this step has run
   std::vector<std::vector<int32_t>> block_tables;  // [S][blocks] pool blocks of s in logical order
   std::vector<int32_t> logit_rows;    // tokens whose next-token logits the step returns, in order
+  // Where defined: the step's tokens, [N] I32 on the model's backend (`tokens` then holds placeholders):
+  // a step that reads what the step before it sampled where it lies, before the host has seen it.
+  core::Tensor device_tokens;
 
   // Appends `tokens` of a sequence at positions start .. start + n - 1. block_table must cover them.
   // want_logits: return the logits after the last of them.

@@ -308,7 +308,11 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   st.context_lens = upload_i32(backend_, step.context_lens, {n_seq});
   st.block_tables = upload_i32(backend_, table_rows(step, n_seq, static_cast<int64_t>(max_blocks)),
                                {n_seq, static_cast<int64_t>(max_blocks)});
-  const Tensor ids = upload_i32(backend_, step.tokens, {m});
+  Tensor ids = upload_i32(backend_, step.tokens, {m});
+  if (step.device_tokens.defined()) {
+    CHECK_EQ(step.device_tokens.numel(), m) << "device tokens for every token of the step";
+    backend_.copy(step.device_tokens, ids);
+  }
   const int64_t n_out = static_cast<int64_t>(step.logit_rows.size());
   Tensor logits = backend_.empty({n_out, cfg_.vocab_size});
   const Tensor rows = n_out > 0 ? upload_i32(backend_, step.logit_rows, {n_out}) : Tensor();
@@ -364,6 +368,11 @@ Tensor Model::forward_step_graph(const StepBatch& step, LatentCache& cache, int6
     }
   }
   backend_.upload(Tensor::wrap(host.data(), g->inputs.shape(), core::DType::kI32), g->inputs);
+  if (step.device_tokens.defined()) {
+    CHECK_EQ(step.device_tokens.numel(), n) << "device tokens for every token of the step";
+    Tensor first = g->ids.slice(0, 0, n);
+    backend_.copy(step.device_tokens, first);
+  }
   StepGraph& sg = *g;
   const auto work = [this, &sg, &cache] { run_step(sg.st, sg.ids, nullptr, cache, sg.logits); };
   if (!sg.replay && sg.warmed) sg.replay = backend_.capture(work);

@@ -51,6 +51,13 @@ struct Engine::Sequence {
   std::pair<uint64_t, int> age_key() const { return {order, sample}; }
 };
 
+// A decode step queued on the device whose picks the host has not taken: its rows' sequences (one
+// token each, every row sampled) and the picks on their way.
+struct Engine::Pending {
+  std::vector<Sequence*> rows;
+  PendingPicks picks;
+};
+
 namespace {
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
@@ -146,6 +153,11 @@ absl::Status Engine::update_weights(int64_t version, const std::function<absl::S
   ++updates_waiting_;
   std::unique_lock<std::mutex> lk(step_mu_);
   --updates_waiting_;
+  if (pending_) {  // its tokens were sampled with the current weights
+    take_pending();
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
+                   running_.end());
+  }
   if (version <= version_)
     return absl::FailedPreconditionError(
         absl::StrCat("weights version ", version, " is not newer than the current version ", version_));
@@ -167,7 +179,8 @@ EngineStats Engine::stats() const {
 }
 
 void Engine::publish_stats() {
-  counters_.running = static_cast<int64_t>(running_.size());
+  // Sequences done while a pending step still held them wait for it to be taken to leave running_.
+  counters_.running = std::count_if(running_.begin(), running_.end(), [](const auto& s) { return !s->done; });
   counters_.waiting = static_cast<int64_t>(waiting_.size());
   counters_.blocks_in_use = blocks_->num_in_use();
   counters_.blocks_cached = blocks_->num_cached();
@@ -388,6 +401,21 @@ void Engine::publish_full_blocks(Sequence& s, int64_t upto) {
 }
 
 bool Engine::step_locked() {
+  if (pending_) {
+    bool arrivals;
+    {
+      std::lock_guard<std::mutex> lk(in_mu_);
+      arrivals = !incoming_.empty() || !cancels_.empty();
+    }
+    if (!arrivals && updates_waiting_.load() == 0 && continue_pending()) {
+      publish_stats();
+      return true;
+    }
+    // The batch changes: the pending picks first, then a step as usual.
+    take_pending();
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
+                   running_.end());
+  }
   absorb_incoming();
   if (running_.empty() && waiting_.empty()) {
     publish_stats();
@@ -473,6 +501,18 @@ bool Engine::step_locked() {
       }
       ++row;
     }
+    // A pure decode step (every row one token of a sequence that samples it alone) may leave its picks
+    // on the way: the next step can start from them (continue_pending).
+    bool pure = opt_.overlap_steps && picking.size() == batch.size();
+    for (size_t i = 0; pure && i < batch.size(); ++i) pure = batch[i].n == 1 && picking[i] == batch[i].s;
+    if (pure) {
+      pending_ = std::make_unique<Pending>();
+      pending_->rows = std::move(picking);
+      pending_->picks = PendingPicks::start(model_.backend(), logits, requests);
+      counters_.step_seconds += seconds_since(step_start);
+      publish_stats();
+      return true;
+    }
     std::vector<int32_t> tokens;
     std::vector<float> logprobs;
     const auto sample_start = Clock::now();
@@ -487,6 +527,62 @@ bool Engine::step_locked() {
   }
   publish_stats();
   return true;
+}
+
+bool Engine::continue_pending() {
+  const std::vector<Sequence*>& rows = pending_->rows;
+  if (!opt_.overlap_steps || !waiting_.empty() || running_.size() != rows.size()) return false;
+  for (size_t i = 0; i < rows.size(); ++i)
+    if (running_[i].get() != rows[i] || rows[i]->done) return false;
+  const auto step_start = Clock::now();
+  // Each sequence's next token (the pending pick) goes at position `computed`. Blocks reserved here and
+  // not used (a refusal below) stay with their sequence for that same token.
+  for (Sequence* s : rows)
+    if (!reserve(*s, 1)) return false;
+  static const int32_t kPlaceholder = 0;
+  model::StepBatch sb;
+  for (Sequence* s : rows) sb.add(&kPlaceholder, 1, s->computed, s->blocks, opt_.block_size, true);
+  sb.device_tokens = pending_->picks.device_tokens();
+  const auto launch_start = Clock::now();
+  counters_.schedule_seconds += std::chrono::duration<double>(launch_start - step_start).count();
+  const core::Tensor logits = model_.forward_step(sb, *cache_);
+  counters_.launch_seconds += seconds_since(launch_start);
+  counters_.host_seconds += seconds_since(step_start);
+  ++counters_.steps;
+  ++counters_.overlapped_steps;
+  counters_.tokens_computed += sb.num_tokens();
+  // The pending pick is each sequence's token number generated(); this step samples the one after it.
+  std::vector<SampleRequest> requests;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    Sequence* s = rows[i];
+    ++s->computed;
+    requests.push_back({static_cast<int64_t>(i), &s->spec().params, sample_uniform(s->seed, s->generated() + 1)});
+  }
+  auto next = std::make_unique<Pending>();
+  next->rows = rows;
+  const auto sample_start = Clock::now();
+  next->picks = PendingPicks::start(model_.backend(), logits, requests);
+  counters_.sample_seconds += seconds_since(sample_start);
+  // The device works on the new step while the host takes the last one's picks. A sequence those
+  // finish computed one token too many in the new step: its pick there is dropped, and the latent went
+  // to its own slot, written before any later step can reuse the block.
+  take_pending();
+  pending_ = std::move(next);
+  counters_.step_seconds += seconds_since(step_start);
+  return true;
+}
+
+void Engine::take_pending() {
+  std::unique_ptr<Pending> p = std::move(pending_);
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+  const auto sample_start = Clock::now();
+  p->picks.take(&tokens, &logprobs);
+  const auto accept_start = Clock::now();
+  counters_.sample_seconds += std::chrono::duration<double>(accept_start - sample_start).count();
+  for (size_t i = 0; i < p->rows.size(); ++i)
+    if (!p->rows[i]->done) accept(p->rows[i], tokens[i], logprobs[i]);
+  counters_.accept_seconds += seconds_since(accept_start);
 }
 
 std::vector<Engine::Sequence*> Engine::samplers_of(Sequence* s) {

@@ -81,6 +81,10 @@ struct EngineOptions {
   int64_t max_running = 256;                 // sequences in the running batch
   bool prefix_cache = true;
   bool step_graphs = true;  // decode steps replay captured graphs where the backend can (Model::forward_step)
+  // Back-to-back decode steps overlap the host with the device: while the batch stays the same, step
+  // n + 1 is queued, reading step n's picks where they were sampled, before the host takes step n's
+  // picks (stop checks, completions). The same tokens as one step at a time.
+  bool overlap_steps = true;
   int max_group_size = 1024;
   int64_t max_sequences_per_request = int64_t{1} << 16;
 };
@@ -91,6 +95,7 @@ struct EngineStats {
   int64_t blocks_total = 0, blocks_in_use = 0, blocks_cached = 0;
   int block_size = 0;
   int64_t steps = 0, tokens_computed = 0, tokens_generated = 0, prefix_hit_tokens = 0, preemptions = 0;
+  int64_t overlapped_steps = 0;  // decode steps queued before the host took the step before's picks
   // Seconds of the engine's thread in steps: scheduling and queuing the model's device work (up to the
   // forward's return), and whole steps (through sampling). Host time near step time: the host is the
   // bottleneck, not the device.
@@ -144,6 +149,7 @@ class Engine {
  private:
   struct Sequence;
   struct Request;
+  struct Pending;
   using Clock = std::chrono::steady_clock;
 
   absl::Status validate(const GroupRequest& g) const;
@@ -165,6 +171,12 @@ class Engine {
   void drop_cache(Sequence& s);
   void loop();
   void publish_stats();  // under step_mu_
+  // The pending decode step (its picks still on the way): queues the next decode step over the same
+  // sequences, reading those picks on the device, and then takes them. False (nothing done) where the
+  // batch would change: admissions, cancels, a weight update, blocks running out, a sequence done.
+  bool continue_pending();
+  // Waits for the pending step's picks and accepts them (sequences done since it was queued skip theirs).
+  void take_pending();
 
   model::Model& model_;
   EngineOptions opt_;
@@ -176,6 +188,7 @@ class Engine {
   mutable std::mutex step_mu_;
   std::map<uint64_t, std::shared_ptr<Request>> requests_;
   std::vector<std::unique_ptr<Sequence>> running_;  // oldest first
+  std::unique_ptr<Pending> pending_;  // a decode step whose picks the host has not taken yet
   std::deque<std::unique_ptr<Sequence>> waiting_;   // preempted at the front, new at the back
   EngineStats counters_;
   EngineStats snapshot_;  // under in_mu_

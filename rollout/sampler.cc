@@ -42,10 +42,15 @@ float sample_uniform(uint64_t seed, int64_t step) {
 
 void sample_tokens(core::Backend& be, const core::Tensor& logits, const std::vector<SampleRequest>& requests,
                    std::vector<int32_t>* tokens, std::vector<float>* logprobs) {
+  PendingPicks::start(be, logits, requests).take(tokens, logprobs);
+}
+
+PendingPicks PendingPicks::start(core::Backend& be, const core::Tensor& logits,
+                                 const std::vector<SampleRequest>& requests) {
+  PendingPicks p;
   const int64_t n = static_cast<int64_t>(requests.size());
-  tokens->clear();
-  if (logprobs) logprobs->clear();
-  if (n == 0) return;
+  p.n_ = n;
+  if (n == 0) return p;
   CHECK_LT(logits.size(-1), int64_t{1} << 24) << "top_k and rows travel as f32";
   core::Tensor spec = core::Tensor::empty({n, core::kSampleSpecColumns});
   for (int64_t i = 0; i < n; ++i) {
@@ -67,11 +72,22 @@ void sample_tokens(core::Backend& be, const core::Tensor& logits, const std::vec
   const size_t at = static_cast<size_t>(static_cast<char*>(out.raw()) - static_cast<char*>(out.storage()->data()));
   core::Tensor dlp(out.storage(), at + static_cast<size_t>(n) * sizeof(int32_t), {n}, {1}, core::DType::kF32);
   be.sample_tokens(logits, dspec, dtok, dlp);
-  const core::Tensor both = be.download(out);
-  tokens->assign(both.data<int32_t>(), both.data<int32_t>() + n);
+  p.device_tokens_ = dtok;
+  p.wait_ = be.download_later(out);
+  return p;
+}
+
+void PendingPicks::take(std::vector<int32_t>* tokens, std::vector<float>* logprobs) {
+  tokens->clear();
+  if (logprobs) logprobs->clear();
+  if (n_ == 0) return;
+  CHECK(wait_) << "picks taken twice";
+  const core::Tensor both = wait_();
+  wait_ = nullptr;
+  tokens->assign(both.data<int32_t>(), both.data<int32_t>() + n_);
   if (logprobs) {
-    const float* lp = reinterpret_cast<const float*>(both.data<int32_t>() + n);
-    logprobs->assign(lp, lp + n);
+    const float* lp = reinterpret_cast<const float*>(both.data<int32_t>() + n_);
+    logprobs->assign(lp, lp + n_);
   }
 }
 

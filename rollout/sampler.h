@@ -47,4 +47,20 @@ struct SampleRequest {
 void sample_tokens(core::Backend& be, const core::Tensor& logits, const std::vector<SampleRequest>& requests,
                    std::vector<int32_t>* tokens, std::vector<float>* logprobs);
 
+// The same in two halves: start() queues the sampling and the copy back and returns at once, leaving
+// the picks on the device too (`device_tokens`, [S] I32, for a next step to read there); take() waits
+// for the copy and gives them.
+class PendingPicks {
+ public:
+  static PendingPicks start(core::Backend& be, const core::Tensor& logits,
+                            const std::vector<SampleRequest>& requests);
+  void take(std::vector<int32_t>* tokens, std::vector<float>* logprobs);
+  const core::Tensor& device_tokens() const { return device_tokens_; }
+
+ private:
+  int64_t n_ = 0;
+  core::Tensor device_tokens_;
+  std::function<core::Tensor()> wait_;
+};
+
 }  // namespace r1lab::rollout

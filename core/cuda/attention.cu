@@ -533,6 +533,35 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
   const int64_t z = blockIdx.z, splits = gridDim.z;
   const int64_t begin = z * split_len, end = splits == 1 ? last : min(last, begin + split_len - 1);
+  // A warp takes every kLatWarps-th row of a tile. Its lanes look up those rows' block-table entries
+  // together a tile ahead of the tile's load (the entries arrive while the tile before is computed),
+  // then the rows come in 16-byte pieces (zeros past the end).
+  const int pieces = D / 8;
+  constexpr int kRowsPerWarp = kLatTile / kLatWarps;
+  struct Entry {
+    int32_t blk;  // the lane's row's block-table entry, -1 past the end (loaded; read only by fetch)
+    int64_t pos;
+  };
+  const auto lookup = [&](int64_t p0) {
+    Entry e{-1, p0 + warp + kLatWarps * lane};
+    if (lane < kRowsPerWarp && e.pos <= end) e.blk = tables[s * max_blocks + e.pos / block_size];
+    return e;
+  };
+  const auto fetch = [&](tc::bf16* rows, const Entry& e) {
+    const int64_t row = static_cast<int64_t>(e.blk) * block_size + e.pos % block_size;
+    const int64_t mine = e.blk >= 0 && row < pool_rows ? row : -1;
+#pragma unroll 4
+    for (int k = 0; k < kRowsPerWarp; ++k) {
+      const int64_t r = __shfl_sync(0xffffffffu, mine, k);
+      const tc::bf16* src = r >= 0 ? pool + r * ldp : pool;
+      tc::bf16* dst = rows + (warp + kLatWarps * k) * ld;
+      for (int c = lane; c < pieces; c += 32) tc::cp_async16(dst + 8 * c, src + 8 * c, r >= 0);
+    }
+    tc::cp_async_commit();
+  };
+  // The first tile's rows are on their way before q is loaded, and the second's entries.
+  if (begin <= end) fetch(Ks, lookup(begin));
+  Entry ahead = lookup(begin + kLatTile);
   // Q: 16 heads (zeros past the last) in bf16, as float4 loads issued kBatch at a time (a loop of one
   // load each would wait out a memory round trip per element). The host checks the alignment.
   {
@@ -557,39 +586,16 @@ __global__ void __launch_bounds__(kLatWarps * 32)
       }
     }
   }
-  // A warp takes every kLatWarps-th row of the tile: its lanes look up those rows' block-table entries
-  // together (one round trip), then the rows come in 16-byte pieces (zeros past the end).
-  const int pieces = D / 8;
-  constexpr int kRowsPerWarp = kLatTile / kLatWarps;
-  const auto load = [&](tc::bf16* rows, int64_t p0) {
-    int64_t mine = -1;
-    if (lane < kRowsPerWarp) {
-      const int64_t pos = p0 + warp + kLatWarps * lane;
-      if (pos <= end) {
-        const int64_t blk = tables[s * max_blocks + pos / block_size];
-        const int64_t row = blk * block_size + pos % block_size;
-        if (blk >= 0 && row < pool_rows) mine = row;
-      }
-    }
-#pragma unroll 4
-    for (int k = 0; k < kRowsPerWarp; ++k) {
-      const int64_t row = __shfl_sync(0xffffffffu, mine, k);
-      const tc::bf16* src = row >= 0 ? pool + row * ldp : pool;
-      tc::bf16* dst = rows + (warp + kLatWarps * k) * ld;
-      for (int c = lane; c < pieces; c += 32) tc::cp_async16(dst + 8 * c, src + 8 * c, row >= 0);
-    }
-    tc::cp_async_commit();
-  };
   const float scale_log2 = scale * 1.4426950408889634f;
   float acc[kNt][4];
 #pragma unroll
   for (int t = 0; t < kNt; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};  // rows g and g + 8, log2 units
-  if (begin <= end) load(Ks, begin);
   int buf = 0;
   for (int64_t p0 = begin; p0 <= end; p0 += kLatTile, buf ^= 1) {
     if (p0 + kLatTile <= end) {
-      load(Ks + (buf ^ 1) * kLatTile * ld, p0 + kLatTile);
+      fetch(Ks + (buf ^ 1) * kLatTile * ld, ahead);
+      ahead = lookup(p0 + 2 * kLatTile);
       tc::cp_async_wait<1>();
     } else {
       tc::cp_async_wait<0>();

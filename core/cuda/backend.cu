@@ -23,12 +23,33 @@ Context::~Context() {
     cudaStreamDestroy(s.stream);
   }
   if (fork) cudaEventDestroy(fork);
+  for (auto& [p, bytes] : pinned) cudaFreeHost(p);
   if (workspace) cudaFreeAsync(workspace, stream);
   if (blas) cublasDestroy(blas);
   if (stream) {
     cudaStreamSynchronize(stream);
     cudaStreamDestroy(stream);
   }
+}
+
+void* Context::take_pinned(size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lk(pinned_mu);
+    for (size_t i = 0; i < pinned.size(); ++i)
+      if (pinned[i].second >= bytes) {
+        void* p = pinned[i].first;
+        pinned.erase(pinned.begin() + static_cast<std::ptrdiff_t>(i));
+        return p;
+      }
+  }
+  void* p = nullptr;
+  CUDA_CHECK(cudaMallocHost(&p, bytes));
+  return p;
+}
+
+void Context::give_pinned(void* p, size_t bytes) {
+  std::lock_guard<std::mutex> lk(pinned_mu);
+  pinned.emplace_back(p, bytes);
 }
 
 void check_device(const Tensor& t, DType dtype) {
@@ -424,6 +445,51 @@ Tensor CudaBackend::download(const Tensor& src) {
                              cudaMemcpyDeviceToHost, ctx_->stream));
   synchronize();
   return host;
+}
+
+namespace {
+
+// A copy under way into pinned memory: done once its event is; the buffer goes back to the context.
+struct LaterCopy {
+  std::shared_ptr<Context> ctx;
+  void* pinned = nullptr;
+  size_t bytes = 0;
+  cudaEvent_t done = nullptr;
+  ~LaterCopy() {
+    use_device(ctx->device);
+    cudaEventSynchronize(done);
+    cudaEventDestroy(done);
+    ctx->give_pinned(pinned, bytes);
+  }
+};
+
+}  // namespace
+
+std::function<Tensor()> CudaBackend::download_later(const Tensor& src) {
+  CHECK(src.device() == Device::kCuda);
+  if (!src.is_contiguous()) {
+    Tensor c = empty(src.shape(), src.dtype());
+    copy(src, c);
+    return download_later(c);
+  }
+  use_device(ctx_->device);
+  auto later = std::make_shared<LaterCopy>();
+  later->ctx = ctx_;
+  later->bytes = std::max<size_t>(16, static_cast<size_t>(src.numel()) * dtype_size(src.dtype()));
+  later->pinned = ctx_->take_pinned(later->bytes);
+  CUDA_CHECK(cudaMemcpyAsync(later->pinned, src.raw(), static_cast<size_t>(src.numel()) * dtype_size(src.dtype()),
+                             cudaMemcpyDeviceToHost, ctx_->stream));
+  CUDA_CHECK(cudaEventCreateWithFlags(&later->done, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventRecord(later->done, ctx_->stream));
+  const Shape shape = src.shape();
+  const DType dtype = src.dtype();
+  return [later, shape, dtype] {
+    use_device(later->ctx->device);
+    CUDA_CHECK(cudaEventSynchronize(later->done));
+    Tensor host = Tensor::empty(shape, dtype);
+    std::memcpy(host.raw(), later->pinned, static_cast<size_t>(host.numel()) * dtype_size(dtype));
+    return host;
+  };
 }
 
 void CudaBackend::copy(const Tensor& src, Tensor& dst) {

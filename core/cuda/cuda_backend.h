@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <map>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <vector>
@@ -43,6 +44,11 @@ struct Context {
   };
   std::vector<Side> sides;
   cudaEvent_t fork = nullptr;
+  // Pinned host buffers for download_later, kept for reuse (any thread may return one).
+  std::mutex pinned_mu;
+  std::vector<std::pair<void*, size_t>> pinned;
+  void* take_pinned(size_t bytes);
+  void give_pinned(void* p, size_t bytes);
   ~Context();
 };
 
@@ -86,6 +92,7 @@ class CudaBackend final : public Backend {
   Tensor empty(const Shape& shape, DType dtype) override;
   void upload(const Tensor& host, Tensor& dst) override;
   Tensor download(const Tensor& src) override;
+  std::function<Tensor()> download_later(const Tensor& src) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void add(const Tensor& x, Tensor& y, float alpha) override;
   void fill(Tensor& t, float value) override;

@@ -521,7 +521,8 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
     // Row tiles by the mean rows a group: 32 or 64 where the groups are short (decode), so that the
     // tensor cores work on rows that exist; 128 otherwise.
     const int64_t mean = rows / groups;
-    const int tm = mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
+    int tm = mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
+    if (const char* ev = std::getenv("R1LAB_XTM"); ev && mean <= 64) tm = std::atoi(ev);  // EXPERIMENT
     const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN), static_cast<unsigned>((rows + tm - 1) / tm + groups));
     CHECK_LT(grid.y, 65536u) << "grouped_gemm: too many rows";
     const auto pick = [&](auto tile) {

@@ -134,6 +134,13 @@ __global__ void silu_mul_backward_kernel(const T* dh, int64_t lddh, const T* gu,
   store(dg + inter, load(dg + inter) + d * g * s);
 }
 
+// (a, b) -> (a c - b s, a s + b c), with the fused multiply-adds spelled out so that every kernel that
+// rotates gives the same bits.
+__device__ __forceinline__ void rotate(float a, float b, float c, float s, float* pa, float* pb) {
+  *pa = fmaf(a, c, -(b * s));
+  *pb = fmaf(a, s, b * c);
+}
+
 // (a, b) -> (a cos - b sin, a sin + b cos), angle of pair i at the token's position; -angle if inverse.
 __global__ void rope_kernel(float* x, int64_t s0, int64_t s1, int64_t m, int64_t heads, int half,
                             const int32_t* pos, const float* cos_t, const float* sin_t, int64_t n_pos,
@@ -149,9 +156,7 @@ __global__ void rope_kernel(float* x, int64_t s0, int64_t s1, int64_t m, int64_t
   float* pb = interleaved ? v + 2 * i + 1 : v + i + half;
   const float c = cos_t[static_cast<int64_t>(p) * half + i];
   const float s = inverse ? -sin_t[static_cast<int64_t>(p) * half + i] : sin_t[static_cast<int64_t>(p) * half + i];
-  const float a = *pa, b = *pb;
-  *pa = a * c - b * s;
-  *pb = a * s + b * c;
+  rotate(*pa, *pb, c, s, pa, pb);
 }
 
 // x = rope(src) with rope_kernel's arithmetic (a position outside the table copies the pair as it is).
@@ -172,9 +177,7 @@ __global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, flo
     v[ib] = b;
     return;
   }
-  const float c = cos_t[static_cast<int64_t>(p) * half + i], s = sin_t[static_cast<int64_t>(p) * half + i];
-  v[ia] = a * c - b * s;
-  v[ib] = a * s + b * c;
+  rotate(a, b, cos_t[static_cast<int64_t>(p) * half + i], sin_t[static_cast<int64_t>(p) * half + i], v + ia, v + ib);
 }
 
 template <typename F>

@@ -94,6 +94,29 @@ TEST_F(EngineTest, ABatchEqualsEachGroupAlone) {
   EXPECT_NE(batched[0].tokens, batched[1].tokens);
 }
 
+// Back-to-back decode steps queued before the host takes the step before's picks give the same tokens
+// as one step at a time, with sequences ending at different steps (lengths and a stop token) and the
+// steps after an ending run as usual.
+TEST_F(EngineTest, OverlappedDecodeStepsChangeNothing) {
+  std::vector<GroupRequest> groups;
+  for (int i = 0; i < 6; ++i) groups.push_back(group(i, 3, 1.0f, 4 + 3 * i));
+  EngineOptions serial = small();
+  serial.overlap_steps = false;
+  EngineStats s0, s1;
+  const auto first = run(serial, groups, &s0);
+  EXPECT_EQ(s0.overlapped_steps, 0);
+  // A token some completion samples midway becomes a stop token for every group.
+  const int32_t stop = first[10].tokens[2];
+  for (GroupRequest& g : groups) g.params.stop_token_ids = {stop};
+  const auto want = run(serial, groups);
+  const auto got = run(small(), groups, &s1);
+  expect_same(got, want);
+  EXPECT_GT(s1.overlapped_steps, 5);
+  int stopped = 0;
+  for (const Completion& c : got) stopped += c.finish_reason == FinishReason::kStop;
+  EXPECT_GT(stopped, 0);
+}
+
 TEST_F(EngineTest, PrefixSharingChunkingAndPreemptionChangeNothing) {
   std::vector<GroupRequest> groups;
   for (int i = 0; i < 8; ++i) groups.push_back(group(i, 4, 1.0f, 14));
