@@ -181,6 +181,18 @@ class Backend {
   // dst[rows[i]] = src[i];  src [N, D] rows, rows [N] I32 (distinct), dst [R, D] rows (f32, or bf16:
   // rounded to nearest even).
   virtual void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) = 0;
+  // The new rows of a latent cache in one pass: pool[slots[i]] = [rmsnorm(ckv[i, :r]) · w | rope(ckv[i, r:])]
+  // for ckv [N, r + rope] (the latent and the shared rope key), w [r], positions and slots [N] I32. This
+  // default, rmsnorm_forward, rope_from and scatter_rows one after another, is the reference.
+  virtual void store_latents(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions,
+                             const RopeTable& table, bool interleaved, const Tensor& slots, Tensor& pool) {
+    const int64_t n = ckv.size(0), r = w.numel(), rd = ckv.size(1) - r;
+    Tensor rows = empty({n, r + rd}), rstd = empty({n});
+    Tensor c = rows.slice(1, 0, r), pe = rows.slice(1, r, rd).unsqueeze(1);
+    rmsnorm_forward(ckv.slice(1, 0, r), w, eps, c, rstd);
+    rope_from(ckv.slice(1, r, rd).unsqueeze(1), pe, positions, table, interleaved);
+    scatter_rows(rows, slots, pool);
+  }
 
   // ---- mixture of experts
   // logits [M, E] -> idx [M, K] I32, weights [M, K], scores [M, E] (sigmoid or softmax, kept for

@@ -51,8 +51,8 @@ Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
 }
 
 // ckv = x · W_kvaᵀ = [c | k_pe];  c_out [M, r] rows = rmsnorm(c);  pe_out [M, 1, rope] = rope(k_pe).
-// Keeps ckv and the norm's rstd in `a`. The outputs may be views of one buffer (the paged path writes
-// them straight into the cache rows it stores).
+// Keeps ckv and the norm's rstd in `a`. (The paged path makes the same rows straight into its cache
+// slots: Backend::store_latents.)
 void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
              const Tensor& x, const Tensor& positions, Tensor& c_out, Tensor& pe_out, AttentionActs& a) {
   const int64_t m = x.size(0), r = cfg.kv_lora_rank, rd = cfg.qk_rope_head_dim;
@@ -183,13 +183,12 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   const Tensor xin = product_operand(be, x);
   Tensor q = queries(be, cfg, w, rope, xin, st.positions, nullptr, /*rotate=*/false);
-  // The new rows [c | k_pe], made in place, into their cache slots.
-  AttentionActs lat;
-  Tensor rows = be.empty({m, r + rd});
-  Tensor c_dst = rows.slice(1, 0, r), pe_dst = rows.slice(1, r, rd).unsqueeze(1);
-  latents(be, cfg, w, rope, xin, st.positions, c_dst, pe_dst, lat);
+  // The new rows [rmsnorm(c) | rope(k_pe)] of ckv = x · W_kvaᵀ, straight into their cache slots.
+  Tensor ckv = be.empty({m, r + rd});
+  be.gemm(xin, false, w.kv_a_proj, true, ckv);
   Tensor pool = cache.layer(layer);
-  be.scatter_rows(rows, st.slots, pool);
+  be.store_latents(ckv, w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), st.positions, rope, cfg.rope_interleave,
+                   st.slots, pool);
   // Absorb W_UK into the queries: q_lat[h] = q_nope[h] · W_UK[h], W_UK[h] = kv_b_proj rows [nope, r].
   Tensor qa = be.empty({m, heads, r + rd});  // the absorbed product, then the rope part
   Tensor kvb = w.kv_b_proj.view({heads, nope + vd, r});

@@ -361,16 +361,32 @@ __global__ void __launch_bounds__(kWarps * 32)
 constexpr int kPagedTile = 16;
 constexpr int kMaxLatentU = 20;  // latent row ≤ 640
 
+// The sequence of query row i: the s with starts[s] <= i < starts[s + 1] (empty sequences never hold
+// one). Row i is sequence i in a decode step, which one look confirms; otherwise a binary search.
+__device__ __forceinline__ int32_t seq_of_row(const int32_t* starts, int64_t n_seq, int64_t i) {
+  const int64_t guess = min(i, n_seq - 1);
+  if (starts[guess] <= i && i < starts[guess + 1]) return static_cast<int32_t>(guess);
+  int64_t lo = 0, hi = n_seq - 1;  // the last s with starts[s] <= i
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (starts[mid] <= i)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return static_cast<int32_t>(lo);
+}
+
 template <int kU>
 __global__ void __launch_bounds__(kWarps * 32)
     paged_latent_kernel(const float* q, int64_t qs0, int64_t qs1, const float* pool, int64_t ldp, int64_t pool_rows,
-                        int block_size, const int32_t* tables, int64_t max_blocks, const int32_t* seq_of,
+                        int block_size, const int32_t* tables, int64_t max_blocks, int64_t n_seq,
                         const int32_t* starts, const int32_t* ctx, float* out, int64_t os0, int64_t os1, int64_t heads,
                         int D, int dv, float scale, int64_t split_len, float* part_ml, float* part_acc) {
   extern __shared__ float sm[];  // two tiles [kPagedTile][D]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t i = blockIdx.x, h = static_cast<int64_t>(blockIdx.y) * kWarps + warp;
-  const int32_t s = seq_of[i];
+  const int32_t s = seq_of_row(starts, n_seq, i);
   const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
   float qr[kU], acc[kU];
   const float* qh = q + i * qs0 + min(h, heads - 1) * qs1;
@@ -516,7 +532,7 @@ template <int kDvw, typename TO>  // dv / 4: the columns of one warp; the output
 __global__ void __launch_bounds__(kLatWarps * 32)
     paged_latent_tc_kernel(const float* q, int64_t qs0, int64_t qs1, const tc::bf16* pool, int64_t ldp,
                            int64_t pool_rows, int block_size, const int32_t* tables, int64_t max_blocks,
-                           const int32_t* seq_of, const int32_t* starts, const int32_t* ctx, TO* out, int64_t os0,
+                           int64_t n_seq, const int32_t* starts, const int32_t* ctx, TO* out, int64_t os0,
                            int64_t os1, int64_t heads, int D, float scale, int64_t split_len, float* part_ml,
                            float* part_acc) {
   constexpr int kNt = kDvw / 8;  // accumulator n-tiles of a warp
@@ -529,7 +545,7 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   float* red = reinterpret_cast<float*>(Ps + kLatHeads * kLdp);  // [2][kLatWarps][16]: maxima, sums
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t i = blockIdx.x, h0 = static_cast<int64_t>(blockIdx.y) * kLatHeads;
-  const int32_t s = seq_of[i];
+  const int32_t s = seq_of_row(starts, n_seq, i);
   const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
   const int64_t z = blockIdx.z, splits = gridDim.z;
   const int64_t begin = z * split_len, end = splits == 1 ? last : min(last, begin + split_len - 1);
@@ -710,12 +726,6 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   }
 }
 
-__global__ void seq_of_kernel(const int32_t* starts, int64_t n_seq, int32_t* seq_of) {
-  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (s >= n_seq) return;
-  for (int32_t i = starts[s]; i < starts[s + 1]; ++i) seq_of[i] = static_cast<int32_t>(s);
-}
-
 Dims make_dims(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, float scale) {
   Dims a{};
   a.T = q.size(1);
@@ -886,8 +896,6 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   CHECK_EQ(block_tables.size(0), n_seq);
   if (n == 0) return;
   Op op(this, "paged_latent_attention", 0, 4.0 * (q.numel() + out.numel()));
-  Tensor seq_of = zeros({n}, DType::kI32);
-  seq_of_kernel<<<blocks(n_seq, 128), 128, 0, stream()>>>(seq_starts.data<int32_t>(), n_seq, seq_of.data<int32_t>());
   const int64_t longest = block_tables.size(1) * block_size;
   // The context split over blocks when the query rows leave SMs idle (flash-decoding): at most
   // want_blocks in all, none shorter than min_len positions; each split leaves partial results that
@@ -946,7 +954,7 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
       kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(sp.count)),
                kLatWarps * 32, smem, stream()>>>(
           q.f32(), q.stride(0), q.stride(1), static_cast<const tc::bf16*>(pool.raw()), P.ld, P.rows, block_size,
-          block_tables.data<int32_t>(), block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(),
+          block_tables.data<int32_t>(), block_tables.size(1), n_seq, seq_starts.data<int32_t>(),
           context_lens.data<int32_t>(), static_cast<TO*>(out.raw()), out.stride(0), out.stride(1), heads,
           static_cast<int>(d), scale, sp.len, sp.ml_f(), sp.acc_f());
       combine(sp);
@@ -972,7 +980,7 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(sp.count)),
            kWarps * 32, smem, stream()>>>(
       q.f32(), q.stride(0), q.stride(1), P.f(), P.ld, P.rows, block_size, block_tables.data<int32_t>(),
-      block_tables.size(1), seq_of.data<int32_t>(), seq_starts.data<int32_t>(), context_lens.data<int32_t>(), out.f32(),
+      block_tables.size(1), n_seq, seq_starts.data<int32_t>(), context_lens.data<int32_t>(), out.f32(),
       out.stride(0), out.stride(1), heads, static_cast<int>(d), static_cast<int>(dv), scale, sp.len, sp.ml_f(),
       sp.acc_f());
   combine(sp);

@@ -117,6 +117,8 @@ class CudaBackend final : public Backend {
             bool inverse) override;
   void rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table,
                  bool interleaved) override;
+  void store_latents(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions, const RopeTable& table,
+                     bool interleaved, const Tensor& slots, Tensor& pool) override;
 
   void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
                          Tensor& lse) override;

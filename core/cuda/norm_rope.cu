@@ -180,6 +180,33 @@ __global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, flo
   rotate(a, b, cos_t[static_cast<int64_t>(p) * half + i], sin_t[static_cast<int64_t>(p) * half + i], v + ia, v + ib);
 }
 
+// pool[slots[i]] = [rmsnorm(ckv[i, :r]) · w | rope(ckv[i, r:])] with the arithmetic of
+// rmsnorm_forward_kernel, rope_from_kernel and the scatter after them (the same bits). One block a row.
+template <typename TP>
+__global__ void store_latents_kernel(const float* ckv, int64_t ldc, int r, int rd, const float* w, float eps,
+                                     const int32_t* pos, const float* cos_t, const float* sin_t, int64_t n_pos,
+                                     bool interleaved, const int32_t* slots, TP* pool, int64_t ldp,
+                                     int64_t pool_rows) {
+  const float* x = ckv + blockIdx.x * ldc;
+  float ss = 0;
+  for (int i = threadIdx.x; i < r; i += blockDim.x) ss += x[i] * x[i];
+  const float rs = rsqrtf(block_sum(ss) / r + eps);
+  const int64_t slot = slots[blockIdx.x];
+  if (slot < 0 || slot >= pool_rows) return;
+  TP* out = pool + slot * ldp;
+  for (int i = threadIdx.x; i < r; i += blockDim.x) store(out + i, w[i] * (x[i] * rs));
+  const int half = rd / 2;
+  const int32_t p = pos[blockIdx.x];
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+    float a = x[r + ia], b = x[r + ib];
+    if (p >= 0 && p < n_pos) rotate(x[r + ia], x[r + ib], cos_t[static_cast<int64_t>(p) * half + i],
+                                    sin_t[static_cast<int64_t>(p) * half + i], &a, &b);
+    store(out + r + ia, a);
+    store(out + r + ib, b);
+  }
+}
+
 template <typename F>
 void dispatch(DType dtype, F f) {
   if (dtype == DType::kF32) {
@@ -331,6 +358,32 @@ void CudaBackend::rope_from(const Tensor& src, Tensor& x, const Tensor& position
   rope_from_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(
       src.f32(), src.stride(0), src.stride(1), x.f32(), x.stride(0), x.stride(1), m, h, static_cast<int>(half),
       positions.data<int32_t>(), table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::store_latents(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions,
+                                const RopeTable& table, bool interleaved, const Tensor& slots, Tensor& pool) {
+  const Rows C = rows_of(ckv), P = rows_of(pool);
+  check_device(ckv, DType::kF32);
+  check_device(w, DType::kF32);
+  check_device(positions, DType::kI32);
+  check_device(slots, DType::kI32);
+  check_device(table.cos, DType::kF32);
+  check_device(pool, pool.dtype());
+  const int64_t n = C.rows, r = w.numel(), rd = C.cols - r;
+  CHECK(r > 0 && rd >= 0 && rd % 2 == 0) << "latent of " << r << " and a rope key of " << rd;
+  CHECK_EQ(P.cols, C.cols) << "pool rows of the latent row's width";
+  CHECK(positions.numel() == n && slots.numel() == n);
+  CHECK(rd == 0 || table.cos.size(1) == rd / 2);
+  if (n == 0) return;
+  Op op(this, "store_latents", 6.0 * n * C.cols, 1.0 * n * C.cols * (4 + dtype_size(pool.dtype())));
+  dispatch(pool.dtype(), [&](auto* tag) {
+    using TP = std::remove_pointer_t<decltype(tag)>;
+    store_latents_kernel<TP><<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(
+        C.f(), C.ld, static_cast<int>(r), static_cast<int>(rd), w.f32(), eps, positions.data<int32_t>(),
+        table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved, slots.data<int32_t>(),
+        static_cast<TP*>(P.p), P.ld, P.rows);
+  });
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -622,6 +622,29 @@ TEST_F(CudaBackendTest, PagedLatentAttentionOverABf16Pool) {
     }
 }
 
+// A latent cache's new rows in one pass: the same bits as the norm, rope and scatter one after another
+// on the GPU, into f32 and bf16 pools, rows outside the pool skipped; the CPU reference within rounding.
+TEST_F(CudaBackendTest, StoreLatentsIsNormRopeAndScatter) {
+  const int64_t n = 37, r = 256, rd = 32, rows = 100, npos = 64;
+  RopeTable t{randn({npos, rd / 2}), randn({npos, rd / 2})};
+  RopeTable gt{dev(t.cos), dev(t.sin)};
+  Tensor wide = randn({n, r + rd + 8}), w = randn({r}, 0.3f), pos = ids({n}, npos);
+  Tensor slots = Tensor::zeros({n}, DType::kI32);
+  for (int64_t i = 0; i < n; ++i) slots.data<int32_t>()[i] = static_cast<int32_t>((i * 7) % rows);
+  slots.data<int32_t>()[3] = -1;  // skipped
+  const Tensor ckv = wide.slice(1, 0, r + rd), gckv = dev(wide).slice(1, 0, r + rd);
+  for (bool interleaved : {false, true})
+    for (DType dt : {DType::kF32, DType::kBF16}) {
+      Tensor base = randn({rows, r + rd}).to(dt);
+      Tensor fused = dev(base), steps = dev(base), want = base.clone();
+      gpu_->store_latents(gckv, dev(w), 1e-6f, dev(pos), gt, interleaved, dev(slots), fused);
+      gpu_->Backend::store_latents(gckv, dev(w), 1e-6f, dev(pos), gt, interleaved, dev(slots), steps);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(fused), gpu_->download(steps))) << interleaved;
+      cpu_->store_latents(ckv, w, 1e-6f, pos, t, interleaved, slots, want);
+      EXPECT_LT(max_rel(*gpu_, fused, want), dt == DType::kF32 ? 1e-5 : 8e-3) << interleaved;
+    }
+}
+
 TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
   using M = RouterConfig::TopkMethod;
   using S = RouterConfig::Scoring;
