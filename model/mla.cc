@@ -21,6 +21,20 @@ Tensor split_batch(const Tensor& t, int64_t batch) {
                 {t.stride(0) * t_len, t.stride(0), t.stride(1), t.stride(2)}, t.dtype());
 }
 
+// Rows [M, heads * d] of any row stride (the last dimension contiguous) as [M, heads, d].
+Tensor split_heads(const Tensor& t, int64_t heads) {
+  const size_t off = static_cast<size_t>(static_cast<char*>(t.raw()) - static_cast<char*>(t.storage()->data()));
+  return Tensor(t.storage(), off, {t.size(0), heads, t.size(1) / heads}, {t.stride(0), t.size(1) / heads, 1},
+                t.dtype());
+}
+
+// A contiguous weight matrix [n, k] and what follows it in memory as one matrix of `rows` rows of k.
+Tensor stacked(const Tensor& first, int64_t rows) {
+  const size_t off =
+      static_cast<size_t>(static_cast<char*>(first.raw()) - static_cast<char*>(first.storage()->data()));
+  return Tensor(first.storage(), off, {rows, first.size(1)}, {first.size(1), 1}, first.dtype());
+}
+
 // q = x · W_qᵀ, or rmsnorm(x · W_qaᵀ) · W_qbᵀ with query compression; then rope on each head's rope
 // part (unless `rotate` is false: the caller rotates it where it moves it). Returns [M, heads, nope +
 // rope]; `a` (optional) keeps what backward needs.
@@ -182,10 +196,26 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   const Tensor xin = product_operand(be, x);
-  Tensor q = queries(be, cfg, w, rope, xin, st.positions, nullptr, /*rotate=*/false);
-  // The new rows [rmsnorm(c) | rope(k_pe)] of ckv = x · W_kvaᵀ, straight into their cache slots.
-  Tensor ckv = be.empty({m, r + rd});
-  be.gemm(xin, false, w.kv_a_proj, true, ckv);
+  // q = x · W_qᵀ and ckv = x · W_kvaᵀ: one product where the two weights lie one after the other (the
+  // parameter layout puts kv_a_proj right after q_proj), else two.
+  Tensor q, ckv;
+  const int64_t qn = heads * cfg.qk_head_dim();
+  const Tensor& wq = w.q_proj;
+  if (cfg.q_lora_rank == 0 && wq.dtype() == w.kv_a_proj.dtype() && wq.is_contiguous() &&
+      w.kv_a_proj.is_contiguous() && w.kv_a_proj.size(1) == wq.size(1) &&
+      static_cast<const char*>(w.kv_a_proj.raw()) ==
+          static_cast<const char*>(wq.raw()) + wq.numel() * core::dtype_size(wq.dtype())) {
+    const Tensor both = stacked(wq, qn + r + rd);
+    Tensor out = be.empty({m, qn + r + rd});
+    be.gemm(xin, false, both, true, out);
+    q = split_heads(out.slice(1, 0, qn), heads);
+    ckv = out.slice(1, qn, r + rd);
+  } else {
+    q = queries(be, cfg, w, rope, xin, st.positions, nullptr, /*rotate=*/false);
+    ckv = be.empty({m, r + rd});
+    be.gemm(xin, false, w.kv_a_proj, true, ckv);
+  }
+  // The new rows [rmsnorm(c) | rope(k_pe)] of ckv, straight into their cache slots.
   Tensor pool = cache.layer(layer);
   be.store_latents(ckv, w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), st.positions, rope, cfg.rope_interleave,
                    st.slots, pool);
