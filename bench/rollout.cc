@@ -167,7 +167,8 @@ void decode_kernels(r1lab::core::Backend& be, const r1lab::model::ModelConfig& c
         for (int64_t j = 0; j < k; ++j) ++counts[static_cast<size_t>(pick[static_cast<size_t>(j)])];
       }
       Tensor off = Tensor::zeros({e + 1}, DType::kI64);
-      for (int64_t g = 0; g < e; ++g) off.data<int64_t>()[g + 1] = off.data<int64_t>()[g] + counts[static_cast<size_t>(g)];
+      for (int64_t g = 0; g < e; ++g)
+        off.data<int64_t>()[g + 1] = off.data<int64_t>()[g] + counts[static_cast<size_t>(g)];
       Tensor doff = be.empty({e + 1}, DType::kI64);
       be.upload(off, doff);
       const int64_t rows = b * k;
@@ -195,8 +196,8 @@ void decode_kernels(r1lab::core::Backend& be, const r1lab::model::ModelConfig& c
     };
     Tensor dt = up(tables), ds = up(starts), dl = up(lens);
     Tensor q = filled({b, heads, d}, DType::kF32), o = be.empty({b, heads, r}, DType::kBF16);
-    row("paged latent attention", b,
-        time([&] { be.paged_latent_attention(q, pool, block, dt, ds, dl, 0.1f, o); }), 2.0 * b * ctx * d);
+    row("paged latent attention", b, time([&] { be.paged_latent_attention(q, pool, block, dt, ds, dl, 0.1f, o); }),
+        2.0 * b * ctx * d);
   }
 }
 

@@ -30,8 +30,7 @@ Tensor split_heads(const Tensor& t, int64_t heads) {
 
 // A contiguous weight matrix [n, k] and what follows it in memory as one matrix of `rows` rows of k.
 Tensor stacked(const Tensor& first, int64_t rows) {
-  const size_t off =
-      static_cast<size_t>(static_cast<char*>(first.raw()) - static_cast<char*>(first.storage()->data()));
+  const size_t off = static_cast<size_t>(static_cast<char*>(first.raw()) - static_cast<char*>(first.storage()->data()));
   return Tensor(first.storage(), off, {rows, first.size(1)}, {first.size(1), 1}, first.dtype());
 }
 

@@ -155,8 +155,7 @@ absl::Status Engine::update_weights(int64_t version, const std::function<absl::S
   --updates_waiting_;
   if (pending_) {  // its tokens were sampled with the current weights
     take_pending();
-    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
-                   running_.end());
+    drop_done();
   }
   if (version <= version_)
     return absl::FailedPreconditionError(
@@ -323,8 +322,7 @@ void Engine::absorb_incoming() {
       if (!s->done && s->req->id == id) finish(s.get(), FinishReason::kCancelled);
     for (auto& s : waiting_)
       if (s->req->id == id) finish(s.get(), FinishReason::kCancelled);
-    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
-                   running_.end());
+    drop_done();
     waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), [](const auto& s) { return s->done; }),
                    waiting_.end());
   }
@@ -413,8 +411,7 @@ bool Engine::step_locked() {
     }
     // The batch changes: the pending picks first, then a step as usual.
     take_pending();
-    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
-                   running_.end());
+    drop_done();
   }
   absorb_incoming();
   if (running_.empty() && waiting_.empty()) {
@@ -521,8 +518,7 @@ bool Engine::step_locked() {
     counters_.sample_seconds += std::chrono::duration<double>(accept_start - sample_start).count();
     for (size_t i = 0; i < picking.size(); ++i) accept(picking[i], tokens[i], logprobs[i]);
     counters_.accept_seconds += seconds_since(accept_start);
-    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
-                   running_.end());
+    drop_done();
     counters_.step_seconds += seconds_since(step_start);
   }
   publish_stats();
@@ -570,6 +566,11 @@ bool Engine::continue_pending() {
   pending_ = std::move(next);
   counters_.step_seconds += seconds_since(step_start);
   return true;
+}
+
+void Engine::drop_done() {
+  running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& s) { return s->done; }),
+                 running_.end());
 }
 
 void Engine::take_pending() {

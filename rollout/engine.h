@@ -177,6 +177,8 @@ class Engine {
   bool continue_pending();
   // Waits for the pending step's picks and accepts them (sequences done since it was queued skip theirs).
   void take_pending();
+  // Removes the sequences that are done from running_ (never while a pending step holds them).
+  void drop_done();
 
   model::Model& model_;
   EngineOptions opt_;

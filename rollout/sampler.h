@@ -52,8 +52,7 @@ void sample_tokens(core::Backend& be, const core::Tensor& logits, const std::vec
 // for the copy and gives them.
 class PendingPicks {
  public:
-  static PendingPicks start(core::Backend& be, const core::Tensor& logits,
-                            const std::vector<SampleRequest>& requests);
+  static PendingPicks start(core::Backend& be, const core::Tensor& logits, const std::vector<SampleRequest>& requests);
   void take(std::vector<int32_t>* tokens, std::vector<float>* logprobs);
   const core::Tensor& device_tokens() const { return device_tokens_; }
 

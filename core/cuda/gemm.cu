@@ -138,8 +138,9 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
 // bitwise.
 constexpr int kTileM = 128, kTileN = 128, kTileK = 64, kStages = 3, kTcThreads = 256, kTcPad = 8;
 // The grouped product's row tiles: 32 rows up to this mean a group, 64 up to the next, else kTileM.
-// On an H100 decoding the benchmark model (32 experts, 4 a token): batch 256 (32 rows a group) at
-// 104-107k tokens/s with 128-row tiles everywhere and 115.6k so chosen; batch 64 39.7k -> 42.1k.
+// On an H100 (bench/rollout's decode kernels alone, the benchmark model's experts: 32 of them, 4 a
+// token), gate_up + down at batch 64 (8 rows a group): 128-row tiles 47.8 us, 64-row 43.4, 32-row 38.9;
+// at batch 256 (32 a group): 128-row 53.5, 64-row 49.5, 32-row 59.7.
 constexpr int kGroupedTile32 = 24, kGroupedTile64 = 64;
 
 // One operand's tile: kExtent rows along m (or n) by kTileK along k. kK: k is the contiguous dimension
@@ -521,9 +522,9 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
     // Row tiles by the mean rows a group: 32 or 64 where the groups are short (decode), so that the
     // tensor cores work on rows that exist; 128 otherwise.
     const int64_t mean = rows / groups;
-    int tm = mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
-    if (const char* ev = std::getenv("R1LAB_XTM"); ev && mean <= 64) tm = std::atoi(ev);  // EXPERIMENT
-    const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN), static_cast<unsigned>((rows + tm - 1) / tm + groups));
+    const int tm = mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
+    const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
+                    static_cast<unsigned>((rows + tm - 1) / tm + groups));
     CHECK_LT(grid.y, 65536u) << "grouped_gemm: too many rows";
     const auto pick = [&](auto tile) {
       constexpr int kTM = decltype(tile)::value;
