@@ -1,6 +1,7 @@
 // The MoE router, the expert dispatch/combine, and token log-probabilities of the CUDA backend, forward
 // and backward. Each follows its CPU reference's order of operations (ties in the router broken toward
 // the lower expert index, assignments grouped by expert stably in token order), with no atomics.
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 
@@ -167,24 +168,43 @@ __global__ void expert_rank_kernel(const int32_t* idx, int64_t n, int32_t* rank,
   if (threadIdx.x == 0) counts[e] = base;
 }
 
-__global__ void offsets_kernel(const int64_t* counts, int e, int64_t* offsets) {
-  int64_t acc = 0;
-  offsets[0] = 0;
-  for (int i = 0; i < e; ++i) {
-    acc += counts[i];
-    offsets[i + 1] = acc;
-  }
-}
-
-// Block a: row_of[a] = offsets[idx[a]] + rank[a]; xs[row] = x[a / K].
+// Block a: row_of[a] = Σ_{g < idx[a]} counts[g] + rank[a]; xs[row] = x[a / K]. Block 0 also writes the
+// group bounds, offsets[g] = Σ_{g' < g} counts[g'], for the products after it. kScanThreads threads.
 template <typename T>
 __global__ void dispatch_kernel(const T* x, int64_t ldx, const int32_t* idx, const int32_t* rank,
-                                const int64_t* offsets, int64_t k, int64_t cols, int32_t* row_of, T* xs,
-                                int64_t ldxs, int n_experts) {
+                                const int64_t* counts, int64_t* offsets, int64_t k, int64_t cols, int32_t* row_of,
+                                T* xs, int64_t ldxs, int n_experts) {
+  using Scan = cub::BlockScan<int64_t, kScanThreads>;
+  using Reduce = cub::BlockReduce<int64_t, kScanThreads>;
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    typename Reduce::TempStorage reduce;
+  } temp;
+  __shared__ int64_t start;
   const int64_t a = blockIdx.x;
+  if (a == 0) {
+    int64_t carry = 0;
+    for (int g0 = 0; g0 < n_experts; g0 += kScanThreads) {
+      const int g = g0 + static_cast<int>(threadIdx.x);
+      int64_t upto = 0, total = 0;
+      Scan(temp.scan).InclusiveSum(g < n_experts ? counts[g] : 0, upto, total);
+      if (g < n_experts) offsets[g + 1] = carry + upto;
+      carry += total;
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) offsets[0] = 0;
+  }
   const int32_t e = idx[a];
-  if (e < 0 || e >= n_experts) return;
-  const int64_t row = offsets[e] + rank[a];
+  if (e < 0 || e >= n_experts) return;  // the whole block alike
+  int64_t before = 0;  // thread 0's
+  for (int g0 = 0; g0 < e; g0 += kScanThreads) {
+    const int g = g0 + static_cast<int>(threadIdx.x);
+    before += Reduce(temp.reduce).Sum(g < e ? counts[g] : 0);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) start = before;
+  __syncthreads();
+  const int64_t row = start + rank[a];
   if (threadIdx.x == 0) row_of[a] = static_cast<int32_t>(row);
   const T* src = x + (a / k) * ldx;
   T* dst = xs + row * ldxs;
@@ -385,24 +405,28 @@ void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts
   CHECK_EQ(X.rows, m);
   CHECK_EQ(XS.rows, n);
   CHECK_EQ(X.cols, XS.cols);
-  offsets = zeros({n_experts + 1}, DType::kI64);
-  if (n == 0) return;
+  if (n == 0) {
+    offsets = zeros({n_experts + 1}, DType::kI64);
+    return;
+  }
+  offsets = empty({n_experts + 1}, DType::kI64);
   Op op(this, "moe_dispatch", 0, 2.0 * n * X.cols * dtype_size(x.dtype()));
-  Tensor rank = zeros({n}, DType::kI32), counts = zeros({n_experts}, DType::kI64);
+  // Every assignment to an expert gets its rank and every expert its count (blocks of experts no
+  // assignment names write 0); dispatch writes the bounds whole.
+  Tensor rank = empty({n}, DType::kI32), counts = empty({n_experts}, DType::kI64);
   int64_t* cnt = counts.data<int64_t>();
   int64_t* off = offsets.data<int64_t>();
   expert_rank_kernel<<<static_cast<unsigned>(n_experts), kScanThreads, 0, stream()>>>(idx.data<int32_t>(), n,
                                                                                      rank.data<int32_t>(), cnt);
-  offsets_kernel<<<1, 1, 0, stream()>>>(cnt, n_experts, off);
   if (x.dtype() == DType::kBF16) {
     using B = __nv_bfloat16;
-    dispatch_kernel<B><<<static_cast<unsigned>(n), 256, 0, stream()>>>(
-        static_cast<const B*>(X.p), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), off, k, X.cols,
+    dispatch_kernel<B><<<static_cast<unsigned>(n), kScanThreads, 0, stream()>>>(
+        static_cast<const B*>(X.p), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), cnt, off, k, X.cols,
         row_of.data<int32_t>(), static_cast<B*>(XS.p), XS.ld, n_experts);
   } else {
-    dispatch_kernel<float><<<static_cast<unsigned>(n), 256, 0, stream()>>>(
-        X.f(), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), off, k, X.cols, row_of.data<int32_t>(), XS.f(), XS.ld,
-        n_experts);
+    dispatch_kernel<float><<<static_cast<unsigned>(n), kScanThreads, 0, stream()>>>(
+        X.f(), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), cnt, off, k, X.cols, row_of.data<int32_t>(), XS.f(),
+        XS.ld, n_experts);
   }
   CUDA_CHECK(cudaGetLastError());
 }
