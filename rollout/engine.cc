@@ -479,13 +479,7 @@ bool Engine::step_locked() {
     }
     // Logits [sequences that end their known tokens this step, V] stay on the device; only the picks
     // come back.
-    const auto launch_start = Clock::now();
-    counters_.schedule_seconds += std::chrono::duration<double>(launch_start - step_start).count();
-    const core::Tensor logits = model_.forward_step(sb, *cache_);
-    counters_.launch_seconds += seconds_since(launch_start);
-    counters_.host_seconds += seconds_since(step_start);
-    ++counters_.steps;
-    counters_.tokens_computed += sb.num_tokens();
+    const core::Tensor logits = launch(sb, step_start);
     std::vector<Sequence*> picking;
     std::vector<SampleRequest> requests;
     int64_t row = 0;
@@ -525,6 +519,17 @@ bool Engine::step_locked() {
   return true;
 }
 
+core::Tensor Engine::launch(const model::StepBatch& sb, Clock::time_point step_start) {
+  const auto launch_start = Clock::now();
+  counters_.schedule_seconds += std::chrono::duration<double>(launch_start - step_start).count();
+  core::Tensor logits = model_.forward_step(sb, *cache_);
+  counters_.launch_seconds += seconds_since(launch_start);
+  counters_.host_seconds += seconds_since(step_start);
+  ++counters_.steps;
+  counters_.tokens_computed += sb.num_tokens();
+  return logits;
+}
+
 bool Engine::continue_pending() {
   const std::vector<Sequence*>& rows = pending_->rows;
   if (!opt_.overlap_steps || !waiting_.empty() || running_.size() != rows.size()) return false;
@@ -539,14 +544,8 @@ bool Engine::continue_pending() {
   model::StepBatch sb;
   for (Sequence* s : rows) sb.add(&kPlaceholder, 1, s->computed, s->blocks, opt_.block_size, true);
   sb.device_tokens = pending_->picks.device_tokens();
-  const auto launch_start = Clock::now();
-  counters_.schedule_seconds += std::chrono::duration<double>(launch_start - step_start).count();
-  const core::Tensor logits = model_.forward_step(sb, *cache_);
-  counters_.launch_seconds += seconds_since(launch_start);
-  counters_.host_seconds += seconds_since(step_start);
-  ++counters_.steps;
+  const core::Tensor logits = launch(sb, step_start);
   ++counters_.overlapped_steps;
-  counters_.tokens_computed += sb.num_tokens();
   // The pending pick is each sequence's token number generated(); this step samples the one after it.
   std::vector<SampleRequest> requests;
   for (size_t i = 0; i < rows.size(); ++i) {

@@ -175,6 +175,8 @@ class Engine {
   // sequences, reading those picks on the device, and then takes them. False (nothing done) where the
   // batch would change: admissions, cancels, a weight update, blocks running out, a sequence done.
   bool continue_pending();
+  // The step's device work queued (Model::forward_step), its time and tokens counted.
+  core::Tensor launch(const model::StepBatch& sb, Clock::time_point step_start);
   // Waits for the pending step's picks and accepts them (sequences done since it was queued skip theirs).
   void take_pending();
   // Removes the sequences that are done from running_ (never while a pending step holds them).

@@ -339,20 +339,31 @@ void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& 
   CUDA_CHECK(cudaGetLastError());
 }
 
-void CudaBackend::rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table,
-                            bool interleaved) {
-  CHECK(x.dim() == 3 && src.dim() == 3) << "rope takes [M, H, D]";
-  CHECK(x.stride(2) == 1 && src.stride(2) == 1);
-  CHECK(src.shape() == x.shape()) << shape_str(src.shape()) << " vs " << shape_str(x.shape());
+namespace {
+
+// rope's operands checked: x [M, H, D] f32 (D even, the last dimension contiguous), positions [M] I32,
+// a table of D / 2 columns. Returns the pairs to rotate, M·H·D/2.
+int64_t check_rope(const Tensor& x, const Tensor& positions, const RopeTable& table) {
+  CHECK_EQ(x.dim(), 3) << "rope takes [M, H, D]";
+  CHECK_EQ(x.stride(2), 1);
   check_device(x, DType::kF32);
-  check_device(src, DType::kF32);
   check_device(positions, DType::kI32);
   check_device(table.cos, DType::kF32);
-  const int64_t m = x.size(0), h = x.size(1), d = x.size(2), half = d / 2;
+  const int64_t m = x.size(0), d = x.size(2);
   CHECK_EQ(d % 2, 0);
-  CHECK_EQ(table.cos.size(1), half);
+  CHECK_EQ(table.cos.size(1), d / 2);
   CHECK_EQ(positions.numel(), m);
-  const int64_t n = m * h * half;
+  return m * x.size(1) * (d / 2);
+}
+
+}  // namespace
+
+void CudaBackend::rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table,
+                            bool interleaved) {
+  const int64_t n = check_rope(x, positions, table);
+  check_rope(src, positions, table);
+  CHECK(src.shape() == x.shape()) << shape_str(src.shape()) << " vs " << shape_str(x.shape());
+  const int64_t m = x.size(0), h = x.size(1), half = x.size(2) / 2;
   if (n == 0) return;
   Op op(this, "rope", 6.0 * n, 24.0 * n);
   rope_from_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(
@@ -388,16 +399,8 @@ void CudaBackend::store_latents(const Tensor& ckv, const Tensor& w, float eps, c
 }
 
 void CudaBackend::rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved, bool inverse) {
-  CHECK_EQ(x.dim(), 3) << "rope takes [M, H, D]";
-  CHECK_EQ(x.stride(2), 1);
-  check_device(x, DType::kF32);
-  check_device(positions, DType::kI32);
-  check_device(table.cos, DType::kF32);
-  const int64_t m = x.size(0), h = x.size(1), d = x.size(2), half = d / 2;
-  CHECK_EQ(d % 2, 0);
-  CHECK_EQ(table.cos.size(1), half);
-  CHECK_EQ(positions.numel(), m);
-  const int64_t n = m * h * half;
+  const int64_t n = check_rope(x, positions, table);
+  const int64_t m = x.size(0), h = x.size(1), half = x.size(2) / 2;
   if (n == 0) return;
   Op op(this, "rope", 6.0 * n, 16.0 * n);
   rope_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(x.f32(), x.stride(0), x.stride(1), m, h,
