@@ -70,6 +70,8 @@ class Tensor {
   int64_t numel() const { return shape_numel(shape_); }
   bool is_contiguous() const;
   const std::shared_ptr<Storage>& storage() const { return storage_; }
+  // Where the first element lies in the storage (a view over the same storage starts from it).
+  size_t byte_offset() const { return byte_offset_; }
 
   void* raw() const { return static_cast<char*>(storage_->data()) + byte_offset_; }
   template <typename T>

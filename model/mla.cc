@@ -16,22 +16,19 @@ using core::Tensor;
 // [M, H, D] with rows of any stride as [batch, M / batch, H, D].
 Tensor split_batch(const Tensor& t, int64_t batch) {
   const int64_t t_len = t.size(0) / batch;
-  const size_t off = static_cast<size_t>(static_cast<char*>(t.raw()) - static_cast<char*>(t.storage()->data()));
-  return Tensor(t.storage(), off, {batch, t_len, t.size(1), t.size(2)},
+  return Tensor(t.storage(), t.byte_offset(), {batch, t_len, t.size(1), t.size(2)},
                 {t.stride(0) * t_len, t.stride(0), t.stride(1), t.stride(2)}, t.dtype());
 }
 
 // Rows [M, heads * d] of any row stride (the last dimension contiguous) as [M, heads, d].
 Tensor split_heads(const Tensor& t, int64_t heads) {
-  const size_t off = static_cast<size_t>(static_cast<char*>(t.raw()) - static_cast<char*>(t.storage()->data()));
-  return Tensor(t.storage(), off, {t.size(0), heads, t.size(1) / heads}, {t.stride(0), t.size(1) / heads, 1},
+  return Tensor(t.storage(), t.byte_offset(), {t.size(0), heads, t.size(1) / heads}, {t.stride(0), t.size(1) / heads, 1},
                 t.dtype());
 }
 
 // A contiguous weight matrix [n, k] and what follows it in memory as one matrix of `rows` rows of k.
 Tensor stacked(const Tensor& first, int64_t rows) {
-  const size_t off = static_cast<size_t>(static_cast<char*>(first.raw()) - static_cast<char*>(first.storage()->data()));
-  return Tensor(first.storage(), off, {rows, first.size(1)}, {first.size(1), 1}, first.dtype());
+  return Tensor(first.storage(), first.byte_offset(), {rows, first.size(1)}, {first.size(1), 1}, first.dtype());
 }
 
 // q = x · W_qᵀ, or rmsnorm(x · W_qaᵀ) · W_qbᵀ with query compression; then rope on each head's rope

@@ -234,13 +234,11 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed) {
 
 namespace {
 
-// The step's block tables as `rows` rows of `width` entries (zeros past each table's end and in rows
-// past the step's sequences).
-std::vector<int32_t> table_rows(const StepBatch& step, int64_t rows, int64_t width) {
-  std::vector<int32_t> t(static_cast<size_t>(rows * width), 0);
+// The step's block tables into rows of `width` entries at out (which holds zeros past each table's end
+// and in rows past the step's sequences).
+void fill_table_rows(const StepBatch& step, int64_t width, int32_t* out) {
   for (size_t s = 0; s < step.block_tables.size(); ++s)
-    std::copy(step.block_tables[s].begin(), step.block_tables[s].end(), t.begin() + static_cast<int64_t>(s) * width);
-  return t;
+    std::copy(step.block_tables[s].begin(), step.block_tables[s].end(), out + static_cast<int64_t>(s) * width);
 }
 
 Tensor upload_i32(core::Backend& be, const std::vector<int32_t>& v, const core::Shape& shape) {
@@ -306,8 +304,9 @@ Tensor Model::forward_step(const StepBatch& step, LatentCache& cache) {
   st.slots = upload_i32(backend_, step.slots, {m});
   st.seq_starts = upload_i32(backend_, step.seq_starts, {n_seq + 1});
   st.context_lens = upload_i32(backend_, step.context_lens, {n_seq});
-  st.block_tables = upload_i32(backend_, table_rows(step, n_seq, static_cast<int64_t>(max_blocks)),
-                               {n_seq, static_cast<int64_t>(max_blocks)});
+  std::vector<int32_t> tables(static_cast<size_t>(n_seq) * max_blocks, 0);
+  fill_table_rows(step, static_cast<int64_t>(max_blocks), tables.data());
+  st.block_tables = upload_i32(backend_, tables, {n_seq, static_cast<int64_t>(max_blocks)});
   Tensor ids = upload_i32(backend_, step.tokens, {m});
   if (step.device_tokens.defined()) {
     CHECK_EQ(step.device_tokens.numel(), m) << "device tokens for every token of the step";
@@ -352,8 +351,7 @@ Tensor Model::forward_step_graph(const StepBatch& step, LatentCache& cache, int6
   int32_t* ids = host.data();
   int32_t *positions = ids + b, *slots = ids + 2 * b, *ctx = ids + 3 * b, *starts = ids + 4 * b;
   int32_t* tables = ids + step_tables_at(b);
-  for (size_t s = 0; s < step.block_tables.size(); ++s)
-    std::copy(step.block_tables[s].begin(), step.block_tables[s].end(), tables + static_cast<int64_t>(s) * w);
+  fill_table_rows(step, w, tables);
   for (int64_t i = 0; i < b; ++i) {
     starts[i + 1] = static_cast<int32_t>(i + 1);
     if (i < n) {

@@ -69,8 +69,8 @@ PendingPicks PendingPicks::start(core::Backend& be, const core::Tensor& logits,
   // The picks and their logprobs side by side in one buffer: one transfer back, one wait.
   core::Tensor out = be.empty({2 * n}, core::DType::kI32);
   core::Tensor dtok = out.slice(0, 0, n);
-  const size_t at = static_cast<size_t>(static_cast<char*>(out.raw()) - static_cast<char*>(out.storage()->data()));
-  core::Tensor dlp(out.storage(), at + static_cast<size_t>(n) * sizeof(int32_t), {n}, {1}, core::DType::kF32);
+  core::Tensor dlp(out.storage(), out.byte_offset() + static_cast<size_t>(n) * sizeof(int32_t), {n}, {1},
+                   core::DType::kF32);
   be.sample_tokens(logits, dspec, dtok, dlp);
   p.device_tokens_ = dtok;
   p.wait_ = be.download_later(out);

@@ -4,6 +4,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include <cstring>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda/cuda_backend.h"
@@ -32,19 +33,19 @@ Context::~Context() {
   }
 }
 
-void* Context::take_pinned(size_t bytes) {
+std::pair<void*, size_t> Context::take_pinned(size_t bytes) {
   {
     std::lock_guard<std::mutex> lk(pinned_mu);
     for (size_t i = 0; i < pinned.size(); ++i)
       if (pinned[i].second >= bytes) {
-        void* p = pinned[i].first;
+        const std::pair<void*, size_t> buffer = pinned[i];
         pinned.erase(pinned.begin() + static_cast<std::ptrdiff_t>(i));
-        return p;
+        return buffer;
       }
   }
   void* p = nullptr;
   CUDA_CHECK(cudaMallocHost(&p, bytes));
-  return p;
+  return {p, bytes};
 }
 
 void Context::give_pinned(void* p, size_t bytes) {
@@ -453,7 +454,7 @@ namespace {
 struct LaterCopy {
   std::shared_ptr<Context> ctx;
   void* pinned = nullptr;
-  size_t bytes = 0;
+  size_t bytes = 0;  // the buffer's size
   cudaEvent_t done = nullptr;
   ~LaterCopy() {
     use_device(ctx->device);
@@ -475,8 +476,8 @@ std::function<Tensor()> CudaBackend::download_later(const Tensor& src) {
   use_device(ctx_->device);
   auto later = std::make_shared<LaterCopy>();
   later->ctx = ctx_;
-  later->bytes = std::max<size_t>(16, static_cast<size_t>(src.numel()) * dtype_size(src.dtype()));
-  later->pinned = ctx_->take_pinned(later->bytes);
+  std::tie(later->pinned, later->bytes) =
+      ctx_->take_pinned(std::max<size_t>(16, static_cast<size_t>(src.numel()) * dtype_size(src.dtype())));
   CUDA_CHECK(cudaMemcpyAsync(later->pinned, src.raw(), static_cast<size_t>(src.numel()) * dtype_size(src.dtype()),
                              cudaMemcpyDeviceToHost, ctx_->stream));
   CUDA_CHECK(cudaEventCreateWithFlags(&later->done, cudaEventDisableTiming));

@@ -5,9 +5,10 @@
 #include <cuda_runtime.h>
 
 #include <map>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/backend.h"
@@ -47,7 +48,8 @@ struct Context {
   // Pinned host buffers for download_later, kept for reuse (any thread may return one).
   std::mutex pinned_mu;
   std::vector<std::pair<void*, size_t>> pinned;
-  void* take_pinned(size_t bytes);
+  // A buffer of at least `bytes`: its address and its size (give it back with that size).
+  std::pair<void*, size_t> take_pinned(size_t bytes);
   void give_pinned(void* p, size_t bytes);
   ~Context();
 };
