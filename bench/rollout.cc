@@ -176,6 +176,8 @@ void decode_kernels(r1lab::core::Backend& be, const r1lab::model::ModelConfig& c
       Tensor gu = be.empty({rows, 2 * inter}), act = filled({rows, inter}, DType::kBF16);
       Tensor wd = filled({e, h, inter}, DType::kBF16), y = be.empty({rows, h});
       row("experts gate_up", b, time([&] { be.grouped_gemm(x, wgu, true, doff, gu); }), 2.0 * e * 2 * inter * h);
+      row("experts gate_up, gated (fused)", b, time([&] { be.grouped_gate_up(x, wgu, doff, act); }),
+          2.0 * e * 2 * inter * h);
       row("experts down", b, time([&] { be.grouped_gemm(act, wd, true, doff, y); }), 2.0 * e * h * inter);
     }
     // Paged latent attention: b sequences of ctx positions, blocks of 16 in order.
@@ -198,6 +200,19 @@ void decode_kernels(r1lab::core::Backend& be, const r1lab::model::ModelConfig& c
     Tensor q = filled({b, heads, d}, DType::kF32), o = be.empty({b, heads, r}, DType::kBF16);
     row("paged latent attention", b, time([&] { be.paged_latent_attention(q, pool, block, dt, ds, dl, 0.1f, o); }),
         2.0 * b * ctx * d);
+    // Sampling at temperature 1 from [b, vocab] f32 logits.
+    Tensor logits = filled({b, cfg.vocab_size}, DType::kF32);
+    Tensor spec = Tensor::zeros({b, r1lab::core::kSampleSpecColumns});
+    std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+    for (int s = 0; s < b; ++s) {
+      float* sq = spec.f32() + int64_t{s} * r1lab::core::kSampleSpecColumns;
+      sq[r1lab::core::kSpecRow] = static_cast<float>(s);
+      sq[r1lab::core::kSpecTemperature] = 1.0f;
+      sq[r1lab::core::kSpecTopP] = 1.0f;
+      sq[r1lab::core::kSpecUniform] = unit(rng);
+    }
+    Tensor dspec = up(spec), tok = be.empty({b}, DType::kI32), lp = be.empty({b}, DType::kF32);
+    row("sample tokens", b, time([&] { be.sample_tokens(logits, dspec, tok, lp); }), 4.0 * b * cfg.vocab_size);
   }
 }
 

@@ -116,6 +116,15 @@ class Backend {
   // Weight gradient of grouped_gemm with trans_w: dw[g] += dc[rows_g]ᵀ · a[rows_g];
   //   dc: [R, n] f32, a: [R, k] f32 or bf16, dw: [G, n, k] f32.
   virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) = 0;
+  // h[r] = silu(a[r] · w_gate[g]ᵀ) * (a[r] · w_up[g]ᵀ) for the rows r of group g, where w [G, 2n, k]
+  // stacks each group's n gate rows over its n up rows and h [R, n] is bf16: grouped_gemm (trans_w)
+  // then silu_mul_forward, without the [R, 2n] products that only backward reads. h's rows outside
+  // every group are unspecified. This default is the reference; a backend may fuse it.
+  virtual void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h) {
+    Tensor gu = empty({a.size(0), w.size(1)});
+    grouped_gemm(a, w, true, offsets, gu);
+    silu_mul_forward(gu, h);
+  }
   // Checks group bounds read on the host, o[0 .. groups]: ascending within [0, rows].
   static void check_group_bounds(const int64_t* o, int64_t groups, int64_t rows) {
     CHECK(o[0] >= 0 && o[groups] <= rows) << "group offsets outside [0, " << rows << "]";

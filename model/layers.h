@@ -35,14 +35,19 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
                        const core::RopeTable& rope, const core::Tensor& x, const StepTensors& st,
                        const LatentCache& cache, int layer, core::Tensor& y);
 
+// Two weight matrices [n1, k] and [n2, k] as one [n1 + n2, k] where the second starts in memory right
+// where the first ends (contiguous, the same dtype), so that one product serves both; else undefined.
+core::Tensor stacked_with(const core::Tensor& first, const core::Tensor& next);
+
 // SiLU-gated MLP: y = (silu(x·gateᵀ) * (x·upᵀ)) · downᵀ.  x [N, H], y [N, H] (overwritten).
 void mlp_forward(core::Backend& be, const MlpWeights& w, const core::Tensor& x, MlpActs& a, core::Tensor& y);
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const core::Tensor& x,
                   const MlpActs& a, const core::Tensor& dy, core::Tensor& dx);
 
-// DeepSeekMoE: routed experts (top-k by the router) plus shared experts. y overwritten.
-void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x,
-                 MoeActs& a, core::Tensor& y);
+// DeepSeekMoE: routed experts (top-k by the router) plus shared experts. y overwritten. Without
+// for_backward, a keeps no experts' gate_up products (the experts' gated product runs fused).
+void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x, MoeActs& a,
+                 core::Tensor& y, bool for_backward);
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::Tensor& x, const MoeActs& a, const core::Tensor& dy, core::Tensor& dx);
 

@@ -26,10 +26,6 @@ Tensor split_heads(const Tensor& t, int64_t heads) {
                 t.dtype());
 }
 
-// A contiguous weight matrix [n, k] and what follows it in memory as one matrix of `rows` rows of k.
-Tensor stacked(const Tensor& first, int64_t rows) {
-  return Tensor(first.storage(), first.byte_offset(), {rows, first.size(1)}, {first.size(1), 1}, first.dtype());
-}
 
 // q = x · W_qᵀ, or rmsnorm(x · W_qaᵀ) · W_qbᵀ with query compression; then rope on each head's rope
 // part (unless `rotate` is false: the caller rotates it where it moves it). Returns [M, heads, nope +
@@ -196,12 +192,8 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   // parameter layout puts kv_a_proj right after q_proj), else two.
   Tensor q, ckv;
   const int64_t qn = heads * cfg.qk_head_dim();
-  const Tensor& wq = w.q_proj;
-  if (cfg.q_lora_rank == 0 && wq.dtype() == w.kv_a_proj.dtype() && wq.is_contiguous() &&
-      w.kv_a_proj.is_contiguous() && w.kv_a_proj.size(1) == wq.size(1) &&
-      static_cast<const char*>(w.kv_a_proj.raw()) ==
-          static_cast<const char*>(wq.raw()) + wq.numel() * core::dtype_size(wq.dtype())) {
-    const Tensor both = stacked(wq, qn + r + rd);
+  const Tensor both = cfg.q_lora_rank == 0 ? stacked_with(w.q_proj, w.kv_a_proj) : Tensor();
+  if (both.defined()) {
     Tensor out = be.empty({m, qn + r + rd});
     be.gemm(xin, false, both, true, out);
     q = split_heads(out.slice(1, 0, qn), heads);

@@ -175,7 +175,7 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
     backend_.add_rmsnorm_forward(x, a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd);  // h1 = x + attention
     Tensor out = backend_.empty({m, cfg_.hidden_size});  // the shared experts' product or a fill, then the rest
     if (lw.moe) {
-      moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out);
+      moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out, keep);
     } else {
       mlp_forward(backend_, lw.mlp, a.ln2, a.mlp, out);
     }
@@ -401,7 +401,7 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
     Tensor out = backend_.empty({m, cfg_.hidden_size});
     if (lw.moe) {
       MoeActs a;
-      moe_forward(backend_, cfg_, lw, ln, a, out);
+      moe_forward(backend_, cfg_, lw, ln, a, out, /*for_backward=*/false);
     } else {
       MlpActs a;
       mlp_forward(backend_, lw.mlp, ln, a, out);

@@ -9,13 +9,31 @@ namespace r1lab::model {
 
 using core::Tensor;
 
-void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, Tensor& y) {
-  const int64_t n = x.size(0), inter = w.down.size(1);
-  a.gate_up = be.empty({n, 2 * inter});
-  a.act = be.empty({n, inter}, product_dtype(be));
-  be.gemm(x, false, w.gate_up, true, a.gate_up);
+namespace {
+
+// The rest of the MLP once a.gate_up holds x·[W_g | W_u]ᵀ.
+void mlp_from_gate_up(core::Backend& be, const MlpWeights& w, MlpActs& a, Tensor& y) {
+  a.act = be.empty({a.gate_up.size(0), w.down.size(1)}, product_dtype(be));
   be.silu_mul_forward(a.gate_up, a.act);
   be.gemm(a.act, false, w.down, true, y);
+}
+
+}  // namespace
+
+Tensor stacked_with(const Tensor& first, const Tensor& next) {
+  if (!first.defined() || !next.defined() || first.dtype() != next.dtype() || !first.is_contiguous() ||
+      !next.is_contiguous() || first.dim() != 2 || next.dim() != 2 || first.size(1) != next.size(1) ||
+      static_cast<const char*>(next.raw()) !=
+          static_cast<const char*>(first.raw()) + first.numel() * core::dtype_size(first.dtype()))
+    return Tensor();
+  return Tensor(first.storage(), first.byte_offset(), {first.size(0) + next.size(0), first.size(1)},
+                {first.size(1), 1}, first.dtype());
+}
+
+void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, Tensor& y) {
+  a.gate_up = be.empty({x.size(0), w.gate_up.size(0)});
+  be.gemm(x, false, w.gate_up, true, a.gate_up);
+  mlp_from_gate_up(be, w, a, y);
 }
 
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const Tensor& x, const MlpActs& a,
@@ -31,29 +49,45 @@ void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, c
 }
 
 void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,
-                 Tensor& y) {
+                 Tensor& y, bool for_backward) {
   const int64_t m = x.size(0), h = x.size(1), e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
   const int64_t inter = cfg.moe_intermediate_size;
   const core::RouterConfig rc = cfg.router();
   // Router.
-  a.logits = be.empty({m, e});
   a.scores = be.empty({m, e});
   a.idx = be.empty({m, k}, core::DType::kI32);
   a.weights = be.empty({m, k});
   const Tensor xin = product_operand(be, x);  // the router's and the shared experts' products
-  be.gemm(xin, false, w.router, true, a.logits);
+  // The router's logits and the shared experts' gate and up in one product where their weights lie one
+  // after the other (the parameter layout puts them so), else two products.
+  const Tensor both = w.shared.down.defined() ? stacked_with(w.router, w.shared.gate_up) : Tensor();
+  if (both.defined()) {
+    Tensor out = be.empty({m, both.size(0)});
+    be.gemm(xin, false, both, true, out);
+    a.logits = out.slice(1, 0, e);
+    a.shared.gate_up = out.slice(1, e, both.size(0) - e);
+  } else {
+    a.logits = be.empty({m, e});
+    be.gemm(xin, false, w.router, true, a.logits);
+  }
   be.moe_route(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores);
   // Routed experts over the token rows grouped by expert.
   a.xs = be.empty({m * k, h}, x.dtype());  // every row is some token's
   a.row_of = be.empty({m * k}, core::DType::kI32);
   be.moe_dispatch(x, a.idx, static_cast<int>(e), a.xs, a.row_of, a.offsets);
-  a.experts.gate_up = be.empty({m * k, 2 * inter});  // the groups cover every row
-  a.experts.act = be.empty({m * k, inter}, product_dtype(be));
+  a.experts.act = be.empty({m * k, inter}, product_dtype(be));  // the groups cover every row
   a.ys = be.empty({m * k, h});
-  be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
-  be.silu_mul_forward(a.experts.gate_up, a.experts.act);
+  if (for_backward || a.experts.act.dtype() != core::DType::kBF16) {
+    a.experts.gate_up = be.empty({m * k, 2 * inter});
+    be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
+    be.silu_mul_forward(a.experts.gate_up, a.experts.act);
+  } else {
+    be.grouped_gate_up(a.xs, w.experts_gate_up, a.offsets, a.experts.act);
+  }
   be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
-  if (w.shared.down.defined()) {
+  if (both.defined()) {
+    mlp_from_gate_up(be, w.shared, a.shared, y);
+  } else if (w.shared.down.defined()) {
     mlp_forward(be, w.shared, xin, a.shared, y);
   } else {
     be.fill(y, 0.0f);

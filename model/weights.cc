@@ -45,10 +45,12 @@ std::vector<ParamInfo> parameter_layout(const ModelConfig& c) {
     out.push_back({p + "post_attention_layernorm.weight", {h}});
     if (c.is_moe_layer(l)) {
       const int e = c.n_routed_experts, inter = c.moe_intermediate_size;
-      out.push_back({p + "mlp.gate.weight", {e, h}});
+      // The router right before the shared experts' gate and up rows: one product makes all three (the
+      // three take the same input).
       out.push_back({p + "mlp.gate.e_score_correction_bias", {e}, 0, false});
       out.push_back({p + "mlp.experts.gate_up_proj", {e, 2 * inter, h}});
       out.push_back({p + "mlp.experts.down_proj", {e, h, inter}});
+      out.push_back({p + "mlp.gate.weight", {e, h}});
       if (c.n_shared_experts > 0) add_mlp(out, p + "mlp.shared_experts.", h, inter * c.n_shared_experts);
     } else {
       add_mlp(out, p + "mlp.", h, c.intermediate_size);

@@ -173,6 +173,21 @@ struct TcTile {
       tc::cp_async16(smem + (kK ? i * kLd + k : k * kLd + i), valid ? src : p, valid);
     }
   }
+  // A k-contiguous tile whose first half of rows starts at p and second half at p2, ni rows of each.
+  __device__ static void load_pair(__nv_bfloat16* smem, const __nv_bfloat16* p, const __nv_bfloat16* p2, int64_t ld,
+                                   int ni, int nk) {
+    static_assert(kK && kExtent % 2 == 0, "pairs of k-contiguous halves");
+#pragma unroll
+    for (int u = 0; u < kChunks / kTcThreads; ++u) {
+      const int idx = threadIdx.x + u * kTcThreads;
+      const int i = idx / (kTileK / 8), k = (idx % (kTileK / 8)) * 8;
+      const bool hi = i >= kExtent / 2;
+      const int ih = hi ? i - kExtent / 2 : i;
+      const bool valid = ih < ni && k < nk;
+      const __nv_bfloat16* src = (hi ? p2 : p) + ih * ld + k;
+      tc::cp_async16(smem + i * kLd + k, valid ? src : p, valid);
+    }
+  }
 };
 
 // The pipeline's shared memory for row tiles of kTM rows (either orientation of either operand).
@@ -198,14 +213,15 @@ __device__ __forceinline__ void load_a_km(uint32_t* a, const __nv_bfloat16* p, i
   tc::ldsm4_t(a, p + (lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8);
 }
 
-// The block's tile at (m0, n0) of one product: kTM × kTileN of the M × N outputs over K, a
-// (k-contiguous if kAK) and b (k-contiguous if kBK) bf16, c f32 rows. kTM (128, 64 or 32) rows: a warp
-// takes kTM / 2 of them by 32 columns. Fewer rows a tile suit groups of few rows (MoE decode), where a
-// 128-row tile would spend its tensor-core time on rows past the group's end.
-template <bool kAK, bool kBK, int kTM = kTileM>
-__device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
-                                        float* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta) {
+// The f32 sums of the block's tile at (m0, n0) of one product (8 warps, 2 along m by 4 along n), as
+// tc_tile below stores them. kGated (B k-contiguous): the tile's first kTileN / 2 columns are b's rows n0 + j and its last are
+// rows gate_to_up + n0 + j, so that a gated product's gate and up columns meet in one block.
+template <bool kAK, bool kBK, int kTM, bool kGated = false>
+__device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], const __nv_bfloat16* a, int64_t lda,
+                                              const __nv_bfloat16* b, int64_t ldb, int M, int N, int K, int m0,
+                                              int n0, int64_t gate_to_up = 0) {
   static_assert(kTM == 128 || kTM == 64 || kTM == 32, "row tiles of 128, 64 or 32");
+  static_assert(!kGated || kBK, "gated tiles read k-contiguous weights");
   constexpr int kMi = kTM / 32;  // m16 tiles a warp
   using TileA = TcTile<kAK, kTM>;
   using TileB = TcTile<kBK, kTileN>;
@@ -214,9 +230,8 @@ __device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, con
   __nv_bfloat16* sb = sa + kStages * TileA::kElems;
   const __nv_bfloat16* pa = kAK ? a + m0 * lda : a + m0;
   const __nv_bfloat16* pb = kBK ? b + n0 * ldb : b + n0;
-  const int ni_a = min(kTM, M - m0), ni_b = min(kTileN, N - n0);
+  const int ni_a = min(kTM, M - m0), ni_b = min(kGated ? kTileN / 2 : kTileN, N - n0);
   const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
-  float acc[kMi][4][4];
 #pragma unroll
   for (int i = 0; i < kMi; ++i)
 #pragma unroll
@@ -229,7 +244,10 @@ __device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, con
     if (s < steps) {
       const int k0 = s * kTileK, st = s % kStages;
       TileA::load(sa + st * TileA::kElems, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
-      TileB::load(sb + st * TileB::kElems, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
+      if constexpr (kGated)
+        TileB::load_pair(sb + st * TileB::kElems, pb + k0, pb + gate_to_up * ldb + k0, ldb, ni_b, K - k0);
+      else
+        TileB::load(sb + st * TileB::kElems, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
     }
     tc::cp_async_commit();  // an empty group past the end keeps the count uniform
   };
@@ -269,6 +287,19 @@ __device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, con
     }
   }
   tc::cp_async_wait<0>();
+}
+
+// The block's tile at (m0, n0) of one product: kTM × kTileN of the M × N outputs over K, a
+// (k-contiguous if kAK) and b (k-contiguous if kBK) bf16, c f32 rows. kTM (128, 64 or 32) rows: a warp
+// takes kTM / 2 of them by 32 columns. Fewer rows a tile suit groups of few rows (MoE decode), where a
+// 128-row tile would spend its tensor-core time on rows past the group's end.
+template <bool kAK, bool kBK, int kTM = kTileM>
+__device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
+                                        float* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta) {
+  constexpr int kMi = kTM / 32;
+  float acc[kMi][4][4];
+  tc_accumulate<kAK, kBK, kTM>(acc, a, lda, b, ldb, M, N, K, m0, n0);
+  const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 #pragma unroll
   for (int i = 0; i < kMi; ++i)
@@ -289,14 +320,10 @@ __device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, con
       }
 }
 
-// c[r] = a[r] · op(w[g]) + beta · c[r] for the rows r of group g: blockIdx.x picks the column tile,
-// blockIdx.y the row tile (of kTM rows) counted over all groups in order (the grid has enough for any
-// bounds; blocks past the last group's tiles return).
-template <bool kBK, int kTM>
-__global__ void __launch_bounds__(kTcThreads, 2)
-    grouped_tc_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
-                      float* c, int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta) {
-  __shared__ int tile_group, tile_row;
+// Row tile blockIdx.y, counted over all groups' tiles of kTM rows in order: its group (-1 past the last
+// group's tiles) and its first row within the group, in shared memory for the whole block.
+template <int kTM>
+__device__ __forceinline__ void find_row_tile(const int64_t* bounds, int groups, int* tile_group, int* tile_row) {
   if (threadIdx.x < 32) {  // the first warp scans the groups' tile counts, 32 groups at a time
     const int lane = threadIdx.x;
     int t = blockIdx.y, found = -1, row = 0;
@@ -319,16 +346,89 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       }
     }
     if (lane == 0) {
-      tile_group = found;
-      tile_row = row;
+      *tile_group = found;
+      *tile_row = row;
     }
   }
   __syncthreads();
+}
+
+// c[r] = a[r] · op(w[g]) + beta · c[r] for the rows r of group g: blockIdx.x picks the column tile,
+// blockIdx.y the row tile (of kTM rows) counted over all groups in order (the grid has enough for any
+// bounds; blocks past the last group's tiles return).
+template <bool kBK, int kTM>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    grouped_tc_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
+                      float* c, int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta) {
+  __shared__ int tile_group, tile_row;
+  find_row_tile<kTM>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
   tc_tile<true, kBK, kTM>(a + r0 * lda, lda, w + g * ldw0, ldw, c + r0 * ldc, ldc,
                           static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * kTileN, beta);
+}
+
+// A gated tile: h[m0 + i, n0 + j] = silu(g) · u in bf16, for the gate sums g of b's rows n0 + j and the
+// up sums u of rows gate_to_up + n0 + j (j < kTileN / 2). Warps 0 and 1 of each row half hold the gate
+// sums that warps 2 and 3 hold the up sums for, fragment for fragment: they pass them through shared
+// memory, and the up warps write h. The same sums and the same expression as tc_tile then
+// silu_mul_forward, so the same bits.
+template <int kTM>
+__device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
+                                              int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh, int M,
+                                              int N, int K, int m0, int n0) {
+  constexpr int kMi = kTM / 32;
+  float acc[kMi][4][4];
+  tc_accumulate<true, true, kTM, true>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
+  extern __shared__ __align__(16) unsigned char gated_smem[];
+  float* pass = reinterpret_cast<float*>(gated_smem);  // [wm][wn < 2][i][j][e][lane]
+  static_assert(2 * 2 * kMi * 16 * 32 * sizeof(float) <= tc_smem<kTM>(), "the gate sums fit the pipeline's memory");
+  const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  __syncthreads();  // every warp is done with the pipeline's buffers
+  float* mine = pass + ((wm * 2 + wn % 2) * kMi * 16) * 32 + lane;
+  if (wn < 2) {
+#pragma unroll
+    for (int i = 0; i < kMi; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mine[((i * 4 + j) * 4 + e) * 32] = acc[i][j][e];
+  }
+  __syncthreads();
+  if (wn < 2) return;
+#pragma unroll
+  for (int i = 0; i < kMi; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = m0 + wm * (kTM / 2) + i * 16 + g + 8 * hh;
+        if (r >= M) continue;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + (wn - 2) * 32 + j * 8 + 2 * q + e;
+          if (col >= N) continue;
+          const float gs = mine[((i * 4 + j) * 4 + 2 * hh + e) * 32], us = acc[i][j][2 * hh + e];
+          h[static_cast<int64_t>(r) * ldh + col] = __float2bfloat16(gs / (1.0f + __expf(-gs)) * us);
+        }
+      }
+}
+
+// h[r] = silu(a[r] · w[g][0:n]ᵀ) · (a[r] · w[g][n:2n]ᵀ) for the rows r of group g, bf16: blockIdx.x picks
+// n's column tile of kTileN / 2, blockIdx.y the row tile as in grouped_tc_kernel.
+template <int kTM>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    grouped_gated_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
+                         __nv_bfloat16* h, int64_t ldh, const int64_t* bounds, int groups, int n, int k) {
+  __shared__ int tile_group, tile_row;
+  find_row_tile<kTM>(bounds, groups, &tile_group, &tile_row);
+  const int g = tile_group;
+  if (g < 0) return;
+  const int64_t r0 = bounds[g];
+  tc_gated_tile<kTM>(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, static_cast<int>(bounds[g + 1] - r0),
+                     n, k, tile_row, blockIdx.x * (kTileN / 2));
 }
 
 // dw[g] [n, k] += dc[rows_g]ᵀ · a[rows_g]: blockIdx.z is the group; the sum runs over its rows.
@@ -553,6 +653,51 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
               ow.type, ow.ld, trans_w, C.f() + r0 * C.ld, C.ld, nr, n, k, 1.0f, beta);
   }
   join_sides();
+}
+
+void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h) {
+  CHECK_EQ(w.dim(), 3);
+  check_operand(a);
+  check_operand(w);
+  CHECK(h.dtype() == DType::kBF16) << "grouped_gate_up writes bf16, not " << dtype_name(h.dtype());
+  check_device(h, DType::kBF16);
+  const Rows A = rows_of(a), H = rows_of(h);
+  const int64_t groups = w.size(0), n = w.size(1) / 2, k = w.size(2);
+  check_offsets(offsets, groups);
+  CHECK_EQ(w.size(1), 2 * n);
+  CHECK_EQ(A.cols, k);
+  CHECK_EQ(H.cols, n);
+  CHECK_EQ(A.rows, H.rows);
+  const int64_t rows = A.rows;
+  const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
+  // Few rows a group take grouped_gemm's weight-streaming kernel, and f32 products cuBLAS: those run
+  // as the reference composition does.
+  const bool bf16 = bf16_products(a, w);
+  if (groups == 0 || rows <= 4 * groups || !fits || !bf16 || w.stride(2) != 1 || groups >= 65535) {
+    Backend::grouped_gate_up(a, w, offsets, h);
+    return;
+  }
+  Tensor ka, kw;
+  const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
+  const Operand ow = gemm_operand(w, bf16, groups * w.size(1), k, w.stride(1), w.size(1), w.stride(0), kw);
+  if (!tc_operand(oa, k) || !tc_operand(ow, k)) {
+    Backend::grouped_gate_up(a, w, offsets, h);
+    return;
+  }
+  Op op(this, "grouped_gate_up", 4.0 * rows * n * k, 2.0 * rows * (k + n) + 2.0 * groups * 2 * n * k);
+  const int64_t mean = rows / groups;
+  const int tm = mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
+  const dim3 grid(static_cast<unsigned>((n + kTileN / 2 - 1) / (kTileN / 2)),
+                  static_cast<unsigned>((rows + tm - 1) / tm + groups));
+  CHECK_LT(grid.y, 65536u) << "grouped_gate_up: too many rows";
+  const auto kernel = tm == 32 ? grouped_gated_kernel<32> : tm == 64 ? grouped_gated_kernel<64> : grouped_gated_kernel<128>;
+  const size_t smem = tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
+  set_tc_attributes(kernel, smem);
+  kernel<<<grid, kTcThreads, smem, stream()>>>(static_cast<const __nv_bfloat16*>(oa.p), oa.ld,
+                                                 static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
+                                                 static_cast<__nv_bfloat16*>(H.p), H.ld, offsets.data<int64_t>(),
+                                                 static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k));
+  CUDA_CHECK(cudaGetLastError());
 }
 
 void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) {

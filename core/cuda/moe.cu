@@ -211,6 +211,58 @@ __global__ void dispatch_kernel(const T* x, int64_t ldx, const int32_t* idx, con
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
 }
 
+// The same for few assignments (n ≤ kSmallDispatch), without the rank kernel before it: block a counts
+// the assignments to idx[a] before a and those to lower experts itself, one pass over idx, and block 0
+// counts every expert's (shared-memory integer atomics: exact) for the bounds.
+constexpr int64_t kSmallDispatch = 2048;
+template <typename T>
+__global__ void dispatch_small_kernel(const T* x, int64_t ldx, const int32_t* idx, int64_t n, int64_t* offsets,
+                                      int64_t k, int64_t cols, int32_t* row_of, T* xs, int64_t ldxs, int n_experts) {
+  using Reduce = cub::BlockReduce<long long, kScanThreads>;
+  using Scan = cub::BlockScan<int64_t, kScanThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
+  } temp;
+  __shared__ long long both;
+  extern __shared__ int hist[];  // block 0's, n_experts of them
+  const int64_t a = blockIdx.x;
+  if (a == 0) {
+    for (int g = threadIdx.x; g < n_experts; g += kScanThreads) hist[g] = 0;
+    __syncthreads();
+    for (int64_t b = threadIdx.x; b < n; b += kScanThreads) {
+      const int32_t e = idx[b];
+      if (e >= 0 && e < n_experts) atomicAdd(&hist[e], 1);
+    }
+    __syncthreads();
+    int64_t carry = 0;
+    for (int g0 = 0; g0 < n_experts; g0 += kScanThreads) {
+      const int g = g0 + static_cast<int>(threadIdx.x);
+      int64_t upto = 0, total = 0;
+      Scan(temp.scan).InclusiveSum(g < n_experts ? int64_t{hist[g]} : 0, upto, total);
+      if (g < n_experts) offsets[g + 1] = carry + upto;
+      carry += total;
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) offsets[0] = 0;
+  }
+  const int32_t e = idx[a];
+  if (e < 0 || e >= n_experts) return;  // the whole block alike
+  long long count = 0;  // (assignments to lower experts) << 32 | (those to e before a)
+  for (int64_t b = threadIdx.x; b < n; b += kScanThreads) {
+    const int32_t f = idx[b];
+    count += (f >= 0 && f < e ? (1ll << 32) : 0) + (f == e && b < a ? 1 : 0);
+  }
+  count = Reduce(temp.reduce).Sum(count);
+  if (threadIdx.x == 0) both = count;
+  __syncthreads();
+  const int64_t row = (both >> 32) + (both & 0xffffffffll);
+  if (threadIdx.x == 0) row_of[a] = static_cast<int32_t>(row);
+  const T* src = x + (a / k) * ldx;
+  T* dst = xs + row * ldxs;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+}
+
 // dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order).
 __global__ void dispatch_backward_kernel(const float* dxs, int64_t ldxs, const int32_t* row_of, int64_t k, float* dx,
                                          int64_t ldx, int64_t cols) {
@@ -411,6 +463,23 @@ void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts
   }
   offsets = empty({n_experts + 1}, DType::kI64);
   Op op(this, "moe_dispatch", 0, 2.0 * n * X.cols * dtype_size(x.dtype()));
+  if (n <= kSmallDispatch) {
+    const size_t hist = sizeof(int) * static_cast<size_t>(n_experts);
+    CHECK_LE(hist, 48u * 1024) << "moe_dispatch: " << n_experts << " experts";
+    const auto launch = [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      dispatch_small_kernel<T><<<static_cast<unsigned>(n), kScanThreads, hist, stream()>>>(
+          static_cast<const T*>(X.p), X.ld, idx.data<int32_t>(), n, offsets.data<int64_t>(), k, X.cols,
+          row_of.data<int32_t>(), static_cast<T*>(XS.p), XS.ld, n_experts);
+    };
+    if (x.dtype() == DType::kBF16) {
+      launch(static_cast<__nv_bfloat16*>(nullptr));
+    } else {
+      launch(static_cast<float*>(nullptr));
+    }
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   // Every assignment to an expert gets its rank and every expert its count (blocks of experts no
   // assignment names write 0); dispatch writes the bounds whole.
   Tensor rank = empty({n}, DType::kI32), counts = empty({n_experts}, DType::kI64);

@@ -343,6 +343,49 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
   }
 }
 
+// The gated grouped product: the same bits as grouped_gemm then silu_mul_forward into bf16, for row
+// tiles of 32, 64 and 128, groups of few rows (the weight-streaming kernel), column tiles cut by n, a
+// strided bf16 output; the fused kernel leaves rows outside every group alone.
+TEST_F(CudaBackendTest, GroupedGateUpIsGroupedGemmThenSiluMul) {
+  Backend& be = bf16();
+  for (int64_t k : {64, 264}) {
+    for (int64_t n : {96, 256}) {
+      const int64_t g = 8;
+      for (const std::vector<int64_t>& sizes : {std::vector<int64_t>{1, 0, 3, 2, 0, 4, 1, 0},
+                                                {12, 0, 30, 3, 21, 9, 0, 40},
+                                                {40, 0, 121, 33, 0, 46, 64, 2},
+                                                {300, 0, 517, 190, 0, 393, 5, 77}}) {
+        std::vector<int64_t> offsets = {0};
+        for (int64_t i = 0; i < g; ++i) offsets.push_back(offsets.back() + sizes[static_cast<size_t>(i)]);
+        const int64_t r = offsets.back() + 3;  // three rows past the last group
+        Tensor gx = be.zeros({r, k}, DType::kBF16), gw = be.zeros({g, 2 * n, k}, DType::kBF16);
+        be.copy(on(be, randn({r, k})), gx);
+        be.copy(on(be, randn({g, 2 * n, k}, 0.2f)), gw);
+        const Tensor off = on(be, bounds(offsets));
+        Tensor gu = be.zeros({r, 2 * n}, DType::kF32), want = be.zeros({r, n}, DType::kBF16);
+        be.grouped_gemm(gx, gw, true, off, gu);
+        be.silu_mul_forward(gu, want);
+        Tensor sevens = be.zeros({r, n + 8}, DType::kF32), wide = be.zeros({r, n + 8}, DType::kBF16);
+        be.fill(sevens, 7.0f);
+        be.copy(sevens, wide);
+        Tensor got = wide.slice(1, 0, n);
+        be.grouped_gate_up(gx, gw, off, got);
+        const Tensor w_host = be.download(want).to_f32(), g_host = be.download(got).to_f32();
+        const int64_t in = offsets.back() * n;
+        EXPECT_EQ(std::memcmp(w_host.f32(), g_host.f32(), static_cast<size_t>(in) * sizeof(float)), 0)
+            << "k " << k << ", n " << n << ", rows " << offsets.back();
+        const Tensor all = be.download(wide).to_f32();
+        if (r > 4 * g) {  // the fused kernel (fewer rows run as the reference composition, which writes all)
+          for (int64_t row = offsets.back(); row < r; ++row)
+            for (int64_t j = 0; j < n + 8; ++j) ASSERT_EQ(all.f32()[row * (n + 8) + j], 7.0f) << "row " << row;
+        }
+        for (int64_t row = 0; row < offsets.back(); ++row)
+          for (int64_t j = n; j < n + 8; ++j) ASSERT_EQ(all.f32()[row * (n + 8) + j], 7.0f) << "pad of row " << row;
+      }
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
   for (auto [m, d] : {std::pair<int64_t, int64_t>{7, 64}, {33, 1000}, {300, 7168}}) {
     // x as a column slice (the latent part of [c | k_pe]).
@@ -684,48 +727,51 @@ TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
   }
 }
 
+// 800 assignments (each dispatch block counts for itself) and 2800 (a rank kernel first).
 TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
-  const int64_t m = 200, k = 4, h = 40, e = 16;
-  Tensor x = randn({m, h}), idx = Tensor::zeros({m, k}, DType::kI32);
-  // Distinct experts per token, skewed toward low ids, one expert never used.
-  std::uniform_int_distribution<int> u(0, e - 2);
-  for (int64_t i = 0; i < m; ++i) {
-    std::vector<int> pick;
-    while (static_cast<int64_t>(pick.size()) < k) {
-      const int v = std::min(u(rng_), u(rng_));
-      if (std::find(pick.begin(), pick.end(), v) == pick.end()) pick.push_back(v);
+  for (const int64_t m : {200, 700}) {
+    const int64_t k = 4, h = 40, e = 16;
+    Tensor x = randn({m, h}), idx = Tensor::zeros({m, k}, DType::kI32);
+    // Distinct experts per token, skewed toward low ids, one expert never used.
+    std::uniform_int_distribution<int> u(0, e - 2);
+    for (int64_t i = 0; i < m; ++i) {
+      std::vector<int> pick;
+      while (static_cast<int64_t>(pick.size()) < k) {
+        const int v = std::min(u(rng_), u(rng_));
+        if (std::find(pick.begin(), pick.end(), v) == pick.end()) pick.push_back(v);
+      }
+      for (int64_t j = 0; j < k; ++j) idx.data<int32_t>()[i * k + j] = pick[j];
     }
-    for (int64_t j = 0; j < k; ++j) idx.data<int32_t>()[i * k + j] = pick[j];
+    Tensor xs = Tensor::zeros({m * k, h}), row_of = Tensor::zeros({m * k}, DType::kI32);
+    Tensor off, goff;
+    cpu_->moe_dispatch(x, idx, e, xs, row_of, off);
+    Tensor gxs = gpu_->zeros(xs.shape(), DType::kF32), grow = gpu_->zeros(row_of.shape(), DType::kI32);
+    gpu_->moe_dispatch(dev(x), dev(idx), e, gxs, grow, goff);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(goff), off));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gxs), xs));
+    // bf16 rows move as they are.
+    Tensor xb = x.clone().to(DType::kBF16), xsb = Tensor::zeros(xs.shape(), DType::kBF16), row2 = row_of.clone();
+    Tensor gxsb = gpu_->zeros(xs.shape(), DType::kBF16);
+    cpu_->moe_dispatch(xb, idx, e, xsb, row2, off);
+    gpu_->moe_dispatch(dev(xb), dev(idx), e, gxsb, grow, goff);
+    EXPECT_TRUE(bitwise_equal(xsb, xs.clone().to(DType::kBF16)));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gxsb), xsb));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
+    Tensor dxs = randn({m * k, h}), dx = randn({m, h}), gdx = dev(dx);
+    cpu_->moe_dispatch_backward(dxs, row_of, dx);
+    gpu_->moe_dispatch_backward(dev(dxs), grow, gdx);
+    EXPECT_CLOSE(gdx, dx, 1e-6);
+    Tensor ys = randn({m * k, h}), w = randn({m, k}), out = randn({m, h}), gout = dev(out);
+    cpu_->moe_combine(ys, w, row_of, out);
+    gpu_->moe_combine(dev(ys), dev(w), grow, gout);
+    EXPECT_CLOSE(gout, out, 1e-6);
+    Tensor dout = randn({m, h}), dys = randn({m * k, h}), dwt = randn({m, k}), gdys = dev(dys), gdwt = dev(dwt);
+    cpu_->moe_combine_backward(dout, ys, w, row_of, dys, dwt);
+    gpu_->moe_combine_backward(dev(dout), dev(ys), dev(w), grow, gdys, gdwt);
+    EXPECT_CLOSE(gdys, dys, 1e-6);
+    EXPECT_CLOSE(gdwt, dwt, 1e-5);
   }
-  Tensor xs = Tensor::zeros({m * k, h}), row_of = Tensor::zeros({m * k}, DType::kI32);
-  Tensor off, goff;
-  cpu_->moe_dispatch(x, idx, e, xs, row_of, off);
-  Tensor gxs = gpu_->zeros(xs.shape(), DType::kF32), grow = gpu_->zeros(row_of.shape(), DType::kI32);
-  gpu_->moe_dispatch(dev(x), dev(idx), e, gxs, grow, goff);
-  EXPECT_TRUE(bitwise_equal(gpu_->download(goff), off));
-  EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
-  EXPECT_TRUE(bitwise_equal(gpu_->download(gxs), xs));
-  // bf16 rows move as they are.
-  Tensor xb = x.clone().to(DType::kBF16), xsb = Tensor::zeros(xs.shape(), DType::kBF16), row2 = row_of.clone();
-  Tensor gxsb = gpu_->zeros(xs.shape(), DType::kBF16);
-  cpu_->moe_dispatch(xb, idx, e, xsb, row2, off);
-  gpu_->moe_dispatch(dev(xb), dev(idx), e, gxsb, grow, goff);
-  EXPECT_TRUE(bitwise_equal(xsb, xs.clone().to(DType::kBF16)));
-  EXPECT_TRUE(bitwise_equal(gpu_->download(gxsb), xsb));
-  EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
-  Tensor dxs = randn({m * k, h}), dx = randn({m, h}), gdx = dev(dx);
-  cpu_->moe_dispatch_backward(dxs, row_of, dx);
-  gpu_->moe_dispatch_backward(dev(dxs), grow, gdx);
-  EXPECT_CLOSE(gdx, dx, 1e-6);
-  Tensor ys = randn({m * k, h}), w = randn({m, k}), out = randn({m, h}), gout = dev(out);
-  cpu_->moe_combine(ys, w, row_of, out);
-  gpu_->moe_combine(dev(ys), dev(w), grow, gout);
-  EXPECT_CLOSE(gout, out, 1e-6);
-  Tensor dout = randn({m, h}), dys = randn({m * k, h}), dwt = randn({m, k}), gdys = dev(dys), gdwt = dev(dwt);
-  cpu_->moe_combine_backward(dout, ys, w, row_of, dys, dwt);
-  gpu_->moe_combine_backward(dev(dout), dev(ys), dev(w), grow, gdys, gdwt);
-  EXPECT_CLOSE(gdys, dys, 1e-6);
-  EXPECT_CLOSE(gdwt, dwt, 1e-5);
 }
 
 TEST_F(CudaBackendTest, LogprobsForwardBackward) {
