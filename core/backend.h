@@ -202,6 +202,19 @@ class Backend {
     rope_from(ckv.slice(1, r, rd).unsqueeze(1), pe, positions, table, interleaved);
     scatter_rows(rows, slots, pool);
   }
+  // A decode step's attention inputs in one pass: store_latents as above, then from the queries q
+  // [N, heads, nope + rope] f32 (last dimension contiguous), rope_from of their rope parts into q_rot
+  // [N, heads, rope] f32 and a copy of their nope parts into q_nope [N, heads, nope] (f32, or bf16:
+  // rounded once, as the product that reads them would round them). This default, those ops one after
+  // another, is the reference.
+  virtual void mla_step_inputs(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions,
+                               const RopeTable& table, bool interleaved, const Tensor& slots, Tensor& pool,
+                               const Tensor& q, Tensor& q_rot, Tensor& q_nope) {
+    store_latents(ckv, w, eps, positions, table, interleaved, slots, pool);
+    const int64_t nope = q_nope.size(2), rd = q_rot.size(2);
+    rope_from(q.slice(2, nope, rd), q_rot, positions, table, interleaved);
+    copy(q.slice(2, 0, nope), q_nope);
+  }
 
   // ---- mixture of experts
   // logits [M, E] -> idx [M, K] I32, weights [M, K], scores [M, E] (sigmoid or softmax, kept for

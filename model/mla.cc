@@ -203,17 +203,18 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
     ckv = be.empty({m, r + rd});
     be.gemm(xin, false, w.kv_a_proj, true, ckv);
   }
-  // The new rows [rmsnorm(c) | rope(k_pe)] of ckv, straight into their cache slots.
+  // In one pass: the new rows [rmsnorm(c) | rope(k_pe)] of ckv, straight into their cache slots; the
+  // queries' rope parts rotated into place; their nope parts in the product's dtype.
   Tensor pool = cache.layer(layer);
-  be.store_latents(ckv, w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), st.positions, rope, cfg.rope_interleave,
-                   st.slots, pool);
-  // Absorb W_UK into the queries: q_lat[h] = q_nope[h] · W_UK[h], W_UK[h] = kv_b_proj rows [nope, r].
   Tensor qa = be.empty({m, heads, r + rd});  // the absorbed product, then the rope part
+  Tensor qa_pe = qa.slice(2, r, rd);
+  Tensor q_nope = be.empty({m, heads, nope}, product_dtype(be));
+  be.mla_step_inputs(ckv, w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), st.positions, rope, cfg.rope_interleave,
+                     st.slots, pool, q, qa_pe, q_nope);
+  // Absorb W_UK into the queries: q_lat[h] = q_nope[h] · W_UK[h], W_UK[h] = kv_b_proj rows [nope, r].
   Tensor kvb = w.kv_b_proj.view({heads, nope + vd, r});
   Tensor qa_lat = qa.slice(2, 0, r).transpose(0, 1);  // [heads, m, r]
-  be.gemm_batched(q.slice(2, 0, nope).transpose(0, 1), false, kvb.slice(1, 0, nope), false, qa_lat);
-  Tensor qa_pe = qa.slice(2, r, rd);
-  be.rope_from(q.slice(2, nope, rd), qa_pe, st.positions, rope, cfg.rope_interleave);
+  be.gemm_batched(q_nope.transpose(0, 1), false, kvb.slice(1, 0, nope), false, qa_lat);
   // One latent "head" shared by all query heads: k = [c | k_pe], v = c.
   // Its output in the pool's dtype: bf16 with a bf16 cache, where the product after it rounds it anyway.
   Tensor o_lat = be.empty({m, heads, r}, pool.dtype());

@@ -122,6 +122,9 @@ class CudaBackend final : public Backend {
                  bool interleaved) override;
   void store_latents(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions, const RopeTable& table,
                      bool interleaved, const Tensor& slots, Tensor& pool) override;
+  void mla_step_inputs(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions, const RopeTable& table,
+                       bool interleaved, const Tensor& slots, Tensor& pool, const Tensor& q, Tensor& q_rot,
+                       Tensor& q_nope) override;
 
   void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
                          Tensor& lse) override;

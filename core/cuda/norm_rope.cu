@@ -182,11 +182,45 @@ __global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, flo
 
 // pool[slots[i]] = [rmsnorm(ckv[i, :r]) · w | rope(ckv[i, r:])] with the arithmetic of
 // rmsnorm_forward_kernel, rope_from_kernel and the scatter after them (the same bits). One block a row.
+// With q (mla_step_inputs), the block also rotates its row's query rope parts into q_rot, as
+// rope_from_kernel does, and rounds their nope parts into q_nope.
+struct StepQueries {
+  const float* q = nullptr;  // [N, heads, nope + rope], row and head strides
+  int64_t q0, q1;
+  float* rot;  // [N, heads, rope]
+  int64_t r0, r1;
+  __nv_bfloat16* nope_out;  // [N, heads, nope]
+  int64_t n0, n1;
+  int heads, nope;
+};
 template <typename TP>
 __global__ void store_latents_kernel(const float* ckv, int64_t ldc, int r, int rd, const float* w, float eps,
                                      const int32_t* pos, const float* cos_t, const float* sin_t, int64_t n_pos,
                                      bool interleaved, const int32_t* slots, TP* pool, int64_t ldp,
-                                     int64_t pool_rows) {
+                                     int64_t pool_rows, StepQueries sq) {
+  if (sq.q) {
+    const int half = rd / 2;
+    const int32_t p = pos[blockIdx.x];
+    const float* qr = sq.q + blockIdx.x * sq.q0;
+    for (int idx = threadIdx.x; idx < sq.heads * half; idx += blockDim.x) {
+      const int h = idx / half, i = idx % half;
+      const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+      const float* u = qr + h * sq.q1 + sq.nope;
+      float* v = sq.rot + blockIdx.x * sq.r0 + h * sq.r1;
+      const float a = u[ia], b = u[ib];
+      if (p < 0 || p >= n_pos) {
+        v[ia] = a;
+        v[ib] = b;
+      } else {
+        rotate(a, b, cos_t[static_cast<int64_t>(p) * half + i], sin_t[static_cast<int64_t>(p) * half + i], v + ia,
+               v + ib);
+      }
+    }
+    for (int idx = threadIdx.x; idx < sq.heads * sq.nope; idx += blockDim.x) {
+      const int h = idx / sq.nope, i = idx % sq.nope;
+      sq.nope_out[blockIdx.x * sq.n0 + h * sq.n1 + i] = __float2bfloat16(qr[h * sq.q1 + i]);
+    }
+  }
   const float* x = ckv + blockIdx.x * ldc;
   float ss = 0;
   for (int i = threadIdx.x; i < r; i += blockDim.x) ss += x[i] * x[i];
@@ -393,7 +427,51 @@ void CudaBackend::store_latents(const Tensor& ckv, const Tensor& w, float eps, c
     store_latents_kernel<TP><<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(
         C.f(), C.ld, static_cast<int>(r), static_cast<int>(rd), w.f32(), eps, positions.data<int32_t>(),
         table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved, slots.data<int32_t>(),
-        static_cast<TP*>(P.p), P.ld, P.rows);
+        static_cast<TP*>(P.p), P.ld, P.rows, StepQueries{});
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::mla_step_inputs(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions,
+                                  const RopeTable& table, bool interleaved, const Tensor& slots, Tensor& pool,
+                                  const Tensor& q, Tensor& q_rot, Tensor& q_nope) {
+  const Rows C = rows_of(ckv), P = rows_of(pool);
+  const int64_t n = C.rows, r = w.numel(), rd = C.cols - r;
+  if (q_nope.dtype() != DType::kBF16 || n == 0) {
+    Backend::mla_step_inputs(ckv, w, eps, positions, table, interleaved, slots, pool, q, q_rot, q_nope);
+    return;
+  }
+  check_device(ckv, DType::kF32);
+  check_device(w, DType::kF32);
+  check_device(positions, DType::kI32);
+  check_device(slots, DType::kI32);
+  check_device(table.cos, DType::kF32);
+  check_device(pool, pool.dtype());
+  check_device(q, DType::kF32);
+  check_device(q_rot, DType::kF32);
+  check_device(q_nope, DType::kBF16);
+  CHECK(r > 0 && rd >= 0 && rd % 2 == 0) << "latent of " << r << " and a rope key of " << rd;
+  CHECK_EQ(P.cols, C.cols) << "pool rows of the latent row's width";
+  CHECK(positions.numel() == n && slots.numel() == n);
+  CHECK(rd == 0 || table.cos.size(1) == rd / 2);
+  CHECK(q.dim() == 3 && q_rot.dim() == 3 && q_nope.dim() == 3);
+  const int64_t heads = q.size(1), nope = q_nope.size(2);
+  CHECK(q.size(0) == n && q_rot.size(0) == n && q_nope.size(0) == n && q_rot.size(1) == heads &&
+        q_nope.size(1) == heads && q_rot.size(2) == rd && q.size(2) == nope + rd)
+      << "queries " << shape_str(q.shape()) << " into " << shape_str(q_rot.shape()) << " and "
+      << shape_str(q_nope.shape()) << " with a rope key of " << rd;
+  CHECK(q.stride(2) == 1 && q_rot.stride(2) == 1 && q_nope.stride(2) == 1) << "rows with contiguous last dimensions";
+  Op op(this, "mla_step_inputs", 6.0 * n * (C.cols + heads * rd),
+        1.0 * n * C.cols * (4 + dtype_size(pool.dtype())) + 6.0 * n * heads * (nope + 2 * rd));
+  const StepQueries sq{q.f32(),   q.stride(0),     q.stride(1), q_rot.f32(), q_rot.stride(0),
+                       q_rot.stride(1), static_cast<__nv_bfloat16*>(q_nope.raw()), q_nope.stride(0), q_nope.stride(1),
+                       static_cast<int>(heads), static_cast<int>(nope)};
+  dispatch(pool.dtype(), [&](auto* tag) {
+    using TP = std::remove_pointer_t<decltype(tag)>;
+    store_latents_kernel<TP><<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(
+        C.f(), C.ld, static_cast<int>(r), static_cast<int>(rd), w.f32(), eps, positions.data<int32_t>(),
+        table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved, slots.data<int32_t>(),
+        static_cast<TP*>(P.p), P.ld, P.rows, sq);
   });
   CUDA_CHECK(cudaGetLastError());
 }

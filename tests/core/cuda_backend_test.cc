@@ -687,6 +687,36 @@ TEST_F(CudaBackendTest, StoreLatentsIsNormRopeAndScatter) {
     }
 }
 
+// The decode step's attention inputs in one pass: the same bits as store_latents, rope_from and a copy
+// into bf16, on strided queries (the projection's output, heads of nope + rope).
+TEST_F(CudaBackendTest, MlaStepInputsIsStoreRopeAndCopy) {
+  const int64_t n = 37, r = 256, rd = 32, rows = 100, npos = 64, heads = 16, nope = 64;
+  RopeTable t{randn({npos, rd / 2}), randn({npos, rd / 2})};
+  RopeTable gt{dev(t.cos), dev(t.sin)};
+  Tensor wide = randn({n, r + rd + 8}), w = randn({r}, 0.3f), pos = ids({n}, npos);
+  Tensor slots = Tensor::zeros({n}, DType::kI32);
+  for (int64_t i = 0; i < n; ++i) slots.data<int32_t>()[i] = static_cast<int32_t>((i * 7) % rows);
+  const Tensor gckv = dev(wide).slice(1, 0, r + rd);
+  // Queries as the projection leaves them: rows of heads · (nope + rope) and then more.
+  const Tensor gwide = dev(randn({n, heads * (nope + rd) + 40}));
+  const Tensor gq(gwide.storage(), gwide.byte_offset(), {n, heads, nope + rd}, {gwide.stride(0), nope + rd, 1},
+                  DType::kF32);
+  for (bool interleaved : {false, true})
+    for (DType dt : {DType::kF32, DType::kBF16}) {
+      const Tensor base = randn({rows, r + rd}).to(dt);
+      Tensor fused = dev(base), steps = dev(base);
+      // q_rot inside a wider row, as the absorbed queries hold it.
+      Tensor rot1 = gpu_->zeros({n, heads, r + rd}, DType::kF32), rot2 = gpu_->zeros({n, heads, r + rd}, DType::kF32);
+      Tensor qr1 = rot1.slice(2, r, rd), qr2 = rot2.slice(2, r, rd);
+      Tensor qn1 = gpu_->zeros({n, heads, nope}, DType::kBF16), qn2 = gpu_->zeros({n, heads, nope}, DType::kBF16);
+      gpu_->mla_step_inputs(gckv, dev(w), 1e-6f, dev(pos), gt, interleaved, dev(slots), fused, gq, qr1, qn1);
+      gpu_->Backend::mla_step_inputs(gckv, dev(w), 1e-6f, dev(pos), gt, interleaved, dev(slots), steps, gq, qr2, qn2);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(fused), gpu_->download(steps))) << interleaved;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(rot1), gpu_->download(rot2))) << interleaved;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(qn1), gpu_->download(qn2))) << interleaved;
+    }
+}
+
 TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
   using M = RouterConfig::TopkMethod;
   using S = RouterConfig::Scoring;
