@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kSampleThreads)
   const int64_t chunk = (v + kSampleThreads - 1) / kSampleThreads;
   const int64_t lo = imin(v, tid * chunk), hi = imin(v, lo + chunk);
   extern __shared__ float held[];
-  const auto at = [](int64_t j) { return j + (j >> 5); };
+  const auto padded = [](int64_t j) { return j + (j >> 5); };
   if constexpr (kShared) {
     int64_t j0 = 0;
     if (ld % 4 == 0 && (reinterpret_cast<uintptr_t>(l) & 15) == 0) {
@@ -120,16 +120,16 @@ __global__ void __launch_bounds__(kSampleThreads)
 #pragma unroll
       for (int u = 0; u < kLoads; ++u) {
         const int64_t j = 4 * (tid + int64_t{u} * kSampleThreads);
-        float* h = held + at(j);  // j .. j + 3 lie within one run of 32
+        float* h = held + padded(j);  // j .. j + 3 lie within one run of 32
         if (j < j0) h[0] = f[u].x, h[1] = f[u].y, h[2] = f[u].z, h[3] = f[u].w;
       }
     }
-    for (int64_t j = j0 + tid; j < v; j += kSampleThreads) held[at(j)] = l[j];
+    for (int64_t j = j0 + tid; j < v; j += kSampleThreads) held[padded(j)] = l[j];
     __syncthreads();
   }
   const auto logit = [&](int64_t j) {
     if constexpr (kShared) {
-      return held[at(j)];
+      return held[padded(j)];
     } else {
       return l[j];
     }
