@@ -168,32 +168,37 @@ __global__ void expert_rank_kernel(const int32_t* idx, int64_t n, int32_t* rank,
   if (threadIdx.x == 0) counts[e] = base;
 }
 
+// The group bounds from the experts' counts, by one block of kScanThreads: offsets[g] = Σ_{g' < g}
+// counts[g'].
+using BoundsScan = cub::BlockScan<int64_t, kScanThreads>;
+template <typename C>
+__device__ void write_bounds(const C* counts, int n_experts, int64_t* offsets, BoundsScan::TempStorage& temp) {
+  int64_t carry = 0;
+  for (int g0 = 0; g0 < n_experts; g0 += kScanThreads) {
+    const int g = g0 + static_cast<int>(threadIdx.x);
+    int64_t upto = 0, total = 0;
+    BoundsScan(temp).InclusiveSum(g < n_experts ? static_cast<int64_t>(counts[g]) : 0, upto, total);
+    if (g < n_experts) offsets[g + 1] = carry + upto;
+    carry += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) offsets[0] = 0;
+}
+
 // Block a: row_of[a] = Σ_{g < idx[a]} counts[g] + rank[a]; xs[row] = x[a / K]. Block 0 also writes the
 // group bounds, offsets[g] = Σ_{g' < g} counts[g'], for the products after it. kScanThreads threads.
 template <typename T>
 __global__ void dispatch_kernel(const T* x, int64_t ldx, const int32_t* idx, const int32_t* rank,
                                 const int64_t* counts, int64_t* offsets, int64_t k, int64_t cols, int32_t* row_of,
                                 T* xs, int64_t ldxs, int n_experts) {
-  using Scan = cub::BlockScan<int64_t, kScanThreads>;
   using Reduce = cub::BlockReduce<int64_t, kScanThreads>;
   __shared__ union {
-    typename Scan::TempStorage scan;
+    typename BoundsScan::TempStorage scan;
     typename Reduce::TempStorage reduce;
   } temp;
   __shared__ int64_t start;
   const int64_t a = blockIdx.x;
-  if (a == 0) {
-    int64_t carry = 0;
-    for (int g0 = 0; g0 < n_experts; g0 += kScanThreads) {
-      const int g = g0 + static_cast<int>(threadIdx.x);
-      int64_t upto = 0, total = 0;
-      Scan(temp.scan).InclusiveSum(g < n_experts ? counts[g] : 0, upto, total);
-      if (g < n_experts) offsets[g + 1] = carry + upto;
-      carry += total;
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) offsets[0] = 0;
-  }
+  if (a == 0) write_bounds(counts, n_experts, offsets, temp.scan);
   const int32_t e = idx[a];
   if (e < 0 || e >= n_experts) return;  // the whole block alike
   int64_t before = 0;  // thread 0's
@@ -219,10 +224,9 @@ template <typename T>
 __global__ void dispatch_small_kernel(const T* x, int64_t ldx, const int32_t* idx, int64_t n, int64_t* offsets,
                                       int64_t k, int64_t cols, int32_t* row_of, T* xs, int64_t ldxs, int n_experts) {
   using Reduce = cub::BlockReduce<long long, kScanThreads>;
-  using Scan = cub::BlockScan<int64_t, kScanThreads>;
   __shared__ union {
     typename Reduce::TempStorage reduce;
-    typename Scan::TempStorage scan;
+    typename BoundsScan::TempStorage scan;
   } temp;
   __shared__ long long both;
   extern __shared__ int hist[];  // block 0's, n_experts of them
@@ -235,16 +239,7 @@ __global__ void dispatch_small_kernel(const T* x, int64_t ldx, const int32_t* id
       if (e >= 0 && e < n_experts) atomicAdd(&hist[e], 1);
     }
     __syncthreads();
-    int64_t carry = 0;
-    for (int g0 = 0; g0 < n_experts; g0 += kScanThreads) {
-      const int g = g0 + static_cast<int>(threadIdx.x);
-      int64_t upto = 0, total = 0;
-      Scan(temp.scan).InclusiveSum(g < n_experts ? int64_t{hist[g]} : 0, upto, total);
-      if (g < n_experts) offsets[g + 1] = carry + upto;
-      carry += total;
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) offsets[0] = 0;
+    write_bounds(hist, n_experts, offsets, temp.scan);
   }
   const int32_t e = idx[a];
   if (e < 0 || e >= n_experts) return;  // the whole block alike

@@ -406,20 +406,32 @@ void CudaBackend::rope_from(const Tensor& src, Tensor& x, const Tensor& position
   CUDA_CHECK(cudaGetLastError());
 }
 
-void CudaBackend::store_latents(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions,
-                                const RopeTable& table, bool interleaved, const Tensor& slots, Tensor& pool) {
-  const Rows C = rows_of(ckv), P = rows_of(pool);
+namespace {
+
+// store_latents' operands: ckv [N, r + rope] f32 rows, w [r], positions and slots [N], pool rows as wide.
+void check_store_latents(const Tensor& ckv, const Tensor& w, const Tensor& positions, const RopeTable& table,
+                         const Tensor& slots, const Tensor& pool) {
   check_device(ckv, DType::kF32);
   check_device(w, DType::kF32);
   check_device(positions, DType::kI32);
   check_device(slots, DType::kI32);
   check_device(table.cos, DType::kF32);
   check_device(pool, pool.dtype());
+  const Rows C = rows_of(ckv), P = rows_of(pool);
   const int64_t n = C.rows, r = w.numel(), rd = C.cols - r;
   CHECK(r > 0 && rd >= 0 && rd % 2 == 0) << "latent of " << r << " and a rope key of " << rd;
   CHECK_EQ(P.cols, C.cols) << "pool rows of the latent row's width";
   CHECK(positions.numel() == n && slots.numel() == n);
   CHECK(rd == 0 || table.cos.size(1) == rd / 2);
+}
+
+}  // namespace
+
+void CudaBackend::store_latents(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions,
+                                const RopeTable& table, bool interleaved, const Tensor& slots, Tensor& pool) {
+  const Rows C = rows_of(ckv), P = rows_of(pool);
+  check_store_latents(ckv, w, positions, table, slots, pool);
+  const int64_t n = C.rows, r = w.numel(), rd = C.cols - r;
   if (n == 0) return;
   Op op(this, "store_latents", 6.0 * n * C.cols, 1.0 * n * C.cols * (4 + dtype_size(pool.dtype())));
   dispatch(pool.dtype(), [&](auto* tag) {
@@ -441,19 +453,10 @@ void CudaBackend::mla_step_inputs(const Tensor& ckv, const Tensor& w, float eps,
     Backend::mla_step_inputs(ckv, w, eps, positions, table, interleaved, slots, pool, q, q_rot, q_nope);
     return;
   }
-  check_device(ckv, DType::kF32);
-  check_device(w, DType::kF32);
-  check_device(positions, DType::kI32);
-  check_device(slots, DType::kI32);
-  check_device(table.cos, DType::kF32);
-  check_device(pool, pool.dtype());
+  check_store_latents(ckv, w, positions, table, slots, pool);
   check_device(q, DType::kF32);
   check_device(q_rot, DType::kF32);
   check_device(q_nope, DType::kBF16);
-  CHECK(r > 0 && rd >= 0 && rd % 2 == 0) << "latent of " << r << " and a rope key of " << rd;
-  CHECK_EQ(P.cols, C.cols) << "pool rows of the latent row's width";
-  CHECK(positions.numel() == n && slots.numel() == n);
-  CHECK(rd == 0 || table.cos.size(1) == rd / 2);
   CHECK(q.dim() == 3 && q_rot.dim() == 3 && q_nope.dim() == 3);
   const int64_t heads = q.size(1), nope = q_nope.size(2);
   CHECK(q.size(0) == n && q_rot.size(0) == n && q_nope.size(0) == n && q_rot.size(1) == heads &&
