@@ -289,6 +289,28 @@ __device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], cons
   tc::cp_async_wait<0>();
 }
 
+// Calls f(r, col, i, j, e) for each sum acc[i][j][e] that this thread holds of a block's kTM-row tile
+// (tc_accumulate's layout): its row r of the M rows, and its column col of the N, counted from the
+// warp's first column n_warp. Rows and columns past the ends are skipped.
+template <int kTM, typename F>
+__device__ __forceinline__ void for_each_fragment(int m0, int n_warp, int M, int N, F&& f) {
+  const int wm = threadIdx.x / 128, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int i = 0; i < kTM / 32; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = m0 + wm * (kTM / 2) + i * 16 + g + 8 * h;
+        if (r >= M) continue;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n_warp + j * 8 + 2 * q + e;
+          if (col < N) f(r, col, i, j, 2 * h + e);
+        }
+      }
+}
+
 // The block's tile at (m0, n0) of one product: kTM × kTileN of the M × N outputs over K, a
 // (k-contiguous if kAK) and b (k-contiguous if kBK) bf16, c f32 rows. kTM (128, 64 or 32) rows: a warp
 // takes kTM / 2 of them by 32 columns. Fewer rows a tile suit groups of few rows (MoE decode), where a
@@ -299,25 +321,10 @@ __device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, con
   constexpr int kMi = kTM / 32;
   float acc[kMi][4][4];
   tc_accumulate<kAK, kBK, kTM>(acc, a, lda, b, ldb, M, N, K, m0, n0);
-  const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
-  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-#pragma unroll
-  for (int i = 0; i < kMi; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = m0 + wm * (kTM / 2) + i * 16 + g + 8 * h;
-        if (r >= M) continue;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n0 + wn * 32 + j * 8 + 2 * q + e;
-          if (col >= N) continue;
-          float* out = c + static_cast<int64_t>(r) * ldc + col;
-          const float v = acc[i][j][2 * h + e];
-          *out = beta == 0.0f ? v : v + beta * *out;
-        }
-      }
+  for_each_fragment<kTM>(m0, n0 + threadIdx.x / 32 % 4 * 32, M, N, [&](int r, int col, int i, int j, int e) {
+    float* out = c + static_cast<int64_t>(r) * ldc + col;
+    *out = beta == 0.0f ? acc[i][j][e] : acc[i][j][e] + beta * *out;
+  });
 }
 
 // Row tile blockIdx.y, counted over all groups' tiles of kTM rows in order: its group (-1 past the last
@@ -385,7 +392,7 @@ __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t ld
   float* pass = reinterpret_cast<float*>(gated_smem);  // [wm][wn < 2][i][j][e][lane]
   static_assert(2 * 2 * kMi * 16 * 32 * sizeof(float) <= tc_smem<kTM>(), "the gate sums fit the pipeline's memory");
   const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
-  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int lane = threadIdx.x % 32;
   __syncthreads();  // every warp is done with the pipeline's buffers
   float* mine = pass + ((wm * 2 + wn % 2) * kMi * 16) * 32 + lane;
   if (wn < 2) {
@@ -398,22 +405,10 @@ __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t ld
   }
   __syncthreads();
   if (wn < 2) return;
-#pragma unroll
-  for (int i = 0; i < kMi; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int r = m0 + wm * (kTM / 2) + i * 16 + g + 8 * hh;
-        if (r >= M) continue;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n0 + (wn - 2) * 32 + j * 8 + 2 * q + e;
-          if (col >= N) continue;
-          const float gs = mine[((i * 4 + j) * 4 + 2 * hh + e) * 32], us = acc[i][j][2 * hh + e];
-          h[static_cast<int64_t>(r) * ldh + col] = __float2bfloat16(gs / (1.0f + __expf(-gs)) * us);
-        }
-      }
+  for_each_fragment<kTM>(m0, n0 + (wn - 2) * 32, M, N, [&](int r, int col, int i, int j, int e) {
+    const float gs = mine[((i * 4 + j) * 4 + e) * 32], us = acc[i][j][e];
+    h[static_cast<int64_t>(r) * ldh + col] = __float2bfloat16(gs / (1.0f + __expf(-gs)) * us);
+  });
 }
 
 // h[r] = silu(a[r] · w[g][0:n]ᵀ) · (a[r] · w[g][n:2n]ᵀ) for the rows r of group g, bf16: blockIdx.x picks
