@@ -114,7 +114,7 @@ class Backend {
   virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
                             float beta = 0.0f) = 0;
   // Weight gradient of grouped_gemm with trans_w: dw[g] += dc[rows_g]ᵀ · a[rows_g];
-  //   dc: [R, n] f32, a: [R, k] f32 or bf16, dw: [G, n, k] f32.
+  //   dc: [R, n] and a: [R, k] f32 or bf16, dw: [G, n, k] f32.
   virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) = 0;
   // h[r] = silu(a[r] · w_gate[g]ᵀ) * (a[r] · w_up[g]ᵀ) for the rows r of group g, where w [G, 2n, k]
   // stacks each group's n gate rows over its n up rows and h [R, n] is bf16: grouped_gemm (trans_w)
@@ -146,6 +146,8 @@ class Backend {
                                 Tensor& dx, Tensor& dw) = 0;
   // h = silu(g) * u where gu = [g | u]: gu [M, 2I] rows, h [M, I] rows, in gu's dtype or bf16.
   virtual void silu_mul_forward(const Tensor& gu, Tensor& h) = 0;
+  // dgu = [dg | du] = [dh·u·silu'(g) | dh·silu(g)], written (not accumulated): in gu's dtype, or bf16
+  // (rounded once: a gradient that only bf16 products read).
   virtual void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) = 0;
   // out[m] = table[ids[m]];  table [V, D], ids [M] I32, out [M, D].
   virtual void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) = 0;
@@ -234,14 +236,17 @@ class Backend {
   virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) = 0;
   // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]].
   virtual void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) = 0;
-  // dys[row] += w · dout[m];  dweights[m, k] += dout[m] · ys[row].
+  // dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (row = row_of[m*K+k]), written (not
+  // accumulated); rows of dys that no assignment names are left as they are. dys f32, or bf16 (rounded
+  // once: a gradient that only bf16 products read).
   virtual void moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights,
                                     const Tensor& row_of, Tensor& dys, Tensor& dweights) = 0;
 
   // ---- token log-probabilities
   // lp[m] = logits[m, targets[m]] - logsumexp(logits[m]);  logits [M, V] rows, lse [M] saved.
   virtual void logprobs_forward(const Tensor& logits, const Tensor& targets, Tensor& lp, Tensor& lse) = 0;
-  // dlogits[m] += dlp[m] · (onehot(targets[m]) - softmax(logits[m])).
+  // dlogits[m] = dlp[m] · (onehot(targets[m]) - softmax(logits[m])), written (not accumulated): f32, or
+  // bf16 (rounded once: a gradient that only bf16 products read).
   virtual void logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets,
                                  const Tensor& lse, Tensor& dlogits) = 0;
   // Per row of logits [M, V] with its lse [M]: the softmax's entropy, entropy[m] = lse[m] - Σ_j p_j·logits[m, j]

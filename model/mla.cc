@@ -118,9 +118,11 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   // y = out · W_oᵀ
   Tensor dout = be.empty({m, heads, vd});
   Tensor dout2 = dout.view({m, heads * vd});
-  be.gemm(dy, false, w.o_proj, false, dout2);
+  // Each gradient that two products read is rounded once for both (bf16 products).
+  const Tensor dyp = product_operand(be, dy);
+  be.gemm(dyp, false, w.o_proj, false, dout2);
   Tensor go = g.o_proj;
-  be.gemm(dy, true, a.out.view({m, heads * vd}), false, go, 1.0f, 1.0f);
+  be.gemm(dyp, true, a.out.view({m, heads * vd}), false, go, 1.0f, 1.0f);
   // Attention.
   // dv goes straight into its place in d(kv).
   Tensor dkv = be.zeros({m, heads, nope + vd});
@@ -149,7 +151,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.add(dk_pe, dckv_pe);
   // kv = c_norm · W_kvbᵀ
   Tensor dc_norm = be.empty({m, r});
-  Tensor dkv2 = dkv.view({m, heads * (nope + vd)});
+  const Tensor dkv2 = product_operand(be, dkv.view({m, heads * (nope + vd)}));
   be.gemm(dkv2, false, w.kv_b_proj, false, dc_norm);
   Tensor gkvb = g.kv_b_proj;
   be.gemm(dkv2, true, a.c_norm, false, gkvb, 1.0f, 1.0f);
@@ -157,13 +159,14 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor gkvan = g.kv_a_norm;
   be.rmsnorm_backward(dc_norm, a.ckv.slice(1, 0, r), w.kv_a_norm, a.c_rstd, dc, gkvan);
   // ckv = x · W_kvaᵀ
-  be.gemm(dckv, false, w.kv_a_proj, false, dx, 1.0f, 1.0f);
+  const Tensor dckvp = product_operand(be, dckv);
+  be.gemm(dckvp, false, w.kv_a_proj, false, dx, 1.0f, 1.0f);
   Tensor gkva = g.kv_a_proj;
-  be.gemm(dckv, true, x, false, gkva, 1.0f, 1.0f);
+  be.gemm(dckvp, true, x, false, gkva, 1.0f, 1.0f);
   // Queries.
   Tensor dq_pe = dq.slice(2, nope, rd);
   be.rope(dq_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
-  Tensor dq2 = dq.view({m, heads * qk});
+  const Tensor dq2 = product_operand(be, dq.view({m, heads * qk}));
   if (cfg.q_lora_rank > 0) {
     Tensor dq_a_norm = be.zeros({m, cfg.q_lora_rank}), dq_a = be.zeros({m, cfg.q_lora_rank});
     be.gemm(dq2, false, w.q_b_proj, false, dq_a_norm);
@@ -171,9 +174,10 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
     be.gemm(dq2, true, a.q_a_norm, false, gqb, 1.0f, 1.0f);
     Tensor gqan = g.q_a_norm;
     be.rmsnorm_backward(dq_a_norm, a.q_a, w.q_a_norm, a.q_a_rstd, dq_a, gqan);
-    be.gemm(dq_a, false, w.q_a_proj, false, dx, 1.0f, 1.0f);
+    const Tensor dq_ap = product_operand(be, dq_a);
+    be.gemm(dq_ap, false, w.q_a_proj, false, dx, 1.0f, 1.0f);
     Tensor gqa = g.q_a_proj;
-    be.gemm(dq_a, true, x, false, gqa, 1.0f, 1.0f);
+    be.gemm(dq_ap, true, x, false, gqa, 1.0f, 1.0f);
   } else {
     be.gemm(dq2, false, w.q_proj, false, dx, 1.0f, 1.0f);
     Tensor gq = g.q_proj;

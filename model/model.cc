@@ -134,7 +134,7 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
   CHECK_EQ(dlp.numel(), m);
   Tensor dnormed = backend_.empty({m, h});  // a product a chunk of rows, with beta 0
   Tensor glm = g_.lm_head;
-  Tensor buf = backend_.empty({chunk, v}), dbuf = backend_.zeros({chunk, v});
+  Tensor buf = backend_.empty({chunk, v}), dbuf = backend_.empty({chunk, v}, product_dtype(backend_));
   // Each chunk's logits again (one more product than keeping them, for no [M, V] tensor), their
   // gradient, and its two products.
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
@@ -142,7 +142,6 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
     Tensor logits = buf.slice(0, 0, n), dlogits = dbuf.slice(0, 0, n), normed = st.normed.slice(0, r0, n);
     Tensor dn = dnormed.slice(0, r0, n);
     backend_.gemm(normed, false, w_.lm_head, true, logits);
-    if (r0 > 0) backend_.fill(dlogits, 0.0f);
     backend_.logprobs_backward(dlp.slice(0, r0, n), logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n), dlogits);
     backend_.gemm(dlogits, false, w_.lm_head, false, dn);
     backend_.gemm(dlogits, true, normed, false, glm, 1.0f, 1.0f);
@@ -195,9 +194,10 @@ void Model::backward(ForwardState& st, const Tensor& dlogits) {
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   // logits = normed · lm_headᵀ
   Tensor dnormed = backend_.empty({m, h});
-  backend_.gemm(dlogits, false, w_.lm_head, false, dnormed);
+  const Tensor dl = product_operand(backend_, dlogits);  // rounded once for both products
+  backend_.gemm(dl, false, w_.lm_head, false, dnormed);
   Tensor glm = g_.lm_head;
-  backend_.gemm(dlogits, true, st.normed, false, glm, 1.0f, 1.0f);
+  backend_.gemm(dl, true, st.normed, false, glm, 1.0f, 1.0f);
   backward_hidden(st, dnormed);
 }
 

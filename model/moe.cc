@@ -39,10 +39,12 @@ void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpAct
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const Tensor& x, const MlpActs& a,
                   const Tensor& dy, Tensor& dx) {
   const int64_t n = x.size(0), inter = w.down.size(1);
-  Tensor dact = be.empty({n, inter}), dgu = be.zeros({n, 2 * inter});
-  be.gemm(dy, false, w.down, false, dact);
+  // Gradients that only products read are rounded once (bf16 products), not in each product.
+  const Tensor dyp = product_operand(be, dy);
+  Tensor dact = be.empty({n, inter}), dgu = be.empty({n, 2 * inter}, product_dtype(be));
+  be.gemm(dyp, false, w.down, false, dact);
   Tensor gd = g.down, ggu = g.gate_up;
-  be.gemm(dy, true, a.act, false, gd, 1.0f, 1.0f);
+  be.gemm(dyp, true, a.act, false, gd, 1.0f, 1.0f);
   be.silu_mul_backward(dact, a.gate_up, dgu);
   be.gemm(dgu, false, w.gate_up, false, dx, 1.0f, 1.0f);
   be.gemm(dgu, true, x, false, ggu, 1.0f, 1.0f);
@@ -101,10 +103,11 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   const int64_t inter = cfg.moe_intermediate_size;
   if (w.shared.down.defined()) mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dx);
   // Combine.
-  Tensor dys = be.zeros({m * k, h}), dweights = be.zeros({m, k});
+  Tensor dys = be.empty({m * k, h}, product_dtype(be)), dweights = be.empty({m, k});
   be.moe_combine_backward(dy, a.ys, a.weights, a.row_of, dys, dweights);
   // Experts.
-  Tensor dact = be.empty({m * k, inter}), dgu = be.zeros({m * k, 2 * inter}), dxs = be.empty({m * k, h});
+  Tensor dact = be.empty({m * k, inter}), dgu = be.empty({m * k, 2 * inter}, product_dtype(be));
+  Tensor dxs = be.empty({m * k, h});
   be.grouped_gemm(dys, w.experts_down, false, a.offsets, dact);
   Tensor gdown = g.experts_down, ggu = g.experts_gate_up;
   be.grouped_gemm_wgrad(dys, a.experts.act, a.offsets, gdown);
@@ -115,9 +118,10 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   // Router: the weights are differentiable, the selection is not.
   Tensor dlogits = be.zeros({m, e});
   be.moe_route_backward(dweights, a.scores, a.idx, cfg.router(), dlogits);
-  be.gemm(dlogits, false, w.router, false, dx, 1.0f, 1.0f);
+  const Tensor dl = product_operand(be, dlogits);
+  be.gemm(dl, false, w.router, false, dx, 1.0f, 1.0f);
   Tensor grouter = g.router;
-  be.gemm(dlogits, true, x, false, grouter, 1.0f, 1.0f);
+  be.gemm(dl, true, x, false, grouter, 1.0f, 1.0f);
 }
 
 }  // namespace r1lab::model

@@ -9,7 +9,7 @@
 namespace r1lab::trainer {
 
 // logits [M, V] and targets [M] I32 on the backend; weights: host f32 [M]. Returns the loss; when
-// dlogits is given ([M, V] on the backend) the gradient is accumulated into it.
+// dlogits is given ([M, V] on the backend) the gradient is written into it.
 double cross_entropy(core::Backend& be, const core::Tensor& logits, const core::Tensor& targets,
                      const core::Tensor& weights, core::Tensor* dlogits);
 

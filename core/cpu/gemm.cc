@@ -116,8 +116,8 @@ void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, co
 
 void CpuBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offset_tensor, Tensor& dw) {
   CHECK_EQ(dw.dim(), 3);
-  const Tensor a32 = f32_values(a);
-  Rows dcr = rows_of(dc), ar = rows_of(a32);
+  const Tensor a32 = f32_values(a), dc32 = f32_values(dc);
+  Rows dcr = rows_of(dc32), ar = rows_of(a32);
   const int64_t* offsets = group_bounds(offset_tensor, dw.size(0), std::min(dcr.rows, ar.rows));
   for (int64_t g = 0; g < dw.size(0); ++g) {
     const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];

@@ -127,8 +127,8 @@ void CpuBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& d
     float* du = dg + inter;
     for (int64_t i = 0; i < inter; ++i) {
       const float s = 1.0f / (1.0f + std::exp(-g[i]));
-      dg[i] += dr[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
-      du[i] += dr[i] * g[i] * s;
+      dg[i] = dr[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
+      du[i] = dr[i] * g[i] * s;
     }
   }
 }

@@ -176,10 +176,10 @@ void CpuBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, cons
       float* dy = dyr.row(r);
       double dot = 0;
       for (int64_t i = 0; i < dor.cols; ++i) {
-        dy[i] += w[m * kk + k] * g[i];
+        dy[i] = w[m * kk + k] * g[i];
         dot += static_cast<double>(g[i]) * y[i];
       }
-      dw[m * kk + k] += static_cast<float>(dot);
+      dw[m * kk + k] = static_cast<float>(dot);
     }
   }
 }
@@ -210,11 +210,10 @@ void CpuBackend::logprobs_backward(const Tensor& dlp, const Tensor& logits, cons
   const float* ls = lse.f32();
 #pragma omp parallel for
   for (int64_t m = 0; m < lr.rows; ++m) {
-    if (g[m] == 0.0f) continue;
     const float* l = lr.row(m);
     float* d = dr.row(m);
-    for (int64_t j = 0; j < lr.cols; ++j) d[j] -= g[m] * std::exp(l[j] - ls[m]);
-    d[tg[m]] += g[m];
+    for (int64_t j = 0; j < lr.cols; ++j) d[j] = g[m] == 0.0f ? 0.0f : -(g[m] * std::exp(l[j] - ls[m]));
+    if (g[m] != 0.0f) d[tg[m]] += g[m];
   }
 }
 

@@ -697,7 +697,7 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
 
 void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) {
   CHECK_EQ(dw.dim(), 3);
-  check_device(dc, DType::kF32);
+  check_operand(dc);
   check_operand(a);
   check_device(dw, DType::kF32);
   CHECK_EQ(dw.stride(2), 1);

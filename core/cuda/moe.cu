@@ -295,9 +295,17 @@ __device__ float block_sum256(float v) {
   return total;
 }
 
-// dys[row] += w · dout[m];  dweights[m, k] += dout[m] · ys[row].
+// An f32 value as a T: itself, or rounded to nearest even.
+template <typename T>
+__device__ __forceinline__ T round_to(float v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return __float2bfloat16_rn(v);
+}
+
+// dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row].
+template <typename T>
 __global__ void combine_backward_kernel(const float* dout, int64_t ldo, const float* ys, int64_t ldy, const float* w,
-                                        const int32_t* row_of, int64_t k, float* dys, int64_t lddy, float* dw,
+                                        const int32_t* row_of, int64_t k, T* dys, int64_t lddy, float* dw,
                                         int64_t cols) {
   const int64_t m = blockIdx.x;
   const float* g = dout + m * ldo;
@@ -306,11 +314,11 @@ __global__ void combine_backward_kernel(const float* dout, int64_t ldo, const fl
     const float wk = w[m * k + j];
     float dot = 0;
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      dys[row * lddy + c] += wk * g[c];
+      dys[row * lddy + c] = round_to<T>(wk * g[c]);
       dot += g[c] * ys[row * ldy + c];
     }
     dot = block_sum256(dot);
-    if (threadIdx.x == 0) dw[m * k + j] += dot;
+    if (threadIdx.x == 0) dw[m * k + j] = dot;
   }
 }
 
@@ -347,18 +355,24 @@ __global__ void logprobs_forward_kernel(const float* logits, int64_t ld, int64_t
   }
 }
 
-// dlogits[m] += dlp[m] · (onehot(target) - softmax(logits[m])).
+// dlogits[m] = dlp[m] · (onehot(target) - softmax(logits[m])), written as T: -(g·p_j), and at the
+// target -(g·p_t) + g (the CPU reference's f32 operations, in its order).
+template <typename T>
 __global__ void logprobs_backward_kernel(const float* dlp, const float* logits, int64_t ldl, int64_t v,
-                                         const int32_t* targets, const float* lse, float* dlogits, int64_t ldd) {
+                                         const int32_t* targets, const float* lse, T* dlogits, int64_t ldd) {
   const float g = dlp[blockIdx.x];
-  if (g == 0.0f) return;
+  T* d = dlogits + blockIdx.x * ldd;
+  if (g == 0.0f) {
+    for (int64_t j = threadIdx.x; j < v; j += blockDim.x) d[j] = round_to<T>(0.0f);
+    return;
+  }
   const float* l = logits + blockIdx.x * ldl;
-  float* d = dlogits + blockIdx.x * ldd;
   const float ls = lse[blockIdx.x];
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) d[j] -= g * expf(l[j] - ls);
-  __syncthreads();
   const int32_t t = targets[blockIdx.x];
-  if (threadIdx.x == 0 && t >= 0 && t < v) d[t] += g;
+  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
+    const float x = -(g * expf(l[j] - ls));
+    d[j] = round_to<T>(j == t ? x + g : x);
+  }
 }
 
 // entropy[m] = lse[m] - Σ_j softmax_j · logits_j, argmax[m] the first index of the maximum (one block per row).
@@ -521,14 +535,24 @@ void CudaBackend::moe_combine(const Tensor& ys, const Tensor& weights, const Ten
 void CudaBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights,
                                        const Tensor& row_of, Tensor& dys, Tensor& dweights) {
   const Rows G = rows_of(dout), Y = rows_of(ys), DY = rows_of(dys);
+  check_device(dout, DType::kF32);
+  check_device(ys, DType::kF32);
   check_device(weights, DType::kF32);
   check_device(dweights, DType::kF32);
   check_device(row_of, DType::kI32);
+  CHECK(dys.dtype() == DType::kF32 || dys.dtype() == DType::kBF16) << "dys of dtype " << dtype_name(dys.dtype());
   const int64_t k = weights.size(1);
   if (G.rows == 0) return;
-  Op op(this, "moe_combine_backward", 4.0 * k * G.rows * G.cols, 4.0 * (3 * k + 1) * G.rows * G.cols);
-  combine_backward_kernel<<<static_cast<unsigned>(G.rows), 256, 0, stream()>>>(
-      G.f(), G.ld, Y.f(), Y.ld, weights.f32(), row_of.data<int32_t>(), k, DY.f(), DY.ld, dweights.f32(), G.cols);
+  Op op(this, "moe_combine_backward", 4.0 * k * G.rows * G.cols,
+        (8.0 + dtype_size(dys.dtype())) * k * G.rows * G.cols + 4.0 * G.rows * G.cols);
+  const unsigned grid = static_cast<unsigned>(G.rows);
+  if (dys.dtype() == DType::kBF16)
+    combine_backward_kernel<<<grid, 256, 0, stream()>>>(G.f(), G.ld, Y.f(), Y.ld, weights.f32(),
+                                                        row_of.data<int32_t>(), k,
+                                                        static_cast<__nv_bfloat16*>(DY.p), DY.ld, dweights.f32(), G.cols);
+  else
+    combine_backward_kernel<<<grid, 256, 0, stream()>>>(G.f(), G.ld, Y.f(), Y.ld, weights.f32(),
+                                                        row_of.data<int32_t>(), k, DY.f(), DY.ld, dweights.f32(), G.cols);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -549,14 +573,22 @@ void CudaBackend::logprobs_forward(const Tensor& logits, const Tensor& targets, 
 void CudaBackend::logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets, const Tensor& lse,
                                     Tensor& dlogits) {
   const Rows L = rows_of(logits), D = rows_of(dlogits);
+  check_device(logits, DType::kF32);
   check_device(dlp, DType::kF32);
   check_device(targets, DType::kI32);
   check_device(lse, DType::kF32);
+  CHECK(dlogits.dtype() == DType::kF32 || dlogits.dtype() == DType::kBF16)
+      << "dlogits of dtype " << dtype_name(dlogits.dtype());
   CHECK(L.rows == D.rows && L.cols == D.cols);
   if (L.rows == 0) return;
-  Op op(this, "logprobs_backward", 3.0 * L.rows * L.cols, 12.0 * L.rows * L.cols);
-  logprobs_backward_kernel<<<static_cast<unsigned>(L.rows), 256, 0, stream()>>>(
-      dlp.f32(), L.f(), L.ld, L.cols, targets.data<int32_t>(), lse.f32(), D.f(), D.ld);
+  Op op(this, "logprobs_backward", 3.0 * L.rows * L.cols, (4.0 + dtype_size(dlogits.dtype())) * L.rows * L.cols);
+  const unsigned grid = static_cast<unsigned>(L.rows);
+  if (dlogits.dtype() == DType::kBF16)
+    logprobs_backward_kernel<<<grid, 256, 0, stream()>>>(dlp.f32(), L.f(), L.ld, L.cols, targets.data<int32_t>(),
+                                                         lse.f32(), static_cast<__nv_bfloat16*>(D.p), D.ld);
+  else
+    logprobs_backward_kernel<<<grid, 256, 0, stream()>>>(dlp.f32(), L.f(), L.ld, L.cols, targets.data<int32_t>(),
+                                                         lse.f32(), D.f(), D.ld);
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -120,18 +120,18 @@ __global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, TH* h, int64_
   store(h + r * ldh + c, g / (1.0f + __expf(-g)) * u);
 }
 
-// d silu(g)/dg = s(g) · (1 + g · (1 - s(g))).
-template <typename T>
-__global__ void silu_mul_backward_kernel(const T* dh, int64_t lddh, const T* gu, int64_t ldgu, T* dgu,
+// d silu(g)/dg = s(g) · (1 + g · (1 - s(g))); dgu written in its own dtype.
+template <typename T, typename TD>
+__global__ void silu_mul_backward_kernel(const T* dh, int64_t lddh, const T* gu, int64_t ldgu, TD* dgu,
                                          int64_t lddgu, int64_t rows, int inter) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * inter) return;
   const int64_t r = i / inter, c = i % inter;
   const float g = load(gu + r * ldgu + c), u = load(gu + r * ldgu + inter + c), d = load(dh + r * lddh + c);
   const float s = 1.0f / (1.0f + __expf(-g));
-  T* dg = dgu + r * lddgu + c;
-  store(dg, load(dg) + d * u * s * (1.0f + g * (1.0f - s)));
-  store(dg + inter, load(dg + inter) + d * g * s);
+  TD* dg = dgu + r * lddgu + c;
+  store(dg, d * u * s * (1.0f + g * (1.0f - s)));
+  store(dg + inter, d * g * s);
 }
 
 // (a, b) -> (a c - b s, a s + b c), with the fused multiply-adds spelled out so that every kernel that
@@ -357,18 +357,21 @@ void CudaBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
 void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) {
   const Rows DH = rows_of(dh), GU = rows_of(gu), DG = rows_of(dgu);
   check_device(dh, gu.dtype());
-  check_device(dgu, gu.dtype());
+  check_device(dgu, dgu.dtype());
+  CHECK(dgu.dtype() == gu.dtype() || dgu.dtype() == DType::kBF16)
+      << "silu_mul_backward of " << dtype_name(gu.dtype()) << " into " << dtype_name(dgu.dtype());
   CHECK_EQ(GU.cols, 2 * DH.cols);
   CHECK_EQ(DG.cols, 2 * DH.cols);
   CHECK(GU.rows == DH.rows && DG.rows == DH.rows);
   const int64_t n = DH.rows * DH.cols;
   if (n == 0) return;
-  Op op(this, "silu_mul_backward", 12.0 * n, 7.0 * n * dtype_size(gu.dtype()));
-  dispatch(gu.dtype(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    silu_mul_backward_kernel<T><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
-        static_cast<const T*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<T*>(DG.p), DG.ld, DH.rows,
-        static_cast<int>(DH.cols));
+  Op op(this, "silu_mul_backward", 12.0 * n, 1.0 * n * (3 * dtype_size(gu.dtype()) + 2 * dtype_size(dgu.dtype())));
+  dispatch2(gu.dtype(), dgu.dtype(), [&](auto* ti, auto* to) {
+    using T = std::remove_pointer_t<decltype(ti)>;
+    using TD = std::remove_pointer_t<decltype(to)>;
+    silu_mul_backward_kernel<T, TD><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
+        static_cast<const T*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
+        DH.rows, static_cast<int>(DH.cols));
   });
   CUDA_CHECK(cudaGetLastError());
 }

@@ -161,7 +161,8 @@ TEST_F(CpuOps, RmsNormForwardAndBackward) {
 }
 
 TEST_F(CpuOps, SiluMulBackward) {
-  Tensor gu = randn({5, 12}, rng_), dh = randn({5, 6}, rng_), dgu = Tensor::zeros({5, 12});
+  // dgu starts as noise: the gradient is written, not accumulated.
+  Tensor gu = randn({5, 12}, rng_), dh = randn({5, 6}, rng_), dgu = randn({5, 12}, rng_);
   be_->silu_mul_backward(dh, gu, dgu);
   expect_directional_grad("silu_mul", gu, dgu, [&] {
     Tensor h = Tensor::zeros({5, 6});
@@ -369,7 +370,8 @@ TEST_F(CpuOps, DispatchCombineIsTheWeightedSumAndDifferentiates) {
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < h; ++j)
       EXPECT_NEAR(out.f32()[i * h + j], (w.f32()[i * k] + w.f32()[i * k + 1]) * x.f32()[i * h + j], 1e-5);
-  Tensor dout = randn({m, h}, rng_), dys = Tensor::zeros({m * k, h}), dw = Tensor::zeros({m, k});
+  // dys and dw start as noise: they are written, not accumulated.
+  Tensor dout = randn({m, h}, rng_), dys = randn({m * k, h}, rng_), dw = randn({m, k}, rng_);
   be_->moe_combine_backward(dout, xs, w, row_of, dys, dw);
   Tensor dx = Tensor::zeros({m, h});
   be_->moe_dispatch_backward(dys, row_of, dx);
@@ -393,8 +395,11 @@ TEST_F(CpuOps, LogprobsAndEmbeddings) {
   double z = 0;
   for (int j = 0; j < v; ++j) z += std::exp(logits.f32()[j]);
   EXPECT_NEAR(lp.f32()[0], logits.f32()[0] - std::log(z), 1e-5);
-  Tensor dlp = randn({m}, rng_), dlogits = Tensor::zeros({m, v});
+  // dlogits starts as noise (it is written, not accumulated), and one row's dlp is 0.
+  Tensor dlp = randn({m}, rng_), dlogits = randn({m, v}, rng_);
+  dlp.f32()[1] = 0.0f;
   be_->logprobs_backward(dlp, logits, targets, lse, dlogits);
+  for (int j = 0; j < v; ++j) EXPECT_EQ(dlogits.f32()[v + j], 0.0f);
   expect_directional_grad("logprobs", logits, dlogits, [&] {
     Tensor a = Tensor::zeros({m}), b = Tensor::zeros({m});
     be_->logprobs_forward(logits, targets, a, b);

@@ -325,6 +325,11 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
         be.grouped_gemm_wgrad(gdc, gwide.slice(1, 0, k), on(be, bounds(offsets)), dw1);
         be.grouped_gemm_wgrad(gdc, ab, on(be, bounds(offsets)), dw2);
         EXPECT_TRUE(bitwise_equal(be.download(dw1), be.download(dw2))) << "wgrad over bf16 rows, k " << k;
+        // and over a bf16 gradient (rounded once by its producer)
+        Tensor dcb = be.zeros({r, n}, DType::kBF16), dw3 = be.zeros(w.shape(), DType::kF32);
+        be.copy(gdc, dcb);
+        be.grouped_gemm_wgrad(dcb, ab, on(be, bounds(offsets)), dw3);
+        EXPECT_TRUE(bitwise_equal(be.download(dw1), be.download(dw3))) << "wgrad of a bf16 gradient, k " << k;
       }
       double worst = 0, scale = 0;
       for (int64_t gi = 0; gi < g; ++gi)
@@ -451,6 +456,10 @@ TEST_F(CudaBackendTest, SiluGateForwardBackward) {
     gpu_->silu_mul_forward(dev(gu), ghb);
     EXPECT_TRUE(bitwise_equal(hb, h.clone().to(DType::kBF16)));
     EXPECT_LT(max_rel(*gpu_, ghb, hb), 8e-3);
+    // The gradient into bf16 (only bf16 products read it): the f32 gradient rounded once.
+    Tensor gdgub = gpu_->zeros({m, 2 * inter}, DType::kBF16);
+    gpu_->silu_mul_backward(dev(dh), dev(gu), gdgub);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gdgub), gpu_->download(gdgu).to(DType::kBF16)));
   }
 }
 
@@ -801,6 +810,11 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
     gpu_->moe_combine_backward(dev(dout), dev(ys), dev(w), grow, gdys, gdwt);
     EXPECT_CLOSE(gdys, dys, 1e-6);
     EXPECT_CLOSE(gdwt, dwt, 1e-5);
+    // dys into bf16: the f32 gradient rounded once; dweights the same.
+    Tensor gdysb = gpu_->zeros({m * k, h}, DType::kBF16), gdwt2 = gpu_->zeros({m, k}, DType::kF32);
+    gpu_->moe_combine_backward(dev(dout), dev(ys), dev(w), grow, gdysb, gdwt2);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gdysb), gpu_->download(gdys).to(DType::kBF16)));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gdwt2), gpu_->download(gdwt)));
   }
 }
 
@@ -814,11 +828,15 @@ TEST_F(CudaBackendTest, LogprobsForwardBackward) {
     EXPECT_CLOSE(glp, lp, 1e-5);
     EXPECT_CLOSE(glse, lse, 1e-6);
     Tensor dlp = randn({m}), dl = randn({m, v});
-    dlp.f32()[0] = 0.0f;  // rows without gradient are skipped
+    dlp.f32()[0] = 0.0f;  // a row without gradient is written zero
     Tensor gdl = dev(dl);
     cpu_->logprobs_backward(dlp, logits, tg, lse, dl);
     gpu_->logprobs_backward(dev(dlp), gl, gtg, glse, gdl);
     EXPECT_CLOSE(gdl, dl, 1e-5);
+    // Into bf16 (only bf16 products read it): the f32 gradient rounded once.
+    Tensor gdlb = gpu_->zeros({m, v}, DType::kBF16);
+    gpu_->logprobs_backward(dev(dlp), gl, gtg, glse, gdlb);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gdlb), gpu_->download(gdl).to(DType::kBF16)));
     // Entropy and argmax; row 1 has its maximum twice (the first index wins).
     logits.f32()[v + v - 1] = logits.f32()[v + 1] = 100.0f;
     gl = dev(logits);
