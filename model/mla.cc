@@ -84,17 +84,17 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
   const int64_t vd = cfg.v_head_dim;
   const Tensor xin = product_operand(be, x);
-  a.q = queries(be, cfg, w, rope, xin, positions, &a);
+  a.q = product_operand(be, queries(be, cfg, w, rope, xin, positions, &a));
   // Compressed latent and the shared rope key.
   a.c_norm = be.empty({m, cfg.kv_lora_rank}, product_dtype(be));
   Tensor k_pe = be.empty({m, 1, rd});
   latents(be, cfg, w, rope, xin, positions, a.c_norm, k_pe, a);
-  a.kv = be.empty({m, heads * (nope + vd)});
-  be.gemm(a.c_norm, false, w.kv_b_proj, true, a.kv);
-  // Per-head keys and values.
-  Tensor kv3 = a.kv.view({m, heads, nope + vd});
-  a.k = be.empty({m, heads, qk});  // [k_nope | k_pe], both copied in below
-  a.v = kv3.slice(2, nope, vd);  // attention reads the values in place
+  Tensor kv = be.empty({m, heads * (nope + vd)});
+  be.gemm(a.c_norm, false, w.kv_b_proj, true, kv);
+  // Per-head keys and values, in the products' dtype.
+  Tensor kv3 = kv.view({m, heads, nope + vd});
+  a.k = be.empty({m, heads, qk}, product_dtype(be));  // [k_nope | k_pe], both copied in below
+  a.v = product_operand(be, kv3.slice(2, nope, vd));
   Tensor k_nope_dst = a.k.slice(2, 0, nope);
   be.copy(kv3.slice(2, 0, nope), k_nope_dst);
   Tensor k_pe_dst = a.k.slice(2, nope, rd);

@@ -19,11 +19,11 @@ namespace r1lab::model {
 // What one layer's backward needs from its forward. M = B*T tokens.
 struct AttentionActs {
   core::Tensor q_a, q_a_norm, q_a_rstd;  // [M, q_lora_rank], [M] (with query compression)
-  core::Tensor q;                        // [B, T, heads, nope + rope], rope applied
   core::Tensor ckv;                      // [M, r + rope] output of kv_a_proj_with_mqa (before rope)
   core::Tensor c_norm, c_rstd;           // [M, r] normalised latent, [M]
-  core::Tensor kv;                       // [M, heads * (nope + v)] = c_norm · kv_b_projᵀ
-  core::Tensor k, v;                     // [M, heads, nope + rope]; [M, heads, v], a view of kv
+  // Attention's operands in the products' dtype (bf16 products: attention reads them rounded anyway):
+  // q [M, heads, nope + rope] with rope applied, k [M, heads, nope + rope], v [M, heads, v].
+  core::Tensor q, k, v;
   core::Tensor out, lse;                 // [B, T, heads, v], [B, heads, T]
 };
 struct MlpActs {

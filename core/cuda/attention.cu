@@ -744,7 +744,8 @@ Dims make_dims(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
 
 void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) {
   for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v, &out}) {
-    check_device(*t, DType::kF32);
+    check_device(*t, t == &out ? DType::kF32 : t->dtype());
+    CHECK(t->dtype() == DType::kF32 || t->dtype() == DType::kBF16) << "attention operand of " << dtype_name(t->dtype());
     CHECK(t->dim() == 4 && t->stride(3) == 1) << "attention takes [B, T, H, D] with the last dim contiguous";
   }
   CHECK_EQ(k.size(3), q.size(3));
@@ -779,8 +780,8 @@ bool with_tc_dims(int64_t d, int64_t dv, F f) {
   return false;
 }
 
-// The tensor-core kernels read rows as float4 and write pairs as float2: 16-byte aligned bases and
-// strides in multiples of 4.
+// The tensor-core kernels write pairs as float2, and the fp32 ones read rows as float4: 16-byte aligned
+// bases and strides in multiples of 4.
 bool vec4_rows(std::initializer_list<const Tensor*> ts) {
   for (const Tensor* t : ts) {
     if (reinterpret_cast<uintptr_t>(t->raw()) % 16) return false;
@@ -790,7 +791,30 @@ bool vec4_rows(std::initializer_list<const Tensor*> ts) {
   return true;
 }
 
+const tc::bf16* bf16_data(const Tensor& t) { return static_cast<const tc::bf16*>(t.raw()); }
+
+// Whether the tensor-core kernels can read t's rows by cp.async as they are: bf16, 16-byte aligned.
+bool tc_rows(const Tensor& t) {
+  if (t.dtype() != DType::kBF16 || reinterpret_cast<uintptr_t>(t.raw()) % 16) return false;
+  for (int d = 0; d < 3; ++d)
+    if (t.stride(d) % 8) return false;
+  return true;
+}
+
 }  // namespace
+
+Tensor CudaBackend::attention_operand(const Tensor& t, DType dtype) {
+  if (t.dtype() == dtype && (dtype == DType::kF32 || tc_rows(t))) return t;
+  Tensor c = empty(t.shape(), dtype);
+  if (t.dtype() == DType::kF32 && t.stride(1) == t.size(2) * t.stride(2)) {
+    // Rows of one stride within a batch entry: one rounding pass (the products' conversion).
+    to_bf16(t.f32(), t.size(0) * t.size(1) * t.size(2), t.size(3), t.stride(2), t.size(1) * t.size(2), t.stride(0),
+            c.raw());
+  } else {
+    copy(t, c);
+  }
+  return c;
+}
 
 void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
                                     Tensor& lse) {
@@ -802,22 +826,32 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
   if (B == 0 || a.T == 0) return;
   // Causal pairs: T·S - T(T-1)/2 per head.
   const double pairs = static_cast<double>(B * a.Hq) * (a.T * a.S - a.T * (a.T - 1) / 2.0);
-  Op op(this, "attention", 2.0 * pairs * (a.D + a.Dv), 4.0 * (q.numel() + k.numel() + v.numel() + out.numel()));
-  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&q, &k, &v, &out}) &&
+  Op op(this, "attention", 2.0 * pairs * (a.D + a.Dv),
+        1.0 * (dtype_size(q.dtype()) * q.numel() + dtype_size(k.dtype()) * k.numel() +
+               dtype_size(v.dtype()) * v.numel()) +
+            4.0 * out.numel());
+  // Tensor cores: bf16 operands (rounded once here if they come in f32), read by cp.async.
+  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&out}) &&
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
+        const Tensor qb = attention_operand(q, DType::kBF16), kb = attention_operand(k, DType::kBF16),
+                     vb = attention_operand(v, DType::kBF16);
+        const Dims ab = make_dims(qb, kb, vb, out, scale);
         constexpr size_t smem = tc::forward_smem<D, DV>();
         set_smem(tc::forward<D, DV>, smem);
         tc::forward<D, DV>
             <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, smem, stream()>>>(
-                q.f32(), k.f32(), v.f32(), out.f32(), lse.f32(), a);
+                bf16_data(qb), bf16_data(kb), bf16_data(vb), out.f32(), lse.f32(), ab);
       })) {
     CUDA_CHECK(cudaGetLastError());
     return;
   }
+  const Tensor qf = attention_operand(q, DType::kF32), kf = attention_operand(k, DType::kF32),
+               vf = attention_operand(v, DType::kF32);
+  const Dims af = make_dims(qf, kf, vf, out, scale);
   const size_t smem = sizeof(float) * (kTile * (a.D + 1) + kTile * (a.Dv + 1) + kWarps * kRows * a.D);
   set_smem(attention_forward_kernel, smem);
   attention_forward_kernel<<<dim3(blocks(a.T, kWarps * kRows), static_cast<unsigned>(B * a.Hq)), kWarps * 32, smem,
-                             stream()>>>(q.f32(), k.f32(), v.f32(), out.f32(), lse.f32(), a);
+                             stream()>>>(qf.f32(), kf.f32(), vf.f32(), out.f32(), lse.f32(), af);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -836,39 +870,49 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
   if (B == 0 || a.T == 0) return;
   const double pairs = static_cast<double>(B * a.Hq) * (a.T * a.S - a.T * (a.T - 1) / 2.0);
   Op op(this, "attention_backward", 2.0 * pairs * (2 * a.D + 2 * a.Dv),
-        4.0 * 2 * (q.numel() + k.numel() + v.numel() + out.numel()));
+        2.0 * (dtype_size(q.dtype()) * q.numel() + dtype_size(k.dtype()) * k.numel() +
+               dtype_size(v.dtype()) * v.numel()) +
+            4.0 * (3 * out.numel() + q.numel() + 2 * k.numel() + v.numel()));
   const int64_t rows = B * a.Hq * a.T;
   Tensor delta = zeros({rows}, DType::kF32);
   attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), out.f32(), delta.f32(), a, rows);
-  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&q, &k, &v, &dout, &dq, &dk, &dv}) &&
+  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&dq, &dk, &dv}) &&
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
+        const Tensor qb = attention_operand(q, DType::kBF16), kb = attention_operand(k, DType::kBF16),
+                     vb = attention_operand(v, DType::kBF16), gb = attention_operand(dout, DType::kBF16);
+        Dims ab = make_dims(qb, kb, vb, out, scale);
+        ab.g0 = gb.stride(0), ab.g1 = gb.stride(1), ab.g2 = gb.stride(2);
         constexpr size_t sq = tc::dq_smem<D, DV>(), skv = tc::dkdv_smem<D, DV>();
         set_smem(tc::backward_dq<D, DV>, sq);
         tc::backward_dq<D, DV>
             <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq, stream()>>>(
-                q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dq.f32(), dq.stride(0), dq.stride(1),
-                dq.stride(2), a);
+                bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(), dq.f32(),
+                dq.stride(0), dq.stride(1), dq.stride(2), ab);
         set_smem(tc::backward_dkdv<D, DV>, skv);
         tc::backward_dkdv<D, DV>
             <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, skv, stream()>>>(
-                q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dk.f32(), dk.stride(0), dk.stride(1),
-                dk.stride(2), dv.f32(), dv.stride(0), dv.stride(1), dv.stride(2), a);
+                bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(), dk.f32(),
+                dk.stride(0), dk.stride(1), dk.stride(2), dv.f32(), dv.stride(0), dv.stride(1), dv.stride(2), ab);
       })) {
     CUDA_CHECK(cudaGetLastError());
     return;
   }
+  const Tensor qf = attention_operand(q, DType::kF32), kf = attention_operand(k, DType::kF32),
+               vf = attention_operand(v, DType::kF32);
+  Dims af = make_dims(qf, kf, vf, out, scale);
+  af.g0 = a.g0, af.g1 = a.g1, af.g2 = a.g2;
   const size_t smem_q = sizeof(float) * (kTile * (a.D + 1) + kTile * (a.Dv + 1) + kWarps * kRows * (a.D + a.Dv));
   set_smem(attention_dq_kernel, smem_q);
   attention_dq_kernel<<<dim3(blocks(a.T, kWarps * kRows), static_cast<unsigned>(B * a.Hq)), kWarps * 32, smem_q,
-                        stream()>>>(q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dq.f32(),
-                                    dq.stride(0), dq.stride(1), dq.stride(2), a);
+                        stream()>>>(qf.f32(), kf.f32(), vf.f32(), dout.f32(), lse.f32(), delta.f32(), dq.f32(),
+                                    dq.stride(0), dq.stride(1), dq.stride(2), af);
   const size_t smem_k =
       sizeof(float) * (kWarps * kRows * (a.D + a.Dv) + kTile * (a.D + 1) + kTile * (a.Dv + 1) + 2 * kTile);
   set_smem(attention_dkdv_kernel, smem_k);
   attention_dkdv_kernel<<<dim3(blocks(a.S, kWarps * kRows), static_cast<unsigned>(B * a.Hk)), kWarps * 32, smem_k,
-                          stream()>>>(q.f32(), k.f32(), v.f32(), dout.f32(), lse.f32(), delta.f32(), dk.f32(),
+                          stream()>>>(qf.f32(), kf.f32(), vf.f32(), dout.f32(), lse.f32(), delta.f32(), dk.f32(),
                                       dk.stride(0), dk.stride(1), dk.stride(2), dv.f32(), dv.stride(0), dv.stride(1),
-                                      dv.stride(2), a);
+                                      dv.stride(2), af);
   CUDA_CHECK(cudaGetLastError());
 }
 

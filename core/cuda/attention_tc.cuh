@@ -3,8 +3,9 @@
 // reduced-precision products are enabled.
 //
 // A block is 4 warps; a warp owns 16 rows (queries in forward and dq, keys in dk/dv) of a 64-row tile.
-// Tiles of the other side (64 keys, or queries) are staged in shared memory as bf16, converted from the
-// f32 tensors on the way in. Products are mma.sync m16n8k16 steps with operands read by ldmatrix; the
+// The operands are bf16 (the launcher rounds f32 tensors into bf16 copies first, once). Tiles of the
+// other side (64 keys, or queries) stream through two shared-memory stages by cp.async: the next tile
+// loads while the block computes on this one. Products are mma.sync m16n8k16 steps with operands read by ldmatrix; the
 // scores stay in registers: the accumulator layout of one product is the operand layout of the next, so
 // masks, softmax and rescaling run on registers and P (or dS) never goes through shared memory. No
 // atomics: dq has its own kernel, so results are bitwise repeatable. The mma and ldmatrix primitives
@@ -26,29 +27,19 @@ struct Layout {
   static constexpr int kMinBlocks = D > 128 ? 2 : 3;  // blocks per SM: caps registers at 255 or 168
 };
 
-// rows [r0, r0 + R) of a strided f32 matrix (row stride ld) -> bf16 tile [R][L]; rows ≥ n are zero.
-// Every thread first issues all its 16-byte loads, then converts: the loads are in flight together.
-// Needs 16-byte aligned rows (checked by the caller).
+// Rows [r0, r0 + R) of a bf16 matrix (row stride ld, 16-byte aligned rows) into the tile [R][L] in
+// shared memory by cp.async: this thread's share, in the group the caller commits. Rows ≥ n are zero.
 template <int W, int L, int R = kRowsT>
-__device__ __forceinline__ void load_tile(bf16* dst, const float* src, int64_t ld, int64_t r0, int64_t n) {
-  static_assert(W % 4 == 0, "row width must be a multiple of 4");
-  constexpr int kVec = R * W / 4, kPer = (kVec + kThreadsT - 1) / kThreadsT;
-  float4 buf[kPer];
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int64_t ld, int64_t r0, int64_t n) {
+  static_assert(W % 8 == 0, "rows of whole 16-byte chunks");
+  constexpr int kChunks = R * W / 8, kPer = (kChunks + kThreadsT - 1) / kThreadsT;
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
     const int i = threadIdx.x + u * kThreadsT;
-    const int r = i / (W / 4), c = (i % (W / 4)) * 4;
-    buf[u] = i < kVec && r0 + r < n ? *reinterpret_cast<const float4*>(src + (r0 + r) * ld + c)
-                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
-#pragma unroll
-  for (int u = 0; u < kPer; ++u) {
-    const int i = threadIdx.x + u * kThreadsT;
-    if (i >= kVec) continue;
-    const int r = i / (W / 4), c = (i % (W / 4)) * 4;
-    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst + r * L + c);
-    d[0] = __floats2bfloat162_rn(buf[u].x, buf[u].y);
-    d[1] = __floats2bfloat162_rn(buf[u].z, buf[u].w);
+    if (kChunks % kThreadsT != 0 && i >= kChunks) continue;
+    const int r = i / (W / 8), c = (i % (W / 8)) * 8;
+    const bool valid = r0 + r < n;
+    cp_async16(dst + r * L + c, valid ? src + (r0 + r) * ld + c : src, valid);
   }
 }
 
@@ -142,28 +133,42 @@ __device__ __forceinline__ int64_t reversed_tile() { return static_cast<int64_t>
 
 // ---- forward. grid (ceil(T / 64), B·Hq).
 template <int D, int DV>
-__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) forward(const float* q, const float* k, const float* v, float* out,
-                                                     float* lse, r1lab::core::cuda::AttnDims a) {
+__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
+    forward(const bf16* q, const bf16* k, const bf16* v, float* out, float* lse, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
+  constexpr int kStage = kRowsT * (Ly::LQ + Ly::LV);  // a stage: a key tile, then its value tile
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
-  bf16* Ks = Qs + kRowsT * Ly::LQ;
-  bf16* Vs = Ks + kRowsT * Ly::LQ;
+  bf16* KV = Qs + kRowsT * Ly::LQ;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
-  load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);
+  const bf16* kb = k + b * a.k0 + kh * a.k2;
+  const bf16* vb = v + b * a.v0 + kh * a.v2;
+  const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kRowsT - 1));
+  const int tiles = static_cast<int>(last / kRowsT) + 1;
+  const auto issue = [&](int it) {
+    if (it < tiles) {
+      bf16* st = KV + (it % 2) * kStage;
+      load_tile<D, Ly::LQ>(st, kb, a.k1, static_cast<int64_t>(it) * kRowsT, a.S);
+      load_tile<DV, Ly::LV>(st + kRowsT * Ly::LQ, vb, a.v1, static_cast<int64_t>(it) * kRowsT, a.S);
+    }
+    cp_async_commit();  // an empty group past the end keeps the count uniform
+  };
+  load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);  // with the first tile
+  issue(0);
   const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float o[DV / 8][4];
   zero<DV / 8>(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kRowsT - 1));
-  for (int64_t s0 = 0; s0 <= last; s0 += kRowsT) {
-    __syncthreads();
-    load_tile<D, Ly::LQ>(Ks, k + b * a.k0 + kh * a.k2, a.k1, s0, a.S);
-    load_tile<DV, Ly::LV>(Vs, v + b * a.v0 + kh * a.v2, a.v1, s0, a.S);
-    __syncthreads();
+  for (int it = 0; it < tiles; ++it) {
+    issue(it + 1);
+    cp_async_wait<1>();
+    __syncthreads();  // tile it is in for every warp
+    const bf16* Ks = KV + (it % 2) * kStage;
+    const bf16* Vs = Ks + kRowsT * Ly::LQ;
+    const int64_t s0 = static_cast<int64_t>(it) * kRowsT;
     float s[kRowsT / 8][4];
     zero<kRowsT / 8>(s);
     product_nk<D, kRowsT / 8>(s, Qs + 16 * warp * Ly::LQ, Ly::LQ, Ks, Ly::LQ);
@@ -205,6 +210,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) forward(
       o[j][2] *= alpha[1], o[j][3] *= alpha[1];
     }
     product_kn<kRowsT / 16, DV / 8>(o, s, Vs, Ly::LV);
+    __syncthreads();  // every warp is done with this stage before issue() loads it again
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -225,21 +231,34 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) forward(
 
 // ---- dq. grid (ceil(T / 64), B·Hq).
 template <int D, int DV>
-__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward_dq(const float* q, const float* k, const float* v,
-                                                         const float* dout, const float* lse, const float* delta,
-                                                         float* dq, int64_t dq0, int64_t dq1, int64_t dq2,
-                                                         r1lab::core::cuda::AttnDims a) {
+__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
+    backward_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
+                float* dq, int64_t dq0, int64_t dq1, int64_t dq2, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
+  constexpr int kStage = kRowsT * (Ly::LQ + Ly::LV);  // a stage: a key tile, then its value tile
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Gs = Qs + kRowsT * Ly::LQ;
-  bf16* Ks = Gs + kRowsT * Ly::LV;
-  bf16* Vs = Ks + kRowsT * Ly::LQ;
+  bf16* KV = Gs + kRowsT * Ly::LV;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
+  const bf16* kb = k + b * a.k0 + kh * a.k2;
+  const bf16* vb = v + b * a.v0 + kh * a.v2;
+  const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kRowsT - 1));
+  const int tiles = static_cast<int>(last / kRowsT) + 1;
+  const auto issue = [&](int it) {
+    if (it < tiles) {
+      bf16* st = KV + (it % 2) * kStage;
+      load_tile<D, Ly::LQ>(st, kb, a.k1, static_cast<int64_t>(it) * kRowsT, a.S);
+      load_tile<DV, Ly::LV>(st + kRowsT * Ly::LQ, vb, a.v1, static_cast<int64_t>(it) * kRowsT, a.S);
+    }
+    cp_async_commit();  // an empty group past the end keeps the count uniform
+  };
+  // The block's queries and their output gradients, with the first key tile.
   load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);
   load_tile<DV, Ly::LV>(Gs, dout + b * a.g0 + h * a.g2 + t0 * a.g1, a.g1, 0, a.T - t0);
+  issue(0);
   const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float L[2], Dl[2];
@@ -250,12 +269,13 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward
   }
   float acc[D / 8][4];
   zero<D / 8>(acc);
-  const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kRowsT - 1));
-  for (int64_t s0 = 0; s0 <= last; s0 += kRowsT) {
-    __syncthreads();
-    load_tile<D, Ly::LQ>(Ks, k + b * a.k0 + kh * a.k2, a.k1, s0, a.S);
-    load_tile<DV, Ly::LV>(Vs, v + b * a.v0 + kh * a.v2, a.v1, s0, a.S);
-    __syncthreads();
+  for (int it = 0; it < tiles; ++it) {
+    issue(it + 1);
+    cp_async_wait<1>();
+    __syncthreads();  // tile it is in for every warp
+    const bf16* Ks = KV + (it % 2) * kStage;
+    const bf16* Vs = Ks + kRowsT * Ly::LQ;
+    const int64_t s0 = static_cast<int64_t>(it) * kRowsT;
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];
     scores_and_dp<D, DV, kRowsT / 8>(s, dp, Qs + 16 * warp * Ly::LQ, Ks, Gs + 16 * warp * Ly::LV, Vs);
 #pragma unroll
@@ -268,64 +288,89 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward
       }
     }
     product_kn<kRowsT / 16, D / 8>(acc, s, Ks, Ly::LQ);
+    __syncthreads();  // every warp is done with this stage before issue() loads it again
   }
   add_rows<D / 8>(acc, dq + b * dq0 + h * dq2, dq1, t0 + 16 * warp, a.T);
 }
 
 // ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn, NQ queries a tile.
 template <int D, int DV>
-__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward_dkdv(const float* q, const float* k, const float* v,
-                                                           const float* dout, const float* lse, const float* delta,
-                                                           float* dk, int64_t dk0, int64_t dk1, int64_t dk2,
-                                                           float* dv, int64_t dv0, int64_t dv1, int64_t dv2,
-                                                           r1lab::core::cuda::AttnDims a) {
+__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
+    backward_dkdv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                  const float* delta, float* dk, int64_t dk0, int64_t dk1, int64_t dk2, float* dv, int64_t dv0,
+                  int64_t dv1, int64_t dv2, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   constexpr int NQ = Ly::NQ;
+  constexpr int kStage = NQ * (Ly::LQ + Ly::LV);  // a stage: a query tile, then its output gradients
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Ks = reinterpret_cast<bf16*>(smem);
   bf16* Vs = Ks + kRowsT * Ly::LQ;
-  bf16* Qs = Vs + kRowsT * Ly::LV;
-  bf16* Gs = Qs + NQ * Ly::LQ;
-  float* Lt = reinterpret_cast<float*>(Gs + NQ * Ly::LV);  // [NQ], log2 domain
-  float* Dt = Lt + NQ;                                     // [NQ]
+  bf16* QG = Vs + kRowsT * Ly::LV;
+  float* LD = reinterpret_cast<float*>(QG + 2 * kStage);  // [stage][L (log2 domain) | D][NQ]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk, group = a.Hq / a.Hk;
   const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kRowsT, off = a.S - a.T;
+  const int64_t t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
+  const int per_head = static_cast<int>((a.T - t_begin + NQ - 1) / NQ), tiles = static_cast<int>(group) * per_head;
+  // Tile i: query head kh·group + i / per_head, queries from t_begin + (i % per_head)·NQ. Its Q and dO
+  // rows go by cp.async; its lse and delta into registers (nl, nd), put in shared memory a tile later.
+  float nl = 0.0f, nd = 0.0f;
+  const auto issue = [&](int i) {
+    if (i < tiles) {
+      const int64_t h = kh * group + i / per_head, t0 = t_begin + static_cast<int64_t>(i % per_head) * NQ;
+      bf16* st = QG + (i % 2) * kStage;
+      load_tile<D, Ly::LQ, NQ>(st, q + b * a.q0 + h * a.q2, a.q1, t0, a.T);
+      load_tile<DV, Ly::LV, NQ>(st + NQ * Ly::LQ, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T);
+      if (threadIdx.x < NQ) {
+        const int64_t t = t0 + threadIdx.x;
+        nl = t < a.T ? lse[(b * a.Hq + h) * a.T + t] * kLog2e : 0.0f;
+        nd = t < a.T ? delta[(b * a.Hq + h) * a.T + t] : 0.0f;
+      }
+    }
+    cp_async_commit();  // an empty group past the end keeps the count uniform
+  };
+  const auto put = [&](int i) {
+    if (i < tiles && threadIdx.x < NQ) {
+      LD[(i % 2) * 2 * NQ + threadIdx.x] = nl;
+      LD[(i % 2) * 2 * NQ + NQ + threadIdx.x] = nd;
+    }
+  };
+  // The block's keys and values, with the first query tile.
   load_tile<D, Ly::LQ>(Ks, k + b * a.k0 + kh * a.k2, a.k1, s_first, a.S);
   load_tile<DV, Ly::LV>(Vs, v + b * a.v0 + kh * a.v2, a.v1, s_first, a.S);
+  issue(0);
+  put(0);
   const int64_t sr[2] = {s_first + 16 * warp + g, s_first + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float gk[D / 8][4], gv[DV / 8][4];
   zero<D / 8>(gk);
   zero<DV / 8>(gv);
-  const int64_t t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
-  for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
-    for (int64_t t0 = t_begin; t0 < a.T; t0 += NQ) {
-      __syncthreads();
-      load_tile<D, Ly::LQ, NQ>(Qs, q + b * a.q0 + h * a.q2, a.q1, t0, a.T);
-      load_tile<DV, Ly::LV, NQ>(Gs, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T);
-      if (threadIdx.x < NQ) {
-        const int64_t t = t0 + threadIdx.x;
-        Lt[threadIdx.x] = t < a.T ? lse[(b * a.Hq + h) * a.T + t] * kLog2e : 0.0f;
-        Dt[threadIdx.x] = t < a.T ? delta[(b * a.Hq + h) * a.T + t] : 0.0f;
-      }
-      __syncthreads();
-      float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [16 keys of the warp][NQ queries]
-      scores_and_dp<D, DV, NQ / 8>(st, dpt, Ks + 16 * warp * Ly::LQ, Qs, Vs + 16 * warp * Ly::LV, Gs);
+  for (int i = 0; i < tiles; ++i) {
+    issue(i + 1);
+    cp_async_wait<1>();
+    __syncthreads();  // tile i is in for every warp
+    const bf16* Qs = QG + (i % 2) * kStage;
+    const bf16* Gs = Qs + NQ * Ly::LQ;
+    const float* Lt = LD + (i % 2) * 2 * NQ;
+    const float* Dt = Lt + NQ;
+    const int64_t t0 = t_begin + static_cast<int64_t>(i % per_head) * NQ;
+    float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [16 keys of the warp][NQ queries]
+    scores_and_dp<D, DV, NQ / 8>(st, dpt, Ks + 16 * warp * Ly::LQ, Qs, Vs + 16 * warp * Ly::LV, Gs);
 #pragma unroll
-      for (int j = 0; j < NQ / 8; ++j) {
+    for (int j = 0; j < NQ / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = 8 * j + cc + e % 2;
-          const int64_t s = sr[e / 2], t = t0 + c;
-          const float p = t < a.T && s < a.S && s <= off + t ? exp2f(st[j][e] * sl2 - Lt[c]) : 0.0f;
-          st[j][e] = p;
-          dpt[j][e] = p * (dpt[j][e] - Dt[c]) * a.scale;  // dSᵀ
-        }
+      for (int e = 0; e < 4; ++e) {
+        const int c = 8 * j + cc + e % 2;
+        const int64_t s = sr[e / 2], t = t0 + c;
+        const float p = t < a.T && s < a.S && s <= off + t ? exp2f(st[j][e] * sl2 - Lt[c]) : 0.0f;
+        st[j][e] = p;
+        dpt[j][e] = p * (dpt[j][e] - Dt[c]) * a.scale;  // dSᵀ
       }
-      product_kn<NQ / 16, DV / 8>(gv, st, Gs, Ly::LV);
-      product_kn<NQ / 16, D / 8>(gk, dpt, Qs, Ly::LQ);
     }
+    product_kn<NQ / 16, DV / 8>(gv, st, Gs, Ly::LV);
+    product_kn<NQ / 16, D / 8>(gk, dpt, Qs, Ly::LQ);
+    put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began
+    __syncthreads();  // every warp is done with this stage before issue() loads it again
   }
   add_rows<D / 8>(gk, dk + b * dk0 + kh * dk2, dk1, s_first + 16 * warp, a.S);
   add_rows<DV / 8>(gv, dv + b * dv0 + kh * dv2, dv1, s_first + 16 * warp, a.S);
@@ -334,17 +379,17 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks) backward
 template <int D, int DV>
 constexpr size_t forward_smem() {
   using Ly = Layout<D, DV>;
-  return 2 * kRowsT * (2 * Ly::LQ + Ly::LV);
+  return 2 * kRowsT * (Ly::LQ + 2 * (Ly::LQ + Ly::LV));
 }
 template <int D, int DV>
 constexpr size_t dq_smem() {
   using Ly = Layout<D, DV>;
-  return 2 * kRowsT * (2 * Ly::LQ + 2 * Ly::LV);
+  return 2 * kRowsT * (Ly::LQ + Ly::LV + 2 * (Ly::LQ + Ly::LV));
 }
 template <int D, int DV>
 constexpr size_t dkdv_smem() {
   using Ly = Layout<D, DV>;
-  return 2 * (kRowsT + Ly::NQ) * (Ly::LQ + Ly::LV) + 4 * 2 * Ly::NQ;
+  return 2 * (kRowsT + 2 * Ly::NQ) * (Ly::LQ + Ly::LV) + 4 * 2 * 2 * Ly::NQ;
 }
 
 }  // namespace tc

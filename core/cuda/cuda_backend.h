@@ -204,6 +204,9 @@ class CudaBackend final : public Backend {
   bool bf16_products(const Tensor& a, const Tensor& b) const;
   Operand gemm_operand(const Tensor& t, bool bf16, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
                               Tensor& keep);
+  // An attention operand [B, T, H, D] (see attention.cu) in `dtype`: t itself, or a copy (f32 rounded
+  // once) when t is in the other dtype or (bf16) its rows are not 16-byte aligned.
+  Tensor attention_operand(const Tensor& t, DType dtype);
 
   Options opt_;
   std::shared_ptr<Context> ctx_;
