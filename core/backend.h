@@ -269,9 +269,11 @@ class Backend {
   // ---- the optimizer, over one flat f32 parameter buffer and its gradient/moment buffers
   // Σ x² over the spans of x [N] (a NaN or Inf propagates to the result).
   virtual double sum_squares(const Tensor& x, const std::vector<ParamSpan>& spans) = 0;
-  // The AdamW update above on the spans; w, g, m, v: [N] f32, contiguous.
+  // The AdamW update above on the spans; w, g, m, v: [N] f32, contiguous. With `rounded` ([N] bf16,
+  // contiguous: a model's copy of its weights for bf16 products) the updated weights of the spans are
+  // also written there, rounded to nearest even, in the same pass.
   virtual void adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
-                            const AdamWUpdate& u) = 0;
+                            const AdamWUpdate& u, Tensor* rounded = nullptr) = 0;
 
   // Waits for the work queued so far (a device backend runs asynchronously; timing needs this).
   virtual void synchronize() {}

@@ -116,7 +116,18 @@ class Model {
   void set_step_graphs(bool on) { step_graphs_on_ = on; }
   // Tells forward_step that the parameters changed in place (Engine::update_weights calls it; forward,
   // forward_logprobs, load and init_random need no call).
-  void weights_changed() { ++weights_epoch_; }
+  void weights_changed() {
+    ++weights_epoch_;
+    rounded_written_ = false;
+  }
+  // The bf16 copy of the parameters that bf16 products read (undefined where products take f32), for an
+  // optimizer to write as it updates them (Backend::adamw_update's `rounded`). rounded_weights_written()
+  // then spares the next forward its conversion of the whole buffer.
+  core::Tensor rounded_weights() const { return mm_buffer_; }
+  void rounded_weights_written() {
+    rounded_written_ = true;
+    mm_epoch_ = weights_epoch_;
+  }
 
   ~Model();
 
@@ -133,8 +144,8 @@ class Model {
                       std::vector<core::Tensor>* hidden);
   // From d(loss)/d(final normalised hidden state) down to the embeddings.
   void backward_hidden(ForwardState& state, const core::Tensor& dnormed);
-  // Remakes the low-precision copy of the matrix weights from the parameters: always, or when
-  // weights_changed() was called since the last time.
+  // Remakes the low-precision copy of the matrix weights from the parameters: always (but once after
+  // rounded_weights_written()), or when weights_changed() was called since the last time.
   void refresh_matmul_weights(bool always);
   // Positions start .. start+t-1 of each of `batch` sequences, [batch * t] I32 on the backend.
   core::Tensor positions(int64_t batch, int64_t t, int64_t start);
@@ -151,6 +162,7 @@ class Model {
   Weights g_;
   core::Tensor mm_buffer_;
   int64_t weights_epoch_ = 0, mm_epoch_ = -1;
+  bool rounded_written_ = false;  // the optimizer wrote mm_buffer_ with its update, nothing since
   core::RopeTable rope_;
   int64_t head_chunk_rows_ = 0;
   bool step_graphs_on_ = true;

@@ -155,7 +155,7 @@ class CudaBackend final : public Backend {
 
   double sum_squares(const Tensor& x, const std::vector<ParamSpan>& spans) override;
   void adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
-                    const AdamWUpdate& u) override;
+                    const AdamWUpdate& u, Tensor* rounded = nullptr) override;
   void synchronize() override;
   // bf16 products only: the f32 and tf32 grouped products read the group offsets on the host.
   bool can_capture() const override { return !opt_.profile && opt_.gemm == Options::GemmPrecision::kBF16; }

@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "model/model.h"
 #include "tests/test_util.h"
+#include "trainer/optimizer.h"
 #include "trainer/parity.h"
 
 namespace r1lab::core {
@@ -122,6 +123,30 @@ TEST_F(CudaBackendTest, MemoryOpsOnStridedViews) {
   cpu_->add(row.expand({3, 4, 7, 9}), y, -0.5f);
   gpu_->add(grow.expand({3, 4, 7, 9}), gy, -0.5f);
   EXPECT_CLOSE(gb, b, 1e-7);
+  // The same where groups of 4 elements line up (4 at a time): f32 copies, f32 -> bf16 and bf16 copies,
+  // and an add from a broadcast.
+  Tensor c = randn({3, 5, 6, 16}), d = randn({3, 5, 6, 16});
+  Tensor gc = dev(c), gd = dev(d);
+  auto cut = [](const Tensor& t, int64_t at) { return t.slice(1, at, 3).slice(3, 4 * at, 8); };
+  Tensor dcut = cut(d, 2), gdcut = cut(gd, 2);
+  cpu_->copy(cut(c, 1), dcut);
+  gpu_->copy(cut(gc, 1), gdcut);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gd), d));
+  Tensor h16 = Tensor::zeros({3, 5, 6, 16}, DType::kBF16), g16 = gpu_->zeros({3, 5, 6, 16}, DType::kBF16);
+  Tensor hcut = cut(h16, 1), gcut = cut(g16, 1);
+  cpu_->copy(cut(c, 2), hcut);
+  gpu_->copy(cut(gc, 2), gcut);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(g16), h16));
+  Tensor h16b = Tensor::zeros({3, 5, 6, 16}, DType::kBF16), g16b = gpu_->zeros({3, 5, 6, 16}, DType::kBF16);
+  Tensor hcut2 = cut(h16b, 2), gcut2 = cut(g16b, 2);
+  cpu_->copy(cut(h16, 1), hcut2);
+  gpu_->copy(cut(g16, 1), gcut2);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(g16b), h16b));
+  Tensor lead = c.slice(1, 0, 1).slice(3, 4, 8), glead = gc.slice(1, 0, 1).slice(3, 4, 8);
+  Tensor dsum = cut(d, 1), gdsum = cut(gd, 1);
+  cpu_->add(lead.expand({3, 3, 6, 8}), dsum, 0.75f);
+  gpu_->add(glead.expand({3, 3, 6, 8}), gdsum, 0.75f);
+  EXPECT_CLOSE(gd, d, 1e-7);
   Tensor f = Tensor::zeros({1000}), gf = gpu_->zeros({1000}, DType::kF32);
   cpu_->fill(f, 2.5f);
   gpu_->fill(gf, 2.5f);
@@ -971,7 +996,8 @@ TEST_F(CudaBackendTest, SampleTokensCutTiesInVocabularyOrder) {
 
 TEST_F(CudaBackendTest, OptimizerSumSquaresAndAdamW) {
   const int64_t n = 300000;
-  const std::vector<ParamSpan> spans = {{0, 1000, false}, {1000, 200000, true}, {250000, 50000, true}};
+  // The last span starts and ends off a 16-byte boundary (the kernels' 4-at-a-time bodies).
+  const std::vector<ParamSpan> spans = {{0, 1000, false}, {1000, 200000, true}, {250001, 49998, true}};
   Tensor g = randn({n}), w = randn({n}), m = randn({n}, 0.01f), v = randn({n}, 0.01f);
   for (int64_t i = 0; i < n; ++i) v.f32()[i] = std::fabs(v.f32()[i]);
   const double sq = cpu_->sum_squares(g, spans);
@@ -988,6 +1014,23 @@ TEST_F(CudaBackendTest, OptimizerSumSquaresAndAdamW) {
   EXPECT_CLOSE(gw, w, 1e-6);
   EXPECT_CLOSE(gm, m, 1e-6);
   EXPECT_CLOSE(gv, v, 1e-6);
+  // With a bf16 copy to keep current: the spans' new weights rounded, the rest of the copy untouched.
+  Tensor r0 = randn({n}).to(DType::kBF16), gr = gpu_->zeros({n}, DType::kBF16), cr = r0.clone();
+  gpu_->upload(r0, gr);
+  Tensor gw2 = dev(w), gm2 = dev(m), gv2 = dev(v);  // the state after the first update
+  Tensor w2 = w.clone(), m2 = m.clone(), v2 = v.clone();
+  gpu_->adamw_update(gw2, dev(g), gm2, gv2, spans, u, &gr);
+  cpu_->adamw_update(w2, g, m2, v2, spans, u, &cr);
+  const Tensor want = gpu_->download(gw2).to(DType::kBF16), got = gpu_->download(gr);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool in = std::any_of(spans.begin(), spans.end(),
+                                [&](const ParamSpan& s) { return i >= s.offset && i < s.offset + s.numel; });
+    const uint16_t expect = in ? want.data<uint16_t>()[i] : r0.data<uint16_t>()[i];
+    ASSERT_EQ(got.data<uint16_t>()[i], expect) << "element " << i << (in ? " (in a span)" : " (outside)");
+  }
+  for (const ParamSpan& s : spans)
+    for (int64_t i = s.offset; i < s.offset + s.numel; ++i)
+      ASSERT_EQ(cr.data<uint16_t>()[i], f32_to_bf16(w2.f32()[i])) << "CPU copy, element " << i;
   Tensor bad = g.clone();
   bad.f32()[1500] = NAN;
   EXPECT_TRUE(std::isnan(gpu_->sum_squares(dev(bad), spans)));
@@ -1101,6 +1144,21 @@ TEST_F(CudaModelTest, Bf16PathWithinTolerance) {
   EXPECT_GT(el, 1e-5) << "expected the bf16 path";
   std::printf("bf16 path: logits rel L2 %.2e, gradient rel L2 %.2e, worst tensor %.2e (%s)\n", el, eg, worst,
               worst_name.c_str());
+  // An optimizer step that writes the model's bf16 weights as it updates (AdamW::step(model)) gives the
+  // next forward the same bits as one after which the forward rounds the parameters itself.
+  model::Model gm2(*cfg, **tcb);
+  gm2.init_random(5, 0.05f);
+  Tensor g2 = gm2.grads().buffer();
+  (*tcb)->copy(gm.grads().buffer(), g2);
+  trainer::AdamWConfig oc;
+  oc.lr = 1e-2;
+  trainer::AdamW o1(gm.params(), oc), o2(gm2.params(), oc);
+  ASSERT_TRUE(gm.rounded_weights().defined());
+  o1.step(gm);
+  o2.step(gm2.params(), gm2.grads());
+  const Tensor l1 = (*tcb)->download(gm.forward(tokens)), l2 = (*tcb)->download(gm2.forward(tokens));
+  EXPECT_TRUE(bitwise_equal(l1, l2)) << "logits after a step that kept the bf16 weights current";
+  EXPECT_FALSE(bitwise_equal(l1, (*tcb)->download(gl))) << "the step changed nothing";
 }
 
 TEST_F(CudaModelTest, PagedDecodeMatchesCpu) {
