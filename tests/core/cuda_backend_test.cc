@@ -810,9 +810,10 @@ TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
   }
 }
 
-// 800 assignments (each dispatch block counts for itself) and 2800 (a rank kernel first).
+// 800 assignments (each dispatch block counts for itself), then 2800 and 20000 (ranks in chunks of 256
+// first, then one scan for the chunks' first rows: over more than one tile of the scan at 20000).
 TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
-  for (const int64_t m : {200, 700}) {
+  for (const int64_t m : {200, 700, 5000}) {
     const int64_t k = 4, h = 40, e = 16;
     Tensor x = randn({m, h}), idx = Tensor::zeros({m, k}, DType::kI32);
     // Distinct experts per token, skewed toward low ids, one expert never used.
@@ -865,6 +866,8 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
 TEST_F(CudaBackendTest, LogprobsForwardBackward) {
   for (auto [m, v] : {std::pair<int64_t, int64_t>{3, 10}, {77, 1024}, {16, 32768}}) {
     Tensor logits = randn({m, v}, 4.0f), tg = ids({m}, static_cast<int32_t>(v));
+    for (int j = 0; j < 5; ++j) logits.f32()[j] = -INFINITY;  // masked tokens in row 0 (not its target)
+    tg.data<int32_t>()[0] = static_cast<int32_t>(v - 1);
     Tensor lp = Tensor::zeros({m}), lse = Tensor::zeros({m});
     cpu_->logprobs_forward(logits, tg, lp, lse);
     Tensor gl = dev(logits), gtg = dev(tg), glp = gpu_->zeros({m}, DType::kF32), glse = gpu_->zeros({m}, DType::kF32);
@@ -881,7 +884,8 @@ TEST_F(CudaBackendTest, LogprobsForwardBackward) {
     Tensor gdlb = gpu_->zeros({m, v}, DType::kBF16);
     gpu_->logprobs_backward(dev(dlp), gl, gtg, glse, gdlb);
     EXPECT_TRUE(bitwise_equal(gpu_->download(gdlb), gpu_->download(gdl).to(DType::kBF16)));
-    // Entropy and argmax; row 1 has its maximum twice (the first index wins).
+    // Entropy and argmax (over finite logits); row 1 has its maximum twice (the first index wins).
+    for (int j = 0; j < 5; ++j) logits.f32()[j] = 0.5f;
     logits.f32()[v + v - 1] = logits.f32()[v + 1] = 100.0f;
     gl = dev(logits);
     cpu_->logprobs_forward(logits, tg, lp, lse);
