@@ -118,12 +118,15 @@ class Backend {
   virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) = 0;
   // h[r] = silu(a[r] · w_gate[g]ᵀ) * (a[r] · w_up[g]ᵀ) for the rows r of group g, where w [G, 2n, k]
   // stacks each group's n gate rows over its n up rows and h [R, n] is bf16: grouped_gemm (trans_w)
-  // then silu_mul_forward, without the [R, 2n] products that only backward reads. h's rows outside
+  // then silu_mul_forward, without the [R, 2n] f32 products. With gate_up ([R, 2n] bf16) those products
+  // are also written there, rounded (what silu_mul_backward reads when a backward follows). Rows outside
   // every group are unspecified. This default is the reference; a backend may fuse it.
-  virtual void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h) {
+  virtual void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
+                               Tensor* gate_up = nullptr) {
     Tensor gu = empty({a.size(0), w.size(1)});
     grouped_gemm(a, w, true, offsets, gu);
     silu_mul_forward(gu, h);
+    if (gate_up != nullptr) copy(gu, *gate_up);
   }
   // Checks group bounds read on the host, o[0 .. groups]: ascending within [0, rows].
   static void check_group_bounds(const int64_t* o, int64_t groups, int64_t rows) {
@@ -146,8 +149,9 @@ class Backend {
                                 Tensor& dx, Tensor& dw) = 0;
   // h = silu(g) * u where gu = [g | u]: gu [M, 2I] rows, h [M, I] rows, in gu's dtype or bf16.
   virtual void silu_mul_forward(const Tensor& gu, Tensor& h) = 0;
-  // dgu = [dg | du] = [dh·u·silu'(g) | dh·silu(g)], written (not accumulated): in gu's dtype, or bf16
-  // (rounded once: a gradient that only bf16 products read).
+  // dgu = [dg | du] = [dh·u·silu'(g) | dh·silu(g)], written (not accumulated): f32, or bf16 (rounded
+  // once: a gradient that only bf16 products read). dh in gu's dtype, or f32 with a bf16 gu
+  // (products kept rounded for backward: grouped_gate_up's gate_up).
   virtual void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) = 0;
   // out[m] = table[ids[m]];  table [V, D], ids [M] I32, out [M, D].
   virtual void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) = 0;

@@ -27,7 +27,9 @@ struct AttentionActs {
   core::Tensor out, lse;                 // [B, T, heads, v], [B, heads, T]
 };
 struct MlpActs {
-  core::Tensor gate_up, act;  // [N, 2I], [N, I]
+  // [N, 2I], [N, I]. The routed experts' gate_up is bf16 where products are (rounded as the products
+  // after it round their operands), kept only for backward.
+  core::Tensor gate_up, act;
 };
 struct MoeActs {
   core::Tensor logits, scores, idx, weights;  // [M, E], [M, E], [M, K] I32, [M, K]

@@ -79,12 +79,15 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   be.moe_dispatch(x, a.idx, static_cast<int>(e), a.xs, a.row_of, a.offsets);
   a.experts.act = be.empty({m * k, inter}, product_dtype(be));  // the groups cover every row
   a.ys = be.empty({m * k, h});
-  if (for_backward || a.experts.act.dtype() != core::DType::kBF16) {
+  if (a.experts.act.dtype() == core::DType::kBF16) {
+    // bf16 products: the gated product in one pass; for backward its [rows, 2I] products come along,
+    // rounded to bf16 (what silu_mul_backward reads), never in f32.
+    if (for_backward) a.experts.gate_up = be.empty({m * k, 2 * inter}, core::DType::kBF16);
+    be.grouped_gate_up(a.xs, w.experts_gate_up, a.offsets, a.experts.act, for_backward ? &a.experts.gate_up : nullptr);
+  } else {
     a.experts.gate_up = be.empty({m * k, 2 * inter});
     be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
     be.silu_mul_forward(a.experts.gate_up, a.experts.act);
-  } else {
-    be.grouped_gate_up(a.xs, w.experts_gate_up, a.offsets, a.experts.act);
   }
   be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
   if (both.defined()) {

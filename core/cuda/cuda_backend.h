@@ -105,7 +105,8 @@ class CudaBackend final : public Backend {
                     float beta) override;
   void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta) override;
   void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) override;
-  void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h) override;
+  void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
+                       Tensor* gate_up = nullptr) override;
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
   void add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;

@@ -381,13 +381,22 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // sums that warps 2 and 3 hold the up sums for, fragment for fragment: they pass them through shared
 // memory, and the up warps write h. The same sums and the same expression as tc_tile then
 // silu_mul_forward, so the same bits.
+// With gu (not null), the sums themselves also go there rounded, gate columns then up columns ([M, 2N]
+// rows of stride ldgu): each warp writes its own.
 template <int kTM>
 __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
-                                              int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh, int M,
-                                              int N, int K, int m0, int n0) {
+                                              int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
+                                              __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0) {
   constexpr int kMi = kTM / 32;
   float acc[kMi][4][4];
   tc_accumulate<true, true, kTM, true>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
+  if (gu != nullptr) {
+    const int wn = threadIdx.x / 32 % 4;  // warps 0, 1: gate columns; 2, 3: the same columns' up sums
+    __nv_bfloat16* half = gu + (wn < 2 ? 0 : N);
+    for_each_fragment<kTM>(m0, n0 + wn % 2 * 32, M, N, [&](int r, int col, int i, int j, int e) {
+      half[static_cast<int64_t>(r) * ldgu + col] = __float2bfloat16(acc[i][j][e]);
+    });
+  }
   extern __shared__ __align__(16) unsigned char gated_smem[];
   float* pass = reinterpret_cast<float*>(gated_smem);  // [wm][wn < 2][i][j][e][lane]
   static_assert(2 * 2 * kMi * 16 * 32 * sizeof(float) <= tc_smem<kTM>(), "the gate sums fit the pipeline's memory");
@@ -411,19 +420,21 @@ __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t ld
   });
 }
 
-// h[r] = silu(a[r] · w[g][0:n]ᵀ) · (a[r] · w[g][n:2n]ᵀ) for the rows r of group g, bf16: blockIdx.x picks
-// n's column tile of kTileN / 2, blockIdx.y the row tile as in grouped_tc_kernel.
+// h[r] = silu(a[r] · w[g][0:n]ᵀ) · (a[r] · w[g][n:2n]ᵀ) for the rows r of group g, bf16 (and the products
+// into gu, rounded, unless it is null): blockIdx.x picks n's column tile of kTileN / 2, blockIdx.y the row
+// tile as in grouped_tc_kernel.
 template <int kTM>
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_gated_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
-                         __nv_bfloat16* h, int64_t ldh, const int64_t* bounds, int groups, int n, int k) {
+                         __nv_bfloat16* h, int64_t ldh, __nv_bfloat16* gu, int64_t ldgu, const int64_t* bounds,
+                         int groups, int n, int k) {
   __shared__ int tile_group, tile_row;
   find_row_tile<kTM>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
-  tc_gated_tile<kTM>(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, static_cast<int>(bounds[g + 1] - r0),
-                     n, k, tile_row, blockIdx.x * (kTileN / 2));
+  tc_gated_tile<kTM>(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, gu ? gu + r0 * ldgu : nullptr, ldgu,
+                     static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2));
 }
 
 // dw[g] [n, k] += dc[rows_g]ᵀ · a[rows_g]: blockIdx.z is the group; the sum runs over its rows.
@@ -650,7 +661,8 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   join_sides();
 }
 
-void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h) {
+void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
+                                  Tensor* gate_up) {
   CHECK_EQ(w.dim(), 3);
   check_operand(a);
   check_operand(w);
@@ -663,23 +675,32 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   CHECK_EQ(A.cols, k);
   CHECK_EQ(H.cols, n);
   CHECK_EQ(A.rows, H.rows);
+  Rows GU{nullptr, 0, 0, 0};
+  if (gate_up != nullptr) {
+    CHECK(gate_up->dtype() == DType::kBF16) << "grouped_gate_up's products go out in bf16, not "
+                                            << dtype_name(gate_up->dtype());
+    check_device(*gate_up, DType::kBF16);
+    GU = rows_of(*gate_up);
+    CHECK(GU.rows == A.rows && GU.cols == 2 * n) << "grouped_gate_up: gate_up " << shape_str(gate_up->shape());
+  }
   const int64_t rows = A.rows;
   const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
   // Few rows a group take grouped_gemm's weight-streaming kernel, and f32 products cuBLAS: those run
   // as the reference composition does.
   const bool bf16 = bf16_products(a, w);
   if (groups == 0 || rows <= 4 * groups || !fits || !bf16 || w.stride(2) != 1 || groups >= 65535) {
-    Backend::grouped_gate_up(a, w, offsets, h);
+    Backend::grouped_gate_up(a, w, offsets, h, gate_up);
     return;
   }
   Tensor ka, kw;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ow = gemm_operand(w, bf16, groups * w.size(1), k, w.stride(1), w.size(1), w.stride(0), kw);
   if (!tc_operand(oa, k) || !tc_operand(ow, k)) {
-    Backend::grouped_gate_up(a, w, offsets, h);
+    Backend::grouped_gate_up(a, w, offsets, h, gate_up);
     return;
   }
-  Op op(this, "grouped_gate_up", 4.0 * rows * n * k, 2.0 * rows * (k + n) + 2.0 * groups * 2 * n * k);
+  Op op(this, "grouped_gate_up", 4.0 * rows * n * k,
+        2.0 * rows * (k + n) + 2.0 * groups * 2 * n * k + (gate_up ? 4.0 * rows * n : 0.0));
   const int64_t mean = rows / groups;
   const int tm = mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
   const dim3 grid(static_cast<unsigned>((n + kTileN / 2 - 1) / (kTileN / 2)),
@@ -690,7 +711,8 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   set_tc_attributes(kernel, smem);
   kernel<<<grid, kTcThreads, smem, stream()>>>(static_cast<const __nv_bfloat16*>(oa.p), oa.ld,
                                                  static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
-                                                 static_cast<__nv_bfloat16*>(H.p), H.ld, offsets.data<int64_t>(),
+                                                 static_cast<__nv_bfloat16*>(H.p), H.ld,
+                                                 static_cast<__nv_bfloat16*>(GU.p), GU.ld, offsets.data<int64_t>(),
                                                  static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k));
   CUDA_CHECK(cudaGetLastError());
 }

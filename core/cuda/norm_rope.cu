@@ -170,9 +170,9 @@ __global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, TH* h, int64_
   storev<kV>(h + r * ldh + c, out);
 }
 
-// d silu(g)/dg = s(g) · (1 + g · (1 - s(g))); dgu written in its own dtype, kV elements a thread.
-template <typename T, typename TD, int kV>
-__global__ void silu_mul_backward_kernel(const T* dh, int64_t lddh, const T* gu, int64_t ldgu, TD* dgu,
+// d silu(g)/dg = s(g) · (1 + g · (1 - s(g))); each operand in its own dtype, kV elements a thread.
+template <typename TH, typename T, typename TD, int kV>
+__global__ void silu_mul_backward_kernel(const TH* dh, int64_t lddh, const T* gu, int64_t ldgu, TD* dgu,
                                          int64_t lddgu, int64_t rows, int inter) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int per = inter / kV;
@@ -419,29 +419,36 @@ void CudaBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
 
 void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) {
   const Rows DH = rows_of(dh), GU = rows_of(gu), DG = rows_of(dgu);
-  check_device(dh, gu.dtype());
+  check_device(dh, dh.dtype());
+  check_device(gu, gu.dtype());
   check_device(dgu, dgu.dtype());
-  CHECK(dgu.dtype() == gu.dtype() || dgu.dtype() == DType::kBF16)
-      << "silu_mul_backward of " << dtype_name(gu.dtype()) << " into " << dtype_name(dgu.dtype());
+  CHECK(dgu.dtype() == DType::kF32 || dgu.dtype() == DType::kBF16)
+      << "silu_mul_backward into " << dtype_name(dgu.dtype());
+  CHECK(dh.dtype() == gu.dtype() || (dh.dtype() == DType::kF32 && gu.dtype() == DType::kBF16))
+      << "silu_mul_backward: dh " << dtype_name(dh.dtype()) << " with gu " << dtype_name(gu.dtype());
   CHECK_EQ(GU.cols, 2 * DH.cols);
   CHECK_EQ(DG.cols, 2 * DH.cols);
   CHECK(GU.rows == DH.rows && DG.rows == DH.rows);
   const int64_t n = DH.rows * DH.cols;
   if (n == 0) return;
-  Op op(this, "silu_mul_backward", 12.0 * n, 1.0 * n * (3 * dtype_size(gu.dtype()) + 2 * dtype_size(dgu.dtype())));
-  dispatch2(gu.dtype(), dgu.dtype(), [&](auto* ti, auto* to) {
-    using T = std::remove_pointer_t<decltype(ti)>;
-    using TD = std::remove_pointer_t<decltype(to)>;
-    const bool by4 = rows_by4(DH.p, DH.cols, DH.ld, sizeof(T)) && rows_by4(GU.p, DH.cols, GU.ld, sizeof(T)) &&
-                     rows_by4(DG.p, DH.cols, DG.ld, sizeof(TD));
-    if (by4)
-      silu_mul_backward_kernel<T, TD, 4><<<blocks(n / 4, kThreads), kThreads, 0, stream()>>>(
-          static_cast<const T*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
-          DH.rows, static_cast<int>(DH.cols));
-    else
-      silu_mul_backward_kernel<T, TD, 1><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
-          static_cast<const T*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
-          DH.rows, static_cast<int>(DH.cols));
+  Op op(this, "silu_mul_backward", 12.0 * n,
+        1.0 * n * (dtype_size(dh.dtype()) + 2 * dtype_size(gu.dtype()) + 2 * dtype_size(dgu.dtype())));
+  dispatch(dh.dtype(), [&](auto* th) {
+    dispatch2(gu.dtype(), dgu.dtype(), [&](auto* ti, auto* to) {
+      using TH = std::remove_pointer_t<decltype(th)>;
+      using T = std::remove_pointer_t<decltype(ti)>;
+      using TD = std::remove_pointer_t<decltype(to)>;
+      const bool by4 = rows_by4(DH.p, DH.cols, DH.ld, sizeof(TH)) && rows_by4(GU.p, DH.cols, GU.ld, sizeof(T)) &&
+                       rows_by4(DG.p, DH.cols, DG.ld, sizeof(TD));
+      if (by4)
+        silu_mul_backward_kernel<TH, T, TD, 4><<<blocks(n / 4, kThreads), kThreads, 0, stream()>>>(
+            static_cast<const TH*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
+            DH.rows, static_cast<int>(DH.cols));
+      else
+        silu_mul_backward_kernel<TH, T, TD, 1><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
+            static_cast<const TH*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
+            DH.rows, static_cast<int>(DH.cols));
+    });
   });
   CUDA_CHECK(cudaGetLastError());
 }

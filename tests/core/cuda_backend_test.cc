@@ -411,6 +411,20 @@ TEST_F(CudaBackendTest, GroupedGateUpIsGroupedGemmThenSiluMul) {
         }
         for (int64_t row = 0; row < offsets.back(); ++row)
           for (int64_t j = n; j < n + 8; ++j) ASSERT_EQ(all.f32()[row * (n + 8) + j], 7.0f) << "pad of row " << row;
+        // With the products kept for backward (bf16, a strided view): the same h, and the f32 products
+        // rounded once.
+        Tensor gu_wide = be.zeros({r, 2 * n + 8}, DType::kBF16), kept = gu_wide.slice(1, 0, 2 * n);
+        Tensor got2 = be.zeros({r, n}, DType::kBF16);
+        be.grouped_gate_up(gx, gw, off, got2, &kept);
+        const Tensor h2 = be.download(got2).to_f32();
+        EXPECT_EQ(std::memcmp(w_host.f32(), h2.f32(), static_cast<size_t>(in) * sizeof(float)), 0)
+            << "h with the products kept, k " << k << ", n " << n;
+        const Tensor want_gu = be.download(gu).to(DType::kBF16), got_gu = be.download(gu_wide);
+        for (int64_t row = 0; row < offsets.back(); ++row)
+          ASSERT_EQ(std::memcmp(want_gu.data<uint16_t>() + row * 2 * n, got_gu.data<uint16_t>() + row * (2 * n + 8),
+                                static_cast<size_t>(2 * n) * 2),
+                    0)
+              << "kept products of row " << row << ", k " << k << ", n " << n << ", rows " << offsets.back();
       }
     }
   }
@@ -485,6 +499,13 @@ TEST_F(CudaBackendTest, SiluGateForwardBackward) {
     Tensor gdgub = gpu_->zeros({m, 2 * inter}, DType::kBF16);
     gpu_->silu_mul_backward(dev(dh), dev(gu), gdgub);
     EXPECT_TRUE(bitwise_equal(gpu_->download(gdgub), gpu_->download(gdgu).to(DType::kBF16)));
+    // From products kept in bf16 (dh f32): the same as from those products' f32 values.
+    Tensor gub = gpu_->zeros({m, 2 * inter}, DType::kBF16), gdgu3 = gpu_->zeros({m, 2 * inter}, DType::kF32);
+    gpu_->copy(dev(gu), gub);
+    Tensor gdgu4 = gpu_->zeros({m, 2 * inter}, DType::kF32);
+    gpu_->silu_mul_backward(dev(dh), gub, gdgu3);
+    gpu_->silu_mul_backward(dev(dh), dev(gu.clone().to(DType::kBF16).to_f32()), gdgu4);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gdgu3), gpu_->download(gdgu4)));
   }
 }
 
