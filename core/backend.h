@@ -107,8 +107,9 @@ class Backend {
   virtual void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
                             float alpha = 1.0f, float beta = 0.0f) = 0;
   // One launch over all groups (experts). For group g, rows r in [offsets[g], offsets[g+1]):
-  //   c[r] = a[r] · op(w[g]) + beta * c[r];   a: [R, k], w: [G, n, k] (trans_w) or [G, k, n], c: [R, n] f32;
-  // a and w f32 or bf16.
+  //   c[r] = a[r] · op(w[g]) + beta * c[r];   a: [R, k], w: [G, n, k] (trans_w) or [G, k, n], c: [R, n];
+  // a and w f32 or bf16; c f32, or bf16 with beta 0 (the f32 sums rounded once: rows only bf16 products
+  // or bf16-reading ops take next).
   // offsets: [G + 1] I64 on this backend's device (as moe_dispatch makes them), ascending within [0, R];
   // rows outside every group are left as they are.
   virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
@@ -240,7 +241,7 @@ class Backend {
                             Tensor& offsets) = 0;
   // dx[m] += Σ_k dxs[row_of[m*K+k]].
   virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) = 0;
-  // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]].
+  // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]];  ys f32 or bf16 (here and in backward), out f32.
   virtual void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) = 0;
   // dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (row = row_of[m*K+k]), written (not
   // accumulated); rows of dys that no assignment names are left as they are. dys f32, or bf16 (rounded

@@ -36,7 +36,7 @@ struct MoeActs {
   core::Tensor xs, row_of;                    // [M*K, H] grouped by expert, [M*K] I32
   core::Tensor offsets;                       // [E + 1] I64 group bounds, on the device
   MlpActs experts;                            // over the M*K rows
-  core::Tensor ys;                            // [M*K, H]
+  core::Tensor ys;                            // [M*K, H], in the products' dtype
   MlpActs shared;
 };
 struct LayerActs {

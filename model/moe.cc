@@ -78,7 +78,7 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   a.row_of = be.empty({m * k}, core::DType::kI32);
   be.moe_dispatch(x, a.idx, static_cast<int>(e), a.xs, a.row_of, a.offsets);
   a.experts.act = be.empty({m * k, inter}, product_dtype(be));  // the groups cover every row
-  a.ys = be.empty({m * k, h});
+  a.ys = be.empty({m * k, h}, product_dtype(be));               // bf16 products: the experts' outputs rounded once
   if (a.experts.act.dtype() == core::DType::kBF16) {
     // bf16 products: the gated product in one pass; for backward its [rows, 2I] products come along,
     // rounded to bf16 (what silu_mul_backward reads), never in f32.

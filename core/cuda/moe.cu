@@ -297,13 +297,17 @@ __global__ void dispatch_backward_kernel(const float* dxs, int64_t ldxs, const i
   }
 }
 
-// out[m] += Σ_k w[m, k] · ys[row_of[m·K + k]].
-__global__ void combine_kernel(const float* ys, int64_t ldy, const float* w, const int32_t* row_of, int64_t k,
+__device__ __forceinline__ float as_f32(float v) { return v; }
+__device__ __forceinline__ float as_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// out[m] += Σ_k w[m, k] · ys[row_of[m·K + k]] (ys f32 or bf16).
+template <typename TY>
+__global__ void combine_kernel(const TY* ys, int64_t ldy, const float* w, const int32_t* row_of, int64_t k,
                                float* out, int64_t ldo, int64_t cols) {
   const int64_t m = blockIdx.x;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     float acc = out[m * ldo + c];
-    for (int64_t j = 0; j < k; ++j) acc += w[m * k + j] * ys[row_of[m * k + j] * ldy + c];
+    for (int64_t j = 0; j < k; ++j) acc += w[m * k + j] * as_f32(ys[row_of[m * k + j] * ldy + c]);
     out[m * ldo + c] = acc;
   }
 }
@@ -330,9 +334,9 @@ __device__ __forceinline__ T round_to(float v) {
   else return __float2bfloat16_rn(v);
 }
 
-// dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row].
-template <typename T>
-__global__ void combine_backward_kernel(const float* dout, int64_t ldo, const float* ys, int64_t ldy, const float* w,
+// dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (ys f32 or bf16).
+template <typename T, typename TY>
+__global__ void combine_backward_kernel(const float* dout, int64_t ldo, const TY* ys, int64_t ldy, const float* w,
                                         const int32_t* row_of, int64_t k, T* dys, int64_t lddy, float* dw,
                                         int64_t cols) {
   const int64_t m = blockIdx.x;
@@ -343,7 +347,7 @@ __global__ void combine_backward_kernel(const float* dout, int64_t ldo, const fl
     float dot = 0;
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
       dys[row * lddy + c] = round_to<T>(wk * g[c]);
-      dot += g[c] * ys[row * ldy + c];
+      dot += g[c] * as_f32(ys[row * ldy + c]);
     }
     dot = block_sum256(dot);
     if (threadIdx.x == 0) dw[m * k + j] = dot;
@@ -578,9 +582,15 @@ void CudaBackend::moe_combine(const Tensor& ys, const Tensor& weights, const Ten
   check_device(row_of, DType::kI32);
   const int64_t k = weights.size(1);
   if (O.rows == 0) return;
-  Op op(this, "moe_combine", 2.0 * k * O.rows * O.cols, 4.0 * (k + 2) * O.rows * O.cols);
-  combine_kernel<<<static_cast<unsigned>(O.rows), 256, 0, stream()>>>(Y.f(), Y.ld, weights.f32(),
-                                                                       row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
+  CHECK(ys.dtype() == DType::kF32 || ys.dtype() == DType::kBF16) << "moe_combine of " << dtype_name(ys.dtype());
+  check_device(out, DType::kF32);
+  Op op(this, "moe_combine", 2.0 * k * O.rows * O.cols, (dtype_size(ys.dtype()) * k + 8.0) * O.rows * O.cols);
+  if (ys.dtype() == DType::kBF16)
+    combine_kernel<<<static_cast<unsigned>(O.rows), 256, 0, stream()>>>(
+        static_cast<const __nv_bfloat16*>(Y.p), Y.ld, weights.f32(), row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
+  else
+    combine_kernel<<<static_cast<unsigned>(O.rows), 256, 0, stream()>>>(Y.f(), Y.ld, weights.f32(),
+                                                                         row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -588,7 +598,7 @@ void CudaBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, con
                                        const Tensor& row_of, Tensor& dys, Tensor& dweights) {
   const Rows G = rows_of(dout), Y = rows_of(ys), DY = rows_of(dys);
   check_device(dout, DType::kF32);
-  check_device(ys, DType::kF32);
+  CHECK(ys.dtype() == DType::kF32 || ys.dtype() == DType::kBF16) << "ys of dtype " << dtype_name(ys.dtype());
   check_device(weights, DType::kF32);
   check_device(dweights, DType::kF32);
   check_device(row_of, DType::kI32);
@@ -598,13 +608,23 @@ void CudaBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, con
   Op op(this, "moe_combine_backward", 4.0 * k * G.rows * G.cols,
         (8.0 + dtype_size(dys.dtype())) * k * G.rows * G.cols + 4.0 * G.rows * G.cols);
   const unsigned grid = static_cast<unsigned>(G.rows);
-  if (dys.dtype() == DType::kBF16)
-    combine_backward_kernel<<<grid, 256, 0, stream()>>>(G.f(), G.ld, Y.f(), Y.ld, weights.f32(),
-                                                        row_of.data<int32_t>(), k,
-                                                        static_cast<__nv_bfloat16*>(DY.p), DY.ld, dweights.f32(), G.cols);
+  const auto launch = [&](auto* ty, auto* td) {
+    using TY = std::remove_pointer_t<decltype(ty)>;
+    using T = std::remove_pointer_t<decltype(td)>;
+    combine_backward_kernel<T, TY><<<grid, 256, 0, stream()>>>(G.f(), G.ld, static_cast<const TY*>(Y.p), Y.ld,
+                                                               weights.f32(), row_of.data<int32_t>(), k,
+                                                               static_cast<T*>(DY.p), DY.ld, dweights.f32(), G.cols);
+  };
+  const auto with_dys = [&](auto* ty) {
+    if (dys.dtype() == DType::kBF16)
+      launch(ty, static_cast<__nv_bfloat16*>(nullptr));
+    else
+      launch(ty, static_cast<float*>(nullptr));
+  };
+  if (ys.dtype() == DType::kBF16)
+    with_dys(static_cast<__nv_bfloat16*>(nullptr));
   else
-    combine_backward_kernel<<<grid, 256, 0, stream()>>>(G.f(), G.ld, Y.f(), Y.ld, weights.f32(),
-                                                        row_of.data<int32_t>(), k, DY.f(), DY.ld, dweights.f32(), G.cols);
+    with_dys(static_cast<float*>(nullptr));
   CUDA_CHECK(cudaGetLastError());
 }
 

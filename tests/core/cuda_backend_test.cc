@@ -344,6 +344,12 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
       be.copy(gwide.slice(1, 0, k), ab);
       be.grouped_gemm(ab, wb, true, on(be, bounds(offsets)), gc0, 0.5f);
       EXPECT_TRUE(bitwise_equal(be.download(gc0), got)) << "bf16 rows, k " << k << ", rows " << r;
+      // Into bf16 (beta 0): the f32 sums rounded once, on whichever path the sizes take.
+      Tensor c32 = be.zeros(c.shape(), DType::kF32), c16 = be.zeros(c.shape(), DType::kBF16);
+      be.grouped_gemm(ab, wb, true, on(be, bounds(offsets)), c32);
+      be.grouped_gemm(ab, wb, true, on(be, bounds(offsets)), c16);
+      EXPECT_TRUE(bitwise_equal(be.download(c16), be.download(c32).to(DType::kBF16)))
+          << "bf16 out, k " << k << ", rows " << r;
       if (k % 8 == 0 && n % 8 == 0) {  // and the weight gradient over bf16 rows
         Tensor dc = randn({r, n}), gdc = on(be, dc);
         Tensor dw1 = be.zeros(w.shape(), DType::kF32), dw2 = be.zeros(w.shape(), DType::kF32);
@@ -871,6 +877,21 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
     cpu_->moe_combine(ys, w, row_of, out);
     gpu_->moe_combine(dev(ys), dev(w), grow, gout);
     EXPECT_CLOSE(gout, out, 1e-6);
+    // bf16 expert outputs (bf16 products round them once): as their values in f32, bitwise, both ways.
+    const Tensor ysr = ys.clone().to(DType::kBF16);
+    Tensor gysb = gpu_->zeros(ys.shape(), DType::kBF16);
+    gpu_->upload(ysr, gysb);
+    Tensor o1 = dev(out), o2 = dev(out);
+    gpu_->moe_combine(gysb, dev(w), grow, o1);
+    gpu_->moe_combine(dev(ysr.to_f32()), dev(w), grow, o2);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(o1), gpu_->download(o2)));
+    Tensor gd1 = gpu_->zeros({m * k, h}, DType::kF32), gd2 = gpu_->zeros({m * k, h}, DType::kF32);
+    Tensor gw1 = gpu_->zeros({m, k}, DType::kF32), gw2 = gpu_->zeros({m, k}, DType::kF32);
+    const Tensor gdo = dev(randn({m, h}));
+    gpu_->moe_combine_backward(gdo, gysb, dev(w), grow, gd1, gw1);
+    gpu_->moe_combine_backward(gdo, dev(ysr.to_f32()), dev(w), grow, gd2, gw2);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gw1), gpu_->download(gw2)));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gd1), gpu_->download(gd2)));
     Tensor dout = randn({m, h}), dys = randn({m * k, h}), dwt = randn({m, k}), gdys = dev(dys), gdwt = dev(dwt);
     cpu_->moe_combine_backward(dout, ys, w, row_of, dys, dwt);
     gpu_->moe_combine_backward(dev(dout), dev(ys), dev(w), grow, gdys, gdwt);
