@@ -757,8 +757,8 @@ double CudaBackend::sum_squares(const Tensor& x, const std::vector<ParamSpan>& s
   Op op(this, "sum_squares", 2.0 * x.numel(), 4.0 * x.numel());
   Tensor partial = zeros({n + 1}, DType::kI64);  // doubles
   double* p = partial.data<double>();
-  sum_squares_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(x.f32(), chunks, p,
-                                                                          reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0);
+  const bool vec4 = reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0;
+  sum_squares_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(x.f32(), chunks, p, vec4);
   sum_partials_kernel<<<1, kThreads, 0, stream()>>>(p, n, p + n);
   CUDA_CHECK(cudaGetLastError());
   double out = 0;

@@ -313,9 +313,9 @@ __device__ __forceinline__ void for_each_fragment(int m0, int n_warp, int M, int
 }
 
 // The block's tile at (m0, n0) of one product: kTM × kTileN of the M × N outputs over K, a
-// (k-contiguous if kAK) and b (k-contiguous if kBK) bf16, c f32 rows (or bf16: put_sum). kTM (128, 64 or 32) rows: a warp
-// takes kTM / 2 of them by 32 columns. Fewer rows a tile suit groups of few rows (MoE decode), where a
-// 128-row tile would spend its tensor-core time on rows past the group's end.
+// (k-contiguous if kAK) and b (k-contiguous if kBK) bf16, c f32 rows (or bf16: put_sum). kTM (128, 64
+// or 32) rows: a warp takes kTM / 2 of them by 32 columns. Fewer rows a tile suit groups of few rows
+// (MoE decode), where a 128-row tile would spend its tensor-core time on rows past the group's end.
 template <bool kAK, bool kBK, int kTM = kTileM, typename TC = float>
 __device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
                                         TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta) {

@@ -585,12 +585,13 @@ void CudaBackend::moe_combine(const Tensor& ys, const Tensor& weights, const Ten
   CHECK(ys.dtype() == DType::kF32 || ys.dtype() == DType::kBF16) << "moe_combine of " << dtype_name(ys.dtype());
   check_device(out, DType::kF32);
   Op op(this, "moe_combine", 2.0 * k * O.rows * O.cols, (dtype_size(ys.dtype()) * k + 8.0) * O.rows * O.cols);
+  const unsigned grid = static_cast<unsigned>(O.rows);
   if (ys.dtype() == DType::kBF16)
-    combine_kernel<<<static_cast<unsigned>(O.rows), 256, 0, stream()>>>(
-        static_cast<const __nv_bfloat16*>(Y.p), Y.ld, weights.f32(), row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
+    combine_kernel<<<grid, 256, 0, stream()>>>(static_cast<const __nv_bfloat16*>(Y.p), Y.ld, weights.f32(),
+                                               row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
   else
-    combine_kernel<<<static_cast<unsigned>(O.rows), 256, 0, stream()>>>(Y.f(), Y.ld, weights.f32(),
-                                                                         row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
+    combine_kernel<<<grid, 256, 0, stream()>>>(Y.f(), Y.ld, weights.f32(), row_of.data<int32_t>(), k, O.f(), O.ld,
+                                               O.cols);
   CUDA_CHECK(cudaGetLastError());
 }
 
