@@ -236,6 +236,17 @@ int main(int argc, char** argv) {
     std::printf("| **ratio** | **%.2fx** | | | %.2fx memory | |\n", tok_s / base_tok_s,
                 base_gb > 0 ? peak_gb / base_gb : 0);
   }
+  // Where the peak goes: the training state is fixed by the parameter count (f32 parameters, gradients
+  // and both moments, and the products' copy of the weights); the rest is activations and workspace.
+  // A bf16 model with a bf16 optimizer (the PyTorch baseline) keeps 2 + 2 + 2 · 2 bytes a parameter.
+  const double params = static_cast<double>(model.params().numel()), gib = double(1 << 30);
+  const bool copy = backend.weight_dtype() != r1lab::core::DType::kF32;  // Model keeps one only then
+  const double state_gb =
+      params * (16.0 + (copy ? static_cast<double>(r1lab::core::dtype_size(backend.weight_dtype())) : 0.0)) / gib;
+  std::printf(
+      "peak memory: %.2f GiB of training state (%.0f M parameters: f32 weights, gradients, AdamW m and v%s) "
+      "+ %.2f GiB activations and workspace; an all-bf16 state would be %.2f GiB\n",
+      state_gb, params / 1e6, copy ? ", the bf16 copy products read" : "", peak_gb - state_gb, params * 8.0 / gib);
 
   // One profiled step: per-op time and achieved rates.
   r1lab::core::cuda::Options popt = opt;
