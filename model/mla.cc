@@ -22,10 +22,9 @@ Tensor split_batch(const Tensor& t, int64_t batch) {
 
 // Rows [M, heads * d] of any row stride (the last dimension contiguous) as [M, heads, d].
 Tensor split_heads(const Tensor& t, int64_t heads) {
-  return Tensor(t.storage(), t.byte_offset(), {t.size(0), heads, t.size(1) / heads}, {t.stride(0), t.size(1) / heads, 1},
-                t.dtype());
+  return Tensor(t.storage(), t.byte_offset(), {t.size(0), heads, t.size(1) / heads},
+                {t.stride(0), t.size(1) / heads, 1}, t.dtype());
 }
-
 
 // q = x · W_qᵀ, or rmsnorm(x · W_qaᵀ) · W_qbᵀ with query compression; then rope on each head's rope
 // part (unless `rotate` is false: the caller rotates it where it moves it). Returns [M, heads, nope +
