@@ -1103,6 +1103,49 @@ TEST_F(CudaModelTest, Bf16PathWithinTolerance) {
               worst_name.c_str());
 }
 
+// A forward that keeps less (Model::set_recompute) gives bitwise the same logprobs and gradients on the
+// bf16 path too (tensor-core products and attention, routed experts): backward remakes what was dropped
+// with the same kernels on the same inputs.
+TEST_F(CudaModelTest, RecomputeModesGiveTheSameBits) {
+  cuda::Options o;
+  o.gemm = cuda::Options::GemmPrecision::kBF16;
+  o.poison_empty = true;
+  auto tcb = cuda::make_backend(o);
+  ASSERT_TRUE(tcb.ok());
+  auto cfg = model::ModelConfig::from_file(fixture() + "/config.json");
+  ASSERT_TRUE(cfg.ok());
+  cfg->qk_nope_head_dim = 48;  // the tensor-core attention's head dims
+  cfg->v_head_dim = 64;
+  model::Model gm(*cfg, **tcb);
+  gm.init_random(5, 0.05f);
+  const int64_t b = 2, t = 70, m = b * t, vocab = cfg->vocab_size;
+  Tensor tokens = ids({b, t}, static_cast<int32_t>(vocab));
+  Tensor tg = (*tcb)->zeros({m}, DType::kI32), dlp = (*tcb)->zeros({m});
+  (*tcb)->upload(ids({m}, static_cast<int32_t>(vocab)), tg);
+  (*tcb)->upload(randn({m}, 1e-2f), dlp);
+  Tensor lps[3], grads[3];
+  int64_t bytes[3] = {};
+  const model::Recompute modes[3] = {model::Recompute::kNone, model::Recompute::kSelective,
+                                     model::Recompute::kLayers};
+  for (int k = 0; k < 3; ++k) {
+    gm.set_recompute(modes[k]);
+    model::ForwardState st;
+    lps[k] = (*tcb)->download(gm.forward_logprobs(tokens, tg, &st));
+    bytes[k] = st.bytes();
+    gm.zero_grads();
+    gm.backward_logprobs(st, tg, dlp);
+    grads[k] = (*tcb)->download(gm.grads().buffer());
+  }
+  for (int k = 1; k < 3; ++k) {
+    EXPECT_TRUE(bitwise_equal(lps[k], lps[0])) << model::recompute_name(modes[k]);
+    EXPECT_TRUE(bitwise_equal(grads[k], grads[0])) << model::recompute_name(modes[k]);
+    EXPECT_LT(bytes[k], bytes[k - 1]) << model::recompute_name(modes[k]);
+  }
+  double norm = 0;
+  for (int64_t i = 0; i < grads[0].numel(); ++i) norm += std::fabs(grads[0].f32()[i]);
+  EXPECT_GT(norm, 0.0);
+}
+
 TEST_F(CudaModelTest, PagedDecodeMatchesCpu) {
   auto cm = model::Model::load(fixture(), *cpu_);
   auto gm = model::Model::load(fixture(), *gpu_);
