@@ -34,6 +34,9 @@ ABSL_FLAG(int, warmup, 3, "untimed steps first");
 ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32 or bf16");
 ABSL_FLAG(std::string, baseline, "", "the PyTorch baseline's JSON ({impl: {train_tok_per_s, peak_gb}})");
 ABSL_FLAG(std::string, json, "", "also write the results here");
+ABSL_FLAG(std::string, recompute, "none",
+          "what the measured step keeps for backward: none (every activation), selective or layers "
+          "(a table of all three follows either way)");
 
 namespace {
 
@@ -92,6 +95,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   r1lab::core::Backend& backend = **be;
+  const auto recompute = r1lab::model::recompute_from_name(absl::GetFlag(FLAGS_recompute));
+  if (!recompute.ok()) {
+    std::fprintf(stderr, "train_step: %s\n", std::string(recompute.status().message()).c_str());
+    return 2;
+  }
 
   // Attention alone at the benchmark's shape: the fp32 CUDA-core kernels against the tensor-core ones.
   {
@@ -161,6 +169,7 @@ int main(int argc, char** argv) {
   }
   r1lab::model::Model model(*cfg, backend);
   model.init_random(1, 0.02f);
+  model.set_recompute(*recompute);
   r1lab::trainer::AdamWConfig ac;
   ac.lr = 1e-5;
   ac.weight_decay = 0.01;
@@ -226,8 +235,9 @@ int main(int argc, char** argv) {
           base_gb = r.value("peak_gb", 0.0);
         }
   }
-  std::printf("train step: %s, batch %lld x %lld, %.0f M active matmul params/token, gemm %s\n", ceil.device.c_str(),
-              static_cast<long long>(b), static_cast<long long>(t), fc.matmul_params / 1e6, g.c_str());
+  std::printf("train step: %s, batch %lld x %lld, %.0f M active matmul params/token, gemm %s, recompute %s\n",
+              ceil.device.c_str(), static_cast<long long>(b), static_cast<long long>(t), fc.matmul_params / 1e6,
+              g.c_str(), std::string(r1lab::model::recompute_name(*recompute)).c_str());
   std::printf("| | tokens/s | s/step | MFU (bf16 dense) | peak GiB | loss |\n|---|---|---|---|---|---|\n");
   std::printf("| r1lab (CUDA) | %.0f | %.4f | %.1f%% | %.2f | %.4f |\n", tok_s, sec, 100 * mfu, peak_gb, loss);
   if (base_tok_s > 0) {
@@ -248,6 +258,39 @@ int main(int argc, char** argv) {
       "+ %.2f GiB activations and workspace; an all-bf16 state would be %.2f GiB\n",
       state_gb, params / 1e6, copy ? ", the bf16 copy products read" : "", peak_gb - state_gb, params * 8.0 / gib);
 
+  // What each recompute mode trades: the step's speed against its peak and the activations a forward keeps.
+  {
+    std::printf("\nrecompute (what a forward keeps for backward), %d steps each:\n", std::max(1, steps / 2));
+    std::printf("| recompute | tokens/s | vs none | peak GiB | activations kept GiB |%s\n|---|---|---|---|---|%s\n",
+                base_gb > 0 ? " vs PyTorch's peak |" : "", base_gb > 0 ? "---|" : "");
+    double none_tok_s = 0;
+    for (auto r :
+         {r1lab::model::Recompute::kNone, r1lab::model::Recompute::kSelective, r1lab::model::Recompute::kLayers}) {
+      model.set_recompute(r);
+      double kept = 0;
+      {
+        r1lab::model::ForwardState st;
+        model.forward_logprobs(tokens, targets, &st);
+        kept = static_cast<double>(st.bytes()) / double(1 << 30);
+      }
+      step();
+      backend.synchronize();
+      r1lab::core::cuda::reset_peak_memory(backend);
+      const int n = std::max(1, steps / 2);
+      const auto r0 = Clock::now();
+      for (int i = 0; i < n; ++i) step();
+      backend.synchronize();
+      const double rs = m / (std::chrono::duration<double>(Clock::now() - r0).count() / n);
+      const double rpeak = r1lab::core::cuda::peak_memory(backend) / double(1 << 30);
+      if (r == r1lab::model::Recompute::kNone) none_tok_s = rs;
+      std::printf("| %s | %.0f | %.2fx | %.2f | %.2f |", std::string(r1lab::model::recompute_name(r)).c_str(), rs,
+                  none_tok_s > 0 ? rs / none_tok_s : 0, rpeak, kept);
+      if (base_gb > 0) std::printf(" %.2fx |", rpeak / base_gb);
+      std::printf("\n");
+    }
+    model.set_recompute(*recompute);
+  }
+
   // One profiled step: per-op time and achieved rates.
   r1lab::core::cuda::Options popt = opt;
   popt.profile = true;
@@ -257,6 +300,7 @@ int main(int argc, char** argv) {
   {
     // The same model, weights and batch on a profiling backend.
     r1lab::model::Model pm(*cfg, **pbe);
+    pm.set_recompute(*recompute);
     Tensor buf = pm.params().buffer();
     (*pbe)->upload(backend.download(model.params().buffer()), buf);
     r1lab::trainer::AdamW pa(pm.params(), ac);
@@ -309,6 +353,7 @@ int main(int argc, char** argv) {
                         {"sec_per_step", sec},
                         {"mfu", mfu},
                         {"peak_gb", peak_gb},
+                        {"recompute", std::string(r1lab::model::recompute_name(*recompute))},
                         {"baseline_tok_per_s", base_tok_s},
                         {"baseline_peak_gb", base_gb},
                         {"ratio", base_tok_s > 0 ? tok_s / base_tok_s : 0},

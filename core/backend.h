@@ -120,14 +120,19 @@ class Backend {
   // h[r] = silu(a[r] · w_gate[g]ᵀ) * (a[r] · w_up[g]ᵀ) for the rows r of group g, where w [G, 2n, k]
   // stacks each group's n gate rows over its n up rows and h [R, n] is bf16: grouped_gemm (trans_w)
   // then silu_mul_forward, without the [R, 2n] f32 products. With gate_up ([R, 2n] bf16) those products
-  // are also written there, rounded (what silu_mul_backward reads when a backward follows). Rows outside
+  // are also written there, rounded (what silu_mul_backward reads when a backward follows), and h is made
+  // from them as rounded (what silu_mul_forward of gate_up gives a backward that remakes h). Rows outside
   // every group are unspecified. This default is the reference; a backend may fuse it.
   virtual void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
                                Tensor* gate_up = nullptr) {
     Tensor gu = empty({a.size(0), w.size(1)});
     grouped_gemm(a, w, true, offsets, gu);
-    silu_mul_forward(gu, h);
-    if (gate_up != nullptr) copy(gu, *gate_up);
+    if (gate_up == nullptr) {
+      silu_mul_forward(gu, h);
+    } else {  // h from the products as gate_up holds them (what backward reads)
+      copy(gu, *gate_up);
+      silu_mul_forward(*gate_up, h);
+    }
   }
   // Checks group bounds read on the host, o[0 .. groups]: ascending within [0, rows].
   static void check_group_bounds(const int64_t* o, int64_t groups, int64_t rows) {

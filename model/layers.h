@@ -25,6 +25,10 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
 void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::RopeTable& rope, const core::Tensor& x, const core::Tensor& positions,
                   const AttentionActs& a, const core::Tensor& dy, core::Tensor& dx);
+// Attention's operands again (a.q, a.k, a.v, and the query latents with query compression), from the
+// layer's normalised input x and the latents a keeps: the same bits as mla_forward made.
+void mla_remake_operands(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
+                         const core::Tensor& x, const core::Tensor& positions, AttentionActs& a);
 // A StepBatch on the backend.
 struct StepTensors {
   core::Tensor positions, slots, seq_starts, context_lens, block_tables;  // I32
@@ -44,11 +48,17 @@ void mlp_forward(core::Backend& be, const MlpWeights& w, const core::Tensor& x, 
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const core::Tensor& x,
                   const MlpActs& a, const core::Tensor& dy, core::Tensor& dx);
 
+// a.act = silu(g) * u from a.gate_up = [g | u], in the products' dtype.
+void gated_activation(core::Backend& be, MlpActs& a);
+
 // DeepSeekMoE: routed experts (top-k by the router) plus shared experts. y overwritten. Without
 // for_backward, a keeps no experts' gate_up products (the experts' gated product runs fused).
 void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x, MoeActs& a,
                  core::Tensor& y, bool for_backward);
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::Tensor& x, const MoeActs& a, const core::Tensor& dy, core::Tensor& dx);
+// The experts' token rows (a.xs) and gated activations again, from x and the routing a keeps (a forward
+// with for_backward).
+void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x, MoeActs& a);
 
 }  // namespace r1lab::model

@@ -77,17 +77,25 @@ Tensor product_operand(core::Backend& be, const Tensor& x) {
   return xb;
 }
 
-void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
-                 const Tensor& x, const Tensor& positions, int64_t batch, AttentionActs& a, Tensor& y) {
-  const int64_t m = x.size(0), heads = cfg.num_attention_heads;
+namespace {
+
+// Attention's operands from x (xin: x as products take it): a.q with rope, a.k and a.v, in the products'
+// dtype. The latents (a.ckv, a.c_norm, a.c_rstd) are made first, unless `latents_kept`: backward
+// remaking q, k and v from those the forward kept.
+void attention_operands(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
+                        const Tensor& xin, const Tensor& positions, AttentionActs& a, bool latents_kept) {
+  const int64_t m = xin.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
-  const int64_t vd = cfg.v_head_dim;
-  const Tensor xin = product_operand(be, x);
+  const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   a.q = product_operand(be, queries(be, cfg, w, rope, xin, positions, &a));
   // Compressed latent and the shared rope key.
-  a.c_norm = be.empty({m, cfg.kv_lora_rank}, product_dtype(be));
   Tensor k_pe = be.empty({m, 1, rd});
-  latents(be, cfg, w, rope, xin, positions, a.c_norm, k_pe, a);
+  if (latents_kept) {
+    be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1), k_pe, positions, rope, cfg.rope_interleave);
+  } else {
+    a.c_norm = be.empty({m, r}, product_dtype(be));
+    latents(be, cfg, w, rope, xin, positions, a.c_norm, k_pe, a);
+  }
   Tensor kv = be.empty({m, heads * (nope + vd)});
   be.gemm(a.c_norm, false, w.kv_b_proj, true, kv);
   // Per-head keys and values, in the products' dtype.
@@ -98,6 +106,19 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   be.copy(kv3.slice(2, 0, nope), k_nope_dst);
   Tensor k_pe_dst = a.k.slice(2, nope, rd);
   be.copy(k_pe.expand({m, heads, rd}), k_pe_dst);
+}
+
+}  // namespace
+
+void mla_remake_operands(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
+                         const Tensor& x, const Tensor& positions, AttentionActs& a) {
+  attention_operands(be, cfg, w, rope, product_operand(be, x), positions, a, /*latents_kept=*/true);
+}
+
+void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
+                 const Tensor& x, const Tensor& positions, int64_t batch, AttentionActs& a, Tensor& y) {
+  const int64_t m = x.size(0), heads = cfg.num_attention_heads, vd = cfg.v_head_dim;
+  attention_operands(be, cfg, w, rope, product_operand(be, x), positions, a, /*latents_kept=*/false);
   // Attention.
   a.out = be.empty({m, heads, vd});
   a.lse = be.empty({batch, heads, m / batch});

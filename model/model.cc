@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <functional>
 #include <random>
+#include <set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -13,6 +14,68 @@
 namespace r1lab::model {
 
 using core::Tensor;
+
+namespace {
+
+// What Recompute::kSelective keeps no longer (Model::remake_dropped makes it again).
+void drop_remakeable(LayerActs& a) {
+  a.ln1 = a.ln2 = Tensor();
+  a.attn.q = a.attn.k = a.attn.v = Tensor();
+  a.attn.q_a = a.attn.q_a_norm = a.attn.q_a_rstd = Tensor();
+  a.mlp.act = a.moe.xs = a.moe.experts.act = a.moe.shared.act = Tensor();
+}
+
+template <typename F>
+void for_each_tensor(const MlpActs& a, F&& f) {
+  for (const Tensor* t : {&a.gate_up, &a.act}) f(*t);
+}
+
+template <typename F>
+void for_each_tensor(const LayerActs& a, F&& f) {
+  for (const Tensor* t : {&a.x, &a.ln1, &a.ln1_rstd, &a.h1, &a.ln2, &a.ln2_rstd}) f(*t);
+  const AttentionActs& n = a.attn;
+  for (const Tensor* t :
+       {&n.q_a, &n.q_a_norm, &n.q_a_rstd, &n.ckv, &n.c_norm, &n.c_rstd, &n.q, &n.k, &n.v, &n.out, &n.lse})
+    f(*t);
+  const MoeActs& e = a.moe;
+  for (const Tensor* t : {&e.logits, &e.scores, &e.idx, &e.weights, &e.xs, &e.row_of, &e.offsets, &e.ys}) f(*t);
+  for_each_tensor(a.mlp, f);
+  for_each_tensor(e.experts, f);
+  for_each_tensor(e.shared, f);
+}
+
+}  // namespace
+
+absl::StatusOr<Recompute> recompute_from_name(std::string_view name) {
+  for (Recompute r : {Recompute::kNone, Recompute::kSelective, Recompute::kLayers})
+    if (name == recompute_name(r)) return r;
+  return absl::InvalidArgumentError(absl::StrCat("no recompute mode \"", std::string(name),
+                                                 "\": none, selective (remake cheap activations in backward) ",
+                                                 "and layers (run each layer's forward again in backward)"));
+}
+
+std::string_view recompute_name(Recompute r) {
+  switch (r) {
+    case Recompute::kNone:
+      return "none";
+    case Recompute::kSelective:
+      return "selective";
+    case Recompute::kLayers:
+      return "layers";
+  }
+  return "?";
+}
+
+int64_t ForwardState::bytes() const {
+  std::set<const core::Storage*> seen;
+  int64_t total = 0;
+  const auto count = [&](const Tensor& t) {
+    if (t.defined() && seen.insert(t.storage().get()).second) total += static_cast<int64_t>(t.storage()->bytes());
+  };
+  for (const Tensor* t : {&tokens, &positions, &x_final, &normed, &final_rstd, &lse}) count(*t);
+  for (const LayerActs& a : layers) for_each_tensor(a, count);
+  return total;
+}
 
 Model::Model(ModelConfig cfg, core::Backend& backend)
     : cfg_(std::move(cfg)), backend_(backend), params_(cfg_, backend), grads_(cfg_, backend) {
@@ -151,6 +214,48 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
   backward_hidden(st, dnormed);
 }
 
+Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int64_t batch, LayerActs& a,
+                            bool for_backward) {
+  const int64_t m = x.size(0);
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  const LayerWeights& lw = w_.layers[l];
+  a.x = x;
+  a.ln1 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
+  a.ln1_rstd = backend_.empty({m});
+  backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd);
+  a.h1 = backend_.empty({m, cfg_.hidden_size});
+  mla_forward(backend_, cfg_, lw, rope_, a.ln1, positions, batch, a.attn, a.h1);
+  a.ln2 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
+  a.ln2_rstd = backend_.empty({m});
+  backend_.add_rmsnorm_forward(x, a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd);  // h1 = x + attention
+  Tensor out = backend_.empty({m, cfg_.hidden_size});  // the shared experts' product or a fill, then the rest
+  if (lw.moe) {
+    moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out, for_backward);
+  } else {
+    mlp_forward(backend_, lw.mlp, a.ln2, a.mlp, out);
+  }
+  backend_.add(a.h1, out);
+  return out;
+}
+
+void Model::remake_dropped(int l, const Tensor& positions, LayerActs& a) {
+  const int64_t m = a.x.size(0);
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  const LayerWeights& lw = w_.layers[l];
+  Tensor rstd = backend_.empty({m});  // the kept rstd, again
+  a.ln1 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
+  backend_.rmsnorm_forward(a.x, lw.input_norm, eps, a.ln1, rstd);
+  mla_remake_operands(backend_, cfg_, lw, rope_, a.ln1, positions, a.attn);
+  // The forward's add_rmsnorm_forward computes its norm as rmsnorm_forward does (the same bits).
+  a.ln2 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
+  backend_.rmsnorm_forward(a.h1, lw.post_norm, eps, a.ln2, rstd);
+  if (lw.moe) {
+    moe_remake(backend_, cfg_, lw, a.ln2, a.moe);
+  } else {
+    gated_activation(backend_, a.mlp);
+  }
+}
+
 void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, std::vector<Tensor>* hidden) {
   const int64_t batch = tokens.size(0), seq = tokens.size(1), m = batch * seq;
   CHECK_LE(seq, cfg_.max_position_embeddings);
@@ -162,27 +267,21 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
   st.positions = positions(batch, seq, 0);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   if (hidden) hidden->assign(1, x);
+  if (keep) st.recompute = recompute_;
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-    const LayerWeights& lw = w_.layers[l];
     LayerActs a;
-    a.x = x;
-    a.ln1 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
-    a.ln1_rstd = backend_.empty({m});
-    backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd);
-    a.h1 = backend_.empty({m, cfg_.hidden_size});
-    mla_forward(backend_, cfg_, lw, rope_, a.ln1, st.positions, batch, a.attn, a.h1);
-    a.ln2 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
-    a.ln2_rstd = backend_.empty({m});
-    backend_.add_rmsnorm_forward(x, a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd);  // h1 = x + attention
-    Tensor out = backend_.empty({m, cfg_.hidden_size});  // the shared experts' product or a fill, then the rest
-    if (lw.moe) {
-      moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out, keep);
-    } else {
-      mlp_forward(backend_, lw.mlp, a.ln2, a.mlp, out);
+    Tensor out = layer_forward(l, x, st.positions, batch, a, keep);
+    if (keep) {
+      if (recompute_ == Recompute::kLayers) {
+        LayerActs input;
+        input.x = x;
+        a = std::move(input);
+      } else if (recompute_ == Recompute::kSelective) {
+        drop_remakeable(a);
+      }
+      st.layers.push_back(std::move(a));
     }
-    backend_.add(a.h1, out);
     x = out;
-    if (keep) st.layers.push_back(std::move(a));
     if (hidden && l + 1 < cfg_.num_hidden_layers) hidden->push_back(x);
   }
   st.x_final = x;
@@ -212,7 +311,13 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed) {
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     const LayerWeights& lw = w_.layers[l];
     const LayerWeights& lg = g_.layers[l];
-    const LayerActs& a = st.layers[l];
+    LayerActs a;  // views of what the state keeps, and what backward makes again
+    if (st.recompute == Recompute::kLayers) {
+      layer_forward(l, st.layers[l].x, st.positions, st.batch, a, /*for_backward=*/true);
+    } else {
+      a = st.layers[l];
+      if (st.recompute == Recompute::kSelective) remake_dropped(l, st.positions, a);
+    }
     // out = h1 + ffn(ln2(h1))
     Tensor dln2 = backend_.zeros({m, h});
     if (lw.moe) {

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -48,12 +49,26 @@ struct LayerActs {
   MlpActs mlp;
   MoeActs moe;
 };
+// What a training forward keeps for backward (Model::set_recompute). Backward remakes the rest with the
+// same ops on the same inputs, so the gradients are the same bits in every mode.
+enum class Recompute {
+  kNone,       // every layer's activations: the fastest step
+  kSelective,  // all but what cheap ops remake: the norms' outputs, attention's q, k and v (from the kept
+               // latents), the routed experts' token rows and every gated activation
+  kLayers,     // each layer's input only: backward runs the layer's forward again before its backward
+};
+absl::StatusOr<Recompute> recompute_from_name(std::string_view name);  // "none", "selective", "layers"
+std::string_view recompute_name(Recompute r);
+
 struct ForwardState {
   int64_t batch = 0, seq = 0;
+  Recompute recompute = Recompute::kNone;  // what the layers hold
   core::Tensor tokens, positions;  // [M] I32 on the backend
   std::vector<LayerActs> layers;
   core::Tensor x_final, normed, final_rstd;  // [M, H], [M, H], [M]
   core::Tensor lse;                          // [M] log-sum-exp of the logits (forward_logprobs)
+  // The bytes of backend memory the state holds (a storage that several tensors view counted once).
+  int64_t bytes() const;
 };
 
 // What forward_logprobs can report besides the log-probabilities.
@@ -102,6 +117,9 @@ class Model {
   // Rows a chunk: 128 MiB of f32 logits by default; set_head_chunk_rows(n > 0) fixes it.
   int64_t head_chunk_rows() const;
   void set_head_chunk_rows(int64_t rows) { head_chunk_rows_ = rows; }
+  // What forwards that keep a state hold for backward from now on (kNone by default).
+  void set_recompute(Recompute r) { recompute_ = r; }
+  Recompute recompute() const { return recompute_; }
 
   // Runs the new tokens of `step` (prompt chunks and decode tokens of many sequences) over the paged
   // latent cache: stores their latents in their slots and returns the logits [logit_rows, V] of the rows
@@ -146,6 +164,12 @@ class Model {
                       std::vector<core::Tensor>* hidden);
   // From d(loss)/d(final normalised hidden state) down to the embeddings.
   void backward_hidden(ForwardState& state, const core::Tensor& dnormed);
+  // Layer l from its input x [M, H] (positions [M], `batch` sequences): returns its output; `a` holds
+  // what backward needs (the experts' products for backward too where for_backward).
+  core::Tensor layer_forward(int l, const core::Tensor& x, const core::Tensor& positions, int64_t batch, LayerActs& a,
+                             bool for_backward);
+  // The activations kSelective drops, made again from what it keeps.
+  void remake_dropped(int l, const core::Tensor& positions, LayerActs& a);
   // Remakes the low-precision copy of the matrix weights from the parameters: always (but once after
   // rounded_weights_written()), or when weights_changed() was called since the last time.
   void refresh_matmul_weights(bool always);
@@ -167,6 +191,7 @@ class Model {
   bool rounded_written_ = false;  // the optimizer wrote mm_buffer_ with its update, nothing since
   core::RopeTable rope_;
   int64_t head_chunk_rows_ = 0;
+  Recompute recompute_ = Recompute::kNone;
   bool step_graphs_on_ = true;
   std::map<std::pair<int64_t, int64_t>, std::unique_ptr<StepGraph>> step_graphs_;  // by (batch, width) bucket
   uint64_t graphs_cache_ = 0;  // LatentCache::id() of the cache the graphs were captured over

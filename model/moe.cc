@@ -9,12 +9,16 @@ namespace r1lab::model {
 
 using core::Tensor;
 
+void gated_activation(core::Backend& be, MlpActs& a) {
+  a.act = be.empty({a.gate_up.size(0), a.gate_up.size(1) / 2}, product_dtype(be));
+  be.silu_mul_forward(a.gate_up, a.act);
+}
+
 namespace {
 
 // The rest of the MLP once a.gate_up holds x·[W_g | W_u]ᵀ.
 void mlp_from_gate_up(core::Backend& be, const MlpWeights& w, MlpActs& a, Tensor& y) {
-  a.act = be.empty({a.gate_up.size(0), w.down.size(1)}, product_dtype(be));
-  be.silu_mul_forward(a.gate_up, a.act);
+  gated_activation(be, a);
   be.gemm(a.act, false, w.down, true, y);
 }
 
@@ -98,6 +102,16 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
     be.fill(y, 0.0f);
   }
   be.moe_combine(a.ys, a.weights, a.row_of, y);
+}
+
+void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a) {
+  const int64_t m = x.size(0), k = cfg.num_experts_per_tok;
+  // The same grouping again (row_of and offsets come out as the kept ones).
+  a.xs = be.empty({m * k, x.size(1)}, x.dtype());
+  Tensor row_of = be.empty({m * k}, core::DType::kI32), offsets;
+  be.moe_dispatch(x, a.idx, static_cast<int>(cfg.n_routed_experts), a.xs, row_of, offsets);
+  gated_activation(be, a.experts);
+  if (w.shared.down.defined()) gated_activation(be, a.shared);
 }
 
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,

@@ -130,6 +130,13 @@ absl::StatusOr<Recipe> recipe_from_json(const json& doc) {
   top.get("rollout_cache_mb", r.rollout_cache_mb);
   top.get("device", r.device);
   top.get("gemm", r.gemm);
+  std::string recompute(model::recompute_name(r.recompute));
+  top.get("recompute", recompute);
+  if (auto rc = model::recompute_from_name(recompute); rc.ok()) {
+    r.recompute = r.pretrain.recompute = *rc;
+  } else {
+    top.fail("recompute", std::string(rc.status().message()));
+  }
   top.get("rollout_device", r.rollout_device);
   if (!r.rollout_device.empty())
     if (auto st = core::check_device_names(r.rollout_device, "f32"); !st.ok())

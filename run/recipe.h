@@ -59,6 +59,9 @@ struct Recipe {
   // and the GPU's matrix-product precision (f32, tf32 or bf16).
   std::string device = "cpu";
   std::string gemm = "bf16";
+  // What training forwards keep for backward (`recompute`: none, selective or layers): less memory for
+  // more time a step, the same gradients in every mode. pretrain.recompute follows it.
+  model::Recompute recompute = model::Recompute::kNone;
   // The rollout worker's device when it differs (empty: `device`). On a GPU other than the trainer's,
   // each new policy version reaches the worker by NCCL broadcast, GPU to GPU; otherwise over gRPC.
   std::string rollout_device;

@@ -241,6 +241,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
   auto policy_or = model::Model::load(base_dir, be);
   if (!policy_or.ok()) return fail(policy_or.status());
   model::Model& policy = **policy_or;
+  policy.set_recompute(recipe.recompute);
   std::unique_ptr<model::Model> reference;
   if (recipe.rl.grpo.kl_beta > 0) {
     auto r = model::Model::load(base_dir, be);

@@ -70,6 +70,7 @@ absl::Status pretrain_base(core::Backend& backend, const TaskSpec& task, const P
   if (auto st = cfg.validate(); !st.ok()) return st;
   model::Model m(cfg, backend);
   m.init_random(o.seed, 0.02f);
+  m.set_recompute(o.recompute);
   trainer::AdamWConfig adam = o.adam;
   adam.total_steps = o.steps;
   trainer::AdamW opt(m.params(), adam);

@@ -56,6 +56,7 @@ struct PretrainOptions {
   double slip_fraction = 0.5;  // worked solutions with a slip (wrong, consistently)
   trainer::AdamWConfig adam;
   uint64_t seed = 7;
+  model::Recompute recompute = model::Recompute::kNone;  // the recipe's `recompute`
 };
 
 // <|bos|> then the R1-Zero prompt of a problem: what the policy is sampled from.

@@ -382,7 +382,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // memory, and the up warps write h. The same sums and the same expression as tc_tile then
 // silu_mul_forward, so the same bits.
 // With gu (not null), the sums themselves also go there rounded, gate columns then up columns ([M, 2N]
-// rows of stride ldgu): each warp writes its own.
+// rows of stride ldgu): each warp writes its own. h is then made from the rounded sums, as
+// silu_mul_forward makes it from gu: what backward reads and what a backward that remakes h makes agree.
 template <int kTM>
 __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
                                               int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
@@ -415,7 +416,11 @@ __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t ld
   __syncthreads();
   if (wn < 2) return;
   for_each_fragment<kTM>(m0, n0 + (wn - 2) * 32, M, N, [&](int r, int col, int i, int j, int e) {
-    const float gs = mine[((i * 4 + j) * 4 + e) * 32], us = acc[i][j][e];
+    float gs = mine[((i * 4 + j) * 4 + e) * 32], us = acc[i][j][e];
+    if (gu != nullptr) {
+      gs = __bfloat162float(__float2bfloat16(gs));
+      us = __bfloat162float(__float2bfloat16(us));
+    }
     h[static_cast<int64_t>(r) * ldh + col] = __float2bfloat16(gs / (1.0f + __expf(-gs)) * us);
   });
 }

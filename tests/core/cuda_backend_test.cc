@@ -417,13 +417,16 @@ TEST_F(CudaBackendTest, GroupedGateUpIsGroupedGemmThenSiluMul) {
         }
         for (int64_t row = 0; row < offsets.back(); ++row)
           for (int64_t j = n; j < n + 8; ++j) ASSERT_EQ(all.f32()[row * (n + 8) + j], 7.0f) << "pad of row " << row;
-        // With the products kept for backward (bf16, a strided view): the same h, and the f32 products
-        // rounded once.
+        // With the products kept for backward (bf16, a strided view): the f32 products rounded once,
+        // and h as silu_mul_forward makes it from them (what a backward that remakes h gets).
         Tensor gu_wide = be.zeros({r, 2 * n + 8}, DType::kBF16), kept = gu_wide.slice(1, 0, 2 * n);
         Tensor got2 = be.zeros({r, n}, DType::kBF16);
         be.grouped_gate_up(gx, gw, off, got2, &kept);
-        const Tensor h2 = be.download(got2).to_f32();
-        EXPECT_EQ(std::memcmp(w_host.f32(), h2.f32(), static_cast<size_t>(in) * sizeof(float)), 0)
+        Tensor gu16 = be.zeros({r, 2 * n}, DType::kBF16), want2 = be.zeros({r, n}, DType::kBF16);
+        be.copy(gu, gu16);
+        be.silu_mul_forward(gu16, want2);
+        const Tensor h2 = be.download(got2).to_f32(), w2 = be.download(want2).to_f32();
+        EXPECT_EQ(std::memcmp(w2.f32(), h2.f32(), static_cast<size_t>(in) * sizeof(float)), 0)
             << "h with the products kept, k " << k << ", n " << n;
         const Tensor want_gu = be.download(gu).to(DType::kBF16), got_gu = be.download(gu_wide);
         for (int64_t row = 0; row < offsets.back(); ++row)
@@ -1205,6 +1208,49 @@ TEST_F(CudaModelTest, Bf16PathWithinTolerance) {
   const Tensor l1 = (*tcb)->download(gm.forward(tokens)), l2 = (*tcb)->download(gm2.forward(tokens));
   EXPECT_TRUE(bitwise_equal(l1, l2)) << "logits after a step that kept the bf16 weights current";
   EXPECT_FALSE(bitwise_equal(l1, (*tcb)->download(gl))) << "the step changed nothing";
+}
+
+// A forward that keeps less (Model::set_recompute) gives bitwise the same logprobs and gradients on the
+// bf16 path too (tensor-core products and attention, routed experts): backward remakes what was dropped
+// with the same kernels on the same inputs.
+TEST_F(CudaModelTest, RecomputeModesGiveTheSameBits) {
+  cuda::Options o;
+  o.gemm = cuda::Options::GemmPrecision::kBF16;
+  o.poison_empty = true;
+  auto tcb = cuda::make_backend(o);
+  ASSERT_TRUE(tcb.ok());
+  auto cfg = model::ModelConfig::from_file(fixture() + "/config.json");
+  ASSERT_TRUE(cfg.ok());
+  cfg->qk_nope_head_dim = 48;  // the tensor-core attention's head dims
+  cfg->v_head_dim = 64;
+  model::Model gm(*cfg, **tcb);
+  gm.init_random(5, 0.05f);
+  const int64_t b = 2, t = 70, m = b * t, vocab = cfg->vocab_size;
+  Tensor tokens = ids({b, t}, static_cast<int32_t>(vocab));
+  Tensor tg = (*tcb)->zeros({m}, DType::kI32), dlp = (*tcb)->zeros({m});
+  (*tcb)->upload(ids({m}, static_cast<int32_t>(vocab)), tg);
+  (*tcb)->upload(randn({m}, 1e-2f), dlp);
+  Tensor lps[3], grads[3];
+  int64_t bytes[3] = {};
+  const model::Recompute modes[3] = {model::Recompute::kNone, model::Recompute::kSelective,
+                                     model::Recompute::kLayers};
+  for (int k = 0; k < 3; ++k) {
+    gm.set_recompute(modes[k]);
+    model::ForwardState st;
+    lps[k] = (*tcb)->download(gm.forward_logprobs(tokens, tg, &st));
+    bytes[k] = st.bytes();
+    gm.zero_grads();
+    gm.backward_logprobs(st, tg, dlp);
+    grads[k] = (*tcb)->download(gm.grads().buffer());
+  }
+  for (int k = 1; k < 3; ++k) {
+    EXPECT_TRUE(bitwise_equal(lps[k], lps[0])) << model::recompute_name(modes[k]);
+    EXPECT_TRUE(bitwise_equal(grads[k], grads[0])) << model::recompute_name(modes[k]);
+    EXPECT_LT(bytes[k], bytes[k - 1]) << model::recompute_name(modes[k]);
+  }
+  double norm = 0;
+  for (int64_t i = 0; i < grads[0].numel(); ++i) norm += std::fabs(grads[0].f32()[i]);
+  EXPECT_GT(norm, 0.0);
 }
 
 TEST_F(CudaModelTest, PagedDecodeMatchesCpu) {

@@ -1,10 +1,12 @@
 // The network on random small configs: finite-difference gradients for what the fixtures do not cover,
 // and latent-cache decoding against the full forward.
+#include "model/model.h"
+
+#include <cstring>
 #include <random>
 
 #include "core/backend.h"
 #include "gtest/gtest.h"
-#include "model/model.h"
 #include "tests/test_util.h"
 
 namespace r1lab::model {
@@ -190,6 +192,46 @@ TEST_P(ModelVariant, ChunkedLogprobHeadEqualsFullLogits) {
   }
   EXPECT_GT(scale, 0.0);
   EXPECT_LE(diff, 1e-5 * scale);
+}
+
+// A forward that keeps less (Model::set_recompute) gives bitwise the same log-probabilities and
+// gradients: backward remakes what was dropped with the same ops on the same inputs. Each mode keeps
+// fewer bytes than the one before it.
+TEST_P(ModelVariant, RecomputeGivesTheSameGradients) {
+  const int64_t b = 2, t = 9, m = b * t;
+  Tensor ids = tokens(b, t, 19), tg = tokens(1, m, 23).view({m});
+  std::mt19937_64 rng(29);
+  Tensor dlp = testing::randn({m}, rng);
+  std::vector<Tensor> lps, grads;
+  std::vector<int64_t> bytes;
+  for (Recompute r : {Recompute::kNone, Recompute::kSelective, Recompute::kLayers}) {
+    SCOPED_TRACE(recompute_name(r));
+    model_->set_recompute(r);
+    ForwardState st;
+    lps.push_back(model_->forward_logprobs(ids, tg, &st).clone());
+    EXPECT_EQ(st.recompute, r);
+    bytes.push_back(st.bytes());
+    ASSERT_EQ(static_cast<int>(st.layers.size()), cfg_.num_hidden_layers);
+    const LayerActs& last = st.layers.back();
+    EXPECT_EQ(last.ln2.defined(), r == Recompute::kNone);
+    EXPECT_EQ(last.attn.k.defined(), r == Recompute::kNone);
+    EXPECT_EQ(last.moe.xs.defined(), r == Recompute::kNone);
+    EXPECT_EQ(last.attn.ckv.defined(), r != Recompute::kLayers);
+    // What backward does depends on the state, not on the setting now.
+    model_->set_recompute(Recompute::kNone);
+    model_->zero_grads();
+    model_->backward_logprobs(st, tg, dlp);
+    grads.push_back(model_->grads().buffer().clone());
+  }
+  for (size_t k = 1; k < lps.size(); ++k) {
+    EXPECT_EQ(0, std::memcmp(lps[k].raw(), lps[0].raw(), static_cast<size_t>(m) * sizeof(float))) << "mode " << k;
+    EXPECT_EQ(0, std::memcmp(grads[k].raw(), grads[0].raw(), static_cast<size_t>(grads[0].numel()) * sizeof(float)))
+        << "mode " << k;
+    EXPECT_LT(bytes[k], bytes[k - 1]) << "mode " << k;
+  }
+  EXPECT_GT(testing::dot(grads[0], grads[0]), 0.0);
+  EXPECT_FALSE(recompute_from_name("some").ok());
+  EXPECT_EQ(*recompute_from_name("layers"), Recompute::kLayers);
 }
 
 // Running sequences through the paged latent cache — in shuffled pool blocks, in prompt chunks of

@@ -33,11 +33,14 @@ TEST(Recipe, YamlOverridesAndDefaults) {
   EXPECT_EQ(r->task.options.arithmetic.ops, "+");
   EXPECT_EQ(r->rl.group_size, 8);  // a default
   EXPECT_EQ(r->device, "cpu");
-  ASSERT_TRUE(apply_overrides(*doc, {"device=cuda:1", "gemm=tf32"}).ok());
+  EXPECT_EQ(r->recompute, model::Recompute::kNone);
+  ASSERT_TRUE(apply_overrides(*doc, {"device=cuda:1", "gemm=tf32", "recompute=selective"}).ok());
   r = recipe_from_json(*doc);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->device, "cuda:1");
   EXPECT_EQ(r->gemm, "tf32");
+  EXPECT_EQ(r->recompute, model::Recompute::kSelective);
+  EXPECT_EQ(r->pretrain.recompute, model::Recompute::kSelective);
   EXPECT_EQ(r->rewards_file().begin().key(), "r1");
 }
 
@@ -57,6 +60,7 @@ TEST(Recipe, MistakesAreNamed) {
            {"device: tpu", "", "device: unknown device 'tpu'"},
            {"device: cuda:x", "", "expected cuda or cuda:N"},
            {"gemm: fp8", "", "gemm: matrix-product precision 'fp8'"},
+           {"recompute: all", "", "recompute: no recompute mode \"all\": none, selective"},
        }) {
     auto doc = data::yaml_to_json(c.yaml);
     ASSERT_TRUE(doc.ok()) << c.yaml;
