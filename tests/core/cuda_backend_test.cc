@@ -1232,8 +1232,7 @@ TEST_F(CudaModelTest, RecomputeModesGiveTheSameBits) {
   (*tcb)->upload(randn({m}, 1e-2f), dlp);
   Tensor lps[3], grads[3];
   int64_t bytes[3] = {};
-  const model::Recompute modes[3] = {model::Recompute::kNone, model::Recompute::kSelective,
-                                     model::Recompute::kLayers};
+  const model::Recompute modes[3] = {model::Recompute::kNone, model::Recompute::kSelective, model::Recompute::kLayers};
   for (int k = 0; k < 3; ++k) {
     gm.set_recompute(modes[k]);
     model::ForwardState st;
