@@ -35,8 +35,8 @@ ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32 or bf16");
 ABSL_FLAG(std::string, baseline, "", "the PyTorch baseline's JSON ({impl: {train_tok_per_s, peak_gb}})");
 ABSL_FLAG(std::string, json, "", "also write the results here");
 ABSL_FLAG(std::string, recompute, "none",
-          "what the measured step keeps for backward: none (every activation), selective or layers "
-          "(a table of all three follows either way)");
+          "what the measured step keeps for backward: none (every activation), selective, experts or "
+          "layers (a table of all four follows either way)");
 
 namespace {
 
@@ -264,8 +264,8 @@ int main(int argc, char** argv) {
     std::printf("| recompute | tokens/s | vs none | peak GiB | activations kept GiB |%s\n|---|---|---|---|---|%s\n",
                 base_gb > 0 ? " vs PyTorch's peak |" : "", base_gb > 0 ? "---|" : "");
     double none_tok_s = 0;
-    for (auto r :
-         {r1lab::model::Recompute::kNone, r1lab::model::Recompute::kSelective, r1lab::model::Recompute::kLayers}) {
+    for (auto r : {r1lab::model::Recompute::kNone, r1lab::model::Recompute::kSelective,
+                   r1lab::model::Recompute::kExperts, r1lab::model::Recompute::kLayers}) {
       model.set_recompute(r);
       double kept = 0;
       {

@@ -17,12 +17,14 @@ using core::Tensor;
 
 namespace {
 
-// What Recompute::kSelective keeps no longer (Model::remake_dropped makes it again).
-void drop_remakeable(LayerActs& a) {
+// What Recompute::kSelective (and with `products`, kExperts) keeps no longer (Model::remake_dropped makes
+// it again).
+void drop_remakeable(LayerActs& a, bool products) {
   a.ln1 = a.ln2 = Tensor();
   a.attn.q = a.attn.k = a.attn.v = Tensor();
   a.attn.q_a = a.attn.q_a_norm = a.attn.q_a_rstd = Tensor();
   a.mlp.act = a.moe.xs = a.moe.experts.act = a.moe.shared.act = Tensor();
+  if (products) a.mlp.gate_up = a.moe.experts.gate_up = a.moe.ys = Tensor();
 }
 
 template <typename F>
@@ -47,11 +49,11 @@ void for_each_tensor(const LayerActs& a, F&& f) {
 }  // namespace
 
 absl::StatusOr<Recompute> recompute_from_name(std::string_view name) {
-  for (Recompute r : {Recompute::kNone, Recompute::kSelective, Recompute::kLayers})
+  for (Recompute r : {Recompute::kNone, Recompute::kSelective, Recompute::kExperts, Recompute::kLayers})
     if (name == recompute_name(r)) return r;
-  return absl::InvalidArgumentError(absl::StrCat("no recompute mode \"", std::string(name),
-                                                 "\": none, selective (remake cheap activations in backward) ",
-                                                 "and layers (run each layer's forward again in backward)"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "no recompute mode \"", std::string(name), "\": none, selective (remake cheap activations in backward), ",
+      "experts (and the experts' products) and layers (run each ", "layer's forward again in backward)"));
 }
 
 std::string_view recompute_name(Recompute r) {
@@ -60,6 +62,8 @@ std::string_view recompute_name(Recompute r) {
       return "none";
     case Recompute::kSelective:
       return "selective";
+    case Recompute::kExperts:
+      return "experts";
     case Recompute::kLayers:
       return "layers";
   }
@@ -238,7 +242,7 @@ Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int
   return out;
 }
 
-void Model::remake_dropped(int l, const Tensor& positions, LayerActs& a) {
+void Model::remake_dropped(int l, const Tensor& positions, bool products, LayerActs& a) {
   const int64_t m = a.x.size(0);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   const LayerWeights& lw = w_.layers[l];
@@ -250,9 +254,9 @@ void Model::remake_dropped(int l, const Tensor& positions, LayerActs& a) {
   a.ln2 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
   backend_.rmsnorm_forward(a.h1, lw.post_norm, eps, a.ln2, rstd);
   if (lw.moe) {
-    moe_remake(backend_, cfg_, lw, a.ln2, a.moe);
+    moe_remake(backend_, cfg_, lw, a.ln2, a.moe, products);
   } else {
-    gated_activation(backend_, a.mlp);
+    mlp_remake(backend_, lw.mlp, a.ln2, a.mlp, products);
   }
 }
 
@@ -276,8 +280,8 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
         LayerActs input;
         input.x = x;
         a = std::move(input);
-      } else if (recompute_ == Recompute::kSelective) {
-        drop_remakeable(a);
+      } else if (recompute_ != Recompute::kNone) {
+        drop_remakeable(a, recompute_ == Recompute::kExperts);
       }
       st.layers.push_back(std::move(a));
     }
@@ -316,7 +320,7 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed) {
       layer_forward(l, st.layers[l].x, st.positions, st.batch, a, /*for_backward=*/true);
     } else {
       a = st.layers[l];
-      if (st.recompute == Recompute::kSelective) remake_dropped(l, st.positions, a);
+      if (st.recompute != Recompute::kNone) remake_dropped(l, st.positions, st.recompute == Recompute::kExperts, a);
     }
     // out = h1 + ffn(ln2(h1))
     Tensor dln2 = backend_.zeros({m, h});

@@ -55,9 +55,12 @@ enum class Recompute {
   kNone,       // every layer's activations: the fastest step
   kSelective,  // all but what cheap ops remake: the norms' outputs, attention's q, k and v (from the kept
                // latents), the routed experts' token rows and every gated activation
+  kExperts,    // kSelective's, and the routed experts' and dense MLPs' products: backward runs the
+               // experts' products again (the largest activations of a MoE layer: k rows a token)
   kLayers,     // each layer's input only: backward runs the layer's forward again before its backward
 };
-absl::StatusOr<Recompute> recompute_from_name(std::string_view name);  // "none", "selective", "layers"
+// "none", "selective", "experts", "layers"
+absl::StatusOr<Recompute> recompute_from_name(std::string_view name);
 std::string_view recompute_name(Recompute r);
 
 struct ForwardState {
@@ -168,8 +171,8 @@ class Model {
   // what backward needs (the experts' products for backward too where for_backward).
   core::Tensor layer_forward(int l, const core::Tensor& x, const core::Tensor& positions, int64_t batch, LayerActs& a,
                              bool for_backward);
-  // The activations kSelective drops, made again from what it keeps.
-  void remake_dropped(int l, const core::Tensor& positions, LayerActs& a);
+  // The activations kSelective (with `products`, kExperts) drops, made again from what it keeps.
+  void remake_dropped(int l, const core::Tensor& positions, bool products, LayerActs& a);
   // Remakes the low-precision copy of the matrix weights from the parameters: always (but once after
   // rounded_weights_written()), or when weights_changed() was called since the last time.
   void refresh_matmul_weights(bool always);

@@ -16,6 +16,25 @@ void gated_activation(core::Backend& be, MlpActs& a) {
 
 namespace {
 
+// The routed experts over the token rows a.xs grouped by a.offsets: a.experts (gate_up only
+// for_backward) and a.ys.
+void routed_experts(core::Backend& be, const LayerWeights& w, int64_t inter, MoeActs& a, bool for_backward) {
+  const int64_t rows = a.xs.size(0);
+  a.experts.act = be.empty({rows, inter}, product_dtype(be));  // the groups cover every row
+  a.ys = be.empty({rows, a.xs.size(1)}, product_dtype(be));     // bf16 products: the experts' outputs rounded once
+  if (a.experts.act.dtype() == core::DType::kBF16) {
+    // bf16 products: the gated product in one pass; for backward its [rows, 2I] products come along,
+    // rounded to bf16 (what silu_mul_backward reads), never in f32.
+    if (for_backward) a.experts.gate_up = be.empty({rows, 2 * inter}, core::DType::kBF16);
+    be.grouped_gate_up(a.xs, w.experts_gate_up, a.offsets, a.experts.act, for_backward ? &a.experts.gate_up : nullptr);
+  } else {
+    a.experts.gate_up = be.empty({rows, 2 * inter});
+    be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
+    be.silu_mul_forward(a.experts.gate_up, a.experts.act);
+  }
+  be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
+}
+
 // The rest of the MLP once a.gate_up holds x·[W_g | W_u]ᵀ.
 void mlp_from_gate_up(core::Backend& be, const MlpWeights& w, MlpActs& a, Tensor& y) {
   gated_activation(be, a);
@@ -81,19 +100,7 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   a.xs = be.empty({m * k, h}, x.dtype());  // every row is some token's
   a.row_of = be.empty({m * k}, core::DType::kI32);
   be.moe_dispatch(x, a.idx, static_cast<int>(e), a.xs, a.row_of, a.offsets);
-  a.experts.act = be.empty({m * k, inter}, product_dtype(be));  // the groups cover every row
-  a.ys = be.empty({m * k, h}, product_dtype(be));               // bf16 products: the experts' outputs rounded once
-  if (a.experts.act.dtype() == core::DType::kBF16) {
-    // bf16 products: the gated product in one pass; for backward its [rows, 2I] products come along,
-    // rounded to bf16 (what silu_mul_backward reads), never in f32.
-    if (for_backward) a.experts.gate_up = be.empty({m * k, 2 * inter}, core::DType::kBF16);
-    be.grouped_gate_up(a.xs, w.experts_gate_up, a.offsets, a.experts.act, for_backward ? &a.experts.gate_up : nullptr);
-  } else {
-    a.experts.gate_up = be.empty({m * k, 2 * inter});
-    be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
-    be.silu_mul_forward(a.experts.gate_up, a.experts.act);
-  }
-  be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
+  routed_experts(be, w, inter, a, for_backward);
   if (both.defined()) {
     mlp_from_gate_up(be, w.shared, a.shared, y);
   } else if (w.shared.down.defined()) {
@@ -104,14 +111,27 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   be.moe_combine(a.ys, a.weights, a.row_of, y);
 }
 
-void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a) {
+void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,
+                bool experts) {
   const int64_t m = x.size(0), k = cfg.num_experts_per_tok;
   // The same grouping again (row_of and offsets come out as the kept ones).
   a.xs = be.empty({m * k, x.size(1)}, x.dtype());
   Tensor row_of = be.empty({m * k}, core::DType::kI32), offsets;
   be.moe_dispatch(x, a.idx, static_cast<int>(cfg.n_routed_experts), a.xs, row_of, offsets);
-  gated_activation(be, a.experts);
+  if (experts) {
+    routed_experts(be, w, cfg.moe_intermediate_size, a, /*for_backward=*/true);
+  } else {
+    gated_activation(be, a.experts);
+  }
   if (w.shared.down.defined()) gated_activation(be, a.shared);
+}
+
+void mlp_remake(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, bool products) {
+  if (products) {
+    a.gate_up = be.empty({x.size(0), w.gate_up.size(0)});
+    be.gemm(x, false, w.gate_up, true, a.gate_up);
+  }
+  gated_activation(be, a);
 }
 
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,

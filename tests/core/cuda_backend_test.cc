@@ -1230,10 +1230,11 @@ TEST_F(CudaModelTest, RecomputeModesGiveTheSameBits) {
   Tensor tg = (*tcb)->zeros({m}, DType::kI32), dlp = (*tcb)->zeros({m});
   (*tcb)->upload(ids({m}, static_cast<int32_t>(vocab)), tg);
   (*tcb)->upload(randn({m}, 1e-2f), dlp);
-  Tensor lps[3], grads[3];
-  int64_t bytes[3] = {};
-  const model::Recompute modes[3] = {model::Recompute::kNone, model::Recompute::kSelective, model::Recompute::kLayers};
-  for (int k = 0; k < 3; ++k) {
+  Tensor lps[4], grads[4];
+  int64_t bytes[4] = {};
+  const model::Recompute modes[4] = {model::Recompute::kNone, model::Recompute::kSelective, model::Recompute::kExperts,
+                                     model::Recompute::kLayers};
+  for (int k = 0; k < 4; ++k) {
     gm.set_recompute(modes[k]);
     model::ForwardState st;
     lps[k] = (*tcb)->download(gm.forward_logprobs(tokens, tg, &st));
@@ -1242,7 +1243,7 @@ TEST_F(CudaModelTest, RecomputeModesGiveTheSameBits) {
     gm.backward_logprobs(st, tg, dlp);
     grads[k] = (*tcb)->download(gm.grads().buffer());
   }
-  for (int k = 1; k < 3; ++k) {
+  for (int k = 1; k < 4; ++k) {
     EXPECT_TRUE(bitwise_equal(lps[k], lps[0])) << model::recompute_name(modes[k]);
     EXPECT_TRUE(bitwise_equal(grads[k], grads[0])) << model::recompute_name(modes[k]);
     EXPECT_LT(bytes[k], bytes[k - 1]) << model::recompute_name(modes[k]);

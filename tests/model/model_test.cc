@@ -204,7 +204,7 @@ TEST_P(ModelVariant, RecomputeGivesTheSameGradients) {
   Tensor dlp = testing::randn({m}, rng);
   std::vector<Tensor> lps, grads;
   std::vector<int64_t> bytes;
-  for (Recompute r : {Recompute::kNone, Recompute::kSelective, Recompute::kLayers}) {
+  for (Recompute r : {Recompute::kNone, Recompute::kSelective, Recompute::kExperts, Recompute::kLayers}) {
     SCOPED_TRACE(recompute_name(r));
     model_->set_recompute(r);
     ForwardState st;
@@ -216,6 +216,9 @@ TEST_P(ModelVariant, RecomputeGivesTheSameGradients) {
     EXPECT_EQ(last.ln2.defined(), r == Recompute::kNone);
     EXPECT_EQ(last.attn.k.defined(), r == Recompute::kNone);
     EXPECT_EQ(last.moe.xs.defined(), r == Recompute::kNone);
+    EXPECT_EQ(last.moe.ys.defined(), r == Recompute::kNone || r == Recompute::kSelective);
+    EXPECT_EQ(last.moe.experts.gate_up.defined(), last.moe.ys.defined());
+    EXPECT_EQ(st.layers.front().mlp.gate_up.defined(), last.moe.ys.defined());  // the dense layer
     EXPECT_EQ(last.attn.ckv.defined(), r != Recompute::kLayers);
     // What backward does depends on the state, not on the setting now.
     model_->set_recompute(Recompute::kNone);
