@@ -21,7 +21,7 @@ namespace {
 void routed_experts(core::Backend& be, const LayerWeights& w, int64_t inter, MoeActs& a, bool for_backward) {
   const int64_t rows = a.xs.size(0);
   a.experts.act = be.empty({rows, inter}, product_dtype(be));  // the groups cover every row
-  a.ys = be.empty({rows, a.xs.size(1)}, product_dtype(be));     // bf16 products: the experts' outputs rounded once
+  a.ys = be.empty({rows, a.xs.size(1)}, product_dtype(be));    // bf16 products: the experts' outputs rounded once
   if (a.experts.act.dtype() == core::DType::kBF16) {
     // bf16 products: the gated product in one pass; for backward its [rows, 2I] products come along,
     // rounded to bf16 (what silu_mul_backward reads), never in f32.
