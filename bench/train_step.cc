@@ -194,7 +194,7 @@ int main(int argc, char** argv) {
   auto step = [&] {
     model.zero_grads();
     loss = r1lab::trainer::cross_entropy(model, tokens, targets, weights, /*backward=*/true);
-    adam.step(model.params(), model.grads());
+    adam.step(model);
   };
   for (int i = 0; i < absl::GetFlag(FLAGS_warmup); ++i) step();
   backend.synchronize();
@@ -309,7 +309,7 @@ int main(int argc, char** argv) {
     auto pstep = [&] {
       pm.zero_grads();
       r1lab::trainer::cross_entropy(pm, tokens, ptg, weights, /*backward=*/true);
-      pa.step(pm.params(), pm.grads());
+      pa.step(pm);
     };
     pstep();
     r1lab::core::cuda::reset_profile(**pbe);

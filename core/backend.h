@@ -107,8 +107,9 @@ class Backend {
   virtual void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
                             float alpha = 1.0f, float beta = 0.0f) = 0;
   // One launch over all groups (experts). For group g, rows r in [offsets[g], offsets[g+1]):
-  //   c[r] = a[r] · op(w[g]) + beta * c[r];   a: [R, k], w: [G, n, k] (trans_w) or [G, k, n], c: [R, n] f32;
-  // a and w f32 or bf16.
+  //   c[r] = a[r] · op(w[g]) + beta * c[r];   a: [R, k], w: [G, n, k] (trans_w) or [G, k, n], c: [R, n];
+  // a and w f32 or bf16; c f32, or bf16 with beta 0 (the f32 sums rounded once: rows only bf16 products
+  // or bf16-reading ops take next).
   // offsets: [G + 1] I64 on this backend's device (as moe_dispatch makes them), ascending within [0, R];
   // rows outside every group are left as they are.
   virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
@@ -118,12 +119,20 @@ class Backend {
   virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) = 0;
   // h[r] = silu(a[r] · w_gate[g]ᵀ) * (a[r] · w_up[g]ᵀ) for the rows r of group g, where w [G, 2n, k]
   // stacks each group's n gate rows over its n up rows and h [R, n] is bf16: grouped_gemm (trans_w)
-  // then silu_mul_forward, without the [R, 2n] products that only backward reads. h's rows outside
+  // then silu_mul_forward, without the [R, 2n] f32 products. With gate_up ([R, 2n] bf16) those products
+  // are also written there, rounded (what silu_mul_backward reads when a backward follows), and h is made
+  // from them as rounded (what silu_mul_forward of gate_up gives a backward that remakes h). Rows outside
   // every group are unspecified. This default is the reference; a backend may fuse it.
-  virtual void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h) {
+  virtual void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
+                               Tensor* gate_up = nullptr) {
     Tensor gu = empty({a.size(0), w.size(1)});
     grouped_gemm(a, w, true, offsets, gu);
-    silu_mul_forward(gu, h);
+    if (gate_up == nullptr) {
+      silu_mul_forward(gu, h);
+    } else {  // h from the products as gate_up holds them (what backward reads)
+      copy(gu, *gate_up);
+      silu_mul_forward(*gate_up, h);
+    }
   }
   // Checks group bounds read on the host, o[0 .. groups]: ascending within [0, rows].
   static void check_group_bounds(const int64_t* o, int64_t groups, int64_t rows) {
@@ -146,8 +155,9 @@ class Backend {
                                 Tensor& dx, Tensor& dw) = 0;
   // h = silu(g) * u where gu = [g | u]: gu [M, 2I] rows, h [M, I] rows, in gu's dtype or bf16.
   virtual void silu_mul_forward(const Tensor& gu, Tensor& h) = 0;
-  // dgu = [dg | du] = [dh·u·silu'(g) | dh·silu(g)], written (not accumulated): in gu's dtype, or bf16
-  // (rounded once: a gradient that only bf16 products read).
+  // dgu = [dg | du] = [dh·u·silu'(g) | dh·silu(g)], written (not accumulated): f32, or bf16 (rounded
+  // once: a gradient that only bf16 products read). dh in gu's dtype, or f32 with a bf16 gu
+  // (products kept rounded for backward: grouped_gate_up's gate_up).
   virtual void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) = 0;
   // out[m] = table[ids[m]];  table [V, D], ids [M] I32, out [M, D].
   virtual void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) = 0;
@@ -236,7 +246,7 @@ class Backend {
                             Tensor& offsets) = 0;
   // dx[m] += Σ_k dxs[row_of[m*K+k]].
   virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) = 0;
-  // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]].
+  // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]];  ys f32 or bf16 (here and in backward), out f32.
   virtual void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) = 0;
   // dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (row = row_of[m*K+k]), written (not
   // accumulated); rows of dys that no assignment names are left as they are. dys f32, or bf16 (rounded
@@ -269,9 +279,11 @@ class Backend {
   // ---- the optimizer, over one flat f32 parameter buffer and its gradient/moment buffers
   // Σ x² over the spans of x [N] (a NaN or Inf propagates to the result).
   virtual double sum_squares(const Tensor& x, const std::vector<ParamSpan>& spans) = 0;
-  // The AdamW update above on the spans; w, g, m, v: [N] f32, contiguous.
+  // The AdamW update above on the spans; w, g, m, v: [N] f32, contiguous. With `rounded` ([N] bf16,
+  // contiguous: a model's copy of its weights for bf16 products) the updated weights of the spans are
+  // also written there, rounded to nearest even, in the same pass.
   virtual void adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
-                            const AdamWUpdate& u) = 0;
+                            const AdamWUpdate& u, Tensor* rounded = nullptr) = 0;
 
   // Waits for the work queued so far (a device backend runs asynchronously; timing needs this).
   virtual void synchronize() {}

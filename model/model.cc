@@ -121,7 +121,9 @@ void Model::init_random(uint64_t seed, float std) {
 }
 
 void Model::refresh_matmul_weights(bool always) {
-  if (!mm_buffer_.defined() || (!always && mm_epoch_ == weights_epoch_)) return;
+  const bool written = rounded_written_;
+  rounded_written_ = false;  // once: later forwards convert as before
+  if (!mm_buffer_.defined() || written || (!always && mm_epoch_ == weights_epoch_)) return;
   backend_.copy(params_.buffer(), mm_buffer_);
   mm_epoch_ = weights_epoch_;
 }

@@ -28,14 +28,16 @@ struct AttentionActs {
   core::Tensor out, lse;                 // [B, T, heads, v], [B, heads, T]
 };
 struct MlpActs {
-  core::Tensor gate_up, act;  // [N, 2I], [N, I]
+  // [N, 2I], [N, I]. The routed experts' gate_up is bf16 where products are (rounded as the products
+  // after it round their operands), kept only for backward.
+  core::Tensor gate_up, act;
 };
 struct MoeActs {
   core::Tensor logits, scores, idx, weights;  // [M, E], [M, E], [M, K] I32, [M, K]
   core::Tensor xs, row_of;                    // [M*K, H] grouped by expert, [M*K] I32
   core::Tensor offsets;                       // [E + 1] I64 group bounds, on the device
   MlpActs experts;                            // over the M*K rows
-  core::Tensor ys;                            // [M*K, H]
+  core::Tensor ys;                            // [M*K, H], in the products' dtype
   MlpActs shared;
 };
 struct LayerActs {
@@ -137,7 +139,18 @@ class Model {
   void set_step_graphs(bool on) { step_graphs_on_ = on; }
   // Tells forward_step that the parameters changed in place (Engine::update_weights calls it; forward,
   // forward_logprobs, load and init_random need no call).
-  void weights_changed() { ++weights_epoch_; }
+  void weights_changed() {
+    ++weights_epoch_;
+    rounded_written_ = false;
+  }
+  // The bf16 copy of the parameters that bf16 products read (undefined where products take f32), for an
+  // optimizer to write as it updates them (Backend::adamw_update's `rounded`). rounded_weights_written()
+  // then spares the next forward its conversion of the whole buffer.
+  core::Tensor rounded_weights() const { return mm_buffer_; }
+  void rounded_weights_written() {
+    rounded_written_ = true;
+    mm_epoch_ = weights_epoch_;
+  }
 
   ~Model();
 
@@ -160,8 +173,8 @@ class Model {
                              bool for_backward);
   // The activations kSelective (with `products`, kExperts) drops, made again from what it keeps.
   void remake_dropped(int l, const core::Tensor& positions, bool products, LayerActs& a);
-  // Remakes the low-precision copy of the matrix weights from the parameters: always, or when
-  // weights_changed() was called since the last time.
+  // Remakes the low-precision copy of the matrix weights from the parameters: always (but once after
+  // rounded_weights_written()), or when weights_changed() was called since the last time.
   void refresh_matmul_weights(bool always);
   // Positions start .. start+t-1 of each of `batch` sequences, [batch * t] I32 on the backend.
   core::Tensor positions(int64_t batch, int64_t t, int64_t start);
@@ -178,6 +191,7 @@ class Model {
   Weights g_;
   core::Tensor mm_buffer_;
   int64_t weights_epoch_ = 0, mm_epoch_ = -1;
+  bool rounded_written_ = false;  // the optimizer wrote mm_buffer_ with its update, nothing since
   core::RopeTable rope_;
   int64_t head_chunk_rows_ = 0;
   Recompute recompute_ = Recompute::kNone;

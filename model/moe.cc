@@ -21,13 +21,16 @@ namespace {
 void routed_experts(core::Backend& be, const LayerWeights& w, int64_t inter, MoeActs& a, bool for_backward) {
   const int64_t rows = a.xs.size(0);
   a.experts.act = be.empty({rows, inter}, product_dtype(be));  // the groups cover every row
-  a.ys = be.empty({rows, a.xs.size(1)});
-  if (for_backward || a.experts.act.dtype() != core::DType::kBF16) {
+  a.ys = be.empty({rows, a.xs.size(1)}, product_dtype(be));    // bf16 products: the experts' outputs rounded once
+  if (a.experts.act.dtype() == core::DType::kBF16) {
+    // bf16 products: the gated product in one pass; for backward its [rows, 2I] products come along,
+    // rounded to bf16 (what silu_mul_backward reads), never in f32.
+    if (for_backward) a.experts.gate_up = be.empty({rows, 2 * inter}, core::DType::kBF16);
+    be.grouped_gate_up(a.xs, w.experts_gate_up, a.offsets, a.experts.act, for_backward ? &a.experts.gate_up : nullptr);
+  } else {
     a.experts.gate_up = be.empty({rows, 2 * inter});
     be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
     be.silu_mul_forward(a.experts.gate_up, a.experts.act);
-  } else {
-    be.grouped_gate_up(a.xs, w.experts_gate_up, a.offsets, a.experts.act);
   }
   be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
 }

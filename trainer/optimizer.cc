@@ -35,7 +35,15 @@ AdamW::AdamW(const model::ParameterSet& params, AdamWConfig config)
   }
 }
 
-StepStats AdamW::step(model::ParameterSet& params, const model::ParameterSet& grads, double grad_scale) {
+StepStats AdamW::step(model::Model& model, double grad_scale) {
+  core::Tensor rounded = model.rounded_weights();
+  const StepStats st = step(model.params(), model.grads(), grad_scale, rounded.defined() ? &rounded : nullptr);
+  if (rounded.defined() && !st.skipped) model.rounded_weights_written();
+  return st;
+}
+
+StepStats AdamW::step(model::ParameterSet& params, const model::ParameterSet& grads, double grad_scale,
+                      core::Tensor* rounded) {
   CHECK_EQ(params.numel(), m_.numel());
   CHECK_EQ(grads.numel(), params.numel());
   CHECK(&params.backend() == backend_ && &grads.backend() == backend_) << "AdamW: parameters on another backend";
@@ -63,7 +71,7 @@ StepStats AdamW::step(model::ParameterSet& params, const model::ParameterSet& gr
   u.bias_correction2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(step_));
   u.grad_scale = scale;
   core::Tensor w = params.buffer();
-  backend_->adamw_update(w, grads.buffer(), m_, v_, spans_, u);
+  backend_->adamw_update(w, grads.buffer(), m_, v_, spans_, u, rounded);
   return st;
 }
 

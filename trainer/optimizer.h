@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "core/backend.h"
+#include "model/model.h"
 #include "model/weights.h"
 
 namespace r1lab::trainer {
@@ -42,7 +43,12 @@ class AdamW {
 
   // Updates params from grads (scaled by grad_scale first, e.g. 1/micro-batches). A gradient with a NaN
   // or Inf leaves every parameter as it was and reports skipped.
-  StepStats step(model::ParameterSet& params, const model::ParameterSet& grads, double grad_scale = 1.0);
+  StepStats step(model::ParameterSet& params, const model::ParameterSet& grads, double grad_scale = 1.0,
+                 core::Tensor* rounded = nullptr);
+  // The same on the model's parameters and gradients; where its products read a bf16 copy of the
+  // weights, the update writes that copy too (Model::rounded_weights), and its next forward skips the
+  // conversion.
+  StepStats step(model::Model& model, double grad_scale = 1.0);
 
   int64_t steps() const { return step_; }
   const AdamWConfig& config() const { return cfg_; }

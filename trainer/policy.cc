@@ -163,7 +163,7 @@ GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const s
 GrpoStepStats grpo_step(model::Model& model, AdamW& opt, const GrpoConfig& cfg,
                         const std::vector<TrainSequence>& batch, int micro_batch) {
   GrpoStepStats st = grpo_gradients(model, cfg, batch, micro_batch);
-  st.opt = opt.step(model.params(), model.grads());
+  st.opt = opt.step(model);
   return st;
 }
 
@@ -197,7 +197,7 @@ SftStepStats sft_step(model::Model& model, AdamW& opt, const std::vector<TrainSe
   }
   st.tokens = static_cast<int64_t>(total);
   st.token_accuracy = correct / total;
-  st.opt = opt.step(model.params(), model.grads());
+  st.opt = opt.step(model);
   return st;
 }
 

@@ -66,7 +66,7 @@ class CpuBackend final : public Backend {
 
   double sum_squares(const Tensor& x, const std::vector<ParamSpan>& spans) override;
   void adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
-                    const AdamWUpdate& u) override;
+                    const AdamWUpdate& u, Tensor* rounded = nullptr) override;
 };
 
 // t's values in f32: t itself, or for a bf16 operand a contiguous f32 copy (exact).

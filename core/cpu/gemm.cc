@@ -104,6 +104,13 @@ const int64_t* group_bounds(const Tensor& offsets, int64_t groups, int64_t rows)
 void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offset_tensor, Tensor& c,
                               float beta) {
   CHECK_EQ(w.dim(), 3);
+  if (c.dtype() == DType::kBF16) {  // the f32 sums, rounded once (rows outside the groups round-trip exactly)
+    CHECK_EQ(beta, 0.0f) << "grouped_gemm into bf16 takes beta 0";
+    Tensor c32 = c.to_f32();
+    grouped_gemm(a, w, trans_w, offset_tensor, c32, 0.0f);
+    copy(c32, c);
+    return;
+  }
   const Tensor a32 = f32_values(a), w32 = f32_values(w);
   Rows ar = rows_of(a32), cr = rows_of(c);
   const int64_t* offsets = group_bounds(offset_tensor, w.size(0), std::min(ar.rows, cr.rows));

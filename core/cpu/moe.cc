@@ -147,7 +147,8 @@ void CpuBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, 
 }
 
 void CpuBackend::moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) {
-  Rows yr = rows_of(ys), orr = rows_of(out);
+  const Tensor ys32 = f32_values(ys);
+  Rows yr = rows_of(ys32), orr = rows_of(out);
   const int32_t* ro = row_of.data<int32_t>();
   const float* w = weights.f32();
   const int64_t kk = weights.size(1);
@@ -163,7 +164,8 @@ void CpuBackend::moe_combine(const Tensor& ys, const Tensor& weights, const Tens
 
 void CpuBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights,
                                       const Tensor& row_of, Tensor& dys, Tensor& dweights) {
-  Rows dor = rows_of(dout), yr = rows_of(ys), dyr = rows_of(dys);
+  const Tensor ys32 = f32_values(ys);
+  Rows dor = rows_of(dout), yr = rows_of(ys32), dyr = rows_of(dys);
   const int32_t* ro = row_of.data<int32_t>();
   const float* w = weights.f32();
   float* dw = dweights.f32();

@@ -30,7 +30,7 @@ double CpuBackend::sum_squares(const Tensor& x, const std::vector<ParamSpan>& sp
 }
 
 void CpuBackend::adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
-                              const AdamWUpdate& u) {
+                              const AdamWUpdate& u, Tensor* rounded) {
   const int64_t n = w.numel();
   check_flat(w, n);
   check_flat(g, n);
@@ -41,6 +41,12 @@ void CpuBackend::adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, 
   const float* gp = g.f32();
   float* mp = m.f32();
   float* vp = v.f32();
+  uint16_t* rp = nullptr;
+  if (rounded != nullptr) {
+    CHECK(rounded->dtype() == DType::kBF16 && rounded->is_contiguous() && rounded->numel() == n)
+        << "adamw_update: rounded copy of " << dtype_name(rounded->dtype()) << " " << shape_str(rounded->shape());
+    rp = rounded->data<uint16_t>();
+  }
   const double b1 = u.beta1, b2 = u.beta2;
   for (const ParamSpan& s : spans) {
     const double wd = s.decay ? u.lr * u.weight_decay : 0.0;
@@ -55,6 +61,7 @@ void CpuBackend::adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, 
       wi -= wd * wi;
       wi -= u.lr * (mi / u.bias_correction1) / (std::sqrt(vi / u.bias_correction2) + u.eps);
       wp[i] = static_cast<float>(wi);
+      if (rp != nullptr) rp[i] = f32_to_bf16(wp[i]);
     }
   }
 }

@@ -131,44 +131,71 @@ __device__ __forceinline__ void scores_and_dp(float (*s)[4], float (*dp)[4], con
 // Heavy tiles first: in forward and dq the last query tile sees the most keys.
 __device__ __forceinline__ int64_t reversed_tile() { return static_cast<int64_t>(gridDim.x - 1 - blockIdx.x); }
 
+// The key and value tiles that the query tile at t0 sees in forward and dq (causally: up to its last
+// query's position), streamed through two shared-memory stages at kv: issue(it) starts tile it's loads
+// (an empty group past the last keeps cp.async's group count uniform); keys(it) and values(it) are where
+// tile it lies once it is in.
+template <int D, int DV>
+struct KeyValueStream {
+  using Ly = Layout<D, DV>;
+  static constexpr int kStage = kRowsT * (Ly::LQ + Ly::LV);  // a key tile, then its value tile
+  bf16* kv;
+  const bf16 *k, *v;
+  int64_t k1, v1, S;
+  int tiles;
+  __device__ KeyValueStream(bf16* kv_smem, const bf16* keys_all, const bf16* values_all,
+                            const r1lab::core::cuda::AttnDims& a, int64_t b, int64_t kh, int64_t t0)
+      : kv(kv_smem),
+        k(keys_all + b * a.k0 + kh * a.k2),
+        v(values_all + b * a.v0 + kh * a.v2),
+        k1(a.k1),
+        v1(a.v1),
+        S(a.S) {
+    const int64_t last = min(a.S - 1, a.S - a.T + min(a.T - 1, t0 + kRowsT - 1));
+    tiles = static_cast<int>(last / kRowsT) + 1;
+  }
+  __device__ void issue(int it) const {
+    if (it < tiles) {
+      bf16* st = kv + (it % 2) * kStage;
+      load_tile<D, Ly::LQ>(st, k, k1, static_cast<int64_t>(it) * kRowsT, S);
+      load_tile<DV, Ly::LV>(st + kRowsT * Ly::LQ, v, v1, static_cast<int64_t>(it) * kRowsT, S);
+    }
+    cp_async_commit();
+  }
+  // f(keys, values, s0) for every tile in order (its first key s0), each tile in shared memory for
+  // every warp while the next one loads; the caller has issued tile 0.
+  template <typename F>
+  __device__ void for_each_tile(F&& f) const {
+    for (int it = 0; it < tiles; ++it) {
+      issue(it + 1);
+      cp_async_wait<1>();
+      __syncthreads();  // tile it is in for every warp
+      const bf16* keys = kv + (it % 2) * kStage;
+      f(keys, keys + kRowsT * Ly::LQ, static_cast<int64_t>(it) * kRowsT);
+      __syncthreads();  // every warp is done with this stage before issue() loads it again
+    }
+  }
+};
+
 // ---- forward. grid (ceil(T / 64), B·Hq).
 template <int D, int DV>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
     forward(const bf16* q, const bf16* k, const bf16* v, float* out, float* lse, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
-  constexpr int kStage = kRowsT * (Ly::LQ + Ly::LV);  // a stage: a key tile, then its value tile
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
-  bf16* KV = Qs + kRowsT * Ly::LQ;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
-  const bf16* kb = k + b * a.k0 + kh * a.k2;
-  const bf16* vb = v + b * a.v0 + kh * a.v2;
-  const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kRowsT - 1));
-  const int tiles = static_cast<int>(last / kRowsT) + 1;
-  const auto issue = [&](int it) {
-    if (it < tiles) {
-      bf16* st = KV + (it % 2) * kStage;
-      load_tile<D, Ly::LQ>(st, kb, a.k1, static_cast<int64_t>(it) * kRowsT, a.S);
-      load_tile<DV, Ly::LV>(st + kRowsT * Ly::LQ, vb, a.v1, static_cast<int64_t>(it) * kRowsT, a.S);
-    }
-    cp_async_commit();  // an empty group past the end keeps the count uniform
-  };
+  const KeyValueStream<D, DV> kvs(Qs + kRowsT * Ly::LQ, k, v, a, b, kh, t0);
   load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);  // with the first tile
-  issue(0);
+  kvs.issue(0);
   const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float o[DV / 8][4];
   zero<DV / 8>(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  for (int it = 0; it < tiles; ++it) {
-    issue(it + 1);
-    cp_async_wait<1>();
-    __syncthreads();  // tile it is in for every warp
-    const bf16* Ks = KV + (it % 2) * kStage;
-    const bf16* Vs = Ks + kRowsT * Ly::LQ;
-    const int64_t s0 = static_cast<int64_t>(it) * kRowsT;
+  kvs.for_each_tile([&](const bf16* Ks, const bf16* Vs, int64_t s0) {
     float s[kRowsT / 8][4];
     zero<kRowsT / 8>(s);
     product_nk<D, kRowsT / 8>(s, Qs + 16 * warp * Ly::LQ, Ly::LQ, Ks, Ly::LQ);
@@ -210,8 +237,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
       o[j][2] *= alpha[1], o[j][3] *= alpha[1];
     }
     product_kn<kRowsT / 16, DV / 8>(o, s, Vs, Ly::LV);
-    __syncthreads();  // every warp is done with this stage before issue() loads it again
-  }
+  });
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
@@ -235,30 +261,17 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
     backward_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
                 float* dq, int64_t dq0, int64_t dq1, int64_t dq2, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
-  constexpr int kStage = kRowsT * (Ly::LQ + Ly::LV);  // a stage: a key tile, then its value tile
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Gs = Qs + kRowsT * Ly::LQ;
-  bf16* KV = Gs + kRowsT * Ly::LV;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
-  const bf16* kb = k + b * a.k0 + kh * a.k2;
-  const bf16* vb = v + b * a.v0 + kh * a.v2;
-  const int64_t last = min(a.S - 1, off + min(a.T - 1, t0 + kRowsT - 1));
-  const int tiles = static_cast<int>(last / kRowsT) + 1;
-  const auto issue = [&](int it) {
-    if (it < tiles) {
-      bf16* st = KV + (it % 2) * kStage;
-      load_tile<D, Ly::LQ>(st, kb, a.k1, static_cast<int64_t>(it) * kRowsT, a.S);
-      load_tile<DV, Ly::LV>(st + kRowsT * Ly::LQ, vb, a.v1, static_cast<int64_t>(it) * kRowsT, a.S);
-    }
-    cp_async_commit();  // an empty group past the end keeps the count uniform
-  };
+  const KeyValueStream<D, DV> kvs(Gs + kRowsT * Ly::LV, k, v, a, b, kh, t0);
   // The block's queries and their output gradients, with the first key tile.
   load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);
   load_tile<DV, Ly::LV>(Gs, dout + b * a.g0 + h * a.g2 + t0 * a.g1, a.g1, 0, a.T - t0);
-  issue(0);
+  kvs.issue(0);
   const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float L[2], Dl[2];
@@ -269,13 +282,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
   }
   float acc[D / 8][4];
   zero<D / 8>(acc);
-  for (int it = 0; it < tiles; ++it) {
-    issue(it + 1);
-    cp_async_wait<1>();
-    __syncthreads();  // tile it is in for every warp
-    const bf16* Ks = KV + (it % 2) * kStage;
-    const bf16* Vs = Ks + kRowsT * Ly::LQ;
-    const int64_t s0 = static_cast<int64_t>(it) * kRowsT;
+  kvs.for_each_tile([&](const bf16* Ks, const bf16* Vs, int64_t s0) {
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];
     scores_and_dp<D, DV, kRowsT / 8>(s, dp, Qs + 16 * warp * Ly::LQ, Ks, Gs + 16 * warp * Ly::LV, Vs);
 #pragma unroll
@@ -288,8 +295,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
       }
     }
     product_kn<kRowsT / 16, D / 8>(acc, s, Ks, Ly::LQ);
-    __syncthreads();  // every warp is done with this stage before issue() loads it again
-  }
+  });
   add_rows<D / 8>(acc, dq + b * dq0 + h * dq2, dq1, t0 + 16 * warp, a.T);
 }
 

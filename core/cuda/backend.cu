@@ -147,6 +147,51 @@ __global__ void fill_kernel(float* p, int64_t n, float v) {
 
 unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(blocks(n, kThreads), 65536)); }
 
+// Strided element-wise work 4 elements a thread (see by4): group i is flat elements 4i .. 4i + 3, which
+// lie side by side in the last dimension, so one index computation and one vector access serve four.
+template <typename T, typename V>
+__global__ void copy4_kernel(const T* src, Dims4 ds, T* dst, Dims4 dd, int64_t n4) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    *reinterpret_cast<V*>(dst + offset4(dd, 4 * i)) = *reinterpret_cast<const V*>(src + offset4(ds, 4 * i));
+}
+__global__ void to_bf16_copy4_kernel(const float* src, Dims4 ds, __nv_bfloat16* dst, Dims4 dd, int64_t n4) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 v = *reinterpret_cast<const float4*>(src + offset4(ds, 4 * i));
+    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst + offset4(dd, 4 * i));
+    d[0] = __floats2bfloat162_rn(v.x, v.y);
+    d[1] = __floats2bfloat162_rn(v.z, v.w);
+  }
+}
+__global__ void add4_kernel(const float* x, Dims4 dx, float* y, Dims4 dy, int64_t n4, float alpha) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 a = *reinterpret_cast<const float4*>(x + offset4(dx, 4 * i));
+    float4* p = reinterpret_cast<float4*>(y + offset4(dy, 4 * i));
+    float4 b = *p;
+    b.x += alpha * a.x;
+    b.y += alpha * a.y;
+    b.z += alpha * a.z;
+    b.w += alpha * a.w;
+    *p = b;
+  }
+}
+
+// Whether strided element-wise work on these views can go 4 elements at a time: each one's last
+// dimension contiguous and a multiple of 4 long, its base and other strides keeping groups of 4
+// elements aligned to 4 elements' bytes.
+bool by4(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts) {
+    if (t->dim() == 0 || t->size(-1) % 4 != 0 || t->stride(-1) != 1 ||
+        reinterpret_cast<uintptr_t>(t->raw()) % (4 * dtype_size(t->dtype())) != 0)
+      return false;
+    for (int d = 0; d + 1 < t->dim(); ++d)
+      if (t->stride(d) % 4 != 0) return false;
+  }
+  return true;
+}
+
 // out[m] = table[ids[m]] (one block per row); a bad id writes zeros.
 __global__ void embedding_kernel(const float* table, int64_t ldt, int64_t vocab, const int32_t* ids, float* out,
                                  int64_t ldo, int64_t cols) {
@@ -195,12 +240,21 @@ struct Chunk {
   int32_t decay, pad;
 };
 
-__global__ void sum_squares_kernel(const float* x, const Chunk* chunks, double* partial) {
+// A chunk's 16-byte aligned body four elements at a time (as adamw_kernel below), its ends one at a time.
+__global__ void sum_squares_kernel(const float* x, const Chunk* chunks, double* partial, bool vec4) {
   const Chunk c = chunks[blockIdx.x];
+  const int64_t end = c.offset + c.numel;
+  const int64_t body = vec4 ? min(end, (c.offset + 3) / 4 * 4) : end, body_end = max(body, end / 4 * 4);
   double s = 0;
-  for (int64_t i = threadIdx.x; i < c.numel; i += blockDim.x) {
-    const double v = x[c.offset + i];
-    s += v * v;
+  const auto add = [&](double v) { s += v * v; };
+  for (int64_t i = c.offset + threadIdx.x; i < body; i += blockDim.x) add(x[i]);
+  for (int64_t i = body_end + threadIdx.x; i < end; i += blockDim.x) add(x[i]);
+  for (int64_t i = body + 4 * static_cast<int64_t>(threadIdx.x); i < body_end; i += 4 * blockDim.x) {
+    const float4 v = *reinterpret_cast<const float4*>(x + i);
+    add(v.x);
+    add(v.y);
+    add(v.z);
+    add(v.w);
   }
   __shared__ double part[kThreads];
   part[threadIdx.x] = s;
@@ -246,14 +300,19 @@ struct AdamWElem {
 
 // A chunk's unaligned head and tail one element a thread, its 16-byte aligned body four at a time
 // (128-bit loads keep more bytes in flight: the update is bound by memory bandwidth).
+// With rounded (not null), the updated weights also go there as bf16.
 __global__ void adamw_kernel(float* w, const float* g, float* m, float* v, const Chunk* chunks, AdamWUpdate u,
-                             bool vec4) {
+                             bool vec4, __nv_bfloat16* rounded) {
   const Chunk c = chunks[blockIdx.x];
   const AdamWElem step{c.decay ? u.lr * u.weight_decay : 0.0, u.beta1, u.beta2, u};
   const int64_t end = c.offset + c.numel;
   const int64_t body = vec4 ? min(end, (c.offset + 3) / 4 * 4) : end, body_end = max(body, end / 4 * 4);
-  for (int64_t i = c.offset + threadIdx.x; i < body; i += blockDim.x) step(w[i], g[i], m[i], v[i]);
-  for (int64_t i = body_end + threadIdx.x; i < end; i += blockDim.x) step(w[i], g[i], m[i], v[i]);
+  const auto one = [&](int64_t i) {
+    step(w[i], g[i], m[i], v[i]);
+    if (rounded) rounded[i] = __float2bfloat16(w[i]);
+  };
+  for (int64_t i = c.offset + threadIdx.x; i < body; i += blockDim.x) one(i);
+  for (int64_t i = body_end + threadIdx.x; i < end; i += blockDim.x) one(i);
   for (int64_t i = body + 4 * static_cast<int64_t>(threadIdx.x); i < body_end; i += 4 * blockDim.x) {
     float4 wv = *reinterpret_cast<float4*>(w + i), mv = *reinterpret_cast<float4*>(m + i),
            vv = *reinterpret_cast<float4*>(v + i);
@@ -265,6 +324,11 @@ __global__ void adamw_kernel(float* w, const float* g, float* m, float* v, const
     *reinterpret_cast<float4*>(w + i) = wv;
     *reinterpret_cast<float4*>(m + i) = mv;
     *reinterpret_cast<float4*>(v + i) = vv;
+    if (rounded) {
+      __nv_bfloat162* r = reinterpret_cast<__nv_bfloat162*>(rounded + i);
+      r[0] = __floats2bfloat162_rn(wv.x, wv.y);
+      r[1] = __floats2bfloat162_rn(wv.z, wv.w);
+    }
   }
 }
 
@@ -503,6 +567,9 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) {
     if (src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) {
       if (src.is_contiguous() && dst.is_contiguous()) {
         to_bf16(src.f32(), 1, n, n, 1, 0, dst.raw());  // one row
+      } else if (by4({&src, &dst})) {
+        to_bf16_copy4_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(
+            src.f32(), dims4(src), static_cast<__nv_bfloat16*>(dst.raw()), dims4(dst), n / 4);
       } else {
         to_bf16_copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(
             src.f32(), dims4(src), static_cast<__nv_bfloat16*>(dst.raw()), dims4(dst), n);
@@ -523,6 +590,19 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) {
     return;
   }
   const Dims4 ds = dims4(src), dd = dims4(dst);
+  const bool vec = by4({&src, &dst});
+  if (vec && dtype_size(src.dtype()) == 4) {
+    copy4_kernel<uint32_t, uint4><<<grid_for(n / 4), kThreads, 0, stream()>>>(src.data<uint32_t>(), ds,
+                                                                               dst.data<uint32_t>(), dd, n / 4);
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  if (vec && dtype_size(src.dtype()) == 2) {
+    copy4_kernel<uint16_t, uint2><<<grid_for(n / 4), kThreads, 0, stream()>>>(src.data<uint16_t>(), ds,
+                                                                               dst.data<uint16_t>(), dd, n / 4);
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   switch (dtype_size(src.dtype())) {
     case 4:
       copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint32_t>(), ds, dst.data<uint32_t>(), dd, n);
@@ -550,6 +630,8 @@ void CudaBackend::add(const Tensor& x, Tensor& y, float alpha) {
       reinterpret_cast<uintptr_t>(y.raw()) % 16 == 0) {
     add_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(static_cast<const float4*>(x.raw()),
                                                                 static_cast<float4*>(y.raw()), n / 4, alpha);
+  } else if (by4({&x, &y})) {
+    add4_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(x.f32(), dims4(x), y.f32(), dims4(y), n / 4, alpha);
   } else {
     add_kernel<<<grid_for(n), kThreads, 0, stream()>>>(x.f32(), dims4(x), y.f32(), dims4(y), n, alpha);
   }
@@ -675,7 +757,8 @@ double CudaBackend::sum_squares(const Tensor& x, const std::vector<ParamSpan>& s
   Op op(this, "sum_squares", 2.0 * x.numel(), 4.0 * x.numel());
   Tensor partial = zeros({n + 1}, DType::kI64);  // doubles
   double* p = partial.data<double>();
-  sum_squares_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(x.f32(), chunks, p);
+  const bool vec4 = reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0;
+  sum_squares_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(x.f32(), chunks, p, vec4);
   sum_partials_kernel<<<1, kThreads, 0, stream()>>>(p, n, p + n);
   CUDA_CHECK(cudaGetLastError());
   double out = 0;
@@ -685,7 +768,7 @@ double CudaBackend::sum_squares(const Tensor& x, const std::vector<ParamSpan>& s
 }
 
 void CudaBackend::adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
-                               const AdamWUpdate& u) {
+                               const AdamWUpdate& u, Tensor* rounded) {
   for (const Tensor* t : std::initializer_list<const Tensor*>{&w, &g, &m, &v}) {
     check_device(*t, DType::kF32);
     CHECK(t->is_contiguous() && t->numel() == w.numel());
@@ -694,13 +777,21 @@ void CudaBackend::adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v,
   int64_t n = 0;
   const Chunk* chunks = static_cast<const Chunk*>(span_chunks(spans, &n));
   if (n == 0) return;
-  Op op(this, "adamw", 10.0 * w.numel(), 28.0 * w.numel());
+  __nv_bfloat16* r = nullptr;
+  if (rounded != nullptr) {
+    check_device(*rounded, DType::kBF16);
+    CHECK(rounded->is_contiguous() && rounded->numel() == w.numel()) << "adamw_update: rounded copy of "
+                                                                      << shape_str(rounded->shape());
+    r = static_cast<__nv_bfloat16*>(rounded->raw());
+  }
+  Op op(this, "adamw", 10.0 * w.numel(), (r ? 30.0 : 28.0) * w.numel());
   const bool vec4 = (reinterpret_cast<uintptr_t>(w.raw()) | reinterpret_cast<uintptr_t>(g.raw()) |
                      reinterpret_cast<uintptr_t>(m.raw()) | reinterpret_cast<uintptr_t>(v.raw())) %
-                        16 ==
-                    0;
+                            16 ==
+                        0 &&
+                    reinterpret_cast<uintptr_t>(r) % 8 == 0;
   adamw_kernel<<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(w.f32(), g.f32(), m.f32(), v.f32(), chunks, u,
-                                                                     vec4);
+                                                                     vec4, r);
   CUDA_CHECK(cudaGetLastError());
 }
 

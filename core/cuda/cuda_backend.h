@@ -105,7 +105,8 @@ class CudaBackend final : public Backend {
                     float beta) override;
   void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta) override;
   void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) override;
-  void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h) override;
+  void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
+                       Tensor* gate_up = nullptr) override;
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
   void add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
@@ -155,7 +156,7 @@ class CudaBackend final : public Backend {
 
   double sum_squares(const Tensor& x, const std::vector<ParamSpan>& spans) override;
   void adamw_update(Tensor& w, const Tensor& g, Tensor& m, Tensor& v, const std::vector<ParamSpan>& spans,
-                    const AdamWUpdate& u) override;
+                    const AdamWUpdate& u, Tensor* rounded = nullptr) override;
   void synchronize() override;
   // bf16 products only: the f32 and tf32 grouped products read the group offsets on the host.
   bool can_capture() const override { return !opt_.profile && opt_.gemm == Options::GemmPrecision::kBF16; }

@@ -71,9 +71,13 @@ constexpr int kSmallTile = 64, kSmallWarps = 8;
 __device__ __forceinline__ __nv_bfloat16 as_bf16(float v) { return __float2bfloat16(v); }
 __device__ __forceinline__ __nv_bfloat16 as_bf16(__nv_bfloat16 v) { return v; }
 
-template <int kSmallRows, typename TA>
+// A sum into an output of the grouped products: f32 with beta, or bf16 rounded (beta 0).
+__device__ __forceinline__ void put_sum(float* out, float v, float beta) { *out = beta == 0.0f ? v : v + beta * *out; }
+__device__ __forceinline__ void put_sum(__nv_bfloat16* out, float v, float) { *out = __float2bfloat16(v); }
+
+template <int kSmallRows, typename TA, typename TC>
 __global__ void __launch_bounds__(kSmallWarps * 32)
-    grouped_small_kernel(const TA* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, float* c,
+    grouped_small_kernel(const TA* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, TC* c,
                          int64_t ldc, int n, int k, const int64_t* bounds, float beta) {
   extern __shared__ __nv_bfloat16 xs[];  // [rows, k]
   const int g = blockIdx.x, first = static_cast<int>(bounds[g]), last = static_cast<int>(bounds[g + 1]);
@@ -116,10 +120,7 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
         if (r < rows) {
           float v = acc[r];
           for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-          if (lane == 0) {
-            float* out = c + static_cast<int64_t>(r0 + r) * ldc + j;
-            *out = beta == 0.0f ? v : v + beta * *out;
-          }
+          if (lane == 0) put_sum(c + static_cast<int64_t>(r0 + r) * ldc + j, v, beta);
         }
       }
     }
@@ -312,18 +313,17 @@ __device__ __forceinline__ void for_each_fragment(int m0, int n_warp, int M, int
 }
 
 // The block's tile at (m0, n0) of one product: kTM × kTileN of the M × N outputs over K, a
-// (k-contiguous if kAK) and b (k-contiguous if kBK) bf16, c f32 rows. kTM (128, 64 or 32) rows: a warp
-// takes kTM / 2 of them by 32 columns. Fewer rows a tile suit groups of few rows (MoE decode), where a
-// 128-row tile would spend its tensor-core time on rows past the group's end.
-template <bool kAK, bool kBK, int kTM = kTileM>
+// (k-contiguous if kAK) and b (k-contiguous if kBK) bf16, c f32 rows (or bf16: put_sum). kTM (128, 64
+// or 32) rows: a warp takes kTM / 2 of them by 32 columns. Fewer rows a tile suit groups of few rows
+// (MoE decode), where a 128-row tile would spend its tensor-core time on rows past the group's end.
+template <bool kAK, bool kBK, int kTM = kTileM, typename TC = float>
 __device__ __forceinline__ void tc_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
-                                        float* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta) {
+                                        TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta) {
   constexpr int kMi = kTM / 32;
   float acc[kMi][4][4];
   tc_accumulate<kAK, kBK, kTM>(acc, a, lda, b, ldb, M, N, K, m0, n0);
   for_each_fragment<kTM>(m0, n0 + threadIdx.x / 32 % 4 * 32, M, N, [&](int r, int col, int i, int j, int e) {
-    float* out = c + static_cast<int64_t>(r) * ldc + col;
-    *out = beta == 0.0f ? acc[i][j][e] : acc[i][j][e] + beta * *out;
+    put_sum(c + static_cast<int64_t>(r) * ldc + col, acc[i][j][e], beta);
   });
 }
 
@@ -363,16 +363,16 @@ __device__ __forceinline__ void find_row_tile(const int64_t* bounds, int groups,
 // c[r] = a[r] · op(w[g]) + beta · c[r] for the rows r of group g: blockIdx.x picks the column tile,
 // blockIdx.y the row tile (of kTM rows) counted over all groups in order (the grid has enough for any
 // bounds; blocks past the last group's tiles return).
-template <bool kBK, int kTM>
+template <bool kBK, int kTM, typename TC>
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_tc_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
-                      float* c, int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta) {
+                      TC* c, int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta) {
   __shared__ int tile_group, tile_row;
   find_row_tile<kTM>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
-  tc_tile<true, kBK, kTM>(a + r0 * lda, lda, w + g * ldw0, ldw, c + r0 * ldc, ldc,
+  tc_tile<true, kBK, kTM, TC>(a + r0 * lda, lda, w + g * ldw0, ldw, c + r0 * ldc, ldc,
                           static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * kTileN, beta);
 }
 
@@ -381,13 +381,23 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // sums that warps 2 and 3 hold the up sums for, fragment for fragment: they pass them through shared
 // memory, and the up warps write h. The same sums and the same expression as tc_tile then
 // silu_mul_forward, so the same bits.
+// With gu (not null), the sums themselves also go there rounded, gate columns then up columns ([M, 2N]
+// rows of stride ldgu): each warp writes its own. h is then made from the rounded sums, as
+// silu_mul_forward makes it from gu: what backward reads and what a backward that remakes h makes agree.
 template <int kTM>
 __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
-                                              int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh, int M,
-                                              int N, int K, int m0, int n0) {
+                                              int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
+                                              __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0) {
   constexpr int kMi = kTM / 32;
   float acc[kMi][4][4];
   tc_accumulate<true, true, kTM, true>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
+  if (gu != nullptr) {
+    const int wn = threadIdx.x / 32 % 4;  // warps 0, 1: gate columns; 2, 3: the same columns' up sums
+    __nv_bfloat16* half = gu + (wn < 2 ? 0 : N);
+    for_each_fragment<kTM>(m0, n0 + wn % 2 * 32, M, N, [&](int r, int col, int i, int j, int e) {
+      half[static_cast<int64_t>(r) * ldgu + col] = __float2bfloat16(acc[i][j][e]);
+    });
+  }
   extern __shared__ __align__(16) unsigned char gated_smem[];
   float* pass = reinterpret_cast<float*>(gated_smem);  // [wm][wn < 2][i][j][e][lane]
   static_assert(2 * 2 * kMi * 16 * 32 * sizeof(float) <= tc_smem<kTM>(), "the gate sums fit the pipeline's memory");
@@ -406,24 +416,30 @@ __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t ld
   __syncthreads();
   if (wn < 2) return;
   for_each_fragment<kTM>(m0, n0 + (wn - 2) * 32, M, N, [&](int r, int col, int i, int j, int e) {
-    const float gs = mine[((i * 4 + j) * 4 + e) * 32], us = acc[i][j][e];
+    float gs = mine[((i * 4 + j) * 4 + e) * 32], us = acc[i][j][e];
+    if (gu != nullptr) {
+      gs = __bfloat162float(__float2bfloat16(gs));
+      us = __bfloat162float(__float2bfloat16(us));
+    }
     h[static_cast<int64_t>(r) * ldh + col] = __float2bfloat16(gs / (1.0f + __expf(-gs)) * us);
   });
 }
 
-// h[r] = silu(a[r] · w[g][0:n]ᵀ) · (a[r] · w[g][n:2n]ᵀ) for the rows r of group g, bf16: blockIdx.x picks
-// n's column tile of kTileN / 2, blockIdx.y the row tile as in grouped_tc_kernel.
+// h[r] = silu(a[r] · w[g][0:n]ᵀ) · (a[r] · w[g][n:2n]ᵀ) for the rows r of group g, bf16 (and the products
+// into gu, rounded, unless it is null): blockIdx.x picks n's column tile of kTileN / 2, blockIdx.y the row
+// tile as in grouped_tc_kernel.
 template <int kTM>
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_gated_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
-                         __nv_bfloat16* h, int64_t ldh, const int64_t* bounds, int groups, int n, int k) {
+                         __nv_bfloat16* h, int64_t ldh, __nv_bfloat16* gu, int64_t ldgu, const int64_t* bounds,
+                         int groups, int n, int k) {
   __shared__ int tile_group, tile_row;
   find_row_tile<kTM>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
-  tc_gated_tile<kTM>(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, static_cast<int>(bounds[g + 1] - r0),
-                     n, k, tile_row, blockIdx.x * (kTileN / 2));
+  tc_gated_tile<kTM>(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, gu ? gu + r0 * ldgu : nullptr, ldgu,
+                     static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2));
 }
 
 // dw[g] [n, k] += dc[rows_g]ᵀ · a[rows_g]: blockIdx.z is the group; the sum runs over its rows.
@@ -573,9 +589,12 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   CHECK_EQ(w.dim(), 3);
   check_operand(a);
   check_operand(w);
-  check_device(c, DType::kF32);
+  check_device(c, c.dtype());
+  CHECK(c.dtype() == DType::kF32 || (c.dtype() == DType::kBF16 && beta == 0.0f))
+      << "grouped_gemm into " << dtype_name(c.dtype()) << " with beta " << beta;
   CHECK_EQ(w.stride(2), 1);
   const Rows A = rows_of(a), C = rows_of(c);
+  const bool c16 = c.dtype() == DType::kBF16;
   const int64_t groups = w.size(0), n = trans_w ? w.size(1) : w.size(2), k = trans_w ? w.size(2) : w.size(1);
   check_offsets(offsets, groups);
   CHECK_EQ(A.cols, k);
@@ -584,7 +603,8 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   // Counted as if every row is in a group (the bounds stay on the device).
   const int64_t rows = A.rows;
   Op op(this, "grouped_gemm", 2.0 * rows * n * k,
-        1.0 * dtype_size(a.dtype()) * rows * k + 4.0 * rows * n + 1.0 * dtype_size(w.dtype()) * groups * n * k);
+        1.0 * dtype_size(a.dtype()) * rows * k + 1.0 * dtype_size(c.dtype()) * rows * n +
+            1.0 * dtype_size(w.dtype()) * groups * n * k);
   if (rows == 0 || groups == 0) return;
   const bool bf16 = bf16_products(a, w);
   const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
@@ -593,19 +613,26 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   if (trans_w && w.dtype() == DType::kBF16 && fits && rows <= 4 * groups && k % 8 == 0 && w.stride(1) % 8 == 0 &&
       w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.raw()) % 16 == 0 && small_bytes <= 96 * 1024) {
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>((n + kSmallTile - 1) / kSmallTile));
-    const auto launch = [&](auto* tag) {
+    const auto launch = [&](auto* tag, auto* out) {
       using TA = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
-      const auto kernel = rows <= 2 * groups ? grouped_small_kernel<16, TA> : grouped_small_kernel<32, TA>;
+      using TC = std::remove_pointer_t<decltype(out)>;
+      const auto kernel = rows <= 2 * groups ? grouped_small_kernel<16, TA, TC> : grouped_small_kernel<32, TA, TC>;
       if (small_bytes > 48 * 1024)  // an opt-in, per device
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
       kernel<<<grid, kSmallWarps * 32, small_bytes, stream()>>>(
           static_cast<const TA*>(A.p), A.ld, static_cast<const __nv_bfloat16*>(w.raw()), w.stride(1), w.stride(0),
-          C.f(), C.ld, static_cast<int>(n), static_cast<int>(k), offsets.data<int64_t>(), beta);
+          static_cast<TC*>(C.p), C.ld, static_cast<int>(n), static_cast<int>(k), offsets.data<int64_t>(), beta);
+    };
+    const auto with_out = [&](auto* tag) {
+      if (c16)
+        launch(tag, static_cast<__nv_bfloat16*>(nullptr));
+      else
+        launch(tag, static_cast<float*>(nullptr));
     };
     if (a.dtype() == DType::kBF16)
-      launch(static_cast<__nv_bfloat16*>(nullptr));
+      with_out(static_cast<__nv_bfloat16*>(nullptr));
     else
-      launch(static_cast<float*>(nullptr));
+      with_out(static_cast<float*>(nullptr));
     CUDA_CHECK(cudaGetLastError());
     return;
   }
@@ -621,23 +648,38 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
     const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
                     static_cast<unsigned>((rows + tm - 1) / tm + groups));
     CHECK_LT(grid.y, 65536u) << "grouped_gemm: too many rows";
-    const auto pick = [&](auto tile) {
-      constexpr int kTM = decltype(tile)::value;
-      return trans_w ? grouped_tc_kernel<true, kTM> : grouped_tc_kernel<false, kTM>;
-    };
-    const auto kernel = tm == 32   ? pick(std::integral_constant<int, 32>())
-                        : tm == 64 ? pick(std::integral_constant<int, 64>())
-                                   : pick(std::integral_constant<int, 128>());
     const size_t smem = tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
-    set_tc_attributes(kernel, smem);
-    kernel<<<grid, kTcThreads, smem, stream()>>>(
-        static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0, C.f(),
-        C.ld, offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), beta);
+    const auto launch = [&](auto* out) {
+      using TC = std::remove_pointer_t<decltype(out)>;
+      const auto pick = [&](auto tile) {
+        constexpr int kTM = decltype(tile)::value;
+        return trans_w ? grouped_tc_kernel<true, kTM, TC> : grouped_tc_kernel<false, kTM, TC>;
+      };
+      const auto kernel = tm == 32   ? pick(std::integral_constant<int, 32>())
+                          : tm == 64 ? pick(std::integral_constant<int, 64>())
+                                     : pick(std::integral_constant<int, 128>());
+      set_tc_attributes(kernel, smem);
+      kernel<<<grid, kTcThreads, smem, stream()>>>(
+          static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
+          static_cast<TC*>(C.p), C.ld, offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n),
+          static_cast<int>(k), beta);
+    };
+    if (c16)
+      launch(static_cast<__nv_bfloat16*>(nullptr));
+    else
+      launch(static_cast<float*>(nullptr));
     CUDA_CHECK(cudaGetLastError());
     return;
   }
   // f32 or tf32 products (or operands the kernels cannot take): cuBLAS a group at a time, which needs
-  // the bounds on the host.
+  // the bounds on the host; into bf16 through f32 sums rounded once.
+  if (c16) {
+    Tensor c32 = empty(c.shape(), DType::kF32);
+    copy(c, c32);  // rows outside the groups round-trip exactly
+    grouped_gemm(a, w, trans_w, offsets, c32, 0.0f);
+    copy(c32, c);
+    return;
+  }
   const std::vector<int64_t> o = host_offsets(offsets, rows);
   const cublasComputeType_t ct = operand_compute(oa, opt_.gemm);
   const auto& sides = fork_sides();
@@ -650,7 +692,8 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   join_sides();
 }
 
-void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h) {
+void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
+                                  Tensor* gate_up) {
   CHECK_EQ(w.dim(), 3);
   check_operand(a);
   check_operand(w);
@@ -663,23 +706,32 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   CHECK_EQ(A.cols, k);
   CHECK_EQ(H.cols, n);
   CHECK_EQ(A.rows, H.rows);
+  Rows GU{nullptr, 0, 0, 0};
+  if (gate_up != nullptr) {
+    CHECK(gate_up->dtype() == DType::kBF16) << "grouped_gate_up's products go out in bf16, not "
+                                            << dtype_name(gate_up->dtype());
+    check_device(*gate_up, DType::kBF16);
+    GU = rows_of(*gate_up);
+    CHECK(GU.rows == A.rows && GU.cols == 2 * n) << "grouped_gate_up: gate_up " << shape_str(gate_up->shape());
+  }
   const int64_t rows = A.rows;
   const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
   // Few rows a group take grouped_gemm's weight-streaming kernel, and f32 products cuBLAS: those run
   // as the reference composition does.
   const bool bf16 = bf16_products(a, w);
   if (groups == 0 || rows <= 4 * groups || !fits || !bf16 || w.stride(2) != 1 || groups >= 65535) {
-    Backend::grouped_gate_up(a, w, offsets, h);
+    Backend::grouped_gate_up(a, w, offsets, h, gate_up);
     return;
   }
   Tensor ka, kw;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ow = gemm_operand(w, bf16, groups * w.size(1), k, w.stride(1), w.size(1), w.stride(0), kw);
   if (!tc_operand(oa, k) || !tc_operand(ow, k)) {
-    Backend::grouped_gate_up(a, w, offsets, h);
+    Backend::grouped_gate_up(a, w, offsets, h, gate_up);
     return;
   }
-  Op op(this, "grouped_gate_up", 4.0 * rows * n * k, 2.0 * rows * (k + n) + 2.0 * groups * 2 * n * k);
+  Op op(this, "grouped_gate_up", 4.0 * rows * n * k,
+        2.0 * rows * (k + n) + 2.0 * groups * 2 * n * k + (gate_up ? 4.0 * rows * n : 0.0));
   const int64_t mean = rows / groups;
   const int tm = mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
   const dim3 grid(static_cast<unsigned>((n + kTileN / 2 - 1) / (kTileN / 2)),
@@ -690,7 +742,8 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   set_tc_attributes(kernel, smem);
   kernel<<<grid, kTcThreads, smem, stream()>>>(static_cast<const __nv_bfloat16*>(oa.p), oa.ld,
                                                  static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
-                                                 static_cast<__nv_bfloat16*>(H.p), H.ld, offsets.data<int64_t>(),
+                                                 static_cast<__nv_bfloat16*>(H.p), H.ld,
+                                                 static_cast<__nv_bfloat16*>(GU.p), GU.ld, offsets.data<int64_t>(),
                                                  static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k));
   CUDA_CHECK(cudaGetLastError());
 }

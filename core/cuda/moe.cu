@@ -148,24 +148,71 @@ __global__ void route_backward_kernel(const float* dw, const float* scores, cons
   }
 }
 
-// Block e: the rank of every assignment to expert e among those before it (a block-wide scan over the
-// assignments in order), and the count of e.
 constexpr int kScanThreads = 256;
-__global__ void expert_rank_kernel(const int32_t* idx, int64_t n, int32_t* rank, int64_t* counts) {
-  using Scan = cub::BlockScan<int, kScanThreads>;
+
+// Ranks in chunks of kScanThreads assignments (block c takes chunk c): the rank of each assignment among
+// the assignments to its expert before it in the chunk (lanes of a warp with the same expert find each
+// other with __match_any_sync; the warps before count in shared memory), and each expert's count in the
+// chunk, into counts [E][C] (expert-major). Assignments to no expert (outside [0, E)) take no rank.
+__global__ void chunk_rank_kernel(const int32_t* idx, int64_t n, int n_experts, int32_t* rank, int32_t* counts) {
+  constexpr int kWarps = kScanThreads / 32;
+  extern __shared__ int warp_counts[];  // [kWarps][n_experts]
+  for (int i = threadIdx.x; i < kWarps * n_experts; i += kScanThreads) warp_counts[i] = 0;
+  __syncthreads();
+  const int64_t a = static_cast<int64_t>(blockIdx.x) * kScanThreads + threadIdx.x;
+  const int32_t e = a < n ? idx[a] : -1;
+  const bool valid = e >= 0 && e < n_experts;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned same = __match_any_sync(0xffffffffu, valid ? e : -1);
+  const int before = __popc(same & ((1u << lane) - 1u));
+  if (valid && before == 0) warp_counts[warp * n_experts + e] = __popc(same);
+  __syncthreads();
+  if (valid) {
+    int r = before;
+    for (int w = 0; w < warp; ++w) r += warp_counts[w * n_experts + e];
+    rank[a] = r;
+  }
+  for (int g = threadIdx.x; g < n_experts; g += kScanThreads) {
+    int c = 0;
+    for (int w = 0; w < kWarps; ++w) c += warp_counts[w * n_experts + g];
+    counts[static_cast<int64_t>(g) * gridDim.x + blockIdx.x] = c;
+  }
+}
+
+// One block of kStartThreads: starts[g][c] = the first row of expert g's assignments of chunk c, the
+// exclusive prefix sum of counts in expert-major order; offsets[g] = starts[g][0], offsets[E] = n's
+// assignments to experts.
+constexpr int kStartThreads = 1024;
+__global__ void __launch_bounds__(kStartThreads)
+    chunk_starts_kernel(const int32_t* counts, int n_experts, int64_t chunks, int64_t* starts, int64_t* offsets) {
+  using Scan = cub::BlockScan<int64_t, kStartThreads>;
   __shared__ typename Scan::TempStorage temp;
-  const int e = blockIdx.x;
-  int base = 0;
-  for (int64_t a0 = 0; a0 < n; a0 += kScanThreads) {
-    const int64_t a = a0 + threadIdx.x;
-    const int flag = a < n && idx[a] == e ? 1 : 0;
-    int pre = 0, total = 0;
-    Scan(temp).ExclusiveSum(flag, pre, total);
-    if (flag) rank[a] = base + pre;
-    base += total;
+  const int64_t total = n_experts * chunks;
+  int64_t carry = 0;
+  for (int64_t j0 = 0; j0 < total; j0 += kStartThreads) {
+    const int64_t j = j0 + threadIdx.x;
+    int64_t before = 0, tile = 0;
+    Scan(temp).ExclusiveSum(j < total ? static_cast<int64_t>(counts[j]) : 0, before, tile);
+    if (j < total) {
+      starts[j] = carry + before;
+      if (j % chunks == 0) offsets[j / chunks] = carry + before;
+    }
+    carry += tile;
     __syncthreads();
   }
-  if (threadIdx.x == 0) counts[e] = base;
+  if (threadIdx.x == 0) offsets[n_experts] = carry;
+}
+
+// cols elements of a row from src to dst: 16 bytes a thread at a time where both allow (vec16).
+template <typename T>
+__device__ __forceinline__ void copy_row(const T* src, T* dst, int64_t cols, bool vec16) {
+  if (vec16) {
+    const int64_t chunks = cols * static_cast<int64_t>(sizeof(T)) / 16;
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x)
+      reinterpret_cast<int4*>(dst)[c] = reinterpret_cast<const int4*>(src)[c];
+  } else {
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+  }
 }
 
 // The group bounds from the experts' counts, by one block of kScanThreads: offsets[g] = Σ_{g' < g}
@@ -185,44 +232,27 @@ __device__ void write_bounds(const C* counts, int n_experts, int64_t* offsets, B
   if (threadIdx.x == 0) offsets[0] = 0;
 }
 
-// Block a: row_of[a] = Σ_{g < idx[a]} counts[g] + rank[a]; xs[row] = x[a / K]. Block 0 also writes the
-// group bounds, offsets[g] = Σ_{g' < g} counts[g'], for the products after it. kScanThreads threads.
+// Block a: row_of[a] = starts[idx[a]][a / kScanThreads] + rank[a]; xs[row] = x[a / K].
 template <typename T>
 __global__ void dispatch_kernel(const T* x, int64_t ldx, const int32_t* idx, const int32_t* rank,
-                                const int64_t* counts, int64_t* offsets, int64_t k, int64_t cols, int32_t* row_of,
-                                T* xs, int64_t ldxs, int n_experts) {
-  using Reduce = cub::BlockReduce<int64_t, kScanThreads>;
-  __shared__ union {
-    typename BoundsScan::TempStorage scan;
-    typename Reduce::TempStorage reduce;
-  } temp;
-  __shared__ int64_t start;
+                                const int64_t* starts, int64_t chunks, int64_t k, int64_t cols, int32_t* row_of, T* xs,
+                                int64_t ldxs, int n_experts, bool vec16) {
   const int64_t a = blockIdx.x;
-  if (a == 0) write_bounds(counts, n_experts, offsets, temp.scan);
   const int32_t e = idx[a];
   if (e < 0 || e >= n_experts) return;  // the whole block alike
-  int64_t before = 0;  // thread 0's
-  for (int g0 = 0; g0 < e; g0 += kScanThreads) {
-    const int g = g0 + static_cast<int>(threadIdx.x);
-    before += Reduce(temp.reduce).Sum(g < e ? counts[g] : 0);
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) start = before;
-  __syncthreads();
-  const int64_t row = start + rank[a];
+  const int64_t row = starts[e * chunks + a / kScanThreads] + rank[a];
   if (threadIdx.x == 0) row_of[a] = static_cast<int32_t>(row);
-  const T* src = x + (a / k) * ldx;
-  T* dst = xs + row * ldxs;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+  copy_row(x + (a / k) * ldx, xs + row * ldxs, cols, vec16);
 }
 
-// The same for few assignments (n ≤ kSmallDispatch), without the rank kernel before it: block a counts
+// The same for few assignments (n ≤ kSmallDispatch), without the rank kernels before it: block a counts
 // the assignments to idx[a] before a and those to lower experts itself, one pass over idx, and block 0
 // counts every expert's (shared-memory integer atomics: exact) for the bounds.
 constexpr int64_t kSmallDispatch = 2048;
 template <typename T>
 __global__ void dispatch_small_kernel(const T* x, int64_t ldx, const int32_t* idx, int64_t n, int64_t* offsets,
-                                      int64_t k, int64_t cols, int32_t* row_of, T* xs, int64_t ldxs, int n_experts) {
+                                      int64_t k, int64_t cols, int32_t* row_of, T* xs, int64_t ldxs, int n_experts,
+                                      bool vec16) {
   using Reduce = cub::BlockReduce<long long, kScanThreads>;
   __shared__ union {
     typename Reduce::TempStorage reduce;
@@ -253,9 +283,7 @@ __global__ void dispatch_small_kernel(const T* x, int64_t ldx, const int32_t* id
   __syncthreads();
   const int64_t row = (both >> 32) + (both & 0xffffffffll);
   if (threadIdx.x == 0) row_of[a] = static_cast<int32_t>(row);
-  const T* src = x + (a / k) * ldx;
-  T* dst = xs + row * ldxs;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+  copy_row(x + (a / k) * ldx, xs + row * ldxs, cols, vec16);
 }
 
 // dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order).
@@ -269,13 +297,17 @@ __global__ void dispatch_backward_kernel(const float* dxs, int64_t ldxs, const i
   }
 }
 
-// out[m] += Σ_k w[m, k] · ys[row_of[m·K + k]].
-__global__ void combine_kernel(const float* ys, int64_t ldy, const float* w, const int32_t* row_of, int64_t k,
+__device__ __forceinline__ float as_f32(float v) { return v; }
+__device__ __forceinline__ float as_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// out[m] += Σ_k w[m, k] · ys[row_of[m·K + k]] (ys f32 or bf16).
+template <typename TY>
+__global__ void combine_kernel(const TY* ys, int64_t ldy, const float* w, const int32_t* row_of, int64_t k,
                                float* out, int64_t ldo, int64_t cols) {
   const int64_t m = blockIdx.x;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     float acc = out[m * ldo + c];
-    for (int64_t j = 0; j < k; ++j) acc += w[m * k + j] * ys[row_of[m * k + j] * ldy + c];
+    for (int64_t j = 0; j < k; ++j) acc += w[m * k + j] * as_f32(ys[row_of[m * k + j] * ldy + c]);
     out[m * ldo + c] = acc;
   }
 }
@@ -302,9 +334,9 @@ __device__ __forceinline__ T round_to(float v) {
   else return __float2bfloat16_rn(v);
 }
 
-// dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row].
-template <typename T>
-__global__ void combine_backward_kernel(const float* dout, int64_t ldo, const float* ys, int64_t ldy, const float* w,
+// dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (ys f32 or bf16).
+template <typename T, typename TY>
+__global__ void combine_backward_kernel(const float* dout, int64_t ldo, const TY* ys, int64_t ldy, const float* w,
                                         const int32_t* row_of, int64_t k, T* dys, int64_t lddy, float* dw,
                                         int64_t cols) {
   const int64_t m = blockIdx.x;
@@ -315,7 +347,7 @@ __global__ void combine_backward_kernel(const float* dout, int64_t ldo, const fl
     float dot = 0;
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
       dys[row * lddy + c] = round_to<T>(wk * g[c]);
-      dot += g[c] * ys[row * ldy + c];
+      dot += g[c] * as_f32(ys[row * ldy + c]);
     }
     dot = block_sum256(dot);
     if (threadIdx.x == 0) dw[m * k + j] = dot;
@@ -337,18 +369,34 @@ __device__ float block_max256(float v) {
   return total;
 }
 
-// lp[m] = logits[m, target] - logsumexp(logits[m]) (one block per row).
+// lp[m] = logits[m, target] - logsumexp(logits[m]) (one block per row), in one pass over the row: each
+// thread keeps a running maximum and its sum of exponentials (rescaled when the maximum grows), then the
+// threads' pairs combine. 4 logits a load where the rows allow (vec4).
 __global__ void logprobs_forward_kernel(const float* logits, int64_t ld, int64_t v, const int32_t* targets, float* lp,
-                                        float* lse) {
+                                        float* lse, bool vec4) {
   const float* l = logits + blockIdx.x * ld;
-  float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, l[j]);
-  mx = block_max256(mx);
-  float sum = 0;
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) sum += expf(l[j] - mx);
-  sum = block_sum256(sum);
+  float mx = -INFINITY, sum = 0.0f;
+  const auto take = [&](float x) {
+    if (x > mx) {
+      sum = sum * expf(mx - x) + 1.0f;
+      mx = x;
+    } else if (mx != -INFINITY) {  // (x and mx both -inf: nothing to add)
+      sum += expf(x - mx);
+    }
+  };
+  const int64_t body = vec4 ? v / 4 * 4 : 0;
+  for (int64_t j = 4 * threadIdx.x; j < body; j += 4 * blockDim.x) {
+    const float4 x = *reinterpret_cast<const float4*>(l + j);
+    take(x.x);
+    take(x.y);
+    take(x.z);
+    take(x.w);
+  }
+  for (int64_t j = body + threadIdx.x; j < v; j += blockDim.x) take(l[j]);
+  const float row_max = block_max256(mx);
+  sum = block_sum256(mx == -INFINITY ? 0.0f : sum * expf(mx - row_max));
   if (threadIdx.x == 0) {
-    const float ls = mx + logf(sum);
+    const float ls = row_max + logf(sum);
     const int32_t t = targets[blockIdx.x];
     lse[blockIdx.x] = ls;
     lp[blockIdx.x] = t >= 0 && t < v ? l[t] - ls : NAN;
@@ -472,6 +520,9 @@ void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts
   }
   offsets = empty({n_experts + 1}, DType::kI64);
   Op op(this, "moe_dispatch", 0, 2.0 * n * X.cols * dtype_size(x.dtype()));
+  const int64_t es = static_cast<int64_t>(dtype_size(x.dtype()));
+  const bool vec16 = (X.cols * es) % 16 == 0 && (X.ld * es) % 16 == 0 && (XS.ld * es) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(X.p) % 16 == 0 && reinterpret_cast<uintptr_t>(XS.p) % 16 == 0;
   if (n <= kSmallDispatch) {
     const size_t hist = sizeof(int) * static_cast<size_t>(n_experts);
     CHECK_LE(hist, 48u * 1024) << "moe_dispatch: " << n_experts << " experts";
@@ -479,7 +530,7 @@ void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts
       using T = std::remove_pointer_t<decltype(tag)>;
       dispatch_small_kernel<T><<<static_cast<unsigned>(n), kScanThreads, hist, stream()>>>(
           static_cast<const T*>(X.p), X.ld, idx.data<int32_t>(), n, offsets.data<int64_t>(), k, X.cols,
-          row_of.data<int32_t>(), static_cast<T*>(XS.p), XS.ld, n_experts);
+          row_of.data<int32_t>(), static_cast<T*>(XS.p), XS.ld, n_experts, vec16);
     };
     if (x.dtype() == DType::kBF16) {
       launch(static_cast<__nv_bfloat16*>(nullptr));
@@ -489,22 +540,27 @@ void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts
     CUDA_CHECK(cudaGetLastError());
     return;
   }
-  // Every assignment to an expert gets its rank and every expert its count (blocks of experts no
-  // assignment names write 0); dispatch writes the bounds whole.
-  Tensor rank = empty({n}, DType::kI32), counts = empty({n_experts}, DType::kI64);
-  int64_t* cnt = counts.data<int64_t>();
-  int64_t* off = offsets.data<int64_t>();
-  expert_rank_kernel<<<static_cast<unsigned>(n_experts), kScanThreads, 0, stream()>>>(idx.data<int32_t>(), n,
-                                                                                     rank.data<int32_t>(), cnt);
+  // Ranks within chunks of assignments and each chunk's count a expert, then every (expert, chunk)'s
+  // first row and the bounds (one scan), then the rows move.
+  const int64_t chunks = (n + kScanThreads - 1) / kScanThreads;
+  const size_t warp_counts = sizeof(int) * (kScanThreads / 32) * static_cast<size_t>(n_experts);
+  CHECK_LE(warp_counts, 48u * 1024) << "moe_dispatch: " << n_experts << " experts";
+  Tensor rank = empty({n}, DType::kI32), counts = empty({n_experts * chunks}, DType::kI32),
+         starts = empty({n_experts * chunks}, DType::kI64);
+  chunk_rank_kernel<<<static_cast<unsigned>(chunks), kScanThreads, warp_counts, stream()>>>(
+      idx.data<int32_t>(), n, n_experts, rank.data<int32_t>(), counts.data<int32_t>());
+  chunk_starts_kernel<<<1, kStartThreads, 0, stream()>>>(counts.data<int32_t>(), n_experts, chunks,
+                                                         starts.data<int64_t>(), offsets.data<int64_t>());
+  const auto launch = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_kernel<T><<<static_cast<unsigned>(n), kScanThreads, 0, stream()>>>(
+        static_cast<const T*>(X.p), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), starts.data<int64_t>(), chunks,
+        k, X.cols, row_of.data<int32_t>(), static_cast<T*>(XS.p), XS.ld, n_experts, vec16);
+  };
   if (x.dtype() == DType::kBF16) {
-    using B = __nv_bfloat16;
-    dispatch_kernel<B><<<static_cast<unsigned>(n), kScanThreads, 0, stream()>>>(
-        static_cast<const B*>(X.p), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), cnt, off, k, X.cols,
-        row_of.data<int32_t>(), static_cast<B*>(XS.p), XS.ld, n_experts);
+    launch(static_cast<__nv_bfloat16*>(nullptr));
   } else {
-    dispatch_kernel<float><<<static_cast<unsigned>(n), kScanThreads, 0, stream()>>>(
-        X.f(), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), cnt, off, k, X.cols, row_of.data<int32_t>(), XS.f(),
-        XS.ld, n_experts);
+    launch(static_cast<float*>(nullptr));
   }
   CUDA_CHECK(cudaGetLastError());
 }
@@ -526,9 +582,16 @@ void CudaBackend::moe_combine(const Tensor& ys, const Tensor& weights, const Ten
   check_device(row_of, DType::kI32);
   const int64_t k = weights.size(1);
   if (O.rows == 0) return;
-  Op op(this, "moe_combine", 2.0 * k * O.rows * O.cols, 4.0 * (k + 2) * O.rows * O.cols);
-  combine_kernel<<<static_cast<unsigned>(O.rows), 256, 0, stream()>>>(Y.f(), Y.ld, weights.f32(),
-                                                                       row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
+  CHECK(ys.dtype() == DType::kF32 || ys.dtype() == DType::kBF16) << "moe_combine of " << dtype_name(ys.dtype());
+  check_device(out, DType::kF32);
+  Op op(this, "moe_combine", 2.0 * k * O.rows * O.cols, (dtype_size(ys.dtype()) * k + 8.0) * O.rows * O.cols);
+  const unsigned grid = static_cast<unsigned>(O.rows);
+  if (ys.dtype() == DType::kBF16)
+    combine_kernel<<<grid, 256, 0, stream()>>>(static_cast<const __nv_bfloat16*>(Y.p), Y.ld, weights.f32(),
+                                               row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
+  else
+    combine_kernel<<<grid, 256, 0, stream()>>>(Y.f(), Y.ld, weights.f32(), row_of.data<int32_t>(), k, O.f(), O.ld,
+                                               O.cols);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -536,7 +599,7 @@ void CudaBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, con
                                        const Tensor& row_of, Tensor& dys, Tensor& dweights) {
   const Rows G = rows_of(dout), Y = rows_of(ys), DY = rows_of(dys);
   check_device(dout, DType::kF32);
-  check_device(ys, DType::kF32);
+  CHECK(ys.dtype() == DType::kF32 || ys.dtype() == DType::kBF16) << "ys of dtype " << dtype_name(ys.dtype());
   check_device(weights, DType::kF32);
   check_device(dweights, DType::kF32);
   check_device(row_of, DType::kI32);
@@ -546,13 +609,23 @@ void CudaBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, con
   Op op(this, "moe_combine_backward", 4.0 * k * G.rows * G.cols,
         (8.0 + dtype_size(dys.dtype())) * k * G.rows * G.cols + 4.0 * G.rows * G.cols);
   const unsigned grid = static_cast<unsigned>(G.rows);
-  if (dys.dtype() == DType::kBF16)
-    combine_backward_kernel<<<grid, 256, 0, stream()>>>(G.f(), G.ld, Y.f(), Y.ld, weights.f32(),
-                                                        row_of.data<int32_t>(), k,
-                                                        static_cast<__nv_bfloat16*>(DY.p), DY.ld, dweights.f32(), G.cols);
+  const auto launch = [&](auto* ty, auto* td) {
+    using TY = std::remove_pointer_t<decltype(ty)>;
+    using T = std::remove_pointer_t<decltype(td)>;
+    combine_backward_kernel<T, TY><<<grid, 256, 0, stream()>>>(G.f(), G.ld, static_cast<const TY*>(Y.p), Y.ld,
+                                                               weights.f32(), row_of.data<int32_t>(), k,
+                                                               static_cast<T*>(DY.p), DY.ld, dweights.f32(), G.cols);
+  };
+  const auto with_dys = [&](auto* ty) {
+    if (dys.dtype() == DType::kBF16)
+      launch(ty, static_cast<__nv_bfloat16*>(nullptr));
+    else
+      launch(ty, static_cast<float*>(nullptr));
+  };
+  if (ys.dtype() == DType::kBF16)
+    with_dys(static_cast<__nv_bfloat16*>(nullptr));
   else
-    combine_backward_kernel<<<grid, 256, 0, stream()>>>(G.f(), G.ld, Y.f(), Y.ld, weights.f32(),
-                                                        row_of.data<int32_t>(), k, DY.f(), DY.ld, dweights.f32(), G.cols);
+    with_dys(static_cast<float*>(nullptr));
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -564,9 +637,9 @@ void CudaBackend::logprobs_forward(const Tensor& logits, const Tensor& targets, 
   CHECK(targets.numel() == L.rows && lp.numel() == L.rows && lse.numel() == L.rows);
   if (L.rows == 0) return;
   Op op(this, "logprobs", 3.0 * L.rows * L.cols, 4.0 * L.rows * L.cols);
-  logprobs_forward_kernel<<<static_cast<unsigned>(L.rows), 256, 0, stream()>>>(L.f(), L.ld, L.cols,
-                                                                                targets.data<int32_t>(), lp.f32(),
-                                                                                lse.f32());
+  const bool vec4 = L.ld % 4 == 0 && reinterpret_cast<uintptr_t>(L.p) % 16 == 0;
+  logprobs_forward_kernel<<<static_cast<unsigned>(L.rows), 256, 0, stream()>>>(
+      L.f(), L.ld, L.cols, targets.data<int32_t>(), lp.f32(), lse.f32(), vec4);
   CUDA_CHECK(cudaGetLastError());
 }
 

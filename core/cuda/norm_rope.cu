@@ -17,6 +17,51 @@ __device__ __forceinline__ void store(T* p, float v) { *p = v; }
 template <>
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
+// kV (1 or 4) consecutive elements at p, as floats (4: one 16-byte f32 or 8-byte bf16 access).
+template <int kV>
+__device__ __forceinline__ void loadv(const float* p, float* o) {
+  if constexpr (kV == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
+  } else {
+    o[0] = *p;
+  }
+}
+template <int kV>
+__device__ __forceinline__ void loadv(const __nv_bfloat16* p, float* o) {
+  if constexpr (kV == 4) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+    o[0] = a.x, o[1] = a.y, o[2] = b.x, o[3] = b.y;
+  } else {
+    o[0] = __bfloat162float(*p);
+  }
+}
+template <int kV>
+__device__ __forceinline__ void storev(float* p, const float* v) {
+  if constexpr (kV == 4) *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  else *p = v[0];
+}
+template <int kV>
+__device__ __forceinline__ void storev(__nv_bfloat16* p, const float* v) {
+  if constexpr (kV == 4) {
+    const __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
+    uint2 u;
+    u.x = *reinterpret_cast<const uint32_t*>(&a);
+    u.y = *reinterpret_cast<const uint32_t*>(&b);
+    *reinterpret_cast<uint2*>(p) = u;
+  } else {
+    *p = __float2bfloat16(v[0]);
+  }
+}
+
+// Whether rows of `cols` elements at p (row stride ld) can go 4 elements an access: cols and ld
+// multiples of 4, p aligned to 4 elements' bytes.
+bool rows_by4(const void* p, int64_t cols, int64_t ld, size_t elem) {
+  return cols % 4 == 0 && ld % 4 == 0 && reinterpret_cast<uintptr_t>(p) % (4 * elem) == 0;
+}
+
 constexpr int kThreads = 256;
 
 // Sum over a block of kThreads threads; the result is valid in every thread.
@@ -110,28 +155,41 @@ __global__ void column_sum_kernel(const float* partial, int splits, int d, float
   dw[i] += acc;
 }
 
-// h = silu(g) · u over gu = [g | u] (h in its own dtype, as y above).
-template <typename T, typename TH>
+// h = silu(g) · u over gu = [g | u] (h in its own dtype, as y above), kV elements a thread.
+template <typename T, typename TH, int kV>
 __global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, TH* h, int64_t ldh, int64_t rows, int inter) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * inter) return;
-  const int64_t r = i / inter, c = i % inter;
-  const float g = load(gu + r * ldgu + c), u = load(gu + r * ldgu + inter + c);
-  store(h + r * ldh + c, g / (1.0f + __expf(-g)) * u);
+  const int per = inter / kV;
+  if (i >= rows * per) return;
+  const int64_t r = i / per, c = (i % per) * kV;
+  float g[kV], u[kV], out[kV];
+  loadv<kV>(gu + r * ldgu + c, g);
+  loadv<kV>(gu + r * ldgu + inter + c, u);
+#pragma unroll
+  for (int e = 0; e < kV; ++e) out[e] = g[e] / (1.0f + __expf(-g[e])) * u[e];
+  storev<kV>(h + r * ldh + c, out);
 }
 
-// d silu(g)/dg = s(g) · (1 + g · (1 - s(g))); dgu written in its own dtype.
-template <typename T, typename TD>
-__global__ void silu_mul_backward_kernel(const T* dh, int64_t lddh, const T* gu, int64_t ldgu, TD* dgu,
+// d silu(g)/dg = s(g) · (1 + g · (1 - s(g))); each operand in its own dtype, kV elements a thread.
+template <typename TH, typename T, typename TD, int kV>
+__global__ void silu_mul_backward_kernel(const TH* dh, int64_t lddh, const T* gu, int64_t ldgu, TD* dgu,
                                          int64_t lddgu, int64_t rows, int inter) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * inter) return;
-  const int64_t r = i / inter, c = i % inter;
-  const float g = load(gu + r * ldgu + c), u = load(gu + r * ldgu + inter + c), d = load(dh + r * lddh + c);
-  const float s = 1.0f / (1.0f + __expf(-g));
-  TD* dg = dgu + r * lddgu + c;
-  store(dg, d * u * s * (1.0f + g * (1.0f - s)));
-  store(dg + inter, d * g * s);
+  const int per = inter / kV;
+  if (i >= rows * per) return;
+  const int64_t r = i / per, c = (i % per) * kV;
+  float g[kV], u[kV], d[kV], dg[kV], du[kV];
+  loadv<kV>(gu + r * ldgu + c, g);
+  loadv<kV>(gu + r * ldgu + inter + c, u);
+  loadv<kV>(dh + r * lddh + c, d);
+#pragma unroll
+  for (int e = 0; e < kV; ++e) {
+    const float s = 1.0f / (1.0f + __expf(-g[e]));
+    dg[e] = d[e] * u[e] * s * (1.0f + g[e] * (1.0f - s));
+    du[e] = d[e] * g[e] * s;
+  }
+  storev<kV>(dgu + r * lddgu + c, dg);
+  storev<kV>(dgu + r * lddgu + inter + c, du);
 }
 
 // (a, b) -> (a c - b s, a s + b c), with the fused multiply-adds spelled out so that every kernel that
@@ -348,30 +406,49 @@ void CudaBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
   dispatch2(gu.dtype(), h.dtype(), [&](auto* ti, auto* to) {
     using T = std::remove_pointer_t<decltype(ti)>;
     using TH = std::remove_pointer_t<decltype(to)>;
-    silu_mul_forward_kernel<T, TH><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
-        static_cast<const T*>(GU.p), GU.ld, static_cast<TH*>(H.p), H.ld, H.rows, static_cast<int>(H.cols));
+    const bool by4 = rows_by4(GU.p, H.cols, GU.ld, sizeof(T)) && rows_by4(H.p, H.cols, H.ld, sizeof(TH));
+    if (by4)
+      silu_mul_forward_kernel<T, TH, 4><<<blocks(n / 4, kThreads), kThreads, 0, stream()>>>(
+          static_cast<const T*>(GU.p), GU.ld, static_cast<TH*>(H.p), H.ld, H.rows, static_cast<int>(H.cols));
+    else
+      silu_mul_forward_kernel<T, TH, 1><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
+          static_cast<const T*>(GU.p), GU.ld, static_cast<TH*>(H.p), H.ld, H.rows, static_cast<int>(H.cols));
   });
   CUDA_CHECK(cudaGetLastError());
 }
 
 void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) {
   const Rows DH = rows_of(dh), GU = rows_of(gu), DG = rows_of(dgu);
-  check_device(dh, gu.dtype());
+  check_device(dh, dh.dtype());
+  check_device(gu, gu.dtype());
   check_device(dgu, dgu.dtype());
-  CHECK(dgu.dtype() == gu.dtype() || dgu.dtype() == DType::kBF16)
-      << "silu_mul_backward of " << dtype_name(gu.dtype()) << " into " << dtype_name(dgu.dtype());
+  CHECK(dgu.dtype() == DType::kF32 || dgu.dtype() == DType::kBF16)
+      << "silu_mul_backward into " << dtype_name(dgu.dtype());
+  CHECK(dh.dtype() == gu.dtype() || (dh.dtype() == DType::kF32 && gu.dtype() == DType::kBF16))
+      << "silu_mul_backward: dh " << dtype_name(dh.dtype()) << " with gu " << dtype_name(gu.dtype());
   CHECK_EQ(GU.cols, 2 * DH.cols);
   CHECK_EQ(DG.cols, 2 * DH.cols);
   CHECK(GU.rows == DH.rows && DG.rows == DH.rows);
   const int64_t n = DH.rows * DH.cols;
   if (n == 0) return;
-  Op op(this, "silu_mul_backward", 12.0 * n, 1.0 * n * (3 * dtype_size(gu.dtype()) + 2 * dtype_size(dgu.dtype())));
-  dispatch2(gu.dtype(), dgu.dtype(), [&](auto* ti, auto* to) {
-    using T = std::remove_pointer_t<decltype(ti)>;
-    using TD = std::remove_pointer_t<decltype(to)>;
-    silu_mul_backward_kernel<T, TD><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
-        static_cast<const T*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
-        DH.rows, static_cast<int>(DH.cols));
+  Op op(this, "silu_mul_backward", 12.0 * n,
+        1.0 * n * (dtype_size(dh.dtype()) + 2 * dtype_size(gu.dtype()) + 2 * dtype_size(dgu.dtype())));
+  dispatch(dh.dtype(), [&](auto* th) {
+    dispatch2(gu.dtype(), dgu.dtype(), [&](auto* ti, auto* to) {
+      using TH = std::remove_pointer_t<decltype(th)>;
+      using T = std::remove_pointer_t<decltype(ti)>;
+      using TD = std::remove_pointer_t<decltype(to)>;
+      const bool by4 = rows_by4(DH.p, DH.cols, DH.ld, sizeof(TH)) && rows_by4(GU.p, DH.cols, GU.ld, sizeof(T)) &&
+                       rows_by4(DG.p, DH.cols, DG.ld, sizeof(TD));
+      if (by4)
+        silu_mul_backward_kernel<TH, T, TD, 4><<<blocks(n / 4, kThreads), kThreads, 0, stream()>>>(
+            static_cast<const TH*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
+            DH.rows, static_cast<int>(DH.cols));
+      else
+        silu_mul_backward_kernel<TH, T, TD, 1><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
+            static_cast<const TH*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
+            DH.rows, static_cast<int>(DH.cols));
+    });
   });
   CUDA_CHECK(cudaGetLastError());
 }

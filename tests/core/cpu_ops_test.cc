@@ -1,5 +1,6 @@
 // The CPU reference ops: forward against direct formulas, backward against finite differences.
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <set>
 
@@ -132,6 +133,11 @@ TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
         for (int64_t p = 0; p < 4; ++p) s += a.f32()[r * 4 + p] * w.f32()[(g * 5 + j) * 4 + p];
         EXPECT_NEAR(c.f32()[r * 5 + j], s, 1e-5);
       }
+  // Into bf16: the f32 sums rounded once.
+  Tensor c16 = Tensor::zeros({7, 5}, DType::kBF16);
+  be_->grouped_gemm(a, w, true, bounds, c16);
+  const Tensor want16 = c.to(DType::kBF16);
+  EXPECT_EQ(std::memcmp(c16.raw(), want16.raw(), 7 * 5 * 2), 0);
   // The weight gradient of c = a · w[g]ᵀ with respect to w under S = Σ dc·c.
   Tensor dc = randn({7, 5}, rng_), dw = Tensor::zeros({3, 5, 4});
   be_->grouped_gemm_wgrad(dc, a, bounds, dw);

@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "model/model.h"
 #include "tests/test_util.h"
+#include "trainer/optimizer.h"
 #include "trainer/parity.h"
 
 namespace r1lab::core {
@@ -122,6 +123,30 @@ TEST_F(CudaBackendTest, MemoryOpsOnStridedViews) {
   cpu_->add(row.expand({3, 4, 7, 9}), y, -0.5f);
   gpu_->add(grow.expand({3, 4, 7, 9}), gy, -0.5f);
   EXPECT_CLOSE(gb, b, 1e-7);
+  // The same where groups of 4 elements line up (4 at a time): f32 copies, f32 -> bf16 and bf16 copies,
+  // and an add from a broadcast.
+  Tensor c = randn({3, 5, 6, 16}), d = randn({3, 5, 6, 16});
+  Tensor gc = dev(c), gd = dev(d);
+  auto cut = [](const Tensor& t, int64_t at) { return t.slice(1, at, 3).slice(3, 4 * at, 8); };
+  Tensor dcut = cut(d, 2), gdcut = cut(gd, 2);
+  cpu_->copy(cut(c, 1), dcut);
+  gpu_->copy(cut(gc, 1), gdcut);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gd), d));
+  Tensor h16 = Tensor::zeros({3, 5, 6, 16}, DType::kBF16), g16 = gpu_->zeros({3, 5, 6, 16}, DType::kBF16);
+  Tensor hcut = cut(h16, 1), gcut = cut(g16, 1);
+  cpu_->copy(cut(c, 2), hcut);
+  gpu_->copy(cut(gc, 2), gcut);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(g16), h16));
+  Tensor h16b = Tensor::zeros({3, 5, 6, 16}, DType::kBF16), g16b = gpu_->zeros({3, 5, 6, 16}, DType::kBF16);
+  Tensor hcut2 = cut(h16b, 2), gcut2 = cut(g16b, 2);
+  cpu_->copy(cut(h16, 1), hcut2);
+  gpu_->copy(cut(g16, 1), gcut2);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(g16b), h16b));
+  Tensor lead = c.slice(1, 0, 1).slice(3, 4, 8), glead = gc.slice(1, 0, 1).slice(3, 4, 8);
+  Tensor dsum = cut(d, 1), gdsum = cut(gd, 1);
+  cpu_->add(lead.expand({3, 3, 6, 8}), dsum, 0.75f);
+  gpu_->add(glead.expand({3, 3, 6, 8}), gdsum, 0.75f);
+  EXPECT_CLOSE(gd, d, 1e-7);
   Tensor f = Tensor::zeros({1000}), gf = gpu_->zeros({1000}, DType::kF32);
   cpu_->fill(f, 2.5f);
   gpu_->fill(gf, 2.5f);
@@ -319,6 +344,12 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
       be.copy(gwide.slice(1, 0, k), ab);
       be.grouped_gemm(ab, wb, true, on(be, bounds(offsets)), gc0, 0.5f);
       EXPECT_TRUE(bitwise_equal(be.download(gc0), got)) << "bf16 rows, k " << k << ", rows " << r;
+      // Into bf16 (beta 0): the f32 sums rounded once, on whichever path the sizes take.
+      Tensor c32 = be.zeros(c.shape(), DType::kF32), c16 = be.zeros(c.shape(), DType::kBF16);
+      be.grouped_gemm(ab, wb, true, on(be, bounds(offsets)), c32);
+      be.grouped_gemm(ab, wb, true, on(be, bounds(offsets)), c16);
+      EXPECT_TRUE(bitwise_equal(be.download(c16), be.download(c32).to(DType::kBF16)))
+          << "bf16 out, k " << k << ", rows " << r;
       if (k % 8 == 0 && n % 8 == 0) {  // and the weight gradient over bf16 rows
         Tensor dc = randn({r, n}), gdc = on(be, dc);
         Tensor dw1 = be.zeros(w.shape(), DType::kF32), dw2 = be.zeros(w.shape(), DType::kF32);
@@ -386,6 +417,23 @@ TEST_F(CudaBackendTest, GroupedGateUpIsGroupedGemmThenSiluMul) {
         }
         for (int64_t row = 0; row < offsets.back(); ++row)
           for (int64_t j = n; j < n + 8; ++j) ASSERT_EQ(all.f32()[row * (n + 8) + j], 7.0f) << "pad of row " << row;
+        // With the products kept for backward (bf16, a strided view): the f32 products rounded once,
+        // and h as silu_mul_forward makes it from them (what a backward that remakes h gets).
+        Tensor gu_wide = be.zeros({r, 2 * n + 8}, DType::kBF16), kept = gu_wide.slice(1, 0, 2 * n);
+        Tensor got2 = be.zeros({r, n}, DType::kBF16);
+        be.grouped_gate_up(gx, gw, off, got2, &kept);
+        Tensor gu16 = be.zeros({r, 2 * n}, DType::kBF16), want2 = be.zeros({r, n}, DType::kBF16);
+        be.copy(gu, gu16);
+        be.silu_mul_forward(gu16, want2);
+        const Tensor h2 = be.download(got2).to_f32(), w2 = be.download(want2).to_f32();
+        EXPECT_EQ(std::memcmp(w2.f32(), h2.f32(), static_cast<size_t>(in) * sizeof(float)), 0)
+            << "h with the products kept, k " << k << ", n " << n;
+        const Tensor want_gu = be.download(gu).to(DType::kBF16), got_gu = be.download(gu_wide);
+        for (int64_t row = 0; row < offsets.back(); ++row)
+          ASSERT_EQ(std::memcmp(want_gu.data<uint16_t>() + row * 2 * n, got_gu.data<uint16_t>() + row * (2 * n + 8),
+                                static_cast<size_t>(2 * n) * 2),
+                    0)
+              << "kept products of row " << row << ", k " << k << ", n " << n << ", rows " << offsets.back();
       }
     }
   }
@@ -460,6 +508,13 @@ TEST_F(CudaBackendTest, SiluGateForwardBackward) {
     Tensor gdgub = gpu_->zeros({m, 2 * inter}, DType::kBF16);
     gpu_->silu_mul_backward(dev(dh), dev(gu), gdgub);
     EXPECT_TRUE(bitwise_equal(gpu_->download(gdgub), gpu_->download(gdgu).to(DType::kBF16)));
+    // From products kept in bf16 (dh f32): the same as from those products' f32 values.
+    Tensor gub = gpu_->zeros({m, 2 * inter}, DType::kBF16), gdgu3 = gpu_->zeros({m, 2 * inter}, DType::kF32);
+    gpu_->copy(dev(gu), gub);
+    Tensor gdgu4 = gpu_->zeros({m, 2 * inter}, DType::kF32);
+    gpu_->silu_mul_backward(dev(dh), gub, gdgu3);
+    gpu_->silu_mul_backward(dev(dh), dev(gu.clone().to(DType::kBF16).to_f32()), gdgu4);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gdgu3), gpu_->download(gdgu4)));
   }
 }
 
@@ -785,9 +840,10 @@ TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
   }
 }
 
-// 800 assignments (each dispatch block counts for itself) and 2800 (a rank kernel first).
+// 800 assignments (each dispatch block counts for itself), then 2800 and 20000 (ranks in chunks of 256
+// first, then one scan for the chunks' first rows: over more than one tile of the scan at 20000).
 TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
-  for (const int64_t m : {200, 700}) {
+  for (const int64_t m : {200, 700, 5000}) {
     const int64_t k = 4, h = 40, e = 16;
     Tensor x = randn({m, h}), idx = Tensor::zeros({m, k}, DType::kI32);
     // Distinct experts per token, skewed toward low ids, one expert never used.
@@ -824,6 +880,21 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
     cpu_->moe_combine(ys, w, row_of, out);
     gpu_->moe_combine(dev(ys), dev(w), grow, gout);
     EXPECT_CLOSE(gout, out, 1e-6);
+    // bf16 expert outputs (bf16 products round them once): as their values in f32, bitwise, both ways.
+    const Tensor ysr = ys.clone().to(DType::kBF16);
+    Tensor gysb = gpu_->zeros(ys.shape(), DType::kBF16);
+    gpu_->upload(ysr, gysb);
+    Tensor o1 = dev(out), o2 = dev(out);
+    gpu_->moe_combine(gysb, dev(w), grow, o1);
+    gpu_->moe_combine(dev(ysr.to_f32()), dev(w), grow, o2);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(o1), gpu_->download(o2)));
+    Tensor gd1 = gpu_->zeros({m * k, h}, DType::kF32), gd2 = gpu_->zeros({m * k, h}, DType::kF32);
+    Tensor gw1 = gpu_->zeros({m, k}, DType::kF32), gw2 = gpu_->zeros({m, k}, DType::kF32);
+    const Tensor gdo = dev(randn({m, h}));
+    gpu_->moe_combine_backward(gdo, gysb, dev(w), grow, gd1, gw1);
+    gpu_->moe_combine_backward(gdo, dev(ysr.to_f32()), dev(w), grow, gd2, gw2);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gw1), gpu_->download(gw2)));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gd1), gpu_->download(gd2)));
     Tensor dout = randn({m, h}), dys = randn({m * k, h}), dwt = randn({m, k}), gdys = dev(dys), gdwt = dev(dwt);
     cpu_->moe_combine_backward(dout, ys, w, row_of, dys, dwt);
     gpu_->moe_combine_backward(dev(dout), dev(ys), dev(w), grow, gdys, gdwt);
@@ -840,6 +911,8 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
 TEST_F(CudaBackendTest, LogprobsForwardBackward) {
   for (auto [m, v] : {std::pair<int64_t, int64_t>{3, 10}, {77, 1024}, {16, 32768}}) {
     Tensor logits = randn({m, v}, 4.0f), tg = ids({m}, static_cast<int32_t>(v));
+    for (int j = 0; j < 5; ++j) logits.f32()[j] = -INFINITY;  // masked tokens in row 0 (not its target)
+    tg.data<int32_t>()[0] = static_cast<int32_t>(v - 1);
     Tensor lp = Tensor::zeros({m}), lse = Tensor::zeros({m});
     cpu_->logprobs_forward(logits, tg, lp, lse);
     Tensor gl = dev(logits), gtg = dev(tg), glp = gpu_->zeros({m}, DType::kF32), glse = gpu_->zeros({m}, DType::kF32);
@@ -856,7 +929,8 @@ TEST_F(CudaBackendTest, LogprobsForwardBackward) {
     Tensor gdlb = gpu_->zeros({m, v}, DType::kBF16);
     gpu_->logprobs_backward(dev(dlp), gl, gtg, glse, gdlb);
     EXPECT_TRUE(bitwise_equal(gpu_->download(gdlb), gpu_->download(gdl).to(DType::kBF16)));
-    // Entropy and argmax; row 1 has its maximum twice (the first index wins).
+    // Entropy and argmax (over finite logits); row 1 has its maximum twice (the first index wins).
+    for (int j = 0; j < 5; ++j) logits.f32()[j] = 0.5f;
     logits.f32()[v + v - 1] = logits.f32()[v + 1] = 100.0f;
     gl = dev(logits);
     cpu_->logprobs_forward(logits, tg, lp, lse);
@@ -971,7 +1045,8 @@ TEST_F(CudaBackendTest, SampleTokensCutTiesInVocabularyOrder) {
 
 TEST_F(CudaBackendTest, OptimizerSumSquaresAndAdamW) {
   const int64_t n = 300000;
-  const std::vector<ParamSpan> spans = {{0, 1000, false}, {1000, 200000, true}, {250000, 50000, true}};
+  // The last span starts and ends off a 16-byte boundary (the kernels' 4-at-a-time bodies).
+  const std::vector<ParamSpan> spans = {{0, 1000, false}, {1000, 200000, true}, {250001, 49998, true}};
   Tensor g = randn({n}), w = randn({n}), m = randn({n}, 0.01f), v = randn({n}, 0.01f);
   for (int64_t i = 0; i < n; ++i) v.f32()[i] = std::fabs(v.f32()[i]);
   const double sq = cpu_->sum_squares(g, spans);
@@ -988,6 +1063,23 @@ TEST_F(CudaBackendTest, OptimizerSumSquaresAndAdamW) {
   EXPECT_CLOSE(gw, w, 1e-6);
   EXPECT_CLOSE(gm, m, 1e-6);
   EXPECT_CLOSE(gv, v, 1e-6);
+  // With a bf16 copy to keep current: the spans' new weights rounded, the rest of the copy untouched.
+  Tensor r0 = randn({n}).to(DType::kBF16), gr = gpu_->zeros({n}, DType::kBF16), cr = r0.clone();
+  gpu_->upload(r0, gr);
+  Tensor gw2 = dev(w), gm2 = dev(m), gv2 = dev(v);  // the state after the first update
+  Tensor w2 = w.clone(), m2 = m.clone(), v2 = v.clone();
+  gpu_->adamw_update(gw2, dev(g), gm2, gv2, spans, u, &gr);
+  cpu_->adamw_update(w2, g, m2, v2, spans, u, &cr);
+  const Tensor want = gpu_->download(gw2).to(DType::kBF16), got = gpu_->download(gr);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool in = std::any_of(spans.begin(), spans.end(),
+                                [&](const ParamSpan& s) { return i >= s.offset && i < s.offset + s.numel; });
+    const uint16_t expect = in ? want.data<uint16_t>()[i] : r0.data<uint16_t>()[i];
+    ASSERT_EQ(got.data<uint16_t>()[i], expect) << "element " << i << (in ? " (in a span)" : " (outside)");
+  }
+  for (const ParamSpan& s : spans)
+    for (int64_t i = s.offset; i < s.offset + s.numel; ++i)
+      ASSERT_EQ(cr.data<uint16_t>()[i], f32_to_bf16(w2.f32()[i])) << "CPU copy, element " << i;
   Tensor bad = g.clone();
   bad.f32()[1500] = NAN;
   EXPECT_TRUE(std::isnan(gpu_->sum_squares(dev(bad), spans)));
@@ -1101,6 +1193,21 @@ TEST_F(CudaModelTest, Bf16PathWithinTolerance) {
   EXPECT_GT(el, 1e-5) << "expected the bf16 path";
   std::printf("bf16 path: logits rel L2 %.2e, gradient rel L2 %.2e, worst tensor %.2e (%s)\n", el, eg, worst,
               worst_name.c_str());
+  // An optimizer step that writes the model's bf16 weights as it updates (AdamW::step(model)) gives the
+  // next forward the same bits as one after which the forward rounds the parameters itself.
+  model::Model gm2(*cfg, **tcb);
+  gm2.init_random(5, 0.05f);
+  Tensor g2 = gm2.grads().buffer();
+  (*tcb)->copy(gm.grads().buffer(), g2);
+  trainer::AdamWConfig oc;
+  oc.lr = 1e-2;
+  trainer::AdamW o1(gm.params(), oc), o2(gm2.params(), oc);
+  ASSERT_TRUE(gm.rounded_weights().defined());
+  o1.step(gm);
+  o2.step(gm2.params(), gm2.grads());
+  const Tensor l1 = (*tcb)->download(gm.forward(tokens)), l2 = (*tcb)->download(gm2.forward(tokens));
+  EXPECT_TRUE(bitwise_equal(l1, l2)) << "logits after a step that kept the bf16 weights current";
+  EXPECT_FALSE(bitwise_equal(l1, (*tcb)->download(gl))) << "the step changed nothing";
 }
 
 // A forward that keeps less (Model::set_recompute) gives bitwise the same logprobs and gradients on the

@@ -218,6 +218,29 @@ TEST(Policy, AdamWStepByHandAndClipping) {
   EXPECT_EQ(opt.steps(), 1);
 }
 
+// With a bf16 copy to keep (a model's weights for bf16 products), the update writes each updated weight
+// there rounded, and leaves the copy of untrained parameters as it was.
+TEST(Policy, AdamWKeepsARoundedCopyCurrent) {
+  auto be = core::make_cpu_backend();
+  model::Model m(small_config(), *be);
+  m.init_random(2, 0.1f);
+  EXPECT_FALSE(m.rounded_weights().defined()) << "the CPU reference's products take f32 weights";
+  AdamWConfig c;
+  c.lr = 0.01;
+  AdamW opt(m.params(), c);
+  float* g = m.grads().buffer().f32();
+  for (int64_t i = 0; i < m.grads().numel(); ++i) g[i] = 0.001f * static_cast<float>(i % 13) - 0.005f;
+  const int64_t n = m.params().numel();
+  Tensor rounded = Tensor::zeros({n}, core::DType::kBF16);
+  for (int64_t i = 0; i < n; ++i) rounded.data<uint16_t>()[i] = 0x1234;
+  const StepStats st = opt.step(m.params(), m.grads(), 1.0, &rounded);
+  EXPECT_FALSE(st.skipped);
+  const float* w = m.params().buffer().f32();
+  for (const model::ParamInfo& p : m.params().infos())
+    for (int64_t i = p.offset; i < p.offset + core::shape_numel(p.shape); ++i)
+      ASSERT_EQ(rounded.data<uint16_t>()[i], p.trainable ? core::f32_to_bf16(w[i]) : 0x1234) << p.name << " " << i;
+}
+
 // Stopping, saving model and optimizer, and resuming gives bit-identical weights to never stopping.
 TEST(Policy, ResumeIsBitExact) {
   const std::string dir = ::testing::TempDir() + "/resume";
