@@ -1090,6 +1090,21 @@ TEST_F(CudaBackendTest, OptimizerSumSquaresAndAdamW) {
 class CudaModelTest : public CudaBackendTest {
  protected:
   std::string fixture() const { return testing::fixtures_dir() + "/tiny_a"; }
+  // The bf16 path: tensor-core products and attention, with uncleared buffers poisoned.
+  static absl::StatusOr<std::unique_ptr<Backend>> tensor_core_backend() {
+    cuda::Options o;
+    o.gemm = cuda::Options::GemmPrecision::kBF16;
+    o.poison_empty = true;
+    return cuda::make_backend(o);
+  }
+  // The fixture's config with head dims of the tensor-core attention (64 + 16 = 64/64 is not; 48 + 16 = 64).
+  model::ModelConfig tensor_core_config() const {
+    auto cfg = model::ModelConfig::from_file(fixture() + "/config.json");
+    CHECK(cfg.ok()) << cfg.status();
+    cfg->qk_nope_head_dim = 48;
+    cfg->v_head_dim = 64;
+    return *cfg;
+  }
 };
 
 // logits and every gradient of one forward/backward: CPU vs GPU, and GPU twice (bitwise).
@@ -1138,20 +1153,14 @@ TEST_F(CudaModelTest, ForwardBackwardMatchesCpuAndRepeatsBitwise) {
 // the fixture's config made dense: with routed experts, bf16 rounding flips near-tied expert choices of some tokens,
 // and a flipped token differs by design, not by error.
 TEST_F(CudaModelTest, Bf16PathWithinTolerance) {
-  cuda::Options o;
-  o.gemm = cuda::Options::GemmPrecision::kBF16;
-  o.poison_empty = true;
-  auto tcb = cuda::make_backend(o);
+  auto tcb = tensor_core_backend();
   ASSERT_TRUE(tcb.ok());
-  auto cfg = model::ModelConfig::from_file(fixture() + "/config.json");
-  ASSERT_TRUE(cfg.ok());
-  cfg->n_routed_experts = 0;
-  cfg->qk_nope_head_dim = 48;  // head dims of the tensor-core kernels (64 + 16 = 64/64 is not; 48 + 16 = 64)
-  cfg->v_head_dim = 64;
-  model::Model cm(*cfg, *cpu_), gm(*cfg, **tcb);
+  model::ModelConfig cfg = tensor_core_config();
+  cfg.n_routed_experts = 0;
+  model::Model cm(cfg, *cpu_), gm(cfg, **tcb);
   cm.init_random(5, 0.05f);
   gm.init_random(5, 0.05f);
-  const int64_t b = 2, t = 70, vocab = cfg->vocab_size;
+  const int64_t b = 2, t = 70, vocab = cfg.vocab_size;
   Tensor tokens = ids({b, t}, static_cast<int32_t>(vocab)), targets = ids({b * t}, static_cast<int32_t>(vocab));
   model::ForwardState cs, gs;
   Tensor cl = cm.forward(tokens, &cs);
@@ -1195,7 +1204,7 @@ TEST_F(CudaModelTest, Bf16PathWithinTolerance) {
               worst_name.c_str());
   // An optimizer step that writes the model's bf16 weights as it updates (AdamW::step(model)) gives the
   // next forward the same bits as one after which the forward rounds the parameters itself.
-  model::Model gm2(*cfg, **tcb);
+  model::Model gm2(cfg, **tcb);
   gm2.init_random(5, 0.05f);
   Tensor g2 = gm2.grads().buffer();
   (*tcb)->copy(gm.grads().buffer(), g2);
@@ -1214,18 +1223,12 @@ TEST_F(CudaModelTest, Bf16PathWithinTolerance) {
 // bf16 path too (tensor-core products and attention, routed experts): backward remakes what was dropped
 // with the same kernels on the same inputs.
 TEST_F(CudaModelTest, RecomputeModesGiveTheSameBits) {
-  cuda::Options o;
-  o.gemm = cuda::Options::GemmPrecision::kBF16;
-  o.poison_empty = true;
-  auto tcb = cuda::make_backend(o);
+  auto tcb = tensor_core_backend();
   ASSERT_TRUE(tcb.ok());
-  auto cfg = model::ModelConfig::from_file(fixture() + "/config.json");
-  ASSERT_TRUE(cfg.ok());
-  cfg->qk_nope_head_dim = 48;  // the tensor-core attention's head dims
-  cfg->v_head_dim = 64;
-  model::Model gm(*cfg, **tcb);
+  model::ModelConfig cfg = tensor_core_config();
+  model::Model gm(cfg, **tcb);
   gm.init_random(5, 0.05f);
-  const int64_t b = 2, t = 70, m = b * t, vocab = cfg->vocab_size;
+  const int64_t b = 2, t = 70, m = b * t, vocab = cfg.vocab_size;
   Tensor tokens = ids({b, t}, static_cast<int32_t>(vocab));
   Tensor tg = (*tcb)->zeros({m}, DType::kI32), dlp = (*tcb)->zeros({m});
   (*tcb)->upload(ids({m}, static_cast<int32_t>(vocab)), tg);
