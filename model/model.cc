@@ -53,7 +53,7 @@ absl::StatusOr<Recompute> recompute_from_name(std::string_view name) {
     if (name == recompute_name(r)) return r;
   return absl::InvalidArgumentError(absl::StrCat(
       "no recompute mode \"", std::string(name), "\": none, selective (remake cheap activations in backward), ",
-      "experts (and the experts' products) and layers (run each ", "layer's forward again in backward)"));
+      "experts (and the experts' products) and layers (run each layer's forward again in backward)"));
 }
 
 std::string_view recompute_name(Recompute r) {
