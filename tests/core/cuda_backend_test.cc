@@ -233,22 +233,26 @@ TEST_F(CudaBackendTest, Bf16ProductsOnStridedAndGroupedOperands) {
     check(gc2, c2, "gemm transposed k " + std::to_string(k));
   }
   const int64_t g = 6;
-  const std::vector<int64_t> offsets = {0, 70, 70, 300, 301, 512, 512};  // groups 1 and 5 empty
-  const int64_t r = offsets.back();
-  for (auto [n, k] : {std::pair<int64_t, int64_t>{48, 40}, {200, 264}, {30, 37}}) {
-    const std::string shape = " n " + std::to_string(n) + " k " + std::to_string(k);
-    for (bool trans : {true, false}) {
-      Tensor wide = randn({r, k + 8}), w = randn(trans ? Shape{g, n, k} : Shape{g, k, n}), c = randn({r, n});
-      Tensor gwide = up(wide), gc = up(c);
-      cpu_->grouped_gemm(wide.slice(1, 0, k), w, trans, bounds(offsets), c, 0.5f);
-      be.grouped_gemm(gwide.slice(1, 0, k), up(w), trans, up(bounds(offsets)), gc, 0.5f);
-      check(gc, c, (trans ? "grouped, trans_w" : "grouped") + shape);
+  // Groups 1 and 5 empty; the second set's groups span several 128-row tiles, and n = 520 several in the
+  // weight gradient.
+  for (const std::vector<int64_t>& offsets : {std::vector<int64_t>{0, 70, 70, 300, 301, 512, 512},
+                                              std::vector<int64_t>{0, 600, 600, 1900, 1901, 3100, 3100}}) {
+    const int64_t r = offsets.back();
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{48, 40}, {200, 264}, {30, 37}, {520, 72}}) {
+      const std::string shape = " n " + std::to_string(n) + " k " + std::to_string(k) + " rows " + std::to_string(r);
+      for (bool trans : {true, false}) {
+        Tensor wide = randn({r, k + 8}), w = randn(trans ? Shape{g, n, k} : Shape{g, k, n}), c = randn({r, n});
+        Tensor gwide = up(wide), gc = up(c);
+        cpu_->grouped_gemm(wide.slice(1, 0, k), w, trans, bounds(offsets), c, 0.5f);
+        be.grouped_gemm(gwide.slice(1, 0, k), up(w), trans, up(bounds(offsets)), gc, 0.5f);
+        check(gc, c, (trans ? "grouped, trans_w" : "grouped") + shape);
+      }
+      Tensor dc = randn({r, n}), a = randn({r, k}), dw = randn({g, n, k});
+      Tensor gdw = up(dw);
+      cpu_->grouped_gemm_wgrad(dc, a, bounds(offsets), dw);
+      be.grouped_gemm_wgrad(up(dc), up(a), up(bounds(offsets)), gdw);
+      check(gdw, dw, "grouped weight gradient" + shape);
     }
-    Tensor dc = randn({r, n}), a = randn({r, k}), dw = randn({g, n, k});
-    Tensor gdw = up(dw);
-    cpu_->grouped_gemm_wgrad(dc, a, bounds(offsets), dw);
-    be.grouped_gemm_wgrad(up(dc), up(a), up(bounds(offsets)), gdw);
-    check(gdw, dw, "grouped weight gradient" + shape);
   }
 }
 
@@ -390,7 +394,8 @@ TEST_F(CudaBackendTest, GroupedGateUpIsGroupedGemmThenSiluMul) {
       for (const std::vector<int64_t>& sizes : {std::vector<int64_t>{1, 0, 3, 2, 0, 4, 1, 0},
                                                 {12, 0, 30, 3, 21, 9, 0, 40},
                                                 {40, 0, 121, 33, 0, 46, 64, 2},
-                                                {300, 0, 517, 190, 0, 393, 5, 77}}) {
+                                                {300, 0, 517, 190, 0, 393, 5, 77},
+                                                {700, 0, 1300, 520, 900, 611, 3, 1100}}) {
         std::vector<int64_t> offsets = {0};
         for (int64_t i = 0; i < g; ++i) offsets.push_back(offsets.back() + sizes[static_cast<size_t>(i)]);
         const int64_t r = offsets.back() + 3;  // three rows past the last group
