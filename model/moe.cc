@@ -53,9 +53,18 @@ Tensor stacked_with(const Tensor& first, const Tensor& next) {
                 {first.size(1), 1}, first.dtype());
 }
 
-void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, Tensor& y) {
+namespace {
+
+// a.gate_up = x·[W_g | W_u]ᵀ.
+void gate_up_products(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a) {
   a.gate_up = be.empty({x.size(0), w.gate_up.size(0)});
   be.gemm(x, false, w.gate_up, true, a.gate_up);
+}
+
+}  // namespace
+
+void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, Tensor& y) {
+  gate_up_products(be, w, x, a);
   mlp_from_gate_up(be, w, a, y);
 }
 
@@ -127,10 +136,7 @@ void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w
 }
 
 void mlp_remake(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, bool products) {
-  if (products) {
-    a.gate_up = be.empty({x.size(0), w.gate_up.size(0)});
-    be.gemm(x, false, w.gate_up, true, a.gate_up);
-  }
+  if (products) gate_up_products(be, w, x, a);
   gated_activation(be, a);
 }
 
