@@ -33,6 +33,8 @@ ABSL_FLAG(int, steps, 10, "timed steps");
 ABSL_FLAG(int, warmup, 3, "untimed steps first");
 ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32 or bf16");
 ABSL_FLAG(std::string, baseline, "", "the PyTorch baseline's JSON ({impl: {train_tok_per_s, peak_gb}})");
+ABSL_FLAG(bool, hopper_products, true,
+          "grouped products on Hopper's warpgroup products where built (false: the mma.sync kernels)");
 ABSL_FLAG(std::string, json, "", "also write the results here");
 ABSL_FLAG(std::string, recompute, "none",
           "what the measured step keeps for backward: none (every activation), selective, experts or "
@@ -88,6 +90,7 @@ int main(int argc, char** argv) {
   opt.gemm = g == "f32"    ? r1lab::core::cuda::Options::GemmPrecision::kF32
              : g == "tf32" ? r1lab::core::cuda::Options::GemmPrecision::kTF32
                            : r1lab::core::cuda::Options::GemmPrecision::kBF16;
+  opt.hopper_products = absl::GetFlag(FLAGS_hopper_products);
   const r1lab::bench::Ceilings ceil = r1lab::bench::ceilings();
   auto be = r1lab::core::cuda::make_backend(opt);
   if (!be.ok()) {
@@ -136,36 +139,49 @@ int main(int argc, char** argv) {
   }
   // The routed experts' products alone at the benchmark's shape (tokens × top-k rows spread evenly over
   // the experts, bf16 weights): the grouped kernels beside one dense cuBLAS product of the same rows and
-  // flops (the same f32 -> bf16 rounding of the activations in both).
-  {
+  // flops (the same f32 -> bf16 rounding of the activations in both). On a Hopper GPU both kinds of
+  // grouped kernel: warpgroup products (wgmma) and mma.sync.
+  const auto experts_alone = [&](r1lab::core::Backend& be) {
     const int64_t rows = absl::GetFlag(FLAGS_batch) * absl::GetFlag(FLAGS_seq) * cfg->num_experts_per_tok;
     const int64_t e = cfg->n_routed_experts, h = cfg->hidden_size, n2 = 2 * cfg->moe_intermediate_size;
     Tensor bounds = Tensor::zeros({e + 1}, r1lab::core::DType::kI64);
     for (int64_t g = 0; g <= e; ++g) bounds.data<int64_t>()[g] = rows * g / e;
-    Tensor off = backend.zeros({e + 1}, r1lab::core::DType::kI64);
-    backend.upload(bounds, off);
-    Tensor x = backend.zeros({rows, h}), y = backend.zeros({rows, n2}), dw = backend.zeros({e, n2, h});
-    Tensor w = backend.zeros({e, n2, h}, r1lab::core::DType::kBF16),
-           wd = backend.zeros({n2, h}, r1lab::core::DType::kBF16);
-    backend.fill(x, 0.01f);
-    backend.fill(y, 0.01f);
+    Tensor off = be.zeros({e + 1}, r1lab::core::DType::kI64);
+    be.upload(bounds, off);
+    Tensor x = be.zeros({rows, h}), y = be.zeros({rows, n2}), dw = be.zeros({e, n2, h});
+    Tensor w = be.zeros({e, n2, h}, r1lab::core::DType::kBF16), wd = be.zeros({n2, h}, r1lab::core::DType::kBF16);
+    Tensor x16 = be.zeros({rows, h}, r1lab::core::DType::kBF16), y16 = be.zeros({rows, n2}, r1lab::core::DType::kBF16);
+    Tensor act = be.zeros({rows, n2 / 2}, r1lab::core::DType::kBF16);
+    be.fill(x, 0.01f);
+    be.fill(y, 0.01f);
+    be.copy(x, x16);
+    be.copy(y, y16);
     const auto time = [&](const auto& f) {
       f();
-      backend.synchronize();
+      be.synchronize();
       const auto a0 = Clock::now();
       for (int i = 0; i < 10; ++i) f();
-      backend.synchronize();
+      be.synchronize();
       return std::chrono::duration<double>(Clock::now() - a0).count() / 10;
     };
     const double flops = 2.0 * rows * h * n2;
-    const double dense = time([&] { backend.gemm(x, false, wd, true, y); });
-    const double fwd = time([&] { backend.grouped_gemm(x, w, true, off, y); });
-    const double dgrad = time([&] { backend.grouped_gemm(y, w, false, off, x); });
-    const double wgrad = time([&] { backend.grouped_gemm_wgrad(y, x, off, dw); });
-    std::printf("routed experts alone, %lld rows over %lld experts, %lld x %lld (TFLOP/s):\n", (long long)rows,
-                (long long)e, (long long)n2, (long long)h);
-    std::printf("  dense cuBLAS %.0f | grouped forward %.0f | data gradient %.0f | weight gradient %.0f\n",
-                flops / dense / 1e12, flops / fwd / 1e12, flops / dgrad / 1e12, flops / wgrad / 1e12);
+    const double dense = time([&] { be.gemm(x, false, wd, true, y); });
+    const double fwd = time([&] { be.grouped_gemm(x16, w, true, off, y); });
+    const double gate_up = time([&] { be.grouped_gate_up(x16, w, off, act, &y16); });
+    const double dgrad = time([&] { be.grouped_gemm(y16, w, false, off, x); });
+    const double wgrad = time([&] { be.grouped_gemm_wgrad(y16, x16, off, dw); });
+    std::printf("routed experts alone, %lld rows over %lld experts, %lld x %lld, %s (TFLOP/s):\n", (long long)rows,
+                (long long)e, (long long)n2, (long long)h, be.name().c_str());
+    std::printf(
+        "  dense cuBLAS %.0f | grouped forward %.0f | gate_up %.0f | data gradient %.0f | weight gradient %.0f\n",
+        flops / dense / 1e12, flops / fwd / 1e12, flops / gate_up / 1e12, flops / dgrad / 1e12, flops / wgrad / 1e12);
+  };
+  experts_alone(backend);
+  if (opt.hopper_products && backend.name().find("wgmma") != std::string::npos) {
+    r1lab::core::cuda::Options so = opt;
+    so.hopper_products = false;
+    auto sbe = r1lab::core::cuda::make_backend(so);
+    if (sbe.ok()) experts_alone(**sbe);
   }
   r1lab::model::Model model(*cfg, backend);
   model.init_random(1, 0.02f);

@@ -374,6 +374,7 @@ CudaBackend::CudaBackend(const Options& options) : opt_(options), ctx_(std::make
   CUBLAS_CHECK(cublasSetPointerMode(ctx_->blas, CUBLAS_POINTER_MODE_HOST));
   // Deterministic: no atomics-based reductions inside cuBLAS.
   CUBLAS_CHECK(cublasSetAtomicsMode(ctx_->blas, CUBLAS_ATOMICS_NOT_ALLOWED));
+  hopper_ = options.hopper_products && hopper_products_built(options.device);
 }
 
 CudaBackend::~CudaBackend() {
@@ -390,7 +391,7 @@ std::string CudaBackend::name() const {
   const char* prec = opt_.gemm == Options::GemmPrecision::kF32    ? "f32"
                      : opt_.gemm == Options::GemmPrecision::kTF32 ? "tf32"
                                                                   : "bf16";
-  return absl::StrCat("cuda:", opt_.device, " (", prop.name, ", gemm ", prec, ")");
+  return absl::StrCat("cuda:", opt_.device, " (", prop.name, ", gemm ", prec, hopper_ ? ", wgmma" : "", ")");
 }
 
 void use_device(int device) {

@@ -24,6 +24,10 @@ struct Options {
   // kTF32 uses TF32 tensor cores.
   enum class GemmPrecision { kF32, kTF32, kBF16 };
   GemmPrecision gemm = GemmPrecision::kF32;
+  // The grouped products' 128-row tiles on Hopper's warpgroup products (wgmma) where the GPU and the
+  // build have them (sm_90a); false keeps the mma.sync kernels every GPU runs (tests and benchmarks
+  // compare the two). Each kind repeats its results bitwise; the two differ in rounding.
+  bool hopper_products = true;
   // Per-op timing (cudaEvents around every op, by op name); costs a little, for benchmarks.
   bool profile = false;
   // Backend::empty fills with 0xFF bytes (NaN in f32 and bf16, -1 in I32): tests use it to catch a read

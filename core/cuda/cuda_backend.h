@@ -79,6 +79,9 @@ void check_device(const Tensor& t, DType dtype);
 // its owner's threads (engine steps, server handlers), and one process may drive backends on several
 // GPUs. Every entry point that queues work or allocates calls it.
 void use_device(int device);
+// Whether `device` is a Hopper GPU (compute capability 9.x) and this build has the sm_90a kernels that
+// use its warpgroup products (gemm.cu); runs a probe kernel once.
+bool hopper_products_built(int device);
 
 class CudaBackend final : public Backend {
  public:
@@ -210,6 +213,8 @@ class CudaBackend final : public Backend {
   Tensor attention_operand(const Tensor& t, DType dtype);
 
   Options opt_;
+  // The grouped products take the warpgroup-product kernels (Options::hopper_products, where built).
+  bool hopper_ = false;
   std::shared_ptr<Context> ctx_;
   struct Pending {
     const char* name;

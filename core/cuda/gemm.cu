@@ -13,6 +13,7 @@
 
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/mma.cuh"
+#include "core/cuda/wgmma.cuh"
 
 namespace r1lab::core::cuda {
 namespace {
@@ -454,7 +455,270 @@ __global__ void __launch_bounds__(kTcThreads, 2)
                         blockIdx.x * kTileN, 1.0f);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The same grouped products on Hopper's warpgroup products (wgmma.cuh), for row tiles of kTileM: a
+// block's 2 warpgroups compute its kTileM × kTileN tile, 64 rows each by all kTileN columns, from
+// operands in 128-byte swizzled shared memory (k-contiguous or not, as they lie in global memory: the
+// products read either orientation), filled by the same kStages-deep cp.async pipeline. Each step's 4
+// products (k 16 each) run asynchronously while the loads of later steps are in flight. f32 sums in a
+// fixed order, so results repeat bitwise; they are not the mma.sync kernels' bits, and a backend takes
+// one kind or the other for every product (CudaBackend::hopper_).
+constexpr size_t kWgSmem = kStages * 2 * (kTileM * kTileK * 2) + 1024;  // + room to align tiles to 1024 bytes
+static_assert(kTileM == kTileN && kTileK == 64, "the swizzled tiles are kTileM rows of 64 k (128 bytes)");
+
+// One operand's tile of kTileM rows (or columns) by kTileK, swizzled (the layouts of wgmma.cuh). kK: k
+// is the contiguous dimension in global memory (element (i, k) at p[i·ld + k]), else i is.
+template <bool kK>
+struct WgTile {
+  static constexpr int kBytes = kTileM * kTileK * 2;
+  static constexpr int kChunks = kTileM * kTileK / 8;  // of 16 bytes
+  static_assert(kChunks % kTcThreads == 0, "tile not a whole number of chunks a thread");
+
+  // Byte offset of the chunk that holds elements (i, k..k+7) (kK) or (i..i+7, k).
+  __device__ static int offset(int i, int k) {
+    if constexpr (kK)
+      return i * 128 + (((k >> 3) ^ (i & 7)) << 4);
+    else
+      return (i >> 6) * 8192 + k * 128 + ((((i >> 3) & 7) ^ (k & 7)) << 4);
+  }
+  // As TcTile::load: the tile at p, ni rows and nk ks of it inside the matrix, the rest zero-filled.
+  __device__ static void load(unsigned char* smem, const __nv_bfloat16* p, int64_t ld, int ni, int nk) {
+#pragma unroll
+    for (int u = 0; u < kChunks / kTcThreads; ++u) {
+      const int idx = threadIdx.x + u * kTcThreads;
+      const int i = kK ? idx / (kTileK / 8) : (idx % (kTileM / 8)) * 8;
+      const int k = kK ? (idx % (kTileK / 8)) * 8 : idx / (kTileM / 8);
+      const bool valid = i < ni && k < nk;
+      const __nv_bfloat16* src = kK ? p + i * ld + k : p + k * ld + i;
+      tc::cp_async16(smem + offset(i, k), valid ? src : p, valid);
+    }
+  }
+  // As TcTile::load_pair: the first half of the rows from p, the second from p2, ni rows of each.
+  __device__ static void load_pair(unsigned char* smem, const __nv_bfloat16* p, const __nv_bfloat16* p2, int64_t ld,
+                                   int ni, int nk) {
+    static_assert(kK, "pairs of k-contiguous halves");
+#pragma unroll
+    for (int u = 0; u < kChunks / kTcThreads; ++u) {
+      const int idx = threadIdx.x + u * kTcThreads;
+      const int i = idx / (kTileK / 8), k = (idx % (kTileK / 8)) * 8;
+      const bool hi = i >= kTileM / 2;
+      const int ih = hi ? i - kTileM / 2 : i;
+      const bool valid = ih < ni && k < nk;
+      tc::cp_async16(smem + offset(i, k), valid ? (hi ? p2 : p) + ih * ld + k : p, valid);
+    }
+  }
+  // The descriptor of the tile's rows from `row` (a multiple of 64) at k step kk (a multiple of 16).
+  __device__ static uint64_t desc(const unsigned char* tile, int row, int kk) {
+    if constexpr (kK)
+      return wg::desc(tile + row * 128 + kk * 2, 16, 1024);
+    else
+      return wg::desc(tile + (row >> 6) * 8192 + kk * 128, 8192, 1024);
+  }
+};
+
+// The f32 sums of the block's tile at (m0, n0) of one product, as tc_accumulate makes them but in the
+// wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
+template <bool kAK, bool kBK, bool kGated = false>
+__device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloat16* a, int64_t lda,
+                                              const __nv_bfloat16* b, int64_t ldb, int M, int N, int K, int m0,
+                                              int n0, int64_t gate_to_up = 0) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(!kGated || kBK, "gated tiles read k-contiguous weights");
+  using TileA = WgTile<kAK>;
+  using TileB = WgTile<kBK>;
+  extern __shared__ __align__(16) unsigned char wg_smem[];
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
+  unsigned char* sa = wg_smem + ((1024 - (base & 1023)) & 1023);  // swizzle atoms start 1024-aligned
+  unsigned char* sb = sa + kStages * TileA::kBytes;
+  const __nv_bfloat16* pa = kAK ? a + m0 * lda : a + m0;
+  const __nv_bfloat16* pb = kBK ? b + n0 * ldb : b + n0;
+  const int ni_a = min(kTileM, M - m0), ni_b = min(kGated ? kTileN / 2 : kTileN, N - n0);
+  const int row = threadIdx.x / 128 * 64;  // the warpgroup's rows of the tile
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+
+  const int steps = (K + kTileK - 1) / kTileK;
+  const auto issue = [&](int s) {
+    if (s < steps) {
+      const int k0 = s * kTileK, st = s % kStages;
+      TileA::load(sa + st * TileA::kBytes, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
+      if constexpr (kGated)
+        TileB::load_pair(sb + st * TileB::kBytes, pb + k0, pb + gate_to_up * ldb + k0, ldb, ni_b, K - k0);
+      else
+        TileB::load(sb + st * TileB::kBytes, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
+    }
+    tc::cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  // Step s's products run while the block waits for the products of step s - 1 to finish and then
+  // reloads their buffer with step s + kStages - 1.
+  for (int s = 0; s < steps; ++s) {
+    tc::cp_async_wait<kStages - 2>();
+    wg::fence_shared();
+    __syncthreads();  // step s is in
+    const unsigned char* ta = sa + (s % kStages) * TileA::kBytes;
+    const unsigned char* tb = sb + (s % kStages) * TileB::kBytes;
+    wg::pin(acc);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += 16)
+      wg::mma_m64n128k16<kAK ? 0 : 1, kBK ? 0 : 1>(acc, TileA::desc(ta, row, kk), TileB::desc(tb, 0, kk));
+    wg::commit();
+    wg::wait<1>();
+    wg::pin(acc);
+    __syncthreads();  // every warpgroup's products of step s - 1 are done
+    issue(s + kStages - 1);
+  }
+  wg::wait<0>();
+  wg::pin(acc);
+  tc::cp_async_wait<0>();
+#else
+  __trap();  // launched only where hopper_products_built() said the build has them
+#endif
+}
+
+// Calls f(r, col, i) for each pair of sums acc[i], acc[i + 1] that this thread holds of a block's tile
+// (wg_accumulate's layout) in its first kCols columns: its row r of the M rows and columns col, col + 1
+// (col even) of the N, the tile at (m0, n0). Rows and pairs past the ends are skipped; a pair's second
+// column may be past N.
+template <int kCols, typename F>
+__device__ __forceinline__ void wg_for_each_pair(int m0, int n0, int M, int N, F&& f) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int r0 = m0 + threadIdx.x / 128 * 64 + threadIdx.x / 32 % 4 * 16 + g;
+#pragma unroll
+  for (int j = 0; j < kCols / 8; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r0 + 8 * h, col = n0 + j * 8 + 2 * q;
+      if (r < M && col < N) f(r, col, 4 * j + 2 * h);
+    }
+}
+
+// Two adjacent sums into an output of the grouped products (put_sum's rules), one store where both
+// columns exist and the address is aligned for it.
+__device__ __forceinline__ void put_pair(float* out, float v0, float v1, float beta, bool both) {
+  if (both && reinterpret_cast<uintptr_t>(out) % 8 == 0) {
+    float2 v = make_float2(v0, v1);
+    if (beta != 0.0f) {
+      const float2 o = *reinterpret_cast<const float2*>(out);
+      v.x += beta * o.x;
+      v.y += beta * o.y;
+    }
+    *reinterpret_cast<float2*>(out) = v;
+    return;
+  }
+  put_sum(out, v0, beta);
+  if (both) put_sum(out + 1, v1, beta);
+}
+__device__ __forceinline__ void put_pair(__nv_bfloat16* out, float v0, float v1, float, bool both) {
+  if (both && reinterpret_cast<uintptr_t>(out) % 4 == 0) {
+    *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(v0, v1);
+    return;
+  }
+  out[0] = __float2bfloat16(v0);
+  if (both) out[1] = __float2bfloat16(v1);
+}
+
+// tc_tile on the warpgroup products.
+template <bool kAK, bool kBK, typename TC>
+__device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
+                                        TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta) {
+  float acc[64];
+  wg_accumulate<kAK, kBK>(acc, a, lda, b, ldb, M, N, K, m0, n0);
+  wg_for_each_pair<kTileN>(m0, n0, M, N, [&](int r, int col, int i) {
+    put_pair(c + static_cast<int64_t>(r) * ldc + col, acc[i], acc[i + 1], beta, col + 1 < N);
+  });
+}
+
+// tc_gated_tile on the warpgroup products: a thread holds a gate sum and its up sum (columns j and
+// kTileN / 2 + j of the tile), so the pair meets in registers. The same expression, so the same bits
+// as wg_tile then silu_mul_forward.
+__device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
+                                              int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
+                                              __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0) {
+  float acc[64];
+  wg_accumulate<true, true, true>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
+  constexpr int kUp = 4 * (kTileN / 16);  // acc[i + kUp]: the up sum of gate sum acc[i]
+  wg_for_each_pair<kTileN / 2>(m0, n0, M, N, [&](int r, int col, int i) {
+    float gs[2] = {acc[i], acc[i + 1]}, us[2] = {acc[i + kUp], acc[i + kUp + 1]};
+    const bool both = col + 1 < N;
+    if (gu != nullptr) {
+      __nv_bfloat16* row = gu + static_cast<int64_t>(r) * ldgu;
+      put_pair(row + col, gs[0], gs[1], 0.0f, both);
+      put_pair(row + N + col, us[0], us[1], 0.0f, both);
+      for (int e = 0; e < 2; ++e) {
+        gs[e] = __bfloat162float(__float2bfloat16(gs[e]));
+        us[e] = __bfloat162float(__float2bfloat16(us[e]));
+      }
+    }
+    put_pair(h + static_cast<int64_t>(r) * ldh + col, gs[0] / (1.0f + __expf(-gs[0])) * us[0],
+             gs[1] / (1.0f + __expf(-gs[1])) * us[1], 0.0f, both);
+  });
+}
+
+// grouped_tc_kernel, grouped_gated_kernel and grouped_wgrad_tc_kernel on the warpgroup products (row
+// tiles of kTileM).
+template <bool kBK, typename TC>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    grouped_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, TC* c,
+                      int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta) {
+  __shared__ int tile_group, tile_row;
+  find_row_tile<kTileM>(bounds, groups, &tile_group, &tile_row);
+  const int g = tile_group;
+  if (g < 0) return;
+  const int64_t r0 = bounds[g];
+  wg_tile<true, kBK, TC>(a + r0 * lda, lda, w + g * ldw0, ldw, c + r0 * ldc, ldc, static_cast<int>(bounds[g + 1] - r0),
+                         n, k, tile_row, blockIdx.x * kTileN, beta);
+}
+
+__global__ void __launch_bounds__(kTcThreads, 2)
+    grouped_gated_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
+                            __nv_bfloat16* h, int64_t ldh, __nv_bfloat16* gu, int64_t ldgu, const int64_t* bounds,
+                            int groups, int n, int k) {
+  __shared__ int tile_group, tile_row;
+  find_row_tile<kTileM>(bounds, groups, &tile_group, &tile_row);
+  const int g = tile_group;
+  if (g < 0) return;
+  const int64_t r0 = bounds[g];
+  wg_gated_tile(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, gu ? gu + r0 * ldgu : nullptr, ldgu,
+                static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2));
+}
+
+__global__ void __launch_bounds__(kTcThreads, 2)
+    grouped_wgrad_wg_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* a, int64_t lda, float* dw,
+                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k) {
+  const int g = blockIdx.z;
+  const int64_t r0 = bounds[g];
+  const int rows = static_cast<int>(bounds[g + 1] - r0);
+  if (rows <= 0) return;
+  wg_tile<false, false>(dc + r0 * lddc, lddc, a + r0 * lda, lda, dw + g * ldw0, ldw, n, k, rows, blockIdx.y * kTileM,
+                        blockIdx.x * kTileN, 1.0f);
+}
+
+__global__ void hopper_probe_kernel(int* built) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *built = 1;
+#else
+  *built = 0;
+#endif
+}
+
 }  // namespace
+
+bool hopper_products_built(int device) {
+  int major = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major != 9) return false;
+  int* flag = nullptr;
+  CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
+  hopper_probe_kernel<<<1, 1>>>(flag);
+  int built = 0;
+  const cudaError_t launched = cudaGetLastError();
+  if (launched == cudaSuccess) CUDA_CHECK(cudaMemcpy(&built, flag, sizeof(int), cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaFree(flag));
+  return launched == cudaSuccess && built == 1;
+}
 
 void CudaBackend::to_bf16(const float* p, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
                           void* out) {
@@ -648,14 +912,16 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
     const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
                     static_cast<unsigned>((rows + tm - 1) / tm + groups));
     CHECK_LT(grid.y, 65536u) << "grouped_gemm: too many rows";
-    const size_t smem = tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
+    const bool wgmma = tm == kTileM && hopper_;
+    const size_t smem = wgmma ? kWgSmem : tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
     const auto launch = [&](auto* out) {
       using TC = std::remove_pointer_t<decltype(out)>;
       const auto pick = [&](auto tile) {
         constexpr int kTM = decltype(tile)::value;
         return trans_w ? grouped_tc_kernel<true, kTM, TC> : grouped_tc_kernel<false, kTM, TC>;
       };
-      const auto kernel = tm == 32   ? pick(std::integral_constant<int, 32>())
+      const auto kernel = wgmma      ? (trans_w ? grouped_wg_kernel<true, TC> : grouped_wg_kernel<false, TC>)
+                          : tm == 32 ? pick(std::integral_constant<int, 32>())
                           : tm == 64 ? pick(std::integral_constant<int, 64>())
                                      : pick(std::integral_constant<int, 128>());
       set_tc_attributes(kernel, smem);
@@ -737,8 +1003,12 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   const dim3 grid(static_cast<unsigned>((n + kTileN / 2 - 1) / (kTileN / 2)),
                   static_cast<unsigned>((rows + tm - 1) / tm + groups));
   CHECK_LT(grid.y, 65536u) << "grouped_gate_up: too many rows";
-  const auto kernel = tm == 32 ? grouped_gated_kernel<32> : tm == 64 ? grouped_gated_kernel<64> : grouped_gated_kernel<128>;
-  const size_t smem = tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
+  const bool wgmma = tm == kTileM && hopper_;
+  const auto kernel = wgmma      ? grouped_gated_wg_kernel
+                      : tm == 32 ? grouped_gated_kernel<32>
+                      : tm == 64 ? grouped_gated_kernel<64>
+                                 : grouped_gated_kernel<128>;
+  const size_t smem = wgmma ? kWgSmem : tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
   set_tc_attributes(kernel, smem);
   kernel<<<grid, kTcThreads, smem, stream()>>>(static_cast<const __nv_bfloat16*>(oa.p), oa.ld,
                                                  static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
@@ -770,8 +1040,10 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
   if (bf16 && tc_operand(od, n) && tc_operand(oa, k) && rows < (int64_t{1} << 31) && groups < 65536) {
     const dim3 grid(static_cast<unsigned>((k + kTileN - 1) / kTileN), static_cast<unsigned>((n + kTileM - 1) / kTileM),
                     static_cast<unsigned>(groups));
-    set_tc_attributes(grouped_wgrad_tc_kernel);
-    grouped_wgrad_tc_kernel<<<grid, kTcThreads, kTcSmem, stream()>>>(
+    const auto kernel = hopper_ ? grouped_wgrad_wg_kernel : grouped_wgrad_tc_kernel;
+    const size_t smem = hopper_ ? kWgSmem : kTcSmem;
+    set_tc_attributes(kernel, smem);
+    kernel<<<grid, kTcThreads, smem, stream()>>>(
         static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
         dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k));
     CUDA_CHECK(cudaGetLastError());
