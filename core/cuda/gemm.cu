@@ -620,14 +620,44 @@ __device__ __forceinline__ void put_pair(__nv_bfloat16* out, float v0, float v1,
   if (both) out[1] = __float2bfloat16(v1);
 }
 
+// acc[i] += beta · c at each sum's place (wg_accumulate's layout), as put_sum adds it: the old values
+// of 4 column blocks load together, so that their round trips to memory overlap (a weight gradient
+// adds into the gradient so far).
+__device__ __forceinline__ void wg_add_old(float (&acc)[64], const float* c, int64_t ldc, int m0, int n0, int M,
+                                           int N, float beta) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int r0 = m0 + threadIdx.x / 128 * 64 + threadIdx.x / 32 % 4 * 16 + g;
+#pragma unroll
+  for (int j0 = 0; j0 < kTileN / 8; j0 += 4) {
+    float old[4][2][2];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = r0 + 8 * h, col = n0 + (j0 + j) * 8 + 2 * q + e;
+          old[j][h][e] = r < M && col < N ? c[static_cast<int64_t>(r) * ldc + col] : 0.0f;
+        }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) acc[4 * (j0 + j) + 2 * h + e] += beta * old[j][h][e];
+  }
+}
+__device__ __forceinline__ void wg_add_old(float (&)[64], const __nv_bfloat16*, int64_t, int, int, int, int, float) {}
+
 // tc_tile on the warpgroup products.
 template <bool kAK, bool kBK, typename TC>
 __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
                                         TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta) {
   float acc[64];
   wg_accumulate<kAK, kBK>(acc, a, lda, b, ldb, M, N, K, m0, n0);
+  if (beta != 0.0f) wg_add_old(acc, c, ldc, m0, n0, M, N, beta);  // bf16 outputs come with beta 0
   wg_for_each_pair<kTileN>(m0, n0, M, N, [&](int r, int col, int i) {
-    put_pair(c + static_cast<int64_t>(r) * ldc + col, acc[i], acc[i + 1], beta, col + 1 < N);
+    put_pair(c + static_cast<int64_t>(r) * ldc + col, acc[i], acc[i + 1], 0.0f, col + 1 < N);
   });
 }
 

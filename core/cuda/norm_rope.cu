@@ -155,6 +155,66 @@ __global__ void column_sum_kernel(const float* partial, int splits, int d, float
   dw[i] += acc;
 }
 
+// Both passes of rmsnorm backward in one, for rows of d = 128·kV4 elements (4 a lane, kV4 times):
+// a warp takes a row at a time, dx as rmsnorm_backward_dx_kernel makes it, and keeps its rows' dw
+// terms in registers; the block's warps then sum theirs in warp order into partial[block] (for
+// column_sum_kernel). dy and x are read once instead of twice.
+constexpr int kNormRows = 32;  // rows a block
+template <typename T, int kV4>
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_backward_fused_kernel(const T* dy, int64_t ldg, const T* x, int64_t ldx, const float* w,
+                                  const float* rstd, T* dx, int64_t ldd, int64_t rows, float* partial) {
+  constexpr int d = 128 * kV4, kWarps = kThreads / 32;
+  __shared__ float sums[kWarps][d];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float wv[kV4][4], acc[kV4][4];
+#pragma unroll
+  for (int v = 0; v < kV4; ++v) {
+    loadv<4>(w + v * 128 + lane * 4, wv[v]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[v][e] = 0.0f;
+  }
+  const int64_t r0 = blockIdx.x * static_cast<int64_t>(kNormRows), r1 = min(rows, r0 + kNormRows);
+  for (int64_t r = r0 + warp; r < r1; r += kWarps) {
+    float g[kV4][4], xv[kV4][4];
+    const float rs = rstd[r];
+    float dot = 0;
+#pragma unroll
+    for (int v = 0; v < kV4; ++v) {
+      loadv<4>(dy + r * ldg + v * 128 + lane * 4, g[v]);
+      loadv<4>(x + r * ldx + v * 128 + lane * 4, xv[v]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dot += g[v][e] * wv[v][e] * xv[v][e] * rs;
+    }
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    const float mean = dot / d;
+#pragma unroll
+    for (int v = 0; v < kV4; ++v) {
+      T* o = dx + r * ldd + v * 128 + lane * 4;
+      float out[4];
+      loadv<4>(o, out);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float n = xv[v][e] * rs;
+        out[e] = out[e] + rs * (g[v][e] * wv[v][e] - n * mean);
+        acc[v][e] += g[v][e] * xv[v][e] * rs;
+      }
+      storev<4>(o, out);
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < kV4; ++v)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sums[warp][v * 128 + lane * 4 + e] = acc[v][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < d; i += kThreads) {
+    float t = 0;
+#pragma unroll
+    for (int k = 0; k < kWarps; ++k) t += sums[k][i];
+    partial[blockIdx.x * static_cast<int64_t>(d) + i] = t;
+  }
+}
+
 // h = silu(g) · u over gu = [g | u] (h in its own dtype, as y above), kV elements a thread.
 template <typename T, typename TH, int kV>
 __global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, TH* h, int64_t ldh, int64_t rows, int inter) {
@@ -376,6 +436,34 @@ void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tens
   const int d = static_cast<int>(X.cols);
   if (rows == 0) return;
   Op op(this, "rmsnorm_backward", 10.0 * rows * d, 4.0 * rows * d * dtype_size(x.dtype()));
+  const size_t es = dtype_size(x.dtype());
+  if (d % 128 == 0 && d <= 1024 && rows_by4(G.p, d, G.ld, es) && rows_by4(X.p, d, X.ld, es) &&
+      rows_by4(D.p, d, D.ld, es)) {
+    const int64_t nb = (rows + kNormRows - 1) / kNormRows;
+    Tensor partial = uncleared({nb, d}, DType::kF32);
+    dispatch(x.dtype(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const auto launch = [&](auto v4) {
+        rmsnorm_backward_fused_kernel<T, decltype(v4)::value><<<static_cast<unsigned>(nb), kThreads, 0, stream()>>>(
+            static_cast<const T*>(G.p), G.ld, static_cast<const T*>(X.p), X.ld, w.f32(), rstd.f32(),
+            static_cast<T*>(D.p), D.ld, rows, partial.f32());
+      };
+      switch (d / 128) {
+        case 1: launch(std::integral_constant<int, 1>()); break;
+        case 2: launch(std::integral_constant<int, 2>()); break;
+        case 3: launch(std::integral_constant<int, 3>()); break;
+        case 4: launch(std::integral_constant<int, 4>()); break;
+        case 5: launch(std::integral_constant<int, 5>()); break;
+        case 6: launch(std::integral_constant<int, 6>()); break;
+        case 7: launch(std::integral_constant<int, 7>()); break;
+        default: launch(std::integral_constant<int, 8>()); break;
+      }
+    });
+    column_sum_kernel<<<blocks(d, kThreads), kThreads, 0, stream()>>>(partial.f32(), static_cast<int>(nb), d,
+                                                                       dw.f32());
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   const int64_t splits = std::min<int64_t>(std::max<int64_t>(1, rows / 64), 128);
   const int64_t per_split = (rows + splits - 1) / splits;
   Tensor partial = zeros({splits, d}, DType::kF32);

@@ -499,7 +499,8 @@ TEST_F(CudaBackendTest, WarpgroupGroupedProductsAgreeWithMmaSync) {
 }
 
 TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
-  for (auto [m, d] : {std::pair<int64_t, int64_t>{7, 64}, {33, 1000}, {300, 7168}}) {
+  // Rows of 128·k ≤ 1024 take the one-pass backward (several blocks of rows; a partial last one).
+  for (auto [m, d] : {std::pair<int64_t, int64_t>{7, 64}, {33, 1000}, {300, 7168}, {70, 256}, {301, 1024}}) {
     // x as a column slice (the latent part of [c | k_pe]).
     Tensor wide = randn({m, d + 16}), x = wide.slice(1, 0, d), w = randn({d}, 0.2f), dy = randn({m, d});
     Tensor y = Tensor::zeros({m, d}), rstd = Tensor::zeros({m}), dx = randn({m, d}), dw = randn({d});
@@ -520,6 +521,13 @@ TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
     Tensor gyb = gpu_->zeros({m, d}, DType::kBF16);
     gpu_->rmsnorm_forward(dev(xb), gw, 1e-6f, gyb, gr);
     EXPECT_CLOSE(gyb, yr, 1e-2);
+    // Backward on bf16 activations: f32 math on the rounded values, dx rounded once.
+    Tensor dxr = dx.clone().to(DType::kBF16).to_f32(), dwr = dw.clone();
+    cpu_->rmsnorm_backward(dyb.to_f32(), xb.to_f32(), w, rr, dxr, dwr);
+    Tensor gdxb = dev(dx.clone().to(DType::kBF16)), gdwb = dev(dw);
+    gpu_->rmsnorm_backward(dev(dyb), dev(xb), gw, gr, gdxb, gdwb);
+    EXPECT_CLOSE(gdxb, dxr, 1e-2) << m << "x" << d << " bf16";
+    EXPECT_CLOSE(gdwb, dwr, 1e-4) << m << "x" << d << " bf16";
     // f32 in, bf16 out (a norm whose output only bf16 products read): the f32 result rounded once, as
     // the CPU reference rounds it; a last-bit difference where the f32 results differ at a tie.
     Tensor yb = Tensor::zeros({m, d}, DType::kBF16), gy2 = gpu_->zeros({m, d}, DType::kBF16);
