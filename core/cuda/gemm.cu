@@ -516,6 +516,14 @@ struct WgTile {
   }
 };
 
+// The block's dynamic shared memory from its first 1024-byte boundary (swizzle atoms start aligned):
+// the pipeline's tiles, then the staged epilogues' rows.
+__device__ __forceinline__ unsigned char* wg_smem_base() {
+  extern __shared__ __align__(16) unsigned char wg_smem[];
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
+  return wg_smem + ((1024 - (base & 1023)) & 1023);
+}
+
 // The f32 sums of the block's tile at (m0, n0) of one product, as tc_accumulate makes them but in the
 // wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
 template <bool kAK, bool kBK, bool kGated = false>
@@ -526,9 +534,7 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
   static_assert(!kGated || kBK, "gated tiles read k-contiguous weights");
   using TileA = WgTile<kAK>;
   using TileB = WgTile<kBK>;
-  extern __shared__ __align__(16) unsigned char wg_smem[];
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
-  unsigned char* sa = wg_smem + ((1024 - (base & 1023)) & 1023);  // swizzle atoms start 1024-aligned
+  unsigned char* sa = wg_smem_base();
   unsigned char* sb = sa + kStages * TileA::kBytes;
   const __nv_bfloat16* pa = kAK ? a + m0 * lda : a + m0;
   const __nv_bfloat16* pb = kBK ? b + n0 * ldb : b + n0;
@@ -649,12 +655,78 @@ __device__ __forceinline__ void wg_add_old(float (&acc)[64], const float* c, int
 }
 __device__ __forceinline__ void wg_add_old(float (&)[64], const __nv_bfloat16*, int64_t, int, int, int, int, float) {}
 
-// tc_tile on the warpgroup products.
+// A staged epilogue: the block's outputs, kCols columns of a kTileM-row tile, go into shared memory
+// (padded TS rows) from the accumulators' scattered places, then out to global memory 16 bytes a
+// thread along rows, so that every store fills whole sectors (a bf16 pair straight from the
+// accumulators fills half of one). The pipeline's buffers hold it once every warpgroup is done with them.
+template <typename TS, int kCols>
+struct WgStage {
+  static constexpr int kPer = 16 / static_cast<int>(sizeof(TS));  // elements a 16-byte chunk
+  static constexpr int kLd = kCols + kPer;                        // padded row, in elements
+  static_assert(kTileM * kLd * sizeof(TS) <= kStages * 2 * kTileM * kTileK * 2, "fits the pipeline's memory");
+
+  // Values v0, v1 at the tile's row rl, columns cl and cl + 1.
+  __device__ static void put(TS* s, int rl, int cl, float v0, float v1) {
+    if constexpr (std::is_same_v<TS, float>)
+      *reinterpret_cast<float2*>(s + rl * kLd + cl) = make_float2(v0, v1);
+    else
+      *reinterpret_cast<__nv_bfloat162*>(s + rl * kLd + cl) = __floats2bfloat162_rn(v0, v1);
+  }
+  // The staged tile into out's rows m0.. and columns n0.. (row stride ld; out, ld and N multiples of a
+  // chunk), the rows and columns inside M × N; f32 adds beta · the old value as put_sum does.
+  __device__ static void write(const TS* s, TS* out, int64_t ld, int m0, int n0, int M, int N, float beta) {
+    constexpr int kRowChunks = kCols / kPer;
+#pragma unroll 4
+    for (int idx = threadIdx.x; idx < kTileM * kRowChunks; idx += kTcThreads) {
+      const int rl = idx / kRowChunks, cl = (idx % kRowChunks) * kPer;
+      const int r = m0 + rl, col = n0 + cl;
+      if (r >= M || col >= N) continue;
+      uint4 v = *reinterpret_cast<const uint4*>(s + rl * kLd + cl);
+      TS* p = out + static_cast<int64_t>(r) * ld + col;
+      if constexpr (std::is_same_v<TS, float>) {
+        if (beta != 0.0f) {
+          const float4 o = *reinterpret_cast<const float4*>(p);
+          float4 f = *reinterpret_cast<const float4*>(&v);
+          f.x = f.x + beta * o.x;
+          f.y = f.y + beta * o.y;
+          f.z = f.z + beta * o.z;
+          f.w = f.w + beta * o.w;
+          v = *reinterpret_cast<const uint4*>(&f);
+        }
+      }
+      *reinterpret_cast<uint4*>(p) = v;
+    }
+  }
+};
+
+// Calls f(rl, cl, i) for each pair of sums acc[i], acc[i + 1] this thread holds of the block's tile in
+// its first kCols columns: tile row rl, columns cl and cl + 1.
+template <int kCols, typename F>
+__device__ __forceinline__ void wg_for_each_local(F&& f) {
+  const int lane = threadIdx.x % 32;
+  const int r0 = threadIdx.x / 128 * 64 + threadIdx.x / 32 % 4 * 16 + lane / 4;
+#pragma unroll
+  for (int j = 0; j < kCols / 8; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) f(r0 + 8 * h, j * 8 + 2 * (lane % 4), 4 * j + 2 * h);
+}
+
+// tc_tile on the warpgroup products; staged: through shared memory (WgStage's conditions hold).
 template <bool kAK, bool kBK, typename TC>
 __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
-                                        TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta) {
+                                        TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta,
+                                        bool staged) {
   float acc[64];
   wg_accumulate<kAK, kBK>(acc, a, lda, b, ldb, M, N, K, m0, n0);
+  if (staged) {
+    using S = WgStage<TC, kTileN>;
+    TC* s = reinterpret_cast<TC*>(wg_smem_base());
+    __syncthreads();  // every warpgroup is done with the pipeline's buffers
+    wg_for_each_local<kTileN>([&](int rl, int cl, int i) { S::put(s, rl, cl, acc[i], acc[i + 1]); });
+    __syncthreads();
+    S::write(s, c, ldc, m0, n0, M, N, beta);
+    return;
+  }
   if (beta != 0.0f) wg_add_old(acc, c, ldc, m0, n0, M, N, beta);  // bf16 outputs come with beta 0
   wg_for_each_pair<kTileN>(m0, n0, M, N, [&](int r, int col, int i) {
     put_pair(c + static_cast<int64_t>(r) * ldc + col, acc[i], acc[i + 1], 0.0f, col + 1 < N);
@@ -666,10 +738,38 @@ __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, con
 // as wg_tile then silu_mul_forward.
 __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
                                               int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
-                                              __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0) {
+                                              __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0,
+                                              bool staged) {
   float acc[64];
   wg_accumulate<true, true, true>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
   constexpr int kUp = 4 * (kTileN / 16);  // acc[i + kUp]: the up sum of gate sum acc[i]
+  static_assert(3 * kTileM * WgStage<__nv_bfloat16, kTileN / 2>::kLd * 2 <= kStages * 2 * kTileM * kTileK * 2,
+                "the gated tile's three outputs fit the pipeline's memory");
+  if (staged) {  // h, then the gate and the up products, each [kTileM][kTileN / 2] staged
+    using S = WgStage<__nv_bfloat16, kTileN / 2>;
+    __nv_bfloat16* sh = reinterpret_cast<__nv_bfloat16*>(wg_smem_base());
+    __nv_bfloat16 *sg = sh + kTileM * S::kLd, *su = sg + kTileM * S::kLd;
+    __syncthreads();  // every warpgroup is done with the pipeline's buffers
+    wg_for_each_local<kTileN / 2>([&](int rl, int cl, int i) {
+      float gs[2] = {acc[i], acc[i + 1]}, us[2] = {acc[i + kUp], acc[i + kUp + 1]};
+      if (gu != nullptr) {
+        S::put(sg, rl, cl, gs[0], gs[1]);
+        S::put(su, rl, cl, us[0], us[1]);
+        for (int e = 0; e < 2; ++e) {
+          gs[e] = __bfloat162float(__float2bfloat16(gs[e]));
+          us[e] = __bfloat162float(__float2bfloat16(us[e]));
+        }
+      }
+      S::put(sh, rl, cl, gs[0] / (1.0f + __expf(-gs[0])) * us[0], gs[1] / (1.0f + __expf(-gs[1])) * us[1]);
+    });
+    __syncthreads();
+    S::write(sh, h, ldh, m0, n0, M, N, 0.0f);
+    if (gu != nullptr) {
+      S::write(sg, gu, ldgu, m0, n0, M, N, 0.0f);
+      S::write(su, gu + N, ldgu, m0, n0, M, N, 0.0f);
+    }
+    return;
+  }
   wg_for_each_pair<kTileN / 2>(m0, n0, M, N, [&](int r, int col, int i) {
     float gs[2] = {acc[i], acc[i + 1]}, us[2] = {acc[i + kUp], acc[i + kUp + 1]};
     const bool both = col + 1 < N;
@@ -692,38 +792,38 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
 template <bool kBK, typename TC>
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, TC* c,
-                      int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta) {
+                      int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta, bool staged) {
   __shared__ int tile_group, tile_row;
   find_row_tile<kTileM>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
   wg_tile<true, kBK, TC>(a + r0 * lda, lda, w + g * ldw0, ldw, c + r0 * ldc, ldc, static_cast<int>(bounds[g + 1] - r0),
-                         n, k, tile_row, blockIdx.x * kTileN, beta);
+                         n, k, tile_row, blockIdx.x * kTileN, beta, staged);
 }
 
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_gated_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
                             __nv_bfloat16* h, int64_t ldh, __nv_bfloat16* gu, int64_t ldgu, const int64_t* bounds,
-                            int groups, int n, int k) {
+                            int groups, int n, int k, bool staged) {
   __shared__ int tile_group, tile_row;
   find_row_tile<kTileM>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
   wg_gated_tile(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, gu ? gu + r0 * ldgu : nullptr, ldgu,
-                static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2));
+                static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2), staged);
 }
 
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_wgrad_wg_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* a, int64_t lda, float* dw,
-                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k) {
+                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k, bool staged) {
   const int g = blockIdx.z;
   const int64_t r0 = bounds[g];
   const int rows = static_cast<int>(bounds[g + 1] - r0);
   if (rows <= 0) return;
   wg_tile<false, false>(dc + r0 * lddc, lddc, a + r0 * lda, lda, dw + g * ldw0, ldw, n, k, rows, blockIdx.y * kTileM,
-                        blockIdx.x * kTileN, 1.0f);
+                        blockIdx.x * kTileN, 1.0f, staged);
 }
 
 __global__ void hopper_probe_kernel(int* built) {
@@ -950,8 +1050,18 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
         constexpr int kTM = decltype(tile)::value;
         return trans_w ? grouped_tc_kernel<true, kTM, TC> : grouped_tc_kernel<false, kTM, TC>;
       };
-      const auto kernel = wgmma      ? (trans_w ? grouped_wg_kernel<true, TC> : grouped_wg_kernel<false, TC>)
-                          : tm == 32 ? pick(std::integral_constant<int, 32>())
+      if (wgmma) {
+        const auto kernel = trans_w ? grouped_wg_kernel<true, TC> : grouped_wg_kernel<false, TC>;
+        set_tc_attributes(kernel, smem);
+        constexpr int kPer = 16 / sizeof(TC);
+        const bool staged = n % kPer == 0 && C.ld % kPer == 0 && reinterpret_cast<uintptr_t>(C.p) % 16 == 0;
+        kernel<<<grid, kTcThreads, smem, stream()>>>(
+            static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
+            static_cast<TC*>(C.p), C.ld, offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n),
+            static_cast<int>(k), beta, staged);
+        return;
+      }
+      const auto kernel = tm == 32   ? pick(std::integral_constant<int, 32>())
                           : tm == 64 ? pick(std::integral_constant<int, 64>())
                                      : pick(std::integral_constant<int, 128>());
       set_tc_attributes(kernel, smem);
@@ -1033,12 +1143,19 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   const dim3 grid(static_cast<unsigned>((n + kTileN / 2 - 1) / (kTileN / 2)),
                   static_cast<unsigned>((rows + tm - 1) / tm + groups));
   CHECK_LT(grid.y, 65536u) << "grouped_gate_up: too many rows";
-  const bool wgmma = tm == kTileM && hopper_;
-  const auto kernel = wgmma      ? grouped_gated_wg_kernel
-                      : tm == 32 ? grouped_gated_kernel<32>
-                      : tm == 64 ? grouped_gated_kernel<64>
-                                 : grouped_gated_kernel<128>;
-  const size_t smem = wgmma ? kWgSmem : tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
+  if (tm == kTileM && hopper_) {
+    const auto aligned = [](const Rows& x) { return x.ld % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0; };
+    const bool staged = n % 8 == 0 && aligned(H) && (gate_up == nullptr || aligned(GU));
+    set_tc_attributes(grouped_gated_wg_kernel, kWgSmem);
+    grouped_gated_wg_kernel<<<grid, kTcThreads, kWgSmem, stream()>>>(
+        static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
+        static_cast<__nv_bfloat16*>(H.p), H.ld, static_cast<__nv_bfloat16*>(GU.p), GU.ld, offsets.data<int64_t>(),
+        static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), staged);
+    CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  const auto kernel = tm == 32 ? grouped_gated_kernel<32> : tm == 64 ? grouped_gated_kernel<64> : grouped_gated_kernel<128>;
+  const size_t smem = tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
   set_tc_attributes(kernel, smem);
   kernel<<<grid, kTcThreads, smem, stream()>>>(static_cast<const __nv_bfloat16*>(oa.p), oa.ld,
                                                  static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
@@ -1070,10 +1187,18 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
   if (bf16 && tc_operand(od, n) && tc_operand(oa, k) && rows < (int64_t{1} << 31) && groups < 65536) {
     const dim3 grid(static_cast<unsigned>((k + kTileN - 1) / kTileN), static_cast<unsigned>((n + kTileM - 1) / kTileM),
                     static_cast<unsigned>(groups));
-    const auto kernel = hopper_ ? grouped_wgrad_wg_kernel : grouped_wgrad_tc_kernel;
-    const size_t smem = hopper_ ? kWgSmem : kTcSmem;
-    set_tc_attributes(kernel, smem);
-    kernel<<<grid, kTcThreads, smem, stream()>>>(
+    if (hopper_) {
+      const bool staged = k % 4 == 0 && dw.stride(1) % 4 == 0 && dw.stride(0) % 4 == 0 &&
+                          reinterpret_cast<uintptr_t>(dw.raw()) % 16 == 0;
+      set_tc_attributes(grouped_wgrad_wg_kernel, kWgSmem);
+      grouped_wgrad_wg_kernel<<<grid, kTcThreads, kWgSmem, stream()>>>(
+          static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
+          dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k), staged);
+      CUDA_CHECK(cudaGetLastError());
+      return;
+    }
+    set_tc_attributes(grouped_wgrad_tc_kernel);
+    grouped_wgrad_tc_kernel<<<grid, kTcThreads, kTcSmem, stream()>>>(
         static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
         dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k));
     CUDA_CHECK(cudaGetLastError());
