@@ -152,7 +152,7 @@ constexpr int kGroupedTile32 = 24, kGroupedTile64 = 64;
 template <bool kK, int kExtent>
 struct TcTile {
   static constexpr int kLd = kK ? kTileK + kTcPad : kExtent + kTcPad;
-  static constexpr int kElems = kK ? kExtent * kLd : kTileK * kLd;
+  static constexpr int kStage = kK ? kExtent * kLd : kTileK * kLd;  // a pipeline stage's tile, in elements
   static constexpr int kChunks = kExtent * kTileK / 8;  // of 16 bytes
   static_assert(kChunks % kTcThreads == 0, "tile not a whole number of chunks a thread");
 
@@ -192,11 +192,30 @@ struct TcTile {
   }
 };
 
+// Issues step s of a product's pipeline (of `steps`): the A and B tiles of its k range into stage
+// s % kStages of sa and sb (TileA and TileB lay them out; each tile kStage units of *sa), then commits
+// (an empty group past the end keeps the count uniform). pa, pb: the block's first row (or column) of
+// each operand; kGated: b's rows from pb and pb + gate_to_up rows (TileB::load_pair).
+template <typename TileA, typename TileB, bool kAK, bool kBK, bool kGated, typename T>
+__device__ __forceinline__ void issue_step(int s, int steps, T* sa, T* sb, const __nv_bfloat16* pa, int64_t lda,
+                                           const __nv_bfloat16* pb, int64_t ldb, int64_t gate_to_up, int ni_a,
+                                           int ni_b, int K) {
+  if (s < steps) {
+    const int k0 = s * kTileK, st = s % kStages;
+    TileA::load(sa + st * TileA::kStage, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
+    if constexpr (kGated)
+      TileB::load_pair(sb + st * TileB::kStage, pb + k0, pb + gate_to_up * ldb + k0, ldb, ni_b, K - k0);
+    else
+      TileB::load(sb + st * TileB::kStage, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
+  }
+  tc::cp_async_commit();
+}
+
 // The pipeline's shared memory for row tiles of kTM rows (either orientation of either operand).
 template <int kTM>
 constexpr size_t tc_smem() {
-  constexpr int a = std::max(TcTile<true, kTM>::kElems, TcTile<false, kTM>::kElems);
-  constexpr int b = std::max(TcTile<true, kTileN>::kElems, TcTile<false, kTileN>::kElems);
+  constexpr int a = std::max(TcTile<true, kTM>::kStage, TcTile<false, kTM>::kStage);
+  constexpr int b = std::max(TcTile<true, kTileN>::kStage, TcTile<false, kTileN>::kStage);
   return sizeof(__nv_bfloat16) * kStages * (a + b);
 }
 constexpr size_t kTcSmem = tc_smem<kTileM>();
@@ -229,7 +248,7 @@ __device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], cons
   using TileB = TcTile<kBK, kTileN>;
   extern __shared__ __align__(16) unsigned char tc_smem[];
   __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(tc_smem);
-  __nv_bfloat16* sb = sa + kStages * TileA::kElems;
+  __nv_bfloat16* sb = sa + kStages * TileA::kStage;
   const __nv_bfloat16* pa = kAK ? a + m0 * lda : a + m0;
   const __nv_bfloat16* pb = kBK ? b + n0 * ldb : b + n0;
   const int ni_a = min(kTM, M - m0), ni_b = min(kGated ? kTileN / 2 : kTileN, N - n0);
@@ -243,15 +262,7 @@ __device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], cons
 
   const int steps = (K + kTileK - 1) / kTileK;
   const auto issue = [&](int s) {
-    if (s < steps) {
-      const int k0 = s * kTileK, st = s % kStages;
-      TileA::load(sa + st * TileA::kElems, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
-      if constexpr (kGated)
-        TileB::load_pair(sb + st * TileB::kElems, pb + k0, pb + gate_to_up * ldb + k0, ldb, ni_b, K - k0);
-      else
-        TileB::load(sb + st * TileB::kElems, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
-    }
-    tc::cp_async_commit();  // an empty group past the end keeps the count uniform
+    issue_step<TileA, TileB, kAK, kBK, kGated>(s, steps, sa, sb, pa, lda, pb, ldb, gate_to_up, ni_a, ni_b, K);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);
@@ -259,8 +270,8 @@ __device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], cons
     tc::cp_async_wait<kStages - 2>();
     __syncthreads();  // step s is in; every warp is done with step s - 1, whose buffer is reloaded next
     issue(s + kStages - 1);
-    const __nv_bfloat16* ta = sa + (s % kStages) * TileA::kElems;
-    const __nv_bfloat16* tb = sb + (s % kStages) * TileB::kElems;
+    const __nv_bfloat16* ta = sa + (s % kStages) * TileA::kStage;
+    const __nv_bfloat16* tb = sb + (s % kStages) * TileB::kStage;
 #pragma unroll
     for (int kk = 0; kk < kTileK; kk += 16) {
       uint32_t fa[kMi][4];
@@ -471,6 +482,7 @@ static_assert(kTileM == kTileN && kTileK == 64, "the swizzled tiles are kTileM r
 template <bool kK>
 struct WgTile {
   static constexpr int kBytes = kTileM * kTileK * 2;
+  static constexpr int kStage = kBytes;                // a pipeline stage's tile, in bytes
   static constexpr int kChunks = kTileM * kTileK / 8;  // of 16 bytes
   static_assert(kChunks % kTcThreads == 0, "tile not a whole number of chunks a thread");
 
@@ -545,15 +557,7 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
 
   const int steps = (K + kTileK - 1) / kTileK;
   const auto issue = [&](int s) {
-    if (s < steps) {
-      const int k0 = s * kTileK, st = s % kStages;
-      TileA::load(sa + st * TileA::kBytes, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
-      if constexpr (kGated)
-        TileB::load_pair(sb + st * TileB::kBytes, pb + k0, pb + gate_to_up * ldb + k0, ldb, ni_b, K - k0);
-      else
-        TileB::load(sb + st * TileB::kBytes, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
-    }
-    tc::cp_async_commit();
+    issue_step<TileA, TileB, kAK, kBK, kGated>(s, steps, sa, sb, pa, lda, pb, ldb, gate_to_up, ni_a, ni_b, K);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);
