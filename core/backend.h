@@ -114,9 +114,11 @@ class Backend {
   // rows outside every group are left as they are.
   virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
                             float beta = 0.0f) = 0;
-  // Weight gradient of grouped_gemm with trans_w: dw[g] += dc[rows_g]ᵀ · a[rows_g];
-  //   dc: [R, n] and a: [R, k] f32 or bf16, dw: [G, n, k] f32.
-  virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) = 0;
+  // Weight gradient of grouped_gemm with trans_w: dw[g] = beta · dw[g] + dc[rows_g]ᵀ · a[rows_g];
+  //   dc: [R, n] and a: [R, k] f32 or bf16, dw: [G, n, k] f32; beta 1 (add) or 0 (overwrite: the old
+  //   values are not read, and a group without rows gets zeros).
+  virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw,
+                                  float beta = 1.0f) = 0;
   // h[r] = silu(a[r] · w_gate[g]ᵀ) * (a[r] · w_up[g]ᵀ) for the rows r of group g, where w [G, 2n, k]
   // stacks each group's n gate rows over its n up rows and h [R, n] is bf16: grouped_gemm (trans_w)
   // then silu_mul_forward, without the [R, 2n] f32 products. With gate_up ([R, 2n] bf16) those products

@@ -130,7 +130,7 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
 
 void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::RopeTable& rope, const Tensor& x, const Tensor& positions, const AttentionActs& a,
-                  const Tensor& dy, Tensor& dx) {
+                  const Tensor& dy, Tensor& dx, float gbeta) {
   const int64_t m = x.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
@@ -142,7 +142,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   const Tensor dyp = product_operand(be, dy);
   be.gemm(dyp, false, w.o_proj, false, dout2);
   Tensor go = g.o_proj;
-  be.gemm(dyp, true, a.out.view({m, heads * vd}), false, go, 1.0f, 1.0f);
+  be.gemm(dyp, true, a.out.view({m, heads * vd}), false, go, 1.0f, gbeta);
   // Attention.
   // dv goes straight into its place in d(kv).
   Tensor dkv = be.zeros({m, heads, nope + vd});
@@ -174,7 +174,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   const Tensor dkv2 = product_operand(be, dkv.view({m, heads * (nope + vd)}));
   be.gemm(dkv2, false, w.kv_b_proj, false, dc_norm);
   Tensor gkvb = g.kv_b_proj;
-  be.gemm(dkv2, true, a.c_norm, false, gkvb, 1.0f, 1.0f);
+  be.gemm(dkv2, true, a.c_norm, false, gkvb, 1.0f, gbeta);
   Tensor dc = dckv.slice(1, 0, r);
   Tensor gkvan = g.kv_a_norm;
   be.rmsnorm_backward(dc_norm, a.ckv.slice(1, 0, r), w.kv_a_norm, a.c_rstd, dc, gkvan);
@@ -182,7 +182,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   const Tensor dckvp = product_operand(be, dckv);
   be.gemm(dckvp, false, w.kv_a_proj, false, dx, 1.0f, 1.0f);
   Tensor gkva = g.kv_a_proj;
-  be.gemm(dckvp, true, x, false, gkva, 1.0f, 1.0f);
+  be.gemm(dckvp, true, x, false, gkva, 1.0f, gbeta);
   // Queries.
   Tensor dq_pe = dq.slice(2, nope, rd);
   be.rope(dq_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
@@ -191,17 +191,17 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
     Tensor dq_a_norm = be.zeros({m, cfg.q_lora_rank}), dq_a = be.zeros({m, cfg.q_lora_rank});
     be.gemm(dq2, false, w.q_b_proj, false, dq_a_norm);
     Tensor gqb = g.q_b_proj;
-    be.gemm(dq2, true, a.q_a_norm, false, gqb, 1.0f, 1.0f);
+    be.gemm(dq2, true, a.q_a_norm, false, gqb, 1.0f, gbeta);
     Tensor gqan = g.q_a_norm;
     be.rmsnorm_backward(dq_a_norm, a.q_a, w.q_a_norm, a.q_a_rstd, dq_a, gqan);
     const Tensor dq_ap = product_operand(be, dq_a);
     be.gemm(dq_ap, false, w.q_a_proj, false, dx, 1.0f, 1.0f);
     Tensor gqa = g.q_a_proj;
-    be.gemm(dq_ap, true, x, false, gqa, 1.0f, 1.0f);
+    be.gemm(dq_ap, true, x, false, gqa, 1.0f, gbeta);
   } else {
     be.gemm(dq2, false, w.q_proj, false, dx, 1.0f, 1.0f);
     Tensor gq = g.q_proj;
-    be.gemm(dq2, true, x, false, gq, 1.0f, 1.0f);
+    be.gemm(dq2, true, x, false, gq, 1.0f, gbeta);
   }
 }
 

@@ -133,8 +133,38 @@ absl::Status Model::save(const std::string& dir, ExpertLayout layout) const {
 }
 
 void Model::zero_grads() {
-  Tensor b = grads_.buffer();
-  backend_.fill(b, 0.0f);
+  // Everything but the matrix weights: the norms, the embedding table (embedding_backward adds its rows
+  // in), the router bias.
+  const auto clear = [&](const Tensor& t) {
+    if (!t.defined()) return;
+    Tensor v = t;
+    backend_.fill(v, 0.0f);
+  };
+  clear(g_.embed);
+  clear(g_.final_norm);
+  for (const LayerWeights& l : g_.layers) {
+    clear(l.input_norm);
+    clear(l.post_norm);
+    clear(l.q_a_norm);
+    clear(l.kv_a_norm);
+    clear(l.router_bias);
+  }
+  matrix_grads_stale_ = true;
+}
+
+ParameterSet& Model::grads() {
+  if (matrix_grads_stale_) {  // asked for before a backward wrote them
+    Tensor b = grads_.buffer();
+    backend_.fill(b, 0.0f);
+    matrix_grads_stale_ = false;
+  }
+  return grads_;
+}
+
+float Model::take_grad_beta() {
+  const float beta = matrix_grads_stale_ ? 0.0f : 1.0f;
+  matrix_grads_stale_ = false;
+  return beta;
 }
 
 Tensor Model::embed(const Tensor& tokens_host, Tensor* ids_out) {
@@ -202,6 +232,7 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
   const int64_t chunk = std::min(m, head_chunk_rows());
   CHECK_EQ(dlp.numel(), m);
   Tensor dnormed = backend_.empty({m, h});  // a product a chunk of rows, with beta 0
+  const float gbeta = take_grad_beta();
   Tensor glm = g_.lm_head;
   Tensor buf = backend_.empty({chunk, v}), dbuf = backend_.empty({chunk, v}, product_dtype(backend_));
   // Each chunk's logits again (one more product than keeping them, for no [M, V] tensor), their
@@ -213,9 +244,9 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
     backend_.gemm(normed, false, w_.lm_head, true, logits);
     backend_.logprobs_backward(dlp.slice(0, r0, n), logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n), dlogits);
     backend_.gemm(dlogits, false, w_.lm_head, false, dn);
-    backend_.gemm(dlogits, true, normed, false, glm, 1.0f, 1.0f);
+    backend_.gemm(dlogits, true, normed, false, glm, 1.0f, r0 == 0 ? gbeta : 1.0f);
   }
-  backward_hidden(st, dnormed);
+  backward_hidden(st, dnormed, gbeta);
 }
 
 Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int64_t batch, LayerActs& a,
@@ -301,12 +332,13 @@ void Model::backward(ForwardState& st, const Tensor& dlogits) {
   Tensor dnormed = backend_.empty({m, h});
   const Tensor dl = product_operand(backend_, dlogits);  // rounded once for both products
   backend_.gemm(dl, false, w_.lm_head, false, dnormed);
+  const float gbeta = take_grad_beta();
   Tensor glm = g_.lm_head;
-  backend_.gemm(dl, true, st.normed, false, glm, 1.0f, 1.0f);
-  backward_hidden(st, dnormed);
+  backend_.gemm(dl, true, st.normed, false, glm, 1.0f, gbeta);
+  backward_hidden(st, dnormed, gbeta);
 }
 
-void Model::backward_hidden(ForwardState& st, const Tensor& dnormed) {
+void Model::backward_hidden(ForwardState& st, const Tensor& dnormed, float gbeta) {
   CHECK_EQ(static_cast<int>(st.layers.size()), cfg_.num_hidden_layers) << "forward ran without a state";
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   Tensor dx = backend_.zeros({m, h});
@@ -325,16 +357,16 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed) {
     // out = h1 + ffn(ln2(h1))
     Tensor dln2 = backend_.zeros({m, h});
     if (lw.moe) {
-      moe_backward(backend_, cfg_, lw, lg, a.ln2, a.moe, dx, dln2);
+      moe_backward(backend_, cfg_, lw, lg, a.ln2, a.moe, dx, dln2, gbeta);
     } else {
-      mlp_backward(backend_, lw.mlp, lg.mlp, a.ln2, a.mlp, dx, dln2);
+      mlp_backward(backend_, lw.mlp, lg.mlp, a.ln2, a.mlp, dx, dln2, gbeta);
     }
     Tensor dh1 = dx;  // the residual path
     Tensor gpost = lg.post_norm;
     backend_.rmsnorm_backward(dln2, a.h1, lw.post_norm, a.ln2_rstd, dh1, gpost);
     // h1 = x + attn(ln1(x))
     Tensor dln1 = backend_.zeros({m, h});
-    mla_backward(backend_, cfg_, lw, lg, rope_, a.ln1, st.positions, a.attn, dh1, dln1);
+    mla_backward(backend_, cfg_, lw, lg, rope_, a.ln1, st.positions, a.attn, dh1, dln1, gbeta);
     Tensor gin = lg.input_norm;
     backend_.rmsnorm_backward(dln1, a.x, lw.input_norm, a.ln1_rstd, dh1, gin);
     dx = dh1;

@@ -96,8 +96,13 @@ class Model {
   const ModelConfig& config() const { return cfg_; }
   core::Backend& backend() const { return backend_; }
   ParameterSet& params() { return params_; }
-  ParameterSet& grads() { return grads_; }
+  // The gradients; zeros where zero_grads left them for the next backward to overwrite.
+  ParameterSet& grads();
   const ParameterSet& params() const { return params_; }
+  // Gradients to zero. The matrix weights' gradients (the products' operands) are not cleared now: the
+  // next backward writes them instead of adding to them (saving a pass over them and the reads of the
+  // adds), and grads() clears them if it is asked first. The rest (norms, the embedding, the router
+  // bias) are cleared now.
   void zero_grads();
 
   // tokens: host I32 [B, T] at positions 0..T-1. Returns logits [B*T, V] on the backend.
@@ -105,7 +110,8 @@ class Model {
   // the output of every layer but the last, then the final normalised hidden state ([B*T, H] each).
   core::Tensor forward(const core::Tensor& tokens, ForwardState* state = nullptr,
                        std::vector<core::Tensor>* hidden = nullptr);
-  // Accumulates d(loss)/d(parameter) into grads() from dlogits [B*T, V].
+  // Accumulates d(loss)/d(parameter) into grads() from dlogits [B*T, V] (the first backward after
+  // zero_grads writes the matrix weights' gradients).
   void backward(ForwardState& state, const core::Tensor& dlogits);
 
   // The log-probability of each row's target (targets: backend I32 [B*T]) as [B*T] on the backend,
@@ -165,8 +171,12 @@ class Model {
   // Embedding through the final norm: fills state (its layers only when keep).
   void forward_hidden(const core::Tensor& tokens, ForwardState& state, bool keep,
                       std::vector<core::Tensor>* hidden);
-  // From d(loss)/d(final normalised hidden state) down to the embeddings.
-  void backward_hidden(ForwardState& state, const core::Tensor& dnormed);
+  // From d(loss)/d(final normalised hidden state) down to the embeddings; gbeta for the matrix
+  // weights' gradients as in mla_backward.
+  void backward_hidden(ForwardState& state, const core::Tensor& dnormed, float gbeta);
+  // The beta of this backward's first write into each matrix weight's gradient: 0 (overwrite) once
+  // after zero_grads, else 1.
+  float take_grad_beta();
   // Layer l from its input x [M, H] (positions [M], `batch` sequences): returns its output; `a` holds
   // what backward needs (the experts' products for backward too where for_backward).
   core::Tensor layer_forward(int l, const core::Tensor& x, const core::Tensor& positions, int64_t batch, LayerActs& a,
@@ -183,6 +193,7 @@ class Model {
   core::Backend& backend_;
   ParameterSet params_;
   ParameterSet grads_;
+  bool matrix_grads_stale_ = false;  // zero_grads left the matrix weights' gradients for backward to write
   // What the layers read: views of params_, except where the backend's products round weights to bf16
   // (Backend::weight_dtype): there the matrix weights are views of mm_buffer_, a bf16 copy of the
   // parameters made before every forward (forward_step: when the weights changed), so that products

@@ -69,17 +69,17 @@ void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpAct
 }
 
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const Tensor& x, const MlpActs& a,
-                  const Tensor& dy, Tensor& dx) {
+                  const Tensor& dy, Tensor& dx, float gbeta) {
   const int64_t n = x.size(0), inter = w.down.size(1);
   // Gradients that only products read are rounded once (bf16 products), not in each product.
   const Tensor dyp = product_operand(be, dy);
   Tensor dact = be.empty({n, inter}), dgu = be.empty({n, 2 * inter}, product_dtype(be));
   be.gemm(dyp, false, w.down, false, dact);
   Tensor gd = g.down, ggu = g.gate_up;
-  be.gemm(dyp, true, a.act, false, gd, 1.0f, 1.0f);
+  be.gemm(dyp, true, a.act, false, gd, 1.0f, gbeta);
   be.silu_mul_backward(dact, a.gate_up, dgu);
   be.gemm(dgu, false, w.gate_up, false, dx, 1.0f, 1.0f);
-  be.gemm(dgu, true, x, false, ggu, 1.0f, 1.0f);
+  be.gemm(dgu, true, x, false, ggu, 1.0f, gbeta);
 }
 
 void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,
@@ -141,10 +141,10 @@ void mlp_remake(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs
 }
 
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
-                  const Tensor& x, const MoeActs& a, const Tensor& dy, Tensor& dx) {
+                  const Tensor& x, const MoeActs& a, const Tensor& dy, Tensor& dx, float gbeta) {
   const int64_t m = x.size(0), h = x.size(1), e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
   const int64_t inter = cfg.moe_intermediate_size;
-  if (w.shared.down.defined()) mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dx);
+  if (w.shared.down.defined()) mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dx, gbeta);
   // Combine.
   Tensor dys = be.empty({m * k, h}, product_dtype(be)), dweights = be.empty({m, k});
   be.moe_combine_backward(dy, a.ys, a.weights, a.row_of, dys, dweights);
@@ -153,10 +153,10 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor dxs = be.empty({m * k, h});
   be.grouped_gemm(dys, w.experts_down, false, a.offsets, dact);
   Tensor gdown = g.experts_down, ggu = g.experts_gate_up;
-  be.grouped_gemm_wgrad(dys, a.experts.act, a.offsets, gdown);
+  be.grouped_gemm_wgrad(dys, a.experts.act, a.offsets, gdown, gbeta);
   be.silu_mul_backward(dact, a.experts.gate_up, dgu);
   be.grouped_gemm(dgu, w.experts_gate_up, false, a.offsets, dxs);
-  be.grouped_gemm_wgrad(dgu, a.xs, a.offsets, ggu);
+  be.grouped_gemm_wgrad(dgu, a.xs, a.offsets, ggu, gbeta);
   be.moe_dispatch_backward(dxs, a.row_of, dx);
   // Router: the weights are differentiable, the selection is not.
   Tensor dlogits = be.zeros({m, e});
@@ -164,7 +164,7 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   const Tensor dl = product_operand(be, dlogits);
   be.gemm(dl, false, w.router, false, dx, 1.0f, 1.0f);
   Tensor grouter = g.router;
-  be.gemm(dl, true, x, false, grouter, 1.0f, 1.0f);
+  be.gemm(dl, true, x, false, grouter, 1.0f, gbeta);
 }
 
 }  // namespace r1lab::model

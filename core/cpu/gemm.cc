@@ -121,15 +121,21 @@ void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, co
   }
 }
 
-void CpuBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offset_tensor, Tensor& dw) {
+void CpuBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offset_tensor, Tensor& dw,
+                                    float beta) {
   CHECK_EQ(dw.dim(), 3);
+  CHECK(beta == 0.0f || beta == 1.0f) << "grouped_gemm_wgrad adds (beta 1) or overwrites (0), not beta " << beta;
   const Tensor a32 = f32_values(a), dc32 = f32_values(dc);
   Rows dcr = rows_of(dc32), ar = rows_of(a32);
   const int64_t* offsets = group_bounds(offset_tensor, dw.size(0), std::min(dcr.rows, ar.rows));
   for (int64_t g = 0; g < dw.size(0); ++g) {
     const int64_t r0 = offsets[g], nr = offsets[g + 1] - offsets[g];
-    if (nr == 0) continue;
-    gemm_raw(sub_rows(dcr, r0, nr), true, sub_rows(ar, r0, nr), false, rows_of(dw[g]), 1.0f, 1.0f);
+    Tensor dwg = dw[g];
+    if (nr == 0) {
+      if (beta == 0.0f) fill(dwg, 0.0f);
+      continue;
+    }
+    gemm_raw(sub_rows(dcr, r0, nr), true, sub_rows(ar, r0, nr), false, rows_of(dwg), 1.0f, beta);
   }
 }
 

@@ -107,7 +107,7 @@ class CudaBackend final : public Backend {
   void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
                     float beta) override;
   void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta) override;
-  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) override;
+  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw, float beta) override;
   void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
                        Tensor* gate_up = nullptr) override;
 

@@ -454,16 +454,29 @@ __global__ void __launch_bounds__(kTcThreads, 2)
                      static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2));
 }
 
-// dw[g] [n, k] += dc[rows_g]ᵀ · a[rows_g]: blockIdx.z is the group; the sum runs over its rows.
+// Zeros in the block's tile (kTileM × kTileN at (m0, n0)) of the M × N matrix c: a weight gradient
+// overwritten (beta 0) for a group without rows.
+__device__ __forceinline__ void zero_tile(float* c, int64_t ldc, int M, int N, int m0, int n0) {
+  for (int i = threadIdx.x; i < kTileM * kTileN; i += blockDim.x) {
+    const int r = m0 + i / kTileN, col = n0 + i % kTileN;
+    if (r < M && col < N) c[static_cast<int64_t>(r) * ldc + col] = 0.0f;
+  }
+}
+
+// dw[g] [n, k] = beta · dw[g] + dc[rows_g]ᵀ · a[rows_g] (beta 1 or 0): blockIdx.z is the group; the sum
+// runs over its rows.
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_wgrad_tc_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* a, int64_t lda, float* dw,
-                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k) {
+                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k, float beta) {
   const int g = blockIdx.z;
   const int64_t r0 = bounds[g];
   const int rows = static_cast<int>(bounds[g + 1] - r0);
-  if (rows <= 0) return;
+  if (rows <= 0) {
+    if (beta == 0.0f) zero_tile(dw + g * ldw0, ldw, n, k, blockIdx.y * kTileM, blockIdx.x * kTileN);
+    return;
+  }
   tc_tile<false, false>(dc + r0 * lddc, lddc, a + r0 * lda, lda, dw + g * ldw0, ldw, n, k, rows, blockIdx.y * kTileM,
-                        blockIdx.x * kTileN, 1.0f);
+                        blockIdx.x * kTileN, beta);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -821,13 +834,17 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_wgrad_wg_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* a, int64_t lda, float* dw,
-                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k, bool staged) {
+                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k, float beta,
+                            bool staged) {
   const int g = blockIdx.z;
   const int64_t r0 = bounds[g];
   const int rows = static_cast<int>(bounds[g + 1] - r0);
-  if (rows <= 0) return;
+  if (rows <= 0) {
+    if (beta == 0.0f) zero_tile(dw + g * ldw0, ldw, n, k, blockIdx.y * kTileM, blockIdx.x * kTileN);
+    return;
+  }
   wg_tile<false, false>(dc + r0 * lddc, lddc, a + r0 * lda, lda, dw + g * ldw0, ldw, n, k, rows, blockIdx.y * kTileM,
-                        blockIdx.x * kTileN, 1.0f, staged);
+                        blockIdx.x * kTileN, beta, staged);
 }
 
 __global__ void hopper_probe_kernel(int* built) {
@@ -1169,8 +1186,10 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   CUDA_CHECK(cudaGetLastError());
 }
 
-void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw) {
+void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw,
+                                     float beta) {
   CHECK_EQ(dw.dim(), 3);
+  CHECK(beta == 0.0f || beta == 1.0f) << "grouped_gemm_wgrad adds (beta 1) or overwrites (0), not beta " << beta;
   check_operand(dc);
   check_operand(a);
   check_device(dw, DType::kF32);
@@ -1182,8 +1201,13 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
   CHECK_EQ(A.cols, k);
   CHECK_EQ(D.rows, A.rows);
   const int64_t rows = A.rows;
-  Op op(this, "grouped_gemm_wgrad", 2.0 * rows * n * k, 4.0 * (rows * (n + k) + 2 * groups * n * k));
-  if (rows == 0 || groups == 0) return;
+  Op op(this, "grouped_gemm_wgrad", 2.0 * rows * n * k,
+        4.0 * (rows * (n + k) + (beta == 0.0f ? 1 : 2) * groups * n * k));
+  if (groups == 0) return;
+  if (rows == 0) {
+    if (beta == 0.0f) fill(dw, 0.0f);
+    return;
+  }
   const bool bf16 = bf16_products(dc, a);
   Tensor kd, ka;
   const Operand od = gemm_operand(dc, bf16, D.rows, D.cols, D.ld, D.rows, 0, kd);
@@ -1197,26 +1221,32 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
       set_tc_attributes(grouped_wgrad_wg_kernel, kWgSmem);
       grouped_wgrad_wg_kernel<<<grid, kTcThreads, kWgSmem, stream()>>>(
           static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
-          dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k), staged);
+          dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k), beta, staged);
       CUDA_CHECK(cudaGetLastError());
       return;
     }
     set_tc_attributes(grouped_wgrad_tc_kernel);
     grouped_wgrad_tc_kernel<<<grid, kTcThreads, kTcSmem, stream()>>>(
         static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
-        dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k));
+        dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k), beta);
     CUDA_CHECK(cudaGetLastError());
     return;
   }
   const std::vector<int64_t> o = host_offsets(offsets, rows);
+  if (beta == 0.0f) {  // groups without rows get zeros (on the main stream, before the side streams start)
+    for (int64_t g = 0; g < groups; ++g) {
+      Tensor dwg = dw[g];
+      if (o[g + 1] == o[g]) fill(dwg, 0.0f);
+    }
+  }
   const cublasComputeType_t ct = operand_compute(od, opt_.gemm);
   const auto& sides = fork_sides();
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t r0 = o[g], nr = o[g + 1] - o[g];
     if (nr == 0) continue;
-    // dw[g] [n, k] += dc[rows]ᵀ · a[rows]
+    // dw[g] [n, k] = beta · dw[g] + dc[rows]ᵀ · a[rows]
     gemm_rows(sides[g % sides.size()].blas, ct, row_ptr(od, r0), od.type, od.ld, true, row_ptr(oa, r0), oa.type, oa.ld,
-              false, dw.f32() + g * dw.stride(0), dw.stride(1), n, k, nr, 1.0f, 1.0f);
+              false, dw.f32() + g * dw.stride(0), dw.stride(1), n, k, nr, 1.0f, beta);
   }
   join_sides();
 }

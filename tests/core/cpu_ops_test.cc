@@ -146,6 +146,15 @@ TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
     be_->grouped_gemm(a, w, true, bounds, out);
     return dot(out, dc);
   }, rng_);
+  // beta 1 adds to what dw holds; beta 0 overwrites it, the empty group with zeros (NaN is not read).
+  Tensor twice = dw.clone(), fresh = Tensor::zeros({3, 5, 4});
+  be_->grouped_gemm_wgrad(dc, a, bounds, twice, 1.0f);
+  be_->fill(fresh, NAN);
+  be_->grouped_gemm_wgrad(dc, a, bounds, fresh, 0.0f);
+  for (int64_t i = 0; i < dw.numel(); ++i) {
+    EXPECT_EQ(twice.f32()[i], 2.0f * dw.f32()[i]) << i;
+    EXPECT_EQ(fresh.f32()[i], dw.f32()[i]) << i;
+  }
 }
 
 TEST_F(CpuOps, RmsNormForwardAndBackward) {

@@ -212,6 +212,12 @@ TEST_F(CudaBackendTest, GroupedGemmAndWeightGradient) {
   cpu_->grouped_gemm_wgrad(dc, a, bounds(offsets), dw);
   gpu_->grouped_gemm_wgrad(dev(dc), dev(a), dev(bounds(offsets)), gdw);
   EXPECT_CLOSE(gdw, dw, 1e-5);
+  // beta 0 overwrites: NaN is not read, the empty group gets zeros.
+  Tensor dw0 = Tensor::zeros({g, n, k}), gdw0 = gpu_->zeros({g, n, k}, DType::kF32);
+  gpu_->fill(gdw0, NAN);
+  cpu_->grouped_gemm_wgrad(dc, a, bounds(offsets), dw0, 0.0f);
+  gpu_->grouped_gemm_wgrad(dev(dc), dev(a), dev(bounds(offsets)), gdw0, 0.0f);
+  EXPECT_CLOSE(gdw0, dw0, 1e-5);
 }
 
 // bf16 products round the f32 operands into bf16 copies first (gemm.cu); grouped products run on the
@@ -261,6 +267,12 @@ TEST_F(CudaBackendTest, Bf16ProductsOnStridedAndGroupedOperands) {
         cpu_->grouped_gemm_wgrad(dc, a, bounds(offsets), dw);
         be->grouped_gemm_wgrad(up(dc), up(a), up(bounds(offsets)), gdw);
         check(gdw, dw, "grouped weight gradient" + shape);
+        // Overwritten (beta 0): NaN is not read, empty groups get zeros.
+        Tensor dw0 = Tensor::zeros({g, n, k}), gdw0 = be->zeros({g, n, k}, DType::kF32);
+        be->fill(gdw0, NAN);
+        cpu_->grouped_gemm_wgrad(dc, a, bounds(offsets), dw0, 0.0f);
+        be->grouped_gemm_wgrad(up(dc), up(a), up(bounds(offsets)), gdw0, 0.0f);
+        check(gdw0, dw0, "grouped weight gradient, beta 0" + shape);
       }
     }
 }

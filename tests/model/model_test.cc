@@ -237,6 +237,49 @@ TEST_P(ModelVariant, RecomputeGivesTheSameGradients) {
   EXPECT_EQ(*recompute_from_name("layers"), Recompute::kLayers);
 }
 
+// zero_grads leaves the matrix weights' gradients for the next backward to write rather than add to:
+// over stale values (NaN here), the gradients equal those of a backward into cleared gradients, groups
+// of experts without tokens included; a second backward adds (micro-batches); grads() asked for before
+// any backward clears them.
+TEST_P(ModelVariant, FirstBackwardAfterZeroGradsWritesTheMatrixGradients) {
+  const int64_t b = 2, t = 9, m = b * t;
+  Tensor ids = tokens(b, t, 31), tg = tokens(1, m, 37).view({m});
+  std::mt19937_64 rng(41);
+  Tensor dlp = testing::randn({m}, rng);
+  const auto backward = [&] {
+    ForwardState st;
+    model_->forward_logprobs(ids, tg, &st);
+    model_->backward_logprobs(st, tg, dlp);
+  };
+  const auto equal = [](const Tensor& x, const Tensor& y, const char* what) {
+    int64_t differ = 0;
+    for (int64_t i = 0; i < x.numel(); ++i) differ += !(x.f32()[i] == y.f32()[i]);  // +0 and -0 are equal
+    EXPECT_EQ(differ, 0) << what << ": " << differ << " of " << x.numel() << " gradients differ";
+  };
+  Tensor all = model_->grads().buffer();
+  // Reference: every gradient cleared (grads() clears what zero_grads left), then backward adds.
+  model_->zero_grads();
+  be_->fill(all, 0.0f);  // the buffer as it is now, whatever grads() cleared
+  model_->grads();
+  backward();
+  const Tensor once = model_->grads().buffer().clone();
+  backward();
+  const Tensor twice = model_->grads().buffer().clone();
+  // Over stale values.
+  be_->fill(all, NAN);
+  model_->zero_grads();
+  backward();
+  equal(model_->grads().buffer(), once, "first backward");
+  backward();
+  equal(model_->grads().buffer(), twice, "second backward");
+  // grads() before any backward: zeros.
+  be_->fill(all, NAN);
+  model_->zero_grads();
+  const Tensor cleared = model_->grads().buffer();
+  for (int64_t i = 0; i < cleared.numel(); ++i) ASSERT_EQ(cleared.f32()[i], 0.0f) << i;
+  EXPECT_GT(testing::dot(once, once), 0.0);
+}
+
 // Running sequences through the paged latent cache — in shuffled pool blocks, in prompt chunks of
 // different sizes, then token by token, two sequences of different lengths in one step — gives the full
 // forward's logits at every position.
