@@ -310,6 +310,7 @@ int main(int argc, char** argv) {
   // One profiled step: per-op time and achieved rates.
   r1lab::core::cuda::Options popt = opt;
   popt.profile = true;
+  popt.profile_gemm_shapes = true;
   auto pbe = r1lab::core::cuda::make_backend(popt);
   std::vector<r1lab::core::cuda::OpTime> ops;
   double step_ms = 0;
@@ -335,7 +336,25 @@ int main(int argc, char** argv) {
     step_ms = std::chrono::duration<double, std::milli>(Clock::now() - p0).count();
     ops = r1lab::core::cuda::profile(**pbe);
   }
+  // The dense products by shape, and together as one "gemm" row of the per-op table.
+  std::vector<r1lab::core::cuda::OpTime> shapes;
+  r1lab::core::cuda::OpTime dense;
+  dense.op = "gemm";
+  for (auto it = ops.begin(); it != ops.end();) {
+    if (it->op.rfind("gemm ", 0) != 0) {
+      ++it;
+      continue;
+    }
+    dense.calls += it->calls;
+    dense.ms += it->ms;
+    dense.flops += it->flops;
+    dense.bytes += it->bytes;
+    shapes.push_back(*it);
+    it = ops.erase(it);
+  }
+  if (dense.calls > 0) ops.push_back(dense);
   std::sort(ops.begin(), ops.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
+  std::sort(shapes.begin(), shapes.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
   const double peak_f = g == "f32" ? ceil.f32 : g == "tf32" ? ceil.tf32 : ceil.bf16;
   double total = 0;
   for (const auto& o : ops) total += o.ms;
@@ -359,6 +378,16 @@ int main(int argc, char** argv) {
                 : attn  ? (g == "f32" ? "(fp32 CUDA cores)" : "(bf16 tensor cores)")
                         : "(bandwidth)");
     jops.push_back({{"op", o.op}, {"calls", o.calls}, {"ms", o.ms}, {"tflops", tf / 1e12}, {"gbps", bw / 1e9}});
+  }
+  // The dense products' 12 costliest shapes (M×N×K of C = op(A)·op(B), transposes, operand dtypes; "+="
+  // adds into C). An f32 operand is rounded to bf16 inside the product's time.
+  std::printf("\ndense products (cuBLAS) by shape, the costliest:\n| shape | calls | ms | TFLOP/s | %% of ceiling |\n"
+              "|---|---|---|---|---|\n");
+  for (size_t i = 0; i < shapes.size() && i < 12; ++i) {
+    const auto& o = shapes[i];
+    const double tf = o.ms > 0 ? o.flops / (o.ms / 1e3) : 0;
+    std::printf("| %s | %lld | %.2f | %.1f | %.1f%% |\n", o.op.substr(5).c_str(), static_cast<long long>(o.calls), o.ms,
+                tf / 1e12, peak_f > 0 ? 100 * tf / peak_f : 0);
   }
   if (!absl::GetFlag(FLAGS_json).empty()) {
     nlohmann::json j = {{"device", ceil.device},

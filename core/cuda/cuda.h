@@ -30,6 +30,9 @@ struct Options {
   bool hopper_products = true;
   // Per-op timing (cudaEvents around every op, by op name); costs a little, for benchmarks.
   bool profile = false;
+  // With profile: each dense product (gemm) timed under a name of its own, "gemm M×N×K" with its
+  // transposes, operand dtypes and whether it adds into C, so that a benchmark can list them by shape.
+  bool profile_gemm_shapes = false;
   // Backend::empty fills with 0xFF bytes (NaN in f32 and bf16, -1 in I32): tests use it to catch a read
   // of memory before it is written.
   bool poison_empty = false;

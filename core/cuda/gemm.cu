@@ -933,8 +933,15 @@ void CudaBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool tran
   CHECK_EQ(trans_a ? A.cols : A.rows, m) << "gemm: rows of op(a) vs c";
   CHECK_EQ(trans_b ? B.cols : B.rows, k) << "gemm: inner dimension";
   CHECK_EQ(trans_b ? B.rows : B.cols, n) << "gemm: columns of op(b) vs c";
+  const char* name = "gemm";
+  if (opt_.profile && opt_.profile_gemm_shapes) {
+    const std::string shape = "gemm " + std::to_string(m) + "×" + std::to_string(n) + "×" + std::to_string(k) + " " +
+                              (trans_a ? "T" : "N") + (trans_b ? "T" : "N") + " " + dtype_name(a.dtype()) + "·" +
+                              dtype_name(b.dtype()) + (beta != 0.0f ? " +=" : "");
+    name = op_names_.insert(shape).first->c_str();
+  }
   Op op(
-      this, "gemm", 2.0 * m * n * k,
+      this, name, 2.0 * m * n * k,
       1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n + 4.0 * m * n * (beta != 0.0f ? 2 : 1));
   const bool bf16 = bf16_products(a, b);
   Tensor ka, kb;
