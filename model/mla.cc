@@ -119,8 +119,9 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
                  const Tensor& x, const Tensor& positions, int64_t batch, AttentionActs& a, Tensor& y) {
   const int64_t m = x.size(0), heads = cfg.num_attention_heads, vd = cfg.v_head_dim;
   attention_operands(be, cfg, w, rope, product_operand(be, x), positions, a, /*latents_kept=*/false);
-  // Attention.
-  a.out = be.empty({m, heads, vd});
+  // Attention; its output only products read (o_proj, its weight gradient) and attention backward's
+  // row sums, so it is made in the products' dtype.
+  a.out = be.empty({m, heads, vd}, product_dtype(be));
   a.lse = be.empty({batch, heads, m / batch});
   Tensor out4 = split_batch(a.out, batch);
   be.attention_forward(split_batch(a.q, batch), split_batch(a.k, batch), split_batch(a.v, batch),

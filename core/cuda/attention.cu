@@ -143,15 +143,16 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // delta[b, h, t] = dout[t] · out[t] (one warp per row).
-__global__ void attention_delta_kernel(const float* dout, const float* out, float* delta, Dims a, int64_t rows) {
+template <typename TO>
+__global__ void attention_delta_kernel(const float* dout, const TO* out, float* delta, Dims a, int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   const int64_t t = row % a.T, h = (row / a.T) % a.Hq, b = row / (a.T * a.Hq);
   const float* g = dout + b * a.g0 + t * a.g1 + h * a.g2;
-  const float* o = out + b * a.o0 + t * a.o1 + h * a.o2;
+  const TO* o = out + b * a.o0 + t * a.o1 + h * a.o2;
   float s = 0;
-  for (int c = lane; c < a.Dv; c += 32) s += g[c] * o[c];
+  for (int c = lane; c < a.Dv; c += 32) s += g[c] * static_cast<float>(o[c]);
   s = warp_sum(s);
   if (lane == 0) delta[row] = s;
 }
@@ -744,7 +745,7 @@ Dims make_dims(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
 
 void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) {
   for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v, &out}) {
-    check_device(*t, t == &out ? DType::kF32 : t->dtype());
+    check_device(*t, t->dtype());
     CHECK(t->dtype() == DType::kF32 || t->dtype() == DType::kBF16) << "attention operand of " << dtype_name(t->dtype());
     CHECK(t->dim() == 4 && t->stride(3) == 1) << "attention takes [B, T, H, D] with the last dim contiguous";
   }
@@ -830,19 +831,32 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
         1.0 * (dtype_size(q.dtype()) * q.numel() + dtype_size(k.dtype()) * k.numel() +
                dtype_size(v.dtype()) * v.numel()) +
             4.0 * out.numel());
-  // Tensor cores: bf16 operands (rounded once here if they come in f32), read by cp.async.
+  // Tensor cores: bf16 operands (rounded once here if they come in f32), read by cp.async; out in its
+  // own dtype (bf16: the f32 result rounded once).
   if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&out}) &&
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
         const Tensor qb = attention_operand(q, DType::kBF16), kb = attention_operand(k, DType::kBF16),
                      vb = attention_operand(v, DType::kBF16);
         const Dims ab = make_dims(qb, kb, vb, out, scale);
         constexpr size_t smem = tc::forward_smem<D, DV>();
-        set_smem(tc::forward<D, DV>, smem);
-        tc::forward<D, DV>
-            <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, smem, stream()>>>(
-                bf16_data(qb), bf16_data(kb), bf16_data(vb), out.f32(), lse.f32(), ab);
+        const dim3 grid(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq));
+        if (out.dtype() == DType::kBF16) {
+          set_smem(tc::forward<D, DV, tc::bf16>, smem);
+          tc::forward<D, DV, tc::bf16><<<grid, tc::kThreadsT, smem, stream()>>>(
+              bf16_data(qb), bf16_data(kb), bf16_data(vb), static_cast<tc::bf16*>(out.raw()), lse.f32(), ab);
+        } else {
+          set_smem(tc::forward<D, DV>, smem);
+          tc::forward<D, DV><<<grid, tc::kThreadsT, smem, stream()>>>(bf16_data(qb), bf16_data(kb), bf16_data(vb),
+                                                                      out.f32(), lse.f32(), ab);
+        }
       })) {
     CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  if (out.dtype() != DType::kF32) {  // the fp32 kernels write f32: through an f32 copy, rounded once
+    Tensor o32 = empty(out.shape(), DType::kF32);
+    attention_forward(q, k, v, scale, o32, lse);
+    copy(o32, out);
     return;
   }
   const Tensor qf = attention_operand(q, DType::kF32), kf = attention_operand(k, DType::kF32),
@@ -875,7 +889,11 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
             4.0 * (3 * out.numel() + q.numel() + 2 * k.numel() + v.numel()));
   const int64_t rows = B * a.Hq * a.T;
   Tensor delta = zeros({rows}, DType::kF32);
-  attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), out.f32(), delta.f32(), a, rows);
+  if (out.dtype() == DType::kBF16)
+    attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), static_cast<const tc::bf16*>(out.raw()),
+                                                                  delta.f32(), a, rows);
+  else
+    attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), out.f32(), delta.f32(), a, rows);
   if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&dq, &dk, &dv}) &&
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
         const Tensor qb = attention_operand(q, DType::kBF16), kb = attention_operand(k, DType::kBF16),

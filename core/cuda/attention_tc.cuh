@@ -181,10 +181,18 @@ struct KeyValueStream {
   }
 };
 
-// ---- forward. grid (ceil(T / 64), B·Hq).
-template <int D, int DV>
+// A pair of outputs at p: f32, or bf16 rounded once.
+__device__ __forceinline__ void put_pair(float* p, float x, float y) {
+  *reinterpret_cast<float2*>(p) = make_float2(x, y);
+}
+__device__ __forceinline__ void put_pair(bf16* p, float x, float y) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+}
+
+// ---- forward. grid (ceil(T / 64), B·Hq). out in f32, or in bf16 where only bf16 products read it.
+template <int D, int DV, typename TO = float>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
-    forward(const bf16* q, const bf16* k, const bf16* v, float* out, float* lse, r1lab::core::cuda::AttnDims a) {
+    forward(const bf16* q, const bf16* k, const bf16* v, TO* out, float* lse, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
@@ -251,9 +259,9 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
     for (int j = 0; j < DV / 8; ++j) o[j][2 * r] *= inv, o[j][2 * r + 1] *= inv;
     const int64_t t = tr[r];
     if (t < a.T) {
-      float* row = out + b * a.o0 + t * a.o1 + h * a.o2 + cc;
+      TO* row = out + b * a.o0 + t * a.o1 + h * a.o2 + cc;
 #pragma unroll
-      for (int j = 0; j < DV / 8; ++j) *reinterpret_cast<float2*>(row + 8 * j) = make_float2(o[j][2 * r], o[j][2 * r + 1]);
+      for (int j = 0; j < DV / 8; ++j) put_pair(row + 8 * j, o[j][2 * r], o[j][2 * r + 1]);
       if (cc == 0) lse[(b * a.Hq + h) * a.T + t] = m[r] / kLog2e + logf(l[r]);
     }
   }

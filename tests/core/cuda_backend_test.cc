@@ -657,6 +657,10 @@ TEST_F(CudaBackendTest, AttentionForwardBackwardCausalGqaAndPrefix) {
     const std::string what = ::testing::PrintToString(std::vector<int64_t>{c.b, c.t, c.s, c.hq, c.hk, c.d, c.dv});
     EXPECT_CLOSE(gout, out, 2e-5) << what;
     EXPECT_CLOSE(glse, lse, 2e-6) << what;
+    // Into a bf16 output: the fp32 kernels' result rounded once.
+    Tensor gout16 = gpu_->zeros(out.shape(), DType::kBF16);
+    gpu_->attention_forward(gq, gk, gv, scale, gout16, glse);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gout16), gpu_->download(gout).to(DType::kBF16))) << what;
     Tensor dout = randn(out.shape()), dq = randn(q.shape()), dk = randn(k.shape()), dv = randn(v.shape());
     Tensor gdq = dev(dq), gdk = dev(dk), gdv = dev(dv);
     cpu_->attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv);
@@ -727,6 +731,17 @@ TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
     EXPECT_TRUE(bitwise_equal(be.download(gdq2), be.download(gdq))) << what;
     EXPECT_TRUE(bitwise_equal(be.download(gdk2), be.download(gdk))) << what;
     EXPECT_TRUE(bitwise_equal(be.download(gdv2), be.download(gdv))) << what;
+    // A bf16 output (what a model keeps where only bf16 products read it): the f32 one rounded once;
+    // backward's row sums read it, within bf16 tolerance of the CPU as above.
+    Tensor gout16 = be.zeros(out.shape(), DType::kBF16), glse3 = be.zeros(lse.shape(), DType::kF32);
+    be.attention_forward(gq, gk, gv, scale, gout16, glse3);
+    EXPECT_TRUE(bitwise_equal(be.download(gout16), be.download(gout).to(DType::kBF16))) << what;
+    EXPECT_TRUE(bitwise_equal(be.download(glse3), be.download(glse))) << what;
+    Tensor gdq3 = up(dq0), gdk3 = up(dk0), gdv3 = up(dv0);
+    be.attention_backward(up(dout), gq, gk, gv, gout16, glse3, scale, gdq3, gdk3, gdv3);
+    EXPECT_LT(rel_l2(be, delta(gdq3, dq0), delta(dq, dq0)), 2e-2) << what << " (bf16 output)";
+    EXPECT_LT(rel_l2(be, delta(gdk3, dk0), delta(dk, dk0)), 2e-2) << what << " (bf16 output)";
+    EXPECT_TRUE(bitwise_equal(be.download(gdv3), be.download(gdv))) << what << ": dv does not read the output";
   }
 }
 
