@@ -181,8 +181,9 @@ class Backend {
   // ---- causal softmax attention (multi-query when Hk < Hq: head h reads kv head h / (Hq/Hk)).
   // q [B, T, Hq, D], k [B, S, Hk, D], v [B, S, Hk, Dv], out [B, T, Hq, Dv], lse [B, Hq, T].
   // Query t sits at position S - T + t and sees keys 0 .. S - T + t. q, k, v f32 or bf16 (values as
-  // bf16 products would round them: with those, attention reads them rounded anyway); the rest f32;
-  // backward accumulates into dq, dk, dv.
+  // bf16 products would round them: with those, attention reads them rounded anyway); out f32, or bf16
+  // (the f32 result rounded once: an output only bf16 products read), and backward reads it as it is;
+  // the rest f32; backward accumulates into dq, dk, dv.
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
                                  Tensor& lse) = 0;
   virtual void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,

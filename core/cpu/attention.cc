@@ -62,6 +62,12 @@ void CpuBackend::attention_forward(const Tensor& q, const Tensor& k, const Tenso
   CHECK_EQ(hq % hk, 0);
   CHECK_GE(s_len, t_len);
   CHECK(out.size(3) == dv && lse.is_contiguous());
+  if (out.dtype() == DType::kBF16) {  // the f32 result, rounded once
+    Tensor o32 = Tensor::zeros(out.shape());
+    attention_forward(q, k, v, scale, o32, lse);
+    copy(o32, out);
+    return;
+  }
   const Tensor q32 = f32_values(q), k32 = f32_values(k), v32 = f32_values(v);
   View4 Q(q32), K(k32), V(v32), O(out);
   float* L = lse.f32();
@@ -87,8 +93,8 @@ void CpuBackend::attention_backward(const Tensor& dout, const Tensor& q, const T
                                     Tensor& dv) {
   const int64_t b = q.size(0), t_len = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t s_len = k.size(1), hk = k.size(2), dvd = v.size(3);
-  const Tensor q32 = f32_values(q), k32 = f32_values(k), v32 = f32_values(v);
-  View4 dO(dout), Q(q32), K(k32), V(v32), O(out), dQ(dq), dK(dk), dV(dv);
+  const Tensor q32 = f32_values(q), k32 = f32_values(k), v32 = f32_values(v), o32 = f32_values(out);
+  View4 dO(dout), Q(q32), K(k32), V(v32), O(o32), dQ(dq), dK(dk), dV(dv);
   const float* L = lse.f32();
   const int64_t group = hq / hk;
   // Parallel over batch and kv head so that dk/dv writes never collide.

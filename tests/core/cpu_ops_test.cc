@@ -279,6 +279,17 @@ TEST_P(CpuAttention, ForwardMatchesSoftmaxAndBackwardMatchesFiniteDifferences) {
   expect_directional_grad("attention dq", q, dq, s, rng_);
   expect_directional_grad("attention dk", k, dk, s, rng_);
   expect_directional_grad("attention dv", v, dv, s, rng_);
+  // A bf16 output: the f32 one rounded once; backward reads it as it is (the rounded output's row sums).
+  Tensor out16 = Tensor::zeros(out.shape(), DType::kBF16), lse16 = Tensor::zeros(lse.shape());
+  be_->attention_forward(q, k, v, scale, out16, lse16);
+  const Tensor want16 = out.clone().to(DType::kBF16);
+  EXPECT_EQ(std::memcmp(out16.raw(), want16.raw(), static_cast<size_t>(out.numel()) * 2), 0);
+  Tensor dq16 = Tensor::zeros(q.shape()), dk16 = Tensor::zeros(k.shape()), dv16 = Tensor::zeros(v.shape());
+  Tensor dq_r = Tensor::zeros(q.shape()), dk_r = Tensor::zeros(k.shape()), dv_r = Tensor::zeros(v.shape());
+  be_->attention_backward(dout, q, k, v, out16, lse16, scale, dq16, dk16, dv16);
+  be_->attention_backward(dout, q, k, v, out16.to_f32(), lse16, scale, dq_r, dk_r, dv_r);
+  for (const auto& [got, want] : {std::pair{&dq16, &dq_r}, {&dk16, &dk_r}, {&dv16, &dv_r}})
+    EXPECT_EQ(std::memcmp(got->raw(), want->raw(), static_cast<size_t>(got->numel()) * 4), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuAttention,
