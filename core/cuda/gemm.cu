@@ -618,23 +618,18 @@ __device__ __forceinline__ void wg_for_each_pair(int m0, int n0, int M, int N, F
     }
 }
 
-// Two adjacent sums into an output of the grouped products (put_sum's rules), one store where both
-// columns exist and the address is aligned for it.
-__device__ __forceinline__ void put_pair(float* out, float v0, float v1, float beta, bool both) {
+// Two adjacent values into an output of the grouped products (f32, or bf16 rounded once), one store
+// where both columns exist and the address is aligned for it (the old value, if any, is already in:
+// wg_add_old).
+__device__ __forceinline__ void put_pair(float* out, float v0, float v1, bool both) {
   if (both && reinterpret_cast<uintptr_t>(out) % 8 == 0) {
-    float2 v = make_float2(v0, v1);
-    if (beta != 0.0f) {
-      const float2 o = *reinterpret_cast<const float2*>(out);
-      v.x += beta * o.x;
-      v.y += beta * o.y;
-    }
-    *reinterpret_cast<float2*>(out) = v;
+    *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
     return;
   }
-  put_sum(out, v0, beta);
-  if (both) put_sum(out + 1, v1, beta);
+  out[0] = v0;
+  if (both) out[1] = v1;
 }
-__device__ __forceinline__ void put_pair(__nv_bfloat16* out, float v0, float v1, float, bool both) {
+__device__ __forceinline__ void put_pair(__nv_bfloat16* out, float v0, float v1, bool both) {
   if (both && reinterpret_cast<uintptr_t>(out) % 4 == 0) {
     *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(v0, v1);
     return;
@@ -746,7 +741,7 @@ __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, con
   }
   if (beta != 0.0f) wg_add_old(acc, c, ldc, m0, n0, M, N, beta);  // bf16 outputs come with beta 0
   wg_for_each_pair<kTileN>(m0, n0, M, N, [&](int r, int col, int i) {
-    put_pair(c + static_cast<int64_t>(r) * ldc + col, acc[i], acc[i + 1], 0.0f, col + 1 < N);
+    put_pair(c + static_cast<int64_t>(r) * ldc + col, acc[i], acc[i + 1], col + 1 < N);
   });
 }
 
@@ -792,15 +787,15 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
     const bool both = col + 1 < N;
     if (gu != nullptr) {
       __nv_bfloat16* row = gu + static_cast<int64_t>(r) * ldgu;
-      put_pair(row + col, gs[0], gs[1], 0.0f, both);
-      put_pair(row + N + col, us[0], us[1], 0.0f, both);
+      put_pair(row + col, gs[0], gs[1], both);
+      put_pair(row + N + col, us[0], us[1], both);
       for (int e = 0; e < 2; ++e) {
         gs[e] = __bfloat162float(__float2bfloat16(gs[e]));
         us[e] = __bfloat162float(__float2bfloat16(us[e]));
       }
     }
     put_pair(h + static_cast<int64_t>(r) * ldh + col, gs[0] / (1.0f + __expf(-gs[0])) * us[0],
-             gs[1] / (1.0f + __expf(-gs[1])) * us[1], 0.0f, both);
+             gs[1] / (1.0f + __expf(-gs[1])) * us[1], both);
   });
 }
 
