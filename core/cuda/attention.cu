@@ -522,14 +522,16 @@ __global__ void paged_combine_kernel(const float* part_ml, const float* part_acc
 // takes one query row and 16 heads (the m16 of the mma), so every latent row it reads serves all of
 // them, and positions [z·split_len, (z+1)·split_len) of its sequence (splits as above, merged by
 // paged_combine_kernel). Tiles of kLatTile positions arrive by cp.async into two buffers. Per tile the
-// 4 warps score 16 positions each (S = Q·Kᵀ over the whole latent row), share the tile's row maxima and
-// sums through shared memory, write the softmax weights P in bf16, and then each warp adds P·V for its
-// quarter of the dv columns (V is the first dv columns of the same rows). Scores are kept in log2 units
+// 8 warps score 8 positions each (S = Q·Kᵀ over the whole latent row, two chains of products), share
+// the tile's row maxima and sums through shared memory, write the softmax weights P in bf16, and then
+// each warp adds P·V for its eighth of the dv columns (V is the first dv columns of the same rows).
+// Eight warps rather than four: with two blocks an SM (the tiles' shared memory) the kernel waits on
+// instruction latencies, and twice the warps hide them. Scores are kept in log2 units
 // (exp2); maxima leave in natural units for the combine. q and P are rounded to bf16, as the training
 // attention rounds K and V; sums and accumulators stay f32.
-constexpr int kLatTile = 64, kLatWarps = 4, kLatHeads = 16;
+constexpr int kLatTile = 64, kLatWarps = 8, kLatHeads = 16;
 
-template <int kDvw, typename TO>  // dv / 4: the columns of one warp; the output's dtype (f32 or bf16)
+template <int kDvw, typename TO>  // dv / 8: the columns of one warp; the output's dtype (f32 or bf16)
 __global__ void __launch_bounds__(kLatWarps * 32)
     paged_latent_tc_kernel(const float* q, int64_t qs0, int64_t qs1, const tc::bf16* pool, int64_t ldp,
                            int64_t pool_rows, int block_size, const int32_t* tables, int64_t max_blocks,
@@ -564,15 +566,20 @@ __global__ void __launch_bounds__(kLatWarps * 32)
     if (lane < kRowsPerWarp && e.pos <= end) e.blk = tables[s * max_blocks + e.pos / block_size];
     return e;
   };
+  // The warp's kRowsPerWarp × pieces copies spread over all its lanes: copy e = lane + 32·j is piece
+  // e % pieces of the warp's row e / pieces (kept as a running row and piece, no division a copy).
+  const int total = kRowsPerWarp * pieces, row0 = lane / pieces, piece0 = lane % pieces;
   const auto fetch = [&](tc::bf16* rows, const Entry& e) {
     const int64_t row = static_cast<int64_t>(e.blk) * block_size + e.pos % block_size;
     const int64_t mine = e.blk >= 0 && row < pool_rows ? row : -1;
-#pragma unroll 4
-    for (int k = 0; k < kRowsPerWarp; ++k) {
-      const int64_t r = __shfl_sync(0xffffffffu, mine, k);
-      const tc::bf16* src = r >= 0 ? pool + r * ldp : pool;
-      tc::bf16* dst = rows + (warp + kLatWarps * k) * ld;
-      for (int c = lane; c < pieces; c += 32) tc::cp_async16(dst + 8 * c, src + 8 * c, r >= 0);
+    int k = row0, piece = piece0;
+    for (int e0 = 0; e0 < total; e0 += 32) {
+      const int64_t r = __shfl_sync(0xffffffffu, mine, min(k, kRowsPerWarp - 1));
+      if (e0 + lane < total) {
+        const tc::bf16* src = r >= 0 ? pool + r * ldp : pool;
+        tc::cp_async16(rows + (warp + kLatWarps * k) * ld + 8 * piece, src + 8 * piece, r >= 0);
+      }
+      for (piece += 32; piece >= pieces; piece -= pieces) ++k;
     }
     tc::cp_async_commit();
   };
@@ -619,24 +626,32 @@ __global__ void __launch_bounds__(kLatWarps * 32)
     }
     __syncthreads();
     const tc::bf16* K = Ks + buf * kLatTile * ld;
-    // S for this warp's 16 positions: two 16×8 blocks.
-    float sc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-    for (int kk = 0; kk < D; kk += 16) {
-      uint32_t a[4], b[4];
-      tc::load_a(a, Qs + kk, ld);
-      tc::load_b_nk(b, K + warp * 16 * ld + kk, ld);
-      tc::mma(sc[0], a, b[0], b[1]);
-      tc::mma(sc[1], a, b[2], b[3]);
+    // S for this warp's 8 positions (one 16×8 block), 32 of the latent row at a time (two chains of
+    // products, summed at the end), then the last 16 if D is an odd multiple of 16.
+    float sc[4] = {0, 0, 0, 0}, sc2[4] = {0, 0, 0, 0};
+    const tc::bf16* Kw = K + warp * 8 * ld;
+    int kk = 0;
+    for (; kk + 32 <= D; kk += 32) {
+      uint32_t a0[4], a1[4], b[4];
+      tc::load_a(a0, Qs + kk, ld);
+      tc::load_a(a1, Qs + kk + 16, ld);
+      tc::load_b_nk32(b, Kw + kk, ld);
+      tc::mma(sc, a0, b[0], b[1]);
+      tc::mma(sc2, a1, b[2], b[3]);
+    }
+    if (kk < D) {
+      uint32_t a0[4], b[2];
+      tc::load_a(a0, Qs + kk, ld);
+      tc::load_b_nk8(b, Kw + kk, ld);
+      tc::mma(sc, a0, b[0], b[1]);
     }
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int t = 0; t < 2; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t pos = p0 + warp * 16 + t * 8 + 2 * c + (e & 1);
-        sc[t][e] = pos <= end ? sc[t][e] * scale_log2 : -INFINITY;
-        mx[e / 2] = fmaxf(mx[e / 2], sc[t][e]);
-      }
+    for (int e = 0; e < 4; ++e) {
+      const int64_t pos = p0 + warp * 8 + 2 * c + (e & 1);
+      sc[e] = pos <= end ? (sc[e] + sc2[e]) * scale_log2 : -INFINITY;
+      mx[e / 2] = fmaxf(mx[e / 2], sc[e]);
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
@@ -653,15 +668,14 @@ __global__ void __launch_bounds__(kLatWarps * 32)
       mn[r] = fmaxf(m[r], tile);  // finite: a tile's first position is always in range
       alpha[r] = exp2f(m[r] - mn[r]);
     }
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
+    {
       float p[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        p[e] = exp2f(sc[t][e] - mn[e / 2]);
+        p[e] = exp2f(sc[e] - mn[e / 2]);
         sum[e / 2] += p[e];
       }
-      const int col = warp * 16 + t * 8 + 2 * c;
+      const int col = warp * 8 + 2 * c;
       *reinterpret_cast<__nv_bfloat162*>(Ps + g * kLdp + col) = __floats2bfloat162_rn(p[0], p[1]);
       *reinterpret_cast<__nv_bfloat162*>(Ps + (g + 8) * kLdp + col) = __floats2bfloat162_rn(p[2], p[3]);
     }
@@ -692,15 +706,15 @@ __global__ void __launch_bounds__(kLatWarps * 32)
       tc::load_a(a, Ps + kk, kLdp);
 #pragma unroll
       for (int t = 0; t < kNt; t += 2) {
-        uint32_t b[4];
+        uint32_t b[4];  // with one n-tile a warp (dv 64), the second 8 columns are read and not used
         tc::load_b_kn(b, K + kk * ld + warp * kDvw + t * 8, ld);
         tc::mma(acc[t], a, b[0], b[1]);
-        tc::mma(acc[t + 1], a, b[2], b[3]);
+        if constexpr (kNt > 1) tc::mma(acc[t + 1], a, b[2], b[3]);
       }
     }
     __syncthreads();  // every warp is done with this tile, P and the sums before they are written again
   }
-  const int64_t dv = 4 * kDvw;
+  const int64_t dv = kLatWarps * kDvw;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t h = h0 + g + 8 * r;
@@ -1001,10 +1015,10 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
         << "bf16 latent attention reads q rows as float4";
     const auto launch = [&](auto* tag) {
       using TO = std::remove_pointer_t<decltype(tag)>;
-      const auto kernel = dv == 64    ? paged_latent_tc_kernel<16, TO>
-                          : dv == 128 ? paged_latent_tc_kernel<32, TO>
-                          : dv == 256 ? paged_latent_tc_kernel<64, TO>
-                                      : paged_latent_tc_kernel<128, TO>;
+      const auto kernel = dv == 64    ? paged_latent_tc_kernel<8, TO>
+                          : dv == 128 ? paged_latent_tc_kernel<16, TO>
+                          : dv == 256 ? paged_latent_tc_kernel<32, TO>
+                                      : paged_latent_tc_kernel<64, TO>;
       const size_t smem = sizeof(tc::bf16) * ((kLatHeads + 2 * kLatTile) * (d + 8) + kLatHeads * (kLatTile + 8)) +
                           sizeof(float) * 2 * kLatWarps * 16;
       set_smem(kernel, smem);

@@ -50,6 +50,20 @@ __device__ __forceinline__ void load_b_nk(uint32_t* b, const bf16* p, int ld) {
   ldsm4(b, p + (lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8);
 }
 
+// B operands of one 8(n)-column block over two 16-k steps, from [n][k] at p: b[0..1] is k 0..15,
+// b[2..3] k 16..31.
+__device__ __forceinline__ void load_b_nk32(uint32_t* b, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldsm4(b, p + (lane % 8) * ld + (lane / 8) * 8);
+}
+
+// B operands of one 16(k)×8(n) block from [n][k] at p (lanes 16-31 give addresses ldmatrix ignores).
+__device__ __forceinline__ void load_b_nk8(uint32_t* b, const bf16* p, int ld) {
+  const int lane = threadIdx.x % 32;
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p + (lane % 8) * ld + ((lane / 8) % 2) * 8));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
+}
+
 // The same from a matrix stored [k][n] (row stride ld).
 __device__ __forceinline__ void load_b_kn(uint32_t* b, const bf16* p, int ld) {
   const int lane = threadIdx.x % 32;

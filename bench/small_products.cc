@@ -1,0 +1,248 @@
+// The dense products of a decode step (few rows, a bf16 weight each) under cuBLAS: what cublasGemmEx's
+// default choice takes against every algorithm cuBLASLt's heuristic offers for the shape, each timed in
+// a CUDA graph of back-to-back calls that cycle through enough copies of the weight to miss L2 (as a
+// decode step does, where each weight is read once). Per shape: the default, the fastest candidate, the
+// first candidate (the heuristic's own pick), and the candidate a fixed rule takes. Shapes from the
+// model config at the rows given.
+// Usage: small_products --config CONFIG.json [--rows 64,256] [--candidates 24]
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_format.h"
+#include "core/cuda/cuda.h"
+#include "model/config.h"
+
+ABSL_FLAG(std::string, config, "", "a Hugging Face DeepseekV3 config.json");
+ABSL_FLAG(std::vector<std::string>, rows, std::vector<std::string>({"64", "256"}), "rows (tokens) of the products");
+ABSL_FLAG(int, candidates, 24, "cuBLASLt heuristic results to time");
+
+namespace {
+
+#define CK(call)                                                                                              \
+  do {                                                                                                        \
+    const auto r1lab_r_ = (call);                                                                             \
+    if (static_cast<int>(r1lab_r_) != 0) {                                                                    \
+      std::fprintf(stderr, "%s:%d: %s failed (%d)\n", __FILE__, __LINE__, #call, static_cast<int>(r1lab_r_)); \
+      std::exit(1);                                                                                           \
+    }                                                                                                         \
+  } while (0)
+
+struct Shape {
+  std::string name;
+  int64_t n, k;
+};
+
+// Milliseconds a call of `run(i)` (i: the weight copy), as the mean over a graph of `calls` calls
+// replayed `reps` times.
+template <typename F>
+double time_graph(cudaStream_t s, int calls, F&& run) {
+  cudaGraph_t g;
+  cudaGraphExec_t e;
+  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) run(i);
+  CK(cudaStreamEndCapture(s, &g));
+  CK(cudaGraphInstantiate(&e, g, 0));
+  CK(cudaGraphLaunch(e, s));  // warm
+  CK(cudaStreamSynchronize(s));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  constexpr int kReps = 10;
+  CK(cudaEventRecord(a, s));
+  for (int r = 0; r < kReps; ++r) CK(cudaGraphLaunch(e, s));
+  CK(cudaEventRecord(b, s));
+  CK(cudaEventSynchronize(b));
+  float ms = 0;
+  CK(cudaEventElapsedTime(&ms, a, b));
+  cudaGraphExecDestroy(e);
+  cudaGraphDestroy(g);
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ms / (kReps * calls);
+}
+
+}  // namespace
+
+// bench/small_products_kernels.cu
+void launch_bump(cudaStream_t s, bool pdl, const float* x, float* y, int n);
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  std::string why;
+  if (!r1lab::core::cuda::available(&why)) {
+    std::printf("small_products: no GPU (%s)\n", why.c_str());
+    return 0;
+  }
+  const auto cfg_or = r1lab::model::ModelConfig::from_file(absl::GetFlag(FLAGS_config));
+  if (!cfg_or.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(cfg_or.status().message()).c_str());
+    return 1;
+  }
+  const auto& cfg = *cfg_or;
+  const int64_t h = cfg.hidden_size, heads = cfg.num_attention_heads;
+  std::vector<Shape> shapes = {
+      {"q + kv_a", heads * cfg.qk_head_dim() + cfg.kv_lora_rank + cfg.qk_rope_head_dim, h},
+      {"o_proj", h, heads * cfg.v_head_dim},
+      {"shared gate_up", 2 * cfg.moe_intermediate_size * cfg.n_shared_experts, h},
+      {"shared down", h, cfg.moe_intermediate_size * cfg.n_shared_experts},
+      {"dense gate_up", 2 * cfg.intermediate_size, h},
+      {"dense down", h, cfg.intermediate_size},
+      {"router", cfg.n_routed_experts, h},
+      {"lm head", cfg.vocab_size, h},
+  };
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cublasHandle_t blas;
+  cublasLtHandle_t lt;
+  CK(cublasCreate(&blas));
+  CK(cublasSetStream(blas, s));
+  CK(cublasLtCreate(&lt));
+  constexpr size_t kWorkspace = 32 << 20;
+  void* ws;
+  CK(cudaMalloc(&ws, kWorkspace));
+  CK(cublasSetWorkspace(blas, ws, kWorkspace));
+  CK(cublasSetAtomicsMode(blas, CUBLAS_ATOMICS_NOT_ALLOWED));
+  std::printf(
+      "small products on %s (%d SMs), bf16 operands, f32 out; us a call (graph of calls over weight "
+      "copies that miss L2)\n\n",
+      prop.name, prop.multiProcessorCount);
+  std::printf(
+      "| rows | product | n x k | default us | heuristic #0 us | best us | best: #, split-k, waves | "
+      "best vs default | weight GB/s (best) |\n|---|---|---|---|---|---|---|---|---|\n");
+  {
+    // Chains of small kernels in one graph: the cost of a kernel boundary, with and without PDL, alone
+    // and between cuBLAS products (as a decode step alternates them).
+    std::printf(
+        "kernel chains in a graph, us a kernel (bump: y = x + 1 over n floats; gemm: 64 x 1024 x 1024 "
+        "bf16):\n\n| chain | n | plain | PDL | PDL vs plain |\n|---|---|---|---|---|\n");
+    constexpr int kN = 1 << 20;
+    float *x, *y;
+    CK(cudaMalloc(&x, kN * 4));
+    CK(cudaMalloc(&y, kN * 4));
+    CK(cudaMemset(x, 0, kN * 4));
+    __nv_bfloat16 *wa, *wb;
+    float* wc;
+    CK(cudaMalloc(&wa, 1024 * 1024 * 2));
+    CK(cudaMalloc(&wb, 64 * 1024 * 2));
+    CK(cudaMalloc(&wc, 64 * 1024 * 4));
+    CK(cudaMemset(wa, 0, 1024 * 1024 * 2));
+    CK(cudaMemset(wb, 0, 64 * 1024 * 2));
+    const float one = 1, zero = 0;
+    for (int n : {1024, 64 * 1024, kN}) {
+      double t[2], g[2];
+      for (int pdl = 0; pdl < 2; ++pdl) {
+        t[pdl] = time_graph(s, 64, [&](int i) { launch_bump(s, pdl, i % 2 ? y : x, i % 2 ? x : y, n); });
+        g[pdl] = time_graph(s, 64, [&](int i) {
+          if (i % 2) {
+            CK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, 1024, 64, 1024, &one, wa, CUDA_R_16BF, 1024, wb,
+                            CUDA_R_16BF, 1024, &zero, wc, CUDA_R_32F, 1024, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          } else {
+            launch_bump(s, pdl, x, y, n);
+          }
+        });
+      }
+      std::printf("| bump, bump, ... | %d | %.2f | %.2f | %.2fx |\n", n, 1e3 * t[0], 1e3 * t[1], t[0] / t[1]);
+      std::printf("| bump, gemm, ... | %d | %.2f | %.2f | %.2fx |\n", n, 1e3 * g[0], 1e3 * g[1], g[0] / g[1]);
+    }
+    std::printf("\n");
+    cudaFree(x);
+    cudaFree(y);
+    cudaFree(wa);
+    cudaFree(wb);
+    cudaFree(wc);
+  }
+  for (const std::string& rs : absl::GetFlag(FLAGS_rows)) {
+    const int64_t m = std::stoll(rs);
+    for (const Shape& sh : shapes) {
+      const int64_t n = sh.n, k = sh.k;
+      const size_t wbytes = static_cast<size_t>(n * k) * 2;
+      const int copies = static_cast<int>(std::max<size_t>(2, (256u << 20) / wbytes));
+      const int calls = std::min(copies, 64);
+      std::vector<__nv_bfloat16*> w(static_cast<size_t>(copies));
+      for (auto& p : w) {
+        CK(cudaMalloc(&p, wbytes));
+        CK(cudaMemset(p, 0x3c, wbytes));
+      }
+      __nv_bfloat16* x;
+      float* c;
+      CK(cudaMalloc(&x, static_cast<size_t>(m * k) * 2));
+      CK(cudaMemset(x, 0x3c, static_cast<size_t>(m * k) * 2));
+      CK(cudaMalloc(&c, static_cast<size_t>(m * n) * 4));
+      const float alpha = 1, beta = 0;
+      // Row-major c[m, n] = x[m, k] · w[n, k]ᵀ is column-major cᵀ[n, m] = w[k, n]ᵀ · xᵀ[k, m].
+      const double t_default = time_graph(s, calls, [&](int i) {
+        CK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+                        &alpha, w[static_cast<size_t>(i % copies)], CUDA_R_16BF, static_cast<int>(k), x, CUDA_R_16BF,
+                        static_cast<int>(k), &beta, c, CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                        CUBLAS_GEMM_DEFAULT));
+      });
+      cublasLtMatmulDesc_t op;
+      CK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+      const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+      CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+      CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+      cublasLtMatrixLayout_t la, lb, lc;
+      CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k));
+      CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k));
+      CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, static_cast<uint64_t>(n), static_cast<uint64_t>(m), n));
+      cublasLtMatmulPreference_t pref;
+      CK(cublasLtMatmulPreferenceCreate(&pref));
+      CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &kWorkspace,
+                                              sizeof(kWorkspace)));
+      std::vector<cublasLtMatmulHeuristicResult_t> res(static_cast<size_t>(absl::GetFlag(FLAGS_candidates)));
+      int got = 0;
+      CK(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, static_cast<int>(res.size()), res.data(), &got));
+      double t_first = 0, t_best = 1e30;
+      int best = -1;
+      for (int r = 0; r < got; ++r) {
+        if (res[static_cast<size_t>(r)].state != CUBLAS_STATUS_SUCCESS) continue;
+        const double t = time_graph(s, calls, [&](int i) {
+          CK(cublasLtMatmul(lt, op, &alpha, w[static_cast<size_t>(i % copies)], la, x, lb, &beta, c, lc, c, lc,
+                            &res[static_cast<size_t>(r)].algo, ws, kWorkspace, s));
+        });
+        int sk = 0, tile = 0, red = 0;
+        CK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(r)].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk,
+                                                sizeof(sk), nullptr));
+        CK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(r)].algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile,
+                                                sizeof(tile), nullptr));
+        CK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(r)].algo,
+                                                CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof(red), nullptr));
+        std::fprintf(stderr, "%lld %s #%d: %.2f us, split-k %d, reduction %d, tile %d, waves %.2f, workspace %zu\n",
+                     static_cast<long long>(m), sh.name.c_str(), r, 1e3 * t, sk, red, tile,
+                     res[static_cast<size_t>(r)].wavesCount, res[static_cast<size_t>(r)].workspaceSize);
+        if (r == 0) t_first = t;
+        if (t < t_best) t_best = t, best = r;
+      }
+      int split = 0;
+      if (best >= 0)
+        CK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(best)].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                                                &split, sizeof(split), nullptr));
+      std::printf("| %lld | %s | %lld x %lld | %.2f | %.2f | %.2f | #%d, %d, %.2f | %.2fx | %.0f |\n",
+                  static_cast<long long>(m), sh.name.c_str(), static_cast<long long>(n), static_cast<long long>(k),
+                  1e3 * t_default, 1e3 * t_first, 1e3 * t_best, best, split,
+                  best >= 0 ? res[static_cast<size_t>(best)].wavesCount : 0.0f, t_default / t_best,
+                  wbytes / (t_best * 1e-3) / 1e9);
+      std::fflush(stdout);
+      cublasLtMatmulPreferenceDestroy(pref);
+      cublasLtMatrixLayoutDestroy(la);
+      cublasLtMatrixLayoutDestroy(lb);
+      cublasLtMatrixLayoutDestroy(lc);
+      cublasLtMatmulDescDestroy(op);
+      for (auto* p : w) cudaFree(p);
+      cudaFree(x);
+      cudaFree(c);
+    }
+  }
+  return 0;
+}
