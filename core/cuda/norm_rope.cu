@@ -64,6 +64,22 @@ bool rows_by4(const void* p, int64_t cols, int64_t ld, size_t elem) {
 
 constexpr int kThreads = 256;
 
+// f(std::integral_constant<int, kKeep>) for rows of d elements: the fewest registers a thread that hold
+// its share of the row (kThreads threads), or 0 (read twice) past 8 each.
+template <typename F>
+void with_keep(int64_t d, F&& f) {
+  if (d <= kThreads)
+    f(std::integral_constant<int, 1>());
+  else if (d <= 2 * kThreads)
+    f(std::integral_constant<int, 2>());
+  else if (d <= 4 * kThreads)
+    f(std::integral_constant<int, 4>());
+  else if (d <= 8 * kThreads)
+    f(std::integral_constant<int, 8>());
+  else
+    f(std::integral_constant<int, 0>());
+}
+
 // Sum over a block of kThreads threads; the result is valid in every thread.
 __device__ float block_sum(float v) {
   __shared__ float partial[32];
@@ -83,38 +99,88 @@ __device__ float block_sum(float v) {
 
 // One block per row: rstd = 1/sqrt(mean(x²) + eps); y = x · rstd · w (y in its own dtype: bf16 where
 // only bf16 products read it).
-template <typename T, typename TY>
+// kKeep > 0: a thread keeps its kKeep elements of the row (d ≤ kKeep · blockDim.x) in registers between
+// the sum and the scaling (one read of the row, the weights' loads issued before the sum's barriers);
+// kKeep = 0 reads the row twice. Both sum each thread's elements in the same order: the same bits.
+template <typename T, typename TY, int kKeep>
 __global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, float eps, TY* y, int64_t ldy,
                                        float* rstd, int d) {
   const T* xr = x + blockIdx.x * ldx;
   float ss = 0;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) {
-    const float v = load(xr + i);
-    ss += v * v;
+  if constexpr (kKeep > 0) {
+    float v[kKeep], wv[kKeep];
+#pragma unroll
+    for (int u = 0; u < kKeep; ++u) {
+      const int i = threadIdx.x + u * blockDim.x;
+      if (i < d) {
+        v[u] = load(xr + i);
+        wv[u] = w[i];
+        ss += v[u] * v[u];
+      }
+    }
+    const float r = rsqrtf(block_sum(ss) / d + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    TY* yr = y + blockIdx.x * ldy;
+#pragma unroll
+    for (int u = 0; u < kKeep; ++u) {
+      const int i = threadIdx.x + u * blockDim.x;
+      if (i < d) store(yr + i, wv[u] * (v[u] * r));
+    }
+  } else {
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+      const float v = load(xr + i);
+      ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss) / d + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    TY* yr = y + blockIdx.x * ldy;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) store(yr + i, w[i] * (load(xr + i) * r));
   }
-  const float r = rsqrtf(block_sum(ss) / d + eps);
-  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-  TY* yr = y + blockIdx.x * ldy;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) store(yr + i, w[i] * (load(xr + i) * r));
 }
 
 // The same with the residual add first, h += x (f32), as add and rmsnorm_forward_kernel compute them:
 // each thread sums the squares of the same elements in the same order, so the results are the same bits.
-template <typename TY>
+template <typename TY, int kKeep>
 __global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h, int64_t ldh, const float* w,
                                            float eps, TY* y, int64_t ldy, float* rstd, int d) {
   const float* xr = x + blockIdx.x * ldx;
   float* hr = h + blockIdx.x * ldh;
   float ss = 0;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) {
-    const float v = hr[i] + xr[i];
-    hr[i] = v;
-    ss += v * v;
+  if constexpr (kKeep > 0) {
+    float v[kKeep], wv[kKeep];
+#pragma unroll
+    for (int u = 0; u < kKeep; ++u) {
+      const int i = threadIdx.x + u * blockDim.x;
+      if (i < d) {
+        v[u] = hr[i] + xr[i];
+        wv[u] = w[i];
+        ss += v[u] * v[u];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kKeep; ++u) {
+      const int i = threadIdx.x + u * blockDim.x;
+      if (i < d) hr[i] = v[u];
+    }
+    const float r = rsqrtf(block_sum(ss) / d + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    TY* yr = y + blockIdx.x * ldy;
+#pragma unroll
+    for (int u = 0; u < kKeep; ++u) {
+      const int i = threadIdx.x + u * blockDim.x;
+      if (i < d) store(yr + i, wv[u] * (v[u] * r));
+    }
+  } else {
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+      const float v = hr[i] + xr[i];
+      hr[i] = v;
+      ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss) / d + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    TY* yr = y + blockIdx.x * ldy;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) store(yr + i, w[i] * (hr[i] * r));
   }
-  const float r = rsqrtf(block_sum(ss) / d + eps);
-  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-  TY* yr = y + blockIdx.x * ldy;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) store(yr + i, w[i] * (hr[i] * r));
 }
 
 // One block per row: n = x·rstd;  dx += rstd · (dy·w - n · mean(dy·w·n)).
@@ -394,9 +460,11 @@ void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, T
   dispatch2(x.dtype(), y.dtype(), [&](auto* ti, auto* to) {
     using T = std::remove_pointer_t<decltype(ti)>;
     using TY = std::remove_pointer_t<decltype(to)>;
-    rmsnorm_forward_kernel<T, TY><<<static_cast<unsigned>(X.rows), kThreads, 0, stream()>>>(
-        static_cast<const T*>(X.p), X.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
-        static_cast<int>(X.cols));
+    with_keep(X.cols, [&](auto keep) {
+      rmsnorm_forward_kernel<T, TY, decltype(keep)::value><<<static_cast<unsigned>(X.rows), kThreads, 0, stream()>>>(
+          static_cast<const T*>(X.p), X.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
+          static_cast<int>(X.cols));
+    });
   });
   CUDA_CHECK(cudaGetLastError());
 }
@@ -417,8 +485,10 @@ void CudaBackend::add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& 
   Op op(this, "add_rmsnorm", 5.0 * H.rows * H.cols, 1.0 * H.rows * H.cols * (12 + dtype_size(y.dtype())));
   dispatch(y.dtype(), [&](auto* to) {
     using TY = std::remove_pointer_t<decltype(to)>;
-    add_rmsnorm_forward_kernel<TY><<<static_cast<unsigned>(H.rows), kThreads, 0, stream()>>>(
-        X.f(), X.ld, H.f(), H.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(), static_cast<int>(H.cols));
+    with_keep(H.cols, [&](auto keep) {
+      add_rmsnorm_forward_kernel<TY, decltype(keep)::value><<<static_cast<unsigned>(H.rows), kThreads, 0, stream()>>>(
+          X.f(), X.ld, H.f(), H.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(), static_cast<int>(H.cols));
+    });
   });
   CUDA_CHECK(cudaGetLastError());
 }
