@@ -1,9 +1,10 @@
-// The dense products of a decode step (few rows, a bf16 weight each) under cuBLAS: what cublasGemmEx's
-// default choice takes against every algorithm cuBLASLt's heuristic offers for the shape, each timed in
-// a CUDA graph of back-to-back calls that cycle through enough copies of the weight to miss L2 (as a
-// decode step does, where each weight is read once). Per shape: the default, the fastest candidate, the
-// first candidate (the heuristic's own pick), and the candidate a fixed rule takes. Shapes from the
-// model config at the rows given.
+// What a kernel costs in a decode step's CUDA graph. First, chains of a small elementwise kernel, alone
+// and between cuBLAS products, with and without programmatic dependent launch (PDL): the price of a
+// kernel boundary. Then the step's dense products (few rows, a bf16 weight each): cublasGemmEx's default
+// choice against every algorithm cuBLASLt's heuristic offers for the shape (the heuristic's first, the
+// fastest, its split-k and waves), each timed in a graph of back-to-back calls that cycle through enough
+// copies of the weight to miss L2, as a decode step reads each weight once. Shapes from the model
+// config, at the rows given.
 // Usage: small_products --config CONFIG.json [--rows 64,256] [--candidates 24]
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -117,9 +118,6 @@ int main(int argc, char** argv) {
       "small products on %s (%d SMs), bf16 operands, f32 out; us a call (graph of calls over weight "
       "copies that miss L2)\n\n",
       prop.name, prop.multiProcessorCount);
-  std::printf(
-      "| rows | product | n x k | default us | heuristic #0 us | best us | best: #, split-k, waves | "
-      "best vs default | weight GB/s (best) |\n|---|---|---|---|---|---|---|---|---|\n");
   {
     // Chains of small kernels in one graph: the cost of a kernel boundary, with and without PDL, alone
     // and between cuBLAS products (as a decode step alternates them).
@@ -162,6 +160,9 @@ int main(int argc, char** argv) {
     cudaFree(wb);
     cudaFree(wc);
   }
+  std::printf(
+      "| rows | product | n x k | default us | heuristic #0 us | best us | best: #, split-k, waves | "
+      "best vs default | weight GB/s (best) |\n|---|---|---|---|---|---|---|---|---|\n");
   for (const std::string& rs : absl::GetFlag(FLAGS_rows)) {
     const int64_t m = std::stoll(rs);
     for (const Shape& sh : shapes) {
