@@ -97,6 +97,20 @@ __device__ float block_sum(float v) {
   return total;
 }
 
+// The end of a row's norm from the values a thread kept (v, the weights wv) and its sum of their squares:
+// rstd, then y = w · (v · rstd).
+template <int kKeep, typename TY>
+__device__ __forceinline__ void put_normed(const float* v, const float* wv, float ss, float eps, int d, float* rstd,
+                                           TY* yr) {
+  const float r = rsqrtf(block_sum(ss) / d + eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+#pragma unroll
+  for (int u = 0; u < kKeep; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    if (i < d) store(yr + i, wv[u] * (v[u] * r));
+  }
+}
+
 // One block per row: rstd = 1/sqrt(mean(x²) + eps); y = x · rstd · w (y in its own dtype: bf16 where
 // only bf16 products read it).
 // kKeep > 0: a thread keeps its kKeep elements of the row (d ≤ kKeep · blockDim.x) in registers between
@@ -118,14 +132,7 @@ __global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, 
         ss += v[u] * v[u];
       }
     }
-    const float r = rsqrtf(block_sum(ss) / d + eps);
-    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-    TY* yr = y + blockIdx.x * ldy;
-#pragma unroll
-    for (int u = 0; u < kKeep; ++u) {
-      const int i = threadIdx.x + u * blockDim.x;
-      if (i < d) store(yr + i, wv[u] * (v[u] * r));
-    }
+    put_normed<kKeep>(v, wv, ss, eps, d, rstd, y + blockIdx.x * ldy);
   } else {
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
       const float v = load(xr + i);
@@ -162,14 +169,7 @@ __global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h
       const int i = threadIdx.x + u * blockDim.x;
       if (i < d) hr[i] = v[u];
     }
-    const float r = rsqrtf(block_sum(ss) / d + eps);
-    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-    TY* yr = y + blockIdx.x * ldy;
-#pragma unroll
-    for (int u = 0; u < kKeep; ++u) {
-      const int i = threadIdx.x + u * blockDim.x;
-      if (i < d) store(yr + i, wv[u] * (v[u] * r));
-    }
+    put_normed<kKeep>(v, wv, ss, eps, d, rstd, y + blockIdx.x * ldy);
   } else {
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
       const float v = hr[i] + xr[i];
