@@ -20,6 +20,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
 #include "core/cuda/cuda.h"
+#include "core/cuda/cuda_backend.h"  // CUDA_CHECK, CUBLAS_CHECK
 #include "model/config.h"
 
 ABSL_FLAG(std::string, config, "", "a Hugging Face DeepseekV3 config.json");
@@ -27,15 +28,6 @@ ABSL_FLAG(std::vector<std::string>, rows, std::vector<std::string>({"64", "256"}
 ABSL_FLAG(int, candidates, 24, "cuBLASLt heuristic results to time");
 
 namespace {
-
-#define CK(call)                                                                                              \
-  do {                                                                                                        \
-    const auto r1lab_r_ = (call);                                                                             \
-    if (static_cast<int>(r1lab_r_) != 0) {                                                                    \
-      std::fprintf(stderr, "%s:%d: %s failed (%d)\n", __FILE__, __LINE__, #call, static_cast<int>(r1lab_r_)); \
-      std::exit(1);                                                                                           \
-    }                                                                                                         \
-  } while (0)
 
 struct Shape {
   std::string name;
@@ -48,22 +40,22 @@ template <typename F>
 double time_graph(cudaStream_t s, int calls, F&& run) {
   cudaGraph_t g;
   cudaGraphExec_t e;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
   for (int i = 0; i < calls; ++i) run(i);
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&e, g, 0));
-  CK(cudaGraphLaunch(e, s));  // warm
-  CK(cudaStreamSynchronize(s));
+  CUDA_CHECK(cudaStreamEndCapture(s, &g));
+  CUDA_CHECK(cudaGraphInstantiate(&e, g, 0));
+  CUDA_CHECK(cudaGraphLaunch(e, s));  // warm
+  CUDA_CHECK(cudaStreamSynchronize(s));
   cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
   constexpr int kReps = 10;
-  CK(cudaEventRecord(a, s));
-  for (int r = 0; r < kReps; ++r) CK(cudaGraphLaunch(e, s));
-  CK(cudaEventRecord(b, s));
-  CK(cudaEventSynchronize(b));
+  CUDA_CHECK(cudaEventRecord(a, s));
+  for (int r = 0; r < kReps; ++r) CUDA_CHECK(cudaGraphLaunch(e, s));
+  CUDA_CHECK(cudaEventRecord(b, s));
+  CUDA_CHECK(cudaEventSynchronize(b));
   float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
+  CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
   cudaGraphExecDestroy(e);
   cudaGraphDestroy(g);
   cudaEventDestroy(a);
@@ -101,19 +93,19 @@ int main(int argc, char** argv) {
       {"lm head", cfg.vocab_size, h},
   };
   cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t s;
-  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   cublasHandle_t blas;
   cublasLtHandle_t lt;
-  CK(cublasCreate(&blas));
-  CK(cublasSetStream(blas, s));
-  CK(cublasLtCreate(&lt));
+  CUBLAS_CHECK(cublasCreate(&blas));
+  CUBLAS_CHECK(cublasSetStream(blas, s));
+  CUBLAS_CHECK(cublasLtCreate(&lt));
   constexpr size_t kWorkspace = 32 << 20;
   void* ws;
-  CK(cudaMalloc(&ws, kWorkspace));
-  CK(cublasSetWorkspace(blas, ws, kWorkspace));
-  CK(cublasSetAtomicsMode(blas, CUBLAS_ATOMICS_NOT_ALLOWED));
+  CUDA_CHECK(cudaMalloc(&ws, kWorkspace));
+  CUBLAS_CHECK(cublasSetWorkspace(blas, ws, kWorkspace));
+  CUBLAS_CHECK(cublasSetAtomicsMode(blas, CUBLAS_ATOMICS_NOT_ALLOWED));
   std::printf(
       "small products on %s (%d SMs), bf16 operands, f32 out; us a call (graph of calls over weight "
       "copies that miss L2)\n\n",
@@ -126,16 +118,16 @@ int main(int argc, char** argv) {
         "bf16):\n\n| chain | n | plain | PDL | PDL vs plain |\n|---|---|---|---|---|\n");
     constexpr int kN = 1 << 20;
     float *x, *y;
-    CK(cudaMalloc(&x, kN * 4));
-    CK(cudaMalloc(&y, kN * 4));
-    CK(cudaMemset(x, 0, kN * 4));
+    CUDA_CHECK(cudaMalloc(&x, kN * 4));
+    CUDA_CHECK(cudaMalloc(&y, kN * 4));
+    CUDA_CHECK(cudaMemset(x, 0, kN * 4));
     __nv_bfloat16 *wa, *wb;
     float* wc;
-    CK(cudaMalloc(&wa, 1024 * 1024 * 2));
-    CK(cudaMalloc(&wb, 64 * 1024 * 2));
-    CK(cudaMalloc(&wc, 64 * 1024 * 4));
-    CK(cudaMemset(wa, 0, 1024 * 1024 * 2));
-    CK(cudaMemset(wb, 0, 64 * 1024 * 2));
+    CUDA_CHECK(cudaMalloc(&wa, 1024 * 1024 * 2));
+    CUDA_CHECK(cudaMalloc(&wb, 64 * 1024 * 2));
+    CUDA_CHECK(cudaMalloc(&wc, 64 * 1024 * 4));
+    CUDA_CHECK(cudaMemset(wa, 0, 1024 * 1024 * 2));
+    CUDA_CHECK(cudaMemset(wb, 0, 64 * 1024 * 2));
     const float one = 1, zero = 0;
     for (int n : {1024, 64 * 1024, kN}) {
       double t[2], g[2];
@@ -143,8 +135,9 @@ int main(int argc, char** argv) {
         t[pdl] = time_graph(s, 64, [&](int i) { launch_bump(s, pdl, i % 2 ? y : x, i % 2 ? x : y, n); });
         g[pdl] = time_graph(s, 64, [&](int i) {
           if (i % 2) {
-            CK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, 1024, 64, 1024, &one, wa, CUDA_R_16BF, 1024, wb,
-                            CUDA_R_16BF, 1024, &zero, wc, CUDA_R_32F, 1024, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, 1024, 64, 1024, &one, wa, CUDA_R_16BF, 1024, wb,
+                                      CUDA_R_16BF, 1024, &zero, wc, CUDA_R_32F, 1024, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
           } else {
             launch_bump(s, pdl, x, y, n);
           }
@@ -172,53 +165,54 @@ int main(int argc, char** argv) {
       const int calls = std::min(copies, 64);
       std::vector<__nv_bfloat16*> w(static_cast<size_t>(copies));
       for (auto& p : w) {
-        CK(cudaMalloc(&p, wbytes));
-        CK(cudaMemset(p, 0x3c, wbytes));
+        CUDA_CHECK(cudaMalloc(&p, wbytes));
+        CUDA_CHECK(cudaMemset(p, 0x3c, wbytes));
       }
       __nv_bfloat16* x;
       float* c;
-      CK(cudaMalloc(&x, static_cast<size_t>(m * k) * 2));
-      CK(cudaMemset(x, 0x3c, static_cast<size_t>(m * k) * 2));
-      CK(cudaMalloc(&c, static_cast<size_t>(m * n) * 4));
+      CUDA_CHECK(cudaMalloc(&x, static_cast<size_t>(m * k) * 2));
+      CUDA_CHECK(cudaMemset(x, 0x3c, static_cast<size_t>(m * k) * 2));
+      CUDA_CHECK(cudaMalloc(&c, static_cast<size_t>(m * n) * 4));
       const float alpha = 1, beta = 0;
       // Row-major c[m, n] = x[m, k] · w[n, k]ᵀ is column-major cᵀ[n, m] = w[k, n]ᵀ · xᵀ[k, m].
       const double t_default = time_graph(s, calls, [&](int i) {
-        CK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
-                        &alpha, w[static_cast<size_t>(i % copies)], CUDA_R_16BF, static_cast<int>(k), x, CUDA_R_16BF,
-                        static_cast<int>(k), &beta, c, CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F,
-                        CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                                  static_cast<int>(k), &alpha, w[static_cast<size_t>(i % copies)], CUDA_R_16BF,
+                                  static_cast<int>(k), x, CUDA_R_16BF, static_cast<int>(k), &beta, c, CUDA_R_32F,
+                                  static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       });
       cublasLtMatmulDesc_t op;
-      CK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+      CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
       const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-      CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-      CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+      CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+      CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
       cublasLtMatrixLayout_t la, lb, lc;
-      CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k));
-      CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k));
-      CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, static_cast<uint64_t>(n), static_cast<uint64_t>(m), n));
+      CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k));
+      CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k));
+      CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, static_cast<uint64_t>(n), static_cast<uint64_t>(m), n));
       cublasLtMatmulPreference_t pref;
-      CK(cublasLtMatmulPreferenceCreate(&pref));
-      CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &kWorkspace,
-                                              sizeof(kWorkspace)));
+      CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &kWorkspace,
+                                                        sizeof(kWorkspace)));
       std::vector<cublasLtMatmulHeuristicResult_t> res(static_cast<size_t>(absl::GetFlag(FLAGS_candidates)));
       int got = 0;
-      CK(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, static_cast<int>(res.size()), res.data(), &got));
+      CUBLAS_CHECK(
+          cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, static_cast<int>(res.size()), res.data(), &got));
       double t_first = 0, t_best = 1e30;
       int best = -1;
       for (int r = 0; r < got; ++r) {
         if (res[static_cast<size_t>(r)].state != CUBLAS_STATUS_SUCCESS) continue;
         const double t = time_graph(s, calls, [&](int i) {
-          CK(cublasLtMatmul(lt, op, &alpha, w[static_cast<size_t>(i % copies)], la, x, lb, &beta, c, lc, c, lc,
-                            &res[static_cast<size_t>(r)].algo, ws, kWorkspace, s));
+          CUBLAS_CHECK(cublasLtMatmul(lt, op, &alpha, w[static_cast<size_t>(i % copies)], la, x, lb, &beta, c, lc, c,
+                                      lc, &res[static_cast<size_t>(r)].algo, ws, kWorkspace, s));
         });
         int sk = 0, tile = 0, red = 0;
-        CK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(r)].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk,
-                                                sizeof(sk), nullptr));
-        CK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(r)].algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile,
-                                                sizeof(tile), nullptr));
-        CK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(r)].algo,
-                                                CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof(red), nullptr));
+        CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(r)].algo,
+                                                          CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk, sizeof(sk), nullptr));
+        CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(r)].algo,
+                                                          CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile), nullptr));
+        CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(
+            &res[static_cast<size_t>(r)].algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red, sizeof(red), nullptr));
         std::fprintf(stderr, "%lld %s #%d: %.2f us, split-k %d, reduction %d, tile %d, waves %.2f, workspace %zu\n",
                      static_cast<long long>(m), sh.name.c_str(), r, 1e3 * t, sk, red, tile,
                      res[static_cast<size_t>(r)].wavesCount, res[static_cast<size_t>(r)].workspaceSize);
@@ -227,8 +221,8 @@ int main(int argc, char** argv) {
       }
       int split = 0;
       if (best >= 0)
-        CK(cublasLtMatmulAlgoConfigGetAttribute(&res[static_cast<size_t>(best)].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
-                                                &split, sizeof(split), nullptr));
+        CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(
+            &res[static_cast<size_t>(best)].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split, sizeof(split), nullptr));
       std::printf("| %lld | %s | %lld x %lld | %.2f | %.2f | %.2f | #%d, %d, %.2f | %.2fx | %.0f |\n",
                   static_cast<long long>(m), sh.name.c_str(), static_cast<long long>(n), static_cast<long long>(k),
                   1e3 * t_default, 1e3 * t_first, 1e3 * t_best, best, split,

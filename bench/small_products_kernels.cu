@@ -2,8 +2,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
+
+#include "core/cuda/cuda_check.h"
 
 namespace {
 
@@ -28,10 +28,6 @@ void launch_bump(cudaStream_t s, bool pdl, const float* x, float* y, int n) {
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, bump_kernel, x, y, n);
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "bump_kernel: %s\n", cudaGetErrorString(e));
-    std::exit(1);
-  }
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, bump_kernel, x, y, n));
 }
 
