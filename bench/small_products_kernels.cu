@@ -9,10 +9,13 @@ namespace {
 
 // A small elementwise kernel, as a decode step's norms and gathers are: y = x + 1 over n floats. With
 // programmatic dependent launch (PDL), blocks wait for the kernel before (griddepcontrol.wait) and let
-// the next one launch as soon as they are all running (griddepcontrol.launch_dependents).
+// the next one launch as soon as they are all running (griddepcontrol.launch_dependents). Both need
+// sm_90; builds for older devices (sm_80) run the chain without them.
 __global__ void bump_kernel(const float* x, float* y, int n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
+#endif
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = x[i] + 1.0f;
 }
 
