@@ -22,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "bench/gpu_ceilings.h"
 #include "core/cuda/cuda.h"
+#include "core/latent_rows.h"
 #include "model/latent_cache.h"
 #include "model/model.h"
 #include "nlohmann/json.hpp"
@@ -37,6 +38,7 @@ ABSL_FLAG(int, profile_new, 16, "tokens per sequence in the profiled run (first 
 ABSL_FLAG(int, long_tail, 8192,
           "the long-tail case: 256 sequences of which 16 run to this many new tokens, the rest to --new_tokens "
           "(0: skip)");
+ABSL_FLAG(std::string, latents, "auto", "the latent cache's rows: auto (bf16), f32, bf16 or fp8");
 ABSL_FLAG(bool, step_graphs, true, "decode steps replay captured CUDA graphs (false: every step launched as it comes)");
 
 namespace {
@@ -67,6 +69,7 @@ r1lab::rollout::EngineOptions engine_options(int batch, int prompt, int n_new) {
   o.max_tokens_per_step = 8192;
   o.prefix_cache = false;  // every run prefills its prompts (as Hugging Face generate does)
   o.step_graphs = absl::GetFlag(FLAGS_step_graphs);
+  o.latents = *r1lab::model::latent_format_from_name(absl::GetFlag(FLAGS_latents));  // checked in main
   return o;
 }
 
@@ -200,6 +203,17 @@ void decode_kernels(r1lab::core::Backend& be, const r1lab::model::ModelConfig& c
     Tensor q = filled({b, heads, d}, DType::kF32), o = be.empty({b, heads, r}, DType::kBF16);
     row("paged latent attention", b, time([&] { be.paged_latent_attention(q, pool, block, dt, ds, dl, 0.1f, o); }),
         2.0 * b * ctx * d);
+    // The same over fp8 rows (the cache's fp8 format), made from the bf16 rows' values.
+    const r1lab::core::Fp8LatentRow f8{r, d - r};
+    if (r1lab::model::LatentCache::resolve_dtype(cfg, be, r1lab::model::LatentFormat::kFp8).ok()) {
+      Tensor rows = be.empty(pool.shape(), DType::kF32), slots = Tensor::zeros({pool.size(0)}, DType::kI32);
+      be.copy(pool, rows);
+      std::iota(slots.data<int32_t>(), slots.data<int32_t>() + slots.numel(), 0);
+      Tensor pool8 = be.empty({pool.size(0), f8.bytes()}, DType::kU8), dslots = up(slots);
+      be.scatter_fp8_latents(rows, r, dslots, pool8);
+      row("paged latent attention, fp8 rows", b,
+          time([&] { be.paged_latent_attention(q, pool8, block, dt, ds, dl, 0.1f, o); }), 1.0 * b * ctx * f8.bytes());
+    }
     // Sampling at temperature 1 from [b, vocab] f32 logits.
     Tensor logits = filled({b, cfg.vocab_size}, DType::kF32);
     Tensor spec = Tensor::zeros({b, r1lab::core::kSampleSpecColumns});
@@ -245,7 +259,16 @@ int main(int argc, char** argv) {
   const double bw = r1lab::bench::ceilings().bytes_per_s;
   const double params = static_cast<double>(model.params().buffer().numel());
   const double embed = static_cast<double>(cfg->vocab_size) * cfg->hidden_size;  // rows read, not the table
-  const double latent_bytes = static_cast<double>(r1lab::model::LatentCache::bytes_per_token(*cfg, 2));
+  const auto latents = r1lab::model::latent_format_from_name(absl::GetFlag(FLAGS_latents));
+  const auto latent_dtype =
+      latents.ok() ? r1lab::model::LatentCache::resolve_dtype(*cfg, **be, *latents) : latents.status();
+  if (!latent_dtype.ok()) {
+    std::fprintf(stderr, "rollout: %s\n", std::string(latent_dtype.status().message()).c_str());
+    return 1;
+  }
+  // A token's latents over all layers, as the cache keeps them.
+  const double latent_bytes =
+      static_cast<double>(r1lab::model::LatentCache::row_bytes(*cfg, *latent_dtype) * cfg->num_hidden_layers);
 
   nlohmann::json base;
   if (!absl::GetFlag(FLAGS_baseline).empty()) {
@@ -256,10 +279,11 @@ int main(int argc, char** argv) {
         if (r.is_object()) base = r;
   }
   std::printf(
-      "rollout: %s, %.0f M parameters, prompt %d, %d new tokens, gemm %s, decode graphs %s, memory %.0f GB/s "
-      "measured\n\n",
+      "rollout: %s, %.0f M parameters, prompt %d, %d new tokens, gemm %s, latents %s (%.0f bytes a token a "
+      "layer), decode graphs %s, memory %.0f GB/s measured\n\n",
       absl::GetFlag(FLAGS_config).c_str(), params / 1e6, prompt, n_new, g.c_str(),
-      absl::GetFlag(FLAGS_step_graphs) ? "on" : "off", bw / 1e9);
+      *latent_dtype == r1lab::core::DType::kU8 ? "fp8" : r1lab::core::dtype_name(*latent_dtype),
+      latent_bytes / cfg->num_hidden_layers, absl::GetFlag(FLAGS_step_graphs) ? "on" : "off", bw / 1e9);
   std::printf(
       "| batch | tokens/s | HF generate tokens/s | ratio | decode step ms | host ms a step | floor ms | %% of floor "
       "| floor tokens/s |\n");

@@ -65,6 +65,10 @@ ABSL_FLAG(std::string, config, "", "reward score: a reward config (JSON or YAML)
 ABSL_FLAG(std::string, input, "", "reward score: JSONL of {\"completion\", \"answer\", ...} (- for stdin)");
 ABSL_FLAG(int, block_size, 16, "serve-rollout: tokens per latent-cache block");
 ABSL_FLAG(int64_t, cache_mb, 256, "serve-rollout: latent-cache size in MiB");
+ABSL_FLAG(std::string, latents, "auto",
+          "serve-rollout: how the latent cache keeps its rows: auto (bf16 on a GPU with "
+          "bf16 products, else f32), f32, bf16 or fp8 (E4M3 latent with power-of-two scales, bf16 rope key: about "
+          "0.58 of bf16's bytes)");
 ABSL_FLAG(int64_t, max_tokens_per_step, 1024, "serve-rollout: prefill + decode tokens per engine step");
 ABSL_FLAG(int64_t, max_running, 256, "serve-rollout: sequences decoded together at most");
 ABSL_FLAG(bool, in_process, false, "run: rollout and rewards in this process instead of child processes");
@@ -266,6 +270,11 @@ int serve_rollout(const std::vector<char*>& args) {
   opt.engine.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);
   opt.engine.max_running = absl::GetFlag(FLAGS_max_running);
   opt.engine.prefix_cache = absl::GetFlag(FLAGS_prefix_cache);
+  auto latents = r1lab::model::latent_format_from_name(absl::GetFlag(FLAGS_latents));
+  if (!latents.ok()) return fail(latents.status());
+  const auto latent_dtype = r1lab::model::LatentCache::resolve_dtype((*model).config(), **be, *latents);
+  if (!latent_dtype.ok()) return fail(latent_dtype.status());
+  opt.engine.latents = *latents;
   if (opt.port < 0 || opt.port > 65535 || opt.engine.block_size <= 0 || opt.engine.cache_bytes <= 0 ||
       opt.engine.max_tokens_per_step <= 0 || opt.engine.max_running <= 0)
     return fail(absl::InvalidArgumentError("--port, --block-size, --cache-mb, --max-tokens-per-step and "
@@ -273,8 +282,9 @@ int serve_rollout(const std::vector<char*>& args) {
   auto server = r1lab::rollout::start_rollout_server(*model, vocab ? &*vocab : nullptr, dir, opt);
   if (!server.ok()) return fail(server.status());
   const auto st = (*server)->engine().stats();
-  std::printf("r1lab serve-rollout: %s on %s:%d, %lld cache blocks of %d tokens, tokenizer %s\n", dir.c_str(),
+  std::printf("r1lab serve-rollout: %s on %s:%d, %lld cache blocks of %d tokens (%s rows), tokenizer %s\n", dir.c_str(),
               opt.host.c_str(), (*server)->port(), static_cast<long long>(st.blocks_total), st.block_size,
+              *latent_dtype == r1lab::core::DType::kU8 ? "fp8" : r1lab::core::dtype_name(*latent_dtype),
               vocab ? "loaded" : "absent (no stop strings, no text)");
   std::fflush(stdout);
   std::printf("r1lab serve-rollout: signal %d, shutting down\n", wait_for(stop_signals));

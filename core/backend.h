@@ -200,16 +200,22 @@ class Backend {
   //   position context_len - n + i and sees positions 0 .. that), block_tables [S, max_blocks] I32,
   //   out [N, H, dv]. The pool is f32, or bf16 (a cache at half the bytes; on CUDA then D % 16 == 0 and
   //   dv is 64, 128, 256 or 512, and the scores and weighted sums run on tensor cores with q and the softmax weights
-  //   rounded to bf16). out is f32, or with a bf16 pool bf16 (rounded once, for the bf16 product after it).
+  //   rounded to bf16), or U8: fp8 rows (core/latent_rows.h) of Fp8LatentRow{dv, D - dv}, attended as their
+  //   dequantised values, as a bf16 pool is. out is f32, or with a bf16 or fp8 pool bf16 (rounded once, for
+  //   the bf16 product after it).
   virtual void paged_latent_attention(const Tensor& q, const Tensor& pool, int block_size,
                                       const Tensor& block_tables, const Tensor& seq_starts,
                                       const Tensor& context_lens, float scale, Tensor& out) = 0;
   // dst[rows[i]] = src[i];  src [N, D] rows, rows [N] I32 (distinct), dst [R, D] rows (f32, or bf16:
   // rounded to nearest even).
   virtual void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) = 0;
+  // pool[rows[i]] = src[i] as an fp8 latent row (core/latent_rows.h): src [N, r + rd] f32 rows (the
+  // latent c, then the rope key), rows [N] I32 (distinct), pool [R, Fp8LatentRow{r, rd}.bytes()] U8.
+  virtual void scatter_fp8_latents(const Tensor& src, int64_t r, const Tensor& rows, Tensor& pool) = 0;
   // The new rows of a latent cache in one pass: pool[slots[i]] = [rmsnorm(ckv[i, :r]) · w | rope(ckv[i, r:])]
-  // for ckv [N, r + rope] (the latent and the shared rope key), w [r], positions and slots [N] I32. This
-  // default, rmsnorm_forward, rope_from and scatter_rows one after another, is the reference.
+  // for ckv [N, r + rope] (the latent and the shared rope key), w [r], positions and slots [N] I32; the
+  // pool f32, bf16, or U8 (fp8 rows). This default, rmsnorm_forward, rope_from and scatter_rows (or
+  // scatter_fp8_latents) one after another, is the reference.
   virtual void store_latents(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions,
                              const RopeTable& table, bool interleaved, const Tensor& slots, Tensor& pool) {
     const int64_t n = ckv.size(0), r = w.numel(), rd = ckv.size(1) - r;
@@ -217,7 +223,10 @@ class Backend {
     Tensor c = rows.slice(1, 0, r), pe = rows.slice(1, r, rd).unsqueeze(1);
     rmsnorm_forward(ckv.slice(1, 0, r), w, eps, c, rstd);
     rope_from(ckv.slice(1, r, rd).unsqueeze(1), pe, positions, table, interleaved);
-    scatter_rows(rows, slots, pool);
+    if (pool.dtype() == DType::kU8)
+      scatter_fp8_latents(rows, r, slots, pool);
+    else
+      scatter_rows(rows, slots, pool);
   }
   // A decode step's attention inputs in one pass: store_latents as above, then from the queries q
   // [N, heads, nope + rope] f32 (last dimension contiguous), rope_from of their rope parts into q_rot

@@ -13,6 +13,8 @@ size_t dtype_size(DType t) {
     case DType::kF16: return 2;
     case DType::kI32: return 4;
     case DType::kI64: return 8;
+    case DType::kU8:
+      return 1;
   }
   return 0;
 }
@@ -24,6 +26,8 @@ const char* dtype_name(DType t) {
     case DType::kF16: return "F16";
     case DType::kI32: return "I32";
     case DType::kI64: return "I64";
+    case DType::kU8:
+      return "U8";
   }
   return "?";
 }
@@ -34,6 +38,7 @@ absl::StatusOr<DType> dtype_from_name(const std::string& name) {
   if (name == "F16") return DType::kF16;
   if (name == "I32") return DType::kI32;
   if (name == "I64") return DType::kI64;
+  if (name == "U8") return DType::kU8;
   return absl::InvalidArgumentError(absl::StrCat("unsupported dtype '", name, "'"));
 }
 
@@ -74,6 +79,37 @@ uint16_t f32_to_f16(float f) {
   const uint32_t rem = man & 0x1fffu;
   if (rem > 0x1000u || (rem == 0x1000u && (half & 1u))) ++half;  // may carry into the exponent: correct
   return static_cast<uint16_t>(half);
+}
+
+float e4m3_to_f32(uint8_t b) {
+  const int exp = (b >> 3) & 0xf, man = b & 7;
+  float v;
+  if (exp == 15 && man == 7) {
+    v = NAN;
+  } else if (exp == 0) {
+    v = std::ldexp(static_cast<float>(man), -9);  // subnormal: man · 2^-9
+  } else {
+    v = std::ldexp(static_cast<float>(8 + man), exp - 10);  // 1.man · 2^(exp - 7)
+  }
+  return (b & 0x80) ? -v : v;
+}
+
+uint8_t f32_to_e4m3(float f) {
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0;
+  if (std::isnan(f)) return sign | 0x7f;
+  const float a = std::fabs(f);
+  if (a >= kE4M3Max) return sign | 0x7e;  // saturated (448 itself is 0x7e)
+  if (a < 0x1p-6f) {                      // subnormal: multiples of 2^-9, 8 of them the smallest normal
+    const int m = static_cast<int>(std::nearbyint(a * 512.0f));  // exact scaling; rounds to nearest even
+    return sign | static_cast<uint8_t>(m);
+  }
+  int e;
+  const float frac = std::frexp(a, &e);                                   // a = frac · 2^e, frac in [0.5, 1)
+  int m = static_cast<int>(std::nearbyint((frac * 2.0f - 1.0f) * 8.0f));  // the 3 mantissa bits, rounded
+  int exp = e - 1 + 7;
+  if (m == 8) m = 0, ++exp;  // rounded up to the next power of two
+  const int code = (exp << 3) | m;
+  return sign | static_cast<uint8_t>(code > 0x7e ? 0x7e : code);
 }
 
 }  // namespace r1lab::core

@@ -9,7 +9,8 @@
 
 namespace r1lab::core {
 
-enum class DType : uint8_t { kF32, kBF16, kF16, kI32, kI64 };
+// kU8: raw bytes (the fp8 rows of a latent cache, core/latent_rows.h).
+enum class DType : uint8_t { kF32, kBF16, kF16, kI32, kI64, kU8 };
 
 // Bytes per element.
 size_t dtype_size(DType t);
@@ -35,5 +36,11 @@ inline float bf16_to_f32(uint16_t h) {
 // IEEE half precision.
 float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
+// fp8 E4M3 (OCP "e4m3fn": bias 7, no infinities, 0x7f/0xff NaN, largest finite ±448). The conversion
+// rounds to nearest even and saturates: beyond ±448 (infinities too) gives ±448, NaN gives NaN; as CUDA's
+// __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3).
+constexpr float kE4M3Max = 448.0f;
+uint8_t f32_to_e4m3(float f);
+float e4m3_to_f32(uint8_t b);
 
 }  // namespace r1lab::core

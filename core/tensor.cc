@@ -187,6 +187,9 @@ Tensor Tensor::to_f32() const {
       case DType::kF16: convert_run<uint16_t>(o + lin, p, n, stride, f16_to_f32); break;
       case DType::kI32: convert_run<int32_t>(o + lin, p, n, stride, [](int32_t v) { return static_cast<float>(v); }); break;
       case DType::kI64: convert_run<int64_t>(o + lin, p, n, stride, [](int64_t v) { return static_cast<float>(v); }); break;
+      case DType::kU8:
+        convert_run<uint8_t>(o + lin, p, n, stride, [](uint8_t v) { return static_cast<float>(v); });
+        break;
     }
   });
   return out;
@@ -227,6 +230,9 @@ Tensor Tensor::to(DType dtype) const {
     case DType::kF16: for (int64_t i = 0; i < n; ++i) out.data<uint16_t>()[i] = f32_to_f16(s[i]); break;
     case DType::kI32: for (int64_t i = 0; i < n; ++i) out.data<int32_t>()[i] = static_cast<int32_t>(s[i]); break;
     case DType::kI64: for (int64_t i = 0; i < n; ++i) out.data<int64_t>()[i] = static_cast<int64_t>(s[i]); break;
+    case DType::kU8:
+      for (int64_t i = 0; i < n; ++i) out.data<uint8_t>()[i] = static_cast<uint8_t>(s[i]);
+      break;
   }
   return out;
 }

@@ -2,7 +2,9 @@
 
 #include <atomic>
 
+#include "absl/strings/str_cat.h"
 #include "core/check.h"
+#include "core/latent_rows.h"
 
 namespace r1lab::model {
 namespace {
@@ -11,16 +13,37 @@ std::atomic<uint64_t> next_cache_id{1};
 
 }  // namespace
 
-LatentCache::LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t num_blocks, int block_size)
-    : backend_(backend),
-      num_blocks_(num_blocks),
-      block_size_(block_size),
-      id_(next_cache_id++),
-      dtype_(dtype_for(cfg, backend)) {
+const char* latent_format_name(LatentFormat f) {
+  switch (f) {
+    case LatentFormat::kAuto:
+      return "auto";
+    case LatentFormat::kF32:
+      return "f32";
+    case LatentFormat::kBF16:
+      return "bf16";
+    case LatentFormat::kFp8:
+      return "fp8";
+  }
+  return "?";
+}
+
+absl::StatusOr<LatentFormat> latent_format_from_name(const std::string& name) {
+  for (LatentFormat f : {LatentFormat::kAuto, LatentFormat::kF32, LatentFormat::kBF16, LatentFormat::kFp8})
+    if (name == latent_format_name(f)) return f;
+  return absl::InvalidArgumentError(absl::StrCat("latent format '", name, "': expected one of auto, f32, bf16, fp8"));
+}
+
+LatentCache::LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t num_blocks, int block_size,
+                         LatentFormat format)
+    : backend_(backend), num_blocks_(num_blocks), block_size_(block_size), id_(next_cache_id++) {
   CHECK_GT(num_blocks, 0);
   CHECK_GT(block_size, 0);
+  const absl::StatusOr<core::DType> dtype = resolve_dtype(cfg, backend, format);
+  CHECK(dtype.ok()) << dtype.status();
+  dtype_ = *dtype;
+  const int64_t cols = dtype_ == core::DType::kU8 ? row_bytes(cfg, dtype_) : cfg.kv_lora_rank + cfg.qk_rope_head_dim;
   for (int l = 0; l < cfg.num_hidden_layers; ++l)
-    layers_.push_back(backend.zeros({(num_blocks + 1) * block_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim}, dtype_));
+    layers_.push_back(backend.zeros({(num_blocks + 1) * block_size, cols}, dtype_));
 }
 
 core::DType LatentCache::dtype_for(const ModelConfig& cfg, const core::Backend& backend) {
@@ -29,6 +52,44 @@ core::DType LatentCache::dtype_for(const ModelConfig& cfg, const core::Backend& 
   return backend.device() == core::Device::kCuda && backend.weight_dtype() == core::DType::kBF16 && fits
              ? core::DType::kBF16
              : core::DType::kF32;
+}
+
+absl::StatusOr<core::DType> LatentCache::resolve_dtype(const ModelConfig& cfg, const core::Backend& backend,
+                                                       LatentFormat format) {
+  const int64_t r = cfg.kv_lora_rank, rd = cfg.qk_rope_head_dim;
+  // The CUDA decode kernels' shapes for 16-bit and fp8 rows (the CPU reference takes any).
+  const bool cuda = backend.device() == core::Device::kCuda;
+  const bool tc_shape = (r + rd) % 16 == 0 && (r == 64 || r == 128 || r == 256 || r == 512);
+  switch (format) {
+    case LatentFormat::kAuto:
+      return dtype_for(cfg, backend);
+    case LatentFormat::kF32:
+      return core::DType::kF32;
+    case LatentFormat::kBF16:
+      if (cuda && !tc_shape)
+        return absl::InvalidArgumentError(
+            absl::StrCat("bf16 latents on CUDA need kv_lora_rank 64, 128, 256 or 512 "
+                         "and kv_lora_rank + qk_rope_head_dim a multiple of 16; the "
+                         "model has ",
+                         r, " and ", rd));
+      return core::DType::kBF16;
+    case LatentFormat::kFp8:
+      if (!core::Fp8LatentRow::fits(r, rd) || (cuda && !tc_shape))
+        return absl::InvalidArgumentError(absl::StrCat("fp8 latents need kv_lora_rank a multiple of ",
+                                                       core::kFp8LatentTile, " and qk_rope_head_dim a multiple of 8",
+                                                       cuda ? " (on CUDA, kv_lora_rank 64, 128, 256 or 512)" : "",
+                                                       "; the model has ", r, " and ", rd));
+      if (cuda)
+        return absl::UnimplementedError("fp8 latents: the CUDA backend does not keep them yet (the CPU backend does)");
+      return core::DType::kU8;
+  }
+  return absl::InvalidArgumentError("unknown latent format");
+}
+
+int64_t LatentCache::row_bytes(const ModelConfig& cfg, core::DType dtype) {
+  const int64_t r = cfg.kv_lora_rank, rd = cfg.qk_rope_head_dim;
+  if (dtype == core::DType::kU8) return core::Fp8LatentRow{r, rd}.bytes();
+  return (r + rd) * static_cast<int64_t>(core::dtype_size(dtype));
 }
 
 void LatentCache::copy_block(int64_t src, int64_t dst) {

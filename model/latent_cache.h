@@ -8,24 +8,41 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "core/backend.h"
 #include "model/config.h"
 
 namespace r1lab::model {
 
+// How a cache keeps its rows. kAuto: LatentCache::dtype_for. kFp8: the latent in fp8 E4M3 with a
+// power-of-two scale per 64 values and the rope key in bf16 (core/latent_rows.h), a little over half the
+// bytes of bf16 rows: twice the tokens in the same memory, and decode reads fewer bytes, at E4M3's
+// precision (3 mantissa bits) in the attention's keys and values.
+enum class LatentFormat { kAuto, kF32, kBF16, kFp8 };
+// "auto", "f32", "bf16", "fp8".
+const char* latent_format_name(LatentFormat f);
+absl::StatusOr<LatentFormat> latent_format_from_name(const std::string& name);
+
 class LatentCache {
  public:
-  // Rows in dtype_for(cfg, backend).
-  LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t num_blocks, int block_size);
+  // Rows in resolve_dtype(cfg, backend, format), which must be ok.
+  LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t num_blocks, int block_size,
+              LatentFormat format = LatentFormat::kAuto);
 
-  // The rows' dtype: bf16 where the backend's products run in bf16 on a GPU and the rows suit its
-  // tensor-core decode kernel ((kv_lora_rank + qk_rope_head_dim) % 16 == 0, kv_lora_rank 64, 128, 256
-  // or 512), so
-  // the cache takes half the memory and decode reads half the bytes; f32 otherwise (the reference).
+  // The rows' dtype by default: bf16 where the backend's products run in bf16 on a GPU and the rows suit
+  // its tensor-core decode kernel ((kv_lora_rank + qk_rope_head_dim) % 16 == 0, kv_lora_rank 64, 128, 256
+  // or 512), so the cache takes half the memory and decode reads half the bytes; f32 otherwise (the
+  // reference).
   static core::DType dtype_for(const ModelConfig& cfg, const core::Backend& backend);
+  // The rows' dtype for a format (U8 for fp8 rows), or why the model or the backend cannot keep it.
+  static absl::StatusOr<core::DType> resolve_dtype(const ModelConfig& cfg, const core::Backend& backend,
+                                                   LatentFormat format);
   core::DType dtype() const { return dtype_; }
+  // Bytes of one token's row in one layer, rows of `dtype` (U8: fp8 rows).
+  static int64_t row_bytes(const ModelConfig& cfg, core::DType dtype);
 
   int64_t num_blocks() const { return num_blocks_; }
   int block_size() const { return block_size_; }
@@ -36,7 +53,7 @@ class LatentCache {
   // captured size write their latents here and attend to them alone.
   int64_t pad_block() const { return num_blocks_; }
   // [(num_blocks + 1) * block_size, r + rope] of layer l, in dtype(): one row [c | k_pe] per token (the
-  // pad block last).
+  // pad block last); with fp8 rows [(num_blocks + 1) * block_size, row_bytes] U8.
   const core::Tensor& layer(int l) const { return layers_[l]; }
   // Copies pool block src over block dst in every layer (copy-on-write of a shared block).
   void copy_block(int64_t src, int64_t dst);

@@ -241,8 +241,9 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   Tensor qa_lat = qa.slice(2, 0, r).transpose(0, 1);  // [heads, m, r]
   be.gemm_batched(q_nope.transpose(0, 1), false, kvb.slice(1, 0, nope), false, qa_lat);
   // One latent "head" shared by all query heads: k = [c | k_pe], v = c.
-  // Its output in the pool's dtype: bf16 with a bf16 cache, where the product after it rounds it anyway.
-  Tensor o_lat = be.empty({m, heads, r}, pool.dtype());
+  // Its output f32 with an f32 cache; bf16 with a bf16 or fp8 one, where the product after it rounds it
+  // anyway.
+  Tensor o_lat = be.empty({m, heads, r}, pool.dtype() == core::DType::kF32 ? core::DType::kF32 : core::DType::kBF16);
   be.paged_latent_attention(qa, pool, cache.block_size(), st.block_tables, st.seq_starts, st.context_lens,
                             cfg.attention_scale(), o_lat);
   // Un-absorb W_UV: out[h] = o_lat[h] · W_UV[h]ᵀ, W_UV[h] = kv_b_proj rows [v, r].

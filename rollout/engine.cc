@@ -71,12 +71,14 @@ Engine::Engine(model::Model& model, EngineOptions options, const model::Vocabula
   CHECK_GT(opt_.max_running, 0);
   int64_t n = opt_.num_blocks;
   if (n <= 0) {
-    const int bytes_per_value =
-        static_cast<int>(core::dtype_size(model::LatentCache::dtype_for(model.config(), model.backend())));
-    const int64_t per_block = model::LatentCache::bytes_per_token(model.config(), bytes_per_value) * opt_.block_size;
+    const absl::StatusOr<core::DType> dtype =
+        model::LatentCache::resolve_dtype(model.config(), model.backend(), opt_.latents);
+    CHECK(dtype.ok()) << dtype.status();
+    const int64_t per_block =
+        model::LatentCache::row_bytes(model.config(), *dtype) * model.config().num_hidden_layers * opt_.block_size;
     n = std::max<int64_t>(1, opt_.cache_bytes / per_block);
   }
-  cache_ = std::make_unique<model::LatentCache>(model.config(), model.backend(), n, opt_.block_size);
+  cache_ = std::make_unique<model::LatentCache>(model.config(), model.backend(), n, opt_.block_size, opt_.latents);
   model_.set_step_graphs(opt_.step_graphs);
   blocks_ = std::make_unique<BlockManager>(n, opt_.block_size);
   counters_.blocks_total = n;

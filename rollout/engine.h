@@ -77,6 +77,9 @@ struct EngineOptions {
   int block_size = 16;                       // tokens per cache block
   int64_t num_blocks = 0;                    // 0: as many as cache_bytes holds
   int64_t cache_bytes = int64_t{256} << 20;  // latent cache size when num_blocks is 0
+  // How the cache keeps its rows (model/latent_cache.h). The model and the backend must be able to:
+  // LatentCache::resolve_dtype says beforehand.
+  model::LatentFormat latents = model::LatentFormat::kAuto;
   int64_t max_tokens_per_step = 1024;        // prefill + decode tokens in one step
   int64_t max_running = 256;                 // sequences in the running batch
   bool prefix_cache = true;

@@ -128,6 +128,13 @@ absl::StatusOr<Recipe> recipe_from_json(const json& doc) {
   top.get("runs_dir", r.runs_dir);
   top.get("base_model", r.base_model);
   top.get("rollout_cache_mb", r.rollout_cache_mb);
+  std::string latents(model::latent_format_name(r.rollout_latents));
+  top.get("rollout_latents", latents);
+  if (auto lf = model::latent_format_from_name(latents); lf.ok()) {
+    r.rollout_latents = *lf;
+  } else {
+    top.fail("rollout_latents", std::string(lf.status().message()));
+  }
   top.get("device", r.device);
   top.get("gemm", r.gemm);
   std::string recompute(model::recompute_name(r.recompute));

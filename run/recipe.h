@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "data/yaml.h"
+#include "model/latent_cache.h"
 #include "nlohmann/json.hpp"
 #include "run/stages.h"
 #include "trainer/grpo.h"
@@ -55,6 +56,8 @@ struct Recipe {
   std::string runs_dir = "runs";
   std::string base_model;  // a model directory to start from instead of pretrain_base
   int64_t rollout_cache_mb = 64;
+  // How the rollout's latent cache keeps its rows (model/latent_cache.h): auto, f32, bf16 or fp8.
+  model::LatentFormat rollout_latents = model::LatentFormat::kAuto;
   // Where the trainer, the rollout worker and pretrain_base run (core/device.h): cpu, cuda or cuda:N,
   // and the GPU's matrix-product precision (f32, tf32 or bf16).
   std::string device = "cpu";

@@ -242,6 +242,9 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
   if (!policy_or.ok()) return fail(policy_or.status());
   model::Model& policy = **policy_or;
   policy.set_recompute(recipe.recompute);
+  // The rollout's latent format must suit the model (the worker checks its own backend again).
+  if (auto dt = model::LatentCache::resolve_dtype(policy.config(), be, recipe.rollout_latents); !dt.ok())
+    return fail(dt.status());
   std::unique_ptr<model::Model> reference;
   if (recipe.rl.grpo.kl_beta > 0) {
     auto r = model::Model::load(base_dir, be);
@@ -264,6 +267,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     reward_client = rewards::make_local_reward_client(local_rewards);
     rollout::EngineOptions eo;
     eo.cache_bytes = recipe.rollout_cache_mb << 20;
+    eo.latents = recipe.rollout_latents;
     local_engine = std::make_unique<rollout::Engine>(policy, eo);
     rollout_client = rollout::make_local_client(*local_engine, base_dir);
   } else {
@@ -274,8 +278,9 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     reward_child = *std::move(rc);
     auto wc = Child::start("rollout worker", options.program,
                            {"serve-rollout", "--model=" + base_dir, "--port=0", "--host=127.0.0.1",
-                            absl::StrCat("--cache-mb=", recipe.rollout_cache_mb), "--device=" + rollout_device,
-                            "--gemm=" + recipe.gemm},
+                            absl::StrCat("--cache-mb=", recipe.rollout_cache_mb),
+                            absl::StrCat("--latents=", model::latent_format_name(recipe.rollout_latents)),
+                            "--device=" + rollout_device, "--gemm=" + recipe.gemm},
                            res.run_dir + "/rollout.log", stop);
     if (!wc.ok()) return fail(wc.status());
     rollout_child = *std::move(wc);

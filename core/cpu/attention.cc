@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/cpu/cpu_backend.h"
+#include "core/latent_rows.h"
 
 namespace r1lab::core::cpu {
 namespace {
@@ -151,6 +152,18 @@ void CpuBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, int
     paged_latent_attention(q, pool.to_f32(), block_size, block_tables, seq_starts, context_lens, scale, out);
     return;
   }
+  if (pool.dtype() == DType::kU8) {  // fp8 rows: their dequantised values, exactly, in f32
+    CHECK(q.dim() == 3 && out.dim() == 3) << "paged attention: q [N, H, D] and out [N, H, dv]";
+    const Fp8LatentRow f{out.size(2), q.size(2) - out.size(2)};
+    CHECK(Fp8LatentRow::fits(f.r, f.rd) && pool.dim() == 2 && pool.is_contiguous() && pool.size(1) == f.bytes())
+        << "paged attention over fp8 rows: a pool " << shape_str(pool.shape()) << " for a latent of " << f.r
+        << " and a rope key of " << f.rd;
+    Tensor deq = Tensor::zeros({pool.size(0), f.r + f.rd});
+    for (int64_t i = 0; i < pool.size(0); ++i)
+      dequantize_fp8_latent_row(pool.data<uint8_t>() + i * f.bytes(), f, deq.f32() + i * (f.r + f.rd));
+    paged_latent_attention(q, deq, block_size, block_tables, seq_starts, context_lens, scale, out);
+    return;
+  }
   const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), dv = out.size(2);
   const Rows P = rows_of(pool);
   CHECK_EQ(P.cols, d);
@@ -217,6 +230,21 @@ void CpuBackend::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst
   for (int64_t i = 0; i < S.rows; ++i) {
     CHECK(r[i] >= 0 && r[i] < D.rows) << "row " << r[i] << " outside [0, " << D.rows << ")";
     std::memcpy(D.row(r[i]), S.row(i), static_cast<size_t>(S.cols) * 4);
+  }
+}
+
+void CpuBackend::scatter_fp8_latents(const Tensor& src, int64_t r, const Tensor& rows, Tensor& pool) {
+  const Rows S = rows_of(src);
+  const Fp8LatentRow f{r, S.cols - r};
+  CHECK(Fp8LatentRow::fits(f.r, f.rd)) << "fp8 latent rows of a latent of " << f.r << " and a rope key of " << f.rd;
+  CHECK(rows.dtype() == DType::kI32 && rows.is_contiguous() && rows.numel() == S.rows);
+  CHECK(pool.dtype() == DType::kU8 && pool.dim() == 2 && pool.is_contiguous() && pool.size(1) == f.bytes())
+      << "fp8 latent pool " << shape_str(pool.shape()) << " " << dtype_name(pool.dtype()) << " for rows of "
+      << f.bytes() << " bytes";
+  const int32_t* ri = rows.data<int32_t>();
+  for (int64_t i = 0; i < S.rows; ++i) {
+    CHECK(ri[i] >= 0 && ri[i] < pool.size(0)) << "row " << ri[i] << " outside [0, " << pool.size(0) << ")";
+    quantize_fp8_latent_row(S.row(i), f, pool.data<uint8_t>() + ri[i] * f.bytes());
   }
 }
 

@@ -737,6 +737,11 @@ void CudaBackend::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& ds
   CUDA_CHECK(cudaGetLastError());
 }
 
+void CudaBackend::scatter_fp8_latents(const Tensor&, int64_t, const Tensor&, Tensor&) {
+  // LatentCache::resolve_dtype refuses fp8 rows on CUDA before a cache is made.
+  CHECK(false) << "fp8 latent rows: the CUDA backend does not keep them yet (the CPU backend does)";
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Optimizer.
 

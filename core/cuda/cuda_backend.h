@@ -140,6 +140,7 @@ class CudaBackend final : public Backend {
                               const Tensor& seq_starts, const Tensor& context_lens, float scale,
                               Tensor& out) override;
   void scatter_rows(const Tensor& src, const Tensor& rows, Tensor& dst) override;
+  void scatter_fp8_latents(const Tensor& src, int64_t r, const Tensor& rows, Tensor& pool) override;
 
   void moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
                  Tensor& weights, Tensor& scores) override;

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/backend.h"
+#include "core/latent_rows.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 
@@ -527,6 +528,131 @@ TEST_F(CpuOps, ScatterRowsWritesTheNamedRows) {
                               Tensor::wrap(starts.data(), {2}, DType::kI32), Tensor::wrap(ctx.data(), {1}, DType::kI32),
                               0.5f, b);
   for (int64_t i = 0; i < 4; ++i) EXPECT_EQ(a.f32()[i], b.f32()[i]);
+}
+
+TEST(Fp8, E4M3ConversionRoundsToNearestEvenAndSaturates) {
+  // Every finite code decodes and encodes back to itself (0x80, -0, to itself too).
+  for (int b = 0; b < 256; ++b) {
+    if ((b & 0x7f) == 0x7f) {
+      EXPECT_TRUE(std::isnan(e4m3_to_f32(static_cast<uint8_t>(b))));
+      continue;
+    }
+    EXPECT_EQ(f32_to_e4m3(e4m3_to_f32(static_cast<uint8_t>(b))), b) << b;
+  }
+  EXPECT_EQ(e4m3_to_f32(0x7e), 448.0f);
+  EXPECT_EQ(e4m3_to_f32(0x01), std::ldexp(1.0f, -9));
+  EXPECT_EQ(e4m3_to_f32(0x08), std::ldexp(1.0f, -6));
+  // Between two neighbours: nearer one wins; the midpoint goes to the even code.
+  for (int b = 0; b < 0x7e; ++b) {
+    const float lo = e4m3_to_f32(static_cast<uint8_t>(b)), hi = e4m3_to_f32(static_cast<uint8_t>(b + 1));
+    const float mid = 0.5f * (lo + hi);
+    EXPECT_EQ(f32_to_e4m3(mid), (b % 2 == 0) ? b : b + 1) << b;
+    EXPECT_EQ(f32_to_e4m3(std::nextafter(mid, lo)), b) << b;
+    EXPECT_EQ(f32_to_e4m3(std::nextafter(mid, hi)), b + 1) << b;
+    EXPECT_EQ(f32_to_e4m3(-std::nextafter(mid, hi)), 0x80 | (b + 1)) << b;
+  }
+  EXPECT_EQ(f32_to_e4m3(460.0f), 0x7e);
+  EXPECT_EQ(f32_to_e4m3(1e9f), 0x7e);
+  EXPECT_EQ(f32_to_e4m3(-INFINITY), 0xfe);
+  EXPECT_EQ(f32_to_e4m3(NAN) & 0x7f, 0x7f);
+  EXPECT_EQ(f32_to_e4m3(1e-9f), 0x00);
+}
+
+TEST(Fp8, TileScaleIsTheSmallestPowerOfTwoThatFits) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> mant(0.5f, 1.0f);
+  std::uniform_int_distribution<int> ex(-60, 60);
+  for (int i = 0; i < 20000; ++i) {
+    const float amax = std::ldexp(mant(rng), ex(rng));
+    const int k = fp8_scale_exponent(amax);
+    EXPECT_LE(amax, kE4M3Max * std::ldexp(1.0f, k)) << amax;
+    EXPECT_GT(amax, kE4M3Max * std::ldexp(1.0f, k - 1)) << amax;
+    EXPECT_EQ(exp2_int(k), std::ldexp(1.0f, k));
+  }
+  EXPECT_EQ(fp8_scale_exponent(448.0f), 0);
+  EXPECT_EQ(fp8_scale_exponent(std::nextafter(448.0f, 1e9f)), 1);
+  EXPECT_EQ(fp8_scale_exponent(0.0f), 0);
+  EXPECT_EQ(fp8_scale_exponent(INFINITY), 0);
+  EXPECT_EQ(fp8_scale_exponent(1e-40f), -126);
+}
+
+TEST(Fp8, LatentRowsKeepTheLatentToE4M3PrecisionAndTheRopeKeyInBf16) {
+  const Fp8LatentRow f{128, 16};
+  EXPECT_EQ(f.bytes(), 128 + 32 + 8 + 8);  // padded to 16 bytes
+  EXPECT_EQ((Fp8LatentRow{512, 64}.bytes()), 672);
+  EXPECT_EQ((Fp8LatentRow{256, 32}.bytes()), 336);
+  EXPECT_FALSE(Fp8LatentRow::fits(16, 4));
+  EXPECT_FALSE(Fp8LatentRow::fits(64, 4));
+  EXPECT_TRUE(Fp8LatentRow::fits(64, 8));
+  std::mt19937_64 rng(9);
+  Tensor src = randn({3, f.r + f.rd}, rng);
+  src.f32()[5] = 0;  // a zero; and a tile of widely spread magnitudes
+  for (int i = 64; i < 128; ++i) src.f32()[i] *= std::ldexp(1.0f, i % 20 - 10);
+  for (int i = 0; i < 64; ++i) src.f32()[2 * (f.r + f.rd) + i] = 0;  // a tile of zeros
+  Tensor pool = Tensor::zeros({5, f.bytes()}, DType::kU8);
+  std::memset(pool.raw(), 0xab, static_cast<size_t>(pool.numel()));
+  std::vector<int32_t> rows = {4, 0, 2};
+  auto be = make_cpu_backend();
+  be->scatter_fp8_latents(src, f.r, Tensor::wrap(rows.data(), {3}, DType::kI32), pool);
+  EXPECT_EQ(pool.data<uint8_t>()[1 * f.bytes()], 0xab) << "a row not named is untouched";
+  for (int i = 0; i < 3; ++i) {
+    const uint8_t* row = pool.data<uint8_t>() + rows[i] * f.bytes();
+    for (int64_t b = f.scales_offset() + 4 * f.tiles(); b < f.bytes(); ++b) EXPECT_EQ(row[b], 0) << "pad byte " << b;
+    std::vector<float> back(static_cast<size_t>(f.r + f.rd));
+    dequantize_fp8_latent_row(row, f, back.data());
+    const float* want = src.f32() + i * (f.r + f.rd);
+    for (int64_t t = 0; t < f.tiles(); ++t) {
+      float amax = 0;
+      for (int j = 0; j < kFp8LatentTile; ++j) amax = std::max(amax, std::fabs(want[t * kFp8LatentTile + j]));
+      float scale;
+      std::memcpy(&scale, row + f.scales_offset() + 4 * t, 4);
+      EXPECT_EQ(scale, exp2_int(fp8_scale_exponent(amax)));
+      for (int j = 0; j < kFp8LatentTile; ++j) {
+        const int64_t c = t * kFp8LatentTile + j;
+        // Half a unit in the last place: 2^-4 relative for normals, 2^-10 · scale absolute below them.
+        EXPECT_LE(std::fabs(back[c] - want[c]), std::max(std::fabs(want[c]) / 16, std::ldexp(scale, -10)))
+            << "row " << i << " value " << c;
+        EXPECT_EQ(back[c], e4m3_to_f32(f32_to_e4m3(want[c] / scale)) * scale);
+      }
+    }
+    for (int64_t j = 0; j < f.rd; ++j) EXPECT_EQ(back[f.r + j], bf16_to_f32(f32_to_bf16(want[f.r + j])));
+  }
+}
+
+TEST_F(CpuOps, PagedLatentAttentionOverFp8RowsIsAttentionOverTheirValues) {
+  const int64_t heads = 4, r = 64, rd = 8, d = r + rd, block = 4, n_rows = 16;
+  const Fp8LatentRow f{r, rd};
+  Tensor rows = randn({n_rows, d}, rng_);
+  std::vector<int32_t> slots(n_rows);
+  for (int64_t i = 0; i < n_rows; ++i) slots[i] = static_cast<int32_t>((i * 5) % n_rows);  // shuffled
+  Tensor pool8 = Tensor::zeros({n_rows, f.bytes()}, DType::kU8);
+  be_->scatter_fp8_latents(rows, r, Tensor::wrap(slots.data(), {n_rows}, DType::kI32), pool8);
+  Tensor values = Tensor::zeros({n_rows, d}), exact = Tensor::zeros({n_rows, d});
+  for (int64_t i = 0; i < n_rows; ++i) {
+    dequantize_fp8_latent_row(pool8.data<uint8_t>() + slots[i] * f.bytes(), f, values.f32() + slots[i] * d);
+    std::memcpy(exact.f32() + slots[i] * d, rows.f32() + i * d, sizeof(float) * d);
+  }
+  std::vector<int32_t> table = {3, 1, 0, 2}, starts = {0, 2}, ctx = {15};
+  Tensor q = randn({2, heads, d}, rng_);
+  const auto attend = [&](const Tensor& pool, DType out_dtype) {
+    Tensor out = Tensor::zeros({2, heads, r}, out_dtype);
+    be_->paged_latent_attention(q, pool, static_cast<int>(block), Tensor::wrap(table.data(), {1, 4}, DType::kI32),
+                                Tensor::wrap(starts.data(), {2}, DType::kI32),
+                                Tensor::wrap(ctx.data(), {1}, DType::kI32), 0.2f, out);
+    return out.to_f32();
+  };
+  const Tensor a = attend(pool8, DType::kF32), b = attend(values, DType::kF32), c = attend(exact, DType::kF32);
+  const Tensor a16 = attend(pool8, DType::kBF16);
+  double err = 0, norm = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    ASSERT_EQ(a.f32()[i], b.f32()[i]) << i;  // exactly the attention over the dequantised rows
+    EXPECT_EQ(a16.f32()[i], bf16_to_f32(f32_to_bf16(a.f32()[i])));
+    err += (a.f32()[i] - c.f32()[i]) * (a.f32()[i] - c.f32()[i]);
+    norm += c.f32()[i] * c.f32()[i];
+  }
+  // And near the attention over the rows before quantisation (E4M3 keeps about 4 significant bits).
+  EXPECT_LT(std::sqrt(err / norm), 0.05);
+  EXPECT_GT(err, 0.0);
 }
 
 }  // namespace

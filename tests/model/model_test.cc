@@ -6,6 +6,7 @@
 #include <random>
 
 #include "core/backend.h"
+#include "core/latent_rows.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 
@@ -336,6 +337,72 @@ TEST_P(ModelVariant, PagedStepIsIndependentOfBatchComposition) {
 
 INSTANTIATE_TEST_SUITE_P(Configs, ModelVariant, ::testing::ValuesIn(kVariants),
                          [](const ::testing::TestParamInfo<Variant>& i) { return std::string(i.param.name); });
+
+// fp8 latent rows: decode through them tracks the full forward (to E4M3's precision in the attention's
+// keys and values: its 3 mantissa bits against bf16's 8 make errors about 32 times bf16 rows'), a token's
+// logits still do not depend on what else is in its step, and a model whose latent does not fit the
+// format is told so.
+TEST(LatentCacheFp8, DecodeTracksTheFullForwardAndIsIndependentOfTheBatch) {
+  ModelConfig cfg = small_config();
+  cfg.kv_lora_rank = 64;
+  cfg.qk_rope_head_dim = 8;
+  ASSERT_TRUE(cfg.validate().ok());
+  auto be = core::make_cpu_backend();
+  Model model(cfg, *be);
+  model.init_random(7, 0.2f);
+  const int64_t b = 2, t = 10;
+  const int block_size = 4;
+  std::mt19937_64 rng(11);
+  Tensor ids = Tensor::zeros({b, t}, core::DType::kI32);
+  for (int64_t i = 0; i < b * t; ++i) ids.data<int32_t>()[i] = static_cast<int32_t>(rng() % cfg.vocab_size);
+  const Tensor full = model.forward(ids);
+  const std::vector<std::vector<int32_t>> table = {{5, 0, 3}, {2, 7, 1}};
+  const int32_t* tok = ids.data<int32_t>();
+  std::vector<float> at_last;  // sequence 1's logits at position t - 1 (fp8 rows)
+  // A prompt of 6, then a token at a time, both sequences in each step: the logits' relative RMS error.
+  const auto decode = [&](LatentFormat format) {
+    LatentCache cache(cfg, *be, 8, block_size, format);
+    double err = 0, norm = 0;
+    for (int64_t len = 0; len < t;) {
+      const int64_t n = len == 0 ? 6 : 1;
+      StepBatch step;
+      for (int64_t s = 0; s < b; ++s) step.add(tok + s * t + len, n, len, table[s], block_size, true);
+      len += n;
+      const Tensor got = model.forward_step(step, cache);
+      for (int64_t s = 0; s < b; ++s)
+        for (int64_t v = 0; v < cfg.vocab_size; ++v) {
+          const double want = full.f32()[(s * t + len - 1) * cfg.vocab_size + v];
+          const double g = got.f32()[s * cfg.vocab_size + v];
+          err += (g - want) * (g - want);
+          norm += want * want;
+          if (format == LatentFormat::kFp8 && s == 1 && len == t) at_last.push_back(static_cast<float>(g));
+        }
+    }
+    return std::sqrt(err / norm);
+  };
+  const double e8 = decode(LatentFormat::kFp8), e16 = decode(LatentFormat::kBF16);
+  EXPECT_GT(e8, e16);
+  EXPECT_LT(e8, 64 * e16) << "fp8 " << e8 << ", bf16 " << e16;
+  EXPECT_LT(e16, 0.02);
+  // Sequence 1 alone, in other blocks: the same bits at its last position.
+  LatentCache alone(cfg, *be, 8, block_size, LatentFormat::kFp8);
+  ASSERT_EQ(alone.dtype(), core::DType::kU8);
+  EXPECT_EQ(alone.layer(0).size(1), (core::Fp8LatentRow{64, 8}.bytes()));
+  EXPECT_EQ(LatentCache::row_bytes(cfg, core::DType::kU8), 64 + 16 + 4 * 1 + 12);
+  StepBatch a;
+  a.add(tok + t, t - 1, 0, {6, 4, 3}, block_size, false);
+  model.forward_step(a, alone);
+  StepBatch last;
+  last.add(tok + t + t - 1, 1, t - 1, {6, 4, 3}, block_size, true);
+  const Tensor one = model.forward_step(last, alone);
+  for (int64_t v = 0; v < cfg.vocab_size; ++v) ASSERT_EQ(one.f32()[v], at_last[static_cast<size_t>(v)]) << v;
+  // The small config's latent (16 values, a rope key of 4) does not fit.
+  const auto no = LatentCache::resolve_dtype(small_config(), *be, LatentFormat::kFp8);
+  ASSERT_FALSE(no.ok());
+  EXPECT_NE(no.status().message().find("fp8 latents need"), std::string::npos) << no.status();
+  EXPECT_EQ(*latent_format_from_name("fp8"), LatentFormat::kFp8);
+  EXPECT_FALSE(latent_format_from_name("e5m2").ok());
+}
 
 TEST(LatentCache, BytesPerTokenForDeepSeekV3) {
   ModelConfig c;

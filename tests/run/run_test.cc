@@ -34,13 +34,15 @@ TEST(Recipe, YamlOverridesAndDefaults) {
   EXPECT_EQ(r->rl.group_size, 8);  // a default
   EXPECT_EQ(r->device, "cpu");
   EXPECT_EQ(r->recompute, model::Recompute::kNone);
-  ASSERT_TRUE(apply_overrides(*doc, {"device=cuda:1", "gemm=tf32", "recompute=selective"}).ok());
+  EXPECT_EQ(r->rollout_latents, model::LatentFormat::kAuto);
+  ASSERT_TRUE(apply_overrides(*doc, {"device=cuda:1", "gemm=tf32", "recompute=selective", "rollout_latents=fp8"}).ok());
   r = recipe_from_json(*doc);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->device, "cuda:1");
   EXPECT_EQ(r->gemm, "tf32");
   EXPECT_EQ(r->recompute, model::Recompute::kSelective);
   EXPECT_EQ(r->pretrain.recompute, model::Recompute::kSelective);
+  EXPECT_EQ(r->rollout_latents, model::LatentFormat::kFp8);
   EXPECT_EQ(r->rewards_file().begin().key(), "r1");
 }
 
@@ -61,6 +63,7 @@ TEST(Recipe, MistakesAreNamed) {
            {"device: cuda:x", "", "expected cuda or cuda:N"},
            {"gemm: fp8", "", "gemm: matrix-product precision 'fp8'"},
            {"recompute: all", "", "recompute: no recompute mode \"all\": none, selective"},
+           {"rollout_latents: int4", "", "latent format 'int4': expected one of auto, f32, bf16, fp8"},
        }) {
     auto doc = data::yaml_to_json(c.yaml);
     ASSERT_TRUE(doc.ok()) << c.yaml;
