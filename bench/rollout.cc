@@ -39,6 +39,8 @@ ABSL_FLAG(int, long_tail, 8192,
           "the long-tail case: 256 sequences of which 16 run to this many new tokens, the rest to --new_tokens "
           "(0: skip)");
 ABSL_FLAG(std::string, latents, "auto", "the latent cache's rows: auto (bf16), f32, bf16 or fp8");
+ABSL_FLAG(bool, rescore_logprobs, false,
+          "logprobs from the trainer's forward over each completion once it ends (EngineOptions::rescore_logprobs)");
 ABSL_FLAG(bool, step_graphs, true, "decode steps replay captured CUDA graphs (false: every step launched as it comes)");
 
 namespace {
@@ -69,6 +71,7 @@ r1lab::rollout::EngineOptions engine_options(int batch, int prompt, int n_new) {
   o.max_tokens_per_step = 8192;
   o.prefix_cache = false;  // every run prefills its prompts (as Hugging Face generate does)
   o.step_graphs = absl::GetFlag(FLAGS_step_graphs);
+  o.rescore_logprobs = absl::GetFlag(FLAGS_rescore_logprobs);
   o.latents = *r1lab::model::latent_format_from_name(absl::GetFlag(FLAGS_latents));  // checked in main
   return o;
 }

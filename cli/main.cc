@@ -69,6 +69,9 @@ ABSL_FLAG(std::string, latents, "auto",
           "serve-rollout: how the latent cache keeps its rows: auto (bf16 on a GPU with "
           "bf16 products, else f32), f32, bf16 or fp8 (E4M3 latent with power-of-two scales, bf16 rope key: about "
           "0.58 of bf16's bytes)");
+ABSL_FLAG(bool, rescore_logprobs, false,
+          "serve-rollout: each completion's logprobs from the trainer's forward over "
+          "prompt + completion once it ends (what the trainer recomputes; one more forward a completion)");
 ABSL_FLAG(int64_t, max_tokens_per_step, 1024, "serve-rollout: prefill + decode tokens per engine step");
 ABSL_FLAG(int64_t, max_running, 256, "serve-rollout: sequences decoded together at most");
 ABSL_FLAG(bool, in_process, false, "run: rollout and rewards in this process instead of child processes");
@@ -275,6 +278,7 @@ int serve_rollout(const std::vector<char*>& args) {
   const auto latent_dtype = r1lab::model::LatentCache::resolve_dtype((*model).config(), **be, *latents);
   if (!latent_dtype.ok()) return fail(latent_dtype.status());
   opt.engine.latents = *latents;
+  opt.engine.rescore_logprobs = absl::GetFlag(FLAGS_rescore_logprobs);
   if (opt.port < 0 || opt.port > 65535 || opt.engine.block_size <= 0 || opt.engine.cache_bytes <= 0 ||
       opt.engine.max_tokens_per_step <= 0 || opt.engine.max_running <= 0)
     return fail(absl::InvalidArgumentError("--port, --block-size, --cache-mb, --max-tokens-per-step and "

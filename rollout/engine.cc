@@ -30,6 +30,15 @@ struct Engine::Request {
   Clock::time_point submitted;
 };
 
+// Completions held back for rescoring: the sequence they share (prompt + generated tokens), its prompt's
+// length, and their request.
+struct Engine::Finished {
+  std::shared_ptr<Request> req;
+  std::vector<int32_t> tokens;
+  int64_t prompt_len = 0;
+  std::vector<Completion> outs;
+};
+
 struct Engine::Sequence {
   std::shared_ptr<Request> req;
   int group = 0, sample = 0;
@@ -159,6 +168,7 @@ absl::Status Engine::update_weights(int64_t version, const std::function<absl::S
     take_pending();
     drop_done();
   }
+  deliver_finished();  // under the weights that sampled them
   if (version <= version_)
     return absl::FailedPreconditionError(
         absl::StrCat("weights version ", version, " is not newer than the current version ", version_));
@@ -401,6 +411,12 @@ void Engine::publish_full_blocks(Sequence& s, int64_t upto) {
 }
 
 bool Engine::step_locked() {
+  const bool worked = step_body();
+  deliver_finished();
+  return worked;
+}
+
+bool Engine::step_body() {
   if (pending_) {
     bool arrivals;
     {
@@ -662,6 +678,14 @@ void Engine::finish(Sequence* s, FinishReason reason) {
       c.sample = i;
       outs.push_back(std::move(c));
     }
+  if (opt_.rescore_logprobs && s->spec().params.logprobs && !outs[0].tokens.empty()) {
+    finished_.push_back({s->req, s->tokens, s->prompt_len, std::move(outs)});
+    return;
+  }
+  deliver(req, std::move(outs));
+}
+
+void Engine::deliver(Request& req, std::vector<Completion> outs) {
   for (Completion& c : outs) {
     if (req.sink) req.sink(std::move(c));
     --req.outstanding;
@@ -670,6 +694,51 @@ void Engine::finish(Sequence* s, FinishReason reason) {
     if (req.on_done) req.on_done();
     requests_.erase(req.id);
   }
+}
+
+void Engine::deliver_finished() {
+  if (finished_.empty()) return;
+  const auto start = Clock::now();
+  std::vector<Finished> all = std::move(finished_);
+  finished_.clear();
+  core::Backend& be = model_.backend();
+  // Batches of completions, rows padded to the longest, at most a step's token budget of padded tokens
+  // (at least one row): the trainer's layout, [rows, longest] tokens and the next token of each as target.
+  const int64_t budget = std::max<int64_t>(opt_.max_tokens_per_step, 1);
+  for (size_t i = 0; i < all.size();) {
+    size_t j = i;
+    int64_t longest = 0;
+    while (j < all.size()) {
+      const int64_t t = std::max<int64_t>(longest, static_cast<int64_t>(all[j].tokens.size()));
+      if (j > i && t * static_cast<int64_t>(j - i + 1) > budget) break;
+      longest = t;
+      ++j;
+    }
+    const int64_t rows = static_cast<int64_t>(j - i);
+    core::Tensor tokens = core::Tensor::zeros({rows, longest}, core::DType::kI32);
+    core::Tensor next = core::Tensor::zeros({rows * longest}, core::DType::kI32);
+    for (int64_t r = 0; r < rows; ++r) {
+      const std::vector<int32_t>& t = all[i + static_cast<size_t>(r)].tokens;
+      for (size_t k = 0; k < t.size(); ++k) {
+        tokens.data<int32_t>()[r * longest + static_cast<int64_t>(k)] = t[k];
+        if (k + 1 < t.size()) next.data<int32_t>()[r * longest + static_cast<int64_t>(k)] = t[k + 1];
+      }
+    }
+    core::Tensor targets = be.empty({rows * longest}, core::DType::kI32);
+    be.upload(next, targets);
+    const core::Tensor lp = be.download(model_.forward_logprobs(tokens, targets, nullptr));
+    for (int64_t r = 0; r < rows; ++r) {
+      Finished& f = all[i + static_cast<size_t>(r)];
+      for (Completion& c : f.outs)
+        for (size_t k = 0; k < c.logprobs.size(); ++k)  // completion token k follows position prompt_len + k - 1
+          c.logprobs[k] = lp.f32()[r * longest + f.prompt_len + static_cast<int64_t>(k) - 1];
+    }
+    counters_.rescored_tokens += rows * longest;
+    i = j;
+  }
+  counters_.rescore_seconds += seconds_since(start);
+  for (Finished& f : all) deliver(*f.req, std::move(f.outs));
+  publish_stats();
 }
 
 absl::StatusOr<Completion> reference_generate(model::Model& m, const std::vector<int32_t>& prompt,

@@ -80,6 +80,14 @@ struct EngineOptions {
   // How the cache keeps its rows (model/latent_cache.h). The model and the backend must be able to:
   // LatentCache::resolve_dtype says beforehand.
   model::LatentFormat latents = model::LatentFormat::kAuto;
+  // Each completion's logprobs from the trainer's forward instead of the sampling step's logits: once a
+  // completion ends, Model::forward_logprobs over its prompt + completion (the completions that end in a
+  // step together, padded as the trainer pads a micro-batch) under the weights that sampled its last
+  // token. These are what the trainer recomputes, bit for bit where that forward gives a row the same bits
+  // whatever else is in its batch, as the CPU backend does, so GRPO's ratio against them starts at exactly
+  // 1; it costs one more forward over every completion. Off: the sampling step's logprobs (the decode
+  // path: absorbed attention over the latent cache, rounded differently).
+  bool rescore_logprobs = false;
   int64_t max_tokens_per_step = 1024;        // prefill + decode tokens in one step
   int64_t max_running = 256;                 // sequences in the running batch
   bool prefix_cache = true;
@@ -107,6 +115,9 @@ struct EngineStats {
   // (uploads and the launch or graph replay), sampling (with the wait for the device's work), and
   // taking the sampled tokens (stop checks, completions).
   double schedule_seconds = 0, launch_seconds = 0, sample_seconds = 0, accept_seconds = 0;
+  // Seconds in the rescoring forwards (EngineOptions::rescore_logprobs), and the tokens they ran over.
+  double rescore_seconds = 0;
+  int64_t rescored_tokens = 0;
 };
 
 class Engine {
@@ -153,10 +164,12 @@ class Engine {
   struct Sequence;
   struct Request;
   struct Pending;
+  struct Finished;
   using Clock = std::chrono::steady_clock;
 
   absl::Status validate(const GroupRequest& g) const;
   bool step_locked();
+  bool step_body();
   void absorb_incoming();
   bool reserve(Sequence& s, int64_t n);
   void preempt(Sequence* s);
@@ -169,6 +182,11 @@ class Engine {
   // Appends a sampled token (and its log-probability) and applies the stop rules.
   void accept(Sequence* s, int32_t tok, float lp);
   void finish(Sequence* s, FinishReason reason);
+  // Hands completions to their request's sink and ends the request after its last.
+  void deliver(Request& req, std::vector<Completion> outs);
+  // The completions that finish() held back for rescoring: their logprobs from the trainer's forward,
+  // then delivered. Called before anything can change the weights they were sampled with.
+  void deliver_finished();
   void release_blocks(Sequence& s);
   // Gives the blocks back and forgets what was computed (recomputed from the tokens when rescheduled).
   void drop_cache(Sequence& s);
@@ -196,6 +214,7 @@ class Engine {
   std::map<uint64_t, std::shared_ptr<Request>> requests_;
   std::vector<std::unique_ptr<Sequence>> running_;  // oldest first
   std::unique_ptr<Pending> pending_;  // a decode step whose picks the host has not taken yet
+  std::vector<Finished> finished_;    // ended, waiting for their logprobs (rescore_logprobs)
   std::deque<std::unique_ptr<Sequence>> waiting_;   // preempted at the front, new at the back
   EngineStats counters_;
   EngineStats snapshot_;  // under in_mu_

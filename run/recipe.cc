@@ -128,6 +128,7 @@ absl::StatusOr<Recipe> recipe_from_json(const json& doc) {
   top.get("runs_dir", r.runs_dir);
   top.get("base_model", r.base_model);
   top.get("rollout_cache_mb", r.rollout_cache_mb);
+  top.get("rollout_rescore_logprobs", r.rollout_rescore_logprobs);
   std::string latents(model::latent_format_name(r.rollout_latents));
   top.get("rollout_latents", latents);
   if (auto lf = model::latent_format_from_name(latents); lf.ok()) {

@@ -58,6 +58,10 @@ struct Recipe {
   int64_t rollout_cache_mb = 64;
   // How the rollout's latent cache keeps its rows (model/latent_cache.h): auto, f32, bf16 or fp8.
   model::LatentFormat rollout_latents = model::LatentFormat::kAuto;
+  // The rollout's logprobs from the trainer's forward over each completion (rollout::EngineOptions::
+  // rescore_logprobs): with rl.old_logprobs: sampler, GRPO's ratio then starts at exactly 1 where that
+  // forward is batch-invariant (the CPU backend).
+  bool rollout_rescore_logprobs = false;
   // Where the trainer, the rollout worker and pretrain_base run (core/device.h): cpu, cuda or cuda:N,
   // and the GPU's matrix-product precision (f32, tf32 or bf16).
   std::string device = "cpu";

@@ -268,6 +268,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
     rollout::EngineOptions eo;
     eo.cache_bytes = recipe.rollout_cache_mb << 20;
     eo.latents = recipe.rollout_latents;
+    eo.rescore_logprobs = recipe.rollout_rescore_logprobs;
     local_engine = std::make_unique<rollout::Engine>(policy, eo);
     rollout_client = rollout::make_local_client(*local_engine, base_dir);
   } else {
@@ -280,6 +281,7 @@ absl::StatusOr<RunResult> run_recipe(const Recipe& recipe, const RunnerOptions& 
                            {"serve-rollout", "--model=" + base_dir, "--port=0", "--host=127.0.0.1",
                             absl::StrCat("--cache-mb=", recipe.rollout_cache_mb),
                             absl::StrCat("--latents=", model::latent_format_name(recipe.rollout_latents)),
+                            absl::StrCat("--rescore_logprobs=", recipe.rollout_rescore_logprobs ? "true" : "false"),
                             "--device=" + rollout_device, "--gemm=" + recipe.gemm},
                            res.run_dir + "/rollout.log", stop);
     if (!wc.ok()) return fail(wc.status());

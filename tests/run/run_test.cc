@@ -35,7 +35,10 @@ TEST(Recipe, YamlOverridesAndDefaults) {
   EXPECT_EQ(r->device, "cpu");
   EXPECT_EQ(r->recompute, model::Recompute::kNone);
   EXPECT_EQ(r->rollout_latents, model::LatentFormat::kAuto);
-  ASSERT_TRUE(apply_overrides(*doc, {"device=cuda:1", "gemm=tf32", "recompute=selective", "rollout_latents=fp8"}).ok());
+  EXPECT_FALSE(r->rollout_rescore_logprobs);
+  ASSERT_TRUE(apply_overrides(*doc, {"device=cuda:1", "gemm=tf32", "recompute=selective", "rollout_latents=fp8",
+                                     "rollout_rescore_logprobs=true"})
+                  .ok());
   r = recipe_from_json(*doc);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->device, "cuda:1");
@@ -43,6 +46,7 @@ TEST(Recipe, YamlOverridesAndDefaults) {
   EXPECT_EQ(r->recompute, model::Recompute::kSelective);
   EXPECT_EQ(r->pretrain.recompute, model::Recompute::kSelective);
   EXPECT_EQ(r->rollout_latents, model::LatentFormat::kFp8);
+  EXPECT_TRUE(r->rollout_rescore_logprobs);
   EXPECT_EQ(r->rewards_file().begin().key(), "r1");
 }
 
