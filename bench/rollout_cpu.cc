@@ -1,6 +1,8 @@
 // Rollout engine throughput on the CPU backend against the naive loop that re-runs the full forward
 // over every sequence for each new token (the baseline, measured in the same run), for several batch
-// sizes of prompt groups; then latent-cache bytes per token against a full per-head K/V cache.
+// sizes of prompt groups, and the engine again with each completion's logprobs remade by the trainer's
+// forward (EngineOptions::rescore_logprobs); then latent-cache bytes per token against a full per-head
+// K/V cache.
 // Prompts share a template (as R1 prompts do), then differ; sampling at temperature 1, eos ignored
 // (it is an ordinary stop token id the prompts are kept away from), so every sequence makes --new tokens.
 // Usage: rollout_cpu [MODEL_DIR] [--batches 1,16,64] [--group 8] [--prompt 32] [--new 16]
@@ -64,8 +66,10 @@ int main(int argc, char** argv) {
   const ModelConfig& c = m.config();
   std::printf("model %s on %s; prompts of %d tokens (first %d shared), %d new tokens, group %d\n\n", dir.c_str(),
               be->name().c_str(), prompt_len, prompt_len / 2, n_new, group);
-  std::printf("| prompts x G | sequences | engine tok/s | naive tok/s | speedup | steps | prefix-hit tokens |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "| prompts x G | sequences | engine tok/s | naive tok/s | speedup | steps | prefix-hit tokens | engine tok/s, "
+      "rescored logprobs |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
   for (int batch : batches) {
     std::mt19937 rng(7);
     std::vector<r1lab::rollout::GroupRequest> groups(static_cast<size_t>(batch));
@@ -91,6 +95,16 @@ int main(int argc, char** argv) {
     }
     int64_t tokens = 0;
     for (const auto& comp : *out) tokens += static_cast<int64_t>(comp.tokens.size());
+    // The same with rescored logprobs (one more forward over every completion).
+    r1lab::rollout::EngineOptions ropt = opt;
+    ropt.rescore_logprobs = true;
+    r1lab::rollout::Engine rescoring(m, ropt);
+    t0 = std::chrono::steady_clock::now();
+    if (auto again = rescoring.generate(groups); !again.ok()) {
+      std::fprintf(stderr, "rollout_cpu: %s\n", std::string(again.status().message()).c_str());
+      return 1;
+    }
+    const double t_rescore = seconds(t0);
     // The naive loop: all B*G sequences as one batch, the full forward over every position per token.
     const int64_t n_seq = int64_t{batch} * group;
     std::vector<std::vector<int32_t>> seqs;
@@ -114,9 +128,10 @@ int main(int argc, char** argv) {
     }
     const double t_naive = seconds(t0);
     const auto st = engine.stats();
-    std::printf("| %d x %d | %lld | %.0f | %.0f | %.2f | %lld | %lld |\n", batch, group, static_cast<long long>(n_seq),
-                tokens / t_engine, n_seq * n_new / t_naive, (tokens / t_engine) / (n_seq * n_new / t_naive),
-                static_cast<long long>(st.steps), static_cast<long long>(st.prefix_hit_tokens));
+    std::printf("| %d x %d | %lld | %.0f | %.0f | %.2f | %lld | %lld | %.0f |\n", batch, group,
+                static_cast<long long>(n_seq), tokens / t_engine, n_seq * n_new / t_naive,
+                (tokens / t_engine) / (n_seq * n_new / t_naive), static_cast<long long>(st.steps),
+                static_cast<long long>(st.prefix_hit_tokens), tokens / t_rescore);
     std::fflush(stdout);
   }
 
