@@ -148,20 +148,50 @@ void CpuBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, int
     copy(o32, out);
     return;
   }
-  if (pool.dtype() == DType::kBF16) {  // a bf16 cache: its values, exactly, in f32
-    paged_latent_attention(q, pool.to_f32(), block_size, block_tables, seq_starts, context_lens, scale, out);
-    return;
-  }
-  if (pool.dtype() == DType::kU8) {  // fp8 rows: their dequantised values, exactly, in f32
-    CHECK(q.dim() == 3 && out.dim() == 3) << "paged attention: q [N, H, D] and out [N, H, dv]";
-    const Fp8LatentRow f{out.size(2), q.size(2) - out.size(2)};
-    CHECK(Fp8LatentRow::fits(f.r, f.rd) && pool.dim() == 2 && pool.is_contiguous() && pool.size(1) == f.bytes())
-        << "paged attention over fp8 rows: a pool " << shape_str(pool.shape()) << " for a latent of " << f.r
-        << " and a rope key of " << f.rd;
-    Tensor deq = Tensor::zeros({pool.size(0), f.r + f.rd});
-    for (int64_t i = 0; i < pool.size(0); ++i)
-      dequantize_fp8_latent_row(pool.data<uint8_t>() + i * f.bytes(), f, deq.f32() + i * (f.r + f.rd));
-    paged_latent_attention(q, deq, block_size, block_tables, seq_starts, context_lens, scale, out);
+  if (pool.dtype() == DType::kBF16 || pool.dtype() == DType::kU8) {
+    // A bf16 or fp8 cache: the blocks the sequences reach, their values exactly in f32, gathered into a
+    // compact pool (the tables remapped onto it), so that a step costs what it reads, not the whole cache.
+    const bool fp8 = pool.dtype() == DType::kU8;
+    const int64_t d = q.size(2);
+    const Fp8LatentRow f{out.size(2), d - out.size(2)};
+    CHECK(pool.dim() == 2 && pool.is_contiguous() && pool.size(1) == (fp8 ? f.bytes() : d))
+        << "paged attention over " << (fp8 ? "fp8" : "bf16") << " rows: a pool " << shape_str(pool.shape())
+        << " for rows of " << d;
+    CHECK(!fp8 || Fp8LatentRow::fits(f.r, f.rd)) << "fp8 rows of a latent of " << f.r << " and a rope key of " << f.rd;
+    CHECK(block_tables.dtype() == DType::kI32 && block_tables.dim() == 2 && block_tables.is_contiguous());
+    CHECK(context_lens.dtype() == DType::kI32 && block_tables.size(0) == context_lens.numel());
+    const int64_t n_seq = context_lens.numel(), max_blocks = block_tables.size(1);
+    const int64_t pool_blocks = pool.size(0) / block_size;
+    const int32_t* ctx = context_lens.data<int32_t>();
+    const int32_t* in = block_tables.data<int32_t>();
+    Tensor tables = Tensor::zeros(block_tables.shape(), DType::kI32);
+    std::vector<int32_t> compact_of(static_cast<size_t>(pool_blocks), -1);
+    std::vector<int32_t> used;  // pool blocks in compact order
+    for (int64_t s = 0; s < n_seq; ++s) {
+      CHECK(ctx[s] >= 0 && ctx[s] <= max_blocks * block_size) << "sequence " << s << ": context " << ctx[s];
+      for (int64_t j = 0; j * block_size < ctx[s]; ++j) {
+        const int32_t blk = in[s * max_blocks + j];
+        CHECK(blk >= 0 && blk < pool_blocks) << "block " << blk << " outside the pool";
+        if (compact_of[static_cast<size_t>(blk)] < 0) {
+          compact_of[static_cast<size_t>(blk)] = static_cast<int32_t>(used.size());
+          used.push_back(blk);
+        }
+        tables.data<int32_t>()[s * max_blocks + j] = compact_of[static_cast<size_t>(blk)];
+      }
+    }
+    Tensor values = Tensor::zeros({static_cast<int64_t>(used.size()) * block_size, d});
+#pragma omp parallel for
+    for (int64_t i = 0; i < values.size(0); ++i) {
+      const int64_t row = static_cast<int64_t>(used[static_cast<size_t>(i / block_size)]) * block_size + i % block_size;
+      float* dst = values.f32() + i * d;
+      if (fp8) {
+        dequantize_fp8_latent_row(pool.data<uint8_t>() + row * f.bytes(), f, dst);
+      } else {
+        const uint16_t* src = pool.data<uint16_t>() + row * d;
+        for (int64_t c = 0; c < d; ++c) dst[c] = bf16_to_f32(src[c]);
+      }
+    }
+    paged_latent_attention(q, values, block_size, tables, seq_starts, context_lens, scale, out);
     return;
   }
   const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), dv = out.size(2);
