@@ -178,48 +178,53 @@ TEST_F(EngineTest, Fp8LatentsHoldMoreTokensAndKeepBatchesIndependent) {
 // Rescored logprobs (EngineOptions::rescore_logprobs) are what the trainer recomputes, bit for bit, in
 // micro-batches that mix completions of different groups and lengths, so GRPO's sampler-trainer gap is
 // exactly 0 and its ratio starts at 1; the tokens are the sampled ones, unchanged. Without rescoring the
-// decode path's logprobs differ in the last bits.
+// decode path's logprobs differ in the last bits. With fp8 latent rows too: the tokens come from the fp8
+// decode, their logprobs from the trainer's forward.
 TEST_F(EngineTest, RescoredLogprobsAreTheTrainersBitForBit) {
   std::vector<GroupRequest> groups;
   for (int i = 0; i < 5; ++i) groups.push_back(group(i, 3, 1.0f, 6 + 2 * i));
   groups[2].params.stop_token_ids = {7, 11, 13};  // some end early
-  EngineOptions rescore = small();
-  rescore.rescore_logprobs = true;
-  EngineStats st;
-  const auto got = run(rescore, groups, &st);
-  const auto sampled = run(small(), groups);
-  ASSERT_EQ(got.size(), 15u);
-  EXPECT_GT(st.rescored_tokens, 0);
-  std::vector<trainer::TrainSequence> batch;
-  for (size_t i = 0; i < got.size(); ++i) {
-    EXPECT_EQ(got[i].tokens, sampled[i].tokens) << i;
-    trainer::TrainSequence t;
-    t.tokens = groups[got[i].group].prompt;
-    t.prompt_len = static_cast<int32_t>(t.tokens.size());
-    t.tokens.insert(t.tokens.end(), got[i].tokens.begin(), got[i].tokens.end());
-    t.old_logprobs = got[i].logprobs;
-    t.advantage = i % 2 ? 0.5f : -0.5f;
-    batch.push_back(std::move(t));
-  }
-  int differ = 0;
-  for (int micro : {4, 15}) {
-    const auto want = trainer::completion_logprobs(*model_, batch, micro);
+  for (model::LatentFormat format : {model::LatentFormat::kAuto, model::LatentFormat::kFp8}) {
+    SCOPED_TRACE(model::latent_format_name(format));
+    EngineOptions plain = small(), rescore = small();
+    plain.latents = rescore.latents = format;
+    rescore.rescore_logprobs = true;
+    EngineStats st;
+    const auto got = run(rescore, groups, &st);
+    const auto sampled = run(plain, groups);
+    ASSERT_EQ(got.size(), 15u);
+    EXPECT_GT(st.rescored_tokens, 0);
+    std::vector<trainer::TrainSequence> batch;
     for (size_t i = 0; i < got.size(); ++i) {
-      ASSERT_EQ(want[i].size(), got[i].logprobs.size());
-      for (size_t k = 0; k < want[i].size(); ++k) {
-        EXPECT_EQ(std::memcmp(&want[i][k], &got[i].logprobs[k], 4), 0)
-            << "completion " << i << " token " << k << ": " << want[i][k] << " vs " << got[i].logprobs[k];
-        differ += want[i][k] != sampled[i].logprobs[k];
+      EXPECT_EQ(got[i].tokens, sampled[i].tokens) << i;
+      trainer::TrainSequence t;
+      t.tokens = groups[got[i].group].prompt;
+      t.prompt_len = static_cast<int32_t>(t.tokens.size());
+      t.tokens.insert(t.tokens.end(), got[i].tokens.begin(), got[i].tokens.end());
+      t.old_logprobs = got[i].logprobs;
+      t.advantage = i % 2 ? 0.5f : -0.5f;
+      batch.push_back(std::move(t));
+    }
+    int differ = 0;
+    for (int micro : {4, 15}) {
+      const auto want = trainer::completion_logprobs(*model_, batch, micro);
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_EQ(want[i].size(), got[i].logprobs.size());
+        for (size_t k = 0; k < want[i].size(); ++k) {
+          EXPECT_EQ(std::memcmp(&want[i][k], &got[i].logprobs[k], 4), 0)
+              << "completion " << i << " token " << k << ": " << want[i][k] << " vs " << got[i].logprobs[k];
+          differ += want[i][k] != sampled[i].logprobs[k];
+        }
       }
     }
+    EXPECT_GT(differ, 0) << "the decode path's logprobs should round differently";
+    trainer::GrpoConfig cfg;
+    cfg.old = trainer::GrpoConfig::Old::kSampler;
+    cfg.kl_beta = 0.0f;
+    const trainer::GrpoStepStats gs = trainer::grpo_gradients(*model_, cfg, batch, 4);
+    EXPECT_EQ(gs.logprob_gap_max, 0.0);
+    EXPECT_EQ(gs.ratio, 1.0);
   }
-  EXPECT_GT(differ, 0) << "the decode path's logprobs should round differently";
-  trainer::GrpoConfig cfg;
-  cfg.old = trainer::GrpoConfig::Old::kSampler;
-  cfg.kl_beta = 0.0f;
-  const trainer::GrpoStepStats gs = trainer::grpo_gradients(*model_, cfg, batch, 4);
-  EXPECT_EQ(gs.logprob_gap_max, 0.0);
-  EXPECT_EQ(gs.ratio, 1.0);
 }
 
 TEST_F(EngineTest, PrefixSharingChunkingAndPreemptionChangeNothing) {
