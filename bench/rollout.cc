@@ -325,10 +325,13 @@ int main(int argc, char** argv) {
     const double per = 1e3 / std::max<int64_t>(1, s1.steps - s0.steps);
     host_lines.push_back(absl::StrFormat(
         "batch %d, ms a step: schedule %.3f, forward's host side %.3f, sample (waits for the device) %.3f, "
-        "accept %.3f; %d of %d steps queued before the host took the step before's picks",
+        "accept %.3f; %d of %d steps queued before the host took the step before's picks; rescoring %.1f ms in "
+        "all over %lld tokens",
         batch, per * (s1.schedule_seconds - s0.schedule_seconds), per * (s1.launch_seconds - s0.launch_seconds),
         per * (s1.sample_seconds - s0.sample_seconds), per * (s1.accept_seconds - s0.accept_seconds),
-        static_cast<int>(s1.overlapped_steps - s0.overlapped_steps), static_cast<int>(s1.steps - s0.steps)));
+        static_cast<int>(s1.overlapped_steps - s0.overlapped_steps), static_cast<int>(s1.steps - s0.steps),
+        1e3 * (s1.rescore_seconds - s0.rescore_seconds),
+        static_cast<long long>(s1.rescored_tokens - s0.rescored_tokens)));
     std::fflush(stdout);
   }
   std::printf("\n");
