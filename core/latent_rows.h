@@ -38,17 +38,31 @@ struct Fp8LatentRow {
   R1LAB_HOST_DEVICE int64_t bytes() const { return (scales_offset() + 4 * tiles() + 15) / 16 * 16; }
 };
 
+// A float's bits and back, in host and device code alike.
+R1LAB_HOST_DEVICE inline uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+R1LAB_HOST_DEVICE inline float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
 // k of the scale 2^k of a tile whose largest magnitude is amax: the smallest k with amax ≤ 448 · 2^k,
 // found from amax's bits (no rounded division); 0 for a tile of zeros or a non-finite amax, and at least
 // -126 (2^k a normal float).
 R1LAB_HOST_DEVICE inline int fp8_scale_exponent(float amax) {
-  uint32_t u;
-#if defined(__CUDA_ARCH__)
-  u = __float_as_uint(amax);
-#else
-  std::memcpy(&u, &amax, 4);
-#endif
-  u &= 0x7fffffffu;
+  const uint32_t u = float_bits(amax) & 0x7fffffffu;
   if (u == 0 || u >= 0x7f800000u) return 0;
   if (u < 0x00800000u) return -126;               // subnormal: any of its values rounds to zero below 2^-126 anyway
   const int e = static_cast<int>(u >> 23) - 127;  // amax = 1.f · 2^e
@@ -58,16 +72,7 @@ R1LAB_HOST_DEVICE inline int fp8_scale_exponent(float amax) {
 }
 
 // 2^k as a float, for k in [-126, 127].
-R1LAB_HOST_DEVICE inline float exp2_int(int k) {
-  const uint32_t u = static_cast<uint32_t>(k + 127) << 23;
-  float f;
-#if defined(__CUDA_ARCH__)
-  f = __uint_as_float(u);
-#else
-  std::memcpy(&f, &u, 4);
-#endif
-  return f;
-}
+R1LAB_HOST_DEVICE inline float exp2_int(int k) { return bits_float(static_cast<uint32_t>(k + 127) << 23); }
 
 // One row on the host (the CPU reference): src [r + rd] f32 (c then k_pe) into dst [f.bytes()], and back
 // (dst [r + rd] f32: the stored values times their scales, the rope key's bf16 values).
