@@ -63,17 +63,17 @@ ABSL_FLAG(std::string, rewards, "", "serve-reward: a reward config (JSON or YAML
 ABSL_FLAG(std::string, reward, "", "reward score: the reward(s) to apply, NAME[,NAME...] (summed)");
 ABSL_FLAG(std::string, config, "", "reward score: a reward config (JSON or YAML), as serve-reward --rewards");
 ABSL_FLAG(std::string, input, "", "reward score: JSONL of {\"completion\", \"answer\", ...} (- for stdin)");
-ABSL_FLAG(int, block_size, 16, "serve-rollout: tokens per latent-cache block");
-ABSL_FLAG(int64_t, cache_mb, 256, "serve-rollout: latent-cache size in MiB");
+ABSL_FLAG(int, block_size, 16, "serve-rollout, generate: tokens per latent-cache block");
+ABSL_FLAG(int64_t, cache_mb, 256, "serve-rollout, generate: latent-cache size in MiB");
 ABSL_FLAG(std::string, latents, "auto",
-          "serve-rollout: how the latent cache keeps its rows: auto (bf16 on a GPU with "
+          "serve-rollout, generate: how the latent cache keeps its rows: auto (bf16 on a GPU with "
           "bf16 products, else f32), f32, bf16 or fp8 (E4M3 latent with power-of-two scales, bf16 rope key: about "
           "0.58 of bf16's bytes)");
 ABSL_FLAG(bool, rescore_logprobs, false,
-          "serve-rollout: each completion's logprobs from the trainer's forward over "
+          "serve-rollout, generate: each completion's logprobs from the trainer's forward over "
           "prompt + completion once it ends (what the trainer recomputes; one more forward a completion)");
-ABSL_FLAG(int64_t, max_tokens_per_step, 1024, "serve-rollout: prefill + decode tokens per engine step");
-ABSL_FLAG(int64_t, max_running, 256, "serve-rollout: sequences decoded together at most");
+ABSL_FLAG(int64_t, max_tokens_per_step, 1024, "serve-rollout, generate: prefill + decode tokens per engine step");
+ABSL_FLAG(int64_t, max_running, 256, "serve-rollout, generate: sequences decoded together at most");
 ABSL_FLAG(bool, in_process, false, "run: rollout and rewards in this process instead of child processes");
 ABSL_FLAG(std::string, run_dir, "", "run: the run directory (default RUNS_DIR/NAME-DATE-TIME)");
 ABSL_FLAG(std::string, plots, "", "report: where to write the PNG plots (default: beside RUN_DB)");
@@ -87,7 +87,7 @@ ABSL_FLAG(int64_t, memory_mb, 256, "sandbox run: memory limit (address space per
 ABSL_FLAG(int64_t, max_processes, 32, "sandbox run: processes and threads at once");
 ABSL_FLAG(int64_t, output_limit_bytes, 1 << 20, "sandbox run: stdout and stderr cap each (beyond it: OLE)");
 ABSL_FLAG(bool, allow_unsafe, false, "sandbox run: run even where namespaces or seccomp are missing");
-ABSL_FLAG(bool, prefix_cache, true, "serve-rollout: reuse cached prompt prefixes across requests");
+ABSL_FLAG(bool, prefix_cache, true, "serve-rollout, generate: reuse cached prompt prefixes across requests");
 
 namespace {
 
@@ -130,6 +130,27 @@ absl::StatusOr<std::unique_ptr<Backend>> make_backend() {
 int fail(const absl::Status& s) {
   std::cerr << "r1lab: " << s.message() << "\n";
   return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+// The rollout engine's options from the command line (serve-rollout, and generate in process): sizes,
+// the prefix cache, the latent format (checked against the model and the backend) and rescoring.
+absl::StatusOr<r1lab::rollout::EngineOptions> engine_options(const r1lab::model::Model& model, const Backend& be) {
+  r1lab::rollout::EngineOptions o;
+  o.block_size = absl::GetFlag(FLAGS_block_size);
+  o.cache_bytes = absl::GetFlag(FLAGS_cache_mb) << 20;
+  o.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);
+  o.max_running = absl::GetFlag(FLAGS_max_running);
+  o.prefix_cache = absl::GetFlag(FLAGS_prefix_cache);
+  if (o.block_size <= 0 || o.cache_bytes <= 0 || o.max_tokens_per_step <= 0 || o.max_running <= 0)
+    return absl::InvalidArgumentError(
+        "--block-size, --cache-mb, --max-tokens-per-step and --max-running must be "
+        "positive");
+  auto latents = r1lab::model::latent_format_from_name(absl::GetFlag(FLAGS_latents));
+  if (!latents.ok()) return latents.status();
+  if (auto dt = r1lab::model::LatentCache::resolve_dtype(model.config(), be, *latents); !dt.ok()) return dt.status();
+  o.latents = *latents;
+  o.rescore_logprobs = absl::GetFlag(FLAGS_rescore_logprobs);
+  return o;
 }
 
 int check_parity(const std::vector<char*>& args) {
@@ -197,7 +218,9 @@ int generate(const std::vector<char*>& args) {
     if (!loaded.ok()) return fail(loaded.status());
     model = std::move(loaded->first);
     vocab = std::move(loaded->second);
-    engine = std::make_unique<r1lab::rollout::Engine>(*model, r1lab::rollout::EngineOptions{}, vocab ? &*vocab : nullptr);
+    auto eo = engine_options(*model, *be);
+    if (!eo.ok()) return fail(eo.status());
+    engine = std::make_unique<r1lab::rollout::Engine>(*model, *eo, vocab ? &*vocab : nullptr);
     client = r1lab::rollout::make_local_client(*engine, absl::GetFlag(FLAGS_model));
   } else {
     client = r1lab::rollout::make_grpc_client(server);
@@ -268,21 +291,11 @@ int serve_rollout(const std::vector<char*>& args) {
   r1lab::rollout::ServerOptions opt;
   opt.host = absl::GetFlag(FLAGS_host);
   opt.port = absl::GetFlag(FLAGS_port) < 0 ? 50051 : absl::GetFlag(FLAGS_port);
-  opt.engine.block_size = absl::GetFlag(FLAGS_block_size);
-  opt.engine.cache_bytes = absl::GetFlag(FLAGS_cache_mb) << 20;
-  opt.engine.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);
-  opt.engine.max_running = absl::GetFlag(FLAGS_max_running);
-  opt.engine.prefix_cache = absl::GetFlag(FLAGS_prefix_cache);
-  auto latents = r1lab::model::latent_format_from_name(absl::GetFlag(FLAGS_latents));
-  if (!latents.ok()) return fail(latents.status());
-  const auto latent_dtype = r1lab::model::LatentCache::resolve_dtype((*model).config(), **be, *latents);
-  if (!latent_dtype.ok()) return fail(latent_dtype.status());
-  opt.engine.latents = *latents;
-  opt.engine.rescore_logprobs = absl::GetFlag(FLAGS_rescore_logprobs);
-  if (opt.port < 0 || opt.port > 65535 || opt.engine.block_size <= 0 || opt.engine.cache_bytes <= 0 ||
-      opt.engine.max_tokens_per_step <= 0 || opt.engine.max_running <= 0)
-    return fail(absl::InvalidArgumentError("--port, --block-size, --cache-mb, --max-tokens-per-step and "
-                                           "--max-running must be positive (port in 0..65535)"));
+  if (opt.port < 0 || opt.port > 65535) return fail(absl::InvalidArgumentError("--port must be in 0..65535"));
+  auto eo = engine_options(*model, **be);
+  if (!eo.ok()) return fail(eo.status());
+  opt.engine = *eo;
+  const auto latent_dtype = r1lab::model::LatentCache::resolve_dtype((*model).config(), **be, opt.engine.latents);
   auto server = r1lab::rollout::start_rollout_server(*model, vocab ? &*vocab : nullptr, dir, opt);
   if (!server.ok()) return fail(server.status());
   const auto st = (*server)->engine().stats();
