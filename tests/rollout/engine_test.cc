@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <random>
+#include <set>
 
 #include "core/backend.h"
 #include "gtest/gtest.h"
@@ -354,6 +355,49 @@ TEST_F(EngineTest, WeightUpdatesApplyBetweenStepsAndAreRecorded) {
   auto err = e.update_weights(2, [](model::Model&) { return absl::InternalError("bad tensor"); });
   EXPECT_FALSE(err.ok());
   EXPECT_EQ(e.stats().policy_version, 1);
+}
+
+// Rescored logprobs are made under the weights that sampled the completion's last token: one that ends
+// before a weight update (here in the step the update takes first, its picks still on their way when the
+// update comes) is rescored before the update applies; one that ends after it, under the new weights.
+TEST_F(EngineTest, RescoredLogprobsAreUnderTheWeightsThatSampledThem) {
+  EngineOptions opt = small();
+  opt.rescore_logprobs = true;
+  Engine e(*model_, opt);
+  const std::vector<GroupRequest> groups = {group(3, 1, 1.0f, 3), group(4, 1, 1.0f, 9)};
+  std::vector<Completion> got;
+  ASSERT_TRUE(e.submit(groups, [&](Completion&& c) { got.push_back(std::move(c)); }).ok());
+  for (int i = 0; i < 3; ++i) e.step();
+  core::Tensor head = model_->params().get("lm_head.weight");
+  const core::Tensor v0 = head.clone();
+  ASSERT_TRUE(e.update_weights(1, [](model::Model& m) {
+                 core::Tensor h = m.params().get("lm_head.weight");
+                 m.backend().add(h, h, 2.0f);
+                 return absl::OkStatus();
+               }).ok());
+  const core::Tensor v1 = head.clone();
+  while (e.step()) {
+  }
+  ASSERT_EQ(got.size(), 2u);
+  std::set<int64_t> versions;
+  for (const Completion& c : got) {
+    versions.insert(c.policy_version);
+    trainer::TrainSequence t;
+    t.tokens = groups[c.group].prompt;
+    t.prompt_len = static_cast<int32_t>(t.tokens.size());
+    t.tokens.insert(t.tokens.end(), c.tokens.begin(), c.tokens.end());
+    std::vector<std::vector<float>> want;
+    for (const core::Tensor* w : {&v0, &v1}) {
+      model_->backend().copy(*w, head);
+      model_->weights_changed();
+      want.push_back(trainer::completion_logprobs(*model_, {t}, 1)[0]);
+    }
+    ASSERT_EQ(c.logprobs.size(), want[0].size());
+    EXPECT_EQ(std::memcmp(c.logprobs.data(), want[c.policy_version].data(), sizeof(float) * want[0].size()), 0)
+        << "group " << c.group << ", version " << c.policy_version;
+    EXPECT_NE(want[0], want[1]) << "the update should change the logprobs";
+  }
+  EXPECT_EQ(versions, (std::set<int64_t>{0, 1}));
 }
 
 TEST_F(EngineTest, RejectsBadRequests) {
