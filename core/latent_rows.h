@@ -38,31 +38,20 @@ struct Fp8LatentRow {
   R1LAB_HOST_DEVICE int64_t bytes() const { return (scales_offset() + 4 * tiles() + 15) / 16 * 16; }
 };
 
-// A float's bits and back, in host and device code alike.
-R1LAB_HOST_DEVICE inline uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-R1LAB_HOST_DEVICE inline float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
+// The bits of one 4-byte value as another type (a float's bits and back), in host and device code alike.
+template <typename To, typename From>
+R1LAB_HOST_DEVICE inline To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To t;
+  memcpy(&t, &v, sizeof(To));
+  return t;
 }
 
 // k of the scale 2^k of a tile whose largest magnitude is amax: the smallest k with amax ≤ 448 · 2^k,
 // found from amax's bits (no rounded division); 0 for a tile of zeros or a non-finite amax, and at least
 // -126 (2^k a normal float).
 R1LAB_HOST_DEVICE inline int fp8_scale_exponent(float amax) {
-  const uint32_t u = float_bits(amax) & 0x7fffffffu;
+  const uint32_t u = bits_as<uint32_t>(amax) & 0x7fffffffu;
   if (u == 0 || u >= 0x7f800000u) return 0;
   if (u < 0x00800000u) return -126;               // subnormal: any of its values rounds to zero below 2^-126 anyway
   const int e = static_cast<int>(u >> 23) - 127;  // amax = 1.f · 2^e
@@ -72,7 +61,7 @@ R1LAB_HOST_DEVICE inline int fp8_scale_exponent(float amax) {
 }
 
 // 2^k as a float, for k in [-126, 127].
-R1LAB_HOST_DEVICE inline float exp2_int(int k) { return bits_float(static_cast<uint32_t>(k + 127) << 23); }
+R1LAB_HOST_DEVICE inline float exp2_int(int k) { return bits_as<float>(static_cast<uint32_t>(k + 127) << 23); }
 
 // One row on the host (the CPU reference): src [r + rd] f32 (c then k_pe) into dst [f.bytes()], and back
 // (dst [r + rd] f32: the stored values times their scales, the rope key's bf16 values).
