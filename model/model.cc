@@ -569,4 +569,20 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
   backend_.gemm(normed, false, w_.lm_head, true, logits);
 }
 
+PaddedTokens pad_tokens(const std::vector<const std::vector<int32_t>*>& seqs) {
+  PaddedTokens p;
+  p.b = static_cast<int64_t>(seqs.size());
+  for (const std::vector<int32_t>* s : seqs) p.t = std::max<int64_t>(p.t, static_cast<int64_t>(s->size()));
+  p.tokens = Tensor::zeros({p.b, p.t}, core::DType::kI32);
+  p.targets = Tensor::zeros({p.b * p.t}, core::DType::kI32);
+  int32_t* tok = p.tokens.data<int32_t>();
+  int32_t* tg = p.targets.data<int32_t>();
+  for (int64_t r = 0; r < p.b; ++r) {
+    const std::vector<int32_t>& s = *seqs[static_cast<size_t>(r)];
+    for (size_t j = 0; j < s.size(); ++j) tok[r * p.t + static_cast<int64_t>(j)] = s[j];
+    for (size_t j = 0; j + 1 < s.size(); ++j) tg[r * p.t + static_cast<int64_t>(j)] = s[j + 1];
+  }
+  return p;
+}
+
 }  // namespace r1lab::model

@@ -211,4 +211,14 @@ class Model {
   uint64_t graphs_cache_ = 0;  // LatentCache::id() of the cache the graphs were captured over
 };
 
+// Sequences in the layout forward_logprobs takes them: tokens [B, T] I32 and each position's next token
+// as its target [B*T] I32 (host tensors), T the longest sequence, positions past a sequence's end 0 (a
+// row's logprobs do not depend on them: attention is causal). The trainer's micro-batches and the rollout
+// engine's rescoring both lay sequences out so.
+struct PaddedTokens {
+  int64_t b = 0, t = 0;
+  core::Tensor tokens, targets;
+};
+PaddedTokens pad_tokens(const std::vector<const std::vector<int32_t>*>& seqs);
+
 }  // namespace r1lab::model

@@ -702,8 +702,8 @@ void Engine::deliver_finished() {
   std::vector<Finished> all = std::move(finished_);
   finished_.clear();
   core::Backend& be = model_.backend();
-  // Batches of completions, rows padded to the longest, at most a step's token budget of padded tokens
-  // (at least one row): the trainer's layout, [rows, longest] tokens and the next token of each as target.
+  // Batches of completions in the trainer's layout (model::pad_tokens), at most a step's token budget of
+  // padded tokens (at least one row).
   const int64_t budget = std::max<int64_t>(opt_.max_tokens_per_step, 1);
   for (size_t i = 0; i < all.size();) {
     size_t j = i;
@@ -715,18 +715,12 @@ void Engine::deliver_finished() {
       ++j;
     }
     const int64_t rows = static_cast<int64_t>(j - i);
-    core::Tensor tokens = core::Tensor::zeros({rows, longest}, core::DType::kI32);
-    core::Tensor next = core::Tensor::zeros({rows * longest}, core::DType::kI32);
-    for (int64_t r = 0; r < rows; ++r) {
-      const std::vector<int32_t>& t = all[i + static_cast<size_t>(r)].tokens;
-      for (size_t k = 0; k < t.size(); ++k) {
-        tokens.data<int32_t>()[r * longest + static_cast<int64_t>(k)] = t[k];
-        if (k + 1 < t.size()) next.data<int32_t>()[r * longest + static_cast<int64_t>(k)] = t[k + 1];
-      }
-    }
+    std::vector<const std::vector<int32_t>*> seqs;
+    for (size_t r = i; r < j; ++r) seqs.push_back(&all[r].tokens);
+    const model::PaddedTokens padded = model::pad_tokens(seqs);
     core::Tensor targets = be.empty({rows * longest}, core::DType::kI32);
-    be.upload(next, targets);
-    const core::Tensor lp = be.download(model_.forward_logprobs(tokens, targets, nullptr));
+    be.upload(padded.targets, targets);
+    const core::Tensor lp = be.download(model_.forward_logprobs(padded.tokens, targets, nullptr));
     for (int64_t r = 0; r < rows; ++r) {
       Finished& f = all[i + static_cast<size_t>(r)];
       for (Completion& c : f.outs)

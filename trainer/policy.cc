@@ -21,24 +21,20 @@ struct Packed {
 };
 
 Packed pack(const std::vector<TrainSequence>& batch, size_t begin, size_t end) {
-  Packed p;
-  p.b = static_cast<int64_t>(end - begin);
-  p.begin = begin;
+  std::vector<const std::vector<int32_t>*> seqs;
   for (size_t i = begin; i < end; ++i) {
     const TrainSequence& s = batch[i];
     CHECK(s.prompt_len >= 1 && s.prompt_len <= static_cast<int32_t>(s.tokens.size()))
         << "sequence " << i << ": prompt_len " << s.prompt_len << " of " << s.tokens.size() << " tokens";
-    p.t = std::max<int64_t>(p.t, static_cast<int64_t>(s.tokens.size()));
+    seqs.push_back(&s.tokens);
   }
-  p.tokens = Tensor::zeros({p.b, p.t}, core::DType::kI32);
-  p.targets = Tensor::zeros({p.b * p.t}, core::DType::kI32);
-  int32_t* tok = p.tokens.data<int32_t>();
-  int32_t* tg = p.targets.data<int32_t>();
-  for (int64_t r = 0; r < p.b; ++r) {
-    const auto& s = p.seq(batch, r).tokens;
-    for (size_t j = 0; j < s.size(); ++j) tok[r * p.t + static_cast<int64_t>(j)] = s[j];
-    for (size_t j = 0; j + 1 < s.size(); ++j) tg[r * p.t + static_cast<int64_t>(j)] = s[j + 1];
-  }
+  model::PaddedTokens padded = model::pad_tokens(seqs);
+  Packed p;
+  p.b = padded.b;
+  p.t = padded.t;
+  p.tokens = std::move(padded.tokens);
+  p.targets = std::move(padded.targets);
+  p.begin = begin;
   return p;
 }
 
