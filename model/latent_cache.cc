@@ -11,6 +11,13 @@ namespace {
 
 std::atomic<uint64_t> next_cache_id{1};
 
+// Whether the rows suit the CUDA backend's tensor-core decode kernel (16-bit and fp8 rows): a row a
+// multiple of 16 values, a latent of 64, 128, 256 or 512.
+bool tensor_core_rows(const ModelConfig& cfg) {
+  const int64_t r = cfg.kv_lora_rank;
+  return (r + cfg.qk_rope_head_dim) % 16 == 0 && (r == 64 || r == 128 || r == 256 || r == 512);
+}
+
 }  // namespace
 
 const char* latent_format_name(LatentFormat f) {
@@ -47,9 +54,8 @@ LatentCache::LatentCache(const ModelConfig& cfg, core::Backend& backend, int64_t
 }
 
 core::DType LatentCache::dtype_for(const ModelConfig& cfg, const core::Backend& backend) {
-  const int64_t r = cfg.kv_lora_rank, row = r + cfg.qk_rope_head_dim;
-  const bool fits = row % 16 == 0 && (r == 64 || r == 128 || r == 256 || r == 512);
-  return backend.device() == core::Device::kCuda && backend.weight_dtype() == core::DType::kBF16 && fits
+  return backend.device() == core::Device::kCuda && backend.weight_dtype() == core::DType::kBF16 &&
+                 tensor_core_rows(cfg)
              ? core::DType::kBF16
              : core::DType::kF32;
 }
@@ -59,7 +65,7 @@ absl::StatusOr<core::DType> LatentCache::resolve_dtype(const ModelConfig& cfg, c
   const int64_t r = cfg.kv_lora_rank, rd = cfg.qk_rope_head_dim;
   // The CUDA decode kernels' shapes for 16-bit and fp8 rows (the CPU reference takes any).
   const bool cuda = backend.device() == core::Device::kCuda;
-  const bool tc_shape = (r + rd) % 16 == 0 && (r == 64 || r == 128 || r == 256 || r == 512);
+  const bool tc_shape = tensor_core_rows(cfg);
   switch (format) {
     case LatentFormat::kAuto:
       return dtype_for(cfg, backend);
