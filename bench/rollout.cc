@@ -32,7 +32,7 @@ ABSL_FLAG(std::string, config, "", "a Hugging Face DeepseekV3 config.json");
 ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"64", "256"}), "sequences sampled together");
 ABSL_FLAG(int, prompt, 128, "prompt tokens per sequence");
 ABSL_FLAG(int, new_tokens, 256, "tokens sampled per sequence");
-ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32 or bf16");
+ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32, bf16 or bf16_invariant");
 ABSL_FLAG(std::string, baseline, "", "the PyTorch baseline's JSON ({impl: {gen_bB_tok_per_s}})");
 ABSL_FLAG(int, profile_new, 16, "tokens per sequence in the profiled run (first batch size)");
 ABSL_FLAG(int, long_tail, 8192,
@@ -247,6 +247,7 @@ int main(int argc, char** argv) {
   opt.gemm = g == "f32"    ? r1lab::core::cuda::Options::GemmPrecision::kF32
              : g == "tf32" ? r1lab::core::cuda::Options::GemmPrecision::kTF32
                            : r1lab::core::cuda::Options::GemmPrecision::kBF16;
+  opt.batch_invariant = g == "bf16_invariant";
   auto be = r1lab::core::cuda::make_backend(opt);
   if (!be.ok()) {
     std::fprintf(stderr, "rollout: %s\n", std::string(be.status().message()).c_str());

@@ -31,7 +31,7 @@ ABSL_FLAG(int64_t, batch, 8, "sequences per step");
 ABSL_FLAG(int64_t, seq, 1024, "tokens per sequence");
 ABSL_FLAG(int, steps, 10, "timed steps");
 ABSL_FLAG(int, warmup, 3, "untimed steps first");
-ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32 or bf16");
+ABSL_FLAG(std::string, gemm, "bf16", "matrix products: f32, tf32, bf16 or bf16_invariant");
 ABSL_FLAG(std::string, baseline, "", "the PyTorch baseline's JSON ({impl: {train_tok_per_s, peak_gb}})");
 ABSL_FLAG(bool, hopper_products, true,
           "grouped products on Hopper's warpgroup products where built (false: the mma.sync kernels)");
@@ -90,6 +90,7 @@ int main(int argc, char** argv) {
   opt.gemm = g == "f32"    ? r1lab::core::cuda::Options::GemmPrecision::kF32
              : g == "tf32" ? r1lab::core::cuda::Options::GemmPrecision::kTF32
                            : r1lab::core::cuda::Options::GemmPrecision::kBF16;
+  opt.batch_invariant = g == "bf16_invariant";
   opt.hopper_products = absl::GetFlag(FLAGS_hopper_products);
   const r1lab::bench::Ceilings ceil = r1lab::bench::ceilings();
   auto be = r1lab::core::cuda::make_backend(opt);

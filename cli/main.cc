@@ -41,8 +41,10 @@
 
 ABSL_FLAG(std::string, device, "", "backend: cpu (the reference; the default) or cuda[:N]; run: overrides the "
           "recipe's device");
-ABSL_FLAG(std::string, gemm, "", "--device cuda: matrix products in f32 (the default), tf32 or bf16 (tensor cores; "
-          "f32 storage); run: overrides the recipe's gemm");
+ABSL_FLAG(std::string, gemm, "",
+          "--device cuda: matrix products in f32 (the default), tf32, bf16 (tensor cores; "
+          "f32 storage) or bf16_invariant (bf16, each row's result independent of its batch); run: overrides the "
+          "recipe's gemm");
 ABSL_FLAG(std::string, reference, "", "check-parity: reference tensors (default FIXTURE_DIR/reference.safetensors)");
 ABSL_FLAG(std::string, model, "", "generate: a Hugging Face model directory");
 ABSL_FLAG(std::string, prompt_ids, "", "generate: comma-separated prompt token ids");

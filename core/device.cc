@@ -21,8 +21,9 @@ absl::Status check_device_names(const std::string& device, const std::string& ge
   int n = 0;
   if (is_cuda(device) && device != "cuda" && (!absl::SimpleAtoi(device.substr(5), &n) || n < 0))
     return absl::InvalidArgumentError(absl::StrCat("device '", device, "': expected cuda or cuda:N with N >= 0"));
-  if (gemm != "f32" && gemm != "tf32" && gemm != "bf16")
-    return absl::InvalidArgumentError(absl::StrCat("matrix-product precision '", gemm, "': expected f32, tf32 or bf16"));
+  if (gemm != "f32" && gemm != "tf32" && gemm != "bf16" && gemm != "bf16_invariant")
+    return absl::InvalidArgumentError(
+        absl::StrCat("matrix-product precision '", gemm, "': expected f32, tf32, bf16 or bf16_invariant"));
   return absl::OkStatus();
 }
 
@@ -35,6 +36,7 @@ absl::StatusOr<std::unique_ptr<Backend>> make_backend(const std::string& device,
   o.gemm = gemm == "f32"    ? cuda::Options::GemmPrecision::kF32
            : gemm == "tf32" ? cuda::Options::GemmPrecision::kTF32
                             : cuda::Options::GemmPrecision::kBF16;
+  o.batch_invariant = gemm == "bf16_invariant";
   return cuda::make_backend(o);
 #else
   return absl::FailedPreconditionError(

@@ -1,6 +1,7 @@
 // Backends by name, as the command line and recipes give them: "cpu" (the fp32 reference) or "cuda" /
-// "cuda:N" (GPU N), with the precision of the GPU's matrix products: "f32" (what parity uses), "tf32" or
-// "bf16" (tensor cores; storage and accumulation stay f32).
+// "cuda:N" (GPU N), with the precision of the GPU's matrix products: "f32" (what parity uses), "tf32",
+// "bf16" (tensor cores; storage and accumulation stay f32) or "bf16_invariant" (bf16 products in which a
+// row's result does not depend on the other rows: cuda::Options::batch_invariant).
 #pragma once
 
 #include <memory>

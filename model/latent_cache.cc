@@ -85,8 +85,6 @@ absl::StatusOr<core::DType> LatentCache::resolve_dtype(const ModelConfig& cfg, c
                                                        core::kFp8LatentTile, " and qk_rope_head_dim a multiple of 8",
                                                        cuda ? " (on CUDA, kv_lora_rank 64, 128, 256 or 512)" : "",
                                                        "; the model has ", r, " and ", rd));
-      if (cuda)
-        return absl::UnimplementedError("fp8 latents: the CUDA backend does not keep them yet (the CPU backend does)");
       return core::DType::kU8;
   }
   return absl::InvalidArgumentError("unknown latent format");

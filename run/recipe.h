@@ -63,7 +63,8 @@ struct Recipe {
   // forward is batch-invariant (the CPU backend).
   bool rollout_rescore_logprobs = false;
   // Where the trainer, the rollout worker and pretrain_base run (core/device.h): cpu, cuda or cuda:N,
-  // and the GPU's matrix-product precision (f32, tf32 or bf16).
+  // and the GPU's matrix-product precision (f32, tf32, bf16, or bf16_invariant: bf16 products whose rows
+  // do not depend on their batch, so that rescored rollout logprobs equal the trainer's bit for bit).
   std::string device = "cpu";
   std::string gemm = "bf16";
   // What training forwards keep for backward (`recompute`: none, selective or layers): less memory for

@@ -9,7 +9,10 @@
 // element is written by one thread, so results are bitwise repeatable.
 #include <cfloat>
 
+#include <cuda_fp8.h>
+
 #include "core/cuda/cuda_backend.h"
+#include "core/latent_rows.h"
 
 namespace r1lab::core::cuda {
 
@@ -529,11 +532,22 @@ __global__ void paged_combine_kernel(const float* part_ml, const float* part_acc
 // instruction latencies, and twice the warps hide them. Scores are kept in log2 units
 // (exp2); maxima leave in natural units for the combine. q and P are rounded to bf16, as the training
 // attention rounds K and V; sums and accumulators stay f32.
+// kFp8: fp8 rows (core/latent_rows.h, Fp8LatentRow{dv, D - dv}) arrive as they lie into two staging
+// buffers, and each tile is widened into one bf16 tile before its products: the stored values times
+// their power-of-two scales, exact in bf16, so attention over fp8 rows is the same kernel over their
+// dequantised values, reading 0.58 of a bf16 row's bytes (r 256, rope 32).
 constexpr int kLatTile = 64, kLatWarps = 8, kLatHeads = 16;
 
-template <int kDvw, typename TO>  // dv / 8: the columns of one warp; the output's dtype (f32 or bf16)
+// The shared memory of paged_latent_tc_kernel for rows of D values (row_bytes each where kFp8).
+constexpr size_t paged_tc_smem(int64_t D, bool fp8, int64_t row_bytes) {
+  return sizeof(tc::bf16) * ((kLatHeads + (fp8 ? 1 : 2) * kLatTile) * (D + 8) + kLatHeads * (kLatTile + 8)) +
+         sizeof(float) * 2 * kLatWarps * 16 + (fp8 ? 2 * kLatTile * row_bytes : 0);
+}
+
+// pool: rows of row_bytes bytes (bf16 values, or fp8 rows where kFp8).
+template <int kDvw, typename TO, bool kFp8>  // dv / 8: the columns of one warp; the output's dtype (f32 or bf16)
 __global__ void __launch_bounds__(kLatWarps * 32)
-    paged_latent_tc_kernel(const float* q, int64_t qs0, int64_t qs1, const tc::bf16* pool, int64_t ldp,
+    paged_latent_tc_kernel(const float* q, int64_t qs0, int64_t qs1, const unsigned char* pool, int64_t row_bytes,
                            int64_t pool_rows, int block_size, const int32_t* tables, int64_t max_blocks,
                            int64_t n_seq, const int32_t* starts, const int32_t* ctx, TO* out, int64_t os0,
                            int64_t os1, int64_t heads, int D, float scale, int64_t split_len, float* part_ml,
@@ -543,9 +557,15 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   const int ld = D + 8;  // bf16 row stride of the Q and K tiles (an odd number of 16-byte units)
   constexpr int kLdp = kLatTile + 8;
   tc::bf16* Qs = reinterpret_cast<tc::bf16*>(smem_raw);
-  tc::bf16* Ks = Qs + kLatHeads * ld;                    // two tiles [kLatTile][ld]
-  tc::bf16* Ps = Ks + 2 * kLatTile * ld;                 // [16][kLdp]
+  tc::bf16* Ks = Qs + kLatHeads * ld;                    // two tiles [kLatTile][ld] (fp8: one)
+  tc::bf16* Ps = Ks + (kFp8 ? 1 : 2) * kLatTile * ld;    // [16][kLdp]
   float* red = reinterpret_cast<float*>(Ps + kLatHeads * kLdp);  // [2][kLatWarps][16]: maxima, sums
+  // Where tile buffer b's rows arrive, row_bytes apart in fp8 staging, else ld values apart in Ks.
+  unsigned char* staging = reinterpret_cast<unsigned char*>(red + 2 * kLatWarps * 16);  // fp8: [2][kLatTile][row_bytes]
+  const int64_t arrive_ld = kFp8 ? row_bytes : 2 * ld;
+  const auto arrival = [&](int b) {
+    return kFp8 ? staging + b * kLatTile * row_bytes : reinterpret_cast<unsigned char*>(Ks + b * kLatTile * ld);
+  };
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t i = blockIdx.x, h0 = static_cast<int64_t>(blockIdx.y) * kLatHeads;
   const int32_t s = seq_of_row(starts, n_seq, i);
@@ -555,7 +575,7 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   // A warp takes every kLatWarps-th row of a tile. Its lanes look up those rows' block-table entries
   // together a tile ahead of the tile's load (the entries arrive while the tile before is computed),
   // then the rows come in 16-byte pieces (zeros past the end).
-  const int pieces = D / 8;
+  const int pieces = static_cast<int>(kFp8 ? row_bytes / 16 : D / 8);
   constexpr int kRowsPerWarp = kLatTile / kLatWarps;
   struct Entry {
     int32_t blk;  // the lane's row's block-table entry, -1 past the end (loaded; read only by fetch)
@@ -569,22 +589,22 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   // The warp's kRowsPerWarp × pieces copies spread over all its lanes: copy e = lane + 32·j is piece
   // e % pieces of the warp's row e / pieces (kept as a running row and piece, no division a copy).
   const int total = kRowsPerWarp * pieces, row0 = lane / pieces, piece0 = lane % pieces;
-  const auto fetch = [&](tc::bf16* rows, const Entry& e) {
+  const auto fetch = [&](unsigned char* rows, const Entry& e) {
     const int64_t row = static_cast<int64_t>(e.blk) * block_size + e.pos % block_size;
     const int64_t mine = e.blk >= 0 && row < pool_rows ? row : -1;
     int k = row0, piece = piece0;
     for (int e0 = 0; e0 < total; e0 += 32) {
       const int64_t r = __shfl_sync(0xffffffffu, mine, min(k, kRowsPerWarp - 1));
       if (e0 + lane < total) {
-        const tc::bf16* src = r >= 0 ? pool + r * ldp : pool;
-        tc::cp_async16(rows + (warp + kLatWarps * k) * ld + 8 * piece, src + 8 * piece, r >= 0);
+        const unsigned char* src = r >= 0 ? pool + r * row_bytes : pool;
+        tc::cp_async16(rows + (warp + kLatWarps * k) * arrive_ld + 16 * piece, src + 16 * piece, r >= 0);
       }
       for (piece += 32; piece >= pieces; piece -= pieces) ++k;
     }
     tc::cp_async_commit();
   };
   // The first tile's rows are on their way before q is loaded, and the second's entries.
-  if (begin <= end) fetch(Ks, lookup(begin));
+  if (begin <= end) fetch(arrival(0), lookup(begin));
   Entry ahead = lookup(begin + kLatTile);
   // Q: 16 heads (zeros past the last) in bf16, as float4 loads issued kBatch at a time (a loop of one
   // load each would wait out a memory round trip per element). The host checks the alignment.
@@ -618,14 +638,46 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   int buf = 0;
   for (int64_t p0 = begin; p0 <= end; p0 += kLatTile, buf ^= 1) {
     if (p0 + kLatTile <= end) {
-      fetch(Ks + (buf ^ 1) * kLatTile * ld, ahead);
+      fetch(arrival(buf ^ 1), ahead);
       ahead = lookup(p0 + 2 * kLatTile);
       tc::cp_async_wait<1>();
     } else {
       tc::cp_async_wait<0>();
     }
     __syncthreads();
-    const tc::bf16* K = Ks + buf * kLatTile * ld;
+    const tc::bf16* K = Ks + (kFp8 ? 0 : buf * kLatTile * ld);
+    if constexpr (kFp8) {
+      // The staged fp8 rows into the bf16 tile, 8 values a thread at a time: the latent's E4M3 values
+      // times their tile's scale (exact in bf16), the rope key's bf16 values as they are. Rows past the
+      // end arrived as zeros (scale 0 too) and stay zeros.
+      constexpr int kR = kLatWarps * kDvw, kChunksC = kR / 8;  // the latent: dv values
+      const int per_row = D / 8;
+      const unsigned char* src = staging + buf * kLatTile * row_bytes;
+      const int64_t scales_at = Fp8LatentRow{kR, D - kR}.scales_offset();
+      for (int e = threadIdx.x; e < kLatTile * per_row; e += blockDim.x) {
+        const int row = e / per_row, ch = e % per_row;
+        const unsigned char* rp = src + row * row_bytes;
+        uint4 wide;
+        if (ch < kChunksC) {
+          const uint2 b8 = *reinterpret_cast<const uint2*>(rp + 8 * ch);
+          const float scale = reinterpret_cast<const float*>(rp + scales_at)[8 * ch / kFp8LatentTile];
+          const uint32_t words[2] = {b8.x, b8.y};
+          uint32_t out[4];
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            const __nv_fp8x2_storage_t two = static_cast<__nv_fp8x2_storage_t>(words[h / 2] >> (16 * (h % 2)));
+            const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(two, __NV_E4M3)));
+            const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+            out[h] = *reinterpret_cast<const uint32_t*>(&b);
+          }
+          wide = make_uint4(out[0], out[1], out[2], out[3]);
+        } else {
+          wide = *reinterpret_cast<const uint4*>(rp + kR + 16 * (ch - kChunksC));
+        }
+        *reinterpret_cast<uint4*>(Ks + row * ld + 8 * ch) = wide;
+      }
+      __syncthreads();
+    }
     // S for this warp's 8 positions (one 16×8 block), 32 of the latent row at a time (two chains of
     // products, summed at the end), then the last 16 if D is an odd multiple of 16.
     float sc[4] = {0, 0, 0, 0}, sc2[4] = {0, 0, 0, 0};
@@ -954,16 +1006,25 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   CHECK(q.dim() == 3 && out.dim() == 3 && q.stride(2) == 1 && out.stride(2) == 1);
   check_device(q, DType::kF32);
   check_device(out, out.dtype());
-  CHECK(pool.device() == Device::kCuda && (pool.dtype() == DType::kF32 || pool.dtype() == DType::kBF16))
-      << "paged attention: an f32 or bf16 pool on the device";
-  CHECK(out.dtype() == DType::kF32 || (out.dtype() == DType::kBF16 && pool.dtype() == DType::kBF16))
+  CHECK(pool.device() == Device::kCuda &&
+        (pool.dtype() == DType::kF32 || pool.dtype() == DType::kBF16 || pool.dtype() == DType::kU8))
+      << "paged attention: an f32, bf16 or fp8 (U8) pool on the device";
+  CHECK(out.dtype() == DType::kF32 || (out.dtype() == DType::kBF16 && pool.dtype() != DType::kF32))
       << "paged attention into " << dtype_name(out.dtype()) << " over a " << dtype_name(pool.dtype()) << " pool";
   check_device(block_tables, DType::kI32);
   check_device(seq_starts, DType::kI32);
   check_device(context_lens, DType::kI32);
   const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), dv = out.size(2);
   const Rows P = rows_of(pool);
-  CHECK_EQ(P.cols, d);
+  const bool fp8 = pool.dtype() == DType::kU8;
+  const Fp8LatentRow f8{dv, d - dv};
+  if (fp8) {
+    CHECK(Fp8LatentRow::fits(f8.r, f8.rd) && pool.is_contiguous() && P.cols == f8.bytes())
+        << "fp8 latent rows of " << dv << " + " << d - dv << " values: a pool of " << f8.bytes() << "-byte rows, not "
+        << shape_str(pool.shape());
+  } else {
+    CHECK_EQ(P.cols, d);
+  }
   CHECK_LE(dv, d);
   CHECK_LE(d, 32 * kMaxLatentU) << "latent row above " << 32 * kMaxLatentU;
   CHECK(block_tables.dim() == 2 && block_tables.is_contiguous());
@@ -1008,19 +1069,21 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
                                                        out.f32(), out.stride(0), out.stride(1), heads);
     CUDA_CHECK(cudaGetLastError());
   };
-  if (pool.dtype() == DType::kBF16) {
+  if (pool.dtype() == DType::kBF16 || fp8) {
     CHECK(d % 16 == 0 && (dv == 64 || dv == 128 || dv == 256 || dv == 512))
-        << "bf16 latent rows need D % 16 == 0 and dv of 64, 128, 256 or 512; got D " << d << ", dv " << dv;
+        << (fp8 ? "fp8" : "bf16") << " latent rows need D % 16 == 0 and dv of 64, 128, 256 or 512; got D " << d
+        << ", dv " << dv;
     CHECK(q.stride(0) % 4 == 0 && q.stride(1) % 4 == 0 && reinterpret_cast<uintptr_t>(q.raw()) % 16 == 0)
         << "bf16 latent attention reads q rows as float4";
-    const auto launch = [&](auto* tag) {
+    const int64_t row_bytes = fp8 ? f8.bytes() : 2 * P.ld;
+    const auto launch = [&](auto* tag, auto fp8_tag) {
       using TO = std::remove_pointer_t<decltype(tag)>;
-      const auto kernel = dv == 64    ? paged_latent_tc_kernel<8, TO>
-                          : dv == 128 ? paged_latent_tc_kernel<16, TO>
-                          : dv == 256 ? paged_latent_tc_kernel<32, TO>
-                                      : paged_latent_tc_kernel<64, TO>;
-      const size_t smem = sizeof(tc::bf16) * ((kLatHeads + 2 * kLatTile) * (d + 8) + kLatHeads * (kLatTile + 8)) +
-                          sizeof(float) * 2 * kLatWarps * 16;
+      constexpr bool kFp8 = decltype(fp8_tag)::value;
+      const auto kernel = dv == 64    ? paged_latent_tc_kernel<8, TO, kFp8>
+                          : dv == 128 ? paged_latent_tc_kernel<16, TO, kFp8>
+                          : dv == 256 ? paged_latent_tc_kernel<32, TO, kFp8>
+                                      : paged_latent_tc_kernel<64, TO, kFp8>;
+      const size_t smem = paged_tc_smem(d, kFp8, row_bytes);
       set_smem(kernel, smem);
       // Up to two blocks an SM: more splits cost more than they give once every SM is busy (their partial
       // sums go through memory; on an H100 at batch 256, 8 blocks an SM decoded at 69-73k tokens/s, 4 at
@@ -1029,16 +1092,22 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
       const Split sp = split(head_blocks, kLatTile, 2 * static_cast<int64_t>(sms));
       kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(head_blocks), static_cast<unsigned>(sp.count)),
                kLatWarps * 32, smem, stream()>>>(
-          q.f32(), q.stride(0), q.stride(1), static_cast<const tc::bf16*>(pool.raw()), P.ld, P.rows, block_size,
+          q.f32(), q.stride(0), q.stride(1), static_cast<const unsigned char*>(pool.raw()), row_bytes, P.rows, block_size,
           block_tables.data<int32_t>(), block_tables.size(1), n_seq, seq_starts.data<int32_t>(),
           context_lens.data<int32_t>(), static_cast<TO*>(out.raw()), out.stride(0), out.stride(1), heads,
           static_cast<int>(d), scale, sp.len, sp.ml_f(), sp.acc_f());
       combine(sp);
     };
+    const auto with_rows = [&](auto* tag) {
+      if (fp8)
+        launch(tag, std::true_type());
+      else
+        launch(tag, std::false_type());
+    };
     if (out.dtype() == DType::kBF16)
-      launch(static_cast<tc::bf16*>(nullptr));
+      with_rows(static_cast<tc::bf16*>(nullptr));
     else
-      launch(static_cast<float*>(nullptr));
+      with_rows(static_cast<float*>(nullptr));
     return;
   }
   const size_t smem = 2 * sizeof(float) * kPagedTile * d;

@@ -407,7 +407,8 @@ std::string CudaBackend::name() const {
   const char* prec = opt_.gemm == Options::GemmPrecision::kF32    ? "f32"
                      : opt_.gemm == Options::GemmPrecision::kTF32 ? "tf32"
                                                                   : "bf16";
-  return absl::StrCat("cuda:", opt_.device, " (", prop.name, ", gemm ", prec, hopper_ ? ", wgmma" : "", ")");
+  return absl::StrCat("cuda:", opt_.device, " (", prop.name, ", gemm ", prec, opt_.batch_invariant ? " batch-invariant" : "",
+                      hopper_ ? ", wgmma" : "", ")");
 }
 
 void use_device(int device) {
@@ -737,10 +738,6 @@ void CudaBackend::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& ds
   CUDA_CHECK(cudaGetLastError());
 }
 
-void CudaBackend::scatter_fp8_latents(const Tensor&, int64_t, const Tensor&, Tensor&) {
-  // LatentCache::resolve_dtype refuses fp8 rows on CUDA before a cache is made.
-  CHECK(false) << "fp8 latent rows: the CUDA backend does not keep them yet (the CPU backend does)";
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Optimizer.

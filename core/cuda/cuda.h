@@ -28,6 +28,12 @@ struct Options {
   // build have them (sm_90a); false keeps the mma.sync kernels every GPU runs (tests and benchmarks
   // compare the two). Each kind repeats its results bitwise; the two differ in rounding.
   bool hopper_products = true;
+  // Batch-invariant products (with kBF16): a row's result does not depend on the other rows of its
+  // product, so that a sequence's logprobs come out bitwise the same whatever batch it runs in (the
+  // rollout engine's rescoring and the trainer's recomputation agree bit for bit). Dense products then
+  // run on the grouped products' tensor-core kernel with fixed 128-row tiles instead of cuBLAS, and the
+  // grouped products always take 128-row tiles (never the few-rows kernels of decode).
+  bool batch_invariant = false;
   // Per-op timing (cudaEvents around every op, by op name); costs a little, for benchmarks.
   bool profile = false;
   // With profile: each dense product (gemm) timed under a name of its own, "gemm M×N×K" with its

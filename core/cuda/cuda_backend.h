@@ -210,6 +210,11 @@ class CudaBackend final : public Backend {
   bool bf16_products(const Tensor& a, const Tensor& b) const;
   Operand gemm_operand(const Tensor& t, bool bf16, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
                               Tensor& keep);
+  // c[r] = a[r] · op(w[g]) + beta · c[r] on the tensor-core kernels (bf16 operands that tc_operand
+  // takes), row tiles of tm (32, 64 or 128; 128 on the warpgroup products where hopper_): groups of rows by
+  // the device bounds, or (bounds null) one dense product of `rows` rows.
+  void tc_products(const Operand& a, const Operand& w, bool trans_w, int64_t groups, const int64_t* bounds,
+                   int64_t rows, void* c, int64_t ldc, bool c16, int64_t n, int64_t k, float beta, int tm);
   // An attention operand [B, T, H, D] (see attention.cu) in `dtype`: t itself, or a copy (f32 rounded
   // once) when t is in the other dtype or (bf16) its rows are not 16-byte aligned.
   Tensor attention_operand(const Tensor& t, DType dtype);

@@ -372,20 +372,39 @@ __device__ __forceinline__ void find_row_tile(const int64_t* bounds, int groups,
   __syncthreads();
 }
 
-// c[r] = a[r] · op(w[g]) + beta · c[r] for the rows r of group g: blockIdx.x picks the column tile,
-// blockIdx.y the row tile (of kTM rows) counted over all groups in order (the grid has enough for any
-// bounds; blocks past the last group's tiles return).
-template <bool kBK, int kTM, typename TC>
-__global__ void __launch_bounds__(kTcThreads, 2)
-    grouped_tc_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
-                      TC* c, int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta) {
+// The block's row tile, blockIdx.y: its group (-1: none), its first row within the group, and the
+// group's first row and row count. A dense product (bounds null) is one group of dense_rows rows.
+struct RowTile {
+  int group, row;
+  int64_t r0;
+  int rows;
+};
+template <int kTM>
+__device__ __forceinline__ RowTile row_tile(const int64_t* bounds, int groups, int64_t dense_rows) {
+  if (bounds == nullptr) {
+    const int row = static_cast<int>(blockIdx.y) * kTM;
+    return {row < dense_rows ? 0 : -1, row, 0, static_cast<int>(dense_rows)};
+  }
   __shared__ int tile_group, tile_row;
   find_row_tile<kTM>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
-  if (g < 0) return;
-  const int64_t r0 = bounds[g];
-  tc_tile<true, kBK, kTM, TC>(a + r0 * lda, lda, w + g * ldw0, ldw, c + r0 * ldc, ldc,
-                          static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * kTileN, beta);
+  if (g < 0) return {-1, 0, 0, 0};
+  return {g, tile_row, bounds[g], static_cast<int>(bounds[g + 1] - bounds[g])};
+}
+
+// c[r] = a[r] · op(w[g]) + beta · c[r] for the rows r of group g: blockIdx.x picks the column tile,
+// blockIdx.y the row tile (of kTM rows) counted over all groups in order (the grid has enough for any
+// bounds; blocks past the last group's tiles return). Without bounds, the dense product of dense_rows
+// rows by w.
+template <bool kBK, int kTM, typename TC>
+__global__ void __launch_bounds__(kTcThreads, 2)
+    grouped_tc_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
+                      TC* c, int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta,
+                      int64_t dense_rows) {
+  const RowTile t = row_tile<kTM>(bounds, groups, dense_rows);
+  if (t.group < 0) return;
+  tc_tile<true, kBK, kTM, TC>(a + t.r0 * lda, lda, w + t.group * ldw0, ldw, c + t.r0 * ldc, ldc, t.rows, n, k, t.row,
+                              blockIdx.x * kTileN, beta);
 }
 
 // A gated tile: h[m0 + i, n0 + j] = silu(g) · u in bf16, for the gate sums g of b's rows n0 + j and the
@@ -804,14 +823,12 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
 template <bool kBK, typename TC>
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, TC* c,
-                      int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta, bool staged) {
-  __shared__ int tile_group, tile_row;
-  find_row_tile<kTileM>(bounds, groups, &tile_group, &tile_row);
-  const int g = tile_group;
-  if (g < 0) return;
-  const int64_t r0 = bounds[g];
-  wg_tile<true, kBK, TC>(a + r0 * lda, lda, w + g * ldw0, ldw, c + r0 * ldc, ldc, static_cast<int>(bounds[g + 1] - r0),
-                         n, k, tile_row, blockIdx.x * kTileN, beta, staged);
+                      int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta, bool staged,
+                      int64_t dense_rows) {
+  const RowTile t = row_tile<kTileM>(bounds, groups, dense_rows);
+  if (t.group < 0) return;
+  wg_tile<true, kBK, TC>(a + t.r0 * lda, lda, w + t.group * ldw0, ldw, c + t.r0 * ldc, ldc, t.rows, n, k, t.row,
+                         blockIdx.x * kTileN, beta, staged);
 }
 
 __global__ void __launch_bounds__(kTcThreads, 2)
@@ -910,6 +927,13 @@ void check_operand(const Tensor& t) {
 
 size_t elem_size(const Operand& a) { return a.type == CUDA_R_16BF ? 2 : 4; }
 
+// Whether the grouped kernels can take an operand of `cols` contiguous columns, row stride ld (bf16
+// elements): 16-byte chunks of whole rows.
+bool tc_operand(const Operand& o, int64_t cols) {
+  return o.type == CUDA_R_16BF && cols % 8 == 0 && o.ld % 8 == 0 && (o.rows1 == o.rows || o.ld0 % 8 == 0) &&
+         reinterpret_cast<uintptr_t>(o.p) % 16 == 0;
+}
+
 // Row r of operand x.
 const void* row_ptr(const Operand& x, int64_t r) {
   return static_cast<const char*>(x.p) + elem_size(x) * ((r / x.rows1) * x.ld0 + (r % x.rows1) * x.ld);
@@ -942,6 +966,15 @@ void CudaBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool tran
   Tensor ka, kb;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ob = gemm_operand(b, bf16, B.rows, B.cols, B.ld, B.rows, 0, kb);
+  // Batch-invariant products: a row's result may not depend on the rows beside it, so not cuBLAS (whose
+  // kernel, tiling and split of k follow the shape) but the tensor-core kernel with fixed 128-row tiles,
+  // where each row's sums run in the same order whatever m is.
+  if (opt_.batch_invariant && bf16 && !trans_a && alpha == 1.0f && m > 0 && n > 0 && k > 0 &&
+      m < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31) && tc_operand(oa, k) &&
+      tc_operand(ob, B.cols)) {
+    tc_products(oa, ob, trans_b, 1, nullptr, m, C.f(), C.ld, /*c16=*/false, n, k, beta, kTileM);
+    return;
+  }
   gemm_rows(ctx_->blas, operand_compute(oa, opt_.gemm), oa.p, oa.type, oa.ld, trans_a, ob.p, ob.type, ob.ld, trans_b,
             C.f(), C.ld, m, n, k, alpha, beta);
 }
@@ -979,13 +1012,6 @@ void CudaBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, b
 
 namespace {
 
-// Whether the grouped kernels can take an operand of `cols` contiguous columns, row stride ld (bf16
-// elements): 16-byte chunks of whole rows.
-bool tc_operand(const Operand& o, int64_t cols) {
-  return o.type == CUDA_R_16BF && cols % 8 == 0 && o.ld % 8 == 0 && (o.rows1 == o.rows || o.ld0 % 8 == 0) &&
-         reinterpret_cast<uintptr_t>(o.p) % 16 == 0;
-}
-
 void check_offsets(const Tensor& offsets, int64_t groups) {
   check_device(offsets, DType::kI64);
   CHECK(offsets.is_contiguous() && offsets.numel() == groups + 1)
@@ -999,6 +1025,48 @@ std::vector<int64_t> CudaBackend::host_offsets(const Tensor& offsets, int64_t ro
   std::vector<int64_t> o(h.data<int64_t>(), h.data<int64_t>() + h.numel());
   check_group_bounds(o.data(), h.numel() - 1, rows);
   return o;
+}
+
+void CudaBackend::tc_products(const Operand& oa, const Operand& ow, bool trans_w, int64_t groups,
+                              const int64_t* bounds, int64_t rows, void* c, int64_t ldc, bool c16, int64_t n, int64_t k,
+                              float beta, int tm) {
+  const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
+                  static_cast<unsigned>((rows + tm - 1) / tm + (bounds ? groups : 0)));
+  CHECK_LT(grid.y, 65536u) << "tensor-core products: too many rows";
+  const bool wgmma = tm == kTileM && hopper_;
+  const size_t smem = wgmma ? kWgSmem : tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
+  const int64_t dense_rows = bounds ? 0 : rows;
+  const auto launch = [&](auto* out) {
+    using TC = std::remove_pointer_t<decltype(out)>;
+    const auto pick = [&](auto tile) {
+      constexpr int kTM = decltype(tile)::value;
+      return trans_w ? grouped_tc_kernel<true, kTM, TC> : grouped_tc_kernel<false, kTM, TC>;
+    };
+    if (wgmma) {
+      const auto kernel = trans_w ? grouped_wg_kernel<true, TC> : grouped_wg_kernel<false, TC>;
+      set_tc_attributes(kernel, smem);
+      constexpr int kPer = 16 / sizeof(TC);
+      const bool staged = n % kPer == 0 && ldc % kPer == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0;
+      kernel<<<grid, kTcThreads, smem, stream()>>>(
+          static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
+          static_cast<TC*>(c), ldc, bounds, static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), beta,
+          staged, dense_rows);
+      return;
+    }
+    const auto kernel = tm == 32   ? pick(std::integral_constant<int, 32>())
+                        : tm == 64 ? pick(std::integral_constant<int, 64>())
+                                   : pick(std::integral_constant<int, 128>());
+    set_tc_attributes(kernel, smem);
+    kernel<<<grid, kTcThreads, smem, stream()>>>(
+        static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
+        static_cast<TC*>(c), ldc, bounds, static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), beta,
+        dense_rows);
+  };
+  if (c16)
+    launch(static_cast<__nv_bfloat16*>(nullptr));
+  else
+    launch(static_cast<float*>(nullptr));
+  CUDA_CHECK(cudaGetLastError());
 }
 
 void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
@@ -1027,7 +1095,8 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
   // Few rows a group (decode): the weight-streaming kernel; 16 or 32 rows at a time by the mean.
   const size_t small_bytes = static_cast<size_t>(rows <= 2 * groups ? 16 : 32) * k * 2;
-  if (trans_w && w.dtype() == DType::kBF16 && fits && rows <= 4 * groups && k % 8 == 0 && w.stride(1) % 8 == 0 &&
+  if (!opt_.batch_invariant && trans_w && w.dtype() == DType::kBF16 && fits && rows <= 4 * groups && k % 8 == 0 &&
+      w.stride(1) % 8 == 0 &&
       w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.raw()) % 16 == 0 && small_bytes <= 96 * 1024) {
     const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>((n + kSmallTile - 1) / kSmallTile));
     const auto launch = [&](auto* tag, auto* out) {
@@ -1059,45 +1128,10 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   const Operand ow = gemm_operand(w, bf16, groups * w.size(1), w.size(2), w.stride(1), w.size(1), w.stride(0), kw);
   if (bf16 && fits && tc_operand(oa, k) && tc_operand(ow, w.size(2)) && groups < 65535) {
     // Row tiles by the mean rows a group: 32 or 64 where the groups are short (decode), so that the
-    // tensor cores work on rows that exist; 128 otherwise.
+    // tensor cores work on rows that exist; 128 otherwise, and always where products are batch-invariant.
     const int64_t mean = rows / groups;
-    const int tm = mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
-    const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
-                    static_cast<unsigned>((rows + tm - 1) / tm + groups));
-    CHECK_LT(grid.y, 65536u) << "grouped_gemm: too many rows";
-    const bool wgmma = tm == kTileM && hopper_;
-    const size_t smem = wgmma ? kWgSmem : tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
-    const auto launch = [&](auto* out) {
-      using TC = std::remove_pointer_t<decltype(out)>;
-      const auto pick = [&](auto tile) {
-        constexpr int kTM = decltype(tile)::value;
-        return trans_w ? grouped_tc_kernel<true, kTM, TC> : grouped_tc_kernel<false, kTM, TC>;
-      };
-      if (wgmma) {
-        const auto kernel = trans_w ? grouped_wg_kernel<true, TC> : grouped_wg_kernel<false, TC>;
-        set_tc_attributes(kernel, smem);
-        constexpr int kPer = 16 / sizeof(TC);
-        const bool staged = n % kPer == 0 && C.ld % kPer == 0 && reinterpret_cast<uintptr_t>(C.p) % 16 == 0;
-        kernel<<<grid, kTcThreads, smem, stream()>>>(
-            static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
-            static_cast<TC*>(C.p), C.ld, offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n),
-            static_cast<int>(k), beta, staged);
-        return;
-      }
-      const auto kernel = tm == 32   ? pick(std::integral_constant<int, 32>())
-                          : tm == 64 ? pick(std::integral_constant<int, 64>())
-                                     : pick(std::integral_constant<int, 128>());
-      set_tc_attributes(kernel, smem);
-      kernel<<<grid, kTcThreads, smem, stream()>>>(
-          static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
-          static_cast<TC*>(C.p), C.ld, offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n),
-          static_cast<int>(k), beta);
-    };
-    if (c16)
-      launch(static_cast<__nv_bfloat16*>(nullptr));
-    else
-      launch(static_cast<float*>(nullptr));
-    CUDA_CHECK(cudaGetLastError());
+    const int tm = opt_.batch_invariant ? 128 : mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
+    tc_products(oa, ow, trans_w, groups, offsets.data<int64_t>(), rows, C.p, C.ld, c16, n, k, beta, tm);
     return;
   }
   // f32 or tf32 products (or operands the kernels cannot take): cuBLAS a group at a time, which needs
@@ -1148,7 +1182,8 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   // Few rows a group take grouped_gemm's weight-streaming kernel, and f32 products cuBLAS: those run
   // as the reference composition does.
   const bool bf16 = bf16_products(a, w);
-  if (groups == 0 || rows <= 4 * groups || !fits || !bf16 || w.stride(2) != 1 || groups >= 65535) {
+  if (groups == 0 || (rows <= 4 * groups && !opt_.batch_invariant) || !fits || !bf16 || w.stride(2) != 1 ||
+      groups >= 65535) {
     Backend::grouped_gate_up(a, w, offsets, h, gate_up);
     return;
   }
@@ -1161,14 +1196,22 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   }
   Op op(this, "grouped_gate_up", 4.0 * rows * n * k,
         2.0 * rows * (k + n) + 2.0 * groups * 2 * n * k + (gate_up ? 4.0 * rows * n : 0.0));
+  // A training forward keeps the products and makes h from them rounded; batch-invariant products make
+  // h so in every forward (the products go to a scratch buffer), so that inference and training give the
+  // same bits.
+  Tensor scratch;
+  if (opt_.batch_invariant && gate_up == nullptr) {
+    scratch = empty({rows, 2 * n}, DType::kBF16);
+    GU = rows_of(scratch);
+  }
   const int64_t mean = rows / groups;
-  const int tm = mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
+  const int tm = opt_.batch_invariant ? 128 : mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
   const dim3 grid(static_cast<unsigned>((n + kTileN / 2 - 1) / (kTileN / 2)),
                   static_cast<unsigned>((rows + tm - 1) / tm + groups));
   CHECK_LT(grid.y, 65536u) << "grouped_gate_up: too many rows";
   if (tm == kTileM && hopper_) {
     const auto aligned = [](const Rows& x) { return x.ld % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0; };
-    const bool staged = n % 8 == 0 && aligned(H) && (gate_up == nullptr || aligned(GU));
+    const bool staged = n % 8 == 0 && aligned(H) && (GU.p == nullptr || aligned(GU));
     set_tc_attributes(grouped_gated_wg_kernel, kWgSmem);
     grouped_gated_wg_kernel<<<grid, kTcThreads, kWgSmem, stream()>>>(
         static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,

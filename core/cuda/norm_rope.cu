@@ -2,8 +2,10 @@
 // stores in the tensor's dtype (f32 or bf16), math in f32; weight gradients are reduced over rows in a
 // fixed order (no atomics), so results are bitwise repeatable.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include "core/cuda/cuda_backend.h"
+#include "core/latent_rows.h"
 
 namespace r1lab::core::cuda {
 namespace {
@@ -377,6 +379,42 @@ struct StepQueries {
   int64_t n0, n1;
   int heads, nope;
 };
+// An fp8 latent row (core/latent_rows.h) from its f32 values vals [r + rd] (shared memory, written and
+// synchronised by the block before), as quantize_fp8_latent_row makes it: a warp a tile of 64 values,
+// its scale the smallest power of two that fits their largest magnitude, each value rounded to E4M3
+// (nearest even, saturated); the rope key rounded to bf16; zeros to the row's end.
+__device__ void put_fp8_latent_row(const float* vals, const Fp8LatentRow& f, uint8_t* out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int64_t t = warp; t < f.tiles(); t += warps) {
+    const float a = vals[t * kFp8LatentTile + lane], b = vals[t * kFp8LatentTile + 32 + lane];
+    float amax = fmaxf(fabsf(a), fabsf(b));
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const int k = fp8_scale_exponent(amax);
+    const float inv = exp2_int(-k);
+    out[t * kFp8LatentTile + lane] = __nv_cvt_float_to_fp8(a * inv, __NV_SATFINITE, __NV_E4M3);
+    out[t * kFp8LatentTile + 32 + lane] = __nv_cvt_float_to_fp8(b * inv, __NV_SATFINITE, __NV_E4M3);
+    if (lane == 0) reinterpret_cast<float*>(out + f.scales_offset())[t] = exp2_int(k);
+  }
+  __nv_bfloat16* pe = reinterpret_cast<__nv_bfloat16*>(out + f.rope_offset());
+  for (int64_t i = threadIdx.x; i < f.rd; i += blockDim.x) pe[i] = __float2bfloat16(vals[f.r + i]);
+  for (int64_t i = f.scales_offset() + 4 * f.tiles() + threadIdx.x; i < f.bytes(); i += blockDim.x) out[i] = 0;
+}
+
+// The widest fp8 latent row a block stages in shared memory (r + rd f32 values).
+constexpr int kFp8RowValues = 1024;
+
+// pool[rows[i]] = src[i] as an fp8 latent row: block i.
+__global__ void scatter_fp8_kernel(const float* src, int64_t lds, const int32_t* rows, uint8_t* pool, int64_t ldp,
+                                   int64_t pool_rows, Fp8LatentRow f) {
+  __shared__ float vals[kFp8RowValues];
+  const int64_t row = rows[blockIdx.x];
+  if (row < 0 || row >= pool_rows) return;  // the whole block alike
+  for (int64_t i = threadIdx.x; i < f.r + f.rd; i += blockDim.x) vals[i] = src[blockIdx.x * lds + i];
+  __syncthreads();
+  put_fp8_latent_row(vals, f, pool + row * ldp);
+}
+
+// TP: a pool row's element type: float or bf16 values, or uint8_t for fp8 rows.
 template <typename TP>
 __global__ void store_latents_kernel(const float* ckv, int64_t ldc, int r, int rd, const float* w, float eps,
                                      const int32_t* pos, const float* cos_t, const float* sin_t, int64_t n_pos,
@@ -411,8 +449,22 @@ __global__ void store_latents_kernel(const float* ckv, int64_t ldc, int r, int r
   const float rs = rsqrtf(block_sum(ss) / r + eps);
   const int64_t slot = slots[blockIdx.x];
   if (slot < 0 || slot >= pool_rows) return;
+  // fp8 rows: the values go through shared memory, then into the row's format.
+  constexpr bool kFp8 = std::is_same_v<TP, uint8_t>;
+  [[maybe_unused]] float* staged = nullptr;
+  if constexpr (kFp8) {
+    __shared__ float vals[kFp8RowValues];
+    staged = vals;
+  }
   TP* out = pool + slot * ldp;
-  for (int i = threadIdx.x; i < r; i += blockDim.x) store(out + i, w[i] * (x[i] * rs));
+  const auto put = [&](int i, float v) {
+    if constexpr (kFp8) {
+      staged[i] = v;
+    } else {
+      store(out + i, v);
+    }
+  };
+  for (int i = threadIdx.x; i < r; i += blockDim.x) put(i, w[i] * (x[i] * rs));
   const int half = rd / 2;
   const int32_t p = pos[blockIdx.x];
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -420,8 +472,12 @@ __global__ void store_latents_kernel(const float* ckv, int64_t ldc, int r, int r
     float a = x[r + ia], b = x[r + ib];
     if (p >= 0 && p < n_pos) rotate(x[r + ia], x[r + ib], cos_t[static_cast<int64_t>(p) * half + i],
                                     sin_t[static_cast<int64_t>(p) * half + i], &a, &b);
-    store(out + r + ia, a);
-    store(out + r + ib, b);
+    put(r + ia, a);
+    put(r + ib, b);
+  }
+  if constexpr (kFp8) {
+    __syncthreads();
+    put_fp8_latent_row(staged, Fp8LatentRow{r, rd}, reinterpret_cast<uint8_t*>(out));
   }
 }
 
@@ -658,9 +714,26 @@ void check_store_latents(const Tensor& ckv, const Tensor& w, const Tensor& posit
   const Rows C = rows_of(ckv), P = rows_of(pool);
   const int64_t n = C.rows, r = w.numel(), rd = C.cols - r;
   CHECK(r > 0 && rd >= 0 && rd % 2 == 0) << "latent of " << r << " and a rope key of " << rd;
-  CHECK_EQ(P.cols, C.cols) << "pool rows of the latent row's width";
+  if (pool.dtype() == DType::kU8) {
+    const Fp8LatentRow f{r, rd};
+    CHECK(Fp8LatentRow::fits(r, rd) && r + rd <= kFp8RowValues)
+        << "fp8 latent rows of a latent of " << r << " and a rope key of " << rd;
+    CHECK(pool.is_contiguous() && P.cols == f.bytes()) << "fp8 latent pool rows of " << f.bytes() << " bytes";
+  } else {
+    CHECK_EQ(P.cols, C.cols) << "pool rows of the latent row's width";
+  }
   CHECK(positions.numel() == n && slots.numel() == n);
   CHECK(rd == 0 || table.cos.size(1) == rd / 2);
+}
+
+// f(tag) with a null pointer of the pool's element type: float, bf16, or uint8_t for fp8 rows.
+template <typename F>
+void dispatch_pool(DType dtype, F f) {
+  if (dtype == DType::kU8) {
+    f(static_cast<uint8_t*>(nullptr));
+  } else {
+    dispatch(dtype, f);
+  }
 }
 
 }  // namespace
@@ -671,8 +744,8 @@ void CudaBackend::store_latents(const Tensor& ckv, const Tensor& w, float eps, c
   check_store_latents(ckv, w, positions, table, slots, pool);
   const int64_t n = C.rows, r = w.numel(), rd = C.cols - r;
   if (n == 0) return;
-  Op op(this, "store_latents", 6.0 * n * C.cols, 1.0 * n * C.cols * (4 + dtype_size(pool.dtype())));
-  dispatch(pool.dtype(), [&](auto* tag) {
+  Op op(this, "store_latents", 6.0 * n * C.cols, 4.0 * n * C.cols + 1.0 * n * P.cols * dtype_size(pool.dtype()));
+  dispatch_pool(pool.dtype(), [&](auto* tag) {
     using TP = std::remove_pointer_t<decltype(tag)>;
     store_latents_kernel<TP><<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(
         C.f(), C.ld, static_cast<int>(r), static_cast<int>(rd), w.f32(), eps, positions.data<int32_t>(),
@@ -703,17 +776,35 @@ void CudaBackend::mla_step_inputs(const Tensor& ckv, const Tensor& w, float eps,
       << shape_str(q_nope.shape()) << " with a rope key of " << rd;
   CHECK(q.stride(2) == 1 && q_rot.stride(2) == 1 && q_nope.stride(2) == 1) << "rows with contiguous last dimensions";
   Op op(this, "mla_step_inputs", 6.0 * n * (C.cols + heads * rd),
-        1.0 * n * C.cols * (4 + dtype_size(pool.dtype())) + 6.0 * n * heads * (nope + 2 * rd));
+        4.0 * n * C.cols + 1.0 * n * P.cols * dtype_size(pool.dtype()) + 6.0 * n * heads * (nope + 2 * rd));
   const StepQueries sq{q.f32(),   q.stride(0),     q.stride(1), q_rot.f32(), q_rot.stride(0),
                        q_rot.stride(1), static_cast<__nv_bfloat16*>(q_nope.raw()), q_nope.stride(0), q_nope.stride(1),
                        static_cast<int>(heads), static_cast<int>(nope)};
-  dispatch(pool.dtype(), [&](auto* tag) {
+  dispatch_pool(pool.dtype(), [&](auto* tag) {
     using TP = std::remove_pointer_t<decltype(tag)>;
     store_latents_kernel<TP><<<static_cast<unsigned>(n), kThreads, 0, stream()>>>(
         C.f(), C.ld, static_cast<int>(r), static_cast<int>(rd), w.f32(), eps, positions.data<int32_t>(),
         table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved, slots.data<int32_t>(),
         static_cast<TP*>(P.p), P.ld, P.rows, sq);
   });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::scatter_fp8_latents(const Tensor& src, int64_t r, const Tensor& rows, Tensor& pool) {
+  const Rows S = rows_of(src);
+  check_device(src, DType::kF32);
+  check_device(rows, DType::kI32);
+  check_device(pool, DType::kU8);
+  const Fp8LatentRow f{r, S.cols - r};
+  CHECK(Fp8LatentRow::fits(f.r, f.rd) && S.cols <= kFp8RowValues)
+      << "fp8 latent rows of a latent of " << f.r << " and a rope key of " << f.rd;
+  CHECK(pool.dim() == 2 && pool.is_contiguous() && pool.size(1) == f.bytes())
+      << "fp8 latent pool " << shape_str(pool.shape()) << " for rows of " << f.bytes() << " bytes";
+  CHECK_EQ(rows.numel(), S.rows);
+  if (S.rows == 0) return;
+  Op op(this, "scatter_fp8_latents", 0, (4.0 * S.cols + f.bytes()) * S.rows);
+  scatter_fp8_kernel<<<static_cast<unsigned>(S.rows), kThreads, 0, stream()>>>(
+      S.f(), S.ld, rows.data<int32_t>(), pool.data<uint8_t>(), f.bytes(), pool.size(0), f);
   CUDA_CHECK(cudaGetLastError());
 }
 

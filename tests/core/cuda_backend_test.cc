@@ -12,11 +12,14 @@
 
 #include "core/backend.h"
 #include "core/cuda/cuda.h"
+#include "core/latent_rows.h"
 #include "gtest/gtest.h"
 #include "model/model.h"
+#include "rollout/engine.h"
 #include "tests/test_util.h"
 #include "trainer/optimizer.h"
 #include "trainer/parity.h"
+#include "trainer/policy.h"
 
 namespace r1lab::core {
 namespace {
@@ -68,6 +71,22 @@ class CudaBackendTest : public ::testing::Test {
     return t;
   }
   Tensor randn(const Shape& s, float scale = 1.0f) { return testing::randn(s, rng_, scale); }
+  // Random bytes [rows, cols] U8 (an fp8 latent pool's rows before they are written).
+  Tensor random_bytes(int64_t rows, int64_t cols) {
+    Tensor t = Tensor::zeros({rows, cols}, DType::kU8);
+    std::uniform_int_distribution<int> u(0, 255);
+    for (int64_t i = 0; i < t.numel(); ++i) t.data<uint8_t>()[i] = static_cast<uint8_t>(u(rng_));
+    return t;
+  }
+  // An fp8 latent pool's rows as their values (f32 [rows, r + rd]; the pool on the host or the device).
+  Tensor dequantized(const Tensor& pool, int64_t r, int64_t rd) {
+    const Tensor h = pool.device() == Device::kCuda ? gpu_->download(pool) : pool;
+    const Fp8LatentRow f{r, rd};
+    Tensor out = Tensor::zeros({h.size(0), r + rd});
+    for (int64_t i = 0; i < h.size(0); ++i)
+      dequantize_fp8_latent_row(h.data<uint8_t>() + i * f.bytes(), f, out.f32() + i * (r + rd));
+    return out;
+  }
   Tensor ids(const Shape& s, int32_t hi) {
     Tensor t = Tensor::zeros(s, DType::kI32);
     std::uniform_int_distribution<int32_t> u(0, hi - 1);
@@ -511,6 +530,69 @@ TEST_F(CudaBackendTest, WarpgroupGroupedProductsAgreeWithMmaSync) {
   }
 }
 
+// Batch-invariant products (gemm bf16_invariant): a row's result has the same bits whatever rows share
+// its product: dense products (both weight orientations, f32 or bf16 weights, beta 0 and 1, windows of
+// rows that start inside and across 128-row tiles) and grouped ones (the same rows in groups of few rows
+// or many, where the default mode would take other kernels), each within bf16 rounding of the f32
+// reference.
+TEST_F(CudaBackendTest, BatchInvariantProductsGiveARowTheSameBits) {
+  cuda::Options o;
+  o.gemm = cuda::Options::GemmPrecision::kBF16;
+  o.batch_invariant = true;
+  o.poison_empty = true;
+  auto made = cuda::make_backend(o);
+  ASSERT_TRUE(made.ok()) << made.status();
+  Backend& be = **made;
+  const int64_t m = 300, k = 264, n = 200;
+  const Tensor a = randn({m, k}), c0 = randn({m, n});
+  const std::vector<std::pair<int64_t, int64_t>> windows = {{0, 1}, {5, 7}, {120, 20}, {128, 129}, {299, 1}, {3, 250}};
+  for (bool trans_b : {true, false}) {
+    const Tensor w = trans_b ? randn({n, k}, 0.1f) : randn({k, n}, 0.1f);
+    for (bool w16 : {false, true}) {
+      Tensor dw = on(be, w);
+      if (w16) {
+        Tensor b = be.zeros(w.shape(), DType::kBF16);
+        be.copy(dw, b);
+        dw = b;
+      }
+      for (float beta : {0.0f, 1.0f}) {
+        Tensor full = on(be, c0);
+        be.gemm(on(be, a), false, dw, trans_b, full, 1.0f, beta);
+        const Tensor want = be.download(full);
+        Tensor ref = c0.clone();
+        cpu_->gemm(a, false, w, trans_b, ref, 1.0f, beta);
+        EXPECT_LT(max_rel(be, want, ref), 2e-2) << "trans_b " << trans_b;
+        for (auto [r0, rows] : windows) {
+          Tensor part = on(be, c0.slice(0, r0, rows).clone());
+          be.gemm(on(be, a.slice(0, r0, rows).clone()), false, dw, trans_b, part, 1.0f, beta);
+          EXPECT_TRUE(bitwise_equal(be.download(part), want.slice(0, r0, rows).clone()))
+              << "rows " << r0 << "+" << rows << ", trans_b " << trans_b << ", bf16 w " << w16 << ", beta " << beta;
+        }
+      }
+    }
+  }
+  // Grouped: rows 40..43 of the batch form group 2 in a product of 300 rows (groups of 100 on average)
+  // and alone (1 row a group on average), as gate/up and plain products.
+  const int64_t g = 4, inter = 72;
+  const Tensor wg = randn({g, 2 * inter, k}, 0.1f), wd = randn({g, n, k}, 0.1f);
+  Tensor gwg = be.zeros(wg.shape(), DType::kBF16), gwd = be.zeros(wd.shape(), DType::kBF16);
+  be.copy(on(be, wg), gwg);
+  be.copy(on(be, wd), gwd);
+  const std::vector<int64_t> big = {0, 40, 40, 44, 300}, small = {0, 0, 0, 4, 4};
+  Tensor ha = be.zeros({m, inter}, DType::kBF16), hs = be.zeros({4, inter}, DType::kBF16);
+  Tensor ya = be.zeros({m, n}), ys = be.zeros({4, n});
+  const Tensor da = on(be, a), ds = on(be, a.slice(0, 40, 4).clone());
+  be.grouped_gate_up(da, gwg, on(be, bounds(big)), ha);
+  be.grouped_gate_up(ds, gwg, on(be, bounds(small)), hs);
+  be.grouped_gemm(da, gwd, true, on(be, bounds(big)), ya);
+  be.grouped_gemm(ds, gwd, true, on(be, bounds(small)), ys);
+  EXPECT_TRUE(bitwise_equal(be.download(hs), be.download(ha).slice(0, 40, 4).clone())) << "gate/up";
+  EXPECT_TRUE(bitwise_equal(be.download(ys), be.download(ya).slice(0, 40, 4).clone())) << "grouped product";
+  Tensor ref = Tensor::zeros({4, n});
+  cpu_->gemm(a.slice(0, 40, 4).clone(), false, wd.slice(0, 2, 1).view({n, k}), true, ref);
+  EXPECT_LT(max_rel(be, ys, ref), 2e-2);
+}
+
 TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
   // Rows of 128·k ≤ 1024 take the one-pass backward (several blocks of rows; a partial last one).
   for (auto [m, d] : {std::pair<int64_t, int64_t>{7, 64}, {33, 1000}, {300, 7168}, {70, 256}, {301, 1024}}) {
@@ -845,6 +927,73 @@ TEST_F(CudaBackendTest, PagedLatentAttentionOverABf16Pool) {
 
 // A latent cache's new rows in one pass: the same bits as the norm, rope and scatter one after another
 // on the GPU, into f32 and bf16 pools; the CPU reference within rounding.
+// fp8 latent rows: the device's quantisation is the reference's, byte for byte: tiles of very different
+// magnitudes (zeros, tiny, huge), the scales, the rope key in bf16, the padding; rows not named stay.
+TEST_F(CudaBackendTest, ScatterFp8LatentsIsTheReferenceQuantisation) {
+  for (auto [r, rd] : {std::pair<int64_t, int64_t>{256, 32}, {512, 64}, {64, 8}}) {
+    const Fp8LatentRow f{r, rd};
+    const int64_t n = 21, rows = 50;
+    Tensor src = randn({n, r + rd});
+    const float mags[] = {1.0f, 0.0f, 1e-30f, 3e4f, 2e-3f, 1e30f, 448.0f, 7.0f};
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < r; ++j) src.f32()[i * (r + rd) + j] *= mags[(i + j / kFp8LatentTile) % 8];
+    Tensor slots = Tensor::zeros({n}, DType::kI32);
+    for (int64_t i = 0; i < n; ++i) slots.data<int32_t>()[i] = static_cast<int32_t>((i * 13 + 5) % rows);
+    const Tensor base = random_bytes(rows, f.bytes());
+    Tensor want = base.clone(), got = dev(base);
+    cpu_->scatter_fp8_latents(src, r, slots, want);
+    gpu_->scatter_fp8_latents(dev(src), r, dev(slots), got);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(got), want)) << "r " << r << ", rope " << rd;
+  }
+}
+
+// Attention over fp8 latent rows is the tensor-core kernel over their dequantised values: bitwise the
+// same as over a bf16 pool holding those values (f32 and bf16 outputs), through splits over long
+// contexts, prefill chunks, scrambled blocks and padded head blocks; and within bf16 rounding of the
+// reference over the fp8 rows.
+TEST_F(CudaBackendTest, PagedLatentAttentionOverFp8Rows) {
+  struct Geometry {
+    int block;
+    std::vector<int32_t> ctx, n_new;
+    int64_t max_blocks;
+  };
+  const std::vector<Geometry> geometries = {
+      {4, {12, 18, 1}, {3, 1, 1}, 5}, {16, {300, 70, 1, 129}, {1, 1, 1, 2}, 19}, {64, {4000, 5}, {1, 1}, 63}};
+  for (const Geometry& geo : geometries)
+    for (auto [heads, d, dv] :
+         {std::tuple<int64_t, int64_t, int64_t>{16, 288, 256}, {20, 288, 256}, {3, 576, 512}, {4, 80, 64}}) {
+      const int block = geo.block;
+      const int64_t seqs = static_cast<int64_t>(geo.ctx.size()), n_blocks = seqs * geo.max_blocks + 1;
+      std::vector<int32_t> perm(n_blocks);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng_);
+      Tensor tables = Tensor::zeros({seqs, geo.max_blocks}, DType::kI32);
+      for (int64_t i = 0; i < seqs * geo.max_blocks; ++i) tables.data<int32_t>()[i] = perm[i];
+      Tensor starts = Tensor::zeros({seqs + 1}, DType::kI32), lens = Tensor::zeros({seqs}, DType::kI32);
+      for (int s = 0; s < seqs; ++s) {
+        starts.data<int32_t>()[s + 1] = starts.data<int32_t>()[s] + geo.n_new[s];
+        lens.data<int32_t>()[s] = geo.ctx[s];
+      }
+      const int64_t n = starts.data<int32_t>()[seqs], rows = n_blocks * block;
+      const Fp8LatentRow f{dv, d - dv};
+      Tensor values = randn({rows, d}), all = Tensor::zeros({rows}, DType::kI32);
+      std::iota(all.data<int32_t>(), all.data<int32_t>() + rows, 0);
+      Tensor pool8 = Tensor::zeros({rows, f.bytes()}, DType::kU8);
+      cpu_->scatter_fp8_latents(values, dv, all, pool8);
+      const Tensor pool16 = dequantized(pool8, dv, d - dv).to(DType::kBF16);  // exact
+      Tensor q = randn({n, heads, d}, 0.3f), out = Tensor::zeros({n, heads, dv});
+      cpu_->paged_latent_attention(q, pool8, block, tables, starts, lens, 0.1f, out);
+      for (DType od : {DType::kF32, DType::kBF16}) {
+        Tensor g8 = gpu_->zeros(out.shape(), od), g16 = gpu_->zeros(out.shape(), od);
+        gpu_->paged_latent_attention(dev(q), dev(pool8), block, dev(tables), dev(starts), dev(lens), 0.1f, g8);
+        gpu_->paged_latent_attention(dev(q), dev(pool16), block, dev(tables), dev(starts), dev(lens), 0.1f, g16);
+        EXPECT_TRUE(bitwise_equal(gpu_->download(g8), gpu_->download(g16)))
+            << heads << " heads, row " << d << ", block " << block << ", out " << dtype_name(od);
+        EXPECT_CLOSE(g8, out, 2e-2) << heads << " heads, row " << d << ", block " << block;
+      }
+    }
+}
+
 TEST_F(CudaBackendTest, StoreLatentsIsNormRopeAndScatter) {
   const int64_t n = 37, r = 256, rd = 32, rows = 100, npos = 64;
   RopeTable t{randn({npos, rd / 2}), randn({npos, rd / 2})};
@@ -854,14 +1003,28 @@ TEST_F(CudaBackendTest, StoreLatentsIsNormRopeAndScatter) {
   for (int64_t i = 0; i < n; ++i) slots.data<int32_t>()[i] = static_cast<int32_t>((i * 7) % rows);
   const Tensor ckv = wide.slice(1, 0, r + rd), gckv = dev(wide).slice(1, 0, r + rd);
   for (bool interleaved : {false, true})
-    for (DType dt : {DType::kF32, DType::kBF16}) {
-      Tensor base = randn({rows, r + rd}).to(dt);
+    for (DType dt : {DType::kF32, DType::kBF16, DType::kU8}) {
+      // U8: fp8 rows (core/latent_rows.h), their bytes the same as the steps' (the fused kernel's values
+      // are the same bits, quantised alike), their values within E4M3's rounding of the reference's.
+      const bool fp8 = dt == DType::kU8;
+      Tensor base = fp8 ? random_bytes(rows, Fp8LatentRow{r, rd}.bytes()) : randn({rows, r + rd}).to(dt);
       Tensor fused = dev(base), steps = dev(base), want = base.clone();
       gpu_->store_latents(gckv, dev(w), 1e-6f, dev(pos), gt, interleaved, dev(slots), fused);
       gpu_->Backend::store_latents(gckv, dev(w), 1e-6f, dev(pos), gt, interleaved, dev(slots), steps);
-      EXPECT_TRUE(bitwise_equal(gpu_->download(fused), gpu_->download(steps))) << interleaved;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(fused), gpu_->download(steps))) << interleaved << " " << dtype_name(dt);
       cpu_->store_latents(ckv, w, 1e-6f, pos, t, interleaved, slots, want);
-      EXPECT_LT(max_rel(*gpu_, fused, want), dt == DType::kF32 ? 1e-5 : 8e-3) << interleaved;
+      if (fp8) {  // the rows written (the others hold random bytes, NaN codes among them)
+        const auto written = [&](const Tensor& pool) {
+          const Tensor all = dequantized(pool, r, rd);
+          Tensor out = Tensor::zeros({n, r + rd});
+          for (int64_t i = 0; i < n; ++i)
+            std::copy_n(all.f32() + slots.data<int32_t>()[i] * (r + rd), r + rd, out.f32() + i * (r + rd));
+          return out;
+        };
+        EXPECT_LT(max_rel(*gpu_, written(fused), written(want)), 7e-2) << interleaved;
+      } else {
+        EXPECT_LT(max_rel(*gpu_, fused, want), dt == DType::kF32 ? 1e-5 : 8e-3) << interleaved;
+      }
     }
 }
 
@@ -880,8 +1043,9 @@ TEST_F(CudaBackendTest, MlaStepInputsIsStoreRopeAndCopy) {
   const Tensor gq(gwide.storage(), gwide.byte_offset(), {n, heads, nope + rd}, {gwide.stride(0), nope + rd, 1},
                   DType::kF32);
   for (bool interleaved : {false, true})
-    for (DType dt : {DType::kF32, DType::kBF16}) {
-      const Tensor base = randn({rows, r + rd}).to(dt);
+    for (DType dt : {DType::kF32, DType::kBF16, DType::kU8}) {
+      const Tensor base =
+          dt == DType::kU8 ? random_bytes(rows, Fp8LatentRow{r, rd}.bytes()) : randn({rows, r + rd}).to(dt);
       Tensor fused = dev(base), steps = dev(base);
       // q_rot inside a wider row, as the absorbed queries hold it.
       Tensor rot1 = gpu_->zeros({n, heads, r + rd}, DType::kF32), rot2 = gpu_->zeros({n, heads, r + rd}, DType::kF32);
@@ -1382,6 +1546,16 @@ TEST_F(CudaModelTest, PagedDecodeMatchesCpu) {
   EXPECT_EQ(bc.bytes() * 2, gc.bytes());
   EXPECT_CLOSE(bf16().download((*bm)->forward_step(prefill, bc)), want_prefill, 3e-2);
   EXPECT_CLOSE(bf16().download((*bm)->forward_step(decode, bc)), want_decode, 3e-2);
+
+  // fp8 rows: the same steps as the CPU reference over fp8 rows, within bf16 rounding (the rows' E4M3
+  // values agree but where the two sides' norms round a value across an E4M3 boundary).
+  if (model::LatentCache::resolve_dtype((*bm)->config(), bf16(), model::LatentFormat::kFp8).ok()) {
+    model::LatentCache fc((*cm)->config(), *cpu_, 32, block, model::LatentFormat::kFp8);
+    model::LatentCache fg((*bm)->config(), bf16(), 32, block, model::LatentFormat::kFp8);
+    EXPECT_EQ(fg.dtype(), DType::kU8);
+    EXPECT_CLOSE(bf16().download((*bm)->forward_step(prefill, fg)), (*cm)->forward_step(prefill, fc), 5e-2);
+    EXPECT_CLOSE(bf16().download((*bm)->forward_step(decode, fg)), (*cm)->forward_step(decode, fc), 5e-2);
+  }
 }
 
 // Decode steps replay captured graphs (Model::forward_step): the same logits as steps run as they come,
@@ -1421,6 +1595,72 @@ TEST_F(CudaModelTest, DecodeGraphsMatchStepsRunAsTheyCome) {
         EXPECT_LT(max_rel(be, got, want), 1e-3) << "step " << step;
       }
     }
+  }
+}
+
+// Batch-invariant products (gemm bf16_invariant) on the whole tensor-core path, routed experts
+// included: the rollout engine's rescored logprobs (EngineOptions::rescore_logprobs) equal what the
+// trainer recomputes on the GPU bit for bit, in micro-batches that mix groups and lengths, so GRPO's
+// sampler-trainer gap is exactly 0 and its ratio starts at 1; with bf16 and with fp8 latent rows (the
+// tokens sampled over fp8 rows, their logprobs the trainer's).
+TEST_F(CudaModelTest, BatchInvariantRescoredLogprobsAreTheTrainersBitForBit) {
+  cuda::Options o;
+  o.gemm = cuda::Options::GemmPrecision::kBF16;
+  o.batch_invariant = true;
+  auto made = cuda::make_backend(o);
+  ASSERT_TRUE(made.ok()) << made.status();
+  model::Model gm(tensor_core_config(), **made);
+  ASSERT_GT(gm.config().n_routed_experts, 0);
+  gm.init_random(9, 0.05f);
+  std::vector<rollout::GroupRequest> groups;
+  std::mt19937 pick(3);
+  for (int i = 0; i < 5; ++i) {
+    rollout::GroupRequest r;
+    for (int k = 0; k < 5 + 3 * i; ++k) r.prompt.push_back(static_cast<int32_t>(2 + pick() % 1000));
+    r.num_samples = 3;
+    r.params.temperature = 1.0f;
+    r.params.max_new_tokens = 6 + 2 * i;
+    r.params.seed = 40 + static_cast<uint64_t>(i);
+    groups.push_back(std::move(r));
+  }
+  for (model::LatentFormat format : {model::LatentFormat::kAuto, model::LatentFormat::kFp8}) {
+    SCOPED_TRACE(model::latent_format_name(format));
+    rollout::EngineOptions eo;
+    eo.num_blocks = 256;
+    eo.rescore_logprobs = true;
+    eo.latents = format;
+    rollout::Engine engine(gm, eo);
+    auto got = engine.generate(groups);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ASSERT_EQ(got->size(), 15u);
+    EXPECT_GT(engine.stats().rescored_tokens, 0);
+    std::vector<trainer::TrainSequence> batch;
+    for (size_t i = 0; i < got->size(); ++i) {
+      const rollout::Completion& c = (*got)[i];
+      trainer::TrainSequence t;
+      t.tokens = groups[c.group].prompt;
+      t.prompt_len = static_cast<int32_t>(t.tokens.size());
+      t.tokens.insert(t.tokens.end(), c.tokens.begin(), c.tokens.end());
+      t.old_logprobs = c.logprobs;
+      t.advantage = i % 2 ? 0.5f : -0.5f;
+      batch.push_back(std::move(t));
+    }
+    for (int micro : {4, 15}) {
+      const auto want = trainer::completion_logprobs(gm, batch, micro);
+      for (size_t i = 0; i < got->size(); ++i) {
+        const std::vector<float>& lp = (*got)[i].logprobs;
+        ASSERT_EQ(want[i].size(), lp.size());
+        for (size_t k = 0; k < lp.size(); ++k)
+          EXPECT_EQ(std::memcmp(&want[i][k], &lp[k], 4), 0) << "micro-batch " << micro << ", completion " << i
+                                                            << " token " << k << ": " << want[i][k] << " vs " << lp[k];
+      }
+    }
+    trainer::GrpoConfig cfg;
+    cfg.old = trainer::GrpoConfig::Old::kSampler;
+    cfg.kl_beta = 0.0f;
+    const trainer::GrpoStepStats gs = trainer::grpo_gradients(gm, cfg, batch, 4);
+    EXPECT_EQ(gs.logprob_gap_max, 0.0);
+    EXPECT_EQ(gs.ratio, 1.0);
   }
 }
 
