@@ -260,6 +260,14 @@ class Backend {
   virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) = 0;
   // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]];  ys f32 or bf16 (here and in backward), out f32.
   virtual void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) = 0;
+  // A MoE layer's end and the next layer's norm: moe_combine(ys, weights, row_of, h), then
+  // add_rmsnorm_forward(x, h, w, eps, y, rstd) (h += x, y = rmsnorm(h)); a backend may do it in one pass
+  // (decode runs it once a layer). This default is the reference.
+  virtual void moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weights, const Tensor& row_of, const Tensor& x,
+                                       Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+    moe_combine(ys, weights, row_of, h);
+    add_rmsnorm_forward(x, h, w, eps, y, rstd);
+  }
   // dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (row = row_of[m*K+k]), written (not
   // accumulated); rows of dys that no assignment names are left as they are. dys f32, or bf16 (rounded
   // once: a gradient that only bf16 products read).

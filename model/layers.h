@@ -54,9 +54,11 @@ void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, c
 void gated_activation(core::Backend& be, MlpActs& a);
 
 // DeepSeekMoE: routed experts (top-k by the router) plus shared experts. y overwritten. Without
-// for_backward, a keeps no experts' gate_up products (the experts' gated product runs fused).
+// for_backward, a keeps no experts' gate_up products (the experts' gated product runs fused). Without
+// combine, y holds the shared experts' output only and the caller adds the routed ones (a.ys by
+// a.weights and a.row_of: Backend::moe_combine, or moe_combine_add_rmsnorm with the next norm).
 void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x, MoeActs& a,
-                 core::Tensor& y, bool for_backward);
+                 core::Tensor& y, bool for_backward, bool combine = true);
 // dx += ∂/∂x; g.* = gbeta · g.* + ∂/∂weights for the router and the experts (as mla_backward).
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::Tensor& x, const MoeActs& a, const core::Tensor& dy, core::Tensor& dx, float gbeta);

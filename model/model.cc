@@ -542,18 +542,20 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
     mla_forward_paged(backend_, cfg_, lw, rope_, ln, st, cache, l, h1);
     backend_.add_rmsnorm_forward(x, h1, lw.post_norm, eps, ln, rstd);
     Tensor out = backend_.empty({m, cfg_.hidden_size});
+    const bool last = l + 1 == cfg_.num_hidden_layers;
     if (lw.moe) {
+      // The routed experts' outputs go in with the residual add and the next norm, in one pass.
       MoeActs a;
-      moe_forward(backend_, cfg_, lw, ln, a, out, /*for_backward=*/false);
+      moe_forward(backend_, cfg_, lw, ln, a, out, /*for_backward=*/false, /*combine=*/last);
+      if (!last)
+        backend_.moe_combine_add_rmsnorm(a.ys, a.weights, a.row_of, h1, out, w_.layers[l + 1].input_norm, eps, ln,
+                                         rstd);
     } else {
       MlpActs a;
       mlp_forward(backend_, lw.mlp, ln, a, out);
+      if (!last) backend_.add_rmsnorm_forward(h1, out, w_.layers[l + 1].input_norm, eps, ln, rstd);
     }
-    if (l + 1 < cfg_.num_hidden_layers) {
-      backend_.add_rmsnorm_forward(h1, out, w_.layers[l + 1].input_norm, eps, ln, rstd);
-    } else {
-      backend_.add(h1, out);
-    }
+    if (last) backend_.add(h1, out);
     x = out;
   }
   // Only the rows that need logits go through the final norm and the head.

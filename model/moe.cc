@@ -83,7 +83,7 @@ void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, c
 }
 
 void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,
-                 Tensor& y, bool for_backward) {
+                 Tensor& y, bool for_backward, bool combine) {
   const int64_t m = x.size(0), h = x.size(1), e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
   const int64_t inter = cfg.moe_intermediate_size;
   const core::RouterConfig rc = cfg.router();
@@ -117,7 +117,7 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   } else {
     be.fill(y, 0.0f);
   }
-  be.moe_combine(a.ys, a.weights, a.row_of, y);
+  if (combine) be.moe_combine(a.ys, a.weights, a.row_of, y);
 }
 
 void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,

@@ -40,7 +40,7 @@ def main(path):
     cols = rows[header]
     k_id, k_name = cols.index("ID"), cols.index("Kernel Name")
     k_metric, k_unit, k_value = cols.index("Metric Name"), cols.index("Metric Unit"), cols.index("Metric Value")
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
     for r in rows[header + 1:]:
         if len(r) <= k_value or r[k_metric] != "gpu__time_duration.sum":
             continue

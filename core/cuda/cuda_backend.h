@@ -150,6 +150,8 @@ class CudaBackend final : public Backend {
                     Tensor& offsets) override;
   void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) override;
   void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) override;
+  void moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weights, const Tensor& row_of, const Tensor& x,
+                               Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
   void moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights, const Tensor& row_of,
                             Tensor& dys, Tensor& dweights) override;
 

@@ -147,11 +147,27 @@ __global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, 
   }
 }
 
+// The routed experts' rows that add_rmsnorm_forward_kernel adds into h first, as moe_combine does
+// (h[m] += Σ_k w[m, k] · ys[row_of[m·K + k]], k in order), or none (k = 0).
+template <typename TS>
+struct Routed {
+  const TS* ys = nullptr;
+  int64_t ldy = 0;
+  const float* w = nullptr;
+  const int32_t* row_of = nullptr;
+  int64_t k = 0;
+  __device__ __forceinline__ float added(float acc, int64_t m, int c) const {
+    for (int64_t j = 0; j < k; ++j) acc += w[m * k + j] * load(ys + row_of[m * k + j] * ldy + c);
+    return acc;
+  }
+};
+
 // The same with the residual add first, h += x (f32), as add and rmsnorm_forward_kernel compute them:
 // each thread sums the squares of the same elements in the same order, so the results are the same bits.
-template <typename TY, int kKeep>
+// With routed rows, h first takes them as moe_combine would (moe_combine_add_rmsnorm): the same bits too.
+template <typename TY, int kKeep, typename TS = float>
 __global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h, int64_t ldh, const float* w,
-                                           float eps, TY* y, int64_t ldy, float* rstd, int d) {
+                                           float eps, TY* y, int64_t ldy, float* rstd, int d, Routed<TS> routed = {}) {
   const float* xr = x + blockIdx.x * ldx;
   float* hr = h + blockIdx.x * ldh;
   float ss = 0;
@@ -161,7 +177,7 @@ __global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h
     for (int u = 0; u < kKeep; ++u) {
       const int i = threadIdx.x + u * blockDim.x;
       if (i < d) {
-        v[u] = hr[i] + xr[i];
+        v[u] = routed.added(hr[i], blockIdx.x, i) + xr[i];
         wv[u] = w[i];
         ss += v[u] * v[u];
       }
@@ -174,7 +190,7 @@ __global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h
     put_normed<kKeep>(v, wv, ss, eps, d, rstd, y + blockIdx.x * ldy);
   } else {
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-      const float v = hr[i] + xr[i];
+      const float v = routed.added(hr[i], blockIdx.x, i) + xr[i];
       hr[i] = v;
       ss += v * v;
     }
@@ -805,6 +821,47 @@ void CudaBackend::scatter_fp8_latents(const Tensor& src, int64_t r, const Tensor
   Op op(this, "scatter_fp8_latents", 0, (4.0 * S.cols + f.bytes()) * S.rows);
   scatter_fp8_kernel<<<static_cast<unsigned>(S.rows), kThreads, 0, stream()>>>(
       S.f(), S.ld, rows.data<int32_t>(), pool.data<uint8_t>(), f.bytes(), pool.size(0), f);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weights, const Tensor& row_of,
+                                          const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y,
+                                          Tensor& rstd) {
+  const Rows X = rows_of(x), H = rows_of(h), Y = rows_of(y), S = rows_of(ys);
+  check_device(x, DType::kF32);
+  check_device(h, DType::kF32);
+  check_device(y, y.dtype());
+  check_device(w, DType::kF32);
+  check_device(rstd, DType::kF32);
+  check_device(weights, DType::kF32);
+  check_device(row_of, DType::kI32);
+  CHECK(ys.dtype() == DType::kF32 || ys.dtype() == DType::kBF16) << "moe_combine of " << dtype_name(ys.dtype());
+  CHECK(X.rows == H.rows && X.cols == H.cols && Y.rows == H.rows && Y.cols == H.cols && S.cols == H.cols)
+      << shape_str(x.shape()) << ", " << shape_str(h.shape()) << ", " << shape_str(y.shape()) << ", "
+      << shape_str(ys.shape());
+  CHECK(weights.dim() == 2 && weights.is_contiguous() && weights.size(0) == H.rows && row_of.is_contiguous() &&
+        row_of.numel() == weights.numel())
+      << "routing " << shape_str(weights.shape()) << " and " << shape_str(row_of.shape()) << " for " << H.rows
+      << " rows";
+  CHECK_EQ(w.numel(), H.cols);
+  CHECK_EQ(rstd.numel(), H.rows);
+  if (H.rows == 0) return;
+  const int64_t k = weights.size(1);
+  Op op(this, "moe_combine_add_rmsnorm", (5.0 + 2 * k) * H.rows * H.cols,
+        1.0 * H.rows * H.cols * (12 + dtype_size(y.dtype()) + k * dtype_size(ys.dtype())));
+  dispatch(y.dtype(), [&](auto* to) {
+    using TY = std::remove_pointer_t<decltype(to)>;
+    dispatch(ys.dtype(), [&](auto* ts) {
+      using TS = std::remove_pointer_t<decltype(ts)>;
+      const Routed<TS> routed{static_cast<const TS*>(S.p), S.ld, weights.f32(), row_of.data<int32_t>(), k};
+      with_keep(H.cols, [&](auto keep) {
+        add_rmsnorm_forward_kernel<TY, decltype(keep)::value, TS>
+            <<<static_cast<unsigned>(H.rows), kThreads, 0, stream()>>>(X.f(), X.ld, H.f(), H.ld, w.f32(), eps,
+                                                                       static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
+                                                                       static_cast<int>(H.cols), routed);
+      });
+    });
+  });
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1167,6 +1167,37 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
   }
 }
 
+// A MoE layer's end and the next norm in one pass (moe_combine_add_rmsnorm, as decode runs them): the
+// same bits as moe_combine then add_rmsnorm_forward, for f32 and bf16 expert rows, bf16 and f32 normed
+// outputs, rows a thread keeps in registers or reads twice; and the CPU's composition within f32 rounding.
+TEST_F(CudaBackendTest, MoeCombineAddRmsNormIsCombineThenAddNorm) {
+  for (int64_t d : {1024, 100, 3000}) {
+    const int64_t m = 13, k = 4;
+    std::vector<int32_t> perm(m * k);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng_);
+    Tensor row_of = Tensor::zeros({m * k}, DType::kI32);
+    std::copy(perm.begin(), perm.end(), row_of.data<int32_t>());
+    const Tensor ys = randn({m * k, d}), weights = randn({m, k}, 0.5f), x = randn({m, d}), h = randn({m, d}),
+                 w = randn({d}, 0.3f);
+    for (DType yd : {DType::kF32, DType::kBF16})
+      for (DType od : {DType::kF32, DType::kBF16}) {
+        Tensor gys = dev(ys.to(yd));
+        Tensor h1 = dev(h), h2 = dev(h), y1 = gpu_->zeros({m, d}, od), y2 = gpu_->zeros({m, d}, od);
+        Tensor r1 = gpu_->zeros({m}), r2 = gpu_->zeros({m});
+        gpu_->moe_combine_add_rmsnorm(gys, dev(weights), dev(row_of), dev(x), h1, dev(w), 1e-6f, y1, r1);
+        gpu_->Backend::moe_combine_add_rmsnorm(gys, dev(weights), dev(row_of), dev(x), h2, dev(w), 1e-6f, y2, r2);
+        EXPECT_TRUE(bitwise_equal(gpu_->download(h1), gpu_->download(h2))) << "d " << d;
+        EXPECT_TRUE(bitwise_equal(gpu_->download(y1), gpu_->download(y2))) << "d " << d;
+        EXPECT_TRUE(bitwise_equal(gpu_->download(r1), gpu_->download(r2))) << "d " << d;
+        Tensor ch = h.clone(), cy = Tensor::zeros({m, d}), cr = Tensor::zeros({m});
+        cpu_->moe_combine_add_rmsnorm(ys.to(yd), weights, row_of, x, ch, w, 1e-6f, cy, cr);
+        EXPECT_CLOSE(h1, ch, 1e-5) << "d " << d;
+        EXPECT_CLOSE(y1, cy, od == DType::kF32 ? 1e-5 : 8e-3) << "d " << d;
+      }
+  }
+}
+
 TEST_F(CudaBackendTest, LogprobsForwardBackward) {
   for (auto [m, v] : {std::pair<int64_t, int64_t>{3, 10}, {77, 1024}, {16, 32768}}) {
     Tensor logits = randn({m, v}, 4.0f), tg = ids({m}, static_cast<int32_t>(v));
