@@ -71,6 +71,43 @@ class CudaBackendTest : public ::testing::Test {
     return t;
   }
   Tensor randn(const Shape& s, float scale = 1.0f) { return testing::randn(s, rng_, scale); }
+  // A paged decode batch: sequences with ctx[s] positions in the cache, n_new[s] of them new this step,
+  // in blocks of `block` positions; tables of max_blocks entries a sequence.
+  struct PagedGeometry {
+    int block;
+    std::vector<int32_t> ctx, n_new;
+    int64_t max_blocks;
+  };
+  // Short contexts with prefill chunks; splits over long contexts; a few long sequences.
+  static const std::vector<PagedGeometry>& paged_geometries() {
+    static const std::vector<PagedGeometry> g = {
+        {4, {12, 18, 1}, {3, 1, 1}, 5}, {16, {300, 70, 1, 129}, {1, 1, 1, 2}, 19}, {64, {4000, 5}, {1, 1}, 63}};
+    return g;
+  }
+  // Its inputs as paged_latent_attention takes them (host tensors): the block tables a scrambled
+  // permutation of the pool's blocks; n query rows, a pool of `rows` rows.
+  struct PagedBatch {
+    int64_t n, rows;
+    Tensor tables, starts, lens;
+  };
+  PagedBatch paged_batch(const PagedGeometry& geo) {
+    const int64_t seqs = static_cast<int64_t>(geo.ctx.size()), n_blocks = seqs * geo.max_blocks + 1;
+    std::vector<int32_t> perm(n_blocks);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng_);
+    PagedBatch b;
+    b.tables = Tensor::zeros({seqs, geo.max_blocks}, DType::kI32);
+    for (int64_t i = 0; i < seqs * geo.max_blocks; ++i) b.tables.data<int32_t>()[i] = perm[i];
+    b.starts = Tensor::zeros({seqs + 1}, DType::kI32);
+    b.lens = Tensor::zeros({seqs}, DType::kI32);
+    for (int s = 0; s < seqs; ++s) {
+      b.starts.data<int32_t>()[s + 1] = b.starts.data<int32_t>()[s] + geo.n_new[s];
+      b.lens.data<int32_t>()[s] = geo.ctx[s];
+    }
+    b.n = b.starts.data<int32_t>()[seqs];
+    b.rows = n_blocks * geo.block;
+    return b;
+  }
   // Random bytes [rows, cols] U8 (an fp8 latent pool's rows before they are written).
   Tensor random_bytes(int64_t rows, int64_t cols) {
     Tensor t = Tensor::zeros({rows, cols}, DType::kU8);
@@ -878,34 +915,17 @@ TEST_F(CudaBackendTest, PagedLatentAttentionOverScrambledBlocks) {
 // bf16) against the reference over the same bf16 values; padded head blocks (3 and 20 heads), splits
 // over long contexts, prefill chunks, scrambled blocks.
 TEST_F(CudaBackendTest, PagedLatentAttentionOverABf16Pool) {
-  struct Geometry {
-    int block;
-    std::vector<int32_t> ctx, n_new;
-    int64_t max_blocks;
-  };
-  const std::vector<Geometry> geometries = {{4, {12, 18, 1}, {3, 1, 1}, 5},
-                                            {16, {300, 70, 1, 129}, {1, 1, 1, 2}, 19},
-                                            {64, {4000, 5}, {1, 1}, 63}};
-  for (const Geometry& geo : geometries)
+  for (const PagedGeometry& geo : paged_geometries())
     for (auto [heads, d, dv] : {std::tuple<int64_t, int64_t, int64_t>{4, 80, 64},
                                 {16, 288, 256},
                                 {20, 288, 256},
                                 {3, 160, 128},
                                 {16, 576, 512}}) {
+      const PagedBatch b = paged_batch(geo);
       const int block = geo.block;
-      const int64_t seqs = static_cast<int64_t>(geo.ctx.size()), n_blocks = seqs * geo.max_blocks + 1;
-      std::vector<int32_t> perm(n_blocks);
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), rng_);
-      Tensor tables = Tensor::zeros({seqs, geo.max_blocks}, DType::kI32);
-      for (int64_t i = 0; i < seqs * geo.max_blocks; ++i) tables.data<int32_t>()[i] = perm[i];
-      Tensor starts = Tensor::zeros({seqs + 1}, DType::kI32), lens = Tensor::zeros({seqs}, DType::kI32);
-      for (int s = 0; s < seqs; ++s) {
-        starts.data<int32_t>()[s + 1] = starts.data<int32_t>()[s] + geo.n_new[s];
-        lens.data<int32_t>()[s] = geo.ctx[s];
-      }
-      const int64_t n = starts.data<int32_t>()[seqs];
-      Tensor pool = randn({n_blocks * block, d}).to(DType::kBF16), q = randn({n, heads, d}, 0.3f),
+      const int64_t n = b.n;
+      const Tensor &tables = b.tables, &starts = b.starts, &lens = b.lens;
+      Tensor pool = randn({b.rows, d}).to(DType::kBF16), q = randn({n, heads, d}, 0.3f),
              out = Tensor::zeros({n, heads, dv});
       cpu_->paged_latent_attention(q, pool, block, tables, starts, lens, 0.1f, out);
       Tensor gout = gpu_->zeros(out.shape(), DType::kF32);
@@ -952,29 +972,13 @@ TEST_F(CudaBackendTest, ScatterFp8LatentsIsTheReferenceQuantisation) {
 // contexts, prefill chunks, scrambled blocks and padded head blocks; and within bf16 rounding of the
 // reference over the fp8 rows.
 TEST_F(CudaBackendTest, PagedLatentAttentionOverFp8Rows) {
-  struct Geometry {
-    int block;
-    std::vector<int32_t> ctx, n_new;
-    int64_t max_blocks;
-  };
-  const std::vector<Geometry> geometries = {
-      {4, {12, 18, 1}, {3, 1, 1}, 5}, {16, {300, 70, 1, 129}, {1, 1, 1, 2}, 19}, {64, {4000, 5}, {1, 1}, 63}};
-  for (const Geometry& geo : geometries)
+  for (const PagedGeometry& geo : paged_geometries())
     for (auto [heads, d, dv] :
          {std::tuple<int64_t, int64_t, int64_t>{16, 288, 256}, {20, 288, 256}, {3, 576, 512}, {4, 80, 64}}) {
+      const PagedBatch b = paged_batch(geo);
       const int block = geo.block;
-      const int64_t seqs = static_cast<int64_t>(geo.ctx.size()), n_blocks = seqs * geo.max_blocks + 1;
-      std::vector<int32_t> perm(n_blocks);
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), rng_);
-      Tensor tables = Tensor::zeros({seqs, geo.max_blocks}, DType::kI32);
-      for (int64_t i = 0; i < seqs * geo.max_blocks; ++i) tables.data<int32_t>()[i] = perm[i];
-      Tensor starts = Tensor::zeros({seqs + 1}, DType::kI32), lens = Tensor::zeros({seqs}, DType::kI32);
-      for (int s = 0; s < seqs; ++s) {
-        starts.data<int32_t>()[s + 1] = starts.data<int32_t>()[s] + geo.n_new[s];
-        lens.data<int32_t>()[s] = geo.ctx[s];
-      }
-      const int64_t n = starts.data<int32_t>()[seqs], rows = n_blocks * block;
+      const int64_t n = b.n, rows = b.rows;
+      const Tensor &tables = b.tables, &starts = b.starts, &lens = b.lens;
       const Fp8LatentRow f{dv, d - dv};
       Tensor values = randn({rows, d}), all = Tensor::zeros({rows}, DType::kI32);
       std::iota(all.data<int32_t>(), all.data<int32_t>() + rows, 0);
