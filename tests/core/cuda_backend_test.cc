@@ -44,14 +44,16 @@ class CudaBackendTest : public ::testing::Test {
   }
   Tensor host(const Tensor& d) { return gpu_->download(d).to_f32(); }
   // A second backend whose products run in bf16 (made on first use); hopper false: one whose grouped
-  // products keep the mma.sync kernels on a Hopper GPU too.
-  Backend& bf16(bool hopper = true) {
-    std::unique_ptr<Backend>& be = hopper ? bf16_ : bf16_sync_;
+  // products keep the mma.sync kernels on a Hopper GPU too; invariant: batch-invariant products (gemm
+  // bf16_invariant).
+  Backend& bf16(bool hopper = true, bool invariant = false) {
+    std::unique_ptr<Backend>& be = invariant ? bf16_invariant_ : hopper ? bf16_ : bf16_sync_;
     if (!be) {
       cuda::Options o;
       o.gemm = cuda::Options::GemmPrecision::kBF16;
       o.poison_empty = true;
       o.hopper_products = hopper;
+      o.batch_invariant = invariant;
       auto made = cuda::make_backend(o);
       CHECK(made.ok()) << made.status();
       be = std::move(*made);
@@ -133,7 +135,7 @@ class CudaBackendTest : public ::testing::Test {
 
   std::unique_ptr<Backend> cpu_ = make_cpu_backend();
   std::unique_ptr<Backend> gpu_;
-  std::unique_ptr<Backend> bf16_, bf16_sync_;
+  std::unique_ptr<Backend> bf16_, bf16_sync_, bf16_invariant_;
   std::mt19937_64 rng_{20261122};
 };
 
@@ -573,13 +575,7 @@ TEST_F(CudaBackendTest, WarpgroupGroupedProductsAgreeWithMmaSync) {
 // or many, where the default mode would take other kernels), each within bf16 rounding of the f32
 // reference.
 TEST_F(CudaBackendTest, BatchInvariantProductsGiveARowTheSameBits) {
-  cuda::Options o;
-  o.gemm = cuda::Options::GemmPrecision::kBF16;
-  o.batch_invariant = true;
-  o.poison_empty = true;
-  auto made = cuda::make_backend(o);
-  ASSERT_TRUE(made.ok()) << made.status();
-  Backend& be = **made;
+  Backend& be = bf16(/*hopper=*/true, /*invariant=*/true);
   const int64_t m = 300, k = 264, n = 200;
   const Tensor a = randn({m, k}), c0 = randn({m, n});
   const std::vector<std::pair<int64_t, int64_t>> windows = {{0, 1}, {5, 7}, {120, 20}, {128, 129}, {299, 1}, {3, 250}};
@@ -1639,12 +1635,7 @@ TEST_F(CudaModelTest, DecodeGraphsMatchStepsRunAsTheyCome) {
 // sampler-trainer gap is exactly 0 and its ratio starts at 1; with bf16 and with fp8 latent rows (the
 // tokens sampled over fp8 rows, their logprobs the trainer's).
 TEST_F(CudaModelTest, BatchInvariantRescoredLogprobsAreTheTrainersBitForBit) {
-  cuda::Options o;
-  o.gemm = cuda::Options::GemmPrecision::kBF16;
-  o.batch_invariant = true;
-  auto made = cuda::make_backend(o);
-  ASSERT_TRUE(made.ok()) << made.status();
-  model::Model gm(tensor_core_config(), **made);
+  model::Model gm(tensor_core_config(), bf16(/*hopper=*/true, /*invariant=*/true));
   ASSERT_GT(gm.config().n_routed_experts, 0);
   gm.init_random(9, 0.05f);
   std::vector<rollout::GroupRequest> groups;
