@@ -1,11 +1,13 @@
-// What a kernel costs in a decode step's CUDA graph. First, chains of a small elementwise kernel, alone
+// What a kernel costs in a decode step's CUDA graph. First, how fast blocks stream an MoE layer's expert
+// weights (64 MB) into shared memory by each way of loading them (bench/small_products_kernels.cu): the
+// ceiling for the experts' products. Then chains of a small elementwise kernel, alone
 // and between cuBLAS products, with and without programmatic dependent launch (PDL): the price of a
 // kernel boundary. Then the step's dense products (few rows, a bf16 weight each): cublasGemmEx's default
 // choice against every algorithm cuBLASLt's heuristic offers for the shape (the heuristic's first, the
 // fastest, its split-k and waves), each timed in a graph of back-to-back calls that cycle through enough
 // copies of the weight to miss L2, as a decode step reads each weight once. Shapes from the model
 // config, at the rows given.
-// Usage: small_products --config CONFIG.json [--rows 64,256] [--candidates 24]
+// Usage: small_products --config CONFIG.json [--rows 64,256] [--candidates 24] [--streams] [--products]
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -26,6 +28,8 @@
 ABSL_FLAG(std::string, config, "", "a Hugging Face DeepseekV3 config.json");
 ABSL_FLAG(std::vector<std::string>, rows, std::vector<std::string>({"64", "256"}), "rows (tokens) of the products");
 ABSL_FLAG(int, candidates, 24, "cuBLASLt heuristic results to time");
+ABSL_FLAG(bool, streams, true, "time the ways a block streams weights into shared memory");
+ABSL_FLAG(bool, products, true, "time the kernel chains and the dense products");
 
 namespace {
 
@@ -67,6 +71,9 @@ double time_graph(cudaStream_t s, int calls, F&& run) {
 
 // bench/small_products_kernels.cu
 void launch_bump(cudaStream_t s, bool pdl, const float* x, float* y, int n);
+int stream_variants();
+void launch_stream_variant(int v, cudaStream_t s, const unsigned char* w, int64_t rows, unsigned* out,
+                           const char** name);
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -110,6 +117,35 @@ int main(int argc, char** argv) {
       "small products on %s (%d SMs), bf16 operands, f32 out; us a call (graph of calls over weight "
       "copies that miss L2)\n\n",
       prop.name, prop.multiProcessorCount);
+  if (absl::GetFlag(FLAGS_streams)) {
+    // Streaming 64 MB of weights (an MoE layer's experts' gate/up in the benchmark model) into shared
+    // memory, four copies cycled so that each call misses L2.
+    constexpr int64_t kRows = 32768, kBytes = kRows * 2048;
+    constexpr int kCopies = 4;
+    unsigned char* w;
+    unsigned* out;
+    CUDA_CHECK(cudaMalloc(&w, kCopies * kBytes));
+    CUDA_CHECK(cudaMemset(w, 1, kCopies * kBytes));
+    CUDA_CHECK(cudaMalloc(&out, 4096 * sizeof(unsigned)));
+    std::printf(
+        "streaming %lld MB of weights into shared memory (%lld rows of 2048 bytes, a block per 128 rows, 16 KB a "
+        "step):\n\n| how | us | GB/s | vs plain loads |\n|---|---|---|---|\n",
+        static_cast<long long>(kBytes >> 20), static_cast<long long>(kRows));
+    double plain = 0;
+    for (int v = 0; v < stream_variants(); ++v) {
+      const char* name = "";
+      const double t = time_graph(s, 16, [&](int i) {
+        launch_stream_variant(v, s, w + static_cast<int64_t>(i % kCopies) * kBytes, kRows, out, &name);
+      });
+      if (v == 0) plain = t;
+      std::printf("| %s | %.2f | %.0f | %.2fx |\n", name, 1e3 * t, kBytes / (t * 1e-3) / 1e9, plain / t);
+      std::fflush(stdout);
+    }
+    std::printf("\n");
+    cudaFree(w);
+    cudaFree(out);
+  }
+  if (!absl::GetFlag(FLAGS_products)) return 0;
   {
     // Chains of small kernels in one graph: the cost of a kernel boundary, with and without PDL, alone
     // and between cuBLAS products (as a decode step alternates them).

@@ -34,3 +34,202 @@ void launch_bump(cudaStream_t s, bool pdl, const float* x, float* y, int n) {
   CUDA_CHECK(cudaLaunchKernelEx(&cfg, bump_kernel, x, y, n));
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// How a block streams weights into shared memory, as the experts' products of a decode step do: a
+// [rows, 2048-byte] matrix (k 1024 in bf16), a block per 128 rows, in steps of 128 bytes of every row
+// (16 KB a step, the products' tile order) or of 16 KB lying contiguously (a pre-tiled layout), through
+// a ring of kStages buffers, by cp.async (16 bytes a thread a copy) or by the copy engine's bulk copies
+// (cp.async.bulk, completion counted on an mbarrier). The consumer only folds the bytes (xor) so that
+// memory is all there is to time.
+namespace {
+
+constexpr int kStreamRows = 128, kRowBytes = 2048, kStepBytes = 16384, kStreamThreads = 256;
+constexpr int kSteps = kRowBytes / 128;
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ uint4 fold_step(const unsigned char* buf) {
+  uint4 acc = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int u = 0; u < kStepBytes / 16 / kStreamThreads; ++u) {
+    const uint4 v = reinterpret_cast<const uint4*>(buf)[threadIdx.x + u * kStreamThreads];
+    acc.x ^= v.x, acc.y ^= v.y, acc.z ^= v.z, acc.w ^= v.w;
+  }
+  return acc;
+}
+
+__device__ __forceinline__ void put_fold(uint4 acc, unsigned* out) {
+  const unsigned v = acc.x ^ acc.y ^ acc.z ^ acc.w;
+  if (v == 0x9e3779b9u) out[blockIdx.x] = v;  // never, in practice; keeps the loads alive
+}
+
+// Byte offset of step s's piece u (of 16 bytes) in the block's 128 rows: strided (row r's 128 bytes
+// at column s) or contiguous.
+template <bool kTiled>
+__device__ __forceinline__ size_t piece_offset(int s, int u) {
+  if constexpr (kTiled) return static_cast<size_t>(s) * kStepBytes + 16 * u;
+  return static_cast<size_t>(u / 8) * kRowBytes + s * 128 + 16 * (u % 8);
+}
+
+// kPhantom: each step also issues half as many zero-filling copies (source size 0) into a second
+// buffer, as a product's tile of rows past a group's end would.
+template <int kStages, bool kTiled, bool kPhantom = false>
+__global__ void __launch_bounds__(kStreamThreads) stream_cp_async_kernel(const unsigned char* w, unsigned* out) {
+  extern __shared__ __align__(128) unsigned char ring[];
+  __shared__ __align__(16) unsigned char phantom[kPhantom ? kStepBytes / 2 : 16];
+  const unsigned char* base = w + static_cast<size_t>(blockIdx.x) * kStreamRows * kRowBytes;
+  const auto issue = [&](int s) {
+    if (s < kSteps) {
+      unsigned char* buf = ring + (s % kStages) * kStepBytes;
+#pragma unroll
+      for (int k = 0; k < kStepBytes / 16 / kStreamThreads; ++k) {
+        const int u = threadIdx.x + k * kStreamThreads;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(buf + 16 * u)),
+                     "l"(base + piece_offset<kTiled>(s, u)));
+      }
+      if constexpr (kPhantom) {
+        for (int u = threadIdx.x; u < kStepBytes / 32; u += kStreamThreads)
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(smem_addr(phantom + 16 * u)), "l"(base));
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  uint4 acc = make_uint4(0, 0, 0, 0);
+  for (int s = 0; s < kSteps; ++s) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
+    __syncthreads();
+    issue(s + kStages - 1);
+    const uint4 v = fold_step(ring + (s % kStages) * kStepBytes);
+    acc.x ^= v.x, acc.y ^= v.y, acc.z ^= v.z, acc.w ^= v.w;
+  }
+  put_fold(acc, out);
+}
+
+template <int kStages, bool kTiled>
+__global__ void __launch_bounds__(kStreamThreads) stream_bulk_kernel(const unsigned char* w, unsigned* out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char ring[];
+  __shared__ __align__(8) unsigned long long full[kStages];
+  const unsigned char* base = w + static_cast<size_t>(blockIdx.x) * kStreamRows * kRowBytes;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(&full[i])));
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::);
+  }
+  __syncthreads();
+  // The first warp issues a step: lane 0 sets the bytes to expect, then the lanes copy 128-byte row
+  // pieces (strided) or lane 0 the whole step (tiled).
+  const auto issue = [&](int s) {
+    if (s >= kSteps || threadIdx.x >= 32) return;
+    unsigned char* buf = ring + (s % kStages) * kStepBytes;
+    const unsigned bar = smem_addr(&full[s % kStages]);
+    if (threadIdx.x == 0)
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(kStepBytes) : "memory");
+    __syncwarp();
+    if constexpr (kTiled) {
+      if (threadIdx.x == 0)
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                         smem_addr(buf)),
+                     "l"(base + piece_offset<true>(s, 0)), "r"(kStepBytes), "r"(bar)
+                     : "memory");
+    } else {
+      for (int r = threadIdx.x; r < kStreamRows; r += 32)
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 128, [%2];\n" ::"r"(
+                         smem_addr(buf + 128 * r)),
+                     "l"(base + static_cast<size_t>(r) * kRowBytes + s * 128), "r"(bar)
+                     : "memory");
+    }
+  };
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  uint4 acc = make_uint4(0, 0, 0, 0);
+  for (int s = 0; s < kSteps; ++s) {
+    __syncthreads();  // every thread is done with step s - 1's buffer, which step s + kStages - 1 takes
+    issue(s + kStages - 1);
+    const unsigned bar = smem_addr(&full[s % kStages]), parity = (s / kStages) & 1;
+    unsigned done = 0;
+    while (!done)
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    const uint4 v = fold_step(ring + (s % kStages) * kStepBytes);
+    acc.x ^= v.x, acc.y ^= v.y, acc.z ^= v.z, acc.w ^= v.w;
+  }
+  put_fold(acc, out);
+#endif
+}
+
+// Plain loads, 16 bytes a thread, the whole matrix over a grid of 4 blocks an SM: the ceiling.
+__global__ void stream_plain_kernel(const uint4* w, size_t n, unsigned* out) {
+  uint4 acc = make_uint4(0, 0, 0, 0);
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const uint4 v = __ldcs(w + i);
+    acc.x ^= v.x, acc.y ^= v.y, acc.z ^= v.z, acc.w ^= v.w;
+  }
+  put_fold(acc, out);
+}
+
+template <typename K>
+void launch_stream(K kernel, cudaStream_t s, int stages, int blocks, const unsigned char* w, unsigned* out) {
+  const size_t smem = static_cast<size_t>(stages) * kStepBytes;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<blocks, kStreamThreads, smem, s>>>(w, out);
+}
+
+}  // namespace
+
+int stream_variants() { return 10; }
+
+// Streams rows × 2048 bytes at w by variant v (0 .. stream_variants() - 1); its name into *name.
+void launch_stream_variant(int v, cudaStream_t s, const unsigned char* w, int64_t rows, unsigned* out,
+                           const char** name) {
+  const int blocks = static_cast<int>(rows / kStreamRows);
+  switch (v) {
+    case 0:
+      *name = "plain loads (16 B a thread)";
+      stream_plain_kernel<<<4 * 132, 256, 0, s>>>(reinterpret_cast<const uint4*>(w), rows * kRowBytes / 16, out);
+      break;
+    case 1:
+      *name = "cp.async, row pieces, 3 stages";
+      launch_stream(stream_cp_async_kernel<3, false>, s, 3, blocks, w, out);
+      break;
+    case 2:
+      *name = "cp.async, row pieces, 6 stages";
+      launch_stream(stream_cp_async_kernel<6, false>, s, 6, blocks, w, out);
+      break;
+    case 3:
+      *name = "cp.async, tiled, 3 stages";
+      launch_stream(stream_cp_async_kernel<3, true>, s, 3, blocks, w, out);
+      break;
+    case 4:
+      *name = "cp.async, tiled, 6 stages";
+      launch_stream(stream_cp_async_kernel<6, true>, s, 6, blocks, w, out);
+      break;
+    case 5:
+      *name = "bulk, row pieces, 3 stages";
+      launch_stream(stream_bulk_kernel<3, false>, s, 3, blocks, w, out);
+      break;
+    case 6:
+      *name = "bulk, row pieces, 6 stages";
+      launch_stream(stream_bulk_kernel<6, false>, s, 6, blocks, w, out);
+      break;
+    case 7:
+      *name = "bulk, tiled, 3 stages";
+      launch_stream(stream_bulk_kernel<3, true>, s, 3, blocks, w, out);
+      break;
+    case 8:
+      *name = "bulk, tiled, 6 stages";
+      launch_stream(stream_bulk_kernel<6, true>, s, 6, blocks, w, out);
+      break;
+    default:
+      *name = "cp.async, row pieces, 3 stages, + half as many zero-filling copies";
+      launch_stream(stream_cp_async_kernel<3, false, true>, s, 3, blocks, w, out);
+      break;
+  }
+  CUDA_CHECK(cudaGetLastError());
+}

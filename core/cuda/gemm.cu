@@ -142,7 +142,10 @@ constexpr int kTileM = 128, kTileN = 128, kTileK = 64, kStages = 3, kTcThreads =
 // The grouped product's row tiles: 32 rows up to this mean a group, 64 up to the next, else kTileM.
 // On an H100 (bench/rollout's decode kernels alone, the benchmark model's experts: 32 of them, 4 a
 // token), gate_up + down at batch 64 (8 rows a group): 128-row tiles 47.8 us, 64-row 43.4, 32-row 38.9;
-// at batch 256 (32 a group): 128-row 53.5, 64-row 49.5, 32-row 59.7.
+// at batch 256 (32 a group): 128-row 53.5, 64-row 49.5, 32-row 59.7. Inside a decode step, with the
+// routing's uneven groups and the weights not in L2, the down product (k 512) at batch 256 took 17.7 us
+// on Hopper's 128-row kernel (wgmma) against 21.1 us on 64-row tiles, the gated gate/up 40.0 both ways
+// (ncu, 7 MoE layers): so on Hopper grouped_gemm skips the 64-row tile.
 constexpr int kGroupedTile32 = 24, kGroupedTile64 = 64;
 
 // One operand's tile: kExtent rows along m (or n) by kTileK along k. kK: k is the contiguous dimension
@@ -1127,10 +1130,14 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ow = gemm_operand(w, bf16, groups * w.size(1), w.size(2), w.stride(1), w.size(1), w.stride(0), kw);
   if (bf16 && fits && tc_operand(oa, k) && tc_operand(ow, w.size(2)) && groups < 65535) {
-    // Row tiles by the mean rows a group: 32 or 64 where the groups are short (decode), so that the
-    // tensor cores work on rows that exist; 128 otherwise, and always where products are batch-invariant.
+    // Row tiles by the mean rows a group: 32 or 64 (not on Hopper: see kGroupedTile64) where the groups
+    // are short (decode), so that the tensor cores work on rows that exist; 128 otherwise, and always
+    // where products are batch-invariant.
     const int64_t mean = rows / groups;
-    const int tm = opt_.batch_invariant ? 128 : mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
+    const int tm = opt_.batch_invariant               ? 128
+                   : mean <= kGroupedTile32             ? 32
+                   : mean <= kGroupedTile64 && !hopper_ ? 64
+                                                        : 128;
     tc_products(oa, ow, trans_w, groups, offsets.data<int64_t>(), rows, C.p, C.ld, c16, n, k, beta, tm);
     return;
   }
