@@ -181,55 +181,47 @@ void launch_stream(K kernel, cudaStream_t s, int stages, int blocks, const unsig
   kernel<<<blocks, kStreamThreads, smem, s>>>(w, out);
 }
 
+// Each way of streaming `blocks` blocks' rows at w.
+void launch_plain(cudaStream_t s, int blocks, const unsigned char* w, unsigned* out) {
+  int sms = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  stream_plain_kernel<<<4 * sms, 256, 0, s>>>(reinterpret_cast<const uint4*>(w),
+                                              static_cast<size_t>(blocks) * kStreamRows * kRowBytes / 16, out);
+}
+template <int kStages, bool kTiled, bool kPhantom = false>
+void launch_cp_async(cudaStream_t s, int blocks, const unsigned char* w, unsigned* out) {
+  launch_stream(stream_cp_async_kernel<kStages, kTiled, kPhantom>, s, kStages, blocks, w, out);
+}
+template <int kStages, bool kTiled>
+void launch_bulk(cudaStream_t s, int blocks, const unsigned char* w, unsigned* out) {
+  launch_stream(stream_bulk_kernel<kStages, kTiled>, s, kStages, blocks, w, out);
+}
+
+struct StreamVariant {
+  const char* name;
+  void (*launch)(cudaStream_t, int, const unsigned char*, unsigned*);
+};
+constexpr StreamVariant kStreamVariants[] = {
+    {"plain loads (16 B a thread)", launch_plain},
+    {"cp.async, row pieces, 3 stages", launch_cp_async<3, false>},
+    {"cp.async, row pieces, 6 stages", launch_cp_async<6, false>},
+    {"cp.async, tiled, 3 stages", launch_cp_async<3, true>},
+    {"cp.async, tiled, 6 stages", launch_cp_async<6, true>},
+    {"bulk, row pieces, 3 stages", launch_bulk<3, false>},
+    {"bulk, row pieces, 6 stages", launch_bulk<6, false>},
+    {"bulk, tiled, 3 stages", launch_bulk<3, true>},
+    {"bulk, tiled, 6 stages", launch_bulk<6, true>},
+    {"cp.async, row pieces, 3 stages, + half as many zero-filling copies", launch_cp_async<3, false, true>},
+};
+
 }  // namespace
 
-int stream_variants() { return 10; }
+int stream_variants() { return static_cast<int>(sizeof(kStreamVariants) / sizeof(kStreamVariants[0])); }
 
 // Streams rows × 2048 bytes at w by variant v (0 .. stream_variants() - 1); its name into *name.
 void launch_stream_variant(int v, cudaStream_t s, const unsigned char* w, int64_t rows, unsigned* out,
                            const char** name) {
-  const int blocks = static_cast<int>(rows / kStreamRows);
-  switch (v) {
-    case 0:
-      *name = "plain loads (16 B a thread)";
-      stream_plain_kernel<<<4 * 132, 256, 0, s>>>(reinterpret_cast<const uint4*>(w), rows * kRowBytes / 16, out);
-      break;
-    case 1:
-      *name = "cp.async, row pieces, 3 stages";
-      launch_stream(stream_cp_async_kernel<3, false>, s, 3, blocks, w, out);
-      break;
-    case 2:
-      *name = "cp.async, row pieces, 6 stages";
-      launch_stream(stream_cp_async_kernel<6, false>, s, 6, blocks, w, out);
-      break;
-    case 3:
-      *name = "cp.async, tiled, 3 stages";
-      launch_stream(stream_cp_async_kernel<3, true>, s, 3, blocks, w, out);
-      break;
-    case 4:
-      *name = "cp.async, tiled, 6 stages";
-      launch_stream(stream_cp_async_kernel<6, true>, s, 6, blocks, w, out);
-      break;
-    case 5:
-      *name = "bulk, row pieces, 3 stages";
-      launch_stream(stream_bulk_kernel<3, false>, s, 3, blocks, w, out);
-      break;
-    case 6:
-      *name = "bulk, row pieces, 6 stages";
-      launch_stream(stream_bulk_kernel<6, false>, s, 6, blocks, w, out);
-      break;
-    case 7:
-      *name = "bulk, tiled, 3 stages";
-      launch_stream(stream_bulk_kernel<3, true>, s, 3, blocks, w, out);
-      break;
-    case 8:
-      *name = "bulk, tiled, 6 stages";
-      launch_stream(stream_bulk_kernel<6, true>, s, 6, blocks, w, out);
-      break;
-    default:
-      *name = "cp.async, row pieces, 3 stages, + half as many zero-filling copies";
-      launch_stream(stream_cp_async_kernel<3, false, true>, s, 3, blocks, w, out);
-      break;
-  }
+  *name = kStreamVariants[v].name;
+  kStreamVariants[v].launch(s, static_cast<int>(rows / kStreamRows), w, out);
   CUDA_CHECK(cudaGetLastError());
 }
