@@ -13,6 +13,7 @@ Prints, over the whole steps in the file, each kernel's launches a step, microse
 import collections
 import csv
 import re
+import signal
 import sys
 
 
@@ -71,4 +72,5 @@ def main(path):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the output quietly
     sys.exit(main(sys.argv[1]))
