@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "core/cuda/cuda_check.h"
+#include "core/cuda/mma.cuh"  // tc::cp_async16 and its commit and wait
 
 namespace {
 
@@ -47,18 +48,13 @@ namespace {
 constexpr int kStreamRows = 128, kRowBytes = 2048, kStepBytes = 16384, kStreamThreads = 256;
 constexpr int kSteps = kRowBytes / 128;
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
+__device__ __forceinline__ void fold(uint4& acc, uint4 v) { acc.x ^= v.x, acc.y ^= v.y, acc.z ^= v.z, acc.w ^= v.w; }
 
-__device__ __forceinline__ uint4 fold_step(const unsigned char* buf) {
-  uint4 acc = make_uint4(0, 0, 0, 0);
+// This thread's share of a step's buffer folded into acc.
+__device__ __forceinline__ void fold_step(uint4& acc, const unsigned char* buf) {
 #pragma unroll
-  for (int u = 0; u < kStepBytes / 16 / kStreamThreads; ++u) {
-    const uint4 v = reinterpret_cast<const uint4*>(buf)[threadIdx.x + u * kStreamThreads];
-    acc.x ^= v.x, acc.y ^= v.y, acc.z ^= v.z, acc.w ^= v.w;
-  }
-  return acc;
+  for (int u = 0; u < kStepBytes / 16 / kStreamThreads; ++u)
+    fold(acc, reinterpret_cast<const uint4*>(buf)[threadIdx.x + u * kStreamThreads]);
 }
 
 __device__ __forceinline__ void put_fold(uint4 acc, unsigned* out) {
@@ -87,24 +83,21 @@ __global__ void __launch_bounds__(kStreamThreads) stream_cp_async_kernel(const u
 #pragma unroll
       for (int k = 0; k < kStepBytes / 16 / kStreamThreads; ++k) {
         const int u = threadIdx.x + k * kStreamThreads;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(buf + 16 * u)),
-                     "l"(base + piece_offset<kTiled>(s, u)));
+        tc::cp_async16(buf + 16 * u, base + piece_offset<kTiled>(s, u), true);
       }
       if constexpr (kPhantom) {
-        for (int u = threadIdx.x; u < kStepBytes / 32; u += kStreamThreads)
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(smem_addr(phantom + 16 * u)), "l"(base));
+        for (int u = threadIdx.x; u < kStepBytes / 32; u += kStreamThreads) tc::cp_async16(phantom + 16 * u, base, false);
       }
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    tc::cp_async_commit();
   };
   for (int s = 0; s < kStages - 1; ++s) issue(s);
   uint4 acc = make_uint4(0, 0, 0, 0);
   for (int s = 0; s < kSteps; ++s) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
+    tc::cp_async_wait<kStages - 2>();
     __syncthreads();
     issue(s + kStages - 1);
-    const uint4 v = fold_step(ring + (s % kStages) * kStepBytes);
-    acc.x ^= v.x, acc.y ^= v.y, acc.z ^= v.z, acc.w ^= v.w;
+    fold_step(acc, ring + (s % kStages) * kStepBytes);
   }
   put_fold(acc, out);
 }
@@ -114,6 +107,7 @@ __global__ void __launch_bounds__(kStreamThreads) stream_bulk_kernel(const unsig
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ __align__(8) unsigned long long full[kStages];
+  const auto smem_addr = [](const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); };
   const unsigned char* base = w + static_cast<size_t>(blockIdx.x) * kStreamRows * kRowBytes;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(&full[i])));
@@ -156,8 +150,7 @@ __global__ void __launch_bounds__(kStreamThreads) stream_bulk_kernel(const unsig
           : "=r"(done)
           : "r"(bar), "r"(parity)
           : "memory");
-    const uint4 v = fold_step(ring + (s % kStages) * kStepBytes);
-    acc.x ^= v.x, acc.y ^= v.y, acc.z ^= v.z, acc.w ^= v.w;
+    fold_step(acc, ring + (s % kStages) * kStepBytes);
   }
   put_fold(acc, out);
 #endif
@@ -168,8 +161,7 @@ __global__ void stream_plain_kernel(const uint4* w, size_t n, unsigned* out) {
   uint4 acc = make_uint4(0, 0, 0, 0);
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const uint4 v = __ldcs(w + i);
-    acc.x ^= v.x, acc.y ^= v.y, acc.z ^= v.z, acc.w ^= v.w;
+    fold(acc, __ldcs(w + i));
   }
   put_fold(acc, out);
 }
