@@ -71,15 +71,20 @@ __device__ __forceinline__ size_t piece_offset(int s, int u) {
 }
 
 // kPhantom: each step also issues half as many zero-filling copies (source size 0) into a second
-// buffer, as a product's tile of rows past a group's end would.
-template <int kStages, bool kTiled, bool kPhantom = false>
+// buffer, as a product's tile of rows past a group's end would. kTokens: each step also brings the
+// block's tile of token rows, as the experts' gate/up product (64-row tiles) does: 64 rows' 128 bytes,
+// 32 of them read (from the first 2 MB of w, shared by 8 blocks as 8 column tiles share their token
+// rows, so mostly from L2) and 32 zero-filled (a group of 32 rows in a tile of 64).
+template <int kStages, bool kTiled, bool kPhantom = false, bool kTokens = false>
 __global__ void __launch_bounds__(kStreamThreads) stream_cp_async_kernel(const unsigned char* w, unsigned* out) {
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ __align__(16) unsigned char phantom[kPhantom ? kStepBytes / 2 : 16];
+  constexpr int kTokenStep = 64 * 128;  // bytes of a step's token tile
   const unsigned char* base = w + static_cast<size_t>(blockIdx.x) * kStreamRows * kRowBytes;
+  const unsigned char* tokens = w + static_cast<size_t>(blockIdx.x / 8 % 32) * 32 * kRowBytes;
   const auto issue = [&](int s) {
     if (s < kSteps) {
-      unsigned char* buf = ring + (s % kStages) * kStepBytes;
+      unsigned char* buf = ring + (s % kStages) * (kStepBytes + (kTokens ? kTokenStep : 0));
 #pragma unroll
       for (int k = 0; k < kStepBytes / 16 / kStreamThreads; ++k) {
         const int u = threadIdx.x + k * kStreamThreads;
@@ -87,6 +92,13 @@ __global__ void __launch_bounds__(kStreamThreads) stream_cp_async_kernel(const u
       }
       if constexpr (kPhantom) {
         for (int u = threadIdx.x; u < kStepBytes / 32; u += kStreamThreads) tc::cp_async16(phantom + 16 * u, base, false);
+      }
+      if constexpr (kTokens) {
+#pragma unroll
+        for (int k = 0; k < kTokenStep / 16 / kStreamThreads; ++k) {
+          const int u = threadIdx.x + k * kStreamThreads, r = u / 8;
+          tc::cp_async16(buf + kStepBytes + 16 * u, tokens + r * kRowBytes + s * 128 + 16 * (u % 8), r < 32);
+        }
       }
     }
     tc::cp_async_commit();
@@ -97,7 +109,13 @@ __global__ void __launch_bounds__(kStreamThreads) stream_cp_async_kernel(const u
     tc::cp_async_wait<kStages - 2>();
     __syncthreads();
     issue(s + kStages - 1);
-    fold_step(acc, ring + (s % kStages) * kStepBytes);
+    const unsigned char* buf = ring + (s % kStages) * (kStepBytes + (kTokens ? kTokenStep : 0));
+    fold_step(acc, buf);
+    if constexpr (kTokens) {
+#pragma unroll
+      for (int u = 0; u < kTokenStep / 16 / kStreamThreads; ++u)
+        fold(acc, reinterpret_cast<const uint4*>(buf + kStepBytes)[threadIdx.x + u * kStreamThreads]);
+    }
   }
   put_fold(acc, out);
 }
@@ -167,8 +185,9 @@ __global__ void stream_plain_kernel(const uint4* w, size_t n, unsigned* out) {
 }
 
 template <typename K>
-void launch_stream(K kernel, cudaStream_t s, int stages, int blocks, const unsigned char* w, unsigned* out) {
-  const size_t smem = static_cast<size_t>(stages) * kStepBytes;
+void launch_stream(K kernel, cudaStream_t s, int stages, int blocks, const unsigned char* w, unsigned* out,
+                   size_t step_bytes = kStepBytes) {
+  const size_t smem = static_cast<size_t>(stages) * step_bytes;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<blocks, kStreamThreads, smem, s>>>(w, out);
 }
@@ -180,9 +199,10 @@ void launch_plain(cudaStream_t s, int blocks, const unsigned char* w, unsigned* 
   stream_plain_kernel<<<4 * sms, 256, 0, s>>>(reinterpret_cast<const uint4*>(w),
                                               static_cast<size_t>(blocks) * kStreamRows * kRowBytes / 16, out);
 }
-template <int kStages, bool kTiled, bool kPhantom = false>
+template <int kStages, bool kTiled, bool kPhantom = false, bool kTokens = false>
 void launch_cp_async(cudaStream_t s, int blocks, const unsigned char* w, unsigned* out) {
-  launch_stream(stream_cp_async_kernel<kStages, kTiled, kPhantom>, s, kStages, blocks, w, out);
+  launch_stream(stream_cp_async_kernel<kStages, kTiled, kPhantom, kTokens>, s, kStages, blocks, w, out,
+                kStepBytes + (kTokens ? 64 * 128 : 0));
 }
 template <int kStages, bool kTiled>
 void launch_bulk(cudaStream_t s, int blocks, const unsigned char* w, unsigned* out) {
@@ -204,6 +224,8 @@ constexpr StreamVariant kStreamVariants[] = {
     {"bulk, tiled, 3 stages", launch_bulk<3, true>},
     {"bulk, tiled, 6 stages", launch_bulk<6, true>},
     {"cp.async, row pieces, 3 stages, + half as many zero-filling copies", launch_cp_async<3, false, true>},
+    {"cp.async, row pieces, 3 stages, + the token tile (32 rows read, 32 zero-filled)",
+     launch_cp_async<3, false, false, true>},
 };
 
 }  // namespace

@@ -431,39 +431,85 @@ __global__ void scatter_fp8_kernel(const float* src, int64_t lds, const int32_t*
 }
 
 // TP: a pool row's element type: float or bf16 values, or uint8_t for fp8 rows.
+// Reads come before writes: the compiler cannot tell the writes' memory from the reads', so a read
+// placed after a write waits for it to land. So a thread first reads its first kBatch latent values and
+// weights and its share of the rope key, then the queries in batches of kBatch items a kind (each
+// batch's reads, then its writes), and writes the latent row last: a decode step's row is about two
+// trips to memory rather than one a loop iteration.
 template <typename TP>
 __global__ void store_latents_kernel(const float* ckv, int64_t ldc, int r, int rd, const float* w, float eps,
                                      const int32_t* pos, const float* cos_t, const float* sin_t, int64_t n_pos,
                                      bool interleaved, const int32_t* slots, TP* pool, int64_t ldp,
                                      int64_t pool_rows, StepQueries sq) {
+  constexpr int kBatch = 4;
+  const int tid = threadIdx.x, threads = blockDim.x, half = rd / 2;
+  const int32_t p = pos[blockIdx.x];
+  const int64_t slot = slots[blockIdx.x];
+  const float* x = ckv + blockIdx.x * ldc;
+  const bool rotated = p >= 0 && p < n_pos;
+  const auto pair = [&](int i, int* ia, int* ib) {  // the rope pair i's two elements
+    *ia = interleaved ? 2 * i : i;
+    *ib = interleaved ? 2 * i + 1 : i + half;
+  };
+  float xv[kBatch], wv[kBatch];  // x[i], w[i] for i = tid + u · threads
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u) {
+    const int i = tid + u * threads;
+    if (i < r) xv[u] = x[i], wv[u] = w[i];
+  }
+  float ka = 0, kb = 0, kc = 1, ks = 0;  // the rope key's pair tid (tid < half) and its cos and sin
+  if (tid < half) {
+    int ia, ib;
+    pair(tid, &ia, &ib);
+    ka = x[r + ia], kb = x[r + ib];
+    if (rotated) kc = cos_t[static_cast<int64_t>(p) * half + tid], ks = sin_t[static_cast<int64_t>(p) * half + tid];
+  }
   if (sq.q) {
-    const int half = rd / 2;
-    const int32_t p = pos[blockIdx.x];
+    // Items: the rope pairs (head, i) of q into q_rot, and the nope values (head, i) into q_nope.
     const float* qr = sq.q + blockIdx.x * sq.q0;
-    for (int idx = threadIdx.x; idx < sq.heads * half; idx += blockDim.x) {
-      const int h = idx / half, i = idx % half;
-      const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
-      const float* u = qr + h * sq.q1 + sq.nope;
-      float* v = sq.rot + blockIdx.x * sq.r0 + h * sq.r1;
-      const float a = u[ia], b = u[ib];
-      if (p < 0 || p >= n_pos) {
-        v[ia] = a;
-        v[ib] = b;
-      } else {
-        rotate(a, b, cos_t[static_cast<int64_t>(p) * half + i], sin_t[static_cast<int64_t>(p) * half + i], v + ia,
-               v + ib);
+    const int n_rot = sq.heads * half, n_nope = sq.heads * sq.nope;
+    for (int b0 = 0; b0 < max(n_rot, n_nope); b0 += kBatch * threads) {
+      float qa[kBatch], qb[kBatch], qc[kBatch], qs[kBatch], nv[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int idx = b0 + tid + u * threads;
+        if (idx < n_rot) {
+          const int h = idx / half, i = idx % half;
+          int ia, ib;
+          pair(i, &ia, &ib);
+          qa[u] = qr[h * sq.q1 + sq.nope + ia], qb[u] = qr[h * sq.q1 + sq.nope + ib];
+          if (rotated)
+            qc[u] = cos_t[static_cast<int64_t>(p) * half + i], qs[u] = sin_t[static_cast<int64_t>(p) * half + i];
+        }
+        if (idx < n_nope) nv[u] = qr[idx / sq.nope * sq.q1 + idx % sq.nope];
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int idx = b0 + tid + u * threads;
+        if (idx < n_rot) {
+          const int h = idx / half;
+          int ia, ib;
+          pair(idx % half, &ia, &ib);
+          float* v = sq.rot + blockIdx.x * sq.r0 + h * sq.r1;
+          if (rotated) {
+            rotate(qa[u], qb[u], qc[u], qs[u], v + ia, v + ib);
+          } else {
+            v[ia] = qa[u];
+            v[ib] = qb[u];
+          }
+        }
+        if (idx < n_nope) sq.nope_out[blockIdx.x * sq.n0 + idx / sq.nope * sq.n1 + idx % sq.nope] = __float2bfloat16(nv[u]);
       }
     }
-    for (int idx = threadIdx.x; idx < sq.heads * sq.nope; idx += blockDim.x) {
-      const int h = idx / sq.nope, i = idx % sq.nope;
-      sq.nope_out[blockIdx.x * sq.n0 + h * sq.n1 + i] = __float2bfloat16(qr[h * sq.q1 + i]);
-    }
   }
-  const float* x = ckv + blockIdx.x * ldc;
+  // The norm: each thread sums its elements in order (as rmsnorm_forward_kernel does: the same bits);
+  // a latent longer than kBatch · threads reads the rest here.
   float ss = 0;
-  for (int i = threadIdx.x; i < r; i += blockDim.x) ss += x[i] * x[i];
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u)
+    if (tid + u * threads < r) ss += xv[u] * xv[u];
+  for (int i = tid + kBatch * threads; i < r; i += threads) ss += x[i] * x[i];
   const float rs = rsqrtf(block_sum(ss) / r + eps);
-  const int64_t slot = slots[blockIdx.x];
   if (slot < 0 || slot >= pool_rows) return;
   // fp8 rows: the values go through shared memory, then into the row's format.
   constexpr bool kFp8 = std::is_same_v<TP, uint8_t>;
@@ -480,14 +526,21 @@ __global__ void store_latents_kernel(const float* ckv, int64_t ldc, int r, int r
       store(out + i, v);
     }
   };
-  for (int i = threadIdx.x; i < r; i += blockDim.x) put(i, w[i] * (x[i] * rs));
-  const int half = rd / 2;
-  const int32_t p = pos[blockIdx.x];
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
-    float a = x[r + ia], b = x[r + ib];
-    if (p >= 0 && p < n_pos) rotate(x[r + ia], x[r + ib], cos_t[static_cast<int64_t>(p) * half + i],
-                                    sin_t[static_cast<int64_t>(p) * half + i], &a, &b);
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u) {
+    const int i = tid + u * threads;
+    if (i < r) put(i, wv[u] * (xv[u] * rs));
+  }
+  for (int i = tid + kBatch * threads; i < r; i += threads) put(i, w[i] * (x[i] * rs));
+  for (int i = tid; i < half; i += threads) {  // tid < half: the pair read above; past threads, read here
+    int ia, ib;
+    pair(i, &ia, &ib);
+    float a = ka, b = kb;
+    if (i != tid) {
+      a = x[r + ia], b = x[r + ib];
+      if (rotated) kc = cos_t[static_cast<int64_t>(p) * half + i], ks = sin_t[static_cast<int64_t>(p) * half + i];
+    }
+    if (rotated) rotate(a, b, kc, ks, &a, &b);
     put(r + ia, a);
     put(r + ib, b);
   }
