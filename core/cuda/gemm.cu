@@ -143,9 +143,10 @@ constexpr int kTileM = 128, kTileN = 128, kTileK = 64, kStages = 3, kTcThreads =
 // On an H100 (bench/rollout's decode kernels alone, the benchmark model's experts: 32 of them, 4 a
 // token), gate_up + down at batch 64 (8 rows a group): 128-row tiles 47.8 us, 64-row 43.4, 32-row 38.9;
 // at batch 256 (32 a group): 128-row 53.5, 64-row 49.5, 32-row 59.7. Inside a decode step, with the
-// routing's uneven groups and the weights not in L2, the down product (k 512) at batch 256 took 17.7 us
-// on Hopper's 128-row kernel (wgmma) against 21.1 us on 64-row tiles, the gated gate/up 40.0 both ways
-// (ncu, 7 MoE layers): so on Hopper grouped_gemm skips the 64-row tile.
+// routing's uneven groups and the weights not in L2 (ncu, 7 MoE layers), the down product (k 512) at
+// batch 256 took 21.1 us on 64-row mma.sync tiles, 17.7 on Hopper's 128-row warpgroup kernel and 17.4 on
+// its 64-row one (one warpgroup a block, 3 blocks an SM; kernels alone 12.6 -> 10.1 us against 128
+// rows); the gated gate/up 40.1, 40.0 and 38.9. So on Hopper 64-row tiles take the one-warpgroup kernel.
 constexpr int kGroupedTile32 = 24, kGroupedTile64 = 64;
 
 // One operand's tile: kExtent rows along m (or n) by kTileK along k. kK: k is the contiguous dimension
@@ -509,17 +510,26 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // products (k 16 each) run asynchronously while the loads of later steps are in flight. f32 sums in a
 // fixed order, so results repeat bitwise; they are not the mma.sync kernels' bits, and a backend takes
 // one kind or the other for every product (CudaBackend::hopper_).
-constexpr size_t kWgSmem = kStages * 2 * (kTileM * kTileK * 2) + 1024;  // + room to align tiles to 1024 bytes
-static_assert(kTileM == kTileN && kTileK == 64, "the swizzled tiles are kTileM rows of 64 k (128 bytes)");
+// A block of kWG warpgroups (1 or 2) takes a row tile of 64 · kWG rows: 2 where groups are long (training,
+// prefill); 1 where they are short (MoE decode: 32 rows a group at batch 256), which wastes half as many
+// products on rows past a group's end and, with a third of the shared memory, fits 3 blocks an SM, so a
+// decode step's ~300 tiles run in one wave instead of 1.5.
+constexpr size_t wg_smem_bytes(int wg) {  // + room to align tiles to 1024 bytes
+  return kStages * (64 * wg * kTileK * 2 + kTileN * kTileK * 2) + 1024;
+}
+constexpr size_t kWgSmem = wg_smem_bytes(2);
+static_assert(kTileM == kTileN && kTileM == 128 && kTileK == 64,
+              "the swizzled tiles are 64-row multiples of 64 k (128 bytes)");
 
-// One operand's tile of kTileM rows (or columns) by kTileK, swizzled (the layouts of wgmma.cuh). kK: k
-// is the contiguous dimension in global memory (element (i, k) at p[i·ld + k]), else i is.
-template <bool kK>
+// One operand's tile of kRows rows (or columns, a multiple of 64) by kTileK, swizzled (the layouts of
+// wgmma.cuh), loaded by kThreads threads. kK: k is the contiguous dimension in global memory (element
+// (i, k) at p[i·ld + k]), else i is.
+template <bool kK, int kRows = kTileM, int kThreads = kTcThreads>
 struct WgTile {
-  static constexpr int kBytes = kTileM * kTileK * 2;
+  static constexpr int kBytes = kRows * kTileK * 2;
   static constexpr int kStage = kBytes;                // a pipeline stage's tile, in bytes
-  static constexpr int kChunks = kTileM * kTileK / 8;  // of 16 bytes
-  static_assert(kChunks % kTcThreads == 0, "tile not a whole number of chunks a thread");
+  static constexpr int kChunks = kRows * kTileK / 8;  // of 16 bytes
+  static_assert(kRows % 64 == 0 && kChunks % kThreads == 0, "tile not a whole number of chunks a thread");
 
   // Byte offset of the chunk that holds elements (i, k..k+7) (kK) or (i..i+7, k).
   __device__ static int offset(int i, int k) {
@@ -531,10 +541,10 @@ struct WgTile {
   // As TcTile::load: the tile at p, ni rows and nk ks of it inside the matrix, the rest zero-filled.
   __device__ static void load(unsigned char* smem, const __nv_bfloat16* p, int64_t ld, int ni, int nk) {
 #pragma unroll
-    for (int u = 0; u < kChunks / kTcThreads; ++u) {
-      const int idx = threadIdx.x + u * kTcThreads;
-      const int i = kK ? idx / (kTileK / 8) : (idx % (kTileM / 8)) * 8;
-      const int k = kK ? (idx % (kTileK / 8)) * 8 : idx / (kTileM / 8);
+    for (int u = 0; u < kChunks / kThreads; ++u) {
+      const int idx = threadIdx.x + u * kThreads;
+      const int i = kK ? idx / (kTileK / 8) : (idx % (kRows / 8)) * 8;
+      const int k = kK ? (idx % (kTileK / 8)) * 8 : idx / (kRows / 8);
       const bool valid = i < ni && k < nk;
       const __nv_bfloat16* src = kK ? p + i * ld + k : p + k * ld + i;
       tc::cp_async16(smem + offset(i, k), valid ? src : p, valid);
@@ -545,11 +555,11 @@ struct WgTile {
                                    int ni, int nk) {
     static_assert(kK, "pairs of k-contiguous halves");
 #pragma unroll
-    for (int u = 0; u < kChunks / kTcThreads; ++u) {
-      const int idx = threadIdx.x + u * kTcThreads;
+    for (int u = 0; u < kChunks / kThreads; ++u) {
+      const int idx = threadIdx.x + u * kThreads;
       const int i = idx / (kTileK / 8), k = (idx % (kTileK / 8)) * 8;
-      const bool hi = i >= kTileM / 2;
-      const int ih = hi ? i - kTileM / 2 : i;
+      const bool hi = i >= kRows / 2;
+      const int ih = hi ? i - kRows / 2 : i;
       const bool valid = ih < ni && k < nk;
       tc::cp_async16(smem + offset(i, k), valid ? (hi ? p2 : p) + ih * ld + k : p, valid);
     }
@@ -571,21 +581,21 @@ __device__ __forceinline__ unsigned char* wg_smem_base() {
   return wg_smem + ((1024 - (base & 1023)) & 1023);
 }
 
-// The f32 sums of the block's tile at (m0, n0) of one product, as tc_accumulate makes them but in the
-// wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
-template <bool kAK, bool kBK, bool kGated = false>
+// The f32 sums of the block's tile at (m0, n0) of one product (64 · kWG rows), as tc_accumulate makes
+// them but in the wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
+template <bool kAK, bool kBK, bool kGated = false, int kWG = 2>
 __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloat16* a, int64_t lda,
                                               const __nv_bfloat16* b, int64_t ldb, int M, int N, int K, int m0,
                                               int n0, int64_t gate_to_up = 0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(!kGated || kBK, "gated tiles read k-contiguous weights");
-  using TileA = WgTile<kAK>;
-  using TileB = WgTile<kBK>;
+  using TileA = WgTile<kAK, 64 * kWG, 128 * kWG>;
+  using TileB = WgTile<kBK, kTileN, 128 * kWG>;
   unsigned char* sa = wg_smem_base();
   unsigned char* sb = sa + kStages * TileA::kBytes;
   const __nv_bfloat16* pa = kAK ? a + m0 * lda : a + m0;
   const __nv_bfloat16* pb = kBK ? b + n0 * ldb : b + n0;
-  const int ni_a = min(kTileM, M - m0), ni_b = min(kGated ? kTileN / 2 : kTileN, N - n0);
+  const int ni_a = min(64 * kWG, M - m0), ni_b = min(kGated ? kTileN / 2 : kTileN, N - n0);
   const int row = threadIdx.x / 128 * 64;  // the warpgroup's rows of the tile
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
@@ -693,11 +703,12 @@ __device__ __forceinline__ void wg_add_old(float (&)[64], const __nv_bfloat16*, 
 // (padded TS rows) from the accumulators' scattered places, then out to global memory 16 bytes a
 // thread along rows, so that every store fills whole sectors (a bf16 pair straight from the
 // accumulators fills half of one). The pipeline's buffers hold it once every warpgroup is done with them.
-template <typename TS, int kCols>
+template <typename TS, int kCols, int kWG = 2>
 struct WgStage {
+  static constexpr int kRows = 64 * kWG, kThreads = 128 * kWG;
   static constexpr int kPer = 16 / static_cast<int>(sizeof(TS));  // elements a 16-byte chunk
   static constexpr int kLd = kCols + kPer;                        // padded row, in elements
-  static_assert(kTileM * kLd * sizeof(TS) <= kStages * 2 * kTileM * kTileK * 2, "fits the pipeline's memory");
+  static_assert(kRows * kLd * sizeof(TS) <= wg_smem_bytes(kWG) - 1024, "fits the pipeline's memory");
 
   // Values v0, v1 at the tile's row rl, columns cl and cl + 1.
   __device__ static void put(TS* s, int rl, int cl, float v0, float v1) {
@@ -711,7 +722,7 @@ struct WgStage {
   __device__ static void write(const TS* s, TS* out, int64_t ld, int m0, int n0, int M, int N, float beta) {
     constexpr int kRowChunks = kCols / kPer;
 #pragma unroll 4
-    for (int idx = threadIdx.x; idx < kTileM * kRowChunks; idx += kTcThreads) {
+    for (int idx = threadIdx.x; idx < kRows * kRowChunks; idx += kThreads) {
       const int rl = idx / kRowChunks, cl = (idx % kRowChunks) * kPer;
       const int r = m0 + rl, col = n0 + cl;
       if (r >= M || col >= N) continue;
@@ -746,14 +757,14 @@ __device__ __forceinline__ void wg_for_each_local(F&& f) {
 }
 
 // tc_tile on the warpgroup products; staged: through shared memory (WgStage's conditions hold).
-template <bool kAK, bool kBK, typename TC>
+template <bool kAK, bool kBK, typename TC, int kWG = 2>
 __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
                                         TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta,
                                         bool staged) {
   float acc[64];
-  wg_accumulate<kAK, kBK>(acc, a, lda, b, ldb, M, N, K, m0, n0);
+  wg_accumulate<kAK, kBK, false, kWG>(acc, a, lda, b, ldb, M, N, K, m0, n0);
   if (staged) {
-    using S = WgStage<TC, kTileN>;
+    using S = WgStage<TC, kTileN, kWG>;
     TC* s = reinterpret_cast<TC*>(wg_smem_base());
     __syncthreads();  // every warpgroup is done with the pipeline's buffers
     wg_for_each_local<kTileN>([&](int rl, int cl, int i) { S::put(s, rl, cl, acc[i], acc[i + 1]); });
@@ -770,19 +781,19 @@ __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, con
 // tc_gated_tile on the warpgroup products: a thread holds a gate sum and its up sum (columns j and
 // kTileN / 2 + j of the tile), so the pair meets in registers. The same expression, so the same bits
 // as wg_tile then silu_mul_forward.
+template <int kWG>
 __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
                                               int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
                                               __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0,
                                               bool staged) {
   float acc[64];
-  wg_accumulate<true, true, true>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
+  wg_accumulate<true, true, true, kWG>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
   constexpr int kUp = 4 * (kTileN / 16);  // acc[i + kUp]: the up sum of gate sum acc[i]
-  static_assert(3 * kTileM * WgStage<__nv_bfloat16, kTileN / 2>::kLd * 2 <= kStages * 2 * kTileM * kTileK * 2,
-                "the gated tile's three outputs fit the pipeline's memory");
-  if (staged) {  // h, then the gate and the up products, each [kTileM][kTileN / 2] staged
-    using S = WgStage<__nv_bfloat16, kTileN / 2>;
+  using S = WgStage<__nv_bfloat16, kTileN / 2, kWG>;
+  static_assert(3 * S::kRows * S::kLd * 2 <= wg_smem_bytes(kWG) - 1024, "the gated tile's three outputs fit the pipeline's memory");
+  if (staged) {  // h, then the gate and the up products, each [64 · kWG][kTileN / 2] staged
     __nv_bfloat16* sh = reinterpret_cast<__nv_bfloat16*>(wg_smem_base());
-    __nv_bfloat16 *sg = sh + kTileM * S::kLd, *su = sg + kTileM * S::kLd;
+    __nv_bfloat16 *sg = sh + S::kRows * S::kLd, *su = sg + S::kRows * S::kLd;
     __syncthreads();  // every warpgroup is done with the pipeline's buffers
     wg_for_each_local<kTileN / 2>([&](int rl, int cl, int i) {
       float gs[2] = {acc[i], acc[i + 1]}, us[2] = {acc[i + kUp], acc[i + kUp + 1]};
@@ -822,28 +833,29 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
 }
 
 // grouped_tc_kernel, grouped_gated_kernel and grouped_wgrad_tc_kernel on the warpgroup products (row
-// tiles of kTileM).
-template <bool kBK, typename TC>
-__global__ void __launch_bounds__(kTcThreads, 2)
+// tiles of 64 · kWG rows; kWG warpgroups a block).
+template <bool kBK, typename TC, int kWG>
+__global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
     grouped_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, TC* c,
                       int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta, bool staged,
                       int64_t dense_rows) {
-  const RowTile t = row_tile<kTileM>(bounds, groups, dense_rows);
+  const RowTile t = row_tile<64 * kWG>(bounds, groups, dense_rows);
   if (t.group < 0) return;
-  wg_tile<true, kBK, TC>(a + t.r0 * lda, lda, w + t.group * ldw0, ldw, c + t.r0 * ldc, ldc, t.rows, n, k, t.row,
-                         blockIdx.x * kTileN, beta, staged);
+  wg_tile<true, kBK, TC, kWG>(a + t.r0 * lda, lda, w + t.group * ldw0, ldw, c + t.r0 * ldc, ldc, t.rows, n, k, t.row,
+                              blockIdx.x * kTileN, beta, staged);
 }
 
-__global__ void __launch_bounds__(kTcThreads, 2)
+template <int kWG>
+__global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
     grouped_gated_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
                             __nv_bfloat16* h, int64_t ldh, __nv_bfloat16* gu, int64_t ldgu, const int64_t* bounds,
                             int groups, int n, int k, bool staged) {
   __shared__ int tile_group, tile_row;
-  find_row_tile<kTileM>(bounds, groups, &tile_group, &tile_row);
+  find_row_tile<64 * kWG>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
-  wg_gated_tile(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, gu ? gu + r0 * ldgu : nullptr, ldgu,
+  wg_gated_tile<kWG>(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, gu ? gu + r0 * ldgu : nullptr, ldgu,
                 static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2), staged);
 }
 
@@ -1036,8 +1048,12 @@ void CudaBackend::tc_products(const Operand& oa, const Operand& ow, bool trans_w
   const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
                   static_cast<unsigned>((rows + tm - 1) / tm + (bounds ? groups : 0)));
   CHECK_LT(grid.y, 65536u) << "tensor-core products: too many rows";
-  const bool wgmma = tm == kTileM && hopper_;
-  const size_t smem = wgmma ? kWgSmem : tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
+  // On Hopper, row tiles of 128 and 64 take the warpgroup kernels (2 warpgroups a block, or 1).
+  const bool wgmma = (tm == kTileM || tm == 64) && hopper_;
+  const size_t smem = wgmma     ? wg_smem_bytes(tm / 64)
+                      : tm == 32 ? tc_smem<32>()
+                      : tm == 64 ? tc_smem<64>()
+                                 : tc_smem<128>();
   const int64_t dense_rows = bounds ? 0 : rows;
   const auto launch = [&](auto* out) {
     using TC = std::remove_pointer_t<decltype(out)>;
@@ -1046,11 +1062,12 @@ void CudaBackend::tc_products(const Operand& oa, const Operand& ow, bool trans_w
       return trans_w ? grouped_tc_kernel<true, kTM, TC> : grouped_tc_kernel<false, kTM, TC>;
     };
     if (wgmma) {
-      const auto kernel = trans_w ? grouped_wg_kernel<true, TC> : grouped_wg_kernel<false, TC>;
+      const auto kernel = tm == 64 ? (trans_w ? grouped_wg_kernel<true, TC, 1> : grouped_wg_kernel<false, TC, 1>)
+                                   : (trans_w ? grouped_wg_kernel<true, TC, 2> : grouped_wg_kernel<false, TC, 2>);
       set_tc_attributes(kernel, smem);
       constexpr int kPer = 16 / sizeof(TC);
       const bool staged = n % kPer == 0 && ldc % kPer == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0;
-      kernel<<<grid, kTcThreads, smem, stream()>>>(
+      kernel<<<grid, 2 * tm, smem, stream()>>>(
           static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
           static_cast<TC*>(c), ldc, bounds, static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), beta,
           staged, dense_rows);
@@ -1130,14 +1147,10 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ow = gemm_operand(w, bf16, groups * w.size(1), w.size(2), w.stride(1), w.size(1), w.stride(0), kw);
   if (bf16 && fits && tc_operand(oa, k) && tc_operand(ow, w.size(2)) && groups < 65535) {
-    // Row tiles by the mean rows a group: 32 or 64 (not on Hopper: see kGroupedTile64) where the groups
-    // are short (decode), so that the tensor cores work on rows that exist; 128 otherwise, and always
-    // where products are batch-invariant.
+    // Row tiles by the mean rows a group: 32 or 64 where the groups are short (decode), so that the
+    // tensor cores work on rows that exist; 128 otherwise, and always where products are batch-invariant.
     const int64_t mean = rows / groups;
-    const int tm = opt_.batch_invariant               ? 128
-                   : mean <= kGroupedTile32             ? 32
-                   : mean <= kGroupedTile64 && !hopper_ ? 64
-                                                        : 128;
+    const int tm = opt_.batch_invariant ? 128 : mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
     tc_products(oa, ow, trans_w, groups, offsets.data<int64_t>(), rows, C.p, C.ld, c16, n, k, beta, tm);
     return;
   }
@@ -1216,11 +1229,12 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   const dim3 grid(static_cast<unsigned>((n + kTileN / 2 - 1) / (kTileN / 2)),
                   static_cast<unsigned>((rows + tm - 1) / tm + groups));
   CHECK_LT(grid.y, 65536u) << "grouped_gate_up: too many rows";
-  if (tm == kTileM && hopper_) {
+  if ((tm == kTileM || tm == 64) && hopper_) {  // the warpgroup kernel, 2 warpgroups a block or 1
     const auto aligned = [](const Rows& x) { return x.ld % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0; };
     const bool staged = n % 8 == 0 && aligned(H) && (GU.p == nullptr || aligned(GU));
-    set_tc_attributes(grouped_gated_wg_kernel, kWgSmem);
-    grouped_gated_wg_kernel<<<grid, kTcThreads, kWgSmem, stream()>>>(
+    const auto kernel = tm == 64 ? grouped_gated_wg_kernel<1> : grouped_gated_wg_kernel<2>;
+    set_tc_attributes(kernel, wg_smem_bytes(tm / 64));
+    kernel<<<grid, 2 * tm, wg_smem_bytes(tm / 64), stream()>>>(
         static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
         static_cast<__nv_bfloat16*>(H.p), H.ld, static_cast<__nv_bfloat16*>(GU.p), GU.ld, offsets.data<int64_t>(),
         static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), staged);

@@ -526,11 +526,12 @@ TEST_F(CudaBackendTest, GroupedGateUpIsGroupedGemmThenSiluMul) {
   }
 }
 
-// On a Hopper GPU the grouped products' 128-row tiles run on warpgroup products (wgmma): the backend
-// says so in its name, and the products agree with the mma.sync kernels' to f32 rounding (the same
-// bf16 operands, f32 sums in another order) at a training step's shapes: groups of hundreds of rows
-// (several row tiles, ragged ends), a forward product of each weight orientation, the gated product
-// and the weight gradient. Each kind repeats itself bitwise.
+// On a Hopper GPU the grouped products' 128-row and 64-row tiles run on warpgroup products (wgmma, 2
+// warpgroups a block or 1): the backend says so in its name, and the products agree with the mma.sync
+// kernels' to f32 rounding (the same bf16 operands, f32 sums in another order) at a training step's
+// shapes (groups of hundreds of rows: several row tiles, ragged ends) and a decode step's (tens of rows
+// a group: 64-row tiles): a forward product of each weight orientation, the gated product and the
+// weight gradient. Each kind repeats itself bitwise.
 TEST_F(CudaBackendTest, WarpgroupGroupedProductsAgreeWithMmaSync) {
   Backend& hop = bf16(true);
   Backend& old = bf16(false);
@@ -539,33 +540,35 @@ TEST_F(CudaBackendTest, WarpgroupGroupedProductsAgreeWithMmaSync) {
   if (major != 9) GTEST_SKIP() << "not a Hopper GPU: the warpgroup products are not used";
   ASSERT_NE(hop.name().find("wgmma"), std::string::npos) << hop.name();
   ASSERT_EQ(old.name().find("wgmma"), std::string::npos) << old.name();
-  const std::vector<int64_t> offsets = {0, 300, 300, 941, 1100, 1229, 1800};
-  const int64_t g = 6, r = offsets.back() + 5, n = 384, k = 320;
-  const Tensor x = randn({r, k}), wt = randn({g, 2 * n, k}, 0.2f), wn = randn({g, k, n}, 0.2f);
-  const Tensor dc = randn({r, n});
-  auto run = [&](Backend& be) {
-    std::vector<Tensor> out;
-    const Tensor off = on(be, bounds(offsets));
-    Tensor c1 = be.zeros({r, 2 * n}, DType::kF32), c2 = be.zeros({r, n}, DType::kF32);
-    be.grouped_gemm(on(be, x), on(be, wt), true, off, c1, 0.0f);
-    be.grouped_gemm(on(be, x), on(be, wn), false, off, c2, 0.0f);
-    Tensor h = be.zeros({r, n}, DType::kBF16), gu = be.zeros({r, 2 * n}, DType::kBF16);
-    Tensor w16 = be.zeros({g, 2 * n, k}, DType::kBF16), x16 = be.zeros({r, k}, DType::kBF16);
-    be.copy(on(be, wt), w16);
-    be.copy(on(be, x), x16);
-    be.grouped_gate_up(x16, w16, off, h, &gu);
-    Tensor dw = be.zeros({g, n, k}, DType::kF32);
-    be.grouped_gemm_wgrad(on(be, dc), on(be, x), off, dw);
-    for (const Tensor& t : {c1, c2, h, gu, dw}) out.push_back(be.download(t).to_f32());
-    return out;
-  };
-  const std::vector<Tensor> a = run(hop), a2 = run(hop), b = run(old);
-  const char* names[] = {"grouped_gemm (k-contiguous weights)", "grouped_gemm (n-contiguous weights)",
-                         "grouped_gate_up h", "grouped_gate_up products", "grouped_gemm_wgrad"};
-  for (size_t i = 0; i < a.size(); ++i) {
-    EXPECT_TRUE(bitwise_equal(a[i], a2[i])) << names[i] << " repeats";
-    const double tol = i == 2 || i == 3 ? 1e-2 : 1e-5;  // bf16 outputs: one rounding step apart at most
-    EXPECT_LT(max_rel(hop, a[i], b[i]), tol) << names[i];
+  for (const std::vector<int64_t>& offsets :
+       {std::vector<int64_t>{0, 300, 300, 941, 1100, 1229, 1800}, std::vector<int64_t>{0, 31, 31, 95, 129, 160, 240}}) {
+    const int64_t g = 6, r = offsets.back() + 5, n = 384, k = 320;
+    const Tensor x = randn({r, k}), wt = randn({g, 2 * n, k}, 0.2f), wn = randn({g, k, n}, 0.2f);
+    const Tensor dc = randn({r, n});
+    auto run = [&](Backend& be) {
+      std::vector<Tensor> out;
+      const Tensor off = on(be, bounds(offsets));
+      Tensor c1 = be.zeros({r, 2 * n}, DType::kF32), c2 = be.zeros({r, n}, DType::kF32);
+      be.grouped_gemm(on(be, x), on(be, wt), true, off, c1, 0.0f);
+      be.grouped_gemm(on(be, x), on(be, wn), false, off, c2, 0.0f);
+      Tensor h = be.zeros({r, n}, DType::kBF16), gu = be.zeros({r, 2 * n}, DType::kBF16);
+      Tensor w16 = be.zeros({g, 2 * n, k}, DType::kBF16), x16 = be.zeros({r, k}, DType::kBF16);
+      be.copy(on(be, wt), w16);
+      be.copy(on(be, x), x16);
+      be.grouped_gate_up(x16, w16, off, h, &gu);
+      Tensor dw = be.zeros({g, n, k}, DType::kF32);
+      be.grouped_gemm_wgrad(on(be, dc), on(be, x), off, dw);
+      for (const Tensor& t : {c1, c2, h, gu, dw}) out.push_back(be.download(t).to_f32());
+      return out;
+    };
+    const std::vector<Tensor> a = run(hop), a2 = run(hop), b = run(old);
+    const char* names[] = {"grouped_gemm (k-contiguous weights)", "grouped_gemm (n-contiguous weights)",
+                           "grouped_gate_up h", "grouped_gate_up products", "grouped_gemm_wgrad"};
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_TRUE(bitwise_equal(a[i], a2[i])) << names[i] << " repeats, " << offsets.back() << " rows";
+      const double tol = i == 2 || i == 3 ? 1e-2 : 1e-5;  // bf16 outputs: one rounding step apart at most
+      EXPECT_LT(max_rel(hop, a[i], b[i]), tol) << names[i] << ", " << offsets.back() << " rows";
+    }
   }
 }
 
