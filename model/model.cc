@@ -536,6 +536,10 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
   // Each residual add goes with the norm after it: x + attention with the post-attention norm, the
   // layer's output with the next layer's input norm.
   backend_.rmsnorm_forward(x, w_.layers[0].input_norm, eps, ln, rstd);
+  // Every row wanting logits (a decode step: no logit_rows): the final norm goes in with the last
+  // layer's residual add, as each layer's output goes in with the next layer's input norm.
+  const int64_t n_out = logits.size(0);
+  const bool all_rows = logit_rows == nullptr && n_out == m;
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
     Tensor h1 = backend_.empty({m, cfg_.hidden_size});
@@ -543,24 +547,27 @@ void Model::run_step(const StepTensors& st, const Tensor& ids, const Tensor* log
     backend_.add_rmsnorm_forward(x, h1, lw.post_norm, eps, ln, rstd);
     Tensor out = backend_.empty({m, cfg_.hidden_size});
     const bool last = l + 1 == cfg_.num_hidden_layers;
+    const bool fused_norm = !last || all_rows;  // the next norm in the same pass
+    const Tensor& next_norm = last ? w_.final_norm : w_.layers[l + 1].input_norm;
     if (lw.moe) {
       // The routed experts' outputs go in with the residual add and the next norm, in one pass.
       MoeActs a;
-      moe_forward(backend_, cfg_, lw, ln, a, out, /*for_backward=*/false, /*combine=*/last);
-      if (!last)
-        backend_.moe_combine_add_rmsnorm(a.ys, a.weights, a.row_of, h1, out, w_.layers[l + 1].input_norm, eps, ln,
-                                         rstd);
+      moe_forward(backend_, cfg_, lw, ln, a, out, /*for_backward=*/false, /*combine=*/!fused_norm);
+      if (fused_norm) backend_.moe_combine_add_rmsnorm(a.ys, a.weights, a.row_of, h1, out, next_norm, eps, ln, rstd);
     } else {
       MlpActs a;
       mlp_forward(backend_, lw.mlp, ln, a, out);
-      if (!last) backend_.add_rmsnorm_forward(h1, out, w_.layers[l + 1].input_norm, eps, ln, rstd);
+      if (fused_norm) backend_.add_rmsnorm_forward(h1, out, next_norm, eps, ln, rstd);
     }
-    if (last) backend_.add(h1, out);
+    if (!fused_norm) backend_.add(h1, out);
     x = out;
   }
-  // Only the rows that need logits go through the final norm and the head.
-  const int64_t n_out = logits.size(0);
   if (n_out == 0) return;
+  if (all_rows) {  // ln holds the final norm of every row
+    backend_.gemm(ln, false, w_.lm_head, true, logits);
+    return;
+  }
+  // Only the rows that need logits go through the final norm and the head.
   Tensor picked = x;
   if (logit_rows) {
     picked = backend_.empty({n_out, cfg_.hidden_size});

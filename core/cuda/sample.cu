@@ -6,8 +6,8 @@
 // over vocabulary-order chunks. All reductions run in a fixed order: repeated runs are bitwise equal.
 // Rows of up to 32768 logits are read once into shared memory and every pass runs over them there;
 // longer rows are read from memory in each pass. Rows whose spec asks for no cut (greedy, or a
-// temperature alone: what R1-Zero's rollouts sample with) go to a lighter kernel first: the row in
-// registers, read once, a max, a sum and a prefix sum over it and no 32-step searches.
+// temperature alone: what R1-Zero's rollouts sample with) take a lighter path in the same kernel: the
+// row in registers, read once, a max, a sum and a prefix sum over it and no 32-step searches.
 #include <climits>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -62,13 +62,167 @@ __device__ __forceinline__ bool wants_cut(const float* q, int64_t v) {
   return q[kSpecTemperature] > 0 && ((top_k > 0 && top_k < v) || q[kSpecMinP] > 0 || q[kSpecTopP] < 1);
 }
 
-// kShared: the row is read once into shared memory, where every pass reads it, one padding float after
-// each 32 (so that neither a warp's strided reads nor its threads' chunks meet in a bank); otherwise
-// each pass reads it from memory. cuts_only: the rows without a cut were sampled by sample_plain_kernel; this one takes the others.
+// The rows without a cut, v ≤ kPlainRow: the row held in registers. Warp w holds
+// logits [w·kPlainSpan, (w + 1)·kPlainSpan) and its lane l, in round i, the four at w·kPlainSpan + 128·i +
+// 4·l: the loads coalesce, and (warp, round, lane, element) is vocabulary order, so the pick is a scan in
+// three levels: each round's lanes (shuffles), each warp's rounds in order, the warps (one warp's scan).
+// The same rule as sample_kernel (the first maximum; the first token at which the running sum of p
+// exceeds u · Σ p, the last token with p > 0 where rounding leaves none), its sums in another fixed
+// order: repeated runs are bitwise equal. A thread's own work is trees rather than chains (a block an
+// SM, its time is latency).
+constexpr int kPlainThreads = kSampleThreads, kPlainRounds = 8;
+constexpr int kPlainWarps = kPlainThreads / 32, kPlainSpan = 32 * 4 * kPlainRounds;
+constexpr int64_t kPlainRow = int64_t{kPlainWarps} * kPlainSpan;  // 32768
+
+// op over the 4·kPlainRounds values f(i, e) of a thread, as a tree.
+template <typename T, typename F, typename Op>
+__device__ __forceinline__ T plain_tree(F&& f, Op&& op) {
+  T t[kPlainRounds];
+#pragma unroll
+  for (int i = 0; i < kPlainRounds; ++i) t[i] = op(op(f(i, 0), f(i, 1)), op(f(i, 2), f(i, 3)));
+#pragma unroll
+  for (int w = 1; w < kPlainRounds; w *= 2)
+#pragma unroll
+    for (int i = 0; i + w < kPlainRounds; i += 2 * w) t[i] = op(t[i], t[i + w]);
+  return t[0];
+}
+
+// op over the block (every thread's v), through slots [kPlainWarps] of shared memory: the result in every
+// thread. The caller's next use of slots comes after a barrier.
+template <typename T, typename Op>
+__device__ __forceinline__ T plain_block(T v, Op&& op, T* slots) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (lane == 0) slots[warp] = v;
+  __syncthreads();
+  T r = slots[0];
+#pragma unroll
+  for (int w = 1; w < kPlainWarps; ++w) r = op(r, slots[w]);
+  return r;
+}
+
+// Spec row q (no cut) over logits row l of v ≤ kPlainRow values (row stride ld), by the whole block.
+__device__ __forceinline__ void sample_plain(const float* l, int64_t ld, int v, const float* q, int32_t* token,
+                                             float* logprob) {
+  __shared__ float max_slots[kPlainWarps], sum_slots[kPlainWarps], warp_mass[kPlainWarps], warp_before[kPlainWarps];
+  __shared__ int first_slots[kPlainWarps];
+  __shared__ float total_all;
+  __shared__ int pick_all, last_all;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const float temperature = q[kSpecTemperature];
+  // x[i][e]: logit first + 128·i + e; -inf past v (never the first maximum, p = 0).
+  const int first = warp * kPlainSpan + 4 * lane;
+  const auto at = [&](int i, int e) { return first + 128 * i + e; };
+  const bool vec = ld % 4 == 0 && (reinterpret_cast<uintptr_t>(l) & 15) == 0;
+  float x[kPlainRounds][4];
+#pragma unroll
+  for (int i = 0; i < kPlainRounds; ++i) {
+    if (vec && at(i, 3) < v) {
+      const float4 f = *reinterpret_cast<const float4*>(l + at(i, 0));
+      x[i][0] = f.x, x[i][1] = f.y, x[i][2] = f.z, x[i][3] = f.w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[i][e] = at(i, e) < v ? l[at(i, e)] : -INFINITY;
+    }
+  }
+  const auto fmax = [](float a, float b) { return fmaxf(a, b); };
+  const auto imin = [](int a, int b) { return a < b ? a : b; };
+  const auto add = [](float a, float b) { return a + b; };
+  // The maximum, then its first index (0 where none equals it: a row of NaNs).
+  const float mx = plain_block(plain_tree<float>([&](int i, int e) { return x[i][e]; }, fmax), fmax, max_slots);
+  const int at_max = plain_block(
+      plain_tree<int>([&](int i, int e) { return x[i][e] == mx ? at(i, e) : INT_MAX; }, imin), imin, first_slots);
+  int pick = at_max == INT_MAX ? 0 : at_max;
+  // Σ exp(logit - max) for the log-sum-exp: at T = 1 the p below are those terms, and their sum comes
+  // with the scan.
+  float se = 0;
+  if (!(temperature == 1.0f))
+    se = plain_block(plain_tree<float>([&](int i, int e) { return expf(x[i][e] - mx); }, add), add, sum_slots);
+
+  if (temperature > 0) {
+    const float inv_t = 1.0f / temperature;
+    // x becomes p = exp((logit - max) / T); own(i): this lane's four of round i summed in order (made
+    // again where needed rather than held); upto[i]: the round's lanes' inclusive prefix sum.
+    const auto own = [&](int i) { return ((x[i][0] + x[i][1]) + x[i][2]) + x[i][3]; };
+    float upto[kPlainRounds];
+#pragma unroll
+    for (int i = 0; i < kPlainRounds; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[i][e] = expf((x[i][e] - mx) * inv_t);
+      upto[i] = own(i);
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const float t = __shfl_up_sync(0xffffffffu, upto[i], o);
+        if (lane >= o) upto[i] += t;
+      }
+    }
+    const auto round_mass = [&](int i) { return __shfl_sync(0xffffffffu, upto[i], 31); };
+    float mass = 0;  // the warp's, rounds in order
+#pragma unroll
+    for (int i = 0; i < kPlainRounds; ++i) mass += round_mass(i);
+    if (lane == 0) warp_mass[warp] = mass;
+    __syncthreads();
+    if (warp == 0) {
+      float u = warp_mass[lane];
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const float t = __shfl_up_sync(0xffffffffu, u, o);
+        if (lane >= o) u += t;
+      }
+      const float before = __shfl_up_sync(0xffffffffu, u, 1);
+      warp_before[lane] = lane == 0 ? 0.0f : before;
+      if (lane == 31) total_all = u;
+      if (lane == 0) pick_all = INT_MAX, last_all = -1;
+    }
+    __syncthreads();
+    const float total = total_all;
+    if (temperature == 1.0f) se = total;
+    const float target = q[kSpecUniform] * total;
+    float run = warp_before[warp];  // the mass before this warp's round i
+    int claimed = INT_MAX, last = -1;
+#pragma unroll
+    for (int i = 0; i < kPlainRounds; ++i) {
+      const float lanes_before = __shfl_up_sync(0xffffffffu, upto[i], 1);
+      const float before = run + (lane == 0 ? 0.0f : lanes_before);
+      if (claimed == INT_MAX && before <= target && target - before < own(i)) {
+        // Rounding may let two lanes claim it: the first wins below.
+        const float local = target - before;
+        float acc = 0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          acc += x[i][e];
+          if (claimed == INT_MAX && acc > local) claimed = at(i, e);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (x[i][e] > 0) last = at(i, e);
+      run += round_mass(i);
+    }
+    if (claimed != INT_MAX) atomicMin(&pick_all, claimed);
+    if (last >= 0) atomicMax(&last_all, last);
+    __syncthreads();
+    if (pick_all != INT_MAX) {
+      pick = pick_all;
+    } else if (last_all >= 0) {
+      pick = last_all;
+    }
+  }
+  if (tid == 0) {
+    *token = pick;
+    *logprob = l[pick] - (mx + logf(se));
+  }
+}
+
+// One block a spec row. Rows without a cut take sample_plain where v allows; the others: kShared, the
+// row is read once into shared memory, where every pass reads it, one padding float after each 32 (so
+// that neither a warp's strided reads nor its threads' chunks meet in a bank); otherwise each pass reads
+// it from memory.
 template <bool kShared>
 __global__ void __launch_bounds__(kSampleThreads)
     sample_kernel(const float* logits, int64_t rows, int64_t ld, int64_t v, const float* spec, int32_t* tokens,
-                  float* logprobs, bool cuts_only) {
+                  float* logprobs) {
   using MaxReduce = cub::BlockReduce<MaxAt, kSampleThreads>;
   using MassReduce = cub::BlockReduce<MassCount, kSampleThreads>;
   using FloatReduce = cub::BlockReduce<float, kSampleThreads>;
@@ -101,13 +255,16 @@ __global__ void __launch_bounds__(kSampleThreads)
   };
 
   const float* q = spec + static_cast<int64_t>(blockIdx.x) * kSampleSpecColumns;
-  if (cuts_only && !wants_cut(q, v)) return;
   const int64_t row = static_cast<int64_t>(q[kSpecRow]);
   if (row < 0 || row >= rows) {  // the host checks; a bad row must still not read outside logits
     if (tid == 0) tokens[blockIdx.x] = -1, logprobs[blockIdx.x] = NAN;
     return;
   }
   const float* l = logits + row * ld;
+  if (v <= kPlainRow && !wants_cut(q, v)) {
+    sample_plain(l, ld, static_cast<int>(v), q, tokens + blockIdx.x, logprobs + blockIdx.x);
+    return;
+  }
   const float temperature = q[kSpecTemperature], top_p = q[kSpecTopP], min_p = q[kSpecMinP];
   const int64_t top_k = static_cast<int64_t>(q[kSpecTopK]);
 
@@ -304,167 +461,6 @@ __global__ void __launch_bounds__(kSampleThreads)
   }
 }
 
-// The rows without a cut, v ≤ kPlainRow: one block a spec row, the row held in registers. Warp w holds
-// logits [w·kPlainSpan, (w + 1)·kPlainSpan) and its lane l, in round i, the four at w·kPlainSpan + 128·i +
-// 4·l: the loads coalesce, and (warp, round, lane, element) is vocabulary order, so the pick is a scan in
-// three levels: each round's lanes (shuffles), each warp's rounds in order, the warps (one warp's scan).
-// The same rule as sample_kernel (the first maximum; the first token at which the running sum of p
-// exceeds u · Σ p, the last token with p > 0 where rounding leaves none), its sums in another fixed
-// order: repeated runs are bitwise equal. A thread's own work is trees rather than chains (a block an
-// SM, its time is latency).
-constexpr int kPlainThreads = 1024, kPlainRounds = 8;
-constexpr int kPlainWarps = kPlainThreads / 32, kPlainSpan = 32 * 4 * kPlainRounds;
-constexpr int64_t kPlainRow = int64_t{kPlainWarps} * kPlainSpan;  // 32768
-
-// op over the 4·kPlainRounds values f(i, e) of a thread, as a tree.
-template <typename T, typename F, typename Op>
-__device__ __forceinline__ T plain_tree(F&& f, Op&& op) {
-  T t[kPlainRounds];
-#pragma unroll
-  for (int i = 0; i < kPlainRounds; ++i) t[i] = op(op(f(i, 0), f(i, 1)), op(f(i, 2), f(i, 3)));
-#pragma unroll
-  for (int w = 1; w < kPlainRounds; w *= 2)
-#pragma unroll
-    for (int i = 0; i + w < kPlainRounds; i += 2 * w) t[i] = op(t[i], t[i + w]);
-  return t[0];
-}
-
-// op over the block (every thread's v), through slots [kPlainWarps] of shared memory: the result in every
-// thread. The caller's next use of slots comes after a barrier.
-template <typename T, typename Op>
-__device__ __forceinline__ T plain_block(T v, Op&& op, T* slots) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if (lane == 0) slots[warp] = v;
-  __syncthreads();
-  T r = slots[0];
-#pragma unroll
-  for (int w = 1; w < kPlainWarps; ++w) r = op(r, slots[w]);
-  return r;
-}
-
-__global__ void __launch_bounds__(kPlainThreads, 1)
-    sample_plain_kernel(const float* logits, int64_t rows, int64_t ld, int v, const float* spec, int32_t* tokens,
-                        float* logprobs) {
-  __shared__ float max_slots[kPlainWarps], sum_slots[kPlainWarps], warp_mass[kPlainWarps], warp_before[kPlainWarps];
-  __shared__ int first_slots[kPlainWarps];
-  __shared__ float total_all;
-  __shared__ int pick_all, last_all;
-  const float* q = spec + static_cast<int64_t>(blockIdx.x) * kSampleSpecColumns;
-  if (wants_cut(q, v)) return;  // sample_kernel's
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t row = static_cast<int64_t>(q[kSpecRow]);
-  if (row < 0 || row >= rows) {  // the host checks; a bad row must still not read outside logits
-    if (tid == 0) tokens[blockIdx.x] = -1, logprobs[blockIdx.x] = NAN;
-    return;
-  }
-  const float* l = logits + row * ld;
-  const float temperature = q[kSpecTemperature];
-  // x[i][e]: logit first + 128·i + e; -inf past v (never the first maximum, p = 0).
-  const int first = warp * kPlainSpan + 4 * lane;
-  const auto at = [&](int i, int e) { return first + 128 * i + e; };
-  const bool vec = ld % 4 == 0 && (reinterpret_cast<uintptr_t>(l) & 15) == 0;
-  float x[kPlainRounds][4];
-#pragma unroll
-  for (int i = 0; i < kPlainRounds; ++i) {
-    if (vec && at(i, 3) < v) {
-      const float4 f = *reinterpret_cast<const float4*>(l + at(i, 0));
-      x[i][0] = f.x, x[i][1] = f.y, x[i][2] = f.z, x[i][3] = f.w;
-    } else {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[i][e] = at(i, e) < v ? l[at(i, e)] : -INFINITY;
-    }
-  }
-  const auto fmax = [](float a, float b) { return fmaxf(a, b); };
-  const auto imin = [](int a, int b) { return a < b ? a : b; };
-  const auto add = [](float a, float b) { return a + b; };
-  // The maximum, then its first index (0 where none equals it: a row of NaNs).
-  const float mx = plain_block(plain_tree<float>([&](int i, int e) { return x[i][e]; }, fmax), fmax, max_slots);
-  const int at_max = plain_block(
-      plain_tree<int>([&](int i, int e) { return x[i][e] == mx ? at(i, e) : INT_MAX; }, imin), imin, first_slots);
-  int pick = at_max == INT_MAX ? 0 : at_max;
-  // Σ exp(logit - max) for the log-sum-exp: at T = 1 the p below are those terms, and their sum comes
-  // with the scan.
-  float se = 0;
-  if (!(temperature == 1.0f))
-    se = plain_block(plain_tree<float>([&](int i, int e) { return expf(x[i][e] - mx); }, add), add, sum_slots);
-
-  if (temperature > 0) {
-    const float inv_t = 1.0f / temperature;
-    // x becomes p = exp((logit - max) / T); own(i): this lane's four of round i summed in order (made
-    // again where needed rather than held); upto[i]: the round's lanes' inclusive prefix sum.
-    const auto own = [&](int i) { return ((x[i][0] + x[i][1]) + x[i][2]) + x[i][3]; };
-    float upto[kPlainRounds];
-#pragma unroll
-    for (int i = 0; i < kPlainRounds; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[i][e] = expf((x[i][e] - mx) * inv_t);
-      upto[i] = own(i);
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const float t = __shfl_up_sync(0xffffffffu, upto[i], o);
-        if (lane >= o) upto[i] += t;
-      }
-    }
-    const auto round_mass = [&](int i) { return __shfl_sync(0xffffffffu, upto[i], 31); };
-    float mass = 0;  // the warp's, rounds in order
-#pragma unroll
-    for (int i = 0; i < kPlainRounds; ++i) mass += round_mass(i);
-    if (lane == 0) warp_mass[warp] = mass;
-    __syncthreads();
-    if (warp == 0) {
-      float u = warp_mass[lane];
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const float t = __shfl_up_sync(0xffffffffu, u, o);
-        if (lane >= o) u += t;
-      }
-      const float before = __shfl_up_sync(0xffffffffu, u, 1);
-      warp_before[lane] = lane == 0 ? 0.0f : before;
-      if (lane == 31) total_all = u;
-      if (lane == 0) pick_all = INT_MAX, last_all = -1;
-    }
-    __syncthreads();
-    const float total = total_all;
-    if (temperature == 1.0f) se = total;
-    const float target = q[kSpecUniform] * total;
-    float run = warp_before[warp];  // the mass before this warp's round i
-    int claimed = INT_MAX, last = -1;
-#pragma unroll
-    for (int i = 0; i < kPlainRounds; ++i) {
-      const float lanes_before = __shfl_up_sync(0xffffffffu, upto[i], 1);
-      const float before = run + (lane == 0 ? 0.0f : lanes_before);
-      if (claimed == INT_MAX && before <= target && target - before < own(i)) {
-        // Rounding may let two lanes claim it: the first wins below.
-        const float local = target - before;
-        float acc = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc += x[i][e];
-          if (claimed == INT_MAX && acc > local) claimed = at(i, e);
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (x[i][e] > 0) last = at(i, e);
-      run += round_mass(i);
-    }
-    if (claimed != INT_MAX) atomicMin(&pick_all, claimed);
-    if (last >= 0) atomicMax(&last_all, last);
-    __syncthreads();
-    if (pick_all != INT_MAX) {
-      pick = pick_all;
-    } else if (last_all >= 0) {
-      pick = last_all;
-    }
-  }
-  if (tid == 0) {
-    tokens[blockIdx.x] = pick;
-    logprobs[blockIdx.x] = l[pick] - (mx + logf(se));
-  }
-}
-
 }  // namespace
 
 void CudaBackend::sample_tokens(const Tensor& logits, const Tensor& spec, Tensor& tokens, Tensor& logprobs) {
@@ -478,20 +474,15 @@ void CudaBackend::sample_tokens(const Tensor& logits, const Tensor& spec, Tensor
   if (n == 0) return;
   Op op(this, "sample_tokens", 0, 4.0 * n * L.cols);
   const unsigned blocks = static_cast<unsigned>(n);
-  // The rows without a cut first, then the others (each kernel's blocks for the other's rows return).
-  const bool plain = L.cols <= kPlainRow;
-  if (plain)
-    sample_plain_kernel<<<blocks, kPlainThreads, 0, stream()>>>(L.f(), L.rows, L.ld, static_cast<int>(L.cols),
-                                                                spec.f32(), tokens.data<int32_t>(), logprobs.f32());
   if (L.cols <= kSharedRow) {
     const size_t bytes = sizeof(float) * static_cast<size_t>(L.cols + L.cols / 32 + 1);
     CUDA_CHECK(cudaFuncSetAttribute(sample_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(bytes)));
     sample_kernel<true><<<blocks, kSampleThreads, bytes, stream()>>>(L.f(), L.rows, L.ld, L.cols, spec.f32(),
-                                                                     tokens.data<int32_t>(), logprobs.f32(), plain);
+                                                                     tokens.data<int32_t>(), logprobs.f32());
   } else {
     sample_kernel<false><<<blocks, kSampleThreads, 0, stream()>>>(L.f(), L.rows, L.ld, L.cols, spec.f32(),
-                                                                  tokens.data<int32_t>(), logprobs.f32(), plain);
+                                                                  tokens.data<int32_t>(), logprobs.f32());
   }
   CUDA_CHECK(cudaGetLastError());
 }
