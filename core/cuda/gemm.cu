@@ -512,8 +512,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // one kind or the other for every product (CudaBackend::hopper_).
 // A block of kWG warpgroups (1 or 2) takes a row tile of 64 · kWG rows: 2 where groups are long (training,
 // prefill); 1 where they are short (MoE decode: 32 rows a group at batch 256), which wastes half as many
-// products on rows past a group's end and, with a third of the shared memory, fits 3 blocks an SM, so a
-// decode step's ~300 tiles run in one wave instead of 1.5.
+// products on rows past a group's end and, with a third of the shared memory, fits 3 blocks an SM (a
+// decode step's ~300 tiles in one wave instead of 1.5; what that bought: kGroupedTile64).
 constexpr size_t wg_smem_bytes(int wg) {  // + room to align tiles to 1024 bytes
   return kStages * (64 * wg * kTileK * 2 + kTileN * kTileK * 2) + 1024;
 }
@@ -790,7 +790,8 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
   wg_accumulate<true, true, true, kWG>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
   constexpr int kUp = 4 * (kTileN / 16);  // acc[i + kUp]: the up sum of gate sum acc[i]
   using S = WgStage<__nv_bfloat16, kTileN / 2, kWG>;
-  static_assert(3 * S::kRows * S::kLd * 2 <= wg_smem_bytes(kWG) - 1024, "the gated tile's three outputs fit the pipeline's memory");
+  static_assert(3 * S::kRows * S::kLd * 2 <= wg_smem_bytes(kWG) - 1024,
+                "the gated tile's three outputs fit the pipeline's memory");
   if (staged) {  // h, then the gate and the up products, each [64 · kWG][kTileN / 2] staged
     __nv_bfloat16* sh = reinterpret_cast<__nv_bfloat16*>(wg_smem_base());
     __nv_bfloat16 *sg = sh + S::kRows * S::kLd, *su = sg + S::kRows * S::kLd;

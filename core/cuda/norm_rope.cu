@@ -71,10 +71,7 @@ constexpr int kThreads = 256;
 // H100, a batch-256 decode step's add_rmsnorm (16 a step, 8 with the routed combine) took 8.0 us at 128
 // threads, 6.4 at 256, 5.0 at 512 and 4.5 at 1024, where store_latents went from 5.9 to 8.6 (ncu,
 // kernels alone): 512.
-#ifndef R1LAB_NORM_THREADS
-#define R1LAB_NORM_THREADS 512
-#endif
-constexpr int kNormThreads = R1LAB_NORM_THREADS;
+constexpr int kNormThreads = 512;
 
 // f(std::integral_constant<int, kKeep>) for rows of d elements: the fewest registers a thread that hold
 // its share of the row (kNormThreads threads), or 0 (read twice) past 8 each.
@@ -93,7 +90,7 @@ void with_keep(int64_t d, F&& f) {
     f(std::integral_constant<int, 0>());
 }
 
-// Sum over a block of kThreads threads; the result is valid in every thread.
+// Sum over the block (up to 1024 threads); the result is valid in every thread.
 __device__ float block_sum(float v) {
   __shared__ float partial[32];
   __shared__ float total;
@@ -509,7 +506,8 @@ __global__ void store_latents_kernel(const float* ckv, int64_t ldc, int r, int r
             v[ib] = qb[u];
           }
         }
-        if (idx < n_nope) sq.nope_out[blockIdx.x * sq.n0 + idx / sq.nope * sq.n1 + idx % sq.nope] = __float2bfloat16(nv[u]);
+        if (idx < n_nope)
+          sq.nope_out[blockIdx.x * sq.n0 + idx / sq.nope * sq.n1 + idx % sq.nope] = __float2bfloat16(nv[u]);
       }
     }
   }
@@ -597,9 +595,10 @@ void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, T
     using T = std::remove_pointer_t<decltype(ti)>;
     using TY = std::remove_pointer_t<decltype(to)>;
     with_keep(X.cols, [&](auto keep) {
-      rmsnorm_forward_kernel<T, TY, decltype(keep)::value><<<static_cast<unsigned>(X.rows), kNormThreads, 0, stream()>>>(
-          static_cast<const T*>(X.p), X.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
-          static_cast<int>(X.cols));
+      rmsnorm_forward_kernel<T, TY, decltype(keep)::value>
+          <<<static_cast<unsigned>(X.rows), kNormThreads, 0, stream()>>>(static_cast<const T*>(X.p), X.ld, w.f32(), eps,
+                                                                         static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
+                                                                         static_cast<int>(X.cols));
     });
   });
   CUDA_CHECK(cudaGetLastError());
@@ -622,8 +621,10 @@ void CudaBackend::add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& 
   dispatch(y.dtype(), [&](auto* to) {
     using TY = std::remove_pointer_t<decltype(to)>;
     with_keep(H.cols, [&](auto keep) {
-      add_rmsnorm_forward_kernel<TY, decltype(keep)::value><<<static_cast<unsigned>(H.rows), kNormThreads, 0, stream()>>>(
-          X.f(), X.ld, H.f(), H.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(), static_cast<int>(H.cols));
+      add_rmsnorm_forward_kernel<TY, decltype(keep)::value>
+          <<<static_cast<unsigned>(H.rows), kNormThreads, 0, stream()>>>(X.f(), X.ld, H.f(), H.ld, w.f32(), eps,
+                                                                         static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
+                                                                         static_cast<int>(H.cols));
     });
   });
   CUDA_CHECK(cudaGetLastError());

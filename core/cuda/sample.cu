@@ -324,7 +324,7 @@ __global__ void __launch_bounds__(kSampleThreads)
   __syncthreads();
   const float lse = mx + logf(f_all);
   __syncthreads();
-  int64_t pick = imin(best_all.at, v - 1);  // past v only where the row's logits are all NaN
+  int64_t pick = best_all.at;
 
   if (temperature > 0) {
     const float inv_t = 1.0f / temperature;
