@@ -247,6 +247,14 @@ class Backend {
   // backward). bias [E] (e_score_correction_bias) steers selection only; may be undefined.
   virtual void moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
                          Tensor& weights, Tensor& scores) = 0;
+  // moe_route, and in the same pass the shared experts' gated activation act = silu(g) · u over gate_up =
+  // [g | u] [M, 2I] (as silu_mul_forward makes it): the router's logits and the shared experts' gate and
+  // up come from one product, and a decode step then takes one kernel for both.
+  virtual void moe_route_and_gate(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
+                                  Tensor& weights, Tensor& scores, const Tensor& gate_up, Tensor& act) {
+    moe_route(logits, bias, cfg, idx, weights, scores);
+    silu_mul_forward(gate_up, act);
+  }
   // dlogits += ∂weights/∂logits · dweights (selection is piecewise constant).
   virtual void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
                                   const RouterConfig& cfg, Tensor& dlogits) = 0;

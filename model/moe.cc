@@ -104,13 +104,22 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
     a.logits = be.empty({m, e});
     be.gemm(xin, false, w.router, true, a.logits);
   }
-  be.moe_route(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores);
+  // Without backward (decode, prefill) the shared experts' gated activation is made in the router's pass.
+  const bool gate_with_route = both.defined() && !for_backward;
+  if (gate_with_route) {
+    a.shared.act = be.empty({m, a.shared.gate_up.size(1) / 2}, product_dtype(be));
+    be.moe_route_and_gate(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores, a.shared.gate_up, a.shared.act);
+  } else {
+    be.moe_route(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores);
+  }
   // Routed experts over the token rows grouped by expert.
   a.xs = be.empty({m * k, h}, x.dtype());  // every row is some token's
   a.row_of = be.empty({m * k}, core::DType::kI32);
   be.moe_dispatch(x, a.idx, static_cast<int>(e), a.xs, a.row_of, a.offsets);
   routed_experts(be, w, inter, a, for_backward);
-  if (both.defined()) {
+  if (gate_with_route) {
+    be.gemm(a.shared.act, false, w.shared.down, true, y);
+  } else if (both.defined()) {
     mlp_from_gate_up(be, w.shared, a.shared, y);
   } else if (w.shared.down.defined()) {
     mlp_forward(be, w.shared, xin, a.shared, y);

@@ -144,6 +144,8 @@ class CudaBackend final : public Backend {
 
   void moe_route(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
                  Tensor& weights, Tensor& scores) override;
+  void moe_route_and_gate(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
+                          Tensor& weights, Tensor& scores, const Tensor& gate_up, Tensor& act) override;
   void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
                           const RouterConfig& cfg, Tensor& dlogits) override;
   void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
@@ -212,6 +214,10 @@ class CudaBackend final : public Backend {
   bool bf16_products(const Tensor& a, const Tensor& b) const;
   Operand gemm_operand(const Tensor& t, bool bf16, int64_t rows, int64_t cols, int64_t ld, int64_t rows1, int64_t ld0,
                               Tensor& keep);
+  // moe_route's kernel, with the shared experts' activation from gate_up into act in the same pass where
+  // both are given (moe_route_and_gate has checked that the kernel takes them).
+  void route_into(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx, Tensor& weights,
+                  Tensor& scores, const Tensor* gate_up, Tensor* act);
   // c[r] = a[r] · op(w[g]) + beta · c[r] on the tensor-core kernels (bf16 operands that tc_operand
   // takes), row tiles of tm (32, 64 or 128; 128 on the warpgroup products where hopper_): groups of rows by
   // the device bounds, or (bounds null) one dense product of `rows` rows.

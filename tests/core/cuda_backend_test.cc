@@ -1102,6 +1102,34 @@ TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
   }
 }
 
+// The router and the shared experts' gated activation in one pass (moe_route_and_gate, as decode runs
+// them over one product's [logits | g | u] rows): the same bits as moe_route then silu_mul_forward, into
+// f32 and bf16, with intermediate sizes the fused kernel takes (multiples of 4) and one it leaves to the
+// two ops.
+TEST_F(CudaBackendTest, MoeRouteAndGateIsRouteThenSiluMul) {
+  RouterConfig cfg;
+  cfg.n_experts = 32;
+  cfg.top_k = 4;
+  for (const int64_t m : {1, 37, 256}) {
+    for (const int64_t inter : {1024, 1100, 2052, 66}) {
+      const int64_t e = cfg.n_experts;
+      Tensor rows = dev(randn({m, e + 2 * inter}, 2.0f)), bias = dev(randn({e}, 0.1f));
+      const Tensor logits = rows.slice(1, 0, e), gu = rows.slice(1, e, 2 * inter);
+      for (DType ad : {DType::kF32, DType::kBF16}) {
+        Tensor i1 = gpu_->zeros({m, 4}, DType::kI32), w1 = gpu_->zeros({m, 4}), s1 = gpu_->zeros({m, e}),
+               h1 = gpu_->zeros({m, inter}, ad);
+        Tensor i2 = gpu_->zeros({m, 4}, DType::kI32), w2 = gpu_->zeros({m, 4}), s2 = gpu_->zeros({m, e}),
+               h2 = gpu_->zeros({m, inter}, ad);
+        gpu_->moe_route_and_gate(logits, bias, cfg, i1, w1, s1, gu, h1);
+        gpu_->moe_route(logits, bias, cfg, i2, w2, s2);
+        gpu_->silu_mul_forward(gu, h2);
+        for (auto [a, b] : {std::pair{i1, i2}, {w1, w2}, {s1, s2}, {h1, h2}})
+          EXPECT_TRUE(bitwise_equal(gpu_->download(a), gpu_->download(b))) << "m " << m << ", inter " << inter;
+      }
+    }
+  }
+}
+
 // 800 assignments (each dispatch block counts for itself), then 2800 and 20000 (ranks in chunks of 256
 // first, then one scan for the chunks' first rows: over more than one tile of the scan at 20000).
 TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
