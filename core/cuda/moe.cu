@@ -523,7 +523,10 @@ void CudaBackend::route_into(const Tensor& logits, const Tensor& bias, const Rou
   CHECK_LE(cfg.n_group, 64) << "at most 64 expert groups";
   CHECK(cfg.top_k >= 1 && cfg.top_k <= cfg.n_experts);
   if (L.rows == 0) return;
-  Op op(this, "moe_route", 0, 8.0 * L.rows * cfg.n_experts);
+  // With the shared experts' gate: the [g | u] rows read and the activation written too.
+  const double gate_bytes =
+      gate_up ? 1.0 * L.rows * act->size(1) * (8 + static_cast<double>(dtype_size(act->dtype()))) : 0.0;
+  Op op(this, gate_up ? "moe_route_and_gate" : "moe_route", 0, 8.0 * L.rows * cfg.n_experts + gate_bytes);
   // Per warp, as the kernel lays it out: choice[E] and gscore[G] f32, then taken[E] bytes within E more floats.
   const size_t bytes = kRouteWarps * sizeof(float) * (2 * cfg.n_experts + cfg.n_group);
   CUDA_CHECK(cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
@@ -557,7 +560,6 @@ void CudaBackend::moe_route_and_gate(const Tensor& logits, const Tensor& bias, c
   }
   check_device(gate_up, DType::kF32);
   check_device(act, act.dtype());
-  Op op(this, "silu_mul", 4.0 * A.rows * inter, 1.0 * A.rows * inter * (8 + dtype_size(act.dtype())));
   route_into(logits, bias, cfg, idx, weights, scores, &gate_up, &act);
 }
 
