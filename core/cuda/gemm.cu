@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "core/cuda/cuda_backend.h"
+#include "core/cuda/silu.cuh"
 #include "core/cuda/mma.cuh"
 #include "core/cuda/wgmma.cuh"
 
@@ -456,7 +457,7 @@ __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t ld
       gs = __bfloat162float(__float2bfloat16(gs));
       us = __bfloat162float(__float2bfloat16(us));
     }
-    h[static_cast<int64_t>(r) * ldh + col] = __float2bfloat16(gs / (1.0f + __expf(-gs)) * us);
+    h[static_cast<int64_t>(r) * ldh + col] = __float2bfloat16(silu_gate(gs, us));
   });
 }
 
@@ -806,7 +807,7 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
           us[e] = __bfloat162float(__float2bfloat16(us[e]));
         }
       }
-      S::put(sh, rl, cl, gs[0] / (1.0f + __expf(-gs[0])) * us[0], gs[1] / (1.0f + __expf(-gs[1])) * us[1]);
+      S::put(sh, rl, cl, silu_gate(gs[0], us[0]), silu_gate(gs[1], us[1]));
     });
     __syncthreads();
     S::write(sh, h, ldh, m0, n0, M, N, 0.0f);
@@ -828,8 +829,7 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
         us[e] = __bfloat162float(__float2bfloat16(us[e]));
       }
     }
-    put_pair(h + static_cast<int64_t>(r) * ldh + col, gs[0] / (1.0f + __expf(-gs[0])) * us[0],
-             gs[1] / (1.0f + __expf(-gs[1])) * us[1], both);
+    put_pair(h + static_cast<int64_t>(r) * ldh + col, silu_gate(gs[0], us[0]), silu_gate(gs[1], us[1]), both);
   });
 }
 

@@ -5,6 +5,7 @@
 #include <cuda_fp8.h>
 
 #include "core/cuda/cuda_backend.h"
+#include "core/cuda/silu.cuh"
 #include "core/latent_rows.h"
 
 namespace r1lab::core::cuda {
@@ -318,7 +319,7 @@ __global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, TH* h, int64_
   loadv<kV>(gu + r * ldgu + c, g);
   loadv<kV>(gu + r * ldgu + inter + c, u);
 #pragma unroll
-  for (int e = 0; e < kV; ++e) out[e] = g[e] / (1.0f + __expf(-g[e])) * u[e];
+  for (int e = 0; e < kV; ++e) out[e] = silu_gate(g[e], u[e]);
   storev<kV>(h + r * ldh + c, out);
 }
 
