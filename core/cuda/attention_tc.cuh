@@ -12,6 +12,8 @@
 // (and the fragment layout) are in mma.cuh.
 #include <cuda_bf16.h>
 
+#include <type_traits>
+
 #include "core/cuda/mma.cuh"
 
 namespace tc {
@@ -92,6 +94,14 @@ __device__ __forceinline__ void product_kn(float (*c)[4], const float (*p)[4], c
       mma(c[2 * np + 1], fa, fb[2], fb[3]);
     }
   }
+}
+
+// 2^x by the special-function unit alone (subnormal results flush to zero): the backward kernels'
+// probabilities, which go on into bf16 products. The forward keeps exp2f, the paged decode kernel's.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 template <int N>
@@ -294,18 +304,30 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   }
   float acc[D / 8][4];
   zero<D / 8>(acc);
+  // A tile wholly inside the causal triangle (every query valid, every key at or before the first
+  // query's position) takes no masks.
+  const bool queries_full = t0 + kRowsT <= a.T;
   kvs.for_each_tile([&](const bf16* Ks, const bf16* Vs, int64_t s0) {
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];
     scores_and_dp<D, DV, kRowsT / 8>(s, dp, Qs + 16 * warp * Ly::LQ, Ks, Gs + 16 * warp * Ly::LV, Vs);
+    const auto ds = [&](auto masked) {
 #pragma unroll
-    for (int j = 0; j < kRowsT / 8; ++j) {
+      for (int j = 0; j < kRowsT / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
-        const float p = t < a.T && col <= off + t ? exp2f(s[j][e] * sl2 - L[e / 2]) : 0.0f;
-        s[j][e] = p * (dp[j][e] - Dl[e / 2]) * a.scale;  // dS
+        for (int e = 0; e < 4; ++e) {
+          float p = fast_exp2(s[j][e] * sl2 - L[e / 2]);
+          if constexpr (decltype(masked)::value) {
+            const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
+            if (!(t < a.T && col <= off + t)) p = 0.0f;
+          }
+          s[j][e] = p * (dp[j][e] - Dl[e / 2]) * a.scale;  // dS
+        }
       }
-    }
+    };
+    if (queries_full && s0 + kRowsT <= a.S && s0 + kRowsT - 1 <= off + t0)
+      ds(std::false_type{});
+    else
+      ds(std::true_type{});
     product_kn<kRowsT / 16, D / 8>(acc, s, Ks, Ly::LQ);
   });
   add_rows<D / 8>(acc, dq + b * dq0 + h * dq2, dq1, t0 + 16 * warp, a.T);
@@ -359,6 +381,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   issue(0);
   put(0);
   const int64_t sr[2] = {s_first + 16 * warp + g, s_first + 16 * warp + g + 8};
+  const bool keys_full = s_first + kRowsT <= a.S;
   const float sl2 = a.scale * kLog2e;
   float gk[D / 8][4], gv[DV / 8][4];
   zero<D / 8>(gk);
@@ -374,17 +397,29 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     const int64_t t0 = t_begin + static_cast<int64_t>(i % per_head) * NQ;
     float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [16 keys of the warp][NQ queries]
     scores_and_dp<D, DV, NQ / 8>(st, dpt, Ks + 16 * warp * Ly::LQ, Qs, Vs + 16 * warp * Ly::LV, Gs);
+    const auto p_and_ds = [&](auto masked) {
 #pragma unroll
-    for (int j = 0; j < NQ / 8; ++j) {
+      for (int j = 0; j < NQ / 8; ++j) {
+        const float2 l = *reinterpret_cast<const float2*>(Lt + 8 * j + cc);
+        const float2 d = *reinterpret_cast<const float2*>(Dt + 8 * j + cc);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = 8 * j + cc + e % 2;
-        const int64_t s = sr[e / 2], t = t0 + c;
-        const float p = t < a.T && s < a.S && s <= off + t ? exp2f(st[j][e] * sl2 - Lt[c]) : 0.0f;
-        st[j][e] = p;
-        dpt[j][e] = p * (dpt[j][e] - Dt[c]) * a.scale;  // dSᵀ
+        for (int e = 0; e < 4; ++e) {
+          float p = fast_exp2(st[j][e] * sl2 - (e % 2 ? l.y : l.x));
+          if constexpr (decltype(masked)::value) {
+            const int64_t s = sr[e / 2], t = t0 + 8 * j + cc + e % 2;
+            if (!(t < a.T && s < a.S && s <= off + t)) p = 0.0f;
+          }
+          st[j][e] = p;
+          dpt[j][e] = p * (dpt[j][e] - (e % 2 ? d.y : d.x)) * a.scale;  // dSᵀ
+        }
       }
-    }
+    };
+    // A tile wholly inside the causal triangle (every query and key valid, the block's last key at or
+    // before the tile's first query) takes no masks.
+    if (t0 + NQ <= a.T && keys_full && s_first + kRowsT - 1 <= off + t0)
+      p_and_ds(std::false_type{});
+    else
+      p_and_ds(std::true_type{});
     product_kn<NQ / 16, DV / 8>(gv, st, Gs, Ly::LV);
     product_kn<NQ / 16, D / 8>(gk, dpt, Qs, Ly::LQ);
     put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began
