@@ -183,12 +183,13 @@ class Backend {
   // Query t sits at position S - T + t and sees keys 0 .. S - T + t. q, k, v f32 or bf16 (values as
   // bf16 products would round them: with those, attention reads them rounded anyway); out f32, or bf16
   // (the f32 result rounded once: an output only bf16 products read), and backward reads it as it is;
-  // the rest f32; backward accumulates into dq, dk, dv.
+  // the rest f32; backward accumulates into dq, dk, dv, or (accumulate false) overwrites them without
+  // reading them.
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
                                  Tensor& lse) = 0;
   virtual void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                                  const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
-                                  Tensor& dv) = 0;
+                                  const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk, Tensor& dv,
+                                  bool accumulate = true) = 0;
 
   // ---- MLA attention in latent space over a paged cache (the rollout engine's decode and prefill).
   // The cache is a pool of fixed-size blocks; row p of sequence s lives at pool row

@@ -144,17 +144,20 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.gemm(dyp, false, w.o_proj, false, dout2);
   Tensor go = g.o_proj;
   be.gemm(dyp, true, a.out.view({m, heads * vd}), false, go, 1.0f, gbeta);
-  // Attention.
-  // dv goes straight into its place in d(kv).
-  Tensor dkv = be.zeros({m, heads, nope + vd});
-  Tensor dkv_nope = dkv.slice(2, 0, nope);
-  Tensor dq = be.zeros({m, heads, qk}), dk = be.zeros({m, heads, qk});
-  Tensor dq4 = split_batch(dq, batch), dk4 = split_batch(dk, batch), dv4 = split_batch(dkv.slice(2, nope, vd), batch);
+  // Attention, its gradients written (not added) into tensors of their own; d(kv) = [dk_nope | dv] a
+  // head, in the products' dtype (only the product below reads it): dv goes straight into its place
+  // where that is f32, else into its own f32 tensor rounded once into place, as dk_nope is.
+  Tensor dkv = be.empty({m, heads, nope + vd}, product_dtype(be));
+  Tensor dkv_nope = dkv.slice(2, 0, nope), dkv_v = dkv.slice(2, nope, vd);
+  Tensor dv = dkv.dtype() == core::DType::kF32 ? dkv_v : be.empty({m, heads, vd});
+  Tensor dq = be.empty({m, heads, qk}), dk = be.empty({m, heads, qk});
+  Tensor dq4 = split_batch(dq, batch), dk4 = split_batch(dk, batch), dv4 = split_batch(dv, batch);
   be.attention_backward(split_batch(dout, batch), split_batch(a.q, batch), split_batch(a.k, batch),
-                        split_batch(a.v, batch), split_batch(a.out, batch), a.lse, cfg.attention_scale(), dq4, dk4,
-                        dv4);
+                        split_batch(a.v, batch), split_batch(a.out, batch), a.lse, cfg.attention_scale(), dq4, dk4, dv4,
+                        /*accumulate=*/false);
   // Keys and values back to kv and the shared rope key.
-  be.add(dk.slice(2, 0, nope), dkv_nope);
+  be.copy(dk.slice(2, 0, nope), dkv_nope);
+  if (dv.raw() != dkv_v.raw()) be.copy(dv, dkv_v);
   // Σ over heads of their rope-key gradients (the forward shares one rope key among the heads), in place
   // into head 0 by halving: heads [half, n) onto [0, n - half), so log2(heads) adds rather than one a
   // head. Then back through the rope.
@@ -172,7 +175,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.add(dk_pe, dckv_pe);
   // kv = c_norm · W_kvbᵀ
   Tensor dc_norm = be.empty({m, r});
-  const Tensor dkv2 = product_operand(be, dkv.view({m, heads * (nope + vd)}));
+  const Tensor dkv2 = dkv.view({m, heads * (nope + vd)});
   be.gemm(dkv2, false, w.kv_b_proj, false, dc_norm);
   Tensor gkvb = g.kv_b_proj;
   be.gemm(dkv2, true, a.c_norm, false, gkvb, 1.0f, gbeta);

@@ -1,4 +1,5 @@
 // Causal softmax attention of the CPU backend: the textbook O(T·S) form, forward and backward.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -91,11 +92,21 @@ void CpuBackend::attention_forward(const Tensor& q, const Tensor& k, const Tenso
 // ds = p (dp - Σ_s p dp) = p (dp - dout·out);  dq[t] += scale Σ_s ds k[s];  dk[s] += scale Σ_t ds q[t].
 void CpuBackend::attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                     const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
-                                    Tensor& dv) {
+                                    Tensor& dv, bool accumulate) {
   const int64_t b = q.size(0), t_len = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t s_len = k.size(1), hk = k.size(2), dvd = v.size(3);
   const Tensor q32 = f32_values(q), k32 = f32_values(k), v32 = f32_values(v), o32 = f32_values(out);
   View4 dO(dout), Q(q32), K(k32), V(v32), O(o32), dQ(dq), dK(dk), dV(dv);
+  if (!accumulate) {  // overwrite: the sums below start from zero
+    const auto clear = [](const View4& x, const Tensor& t) {
+      for (int64_t i = 0; i < t.size(0); ++i)
+        for (int64_t j = 0; j < t.size(1); ++j)
+          for (int64_t h = 0; h < t.size(2); ++h) std::fill_n(x.at(i, j, h), t.size(3), 0.0f);
+    };
+    clear(dQ, dq);
+    clear(dK, dk);
+    clear(dV, dv);
+  }
   const float* L = lse.f32();
   const int64_t group = hq / hk;
   // Parallel over batch and kv head so that dk/dv writes never collide.

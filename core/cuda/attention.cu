@@ -163,7 +163,8 @@ __global__ void attention_delta_kernel(const float* dout, const TO* out, float* 
 // dq[t] += scale · Σ_s p[t,s] (dout[t]·v[s] - delta[t]) k[s]. grid (ceil(T / 32), B·Hq).
 __global__ void __launch_bounds__(kWarps * 32)
     attention_dq_kernel(const float* q, const float* k, const float* v, const float* dout, const float* lse,
-                        const float* delta, float* dq, int64_t dq0, int64_t dq1, int64_t dq2, Dims a) {
+                        const float* delta, float* dq, int64_t dq0, int64_t dq1, int64_t dq2, bool accumulate,
+                        Dims a) {
   extern __shared__ float sm[];
   const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), ldk = D + 1, ldv = Dv + 1;
   float* Ks = sm;                       // [kTile][D + 1]
@@ -238,7 +239,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int u = 0; u < kMaxDU; ++u) {
       const int c = lane + 32 * u;
-      if (c < D) o[c] += acc[r][u];
+      if (c < D) o[c] = accumulate ? o[c] + acc[r][u] : acc[r][u];
     }
   }
 }
@@ -248,7 +249,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 __global__ void __launch_bounds__(kWarps * 32)
     attention_dkdv_kernel(const float* q, const float* k, const float* v, const float* dout, const float* lse,
                           const float* delta, float* dk, int64_t dk0, int64_t dk1, int64_t dk2, float* dv, int64_t dv0,
-                          int64_t dv1, int64_t dv2, Dims a) {
+                          int64_t dv1, int64_t dv2, bool accumulate, Dims a) {
   extern __shared__ float sm[];
   const int D = static_cast<int>(a.D), Dv = static_cast<int>(a.Dv), ldq = D + 1, ldg = Dv + 1;
   float* Kown = sm;                         // [kWarps·kRows][D]
@@ -344,12 +345,12 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int u = 0; u < kMaxDU; ++u) {
       const int c = lane + 32 * u;
-      if (c < D) ok[c] += gk[r][u];
+      if (c < D) ok[c] = accumulate ? ok[c] + gk[r][u] : gk[r][u];
     }
 #pragma unroll
     for (int u = 0; u < kMaxVU; ++u) {
       const int c = lane + 32 * u;
-      if (c < Dv) ov[c] += gv[r][u];
+      if (c < Dv) ov[c] = accumulate ? ov[c] + gv[r][u] : gv[r][u];
     }
   }
 }
@@ -937,7 +938,7 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
 
 void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                      const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
-                                     Tensor& dv) {
+                                     Tensor& dv, bool accumulate) {
   check_attention(q, k, v, out);
   for (const Tensor* t : std::initializer_list<const Tensor*>{&dout, &dq, &dk, &dv}) {
     check_device(*t, DType::kF32);
@@ -971,12 +972,13 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
         tc::backward_dq<D, DV>
             <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq, stream()>>>(
                 bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(), dq.f32(),
-                dq.stride(0), dq.stride(1), dq.stride(2), ab);
+                dq.stride(0), dq.stride(1), dq.stride(2), accumulate, ab);
         set_smem(tc::backward_dkdv<D, DV>, skv);
         tc::backward_dkdv<D, DV>
             <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, skv, stream()>>>(
                 bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(), dk.f32(),
-                dk.stride(0), dk.stride(1), dk.stride(2), dv.f32(), dv.stride(0), dv.stride(1), dv.stride(2), ab);
+                dk.stride(0), dk.stride(1), dk.stride(2), dv.f32(), dv.stride(0), dv.stride(1), dv.stride(2), accumulate,
+                ab);
       })) {
     CUDA_CHECK(cudaGetLastError());
     return;
@@ -989,14 +991,14 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
   set_smem(attention_dq_kernel, smem_q);
   attention_dq_kernel<<<dim3(blocks(a.T, kWarps * kRows), static_cast<unsigned>(B * a.Hq)), kWarps * 32, smem_q,
                         stream()>>>(qf.f32(), kf.f32(), vf.f32(), dout.f32(), lse.f32(), delta.f32(), dq.f32(),
-                                    dq.stride(0), dq.stride(1), dq.stride(2), af);
+                                    dq.stride(0), dq.stride(1), dq.stride(2), accumulate, af);
   const size_t smem_k =
       sizeof(float) * (kWarps * kRows * (a.D + a.Dv) + kTile * (a.D + 1) + kTile * (a.Dv + 1) + 2 * kTile);
   set_smem(attention_dkdv_kernel, smem_k);
   attention_dkdv_kernel<<<dim3(blocks(a.S, kWarps * kRows), static_cast<unsigned>(B * a.Hk)), kWarps * 32, smem_k,
                           stream()>>>(qf.f32(), kf.f32(), vf.f32(), dout.f32(), lse.f32(), delta.f32(), dk.f32(),
                                       dk.stride(0), dk.stride(1), dk.stride(2), dv.f32(), dv.stride(0), dv.stride(1),
-                                      dv.stride(2), af);
+                                      dv.stride(2), accumulate, af);
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -110,9 +110,11 @@ __device__ __forceinline__ void zero(float (*c)[4]) {
   for (int j = 0; j < N; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.0f;
 }
 
-// dst[rows r0 + g, r0 + g + 8][8·N] (f32, row stride ld) += c; rows ≥ n are skipped.
+// dst[rows r0 + g, r0 + g + 8][8·N] (f32, row stride ld) (+)= scale · c (accumulate: add to what is
+// there; else overwrite, never reading it); rows ≥ n are skipped.
 template <int N>
-__device__ __forceinline__ void add_rows(const float (*c)[4], float* dst, int64_t ld, int64_t r0, int64_t n) {
+__device__ __forceinline__ void put_rows(const float (*c)[4], float scale, bool accumulate, float* dst, int64_t ld,
+                                         int64_t r0, int64_t n) {
   const int lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -121,9 +123,12 @@ __device__ __forceinline__ void add_rows(const float (*c)[4], float* dst, int64_
     float* row = dst + r * ld + cc;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      float2 v = *reinterpret_cast<float2*>(row + 8 * j);
-      v.x += c[j][2 * half];
-      v.y += c[j][2 * half + 1];
+      float2 v = make_float2(scale * c[j][2 * half], scale * c[j][2 * half + 1]);
+      if (accumulate) {
+        const float2 o = *reinterpret_cast<float2*>(row + 8 * j);
+        v.x += o.x;
+        v.y += o.y;
+      }
       *reinterpret_cast<float2*>(row + 8 * j) = v;
     }
   }
@@ -217,21 +222,32 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
   float o[DV / 8][4];
   zero<DV / 8>(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const bool queries_full = t0 + kRowsT <= a.T;
   kvs.for_each_tile([&](const bf16* Ks, const bf16* Vs, int64_t s0) {
     float s[kRowsT / 8][4];
     zero<kRowsT / 8>(s);
     product_nk<D, kRowsT / 8>(s, Qs + 16 * warp * Ly::LQ, Ly::LQ, Ks, Ly::LQ);
-    // Scores in the log2 domain, masked; the row max over the 4 lanes that share a row.
+    // Scores in the log2 domain, masked (a tile wholly inside the causal triangle takes no masks); the
+    // row max over the 4 lanes that share a row.
     float mx[2] = {-INFINITY, -INFINITY};
+    const auto scores = [&](auto masked) {
 #pragma unroll
-    for (int j = 0; j < kRowsT / 8; ++j) {
+      for (int j = 0; j < kRowsT / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
-        s[j][e] = t < a.T && col <= off + t ? s[j][e] * sl2 : -INFINITY;
-        mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] *= sl2;
+          if constexpr (decltype(masked)::value) {
+            const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
+            if (!(t < a.T && col <= off + t)) s[j][e] = -INFINITY;
+          }
+          mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
+        }
       }
-    }
+    };
+    if (queries_full && s0 + kRowsT <= a.S && s0 + kRowsT - 1 <= off + t0)
+      scores(std::false_type{});
+    else
+      scores(std::true_type{});
     float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -281,7 +297,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
 template <int D, int DV>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     backward_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
-                float* dq, int64_t dq0, int64_t dq1, int64_t dq2, r1lab::core::cuda::AttnDims a) {
+                float* dq, int64_t dq0, int64_t dq1, int64_t dq2, bool accumulate, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
@@ -320,7 +336,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
             const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
             if (!(t < a.T && col <= off + t)) p = 0.0f;
           }
-          s[j][e] = p * (dp[j][e] - Dl[e / 2]) * a.scale;  // dS
+          s[j][e] = p * (dp[j][e] - Dl[e / 2]);  // dS / scale (the scale goes on at the end)
         }
       }
     };
@@ -330,7 +346,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
       ds(std::true_type{});
     product_kn<kRowsT / 16, D / 8>(acc, s, Ks, Ly::LQ);
   });
-  add_rows<D / 8>(acc, dq + b * dq0 + h * dq2, dq1, t0 + 16 * warp, a.T);
+  put_rows<D / 8>(acc, a.scale, accumulate, dq + b * dq0 + h * dq2, dq1, t0 + 16 * warp, a.T);
 }
 
 // ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn, NQ queries a tile.
@@ -338,7 +354,7 @@ template <int D, int DV>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     backward_dkdv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                   const float* delta, float* dk, int64_t dk0, int64_t dk1, int64_t dk2, float* dv, int64_t dv0,
-                  int64_t dv1, int64_t dv2, r1lab::core::cuda::AttnDims a) {
+                  int64_t dv1, int64_t dv2, bool accumulate, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   constexpr int NQ = Ly::NQ;
   constexpr int kStage = NQ * (Ly::LQ + Ly::LV);  // a stage: a query tile, then its output gradients
@@ -353,7 +369,8 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   const int64_t t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
   const int per_head = static_cast<int>((a.T - t_begin + NQ - 1) / NQ), tiles = static_cast<int>(group) * per_head;
   // Tile i: query head kh·group + i / per_head, queries from t_begin + (i % per_head)·NQ. Its Q and dO
-  // rows go by cp.async; its lse and delta into registers (nl, nd), put in shared memory a tile later.
+  // rows go by cp.async; its lse and delta into registers (nl, nd), put in shared memory a tile later
+  // (lse into the log2 domain there: a multiply at the load would wait for it).
   float nl = 0.0f, nd = 0.0f;
   const auto issue = [&](int i) {
     if (i < tiles) {
@@ -363,7 +380,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
       load_tile<DV, Ly::LV, NQ>(st + NQ * Ly::LQ, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T);
       if (threadIdx.x < NQ) {
         const int64_t t = t0 + threadIdx.x;
-        nl = t < a.T ? lse[(b * a.Hq + h) * a.T + t] * kLog2e : 0.0f;
+        nl = t < a.T ? lse[(b * a.Hq + h) * a.T + t] : 0.0f;
         nd = t < a.T ? delta[(b * a.Hq + h) * a.T + t] : 0.0f;
       }
     }
@@ -371,7 +388,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   };
   const auto put = [&](int i) {
     if (i < tiles && threadIdx.x < NQ) {
-      LD[(i % 2) * 2 * NQ + threadIdx.x] = nl;
+      LD[(i % 2) * 2 * NQ + threadIdx.x] = nl * kLog2e;
       LD[(i % 2) * 2 * NQ + NQ + threadIdx.x] = nd;
     }
   };
@@ -410,7 +427,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
             if (!(t < a.T && s < a.S && s <= off + t)) p = 0.0f;
           }
           st[j][e] = p;
-          dpt[j][e] = p * (dpt[j][e] - (e % 2 ? d.y : d.x)) * a.scale;  // dSᵀ
+          dpt[j][e] = p * (dpt[j][e] - (e % 2 ? d.y : d.x));  // dSᵀ / scale (the scale goes on at the end)
         }
       }
     };
@@ -425,8 +442,8 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began
     __syncthreads();  // every warp is done with this stage before issue() loads it again
   }
-  add_rows<D / 8>(gk, dk + b * dk0 + kh * dk2, dk1, s_first + 16 * warp, a.S);
-  add_rows<DV / 8>(gv, dv + b * dv0 + kh * dv2, dv1, s_first + 16 * warp, a.S);
+  put_rows<D / 8>(gk, a.scale, accumulate, dk + b * dk0 + kh * dk2, dk1, s_first + 16 * warp, a.S);
+  put_rows<DV / 8>(gv, 1.0f, accumulate, dv + b * dv0 + kh * dv2, dv1, s_first + 16 * warp, a.S);
 }
 
 template <int D, int DV>

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <numeric>
 #include <random>
 
@@ -165,6 +166,13 @@ double rel_l2(Backend& gpu, const Tensor& got, const Tensor& want) {
   return std::isnan(num) ? INFINITY : std::sqrt(num / std::max(den, 1e-300));
 }
 #define EXPECT_CLOSE(got, want, tol) EXPECT_LT(max_rel(*gpu_, got, want), tol) << #got
+
+// A host tensor of NaNs: what an output that is only written starts as.
+Tensor nans(const Shape& shape) {
+  Tensor t = Tensor::empty(shape);
+  std::fill_n(t.f32(), t.numel(), std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
 
 bool bitwise_equal(const Tensor& a, const Tensor& b) {
   return a.numel() == b.numel() && a.dtype() == b.dtype() &&
@@ -781,11 +789,24 @@ TEST_F(CudaBackendTest, AttentionForwardBackwardCausalGqaAndPrefix) {
     EXPECT_TRUE(bitwise_equal(gpu_->download(gout16), gpu_->download(gout).to(DType::kBF16))) << what;
     Tensor dout = randn(out.shape()), dq = randn(q.shape()), dk = randn(k.shape()), dv = randn(v.shape());
     Tensor gdq = dev(dq), gdk = dev(dk), gdv = dev(dv);
+    const Tensor dq0 = dq.clone(), dk0 = dk.clone(), dv0 = dv.clone();
     cpu_->attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv);
     gpu_->attention_backward(dev(dout), gq, gk, gv, gout, glse, scale, gdq, gdk, gdv);
     EXPECT_CLOSE(gdq, dq, 5e-5) << what;
     EXPECT_CLOSE(gdk, dk, 5e-5) << what;
     EXPECT_CLOSE(gdv, dv, 5e-5) << what;
+    // Overwriting (accumulate false) never reads what is there (NaN here): plus the starting values,
+    // the sums above.
+    Tensor oq = dev(nans(q.shape())), ok = dev(nans(k.shape())), ov = dev(nans(v.shape()));
+    gpu_->attention_backward(dev(dout), gq, gk, gv, gout, glse, scale, oq, ok, ov, /*accumulate=*/false);
+    const auto plus = [&](const Tensor& got, const Tensor& base) {
+      Tensor h = gpu_->download(got);
+      for (int64_t i = 0; i < h.numel(); ++i) h.f32()[i] += base.f32()[i];
+      return h;
+    };
+    EXPECT_CLOSE(plus(oq, dq0), dq, 5e-5) << what << " (overwriting)";
+    EXPECT_CLOSE(plus(ok, dk0), dk, 5e-5) << what << " (overwriting)";
+    EXPECT_CLOSE(plus(ov, dv0), dv, 5e-5) << what << " (overwriting)";
   }
 }
 
@@ -830,6 +851,12 @@ TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
     EXPECT_LT(rel_l2(be, delta(gdq, dq0), delta(dq, dq0)), 2e-2) << what;
     EXPECT_LT(rel_l2(be, delta(gdk, dk0), delta(dk, dk0)), 2e-2) << what;
     EXPECT_LT(rel_l2(be, delta(gdv, dv0), delta(dv, dv0)), 2e-2) << what;
+    // Overwriting (accumulate false) never reads what is there (NaN here).
+    Tensor oq = up(nans(q.shape())), ok = up(nans(k.shape())), ov = up(nans(v.shape()));
+    be.attention_backward(up(dout), gq, gk, gv, gout, glse, scale, oq, ok, ov, /*accumulate=*/false);
+    EXPECT_LT(rel_l2(be, oq, delta(dq, dq0)), 2e-2) << what << " (overwriting)";
+    EXPECT_LT(rel_l2(be, ok, delta(dk, dk0)), 2e-2) << what << " (overwriting)";
+    EXPECT_LT(rel_l2(be, ov, delta(dv, dv0)), 2e-2) << what << " (overwriting)";
     // bf16 operands (as a model keeps them for bf16 products) give the same bits: f32 ones are rounded
     // the same way first. Values as a strided view (every other head of a wider tensor).
     auto bf = [&](const Tensor& t) {
