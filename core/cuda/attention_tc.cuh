@@ -39,13 +39,16 @@ template <int W, int L, int R = kRowsT>
 __device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int64_t ld, int64_t r0, int64_t n) {
   static_assert(W % 8 == 0, "rows of whole 16-byte chunks");
   constexpr int kChunks = R * W / 8, kPer = (kChunks + kThreadsT - 1) / kThreadsT;
+  const bf16* first = src + r0 * ld;
+  const int64_t left = n - r0;
+  const int rows = left <= 0 ? 0 : left >= R ? R : static_cast<int>(left);  // of the tile, in the matrix
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
     const int i = threadIdx.x + u * kThreadsT;
     if (kChunks % kThreadsT != 0 && i >= kChunks) continue;
     const int r = i / (W / 8), c = (i % (W / 8)) * 8;
-    const bool valid = r0 + r < n;
-    cp_async16(dst + r * L + c, valid ? src + (r0 + r) * ld + c : src, valid);
+    const bool valid = r < rows;
+    cp_async16(dst + r * L + c, valid ? first + r * ld + c : src, valid);
   }
 }
 
@@ -368,21 +371,24 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kRowsT, off = a.S - a.T;
   const int64_t t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
   const int per_head = static_cast<int>((a.T - t_begin + NQ - 1) / NQ), tiles = static_cast<int>(group) * per_head;
-  // Tile i: query head kh·group + i / per_head, queries from t_begin + (i % per_head)·NQ. Its Q and dO
-  // rows go by cp.async; its lse and delta into registers (nl, nd), put in shared memory a tile later
-  // (lse into the log2 domain there: a multiply at the load would wait for it).
+  // Tile i: query head kh·group + i / per_head, queries from t_begin + (i % per_head)·NQ (issue() and
+  // the loop below each step through them in order: (nh, nt0) the next to issue). Its Q and dO rows go
+  // by cp.async; its lse and delta into registers (nl, nd), put in shared memory a tile later (lse into
+  // the log2 domain there: a multiply at the load would wait for it).
   float nl = 0.0f, nd = 0.0f;
+  int64_t nh = kh * group, nt0 = t_begin;
   const auto issue = [&](int i) {
     if (i < tiles) {
-      const int64_t h = kh * group + i / per_head, t0 = t_begin + static_cast<int64_t>(i % per_head) * NQ;
       bf16* st = QG + (i % 2) * kStage;
-      load_tile<D, Ly::LQ, NQ>(st, q + b * a.q0 + h * a.q2, a.q1, t0, a.T);
-      load_tile<DV, Ly::LV, NQ>(st + NQ * Ly::LQ, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T);
+      load_tile<D, Ly::LQ, NQ>(st, q + b * a.q0 + nh * a.q2, a.q1, nt0, a.T);
+      load_tile<DV, Ly::LV, NQ>(st + NQ * Ly::LQ, dout + b * a.g0 + nh * a.g2, a.g1, nt0, a.T);
       if (threadIdx.x < NQ) {
-        const int64_t t = t0 + threadIdx.x;
-        nl = t < a.T ? lse[(b * a.Hq + h) * a.T + t] : 0.0f;
-        nd = t < a.T ? delta[(b * a.Hq + h) * a.T + t] : 0.0f;
+        const int64_t t = nt0 + threadIdx.x;
+        nl = t < a.T ? lse[(b * a.Hq + nh) * a.T + t] : 0.0f;
+        nd = t < a.T ? delta[(b * a.Hq + nh) * a.T + t] : 0.0f;
       }
+      nt0 += NQ;
+      if (nt0 >= a.T) nt0 = t_begin, ++nh;
     }
     cp_async_commit();  // an empty group past the end keeps the count uniform
   };
@@ -403,7 +409,8 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   float gk[D / 8][4], gv[DV / 8][4];
   zero<D / 8>(gk);
   zero<DV / 8>(gv);
-  for (int i = 0; i < tiles; ++i) {
+  int64_t t0 = t_begin;  // tile i's first query
+  for (int i = 0; i < tiles; ++i, t0 = t0 + NQ < a.T ? t0 + NQ : t_begin) {
     issue(i + 1);
     cp_async_wait<1>();
     __syncthreads();  // tile i is in for every warp
@@ -411,7 +418,6 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     const bf16* Gs = Qs + NQ * Ly::LQ;
     const float* Lt = LD + (i % 2) * 2 * NQ;
     const float* Dt = Lt + NQ;
-    const int64_t t0 = t_begin + static_cast<int64_t>(i % per_head) * NQ;
     float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [16 keys of the warp][NQ queries]
     scores_and_dp<D, DV, NQ / 8>(st, dpt, Ks + 16 * warp * Ly::LQ, Qs, Vs + 16 * warp * Ly::LV, Gs);
     const auto p_and_ds = [&](auto masked) {
