@@ -356,10 +356,10 @@ __device__ __forceinline__ void rotate(float a, float b, float c, float s, float
 __global__ void rope_kernel(float* x, int64_t s0, int64_t s1, int64_t m, int64_t heads, int half,
                             const int32_t* pos, const float* cos_t, const float* sin_t, int64_t n_pos,
                             bool interleaved, bool inverse) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;  // the launch checks that pairs fit in 32 bits
   if (idx >= m * heads * half) return;
-  const int i = static_cast<int>(idx % half);
-  const int64_t h = (idx / half) % heads, t = idx / (half * heads);
+  const uint32_t hh = static_cast<uint32_t>(heads) * half, t = idx / hh, j = idx - t * hh, h = j / half;
+  const int i = static_cast<int>(j - h * half);
   const int32_t p = pos[t];
   if (p < 0 || p >= n_pos) return;
   float* v = x + t * s0 + h * s1;
@@ -374,10 +374,10 @@ __global__ void rope_kernel(float* x, int64_t s0, int64_t s1, int64_t m, int64_t
 __global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, float* x, int64_t s0, int64_t s1,
                                  int64_t m, int64_t heads, int half, const int32_t* pos, const float* cos_t,
                                  const float* sin_t, int64_t n_pos, bool interleaved) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;  // the launch checks that pairs fit in 32 bits
   if (idx >= m * heads * half) return;
-  const int i = static_cast<int>(idx % half);
-  const int64_t h = (idx / half) % heads, t = idx / (half * heads);
+  const uint32_t hh = static_cast<uint32_t>(heads) * half, t = idx / hh, j = idx - t * hh, h = j / half;
+  const int i = static_cast<int>(j - h * half);
   const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
   const float* u = src + t * ss0 + h * ss1;
   float* v = x + t * s0 + h * s1;
@@ -763,7 +763,9 @@ int64_t check_rope(const Tensor& x, const Tensor& positions, const RopeTable& ta
   CHECK_EQ(d % 2, 0);
   CHECK_EQ(table.cos.size(1), d / 2);
   CHECK_EQ(positions.numel(), m);
-  return m * x.size(1) * (d / 2);
+  const int64_t pairs = m * x.size(1) * (d / 2);
+  CHECK_LE(pairs, int64_t{1} << 31) << "rope over " << pairs << " pairs (the kernels index them in 32 bits)";
+  return pairs;
 }
 
 }  // namespace
