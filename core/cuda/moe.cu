@@ -7,6 +7,7 @@
 
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/silu.cuh"
+#include "core/cuda/vec.cuh"
 
 namespace r1lab::core::cuda {
 namespace {
@@ -337,28 +338,45 @@ __global__ void dispatch_small_kernel(const T* x, int64_t ldx, const int32_t* id
 }
 
 // dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order).
+// kV (1 or 4) columns a thread at a time (4: rows, strides and pointers allow 16-byte accesses).
+template <int kV>
 __global__ void dispatch_backward_kernel(const float* dxs, int64_t ldxs, const int32_t* row_of, int64_t k, float* dx,
                                          int64_t ldx, int64_t cols) {
   const int64_t m = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    float acc = dx[m * ldx + c];
-    for (int64_t j = 0; j < k; ++j) acc += dxs[row_of[m * k + j] * ldxs + c];
-    dx[m * ldx + c] = acc;
+  const int32_t* rows = row_of + m * k;
+  for (int64_t c = kV * threadIdx.x; c < cols; c += kV * blockDim.x) {
+    float acc[kV];
+    loadv<kV>(dx + m * ldx + c, acc);
+    for (int64_t j = 0; j < k; ++j) {
+      float y[kV];
+      loadv<kV>(dxs + rows[j] * ldxs + c, y);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) acc[e] += y[e];
+    }
+    storev<kV>(dx + m * ldx + c, acc);
   }
 }
 
-__device__ __forceinline__ float as_f32(float v) { return v; }
-__device__ __forceinline__ float as_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// out[m] += Σ_k w[m, k] · ys[row_of[m·K + k]] (ys f32 or bf16).
-template <typename TY>
+// out[m] += Σ_k w[m, k] · ys[row_of[m·K + k]] (ys f32 or bf16), kV (1 or 4) columns a thread at a time
+// (4: rows, strides and pointers allow vector accesses); each element's sum in the same order either way.
+template <typename TY, int kV>
 __global__ void combine_kernel(const TY* ys, int64_t ldy, const float* w, const int32_t* row_of, int64_t k,
                                float* out, int64_t ldo, int64_t cols) {
   const int64_t m = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    float acc = out[m * ldo + c];
-    for (int64_t j = 0; j < k; ++j) acc += w[m * k + j] * as_f32(ys[row_of[m * k + j] * ldy + c]);
-    out[m * ldo + c] = acc;
+  const int32_t* rows = row_of + m * k;
+  const float* wm = w + m * k;
+  for (int64_t c = kV * threadIdx.x; c < cols; c += kV * blockDim.x) {
+    float acc[kV];
+    loadv<kV>(out + m * ldo + c, acc);
+    for (int64_t j = 0; j < k; ++j) {
+      const float wj = wm[j];
+      float y[kV];
+      loadv<kV>(ys + rows[j] * ldy + c, y);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) acc[e] += wj * y[e];
+    }
+    storev<kV>(out + m * ldo + c, acc);
   }
 }
 
@@ -384,8 +402,9 @@ __device__ __forceinline__ T round_to(float v) {
   else return __float2bfloat16_rn(v);
 }
 
-// dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (ys f32 or bf16).
-template <typename T, typename TY>
+// dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (ys f32 or bf16), kV (1 or 4) columns a
+// thread at a time (4: rows, strides and pointers allow vector accesses).
+template <typename T, typename TY, int kV>
 __global__ void combine_backward_kernel(const float* dout, int64_t ldo, const TY* ys, int64_t ldy, const float* w,
                                         const int32_t* row_of, int64_t k, T* dys, int64_t lddy, float* dw,
                                         int64_t cols) {
@@ -395,9 +414,16 @@ __global__ void combine_backward_kernel(const float* dout, int64_t ldo, const TY
     const int64_t row = row_of[m * k + j];
     const float wk = w[m * k + j];
     float dot = 0;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      dys[row * lddy + c] = round_to<T>(wk * g[c]);
-      dot += g[c] * as_f32(ys[row * ldy + c]);
+    for (int64_t c = kV * threadIdx.x; c < cols; c += kV * blockDim.x) {
+      float gv[kV], yv[kV], d[kV];
+      loadv<kV>(g + c, gv);
+      loadv<kV>(ys + row * ldy + c, yv);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {
+        d[e] = wk * gv[e];
+        dot += gv[e] * yv[e];
+      }
+      storev<kV>(dys + row * lddy + c, d);
     }
     dot = block_sum256(dot);
     if (threadIdx.x == 0) dw[m * k + j] = dot;
@@ -651,8 +677,12 @@ void CudaBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of,
   const int64_t k = row_of.numel() / std::max<int64_t>(1, DX.rows);
   if (DX.rows == 0) return;
   Op op(this, "moe_dispatch_backward", 0, 4.0 * (k + 2) * DX.rows * DX.cols);
-  dispatch_backward_kernel<<<static_cast<unsigned>(DX.rows), 256, 0, stream()>>>(
-      DXS.f(), DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld, DX.cols);
+  if (rows_by4(DXS.p, DX.cols, DXS.ld, sizeof(float)) && rows_by4(DX.p, DX.cols, DX.ld, sizeof(float)))
+    dispatch_backward_kernel<4><<<static_cast<unsigned>(DX.rows), 256, 0, stream()>>>(
+        DXS.f(), DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld, DX.cols);
+  else
+    dispatch_backward_kernel<1><<<static_cast<unsigned>(DX.rows), 256, 0, stream()>>>(
+        DXS.f(), DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld, DX.cols);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -666,12 +696,20 @@ void CudaBackend::moe_combine(const Tensor& ys, const Tensor& weights, const Ten
   check_device(out, DType::kF32);
   Op op(this, "moe_combine", 2.0 * k * O.rows * O.cols, (dtype_size(ys.dtype()) * k + 8.0) * O.rows * O.cols);
   const unsigned grid = static_cast<unsigned>(O.rows);
+  const auto launch = [&](auto* ty) {
+    using TY = std::remove_pointer_t<decltype(ty)>;
+    const auto* y = static_cast<const TY*>(Y.p);
+    if (rows_by4(Y.p, O.cols, Y.ld, sizeof(TY)) && rows_by4(O.p, O.cols, O.ld, sizeof(float)))
+      combine_kernel<TY, 4><<<grid, 256, 0, stream()>>>(y, Y.ld, weights.f32(), row_of.data<int32_t>(), k, O.f(), O.ld,
+                                                        O.cols);
+    else
+      combine_kernel<TY, 1><<<grid, 256, 0, stream()>>>(y, Y.ld, weights.f32(), row_of.data<int32_t>(), k, O.f(), O.ld,
+                                                        O.cols);
+  };
   if (ys.dtype() == DType::kBF16)
-    combine_kernel<<<grid, 256, 0, stream()>>>(static_cast<const __nv_bfloat16*>(Y.p), Y.ld, weights.f32(),
-                                               row_of.data<int32_t>(), k, O.f(), O.ld, O.cols);
+    launch(static_cast<__nv_bfloat16*>(nullptr));
   else
-    combine_kernel<<<grid, 256, 0, stream()>>>(Y.f(), Y.ld, weights.f32(), row_of.data<int32_t>(), k, O.f(), O.ld,
-                                               O.cols);
+    launch(static_cast<float*>(nullptr));
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -686,15 +724,19 @@ void CudaBackend::moe_combine_backward(const Tensor& dout, const Tensor& ys, con
   CHECK(dys.dtype() == DType::kF32 || dys.dtype() == DType::kBF16) << "dys of dtype " << dtype_name(dys.dtype());
   const int64_t k = weights.size(1);
   if (G.rows == 0) return;
+  // dout read once (its k passes hit the cache), ys read and dys written once a pick.
   Op op(this, "moe_combine_backward", 4.0 * k * G.rows * G.cols,
-        (8.0 + dtype_size(dys.dtype())) * k * G.rows * G.cols + 4.0 * G.rows * G.cols);
+        1.0 * (dtype_size(ys.dtype()) + dtype_size(dys.dtype())) * k * G.rows * G.cols + 4.0 * G.rows * G.cols);
   const unsigned grid = static_cast<unsigned>(G.rows);
   const auto launch = [&](auto* ty, auto* td) {
     using TY = std::remove_pointer_t<decltype(ty)>;
     using T = std::remove_pointer_t<decltype(td)>;
-    combine_backward_kernel<T, TY><<<grid, 256, 0, stream()>>>(G.f(), G.ld, static_cast<const TY*>(Y.p), Y.ld,
-                                                               weights.f32(), row_of.data<int32_t>(), k,
-                                                               static_cast<T*>(DY.p), DY.ld, dweights.f32(), G.cols);
+    const bool by4 = rows_by4(G.p, G.cols, G.ld, sizeof(float)) && rows_by4(Y.p, G.cols, Y.ld, sizeof(TY)) &&
+                     rows_by4(DY.p, G.cols, DY.ld, sizeof(T));
+    const auto kernel = by4 ? combine_backward_kernel<T, TY, 4> : combine_backward_kernel<T, TY, 1>;
+    kernel<<<grid, 256, 0, stream()>>>(G.f(), G.ld, static_cast<const TY*>(Y.p), Y.ld, weights.f32(),
+                                       row_of.data<int32_t>(), k, static_cast<T*>(DY.p), DY.ld, dweights.f32(),
+                                       G.cols);
   };
   const auto with_dys = [&](auto* ty) {
     if (dys.dtype() == DType::kBF16)
