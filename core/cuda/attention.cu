@@ -145,17 +145,24 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// delta[b, h, t] = dout[t] · out[t] (one warp per row).
+// delta[b, h, t] = dout[t] · out[t] (one warp per row); with gb, dout also rounded to bf16 there
+// (strides gb0..gb2: the tensor-core kernels' operand) in the same pass.
 template <typename TO>
-__global__ void attention_delta_kernel(const float* dout, const TO* out, float* delta, Dims a, int64_t rows) {
+__global__ void attention_delta_kernel(const float* dout, const TO* out, float* delta, Dims a, int64_t rows,
+                                       tc::bf16* gb, int64_t gb0, int64_t gb1, int64_t gb2) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   const int64_t t = row % a.T, h = (row / a.T) % a.Hq, b = row / (a.T * a.Hq);
   const float* g = dout + b * a.g0 + t * a.g1 + h * a.g2;
   const TO* o = out + b * a.o0 + t * a.o1 + h * a.o2;
+  tc::bf16* gr = gb != nullptr ? gb + b * gb0 + t * gb1 + h * gb2 : nullptr;
   float s = 0;
-  for (int c = lane; c < a.Dv; c += 32) s += g[c] * static_cast<float>(o[c]);
+  for (int c = lane; c < a.Dv; c += 32) {
+    const float gc = g[c];
+    s += gc * static_cast<float>(o[c]);
+    if (gr != nullptr) gr[c] = __float2bfloat16_rn(gc);
+  }
   s = warp_sum(s);
   if (lane == 0) delta[row] = s;
 }
@@ -955,16 +962,25 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
                dtype_size(v.dtype()) * v.numel()) +
             4.0 * (3 * out.numel() + q.numel() + 2 * k.numel() + v.numel()));
   const int64_t rows = B * a.Hq * a.T;
-  Tensor delta = zeros({rows}, DType::kF32);
-  if (out.dtype() == DType::kBF16)
-    attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), static_cast<const tc::bf16*>(out.raw()),
-                                                                  delta.f32(), a, rows);
-  else
-    attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), out.f32(), delta.f32(), a, rows);
+  Tensor delta = empty({rows}, DType::kF32);
+  // The row sums delta; with gb, the bf16 copy of dout the tensor-core kernels read, made in the same pass.
+  const auto row_sums = [&](Tensor* gb) {
+    tc::bf16* g = gb != nullptr ? static_cast<tc::bf16*>(gb->raw()) : nullptr;
+    const int64_t g0 = gb != nullptr ? gb->stride(0) : 0, g1 = gb != nullptr ? gb->stride(1) : 0,
+                  g2 = gb != nullptr ? gb->stride(2) : 0;
+    if (out.dtype() == DType::kBF16)
+      attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(
+          dout.f32(), static_cast<const tc::bf16*>(out.raw()), delta.f32(), a, rows, g, g0, g1, g2);
+    else
+      attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), out.f32(), delta.f32(), a, rows, g,
+                                                                    g0, g1, g2);
+  };
   if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&dq, &dk, &dv}) &&
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
+        Tensor gb = empty(dout.shape(), DType::kBF16);
+        row_sums(&gb);
         const Tensor qb = attention_operand(q, DType::kBF16), kb = attention_operand(k, DType::kBF16),
-                     vb = attention_operand(v, DType::kBF16), gb = attention_operand(dout, DType::kBF16);
+                     vb = attention_operand(v, DType::kBF16);
         Dims ab = make_dims(qb, kb, vb, out, scale);
         ab.g0 = gb.stride(0), ab.g1 = gb.stride(1), ab.g2 = gb.stride(2);
         constexpr size_t sq = tc::dq_smem<D, DV>(), skv = tc::dkdv_smem<D, DV>();
@@ -983,6 +999,7 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
     CUDA_CHECK(cudaGetLastError());
     return;
   }
+  row_sums(nullptr);
   const Tensor qf = attention_operand(q, DType::kF32), kf = attention_operand(k, DType::kF32),
                vf = attention_operand(v, DType::kF32);
   Dims af = make_dims(qf, kf, vf, out, scale);
