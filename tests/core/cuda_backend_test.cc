@@ -1024,6 +1024,46 @@ TEST_F(CudaBackendTest, PagedLatentAttentionOverFp8Rows) {
     }
 }
 
+// Many rows (training's, prefill's) run in smaller blocks that each do several threads' share of a row
+// as a decode step's few rows are split: the same bits either way, so that a decode step's norms and a
+// trainer's recompute of the same rows agree.
+TEST_F(CudaBackendTest, NormsOfManyRowsAreTheBitsOfFewRows) {
+  const int64_t m = 2100, k = 2, n_rows = 2 * m;  // above the many-rows threshold; a few of them alone
+  for (int64_t d : {1024, 256, 100, 2048}) {
+    Tensor x = dev(randn({m, d})), w = dev(randn({d}, 0.2f)), h0 = randn({m, d}), ys = dev(randn({n_rows, d}));
+    Tensor weights = dev(randn({m, k})), row_of = Tensor::zeros({m, k}, DType::kI32);
+    for (int64_t i = 0; i < m * k; ++i) row_of.data<int32_t>()[i] = static_cast<int32_t>((i * 7919) % n_rows);
+    const Tensor grow_of = dev(row_of);
+    const std::string what = "d " + std::to_string(d);
+    // All rows at once.
+    Tensor y = gpu_->zeros({m, d}, DType::kBF16), r = gpu_->zeros({m}, DType::kF32);
+    gpu_->rmsnorm_forward(x, w, 1e-6f, y, r);
+    Tensor h = dev(h0), ya = gpu_->zeros({m, d}, DType::kBF16), ra = gpu_->zeros({m}, DType::kF32);
+    gpu_->add_rmsnorm_forward(x, h, w, 1e-6f, ya, ra);
+    Tensor hc = dev(h0), yc = gpu_->zeros({m, d}, DType::kBF16), rc = gpu_->zeros({m}, DType::kF32);
+    gpu_->moe_combine_add_rmsnorm(ys, weights, grow_of, x, hc, w, 1e-6f, yc, rc);
+    // A few rows at a time, as a decode step has them.
+    for (int64_t r0 : {int64_t{0}, int64_t{1013}, m - 5}) {
+      const int64_t rows = 5;
+      Tensor y1 = gpu_->zeros({rows, d}, DType::kBF16), r1 = gpu_->zeros({rows}, DType::kF32);
+      gpu_->rmsnorm_forward(x.slice(0, r0, rows), w, 1e-6f, y1, r1);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(y1), gpu_->download(y.slice(0, r0, rows)))) << what;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(r1), gpu_->download(r.slice(0, r0, rows)))) << what;
+      Tensor h1 = dev(h0.slice(0, r0, rows).clone()), ya1 = gpu_->zeros({rows, d}, DType::kBF16),
+             ra1 = gpu_->zeros({rows}, DType::kF32);
+      gpu_->add_rmsnorm_forward(x.slice(0, r0, rows), h1, w, 1e-6f, ya1, ra1);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(ya1), gpu_->download(ya.slice(0, r0, rows)))) << what << " (add)";
+      EXPECT_TRUE(bitwise_equal(gpu_->download(h1), gpu_->download(h.slice(0, r0, rows)))) << what << " (add)";
+      Tensor hc1 = dev(h0.slice(0, r0, rows).clone()), yc1 = gpu_->zeros({rows, d}, DType::kBF16),
+             rc1 = gpu_->zeros({rows}, DType::kF32);
+      gpu_->moe_combine_add_rmsnorm(ys, weights.slice(0, r0, rows), grow_of.slice(0, r0, rows), x.slice(0, r0, rows),
+                                    hc1, w, 1e-6f, yc1, rc1);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(yc1), gpu_->download(yc.slice(0, r0, rows)))) << what << " (combine)";
+      EXPECT_TRUE(bitwise_equal(gpu_->download(rc1), gpu_->download(rc.slice(0, r0, rows)))) << what << " (combine)";
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, StoreLatentsIsNormRopeAndScatter) {
   const int64_t n = 37, r = 256, rd = 32, rows = 100, npos = 64;
   RopeTable t{randn({npos, rd / 2}), randn({npos, rd / 2})};
