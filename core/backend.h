@@ -94,6 +94,9 @@ class Backend {
   virtual void add(const Tensor& x, Tensor& y, float alpha = 1.0f) = 0;
   // t = value (contiguous).
   virtual void fill(Tensor& t, float value) = 0;
+  // y[m, 0, :] += Σ_h x[m, h, :], heads in order (x [M, H, D] and y [M, 1, D] f32, last dims contiguous):
+  // a gradient that several heads share.
+  virtual void sum_heads(const Tensor& x, Tensor& y) = 0;
 
   // ---- matrix products
   // c = alpha * op(a) · op(b) + beta * c, op(x) = x or xᵀ. a: [m, k] rows ([k, m] if trans_a),

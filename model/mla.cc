@@ -158,21 +158,12 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   // Keys and values back to kv and the shared rope key.
   be.copy(dk.slice(2, 0, nope), dkv_nope);
   if (dv.raw() != dkv_v.raw()) be.copy(dv, dkv_v);
-  // Σ over heads of their rope-key gradients (the forward shares one rope key among the heads), in place
-  // into head 0 by halving: heads [half, n) onto [0, n - half), so log2(heads) adds rather than one a
-  // head. Then back through the rope.
-  Tensor dk_rope = dk.slice(2, nope, rd);
-  for (int64_t n = heads; n > 1;) {
-    const int64_t half = (n + 1) / 2;
-    Tensor lower = dk_rope.slice(1, 0, n - half);
-    be.add(dk_rope.slice(1, half, n - half), lower);
-    n = half;
-  }
-  Tensor dk_pe = dk_rope.slice(1, 0, 1);
-  be.rope(dk_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
+  // Σ over heads of their rope-key gradients (the forward shares one rope key among the heads), into
+  // its place in d(ckv), then back through the rope.
   Tensor dckv = be.zeros({m, r + rd});
   Tensor dckv_pe = dckv.slice(1, r, rd).unsqueeze(1);
-  be.add(dk_pe, dckv_pe);
+  be.sum_heads(dk.slice(2, nope, rd), dckv_pe);
+  be.rope(dckv_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
   // kv = c_norm · W_kvbᵀ
   Tensor dc_norm = be.empty({m, r});
   const Tensor dkv2 = dkv.view({m, heads * (nope + vd)});

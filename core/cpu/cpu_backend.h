@@ -17,6 +17,7 @@ class CpuBackend final : public Backend {
   void copy(const Tensor& src, Tensor& dst) override;
   void add(const Tensor& x, Tensor& y, float alpha) override;
   void fill(Tensor& t, float value) override;
+  void sum_heads(const Tensor& x, Tensor& y) override;
 
   void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
             float beta) override;

@@ -85,6 +85,20 @@ void CpuBackend::add(const Tensor& x, Tensor& y, float alpha) {
   zip4(x, y, [&](int64_t a, int64_t b) { ys[b] += alpha * xs[a]; });
 }
 
+void CpuBackend::sum_heads(const Tensor& x, Tensor& y) {
+  CHECK(x.dim() == 3 && y.dim() == 3 && y.size(1) == 1 && x.size(0) == y.size(0) && x.size(2) == y.size(2) &&
+        x.stride(2) == 1 && y.stride(2) == 1)
+      << "sum_heads of " << shape_str(x.shape()) << " into " << shape_str(y.shape());
+  const float* xs = x.f32();
+  float* ys = y.f32();
+  for (int64_t m = 0; m < x.size(0); ++m)
+    for (int64_t c = 0; c < x.size(2); ++c) {
+      float acc = ys[m * y.stride(0) + c];
+      for (int64_t h = 0; h < x.size(1); ++h) acc += xs[m * x.stride(0) + h * x.stride(1) + c];
+      ys[m * y.stride(0) + c] = acc;
+    }
+}
+
 void CpuBackend::fill(Tensor& t, float value) {
   CHECK(t.is_contiguous());
   float* p = t.f32();

@@ -119,6 +119,18 @@ __global__ void from_bf16_copy_kernel(const __nv_bfloat16* src, Dims4 ds, float*
     dst[offset4(dd, i)] = __bfloat162float(src[offset4(ds, i)]);
 }
 
+// y[m, c] += Σ_h x[m, h, c] in head order; thread i takes (m, c) = (i / d, i % d) (a warp: consecutive c).
+__global__ void sum_heads_kernel(const float* x, int64_t x0, int64_t x1, int64_t heads, float* y, int64_t y0,
+                                 uint32_t d, uint32_t n) {
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const uint32_t m = i / d, c = i - m * d;
+    const float* xr = x + m * x0 + c;
+    float acc = y[m * y0 + c];
+    for (int64_t h = 0; h < heads; ++h) acc += xr[h * x1];
+    y[m * y0 + c] = acc;
+  }
+}
+
 __global__ void add_kernel(const float* x, Dims4 dx, float* y, Dims4 dy, int64_t n, float alpha) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -653,6 +665,22 @@ void CudaBackend::add(const Tensor& x, Tensor& y, float alpha) {
   } else {
     add_kernel<<<grid_for(n), kThreads, 0, stream()>>>(x.f32(), dims4(x), y.f32(), dims4(y), n, alpha);
   }
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::sum_heads(const Tensor& x, Tensor& y) {
+  check_device(x, DType::kF32);
+  check_device(y, DType::kF32);
+  CHECK(x.dim() == 3 && y.dim() == 3 && y.size(1) == 1 && x.size(0) == y.size(0) && x.size(2) == y.size(2) &&
+        x.stride(2) == 1 && y.stride(2) == 1)
+      << "sum_heads of " << shape_str(x.shape()) << " into " << shape_str(y.shape());
+  const int64_t n = x.size(0) * x.size(2);
+  if (n == 0) return;
+  CHECK_LE(n, int64_t{1} << 31) << "sum_heads over " << n << " rows and columns (indexed in 32 bits)";
+  Op op(this, "sum_heads", 1.0 * x.numel(), 4.0 * (x.numel() + 2 * n));
+  sum_heads_kernel<<<grid_for(n), kThreads, 0, stream()>>>(x.f32(), x.stride(0), x.stride(1), x.size(1), y.f32(),
+                                                           y.stride(0), static_cast<uint32_t>(x.size(2)),
+                                                           static_cast<uint32_t>(n));
   CUDA_CHECK(cudaGetLastError());
 }
 

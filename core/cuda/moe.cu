@@ -480,22 +480,30 @@ __global__ void logprobs_forward_kernel(const float* logits, int64_t ld, int64_t
 }
 
 // dlogits[m] = dlp[m] · (onehot(target) - softmax(logits[m])), written as T: -(g·p_j), and at the
-// target -(g·p_t) + g (the CPU reference's f32 operations, in its order).
-template <typename T>
+// target -(g·p_t) + g (the CPU reference's f32 operations, in its order). kV (1 or 4) logits a thread
+// at a time (4: rows, strides and pointers allow vector accesses).
+template <typename T, int kV>
 __global__ void logprobs_backward_kernel(const float* dlp, const float* logits, int64_t ldl, int64_t v,
                                          const int32_t* targets, const float* lse, T* dlogits, int64_t ldd) {
   const float g = dlp[blockIdx.x];
   T* d = dlogits + blockIdx.x * ldd;
   if (g == 0.0f) {
-    for (int64_t j = threadIdx.x; j < v; j += blockDim.x) d[j] = round_to<T>(0.0f);
+    const float zero[kV] = {};
+    for (int64_t j = kV * threadIdx.x; j < v; j += kV * blockDim.x) storev<kV>(d + j, zero);
     return;
   }
   const float* l = logits + blockIdx.x * ldl;
   const float ls = lse[blockIdx.x];
   const int32_t t = targets[blockIdx.x];
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
-    const float x = -(g * expf(l[j] - ls));
-    d[j] = round_to<T>(j == t ? x + g : x);
+  for (int64_t j = kV * threadIdx.x; j < v; j += kV * blockDim.x) {
+    float x[kV];
+    loadv<kV>(l + j, x);
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      const float y = -(g * expf(x[e] - ls));
+      x[e] = j + e == t ? y + g : y;
+    }
+    storev<kV>(d + j, x);
   }
 }
 
@@ -778,12 +786,17 @@ void CudaBackend::logprobs_backward(const Tensor& dlp, const Tensor& logits, con
   if (L.rows == 0) return;
   Op op(this, "logprobs_backward", 3.0 * L.rows * L.cols, (4.0 + dtype_size(dlogits.dtype())) * L.rows * L.cols);
   const unsigned grid = static_cast<unsigned>(L.rows);
+  const auto launch = [&](auto* td) {
+    using T = std::remove_pointer_t<decltype(td)>;
+    const bool by4 = rows_by4(L.p, L.cols, L.ld, sizeof(float)) && rows_by4(D.p, L.cols, D.ld, sizeof(T));
+    const auto kernel = by4 ? logprobs_backward_kernel<T, 4> : logprobs_backward_kernel<T, 1>;
+    kernel<<<grid, 256, 0, stream()>>>(dlp.f32(), L.f(), L.ld, L.cols, targets.data<int32_t>(), lse.f32(),
+                                       static_cast<T*>(D.p), D.ld);
+  };
   if (dlogits.dtype() == DType::kBF16)
-    logprobs_backward_kernel<<<grid, 256, 0, stream()>>>(dlp.f32(), L.f(), L.ld, L.cols, targets.data<int32_t>(),
-                                                         lse.f32(), static_cast<__nv_bfloat16*>(D.p), D.ld);
+    launch(static_cast<__nv_bfloat16*>(nullptr));
   else
-    logprobs_backward_kernel<<<grid, 256, 0, stream()>>>(dlp.f32(), L.f(), L.ld, L.cols, targets.data<int32_t>(),
-                                                         lse.f32(), D.f(), D.ld);
+    launch(static_cast<float*>(nullptr));
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -179,6 +179,29 @@ bool bitwise_equal(const Tensor& a, const Tensor& b) {
          std::memcmp(a.raw(), b.raw(), static_cast<size_t>(a.numel()) * dtype_size(a.dtype())) == 0;
 }
 
+// The rope-key gradient's sum over heads: a column slice of [M, H, D] into a column slice of [M, D'].
+TEST_F(CudaBackendTest, SumHeadsOfStridedSlices) {
+  for (auto [m, h, d] : {std::tuple<int64_t, int64_t, int64_t>{300, 16, 32}, {7, 3, 5}, {1, 1, 8}}) {
+    Tensor x = randn({m, h, d + 64}), y = randn({m, d + 256});
+    const Tensor y0 = y.clone();
+    Tensor gx = dev(x), gy = dev(y);
+    Tensor yv = y.slice(1, 256, d).unsqueeze(1), gyv = gy.slice(1, 256, d).unsqueeze(1);
+    cpu_->sum_heads(x.slice(2, 64, d), yv);
+    gpu_->sum_heads(gx.slice(2, 64, d), gyv);
+    const std::string what = std::to_string(m) + "x" + std::to_string(h) + "x" + std::to_string(d);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gy), y)) << what << ": the same adds in the same order";
+    double worst = 0;  // the CPU's against the sums in double; the columns outside the slice untouched
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < d + 256; ++c) {
+        double want = y0.f32()[i * (d + 256) + c];
+        if (c >= 256)
+          for (int64_t k = 0; k < h; ++k) want += x.f32()[(i * h + k) * (d + 64) + 64 + c - 256];
+        worst = std::max(worst, std::fabs(want - y.f32()[i * (d + 256) + c]));
+      }
+    EXPECT_LT(worst, 1e-4) << what;
+  }
+}
+
 TEST_F(CudaBackendTest, MemoryOpsOnStridedViews) {
   Tensor a = randn({3, 5, 7, 9}), b = randn({3, 5, 7, 9});
   Tensor ga = dev(a), gb = dev(b);
