@@ -3,7 +3,9 @@
 // per-op profiler and the optimizer (gradient norm and a fused AdamW over the one parameter buffer).
 #include <cub/device/device_radix_sort.cuh>
 
+#include <algorithm>
 #include <cstring>
+#include <iterator>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -89,34 +91,95 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Offset of flat element i (row-major over n) in a strided view.
-__device__ __forceinline__ int64_t offset4(const Dims4& d, int64_t i) {
-  const int64_t i3 = i % d.n[3];
-  i /= d.n[3];
-  const int64_t i2 = i % d.n[2];
-  i /= d.n[2];
-  const int64_t i1 = i % d.n[1];
-  const int64_t i0 = i / d.n[1];
-  return i0 * d.s[0] + i1 * d.s[1] + i2 * d.s[2] + i3 * d.s[3];
+// Flat element i of a shape [n0, n1, n2, n3] (row-major) to its offsets in two strided views of that
+// shape (a: the one read, b: the one written). PairWide divides in 64 bits (any size); PairFast, for
+// fewer than 2^31 elements, finds the coordinates once by 32-bit multiply-shift divisions (a few
+// instructions where a 64-bit division takes dozens): the strided copies, conversions and adds.
+struct PairWide {
+  int64_t n[4], a[4], b[4];
+  __device__ __forceinline__ void at(int64_t i, int64_t& oa, int64_t& ob) const {
+    const int64_t i3 = i % n[3];
+    i /= n[3];
+    const int64_t i2 = i % n[2];
+    i /= n[2];
+    const int64_t i1 = i % n[1], i0 = i / n[1];
+    oa = i0 * a[0] + i1 * a[1] + i2 * a[2] + i3 * a[3];
+    ob = i0 * b[0] + i1 * b[1] + i2 * b[2] + i3 * b[3];
+  }
+};
+// x / d for x < 2^31 and 1 <= d < 2^31: (umulhi(x, m) + x) >> s, with s = ceil(log2 d) and
+// m = floor(2^32 (2^s - d) / d) + 1.
+struct FastDiv {
+  uint32_t d = 1, m = 1, s = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t div) : d(div) {
+    while ((uint64_t{1} << s) < d) ++s;
+    m = static_cast<uint32_t>((uint64_t{1} << 32) * ((uint64_t{1} << s) - d) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t x) const { return (__umulhi(x, m) + x) >> s; }
+};
+struct PairFast {
+  FastDiv n1, n2, n3;
+  int64_t a[4], b[4];
+  __device__ __forceinline__ void at(int64_t i64, int64_t& oa, int64_t& ob) const {
+    const uint32_t i = static_cast<uint32_t>(i64);
+    const uint32_t q3 = n3.div(i), i3 = i - q3 * n3.d;
+    const uint32_t q2 = n2.div(q3), i2 = q3 - q2 * n2.d;
+    const uint32_t i0 = n1.div(q2), i1 = q2 - i0 * n1.d;
+    oa = i0 * a[0] + i1 * a[1] + i2 * a[2] + i3 * a[3];
+    ob = i0 * b[0] + i1 * b[1] + i2 * b[2] + i3 * b[3];
+  }
+};
+
+// f(pair) for views a and b of one shape: PairFast where it holds the elements, else PairWide.
+template <typename F>
+void with_pair(const Tensor& a, const Tensor& b, F&& f) {
+  const Dims4 da = dims4(a), db = dims4(b);
+  const bool fits = a.numel() < (int64_t{1} << 31) &&
+                    std::all_of(std::begin(da.n), std::end(da.n), [](int64_t n) { return n >= 1; });
+  if (fits) {
+    PairFast p{FastDiv(static_cast<uint32_t>(da.n[1])), FastDiv(static_cast<uint32_t>(da.n[2])),
+               FastDiv(static_cast<uint32_t>(da.n[3])), {}, {}};
+    std::copy(std::begin(da.s), std::end(da.s), p.a);
+    std::copy(std::begin(db.s), std::end(db.s), p.b);
+    f(p);
+  } else {
+    PairWide p;
+    std::copy(std::begin(da.n), std::end(da.n), p.n);
+    std::copy(std::begin(da.s), std::end(da.s), p.a);
+    std::copy(std::begin(db.s), std::end(db.s), p.b);
+    f(p);
+  }
 }
 
-template <typename T>
-__global__ void copy_kernel(const T* src, Dims4 ds, T* dst, Dims4 dd, int64_t n) {
+template <typename T, typename P>
+__global__ void copy_kernel(const T* src, T* dst, P p, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[offset4(dd, i)] = src[offset4(ds, i)];
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t os, od;
+    p.at(i, os, od);
+    dst[od] = src[os];
+  }
 }
 
 // f32 -> bf16 (round to nearest even) and bf16 -> f32, any strides.
-__global__ void to_bf16_copy_kernel(const float* src, Dims4 ds, __nv_bfloat16* dst, Dims4 dd, int64_t n) {
+template <typename P>
+__global__ void to_bf16_copy_kernel(const float* src, __nv_bfloat16* dst, P p, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[offset4(dd, i)] = __float2bfloat16(src[offset4(ds, i)]);
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t os, od;
+    p.at(i, os, od);
+    dst[od] = __float2bfloat16(src[os]);
+  }
 }
-__global__ void from_bf16_copy_kernel(const __nv_bfloat16* src, Dims4 ds, float* dst, Dims4 dd, int64_t n) {
+template <typename P>
+__global__ void from_bf16_copy_kernel(const __nv_bfloat16* src, float* dst, P p, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[offset4(dd, i)] = __bfloat162float(src[offset4(ds, i)]);
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t os, od;
+    p.at(i, os, od);
+    dst[od] = __bfloat162float(src[os]);
+  }
 }
 
 // y[m, c] += Σ_h x[m, h, c] in head order; thread i takes (m, c) = (i / d, i % d) (a warp: consecutive c).
@@ -131,10 +194,14 @@ __global__ void sum_heads_kernel(const float* x, int64_t x0, int64_t x1, int64_t
   }
 }
 
-__global__ void add_kernel(const float* x, Dims4 dx, float* y, Dims4 dy, int64_t n, float alpha) {
+template <typename P>
+__global__ void add_kernel(const float* x, float* y, P p, int64_t n, float alpha) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    y[offset4(dy, i)] += alpha * x[offset4(dx, i)];
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t ox, oy;
+    p.at(i, ox, oy);
+    y[oy] += alpha * x[ox];
+  }
 }
 
 // The same on contiguous tensors, 4 elements a thread (the residual adds: no index arithmetic).
@@ -161,26 +228,35 @@ unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(bl
 
 // Strided element-wise work 4 elements a thread (see by4): group i is flat elements 4i .. 4i + 3, which
 // lie side by side in the last dimension, so one index computation and one vector access serve four.
-template <typename T, typename V>
-__global__ void copy4_kernel(const T* src, Dims4 ds, T* dst, Dims4 dd, int64_t n4) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    *reinterpret_cast<V*>(dst + offset4(dd, 4 * i)) = *reinterpret_cast<const V*>(src + offset4(ds, 4 * i));
-}
-__global__ void to_bf16_copy4_kernel(const float* src, Dims4 ds, __nv_bfloat16* dst, Dims4 dd, int64_t n4) {
+template <typename T, typename V, typename P>
+__global__ void copy4_kernel(const T* src, T* dst, P p, int64_t n4) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float4 v = *reinterpret_cast<const float4*>(src + offset4(ds, 4 * i));
-    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst + offset4(dd, 4 * i));
+    int64_t os, od;
+    p.at(4 * i, os, od);
+    *reinterpret_cast<V*>(dst + od) = *reinterpret_cast<const V*>(src + os);
+  }
+}
+template <typename P>
+__global__ void to_bf16_copy4_kernel(const float* src, __nv_bfloat16* dst, P p, int64_t n4) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t os, od;
+    p.at(4 * i, os, od);
+    const float4 v = *reinterpret_cast<const float4*>(src + os);
+    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst + od);
     d[0] = __floats2bfloat162_rn(v.x, v.y);
     d[1] = __floats2bfloat162_rn(v.z, v.w);
   }
 }
-__global__ void add4_kernel(const float* x, Dims4 dx, float* y, Dims4 dy, int64_t n4, float alpha) {
+template <typename P>
+__global__ void add4_kernel(const float* x, float* y, P pr, int64_t n4, float alpha) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float4 a = *reinterpret_cast<const float4*>(x + offset4(dx, 4 * i));
-    float4* p = reinterpret_cast<float4*>(y + offset4(dy, 4 * i));
+    int64_t ox, oy;
+    pr.at(4 * i, ox, oy);
+    const float4 a = *reinterpret_cast<const float4*>(x + ox);
+    float4* p = reinterpret_cast<float4*>(y + oy);
     float4 b = *p;
     b.x += alpha * a.x;
     b.y += alpha * a.y;
@@ -597,18 +673,23 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) {
     if (src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) {
       if (src.is_contiguous() && dst.is_contiguous()) {
         to_bf16(src.f32(), 1, n, n, 1, 0, dst.raw());  // one row
-      } else if (by4({&src, &dst})) {
-        to_bf16_copy4_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(
-            src.f32(), dims4(src), static_cast<__nv_bfloat16*>(dst.raw()), dims4(dst), n / 4);
       } else {
-        to_bf16_copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(
-            src.f32(), dims4(src), static_cast<__nv_bfloat16*>(dst.raw()), dims4(dst), n);
+        const bool vec = by4({&src, &dst});
+        with_pair(src, dst, [&](auto p) {
+          auto* d = static_cast<__nv_bfloat16*>(dst.raw());
+          if (vec)
+            to_bf16_copy4_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(src.f32(), d, p, n / 4);
+          else
+            to_bf16_copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.f32(), d, p, n);
+        });
       }
     } else {
       CHECK(src.dtype() == DType::kBF16 && dst.dtype() == DType::kF32)
           << "copy: " << dtype_name(src.dtype()) << " to " << dtype_name(dst.dtype());
-      from_bf16_copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(static_cast<const __nv_bfloat16*>(src.raw()),
-                                                                    dims4(src), dst.f32(), dims4(dst), n);
+      with_pair(src, dst, [&](auto p) {
+        from_bf16_copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(static_cast<const __nv_bfloat16*>(src.raw()),
+                                                                      dst.f32(), p, n);
+      });
     }
     CUDA_CHECK(cudaGetLastError());
     return;
@@ -619,33 +700,24 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) {
                                cudaMemcpyDeviceToDevice, stream()));
     return;
   }
-  const Dims4 ds = dims4(src), dd = dims4(dst);
   const bool vec = by4({&src, &dst});
-  if (vec && dtype_size(src.dtype()) == 4) {
-    copy4_kernel<uint32_t, uint4><<<grid_for(n / 4), kThreads, 0, stream()>>>(src.data<uint32_t>(), ds,
-                                                                               dst.data<uint32_t>(), dd, n / 4);
-    CUDA_CHECK(cudaGetLastError());
-    return;
-  }
-  if (vec && dtype_size(src.dtype()) == 2) {
-    copy4_kernel<uint16_t, uint2><<<grid_for(n / 4), kThreads, 0, stream()>>>(src.data<uint16_t>(), ds,
-                                                                               dst.data<uint16_t>(), dd, n / 4);
-    CUDA_CHECK(cudaGetLastError());
-    return;
-  }
-  switch (dtype_size(src.dtype())) {
-    case 4:
-      copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint32_t>(), ds, dst.data<uint32_t>(), dd, n);
-      break;
-    case 2:
-      copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint16_t>(), ds, dst.data<uint16_t>(), dd, n);
-      break;
-    case 8:
-      copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint64_t>(), ds, dst.data<uint64_t>(), dd, n);
-      break;
-    default:
-      CHECK(false) << "copy: unsupported dtype " << dtype_name(src.dtype());
-  }
+  const size_t es = dtype_size(src.dtype());
+  CHECK(es == 2 || es == 4 || es == 8) << "copy: unsupported dtype " << dtype_name(src.dtype());
+  with_pair(src, dst, [&](auto p) {
+    if (vec && es == 4) {
+      copy4_kernel<uint32_t, uint4>
+          <<<grid_for(n / 4), kThreads, 0, stream()>>>(src.data<uint32_t>(), dst.data<uint32_t>(), p, n / 4);
+    } else if (vec && es == 2) {
+      copy4_kernel<uint16_t, uint2>
+          <<<grid_for(n / 4), kThreads, 0, stream()>>>(src.data<uint16_t>(), dst.data<uint16_t>(), p, n / 4);
+    } else if (es == 4) {
+      copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint32_t>(), dst.data<uint32_t>(), p, n);
+    } else if (es == 2) {
+      copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint16_t>(), dst.data<uint16_t>(), p, n);
+    } else {
+      copy_kernel<<<grid_for(n), kThreads, 0, stream()>>>(src.data<uint64_t>(), dst.data<uint64_t>(), p, n);
+    }
+  });
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -660,10 +732,14 @@ void CudaBackend::add(const Tensor& x, Tensor& y, float alpha) {
       reinterpret_cast<uintptr_t>(y.raw()) % 16 == 0) {
     add_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(static_cast<const float4*>(x.raw()),
                                                                 static_cast<float4*>(y.raw()), n / 4, alpha);
-  } else if (by4({&x, &y})) {
-    add4_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(x.f32(), dims4(x), y.f32(), dims4(y), n / 4, alpha);
   } else {
-    add_kernel<<<grid_for(n), kThreads, 0, stream()>>>(x.f32(), dims4(x), y.f32(), dims4(y), n, alpha);
+    const bool vec = by4({&x, &y});
+    with_pair(x, y, [&](auto p) {
+      if (vec)
+        add4_kernel<<<grid_for(n / 4), kThreads, 0, stream()>>>(x.f32(), y.f32(), p, n / 4, alpha);
+      else
+        add_kernel<<<grid_for(n), kThreads, 0, stream()>>>(x.f32(), y.f32(), p, n, alpha);
+    });
   }
   CUDA_CHECK(cudaGetLastError());
 }
