@@ -99,8 +99,8 @@ __device__ __forceinline__ void product_kn(float (*c)[4], const float (*p)[4], c
   }
 }
 
-// 2^x by the special-function unit alone (subnormal results flush to zero): the backward kernels'
-// probabilities, which go on into bf16 products. The forward keeps exp2f, the paged decode kernel's.
+// 2^x by the special-function unit alone (subnormal results flush to zero; exp2f adds a range fix-up
+// around it): the probabilities, which go on into bf16 products.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       const float mn = fmaxf(m[r], mx[r]);
-      alpha[r] = mn == -INFINITY ? 1.0f : exp2f(m[r] - mn);
+      alpha[r] = mn == -INFINITY ? 1.0f : fast_exp2(m[r] - mn);
       m[r] = mn;
     }
     float sum[2] = {0.0f, 0.0f};
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float mr = m[e / 2];
-        s[j][e] = mr == -INFINITY ? 0.0f : exp2f(s[j][e] - mr);
+        s[j][e] = mr == -INFINITY ? 0.0f : fast_exp2(s[j][e] - mr);
         sum[e / 2] += s[j][e];
       }
     }
