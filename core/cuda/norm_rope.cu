@@ -101,21 +101,42 @@ __device__ float block_sum(float v) {
   return block_sum<1>(s);
 }
 
-// The end of a row's norm from the values a thread kept (v, the weights wv: virtual thread q's in
-// [q]) and their sums of squares: rstd, then y = w · (v · rstd).
-template <int kKeep, int kVirt, typename TY>
-__device__ __forceinline__ void put_normed(const float (&v)[kVirt][kKeep], const float (&wv)[kVirt][kKeep],
-                                           const float (&ss)[kVirt], float eps, int d, float* rstd, TY* yr) {
-  const float r = rsqrtf(block_sum<kVirt>(ss) / d + eps);
-  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+// The elements of a row that a thread keeps in registers between the sum of squares and the scaling
+// (kKeep > 0): virtual thread q's (see block_sum) in [q]; element i = q·blockDim.x + threadIdx.x +
+// u·kNormThreads, the same partition of a row for any kVirt.
+template <int kKeep, int kVirt>
+struct KeptRow {
+  float v[kVirt][kKeep], wv[kVirt][kKeep], ss[kVirt];
+  // f(q, u, i) for each kept element i < d.
+  template <typename F>
+  __device__ __forceinline__ static void each(int d, F&& f) {
 #pragma unroll
-  for (int q = 0; q < kVirt; ++q)
+    for (int q = 0; q < kVirt; ++q)
 #pragma unroll
-    for (int u = 0; u < kKeep; ++u) {
-      const int i = q * blockDim.x + threadIdx.x + u * kNormThreads;
-      if (i < d) store(yr + i, wv[q][u] * (v[q][u] * r));
-    }
-}
+      for (int u = 0; u < kKeep; ++u) {
+        const int i = q * blockDim.x + threadIdx.x + u * kNormThreads;
+        if (i < d) f(q, u, i);
+      }
+  }
+  // v = value(i) and its weight; each virtual thread's sum of squares, in element order.
+  template <typename F>
+  __device__ __forceinline__ void take(int d, const float* w, F&& value) {
+#pragma unroll
+    for (int q = 0; q < kVirt; ++q) ss[q] = 0;
+    each(d, [&](int q, int u, int i) {
+      v[q][u] = value(i);
+      wv[q][u] = w[i];
+      ss[q] += v[q][u] * v[q][u];
+    });
+  }
+  // The end of the row's norm: rstd, then y = w · (v · rstd).
+  template <typename TY>
+  __device__ __forceinline__ void put_normed(float eps, int d, float* rstd, TY* yr) const {
+    const float r = rsqrtf(block_sum<kVirt>(ss) / d + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+    each(d, [&](int q, int u, int i) { store(yr + i, wv[q][u] * (v[q][u] * r)); });
+  }
+};
 
 // One block per row: rstd = 1/sqrt(mean(x²) + eps); y = x · rstd · w (y in its own dtype: bf16 where
 // only bf16 products read it).
@@ -130,21 +151,9 @@ __global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, 
                                        float* rstd, int d) {
   const T* xr = x + blockIdx.x * ldx;
   if constexpr (kKeep > 0) {
-    float v[kVirt][kKeep], wv[kVirt][kKeep], ss[kVirt];
-#pragma unroll
-    for (int q = 0; q < kVirt; ++q) {
-      ss[q] = 0;
-#pragma unroll
-      for (int u = 0; u < kKeep; ++u) {
-        const int i = q * blockDim.x + threadIdx.x + u * kNormThreads;
-        if (i < d) {
-          v[q][u] = load(xr + i);
-          wv[q][u] = w[i];
-          ss[q] += v[q][u] * v[q][u];
-        }
-      }
-    }
-    put_normed<kKeep, kVirt>(v, wv, ss, eps, d, rstd, y + blockIdx.x * ldy);
+    KeptRow<kKeep, kVirt> row;
+    row.take(d, w, [&](int i) { return load(xr + i); });
+    row.put_normed(eps, d, rstd, y + blockIdx.x * ldy);
   } else {
     static_assert(kVirt == 1, "rows read twice run one thread a thread");
     float ss = 0;
@@ -183,28 +192,10 @@ __global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h
   const float* xr = x + blockIdx.x * ldx;
   float* hr = h + blockIdx.x * ldh;
   if constexpr (kKeep > 0) {
-    float v[kVirt][kKeep], wv[kVirt][kKeep], ss[kVirt];
-#pragma unroll
-    for (int q = 0; q < kVirt; ++q) {
-      ss[q] = 0;
-#pragma unroll
-      for (int u = 0; u < kKeep; ++u) {
-        const int i = q * blockDim.x + threadIdx.x + u * kNormThreads;
-        if (i < d) {
-          v[q][u] = routed.added(hr[i], blockIdx.x, i) + xr[i];
-          wv[q][u] = w[i];
-          ss[q] += v[q][u] * v[q][u];
-        }
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < kVirt; ++q)
-#pragma unroll
-      for (int u = 0; u < kKeep; ++u) {
-        const int i = q * blockDim.x + threadIdx.x + u * kNormThreads;
-        if (i < d) hr[i] = v[q][u];
-      }
-    put_normed<kKeep, kVirt>(v, wv, ss, eps, d, rstd, y + blockIdx.x * ldy);
+    KeptRow<kKeep, kVirt> row;
+    row.take(d, w, [&](int i) { return routed.added(hr[i], blockIdx.x, i) + xr[i]; });
+    row.each(d, [&](int q, int u, int i) { hr[i] = row.v[q][u]; });
+    row.put_normed(eps, d, rstd, y + blockIdx.x * ldy);
   } else {
     static_assert(kVirt == 1, "rows read twice run one thread a thread");
     float ss = 0;
