@@ -149,7 +149,8 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   // where that is f32, else into its own f32 tensor rounded once into place, as dk_nope is.
   Tensor dkv = be.empty({m, heads, nope + vd}, product_dtype(be));
   Tensor dkv_nope = dkv.slice(2, 0, nope), dkv_v = dkv.slice(2, nope, vd);
-  Tensor dv = dkv.dtype() == core::DType::kF32 ? dkv_v : be.empty({m, heads, vd});
+  const bool dv_in_place = dkv.dtype() == core::DType::kF32;
+  Tensor dv = dv_in_place ? dkv_v : be.empty({m, heads, vd});
   Tensor dq = be.empty({m, heads, qk}), dk = be.empty({m, heads, qk});
   Tensor dq4 = split_batch(dq, batch), dk4 = split_batch(dk, batch), dv4 = split_batch(dv, batch);
   be.attention_backward(split_batch(dout, batch), split_batch(a.q, batch), split_batch(a.k, batch),
@@ -157,7 +158,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
                         /*accumulate=*/false);
   // Keys and values back to kv and the shared rope key.
   be.copy(dk.slice(2, 0, nope), dkv_nope);
-  if (dv.raw() != dkv_v.raw()) be.copy(dv, dkv_v);
+  if (!dv_in_place) be.copy(dv, dkv_v);
   // Σ over heads of their rope-key gradients (the forward shares one rope key among the heads), into
   // its place in d(ckv), then back through the rope.
   Tensor dckv = be.zeros({m, r + rd});
