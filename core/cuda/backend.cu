@@ -135,9 +135,7 @@ struct PairFast {
 template <typename F>
 void with_pair(const Tensor& a, const Tensor& b, F&& f) {
   const Dims4 da = dims4(a), db = dims4(b);
-  const bool fits = a.numel() < (int64_t{1} << 31) &&
-                    std::all_of(std::begin(da.n), std::end(da.n), [](int64_t n) { return n >= 1; });
-  if (fits) {
+  if (a.numel() > 0 && a.numel() < (int64_t{1} << 31)) {  // (every size at least 1: no division by 0)
     PairFast p{FastDiv(static_cast<uint32_t>(da.n[1])), FastDiv(static_cast<uint32_t>(da.n[2])),
                FastDiv(static_cast<uint32_t>(da.n[3])), {}, {}};
     std::copy(std::begin(da.s), std::end(da.s), p.a);

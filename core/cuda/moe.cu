@@ -357,7 +357,6 @@ __global__ void dispatch_backward_kernel(const float* dxs, int64_t ldxs, const i
   }
 }
 
-
 // out[m] += Σ_k w[m, k] · ys[row_of[m·K + k]] (ys f32 or bf16), kV (1 or 4) columns a thread at a time
 // (4: rows, strides and pointers allow vector accesses); each element's sum in the same order either way.
 template <typename TY, int kV>
@@ -393,13 +392,6 @@ __device__ float block_sum256(float v) {
   }
   __syncthreads();
   return total;
-}
-
-// An f32 value as a T: itself, or rounded to nearest even.
-template <typename T>
-__device__ __forceinline__ T round_to(float v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return __float2bfloat16_rn(v);
 }
 
 // dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (ys f32 or bf16), kV (1 or 4) columns a

@@ -21,8 +21,6 @@ __device__ __forceinline__ void store(T* p, float v) { *p = v; }
 template <>
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
-
-
 constexpr int kThreads = 256;
 // The forward norms' blocks (a row each: rmsnorm_forward, add_rmsnorm_forward, moe_combine_add_rmsnorm,
 // store_latents, all one partition of a row, so their sums agree bit for bit). A decode step's rows are
