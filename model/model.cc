@@ -76,7 +76,7 @@ int64_t ForwardState::bytes() const {
   const auto count = [&](const Tensor& t) {
     if (t.defined() && seen.insert(t.storage().get()).second) total += static_cast<int64_t>(t.storage()->bytes());
   };
-  for (const Tensor* t : {&tokens, &positions, &x_final, &normed, &final_rstd, &lse}) count(*t);
+  for (const Tensor* t : {&tokens, &positions, &x_final, &normed, &final_rstd, &lse, &dnormed}) count(*t);
   for (const LayerActs& a : layers) for_each_tensor(a, count);
   return total;
 }
@@ -200,7 +200,9 @@ int64_t Model::head_chunk_rows() const {
   return std::max<int64_t>(1, kChunkElements / cfg_.vocab_size);
 }
 
-Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, ForwardState* state, HeadStats* stats) {
+Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, ForwardState* state, HeadStats* stats,
+                               const LogprobGradient* gradient) {
+  CHECK(gradient == nullptr || state != nullptr) << "forward_logprobs: the head's backward needs a state";
   ForwardState local;
   ForwardState& st = state ? *state : local;
   forward_hidden(tokens, st, state != nullptr, nullptr);
@@ -212,15 +214,31 @@ Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, Forw
     stats->entropy = backend_.empty({m});
     stats->argmax = backend_.empty({m}, core::DType::kI32);
   }
-  Tensor buf = backend_.empty({chunk, v});
+  Tensor buf = backend_.empty({chunk, v}), dbuf, glm;
+  if (gradient) {
+    st.dnormed = backend_.empty({m, cfg_.hidden_size});  // a product a chunk of rows, with beta 0
+    st.grad_beta = take_grad_beta();
+    dbuf = backend_.empty({chunk, v}, product_dtype(backend_));
+    glm = g_.lm_head;
+  }
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t n = std::min(chunk, m - r0);
     Tensor logits = buf.slice(0, 0, n), lp_c = lp.slice(0, r0, n), lse_c = st.lse.slice(0, r0, n);
-    backend_.gemm(st.normed.slice(0, r0, n), false, w_.lm_head, true, logits);
-    backend_.logprobs_forward(logits, targets.slice(0, r0, n), lp_c, lse_c);
+    const Tensor normed = st.normed.slice(0, r0, n), targets_c = targets.slice(0, r0, n);
+    backend_.gemm(normed, false, w_.lm_head, true, logits);
+    backend_.logprobs_forward(logits, targets_c, lp_c, lse_c);
     if (stats) {
       Tensor h = stats->entropy.slice(0, r0, n), am = stats->argmax.slice(0, r0, n);
       backend_.logit_stats(logits, lse_c, h, am);
+    }
+    if (gradient) {
+      // As backward_logprobs does, on the logits already here.
+      const Tensor dlp = (*gradient)(lp_c, r0);
+      CHECK_EQ(dlp.numel(), n) << "LogprobGradient: one value a row";
+      Tensor dlogits = dbuf.slice(0, 0, n), dn = st.dnormed.slice(0, r0, n);
+      backend_.logprobs_backward(dlp, logits, targets_c, lse_c, dlogits);
+      backend_.gemm(dlogits, false, w_.lm_head, false, dn);
+      backend_.gemm(dlogits, true, normed, false, glm, 1.0f, r0 == 0 ? st.grad_beta : 1.0f);
     }
   }
   return lp;
@@ -228,6 +246,7 @@ Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, Forw
 
 void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Tensor& dlp) {
   CHECK(st.lse.defined()) << "backward_logprobs needs the state of forward_logprobs";
+  CHECK(!st.dnormed.defined()) << "backward_logprobs: forward_logprobs ran the head's backward already";
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size, v = cfg_.vocab_size;
   const int64_t chunk = std::min(m, head_chunk_rows());
   CHECK_EQ(dlp.numel(), m);
@@ -247,6 +266,13 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
     backend_.gemm(dlogits, true, normed, false, glm, 1.0f, r0 == 0 ? gbeta : 1.0f);
   }
   backward_hidden(st, dnormed, gbeta);
+}
+
+void Model::backward_from_head(ForwardState& st) {
+  CHECK(st.dnormed.defined()) << "backward_from_head: forward_logprobs ran no head backward";
+  const Tensor dnormed = std::move(st.dnormed);
+  st.dnormed = Tensor();
+  backward_hidden(st, dnormed, st.grad_beta);
 }
 
 Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int64_t batch, LayerActs& a,
@@ -320,7 +346,8 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
     if (hidden && l + 1 < cfg_.num_hidden_layers) hidden->push_back(x);
   }
   st.x_final = x;
-  st.normed = backend_.empty({m, cfg_.hidden_size});
+  // In the products' dtype (the LM head's operand), unless the hidden states are asked for.
+  st.normed = backend_.empty({m, cfg_.hidden_size}, hidden ? core::DType::kF32 : product_dtype(backend_));
   st.final_rstd = backend_.empty({m});
   backend_.rmsnorm_forward(x, w_.final_norm, eps, st.normed, st.final_rstd);
   if (hidden) hidden->push_back(st.normed);

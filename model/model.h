@@ -3,6 +3,7 @@
 // keeps only MLA's compressed latent and rope key per token (absorbed weights, never full K/V).
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -70,6 +71,10 @@ struct ForwardState {
   std::vector<LayerActs> layers;
   core::Tensor x_final, normed, final_rstd;  // [M, H], [M, H], [M]
   core::Tensor lse;                          // [M] log-sum-exp of the logits (forward_logprobs)
+  // d(loss)/d(normed) [M, H] where forward_logprobs ran the head's backward too, and the beta its
+  // products used for the matrix weights' gradients (backward_from_head goes on from there).
+  core::Tensor dnormed;
+  float grad_beta = 1.0f;
   // The bytes of backend memory the state holds (a storage that several tensors view counted once).
   int64_t bytes() const;
 };
@@ -79,6 +84,11 @@ struct HeadStats {
   core::Tensor entropy;  // [M] f32: the entropy of each row's next-token distribution (nats)
   core::Tensor argmax;   // [M] I32: each row's most likely next token
 };
+
+// d(loss)/d(logprob) of a chunk of rows, queued on the backend from their log-probabilities lp ([n],
+// rows row0 .. row0 + n - 1 of the batch): how forward_logprobs runs the head's backward in its own pass
+// when the loss's gradient per row is known from that row's log-probability.
+using LogprobGradient = std::function<core::Tensor(const core::Tensor& lp, int64_t row0)>;
 
 struct StepTensors;  // model/layers.h
 
@@ -118,11 +128,16 @@ class Model {
   // with the LM head and log-softmax run over chunks of rows: the [B*T, V] logits never exist whole
   // (one chunk of head_chunk_rows() rows at a time), here or in backward_logprobs.
   // stats: also each row's softmax entropy and argmax ([B*T] f32 and I32 on the backend), from the same chunks.
+  // gradient (with state): the head's backward as well, in the same pass, each chunk's logits made once
+  // for both; its gradients go into grads() and backward_from_head(state) does the rest of the backward.
   core::Tensor forward_logprobs(const core::Tensor& tokens, const core::Tensor& targets, ForwardState* state,
-                                HeadStats* stats = nullptr);
+                                HeadStats* stats = nullptr, const LogprobGradient* gradient = nullptr);
   // Accumulates into grads() from dlp = d(loss)/d(logprob) [B*T], after forward_logprobs with `state`.
   // The head's logits are recomputed chunk by chunk.
   void backward_logprobs(ForwardState& state, const core::Tensor& targets, const core::Tensor& dlp);
+  // The backward below the head, after forward_logprobs ran the head's (same gradients as
+  // backward_logprobs with the dlp that `gradient` gave).
+  void backward_from_head(ForwardState& state);
   // Rows a chunk: 128 MiB of f32 logits by default; set_head_chunk_rows(n > 0) fixes it.
   int64_t head_chunk_rows() const;
   void set_head_chunk_rows(int64_t rows) { head_chunk_rows_ = rows; }

@@ -49,14 +49,17 @@ struct MicroForward {
   Tensor entropy_host, argmax_host; // [B*T] f32 and I32, with want_stats
 };
 
-MicroForward run_forward(model::Model& m, const Packed& p, bool keep_state, bool want_stats) {
+// gradient: the head's backward in the same pass (then backward_from_head(f.state) goes on).
+MicroForward run_forward(model::Model& m, const Packed& p, bool keep_state, bool want_stats,
+                         const model::LogprobGradient* gradient = nullptr) {
   core::Backend& be = m.backend();
   MicroForward f;
   f.targets = be.zeros({p.b * p.t}, core::DType::kI32);
   be.upload(p.targets, f.targets);
   model::HeadStats stats;
-  const Tensor lp = m.forward_logprobs(p.tokens, f.targets, keep_state ? &f.state : nullptr,
-                                       want_stats ? &stats : nullptr);
+  const Tensor lp =
+      m.forward_logprobs(p.tokens, f.targets, keep_state ? &f.state : nullptr, want_stats ? &stats : nullptr, gradient);
+  if (gradient) m.backward_from_head(f.state);  // queued before the downloads below wait for the device
   f.lp_host = be.download(lp);
   if (want_stats) {
     f.entropy_host = be.download(stats.entropy);
@@ -175,21 +178,29 @@ SftStepStats sft_step(model::Model& model, AdamW& opt, const std::vector<TrainSe
   for (size_t begin = 0; begin < batch.size(); begin += static_cast<size_t>(micro_batch)) {
     const size_t end = std::min(batch.size(), begin + static_cast<size_t>(micro_batch));
     const Packed p = pack(batch, begin, end);
-    MicroForward f = run_forward(model, p, /*keep_state=*/true, /*want_stats=*/true);
     const int64_t rows = p.b * p.t;
+    // d loss / d logprob is -1/total on completion rows whatever the logprobs: the head's backward runs
+    // in the forward's pass over it.
     Tensor dlp_host = Tensor::zeros({rows});
+    for (int64_t r = 0; r < p.b; ++r) {
+      const TrainSequence& s = p.seq(batch, r);
+      for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j)
+        dlp_host.f32()[r * p.t + j] = static_cast<float>(-1.0 / total);
+    }
+    Tensor dlp = be.zeros({rows});
+    be.upload(dlp_host, dlp);
+    const model::LogprobGradient gradient = [&](const Tensor& lp, int64_t row0) {
+      return dlp.slice(0, row0, lp.numel());
+    };
+    MicroForward f = run_forward(model, p, /*keep_state=*/true, /*want_stats=*/true, &gradient);
     for (int64_t r = 0; r < p.b; ++r) {
       const TrainSequence& s = p.seq(batch, r);
       for (int64_t j = s.prompt_len - 1; j + 1 < static_cast<int64_t>(s.tokens.size()); ++j) {
         const int64_t i = r * p.t + j;
         st.loss -= f.lp_host.f32()[i] / total;
-        dlp_host.f32()[i] = static_cast<float>(-1.0 / total);
         correct += f.argmax_host.data<int32_t>()[i] == p.targets.data<int32_t>()[i];
       }
     }
-    Tensor dlp = be.zeros({rows});
-    be.upload(dlp_host, dlp);
-    model.backward_logprobs(f.state, f.targets, dlp);
   }
   st.tokens = static_cast<int64_t>(total);
   st.token_accuracy = correct / total;

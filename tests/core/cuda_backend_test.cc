@@ -1657,6 +1657,18 @@ TEST_F(CudaModelTest, RecomputeModesGiveTheSameBits) {
     gm.backward_logprobs(st, tg, dlp);
     grads[k] = (*tcb)->download(gm.grads().buffer());
   }
+  // The head's backward in the forward's pass (Model::forward_logprobs with a gradient): the same bits.
+  {
+    gm.set_recompute(model::Recompute::kNone);
+    model::ForwardState st;
+    const model::LogprobGradient gradient = [&](const Tensor& lp, int64_t row0) {
+      return dlp.slice(0, row0, lp.numel());
+    };
+    gm.zero_grads();
+    EXPECT_TRUE(bitwise_equal((*tcb)->download(gm.forward_logprobs(tokens, tg, &st, nullptr, &gradient)), lps[0]));
+    gm.backward_from_head(st);
+    EXPECT_TRUE(bitwise_equal((*tcb)->download(gm.grads().buffer()), grads[0])) << "fused head vs two passes";
+  }
   for (int k = 1; k < 4; ++k) {
     EXPECT_TRUE(bitwise_equal(lps[k], lps[0])) << model::recompute_name(modes[k]);
     EXPECT_TRUE(bitwise_equal(grads[k], grads[0])) << model::recompute_name(modes[k]);

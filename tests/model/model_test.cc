@@ -193,6 +193,22 @@ TEST_P(ModelVariant, ChunkedLogprobHeadEqualsFullLogits) {
   }
   EXPECT_GT(scale, 0.0);
   EXPECT_LE(diff, 1e-5 * scale);
+  // The head's backward in the forward's own pass (the gradient known per chunk): the same bits as the
+  // two passes, the chunks' log-probabilities handed to the gradient as they come.
+  ForwardState fused;
+  std::vector<int64_t> seen;
+  const LogprobGradient gradient = [&](const Tensor& lp_c, int64_t row0) {
+    for (int64_t i = 0; i < lp_c.numel(); ++i) EXPECT_EQ(lp_c.f32()[i], lp2.f32()[row0 + i]) << "row " << row0 + i;
+    seen.push_back(row0);
+    return dlp.slice(0, row0, lp_c.numel());
+  };
+  model_->zero_grads();
+  Tensor lp3 = model_->forward_logprobs(ids, tg, &fused, nullptr, &gradient);
+  model_->backward_from_head(fused);
+  EXPECT_EQ(seen, (std::vector<int64_t>{0, 5, 10}));
+  EXPECT_EQ(std::memcmp(lp3.raw(), lp2.raw(), m * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(model_->grads().buffer().raw(), got.raw(), got.numel() * sizeof(float)), 0)
+      << "fused head vs two passes";
 }
 
 // A forward that keeps less (Model::set_recompute) gives bitwise the same log-probabilities and
