@@ -311,7 +311,7 @@ int main(int argc, char** argv) {
   // One profiled step: per-op time and achieved rates.
   r1lab::core::cuda::Options popt = opt;
   popt.profile = true;
-  popt.profile_gemm_shapes = true;
+  popt.profile_shapes = true;
   auto pbe = r1lab::core::cuda::make_backend(popt);
   std::vector<r1lab::core::cuda::OpTime> ops;
   double step_ms = 0;
@@ -337,25 +337,30 @@ int main(int argc, char** argv) {
     step_ms = std::chrono::duration<double, std::milli>(Clock::now() - p0).count();
     ops = r1lab::core::cuda::profile(**pbe);
   }
-  // The dense products by shape, and together as one "gemm" row of the per-op table.
-  std::vector<r1lab::core::cuda::OpTime> shapes;
-  r1lab::core::cuda::OpTime dense;
-  dense.op = "gemm";
-  for (auto it = ops.begin(); it != ops.end();) {
-    if (it->op.rfind("gemm ", 0) != 0) {
-      ++it;
-      continue;
+  // The dense products and the converting copies by shape, and each kind together as one row of the
+  // per-op table ("gemm", "copy_convert").
+  const auto by_shape = [&](const std::string& kind) {
+    std::vector<r1lab::core::cuda::OpTime> shapes;
+    r1lab::core::cuda::OpTime all;
+    all.op = kind;
+    for (auto it = ops.begin(); it != ops.end();) {
+      if (it->op.rfind(kind + " ", 0) != 0) {
+        ++it;
+        continue;
+      }
+      all.calls += it->calls;
+      all.ms += it->ms;
+      all.flops += it->flops;
+      all.bytes += it->bytes;
+      shapes.push_back(*it);
+      it = ops.erase(it);
     }
-    dense.calls += it->calls;
-    dense.ms += it->ms;
-    dense.flops += it->flops;
-    dense.bytes += it->bytes;
-    shapes.push_back(*it);
-    it = ops.erase(it);
-  }
-  if (dense.calls > 0) ops.push_back(dense);
+    if (all.calls > 0) ops.push_back(all);
+    std::sort(shapes.begin(), shapes.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
+    return shapes;
+  };
+  const std::vector<r1lab::core::cuda::OpTime> shapes = by_shape("gemm"), converts = by_shape("copy_convert");
   std::sort(ops.begin(), ops.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
-  std::sort(shapes.begin(), shapes.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
   const double peak_f = g == "f32" ? ceil.f32 : g == "tf32" ? ceil.tf32 : ceil.bf16;
   double total = 0;
   for (const auto& o : ops) total += o.ms;
@@ -389,6 +394,14 @@ int main(int argc, char** argv) {
     const double tf = o.ms > 0 ? o.flops / (o.ms / 1e3) : 0;
     std::printf("| %s | %lld | %.2f | %.1f | %.1f%% |\n", o.op.substr(5).c_str(), static_cast<long long>(o.calls), o.ms,
                 tf / 1e12, peak_f > 0 ? 100 * tf / peak_f : 0);
+  }
+  std::printf("\ndtype conversions by shape, the costliest:\n| copy | calls | ms | GB/s | %% of bandwidth |\n"
+              "|---|---|---|---|---|\n");
+  for (size_t i = 0; i < converts.size() && i < 10; ++i) {
+    const auto& o = converts[i];
+    const double bw = o.ms > 0 ? o.bytes / (o.ms / 1e3) : 0;
+    std::printf("| %s | %lld | %.2f | %.0f | %.1f%% |\n", o.op.substr(13).c_str(), static_cast<long long>(o.calls), o.ms,
+                bw / 1e9, ceil.bytes_per_s > 0 ? 100 * bw / ceil.bytes_per_s : 0);
   }
   if (!absl::GetFlag(FLAGS_json).empty()) {
     nlohmann::json j = {{"device", ceil.device},

@@ -100,7 +100,8 @@ class Backend {
 
   // ---- matrix products
   // c = alpha * op(a) · op(b) + beta * c, op(x) = x or xᵀ. a: [m, k] rows ([k, m] if trans_a),
-  // b: [k, n] rows ([n, k] if trans_b), c: [m, n] rows.
+  // b: [k, n] rows ([n, k] if trans_b), c: [m, n] rows, f32, or bf16 with beta 0 (the f32 result rounded
+  // once: a result only bf16 products or bf16-reading ops take next).
   virtual void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c,
                     float alpha = 1.0f, float beta = 0.0f) = 0;
   // c[i] = alpha · op(a[i]) · op(b[i]) + beta · c[i] for every i of the leading dimension of 3-D views

@@ -96,12 +96,14 @@ void attention_operands(core::Backend& be, const ModelConfig& cfg, const LayerWe
     a.c_norm = be.empty({m, r}, product_dtype(be));
     latents(be, cfg, w, rope, xin, positions, a.c_norm, k_pe, a);
   }
-  Tensor kv = be.empty({m, heads * (nope + vd)});
+  // kv in the products' dtype (only attention's operands are made from it), then per-head keys and
+  // values of their own (kv dies here).
+  Tensor kv = be.empty({m, heads * (nope + vd)}, product_dtype(be));
   be.gemm(a.c_norm, false, w.kv_b_proj, true, kv);
-  // Per-head keys and values, in the products' dtype.
   Tensor kv3 = kv.view({m, heads, nope + vd});
   a.k = be.empty({m, heads, qk}, product_dtype(be));  // [k_nope | k_pe], both copied in below
-  a.v = product_operand(be, kv3.slice(2, nope, vd));
+  a.v = be.empty({m, heads, vd}, product_dtype(be));
+  be.copy(kv3.slice(2, nope, vd), a.v);
   Tensor k_nope_dst = a.k.slice(2, 0, nope);
   be.copy(kv3.slice(2, 0, nope), k_nope_dst);
   Tensor k_pe_dst = a.k.slice(2, nope, rd);

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <optional>
 #include <random>
 #include <set>
 
@@ -200,8 +201,55 @@ int64_t Model::head_chunk_rows() const {
   return std::max<int64_t>(1, kChunkElements / cfg_.vocab_size);
 }
 
+namespace {
+
+// The LM head's backward a chunk of rows at a time: d(logits) of a chunk, d(normed) = d(logits) · W, and
+// the weight's gradient += d(logits)ᵀ · normed once every kDwChunks chunks (one product over that many
+// rows adds into the f32 gradient a few times rather than once a chunk). forward_logprobs and
+// backward_logprobs run the same products on the same rows: the same bits.
+class HeadBackward {
+ public:
+  static constexpr int64_t kDwChunks = 2;
+
+  HeadBackward(core::Backend& be, const Tensor& lm_head, Tensor grad, const Tensor& normed, int64_t chunk, float beta)
+      : be_(be), w_(lm_head), g_(std::move(grad)), normed_(normed), beta_(beta) {
+    const int64_t m = normed.size(0);
+    dnormed_ = be.empty({m, normed.size(1)});  // a product a chunk of rows, with beta 0
+    dlogits_ = be.empty({std::min(m, kDwChunks * chunk), lm_head.size(0)}, product_dtype(be));
+  }
+
+  // Rows r0 .. r0 + n - 1 (chunks in order) from their logits, lse and dlp = d(loss)/d(logprob).
+  void chunk(int64_t r0, const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& dlp) {
+    const int64_t n = logits.size(0), m = normed_.size(0);
+    Tensor dlogits = dlogits_.slice(0, r0 - dw0_, n), dn = dnormed_.slice(0, r0, n);
+    be_.logprobs_backward(dlp, logits, targets, lse, dlogits);
+    be_.gemm(dlogits, false, w_, false, dn);
+    const int64_t rows = r0 + n - dw0_;
+    if (rows == dlogits_.size(0) || r0 + n == m) {
+      be_.gemm(dlogits_.slice(0, 0, rows), true, normed_.slice(0, dw0_, rows), false, g_, 1.0f,
+               dw0_ == 0 ? beta_ : 1.0f);
+      dw0_ = r0 + n;
+    }
+  }
+
+  // d(loss)/d(normed) [M, H], once every chunk is in.
+  Tensor dnormed() const {
+    CHECK_EQ(dw0_, normed_.size(0)) << "LM head backward: rows left out";
+    return dnormed_;
+  }
+
+ private:
+  core::Backend& be_;
+  Tensor w_;
+  Tensor g_, normed_, dnormed_, dlogits_;
+  float beta_;
+  int64_t dw0_ = 0;  // the first row whose d(logits) waits in dlogits_
+};
+
+}  // namespace
+
 Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, ForwardState* state, HeadStats* stats,
-                               const LogprobGradient* gradient) {
+                              const LogprobGradient* gradient) {
   CHECK(gradient == nullptr || state != nullptr) << "forward_logprobs: the head's backward needs a state";
   ForwardState local;
   ForwardState& st = state ? *state : local;
@@ -214,58 +262,50 @@ Tensor Model::forward_logprobs(const Tensor& tokens, const Tensor& targets, Forw
     stats->entropy = backend_.empty({m});
     stats->argmax = backend_.empty({m}, core::DType::kI32);
   }
-  Tensor buf = backend_.empty({chunk, v}), dbuf, glm;
+  Tensor buf = backend_.empty({chunk, v});
+  std::optional<HeadBackward> head;
   if (gradient) {
-    st.dnormed = backend_.empty({m, cfg_.hidden_size});  // a product a chunk of rows, with beta 0
     st.grad_beta = take_grad_beta();
-    dbuf = backend_.empty({chunk, v}, product_dtype(backend_));
-    glm = g_.lm_head;
+    head.emplace(backend_, w_.lm_head, g_.lm_head, st.normed, chunk, st.grad_beta);
   }
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t n = std::min(chunk, m - r0);
     Tensor logits = buf.slice(0, 0, n), lp_c = lp.slice(0, r0, n), lse_c = st.lse.slice(0, r0, n);
-    const Tensor normed = st.normed.slice(0, r0, n), targets_c = targets.slice(0, r0, n);
-    backend_.gemm(normed, false, w_.lm_head, true, logits);
+    const Tensor targets_c = targets.slice(0, r0, n);
+    backend_.gemm(st.normed.slice(0, r0, n), false, w_.lm_head, true, logits);
     backend_.logprobs_forward(logits, targets_c, lp_c, lse_c);
     if (stats) {
       Tensor h = stats->entropy.slice(0, r0, n), am = stats->argmax.slice(0, r0, n);
       backend_.logit_stats(logits, lse_c, h, am);
     }
-    if (gradient) {
+    if (head) {
       // As backward_logprobs does, on the logits already here.
       const Tensor dlp = (*gradient)(lp_c, r0);
       CHECK_EQ(dlp.numel(), n) << "LogprobGradient: one value a row";
-      Tensor dlogits = dbuf.slice(0, 0, n), dn = st.dnormed.slice(0, r0, n);
-      backend_.logprobs_backward(dlp, logits, targets_c, lse_c, dlogits);
-      backend_.gemm(dlogits, false, w_.lm_head, false, dn);
-      backend_.gemm(dlogits, true, normed, false, glm, 1.0f, r0 == 0 ? st.grad_beta : 1.0f);
+      head->chunk(r0, logits, targets_c, lse_c, dlp);
     }
   }
+  if (head) st.dnormed = head->dnormed();
   return lp;
 }
 
 void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Tensor& dlp) {
   CHECK(st.lse.defined()) << "backward_logprobs needs the state of forward_logprobs";
   CHECK(!st.dnormed.defined()) << "backward_logprobs: forward_logprobs ran the head's backward already";
-  const int64_t m = st.batch * st.seq, h = cfg_.hidden_size, v = cfg_.vocab_size;
+  const int64_t m = st.batch * st.seq, v = cfg_.vocab_size;
   const int64_t chunk = std::min(m, head_chunk_rows());
   CHECK_EQ(dlp.numel(), m);
-  Tensor dnormed = backend_.empty({m, h});  // a product a chunk of rows, with beta 0
   const float gbeta = take_grad_beta();
-  Tensor glm = g_.lm_head;
-  Tensor buf = backend_.empty({chunk, v}), dbuf = backend_.empty({chunk, v}, product_dtype(backend_));
-  // Each chunk's logits again (one more product than keeping them, for no [M, V] tensor), their
-  // gradient, and its two products.
+  HeadBackward head(backend_, w_.lm_head, g_.lm_head, st.normed, chunk, gbeta);
+  Tensor buf = backend_.empty({chunk, v});
+  // Each chunk's logits again (one more product than keeping them, for no [M, V] tensor).
   for (int64_t r0 = 0; r0 < m; r0 += chunk) {
     const int64_t n = std::min(chunk, m - r0);
-    Tensor logits = buf.slice(0, 0, n), dlogits = dbuf.slice(0, 0, n), normed = st.normed.slice(0, r0, n);
-    Tensor dn = dnormed.slice(0, r0, n);
-    backend_.gemm(normed, false, w_.lm_head, true, logits);
-    backend_.logprobs_backward(dlp.slice(0, r0, n), logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n), dlogits);
-    backend_.gemm(dlogits, false, w_.lm_head, false, dn);
-    backend_.gemm(dlogits, true, normed, false, glm, 1.0f, r0 == 0 ? gbeta : 1.0f);
+    Tensor logits = buf.slice(0, 0, n);
+    backend_.gemm(st.normed.slice(0, r0, n), false, w_.lm_head, true, logits);
+    head.chunk(r0, logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n), dlp.slice(0, r0, n));
   }
-  backward_hidden(st, dnormed, gbeta);
+  backward_hidden(st, head.dnormed(), gbeta);
 }
 
 void Model::backward_from_head(ForwardState& st) {

@@ -70,6 +70,13 @@ Rows sub_rows(const Rows& r, int64_t start, int64_t count) {
 void CpuBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
                       float beta) {
   CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2) << "gemm takes 2-D views";
+  if (c.dtype() == DType::kBF16) {  // the f32 result, rounded
+    CHECK_EQ(beta, 0.0f) << "gemm into bf16 takes beta 0";
+    Tensor c32 = Tensor::zeros(c.shape());
+    gemm(a, trans_a, b, trans_b, c32, alpha, 0.0f);
+    copy(c32, c);
+    return;
+  }
   gemm_raw(rows_of(f32_values(a)), trans_a, rows_of(f32_values(b)), trans_b, rows_of(c), alpha, beta);
 }
 

@@ -667,7 +667,14 @@ void CudaBackend::copy(const Tensor& src, Tensor& dst) {
   const int64_t n = src.numel();
   if (n == 0) return;
   if (src.dtype() != dst.dtype()) {
-    Op op(this, "copy_convert", 0, 6.0 * n);
+    const char* name = "copy_convert";
+    if (opt_.profile && opt_.profile_shapes) {
+      const std::string shape = "copy_convert " + shape_str(src.shape()) + " " + dtype_name(src.dtype()) + "→" +
+                                dtype_name(dst.dtype()) +
+                                (src.is_contiguous() && dst.is_contiguous() ? "" : " strided");
+      name = op_names_.insert(shape).first->c_str();
+    }
+    Op op(this, name, 0, 6.0 * n);
     if (src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) {
       if (src.is_contiguous() && dst.is_contiguous()) {
         to_bf16(src.f32(), 1, n, n, 1, 0, dst.raw());  // one row

@@ -37,8 +37,10 @@ struct Options {
   // Per-op timing (cudaEvents around every op, by op name); costs a little, for benchmarks.
   bool profile = false;
   // With profile: each dense product (gemm) timed under a name of its own, "gemm M×N×K" with its
-  // transposes, operand dtypes and whether it adds into C, so that a benchmark can list them by shape.
-  bool profile_gemm_shapes = false;
+  // transposes, operand dtypes and whether it adds into C, and each copy that converts dtypes as
+  // "copy_convert [shape] f32→bf16" (with "strided" where either side is not contiguous), so that a
+  // benchmark can list them by shape.
+  bool profile_shapes = false;
   // Backend::empty fills with 0xFF bytes (NaN in f32 and bf16, -1 in I32): tests use it to catch a read
   // of memory before it is written.
   bool poison_empty = false;

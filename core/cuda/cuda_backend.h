@@ -239,7 +239,7 @@ class CudaBackend final : public Backend {
   };
   std::vector<Pending> pending_;
   std::map<std::string, OpTime> times_;
-  std::set<std::string> op_names_;  // names made at run time (Options::profile_gemm_shapes), kept for Op
+  std::set<std::string> op_names_;  // names made at run time (Options::profile_shapes), kept for Op
   std::vector<ParamSpan> cached_spans_;
   Tensor span_table_;
   int64_t span_chunks_ = 0;

@@ -30,15 +30,14 @@ cublasComputeType_t compute_type(Options::GemmPrecision p) {
   }
 }
 
-// c[m, n] = alpha · op(a) · op(b) + beta · c on row views; c is f32.
+// c[m, n] = alpha · op(a) · op(b) + beta · c on row views; c is f32 (or, ctype bf16, the f32 sums rounded).
 void gemm_rows(cublasHandle_t h, cublasComputeType_t ct, const void* a, cudaDataType_t at, int64_t lda, bool ta,
-               const void* b, cudaDataType_t bt, int64_t ldb, bool tb, float* c, int64_t ldc, int64_t m, int64_t n,
-               int64_t k, float alpha, float beta) {
+               const void* b, cudaDataType_t bt, int64_t ldb, bool tb, void* c, int64_t ldc, int64_t m, int64_t n,
+               int64_t k, float alpha, float beta, cudaDataType_t ctype = CUDA_R_32F) {
   if (m == 0 || n == 0) return;
   CUBLAS_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n),
                             static_cast<int>(m), static_cast<int>(k), &alpha, b, bt, static_cast<int>(ldb), a, at,
-                            static_cast<int>(lda), &beta, c, CUDA_R_32F, static_cast<int>(ldc), ct,
-                            CUBLAS_GEMM_DEFAULT));
+                            static_cast<int>(lda), &beta, c, ctype, static_cast<int>(ldc), ct, CUBLAS_GEMM_DEFAULT));
 }
 
 // dst [rows, cols] contiguous bf16 = src rounded; 4 elements a thread when rows are float4-aligned.
@@ -962,14 +961,23 @@ void CudaBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool tran
   CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2) << "gemm takes 2-D views";
   check_operand(a);
   check_operand(b);
-  check_device(c, DType::kF32);
+  check_operand(c);
+  const bool c16 = c.dtype() == DType::kBF16;
+  CHECK(!c16 || beta == 0.0f) << "gemm into bf16 takes beta 0";
   const Rows A = rows_of(a), B = rows_of(b), C = rows_of(c);
   const int64_t m = C.rows, n = C.cols, k = trans_a ? A.rows : A.cols;
   CHECK_EQ(trans_a ? A.cols : A.rows, m) << "gemm: rows of op(a) vs c";
   CHECK_EQ(trans_b ? B.cols : B.rows, k) << "gemm: inner dimension";
   CHECK_EQ(trans_b ? B.rows : B.cols, n) << "gemm: columns of op(b) vs c";
+  const bool bf16 = bf16_products(a, b);
+  if (c16 && !bf16) {  // f32 products: their f32 result, rounded
+    Tensor c32 = empty(c.shape(), DType::kF32);
+    this->gemm(a, trans_a, b, trans_b, c32, alpha, 0.0f);
+    copy(c32, c);
+    return;
+  }
   const char* name = "gemm";
-  if (opt_.profile && opt_.profile_gemm_shapes) {
+  if (opt_.profile && opt_.profile_shapes) {
     const std::string shape = "gemm " + std::to_string(m) + "×" + std::to_string(n) + "×" + std::to_string(k) + " " +
                               (trans_a ? "T" : "N") + (trans_b ? "T" : "N") + " " + dtype_name(a.dtype()) + "·" +
                               dtype_name(b.dtype()) + (beta != 0.0f ? " +=" : "");
@@ -977,8 +985,8 @@ void CudaBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool tran
   }
   Op op(
       this, name, 2.0 * m * n * k,
-      1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n + 4.0 * m * n * (beta != 0.0f ? 2 : 1));
-  const bool bf16 = bf16_products(a, b);
+      1.0 * dtype_size(a.dtype()) * m * k + 1.0 * dtype_size(b.dtype()) * k * n +
+          1.0 * dtype_size(c.dtype()) * m * n * (beta != 0.0f ? 2 : 1));
   Tensor ka, kb;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ob = gemm_operand(b, bf16, B.rows, B.cols, B.ld, B.rows, 0, kb);
@@ -988,11 +996,11 @@ void CudaBackend::gemm(const Tensor& a, bool trans_a, const Tensor& b, bool tran
   if (opt_.batch_invariant && bf16 && !trans_a && alpha == 1.0f && m > 0 && n > 0 && k > 0 &&
       m < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31) && tc_operand(oa, k) &&
       tc_operand(ob, B.cols)) {
-    tc_products(oa, ob, trans_b, 1, nullptr, m, C.f(), C.ld, /*c16=*/false, n, k, beta, kTileM);
+    tc_products(oa, ob, trans_b, 1, nullptr, m, C.p, C.ld, c16, n, k, beta, kTileM);
     return;
   }
   gemm_rows(ctx_->blas, operand_compute(oa, opt_.gemm), oa.p, oa.type, oa.ld, trans_a, ob.p, ob.type, ob.ld, trans_b,
-            C.f(), C.ld, m, n, k, alpha, beta);
+            C.p, C.ld, m, n, k, alpha, beta, c16 ? CUDA_R_16BF : CUDA_R_32F);
 }
 
 void CudaBackend::gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,

@@ -44,6 +44,17 @@ TEST_F(CpuOps, GemmAllTransposesMatchNaiveProducts) {
   }
 }
 
+// Into a bf16 c (beta 0): the f32 result, rounded once.
+TEST_F(CpuOps, GemmIntoBf16IsTheF32ResultRounded) {
+  Tensor a = randn({6, 9}, rng_), b = randn({5, 9}, rng_);
+  Tensor c32 = Tensor::zeros({6, 5}), c16 = Tensor::zeros({6, 5}, DType::kBF16), want = Tensor::zeros({6, 5}, DType::kBF16);
+  be_->gemm(a, false, b, true, c32, 0.5f);
+  be_->gemm(a, false, b, true, c16, 0.5f);
+  be_->copy(c32, want);
+  EXPECT_EQ(std::memcmp(c16.raw(), want.raw(), 30 * 2), 0);
+  EXPECT_NE(std::memcmp(c16.raw(), Tensor::zeros({6, 5}, DType::kBF16).raw(), 30 * 2), 0);
+}
+
 TEST_F(CpuOps, GemmReadsAndWritesColumnSlices) {
   Tensor big = randn({4, 10}, rng_);
   Tensor a = big.slice(1, 2, 3);  // [4, 3], row stride 10

@@ -282,6 +282,13 @@ TEST_F(CudaBackendTest, GemmTensorCorePrecisions) {
     const double err = max_rel(**be, gc, c);
     EXPECT_LT(err, 2e-2) << (*be)->name();
     EXPECT_GT(err, 1e-7) << "expected reduced-precision products from " << (*be)->name();
+    // Into bf16 (beta 0): the f32 result rounded once, so within half a bf16 step of the f32 result
+    // (cuBLAS may sum in another order for another output type).
+    Tensor g16 = (*be)->zeros(c.shape(), DType::kBF16);
+    (*be)->gemm(ga, false, gb, true, g16, 1.0f, 0.0f);
+    const Tensor got = (*be)->download(g16).to_f32(), f32 = (*be)->download(gc);
+    for (int64_t i = 0; i < got.numel(); ++i)
+      ASSERT_LE(std::fabs(got.f32()[i] - f32.f32()[i]), std::fabs(f32.f32()[i]) * (1.0f / 256) + 1e-6f) << i;
   }
 }
 
@@ -626,6 +633,12 @@ TEST_F(CudaBackendTest, BatchInvariantProductsGiveARowTheSameBits) {
         Tensor full = on(be, c0);
         be.gemm(on(be, a), false, dw, trans_b, full, 1.0f, beta);
         const Tensor want = be.download(full);
+        if (beta == 0.0f) {  // into bf16: the same sums, rounded once
+          Tensor c16 = be.zeros({m, n}, DType::kBF16), rounded = be.zeros({m, n}, DType::kBF16);
+          be.gemm(on(be, a), false, dw, trans_b, c16, 1.0f, 0.0f);
+          be.copy(full, rounded);
+          EXPECT_TRUE(bitwise_equal(be.download(c16), be.download(rounded))) << "bf16 c, trans_b " << trans_b;
+        }
         Tensor ref = c0.clone();
         cpu_->gemm(a, false, w, trans_b, ref, 1.0f, beta);
         EXPECT_LT(max_rel(be, want, ref), 2e-2) << "trans_b " << trans_b;
