@@ -156,9 +156,10 @@ class Backend {
     add(x, h);
     rmsnorm_forward(h, w, eps, y, rstd);
   }
-  // dx += ∂/∂x, dw += ∂/∂w.
-  virtual void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                                Tensor& dx, Tensor& dw) = 0;
+  // dx += ∂/∂x, dw += ∂/∂w. dx_rounded (optional, bf16 [rows, d] with dx f32): the new dx also rounded
+  // into it, in the same pass (a gradient that bf16 products read next).
+  virtual void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
+                                Tensor& dw, Tensor* dx_rounded = nullptr) = 0;
   // h = silu(g) * u where gu = [g | u]: gu [M, 2I] rows, h [M, I] rows, in gu's dtype or bf16.
   virtual void silu_mul_forward(const Tensor& gu, Tensor& h) = 0;
   // dgu = [dg | du] = [dh·u·silu'(g) | dh·silu(g)], written (not accumulated): f32, or bf16 (rounded

@@ -22,10 +22,13 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
                  const core::Tensor& x, const core::Tensor& positions, int64_t batch, AttentionActs& a,
                  core::Tensor& y);
 // dx += ∂/∂x, g.* = gbeta · g.* + ∂/∂weights for the matrix weights (gbeta 1 adds, 0 overwrites: the
-// first backward after Model::zero_grads), g.* += ∂/∂weights for the norms.
+// first backward after Model::zero_grads), g.* += ∂/∂weights for the norms. dyp: dy as the products take
+// it where the caller has it already (Backend::rmsnorm_backward's dx_rounded); undefined: made here. The
+// same holds for the backwards below.
 void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::RopeTable& rope, const core::Tensor& x, const core::Tensor& positions,
-                  const AttentionActs& a, const core::Tensor& dy, core::Tensor& dx, float gbeta);
+                  const AttentionActs& a, const core::Tensor& dy, const core::Tensor& dyp, core::Tensor& dx,
+                  float gbeta);
 // Attention's operands again (a.q, a.k, a.v, and the query latents with query compression), from the
 // layer's normalised input x and the latents a keeps: the same bits as mla_forward made.
 void mla_remake_operands(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
@@ -48,7 +51,7 @@ core::Tensor stacked_with(const core::Tensor& first, const core::Tensor& next);
 void mlp_forward(core::Backend& be, const MlpWeights& w, const core::Tensor& x, MlpActs& a, core::Tensor& y);
 // dx += ∂/∂x; g.* = gbeta · g.* + ∂/∂weights (as mla_backward).
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const core::Tensor& x, const MlpActs& a,
-                  const core::Tensor& dy, core::Tensor& dx, float gbeta);
+                  const core::Tensor& dy, const core::Tensor& dyp, core::Tensor& dx, float gbeta);
 
 // a.act = silu(g) * u from a.gate_up = [g | u], in the products' dtype.
 void gated_activation(core::Backend& be, MlpActs& a);
@@ -61,7 +64,8 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
                  core::Tensor& y, bool for_backward, bool combine = true);
 // dx += ∂/∂x; g.* = gbeta · g.* + ∂/∂weights for the router and the experts (as mla_backward).
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
-                  const core::Tensor& x, const MoeActs& a, const core::Tensor& dy, core::Tensor& dx, float gbeta);
+                  const core::Tensor& x, const MoeActs& a, const core::Tensor& dy, const core::Tensor& dyp,
+                  core::Tensor& dx, float gbeta);
 // The experts' token rows (a.xs) and gated activations again, from x and the routing a keeps (a forward
 // with for_backward); with `experts`, the routed experts' products and outputs too (a.experts.gate_up,
 // a.ys). The same bits as moe_forward made.

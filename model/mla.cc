@@ -133,7 +133,7 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
 
 void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::RopeTable& rope, const Tensor& x, const Tensor& positions, const AttentionActs& a,
-                  const Tensor& dy, Tensor& dx, float gbeta) {
+                  const Tensor& dy, const Tensor& dy_rounded, Tensor& dx, float gbeta) {
   const int64_t m = x.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
@@ -142,7 +142,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor dout = be.empty({m, heads, vd});
   Tensor dout2 = dout.view({m, heads * vd});
   // Each gradient that two products read is rounded once for both (bf16 products).
-  const Tensor dyp = product_operand(be, dy);
+  const Tensor dyp = dy_rounded.defined() ? dy_rounded : product_operand(be, dy);
   be.gemm(dyp, false, w.o_proj, false, dout2);
   Tensor go = g.o_proj;
   be.gemm(dyp, true, a.out.view({m, heads * vd}), false, go, 1.0f, gbeta);

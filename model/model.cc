@@ -409,8 +409,13 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed, float gbeta
   CHECK_EQ(static_cast<int>(st.layers.size()), cfg_.num_hidden_layers) << "forward ran without a state";
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   Tensor dx = backend_.zeros({m, h});
+  // The residual gradient's copy in the products' dtype, made by the norm backward that makes it (where
+  // the products are bf16): the next layer's products read that.
+  const bool round = product_dtype(backend_) == core::DType::kBF16;
+  const auto rounded = [&] { return round ? backend_.empty({m, h}, core::DType::kBF16) : Tensor(); };
+  Tensor dxp = rounded();
   Tensor gnorm = g_.final_norm;
-  backend_.rmsnorm_backward(dnormed, st.x_final, w_.final_norm, st.final_rstd, dx, gnorm);
+  backend_.rmsnorm_backward(dnormed, st.x_final, w_.final_norm, st.final_rstd, dx, gnorm, round ? &dxp : nullptr);
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     const LayerWeights& lw = w_.layers[l];
     const LayerWeights& lg = g_.layers[l];
@@ -424,18 +429,20 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed, float gbeta
     // out = h1 + ffn(ln2(h1))
     Tensor dln2 = backend_.zeros({m, h});
     if (lw.moe) {
-      moe_backward(backend_, cfg_, lw, lg, a.ln2, a.moe, dx, dln2, gbeta);
+      moe_backward(backend_, cfg_, lw, lg, a.ln2, a.moe, dx, dxp, dln2, gbeta);
     } else {
-      mlp_backward(backend_, lw.mlp, lg.mlp, a.ln2, a.mlp, dx, dln2, gbeta);
+      mlp_backward(backend_, lw.mlp, lg.mlp, a.ln2, a.mlp, dx, dxp, dln2, gbeta);
     }
     Tensor dh1 = dx;  // the residual path
+    Tensor dh1p = rounded();
     Tensor gpost = lg.post_norm;
-    backend_.rmsnorm_backward(dln2, a.h1, lw.post_norm, a.ln2_rstd, dh1, gpost);
+    backend_.rmsnorm_backward(dln2, a.h1, lw.post_norm, a.ln2_rstd, dh1, gpost, round ? &dh1p : nullptr);
     // h1 = x + attn(ln1(x))
     Tensor dln1 = backend_.zeros({m, h});
-    mla_backward(backend_, cfg_, lw, lg, rope_, a.ln1, st.positions, a.attn, dh1, dln1, gbeta);
+    mla_backward(backend_, cfg_, lw, lg, rope_, a.ln1, st.positions, a.attn, dh1, dh1p, dln1, gbeta);
     Tensor gin = lg.input_norm;
-    backend_.rmsnorm_backward(dln1, a.x, lw.input_norm, a.ln1_rstd, dh1, gin);
+    dxp = l > 0 ? rounded() : Tensor();  // the embedding's backward takes f32
+    backend_.rmsnorm_backward(dln1, a.x, lw.input_norm, a.ln1_rstd, dh1, gin, dxp.defined() ? &dxp : nullptr);
     dx = dh1;
   }
   Tensor gemb = g_.embed;

@@ -69,10 +69,10 @@ void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpAct
 }
 
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const Tensor& x, const MlpActs& a,
-                  const Tensor& dy, Tensor& dx, float gbeta) {
+                  const Tensor& dy, const Tensor& dy_rounded, Tensor& dx, float gbeta) {
   const int64_t n = x.size(0), inter = w.down.size(1);
   // Gradients that only products read are rounded once (bf16 products), not in each product.
-  const Tensor dyp = product_operand(be, dy);
+  const Tensor dyp = dy_rounded.defined() ? dy_rounded : product_operand(be, dy);
   Tensor dact = be.empty({n, inter}), dgu = be.empty({n, 2 * inter}, product_dtype(be));
   be.gemm(dyp, false, w.down, false, dact);
   Tensor gd = g.down, ggu = g.gate_up;
@@ -150,10 +150,10 @@ void mlp_remake(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs
 }
 
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
-                  const Tensor& x, const MoeActs& a, const Tensor& dy, Tensor& dx, float gbeta) {
+                  const Tensor& x, const MoeActs& a, const Tensor& dy, const Tensor& dyp, Tensor& dx, float gbeta) {
   const int64_t m = x.size(0), h = x.size(1), e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
   const int64_t inter = cfg.moe_intermediate_size;
-  if (w.shared.down.defined()) mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dx, gbeta);
+  if (w.shared.down.defined()) mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dyp, dx, gbeta);
   // Combine.
   Tensor dys = be.empty({m * k, h}, product_dtype(be)), dweights = be.empty({m, k});
   be.moe_combine_backward(dy, a.ys, a.weights, a.row_of, dys, dweights);

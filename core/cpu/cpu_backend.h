@@ -28,8 +28,8 @@ class CpuBackend final : public Backend {
   void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw, float beta) override;
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
-  void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
-                        Tensor& dw) override;
+  void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
+                        Tensor* dx_rounded = nullptr) override;
   void silu_mul_forward(const Tensor& gu, Tensor& h) override;
   void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) override;
   void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) override;

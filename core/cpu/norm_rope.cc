@@ -31,8 +31,8 @@ void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Te
 }
 
 // With n = x * rstd: dw += dy * n;  dx += rstd * (dy*w - n * mean(dy*w*n)).
-void CpuBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                                  Tensor& dx, Tensor& dw) {
+void CpuBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
+                                  Tensor& dw, Tensor* dx_rounded) {
   Rows dyr = rows_of(dy), xr = rows_of(x), dxr = rows_of(dx);
   const float* wp = w.f32();
   const float* rs = rstd.f32();
@@ -52,6 +52,10 @@ void CpuBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tenso
     const float* xi = xr.row(r);
     const float* gi = dyr.row(r);
     for (int64_t i = 0; i < d; ++i) dwp[i] += gi[i] * xi[i] * rs[r];
+  }
+  if (dx_rounded != nullptr) {
+    CHECK(dx.dtype() == DType::kF32 && dx_rounded->dtype() == DType::kBF16) << "rmsnorm_backward: f32 dx, bf16 copy";
+    copy(dx, *dx_rounded);
   }
 }
 

@@ -248,24 +248,27 @@ __global__ void column_sum_kernel(const float* partial, int splits, int d, float
 }
 
 // Both passes of rmsnorm backward in one, for rows of d = 128·kV4 elements (4 a lane, kV4 times):
-// a warp takes a row at a time, dx as rmsnorm_backward_dx_kernel makes it, and keeps its rows' dw
-// terms in registers; the block's warps then sum theirs in warp order into partial[block] (for
-// column_sum_kernel). dy and x are read once instead of twice.
+// a warp takes a row at a time, dx as rmsnorm_backward_dx_kernel makes it, and adds its rows' dw terms
+// into its own row of shared sums (each lane its own elements); the block's warps then sum theirs in
+// warp order into partial[block] (for column_sum_kernel). dy and x are read once instead of twice.
+// w and the sums live in shared memory, so that two blocks fit an SM. dxr (optional): the new dx
+// rounded to bf16 there too, row stride ldr.
 constexpr int kNormRows = 32;  // rows a block
 template <typename T, int kV4>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     rmsnorm_backward_fused_kernel(const T* dy, int64_t ldg, const T* x, int64_t ldx, const float* w,
-                                  const float* rstd, T* dx, int64_t ldd, int64_t rows, float* partial) {
+                                  const float* rstd, T* dx, int64_t ldd, int64_t rows, float* partial,
+                                  __nv_bfloat16* dxr, int64_t ldr) {
   constexpr int d = 128 * kV4, kWarps = kThreads / 32;
-  __shared__ float sums[kWarps][d];
+  __shared__ __align__(16) float sums[kWarps][d];
+  __shared__ __align__(16) float ws[d];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float wv[kV4][4], acc[kV4][4];
+  for (int i = threadIdx.x; i < d; i += kThreads) ws[i] = w[i];
 #pragma unroll
-  for (int v = 0; v < kV4; ++v) {
-    loadv<4>(w + v * 128 + lane * 4, wv[v]);
+  for (int v = 0; v < kV4; ++v)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[v][e] = 0.0f;
-  }
+    for (int e = 0; e < 4; ++e) sums[warp][v * 128 + lane * 4 + e] = 0.0f;
+  __syncthreads();
   const int64_t r0 = blockIdx.x * static_cast<int64_t>(kNormRows), r1 = min(rows, r0 + kNormRows);
   for (int64_t r = r0 + warp; r < r1; r += kWarps) {
     float g[kV4][4], xv[kV4][4];
@@ -273,31 +276,34 @@ __global__ void __launch_bounds__(kThreads)
     float dot = 0;
 #pragma unroll
     for (int v = 0; v < kV4; ++v) {
+      float wv[4];
       loadv<4>(dy + r * ldg + v * 128 + lane * 4, g[v]);
       loadv<4>(x + r * ldx + v * 128 + lane * 4, xv[v]);
+      loadv<4>(ws + v * 128 + lane * 4, wv);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dot += g[v][e] * wv[v][e] * xv[v][e] * rs;
+      for (int e = 0; e < 4; ++e) dot += g[v][e] * wv[e] * xv[v][e] * rs;
     }
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
     const float mean = dot / d;
 #pragma unroll
     for (int v = 0; v < kV4; ++v) {
       T* o = dx + r * ldd + v * 128 + lane * 4;
-      float out[4];
+      float* acc = &sums[warp][v * 128 + lane * 4];
+      float out[4], wv[4], sum[4];
       loadv<4>(o, out);
+      loadv<4>(ws + v * 128 + lane * 4, wv);
+      loadv<4>(acc, sum);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float n = xv[v][e] * rs;
-        out[e] = out[e] + rs * (g[v][e] * wv[v][e] - n * mean);
-        acc[v][e] += g[v][e] * xv[v][e] * rs;
+        out[e] = out[e] + rs * (g[v][e] * wv[e] - n * mean);
+        sum[e] += g[v][e] * xv[v][e] * rs;
       }
       storev<4>(o, out);
+      storev<4>(acc, sum);
+      if (dxr != nullptr) storev<4>(dxr + r * ldr + v * 128 + lane * 4, out);
     }
   }
-#pragma unroll
-  for (int v = 0; v < kV4; ++v)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) sums[warp][v * 128 + lane * 4 + e] = acc[v][e];
   __syncthreads();
   for (int i = threadIdx.x; i < d; i += kThreads) {
     float t = 0;
@@ -631,7 +637,7 @@ void CudaBackend::add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& 
 }
 
 void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
-                                   Tensor& dw) {
+                                   Tensor& dw, Tensor* dx_rounded) {
   const Rows G = rows_of(dy), X = rows_of(x), D = rows_of(dx);
   check_device(dy, x.dtype());
   check_device(dx, x.dtype());
@@ -641,11 +647,18 @@ void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tens
   CHECK(G.rows == X.rows && D.rows == X.rows && G.cols == X.cols && D.cols == X.cols);
   const int64_t rows = X.rows;
   const int d = static_cast<int>(X.cols);
+  Rows R{nullptr, rows, d, 0};
+  if (dx_rounded != nullptr) {
+    CHECK(dx.dtype() == DType::kF32) << "rmsnorm_backward: a bf16 copy of an f32 dx";
+    check_device(*dx_rounded, DType::kBF16);
+    R = rows_of(*dx_rounded);
+    CHECK(R.rows == rows && R.cols == d) << "rmsnorm_backward: dx_rounded " << shape_str(dx_rounded->shape());
+  }
   if (rows == 0) return;
-  Op op(this, "rmsnorm_backward", 10.0 * rows * d, 4.0 * rows * d * dtype_size(x.dtype()));
+  Op op(this, "rmsnorm_backward", 10.0 * rows * d, 4.0 * rows * d * dtype_size(x.dtype()) + 2.0 * (R.p ? rows * d : 0));
   const size_t es = dtype_size(x.dtype());
   if (d % 128 == 0 && d <= 1024 && rows_by4(G.p, d, G.ld, es) && rows_by4(X.p, d, X.ld, es) &&
-      rows_by4(D.p, d, D.ld, es)) {
+      rows_by4(D.p, d, D.ld, es) && (R.p == nullptr || rows_by4(R.p, d, R.ld, 2))) {
     const int64_t nb = (rows + kNormRows - 1) / kNormRows;
     Tensor partial = uncleared({nb, d}, DType::kF32);
     dispatch(x.dtype(), [&](auto* tag) {
@@ -653,7 +666,7 @@ void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tens
       const auto launch = [&](auto v4) {
         rmsnorm_backward_fused_kernel<T, decltype(v4)::value><<<static_cast<unsigned>(nb), kThreads, 0, stream()>>>(
             static_cast<const T*>(G.p), G.ld, static_cast<const T*>(X.p), X.ld, w.f32(), rstd.f32(),
-            static_cast<T*>(D.p), D.ld, rows, partial.f32());
+            static_cast<T*>(D.p), D.ld, rows, partial.f32(), static_cast<__nv_bfloat16*>(R.p), R.ld);
       };
       switch (d / 128) {
         case 1: launch(std::integral_constant<int, 1>()); break;
@@ -686,6 +699,7 @@ void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tens
   column_sum_kernel<<<blocks(d, kThreads), kThreads, 0, stream()>>>(partial.f32(), static_cast<int>(splits), d,
                                                                      dw.f32());
   CUDA_CHECK(cudaGetLastError());
+  if (dx_rounded != nullptr) copy(dx, *dx_rounded);
 }
 
 void CudaBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {

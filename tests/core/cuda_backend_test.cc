@@ -679,6 +679,7 @@ TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
     // x as a column slice (the latent part of [c | k_pe]).
     Tensor wide = randn({m, d + 16}), x = wide.slice(1, 0, d), w = randn({d}, 0.2f), dy = randn({m, d});
     Tensor y = Tensor::zeros({m, d}), rstd = Tensor::zeros({m}), dx = randn({m, d}), dw = randn({d});
+    const Tensor dx_before = dx.clone(), dw_before = dw.clone();
     Tensor gwide = dev(wide), gx = gwide.slice(1, 0, d), gw = dev(w), gy = gpu_->zeros({m, d}, DType::kF32),
            gr = gpu_->zeros({m}, DType::kF32), gdx = dev(dx), gdw = dev(dw);
     cpu_->rmsnorm_forward(x, w, 1e-6f, y, rstd);
@@ -689,6 +690,16 @@ TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
     EXPECT_CLOSE(gr, rstd, 1e-5);
     EXPECT_CLOSE(gdx, dx, 1e-5);
     EXPECT_CLOSE(gdw, dw, 1e-4);
+    {
+      // With a bf16 copy of the new dx: the same dx and dw, and the copy is dx rounded.
+      Tensor gdx2 = dev(dx_before), gdw2 = dev(dw_before), r16 = gpu_->zeros({m, d}, DType::kBF16);
+      Tensor want16 = gpu_->zeros({m, d}, DType::kBF16);
+      gpu_->rmsnorm_backward(dev(dy), gx, gw, gr, gdx2, gdw2, &r16);
+      gpu_->copy(gdx, want16);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gdx2), gpu_->download(gdx))) << m << "x" << d;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gdw2), gpu_->download(gdw))) << m << "x" << d;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(r16), gpu_->download(want16))) << m << "x" << d;
+    }
     // bf16 activations (f32 math): inputs rounded to bf16 on both sides.
     Tensor xb = x.clone().to(DType::kBF16), dyb = dy.to(DType::kBF16);
     Tensor yr = Tensor::zeros({m, d}), rr = Tensor::zeros({m});
