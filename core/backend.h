@@ -51,6 +51,12 @@ struct AdamWUpdate {
   double grad_scale = 1;
 };
 
+// The clipped-ratio policy loss of Backend::clipped_ratio_grad.
+struct ClippedRatioLoss {
+  double eps_low = 0.2, eps_high = 0.2, kl_beta = 0;
+  bool ratio_one = false;
+};
+
 // cos/sin of every position: [max_positions, rope_dim/2], any YaRN attention factor folded in.
 struct RopeTable {
   Tensor cos;
@@ -295,6 +301,14 @@ class Backend {
   // bf16 (rounded once: a gradient that only bf16 products read).
   virtual void logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets,
                                  const Tensor& lse, Tensor& dlogits) = 0;
+  // The gradient of a clipped-ratio policy loss with a k3 KL term (GRPO's; trainer/grpo.h) with respect
+  // to each token's logprob lp[i], from lp [N] and rows [N, 4] f32 = (old, ref, adv, coef) a token:
+  //   ratio = exp(lp - old) (exactly 1 with loss.ratio_one: `old` is the policy's own lp),
+  //   dpg = -adv·ratio where ratio·adv <= clip(ratio, 1 - eps_low, 1 + eps_high)·adv or the ratio lies
+  //         inside that range, else 0;
+  //   dlp[i] = coef · (dpg + kl_beta · (1 - exp(ref - lp)))   (the KL term left out at kl_beta 0),
+  // in double precision, rounded to f32 once. dlp [N] f32.
+  virtual void clipped_ratio_grad(const Tensor& lp, const Tensor& rows, const ClippedRatioLoss& loss, Tensor& dlp) = 0;
   // Per row of logits [M, V] with its lse [M]: the softmax's entropy, entropy[m] = lse[m] - Σ_j p_j·logits[m, j]
   // (f32), and the first index of the row's maximum, argmax[m] (I32).
   virtual void logit_stats(const Tensor& logits, const Tensor& lse, Tensor& entropy, Tensor& argmax) = 0;

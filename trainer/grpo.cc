@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/policy_loss.h"
+
 namespace r1lab::trainer {
 
 double grpo_loss(const GrpoConfig& cfg, const core::Tensor& logp, const core::Tensor& old_logp,
@@ -17,20 +19,14 @@ double grpo_loss(const GrpoConfig& cfg, const core::Tensor& logp, const core::Te
   const float* adv = advantages.f32();
   const float* mk = mask.f32();
   float* d = dlogp ? dlogp->f32() : nullptr;
-  double total_mask = 0;
-  for (int64_t i = 0; i < b * t; ++i) total_mask += mk[i];
-  if (norm.tokens > 0) total_mask = norm.tokens;
-  const double sequences = norm.sequences > 0 ? static_cast<double>(norm.sequences) : static_cast<double>(b);
+  double call_tokens = 0;
+  for (int64_t i = 0; i < b * t; ++i) call_tokens += mk[i];
+  const core::ClippedRatioLoss token_loss = clipped_ratio_loss(cfg);
   double loss = 0;
   for (int64_t s = 0; s < b; ++s) {
     double seq_mask = 0;
     for (int64_t j = 0; j < t; ++j) seq_mask += mk[s * t + j];
-    double weight;  // d loss / d per-token term, for unmasked tokens
-    if (cfg.aggregation == GrpoConfig::Aggregation::kSequenceMean) {
-      weight = seq_mask > 0 ? 1.0 / (seq_mask * sequences) : 0.0;
-    } else {
-      weight = total_mask > 0 ? 1.0 / total_mask : 0.0;
-    }
+    const double weight = grpo_token_weight(cfg, seq_mask, call_tokens, b, norm);
     for (int64_t j = 0; j < t; ++j) {
       const int64_t i = s * t + j;
       const double ratio = std::exp(static_cast<double>(lp[i]) - old[i]);
@@ -38,13 +34,8 @@ double grpo_loss(const GrpoConfig& cfg, const core::Tensor& logp, const core::Te
       const double clipped = std::clamp(ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high);
       const double unclipped_obj = ratio * a, clipped_obj = clipped * a;
       const double pg = -std::min(unclipped_obj, clipped_obj);
-      // The gradient flows through the unclipped branch when it is the minimum (or the ratio is inside
-      // the clip range, where both branches agree); the clipped branch is constant outside the range.
-      const bool inside = ratio >= 1.0 - cfg.clip_eps_low && ratio <= 1.0 + cfg.clip_eps_high;
-      const double dpg = (unclipped_obj <= clipped_obj || inside) ? -a * ratio : 0.0;
       const double diff = static_cast<double>(ref[i]) - lp[i];
       const double kl = std::exp(diff) - diff - 1.0;
-      const double dkl = -std::exp(diff) + 1.0;
       loss += weight * mk[i] * (pg + cfg.kl_beta * kl);
       if (stats != nullptr && mk[i] > 0) {
         stats->tokens += mk[i];
@@ -52,10 +43,31 @@ double grpo_loss(const GrpoConfig& cfg, const core::Tensor& logp, const core::Te
         stats->ratio += mk[i] * ratio;
         if ((a > 0 && ratio > 1.0 + cfg.clip_eps_high) || (a < 0 && ratio < 1.0 - cfg.clip_eps_low)) stats->clipped += mk[i];
       }
-      if (d) d[i] = static_cast<float>(weight * mk[i] * (dpg + cfg.kl_beta * dkl));
+      // The gradient as the backend's clipped_ratio_grad makes it (its f32 coefficient too): the same bits.
+      if (d)
+        d[i] = static_cast<float>(
+            core::clipped_ratio_token_grad(lp[i], old[i], ref[i], a, static_cast<float>(weight * mk[i]), token_loss));
     }
   }
   return loss;
+}
+
+core::ClippedRatioLoss clipped_ratio_loss(const GrpoConfig& cfg) {
+  core::ClippedRatioLoss l;
+  l.eps_low = cfg.clip_eps_low;
+  l.eps_high = cfg.clip_eps_high;
+  l.kl_beta = cfg.kl_beta;
+  return l;
+}
+
+double grpo_token_weight(const GrpoConfig& cfg, double seq_tokens, double call_tokens, int64_t call_sequences,
+                         const GrpoNormaliser& norm) {
+  const double total = norm.tokens > 0 ? norm.tokens : call_tokens;
+  const double sequences =
+      norm.sequences > 0 ? static_cast<double>(norm.sequences) : static_cast<double>(call_sequences);
+  if (cfg.aggregation == GrpoConfig::Aggregation::kSequenceMean)
+    return seq_tokens > 0 ? 1.0 / (seq_tokens * sequences) : 0.0;
+  return total > 0 ? 1.0 / total : 0.0;
 }
 
 std::vector<float> group_advantages(const std::vector<double>& rewards, int group_size, bool scale_by_std,

@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "core/backend.h"
 #include "core/tensor.h"
 
 namespace r1lab::trainer {
@@ -46,6 +47,14 @@ struct GrpoTokenStats {
 double grpo_loss(const GrpoConfig& cfg, const core::Tensor& logp, const core::Tensor& old_logp,
                  const core::Tensor& ref_logp, const core::Tensor& advantages, const core::Tensor& mask,
                  core::Tensor* dlogp, const GrpoNormaliser& norm = {}, GrpoTokenStats* stats = nullptr);
+
+// The per-token loss above as the backend computes its gradient (Backend::clipped_ratio_grad; ratio_one
+// is the caller's: GrpoConfig::Old::kPolicy).
+core::ClippedRatioLoss clipped_ratio_loss(const GrpoConfig& cfg);
+// d loss / d (an unmasked token's term) for a token of a sequence with seq_tokens unmasked tokens, in a
+// call of call_sequences sequences and call_tokens unmasked tokens (norm, where set, names the batch's).
+double grpo_token_weight(const GrpoConfig& cfg, double seq_tokens, double call_tokens, int64_t call_sequences,
+                         const GrpoNormaliser& norm);
 
 // Group-relative advantages: rewards come in groups of `group_size` consecutive samples of one prompt;
 // A_i = (r_i - mean_group) / (std_group + eps) (GRPO; std is the sample standard deviation, as TRL's),

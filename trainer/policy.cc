@@ -116,12 +116,39 @@ GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const s
   GrpoStepStats st;
   GrpoTokenStats ts;
   double entropy = 0, gap_sum = 0, gap_tokens = 0;
+  core::ClippedRatioLoss token_loss = clipped_ratio_loss(cfg);
+  token_loss.ratio_one = cfg.old == GrpoConfig::Old::kPolicy;
   for (size_t begin = 0; begin < batch.size(); begin += static_cast<size_t>(micro_batch)) {
     const size_t end = std::min(batch.size(), begin + static_cast<size_t>(micro_batch));
     const Packed p = pack(batch, begin, end);
-    MicroForward f = run_forward(model, p, /*keep_state=*/true, /*want_stats=*/true);
     const int64_t rows = p.b * p.t;
-    // The loss's [B, T] views: every row, masked to completion rows.
+    // What each row's gradient needs besides its logprob, (old, ref, advantage, coefficient), known
+    // before the forward: the head's backward runs in the forward's pass (clipped_ratio_grad on each
+    // chunk's logprobs). Rows outside the completions get coefficient 0.
+    Tensor per_row = Tensor::zeros({rows, 4});
+    double call_tokens = 0;
+    for (int64_t r = 0; r < p.b; ++r) call_tokens += static_cast<double>(completion_len(p.seq(batch, r)));
+    for (int64_t r = 0; r < p.b; ++r) {
+      const TrainSequence& s = p.seq(batch, r);
+      const int64_t n = completion_len(s);
+      const float coef = static_cast<float>(grpo_token_weight(cfg, static_cast<double>(n), call_tokens, p.b, norm));
+      for (int64_t k = 0; k < n; ++k) {
+        float* row = per_row.f32() + 4 * (r * p.t + s.prompt_len - 1 + k);
+        row[0] = cfg.old == GrpoConfig::Old::kPolicy ? 0.0f : s.old_logprobs[static_cast<size_t>(k)];
+        row[1] = cfg.kl_beta == 0.0f ? 0.0f : s.ref_logprobs[static_cast<size_t>(k)];
+        row[2] = s.advantage;
+        row[3] = coef;
+      }
+    }
+    Tensor per_row_dev = be.empty({rows, 4});
+    be.upload(per_row, per_row_dev);
+    const model::LogprobGradient gradient = [&](const Tensor& lp, int64_t row0) {
+      Tensor dlp = be.empty({lp.numel()});
+      be.clipped_ratio_grad(lp, per_row_dev.slice(0, row0, lp.numel()), token_loss, dlp);
+      return dlp;
+    };
+    MicroForward f = run_forward(model, p, /*keep_state=*/true, /*want_stats=*/true, &gradient);
+    // The loss and its statistics from the same logprobs, on the host.
     Tensor logp = Tensor::zeros({p.b, p.t}), old = Tensor::zeros({p.b, p.t}), ref = Tensor::zeros({p.b, p.t});
     Tensor mask = Tensor::zeros({p.b, p.t}), adv = Tensor::zeros({p.b});
     std::copy(f.lp_host.f32(), f.lp_host.f32() + rows, logp.f32());
@@ -141,12 +168,8 @@ GrpoStepStats grpo_gradients(model::Model& model, const GrpoConfig& cfg, const s
         ref.f32()[i] = cfg.kl_beta == 0.0f ? logp.f32()[i] : s.ref_logprobs[static_cast<size_t>(k)];
       }
     }
-    Tensor dlogp = Tensor::zeros({p.b, p.t});
-    st.loss += grpo_loss(cfg, logp, old, ref, adv, mask, &dlogp, norm, &ts);
+    st.loss += grpo_loss(cfg, logp, old, ref, adv, mask, nullptr, norm, &ts);
     entropy += entropy_sum(f, p, batch);
-    Tensor dlp = be.zeros({rows});
-    be.upload(dlogp.view({rows}), dlp);
-    model.backward_logprobs(f.state, f.targets, dlp);
   }
   st.tokens = static_cast<int64_t>(ts.tokens);
   if (ts.tokens > 0) {

@@ -63,6 +63,7 @@ class CpuBackend final : public Backend {
   void logprobs_forward(const Tensor& logits, const Tensor& targets, Tensor& lp, Tensor& lse) override;
   void logprobs_backward(const Tensor& dlp, const Tensor& logits, const Tensor& targets, const Tensor& lse,
                          Tensor& dlogits) override;
+  void clipped_ratio_grad(const Tensor& lp, const Tensor& rows, const ClippedRatioLoss& loss, Tensor& dlp) override;
   void logit_stats(const Tensor& logits, const Tensor& lse, Tensor& entropy, Tensor& argmax) override;
   void sample_tokens(const Tensor& logits, const Tensor& spec, Tensor& tokens, Tensor& logprobs) override;
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/cpu/cpu_backend.h"
+#include "core/policy_loss.h"
 
 namespace r1lab::core::cpu {
 
@@ -217,6 +218,20 @@ void CpuBackend::logprobs_backward(const Tensor& dlp, const Tensor& logits, cons
     for (int64_t j = 0; j < lr.cols; ++j) d[j] = g[m] == 0.0f ? 0.0f : -(g[m] * std::exp(l[j] - ls[m]));
     if (g[m] != 0.0f) d[tg[m]] += g[m];
   }
+}
+
+void CpuBackend::clipped_ratio_grad(const Tensor& lp, const Tensor& rows, const ClippedRatioLoss& loss, Tensor& dlp) {
+  const int64_t n = lp.numel();
+  CHECK(lp.dtype() == DType::kF32 && lp.is_contiguous() && dlp.dtype() == DType::kF32 && dlp.is_contiguous() &&
+        dlp.numel() == n)
+      << "clipped_ratio_grad: lp and dlp [N] f32";
+  CHECK(rows.dtype() == DType::kF32 && rows.is_contiguous() && rows.shape() == Shape({n, 4}))
+      << "clipped_ratio_grad: rows " << shape_str(rows.shape()) << " for " << n << " tokens";
+  const float* l = lp.f32();
+  const float* r = rows.f32();
+  float* d = dlp.f32();
+  for (int64_t i = 0; i < n; ++i)
+    d[i] = static_cast<float>(clipped_ratio_token_grad(l[i], r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3], loss));
 }
 
 void CpuBackend::logit_stats(const Tensor& logits, const Tensor& lse, Tensor& entropy, Tensor& argmax) {

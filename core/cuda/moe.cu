@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 
 #include "core/cuda/cuda_backend.h"
+#include "core/policy_loss.h"
 #include "core/cuda/silu.cuh"
 #include "core/cuda/vec.cuh"
 
@@ -762,6 +763,33 @@ void CudaBackend::logprobs_forward(const Tensor& logits, const Tensor& targets, 
   const bool vec4 = L.ld % 4 == 0 && reinterpret_cast<uintptr_t>(L.p) % 16 == 0;
   logprobs_forward_kernel<<<static_cast<unsigned>(L.rows), 256, 0, stream()>>>(
       L.f(), L.ld, L.cols, targets.data<int32_t>(), lp.f32(), lse.f32(), vec4);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+namespace {
+
+__global__ void clipped_ratio_grad_kernel(const float* lp, const float4* rows, ClippedRatioLoss loss, float* dlp,
+                                          int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float4 r = rows[i];
+  dlp[i] = static_cast<float>(clipped_ratio_token_grad(lp[i], r.x, r.y, r.z, r.w, loss));
+}
+
+}  // namespace
+
+void CudaBackend::clipped_ratio_grad(const Tensor& lp, const Tensor& rows, const ClippedRatioLoss& loss, Tensor& dlp) {
+  const int64_t n = lp.numel();
+  check_device(lp, DType::kF32);
+  check_device(dlp, DType::kF32);
+  check_device(rows, DType::kF32);
+  CHECK(lp.is_contiguous() && dlp.is_contiguous() && dlp.numel() == n) << "clipped_ratio_grad: lp and dlp [N] f32";
+  CHECK(rows.is_contiguous() && rows.shape() == Shape({n, 4}) && reinterpret_cast<uintptr_t>(rows.raw()) % 16 == 0)
+      << "clipped_ratio_grad: rows " << shape_str(rows.shape()) << " for " << n << " tokens";
+  if (n == 0) return;
+  Op op(this, "clipped_ratio_grad", 10.0 * n, 24.0 * n);
+  clipped_ratio_grad_kernel<<<blocks(n, 256), 256, 0, stream()>>>(lp.f32(), static_cast<const float4*>(rows.raw()),
+                                                                    loss, dlp.f32(), n);
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1343,6 +1343,35 @@ TEST_F(CudaBackendTest, MoeCombineAddRmsNormIsCombineThenAddNorm) {
   }
 }
 
+// The clipped-ratio loss's per-token gradient against the CPU reference: ratios inside and far outside
+// the clip range on both sides, both signs of advantage, zero coefficients, the KL term on and off, and
+// ratio_one.
+TEST_F(CudaBackendTest, ClippedRatioGradMatchesCpu) {
+  const int64_t n = 1000;
+  Tensor lp = randn({n}, 0.5f), rows = randn({n, 4}, 0.5f);
+  for (int64_t i = 0; i < n; ++i) {
+    float* r = rows.f32() + 4 * i;
+    r[0] = lp.f32()[i] + (i % 3 == 0 ? 0.02f * r[0] : r[0]);  // old: near, or far from lp
+    r[3] = i % 7 == 0 ? 0.0f : std::fabs(r[3]) + 0.01f;       // coefficient
+  }
+  for (double beta : {0.0, 0.04}) {
+    for (bool one : {false, true}) {
+      ClippedRatioLoss loss;
+      loss.kl_beta = beta;
+      loss.ratio_one = one;
+      loss.eps_high = 0.28;
+      Tensor want = Tensor::zeros({n}), got = gpu_->zeros({n}, DType::kF32);
+      cpu_->clipped_ratio_grad(lp, rows, loss, want);
+      gpu_->clipped_ratio_grad(dev(lp), dev(rows), loss, got);
+      EXPECT_CLOSE(got, want, 1e-6) << "beta " << beta << " ratio_one " << one;
+      int zeros = 0;
+      for (int64_t i = 0; i < n; ++i) zeros += want.f32()[i] == 0.0f;
+      EXPECT_GT(zeros, n / 7 - 1);  // the zero coefficients at least
+      EXPECT_LT(zeros, n / 2);
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, LogprobsForwardBackward) {
   for (auto [m, v] : {std::pair<int64_t, int64_t>{3, 10}, {77, 1024}, {16, 32768}}) {
     Tensor logits = randn({m, v}, 4.0f), tg = ids({m}, static_cast<int32_t>(v));

@@ -49,6 +49,48 @@ TEST(Grpo, GradientMatchesFiniteDifferencesInBothAggregations) {
   }
 }
 
+// The backend's per-token gradient (what the trainer runs inside the LM head's pass) is the loss's own,
+// bit for bit, given each token's (old, ref, advantage, coefficient): both aggregations, inside and far
+// outside the clip range, with and without the KL term.
+TEST(Grpo, BackendGradientIsTheLossGradient) {
+  std::mt19937_64 rng(3);
+  auto be = core::make_cpu_backend();
+  for (auto agg : {GrpoConfig::Aggregation::kSequenceMean, GrpoConfig::Aggregation::kTokenMean}) {
+    for (float spread : {0.05f, 0.5f}) {
+      for (float beta : {0.0f, 0.04f}) {
+        Batch b = make_batch(rng, spread);
+        GrpoConfig cfg;
+        cfg.aggregation = agg;
+        cfg.kl_beta = beta;
+        Tensor d = Tensor::zeros({3, 5});
+        grpo_loss(cfg, b.logp, b.old, b.ref, b.adv, b.mask, &d);
+        double call_tokens = 0;
+        for (int i = 0; i < 15; ++i) call_tokens += b.mask.f32()[i];
+        Tensor rows = Tensor::zeros({15, 4}), got = Tensor::zeros({15});
+        for (int s = 0; s < 3; ++s) {
+          double seq = 0;
+          for (int j = 0; j < 5; ++j) seq += b.mask.f32()[s * 5 + j];
+          const double w = grpo_token_weight(cfg, seq, call_tokens, 3, {});
+          for (int j = 0; j < 5; ++j) {
+            float* r = rows.f32() + 4 * (s * 5 + j);
+            r[0] = b.old.f32()[s * 5 + j];
+            r[1] = b.ref.f32()[s * 5 + j];
+            r[2] = b.adv.f32()[s];
+            r[3] = static_cast<float>(w * b.mask.f32()[s * 5 + j]);
+          }
+        }
+        be->clipped_ratio_grad(b.logp.view({15}), rows, clipped_ratio_loss(cfg), got);
+        int nonzero = 0;
+        for (int i = 0; i < 15; ++i) {
+          EXPECT_EQ(got.f32()[i], d.f32()[i]) << "token " << i << " spread " << spread << " beta " << beta;
+          nonzero += d.f32()[i] != 0.0f;
+        }
+        EXPECT_GT(nonzero, 0);
+      }
+    }
+  }
+}
+
 TEST(Grpo, OnPolicyLossIsMinusTheMeanAdvantageAndKlVanishes) {
   std::mt19937_64 rng(2);
   Batch b = make_batch(rng, 0.0f);
