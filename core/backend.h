@@ -195,7 +195,8 @@ class Backend {
   // bf16 products would round them: with those, attention reads them rounded anyway); out f32, or bf16
   // (the f32 result rounded once: an output only bf16 products read), and backward reads it as it is;
   // the rest f32; backward accumulates into dq, dk, dv, or (accumulate false) overwrites them without
-  // reading them.
+  // reading them; an overwritten dv may be bf16 (the f32 result rounded once: a gradient only bf16
+  // products read).
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
                                  Tensor& lse) = 0;
   virtual void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,

@@ -146,13 +146,11 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.gemm(dyp, false, w.o_proj, false, dout2);
   Tensor go = g.o_proj;
   be.gemm(dyp, true, a.out.view({m, heads * vd}), false, go, 1.0f, gbeta);
-  // Attention, its gradients written (not added) into tensors of their own; d(kv) = [dk_nope | dv] a
-  // head, in the products' dtype (only the product below reads it): dv goes straight into its place
-  // where that is f32, else into its own f32 tensor rounded once into place, as dk_nope is.
+  // Attention, its gradients written (not added); d(kv) = [dk_nope | dv] a head, in the products' dtype
+  // (only the product below reads it): dv goes straight into its place (rounded once there), dk into a
+  // tensor of its own (its rope part is summed over the heads below), its nope part rounded into place.
   Tensor dkv = be.empty({m, heads, nope + vd}, product_dtype(be));
-  Tensor dkv_nope = dkv.slice(2, 0, nope), dkv_v = dkv.slice(2, nope, vd);
-  const bool dv_in_place = dkv.dtype() == core::DType::kF32;
-  Tensor dv = dv_in_place ? dkv_v : be.empty({m, heads, vd});
+  Tensor dkv_nope = dkv.slice(2, 0, nope), dv = dkv.slice(2, nope, vd);
   Tensor dq = be.empty({m, heads, qk}), dk = be.empty({m, heads, qk});
   Tensor dq4 = split_batch(dq, batch), dk4 = split_batch(dk, batch), dv4 = split_batch(dv, batch);
   be.attention_backward(split_batch(dout, batch), split_batch(a.q, batch), split_batch(a.k, batch),
@@ -160,7 +158,6 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
                         /*accumulate=*/false);
   // Keys and values back to kv and the shared rope key.
   be.copy(dk.slice(2, 0, nope), dkv_nope);
-  if (!dv_in_place) be.copy(dv, dkv_v);
   // Σ over heads of their rope-key gradients (the forward shares one rope key among the heads), into
   // its place in d(ckv), then back through the rope.
   Tensor dckv = be.zeros({m, r + rd});

@@ -158,7 +158,8 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor dys = be.empty({m * k, h}, product_dtype(be)), dweights = be.empty({m, k});
   be.moe_combine_backward(dy, a.ys, a.weights, a.row_of, dys, dweights);
   // Experts.
-  Tensor dact = be.empty({m * k, inter}), dgu = be.empty({m * k, 2 * inter}, product_dtype(be));
+  // d(act) in the products' dtype, as the gate_up products it meets in silu_mul_backward are kept.
+  Tensor dact = be.empty({m * k, inter}, product_dtype(be)), dgu = be.empty({m * k, 2 * inter}, product_dtype(be));
   Tensor dxs = be.empty({m * k, h});
   be.grouped_gemm(dys, w.experts_down, false, a.offsets, dact);
   Tensor gdown = g.experts_down, ggu = g.experts_gate_up;

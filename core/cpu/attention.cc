@@ -93,6 +93,13 @@ void CpuBackend::attention_forward(const Tensor& q, const Tensor& k, const Tenso
 void CpuBackend::attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                     const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
                                     Tensor& dv, bool accumulate) {
+  if (dv.dtype() == DType::kBF16) {  // the f32 result, rounded
+    CHECK(!accumulate) << "attention_backward: a bf16 dv is overwritten, not added to";
+    Tensor dv32 = Tensor::zeros(dv.shape());
+    attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv32, false);
+    copy(dv32, dv);
+    return;
+  }
   const int64_t b = q.size(0), t_len = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t s_len = k.size(1), hk = k.size(2), dvd = v.size(3);
   const Tensor q32 = f32_values(q), k32 = f32_values(k), v32 = f32_values(v), o32 = f32_values(out);

@@ -947,7 +947,14 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
                                      const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
                                      Tensor& dv, bool accumulate) {
   check_attention(q, k, v, out);
+  const bool dv16 = dv.dtype() == DType::kBF16;
+  CHECK(!dv16 || !accumulate) << "attention_backward: a bf16 dv is overwritten, not added to";
   for (const Tensor* t : std::initializer_list<const Tensor*>{&dout, &dq, &dk, &dv}) {
+    if (t == &dv && dv16) {
+      check_device(dv, DType::kBF16);
+      CHECK(dv.dim() == 4 && dv.stride(3) == 1);
+      continue;
+    }
     check_device(*t, DType::kF32);
     CHECK(t->dim() == 4 && t->stride(3) == 1);
   }
@@ -989,14 +996,27 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
             <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq, stream()>>>(
                 bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(), dq.f32(),
                 dq.stride(0), dq.stride(1), dq.stride(2), accumulate, ab);
-        set_smem(tc::backward_dkdv<D, DV>, skv);
-        tc::backward_dkdv<D, DV>
-            <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, skv, stream()>>>(
-                bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(), dk.f32(),
-                dk.stride(0), dk.stride(1), dk.stride(2), dv.f32(), dv.stride(0), dv.stride(1), dv.stride(2), accumulate,
-                ab);
+        const auto dkdv = [&](auto* dvp) {
+          using TV = std::remove_pointer_t<decltype(dvp)>;
+          set_smem(tc::backward_dkdv<D, DV, TV>, skv);
+          tc::backward_dkdv<D, DV, TV>
+              <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, skv, stream()>>>(
+                  bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(), dk.f32(),
+                  dk.stride(0), dk.stride(1), dk.stride(2), dvp, dv.stride(0), dv.stride(1), dv.stride(2), accumulate,
+                  ab);
+        };
+        if (dv16)
+          dkdv(static_cast<tc::bf16*>(dv.raw()));
+        else
+          dkdv(dv.f32());
       })) {
     CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  if (dv16) {  // the f32 kernels: their f32 dv, rounded
+    Tensor dv32 = empty(dv.shape(), DType::kF32);
+    attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv32, false);
+    copy(dv32, dv);
     return;
   }
   row_sums(nullptr);

@@ -137,6 +137,23 @@ __device__ __forceinline__ void put_rows(const float (*c)[4], float scale, bool 
   }
 }
 
+// put_rows into bf16 (overwriting: the f32 values rounded once).
+template <int N>
+__device__ __forceinline__ void put_rows(const float (*c)[4], float scale, bool, bf16* dst, int64_t ld, int64_t r0,
+                                         int64_t n) {
+  const int lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r = r0 + g + 8 * half;
+    if (r >= n) continue;
+    bf16* row = dst + r * ld + cc;
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(row + 8 * j) =
+          __floats2bfloat162_rn(scale * c[j][2 * half], scale * c[j][2 * half + 1]);
+  }
+}
+
 // The two products every backward tile starts with, for the warp's 16 rows: s = A·Bᵀ (K = D) and
 // dp = G·Vᵀ (K = DV), N 8-column blocks each. In dq: A = Q, B = K, G = dO, V = V; in dk/dv the roles swap
 // (A = K, B = Q, G = V, V = dO), which gives Sᵀ and dPᵀ.
@@ -353,10 +370,11 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
 }
 
 // ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn, NQ queries a tile.
-template <int D, int DV>
+// TV: dv's type (f32, or bf16 overwritten).
+template <int D, int DV, typename TV>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     backward_dkdv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                  const float* delta, float* dk, int64_t dk0, int64_t dk1, int64_t dk2, float* dv, int64_t dv0,
+                  const float* delta, float* dk, int64_t dk0, int64_t dk1, int64_t dk2, TV* dv, int64_t dv0,
                   int64_t dv1, int64_t dv2, bool accumulate, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   constexpr int NQ = Ly::NQ;

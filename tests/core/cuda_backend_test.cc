@@ -904,6 +904,24 @@ TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
     EXPECT_LT(rel_l2(be, oq, delta(dq, dq0)), 2e-2) << what << " (overwriting)";
     EXPECT_LT(rel_l2(be, ok, delta(dk, dk0)), 2e-2) << what << " (overwriting)";
     EXPECT_LT(rel_l2(be, ov, delta(dv, dv0)), 2e-2) << what << " (overwriting)";
+    {
+      // A bf16 dv (overwritten, as a strided view): the f32 dv rounded once; dq and dk the same bits.
+      auto nan16 = [&](const Shape& s) {
+        Tensor r = be.zeros(s, DType::kBF16);
+        be.copy(up(nans(s)), r);
+        return r;
+      };
+      Tensor oq2 = up(nans(q.shape())), ok2 = up(nans(k.shape()));
+      Tensor wide = nan16({c.b, c.s, c.hk, 2 * c.dv}), ov16 = wide.slice(3, c.dv, c.dv);
+      be.attention_backward(up(dout), gq, gk, gv, gout, glse, scale, oq2, ok2, ov16, /*accumulate=*/false);
+      Tensor want16 = be.zeros(v.shape(), DType::kBF16);
+      be.copy(ov, want16);
+      Tensor got16 = be.zeros(v.shape(), DType::kBF16);
+      be.copy(ov16, got16);
+      EXPECT_TRUE(bitwise_equal(be.download(got16), be.download(want16))) << what << " (bf16 dv)";
+      EXPECT_TRUE(bitwise_equal(be.download(oq2), be.download(oq))) << what << " (bf16 dv)";
+      EXPECT_TRUE(bitwise_equal(be.download(ok2), be.download(ok))) << what << " (bf16 dv)";
+    }
     // bf16 operands (as a model keeps them for bf16 products) give the same bits: f32 ones are rounded
     // the same way first. Values as a strided view (every other head of a wider tensor).
     auto bf = [&](const Tensor& t) {
