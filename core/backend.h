@@ -182,11 +182,15 @@ class Backend {
   // (not its inverse when a YaRN attention factor scales cos/sin), which is what backward needs.
   virtual void rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
                     bool inverse) = 0;
-  // x = src rotated (the forward rotation): a copy and rope in one pass. This default is the reference.
+  // x = src rotated (inverse: by the negative angle, as rope): a copy and rope in one pass; src f32, x
+  // f32 or bf16 (the f32 result rounded once: an operand only bf16 products read). This default is the
+  // reference.
   virtual void rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table,
-                         bool interleaved) {
-    copy(src, x);
-    rope(x, positions, table, interleaved, false);
+                         bool interleaved, bool inverse = false) {
+    Tensor f = x.dtype() == DType::kF32 ? x : empty(x.shape());
+    copy(src, f);
+    rope(f, positions, table, interleaved, inverse);
+    if (x.dtype() != DType::kF32) copy(f, x);
   }
 
   // ---- causal softmax attention (multi-query when Hk < Hq: head h reads kv head h / (Hq/Hk)).

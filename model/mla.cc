@@ -70,6 +70,28 @@ void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, c
 
 }  // namespace
 
+namespace {
+
+// q (or its gradient) [M, heads, nope + rope] f32, its rope parts not yet rotated, as the products take
+// it: rotated (inverse: by the negative angle), in the products' dtype, rounded once (bf16: the nope
+// parts rounded and the rope parts rotated into a tensor of their own in one pass each).
+Tensor rotated_operand(core::Backend& be, const ModelConfig& cfg, const core::RopeTable& rope, const Tensor& q,
+                       const Tensor& positions, bool inverse) {
+  const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
+  Tensor pe = q.slice(2, nope, rd);
+  if (product_dtype(be) == core::DType::kF32) {
+    be.rope(pe, positions, rope, cfg.rope_interleave, inverse);
+    return q;
+  }
+  Tensor out = be.empty(q.shape(), product_dtype(be));
+  Tensor out_nope = out.slice(2, 0, nope), out_pe = out.slice(2, nope, rd);
+  be.copy(q.slice(2, 0, nope), out_nope);
+  be.rope_from(pe, out_pe, positions, rope, cfg.rope_interleave, inverse);
+  return out;
+}
+
+}  // namespace
+
 Tensor product_operand(core::Backend& be, const Tensor& x) {
   if (be.weight_dtype() != core::DType::kBF16 || x.dtype() != core::DType::kF32) return x;
   Tensor xb = be.empty(x.shape(), core::DType::kBF16);
@@ -87,7 +109,8 @@ void attention_operands(core::Backend& be, const ModelConfig& cfg, const LayerWe
   const int64_t m = xin.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
-  a.q = product_operand(be, queries(be, cfg, w, rope, xin, positions, &a));
+  a.q = rotated_operand(be, cfg, rope, queries(be, cfg, w, rope, xin, positions, &a, /*rotate=*/false), positions,
+                        /*inverse=*/false);
   // Compressed latent and the shared rope key.
   Tensor k_pe = be.empty({m, 1, rd});
   if (latents_kept) {
@@ -179,9 +202,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor gkva = g.kv_a_proj;
   be.gemm(dckvp, true, x, false, gkva, 1.0f, gbeta);
   // Queries.
-  Tensor dq_pe = dq.slice(2, nope, rd);
-  be.rope(dq_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
-  const Tensor dq2 = product_operand(be, dq.view({m, heads * qk}));
+  const Tensor dq2 = rotated_operand(be, cfg, rope, dq, positions, /*inverse=*/true).view({m, heads * qk});
   if (cfg.q_lora_rank > 0) {
     Tensor dq_a_norm = be.zeros({m, cfg.q_lora_rank}), dq_a = be.zeros({m, cfg.q_lora_rank});
     be.gemm(dq2, false, w.q_b_proj, false, dq_a_norm);

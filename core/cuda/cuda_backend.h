@@ -124,8 +124,8 @@ class CudaBackend final : public Backend {
 
   void rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
             bool inverse) override;
-  void rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table,
-                 bool interleaved) override;
+  void rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
+                 bool inverse = false) override;
   void store_latents(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions, const RopeTable& table,
                      bool interleaved, const Tensor& slots, Tensor& pool) override;
   void mla_step_inputs(const Tensor& ckv, const Tensor& w, float eps, const Tensor& positions, const RopeTable& table,

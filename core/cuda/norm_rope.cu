@@ -375,25 +375,27 @@ __global__ void rope_kernel(float* x, int64_t s0, int64_t s1, int64_t m, int64_t
   rotate(*pa, *pb, c, s, pa, pb);
 }
 
-// x = rope(src) with rope_kernel's arithmetic (a position outside the table copies the pair as it is).
-__global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, float* x, int64_t s0, int64_t s1,
+// x = rope(src) with rope_kernel's arithmetic (a position outside the table copies the pair as it is),
+// x in its own dtype (bf16: the f32 results rounded).
+template <typename TX>
+__global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, TX* x, int64_t s0, int64_t s1,
                                  int64_t m, int64_t heads, int half, const int32_t* pos, const float* cos_t,
-                                 const float* sin_t, int64_t n_pos, bool interleaved) {
+                                 const float* sin_t, int64_t n_pos, bool interleaved, bool inverse) {
   const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;  // the launch checks that pairs fit in 32 bits
   if (idx >= m * heads * half) return;
   const uint32_t hh = static_cast<uint32_t>(heads) * half, t = idx / hh, j = idx - t * hh, h = j / half;
   const int i = static_cast<int>(j - h * half);
   const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
   const float* u = src + t * ss0 + h * ss1;
-  float* v = x + t * s0 + h * s1;
-  const float a = u[ia], b = u[ib];
+  TX* v = x + t * s0 + h * s1;
+  float ra = u[ia], rb = u[ib];
   const int32_t p = pos[t];
-  if (p < 0 || p >= n_pos) {
-    v[ia] = a;
-    v[ib] = b;
-    return;
+  if (p >= 0 && p < n_pos) {
+    const float c = cos_t[static_cast<int64_t>(p) * half + i], s = sin_t[static_cast<int64_t>(p) * half + i];
+    rotate(ra, rb, c, inverse ? -s : s, &ra, &rb);
   }
-  rotate(a, b, cos_t[static_cast<int64_t>(p) * half + i], sin_t[static_cast<int64_t>(p) * half + i], v + ia, v + ib);
+  store(v + ia, ra);
+  store(v + ib, rb);
 }
 
 // pool[slots[i]] = [rmsnorm(ckv[i, :r]) · w | rope(ckv[i, r:])] with the arithmetic of
@@ -784,16 +786,28 @@ int64_t check_rope(const Tensor& x, const Tensor& positions, const RopeTable& ta
 }  // namespace
 
 void CudaBackend::rope_from(const Tensor& src, Tensor& x, const Tensor& positions, const RopeTable& table,
-                            bool interleaved) {
-  const int64_t n = check_rope(x, positions, table);
-  check_rope(src, positions, table);
+                            bool interleaved, bool inverse) {
+  const bool x16 = x.dtype() == DType::kBF16;
+  const int64_t n = check_rope(src, positions, table);
+  if (x16) {
+    check_device(x, DType::kBF16);
+    CHECK(x.dim() == 3 && x.stride(2) == 1) << "rope_from into " << shape_str(x.shape());
+  } else {
+    check_rope(x, positions, table);
+  }
   CHECK(src.shape() == x.shape()) << shape_str(src.shape()) << " vs " << shape_str(x.shape());
   const int64_t m = x.size(0), h = x.size(1), half = x.size(2) / 2;
   if (n == 0) return;
-  Op op(this, "rope", 6.0 * n, 24.0 * n);
-  rope_from_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(
-      src.f32(), src.stride(0), src.stride(1), x.f32(), x.stride(0), x.stride(1), m, h, static_cast<int>(half),
-      positions.data<int32_t>(), table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved);
+  Op op(this, "rope", 6.0 * n, (x16 ? 16.0 : 24.0) * n);
+  const auto launch = [&](auto* xp) {
+    rope_from_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(
+        src.f32(), src.stride(0), src.stride(1), xp, x.stride(0), x.stride(1), m, h, static_cast<int>(half),
+        positions.data<int32_t>(), table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved, inverse);
+  };
+  if (x16)
+    launch(static_cast<__nv_bfloat16*>(x.raw()));
+  else
+    launch(x.f32());
   CUDA_CHECK(cudaGetLastError());
 }
 
