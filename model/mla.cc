@@ -55,7 +55,8 @@ Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
   return q;
 }
 
-// ckv = x · W_kvaᵀ = [c | k_pe];  c_out [M, r] rows = rmsnorm(c);  pe_out [M, 1, rope] = rope(k_pe).
+// ckv = x · W_kvaᵀ = [c | k_pe];  c_out [M, r] rows = rmsnorm(c);  pe_out [M, H, rope] = rope(k_pe) in
+// each of its H heads (f32, or bf16 rounded once).
 // Keeps ckv and the norm's rstd in `a`. (The paged path makes the same rows straight into its cache
 // slots: Backend::store_latents.)
 void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
@@ -65,7 +66,8 @@ void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, c
   be.gemm(x, false, w.kv_a_proj, true, a.ckv);
   a.c_rstd = be.empty({m});
   be.rmsnorm_forward(a.ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), c_out, a.c_rstd);
-  be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1), pe_out, positions, rope, cfg.rope_interleave);
+  be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1).expand({m, pe_out.size(1), rd}), pe_out, positions, rope,
+               cfg.rope_interleave);
 }
 
 }  // namespace
@@ -111,26 +113,26 @@ void attention_operands(core::Backend& be, const ModelConfig& cfg, const LayerWe
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   a.q = rotated_operand(be, cfg, rope, queries(be, cfg, w, rope, xin, positions, &a, /*rotate=*/false), positions,
                         /*inverse=*/false);
-  // Compressed latent and the shared rope key.
-  Tensor k_pe = be.empty({m, 1, rd});
+  // Keys [k_nope | k_pe] in the products' dtype: the shared rope key rotated straight into every head's
+  // place, with the compressed latent made first where it is not kept.
+  a.k = be.empty({m, heads, qk}, product_dtype(be));
+  Tensor k_pe_dst = a.k.slice(2, nope, rd);
   if (latents_kept) {
-    be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1), k_pe, positions, rope, cfg.rope_interleave);
+    be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1).expand({m, heads, rd}), k_pe_dst, positions, rope,
+                 cfg.rope_interleave);
   } else {
     a.c_norm = be.empty({m, r}, product_dtype(be));
-    latents(be, cfg, w, rope, xin, positions, a.c_norm, k_pe, a);
+    latents(be, cfg, w, rope, xin, positions, a.c_norm, k_pe_dst, a);
   }
-  // kv in the products' dtype (only attention's operands are made from it), then per-head keys and
-  // values of their own (kv dies here).
+  // kv in the products' dtype (only attention's operands are made from it), then the keys' nope parts
+  // and the values of their own (kv dies here).
   Tensor kv = be.empty({m, heads * (nope + vd)}, product_dtype(be));
   be.gemm(a.c_norm, false, w.kv_b_proj, true, kv);
   Tensor kv3 = kv.view({m, heads, nope + vd});
-  a.k = be.empty({m, heads, qk}, product_dtype(be));  // [k_nope | k_pe], both copied in below
   a.v = be.empty({m, heads, vd}, product_dtype(be));
   be.copy(kv3.slice(2, nope, vd), a.v);
   Tensor k_nope_dst = a.k.slice(2, 0, nope);
   be.copy(kv3.slice(2, 0, nope), k_nope_dst);
-  Tensor k_pe_dst = a.k.slice(2, nope, rd);
-  be.copy(k_pe.expand({m, heads, rd}), k_pe_dst);
 }
 
 }  // namespace

@@ -453,15 +453,25 @@ __global__ void logprobs_forward_kernel(const float* logits, int64_t ld, int64_t
       sum += expf(x - mx);
     }
   };
-  const int64_t body = vec4 ? v / 4 * 4 : 0;
-  for (int64_t j = 4 * threadIdx.x; j < body; j += 4 * blockDim.x) {
-    const float4 x = *reinterpret_cast<const float4*>(l + j);
-    take(x.x);
-    take(x.y);
-    take(x.z);
-    take(x.w);
+  // Four at a time: the running max moves once for the four, their exponentials independent of each
+  // other; two loads in flight a thread.
+  const auto take4 = [&](float4 x) {
+    const float m4 = fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w));
+    if (m4 > mx) {
+      sum = mx == -INFINITY ? 0.0f : sum * expf(mx - m4);
+      mx = m4;
+    }
+    if (mx != -INFINITY) sum += (expf(x.x - mx) + expf(x.y - mx)) + (expf(x.z - mx) + expf(x.w - mx));
+  };
+  const int64_t body = vec4 ? v / 4 * 4 : 0, step = 4 * blockDim.x;
+  int64_t j = 4 * threadIdx.x;
+  for (; j + step < body; j += 2 * step) {
+    const float4 x = *reinterpret_cast<const float4*>(l + j), y = *reinterpret_cast<const float4*>(l + j + step);
+    take4(x);
+    take4(y);
   }
-  for (int64_t j = body + threadIdx.x; j < v; j += blockDim.x) take(l[j]);
+  for (; j < body; j += step) take4(*reinterpret_cast<const float4*>(l + j));
+  for (int64_t i = body + threadIdx.x; i < v; i += blockDim.x) take(l[i]);
   const float row_max = block_max256(mx);
   sum = block_sum256(mx == -INFINITY ? 0.0f : sum * expf(mx - row_max));
   if (threadIdx.x == 0) {
