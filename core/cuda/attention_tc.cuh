@@ -113,44 +113,34 @@ __device__ __forceinline__ void zero(float (*c)[4]) {
   for (int j = 0; j < N; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.0f;
 }
 
-// dst[rows r0 + g, r0 + g + 8][8·N] (f32, row stride ld) (+)= scale · c (accumulate: add to what is
-// there; else overwrite, never reading it); rows ≥ n are skipped.
-template <int N>
-__device__ __forceinline__ void put_rows(const float (*c)[4], float scale, bool accumulate, float* dst, int64_t ld,
+// Two neighbouring values of an output row: f32 (added to what is there with accumulate), or bf16
+// (overwritten, the f32 values rounded once).
+__device__ __forceinline__ void put_pair(float* p, float2 v, bool accumulate) {
+  if (accumulate) {
+    const float2 o = *reinterpret_cast<const float2*>(p);
+    v.x += o.x;
+    v.y += o.y;
+  }
+  *reinterpret_cast<float2*>(p) = v;
+}
+__device__ __forceinline__ void put_pair(bf16* p, float2 v, bool) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v.x, v.y);
+}
+
+// dst[rows r0 + g, r0 + g + 8][8·N] (row stride ld) (+)= scale · c, as put_pair writes; rows ≥ n are
+// skipped.
+template <int N, typename T>
+__device__ __forceinline__ void put_rows(const float (*c)[4], float scale, bool accumulate, T* dst, int64_t ld,
                                          int64_t r0, int64_t n) {
   const int lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t r = r0 + g + 8 * half;
     if (r >= n) continue;
-    float* row = dst + r * ld + cc;
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      float2 v = make_float2(scale * c[j][2 * half], scale * c[j][2 * half + 1]);
-      if (accumulate) {
-        const float2 o = *reinterpret_cast<float2*>(row + 8 * j);
-        v.x += o.x;
-        v.y += o.y;
-      }
-      *reinterpret_cast<float2*>(row + 8 * j) = v;
-    }
-  }
-}
-
-// put_rows into bf16 (overwriting: the f32 values rounded once).
-template <int N>
-__device__ __forceinline__ void put_rows(const float (*c)[4], float scale, bool, bf16* dst, int64_t ld, int64_t r0,
-                                         int64_t n) {
-  const int lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t r = r0 + g + 8 * half;
-    if (r >= n) continue;
-    bf16* row = dst + r * ld + cc;
+    T* row = dst + r * ld + cc;
 #pragma unroll
     for (int j = 0; j < N; ++j)
-      *reinterpret_cast<__nv_bfloat162*>(row + 8 * j) =
-          __floats2bfloat162_rn(scale * c[j][2 * half], scale * c[j][2 * half + 1]);
+      put_pair(row + 8 * j, make_float2(scale * c[j][2 * half], scale * c[j][2 * half + 1]), accumulate);
   }
 }
 
