@@ -70,10 +70,6 @@ void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, c
                cfg.rope_interleave);
 }
 
-}  // namespace
-
-namespace {
-
 // q (or its gradient) [M, heads, nope + rope] f32, its rope parts not yet rotated, as the products take
 // it: rotated (inverse: by the negative angle), in the products' dtype, rounded once (bf16: the nope
 // parts rounded and the rope parts rotated into a tensor of their own in one pass each).

@@ -240,8 +240,7 @@ class HeadBackward {
 
  private:
   core::Backend& be_;
-  Tensor w_;
-  Tensor g_, normed_, dnormed_, dlogits_;
+  Tensor w_, g_, normed_, dnormed_, dlogits_;
   float beta_;
   int64_t dw0_ = 0;  // the first row whose d(logits) waits in dlogits_
 };
