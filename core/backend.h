@@ -146,6 +146,17 @@ class Backend {
       silu_mul_forward(*gate_up, h);
     }
   }
+  // The routed experts' backward from their down product to their gate and up products: dh = dc · w[g]
+  // for the rows of group g (grouped_gemm without trans_w: dc [R, k], w [G, k, n]), rounded to dgu's
+  // dtype, then dgu = silu_mul_backward(dh, gate_up) ([R, 2n], gate_up [R, 2n] in dgu's dtype), without
+  // dh in memory. Rows outside every group are unspecified. This default is the reference; a backend may
+  // fuse it.
+  virtual void grouped_silu_backward(const Tensor& dc, const Tensor& w, const Tensor& offsets, const Tensor& gate_up,
+                                     Tensor& dgu) {
+    Tensor dh = empty({dc.size(0), w.size(2)}, dgu.dtype());
+    grouped_gemm(dc, w, false, offsets, dh);
+    silu_mul_backward(dh, gate_up, dgu);
+  }
   // Checks group bounds read on the host, o[0 .. groups]: ascending within [0, rows].
   static void check_group_bounds(const int64_t* o, int64_t groups, int64_t rows) {
     CHECK(o[0] >= 0 && o[groups] <= rows) << "group offsets outside [0, " << rows << "]";
@@ -281,7 +292,7 @@ class Backend {
   // they are. x f32 or bf16; xs in x's dtype.
   virtual void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
                             Tensor& offsets) = 0;
-  // dx[m] += Σ_k dxs[row_of[m*K+k]].
+  // dx[m] += Σ_k dxs[row_of[m*K+k]];  dxs f32 or bf16, dx f32 (each sum f32).
   virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) = 0;
   // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]];  ys f32 or bf16 (here and in backward), out f32.
   virtual void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) = 0;

@@ -158,13 +158,13 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor dys = be.empty({m * k, h}, product_dtype(be)), dweights = be.empty({m, k});
   be.moe_combine_backward(dy, a.ys, a.weights, a.row_of, dys, dweights);
   // Experts.
-  // d(act) in the products' dtype, as the gate_up products it meets in silu_mul_backward are kept.
-  Tensor dact = be.empty({m * k, inter}, product_dtype(be)), dgu = be.empty({m * k, 2 * inter}, product_dtype(be));
-  Tensor dxs = be.empty({m * k, h});
-  be.grouped_gemm(dys, w.experts_down, false, a.offsets, dact);
+  // d(act) in the products' dtype, as the gate_up products it meets in the gate's backward are kept (one
+  // pass from the down product to dgu). The rows' input gradients too, as the experts' outputs are: each
+  // token's sum over its experts is f32.
+  Tensor dgu = be.empty({m * k, 2 * inter}, product_dtype(be)), dxs = be.empty({m * k, h}, product_dtype(be));
   Tensor gdown = g.experts_down, ggu = g.experts_gate_up;
+  be.grouped_silu_backward(dys, w.experts_down, a.offsets, a.experts.gate_up, dgu);
   be.grouped_gemm_wgrad(dys, a.experts.act, a.offsets, gdown, gbeta);
-  be.silu_mul_backward(dact, a.experts.gate_up, dgu);
   be.grouped_gemm(dgu, w.experts_gate_up, false, a.offsets, dxs);
   be.grouped_gemm_wgrad(dgu, a.xs, a.offsets, ggu, gbeta);
   be.moe_dispatch_backward(dxs, a.row_of, dx);

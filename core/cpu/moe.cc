@@ -137,7 +137,8 @@ void CpuBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts,
 }
 
 void CpuBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) {
-  Rows dxsr = rows_of(dxs), dxr = rows_of(dx);
+  const Tensor dxs32 = f32_values(dxs);
+  Rows dxsr = rows_of(dxs32), dxr = rows_of(dx);
   const int32_t* ro = row_of.data<int32_t>();
   const int64_t kk = row_of.numel() / dxr.rows;
   for (int64_t a = 0; a < row_of.numel(); ++a) {

@@ -110,6 +110,8 @@ class CudaBackend final : public Backend {
                     float beta) override;
   void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta) override;
   void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw, float beta) override;
+  void grouped_silu_backward(const Tensor& dc, const Tensor& w, const Tensor& offsets, const Tensor& gate_up,
+                             Tensor& dgu) override;
   void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
                        Tensor* gate_up = nullptr) override;
 

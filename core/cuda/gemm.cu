@@ -859,6 +859,58 @@ __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
                 static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2), staged);
 }
 
+// The experts' down data gradient ending in the gate's backward (CudaBackend::grouped_silu_backward):
+// the block's tile of dh = dc · w[g] (w [G, k, n], n contiguous), rounded to bf16 as grouped_gemm writes
+// it, staged in shared memory; then, 8 columns a thread at a time, gate_up's gate and up values at those
+// places and dgu = [dg | du] from them by silu_gate_backward, 16 bytes a load and a store. The same sums
+// and the same expression as grouped_wg_kernel into bf16 then silu_mul_backward, so the same bits, with
+// no dh in memory.
+template <int kWG>
+__global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
+    grouped_silu_backward_wg_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* w, int64_t ldw,
+                                    int64_t ldw0, const __nv_bfloat16* gu, int64_t ldgu, __nv_bfloat16* dgu,
+                                    int64_t lddgu, const int64_t* bounds, int groups, int n, int k) {
+  const RowTile t = row_tile<64 * kWG>(bounds, groups, 0);
+  if (t.group < 0) return;
+  const int n0 = blockIdx.x * kTileN;
+  float acc[64];
+  wg_accumulate<true, false, false, kWG>(acc, dc + t.r0 * lddc, lddc, w + t.group * ldw0, ldw, t.rows, n, k, t.row,
+                                         n0);
+  using S = WgStage<__nv_bfloat16, kTileN, kWG>;
+  __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(wg_smem_base());
+  __syncthreads();  // every warpgroup is done with the pipeline's buffers
+  wg_for_each_local<kTileN>([&](int rl, int cl, int i) { S::put(s, rl, cl, acc[i], acc[i + 1]); });
+  __syncthreads();
+  constexpr int kRowChunks = kTileN / 8;
+#pragma unroll 2
+  for (int idx = threadIdx.x; idx < S::kRows * kRowChunks; idx += S::kThreads) {
+    const int rl = idx / kRowChunks, cl = (idx % kRowChunks) * 8;
+    const int r = t.row + rl, col = n0 + cl;
+    if (r >= t.rows || col >= n) continue;
+    const int64_t row = t.r0 + r;
+    const uint4 dv = *reinterpret_cast<const uint4*>(s + rl * S::kLd + cl);
+    const uint4 gv = *reinterpret_cast<const uint4*>(gu + row * ldgu + col);
+    const uint4 uv = *reinterpret_cast<const uint4*>(gu + row * ldgu + n + col);
+    const auto* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
+    const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(&gv);
+    const auto* u2 = reinterpret_cast<const __nv_bfloat162*>(&uv);
+    uint4 go, uo;
+    auto* go2 = reinterpret_cast<__nv_bfloat162*>(&go);
+    auto* uo2 = reinterpret_cast<__nv_bfloat162*>(&uo);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 d = __bfloat1622float2(d2[e]), g = __bfloat1622float2(g2[e]), u = __bfloat1622float2(u2[e]);
+      float dg[2], du[2];
+      silu_gate_backward(d.x, g.x, u.x, &dg[0], &du[0]);
+      silu_gate_backward(d.y, g.y, u.y, &dg[1], &du[1]);
+      go2[e] = __floats2bfloat162_rn(dg[0], dg[1]);
+      uo2[e] = __floats2bfloat162_rn(du[0], du[1]);
+    }
+    *reinterpret_cast<uint4*>(dgu + row * lddgu + col) = go;
+    *reinterpret_cast<uint4*>(dgu + row * lddgu + n + col) = uo;
+  }
+}
+
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_wgrad_wg_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* a, int64_t lda, float* dw,
                             int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k, float beta,
@@ -1258,6 +1310,49 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
                                                  static_cast<__nv_bfloat16*>(H.p), H.ld,
                                                  static_cast<__nv_bfloat16*>(GU.p), GU.ld, offsets.data<int64_t>(),
                                                  static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k));
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::grouped_silu_backward(const Tensor& dc, const Tensor& w, const Tensor& offsets,
+                                        const Tensor& gate_up, Tensor& dgu) {
+  CHECK_EQ(w.dim(), 3);
+  check_operand(dc);
+  check_operand(w);
+  check_device(gate_up, dgu.dtype());
+  check_device(dgu, dgu.dtype());
+  const Rows D = rows_of(dc), GU = rows_of(gate_up), DG = rows_of(dgu);
+  const int64_t groups = w.size(0), k = w.size(1), n = w.size(2), rows = D.rows;
+  check_offsets(offsets, groups);
+  CHECK_EQ(D.cols, k) << "grouped_silu_backward: dc vs w";
+  CHECK(GU.rows == rows && GU.cols == 2 * n) << "grouped_silu_backward: gate_up " << shape_str(gate_up.shape());
+  CHECK(DG.rows == rows && DG.cols == 2 * n) << "grouped_silu_backward: dgu " << shape_str(dgu.shape());
+  // Where grouped_gemm would take the warpgroup kernel (bf16 operands of whole 16-byte chunks, row tiles
+  // of 64 or 128 on Hopper) and the gate's rows are bf16 chunks too: the fused kernel; otherwise the
+  // reference composition (the same bits either way).
+  const int64_t mean = groups > 0 ? rows / groups : 0;
+  const int tm = opt_.batch_invariant ? 128 : mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
+  const auto chunks = [](const Rows& x) { return x.ld % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0; };
+  const Operand od{D.p, CUDA_R_16BF, rows, k, D.ld, rows, 0};
+  const Operand ow{w.raw(), CUDA_R_16BF, groups * k, n, w.stride(1), k, w.stride(0)};
+  const bool fused = hopper_ && (tm == 64 || tm == kTileM) && rows > 0 && groups > 0 && groups < 65535 &&
+                     rows < (int64_t{1} << 31) && k < (int64_t{1} << 31) && n % 8 == 0 &&
+                     dc.dtype() == DType::kBF16 && w.dtype() == DType::kBF16 && dgu.dtype() == DType::kBF16 &&
+                     w.stride(2) == 1 && tc_operand(od, k) && tc_operand(ow, n) && chunks(GU) && chunks(DG);
+  if (!fused) {
+    Backend::grouped_silu_backward(dc, w, offsets, gate_up, dgu);
+    return;
+  }
+  Op op(this, "grouped_silu_backward", 2.0 * rows * n * k + 12.0 * rows * n,
+        2.0 * rows * k + 2.0 * groups * k * n + 8.0 * rows * n);
+  const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
+                  static_cast<unsigned>((rows + tm - 1) / tm + groups));
+  CHECK_LT(grid.y, 65536u) << "grouped_silu_backward: too many rows";
+  const auto kernel = tm == 64 ? grouped_silu_backward_wg_kernel<1> : grouped_silu_backward_wg_kernel<2>;
+  set_tc_attributes(kernel, wg_smem_bytes(tm / 64));
+  kernel<<<grid, 2 * tm, wg_smem_bytes(tm / 64), stream()>>>(
+      static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
+      static_cast<const __nv_bfloat16*>(GU.p), GU.ld, static_cast<__nv_bfloat16*>(DG.p), DG.ld,
+      offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k));
   CUDA_CHECK(cudaGetLastError());
 }
 

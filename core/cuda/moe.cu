@@ -338,10 +338,10 @@ __global__ void dispatch_small_kernel(const T* x, int64_t ldx, const int32_t* id
   copy_row(x + (a / k) * ldx, xs + row * ldxs, cols, vec16);
 }
 
-// dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order).
-// kV (1 or 4) columns a thread at a time (4: rows, strides and pointers allow 16-byte accesses).
-template <int kV>
-__global__ void dispatch_backward_kernel(const float* dxs, int64_t ldxs, const int32_t* row_of, int64_t k, float* dx,
+// dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order; dxs f32 or bf16, the sums f32).
+// kV (1 or 4) columns a thread at a time (4: rows, strides and pointers allow vector accesses).
+template <typename TX, int kV>
+__global__ void dispatch_backward_kernel(const TX* dxs, int64_t ldxs, const int32_t* row_of, int64_t k, float* dx,
                                          int64_t ldx, int64_t cols) {
   const int64_t m = blockIdx.x;
   const int32_t* rows = row_of + m * k;
@@ -687,13 +687,25 @@ void CudaBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of,
   check_device(row_of, DType::kI32);
   const int64_t k = row_of.numel() / std::max<int64_t>(1, DX.rows);
   if (DX.rows == 0) return;
-  Op op(this, "moe_dispatch_backward", 0, 4.0 * (k + 2) * DX.rows * DX.cols);
-  if (rows_by4(DXS.p, DX.cols, DXS.ld, sizeof(float)) && rows_by4(DX.p, DX.cols, DX.ld, sizeof(float)))
-    dispatch_backward_kernel<4><<<static_cast<unsigned>(DX.rows), 256, 0, stream()>>>(
-        DXS.f(), DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld, DX.cols);
+  CHECK(dxs.dtype() == DType::kF32 || dxs.dtype() == DType::kBF16)
+      << "moe_dispatch_backward of " << dtype_name(dxs.dtype());
+  check_device(dx, DType::kF32);
+  Op op(this, "moe_dispatch_backward", 0, (dtype_size(dxs.dtype()) * k + 8.0) * DX.rows * DX.cols);
+  const auto launch = [&](auto* tx) {
+    using TX = std::remove_pointer_t<decltype(tx)>;
+    const auto* p = static_cast<const TX*>(DXS.p);
+    const unsigned grid = static_cast<unsigned>(DX.rows);
+    if (rows_by4(DXS.p, DX.cols, DXS.ld, sizeof(TX)) && rows_by4(DX.p, DX.cols, DX.ld, sizeof(float)))
+      dispatch_backward_kernel<TX, 4><<<grid, 256, 0, stream()>>>(p, DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld,
+                                                                  DX.cols);
+    else
+      dispatch_backward_kernel<TX, 1><<<grid, 256, 0, stream()>>>(p, DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld,
+                                                                  DX.cols);
+  };
+  if (dxs.dtype() == DType::kBF16)
+    launch(static_cast<__nv_bfloat16*>(nullptr));
   else
-    dispatch_backward_kernel<1><<<static_cast<unsigned>(DX.rows), 256, 0, stream()>>>(
-        DXS.f(), DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld, DX.cols);
+    launch(static_cast<float*>(nullptr));
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -328,7 +328,7 @@ __global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, TH* h, int64_
   storev<kV>(h + r * ldh + c, out);
 }
 
-// d silu(g)/dg = s(g) · (1 + g · (1 - s(g))); each operand in its own dtype, kV elements a thread.
+// silu_gate_backward, each operand in its own dtype, kV elements a thread.
 template <typename TH, typename T, typename TD, int kV>
 __global__ void silu_mul_backward_kernel(const TH* dh, int64_t lddh, const T* gu, int64_t ldgu, TD* dgu,
                                          int64_t lddgu, int64_t rows, int inter) {
@@ -341,11 +341,7 @@ __global__ void silu_mul_backward_kernel(const TH* dh, int64_t lddh, const T* gu
   loadv<kV>(gu + r * ldgu + inter + c, u);
   loadv<kV>(dh + r * lddh + c, d);
 #pragma unroll
-  for (int e = 0; e < kV; ++e) {
-    const float s = 1.0f / (1.0f + __expf(-g[e]));
-    dg[e] = d[e] * u[e] * s * (1.0f + g[e] * (1.0f - s));
-    du[e] = d[e] * g[e] * s;
-  }
+  for (int e = 0; e < kV; ++e) silu_gate_backward(d[e], g[e], u[e], &dg[e], &du[e]);
   storev<kV>(dgu + r * lddgu + c, dg);
   storev<kV>(dgu + r * lddgu + inter + c, du);
 }

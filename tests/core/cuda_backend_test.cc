@@ -564,6 +564,61 @@ TEST_F(CudaBackendTest, GroupedGateUpIsGroupedGemmThenSiluMul) {
   }
 }
 
+// The experts' down data gradient ending in the gate's backward: the same bits as grouped_gemm into bf16
+// then silu_mul_backward, for groups long enough for the fused kernel's 128- and 64-row tiles and short
+// ones (the composition), column tiles cut by n, strided gate_up and dgu (their padding left alone); and
+// within bf16 rounding of the CPU reference from the same values.
+TEST_F(CudaBackendTest, GroupedSiluBackwardIsGroupedGemmThenSiluBackward) {
+  for (bool hopper : {true, false}) {
+    Backend& be = bf16(hopper);
+    for (int64_t k : {64, 264}) {
+      for (int64_t n : {96, 256, 100}) {  // 100: rows not whole 16-byte chunks (the composition)
+        const int64_t g = 8;
+        for (const std::vector<int64_t>& sizes : {std::vector<int64_t>{12, 0, 30, 3, 21, 9, 0, 40},
+                                                  {40, 0, 121, 33, 0, 46, 64, 2},
+                                                  {700, 0, 1300, 520, 900, 611, 3, 1100}}) {
+          std::vector<int64_t> offsets = {0};
+          for (int64_t i = 0; i < g; ++i) offsets.push_back(offsets.back() + sizes[static_cast<size_t>(i)]);
+          const int64_t r = offsets.back();
+          const Tensor dc_h = randn({r, k}).to(DType::kBF16), w_h = randn({g, k, n}, 0.2f).to(DType::kBF16);
+          const Tensor gu_h = randn({r, 2 * n}, 2.0f).to(DType::kBF16);
+          Tensor dc = be.zeros({r, k}, DType::kBF16), w = be.zeros({g, k, n}, DType::kBF16);
+          be.copy(on(be, dc_h), dc);
+          be.copy(on(be, w_h), w);
+          Tensor gu_wide = be.zeros({r, 2 * n + 8}, DType::kBF16), gu = gu_wide.slice(1, 0, 2 * n);
+          be.copy(on(be, gu_h), gu);
+          const Tensor off = on(be, bounds(offsets));
+          Tensor dh = be.zeros({r, n}, DType::kBF16), want = be.zeros({r, 2 * n}, DType::kBF16);
+          be.grouped_gemm(dc, w, false, off, dh);
+          be.silu_mul_backward(dh, gu, want);
+          Tensor sevens = be.zeros({r, 2 * n + 8}, DType::kF32), wide = be.zeros({r, 2 * n + 8}, DType::kBF16);
+          be.fill(sevens, 7.0f);
+          be.copy(sevens, wide);
+          Tensor got = wide.slice(1, 0, 2 * n);
+          be.grouped_silu_backward(dc, w, off, gu, got);
+          const Tensor want_h = be.download(want), got_h = be.download(wide), got_f32 = got_h.to_f32();
+          const std::string what = "k " + std::to_string(k) + ", n " + std::to_string(n) + ", rows " +
+                                   std::to_string(r) + (hopper ? "" : " (mma.sync)");
+          for (int64_t row = 0; row < r; ++row) {
+            ASSERT_EQ(std::memcmp(want_h.data<uint16_t>() + row * 2 * n, got_h.data<uint16_t>() + row * (2 * n + 8),
+                                  static_cast<size_t>(2 * n) * 2),
+                      0)
+                << "row " << row << ", " << what;
+            for (int64_t j = 2 * n; j < 2 * n + 8; ++j)
+              ASSERT_EQ(got_f32.f32()[row * (2 * n + 8) + j], 7.0f) << "pad of row " << row << ", " << what;
+          }
+          // The CPU reference (f32 throughout) from the same bf16 values.
+          Tensor ref = Tensor::zeros({r, 2 * n});
+          cpu_->grouped_silu_backward(dc_h.to_f32(), w_h.to_f32(), bounds(offsets), gu_h.to_f32(), ref);
+          Tensor got_f = be.zeros({r, 2 * n}, DType::kF32);
+          be.copy(got, got_f);
+          EXPECT_LT(max_rel(be, got_f, ref), 2e-2) << what;
+        }
+      }
+    }
+  }
+}
+
 // On a Hopper GPU the grouped products' 128-row and 64-row tiles run on warpgroup products (wgmma, 2
 // warpgroups a block or 1): the backend says so in its name, and the products agree with the mma.sync
 // kernels' to f32 rounding (the same bf16 operands, f32 sums in another order) at a training step's
@@ -1308,6 +1363,19 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
     cpu_->moe_dispatch_backward(dxs, row_of, dx);
     gpu_->moe_dispatch_backward(dev(dxs), grow, gdx);
     EXPECT_CLOSE(gdx, dx, 1e-6);
+    // bf16 rows (the experts' input gradients of bf16 products): as their values in f32, bitwise, on both
+    // backends.
+    const Tensor dxsr = dxs.clone().to(DType::kBF16), dx0 = randn({m, h});
+    Tensor c1 = dx0.clone(), c2 = dx0.clone(), g1 = dev(dx0), g2 = dev(dx0),
+           gdxsb = gpu_->zeros(dxs.shape(), DType::kBF16);
+    gpu_->upload(dxsr, gdxsb);
+    cpu_->moe_dispatch_backward(dxsr, row_of, c1);
+    cpu_->moe_dispatch_backward(dxsr.to_f32(), row_of, c2);
+    gpu_->moe_dispatch_backward(gdxsb, grow, g1);
+    gpu_->moe_dispatch_backward(dev(dxsr.to_f32()), grow, g2);
+    EXPECT_TRUE(bitwise_equal(c1, c2));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(g1), gpu_->download(g2)));
+    EXPECT_CLOSE(g1, c1, 1e-6);
     Tensor ys = randn({m * k, h}), w = randn({m, k}), out = randn({m, h}), gout = dev(out);
     cpu_->moe_combine(ys, w, row_of, out);
     gpu_->moe_combine(dev(ys), dev(w), grow, gout);
