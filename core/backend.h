@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/tensor.h"
@@ -211,12 +212,15 @@ class Backend {
   // (the f32 result rounded once: an output only bf16 products read), and backward reads it as it is;
   // the rest f32; backward accumulates into dq, dk, dv, or (accumulate false) overwrites them without
   // reading them; an overwritten dv may be bf16 (the f32 result rounded once: a gradient only bf16
-  // products read).
+  // products read). An overwritten dq may also go in two parts, where its columns go two ways (MLA: the
+  // nope part into a bf16 product operand, the rope part on through the inverse rope): with dq_tail,
+  // dq [B, T, Hq, Dh] takes each head's first Dh columns (Dh < D, a multiple of 8), f32 or bf16 (rounded
+  // once), and dq_tail [B, T, Hq, D - Dh] (f32) the rest; dk and dk_tail likewise.
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
                                  Tensor& lse) = 0;
   virtual void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                   const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk, Tensor& dv,
-                                  bool accumulate = true) = 0;
+                                  bool accumulate = true, Tensor* dq_tail = nullptr, Tensor* dk_tail = nullptr) = 0;
 
   // ---- MLA attention in latent space over a paged cache (the rollout engine's decode and prefill).
   // The cache is a pool of fixed-size blocks; row p of sequence s lives at pool row
@@ -360,6 +364,35 @@ class Backend {
   // bf16 products and no profiler).
   virtual bool can_capture() const { return false; }
   virtual std::function<void()> capture(const std::function<void()>& work) { return {}; }
+
+ protected:
+  // attention_backward with dq or dk in two parts (dq_tail or dk_tail given), for a backend whose kernels
+  // write them whole: the whole f32 gradients into scratch, then each split between its two places.
+  void attention_backward_in_parts(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
+                                   Tensor& dv, Tensor* dq_tail, Tensor* dk_tail) {
+    CHECK(dq_tail != nullptr || dk_tail != nullptr);
+    Tensor dq_all = dq_tail != nullptr ? empty(q.shape()) : dq, dk_all = dk_tail != nullptr ? empty(k.shape()) : dk;
+    attention_backward(dout, q, k, v, out, lse, scale, dq_all, dk_all, dv, /*accumulate=*/false);
+    for (auto [all, head, tail] :
+         {std::tuple<Tensor*, Tensor*, Tensor*>{&dq_all, &dq, dq_tail}, {&dk_all, &dk, dk_tail}}) {
+      if (tail == nullptr) continue;
+      const int64_t dh = head->size(3);
+      copy(all->slice(3, 0, dh), *head);
+      copy(all->slice(3, dh, all->size(3) - dh), *tail);
+    }
+  }
+  // Checks an overwritten gradient in two parts (attention_backward) against its operand x.
+  static void check_parts(const Tensor& head, const Tensor& tail, const Tensor& x, const char* what) {
+    CHECK(head.dim() == 4 && tail.dim() == 4 && head.stride(3) == 1 && tail.stride(3) == 1 &&
+          tail.dtype() == DType::kF32 && (head.dtype() == DType::kF32 || head.dtype() == DType::kBF16))
+        << "attention_backward: " << what << " in parts takes 4-D rows, f32 or bf16 then f32";
+    for (int d = 0; d < 3; ++d)
+      CHECK(head.size(d) == x.size(d) && tail.size(d) == x.size(d)) << "attention_backward: " << what << " parts";
+    CHECK(head.size(3) % 8 == 0 && head.size(3) > 0 && head.size(3) + tail.size(3) == x.size(3))
+        << "attention_backward: " << what << " parts of " << head.size(3) << " + " << tail.size(3) << " columns for "
+        << x.size(3);
+  }
 };
 
 // The CPU reference backend.

@@ -70,21 +70,21 @@ void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, c
                cfg.rope_interleave);
 }
 
-// q (or its gradient) [M, heads, nope + rope] f32, its rope parts not yet rotated, as the products take
-// it: rotated (inverse: by the negative angle), in the products' dtype, rounded once (bf16: the nope
-// parts rounded and the rope parts rotated into a tensor of their own in one pass each).
+// q [M, heads, nope + rope] f32, its rope parts not yet rotated, as the products take it: rotated, in
+// the products' dtype, rounded once (bf16: the nope parts rounded and the rope parts rotated into a
+// tensor of their own in one pass each).
 Tensor rotated_operand(core::Backend& be, const ModelConfig& cfg, const core::RopeTable& rope, const Tensor& q,
-                       const Tensor& positions, bool inverse) {
+                       const Tensor& positions) {
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
   Tensor pe = q.slice(2, nope, rd);
   if (product_dtype(be) == core::DType::kF32) {
-    be.rope(pe, positions, rope, cfg.rope_interleave, inverse);
+    be.rope(pe, positions, rope, cfg.rope_interleave, /*inverse=*/false);
     return q;
   }
   Tensor out = be.empty(q.shape(), product_dtype(be));
   Tensor out_nope = out.slice(2, 0, nope), out_pe = out.slice(2, nope, rd);
   be.copy(q.slice(2, 0, nope), out_nope);
-  be.rope_from(pe, out_pe, positions, rope, cfg.rope_interleave, inverse);
+  be.rope_from(pe, out_pe, positions, rope, cfg.rope_interleave);
   return out;
 }
 
@@ -107,8 +107,7 @@ void attention_operands(core::Backend& be, const ModelConfig& cfg, const LayerWe
   const int64_t m = xin.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
-  a.q = rotated_operand(be, cfg, rope, queries(be, cfg, w, rope, xin, positions, &a, /*rotate=*/false), positions,
-                        /*inverse=*/false);
+  a.q = rotated_operand(be, cfg, rope, queries(be, cfg, w, rope, xin, positions, &a, /*rotate=*/false), positions);
   // Keys [k_nope | k_pe] in the products' dtype: the shared rope key rotated straight into every head's
   // place, with the compressed latent made first where it is not kept.
   a.k = be.empty({m, heads, qk}, product_dtype(be));
@@ -167,23 +166,25 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.gemm(dyp, false, w.o_proj, false, dout2);
   Tensor go = g.o_proj;
   be.gemm(dyp, true, a.out.view({m, heads * vd}), false, go, 1.0f, gbeta);
-  // Attention, its gradients written (not added); d(kv) = [dk_nope | dv] a head, in the products' dtype
-  // (only the product below reads it): dv goes straight into its place (rounded once there), dk into a
-  // tensor of its own (its rope part is summed over the heads below), its nope part rounded into place.
+  // Attention, its gradients written (not added), each part where it goes next. d(kv) = [dk_nope | dv] a
+  // head, in the products' dtype (only the product below reads it): dk's nope part and dv go straight
+  // into their places (rounded once there), dk's rope part into a tensor of its own (summed over the
+  // heads below). dq's nope part straight into the queries' product operand, its rope part f32 (rotated
+  // back into that operand below).
   Tensor dkv = be.empty({m, heads, nope + vd}, product_dtype(be));
   Tensor dkv_nope = dkv.slice(2, 0, nope), dv = dkv.slice(2, nope, vd);
-  Tensor dq = be.empty({m, heads, qk}), dk = be.empty({m, heads, qk});
-  Tensor dq4 = split_batch(dq, batch), dk4 = split_batch(dk, batch), dv4 = split_batch(dv, batch);
+  Tensor dqp = be.empty({m, heads, qk}, product_dtype(be)), dq_pe = be.empty({m, heads, rd});
+  Tensor dk_pe = be.empty({m, heads, rd});
+  Tensor dq4 = split_batch(dqp.slice(2, 0, nope), batch), dk4 = split_batch(dkv_nope, batch);
+  Tensor dv4 = split_batch(dv, batch), dq_pe4 = split_batch(dq_pe, batch), dk_pe4 = split_batch(dk_pe, batch);
   be.attention_backward(split_batch(dout, batch), split_batch(a.q, batch), split_batch(a.k, batch),
                         split_batch(a.v, batch), split_batch(a.out, batch), a.lse, cfg.attention_scale(), dq4, dk4, dv4,
-                        /*accumulate=*/false);
-  // Keys and values back to kv and the shared rope key.
-  be.copy(dk.slice(2, 0, nope), dkv_nope);
+                        /*accumulate=*/false, &dq_pe4, &dk_pe4);
   // Σ over heads of their rope-key gradients (the forward shares one rope key among the heads), into
   // its place in d(ckv), then back through the rope.
   Tensor dckv = be.zeros({m, r + rd});
   Tensor dckv_pe = dckv.slice(1, r, rd).unsqueeze(1);
-  be.sum_heads(dk.slice(2, nope, rd), dckv_pe);
+  be.sum_heads(dk_pe, dckv_pe);
   be.rope(dckv_pe, positions, rope, cfg.rope_interleave, /*inverse=*/true);
   // kv = c_norm · W_kvbᵀ
   Tensor dc_norm = be.empty({m, r});
@@ -199,8 +200,10 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.gemm(dckvp, false, w.kv_a_proj, false, dx, 1.0f, 1.0f);
   Tensor gkva = g.kv_a_proj;
   be.gemm(dckvp, true, x, false, gkva, 1.0f, gbeta);
-  // Queries.
-  const Tensor dq2 = rotated_operand(be, cfg, rope, dq, positions, /*inverse=*/true).view({m, heads * qk});
+  // Queries: dq's rope part rotated back into its operand.
+  Tensor dq_pe_dst = dqp.slice(2, nope, rd);
+  be.rope_from(dq_pe, dq_pe_dst, positions, rope, cfg.rope_interleave, /*inverse=*/true);
+  const Tensor dq2 = dqp.view({m, heads * qk});
   if (cfg.q_lora_rank > 0) {
     Tensor dq_a_norm = be.zeros({m, cfg.q_lora_rank}), dq_a = be.zeros({m, cfg.q_lora_rank});
     be.gemm(dq2, false, w.q_b_proj, false, dq_a_norm);

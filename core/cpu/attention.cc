@@ -92,7 +92,14 @@ void CpuBackend::attention_forward(const Tensor& q, const Tensor& k, const Tenso
 // ds = p (dp - Σ_s p dp) = p (dp - dout·out);  dq[t] += scale Σ_s ds k[s];  dk[s] += scale Σ_t ds q[t].
 void CpuBackend::attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                     const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
-                                    Tensor& dv, bool accumulate) {
+                                    Tensor& dv, bool accumulate, Tensor* dq_tail, Tensor* dk_tail) {
+  if (dq_tail != nullptr || dk_tail != nullptr) {
+    CHECK(!accumulate) << "attention_backward: gradients in parts are overwritten, not added to";
+    if (dq_tail != nullptr) check_parts(dq, *dq_tail, q, "dq");
+    if (dk_tail != nullptr) check_parts(dk, *dk_tail, k, "dk");
+    attention_backward_in_parts(dout, q, k, v, out, lse, scale, dq, dk, dv, dq_tail, dk_tail);
+    return;
+  }
   if (dv.dtype() == DType::kBF16) {  // the f32 result, rounded
     CHECK(!accumulate) << "attention_backward: a bf16 dv is overwritten, not added to";
     Tensor dv32 = Tensor::zeros(dv.shape());

@@ -859,6 +859,7 @@ bool with_tc_dims(int64_t d, int64_t dv, F f) {
 // bases and strides in multiples of 4.
 bool vec4_rows(std::initializer_list<const Tensor*> ts) {
   for (const Tensor* t : ts) {
+    if (!t->defined()) continue;  // an output not given
     if (reinterpret_cast<uintptr_t>(t->raw()) % 16) return false;
     for (int d = 0; d < 3; ++d)
       if (t->stride(d) % 4) return false;
@@ -945,20 +946,32 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
 
 void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                      const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
-                                     Tensor& dv, bool accumulate) {
+                                     Tensor& dv, bool accumulate, Tensor* dq_tail, Tensor* dk_tail) {
   check_attention(q, k, v, out);
   const bool dv16 = dv.dtype() == DType::kBF16;
   CHECK(!dv16 || !accumulate) << "attention_backward: a bf16 dv is overwritten, not added to";
+  CHECK((dq_tail == nullptr && dk_tail == nullptr) || !accumulate)
+      << "attention_backward: gradients in parts are overwritten, not added to";
   for (const Tensor* t : std::initializer_list<const Tensor*>{&dout, &dq, &dk, &dv}) {
-    if (t == &dv && dv16) {
-      check_device(dv, DType::kBF16);
-      CHECK(dv.dim() == 4 && dv.stride(3) == 1);
+    const bool parts = (t == &dq && dq_tail != nullptr) || (t == &dk && dk_tail != nullptr);
+    if ((t == &dv && dv16) || (parts && t->dtype() == DType::kBF16)) {
+      check_device(*t, DType::kBF16);
+      CHECK(t->dim() == 4 && t->stride(3) == 1);
       continue;
     }
     check_device(*t, DType::kF32);
     CHECK(t->dim() == 4 && t->stride(3) == 1);
   }
-  CHECK(dout.shape() == out.shape() && dq.shape() == q.shape() && dk.shape() == k.shape() && dv.shape() == v.shape());
+  if (dq_tail != nullptr) {
+    check_device(*dq_tail, DType::kF32);
+    check_parts(dq, *dq_tail, q, "dq");
+  }
+  if (dk_tail != nullptr) {
+    check_device(*dk_tail, DType::kF32);
+    check_parts(dk, *dk_tail, k, "dk");
+  }
+  CHECK(dout.shape() == out.shape() && (dq_tail != nullptr || dq.shape() == q.shape()) &&
+        (dk_tail != nullptr || dk.shape() == k.shape()) && dv.shape() == v.shape());
   Dims a = make_dims(q, k, v, out, scale);
   a.g0 = dout.stride(0), a.g1 = dout.stride(1), a.g2 = dout.stride(2);
   const int64_t B = q.size(0);
@@ -982,7 +995,20 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
       attention_delta_kernel<<<blocks(rows, 8), 256, 0, stream()>>>(dout.f32(), out.f32(), delta.f32(), a, rows, g,
                                                                     g0, g1, g2);
   };
-  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&dq, &dk, &dv}) &&
+  // dq and dk as the kernels write them: whole, or in parts.
+  const auto grad_out = [](Tensor& x, Tensor* tail) {
+    tc::GradOut o{x.raw(), x.stride(0), x.stride(1), x.stride(2), nullptr, 0, 0, 0, static_cast<int>(x.size(3)),
+                  x.dtype() == DType::kBF16};
+    if (tail != nullptr) {
+      o.tail = tail->f32();
+      o.t0 = tail->stride(0), o.t1 = tail->stride(1), o.t2 = tail->stride(2);
+    }
+    return o;
+  };
+  const Tensor none;
+  const Tensor& dqt = dq_tail != nullptr ? *dq_tail : none;
+  const Tensor& dkt = dk_tail != nullptr ? *dk_tail : none;
+  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&dq, &dk, &dv, &dqt, &dkt}) &&
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
         Tensor gb = empty(dout.shape(), DType::kBF16);
         row_sums(&gb);
@@ -994,16 +1020,15 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
         set_smem(tc::backward_dq<D, DV>, sq);
         tc::backward_dq<D, DV>
             <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq, stream()>>>(
-                bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(), dq.f32(),
-                dq.stride(0), dq.stride(1), dq.stride(2), accumulate, ab);
+                bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(),
+                grad_out(dq, dq_tail), accumulate, ab);
         const auto dkdv = [&](auto* dvp) {
           using TV = std::remove_pointer_t<decltype(dvp)>;
           set_smem(tc::backward_dkdv<D, DV, TV>, skv);
           tc::backward_dkdv<D, DV, TV>
               <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, skv, stream()>>>(
-                  bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(), dk.f32(),
-                  dk.stride(0), dk.stride(1), dk.stride(2), dvp, dv.stride(0), dv.stride(1), dv.stride(2), accumulate,
-                  ab);
+                  bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(),
+                  grad_out(dk, dk_tail), dvp, dv.stride(0), dv.stride(1), dv.stride(2), accumulate, ab);
         };
         if (dv16)
           dkdv(static_cast<tc::bf16*>(dv.raw()));
@@ -1011,6 +1036,10 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
           dkdv(dv.f32());
       })) {
     CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  if (dq_tail != nullptr || dk_tail != nullptr) {  // the f32 kernels write dq and dk whole
+    attention_backward_in_parts(dout, q, k, v, out, lse, scale, dq, dk, dv, dq_tail, dk_tail);
     return;
   }
   if (dv16) {  // the f32 kernels: their f32 dv, rounded

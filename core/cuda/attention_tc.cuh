@@ -144,6 +144,42 @@ __device__ __forceinline__ void put_rows(const float (*c)[4], float scale, bool 
   }
 }
 
+// Where a backward kernel writes dq or dk: each row's first `head` columns at p (bf16 where bf16, then
+// overwritten; else f32), the rest at tail (f32): a gradient whose parts go two ways (MLA: the nope
+// columns into a bf16 product operand, the rope columns on through the inverse rope). head = D: all at p.
+struct GradOut {
+  void* p;
+  int64_t s0, s1, s2;  // p's strides: batch, row, head
+  float* tail;
+  int64_t t0, t1, t2;  // tail's
+  int head;
+  bool bf16;
+};
+
+// put_rows into a GradOut, head h of batch entry b.
+template <int N>
+__device__ __forceinline__ void put_rows(const float (*c)[4], float scale, bool accumulate, const GradOut& o,
+                                         int64_t b, int64_t h, int64_t r0, int64_t n) {
+  const int lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t r = r0 + g + 8 * half;
+    if (r >= n) continue;
+    const int64_t at = b * o.s0 + r * o.s1 + h * o.s2, tail_at = b * o.t0 + r * o.t1 + h * o.t2 - o.head;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const int col = 8 * j + cc;
+      const float2 v = make_float2(scale * c[j][2 * half], scale * c[j][2 * half + 1]);
+      if (col >= o.head)
+        put_pair(o.tail + tail_at + col, v, accumulate);
+      else if (o.bf16)
+        put_pair(static_cast<bf16*>(o.p) + at + col, v, false);
+      else
+        put_pair(static_cast<float*>(o.p) + at + col, v, accumulate);
+    }
+  }
+}
+
 // The two products every backward tile starts with, for the warp's 16 rows: s = A·Bᵀ (K = D) and
 // dp = G·Vᵀ (K = DV), N 8-column blocks each. In dq: A = Q, B = K, G = dO, V = V; in dk/dv the roles swap
 // (A = K, B = Q, G = V, V = dO), which gives Sᵀ and dPᵀ.
@@ -307,7 +343,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
 template <int D, int DV>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     backward_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
-                float* dq, int64_t dq0, int64_t dq1, int64_t dq2, bool accumulate, r1lab::core::cuda::AttnDims a) {
+                GradOut dq, bool accumulate, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
@@ -356,7 +392,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
       ds(std::true_type{});
     product_kn<kRowsT / 16, D / 8>(acc, s, Ks, Ly::LQ);
   });
-  put_rows<D / 8>(acc, a.scale, accumulate, dq + b * dq0 + h * dq2, dq1, t0 + 16 * warp, a.T);
+  put_rows<D / 8>(acc, a.scale, accumulate, dq, b, h, t0 + 16 * warp, a.T);
 }
 
 // ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn, NQ queries a tile.
@@ -364,8 +400,8 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
 template <int D, int DV, typename TV>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     backward_dkdv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                  const float* delta, float* dk, int64_t dk0, int64_t dk1, int64_t dk2, TV* dv, int64_t dv0,
-                  int64_t dv1, int64_t dv2, bool accumulate, r1lab::core::cuda::AttnDims a) {
+                  const float* delta, GradOut dk, TV* dv, int64_t dv0, int64_t dv1, int64_t dv2, bool accumulate,
+                  r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   constexpr int NQ = Ly::NQ;
   constexpr int kStage = NQ * (Ly::LQ + Ly::LV);  // a stage: a query tile, then its output gradients
@@ -456,7 +492,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began
     __syncthreads();  // every warp is done with this stage before issue() loads it again
   }
-  put_rows<D / 8>(gk, a.scale, accumulate, dk + b * dk0 + kh * dk2, dk1, s_first + 16 * warp, a.S);
+  put_rows<D / 8>(gk, a.scale, accumulate, dk, b, kh, s_first + 16 * warp, a.S);
   put_rows<DV / 8>(gv, 1.0f, accumulate, dv + b * dv0 + kh * dv2, dv1, s_first + 16 * warp, a.S);
 }
 

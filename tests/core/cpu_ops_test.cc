@@ -314,6 +314,27 @@ TEST_P(CpuAttention, ForwardMatchesSoftmaxAndBackwardMatchesFiniteDifferences) {
   be_->attention_backward(dout, q, k, v, out, lse, scale, dq_o, dk_o, dv_o, /*accumulate=*/false);
   for (const auto& [got, want] : {std::pair{&dq_o, &dq}, {&dk_o, &dk}, {&dv_o, &dv}})
     EXPECT_EQ(std::memcmp(got->raw(), want->raw(), static_cast<size_t>(got->numel()) * 4), 0);
+  // dq and dk in parts (overwritten): dq's first 8 columns of each head rounded into bf16, dk's in f32,
+  // the rest of each into f32 tails; the whole gradients' values.
+  if (c.d > 8) {
+    Tensor qh = Tensor::zeros({c.b, c.t, c.hq, 8}, DType::kBF16), qt = nans(Tensor::zeros({c.b, c.t, c.hq, c.d - 8}));
+    Tensor kh = nans(Tensor::zeros({c.b, c.s, c.hk, 8})), kt = nans(Tensor::zeros({c.b, c.s, c.hk, c.d - 8}));
+    Tensor dv_p = nans(v);
+    be_->attention_backward(dout, q, k, v, out, lse, scale, qh, kh, dv_p, /*accumulate=*/false, &qt, &kt);
+    const Tensor qh32 = qh.to_f32();
+    for (int64_t r = 0; r < c.b * c.t * c.hq; ++r)
+      for (int64_t i = 0; i < c.d; ++i) {
+        const float want = dq.f32()[r * c.d + i];
+        if (i < 8)
+          EXPECT_EQ(qh32.f32()[r * 8 + i], bf16_to_f32(f32_to_bf16(want)));
+        else
+          EXPECT_EQ(qt.f32()[r * (c.d - 8) + i - 8], want);
+      }
+    for (int64_t r = 0; r < c.b * c.s * c.hk; ++r)
+      for (int64_t i = 0; i < c.d; ++i)
+        EXPECT_EQ(i < 8 ? kh.f32()[r * 8 + i] : kt.f32()[r * (c.d - 8) + i - 8], dk.f32()[r * c.d + i]);
+    EXPECT_EQ(std::memcmp(dv_p.raw(), dv.raw(), static_cast<size_t>(dv.numel()) * 4), 0);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuAttention,

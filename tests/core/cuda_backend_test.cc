@@ -987,6 +987,38 @@ TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
       EXPECT_TRUE(bitwise_equal(be.download(oq2), be.download(oq))) << what << " (bf16 dv)";
       EXPECT_TRUE(bitwise_equal(be.download(ok2), be.download(ok))) << what << " (bf16 dv)";
     }
+    // dq and dk in parts (overwritten): dq's first columns into a bf16 strided view, rounded once, dk's
+    // into f32, the rest of each into f32 tails: the bits of the whole gradients, on the tensor-core
+    // kernels and on the f32 ones (which write them whole and split them).
+    be.synchronize();  // the other backend reads what this one made, on a stream of its own
+    for (Backend* x : {&be, gpu_.get()}) {
+      const int64_t dh = c.d / 16 * 8;
+      Tensor wq = x->zeros(q.shape(), DType::kF32), wk = x->zeros(k.shape(), DType::kF32);
+      Tensor wv = x->zeros(v.shape(), DType::kF32), xdout = x->zeros(dout.shape(), DType::kF32);
+      x->upload(dout, xdout);
+      x->attention_backward(xdout, gq, gk, gv, gout, glse, scale, wq, wk, wv, /*accumulate=*/false);
+      Tensor qwide = x->zeros({c.b, c.t, c.hq, c.d + 8}, DType::kBF16), qhead = qwide.slice(3, 0, dh);
+      Tensor qtail = x->zeros({c.b, c.t, c.hq, c.d - dh}, DType::kF32);
+      Tensor khead = x->zeros({c.b, c.s, c.hk, dh}, DType::kF32),
+             ktail = x->zeros({c.b, c.s, c.hk, c.d - dh}, DType::kF32);
+      Tensor pv = x->zeros(v.shape(), DType::kF32);
+      x->attention_backward(xdout, gq, gk, gv, gout, glse, scale, qhead, khead, pv, /*accumulate=*/false, &qtail,
+                            &ktail);
+      Tensor want_qh = x->zeros(qhead.shape(), DType::kBF16), got_qh = x->zeros(qhead.shape(), DType::kBF16);
+      x->copy(wq.slice(3, 0, dh), want_qh);
+      x->copy(qhead, got_qh);
+      const auto part = [&](const Tensor& whole, int64_t from, int64_t n) {
+        Tensor r = x->zeros({whole.size(0), whole.size(1), whole.size(2), n}, DType::kF32);
+        x->copy(whole.slice(3, from, n), r);
+        return x->download(r);
+      };
+      const std::string kind = x == &be ? " (tensor cores)" : " (f32 kernels)";
+      EXPECT_TRUE(bitwise_equal(x->download(got_qh), x->download(want_qh))) << what << kind << ": dq's head";
+      EXPECT_TRUE(bitwise_equal(x->download(qtail), part(wq, dh, c.d - dh))) << what << kind << ": dq's tail";
+      EXPECT_TRUE(bitwise_equal(x->download(khead), part(wk, 0, dh))) << what << kind << ": dk's head";
+      EXPECT_TRUE(bitwise_equal(x->download(ktail), part(wk, dh, c.d - dh))) << what << kind << ": dk's tail";
+      EXPECT_TRUE(bitwise_equal(x->download(pv), x->download(wv))) << what << kind << ": dv";
+    }
     // bf16 operands (as a model keeps them for bf16 products) give the same bits: f32 ones are rounded
     // the same way first. Values as a strided view (every other head of a wider tensor).
     auto bf = [&](const Tensor& t) {
