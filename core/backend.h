@@ -215,12 +215,16 @@ class Backend {
   // products read). An overwritten dq may also go in two parts, where its columns go two ways (MLA: the
   // nope part into a bf16 product operand, the rope part on through the inverse rope): with dq_tail,
   // dq [B, T, Hq, Dh] takes each head's first Dh columns (Dh < D, a multiple of 8), f32 or bf16 (rounded
-  // once), and dq_tail [B, T, Hq, D - Dh] (f32) the rest; dk and dk_tail likewise.
+  // once), and dq_tail [B, T, Hq, D - Dh] (f32) the rest; dk and dk_tail likewise. The keys may come in
+  // two parts too (MLA: each head's nope part lies in the kv product, and all heads share one rope key):
+  // with k_tail, k [B, S, Hk, Dk] holds each head's first Dk columns (a multiple of 8) and k_tail
+  // [B, S, Hk, D - Dk] (k's dtype; any strides: an expanded view gives every head the same row) the rest.
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
-                                 Tensor& lse) = 0;
+                                 Tensor& lse, const Tensor* k_tail = nullptr) = 0;
   virtual void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                   const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk, Tensor& dv,
-                                  bool accumulate = true, Tensor* dq_tail = nullptr, Tensor* dk_tail = nullptr) = 0;
+                                  bool accumulate = true, Tensor* dq_tail = nullptr, Tensor* dk_tail = nullptr,
+                                  const Tensor* k_tail = nullptr) = 0;
 
   // ---- MLA attention in latent space over a paged cache (the rollout engine's decode and prefill).
   // The cache is a pool of fixed-size blocks; row p of sequence s lives at pool row
@@ -382,16 +386,29 @@ class Backend {
       copy(all->slice(3, dh, all->size(3) - dh), *tail);
     }
   }
-  // Checks an overwritten gradient in two parts (attention_backward) against its operand x.
-  static void check_parts(const Tensor& head, const Tensor& tail, const Tensor& x, const char* what) {
+  // Keys in two parts (attention_forward's k_tail) joined into one tensor [B, S, Hk, D] of k's dtype, for a
+  // backend whose kernels read them whole.
+  Tensor joined_keys(const Tensor& k, const Tensor& tail) {
+    CHECK(k.dim() == 4 && tail.dim() == 4 && k.dtype() == tail.dtype() && k.size(3) % 8 == 0)
+        << "attention: keys in parts take 4-D rows of one dtype, the first part whole 8-column chunks";
+    for (int d = 0; d < 3; ++d) CHECK_EQ(k.size(d), tail.size(d)) << "attention: the keys' parts";
+    Tensor all = empty({k.size(0), k.size(1), k.size(2), k.size(3) + tail.size(3)}, k.dtype());
+    Tensor head_dst = all.slice(3, 0, k.size(3)), tail_dst = all.slice(3, k.size(3), tail.size(3));
+    copy(k, head_dst);
+    copy(tail, tail_dst);
+    return all;
+  }
+  // Checks an overwritten gradient in two parts (attention_backward) against its operand x's rows of
+  // `width` columns (the head dim: with keys in parts, more than k's).
+  static void check_parts(const Tensor& head, const Tensor& tail, const Tensor& x, int64_t width, const char* what) {
     CHECK(head.dim() == 4 && tail.dim() == 4 && head.stride(3) == 1 && tail.stride(3) == 1 &&
           tail.dtype() == DType::kF32 && (head.dtype() == DType::kF32 || head.dtype() == DType::kBF16))
         << "attention_backward: " << what << " in parts takes 4-D rows, f32 or bf16 then f32";
     for (int d = 0; d < 3; ++d)
       CHECK(head.size(d) == x.size(d) && tail.size(d) == x.size(d)) << "attention_backward: " << what << " parts";
-    CHECK(head.size(3) % 8 == 0 && head.size(3) > 0 && head.size(3) + tail.size(3) == x.size(3))
+    CHECK(head.size(3) % 8 == 0 && head.size(3) > 0 && head.size(3) + tail.size(3) == width)
         << "attention_backward: " << what << " parts of " << head.size(3) << " + " << tail.size(3) << " columns for "
-        << x.size(3);
+        << width;
   }
 };
 

@@ -56,7 +56,7 @@ Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
 }
 
 // ckv = x · W_kvaᵀ = [c | k_pe];  c_out [M, r] rows = rmsnorm(c);  pe_out [M, H, rope] = rope(k_pe) in
-// each of its H heads (f32, or bf16 rounded once).
+// each of its H heads (f32, or bf16 rounded once; H 1 where the heads read one row).
 // Keeps ckv and the norm's rstd in `a`. (The paged path makes the same rows straight into its cache
 // slots: Backend::store_latents.)
 void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
@@ -99,35 +99,40 @@ Tensor product_operand(core::Backend& be, const Tensor& x) {
 
 namespace {
 
-// Attention's operands from x (xin: x as products take it): a.q with rope, a.k and a.v, in the products'
-// dtype. The latents (a.ckv, a.c_norm, a.c_rstd) are made first, unless `latents_kept`: backward
-// remaking q, k and v from those the forward kept.
+// Attention's operands from x (xin: x as products take it): a.q with rope, a.kv and a.k_pe, in the
+// products' dtype. The latents (a.ckv, a.c_norm, a.c_rstd) are made first, unless `latents_kept`:
+// backward remaking them from those the forward kept.
 void attention_operands(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
                         const Tensor& xin, const Tensor& positions, AttentionActs& a, bool latents_kept) {
   const int64_t m = xin.size(0), heads = cfg.num_attention_heads;
-  const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim, qk = cfg.qk_head_dim();
+  const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   a.q = rotated_operand(be, cfg, rope, queries(be, cfg, w, rope, xin, positions, &a, /*rotate=*/false), positions);
-  // Keys [k_nope | k_pe] in the products' dtype: the shared rope key rotated straight into every head's
-  // place, with the compressed latent made first where it is not kept.
-  a.k = be.empty({m, heads, qk}, product_dtype(be));
-  Tensor k_pe_dst = a.k.slice(2, nope, rd);
+  // The shared rope key in the products' dtype, rotated once (attention reads it for every head), with
+  // the compressed latent made first where it is not kept.
+  a.k_pe = be.empty({m, 1, rd}, product_dtype(be));
   if (latents_kept) {
-    be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1).expand({m, heads, rd}), k_pe_dst, positions, rope,
-                 cfg.rope_interleave);
+    be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1), a.k_pe, positions, rope, cfg.rope_interleave);
   } else {
     a.c_norm = be.empty({m, r}, product_dtype(be));
-    latents(be, cfg, w, rope, xin, positions, a.c_norm, k_pe_dst, a);
+    latents(be, cfg, w, rope, xin, positions, a.c_norm, a.k_pe, a);
   }
-  // kv in the products' dtype (only attention's operands are made from it), then the keys' nope parts
-  // and the values of their own (kv dies here).
-  Tensor kv = be.empty({m, heads * (nope + vd)}, product_dtype(be));
-  be.gemm(a.c_norm, false, w.kv_b_proj, true, kv);
-  Tensor kv3 = kv.view({m, heads, nope + vd});
-  a.v = be.empty({m, heads, vd}, product_dtype(be));
-  be.copy(kv3.slice(2, nope, vd), a.v);
-  Tensor k_nope_dst = a.k.slice(2, 0, nope);
-  be.copy(kv3.slice(2, 0, nope), k_nope_dst);
+  // kv in the products' dtype: the keys' nope parts and the values, read where the product puts them.
+  a.kv = be.empty({m, heads, nope + vd}, product_dtype(be));
+  Tensor kv2 = a.kv.view({m, heads * (nope + vd)});
+  be.gemm(a.c_norm, false, w.kv_b_proj, true, kv2);
+}
+
+// Attention's keys in two parts (each head's nope part, then the shared rope key) and its values, as
+// [B, T, heads, d] views of what attention_operands made.
+struct KeysValues {
+  Tensor k, k_tail, v;
+};
+KeysValues keys_values(const ModelConfig& cfg, const AttentionActs& a, int64_t batch) {
+  const int64_t m = a.kv.size(0), heads = a.kv.size(1), nope = cfg.qk_nope_head_dim;
+  return {split_batch(a.kv.slice(2, 0, nope), batch),
+          split_batch(a.k_pe.expand({m, heads, cfg.qk_rope_head_dim}), batch),
+          split_batch(a.kv.slice(2, nope, cfg.v_head_dim), batch)};
 }
 
 }  // namespace
@@ -146,8 +151,8 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   a.out = be.empty({m, heads, vd}, product_dtype(be));
   a.lse = be.empty({batch, heads, m / batch});
   Tensor out4 = split_batch(a.out, batch);
-  be.attention_forward(split_batch(a.q, batch), split_batch(a.k, batch), split_batch(a.v, batch),
-                       cfg.attention_scale(), out4, a.lse);
+  const KeysValues kv = keys_values(cfg, a, batch);
+  be.attention_forward(split_batch(a.q, batch), kv.k, kv.v, cfg.attention_scale(), out4, a.lse, &kv.k_tail);
   be.gemm(a.out.view({m, heads * vd}), false, w.o_proj, true, y);
 }
 
@@ -177,9 +182,9 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor dk_pe = be.empty({m, heads, rd});
   Tensor dq4 = split_batch(dqp.slice(2, 0, nope), batch), dk4 = split_batch(dkv_nope, batch);
   Tensor dv4 = split_batch(dv, batch), dq_pe4 = split_batch(dq_pe, batch), dk_pe4 = split_batch(dk_pe, batch);
-  be.attention_backward(split_batch(dout, batch), split_batch(a.q, batch), split_batch(a.k, batch),
-                        split_batch(a.v, batch), split_batch(a.out, batch), a.lse, cfg.attention_scale(), dq4, dk4, dv4,
-                        /*accumulate=*/false, &dq_pe4, &dk_pe4);
+  const KeysValues kv = keys_values(cfg, a, batch);
+  be.attention_backward(split_batch(dout, batch), split_batch(a.q, batch), kv.k, kv.v, split_batch(a.out, batch), a.lse,
+                        cfg.attention_scale(), dq4, dk4, dv4, /*accumulate=*/false, &dq_pe4, &dk_pe4, &kv.k_tail);
   // Σ over heads of their rope-key gradients (the forward shares one rope key among the heads), into
   // its place in d(ckv), then back through the rope.
   Tensor dckv = be.zeros({m, r + rd});

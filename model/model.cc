@@ -22,7 +22,7 @@ namespace {
 // it again).
 void drop_remakeable(LayerActs& a, bool products) {
   a.ln1 = a.ln2 = Tensor();
-  a.attn.q = a.attn.k = a.attn.v = Tensor();
+  a.attn.q = a.attn.kv = a.attn.k_pe = Tensor();
   a.attn.q_a = a.attn.q_a_norm = a.attn.q_a_rstd = Tensor();
   a.mlp.act = a.moe.xs = a.moe.experts.act = a.moe.shared.act = Tensor();
   if (products) a.mlp.gate_up = a.moe.experts.gate_up = a.moe.ys = Tensor();
@@ -38,7 +38,7 @@ void for_each_tensor(const LayerActs& a, F&& f) {
   for (const Tensor* t : {&a.x, &a.ln1, &a.ln1_rstd, &a.h1, &a.ln2, &a.ln2_rstd}) f(*t);
   const AttentionActs& n = a.attn;
   for (const Tensor* t :
-       {&n.q_a, &n.q_a_norm, &n.q_a_rstd, &n.ckv, &n.c_norm, &n.c_rstd, &n.q, &n.k, &n.v, &n.out, &n.lse})
+       {&n.q_a, &n.q_a_norm, &n.q_a_rstd, &n.ckv, &n.c_norm, &n.c_rstd, &n.q, &n.kv, &n.k_pe, &n.out, &n.lse})
     f(*t);
   const MoeActs& e = a.moe;
   for (const Tensor* t : {&e.logits, &e.scores, &e.idx, &e.weights, &e.xs, &e.row_of, &e.offsets, &e.ys}) f(*t);

@@ -24,8 +24,10 @@ struct AttentionActs {
   core::Tensor ckv;                      // [M, r + rope] output of kv_a_proj_with_mqa (before rope)
   core::Tensor c_norm, c_rstd;           // [M, r] normalised latent, [M]
   // Attention's operands in the products' dtype (bf16 products: attention reads them rounded anyway):
-  // q [M, heads, nope + rope] with rope applied, k [M, heads, nope + rope], v [M, heads, v].
-  core::Tensor q, k, v;
+  // q [M, heads, nope + rope] with rope applied; kv [M, heads, nope + v], the keys' nope parts and the
+  // values, as the kv product makes them; k_pe [M, 1, rope], the rope key all heads share, rotated.
+  // Attention reads the keys in two parts (kv's nope columns, k_pe expanded over the heads).
+  core::Tensor q, kv, k_pe;
   core::Tensor out, lse;                 // [B, T, heads, v], [B, heads, T]
 };
 struct MlpActs {

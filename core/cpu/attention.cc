@@ -57,7 +57,11 @@ float attend_one(const float* q, int64_t d, int64_t dv, int64_t last, float scal
 // p[t, s] = softmax_s(scale · q[t]·k[s]) over s ≤ S - T + t;  out[t] = Σ_s p[t, s] v[s];
 // lse[t] = log Σ_s exp(scale · q[t]·k[s]).
 void CpuBackend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
-                                   Tensor& lse) {
+                                   Tensor& lse, const Tensor* k_tail) {
+  if (k_tail != nullptr) {
+    attention_forward(q, joined_keys(k, *k_tail), v, scale, out, lse);
+    return;
+  }
   const int64_t b = q.size(0), t_len = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t s_len = k.size(1), hk = k.size(2), dv = v.size(3);
   CHECK_EQ(k.size(3), d);
@@ -92,11 +96,16 @@ void CpuBackend::attention_forward(const Tensor& q, const Tensor& k, const Tenso
 // ds = p (dp - Σ_s p dp) = p (dp - dout·out);  dq[t] += scale Σ_s ds k[s];  dk[s] += scale Σ_t ds q[t].
 void CpuBackend::attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                     const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
-                                    Tensor& dv, bool accumulate, Tensor* dq_tail, Tensor* dk_tail) {
+                                    Tensor& dv, bool accumulate, Tensor* dq_tail, Tensor* dk_tail,
+                                    const Tensor* k_tail) {
+  if (k_tail != nullptr) {
+    attention_backward(dout, q, joined_keys(k, *k_tail), v, out, lse, scale, dq, dk, dv, accumulate, dq_tail, dk_tail);
+    return;
+  }
   if (dq_tail != nullptr || dk_tail != nullptr) {
     CHECK(!accumulate) << "attention_backward: gradients in parts are overwritten, not added to";
-    if (dq_tail != nullptr) check_parts(dq, *dq_tail, q, "dq");
-    if (dk_tail != nullptr) check_parts(dk, *dk_tail, k, "dk");
+    if (dq_tail != nullptr) check_parts(dq, *dq_tail, q, q.size(3), "dq");
+    if (dk_tail != nullptr) check_parts(dk, *dk_tail, k, q.size(3), "dk");
     attention_backward_in_parts(dout, q, k, v, out, lse, scale, dq, dk, dv, dq_tail, dk_tail);
     return;
   }

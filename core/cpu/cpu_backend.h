@@ -38,11 +38,12 @@ class CpuBackend final : public Backend {
   void rope(Tensor& x, const Tensor& positions, const RopeTable& table, bool interleaved,
             bool inverse) override;
 
-  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
-                         Tensor& lse) override;
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out, Tensor& lse,
+                         const Tensor* k_tail = nullptr) override;
   void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                           const Tensor& lse, float scale, Tensor& dq, Tensor& dk, Tensor& dv, bool accumulate = true,
-                          Tensor* dq_tail = nullptr, Tensor* dk_tail = nullptr) override;
+                          Tensor* dq_tail = nullptr, Tensor* dk_tail = nullptr,
+                          const Tensor* k_tail = nullptr) override;
   void paged_latent_attention(const Tensor& q, const Tensor& pool, int block_size, const Tensor& block_tables,
                               const Tensor& seq_starts, const Tensor& context_lens, float scale,
                               Tensor& out) override;

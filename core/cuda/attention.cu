@@ -20,6 +20,10 @@ struct AttnDims {
   int64_t T, S, Hq, Hk, D, Dv;
   int64_t q0, q1, q2, k0, k1, k2, v0, v1, v2, o0, o1, o2;  // strides of dims 0..2 (dim 3 contiguous)
   int64_t g0, g1, g2;                                      // dout (backward)
+  // Keys in two parts (the tensor-core kernels): each row's first kd columns from k, the rest from the
+  // tail (strides kt0..kt2); kd = D where they come whole. The kernels take kd as a template parameter.
+  int64_t kt0, kt1, kt2;
+  int kd;
   float scale;
 };
 
@@ -801,7 +805,8 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   }
 }
 
-Dims make_dims(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, float scale) {
+Dims make_dims(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, float scale,
+               const Tensor* k_tail = nullptr) {
   Dims a{};
   a.T = q.size(1);
   a.S = k.size(1);
@@ -811,19 +816,30 @@ Dims make_dims(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   a.Dv = v.size(3);
   a.q0 = q.stride(0), a.q1 = q.stride(1), a.q2 = q.stride(2);
   a.k0 = k.stride(0), a.k1 = k.stride(1), a.k2 = k.stride(2);
+  a.kt0 = a.k0, a.kt1 = a.k1, a.kt2 = a.k2, a.kd = static_cast<int>(a.D);
+  if (k_tail != nullptr) {
+    a.kt0 = k_tail->stride(0), a.kt1 = k_tail->stride(1), a.kt2 = k_tail->stride(2);
+    a.kd = static_cast<int>(k.size(3));
+  }
   a.v0 = v.stride(0), a.v1 = v.stride(1), a.v2 = v.stride(2);
   a.o0 = out.stride(0), a.o1 = out.stride(1), a.o2 = out.stride(2);
   a.scale = scale;
   return a;
 }
 
-void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) {
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v, &out}) {
+void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                     const Tensor* k_tail = nullptr) {
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v, &out, k_tail}) {
+    if (t == nullptr) continue;
     check_device(*t, t->dtype());
     CHECK(t->dtype() == DType::kF32 || t->dtype() == DType::kBF16) << "attention operand of " << dtype_name(t->dtype());
     CHECK(t->dim() == 4 && t->stride(3) == 1) << "attention takes [B, T, H, D] with the last dim contiguous";
   }
-  CHECK_EQ(k.size(3), q.size(3));
+  if (k_tail != nullptr) {
+    CHECK(k_tail->dtype() == k.dtype() && k.size(3) % 8 == 0) << "attention: keys in parts of one dtype, whole chunks";
+    for (int d = 0; d < 3; ++d) CHECK_EQ(k_tail->size(d), k.size(d)) << "attention: the keys' parts";
+  }
+  CHECK_EQ(k.size(3) + (k_tail != nullptr ? k_tail->size(3) : 0), q.size(3));
   CHECK(q.size(2) % k.size(2) == 0);
   CHECK(k.size(1) >= q.size(1));
   CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2));
@@ -877,6 +893,26 @@ bool tc_rows(const Tensor& t) {
   return true;
 }
 
+// The split of keys in parts that the tensor-core kernels are built for at head dim d (MLA's nope | rope
+// at the benchmark's and DeepSeek-V3's sizes); 0: none.
+constexpr int tc_key_split(int64_t d) { return d == 96 ? 64 : d == 192 ? 128 : 0; }
+
+// Whether the tensor-core kernels read the keys as they come: whole (any dtype: attention_operand rounds
+// them), or in bf16 parts they can read by cp.async, split where they are built for (head dim d).
+bool tc_key_parts(const Tensor& k, const Tensor* tail, int64_t d) {
+  return tail == nullptr || (tc_rows(k) && tc_rows(*tail) && k.size(3) == tc_key_split(d));
+}
+
+// Runs f.template operator()<KD>() for keys whole (kd = D) or split as tc_key_parts allowed.
+template <int D, typename F>
+void with_key_split(int kd, F f) {
+  if (kd == D) {
+    f.template operator()<D>();
+  } else if constexpr (tc_key_split(D) > 0) {
+    f.template operator()<tc_key_split(D)>();
+  }
+}
+
 }  // namespace
 
 Tensor CudaBackend::attention_operand(const Tensor& t, DType dtype) {
@@ -893,11 +929,11 @@ Tensor CudaBackend::attention_operand(const Tensor& t, DType dtype) {
 }
 
 void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
-                                    Tensor& lse) {
-  check_attention(q, k, v, out);
+                                    Tensor& lse, const Tensor* k_tail) {
+  check_attention(q, k, v, out, k_tail);
   check_device(lse, DType::kF32);
   CHECK(lse.is_contiguous() && lse.numel() == q.size(0) * q.size(2) * q.size(1));
-  const Dims a = make_dims(q, k, v, out, scale);
+  const Dims a = make_dims(q, k, v, out, scale, k_tail);
   const int64_t B = q.size(0);
   if (B == 0 || a.T == 0) return;
   // Causal pairs: T·S - T(T-1)/2 per head.
@@ -907,25 +943,33 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
                dtype_size(v.dtype()) * v.numel()) +
             4.0 * out.numel());
   // Tensor cores: bf16 operands (rounded once here if they come in f32), read by cp.async; out in its
-  // own dtype (bf16: the f32 result rounded once).
-  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&out}) &&
+  // own dtype (bf16: the f32 result rounded once). Keys in parts as they lie, where they are bf16 rows
+  // the kernels can read (else joined first, below).
+  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&out}) && tc_key_parts(k, k_tail, a.D) &&
       with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
-        const Tensor qb = attention_operand(q, DType::kBF16), kb = attention_operand(k, DType::kBF16),
-                     vb = attention_operand(v, DType::kBF16);
-        const Dims ab = make_dims(qb, kb, vb, out, scale);
+        const Tensor qb = attention_operand(q, DType::kBF16), vb = attention_operand(v, DType::kBF16);
+        const Tensor kb = k_tail != nullptr ? k : attention_operand(k, DType::kBF16);
+        const Dims ab = make_dims(qb, kb, vb, out, scale, k_tail);
+        const tc::bf16* kt = bf16_data(k_tail != nullptr ? *k_tail : kb);
         constexpr size_t smem = tc::forward_smem<D, DV>();
         const dim3 grid(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq));
-        if (out.dtype() == DType::kBF16) {
-          set_smem(tc::forward<D, DV, tc::bf16>, smem);
-          tc::forward<D, DV, tc::bf16><<<grid, tc::kThreadsT, smem, stream()>>>(
-              bf16_data(qb), bf16_data(kb), bf16_data(vb), static_cast<tc::bf16*>(out.raw()), lse.f32(), ab);
-        } else {
-          set_smem(tc::forward<D, DV>, smem);
-          tc::forward<D, DV><<<grid, tc::kThreadsT, smem, stream()>>>(bf16_data(qb), bf16_data(kb), bf16_data(vb),
-                                                                      out.f32(), lse.f32(), ab);
-        }
+        with_key_split<D>(ab.kd, [&]<int KD>() {
+          if (out.dtype() == DType::kBF16) {
+            set_smem(tc::forward<D, DV, KD, tc::bf16>, smem);
+            tc::forward<D, DV, KD, tc::bf16><<<grid, tc::kThreadsT, smem, stream()>>>(
+                bf16_data(qb), bf16_data(kb), kt, bf16_data(vb), static_cast<tc::bf16*>(out.raw()), lse.f32(), ab);
+          } else {
+            set_smem(tc::forward<D, DV, KD>, smem);
+            tc::forward<D, DV, KD><<<grid, tc::kThreadsT, smem, stream()>>>(
+                bf16_data(qb), bf16_data(kb), kt, bf16_data(vb), out.f32(), lse.f32(), ab);
+          }
+        });
       })) {
     CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  if (k_tail != nullptr) {  // keys the kernels read whole
+    attention_forward(q, joined_keys(k, *k_tail), v, scale, out, lse);
     return;
   }
   if (out.dtype() != DType::kF32) {  // the fp32 kernels write f32: through an f32 copy, rounded once
@@ -946,8 +990,9 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
 
 void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                      const Tensor& out, const Tensor& lse, float scale, Tensor& dq, Tensor& dk,
-                                     Tensor& dv, bool accumulate, Tensor* dq_tail, Tensor* dk_tail) {
-  check_attention(q, k, v, out);
+                                     Tensor& dv, bool accumulate, Tensor* dq_tail, Tensor* dk_tail,
+                                     const Tensor* k_tail) {
+  check_attention(q, k, v, out, k_tail);
   const bool dv16 = dv.dtype() == DType::kBF16;
   CHECK(!dv16 || !accumulate) << "attention_backward: a bf16 dv is overwritten, not added to";
   CHECK((dq_tail == nullptr && dk_tail == nullptr) || !accumulate)
@@ -964,15 +1009,17 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
   }
   if (dq_tail != nullptr) {
     check_device(*dq_tail, DType::kF32);
-    check_parts(dq, *dq_tail, q, "dq");
+    check_parts(dq, *dq_tail, q, q.size(3), "dq");
   }
   if (dk_tail != nullptr) {
     check_device(*dk_tail, DType::kF32);
-    check_parts(dk, *dk_tail, k, "dk");
+    check_parts(dk, *dk_tail, k, q.size(3), "dk");
   }
+  const bool dk_whole = dk.dim() == 4 && dk.size(0) == k.size(0) && dk.size(1) == k.size(1) &&
+                        dk.size(2) == k.size(2) && dk.size(3) == q.size(3);
   CHECK(dout.shape() == out.shape() && (dq_tail != nullptr || dq.shape() == q.shape()) &&
-        (dk_tail != nullptr || dk.shape() == k.shape()) && dv.shape() == v.shape());
-  Dims a = make_dims(q, k, v, out, scale);
+        (dk_tail != nullptr || dk_whole) && dv.shape() == v.shape());
+  Dims a = make_dims(q, k, v, out, scale, k_tail);
   a.g0 = dout.stride(0), a.g1 = dout.stride(1), a.g2 = dout.stride(2);
   const int64_t B = q.size(0);
   if (B == 0 || a.T == 0) return;
@@ -1009,33 +1056,40 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
   const Tensor& dqt = dq_tail != nullptr ? *dq_tail : none;
   const Tensor& dkt = dk_tail != nullptr ? *dk_tail : none;
   if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&dq, &dk, &dv, &dqt, &dkt}) &&
-      with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
+      tc_key_parts(k, k_tail, a.D) && with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
         Tensor gb = empty(dout.shape(), DType::kBF16);
         row_sums(&gb);
-        const Tensor qb = attention_operand(q, DType::kBF16), kb = attention_operand(k, DType::kBF16),
-                     vb = attention_operand(v, DType::kBF16);
-        Dims ab = make_dims(qb, kb, vb, out, scale);
+        const Tensor qb = attention_operand(q, DType::kBF16), vb = attention_operand(v, DType::kBF16);
+        const Tensor kb = k_tail != nullptr ? k : attention_operand(k, DType::kBF16);
+        const tc::bf16* kt = bf16_data(k_tail != nullptr ? *k_tail : kb);
+        Dims ab = make_dims(qb, kb, vb, out, scale, k_tail);
         ab.g0 = gb.stride(0), ab.g1 = gb.stride(1), ab.g2 = gb.stride(2);
         constexpr size_t sq = tc::dq_smem<D, DV>(), skv = tc::dkdv_smem<D, DV>();
-        set_smem(tc::backward_dq<D, DV>, sq);
-        tc::backward_dq<D, DV>
-            <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq, stream()>>>(
-                bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(),
-                grad_out(dq, dq_tail), accumulate, ab);
-        const auto dkdv = [&](auto* dvp) {
-          using TV = std::remove_pointer_t<decltype(dvp)>;
-          set_smem(tc::backward_dkdv<D, DV, TV>, skv);
-          tc::backward_dkdv<D, DV, TV>
-              <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, skv, stream()>>>(
-                  bf16_data(qb), bf16_data(kb), bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(),
-                  grad_out(dk, dk_tail), dvp, dv.stride(0), dv.stride(1), dv.stride(2), accumulate, ab);
-        };
-        if (dv16)
-          dkdv(static_cast<tc::bf16*>(dv.raw()));
-        else
-          dkdv(dv.f32());
+        with_key_split<D>(ab.kd, [&]<int KD>() {
+          set_smem(tc::backward_dq<D, DV, KD>, sq);
+          tc::backward_dq<D, DV, KD>
+              <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq, stream()>>>(
+                  bf16_data(qb), bf16_data(kb), kt, bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(),
+                  grad_out(dq, dq_tail), accumulate, ab);
+          const auto dkdv = [&](auto* dvp) {
+            using TV = std::remove_pointer_t<decltype(dvp)>;
+            set_smem(tc::backward_dkdv<D, DV, KD, TV>, skv);
+            tc::backward_dkdv<D, DV, KD, TV>
+                <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, skv, stream()>>>(
+                    bf16_data(qb), bf16_data(kb), kt, bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(),
+                    grad_out(dk, dk_tail), dvp, dv.stride(0), dv.stride(1), dv.stride(2), accumulate, ab);
+          };
+          if (dv16)
+            dkdv(static_cast<tc::bf16*>(dv.raw()));
+          else
+            dkdv(dv.f32());
+        });
       })) {
     CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  if (k_tail != nullptr) {  // keys the kernels read whole
+    attention_backward(dout, q, joined_keys(k, *k_tail), v, out, lse, scale, dq, dk, dv, accumulate, dq_tail, dk_tail);
     return;
   }
   if (dq_tail != nullptr || dk_tail != nullptr) {  // the f32 kernels write dq and dk whole

@@ -52,6 +52,15 @@ __device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int64_t ld
   }
 }
 
+// A key tile (as load_tile) in two parts: each row's first KD columns from head (row stride ld), the
+// other D - KD from tail (row stride ldt); KD = D: all from head.
+template <int D, int KD, int L>
+__device__ __forceinline__ void load_key_tile(bf16* dst, const bf16* head, int64_t ld, const bf16* tail, int64_t ldt,
+                                              int64_t r0, int64_t n) {
+  load_tile<KD, L>(dst, head, ld, r0, n);
+  if constexpr (KD < D) load_tile<D - KD, L>(dst + KD, tail, ldt, r0, n);
+}
+
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
@@ -200,20 +209,22 @@ __device__ __forceinline__ int64_t reversed_tile() { return static_cast<int64_t>
 // query's position), streamed through two shared-memory stages at kv: issue(it) starts tile it's loads
 // (an empty group past the last keeps cp.async's group count uniform); keys(it) and values(it) are where
 // tile it lies once it is in.
-template <int D, int DV>
+template <int D, int DV, int KD>
 struct KeyValueStream {
   using Ly = Layout<D, DV>;
   static constexpr int kStage = kRowsT * (Ly::LQ + Ly::LV);  // a key tile, then its value tile
   bf16* kv;
-  const bf16 *k, *v;
-  int64_t k1, v1, S;
+  const bf16 *k, *kt, *v;
+  int64_t k1, kt1, v1, S;
   int tiles;
-  __device__ KeyValueStream(bf16* kv_smem, const bf16* keys_all, const bf16* values_all,
+  __device__ KeyValueStream(bf16* kv_smem, const bf16* keys_all, const bf16* key_tails, const bf16* values_all,
                             const r1lab::core::cuda::AttnDims& a, int64_t b, int64_t kh, int64_t t0)
       : kv(kv_smem),
         k(keys_all + b * a.k0 + kh * a.k2),
+        kt(key_tails + b * a.kt0 + kh * a.kt2),
         v(values_all + b * a.v0 + kh * a.v2),
         k1(a.k1),
+        kt1(a.kt1),
         v1(a.v1),
         S(a.S) {
     const int64_t last = min(a.S - 1, a.S - a.T + min(a.T - 1, t0 + kRowsT - 1));
@@ -222,7 +233,7 @@ struct KeyValueStream {
   __device__ void issue(int it) const {
     if (it < tiles) {
       bf16* st = kv + (it % 2) * kStage;
-      load_tile<D, Ly::LQ>(st, k, k1, static_cast<int64_t>(it) * kRowsT, S);
+      load_key_tile<D, KD, Ly::LQ>(st, k, k1, kt, kt1, static_cast<int64_t>(it) * kRowsT, S);
       load_tile<DV, Ly::LV>(st + kRowsT * Ly::LQ, v, v1, static_cast<int64_t>(it) * kRowsT, S);
     }
     cp_async_commit();
@@ -251,16 +262,17 @@ __device__ __forceinline__ void put_pair(bf16* p, float x, float y) {
 }
 
 // ---- forward. grid (ceil(T / 64), B·Hq). out in f32, or in bf16 where only bf16 products read it.
-template <int D, int DV, typename TO = float>
+template <int D, int DV, int KD, typename TO = float>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
-    forward(const bf16* q, const bf16* k, const bf16* v, TO* out, float* lse, r1lab::core::cuda::AttnDims a) {
+    forward(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, TO* out, float* lse,
+            r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
-  const KeyValueStream<D, DV> kvs(Qs + kRowsT * Ly::LQ, k, v, a, b, kh, t0);
+  const KeyValueStream<D, DV, KD> kvs(Qs + kRowsT * Ly::LQ, k, kt, v, a, b, kh, t0);
   load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);  // with the first tile
   kvs.issue(0);
   const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
@@ -340,10 +352,10 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
 }
 
 // ---- dq. grid (ceil(T / 64), B·Hq).
-template <int D, int DV>
+template <int D, int DV, int KD>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
-    backward_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
-                GradOut dq, bool accumulate, r1lab::core::cuda::AttnDims a) {
+    backward_dq(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, const bf16* dout, const float* lse,
+                const float* delta, GradOut dq, bool accumulate, r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
@@ -351,7 +363,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
-  const KeyValueStream<D, DV> kvs(Gs + kRowsT * Ly::LV, k, v, a, b, kh, t0);
+  const KeyValueStream<D, DV, KD> kvs(Gs + kRowsT * Ly::LV, k, kt, v, a, b, kh, t0);
   // The block's queries and their output gradients, with the first key tile.
   load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);
   load_tile<DV, Ly::LV>(Gs, dout + b * a.g0 + h * a.g2 + t0 * a.g1, a.g1, 0, a.T - t0);
@@ -397,9 +409,9 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
 
 // ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn, NQ queries a tile.
 // TV: dv's type (f32, or bf16 overwritten).
-template <int D, int DV, typename TV>
+template <int D, int DV, int KD, typename TV>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
-    backward_dkdv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+    backward_dkdv(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, const bf16* dout, const float* lse,
                   const float* delta, GradOut dk, TV* dv, int64_t dv0, int64_t dv1, int64_t dv2, bool accumulate,
                   r1lab::core::cuda::AttnDims a) {
   using Ly = Layout<D, DV>;
@@ -443,7 +455,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     }
   };
   // The block's keys and values, with the first query tile.
-  load_tile<D, Ly::LQ>(Ks, k + b * a.k0 + kh * a.k2, a.k1, s_first, a.S);
+  load_key_tile<D, KD, Ly::LQ>(Ks, k + b * a.k0 + kh * a.k2, a.k1, kt + b * a.kt0 + kh * a.kt2, a.kt1, s_first, a.S);
   load_tile<DV, Ly::LV>(Vs, v + b * a.v0 + kh * a.v2, a.v1, s_first, a.S);
   issue(0);
   put(0);

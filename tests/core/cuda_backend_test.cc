@@ -1019,6 +1019,43 @@ TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
       EXPECT_TRUE(bitwise_equal(x->download(ktail), part(wk, dh, c.d - dh))) << what << kind << ": dk's tail";
       EXPECT_TRUE(bitwise_equal(x->download(pv), x->download(wv))) << what << kind << ": dv";
     }
+    // Keys in two parts (MLA: each head's first columns inside a wider tensor, the rest one row that every
+    // head shares, expanded): the bits of the same keys whole, forward and backward, on the tensor-core
+    // kernels and the f32 ones (which join them first).
+    for (Backend* x : {&be, gpu_.get()}) {
+      const int64_t dh = c.d / 16 * 8;
+      const Tensor kt_host = randn({c.b, c.s, 1, c.d - dh});
+      Tensor kwide = x->zeros({c.b, c.s, c.hk, dh + 8}, DType::kBF16), khead = kwide.slice(3, 0, dh);
+      Tensor kshared = x->zeros({c.b, c.s, 1, c.d - dh}, DType::kBF16), kall = x->zeros(k.shape(), DType::kBF16);
+      Tensor kx = x->zeros(k.shape(), DType::kF32), ktx = x->zeros(kt_host.shape(), DType::kF32);
+      x->upload(k, kx);
+      x->upload(kt_host, ktx);
+      x->copy(kx.slice(3, 0, dh), khead);
+      x->copy(ktx, kshared);
+      const Tensor ktail = kshared.expand({c.b, c.s, c.hk, c.d - dh});
+      Tensor kall_head = kall.slice(3, 0, dh), kall_tail = kall.slice(3, dh, c.d - dh);
+      x->copy(khead, kall_head);
+      x->copy(ktail, kall_tail);
+      Tensor qx = x->zeros(q.shape(), DType::kF32), vx = x->zeros(v.shape(), DType::kF32);
+      Tensor dox = x->zeros(dout.shape(), DType::kF32);
+      x->upload(q, qx);
+      x->upload(v, vx);
+      x->upload(dout, dox);
+      const std::string kind = x == &be ? " (tensor cores)" : " (f32 kernels)";
+      std::vector<Tensor> got[2];
+      for (int parts = 0; parts < 2; ++parts) {
+        Tensor o = x->zeros(out.shape(), DType::kF32), l = x->zeros(lse.shape(), DType::kF32);
+        x->attention_forward(qx, parts ? khead : kall, vx, scale, o, l, parts ? &ktail : nullptr);
+        Tensor gq2 = x->zeros(q.shape(), DType::kF32), gk2 = x->zeros(k.shape(), DType::kF32);
+        Tensor gv2 = x->zeros(v.shape(), DType::kF32);
+        x->attention_backward(dox, qx, parts ? khead : kall, vx, o, l, scale, gq2, gk2, gv2, /*accumulate=*/false,
+                              nullptr, nullptr, parts ? &ktail : nullptr);
+        for (const Tensor& t : {o, l, gq2, gk2, gv2}) got[parts].push_back(x->download(t));
+      }
+      const char* names[] = {"out", "lse", "dq", "dk", "dv"};
+      for (size_t i = 0; i < got[0].size(); ++i)
+        EXPECT_TRUE(bitwise_equal(got[1][i], got[0][i])) << what << kind << ": keys in parts, " << names[i];
+    }
     // bf16 operands (as a model keeps them for bf16 products) give the same bits: f32 ones are rounded
     // the same way first. Values as a strided view (every other head of a wider tensor).
     auto bf = [&](const Tensor& t) {

@@ -231,7 +231,7 @@ TEST_P(ModelVariant, RecomputeGivesTheSameGradients) {
     ASSERT_EQ(static_cast<int>(st.layers.size()), cfg_.num_hidden_layers);
     const LayerActs& last = st.layers.back();
     EXPECT_EQ(last.ln2.defined(), r == Recompute::kNone);
-    EXPECT_EQ(last.attn.k.defined(), r == Recompute::kNone);
+    EXPECT_EQ(last.attn.kv.defined(), r == Recompute::kNone);
     EXPECT_EQ(last.moe.xs.defined(), r == Recompute::kNone);
     EXPECT_EQ(last.moe.ys.defined(), r == Recompute::kNone || r == Recompute::kSelective);
     EXPECT_EQ(last.moe.experts.gate_up.defined(), last.moe.ys.defined());
