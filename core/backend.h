@@ -214,10 +214,10 @@ class Backend {
   // reading them; an overwritten dv may be bf16 (the f32 result rounded once: a gradient only bf16
   // products read). An overwritten dq may also go in two parts, where its columns go two ways (MLA: the
   // nope part into a bf16 product operand, the rope part on through the inverse rope): with dq_tail,
-  // dq [B, T, Hq, Dh] takes each head's first Dh columns (Dh < D, a multiple of 8), f32 or bf16 (rounded
-  // once), and dq_tail [B, T, Hq, D - Dh] (f32) the rest; dk and dk_tail likewise. The keys may come in
-  // two parts too (MLA: each head's nope part lies in the kv product, and all heads share one rope key):
-  // with k_tail, k [B, S, Hk, Dk] holds each head's first Dk columns (a multiple of 8) and k_tail
+  // dq [B, T, Hq, Dh] takes each head's first Dh columns (0 < Dh < D), f32 or bf16 (rounded once), and
+  // dq_tail [B, T, Hq, D - Dh] (f32) the rest; dk and dk_tail likewise. The keys may come in two parts too
+  // (MLA: each head's nope part lies in the kv product, and all heads share one rope key): with k_tail,
+  // k [B, S, Hk, Dk] holds each head's first Dk columns and k_tail
   // [B, S, Hk, D - Dk] (k's dtype; any strides: an expanded view gives every head the same row) the rest.
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Tensor& out,
                                  Tensor& lse, const Tensor* k_tail = nullptr) = 0;
@@ -389,8 +389,8 @@ class Backend {
   // Keys in two parts (attention_forward's k_tail) joined into one tensor [B, S, Hk, D] of k's dtype, for a
   // backend whose kernels read them whole.
   Tensor joined_keys(const Tensor& k, const Tensor& tail) {
-    CHECK(k.dim() == 4 && tail.dim() == 4 && k.dtype() == tail.dtype() && k.size(3) % 8 == 0)
-        << "attention: keys in parts take 4-D rows of one dtype, the first part whole 8-column chunks";
+    CHECK(k.dim() == 4 && tail.dim() == 4 && k.dtype() == tail.dtype())
+        << "attention: keys in parts take 4-D rows of one dtype";
     for (int d = 0; d < 3; ++d) CHECK_EQ(k.size(d), tail.size(d)) << "attention: the keys' parts";
     Tensor all = empty({k.size(0), k.size(1), k.size(2), k.size(3) + tail.size(3)}, k.dtype());
     Tensor head_dst = all.slice(3, 0, k.size(3)), tail_dst = all.slice(3, k.size(3), tail.size(3));
@@ -406,7 +406,7 @@ class Backend {
         << "attention_backward: " << what << " in parts takes 4-D rows, f32 or bf16 then f32";
     for (int d = 0; d < 3; ++d)
       CHECK(head.size(d) == x.size(d) && tail.size(d) == x.size(d)) << "attention_backward: " << what << " parts";
-    CHECK(head.size(3) % 8 == 0 && head.size(3) > 0 && head.size(3) + tail.size(3) == width)
+    CHECK(head.size(3) > 0 && tail.size(3) > 0 && head.size(3) + tail.size(3) == width)
         << "attention_backward: " << what << " parts of " << head.size(3) << " + " << tail.size(3) << " columns for "
         << width;
   }

@@ -31,8 +31,9 @@ struct AttentionActs {
   core::Tensor out, lse;                 // [B, T, heads, v], [B, heads, T]
 };
 struct MlpActs {
-  // [N, 2I], [N, I]. The routed experts' gate_up is bf16 where products are (rounded as the products
-  // after it round their operands), kept only for backward.
+  // [N, 2I], [N, I]. gate_up is in the products' dtype (rounded once: the gated activation is made from
+  // the rounded values, and backward reads them), except the shared experts' (f32: a slice of the product
+  // that also makes the router's logits, which decode gates as they are).
   core::Tensor gate_up, act;
 };
 struct MoeActs {

@@ -55,9 +55,10 @@ Tensor stacked_with(const Tensor& first, const Tensor& next) {
 
 namespace {
 
-// a.gate_up = x·[W_g | W_u]ᵀ.
+// a.gate_up = x·[W_g | W_u]ᵀ, in the products' dtype (rounded once: the gated activation and its
+// backward read it).
 void gate_up_products(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a) {
-  a.gate_up = be.empty({x.size(0), w.gate_up.size(0)});
+  a.gate_up = be.empty({x.size(0), w.gate_up.size(0)}, product_dtype(be));
   be.gemm(x, false, w.gate_up, true, a.gate_up);
 }
 

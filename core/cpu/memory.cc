@@ -113,7 +113,8 @@ void CpuBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
     copy(h32, h);
     return;
   }
-  Rows in = rows_of(gu), out = rows_of(h);
+  const Tensor gu32 = f32_values(gu);  // bf16 products (kept rounded) as their values
+  Rows in = rows_of(gu32), out = rows_of(h);
   const int64_t inter = out.cols;
   CHECK_EQ(in.cols, 2 * inter);
   CHECK_EQ(in.rows, out.rows);

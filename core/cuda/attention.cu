@@ -836,7 +836,7 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Te
     CHECK(t->dim() == 4 && t->stride(3) == 1) << "attention takes [B, T, H, D] with the last dim contiguous";
   }
   if (k_tail != nullptr) {
-    CHECK(k_tail->dtype() == k.dtype() && k.size(3) % 8 == 0) << "attention: keys in parts of one dtype, whole chunks";
+    CHECK(k_tail->dtype() == k.dtype()) << "attention: keys in parts of one dtype";
     for (int d = 0; d < 3; ++d) CHECK_EQ(k_tail->size(d), k.size(d)) << "attention: the keys' parts";
   }
   CHECK_EQ(k.size(3) + (k_tail != nullptr ? k_tail->size(3) : 0), q.size(3));
@@ -1055,7 +1055,10 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
   const Tensor none;
   const Tensor& dqt = dq_tail != nullptr ? *dq_tail : none;
   const Tensor& dkt = dk_tail != nullptr ? *dk_tail : none;
-  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&dq, &dk, &dv, &dqt, &dkt}) &&
+  // Gradients in parts: the kernels write pairs of columns, each pair wholly in one part.
+  const bool parts_whole_chunks =
+      (dq_tail == nullptr || dq.size(3) % 8 == 0) && (dk_tail == nullptr || dk.size(3) % 8 == 0);
+  if (opt_.gemm != Options::GemmPrecision::kF32 && vec4_rows({&dq, &dk, &dv, &dqt, &dkt}) && parts_whole_chunks &&
       tc_key_parts(k, k_tail, a.D) && with_tc_dims(a.D, a.Dv, [&]<int D, int DV>() {
         Tensor gb = empty(dout.shape(), DType::kBF16);
         row_sums(&gb);

@@ -812,6 +812,16 @@ TEST_F(CudaBackendTest, SiluGateForwardBackward) {
     gpu_->silu_mul_forward(dev(gu), ghb);
     EXPECT_TRUE(bitwise_equal(hb, h.clone().to(DType::kBF16)));
     EXPECT_LT(max_rel(*gpu_, ghb, hb), 8e-3);
+    // Products kept in bf16 (the dense MLP's): as their values in f32, bitwise, on both backends.
+    for (Backend* be : {cpu_.get(), gpu_.get()}) {
+      const Tensor gu16 = gu.clone().to(DType::kBF16), gu_vals = gu16.to_f32();
+      const auto put = [&](const Tensor& t) { return be == gpu_.get() ? dev(t) : t; };
+      const auto get = [&](const Tensor& t) { return be == gpu_.get() ? be->download(t) : t; };
+      Tensor h1 = be->zeros({m, inter}, DType::kBF16), h2 = be->zeros({m, inter}, DType::kBF16);
+      be->silu_mul_forward(put(gu16), h1);
+      be->silu_mul_forward(put(gu_vals), h2);
+      EXPECT_TRUE(bitwise_equal(get(h1), get(h2))) << "silu_mul_forward of bf16 products";
+    }
     // The gradient into bf16 (only bf16 products read it): the f32 gradient rounded once.
     Tensor gdgub = gpu_->zeros({m, 2 * inter}, DType::kBF16);
     gpu_->silu_mul_backward(dev(dh), dev(gu), gdgub);
