@@ -999,10 +999,11 @@ TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
     }
     // dq and dk in parts (overwritten): dq's first columns into a bf16 strided view, rounded once, dk's
     // into f32, the rest of each into f32 tails: the bits of the whole gradients, on the tensor-core
-    // kernels and on the f32 ones (which write them whole and split them).
+    // kernels and on the f32 ones (which write them whole and split them), and split inside an 8-column
+    // chunk (written whole and split there too).
     be.synchronize();  // the other backend reads what this one made, on a stream of its own
-    for (Backend* x : {&be, gpu_.get()}) {
-      const int64_t dh = c.d / 16 * 8;
+    for (const auto& [x, dh] :
+         {std::pair<Backend*, int64_t>{&be, c.d / 16 * 8}, {gpu_.get(), c.d / 16 * 8}, {&be, c.d / 16 * 8 + 3}}) {
       Tensor wq = x->zeros(q.shape(), DType::kF32), wk = x->zeros(k.shape(), DType::kF32);
       Tensor wv = x->zeros(v.shape(), DType::kF32), xdout = x->zeros(dout.shape(), DType::kF32);
       x->upload(dout, xdout);
@@ -1022,7 +1023,8 @@ TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
         x->copy(whole.slice(3, from, n), r);
         return x->download(r);
       };
-      const std::string kind = x == &be ? " (tensor cores)" : " (f32 kernels)";
+      const std::string kind =
+          (x == &be ? " (tensor cores, split " : " (f32 kernels, split ") + std::to_string(dh) + ")";
       EXPECT_TRUE(bitwise_equal(x->download(got_qh), x->download(want_qh))) << what << kind << ": dq's head";
       EXPECT_TRUE(bitwise_equal(x->download(qtail), part(wq, dh, c.d - dh))) << what << kind << ": dq's tail";
       EXPECT_TRUE(bitwise_equal(x->download(khead), part(wk, 0, dh))) << what << kind << ": dk's head";
