@@ -176,9 +176,16 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   // into their places (rounded once there), dk's rope part into a tensor of its own (summed over the
   // heads below). dq's nope part straight into the queries' product operand, its rope part f32 (rotated
   // back into that operand below).
+  // Without query compression, where W_q and W_kva lie one after the other (as the forward's product
+  // reads them) and so do their gradients, dq's operand and d(ckv)'s share one buffer [dq | d(ckv)], and
+  // one product (and one weight-gradient product) takes both.
+  const Tensor w_both = cfg.q_lora_rank == 0 ? stacked_with(w.q_proj, w.kv_a_proj) : Tensor();
+  Tensor g_both = w_both.defined() ? stacked_with(g.q_proj, g.kv_a_proj) : Tensor();
+  const int64_t qn = heads * qk;
+  Tensor dqkv = be.empty({m, qn + (g_both.defined() ? r + rd : 0)}, product_dtype(be));
   Tensor dkv = be.empty({m, heads, nope + vd}, product_dtype(be));
   Tensor dkv_nope = dkv.slice(2, 0, nope), dv = dkv.slice(2, nope, vd);
-  Tensor dqp = be.empty({m, heads, qk}, product_dtype(be)), dq_pe = be.empty({m, heads, rd});
+  Tensor dqp = split_heads(dqkv.slice(1, 0, qn), heads), dq_pe = be.empty({m, heads, rd});
   Tensor dk_pe = be.empty({m, heads, rd});
   Tensor dq4 = split_batch(dqp.slice(2, 0, nope), batch), dk4 = split_batch(dkv_nope, batch);
   Tensor dv4 = split_batch(dv, batch), dq_pe4 = split_batch(dq_pe, batch), dk_pe4 = split_batch(dk_pe, batch);
@@ -200,15 +207,22 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor dc = dckv.slice(1, 0, r);
   Tensor gkvan = g.kv_a_norm;
   be.rmsnorm_backward(dc_norm, a.ckv.slice(1, 0, r), w.kv_a_norm, a.c_rstd, dc, gkvan);
-  // ckv = x · W_kvaᵀ
+  // Queries: dq's rope part rotated back into its operand.
+  Tensor dq_pe_dst = dqp.slice(2, nope, rd);
+  be.rope_from(dq_pe, dq_pe_dst, positions, rope, cfg.rope_interleave, /*inverse=*/true);
+  const Tensor dq2 = dqkv.slice(1, 0, qn);
+  // ckv = x · W_kvaᵀ (and q = x · W_qᵀ with it, one product, where they share a buffer)
+  if (g_both.defined()) {
+    Tensor dckvp = dqkv.slice(1, qn, r + rd);
+    be.copy(dckv, dckvp);
+    be.gemm(dqkv, false, w_both, false, dx, 1.0f, 1.0f);
+    be.gemm(dqkv, true, x, false, g_both, 1.0f, gbeta);
+    return;
+  }
   const Tensor dckvp = product_operand(be, dckv);
   be.gemm(dckvp, false, w.kv_a_proj, false, dx, 1.0f, 1.0f);
   Tensor gkva = g.kv_a_proj;
   be.gemm(dckvp, true, x, false, gkva, 1.0f, gbeta);
-  // Queries: dq's rope part rotated back into its operand.
-  Tensor dq_pe_dst = dqp.slice(2, nope, rd);
-  be.rope_from(dq_pe, dq_pe_dst, positions, rope, cfg.rope_interleave, /*inverse=*/true);
-  const Tensor dq2 = dqp.view({m, heads * qk});
   if (cfg.q_lora_rank > 0) {
     Tensor dq_a_norm = be.zeros({m, cfg.q_lora_rank}), dq_a = be.zeros({m, cfg.q_lora_rank});
     be.gemm(dq2, false, w.q_b_proj, false, dq_a_norm);
