@@ -49,9 +49,12 @@ core::Tensor stacked_with(const core::Tensor& first, const core::Tensor& next);
 
 // SiLU-gated MLP: y = (silu(x·gateᵀ) * (x·upᵀ)) · downᵀ.  x [N, H], y [N, H] (overwritten).
 void mlp_forward(core::Backend& be, const MlpWeights& w, const core::Tensor& x, MlpActs& a, core::Tensor& y);
-// dx += ∂/∂x; g.* = gbeta · g.* + ∂/∂weights (as mla_backward).
+// dx += ∂/∂x; g.* = gbeta · g.* + ∂/∂weights (as mla_backward). With dgu_out ([N, 2I] in the products'
+// dtype), the gradient of the gate and up products goes there instead, and the caller runs their two
+// products (g.gate_up and dx are left to it).
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const core::Tensor& x, const MlpActs& a,
-                  const core::Tensor& dy, const core::Tensor& dyp, core::Tensor& dx, float gbeta);
+                  const core::Tensor& dy, const core::Tensor& dyp, core::Tensor& dx, float gbeta,
+                  core::Tensor* dgu_out = nullptr);
 
 // a.act = silu(g) * u from a.gate_up = [g | u], in the products' dtype.
 void gated_activation(core::Backend& be, MlpActs& a);

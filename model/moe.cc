@@ -70,15 +70,17 @@ void mlp_forward(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpAct
 }
 
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const Tensor& x, const MlpActs& a,
-                  const Tensor& dy, const Tensor& dy_rounded, Tensor& dx, float gbeta) {
+                  const Tensor& dy, const Tensor& dy_rounded, Tensor& dx, float gbeta, Tensor* dgu_out) {
   const int64_t n = x.size(0), inter = w.down.size(1);
   // Gradients that only products read are rounded once (bf16 products), not in each product.
   const Tensor dyp = dy_rounded.defined() ? dy_rounded : product_operand(be, dy);
-  Tensor dact = be.empty({n, inter}), dgu = be.empty({n, 2 * inter}, product_dtype(be));
+  Tensor dact = be.empty({n, inter});
+  Tensor dgu = dgu_out != nullptr ? *dgu_out : be.empty({n, 2 * inter}, product_dtype(be));
   be.gemm(dyp, false, w.down, false, dact);
   Tensor gd = g.down, ggu = g.gate_up;
   be.gemm(dyp, true, a.act, false, gd, 1.0f, gbeta);
   be.silu_mul_backward(dact, a.gate_up, dgu);
+  if (dgu_out != nullptr) return;
   be.gemm(dgu, false, w.gate_up, false, dx, 1.0f, 1.0f);
   be.gemm(dgu, true, x, false, ggu, 1.0f, gbeta);
 }
@@ -154,7 +156,20 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
                   const Tensor& x, const MoeActs& a, const Tensor& dy, const Tensor& dyp, Tensor& dx, float gbeta) {
   const int64_t m = x.size(0), h = x.size(1), e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
   const int64_t inter = cfg.moe_intermediate_size;
-  if (w.shared.down.defined()) mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dyp, dx, gbeta);
+  // Where the router's weights and the shared experts' gate and up lie one after the other (as the
+  // forward's product reads them) and so do their gradients, the router's logit gradients and the shared
+  // experts' dgu share one buffer [dlogits | dgu], and one product (and one weight-gradient product)
+  // takes both, after the experts.
+  const Tensor w_both = w.shared.down.defined() ? stacked_with(w.router, w.shared.gate_up) : Tensor();
+  Tensor g_both = w_both.defined() ? stacked_with(g.router, g.shared.gate_up) : Tensor();
+  Tensor dl_dgu;
+  if (g_both.defined()) {
+    dl_dgu = be.empty({m, g_both.size(0)}, product_dtype(be));
+    Tensor dgu_shared = dl_dgu.slice(1, e, g_both.size(0) - e);
+    mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dyp, dx, gbeta, &dgu_shared);
+  } else if (w.shared.down.defined()) {
+    mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dyp, dx, gbeta);
+  }
   // Combine.
   Tensor dys = be.empty({m * k, h}, product_dtype(be)), dweights = be.empty({m, k});
   be.moe_combine_backward(dy, a.ys, a.weights, a.row_of, dys, dweights);
@@ -172,6 +187,13 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   // Router: the weights are differentiable, the selection is not.
   Tensor dlogits = be.zeros({m, e});
   be.moe_route_backward(dweights, a.scores, a.idx, cfg.router(), dlogits);
+  if (g_both.defined()) {
+    Tensor dl = dl_dgu.slice(1, 0, e);
+    be.copy(dlogits, dl);
+    be.gemm(dl_dgu, false, w_both, false, dx, 1.0f, 1.0f);
+    be.gemm(dl_dgu, true, x, false, g_both, 1.0f, gbeta);
+    return;
+  }
   const Tensor dl = product_operand(be, dlogits);
   be.gemm(dl, false, w.router, false, dx, 1.0f, 1.0f);
   Tensor grouter = g.router;
