@@ -29,7 +29,7 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
                   const core::RopeTable& rope, const core::Tensor& x, const core::Tensor& positions,
                   const AttentionActs& a, const core::Tensor& dy, const core::Tensor& dyp, core::Tensor& dx,
                   float gbeta);
-// Attention's operands again (a.q, a.k, a.v, and the query latents with query compression), from the
+// Attention's operands again (a.q, a.kv, a.k_pe, and the query latents with query compression), from the
 // layer's normalised input x and the latents a keeps: the same bits as mla_forward made.
 void mla_remake_operands(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
                          const core::Tensor& x, const core::Tensor& positions, AttentionActs& a);

@@ -171,11 +171,6 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.gemm(dyp, false, w.o_proj, false, dout2);
   Tensor go = g.o_proj;
   be.gemm(dyp, true, a.out.view({m, heads * vd}), false, go, 1.0f, gbeta);
-  // Attention, its gradients written (not added), each part where it goes next. d(kv) = [dk_nope | dv] a
-  // head, in the products' dtype (only the product below reads it): dk's nope part and dv go straight
-  // into their places (rounded once there), dk's rope part into a tensor of its own (summed over the
-  // heads below). dq's nope part straight into the queries' product operand, its rope part f32 (rotated
-  // back into that operand below).
   // Without query compression, where W_q and W_kva lie one after the other (as the forward's product
   // reads them) and so do their gradients, dq's operand and d(ckv)'s share one buffer [dq | d(ckv)], and
   // one product (and one weight-gradient product) takes both.
@@ -183,6 +178,11 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   Tensor g_both = w_both.defined() ? stacked_with(g.q_proj, g.kv_a_proj) : Tensor();
   const int64_t qn = heads * qk;
   Tensor dqkv = be.empty({m, qn + (g_both.defined() ? r + rd : 0)}, product_dtype(be));
+  // Attention, its gradients written (not added), each part where it goes next. d(kv) = [dk_nope | dv] a
+  // head, in the products' dtype (only the product below reads it): dk's nope part and dv go straight
+  // into their places (rounded once there), dk's rope part into a tensor of its own (summed over the
+  // heads below). dq's nope part straight into the queries' product operand, its rope part f32 (rotated
+  // back into that operand below).
   Tensor dkv = be.empty({m, heads, nope + vd}, product_dtype(be));
   Tensor dkv_nope = dkv.slice(2, 0, nope), dv = dkv.slice(2, nope, vd);
   Tensor dqp = split_heads(dqkv.slice(1, 0, qn), heads), dq_pe = be.empty({m, heads, rd});
