@@ -123,13 +123,26 @@ class Backend {
   // or bf16-reading ops take next).
   // offsets: [G + 1] I64 on this backend's device (as moe_dispatch makes them), ascending within [0, R];
   // rows outside every group are left as they are.
+  // a_rows (here and in grouped_gate_up and grouped_gemm_wgrad; null: a's rows in order): I32 [R] on the
+  // device, row r of the product's a is a[a_rows[r]] (a of any number of rows): the experts read their
+  // tokens' rows where they lie (moe_dispatch's token_of) instead of from a sorted copy.
   virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
-                            float beta = 0.0f) = 0;
+                            float beta = 0.0f, const Tensor* a_rows = nullptr) = 0;
   // Weight gradient of grouped_gemm with trans_w: dw[g] = beta · dw[g] + dc[rows_g]ᵀ · a[rows_g];
-  //   dc: [R, n] and a: [R, k] f32 or bf16, dw: [G, n, k] f32; beta 1 (add) or 0 (overwrite: the old
-  //   values are not read, and a group without rows gets zeros).
+  //   dc: [R, n] and a: [R, k] (or a's rows by a_rows) f32 or bf16, dw: [G, n, k] f32; beta 1 (add) or 0
+  //   (overwrite: the old values are not read, and a group without rows gets zeros).
   virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw,
-                                  float beta = 1.0f) = 0;
+                                  float beta = 1.0f, const Tensor* a_rows = nullptr) = 0;
+  // out[r] = x[index[r]]: x and out f32 or bf16 (the same), index I32 [R] on the device, every entry a row
+  // of x. What a grouped product's a_rows mean, made into a matrix (for kernels that read rows in order).
+  virtual void gather_rows(const Tensor& x, const Tensor& index, Tensor& out) = 0;
+  // a's rows by a_rows (null: a itself), as a matrix of a_rows' length.
+  Tensor rows_in_order(const Tensor& a, const Tensor* a_rows) {
+    if (a_rows == nullptr) return a;
+    Tensor out = empty({a_rows->numel(), a.size(1)}, a.dtype());
+    gather_rows(a, *a_rows, out);
+    return out;
+  }
   // h[r] = silu(a[r] · w_gate[g]ᵀ) * (a[r] · w_up[g]ᵀ) for the rows r of group g, where w [G, 2n, k]
   // stacks each group's n gate rows over its n up rows and h [R, n] is bf16: grouped_gemm (trans_w)
   // then silu_mul_forward, without the [R, 2n] f32 products. With gate_up ([R, 2n] bf16) those products
@@ -137,9 +150,9 @@ class Backend {
   // from them as rounded (what silu_mul_forward of gate_up gives a backward that remakes h). Rows outside
   // every group are unspecified. This default is the reference; a backend may fuse it.
   virtual void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
-                               Tensor* gate_up = nullptr) {
-    Tensor gu = empty({a.size(0), w.size(1)});
-    grouped_gemm(a, w, true, offsets, gu);
+                               Tensor* gate_up = nullptr, const Tensor* a_rows = nullptr) {
+    Tensor gu = empty({h.size(0), w.size(1)});
+    grouped_gemm(a, w, true, offsets, gu, 0.0f, a_rows);
     if (gate_up == nullptr) {
       silu_mul_forward(gu, h);
     } else {  // h from the products as gate_up holds them (what backward reads)
@@ -294,12 +307,12 @@ class Backend {
   // dlogits += ∂weights/∂logits · dweights (selection is piecewise constant).
   virtual void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
                                   const RouterConfig& cfg, Tensor& dlogits) = 0;
-  // Sorts the M*K (token, slot) assignments by expert: xs [M*K, H] holds the token rows grouped by
-  // expert, row_of [M*K] I32 the xs row of assignment m*K+k, offsets [E+1] I64 (made here, on this
-  // backend's device) the group bounds. The host need not wait for them: grouped_gemm reads them where
-  // they are. x f32 or bf16; xs in x's dtype.
-  virtual void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
-                            Tensor& offsets) = 0;
+  // Sorts the M*K (token, slot) assignments by expert, stable in assignment order: the experts' rows
+  // are the assignments grouped by expert; row_of [M*K] I32 the row of assignment m*K+k, token_of [M*K]
+  // I32 the token (m) of each row, offsets [E+1] I64 (made here, on this backend's device) the group
+  // bounds. No token rows move: the grouped products read them through token_of (their a_rows). The host
+  // need not wait for any of it: grouped_gemm reads the bounds where they are.
+  virtual void moe_dispatch(const Tensor& idx, int n_experts, Tensor& row_of, Tensor& token_of, Tensor& offsets) = 0;
   // dx[m] += Σ_k dxs[row_of[m*K+k]];  dxs f32 or bf16, dx f32 (each sum f32).
   virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) = 0;
   // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]];  ys f32 or bf16 (here and in backward), out f32.

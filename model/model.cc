@@ -24,7 +24,7 @@ void drop_remakeable(LayerActs& a, bool products) {
   a.ln1 = a.ln2 = Tensor();
   a.attn.q = a.attn.kv = a.attn.k_pe = Tensor();
   a.attn.q_a = a.attn.q_a_norm = a.attn.q_a_rstd = Tensor();
-  a.mlp.act = a.moe.xs = a.moe.experts.act = a.moe.shared.act = Tensor();
+  a.mlp.act = a.moe.experts.act = a.moe.shared.act = Tensor();
   if (products) a.mlp.gate_up = a.moe.experts.gate_up = a.moe.ys = Tensor();
 }
 
@@ -41,7 +41,7 @@ void for_each_tensor(const LayerActs& a, F&& f) {
        {&n.q_a, &n.q_a_norm, &n.q_a_rstd, &n.ckv, &n.c_norm, &n.c_rstd, &n.q, &n.kv, &n.k_pe, &n.out, &n.lse})
     f(*t);
   const MoeActs& e = a.moe;
-  for (const Tensor* t : {&e.logits, &e.scores, &e.idx, &e.weights, &e.xs, &e.row_of, &e.offsets, &e.ys}) f(*t);
+  for (const Tensor* t : {&e.logits, &e.scores, &e.idx, &e.weights, &e.token_of, &e.row_of, &e.offsets, &e.ys}) f(*t);
   for_each_tensor(a.mlp, f);
   for_each_tensor(e.experts, f);
   for_each_tensor(e.shared, f);

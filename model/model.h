@@ -38,7 +38,8 @@ struct MlpActs {
 };
 struct MoeActs {
   core::Tensor logits, scores, idx, weights;  // [M, E], [M, E], [M, K] I32, [M, K]
-  core::Tensor xs, row_of;                    // [M*K, H] grouped by expert, [M*K] I32
+  core::Tensor token_of, row_of;              // [M*K] I32: each expert row's token (rows grouped by
+                                              // expert), each assignment's row
   core::Tensor offsets;                       // [E + 1] I64 group bounds, on the device
   MlpActs experts;                            // over the M*K rows
   core::Tensor ys;                            // [M*K, H], in the products' dtype

@@ -16,20 +16,22 @@ void gated_activation(core::Backend& be, MlpActs& a) {
 
 namespace {
 
-// The routed experts over the token rows a.xs grouped by a.offsets: a.experts (gate_up only
-// for_backward) and a.ys.
-void routed_experts(core::Backend& be, const LayerWeights& w, int64_t inter, MoeActs& a, bool for_backward) {
-  const int64_t rows = a.xs.size(0);
+// The routed experts over the token rows of x (x[a.token_of[r]] for the expert rows r, grouped by
+// a.offsets): a.experts (gate_up only for_backward) and a.ys.
+void routed_experts(core::Backend& be, const LayerWeights& w, int64_t inter, const Tensor& x, MoeActs& a,
+                    bool for_backward) {
+  const int64_t rows = a.token_of.numel();
   a.experts.act = be.empty({rows, inter}, product_dtype(be));  // the groups cover every row
-  a.ys = be.empty({rows, a.xs.size(1)}, product_dtype(be));    // bf16 products: the experts' outputs rounded once
+  a.ys = be.empty({rows, x.size(1)}, product_dtype(be));       // bf16 products: the experts' outputs rounded once
   if (a.experts.act.dtype() == core::DType::kBF16) {
     // bf16 products: the gated product in one pass; for backward its [rows, 2I] products come along,
     // rounded to bf16 (what silu_mul_backward reads), never in f32.
     if (for_backward) a.experts.gate_up = be.empty({rows, 2 * inter}, core::DType::kBF16);
-    be.grouped_gate_up(a.xs, w.experts_gate_up, a.offsets, a.experts.act, for_backward ? &a.experts.gate_up : nullptr);
+    be.grouped_gate_up(x, w.experts_gate_up, a.offsets, a.experts.act, for_backward ? &a.experts.gate_up : nullptr,
+                       &a.token_of);
   } else {
     a.experts.gate_up = be.empty({rows, 2 * inter});
-    be.grouped_gemm(a.xs, w.experts_gate_up, true, a.offsets, a.experts.gate_up);
+    be.grouped_gemm(x, w.experts_gate_up, true, a.offsets, a.experts.gate_up, 0.0f, &a.token_of);
     be.silu_mul_forward(a.experts.gate_up, a.experts.act);
   }
   be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
@@ -87,7 +89,7 @@ void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, c
 
 void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,
                  Tensor& y, bool for_backward, bool combine) {
-  const int64_t m = x.size(0), h = x.size(1), e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
+  const int64_t m = x.size(0), e = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
   const int64_t inter = cfg.moe_intermediate_size;
   const core::RouterConfig rc = cfg.router();
   // Router.
@@ -115,11 +117,11 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   } else {
     be.moe_route(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores);
   }
-  // Routed experts over the token rows grouped by expert.
-  a.xs = be.empty({m * k, h}, x.dtype());  // every row is some token's
+  // Routed experts over the token rows grouped by expert (read where they lie, through token_of).
   a.row_of = be.empty({m * k}, core::DType::kI32);
-  be.moe_dispatch(x, a.idx, static_cast<int>(e), a.xs, a.row_of, a.offsets);
-  routed_experts(be, w, inter, a, for_backward);
+  a.token_of = be.empty({m * k}, core::DType::kI32);
+  be.moe_dispatch(a.idx, static_cast<int>(e), a.row_of, a.token_of, a.offsets);
+  routed_experts(be, w, inter, xin, a, for_backward);
   if (gate_with_route) {
     be.gemm(a.shared.act, false, w.shared.down, true, y);
   } else if (both.defined()) {
@@ -134,13 +136,9 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
 
 void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,
                 bool experts) {
-  const int64_t m = x.size(0), k = cfg.num_experts_per_tok;
-  // The same grouping again (row_of and offsets come out as the kept ones).
-  a.xs = be.empty({m * k, x.size(1)}, x.dtype());
-  Tensor row_of = be.empty({m * k}, core::DType::kI32), offsets;
-  be.moe_dispatch(x, a.idx, static_cast<int>(cfg.n_routed_experts), a.xs, row_of, offsets);
+  // The grouping (token_of, offsets) is kept: the experts read x's rows through it again.
   if (experts) {
-    routed_experts(be, w, cfg.moe_intermediate_size, a, /*for_backward=*/true);
+    routed_experts(be, w, cfg.moe_intermediate_size, product_operand(be, x), a, /*for_backward=*/true);
   } else {
     gated_activation(be, a.experts);
   }
@@ -182,7 +180,7 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.grouped_silu_backward(dys, w.experts_down, a.offsets, a.experts.gate_up, dgu);
   be.grouped_gemm_wgrad(dys, a.experts.act, a.offsets, gdown, gbeta);
   be.grouped_gemm(dgu, w.experts_gate_up, false, a.offsets, dxs);
-  be.grouped_gemm_wgrad(dgu, a.xs, a.offsets, ggu, gbeta);
+  be.grouped_gemm_wgrad(dgu, product_operand(be, x), a.offsets, ggu, gbeta, &a.token_of);
   be.moe_dispatch_backward(dxs, a.row_of, dx);
   // Router: the weights are differentiable, the selection is not.
   Tensor dlogits = be.zeros({m, e});

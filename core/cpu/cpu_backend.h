@@ -23,9 +23,11 @@ class CpuBackend final : public Backend {
             float beta) override;
   void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
                     float beta) override;
-  void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
-                    float beta) override;
-  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw, float beta) override;
+  void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta,
+                    const Tensor* a_rows) override;
+  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw, float beta,
+                          const Tensor* a_rows) override;
+  void gather_rows(const Tensor& x, const Tensor& index, Tensor& out) override;
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
@@ -54,8 +56,7 @@ class CpuBackend final : public Backend {
                  Tensor& weights, Tensor& scores) override;
   void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
                           const RouterConfig& cfg, Tensor& dlogits) override;
-  void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
-                    Tensor& offsets) override;
+  void moe_dispatch(const Tensor& idx, int n_experts, Tensor& row_of, Tensor& token_of, Tensor& offsets) override;
   void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) override;
   void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) override;
   void moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights, const Tensor& row_of,

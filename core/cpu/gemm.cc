@@ -109,16 +109,16 @@ const int64_t* group_bounds(const Tensor& offsets, int64_t groups, int64_t rows)
 }  // namespace
 
 void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offset_tensor, Tensor& c,
-                              float beta) {
+                              float beta, const Tensor* a_rows) {
   CHECK_EQ(w.dim(), 3);
   if (c.dtype() == DType::kBF16) {  // the f32 sums, rounded once (rows outside the groups round-trip exactly)
     CHECK_EQ(beta, 0.0f) << "grouped_gemm into bf16 takes beta 0";
     Tensor c32 = c.to_f32();
-    grouped_gemm(a, w, trans_w, offset_tensor, c32, 0.0f);
+    grouped_gemm(a, w, trans_w, offset_tensor, c32, 0.0f, a_rows);
     copy(c32, c);
     return;
   }
-  const Tensor a32 = f32_values(a), w32 = f32_values(w);
+  const Tensor a32 = f32_values(rows_in_order(a, a_rows)), w32 = f32_values(w);
   Rows ar = rows_of(a32), cr = rows_of(c);
   const int64_t* offsets = group_bounds(offset_tensor, w.size(0), std::min(ar.rows, cr.rows));
   for (int64_t g = 0; g < w.size(0); ++g) {
@@ -129,10 +129,10 @@ void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, co
 }
 
 void CpuBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offset_tensor, Tensor& dw,
-                                    float beta) {
+                                    float beta, const Tensor* a_rows) {
   CHECK_EQ(dw.dim(), 3);
   CHECK(beta == 0.0f || beta == 1.0f) << "grouped_gemm_wgrad adds (beta 1) or overwrites (0), not beta " << beta;
-  const Tensor a32 = f32_values(a), dc32 = f32_values(dc);
+  const Tensor a32 = f32_values(rows_in_order(a, a_rows)), dc32 = f32_values(dc);
   Rows dcr = rows_of(dc32), ar = rows_of(a32);
   const int64_t* offsets = group_bounds(offset_tensor, dw.size(0), std::min(dcr.rows, ar.rows));
   for (int64_t g = 0; g < dw.size(0); ++g) {

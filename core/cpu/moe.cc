@@ -1,6 +1,7 @@
 // The MoE router and expert dispatch/combine of the CPU backend, forward and backward.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -107,24 +108,20 @@ void CpuBackend::moe_route_backward(const Tensor& dweights, const Tensor& scores
 }
 
 // Counting sort of assignments by expert, stable in assignment order (deterministic).
-void CpuBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
+void CpuBackend::moe_dispatch(const Tensor& idx, int n_experts, Tensor& row_of, Tensor& token_of,
                               Tensor& offset_tensor) {
-  if (x.dtype() == DType::kBF16) {  // the rows as f32 values, copied back exactly
-    Tensor xs32 = Tensor::zeros(xs.shape());
-    moe_dispatch(f32_values(x), idx, n_experts, xs32, row_of, offset_tensor);
-    copy(xs32, xs);
-    return;
-  }
-  Rows xr = rows_of(x), xsr = rows_of(xs);
-  const int64_t m = idx.size(0), kk = idx.size(1), n = m * kk;
-  CHECK_EQ(xr.rows, m);
-  CHECK_EQ(xsr.rows, n);
+  CHECK(idx.dtype() == DType::kI32 && idx.dim() == 2 && idx.is_contiguous()) << "moe_dispatch: idx";
+  const int64_t kk = idx.size(1), n = idx.numel();
+  CHECK(row_of.dtype() == DType::kI32 && row_of.is_contiguous() && row_of.numel() == n) << "moe_dispatch: row_of";
+  CHECK(token_of.dtype() == DType::kI32 && token_of.is_contiguous() && token_of.numel() == n)
+      << "moe_dispatch: token_of";
   const int32_t* ip = idx.data<int32_t>();
   int32_t* ro = row_of.data<int32_t>();
+  int32_t* to = token_of.data<int32_t>();
   offset_tensor = Tensor::zeros({n_experts + 1}, DType::kI64);
   int64_t* offsets = offset_tensor.data<int64_t>();
   for (int64_t a = 0; a < n; ++a) {
-    CHECK(ip[a] >= 0 && ip[a] < n_experts);
+    CHECK(ip[a] >= 0 && ip[a] < n_experts) << "expert " << ip[a] << " of " << n_experts;
     ++offsets[ip[a] + 1];
   }
   for (int e = 0; e < n_experts; ++e) offsets[e + 1] += offsets[e];
@@ -132,7 +129,23 @@ void CpuBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts,
   for (int64_t a = 0; a < n; ++a) {
     const int64_t r = next[ip[a]]++;
     ro[a] = static_cast<int32_t>(r);
-    std::copy(xr.row(a / kk), xr.row(a / kk) + xr.cols, xsr.row(r));
+    to[r] = static_cast<int32_t>(a / kk);
+  }
+}
+
+void CpuBackend::gather_rows(const Tensor& x, const Tensor& index, Tensor& out) {
+  CHECK(x.dtype() == out.dtype() && (x.dtype() == DType::kF32 || x.dtype() == DType::kBF16))
+      << "gather_rows from " << dtype_name(x.dtype()) << " into " << dtype_name(out.dtype());
+  CHECK(index.dtype() == DType::kI32 && index.is_contiguous()) << "gather_rows: index";
+  CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1) << "gather_rows: rows";
+  CHECK_EQ(index.numel(), out.size(0));
+  CHECK_EQ(x.size(1), out.size(1));
+  const int32_t* id = index.data<int32_t>();
+  const size_t es = dtype_size(x.dtype()), bytes = static_cast<size_t>(x.size(1)) * es;
+  for (int64_t r = 0; r < out.size(0); ++r) {
+    CHECK(id[r] >= 0 && id[r] < x.size(0)) << "gather_rows: row " << id[r] << " of " << x.size(0);
+    std::memcpy(static_cast<char*>(out.raw()) + r * out.stride(0) * es,
+                static_cast<const char*>(x.raw()) + id[r] * x.stride(0) * es, bytes);
   }
 }
 

@@ -108,12 +108,15 @@ class CudaBackend final : public Backend {
             float beta) override;
   void gemm_batched(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, float alpha,
                     float beta) override;
-  void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta) override;
-  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw, float beta) override;
+  void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta,
+                    const Tensor* a_rows) override;
+  void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw, float beta,
+                          const Tensor* a_rows) override;
+  void gather_rows(const Tensor& x, const Tensor& index, Tensor& out) override;
   void grouped_silu_backward(const Tensor& dc, const Tensor& w, const Tensor& offsets, const Tensor& gate_up,
                              Tensor& dgu) override;
-  void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
-                       Tensor* gate_up = nullptr) override;
+  void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h, Tensor* gate_up,
+                       const Tensor* a_rows) override;
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
   void add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
@@ -152,8 +155,7 @@ class CudaBackend final : public Backend {
                           Tensor& weights, Tensor& scores, const Tensor& gate_up, Tensor& act) override;
   void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
                           const RouterConfig& cfg, Tensor& dlogits) override;
-  void moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
-                    Tensor& offsets) override;
+  void moe_dispatch(const Tensor& idx, int n_experts, Tensor& row_of, Tensor& token_of, Tensor& offsets) override;
   void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) override;
   void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) override;
   void moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weights, const Tensor& row_of, const Tensor& x,

@@ -194,21 +194,60 @@ struct TcTile {
       tc::cp_async16(smem + i * kLd + k, valid ? src : p, valid);
     }
   }
+  // Gathered rows (a k-contiguous tile whose row i lies at a + index[i]·ld): the rows this thread's chunks
+  // read, once a tile (null past the ni rows inside the matrix), then each step's tile from them, from k0
+  // with nk ks inside the matrix.
+  static constexpr int kPer = kChunks / kTcThreads;
+  __device__ static void gather(const __nv_bfloat16* (&rp)[kPer], const __nv_bfloat16* a, int64_t ld,
+                                const int32_t* index, int ni) {
+    static_assert(kK, "gathered rows are k-contiguous");
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int i = (threadIdx.x + u * kTcThreads) / (kTileK / 8);
+      rp[u] = i < ni ? a + static_cast<int64_t>(index[i]) * ld : nullptr;
+    }
+  }
+  __device__ static void load_gathered(__nv_bfloat16* smem, const __nv_bfloat16* const (&rp)[kPer],
+                                       const __nv_bfloat16* any, int k0, int nk) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int idx = threadIdx.x + u * kTcThreads;
+      const int i = idx / (kTileK / 8), k = (idx % (kTileK / 8)) * 8;
+      const bool valid = rp[u] != nullptr && k < nk;
+      tc::cp_async16(smem + i * kLd + k, valid ? rp[u] + k0 + k : any, valid);
+    }
+  }
 };
+
+// Where a grouped product's operand rows come from: in order, or by an index (the experts reading their
+// tokens' rows where they lie): kGatherA, A's rows (k-contiguous A, the forward); kGatherK, the k rows of
+// a B stored [k][n] (the weight gradient, which sums over the rows).
+enum Gather { kInOrder = 0, kGatherA = 1, kGatherK = 2 };
 
 // Issues step s of a product's pipeline (of `steps`): the A and B tiles of its k range into stage
 // s % kStages of sa and sb (TileA and TileB lay them out; each tile kStage units of *sa), then commits
 // (an empty group past the end keeps the count uniform). pa, pb: the block's first row (or column) of
 // each operand; kGated: b's rows from pb and pb + gate_to_up rows (TileB::load_pair).
-template <typename TileA, typename TileB, bool kAK, bool kBK, bool kGated, typename T>
+// kGatherA: A's rows from rows_a (TileA::gather); kGatherK: B's k rows of step s from k_rows
+// (TileB::fetch_k_rows).
+template <typename TileA, typename TileB, bool kAK, bool kBK, bool kGated, int kGather = kInOrder, typename T,
+          int kPerB>
 __device__ __forceinline__ void issue_step(int s, int steps, T* sa, T* sb, const __nv_bfloat16* pa, int64_t lda,
                                            const __nv_bfloat16* pb, int64_t ldb, int64_t gate_to_up, int ni_a,
-                                           int ni_b, int K) {
+                                           int ni_b, int K, const __nv_bfloat16* const (&rows_a)[TileA::kPer],
+                                           const int32_t (&k_rows)[kPerB]) {
+  static_assert(kGather != kGatherA || kAK, "gathered A rows are k-contiguous");
+  static_assert(kGather != kGatherK || (!kBK && !kGated), "gathered k rows of a B stored [k][n]");
   if (s < steps) {
     const int k0 = s * kTileK, st = s % kStages;
-    TileA::load(sa + st * TileA::kStage, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
+    if constexpr (kGather == kGatherA)
+      TileA::load_gathered(sa + st * TileA::kStage, rows_a, pa, k0, K - k0);
+    else
+      TileA::load(sa + st * TileA::kStage, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
     if constexpr (kGated)
       TileB::load_pair(sb + st * TileB::kStage, pb + k0, pb + gate_to_up * ldb + k0, ldb, ni_b, K - k0);
+    else if constexpr (kGather == kGatherK)
+      TileB::load_k_rows(sb + st * TileB::kStage, pb, ldb, k_rows, ni_b);
     else
       TileB::load(sb + st * TileB::kStage, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
   }
@@ -241,10 +280,12 @@ __device__ __forceinline__ void load_a_km(uint32_t* a, const __nv_bfloat16* p, i
 // The f32 sums of the block's tile at (m0, n0) of one product (8 warps, 2 along m by 4 along n), as
 // tc_tile below stores them. kGated (B k-contiguous): the tile's first kTileN / 2 columns are b's rows n0 + j and its last are
 // rows gate_to_up + n0 + j, so that a gated product's gate and up columns meet in one block.
-template <bool kAK, bool kBK, int kTM, bool kGated = false>
+// kGatherA: A's rows gathered, row i at a + a_rows[i]·lda.
+template <bool kAK, bool kBK, int kTM, bool kGated = false, int kGather = kInOrder>
 __device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], const __nv_bfloat16* a, int64_t lda,
                                               const __nv_bfloat16* b, int64_t ldb, int M, int N, int K, int m0,
-                                              int n0, int64_t gate_to_up = 0) {
+                                              int n0, int64_t gate_to_up = 0, const int32_t* a_rows = nullptr) {
+  static_assert(kGather != kGatherK, "the mma.sync kernels gather A's rows only");
   static_assert(kTM == 128 || kTM == 64 || kTM == 32, "row tiles of 128, 64 or 32");
   static_assert(!kGated || kBK, "gated tiles read k-contiguous weights");
   constexpr int kMi = kTM / 32;  // m16 tiles a warp
@@ -265,8 +306,12 @@ __device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], cons
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
   const int steps = (K + kTileK - 1) / kTileK;
+  const __nv_bfloat16* rows_a[TileA::kPer] = {};
+  if constexpr (kGather == kGatherA) TileA::gather(rows_a, a, lda, a_rows + m0, ni_a);
+  const int32_t no_k_rows[1] = {0};
   const auto issue = [&](int s) {
-    issue_step<TileA, TileB, kAK, kBK, kGated>(s, steps, sa, sb, pa, lda, pb, ldb, gate_to_up, ni_a, ni_b, K);
+    issue_step<TileA, TileB, kAK, kBK, kGated, kGather>(s, steps, sa, sb, kGather == kGatherA ? a : pa, lda, pb, ldb,
+                                                        gate_to_up, ni_a, ni_b, K, rows_a, no_k_rows);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);
@@ -419,13 +464,15 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // With gu (not null), the sums themselves also go there rounded, gate columns then up columns ([M, 2N]
 // rows of stride ldgu): each warp writes its own. h is then made from the rounded sums, as
 // silu_mul_forward makes it from gu: what backward reads and what a backward that remakes h makes agree.
-template <int kTM>
+// kGather as tc_accumulate's (a_rows: the group's A rows).
+template <int kTM, int kGather = kInOrder>
 __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
                                               int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
-                                              __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0) {
+                                              __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0,
+                                              const int32_t* a_rows = nullptr) {
   constexpr int kMi = kTM / 32;
   float acc[kMi][4][4];
-  tc_accumulate<true, true, kTM, true>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
+  tc_accumulate<true, true, kTM, true, kGather>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up, a_rows);
   if (gu != nullptr) {
     const int wn = threadIdx.x / 32 % 4;  // warps 0, 1: gate columns; 2, 3: the same columns' up sums
     __nv_bfloat16* half = gu + (wn < 2 ? 0 : N);
@@ -463,18 +510,20 @@ __device__ __forceinline__ void tc_gated_tile(const __nv_bfloat16* a, int64_t ld
 // h[r] = silu(a[r] · w[g][0:n]ᵀ) · (a[r] · w[g][n:2n]ᵀ) for the rows r of group g, bf16 (and the products
 // into gu, rounded, unless it is null): blockIdx.x picks n's column tile of kTileN / 2, blockIdx.y the row
 // tile as in grouped_tc_kernel.
-template <int kTM>
+// kGather (kGatherA): row r of a is a[a_rows[r]].
+template <int kTM, int kGather = kInOrder>
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_gated_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
                          __nv_bfloat16* h, int64_t ldh, __nv_bfloat16* gu, int64_t ldgu, const int64_t* bounds,
-                         int groups, int n, int k) {
+                         int groups, int n, int k, const int32_t* a_rows) {
   __shared__ int tile_group, tile_row;
   find_row_tile<kTM>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
-  tc_gated_tile<kTM>(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, gu ? gu + r0 * ldgu : nullptr, ldgu,
-                     static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2));
+  tc_gated_tile<kTM, kGather>(kGather == kGatherA ? a : a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh,
+                              gu ? gu + r0 * ldgu : nullptr, ldgu, static_cast<int>(bounds[g + 1] - r0), n, k,
+                              tile_row, blockIdx.x * (kTileN / 2), kGather == kGatherA ? a_rows + r0 : nullptr);
 }
 
 // Zeros in the block's tile (kTileM × kTileN at (m0, n0)) of the M × N matrix c: a weight gradient
@@ -564,6 +613,49 @@ struct WgTile {
       tc::cp_async16(smem + offset(i, k), valid ? (hi ? p2 : p) + ih * ld + k : p, valid);
     }
   }
+  // As TcTile::gather and load_gathered: A's rows where an index says.
+  static constexpr int kPer = kChunks / kThreads;
+  __device__ static void gather(const __nv_bfloat16* (&rp)[kPer], const __nv_bfloat16* a, int64_t ld,
+                                const int32_t* index, int ni) {
+    static_assert(kK, "gathered rows are k-contiguous");
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int i = (threadIdx.x + u * kThreads) / (kTileK / 8);
+      rp[u] = i < ni ? a + static_cast<int64_t>(index[i]) * ld : nullptr;
+    }
+  }
+  __device__ static void load_gathered(unsigned char* smem, const __nv_bfloat16* const (&rp)[kPer],
+                                       const __nv_bfloat16* any, int k0, int nk) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int idx = threadIdx.x + u * kThreads;
+      const int i = idx / (kTileK / 8), k = (idx % (kTileK / 8)) * 8;
+      const bool valid = rp[u] != nullptr && k < nk;
+      tc::cp_async16(smem + offset(i, k), valid ? rp[u] + k0 + k : any, valid);
+    }
+  }
+  // A tile stored [k][i] (not kK) whose k rows lie where an index says: fetch_k_rows reads the rows of
+  // this thread's chunks for a step (index from the step's first k, nk of them inside the matrix; -1
+  // past them), a step ahead of load_k_rows, which loads row k from p + row·ld (p the tile's first
+  // column), so that no load waits on its index.
+  __device__ static void fetch_k_rows(int32_t (&rows)[kPer], const int32_t* index, int nk) {
+    static_assert(!kK, "k rows of a tile stored [k][i]");
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int k = (threadIdx.x + u * kThreads) / (kRows / 8);
+      rows[u] = k < nk ? index[k] : -1;
+    }
+  }
+  __device__ static void load_k_rows(unsigned char* smem, const __nv_bfloat16* p, int64_t ld,
+                                     const int32_t (&rows)[kPer], int ni) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int idx = threadIdx.x + u * kThreads;
+      const int i = (idx % (kRows / 8)) * 8, k = idx / (kRows / 8);
+      const bool valid = i < ni && rows[u] >= 0;
+      tc::cp_async16(smem + offset(i, k), valid ? p + static_cast<int64_t>(rows[u]) * ld + i : p, valid);
+    }
+  }
   // The descriptor of the tile's rows from `row` (a multiple of 64) at k step kk (a multiple of 16).
   __device__ static uint64_t desc(const unsigned char* tile, int row, int kk) {
     if constexpr (kK)
@@ -583,10 +675,12 @@ __device__ __forceinline__ unsigned char* wg_smem_base() {
 
 // The f32 sums of the block's tile at (m0, n0) of one product (64 · kWG rows), as tc_accumulate makes
 // them but in the wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
-template <bool kAK, bool kBK, bool kGated = false, int kWG = 2>
+// kGather: kGatherA, A's rows at a + rows[i]·lda; kGatherK, B's k rows at b + rows[k]·ldb (rows: the
+// group's).
+template <bool kAK, bool kBK, bool kGated = false, int kWG = 2, int kGather = kInOrder>
 __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloat16* a, int64_t lda,
                                               const __nv_bfloat16* b, int64_t ldb, int M, int N, int K, int m0,
-                                              int n0, int64_t gate_to_up = 0) {
+                                              int n0, int64_t gate_to_up = 0, const int32_t* rows = nullptr) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(!kGated || kBK, "gated tiles read k-contiguous weights");
   using TileA = WgTile<kAK, 64 * kWG, 128 * kWG>;
@@ -601,11 +695,24 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
 
   const int steps = (K + kTileK - 1) / kTileK;
+  const __nv_bfloat16* rows_a[TileA::kPer] = {};
+  if constexpr (kGather == kGatherA) TileA::gather(rows_a, a, lda, rows + m0, ni_a);
+  int32_t k_rows[TileB::kPer] = {};  // kGatherK: the k rows of the next step to issue
+  const auto fetch = [&](int s) {
+    if constexpr (kGather == kGatherK) {
+      if (s < steps) TileB::fetch_k_rows(k_rows, rows + s * kTileK, K - s * kTileK);
+    }
+  };
   const auto issue = [&](int s) {
-    issue_step<TileA, TileB, kAK, kBK, kGated>(s, steps, sa, sb, pa, lda, pb, ldb, gate_to_up, ni_a, ni_b, K);
+    issue_step<TileA, TileB, kAK, kBK, kGated, kGather>(s, steps, sa, sb, kGather == kGatherA ? a : pa, lda, pb, ldb,
+                                                        gate_to_up, ni_a, ni_b, K, rows_a, k_rows);
   };
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  for (int s = 0; s < kStages - 1; ++s) {
+    fetch(s);
+    issue(s);
+  }
+  fetch(kStages - 1);
   // Step s's products run while the block waits for the products of step s - 1 to finish and then
   // reloads their buffer with step s + kStages - 1.
   for (int s = 0; s < steps; ++s) {
@@ -624,6 +731,7 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
     wg::pin(acc);
     __syncthreads();  // every warpgroup's products of step s - 1 are done
     issue(s + kStages - 1);
+    fetch(s + kStages);  // its loads in flight until the next step issues
   }
   wg::wait<0>();
   wg::pin(acc);
@@ -756,13 +864,14 @@ __device__ __forceinline__ void wg_for_each_local(F&& f) {
     for (int h = 0; h < 2; ++h) f(r0 + 8 * h, j * 8 + 2 * (lane % 4), 4 * j + 2 * h);
 }
 
-// tc_tile on the warpgroup products; staged: through shared memory (WgStage's conditions hold).
-template <bool kAK, bool kBK, typename TC, int kWG = 2>
+// tc_tile on the warpgroup products; staged: through shared memory (WgStage's conditions hold). kGather
+// and rows as wg_accumulate's.
+template <bool kAK, bool kBK, typename TC, int kWG = 2, int kGather = kInOrder>
 __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
                                         TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta,
-                                        bool staged) {
+                                        bool staged, const int32_t* rows = nullptr) {
   float acc[64];
-  wg_accumulate<kAK, kBK, false, kWG>(acc, a, lda, b, ldb, M, N, K, m0, n0);
+  wg_accumulate<kAK, kBK, false, kWG, kGather>(acc, a, lda, b, ldb, M, N, K, m0, n0, 0, rows);
   if (staged) {
     using S = WgStage<TC, kTileN, kWG>;
     TC* s = reinterpret_cast<TC*>(wg_smem_base());
@@ -781,13 +890,13 @@ __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, con
 // tc_gated_tile on the warpgroup products: a thread holds a gate sum and its up sum (columns j and
 // kTileN / 2 + j of the tile), so the pair meets in registers. The same expression, so the same bits
 // as wg_tile then silu_mul_forward.
-template <int kWG>
+template <int kWG, int kGather = kInOrder>
 __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
                                               int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
                                               __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0,
-                                              bool staged) {
+                                              bool staged, const int32_t* a_rows = nullptr) {
   float acc[64];
-  wg_accumulate<true, true, true, kWG>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up);
+  wg_accumulate<true, true, true, kWG, kGather>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up, a_rows);
   constexpr int kUp = 4 * (kTileN / 16);  // acc[i + kUp]: the up sum of gate sum acc[i]
   using S = WgStage<__nv_bfloat16, kTileN / 2, kWG>;
   static_assert(3 * S::kRows * S::kLd * 2 <= wg_smem_bytes(kWG) - 1024,
@@ -845,18 +954,20 @@ __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
                               blockIdx.x * kTileN, beta, staged);
 }
 
-template <int kWG>
+template <int kWG, int kGather = kInOrder>
 __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
     grouped_gated_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
                             __nv_bfloat16* h, int64_t ldh, __nv_bfloat16* gu, int64_t ldgu, const int64_t* bounds,
-                            int groups, int n, int k, bool staged) {
+                            int groups, int n, int k, bool staged, const int32_t* a_rows) {
   __shared__ int tile_group, tile_row;
   find_row_tile<64 * kWG>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
-  wg_gated_tile<kWG>(a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh, gu ? gu + r0 * ldgu : nullptr, ldgu,
-                static_cast<int>(bounds[g + 1] - r0), n, k, tile_row, blockIdx.x * (kTileN / 2), staged);
+  wg_gated_tile<kWG, kGather>(kGather == kGatherA ? a : a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh,
+                              gu ? gu + r0 * ldgu : nullptr, ldgu, static_cast<int>(bounds[g + 1] - r0), n, k,
+                              tile_row, blockIdx.x * (kTileN / 2), staged,
+                              kGather == kGatherA ? a_rows + r0 : nullptr);
 }
 
 // The experts' down data gradient ending in the gate's backward (CudaBackend::grouped_silu_backward):
@@ -911,10 +1022,12 @@ __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
   }
 }
 
+// kGather (kGatherK): row r of a is a[a_rows[r]].
+template <int kGather = kInOrder>
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_wgrad_wg_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* a, int64_t lda, float* dw,
-                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k, float beta,
-                            bool staged) {
+                            int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k, float beta, bool staged,
+                            const int32_t* a_rows) {
   const int g = blockIdx.z;
   const int64_t r0 = bounds[g];
   const int rows = static_cast<int>(bounds[g + 1] - r0);
@@ -922,8 +1035,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     if (beta == 0.0f) zero_tile(dw + g * ldw0, ldw, n, k, blockIdx.y * kTileM, blockIdx.x * kTileN);
     return;
   }
-  wg_tile<false, false>(dc + r0 * lddc, lddc, a + r0 * lda, lda, dw + g * ldw0, ldw, n, k, rows, blockIdx.y * kTileM,
-                        blockIdx.x * kTileN, beta, staged);
+  wg_tile<false, false, float, 2, kGather>(dc + r0 * lddc, lddc, kGather == kGatherK ? a : a + r0 * lda, lda,
+                                           dw + g * ldw0, ldw, n, k, rows, blockIdx.y * kTileM, blockIdx.x * kTileN,
+                                           beta, staged, kGather == kGatherK ? a_rows + r0 : nullptr);
 }
 
 __global__ void hopper_probe_kernel(int* built) {
@@ -1094,6 +1208,15 @@ void check_offsets(const Tensor& offsets, int64_t groups) {
       << "group offsets: " << shape_str(offsets.shape()) << " for " << groups << " groups";
 }
 
+// A grouped product's a rows by index (null: in order): R of them, I32 on the device.
+void check_a_rows(const Tensor* a_rows, int64_t rows) {
+  if (a_rows == nullptr) return;
+  check_device(*a_rows, DType::kI32);
+  CHECK(a_rows->is_contiguous() && a_rows->numel() == rows)
+      << "a's rows by index: " << shape_str(a_rows->shape()) << " for " << rows << " rows";
+  CHECK_LT(rows, int64_t{1} << 31) << "a's rows by index: " << rows << " rows";
+}
+
 }  // namespace
 
 std::vector<int64_t> CudaBackend::host_offsets(const Tensor& offsets, int64_t rows) {
@@ -1151,8 +1274,13 @@ void CudaBackend::tc_products(const Operand& oa, const Operand& ow, bool trans_w
 }
 
 void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
-                               float beta) {
+                               float beta, const Tensor* a_rows) {
   CHECK_EQ(w.dim(), 3);
+  if (a_rows != nullptr) {  // the rows in order first (the model's gathered products take grouped_gate_up)
+    check_a_rows(a_rows, c.size(0));
+    grouped_gemm(rows_in_order(a, a_rows), w, trans_w, offsets, c, beta, nullptr);
+    return;
+  }
   check_operand(a);
   check_operand(w);
   check_device(c, c.dtype());
@@ -1220,7 +1348,7 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   if (c16) {
     Tensor c32 = empty(c.shape(), DType::kF32);
     copy(c, c32);  // rows outside the groups round-trip exactly
-    grouped_gemm(a, w, trans_w, offsets, c32, 0.0f);
+    grouped_gemm(a, w, trans_w, offsets, c32, 0.0f, nullptr);
     copy(c32, c);
     return;
   }
@@ -1237,7 +1365,7 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
 }
 
 void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h,
-                                  Tensor* gate_up) {
+                                  Tensor* gate_up, const Tensor* a_rows) {
   CHECK_EQ(w.dim(), 3);
   check_operand(a);
   check_operand(w);
@@ -1249,30 +1377,32 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   CHECK_EQ(w.size(1), 2 * n);
   CHECK_EQ(A.cols, k);
   CHECK_EQ(H.cols, n);
-  CHECK_EQ(A.rows, H.rows);
+  if (a_rows == nullptr) CHECK_EQ(A.rows, H.rows);
+  check_a_rows(a_rows, H.rows);
   Rows GU{nullptr, 0, 0, 0};
   if (gate_up != nullptr) {
     CHECK(gate_up->dtype() == DType::kBF16) << "grouped_gate_up's products go out in bf16, not "
                                             << dtype_name(gate_up->dtype());
     check_device(*gate_up, DType::kBF16);
     GU = rows_of(*gate_up);
-    CHECK(GU.rows == A.rows && GU.cols == 2 * n) << "grouped_gate_up: gate_up " << shape_str(gate_up->shape());
+    CHECK(GU.rows == H.rows && GU.cols == 2 * n) << "grouped_gate_up: gate_up " << shape_str(gate_up->shape());
   }
-  const int64_t rows = A.rows;
+  const int64_t rows = H.rows;
+  const int32_t* index = a_rows != nullptr ? a_rows->data<int32_t>() : nullptr;
   const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
   // Few rows a group take grouped_gemm's weight-streaming kernel, and f32 products cuBLAS: those run
   // as the reference composition does.
   const bool bf16 = bf16_products(a, w);
   if (groups == 0 || (rows <= 4 * groups && !opt_.batch_invariant) || !fits || !bf16 || w.stride(2) != 1 ||
-      groups >= 65535) {
-    Backend::grouped_gate_up(a, w, offsets, h, gate_up);
+      groups >= 65535 || A.rows >= (int64_t{1} << 31)) {
+    Backend::grouped_gate_up(a, w, offsets, h, gate_up, a_rows);
     return;
   }
   Tensor ka, kw;
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const Operand ow = gemm_operand(w, bf16, groups * w.size(1), k, w.stride(1), w.size(1), w.stride(0), kw);
   if (!tc_operand(oa, k) || !tc_operand(ow, k)) {
-    Backend::grouped_gate_up(a, w, offsets, h, gate_up);
+    Backend::grouped_gate_up(a, w, offsets, h, gate_up, a_rows);
     return;
   }
   Op op(this, "grouped_gate_up", 4.0 * rows * n * k,
@@ -1293,23 +1423,31 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   if ((tm == kTileM || tm == 64) && hopper_) {  // the warpgroup kernel, 2 warpgroups a block or 1
     const auto aligned = [](const Rows& x) { return x.ld % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0; };
     const bool staged = n % 8 == 0 && aligned(H) && (GU.p == nullptr || aligned(GU));
-    const auto kernel = tm == 64 ? grouped_gated_wg_kernel<1> : grouped_gated_wg_kernel<2>;
+    const auto kernel = index ? (tm == 64 ? grouped_gated_wg_kernel<1, kGatherA> : grouped_gated_wg_kernel<2, kGatherA>)
+                              : (tm == 64 ? grouped_gated_wg_kernel<1> : grouped_gated_wg_kernel<2>);
     set_tc_attributes(kernel, wg_smem_bytes(tm / 64));
     kernel<<<grid, 2 * tm, wg_smem_bytes(tm / 64), stream()>>>(
         static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
         static_cast<__nv_bfloat16*>(H.p), H.ld, static_cast<__nv_bfloat16*>(GU.p), GU.ld, offsets.data<int64_t>(),
-        static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), staged);
+        static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), staged, index);
     CUDA_CHECK(cudaGetLastError());
     return;
   }
-  const auto kernel = tm == 32 ? grouped_gated_kernel<32> : tm == 64 ? grouped_gated_kernel<64> : grouped_gated_kernel<128>;
+  const auto plain = tm == 32   ? grouped_gated_kernel<32>
+                     : tm == 64 ? grouped_gated_kernel<64>
+                                : grouped_gated_kernel<128>;
+  const auto gathered = tm == 32   ? grouped_gated_kernel<32, kGatherA>
+                        : tm == 64 ? grouped_gated_kernel<64, kGatherA>
+                                   : grouped_gated_kernel<128, kGatherA>;
+  const auto kernel = index ? gathered : plain;
   const size_t smem = tm == 32 ? tc_smem<32>() : tm == 64 ? tc_smem<64>() : tc_smem<128>();
   set_tc_attributes(kernel, smem);
   kernel<<<grid, kTcThreads, smem, stream()>>>(static_cast<const __nv_bfloat16*>(oa.p), oa.ld,
                                                  static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
                                                  static_cast<__nv_bfloat16*>(H.p), H.ld,
                                                  static_cast<__nv_bfloat16*>(GU.p), GU.ld, offsets.data<int64_t>(),
-                                                 static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k));
+                                                 static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k),
+                                                 index);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1357,7 +1495,7 @@ void CudaBackend::grouped_silu_backward(const Tensor& dc, const Tensor& w, const
 }
 
 void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw,
-                                     float beta) {
+                                     float beta, const Tensor* a_rows) {
   CHECK_EQ(dw.dim(), 3);
   CHECK(beta == 0.0f || beta == 1.0f) << "grouped_gemm_wgrad adds (beta 1) or overwrites (0), not beta " << beta;
   check_operand(dc);
@@ -1369,29 +1507,38 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
   check_offsets(offsets, groups);
   CHECK_EQ(D.cols, n);
   CHECK_EQ(A.cols, k);
-  CHECK_EQ(D.rows, A.rows);
-  const int64_t rows = A.rows;
-  Op op(this, "grouped_gemm_wgrad", 2.0 * rows * n * k,
-        4.0 * (rows * (n + k) + (beta == 0.0f ? 1 : 2) * groups * n * k));
+  if (a_rows == nullptr) CHECK_EQ(D.rows, A.rows);
+  check_a_rows(a_rows, D.rows);
+  const int64_t rows = D.rows;
   if (groups == 0) return;
-  if (rows == 0) {
-    if (beta == 0.0f) fill(dw, 0.0f);
-    return;
-  }
   const bool bf16 = bf16_products(dc, a);
   Tensor kd, ka;
   const Operand od = gemm_operand(dc, bf16, D.rows, D.cols, D.ld, D.rows, 0, kd);
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
-  if (bf16 && tc_operand(od, n) && tc_operand(oa, k) && rows < (int64_t{1} << 31) && groups < 65536) {
+  const bool tc = bf16 && tc_operand(od, n) && tc_operand(oa, k) && rows < (int64_t{1} << 31) &&
+                  A.rows < (int64_t{1} << 31) && groups < 65536;
+  if (a_rows != nullptr && !(tc && hopper_)) {  // only the warpgroup kernel reads rows by index
+    grouped_gemm_wgrad(dc, rows_in_order(a, a_rows), offsets, dw, beta, nullptr);
+    return;
+  }
+  Op op(this, "grouped_gemm_wgrad", 2.0 * rows * n * k,
+        4.0 * (rows * (n + k) + (beta == 0.0f ? 1 : 2) * groups * n * k));
+  if (rows == 0) {
+    if (beta == 0.0f) fill(dw, 0.0f);
+    return;
+  }
+  if (tc) {
     const dim3 grid(static_cast<unsigned>((k + kTileN - 1) / kTileN), static_cast<unsigned>((n + kTileM - 1) / kTileM),
                     static_cast<unsigned>(groups));
     if (hopper_) {
       const bool staged = k % 4 == 0 && dw.stride(1) % 4 == 0 && dw.stride(0) % 4 == 0 &&
                           reinterpret_cast<uintptr_t>(dw.raw()) % 16 == 0;
-      set_tc_attributes(grouped_wgrad_wg_kernel, kWgSmem);
-      grouped_wgrad_wg_kernel<<<grid, kTcThreads, kWgSmem, stream()>>>(
+      const auto kernel = a_rows ? grouped_wgrad_wg_kernel<kGatherK> : grouped_wgrad_wg_kernel<>;
+      set_tc_attributes(kernel, kWgSmem);
+      kernel<<<grid, kTcThreads, kWgSmem, stream()>>>(
           static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
-          dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k), beta, staged);
+          dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k), beta, staged,
+          a_rows ? a_rows->data<int32_t>() : nullptr);
       CUDA_CHECK(cudaGetLastError());
       return;
     }

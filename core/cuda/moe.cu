@@ -284,33 +284,29 @@ __device__ void write_bounds(const C* counts, int n_experts, int64_t* offsets, B
   if (threadIdx.x == 0) offsets[0] = 0;
 }
 
-// Block a: row_of[a] = starts[idx[a]][a / kScanThreads] + rank[a]; xs[row] = x[a / K].
-template <typename T>
-__global__ void dispatch_kernel(const T* x, int64_t ldx, const int32_t* idx, const int32_t* rank,
-                                const int64_t* starts, int64_t chunks, int64_t k, int64_t cols, int32_t* row_of, T* xs,
-                                int64_t ldxs, int n_experts, bool vec16) {
-  const int64_t a = blockIdx.x;
+// Assignment a (a thread each): row_of[a] = starts[idx[a]][a / kScanThreads] + rank[a]; token_of[row] = a / K.
+__global__ void dispatch_kernel(const int32_t* idx, int64_t n, const int32_t* rank, const int64_t* starts,
+                                int64_t chunks, int64_t k, int32_t* row_of, int32_t* token_of, int n_experts) {
+  const int64_t a = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (a >= n) return;
   const int32_t e = idx[a];
-  if (e < 0 || e >= n_experts) return;  // the whole block alike
+  if (e < 0 || e >= n_experts) return;
   const int64_t row = starts[e * chunks + a / kScanThreads] + rank[a];
-  if (threadIdx.x == 0) row_of[a] = static_cast<int32_t>(row);
-  copy_row(x + (a / k) * ldx, xs + row * ldxs, cols, vec16);
+  row_of[a] = static_cast<int32_t>(row);
+  token_of[row] = static_cast<int32_t>(a / k);
 }
 
 // The same for few assignments (n ≤ kSmallDispatch), without the rank kernels before it: block a counts
 // the assignments to idx[a] before a and those to lower experts itself, one pass over idx, and block 0
 // counts every expert's (shared-memory integer atomics: exact) for the bounds.
 constexpr int64_t kSmallDispatch = 2048;
-template <typename T>
-__global__ void dispatch_small_kernel(const T* x, int64_t ldx, const int32_t* idx, int64_t n, int64_t* offsets,
-                                      int64_t k, int64_t cols, int32_t* row_of, T* xs, int64_t ldxs, int n_experts,
-                                      bool vec16) {
+__global__ void dispatch_small_kernel(const int32_t* idx, int64_t n, int64_t* offsets, int64_t k, int32_t* row_of,
+                                      int32_t* token_of, int n_experts) {
   using Reduce = cub::BlockReduce<long long, kScanThreads>;
   __shared__ union {
     typename Reduce::TempStorage reduce;
     typename BoundsScan::TempStorage scan;
   } temp;
-  __shared__ long long both;
   extern __shared__ int hist[];  // block 0's, n_experts of them
   const int64_t a = blockIdx.x;
   if (a == 0) {
@@ -331,11 +327,19 @@ __global__ void dispatch_small_kernel(const T* x, int64_t ldx, const int32_t* id
     count += (f >= 0 && f < e ? (1ll << 32) : 0) + (f == e && b < a ? 1 : 0);
   }
   count = Reduce(temp.reduce).Sum(count);
-  if (threadIdx.x == 0) both = count;
-  __syncthreads();
-  const int64_t row = (both >> 32) + (both & 0xffffffffll);
-  if (threadIdx.x == 0) row_of[a] = static_cast<int32_t>(row);
-  copy_row(x + (a / k) * ldx, xs + row * ldxs, cols, vec16);
+  if (threadIdx.x == 0) {
+    const int64_t row = (count >> 32) + (count & 0xffffffffll);
+    row_of[a] = static_cast<int32_t>(row);
+    token_of[row] = static_cast<int32_t>(a / k);
+  }
+}
+
+// out[r] = x[index[r]], a block a row.
+template <typename T>
+__global__ void gather_rows_kernel(const T* x, int64_t ldx, const int32_t* index, T* out, int64_t ldo, int64_t cols,
+                                   bool vec16) {
+  const int64_t r = blockIdx.x;
+  copy_row(x + index[r] * ldx, out + r * ldo, cols, vec16);
 }
 
 // dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order; dxs f32 or bf16, the sums f32).
@@ -619,46 +623,32 @@ void CudaBackend::moe_route_backward(const Tensor& dweights, const Tensor& score
   CUDA_CHECK(cudaGetLastError());
 }
 
-void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts, Tensor& xs, Tensor& row_of,
-                               Tensor& offsets) {
-  const Rows X = rows_of(x), XS = rows_of(xs);
-  CHECK(x.dtype() == DType::kF32 || x.dtype() == DType::kBF16) << "moe_dispatch of " << dtype_name(x.dtype());
-  check_device(xs, x.dtype());
+void CudaBackend::moe_dispatch(const Tensor& idx, int n_experts, Tensor& row_of, Tensor& token_of, Tensor& offsets) {
   check_device(idx, DType::kI32);
   check_device(row_of, DType::kI32);
-  CHECK(idx.dim() == 2 && idx.is_contiguous());
-  const int64_t m = idx.size(0), k = idx.size(1), n = m * k;
-  CHECK_EQ(X.rows, m);
-  CHECK_EQ(XS.rows, n);
-  CHECK_EQ(X.cols, XS.cols);
+  check_device(token_of, DType::kI32);
+  CHECK(idx.dim() == 2 && idx.is_contiguous()) << "moe_dispatch: idx " << shape_str(idx.shape());
+  const int64_t k = idx.size(1), n = idx.numel();
+  CHECK(row_of.is_contiguous() && row_of.numel() == n) << "moe_dispatch: row_of " << shape_str(row_of.shape());
+  CHECK(token_of.is_contiguous() && token_of.numel() == n) << "moe_dispatch: token_of " << shape_str(token_of.shape());
+  CHECK_LT(n, int64_t{1} << 31) << "moe_dispatch: " << n << " assignments";
   if (n == 0) {
     offsets = zeros({n_experts + 1}, DType::kI64);
     return;
   }
   offsets = empty({n_experts + 1}, DType::kI64);
-  Op op(this, "moe_dispatch", 0, 2.0 * n * X.cols * dtype_size(x.dtype()));
-  const int64_t es = static_cast<int64_t>(dtype_size(x.dtype()));
-  const bool vec16 = (X.cols * es) % 16 == 0 && (X.ld * es) % 16 == 0 && (XS.ld * es) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(X.p) % 16 == 0 && reinterpret_cast<uintptr_t>(XS.p) % 16 == 0;
+  Op op(this, "moe_dispatch", 0, 4.0 * 4 * n);
   if (n <= kSmallDispatch) {
     const size_t hist = sizeof(int) * static_cast<size_t>(n_experts);
     CHECK_LE(hist, 48u * 1024) << "moe_dispatch: " << n_experts << " experts";
-    const auto launch = [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      dispatch_small_kernel<T><<<static_cast<unsigned>(n), kScanThreads, hist, stream()>>>(
-          static_cast<const T*>(X.p), X.ld, idx.data<int32_t>(), n, offsets.data<int64_t>(), k, X.cols,
-          row_of.data<int32_t>(), static_cast<T*>(XS.p), XS.ld, n_experts, vec16);
-    };
-    if (x.dtype() == DType::kBF16) {
-      launch(static_cast<__nv_bfloat16*>(nullptr));
-    } else {
-      launch(static_cast<float*>(nullptr));
-    }
+    dispatch_small_kernel<<<static_cast<unsigned>(n), kScanThreads, hist, stream()>>>(
+        idx.data<int32_t>(), n, offsets.data<int64_t>(), k, row_of.data<int32_t>(), token_of.data<int32_t>(),
+        n_experts);
     CUDA_CHECK(cudaGetLastError());
     return;
   }
   // Ranks within chunks of assignments and each chunk's count a expert, then every (expert, chunk)'s
-  // first row and the bounds (one scan), then the rows move.
+  // first row and the bounds (one scan), then each assignment's row.
   const int64_t chunks = (n + kScanThreads - 1) / kScanThreads;
   const size_t warp_counts = sizeof(int) * (kScanThreads / 32) * static_cast<size_t>(n_experts);
   CHECK_LE(warp_counts, 48u * 1024) << "moe_dispatch: " << n_experts << " experts";
@@ -668,17 +658,34 @@ void CudaBackend::moe_dispatch(const Tensor& x, const Tensor& idx, int n_experts
       idx.data<int32_t>(), n, n_experts, rank.data<int32_t>(), counts.data<int32_t>());
   chunk_starts_kernel<<<1, kStartThreads, 0, stream()>>>(counts.data<int32_t>(), n_experts, chunks,
                                                          starts.data<int64_t>(), offsets.data<int64_t>());
-  const auto launch = [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_kernel<T><<<static_cast<unsigned>(n), kScanThreads, 0, stream()>>>(
-        static_cast<const T*>(X.p), X.ld, idx.data<int32_t>(), rank.data<int32_t>(), starts.data<int64_t>(), chunks,
-        k, X.cols, row_of.data<int32_t>(), static_cast<T*>(XS.p), XS.ld, n_experts, vec16);
-  };
-  if (x.dtype() == DType::kBF16) {
-    launch(static_cast<__nv_bfloat16*>(nullptr));
-  } else {
-    launch(static_cast<float*>(nullptr));
-  }
+  dispatch_kernel<<<static_cast<unsigned>(chunks), kScanThreads, 0, stream()>>>(
+      idx.data<int32_t>(), n, rank.data<int32_t>(), starts.data<int64_t>(), chunks, k, row_of.data<int32_t>(),
+      token_of.data<int32_t>(), n_experts);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void CudaBackend::gather_rows(const Tensor& x, const Tensor& index, Tensor& out) {
+  CHECK(x.dtype() == out.dtype() && (x.dtype() == DType::kF32 || x.dtype() == DType::kBF16))
+      << "gather_rows from " << dtype_name(x.dtype()) << " into " << dtype_name(out.dtype());
+  check_device(x, x.dtype());
+  check_device(out, out.dtype());
+  check_device(index, DType::kI32);
+  CHECK(index.is_contiguous()) << "gather_rows: index";
+  const Rows X = rows_of(x), O = rows_of(out);
+  CHECK_EQ(index.numel(), O.rows);
+  CHECK_EQ(X.cols, O.cols);
+  if (O.rows == 0) return;
+  Op op(this, "gather_rows", 0, 2.0 * O.rows * O.cols * dtype_size(x.dtype()));
+  const int64_t es = static_cast<int64_t>(dtype_size(x.dtype()));
+  const bool vec16 = (X.cols * es) % 16 == 0 && (X.ld * es) % 16 == 0 && (O.ld * es) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(X.p) % 16 == 0 && reinterpret_cast<uintptr_t>(O.p) % 16 == 0;
+  if (x.dtype() == DType::kBF16)
+    gather_rows_kernel<<<static_cast<unsigned>(O.rows), kScanThreads, 0, stream()>>>(
+        static_cast<const __nv_bfloat16*>(X.p), X.ld, index.data<int32_t>(), static_cast<__nv_bfloat16*>(O.p), O.ld,
+        X.cols, vec16);
+  else
+    gather_rows_kernel<<<static_cast<unsigned>(O.rows), kScanThreads, 0, stream()>>>(
+        X.f(), X.ld, index.data<int32_t>(), O.f(), O.ld, X.cols, vec16);
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -120,18 +120,25 @@ TEST_F(CpuOps, Bf16ActivationsAreTheF32ResultsRounded) {
   be_->gemm(yb, false, b, true, c1);
   be_->gemm(yb.to_f32(), false, b, true, c2);
   for (int64_t i = 0; i < m * 5; ++i) EXPECT_EQ(c1.f32()[i], c2.f32()[i]);
-  // Dispatch moves bf16 rows as they are; the grouped product reads them exactly.
+  // Gathered bf16 rows move as they are; the grouped product reads them exactly, gathered where they
+  // lie or in order.
   Tensor idx = Tensor::zeros({m, 2}, DType::kI32);
   for (int64_t i = 0; i < 2 * m; ++i) idx.data<int32_t>()[i] = static_cast<int32_t>((i * 5) % 3);
+  Tensor row_of = Tensor::zeros({2 * m}, DType::kI32), token_of = Tensor::zeros({2 * m}, DType::kI32), off;
+  be_->moe_dispatch(idx, 3, row_of, token_of, off);
   Tensor xs = Tensor::zeros({2 * m, d}, DType::kBF16), xs32 = Tensor::zeros({2 * m, d});
-  Tensor row_of = Tensor::zeros({2 * m}, DType::kI32), off, off32;
-  be_->moe_dispatch(yb, idx, 3, xs, row_of, off);
-  be_->moe_dispatch(yb.to_f32(), idx, 3, xs32, row_of, off32);
+  be_->gather_rows(yb, token_of, xs);
+  be_->gather_rows(yb.to_f32(), token_of, xs32);
   for (int64_t i = 0; i < 2 * m * d; ++i) EXPECT_EQ(xs.data<uint16_t>()[i], f32_to_bf16(xs32.f32()[i]));
   Tensor we = randn({3, 4, d}, rng_), o1 = Tensor::zeros({2 * m, 4}), o2 = Tensor::zeros({2 * m, 4});
+  Tensor o3 = Tensor::zeros({2 * m, 4});
   be_->grouped_gemm(xs, we, true, off, o1);
-  be_->grouped_gemm(xs32, we, true, off32, o2);
-  for (int64_t i = 0; i < 2 * m * 4; ++i) EXPECT_EQ(o1.f32()[i], o2.f32()[i]);
+  be_->grouped_gemm(xs32, we, true, off, o2);
+  be_->grouped_gemm(yb, we, true, off, o3, 0.0f, &token_of);
+  for (int64_t i = 0; i < 2 * m * 4; ++i) {
+    EXPECT_EQ(o1.f32()[i], o2.f32()[i]);
+    EXPECT_EQ(o1.f32()[i], o3.f32()[i]);
+  }
 }
 
 TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
@@ -169,6 +176,26 @@ TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
     EXPECT_EQ(twice.f32()[i], 2.0f * dw.f32()[i]) << i;
     EXPECT_EQ(fresh.f32()[i], dw.f32()[i]) << i;
   }
+  // a's rows by index (from a source of other rows, some read twice): the products of those rows in order.
+  Tensor src = randn({4, 4}, rng_), index = Tensor::zeros({7}, DType::kI32), in_order = Tensor::zeros({7, 4});
+  const int32_t picks[] = {3, 0, 0, 2, 1, 3, 2};
+  std::copy(std::begin(picks), std::end(picks), index.data<int32_t>());
+  be_->gather_rows(src, index, in_order);
+  for (int64_t r = 0; r < 7; ++r)
+    for (int64_t p = 0; p < 4; ++p) ASSERT_EQ(in_order.f32()[r * 4 + p], src.f32()[picks[r] * 4 + p]);
+  Tensor c1 = Tensor::zeros({7, 5}), c2 = Tensor::zeros({7, 5}), dw1 = Tensor::zeros({3, 5, 4}),
+         dw2 = Tensor::zeros({3, 5, 4});
+  be_->grouped_gemm(in_order, w, true, bounds, c1);
+  be_->grouped_gemm(src, w, true, bounds, c2, 0.0f, &index);
+  be_->grouped_gemm_wgrad(dc, in_order, bounds, dw1, 0.0f);
+  be_->grouped_gemm_wgrad(dc, src, bounds, dw2, 0.0f, &index);
+  EXPECT_EQ(std::memcmp(c1.raw(), c2.raw(), 7 * 5 * 4), 0);
+  EXPECT_EQ(std::memcmp(dw1.raw(), dw2.raw(), 3 * 5 * 4 * 4), 0);
+  Tensor h1 = Tensor::zeros({7, 2}, DType::kBF16), h2 = Tensor::zeros({7, 2}, DType::kBF16);
+  Tensor w4 = randn({3, 4, 4}, rng_);
+  be_->grouped_gate_up(in_order, w4, bounds, h1);
+  be_->grouped_gate_up(src, w4, bounds, h2, nullptr, &index);
+  EXPECT_EQ(std::memcmp(h1.raw(), h2.raw(), 7 * 2 * 2), 0);
 }
 
 TEST_F(CpuOps, RmsNormForwardAndBackward) {
@@ -424,18 +451,26 @@ TEST_F(CpuOps, DispatchCombineIsTheWeightedSumAndDifferentiates) {
   Tensor x = randn({m, h}, rng_), w = randn({m, k}, rng_);
   Tensor idx = Tensor::zeros({m, k}, DType::kI32);
   for (int64_t i = 0; i < m * k; ++i) idx.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + 1) % e);
-  Tensor xs = Tensor::zeros({m * k, h}), row_of = Tensor::zeros({m * k}, DType::kI32);
+  Tensor row_of = Tensor::zeros({m * k}, DType::kI32), token_of = Tensor::zeros({m * k}, DType::kI32);
   Tensor bounds;
-  be_->moe_dispatch(x, idx, static_cast<int>(e), xs, row_of, bounds);
+  be_->moe_dispatch(idx, static_cast<int>(e), row_of, token_of, bounds);
   ASSERT_EQ(bounds.numel(), e + 1);
   ASSERT_EQ(bounds.dtype(), DType::kI64);
   const int64_t* offsets = bounds.data<int64_t>();
   EXPECT_EQ(offsets[e], m * k);
+  int64_t last = -1;  // rows of one expert in assignment order
   for (int64_t a = 0; a < m * k; ++a) {
     const int64_t r = row_of.data<int32_t>()[a];
     EXPECT_GE(r, offsets[idx.data<int32_t>()[a]]);
     EXPECT_LT(r, offsets[idx.data<int32_t>()[a] + 1]);
+    EXPECT_EQ(token_of.data<int32_t>()[r], a / k);
+    if (idx.data<int32_t>()[a] == 1) {
+      EXPECT_GT(r, last);
+      last = r;
+    }
   }
+  Tensor xs = Tensor::zeros({m * k, h});
+  be_->gather_rows(x, token_of, xs);
   Tensor out = Tensor::zeros({m, h});
   be_->moe_combine(xs, w, row_of, out);
   for (int64_t i = 0; i < m; ++i)
@@ -448,8 +483,9 @@ TEST_F(CpuOps, DispatchCombineIsTheWeightedSumAndDifferentiates) {
   be_->moe_dispatch_backward(dys, row_of, dx);
   auto s = [&] {
     Tensor xs2 = Tensor::zeros({m * k, h}), r2 = Tensor::zeros({m * k}, DType::kI32), o = Tensor::zeros({m, h});
-    Tensor off;
-    be_->moe_dispatch(x, idx, static_cast<int>(e), xs2, r2, off);
+    Tensor t2 = Tensor::zeros({m * k}, DType::kI32), off;
+    be_->moe_dispatch(idx, static_cast<int>(e), r2, t2, off);
+    be_->gather_rows(x, t2, xs2);
     be_->moe_combine(xs2, w, r2, o);
     return dot(o, dout);
   };

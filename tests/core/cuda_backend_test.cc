@@ -482,6 +482,18 @@ TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
         be.copy(gdc, dcb);
         be.grouped_gemm_wgrad(dcb, ab, on(be, bounds(offsets)), dw3);
         EXPECT_TRUE(bitwise_equal(be.download(dw1), be.download(dw3))) << "wgrad of a bf16 gradient, k " << k;
+        // and over rows read by index (the experts' tokens where they lie): those rows in order
+        if (r > 0) {
+          Tensor index = Tensor::zeros({r}, DType::kI32);
+          for (int64_t i = 0; i < r; ++i) index.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + 3) % r);
+          const Tensor gi = on(be, index);
+          Tensor in_order = be.empty({r, k}, DType::kBF16), dw4 = be.zeros(w.shape(), DType::kF32),
+                 dw5 = be.zeros(w.shape(), DType::kF32);
+          be.gather_rows(ab, gi, in_order);
+          be.grouped_gemm_wgrad(dcb, in_order, on(be, bounds(offsets)), dw4, 0.0f);
+          be.grouped_gemm_wgrad(dcb, ab, on(be, bounds(offsets)), dw5, 0.0f, &gi);
+          EXPECT_TRUE(bitwise_equal(be.download(dw4), be.download(dw5))) << "wgrad over rows by index, k " << k;
+        }
       }
       double worst = 0, scale = 0;
       for (int64_t gi = 0; gi < g; ++gi)
@@ -558,6 +570,28 @@ TEST_F(CudaBackendTest, GroupedGateUpIsGroupedGemmThenSiluMul) {
                       0)
                 << "kept products of row " << row << ", k " << k << ", n " << n << ", rows " << offsets.back()
                 << (hopper ? "" : " (mma.sync)");
+          // gx's rows read by index from a source of other rows (the experts' tokens where they lie, some
+          // read by several): the same bits as from gx.
+          const int64_t rs = r / 2 + 5;
+          Tensor index = Tensor::zeros({r}, DType::kI32), src_rows = be.zeros({rs, k}, DType::kBF16);
+          for (int64_t i = 0; i < r; ++i) index.data<int32_t>()[i] = static_cast<int32_t>((i * 11 + 1) % rs);
+          be.copy(on(be, randn({rs, k})), src_rows);
+          const Tensor gi = on(be, index);
+          be.gather_rows(src_rows, gi, gx);
+          Tensor h_order = be.zeros({r, n}, DType::kBF16), h_index = be.zeros({r, n}, DType::kBF16);
+          Tensor gu_order = be.zeros({r, 2 * n}, DType::kBF16), gu_index = be.zeros({r, 2 * n}, DType::kBF16);
+          be.grouped_gate_up(gx, gw, off, h_order, &gu_order);
+          be.grouped_gate_up(src_rows, gw, off, h_index, &gu_index, &gi);
+          const Tensor ho = be.download(h_order), hi = be.download(h_index);
+          const Tensor go = be.download(gu_order), gq = be.download(gu_index);
+          EXPECT_EQ(std::memcmp(ho.raw(), hi.raw(), static_cast<size_t>(in) * 2), 0)
+              << "rows by index, k " << k << ", n " << n << ", rows " << offsets.back();
+          EXPECT_EQ(std::memcmp(go.raw(), gq.raw(), static_cast<size_t>(in) * 4), 0)
+              << "kept products, rows by index, k " << k << ", n " << n << ", rows " << offsets.back();
+          be.grouped_gate_up(gx, gw, off, h_order);  // h from the f32 sums, without products kept
+          be.grouped_gate_up(src_rows, gw, off, h_index, nullptr, &gi);
+          EXPECT_EQ(std::memcmp(be.download(h_order).raw(), be.download(h_index).raw(), static_cast<size_t>(in) * 2), 0)
+              << "rows by index, no products kept, k " << k << ", n " << n;
         }
       }
     }
@@ -1424,22 +1458,25 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
       }
       for (int64_t j = 0; j < k; ++j) idx.data<int32_t>()[i * k + j] = pick[j];
     }
-    Tensor xs = Tensor::zeros({m * k, h}), row_of = Tensor::zeros({m * k}, DType::kI32);
+    Tensor row_of = Tensor::zeros({m * k}, DType::kI32), token_of = Tensor::zeros({m * k}, DType::kI32);
     Tensor off, goff;
-    cpu_->moe_dispatch(x, idx, e, xs, row_of, off);
-    Tensor gxs = gpu_->zeros(xs.shape(), DType::kF32), grow = gpu_->zeros(row_of.shape(), DType::kI32);
-    gpu_->moe_dispatch(dev(x), dev(idx), e, gxs, grow, goff);
+    cpu_->moe_dispatch(idx, e, row_of, token_of, off);
+    Tensor grow = gpu_->empty(row_of.shape(), DType::kI32), gtok = gpu_->empty(token_of.shape(), DType::kI32);
+    gpu_->moe_dispatch(dev(idx), e, grow, gtok, goff);
     EXPECT_TRUE(bitwise_equal(gpu_->download(goff), off));
     EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gtok), token_of));
+    // Rows gathered through token_of, f32 and bf16, move as they are.
+    Tensor xs = Tensor::zeros({m * k, h}), gxs = gpu_->empty(xs.shape(), DType::kF32);
+    cpu_->gather_rows(x, token_of, xs);
+    gpu_->gather_rows(dev(x), gtok, gxs);
     EXPECT_TRUE(bitwise_equal(gpu_->download(gxs), xs));
-    // bf16 rows move as they are.
-    Tensor xb = x.clone().to(DType::kBF16), xsb = Tensor::zeros(xs.shape(), DType::kBF16), row2 = row_of.clone();
-    Tensor gxsb = gpu_->zeros(xs.shape(), DType::kBF16);
-    cpu_->moe_dispatch(xb, idx, e, xsb, row2, off);
-    gpu_->moe_dispatch(dev(xb), dev(idx), e, gxsb, grow, goff);
+    Tensor xb = x.clone().to(DType::kBF16), xsb = Tensor::zeros(xs.shape(), DType::kBF16);
+    Tensor gxsb = gpu_->empty(xs.shape(), DType::kBF16);
+    cpu_->gather_rows(xb, token_of, xsb);
+    gpu_->gather_rows(dev(xb), gtok, gxsb);
     EXPECT_TRUE(bitwise_equal(xsb, xs.clone().to(DType::kBF16)));
     EXPECT_TRUE(bitwise_equal(gpu_->download(gxsb), xsb));
-    EXPECT_TRUE(bitwise_equal(gpu_->download(grow), row_of));
     Tensor dxs = randn({m * k, h}), dx = randn({m, h}), gdx = dev(dx);
     cpu_->moe_dispatch_backward(dxs, row_of, dx);
     gpu_->moe_dispatch_backward(dev(dxs), grow, gdx);

@@ -232,7 +232,8 @@ TEST_P(ModelVariant, RecomputeGivesTheSameGradients) {
     const LayerActs& last = st.layers.back();
     EXPECT_EQ(last.ln2.defined(), r == Recompute::kNone);
     EXPECT_EQ(last.attn.kv.defined(), r == Recompute::kNone);
-    EXPECT_EQ(last.moe.xs.defined(), r == Recompute::kNone);
+    EXPECT_EQ(last.moe.experts.act.defined(), r == Recompute::kNone);
+    EXPECT_EQ(last.moe.token_of.defined(), r != Recompute::kLayers);  // the grouping is kept
     EXPECT_EQ(last.moe.ys.defined(), r == Recompute::kNone || r == Recompute::kSelective);
     EXPECT_EQ(last.moe.experts.gate_up.defined(), last.moe.ys.defined());
     EXPECT_EQ(st.layers.front().mlp.gate_up.defined(), last.moe.ys.defined());  // the dense layer
