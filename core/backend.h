@@ -298,10 +298,18 @@ class Backend {
                          Tensor& weights, Tensor& scores) = 0;
   // moe_route, and in the same pass the shared experts' gated activation act = silu(g) · u over gate_up =
   // [g | u] [M, 2I] (as silu_mul_forward makes it): the router's logits and the shared experts' gate and
-  // up come from one product, and a decode step then takes one kernel for both.
+  // up come from one product, and a decode step then takes one kernel for both. gate_up f32; a bf16 act
+  // is made from the products rounded to bf16 first, as a training forward keeps them (so that both give
+  // the same bits).
   virtual void moe_route_and_gate(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, Tensor& idx,
                                   Tensor& weights, Tensor& scores, const Tensor& gate_up, Tensor& act) {
     moe_route(logits, bias, cfg, idx, weights, scores);
+    if (act.dtype() == DType::kBF16 && gate_up.dtype() == DType::kF32) {
+      Tensor rounded = empty(gate_up.shape(), DType::kBF16);
+      copy(gate_up, rounded);
+      silu_mul_forward(rounded, act);
+      return;
+    }
     silu_mul_forward(gate_up, act);
   }
   // dlogits += ∂weights/∂logits · dweights (selection is piecewise constant).

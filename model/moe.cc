@@ -97,10 +97,14 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   a.idx = be.empty({m, k}, core::DType::kI32);
   a.weights = be.empty({m, k});
   const Tensor xin = product_operand(be, x);  // the router's and the shared experts' products
-  // The router's logits and the shared experts' gate and up in one product where their weights lie one
-  // after the other (the parameter layout puts them so), else two products.
+  // Without backward (decode, prefill), the router's logits and the shared experts' gate and up in one
+  // product where their weights lie one after the other (the parameter layout puts them so), and the
+  // shared experts' gated activation made in the router's pass. A training forward keeps the gate and up
+  // products for backward in the products' dtype (rounded once: what the gate and its backward read),
+  // so they come from their own product; the router's logits (f32) from theirs.
   const Tensor both = w.shared.down.defined() ? stacked_with(w.router, w.shared.gate_up) : Tensor();
-  if (both.defined()) {
+  const bool gate_with_route = both.defined() && !for_backward;
+  if (gate_with_route) {
     Tensor out = be.empty({m, both.size(0)});
     be.gemm(xin, false, both, true, out);
     a.logits = out.slice(1, 0, e);
@@ -108,9 +112,11 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   } else {
     a.logits = be.empty({m, e});
     be.gemm(xin, false, w.router, true, a.logits);
+    if (both.defined()) {
+      a.shared.gate_up = be.empty({m, w.shared.gate_up.size(0)}, product_dtype(be));
+      be.gemm(xin, false, w.shared.gate_up, true, a.shared.gate_up);
+    }
   }
-  // Without backward (decode, prefill) the shared experts' gated activation is made in the router's pass.
-  const bool gate_with_route = both.defined() && !for_backward;
   if (gate_with_route) {
     a.shared.act = be.empty({m, a.shared.gate_up.size(1) / 2}, product_dtype(be));
     be.moe_route_and_gate(a.logits, w.router_bias, rc, a.idx, a.weights, a.scores, a.shared.gate_up, a.shared.act);

@@ -44,7 +44,8 @@ struct SharedGate {
 };
 
 // The warp's token m of a SharedGate: kVec float4s of g and of u a lane in flight at once, then their
-// products by silu_gate, as silu_mul_forward_kernel makes them (the same bits). (Its loads issued before the
+// products by silu_gate, as silu_mul_forward_kernel makes them (the same bits; into bf16 from the products
+// rounded to bf16, as it makes them from bf16 products). (Its loads issued before the
 // selection and finished after it, the kernel held 255 registers and took longer: 8.6 us against 8.2 at
 // batch 256 on an H100.)
 __device__ __forceinline__ void shared_gate_row(const SharedGate& sg, int64_t m, int lane) {
@@ -67,7 +68,9 @@ __device__ __forceinline__ void shared_gate_row(const SharedGate& sg, int64_t m,
       const float gs[4] = {g[v].x, g[v].y, g[v].z, g[v].w}, us[4] = {u[v].x, u[v].y, u[v].z, u[v].w};
       float h[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) h[e] = silu_gate(gs[e], us[e]);
+      for (int e = 0; e < 4; ++e)
+        h[e] = sg.act16 ? silu_gate(__bfloat162float(__float2bfloat16(gs[e])), __bfloat162float(__float2bfloat16(us[e])))
+                        : silu_gate(gs[e], us[e]);
       if (sg.act16) {
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(sg.act) + m * sg.ldact + c;
         for (int e = 0; e < 4; ++e) out[e] = __float2bfloat16(h[e]);

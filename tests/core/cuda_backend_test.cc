@@ -1416,8 +1416,8 @@ TEST_F(CudaBackendTest, MoeRouterAllMethodsForwardBackward) {
 
 // The router and the shared experts' gated activation in one pass (moe_route_and_gate, as decode runs
 // them over one product's [logits | g | u] rows): the same bits as moe_route then silu_mul_forward, into
-// f32 and bf16, with intermediate sizes the fused kernel takes (multiples of 4) and one it leaves to the
-// two ops.
+// f32, and into bf16 from the products rounded to bf16 (as a training forward keeps them), with
+// intermediate sizes the fused kernel takes (multiples of 4) and one it leaves to the two ops.
 TEST_F(CudaBackendTest, MoeRouteAndGateIsRouteThenSiluMul) {
   RouterConfig cfg;
   cfg.n_experts = 32;
@@ -1434,7 +1434,9 @@ TEST_F(CudaBackendTest, MoeRouteAndGateIsRouteThenSiluMul) {
                h2 = gpu_->zeros({m, inter}, ad);
         gpu_->moe_route_and_gate(logits, bias, cfg, i1, w1, s1, gu, h1);
         gpu_->moe_route(logits, bias, cfg, i2, w2, s2);
-        gpu_->silu_mul_forward(gu, h2);
+        Tensor gu_kept = gpu_->empty({m, 2 * inter}, ad);
+        gpu_->copy(gu, gu_kept);
+        gpu_->silu_mul_forward(gu_kept, h2);
         for (auto [a, b] : {std::pair{i1, i2}, {w1, w2}, {s1, s2}, {h1, h2}})
           EXPECT_TRUE(bitwise_equal(gpu_->download(a), gpu_->download(b))) << "m " << m << ", inter " << inter;
       }
