@@ -82,21 +82,27 @@ __device__ __forceinline__ void shared_gate_row(const SharedGate& sg, int64_t m,
   }
 }
 
-// One warp per token. Shared memory per warp: choice[E] f32, taken[E] u8, gscore[G] f32. With a
-// SharedGate, the warp first makes its token's shared-experts activation.
+// One warp per token. Shared memory per warp (route_smem_floats): the scores s[E] and choice[E] f32,
+// gscore[G] f32, the picks[K] I32, taken[E] u8 (within E floats): every read after the first pass over the
+// logits stays on chip (the scores go out to memory once; the selection's chain of reads waited on memory
+// round trips before). With a SharedGate, the warp first makes its token's shared-experts activation.
+__host__ __device__ inline int route_smem_floats(const RouterConfig& cfg) {
+  return 4 * cfg.n_experts + cfg.n_group + cfg.top_k;
+}
 __global__ void route_kernel(const float* logits, int64_t ldl, const float* bias, RouterConfig cfg, int64_t rows,
                              int32_t* idx, float* weights, float* scores, SharedGate gate) {
   extern __shared__ float sm[];
   const int E = cfg.n_experts, K = cfg.top_k, G = cfg.n_group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* choice = sm + warp * (2 * E + G);
+  float* s = sm + warp * route_smem_floats(cfg);
+  float* choice = s + E;
   float* gscore = choice + E;
-  unsigned char* taken = reinterpret_cast<unsigned char*>(gscore + G);
+  int32_t* picks = reinterpret_cast<int32_t*>(gscore + G);
+  unsigned char* taken = reinterpret_cast<unsigned char*>(picks + K);
   const int64_t m = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
   if (m >= rows) return;
   if (gate.gu) shared_gate_row(gate, m, lane);
   const float* l = logits + m * ldl;
-  float* s = scores + m * E;
   if (cfg.scoring == RouterConfig::Scoring::kSigmoid) {
     for (int j = lane; j < E; j += 32) s[j] = 1.0f / (1.0f + expf(-l[j]));
   } else {
@@ -110,6 +116,7 @@ __global__ void route_kernel(const float* logits, int64_t ldl, const float* bias
   }
   __syncwarp();
   for (int j = lane; j < E; j += 32) {
+    scores[m * E + j] = s[j];
     choice[j] = s[j] + (bias ? bias[j] : 0.0f);
     taken[j] = 0;
   }
@@ -153,14 +160,15 @@ __global__ void route_kernel(const float* logits, int64_t ldl, const float* bias
     warp_best(v, i);
     if (lane == 0) {
       taken[i] = 1;
-      idx[m * K + k] = i;
+      picks[k] = i;
     }
     __syncwarp();
     denom += s[i];
   }
-  if (lane == 0) {
-    const float norm = cfg.norm_topk_prob ? static_cast<float>(denom + 1e-20) : 1.0f;
-    for (int k = 0; k < K; ++k) weights[m * K + k] = s[idx[m * K + k]] / norm * cfg.routed_scaling_factor;
+  const float norm = cfg.norm_topk_prob ? static_cast<float>(denom + 1e-20) : 1.0f;
+  for (int k = lane; k < K; k += 32) {
+    idx[m * K + k] = picks[k];
+    weights[m * K + k] = s[picks[k]] / norm * cfg.routed_scaling_factor;
   }
 }
 
@@ -572,8 +580,7 @@ void CudaBackend::route_into(const Tensor& logits, const Tensor& bias, const Rou
   const double gate_bytes =
       gate_up ? 1.0 * L.rows * act->size(1) * (8 + static_cast<double>(dtype_size(act->dtype()))) : 0.0;
   Op op(this, gate_up ? "moe_route_and_gate" : "moe_route", 0, 8.0 * L.rows * cfg.n_experts + gate_bytes);
-  // Per warp, as the kernel lays it out: choice[E] and gscore[G] f32, then taken[E] bytes within E more floats.
-  const size_t bytes = kRouteWarps * sizeof(float) * (2 * cfg.n_experts + cfg.n_group);
+  const size_t bytes = kRouteWarps * sizeof(float) * static_cast<size_t>(route_smem_floats(cfg));
   CUDA_CHECK(cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   SharedGate gate;
   if (gate_up != nullptr) {
