@@ -321,8 +321,9 @@ class Backend {
   // bounds. No token rows move: the grouped products read them through token_of (their a_rows). The host
   // need not wait for any of it: grouped_gemm reads the bounds where they are.
   virtual void moe_dispatch(const Tensor& idx, int n_experts, Tensor& row_of, Tensor& token_of, Tensor& offsets) = 0;
-  // dx[m] += Σ_k dxs[row_of[m*K+k]];  dxs f32 or bf16, dx f32 (each sum f32).
-  virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) = 0;
+  // dx[m] += Σ_k dxs[row_of[m*K+k]] (k in order);  dxs f32 or bf16, dx f32 (each sum f32). Without
+  // accumulate, dx is written: the sums from 0 (dx's old values not read).
+  virtual void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx, bool accumulate = true) = 0;
   // out[m] += Σ_k weights[m, k] · ys[row_of[m*K+k]];  ys f32 or bf16 (here and in backward), out f32.
   virtual void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) = 0;
   // A MoE layer's end and the next layer's norm: moe_combine(ys, weights, row_of, h), then

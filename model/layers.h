@@ -21,8 +21,9 @@ inline core::DType product_dtype(const core::Backend& be) { return be.weight_dty
 void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
                  const core::Tensor& x, const core::Tensor& positions, int64_t batch, AttentionActs& a,
                  core::Tensor& y);
-// dx += ∂/∂x, g.* = gbeta · g.* + ∂/∂weights for the matrix weights (gbeta 1 adds, 0 overwrites: the
-// first backward after Model::zero_grads), g.* += ∂/∂weights for the norms. dyp: dy as the products take
+// dx = ∂/∂x (written: its old values are not read), g.* = gbeta · g.* + ∂/∂weights for the matrix weights
+// (gbeta 1 adds, 0 overwrites: the first backward after Model::zero_grads), g.* += ∂/∂weights for the
+// norms. dyp: dy as the products take
 // it where the caller has it already (Backend::rmsnorm_backward's dx_rounded); undefined: made here. The
 // same holds for the backwards below.
 void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
@@ -49,7 +50,7 @@ core::Tensor stacked_with(const core::Tensor& first, const core::Tensor& next);
 
 // SiLU-gated MLP: y = (silu(x·gateᵀ) * (x·upᵀ)) · downᵀ.  x [N, H], y [N, H] (overwritten).
 void mlp_forward(core::Backend& be, const MlpWeights& w, const core::Tensor& x, MlpActs& a, core::Tensor& y);
-// dx += ∂/∂x; g.* = gbeta · g.* + ∂/∂weights (as mla_backward). With dgu_out ([N, 2I] in the products'
+// dx = ∂/∂x; g.* = gbeta · g.* + ∂/∂weights (as mla_backward). With dgu_out ([N, 2I] in the products'
 // dtype), the gradient of the gate and up products goes there instead, and the caller runs their two
 // products (g.gate_up and dx are left to it).
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const core::Tensor& x, const MlpActs& a,
@@ -65,7 +66,7 @@ void gated_activation(core::Backend& be, MlpActs& a);
 // a.weights and a.row_of: Backend::moe_combine, or moe_combine_add_rmsnorm with the next norm).
 void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x, MoeActs& a,
                  core::Tensor& y, bool for_backward, bool combine = true);
-// dx += ∂/∂x; g.* = gbeta · g.* + ∂/∂weights for the router and the experts (as mla_backward).
+// dx = ∂/∂x; g.* = gbeta · g.* + ∂/∂weights for the router and the experts (as mla_backward).
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::Tensor& x, const MoeActs& a, const core::Tensor& dy, const core::Tensor& dyp,
                   core::Tensor& dx, float gbeta);

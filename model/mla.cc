@@ -215,12 +215,12 @@ void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   if (g_both.defined()) {
     Tensor dckvp = dqkv.slice(1, qn, r + rd);
     be.copy(dckv, dckvp);
-    be.gemm(dqkv, false, w_both, false, dx, 1.0f, 1.0f);
+    be.gemm(dqkv, false, w_both, false, dx);
     be.gemm(dqkv, true, x, false, g_both, 1.0f, gbeta);
     return;
   }
   const Tensor dckvp = product_operand(be, dckv);
-  be.gemm(dckvp, false, w.kv_a_proj, false, dx, 1.0f, 1.0f);
+  be.gemm(dckvp, false, w.kv_a_proj, false, dx);  // written; the queries' part adds below
   Tensor gkva = g.kv_a_proj;
   be.gemm(dckvp, true, x, false, gkva, 1.0f, gbeta);
   if (cfg.q_lora_rank > 0) {

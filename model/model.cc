@@ -426,7 +426,7 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed, float gbeta
       if (st.recompute != Recompute::kNone) remake_dropped(l, st.positions, st.recompute == Recompute::kExperts, a);
     }
     // out = h1 + ffn(ln2(h1))
-    Tensor dln2 = backend_.zeros({m, h});
+    Tensor dln2 = backend_.empty({m, h});  // written by the layer's backward
     if (lw.moe) {
       moe_backward(backend_, cfg_, lw, lg, a.ln2, a.moe, dx, dxp, dln2, gbeta);
     } else {
@@ -437,7 +437,7 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed, float gbeta
     Tensor gpost = lg.post_norm;
     backend_.rmsnorm_backward(dln2, a.h1, lw.post_norm, a.ln2_rstd, dh1, gpost, round ? &dh1p : nullptr);
     // h1 = x + attn(ln1(x))
-    Tensor dln1 = backend_.zeros({m, h});
+    Tensor dln1 = backend_.empty({m, h});  // written by attention's backward
     mla_backward(backend_, cfg_, lw, lg, rope_, a.ln1, st.positions, a.attn, dh1, dh1p, dln1, gbeta);
     Tensor gin = lg.input_norm;
     dxp = l > 0 ? rounded() : Tensor();  // the embedding's backward takes f32

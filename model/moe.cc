@@ -83,7 +83,7 @@ void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, c
   be.gemm(dyp, true, a.act, false, gd, 1.0f, gbeta);
   be.silu_mul_backward(dact, a.gate_up, dgu);
   if (dgu_out != nullptr) return;
-  be.gemm(dgu, false, w.gate_up, false, dx, 1.0f, 1.0f);
+  be.gemm(dgu, false, w.gate_up, false, dx);
   be.gemm(dgu, true, x, false, ggu, 1.0f, gbeta);
 }
 
@@ -187,7 +187,8 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.grouped_gemm_wgrad(dys, a.experts.act, a.offsets, gdown, gbeta);
   be.grouped_gemm(dgu, w.experts_gate_up, false, a.offsets, dxs);
   be.grouped_gemm_wgrad(dgu, product_operand(be, x), a.offsets, ggu, gbeta, &a.token_of);
-  be.moe_dispatch_backward(dxs, a.row_of, dx);
+  // dx is written by the first of its sums: the shared experts' product where they ran it, else here.
+  be.moe_dispatch_backward(dxs, a.row_of, dx, /*accumulate=*/w.shared.down.defined() && !g_both.defined());
   // Router: the weights are differentiable, the selection is not.
   Tensor dlogits = be.zeros({m, e});
   be.moe_route_backward(dweights, a.scores, a.idx, cfg.router(), dlogits);

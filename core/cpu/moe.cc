@@ -149,9 +149,11 @@ void CpuBackend::gather_rows(const Tensor& x, const Tensor& index, Tensor& out) 
   }
 }
 
-void CpuBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) {
+void CpuBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx, bool accumulate) {
   const Tensor dxs32 = f32_values(dxs);
   Rows dxsr = rows_of(dxs32), dxr = rows_of(dx);
+  if (!accumulate)
+    for (int64_t m = 0; m < dxr.rows; ++m) std::fill(dxr.row(m), dxr.row(m) + dxr.cols, 0.0f);
   const int32_t* ro = row_of.data<int32_t>();
   const int64_t kk = row_of.numel() / dxr.rows;
   for (int64_t a = 0; a < row_of.numel(); ++a) {

@@ -156,7 +156,7 @@ class CudaBackend final : public Backend {
   void moe_route_backward(const Tensor& dweights, const Tensor& scores, const Tensor& idx,
                           const RouterConfig& cfg, Tensor& dlogits) override;
   void moe_dispatch(const Tensor& idx, int n_experts, Tensor& row_of, Tensor& token_of, Tensor& offsets) override;
-  void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) override;
+  void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx, bool accumulate) override;
   void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) override;
   void moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weights, const Tensor& row_of, const Tensor& x,
                                Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;

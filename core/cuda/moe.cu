@@ -353,16 +353,17 @@ __global__ void gather_rows_kernel(const T* x, int64_t ldx, const int32_t* index
   copy_row(x + index[r] * ldx, out + r * ldo, cols, vec16);
 }
 
-// dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order; dxs f32 or bf16, the sums f32).
+// dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order; dxs f32 or bf16, the sums f32); without accumulate
+// the sums start from 0.
 // kV (1 or 4) columns a thread at a time (4: rows, strides and pointers allow vector accesses).
 template <typename TX, int kV>
 __global__ void dispatch_backward_kernel(const TX* dxs, int64_t ldxs, const int32_t* row_of, int64_t k, float* dx,
-                                         int64_t ldx, int64_t cols) {
+                                         int64_t ldx, int64_t cols, bool accumulate) {
   const int64_t m = blockIdx.x;
   const int32_t* rows = row_of + m * k;
   for (int64_t c = kV * threadIdx.x; c < cols; c += kV * blockDim.x) {
-    float acc[kV];
-    loadv<kV>(dx + m * ldx + c, acc);
+    float acc[kV] = {};
+    if (accumulate) loadv<kV>(dx + m * ldx + c, acc);
     for (int64_t j = 0; j < k; ++j) {
       float y[kV];
       loadv<kV>(dxs + rows[j] * ldxs + c, y);
@@ -699,7 +700,7 @@ void CudaBackend::gather_rows(const Tensor& x, const Tensor& index, Tensor& out)
   CUDA_CHECK(cudaGetLastError());
 }
 
-void CudaBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx) {
+void CudaBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx, bool accumulate) {
   const Rows DXS = rows_of(dxs), DX = rows_of(dx);
   check_device(row_of, DType::kI32);
   const int64_t k = row_of.numel() / std::max<int64_t>(1, DX.rows);
@@ -707,17 +708,17 @@ void CudaBackend::moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of,
   CHECK(dxs.dtype() == DType::kF32 || dxs.dtype() == DType::kBF16)
       << "moe_dispatch_backward of " << dtype_name(dxs.dtype());
   check_device(dx, DType::kF32);
-  Op op(this, "moe_dispatch_backward", 0, (dtype_size(dxs.dtype()) * k + 8.0) * DX.rows * DX.cols);
+  Op op(this, "moe_dispatch_backward", 0, (dtype_size(dxs.dtype()) * k + (accumulate ? 8.0 : 4.0)) * DX.rows * DX.cols);
   const auto launch = [&](auto* tx) {
     using TX = std::remove_pointer_t<decltype(tx)>;
     const auto* p = static_cast<const TX*>(DXS.p);
     const unsigned grid = static_cast<unsigned>(DX.rows);
     if (rows_by4(DXS.p, DX.cols, DXS.ld, sizeof(TX)) && rows_by4(DX.p, DX.cols, DX.ld, sizeof(float)))
       dispatch_backward_kernel<TX, 4><<<grid, 256, 0, stream()>>>(p, DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld,
-                                                                  DX.cols);
+                                                                  DX.cols, accumulate);
     else
       dispatch_backward_kernel<TX, 1><<<grid, 256, 0, stream()>>>(p, DXS.ld, row_of.data<int32_t>(), k, DX.f(), DX.ld,
-                                                                  DX.cols);
+                                                                  DX.cols, accumulate);
   };
   if (dxs.dtype() == DType::kBF16)
     launch(static_cast<__nv_bfloat16*>(nullptr));

@@ -479,8 +479,10 @@ TEST_F(CpuOps, DispatchCombineIsTheWeightedSumAndDifferentiates) {
   // dys and dw start as noise: they are written, not accumulated.
   Tensor dout = randn({m, h}, rng_), dys = randn({m * k, h}, rng_), dw = randn({m, k}, rng_);
   be_->moe_combine_backward(dout, xs, w, row_of, dys, dw);
-  Tensor dx = Tensor::zeros({m, h});
+  Tensor dx = Tensor::zeros({m, h}), written = randn({m, h}, rng_);  // noise: written, not read
   be_->moe_dispatch_backward(dys, row_of, dx);
+  be_->moe_dispatch_backward(dys, row_of, written, /*accumulate=*/false);
+  EXPECT_EQ(std::memcmp(written.raw(), dx.raw(), static_cast<size_t>(m * h) * 4), 0);
   auto s = [&] {
     Tensor xs2 = Tensor::zeros({m * k, h}), r2 = Tensor::zeros({m * k}, DType::kI32), o = Tensor::zeros({m, h});
     Tensor t2 = Tensor::zeros({m * k}, DType::kI32), off;

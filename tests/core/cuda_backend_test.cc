@@ -1483,6 +1483,11 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
     cpu_->moe_dispatch_backward(dxs, row_of, dx);
     gpu_->moe_dispatch_backward(dev(dxs), grow, gdx);
     EXPECT_CLOSE(gdx, dx, 1e-6);
+    // written (accumulate false): the sums alone, the old values (noise) not read
+    Tensor fresh = Tensor::zeros({m, h}), gfresh = dev(randn({m, h}));
+    cpu_->moe_dispatch_backward(dxs, row_of, fresh);
+    gpu_->moe_dispatch_backward(dev(dxs), grow, gfresh, /*accumulate=*/false);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gfresh), fresh));
     // bf16 rows (the experts' input gradients of bf16 products): as their values in f32, bitwise, on both
     // backends.
     const Tensor dxsr = dxs.clone().to(DType::kBF16), dx0 = randn({m, h});
