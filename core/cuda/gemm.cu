@@ -76,10 +76,11 @@ __device__ __forceinline__ __nv_bfloat16 as_bf16(__nv_bfloat16 v) { return v; }
 __device__ __forceinline__ void put_sum(float* out, float v, float beta) { *out = beta == 0.0f ? v : v + beta * *out; }
 __device__ __forceinline__ void put_sum(__nv_bfloat16* out, float v, float) { *out = __float2bfloat16(v); }
 
+// a_rows (not null): row r of a is a[a_rows[r]].
 template <int kSmallRows, typename TA, typename TC>
 __global__ void __launch_bounds__(kSmallWarps * 32)
     grouped_small_kernel(const TA* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, TC* c,
-                         int64_t ldc, int n, int k, const int64_t* bounds, float beta) {
+                         int64_t ldc, int n, int k, const int64_t* bounds, float beta, const int32_t* a_rows) {
   extern __shared__ __nv_bfloat16 xs[];  // [rows, k]
   const int g = blockIdx.x, first = static_cast<int>(bounds[g]), last = static_cast<int>(bounds[g + 1]);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -88,8 +89,10 @@ __global__ void __launch_bounds__(kSmallWarps * 32)
   for (int r0 = first; r0 < last; r0 += kSmallRows) {
     const int rows = min(kSmallRows, last - r0);
     __syncthreads();
-    for (int i = threadIdx.x; i < rows * k; i += blockDim.x)
-      xs[i] = as_bf16(a[static_cast<int64_t>(r0 + i / k) * lda + i % k]);
+    for (int i = threadIdx.x; i < rows * k; i += blockDim.x) {
+      const int r = r0 + i / k;
+      xs[i] = as_bf16(a[static_cast<int64_t>(a_rows != nullptr ? a_rows[r] : r) * lda + i % k]);
+    }
     __syncthreads();
     for (int j = blockIdx.y * kSmallTile + warp; j < min(n, (blockIdx.y + 1) * kSmallTile); j += kSmallWarps) {
       const __nv_bfloat16* wr = wg + static_cast<int64_t>(j) * ldw;
@@ -1276,11 +1279,6 @@ void CudaBackend::tc_products(const Operand& oa, const Operand& ow, bool trans_w
 void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
                                float beta, const Tensor* a_rows) {
   CHECK_EQ(w.dim(), 3);
-  if (a_rows != nullptr) {  // the rows in order first (the model's gathered products take grouped_gate_up)
-    check_a_rows(a_rows, c.size(0));
-    grouped_gemm(rows_in_order(a, a_rows), w, trans_w, offsets, c, beta, nullptr);
-    return;
-  }
   check_operand(a);
   check_operand(w);
   check_device(c, c.dtype());
@@ -1293,16 +1291,19 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   check_offsets(offsets, groups);
   CHECK_EQ(A.cols, k);
   CHECK_EQ(C.cols, n);
-  CHECK_EQ(A.rows, C.rows);
+  if (a_rows == nullptr) CHECK_EQ(A.rows, C.rows);
+  check_a_rows(a_rows, C.rows);
   // Counted as if every row is in a group (the bounds stay on the device).
-  const int64_t rows = A.rows;
+  const int64_t rows = C.rows;
   Op op(this, "grouped_gemm", 2.0 * rows * n * k,
         1.0 * dtype_size(a.dtype()) * rows * k + 1.0 * dtype_size(c.dtype()) * rows * n +
             1.0 * dtype_size(w.dtype()) * groups * n * k);
   if (rows == 0 || groups == 0) return;
   const bool bf16 = bf16_products(a, w);
-  const bool fits = rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) && k < (int64_t{1} << 31);
-  // Few rows a group (decode): the weight-streaming kernel; 16 or 32 rows at a time by the mean.
+  const bool fits = rows < (int64_t{1} << 31) && A.rows < (int64_t{1} << 31) && n < (int64_t{1} << 31) &&
+                    k < (int64_t{1} << 31);
+  // Few rows a group (decode): the weight-streaming kernel (which reads rows by index too); 16 or 32 rows
+  // at a time by the mean.
   const size_t small_bytes = static_cast<size_t>(rows <= 2 * groups ? 16 : 32) * k * 2;
   if (!opt_.batch_invariant && trans_w && w.dtype() == DType::kBF16 && fits && rows <= 4 * groups && k % 8 == 0 &&
       w.stride(1) % 8 == 0 &&
@@ -1316,7 +1317,8 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024));
       kernel<<<grid, kSmallWarps * 32, small_bytes, stream()>>>(
           static_cast<const TA*>(A.p), A.ld, static_cast<const __nv_bfloat16*>(w.raw()), w.stride(1), w.stride(0),
-          static_cast<TC*>(C.p), C.ld, static_cast<int>(n), static_cast<int>(k), offsets.data<int64_t>(), beta);
+          static_cast<TC*>(C.p), C.ld, static_cast<int>(n), static_cast<int>(k), offsets.data<int64_t>(), beta,
+          a_rows != nullptr ? a_rows->data<int32_t>() : nullptr);
     };
     const auto with_out = [&](auto* tag) {
       if (c16)
@@ -1329,6 +1331,11 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
     else
       with_out(static_cast<float*>(nullptr));
     CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  if (a_rows != nullptr) {  // the other kernels read rows in order (the model's gathered products take
+                            // grouped_gate_up)
+    grouped_gemm(rows_in_order(a, a_rows), w, trans_w, offsets, c, beta, nullptr);
     return;
   }
   // bf16 products: the tensor-core kernel, all groups in one launch.
