@@ -23,9 +23,8 @@ void mla_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
                  core::Tensor& y);
 // dx = ∂/∂x (written: its old values are not read), g.* = gbeta · g.* + ∂/∂weights for the matrix weights
 // (gbeta 1 adds, 0 overwrites: the first backward after Model::zero_grads), g.* += ∂/∂weights for the
-// norms. dyp: dy as the products take
-// it where the caller has it already (Backend::rmsnorm_backward's dx_rounded); undefined: made here. The
-// same holds for the backwards below.
+// norms. dyp: dy as the products take it where the caller has it already (Backend::rmsnorm_backward's
+// dx_rounded); undefined: made here. The same holds for the backwards below.
 void mla_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::RopeTable& rope, const core::Tensor& x, const core::Tensor& positions,
                   const AttentionActs& a, const core::Tensor& dy, const core::Tensor& dyp, core::Tensor& dx,
