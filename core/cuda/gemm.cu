@@ -231,14 +231,13 @@ enum Gather { kInOrder = 0, kGatherA = 1, kGatherK = 2 };
 // s % kStages of sa and sb (TileA and TileB lay them out; each tile kStage units of *sa), then commits
 // (an empty group past the end keeps the count uniform). pa, pb: the block's first row (or column) of
 // each operand; kGated: b's rows from pb and pb + gate_to_up rows (TileB::load_pair).
-// kGatherA: A's rows from rows_a (TileA::gather); kGatherK: B's k rows of step s from k_rows
-// (TileB::fetch_k_rows).
-template <typename TileA, typename TileB, bool kAK, bool kBK, bool kGated, int kGather = kInOrder, typename T,
-          int kPerB>
+// kGatherA: A's rows from rows_a (TileA::gather); kGatherK: B's k rows of step s from k_rows (its
+// kTileK indices in shared memory).
+template <typename TileA, typename TileB, bool kAK, bool kBK, bool kGated, int kGather = kInOrder, typename T>
 __device__ __forceinline__ void issue_step(int s, int steps, T* sa, T* sb, const __nv_bfloat16* pa, int64_t lda,
                                            const __nv_bfloat16* pb, int64_t ldb, int64_t gate_to_up, int ni_a,
                                            int ni_b, int K, const __nv_bfloat16* const (&rows_a)[TileA::kPer],
-                                           const int32_t (&k_rows)[kPerB]) {
+                                           const int32_t* k_rows) {
   static_assert(kGather != kGatherA || kAK, "gathered A rows are k-contiguous");
   static_assert(kGather != kGatherK || (!kBK && !kGated), "gathered k rows of a B stored [k][n]");
   if (s < steps) {
@@ -250,7 +249,7 @@ __device__ __forceinline__ void issue_step(int s, int steps, T* sa, T* sb, const
     if constexpr (kGated)
       TileB::load_pair(sb + st * TileB::kStage, pb + k0, pb + gate_to_up * ldb + k0, ldb, ni_b, K - k0);
     else if constexpr (kGather == kGatherK)
-      TileB::load_k_rows(sb + st * TileB::kStage, pb, ldb, k_rows, ni_b);
+      TileB::load_k_rows(sb + st * TileB::kStage, pb, ldb, k_rows, ni_b, K - k0);
     else
       TileB::load(sb + st * TileB::kStage, kBK ? pb + k0 : pb + k0 * ldb, ldb, ni_b, K - k0);
   }
@@ -311,10 +310,9 @@ __device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], cons
   const int steps = (K + kTileK - 1) / kTileK;
   const __nv_bfloat16* rows_a[TileA::kPer] = {};
   if constexpr (kGather == kGatherA) TileA::gather(rows_a, a, lda, a_rows + m0, ni_a);
-  const int32_t no_k_rows[1] = {0};
   const auto issue = [&](int s) {
     issue_step<TileA, TileB, kAK, kBK, kGated, kGather>(s, steps, sa, sb, kGather == kGatherA ? a : pa, lda, pb, ldb,
-                                                        gate_to_up, ni_a, ni_b, K, rows_a, no_k_rows);
+                                                        gate_to_up, ni_a, ni_b, K, rows_a, nullptr);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);
@@ -637,26 +635,17 @@ struct WgTile {
       tc::cp_async16(smem + offset(i, k), valid ? rp[u] + k0 + k : any, valid);
     }
   }
-  // A tile stored [k][i] (not kK) whose k rows lie where an index says: fetch_k_rows reads the rows of
-  // this thread's chunks for a step (index from the step's first k, nk of them inside the matrix; -1
-  // past them), a step ahead of load_k_rows, which loads row k from p + row·ld (p the tile's first
-  // column), so that no load waits on its index.
-  __device__ static void fetch_k_rows(int32_t (&rows)[kPer], const int32_t* index, int nk) {
+  // As load for a tile stored [k][i] (not kK) whose k rows lie where an index says: row k at
+  // p + rows[k]·ld (p the tile's first column; rows: the step's kTileK indices, in shared memory).
+  __device__ static void load_k_rows(unsigned char* smem, const __nv_bfloat16* p, int64_t ld, const int32_t* rows,
+                                     int ni, int nk) {
     static_assert(!kK, "k rows of a tile stored [k][i]");
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) {
-      const int k = (threadIdx.x + u * kThreads) / (kRows / 8);
-      rows[u] = k < nk ? index[k] : -1;
-    }
-  }
-  __device__ static void load_k_rows(unsigned char* smem, const __nv_bfloat16* p, int64_t ld,
-                                     const int32_t (&rows)[kPer], int ni) {
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
       const int idx = threadIdx.x + u * kThreads;
       const int i = (idx % (kRows / 8)) * 8, k = idx / (kRows / 8);
-      const bool valid = i < ni && rows[u] >= 0;
-      tc::cp_async16(smem + offset(i, k), valid ? p + static_cast<int64_t>(rows[u]) * ld + i : p, valid);
+      const bool valid = i < ni && k < nk;
+      tc::cp_async16(smem + offset(i, k), valid ? p + static_cast<int64_t>(rows[k]) * ld + i : p, valid);
     }
   }
   // The descriptor of the tile's rows from `row` (a multiple of 64) at k step kk (a multiple of 16).
@@ -700,22 +689,32 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
   const int steps = (K + kTileK - 1) / kTileK;
   const __nv_bfloat16* rows_a[TileA::kPer] = {};
   if constexpr (kGather == kGatherA) TileA::gather(rows_a, a, lda, rows + m0, ni_a);
-  int32_t k_rows[TileB::kPer] = {};  // kGatherK: the k rows of the next step to issue
-  const auto fetch = [&](int s) {
-    if constexpr (kGather == kGatherK) {
-      if (s < steps) TileB::fetch_k_rows(k_rows, rows + s * kTileK, K - s * kTileK);
+  // kGatherK: each step's kTileK k-row indices in a ring of shared memory, loaded by cp.async in the
+  // group of the step kStages - 1 before theirs (so they are in, and seen by every thread, when that
+  // step's tiles issue); the first kStages - 1 steps' loaded before the pipeline starts.
+  constexpr int kRing = kStages + 1;
+  __shared__ int32_t k_ring[kGather == kGatherK ? kRing : 1][kTileK];
+  const auto fetch = [&](int s) {  // step s's indices, cp.async in the current group
+    if (threadIdx.x < kTileK && s < steps) {
+      const int k = s * kTileK + static_cast<int>(threadIdx.x);
+      tc::cp_async4(reinterpret_cast<float*>(&k_ring[s % kRing][threadIdx.x]),
+                    reinterpret_cast<const float*>(rows + (k < K ? k : 0)), k < K);
     }
   };
+  if constexpr (kGather == kGatherK) {
+    for (int s = 0; s < kStages - 1; ++s) {
+      const int k = s * kTileK + static_cast<int>(threadIdx.x);
+      if (threadIdx.x < kTileK) k_ring[s][threadIdx.x] = k < K ? rows[k] : 0;
+    }
+    __syncthreads();
+  }
   const auto issue = [&](int s) {
+    if constexpr (kGather == kGatherK) fetch(s + kStages - 1);
     issue_step<TileA, TileB, kAK, kBK, kGated, kGather>(s, steps, sa, sb, kGather == kGatherA ? a : pa, lda, pb, ldb,
-                                                        gate_to_up, ni_a, ni_b, K, rows_a, k_rows);
+                                                        gate_to_up, ni_a, ni_b, K, rows_a, k_ring[s % kRing]);
   };
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    fetch(s);
-    issue(s);
-  }
-  fetch(kStages - 1);
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
   // Step s's products run while the block waits for the products of step s - 1 to finish and then
   // reloads their buffer with step s + kStages - 1.
   for (int s = 0; s < steps; ++s) {
@@ -734,7 +733,6 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
     wg::pin(acc);
     __syncthreads();  // every warpgroup's products of step s - 1 are done
     issue(s + kStages - 1);
-    fetch(s + kStages);  // its loads in flight until the next step issues
   }
   wg::wait<0>();
   wg::pin(acc);
