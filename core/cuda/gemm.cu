@@ -152,6 +152,34 @@ constexpr int kTileM = 128, kTileN = 128, kTileK = 64, kStages = 3, kTcThreads =
 // rows); the gated gate/up 40.1, 40.0 and 38.9. So on Hopper 64-row tiles take the one-warpgroup kernel.
 constexpr int kGroupedTile32 = 24, kGroupedTile64 = 64;
 
+// A k-contiguous tile whose row i lies at a + index[i]·ld (gathered rows), loaded kPer 16-byte chunks a
+// thread by kThreads threads (chunk threadIdx.x + u·kThreads: row that / (kTileK / 8), its k the rest ·
+// 8): rows() takes the rows this thread's chunks read, once a tile (null past the ni rows inside the
+// matrix); load() each step's tile from them, from k0 with nk ks inside the matrix, chunk (i, k) to at(i,
+// k) in shared memory.
+template <int kPer, int kThreads>
+struct GatheredRows {
+  __device__ static void rows(const __nv_bfloat16* (&rp)[kPer], const __nv_bfloat16* a, int64_t ld,
+                              const int32_t* index, int ni) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int i = (threadIdx.x + u * kThreads) / (kTileK / 8);
+      rp[u] = i < ni ? a + static_cast<int64_t>(index[i]) * ld : nullptr;
+    }
+  }
+  template <typename At>
+  __device__ static void load(const __nv_bfloat16* const (&rp)[kPer], const __nv_bfloat16* any, int k0, int nk,
+                              At&& at) {
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int idx = threadIdx.x + u * kThreads;
+      const int i = idx / (kTileK / 8), k = (idx % (kTileK / 8)) * 8;
+      const bool valid = rp[u] != nullptr && k < nk;
+      tc::cp_async16(at(i, k), valid ? rp[u] + k0 + k : any, valid);
+    }
+  }
+};
+
 // One operand's tile: kExtent rows along m (or n) by kTileK along k. kK: k is the contiguous dimension
 // in global memory (element (i, k) at p[i·ld + k]), else i is (at p[k·ld + i]). Shared memory keeps the
 // same orientation: [kExtent][kTileK + pad] or [kTileK][kExtent + pad] (the pad puts the rows ldmatrix
@@ -197,28 +225,13 @@ struct TcTile {
       tc::cp_async16(smem + i * kLd + k, valid ? src : p, valid);
     }
   }
-  // Gathered rows (a k-contiguous tile whose row i lies at a + index[i]·ld): the rows this thread's chunks
-  // read, once a tile (null past the ni rows inside the matrix), then each step's tile from them, from k0
-  // with nk ks inside the matrix.
+  // Gathered rows (GatheredRows), k-contiguous.
   static constexpr int kPer = kChunks / kTcThreads;
-  __device__ static void gather(const __nv_bfloat16* (&rp)[kPer], const __nv_bfloat16* a, int64_t ld,
-                                const int32_t* index, int ni) {
-    static_assert(kK, "gathered rows are k-contiguous");
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) {
-      const int i = (threadIdx.x + u * kTcThreads) / (kTileK / 8);
-      rp[u] = i < ni ? a + static_cast<int64_t>(index[i]) * ld : nullptr;
-    }
-  }
+  using Gathered = GatheredRows<kPer, kTcThreads>;
   __device__ static void load_gathered(__nv_bfloat16* smem, const __nv_bfloat16* const (&rp)[kPer],
                                        const __nv_bfloat16* any, int k0, int nk) {
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) {
-      const int idx = threadIdx.x + u * kTcThreads;
-      const int i = idx / (kTileK / 8), k = (idx % (kTileK / 8)) * 8;
-      const bool valid = rp[u] != nullptr && k < nk;
-      tc::cp_async16(smem + i * kLd + k, valid ? rp[u] + k0 + k : any, valid);
-    }
+    static_assert(kK, "gathered rows are k-contiguous");
+    Gathered::load(rp, any, k0, nk, [&](int i, int k) { return smem + i * kLd + k; });
   }
 };
 
@@ -231,7 +244,7 @@ enum Gather { kInOrder = 0, kGatherA = 1, kGatherK = 2 };
 // s % kStages of sa and sb (TileA and TileB lay them out; each tile kStage units of *sa), then commits
 // (an empty group past the end keeps the count uniform). pa, pb: the block's first row (or column) of
 // each operand; kGated: b's rows from pb and pb + gate_to_up rows (TileB::load_pair).
-// kGatherA: A's rows from rows_a (TileA::gather); kGatherK: B's k rows of step s from k_rows (its
+// kGatherA: A's rows from rows_a (TileA::Gathered::rows); kGatherK: B's k rows of step s from k_rows (its
 // kTileK indices in shared memory).
 template <typename TileA, typename TileB, bool kAK, bool kBK, bool kGated, int kGather = kInOrder, typename T>
 __device__ __forceinline__ void issue_step(int s, int steps, T* sa, T* sb, const __nv_bfloat16* pa, int64_t lda,
@@ -309,7 +322,7 @@ __device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], cons
 
   const int steps = (K + kTileK - 1) / kTileK;
   const __nv_bfloat16* rows_a[TileA::kPer] = {};
-  if constexpr (kGather == kGatherA) TileA::gather(rows_a, a, lda, a_rows + m0, ni_a);
+  if constexpr (kGather == kGatherA) TileA::Gathered::rows(rows_a, a, lda, a_rows + m0, ni_a);
   const auto issue = [&](int s) {
     issue_step<TileA, TileB, kAK, kBK, kGated, kGather>(s, steps, sa, sb, kGather == kGatherA ? a : pa, lda, pb, ldb,
                                                         gate_to_up, ni_a, ni_b, K, rows_a, nullptr);
@@ -614,26 +627,13 @@ struct WgTile {
       tc::cp_async16(smem + offset(i, k), valid ? (hi ? p2 : p) + ih * ld + k : p, valid);
     }
   }
-  // As TcTile::gather and load_gathered: A's rows where an index says.
+  // Gathered rows (GatheredRows), k-contiguous, in the swizzled layout.
   static constexpr int kPer = kChunks / kThreads;
-  __device__ static void gather(const __nv_bfloat16* (&rp)[kPer], const __nv_bfloat16* a, int64_t ld,
-                                const int32_t* index, int ni) {
-    static_assert(kK, "gathered rows are k-contiguous");
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) {
-      const int i = (threadIdx.x + u * kThreads) / (kTileK / 8);
-      rp[u] = i < ni ? a + static_cast<int64_t>(index[i]) * ld : nullptr;
-    }
-  }
+  using Gathered = GatheredRows<kPer, kThreads>;
   __device__ static void load_gathered(unsigned char* smem, const __nv_bfloat16* const (&rp)[kPer],
                                        const __nv_bfloat16* any, int k0, int nk) {
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) {
-      const int idx = threadIdx.x + u * kThreads;
-      const int i = idx / (kTileK / 8), k = (idx % (kTileK / 8)) * 8;
-      const bool valid = rp[u] != nullptr && k < nk;
-      tc::cp_async16(smem + offset(i, k), valid ? rp[u] + k0 + k : any, valid);
-    }
+    static_assert(kK, "gathered rows are k-contiguous");
+    Gathered::load(rp, any, k0, nk, [&](int i, int k) { return smem + offset(i, k); });
   }
   // As load for a tile stored [k][i] (not kK) whose k rows lie where an index says: row k at
   // p + rows[k]·ld (p the tile's first column; rows: the step's kTileK indices, in shared memory).
@@ -688,7 +688,7 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
 
   const int steps = (K + kTileK - 1) / kTileK;
   const __nv_bfloat16* rows_a[TileA::kPer] = {};
-  if constexpr (kGather == kGatherA) TileA::gather(rows_a, a, lda, rows + m0, ni_a);
+  if constexpr (kGather == kGatherA) TileA::Gathered::rows(rows_a, a, lda, rows + m0, ni_a);
   // kGatherK: each step's kTileK k-row indices in a ring of shared memory, loaded by cp.async in the
   // group of the step kStages - 1 before theirs (so they are in, and seen by every thread, when that
   // step's tiles issue); the first kStages - 1 steps' loaded before the pipeline starts.
