@@ -1209,9 +1209,13 @@ void check_offsets(const Tensor& offsets, int64_t groups) {
       << "group offsets: " << shape_str(offsets.shape()) << " for " << groups << " groups";
 }
 
-// A grouped product's a rows by index (null: in order): R of them, I32 on the device.
-void check_a_rows(const Tensor* a_rows, int64_t rows) {
-  if (a_rows == nullptr) return;
+// A grouped product's rows of a: by index (a_rows: `rows` of them, I32 on the device), or (null) a's own
+// rows in order, `rows` of them (a_count: a's rows).
+void check_a_rows(const Tensor* a_rows, int64_t rows, int64_t a_count) {
+  if (a_rows == nullptr) {
+    CHECK_EQ(a_count, rows) << "a's rows against the product's";
+    return;
+  }
   check_device(*a_rows, DType::kI32);
   CHECK(a_rows->is_contiguous() && a_rows->numel() == rows)
       << "a's rows by index: " << shape_str(a_rows->shape()) << " for " << rows << " rows";
@@ -1289,8 +1293,7 @@ void CudaBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, c
   check_offsets(offsets, groups);
   CHECK_EQ(A.cols, k);
   CHECK_EQ(C.cols, n);
-  if (a_rows == nullptr) CHECK_EQ(A.rows, C.rows);
-  check_a_rows(a_rows, C.rows);
+  check_a_rows(a_rows, C.rows, A.rows);
   // Counted as if every row is in a group (the bounds stay on the device).
   const int64_t rows = C.rows;
   Op op(this, "grouped_gemm", 2.0 * rows * n * k,
@@ -1382,8 +1385,7 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   CHECK_EQ(w.size(1), 2 * n);
   CHECK_EQ(A.cols, k);
   CHECK_EQ(H.cols, n);
-  if (a_rows == nullptr) CHECK_EQ(A.rows, H.rows);
-  check_a_rows(a_rows, H.rows);
+  check_a_rows(a_rows, H.rows, A.rows);
   Rows GU{nullptr, 0, 0, 0};
   if (gate_up != nullptr) {
     CHECK(gate_up->dtype() == DType::kBF16) << "grouped_gate_up's products go out in bf16, not "
@@ -1512,8 +1514,7 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
   check_offsets(offsets, groups);
   CHECK_EQ(D.cols, n);
   CHECK_EQ(A.cols, k);
-  if (a_rows == nullptr) CHECK_EQ(D.rows, A.rows);
-  check_a_rows(a_rows, D.rows);
+  check_a_rows(a_rows, D.rows, A.rows);
   const int64_t rows = D.rows;
   if (groups == 0) return;
   const bool bf16 = bf16_products(dc, a);
