@@ -314,6 +314,7 @@ int main(int argc, char** argv) {
   popt.profile_shapes = true;
   auto pbe = r1lab::core::cuda::make_backend(popt);
   std::vector<r1lab::core::cuda::OpTime> ops;
+  r1lab::core::cuda::MemoryHigh high;  // where the profiled step held the most
   double step_ms = 0;
   {
     // The same model, weights and batch on a profiling backend.
@@ -336,6 +337,7 @@ int main(int argc, char** argv) {
     (*pbe)->synchronize();
     step_ms = std::chrono::duration<double, std::milli>(Clock::now() - p0).count();
     ops = r1lab::core::cuda::profile(**pbe);
+    high = r1lab::core::cuda::memory_high(**pbe);
   }
   // The dense products and the converting copies by shape, and each kind together as one row of the
   // per-op table ("gemm", "copy_convert").
@@ -385,6 +387,9 @@ int main(int argc, char** argv) {
                         : "(bandwidth)");
     jops.push_back({{"op", o.op}, {"calls", o.calls}, {"ms", o.ms}, {"tflops", tf / 1e12}, {"gbps", bw / 1e9}});
   }
+  if (!high.op.empty())
+    std::printf("memory: the profiled step held the most, %.2f GiB, as %s (call %lld of the step's) began\n",
+                high.bytes / double(1 << 30), high.op.c_str(), static_cast<long long>(high.call));
   // The dense products' 12 costliest shapes (M×N×K of C = op(A)·op(B), transposes, operand dtypes; "+="
   // adds into C). An f32 operand is rounded to bf16 inside the product's time.
   std::printf("\ndense products (cuBLAS) by shape, the costliest:\n| shape | calls | ms | TFLOP/s | %% of ceiling |\n"

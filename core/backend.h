@@ -129,10 +129,11 @@ class Backend {
   virtual void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c,
                             float beta = 0.0f, const Tensor* a_rows = nullptr) = 0;
   // Weight gradient of grouped_gemm with trans_w: dw[g] = beta · dw[g] + dc[rows_g]ᵀ · a[rows_g];
-  //   dc: [R, n] and a: [R, k] (or a's rows by a_rows) f32 or bf16, dw: [G, n, k] f32; beta 1 (add) or 0
-  //   (overwrite: the old values are not read, and a group without rows gets zeros).
+  //   dc: [R, n] and a: [R, k] (or their rows by dc_rows and a_rows) f32 or bf16, dw: [G, n, k] f32; beta
+  //   1 (add) or 0 (overwrite: the old values are not read, and a group without rows gets zeros).
   virtual void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw,
-                                  float beta = 1.0f, const Tensor* a_rows = nullptr) = 0;
+                                  float beta = 1.0f, const Tensor* a_rows = nullptr,
+                                  const Tensor* dc_rows = nullptr) = 0;
   // out[r] = x[index[r]]: x and out f32 or bf16 (the same), index I32 [R] on the device, every entry a row
   // of x. What a grouped product's a_rows mean, made into a matrix (for kernels that read rows in order).
   virtual void gather_rows(const Tensor& x, const Tensor& index, Tensor& out) = 0;
@@ -161,15 +162,42 @@ class Backend {
     }
   }
   // The routed experts' backward from their down product to their gate and up products: dh = dc · w[g]
-  // for the rows of group g (grouped_gemm without trans_w: dc [R, k], w [G, k, n]), rounded to dgu's
-  // dtype, then dgu = silu_mul_backward(dh, gate_up) ([R, 2n], gate_up [R, 2n] in dgu's dtype), without
-  // dh in memory. Rows outside every group are unspecified. This default is the reference; a backend may
-  // fuse it.
+  // for the rows of group g (grouped_gemm without trans_w: dc [R, k] or its rows by dc_rows, w [G, k, n]),
+  // rounded to dgu's dtype, then dgu = silu_mul_backward(dh, gate_up) ([R, 2n], gate_up [R, 2n] in dgu's
+  // dtype), without dh in memory. Rows outside every group are unspecified.
+  // With scale (the combine's weight of each row's output, [R] f32; dscale and scaled_act given too), dc
+  // is the gradient of the combine's output, so the rows' own gradient is scale[r] · dh[r]:
+  //   dgu       = silu_mul_backward(scale[r] · dh[r] rounded to dgu's dtype, gate_up)
+  //   dscale[r] = dh[r] · act[r]           ([R] f32: the weights' gradient, dh in f32)
+  //   scaled_act[r] = scale[r] · act[r]    ([R, n] in dgu's dtype: what the down product's weight gradient
+  //                                         reads, dc's rows being unscaled)
+  // where act = silu_mul_forward(gate_up) (the rows' gated activation, remade). So backward needs neither
+  // the experts' outputs nor their activations. This default is the reference; a backend may fuse it.
   virtual void grouped_silu_backward(const Tensor& dc, const Tensor& w, const Tensor& offsets, const Tensor& gate_up,
-                                     Tensor& dgu) {
-    Tensor dh = empty({dc.size(0), w.size(2)}, dgu.dtype());
-    grouped_gemm(dc, w, false, offsets, dh);
-    silu_mul_backward(dh, gate_up, dgu);
+                                     Tensor& dgu, const Tensor* dc_rows = nullptr, const Tensor* scale = nullptr,
+                                     Tensor* dscale = nullptr, Tensor* scaled_act = nullptr) {
+    const Tensor d = rows_in_order(dc, dc_rows);
+    const int64_t rows = d.size(0), n = w.size(2);
+    if (scale == nullptr) {
+      Tensor dh = empty({rows, n}, dgu.dtype());
+      grouped_gemm(d, w, false, offsets, dh);
+      silu_mul_backward(dh, gate_up, dgu);
+      return;
+    }
+    Tensor dh = empty({rows, n}), act = empty({rows, n}, dgu.dtype()), act32 = empty({rows, n});
+    Tensor dact = empty({rows, n}, dgu.dtype()), unused = empty({rows, 1});
+    grouped_gemm(d, w, false, offsets, dh);
+    silu_mul_forward(gate_up, act);
+    copy(act, act32);
+    // Each row its own combine of one pick: the combine's backward scales it and takes the dot.
+    Tensor ident_host = Tensor::zeros({rows}, DType::kI32), ident = empty({rows}, DType::kI32);
+    for (int64_t r = 0; r < rows; ++r) ident_host.data<int32_t>()[r] = static_cast<int32_t>(r);
+    upload(ident_host, ident);
+    const Tensor s = scale->view({rows, 1});
+    Tensor ds = dscale->view({rows, 1});
+    moe_combine_backward(dh, act, s, ident, dact, ds);
+    moe_combine_backward(act32, act, s, ident, *scaled_act, unused);
+    silu_mul_backward(dact, gate_up, dgu);
   }
   // Checks group bounds read on the host, o[0 .. groups]: ascending within [0, rows].
   static void check_group_bounds(const int64_t* o, int64_t groups, int64_t rows) {

@@ -69,9 +69,9 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::Tensor& x, const MoeActs& a, const core::Tensor& dy, const core::Tensor& dyp,
                   core::Tensor& dx, float gbeta);
-// The experts' gated activations again, from x and the routing a keeps (a forward with for_backward);
-// with `experts`, the routed experts' products and outputs too (a.experts.gate_up, a.ys). The same bits
-// as moe_forward made.
+// The shared experts' gated activation again, from x and the routing a keeps (a forward with
+// for_backward); with `experts`, the routed experts' gate and up products too (a.experts.gate_up). The
+// same bits as moe_forward made.
 void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x, MoeActs& a,
                 bool experts);
 // The MLP's gated activation again, and with `products` its gate/up products from x first.

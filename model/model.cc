@@ -24,8 +24,8 @@ void drop_remakeable(LayerActs& a, bool products) {
   a.ln1 = a.ln2 = Tensor();
   a.attn.q = a.attn.kv = a.attn.k_pe = Tensor();
   a.attn.q_a = a.attn.q_a_norm = a.attn.q_a_rstd = Tensor();
-  a.mlp.act = a.moe.experts.act = a.moe.shared.act = Tensor();
-  if (products) a.mlp.gate_up = a.moe.experts.gate_up = a.moe.ys = Tensor();
+  a.mlp.act = a.moe.shared.act = Tensor();
+  if (products) a.mlp.gate_up = a.moe.experts.gate_up = Tensor();
 }
 
 template <typename F>

@@ -41,8 +41,11 @@ struct MoeActs {
   core::Tensor token_of, row_of;              // [M*K] I32: each expert row's token (rows grouped by
                                               // expert), each assignment's row
   core::Tensor offsets;                       // [E + 1] I64 group bounds, on the device
-  MlpActs experts;                            // over the M*K rows
-  core::Tensor ys;                            // [M*K, H], in the products' dtype
+  // Over the M*K rows. A forward for backward keeps experts.gate_up only: backward remakes the gated
+  // activations from it and needs no outputs (moe_backward). Decode's forward leaves ys for the caller.
+  MlpActs experts;
+  core::Tensor ys;  // [M*K, H], in the products' dtype
+
   MlpActs shared;
 };
 struct LayerActs {
@@ -59,7 +62,7 @@ struct LayerActs {
 enum class Recompute {
   kNone,       // every layer's activations: the fastest step
   kSelective,  // all but what cheap ops remake: the norms' outputs, attention's q, k and v (from the kept
-               // latents), the routed experts' token rows and every gated activation
+               // latents) and the dense and shared MLPs' gated activations
   kExperts,    // kSelective's, and the routed experts' and dense MLPs' products: backward runs the
                // experts' products again (the largest activations of a MoE layer: k rows a token)
   kLayers,     // each layer's input only: backward runs the layer's forward again before its backward

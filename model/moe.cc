@@ -16,13 +16,12 @@ void gated_activation(core::Backend& be, MlpActs& a) {
 
 namespace {
 
-// The routed experts over the token rows of x (x[a.token_of[r]] for the expert rows r, grouped by
-// a.offsets): a.experts (gate_up only for_backward) and a.ys.
-void routed_experts(core::Backend& be, const LayerWeights& w, int64_t inter, const Tensor& x, MoeActs& a,
+// The routed experts' gated activations over the token rows of x (x[a.token_of[r]] for the expert rows
+// r, grouped by a.offsets): a.experts.act, and for_backward a.experts.gate_up.
+void routed_gate_up(core::Backend& be, const LayerWeights& w, int64_t inter, const Tensor& x, MoeActs& a,
                     bool for_backward) {
   const int64_t rows = a.token_of.numel();
   a.experts.act = be.empty({rows, inter}, product_dtype(be));  // the groups cover every row
-  a.ys = be.empty({rows, x.size(1)}, product_dtype(be));       // bf16 products: the experts' outputs rounded once
   if (a.experts.act.dtype() == core::DType::kBF16) {
     // bf16 products: the gated product in one pass; for backward its [rows, 2I] products come along,
     // rounded to bf16 (what silu_mul_backward reads), never in f32.
@@ -34,7 +33,6 @@ void routed_experts(core::Backend& be, const LayerWeights& w, int64_t inter, con
     be.grouped_gemm(x, w.experts_gate_up, true, a.offsets, a.experts.gate_up, 0.0f, &a.token_of);
     be.silu_mul_forward(a.experts.gate_up, a.experts.act);
   }
-  be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
 }
 
 // The rest of the MLP once a.gate_up holds x·[W_g | W_u]ᵀ.
@@ -127,7 +125,9 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   a.row_of = be.empty({m * k}, core::DType::kI32);
   a.token_of = be.empty({m * k}, core::DType::kI32);
   be.moe_dispatch(a.idx, static_cast<int>(e), a.row_of, a.token_of, a.offsets);
-  routed_experts(be, w, inter, xin, a, for_backward);
+  routed_gate_up(be, w, inter, xin, a, for_backward);
+  a.ys = be.empty({m * k, x.size(1)}, product_dtype(be));  // bf16 products: the experts' outputs rounded once
+  be.grouped_gemm(a.experts.act, w.experts_down, true, a.offsets, a.ys);
   if (gate_with_route) {
     be.gemm(a.shared.act, false, w.shared.down, true, y);
   } else if (both.defined()) {
@@ -138,15 +138,17 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
     be.fill(y, 0.0f);
   }
   if (combine) be.moe_combine(a.ys, a.weights, a.row_of, y);
+  // Backward needs neither the routed experts' outputs nor their activations (grouped_silu_backward
+  // remakes the activations from the gate and up products).
+  if (for_backward) a.ys = a.experts.act = Tensor();
 }
 
 void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,
                 bool experts) {
   // The grouping (token_of, offsets) is kept: the experts read x's rows through it again.
   if (experts) {
-    routed_experts(be, w, cfg.moe_intermediate_size, product_operand(be, x), a, /*for_backward=*/true);
-  } else {
-    gated_activation(be, a.experts);
+    routed_gate_up(be, w, cfg.moe_intermediate_size, product_operand(be, x), a, /*for_backward=*/true);
+    a.experts.act = Tensor();
   }
   if (w.shared.down.defined()) gated_activation(be, a.shared);
 }
@@ -174,17 +176,28 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   } else if (w.shared.down.defined()) {
     mlp_backward(be, w.shared, g.shared, x, a.shared, dy, dyp, dx, gbeta);
   }
-  // Combine.
-  Tensor dys = be.empty({m * k, h}, product_dtype(be)), dweights = be.empty({m, k});
-  be.moe_combine_backward(dy, a.ys, a.weights, a.row_of, dys, dweights);
-  // Experts.
+  // Combine and experts. Expert row r's output went into its token's sum scaled by the routing weight
+  // s[r], so its gradient is s[r] · dy[token]: the down product reads dy's rows where they lie (through
+  // token_of), grouped_silu_backward applies s[r] after it and takes s's gradient dh · act there (equal
+  // to dy[token] · ys[r], without the outputs ys kept), and the down weights' gradient reads dy's rows
+  // against the activations scaled by s.
+  const int64_t rows = m * k;
+  const Tensor dyr = dyp.defined() ? dyp : product_operand(be, dy);
+  Tensor scale = be.empty({rows}), dscale = be.empty({rows});
+  Tensor scale_rows = scale.view({rows, 1});
+  be.scatter_rows(a.weights.view({rows, 1}), a.row_of, scale_rows);
   // d(act) in the products' dtype, as the gate_up products it meets in the gate's backward are kept (one
   // pass from the down product to dgu). The rows' input gradients too, as the experts' outputs are: each
   // token's sum over its experts is f32.
-  Tensor dgu = be.empty({m * k, 2 * inter}, product_dtype(be)), dxs = be.empty({m * k, h}, product_dtype(be));
+  Tensor dgu = be.empty({rows, 2 * inter}, product_dtype(be)), dxs = be.empty({rows, h}, product_dtype(be));
+  Tensor scaled_act = be.empty({rows, inter}, product_dtype(be));
   Tensor gdown = g.experts_down, ggu = g.experts_gate_up;
-  be.grouped_silu_backward(dys, w.experts_down, a.offsets, a.experts.gate_up, dgu);
-  be.grouped_gemm_wgrad(dys, a.experts.act, a.offsets, gdown, gbeta);
+  be.grouped_silu_backward(dyr, w.experts_down, a.offsets, a.experts.gate_up, dgu, &a.token_of, &scale, &dscale,
+                           &scaled_act);
+  be.grouped_gemm_wgrad(dyr, scaled_act, a.offsets, gdown, gbeta, nullptr, &a.token_of);
+  Tensor dweights = be.empty({m, k});
+  Tensor dweight_rows = dweights.view({rows, 1});
+  be.gather_rows(dscale.view({rows, 1}), a.row_of, dweight_rows);
   be.grouped_gemm(dgu, w.experts_gate_up, false, a.offsets, dxs);
   be.grouped_gemm_wgrad(dgu, product_operand(be, x), a.offsets, ggu, gbeta, &a.token_of);
   // dx is written by the first of its sums: the shared experts' product where they ran it, else here.

@@ -26,7 +26,7 @@ class CpuBackend final : public Backend {
   void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta,
                     const Tensor* a_rows) override;
   void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw, float beta,
-                          const Tensor* a_rows) override;
+                          const Tensor* a_rows, const Tensor* dc_rows) override;
   void gather_rows(const Tensor& x, const Tensor& index, Tensor& out) override;
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;

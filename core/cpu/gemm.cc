@@ -129,10 +129,10 @@ void CpuBackend::grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, co
 }
 
 void CpuBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offset_tensor, Tensor& dw,
-                                    float beta, const Tensor* a_rows) {
+                                    float beta, const Tensor* a_rows, const Tensor* dc_rows) {
   CHECK_EQ(dw.dim(), 3);
   CHECK(beta == 0.0f || beta == 1.0f) << "grouped_gemm_wgrad adds (beta 1) or overwrites (0), not beta " << beta;
-  const Tensor a32 = f32_values(rows_in_order(a, a_rows)), dc32 = f32_values(dc);
+  const Tensor a32 = f32_values(rows_in_order(a, a_rows)), dc32 = f32_values(rows_in_order(dc, dc_rows));
   Rows dcr = rows_of(dc32), ar = rows_of(a32);
   const int64_t* offsets = group_bounds(offset_tensor, dw.size(0), std::min(dcr.rows, ar.rows));
   for (int64_t g = 0; g < dw.size(0); ++g) {

@@ -319,6 +319,19 @@ __global__ void scatter_rows_kernel(const float* src, int64_t lds, const int32_t
   }
 }
 
+// scatter_rows_kernel for narrow rows (fewer columns than a warp): a thread an element.
+template <typename T>
+__global__ void scatter_narrow_rows_kernel(const float* src, int64_t lds, const int32_t* rows, T* dst, int64_t ldd,
+                                           int64_t n_dst, int64_t n_src, int64_t cols) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n_src * cols) return;
+  const int64_t s = i / cols, c = i % cols;
+  const int32_t r = rows[s];
+  if (r < 0 || r >= n_dst) return;
+  if constexpr (std::is_same_v<T, float>) dst[r * ldd + c] = src[s * lds + c];
+  else dst[r * ldd + c] = __float2bfloat16_rn(src[s * lds + c]);
+}
+
 // ---- optimizer: the spans cut into chunks of at most kChunk elements, one block each.
 constexpr int64_t kChunk = 1 << 16;
 struct Chunk {
@@ -838,7 +851,16 @@ void CudaBackend::scatter_rows(const Tensor& src, const Tensor& rows, Tensor& ds
   if (s.rows == 0) return;
   CHECK(dst.dtype() == DType::kF32 || dst.dtype() == DType::kBF16) << "scatter_rows into f32 or bf16";
   Op op(this, "scatter_rows", 0, (4.0 + dtype_size(dst.dtype())) * s.rows * s.cols);
-  if (dst.dtype() == DType::kBF16)
+  if (s.cols < 32) {  // narrow rows (a value or a few a row): a thread an element, not a block a row
+    const unsigned grid = static_cast<unsigned>((s.rows * s.cols + 255) / 256);
+    if (dst.dtype() == DType::kBF16)
+      scatter_narrow_rows_kernel<<<grid, 256, 0, stream()>>>(s.f(), s.ld, rows.data<int32_t>(),
+                                                            static_cast<__nv_bfloat16*>(d.p), d.ld, d.rows, s.rows,
+                                                            s.cols);
+    else
+      scatter_narrow_rows_kernel<<<grid, 256, 0, stream()>>>(s.f(), s.ld, rows.data<int32_t>(), d.f(), d.ld, d.rows,
+                                                            s.rows, s.cols);
+  } else if (dst.dtype() == DType::kBF16)
     scatter_rows_kernel<<<static_cast<unsigned>(s.rows), kThreads, 0, stream()>>>(
         s.f(), s.ld, rows.data<int32_t>(), static_cast<__nv_bfloat16*>(d.p), d.ld, d.rows, s.cols);
   else
@@ -930,6 +952,10 @@ CudaBackend::Op::Op(CudaBackend* be, const char* name, double flops, double byte
     : be_(be), name_(name), flops_(flops), bytes_(bytes) {
   use_device(be_->ctx_->device);
   if (!be_->opt_.profile) return;
+  uint64_t used = 0;
+  CUDA_CHECK(cudaMemPoolGetAttribute(be_->ctx_->pool, cudaMemPoolAttrUsedMemCurrent, &used));
+  const int64_t call = ++be_->op_calls_[name];
+  if (used > be_->mem_high_.bytes) be_->mem_high_ = {static_cast<size_t>(used), name, call};
   CUDA_CHECK(cudaEventCreate(&start_));
   CUDA_CHECK(cudaEventRecord(start_, be_->stream()));
 }
@@ -966,6 +992,8 @@ std::vector<OpTime> CudaBackend::profile() {
 void CudaBackend::reset_profile() {
   profile();
   times_.clear();
+  mem_high_ = {};
+  op_calls_.clear();
 }
 
 size_t CudaBackend::peak_memory() const {
@@ -983,5 +1011,6 @@ std::vector<OpTime> profile(Backend& backend) { return dynamic_cast<CudaBackend&
 void reset_profile(Backend& backend) { dynamic_cast<CudaBackend&>(backend).reset_profile(); }
 size_t peak_memory(Backend& backend) { return dynamic_cast<CudaBackend&>(backend).peak_memory(); }
 void reset_peak_memory(Backend& backend) { dynamic_cast<CudaBackend&>(backend).reset_peak_memory(); }
+MemoryHigh memory_high(Backend& backend) { return dynamic_cast<CudaBackend&>(backend).memory_high(); }
 
 }  // namespace r1lab::core::cuda

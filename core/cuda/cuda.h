@@ -62,6 +62,15 @@ void reset_profile(Backend& backend);
 // Bytes of device memory in use by the backend's pool at its peak since the last reset, and now.
 size_t peak_memory(Backend& backend);
 void reset_peak_memory(Backend& backend);
+// Where the profiled work (since reset_profile) held the most memory: the pool's bytes in use as an op
+// began (its operands and outputs allocated, not its own scratch), the op and its call number among the
+// ops of its name. Empty without profile.
+struct MemoryHigh {
+  size_t bytes = 0;
+  std::string op;
+  int64_t call = 0;
+};
+MemoryHigh memory_high(Backend& backend);
 
 // NCCL groups (core/comm.h); defined where the build found NCCL (R1LAB_HAVE_NCCL).
 absl::StatusOr<std::string> new_group_id();

@@ -111,10 +111,11 @@ class CudaBackend final : public Backend {
   void grouped_gemm(const Tensor& a, const Tensor& w, bool trans_w, const Tensor& offsets, Tensor& c, float beta,
                     const Tensor* a_rows) override;
   void grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw, float beta,
-                          const Tensor* a_rows) override;
+                          const Tensor* a_rows, const Tensor* dc_rows) override;
   void gather_rows(const Tensor& x, const Tensor& index, Tensor& out) override;
   void grouped_silu_backward(const Tensor& dc, const Tensor& w, const Tensor& offsets, const Tensor& gate_up,
-                             Tensor& dgu) override;
+                             Tensor& dgu, const Tensor* dc_rows, const Tensor* scale, Tensor* dscale,
+                             Tensor* scaled_act) override;
   void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h, Tensor* gate_up,
                        const Tensor* a_rows) override;
 
@@ -185,6 +186,7 @@ class CudaBackend final : public Backend {
   void reset_profile();
   size_t peak_memory() const;
   void reset_peak_memory();
+  const MemoryHigh& memory_high() const { return mem_high_; }
 
   // Times the enclosing op when profiling (by name, with the useful flops and bytes it does).
   class Op {
@@ -245,6 +247,8 @@ class CudaBackend final : public Backend {
   };
   std::vector<Pending> pending_;
   std::map<std::string, OpTime> times_;
+  MemoryHigh mem_high_;                      // since reset_profile (Op)
+  std::map<std::string, int64_t> op_calls_;  // calls by name since reset_profile
   std::set<std::string> op_names_;  // names made at run time (Options::profile_shapes), kept for Op
   std::vector<ParamSpan> cached_spans_;
   Tensor span_table_;

@@ -237,15 +237,15 @@ struct TcTile {
 
 // Where a grouped product's operand rows come from: in order, or by an index (the experts reading their
 // tokens' rows where they lie): kGatherA, A's rows (k-contiguous A, the forward); kGatherK, the k rows of
-// a B stored [k][n] (the weight gradient, which sums over the rows).
-enum Gather { kInOrder = 0, kGatherA = 1, kGatherK = 2 };
+// a B stored [k][n], and kGatherKA, of an A stored [k][m] (the weight gradient, which sums over the rows).
+enum Gather { kInOrder = 0, kGatherA = 1, kGatherK = 2, kGatherKA = 3 };
 
 // Issues step s of a product's pipeline (of `steps`): the A and B tiles of its k range into stage
 // s % kStages of sa and sb (TileA and TileB lay them out; each tile kStage units of *sa), then commits
 // (an empty group past the end keeps the count uniform). pa, pb: the block's first row (or column) of
 // each operand; kGated: b's rows from pb and pb + gate_to_up rows (TileB::load_pair).
-// kGatherA: A's rows from rows_a (TileA::Gathered::rows); kGatherK: B's k rows of step s from k_rows (its
-// kTileK indices in shared memory).
+// kGatherA: A's rows from rows_a (TileA::Gathered::rows); kGatherK (kGatherKA): B's (A's) k rows of step
+// s from k_rows (its kTileK indices in shared memory).
 template <typename TileA, typename TileB, bool kAK, bool kBK, bool kGated, int kGather = kInOrder, typename T>
 __device__ __forceinline__ void issue_step(int s, int steps, T* sa, T* sb, const __nv_bfloat16* pa, int64_t lda,
                                            const __nv_bfloat16* pb, int64_t ldb, int64_t gate_to_up, int ni_a,
@@ -253,10 +253,13 @@ __device__ __forceinline__ void issue_step(int s, int steps, T* sa, T* sb, const
                                            const int32_t* k_rows) {
   static_assert(kGather != kGatherA || kAK, "gathered A rows are k-contiguous");
   static_assert(kGather != kGatherK || (!kBK && !kGated), "gathered k rows of a B stored [k][n]");
+  static_assert(kGather != kGatherKA || !kAK, "gathered k rows of an A stored [k][m]");
   if (s < steps) {
     const int k0 = s * kTileK, st = s % kStages;
     if constexpr (kGather == kGatherA)
       TileA::load_gathered(sa + st * TileA::kStage, rows_a, pa, k0, K - k0);
+    else if constexpr (kGather == kGatherKA)
+      TileA::load_k_rows(sa + st * TileA::kStage, pa, lda, k_rows, ni_a, K - k0);
     else
       TileA::load(sa + st * TileA::kStage, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
     if constexpr (kGated)
@@ -300,7 +303,7 @@ template <bool kAK, bool kBK, int kTM, bool kGated = false, int kGather = kInOrd
 __device__ __forceinline__ void tc_accumulate(float (&acc)[kTM / 32][4][4], const __nv_bfloat16* a, int64_t lda,
                                               const __nv_bfloat16* b, int64_t ldb, int M, int N, int K, int m0,
                                               int n0, int64_t gate_to_up = 0, const int32_t* a_rows = nullptr) {
-  static_assert(kGather != kGatherK, "the mma.sync kernels gather A's rows only");
+  static_assert(kGather == kInOrder || kGather == kGatherA, "the mma.sync kernels gather A's rows only");
   static_assert(kTM == 128 || kTM == 64 || kTM == 32, "row tiles of 128, 64 or 32");
   static_assert(!kGated || kBK, "gated tiles read k-contiguous weights");
   constexpr int kMi = kTM / 32;  // m16 tiles a warp
@@ -667,8 +670,8 @@ __device__ __forceinline__ unsigned char* wg_smem_base() {
 
 // The f32 sums of the block's tile at (m0, n0) of one product (64 · kWG rows), as tc_accumulate makes
 // them but in the wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
-// kGather: kGatherA, A's rows at a + rows[i]·lda; kGatherK, B's k rows at b + rows[k]·ldb (rows: the
-// group's).
+// kGather: kGatherA, A's rows at a + rows[i]·lda; kGatherK (kGatherKA), B's (A's) k rows at b + rows[k]·ldb
+// (a + rows[k]·lda) (rows: the group's).
 template <bool kAK, bool kBK, bool kGated = false, int kWG = 2, int kGather = kInOrder>
 __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloat16* a, int64_t lda,
                                               const __nv_bfloat16* b, int64_t ldb, int M, int N, int K, int m0,
@@ -689,11 +692,12 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
   const int steps = (K + kTileK - 1) / kTileK;
   const __nv_bfloat16* rows_a[TileA::kPer] = {};
   if constexpr (kGather == kGatherA) TileA::Gathered::rows(rows_a, a, lda, rows + m0, ni_a);
-  // kGatherK: each step's kTileK k-row indices in a ring of shared memory, loaded by cp.async in the
-  // group of the step kStages - 1 before theirs (so they are in, and seen by every thread, when that
-  // step's tiles issue); the first kStages - 1 steps' loaded before the pipeline starts.
+  // kGatherK, kGatherKA: each step's kTileK k-row indices in a ring of shared memory, loaded by cp.async
+  // in the group of the step kStages - 1 before theirs (so they are in, and seen by every thread, when
+  // that step's tiles issue); the first kStages - 1 steps' loaded before the pipeline starts.
+  constexpr bool kRingOn = kGather == kGatherK || kGather == kGatherKA;
   constexpr int kRing = kStages + 1;
-  __shared__ int32_t k_ring[kGather == kGatherK ? kRing : 1][kTileK];
+  __shared__ int32_t k_ring[kRingOn ? kRing : 1][kTileK];
   const auto fetch = [&](int s) {  // step s's indices, cp.async in the current group
     if (threadIdx.x < kTileK && s < steps) {
       const int k = s * kTileK + static_cast<int>(threadIdx.x);
@@ -701,7 +705,7 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
                     reinterpret_cast<const float*>(rows + (k < K ? k : 0)), k < K);
     }
   };
-  if constexpr (kGather == kGatherK) {
+  if constexpr (kRingOn) {
     for (int s = 0; s < kStages - 1; ++s) {
       const int k = s * kTileK + static_cast<int>(threadIdx.x);
       if (threadIdx.x < kTileK) k_ring[s][threadIdx.x] = k < K ? rows[k] : 0;
@@ -709,7 +713,7 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
     __syncthreads();
   }
   const auto issue = [&](int s) {
-    if constexpr (kGather == kGatherK) fetch(s + kStages - 1);
+    if constexpr (kRingOn) fetch(s + kStages - 1);
     issue_step<TileA, TileB, kAK, kBK, kGated, kGather>(s, steps, sa, sb, kGather == kGatherA ? a : pa, lda, pb, ldb,
                                                         gate_to_up, ni_a, ni_b, K, rows_a, k_ring[s % kRing]);
   };
@@ -972,63 +976,112 @@ __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
 }
 
 // The experts' down data gradient ending in the gate's backward (CudaBackend::grouped_silu_backward):
-// the block's tile of dh = dc · w[g] (w [G, k, n], n contiguous), rounded to bf16 as grouped_gemm writes
-// it, staged in shared memory; then, 8 columns a thread at a time, gate_up's gate and up values at those
-// places and dgu = [dg | du] from them by silu_gate_backward, 16 bytes a load and a store. The same sums
-// and the same expression as grouped_wg_kernel into bf16 then silu_mul_backward, so the same bits, with
-// no dh in memory.
-template <int kWG>
+// the block's tile of dh = dc · w[g] (w [G, k, n], n contiguous; kGather (kGatherA): dc's rows by
+// dc_rows), staged in shared memory; then, 8 columns a thread at a time, gate_up's gate and up values at
+// those places and dgu = [dg | du] from them by silu_gate_backward, 16 bytes a load and a store.
+// Unscaled, dh is staged rounded to bf16 as grouped_gemm writes it: the same sums and the same
+// expression as grouped_wg_kernel into bf16 then silu_mul_backward, so the same bits, with no dh in
+// memory. kScaled: dh staged in f32; the rows' gradient is scale[r] · dh rounded to bf16, the gated
+// activation act = silu_gate(g, u) rounded is remade, scaled_act = scale[r] · act rounded, and
+// dh · act over the tile's columns goes to parts[r · gridDim.x + blockIdx.x] (the 16 threads of a row
+// summed by shuffles) for grouped_silu_dots to add up in order.
+template <int kWG, int kGather = kInOrder, bool kScaled = false>
 __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
     grouped_silu_backward_wg_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* w, int64_t ldw,
                                     int64_t ldw0, const __nv_bfloat16* gu, int64_t ldgu, __nv_bfloat16* dgu,
-                                    int64_t lddgu, const int64_t* bounds, int groups, int n, int k) {
+                                    int64_t lddgu, const int64_t* bounds, int groups, int n, int k,
+                                    const int32_t* dc_rows, const float* scale, float* parts,
+                                    __nv_bfloat16* scaled_act, int64_t ldact) {
   const RowTile t = row_tile<64 * kWG>(bounds, groups, 0);
   if (t.group < 0) return;
   const int n0 = blockIdx.x * kTileN;
   float acc[64];
-  wg_accumulate<true, false, false, kWG>(acc, dc + t.r0 * lddc, lddc, w + t.group * ldw0, ldw, t.rows, n, k, t.row,
-                                         n0);
-  using S = WgStage<__nv_bfloat16, kTileN, kWG>;
-  __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(wg_smem_base());
+  wg_accumulate<true, false, false, kWG, kGather>(acc, kGather == kGatherA ? dc : dc + t.r0 * lddc, lddc,
+                                                  w + t.group * ldw0, ldw, t.rows, n, k, t.row, n0, 0,
+                                                  kGather == kGatherA ? dc_rows + t.r0 : nullptr);
+  using TS = std::conditional_t<kScaled, float, __nv_bfloat16>;
+  using S = WgStage<TS, kTileN, kWG>;
+  TS* s = reinterpret_cast<TS*>(wg_smem_base());
   __syncthreads();  // every warpgroup is done with the pipeline's buffers
   wg_for_each_local<kTileN>([&](int rl, int cl, int i) { S::put(s, rl, cl, acc[i], acc[i + 1]); });
   __syncthreads();
   constexpr int kRowChunks = kTileN / 8;
+  static_assert(32 % kRowChunks == 0 && (S::kRows * kRowChunks) % S::kThreads == 0,
+                "a row's chunks in one warp, every thread through every pass");
 #pragma unroll 2
   for (int idx = threadIdx.x; idx < S::kRows * kRowChunks; idx += S::kThreads) {
     const int rl = idx / kRowChunks, cl = (idx % kRowChunks) * 8;
     const int r = t.row + rl, col = n0 + cl;
-    if (r >= t.rows || col >= n) continue;
+    const bool inside = r < t.rows && col < n;
     const int64_t row = t.r0 + r;
-    const uint4 dv = *reinterpret_cast<const uint4*>(s + rl * S::kLd + cl);
-    const uint4 gv = *reinterpret_cast<const uint4*>(gu + row * ldgu + col);
-    const uint4 uv = *reinterpret_cast<const uint4*>(gu + row * ldgu + n + col);
-    const auto* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
-    const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(&gv);
-    const auto* u2 = reinterpret_cast<const __nv_bfloat162*>(&uv);
-    uint4 go, uo;
-    auto* go2 = reinterpret_cast<__nv_bfloat162*>(&go);
-    auto* uo2 = reinterpret_cast<__nv_bfloat162*>(&uo);
+    float dot = 0.0f;
+    if (inside) {
+      float d[8];
+      if constexpr (kScaled) {
+        const float4 d0 = *reinterpret_cast<const float4*>(s + rl * S::kLd + cl);
+        const float4 d1 = *reinterpret_cast<const float4*>(s + rl * S::kLd + cl + 4);
+        d[0] = d0.x, d[1] = d0.y, d[2] = d0.z, d[3] = d0.w, d[4] = d1.x, d[5] = d1.y, d[6] = d1.z, d[7] = d1.w;
+      } else {
+        const uint4 dv = *reinterpret_cast<const uint4*>(s + rl * S::kLd + cl);
+        const auto* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 d = __bfloat1622float2(d2[e]), g = __bfloat1622float2(g2[e]), u = __bfloat1622float2(u2[e]);
-      float dg[2], du[2];
-      silu_gate_backward(d.x, g.x, u.x, &dg[0], &du[0]);
-      silu_gate_backward(d.y, g.y, u.y, &dg[1], &du[1]);
-      go2[e] = __floats2bfloat162_rn(dg[0], dg[1]);
-      uo2[e] = __floats2bfloat162_rn(du[0], du[1]);
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __bfloat1622float2(d2[e]);
+          d[2 * e] = f.x, d[2 * e + 1] = f.y;
+        }
+      }
+      const uint4 gv = *reinterpret_cast<const uint4*>(gu + row * ldgu + col);
+      const uint4 uv = *reinterpret_cast<const uint4*>(gu + row * ldgu + n + col);
+      const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(&gv);
+      const auto* u2 = reinterpret_cast<const __nv_bfloat162*>(&uv);
+      const float sc = kScaled ? scale[row] : 1.0f;
+      uint4 go, uo, ao;
+      auto* go2 = reinterpret_cast<__nv_bfloat162*>(&go);
+      auto* uo2 = reinterpret_cast<__nv_bfloat162*>(&uo);
+      auto* ao2 = reinterpret_cast<__nv_bfloat162*>(&ao);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 g = __bfloat1622float2(g2[e]), u = __bfloat1622float2(u2[e]);
+        float dg[2], du[2], dh[2] = {d[2 * e], d[2 * e + 1]};
+        if constexpr (kScaled) {
+          const float act[2] = {__bfloat162float(__float2bfloat16(silu_gate(g.x, u.x))),
+                                __bfloat162float(__float2bfloat16(silu_gate(g.y, u.y)))};
+          dot += dh[0] * act[0] + dh[1] * act[1];
+          ao2[e] = __floats2bfloat162_rn(sc * act[0], sc * act[1]);
+          for (int j = 0; j < 2; ++j) dh[j] = __bfloat162float(__float2bfloat16(sc * dh[j]));
+        }
+        silu_gate_backward(dh[0], g.x, u.x, &dg[0], &du[0]);
+        silu_gate_backward(dh[1], g.y, u.y, &dg[1], &du[1]);
+        go2[e] = __floats2bfloat162_rn(dg[0], dg[1]);
+        uo2[e] = __floats2bfloat162_rn(du[0], du[1]);
+      }
+      *reinterpret_cast<uint4*>(dgu + row * lddgu + col) = go;
+      *reinterpret_cast<uint4*>(dgu + row * lddgu + n + col) = uo;
+      if constexpr (kScaled) *reinterpret_cast<uint4*>(scaled_act + row * ldact + col) = ao;
     }
-    *reinterpret_cast<uint4*>(dgu + row * lddgu + col) = go;
-    *reinterpret_cast<uint4*>(dgu + row * lddgu + n + col) = uo;
+    if constexpr (kScaled) {
+#pragma unroll
+      for (int off = kRowChunks / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if (cl == 0 && r < t.rows) parts[row * gridDim.x + blockIdx.x] = dot;
+    }
   }
 }
 
-// kGather (kGatherK): row r of a is a[a_rows[r]].
+// dots[r] = the sum of parts[r] ([rows, tiles] f32), in order.
+__global__ void grouped_silu_dots_kernel(const float* parts, int tiles, int64_t rows, float* dots) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  float sum = 0.0f;
+  for (int t = 0; t < tiles; ++t) sum += parts[r * tiles + t];
+  dots[r] = sum;
+}
+
+// kGather: kGatherK, row r of a is a[rows[r]]; kGatherKA, row r of dc is dc[rows[r]].
 template <int kGather = kInOrder>
 __global__ void __launch_bounds__(kTcThreads, 2)
     grouped_wgrad_wg_kernel(const __nv_bfloat16* dc, int64_t lddc, const __nv_bfloat16* a, int64_t lda, float* dw,
                             int64_t ldw, int64_t ldw0, const int64_t* bounds, int n, int k, float beta, bool staged,
-                            const int32_t* a_rows) {
+                            const int32_t* rows_by) {
   const int g = blockIdx.z;
   const int64_t r0 = bounds[g];
   const int rows = static_cast<int>(bounds[g + 1] - r0);
@@ -1036,9 +1089,10 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     if (beta == 0.0f) zero_tile(dw + g * ldw0, ldw, n, k, blockIdx.y * kTileM, blockIdx.x * kTileN);
     return;
   }
-  wg_tile<false, false, float, 2, kGather>(dc + r0 * lddc, lddc, kGather == kGatherK ? a : a + r0 * lda, lda,
-                                           dw + g * ldw0, ldw, n, k, rows, blockIdx.y * kTileM, blockIdx.x * kTileN,
-                                           beta, staged, kGather == kGatherK ? a_rows + r0 : nullptr);
+  wg_tile<false, false, float, 2, kGather>(kGather == kGatherKA ? dc : dc + r0 * lddc, lddc,
+                                           kGather == kGatherK ? a : a + r0 * lda, lda, dw + g * ldw0, ldw, n, k, rows,
+                                           blockIdx.y * kTileM, blockIdx.x * kTileN, beta, staged,
+                                           kGather == kInOrder ? nullptr : rows_by + r0);
 }
 
 __global__ void hopper_probe_kernel(int* built) {
@@ -1459,50 +1513,85 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
 }
 
 void CudaBackend::grouped_silu_backward(const Tensor& dc, const Tensor& w, const Tensor& offsets,
-                                        const Tensor& gate_up, Tensor& dgu) {
+                                        const Tensor& gate_up, Tensor& dgu, const Tensor* dc_rows,
+                                        const Tensor* scale, Tensor* dscale, Tensor* scaled_act) {
   CHECK_EQ(w.dim(), 3);
   check_operand(dc);
   check_operand(w);
   check_device(gate_up, dgu.dtype());
   check_device(dgu, dgu.dtype());
   const Rows D = rows_of(dc), GU = rows_of(gate_up), DG = rows_of(dgu);
-  const int64_t groups = w.size(0), k = w.size(1), n = w.size(2), rows = D.rows;
+  const int64_t groups = w.size(0), k = w.size(1), n = w.size(2);
+  const int64_t rows = dc_rows != nullptr ? dc_rows->numel() : D.rows;
   check_offsets(offsets, groups);
+  check_a_rows(dc_rows, rows, D.rows);
   CHECK_EQ(D.cols, k) << "grouped_silu_backward: dc vs w";
   CHECK(GU.rows == rows && GU.cols == 2 * n) << "grouped_silu_backward: gate_up " << shape_str(gate_up.shape());
   CHECK(DG.rows == rows && DG.cols == 2 * n) << "grouped_silu_backward: dgu " << shape_str(dgu.shape());
+  CHECK((scale == nullptr) == (dscale == nullptr) && (scale == nullptr) == (scaled_act == nullptr))
+      << "grouped_silu_backward: scale, dscale and scaled_act come together";
+  Rows SA{};
+  if (scale != nullptr) {
+    check_device(*scale, DType::kF32);
+    check_device(*dscale, DType::kF32);
+    check_device(*scaled_act, dgu.dtype());
+    CHECK(scale->is_contiguous() && scale->numel() == rows) << "grouped_silu_backward: scale";
+    CHECK(dscale->is_contiguous() && dscale->numel() == rows) << "grouped_silu_backward: dscale";
+    SA = rows_of(*scaled_act);
+    CHECK(SA.rows == rows && SA.cols == n) << "grouped_silu_backward: scaled_act " << shape_str(scaled_act->shape());
+  }
   // Where grouped_gemm would take the warpgroup kernel (bf16 operands of whole 16-byte chunks, row tiles
   // of 64 or 128 on Hopper) and the gate's rows are bf16 chunks too: the fused kernel; otherwise the
-  // reference composition (the same bits either way).
+  // reference composition (the same bits either way, but for the dots' order of sums).
   const int64_t mean = groups > 0 ? rows / groups : 0;
   const int tm = opt_.batch_invariant ? 128 : mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
   const auto chunks = [](const Rows& x) { return x.ld % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0; };
-  const Operand od{D.p, CUDA_R_16BF, rows, k, D.ld, rows, 0};
+  const Operand od{D.p, CUDA_R_16BF, D.rows, k, D.ld, D.rows, 0};
   const Operand ow{w.raw(), CUDA_R_16BF, groups * k, n, w.stride(1), k, w.stride(0)};
   const bool fused = hopper_ && (tm == 64 || tm == kTileM) && rows > 0 && groups > 0 && groups < 65535 &&
-                     rows < (int64_t{1} << 31) && k < (int64_t{1} << 31) && n % 8 == 0 &&
-                     dc.dtype() == DType::kBF16 && w.dtype() == DType::kBF16 && dgu.dtype() == DType::kBF16 &&
-                     w.stride(2) == 1 && tc_operand(od, k) && tc_operand(ow, n) && chunks(GU) && chunks(DG);
+                     rows < (int64_t{1} << 31) && D.rows < (int64_t{1} << 31) && k < (int64_t{1} << 31) &&
+                     n % 8 == 0 && dc.dtype() == DType::kBF16 && w.dtype() == DType::kBF16 &&
+                     dgu.dtype() == DType::kBF16 && w.stride(2) == 1 && tc_operand(od, k) && tc_operand(ow, n) &&
+                     chunks(GU) && chunks(DG) && (scale == nullptr || chunks(SA));
   if (!fused) {
-    Backend::grouped_silu_backward(dc, w, offsets, gate_up, dgu);
+    Backend::grouped_silu_backward(dc, w, offsets, gate_up, dgu, dc_rows, scale, dscale, scaled_act);
     return;
   }
-  Op op(this, "grouped_silu_backward", 2.0 * rows * n * k + 12.0 * rows * n,
-        2.0 * rows * k + 2.0 * groups * k * n + 8.0 * rows * n);
-  const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
-                  static_cast<unsigned>((rows + tm - 1) / tm + groups));
+  Op op(this, "grouped_silu_backward", 2.0 * rows * n * k + (scale ? 20.0 : 12.0) * rows * n,
+        2.0 * rows * k + 2.0 * groups * k * n + (scale ? 10.0 : 8.0) * rows * n);
+  const unsigned tiles = static_cast<unsigned>((n + kTileN - 1) / kTileN);
+  const dim3 grid(tiles, static_cast<unsigned>((rows + tm - 1) / tm + groups));
   CHECK_LT(grid.y, 65536u) << "grouped_silu_backward: too many rows";
-  const auto kernel = tm == 64 ? grouped_silu_backward_wg_kernel<1> : grouped_silu_backward_wg_kernel<2>;
-  set_tc_attributes(kernel, wg_smem_bytes(tm / 64));
-  kernel<<<grid, 2 * tm, wg_smem_bytes(tm / 64), stream()>>>(
-      static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
-      static_cast<const __nv_bfloat16*>(GU.p), GU.ld, static_cast<__nv_bfloat16*>(DG.p), DG.ld,
-      offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k));
-  CUDA_CHECK(cudaGetLastError());
+  Tensor parts = scale != nullptr ? empty({rows, static_cast<int64_t>(tiles)}, DType::kF32) : Tensor();
+  const auto launch = [&](auto kernel) {
+    set_tc_attributes(kernel, wg_smem_bytes(tm / 64));
+    kernel<<<grid, 2 * tm, wg_smem_bytes(tm / 64), stream()>>>(
+        static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
+        static_cast<const __nv_bfloat16*>(GU.p), GU.ld, static_cast<__nv_bfloat16*>(DG.p), DG.ld,
+        offsets.data<int64_t>(), static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k),
+        dc_rows != nullptr ? dc_rows->data<int32_t>() : nullptr, scale != nullptr ? scale->f32() : nullptr,
+        scale != nullptr ? parts.f32() : nullptr, static_cast<__nv_bfloat16*>(SA.p), SA.ld);
+    CUDA_CHECK(cudaGetLastError());
+  };
+  if (scale == nullptr && dc_rows == nullptr)
+    launch(tm == 64 ? grouped_silu_backward_wg_kernel<1> : grouped_silu_backward_wg_kernel<2>);
+  else if (scale == nullptr)
+    launch(tm == 64 ? grouped_silu_backward_wg_kernel<1, kGatherA> : grouped_silu_backward_wg_kernel<2, kGatherA>);
+  else if (dc_rows == nullptr)
+    launch(tm == 64 ? grouped_silu_backward_wg_kernel<1, kInOrder, true>
+                    : grouped_silu_backward_wg_kernel<2, kInOrder, true>);
+  else
+    launch(tm == 64 ? grouped_silu_backward_wg_kernel<1, kGatherA, true>
+                    : grouped_silu_backward_wg_kernel<2, kGatherA, true>);
+  if (scale != nullptr) {
+    grouped_silu_dots_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream()>>>(
+        parts.f32(), static_cast<int>(tiles), rows, dscale->f32());
+    CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Tensor& offsets, Tensor& dw,
-                                     float beta, const Tensor* a_rows) {
+                                     float beta, const Tensor* a_rows, const Tensor* dc_rows) {
   CHECK_EQ(dw.dim(), 3);
   CHECK(beta == 0.0f || beta == 1.0f) << "grouped_gemm_wgrad adds (beta 1) or overwrites (0), not beta " << beta;
   check_operand(dc);
@@ -1514,17 +1603,23 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
   check_offsets(offsets, groups);
   CHECK_EQ(D.cols, n);
   CHECK_EQ(A.cols, k);
-  check_a_rows(a_rows, D.rows, A.rows);
-  const int64_t rows = D.rows;
+  const int64_t rows = dc_rows != nullptr ? dc_rows->numel() : D.rows;
+  check_a_rows(dc_rows, rows, D.rows);
+  check_a_rows(a_rows, rows, A.rows);
   if (groups == 0) return;
   const bool bf16 = bf16_products(dc, a);
   Tensor kd, ka;
   const Operand od = gemm_operand(dc, bf16, D.rows, D.cols, D.ld, D.rows, 0, kd);
   const Operand oa = gemm_operand(a, bf16, A.rows, A.cols, A.ld, A.rows, 0, ka);
   const bool tc = bf16 && tc_operand(od, n) && tc_operand(oa, k) && rows < (int64_t{1} << 31) &&
-                  A.rows < (int64_t{1} << 31) && groups < 65536;
-  if (a_rows != nullptr && !(tc && hopper_)) {  // only the warpgroup kernel reads rows by index
-    grouped_gemm_wgrad(dc, rows_in_order(a, a_rows), offsets, dw, beta, nullptr);
+                  A.rows < (int64_t{1} << 31) && D.rows < (int64_t{1} << 31) && groups < 65536;
+  // Only the warpgroup kernel reads rows by index, of one operand.
+  if (dc_rows != nullptr && (a_rows != nullptr || !(tc && hopper_))) {
+    grouped_gemm_wgrad(rows_in_order(dc, dc_rows), a, offsets, dw, beta, a_rows, nullptr);
+    return;
+  }
+  if (a_rows != nullptr && !(tc && hopper_)) {
+    grouped_gemm_wgrad(dc, rows_in_order(a, a_rows), offsets, dw, beta, nullptr, nullptr);
     return;
   }
   Op op(this, "grouped_gemm_wgrad", 2.0 * rows * n * k,
@@ -1539,12 +1634,15 @@ void CudaBackend::grouped_gemm_wgrad(const Tensor& dc, const Tensor& a, const Te
     if (hopper_) {
       const bool staged = k % 4 == 0 && dw.stride(1) % 4 == 0 && dw.stride(0) % 4 == 0 &&
                           reinterpret_cast<uintptr_t>(dw.raw()) % 16 == 0;
-      const auto kernel = a_rows ? grouped_wgrad_wg_kernel<kGatherK> : grouped_wgrad_wg_kernel<>;
+      const auto kernel = a_rows    ? grouped_wgrad_wg_kernel<kGatherK>
+                          : dc_rows ? grouped_wgrad_wg_kernel<kGatherKA>
+                                    : grouped_wgrad_wg_kernel<>;
       set_tc_attributes(kernel, kWgSmem);
+      const Tensor* by = a_rows != nullptr ? a_rows : dc_rows;
       kernel<<<grid, kTcThreads, kWgSmem, stream()>>>(
           static_cast<const __nv_bfloat16*>(od.p), od.ld, static_cast<const __nv_bfloat16*>(oa.p), oa.ld, dw.f32(),
           dw.stride(1), dw.stride(0), offsets.data<int64_t>(), static_cast<int>(n), static_cast<int>(k), beta, staged,
-          a_rows ? a_rows->data<int32_t>() : nullptr);
+          by != nullptr ? by->data<int32_t>() : nullptr);
       CUDA_CHECK(cudaGetLastError());
       return;
     }

@@ -353,6 +353,16 @@ __global__ void gather_rows_kernel(const T* x, int64_t ldx, const int32_t* index
   copy_row(x + index[r] * ldx, out + r * ldo, cols, vec16);
 }
 
+// gather_rows_kernel for narrow rows (fewer columns than a warp): a thread an element.
+template <typename T>
+__global__ void gather_narrow_rows_kernel(const T* x, int64_t ldx, const int32_t* index, T* out, int64_t ldo,
+                                          int64_t rows, int64_t cols) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * cols) return;
+  const int64_t r = i / cols, c = i % cols;
+  out[r * ldo + c] = x[index[r] * ldx + c];
+}
+
 // dx[m] += Σ_k dxs[row_of[m·K + k]] (k in order; dxs f32 or bf16, the sums f32); without accumulate
 // the sums start from 0.
 // kV (1 or 4) columns a thread at a time (4: rows, strides and pointers allow vector accesses).
@@ -690,7 +700,16 @@ void CudaBackend::gather_rows(const Tensor& x, const Tensor& index, Tensor& out)
   const int64_t es = static_cast<int64_t>(dtype_size(x.dtype()));
   const bool vec16 = (X.cols * es) % 16 == 0 && (X.ld * es) % 16 == 0 && (O.ld * es) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(X.p) % 16 == 0 && reinterpret_cast<uintptr_t>(O.p) % 16 == 0;
-  if (x.dtype() == DType::kBF16)
+  if (X.cols < 32) {  // narrow rows (a value or a few a row): a thread an element, not a block a row
+    const unsigned grid = static_cast<unsigned>((O.rows * X.cols + 255) / 256);
+    if (x.dtype() == DType::kBF16)
+      gather_narrow_rows_kernel<<<grid, 256, 0, stream()>>>(static_cast<const __nv_bfloat16*>(X.p), X.ld,
+                                                           index.data<int32_t>(), static_cast<__nv_bfloat16*>(O.p),
+                                                           O.ld, O.rows, X.cols);
+    else
+      gather_narrow_rows_kernel<<<grid, 256, 0, stream()>>>(X.f(), X.ld, index.data<int32_t>(), O.f(), O.ld, O.rows,
+                                                           X.cols);
+  } else if (x.dtype() == DType::kBF16)
     gather_rows_kernel<<<static_cast<unsigned>(O.rows), kScanThreads, 0, stream()>>>(
         static_cast<const __nv_bfloat16*>(X.p), X.ld, index.data<int32_t>(), static_cast<__nv_bfloat16*>(O.p), O.ld,
         X.cols, vec16);

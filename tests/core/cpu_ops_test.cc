@@ -198,6 +198,62 @@ TEST_F(CpuOps, GroupedGemmEqualsOneGemmPerGroup) {
   EXPECT_EQ(std::memcmp(h1.raw(), h2.raw(), 7 * 2 * 2), 0);
 }
 
+// The experts' backward from the combine: with the routing weights s, grouped_silu_backward over dc's
+// rows by index gives what the combine's backward then the plain one give from the experts' outputs:
+// dscale = dc[token] · ys (ys = act · w_downᵀ, never made by the op), dgu from s · dh, and the down
+// weights' gradient from dc's rows against s · act equals the one from the scaled rows against act.
+TEST_F(CpuOps, GroupedSiluBackwardFromTheCombineNeedsNoOutputs) {
+  const int64_t m = 5, h = 6, n = 4, g = 3;
+  const int64_t offsets[] = {0, 3, 3, 8};
+  Tensor bounds = Tensor::zeros({4}, DType::kI64);
+  std::copy(std::begin(offsets), std::end(offsets), bounds.data<int64_t>());
+  const int64_t rows = 8;
+  Tensor token_of = Tensor::zeros({rows}, DType::kI32);
+  const int32_t tokens[] = {4, 0, 2, 1, 0, 3, 4, 2};
+  std::copy(std::begin(tokens), std::end(tokens), token_of.data<int32_t>());
+  Tensor dy = randn({m, h}, rng_), w_down = randn({g, h, n}, rng_), gu = randn({rows, 2 * n}, rng_);
+  Tensor scale = randn({rows}, rng_);
+  // What the combine's backward has: the outputs ys = act · w_downᵀ and its gradient s · dy[token].
+  Tensor act = Tensor::zeros({rows, n}), ys = Tensor::zeros({rows, h});
+  be_->silu_mul_forward(gu, act);
+  be_->grouped_gemm(act, w_down, true, bounds, ys);
+  Tensor dys = Tensor::zeros({rows, h});
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < h; ++j) dys.f32()[r * h + j] = scale.f32()[r] * dy.f32()[tokens[r] * h + j];
+  Tensor want_dgu = Tensor::zeros({rows, 2 * n}), want_dw = Tensor::zeros({g, h, n});
+  be_->grouped_silu_backward(dys, w_down, bounds, gu, want_dgu, nullptr, nullptr, nullptr, nullptr);
+  be_->grouped_gemm_wgrad(dys, act, bounds, want_dw, 0.0f);
+  // From dy's rows by index and the scale.
+  Tensor dgu = randn({rows, 2 * n}, rng_), dscale = randn({rows}, rng_), scaled = randn({rows, n}, rng_);
+  be_->grouped_silu_backward(dy, w_down, bounds, gu, dgu, &token_of, &scale, &dscale, &scaled);
+  Tensor dw = randn({g, h, n}, rng_);
+  be_->grouped_gemm_wgrad(dy, scaled, bounds, dw, 0.0f, nullptr, &token_of);
+  for (int64_t r = 0; r < rows; ++r) {
+    double want = 0;
+    for (int64_t j = 0; j < h; ++j) want += static_cast<double>(dy.f32()[tokens[r] * h + j]) * ys.f32()[r * h + j];
+    EXPECT_NEAR(dscale.f32()[r], want, 1e-4 * (1 + std::fabs(want))) << "row " << r;
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT_NEAR(scaled.f32()[r * n + i], scale.f32()[r] * act.f32()[r * n + i], 1e-6) << "row " << r;
+    for (int64_t i = 0; i < 2 * n; ++i)
+      EXPECT_NEAR(dgu.f32()[r * 2 * n + i], want_dgu.f32()[r * 2 * n + i],
+                  1e-4 * (1 + std::fabs(want_dgu.f32()[r * 2 * n + i])))
+          << "row " << r;
+  }
+  for (int64_t i = 0; i < g * h * n; ++i)
+    EXPECT_NEAR(dw.f32()[i], want_dw.f32()[i], 1e-4 * (1 + std::fabs(want_dw.f32()[i]))) << i;
+  // The weights' gradient under S = Σ dy · combine(ys): dscale is its derivative along s.
+  expect_directional_grad(
+      "scale", scale, dscale,
+      [&] {
+        double sum = 0;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < h; ++j)
+            sum += static_cast<double>(dy.f32()[tokens[r] * h + j]) * scale.f32()[r] * ys.f32()[r * h + j];
+        return sum;
+      },
+      rng_);
+}
+
 TEST_F(CpuOps, RmsNormForwardAndBackward) {
   Tensor x = randn({6, 16}, rng_), w = randn({16}, rng_, 0.3f), y = Tensor::zeros({6, 16}), rstd = Tensor::zeros({6});
   for (int i = 0; i < 16; ++i) w.f32()[i] += 1.0f;

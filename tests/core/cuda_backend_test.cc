@@ -643,10 +643,44 @@ TEST_F(CudaBackendTest, GroupedSiluBackwardIsGroupedGemmThenSiluBackward) {
           }
           // The CPU reference (f32 throughout) from the same bf16 values.
           Tensor ref = Tensor::zeros({r, 2 * n});
-          cpu_->grouped_silu_backward(dc_h.to_f32(), w_h.to_f32(), bounds(offsets), gu_h.to_f32(), ref);
+          cpu_->grouped_silu_backward(dc_h.to_f32(), w_h.to_f32(), bounds(offsets), gu_h.to_f32(), ref, nullptr,
+                                      nullptr, nullptr, nullptr);
           Tensor got_f = be.zeros({r, 2 * n}, DType::kF32);
           be.copy(got, got_f);
           EXPECT_LT(max_rel(be, got_f, ref), 2e-2) << what;
+          // From the combine: the rows of a token gradient by index, scaled by routing weights. The fused
+          // kernel against the composition on the same backend: the same bits, but for the order of the
+          // dots' sums; and within bf16 rounding of the CPU's. Then the down weights' gradient over those
+          // rows by index: the same bits as over them gathered.
+          const int64_t tokens = r / 3 + 1;
+          Tensor index = Tensor::zeros({r}, DType::kI32);
+          for (int64_t i = 0; i < r; ++i) index.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + 3) % tokens);
+          const Tensor dy_h = randn({tokens, k}).to(DType::kBF16), scale_h = randn({r});
+          Tensor dy = be.zeros({tokens, k}, DType::kBF16);
+          be.copy(on(be, dy_h), dy);
+          const Tensor gi = on(be, index), gs = on(be, scale_h);
+          Tensor dgu1 = be.zeros({r, 2 * n}, DType::kBF16), dgu2 = be.zeros({r, 2 * n}, DType::kBF16);
+          Tensor act1 = be.zeros({r, n}, DType::kBF16), act2 = be.zeros({r, n}, DType::kBF16);
+          Tensor ds1 = be.zeros({r}, DType::kF32), ds2 = be.zeros({r}, DType::kF32);
+          be.grouped_silu_backward(dy, w, off, gu, dgu1, &gi, &gs, &ds1, &act1);
+          be.Backend::grouped_silu_backward(dy, w, off, gu, dgu2, &gi, &gs, &ds2, &act2);
+          EXPECT_TRUE(bitwise_equal(be.download(dgu1), be.download(dgu2))) << "scaled dgu, " << what;
+          EXPECT_TRUE(bitwise_equal(be.download(act1), be.download(act2))) << "scaled act, " << what;
+          EXPECT_LT(max_rel(be, ds1, be.download(ds2)), 1e-5) << "dscale, " << what;
+          Tensor ref_dgu = Tensor::zeros({r, 2 * n}), ref_act = Tensor::zeros({r, n}), ref_ds = Tensor::zeros({r});
+          cpu_->grouped_silu_backward(dy_h.to_f32(), w_h.to_f32(), bounds(offsets), gu_h.to_f32(), ref_dgu, &index,
+                                      &scale_h, &ref_ds, &ref_act);
+          EXPECT_LT(max_rel(be, dgu1, ref_dgu), 2e-2) << "scaled dgu against the CPU, " << what;
+          EXPECT_LT(max_rel(be, act1, ref_act), 1e-2) << "scaled act against the CPU, " << what;
+          EXPECT_LT(max_rel(be, ds1, ref_ds), 2e-2) << "dscale against the CPU, " << what;
+          if (n % 8 == 0) {
+            Tensor in_order = be.empty({r, k}, DType::kBF16), dw1 = be.zeros({g, k, n}, DType::kF32),
+                   dw2 = be.zeros({g, k, n}, DType::kF32);
+            be.gather_rows(dy, gi, in_order);
+            be.grouped_gemm_wgrad(in_order, act1, off, dw1, 0.0f);
+            be.grouped_gemm_wgrad(dy, act1, off, dw2, 0.0f, nullptr, &gi);
+            EXPECT_TRUE(bitwise_equal(be.download(dw1), be.download(dw2))) << "wgrad over dc's rows by index, " << what;
+          }
         }
       }
     }
@@ -1180,6 +1214,11 @@ TEST_F(CudaBackendTest, PagedLatentAttentionOverScrambledBlocks) {
   cpu_->scatter_rows(src, rows, dst16);
   gpu_->scatter_rows(dev(src), dev(rows), gdst16);
   EXPECT_TRUE(bitwise_equal(gpu_->download(gdst16), dst16));
+  // Rows of a warp's width or more (a block a row; 12 above: a thread a value).
+  Tensor wide = randn({5, 40}), wide_dst = randn({20, 40}), gwide_dst = dev(wide_dst);
+  cpu_->scatter_rows(wide, rows, wide_dst);
+  gpu_->scatter_rows(dev(wide), dev(rows), gwide_dst);
+  EXPECT_TRUE(bitwise_equal(gpu_->download(gwide_dst), wide_dst));
 }
 
 // A bf16 latent pool: the tensor-core decode kernel (16 heads a block, q and the softmax weights in
@@ -1479,6 +1518,11 @@ TEST_F(CudaBackendTest, MoeDispatchCombineForwardBackward) {
     gpu_->gather_rows(dev(xb), gtok, gxsb);
     EXPECT_TRUE(bitwise_equal(xsb, xs.clone().to(DType::kBF16)));
     EXPECT_TRUE(bitwise_equal(gpu_->download(gxsb), xsb));
+    // One value a row (the routing weights' gradients by assignment): a thread a value.
+    Tensor vals = randn({m * k, 1}), picked = Tensor::zeros({m * k, 1}), gpicked = gpu_->empty({m * k, 1}, DType::kF32);
+    cpu_->gather_rows(vals, row_of, picked);
+    gpu_->gather_rows(dev(vals), grow, gpicked);
+    EXPECT_TRUE(bitwise_equal(gpu_->download(gpicked), picked));
     Tensor dxs = randn({m * k, h}), dx = randn({m, h}), gdx = dev(dx);
     cpu_->moe_dispatch_backward(dxs, row_of, dx);
     gpu_->moe_dispatch_backward(dev(dxs), grow, gdx);
