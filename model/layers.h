@@ -49,7 +49,8 @@ core::Tensor stacked_with(const core::Tensor& first, const core::Tensor& next);
 
 // SiLU-gated MLP: y = (silu(x·gateᵀ) * (x·upᵀ)) · downᵀ.  x [N, H], y [N, H] (overwritten).
 void mlp_forward(core::Backend& be, const MlpWeights& w, const core::Tensor& x, MlpActs& a, core::Tensor& y);
-// dx = ∂/∂x; g.* = gbeta · g.* + ∂/∂weights (as mla_backward). With dgu_out ([N, 2I] in the products'
+// dx = ∂/∂x; g.* = gbeta · g.* + ∂/∂weights (as mla_backward); a.act remade from a.gate_up where a has
+// none (a forward for backward keeps none). With dgu_out ([N, 2I] in the products'
 // dtype), the gradient of the gate and up products goes there instead, and the caller runs their two
 // products (g.gate_up and dx are left to it).
 void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, const core::Tensor& x, const MlpActs& a,
@@ -69,12 +70,10 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const core::Tensor& x, const MoeActs& a, const core::Tensor& dy, const core::Tensor& dyp,
                   core::Tensor& dx, float gbeta);
-// The shared experts' gated activation again, from x and the routing a keeps (a forward with
-// for_backward); with `experts`, the routed experts' gate and up products too (a.experts.gate_up). The
-// same bits as moe_forward made.
-void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x, MoeActs& a,
-                bool experts);
-// The MLP's gated activation again, and with `products` its gate/up products from x first.
-void mlp_remake(core::Backend& be, const MlpWeights& w, const core::Tensor& x, MlpActs& a, bool products);
+// The routed experts' gate and up products again (a.experts.gate_up), from x and the routing a keeps (a
+// forward with for_backward). The same bits as moe_forward made.
+void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::Tensor& x, MoeActs& a);
+// The MLP's gate/up products again from x (a.gate_up).
+void mlp_remake(core::Backend& be, const MlpWeights& w, const core::Tensor& x, MlpActs& a);
 
 }  // namespace r1lab::model

@@ -24,7 +24,6 @@ void drop_remakeable(LayerActs& a, bool products) {
   a.ln1 = a.ln2 = Tensor();
   a.attn.q = a.attn.kv = a.attn.k_pe = Tensor();
   a.attn.q_a = a.attn.q_a_norm = a.attn.q_a_rstd = Tensor();
-  a.mlp.act = a.moe.shared.act = Tensor();
   if (products) a.mlp.gate_up = a.moe.experts.gate_up = Tensor();
 }
 
@@ -295,23 +294,27 @@ void Model::backward_logprobs(ForwardState& st, const Tensor& targets, const Ten
   const int64_t chunk = std::min(m, head_chunk_rows());
   CHECK_EQ(dlp.numel(), m);
   const float gbeta = take_grad_beta();
-  HeadBackward head(backend_, w_.lm_head, g_.lm_head, st.normed, chunk, gbeta);
-  Tensor buf = backend_.empty({chunk, v});
-  // Each chunk's logits again (one more product than keeping them, for no [M, V] tensor).
-  for (int64_t r0 = 0; r0 < m; r0 += chunk) {
-    const int64_t n = std::min(chunk, m - r0);
-    Tensor logits = buf.slice(0, 0, n);
-    backend_.gemm(st.normed.slice(0, r0, n), false, w_.lm_head, true, logits);
-    head.chunk(r0, logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n), dlp.slice(0, r0, n));
+  Tensor dnormed;
+  {  // the head's buffers given back before the layers' backward
+    HeadBackward head(backend_, w_.lm_head, g_.lm_head, st.normed, chunk, gbeta);
+    Tensor buf = backend_.empty({chunk, v});
+    // Each chunk's logits again (one more product than keeping them, for no [M, V] tensor).
+    for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+      const int64_t n = std::min(chunk, m - r0);
+      Tensor logits = buf.slice(0, 0, n);
+      backend_.gemm(st.normed.slice(0, r0, n), false, w_.lm_head, true, logits);
+      head.chunk(r0, logits, targets.slice(0, r0, n), st.lse.slice(0, r0, n), dlp.slice(0, r0, n));
+    }
+    dnormed = head.dnormed();
   }
-  backward_hidden(st, head.dnormed(), gbeta);
+  backward_hidden(st, std::move(dnormed), gbeta);
 }
 
 void Model::backward_from_head(ForwardState& st) {
   CHECK(st.dnormed.defined()) << "backward_from_head: forward_logprobs ran no head backward";
-  const Tensor dnormed = std::move(st.dnormed);
+  Tensor dnormed = std::move(st.dnormed);
   st.dnormed = Tensor();
-  backward_hidden(st, dnormed, st.grad_beta);
+  backward_hidden(st, std::move(dnormed), st.grad_beta);
 }
 
 Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int64_t batch, LayerActs& a,
@@ -334,6 +337,8 @@ Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int
   } else {
     mlp_forward(backend_, lw.mlp, a.ln2, a.mlp, out);
   }
+  // Backward remakes the gated activations from the gate/up products it keeps (mlp_backward).
+  if (for_backward) a.mlp.act = a.moe.shared.act = Tensor();
   backend_.add(a.h1, out);
   return out;
 }
@@ -349,10 +354,11 @@ void Model::remake_dropped(int l, const Tensor& positions, bool products, LayerA
   // The forward's add_rmsnorm_forward computes its norm as rmsnorm_forward does (the same bits).
   a.ln2 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
   backend_.rmsnorm_forward(a.h1, lw.post_norm, eps, a.ln2, rstd);
+  if (!products) return;
   if (lw.moe) {
-    moe_remake(backend_, cfg_, lw, a.ln2, a.moe, products);
+    moe_remake(backend_, cfg_, lw, a.ln2, a.moe);
   } else {
-    mlp_remake(backend_, lw.mlp, a.ln2, a.mlp, products);
+    mlp_remake(backend_, lw.mlp, a.ln2, a.mlp);
   }
 }
 
@@ -401,10 +407,10 @@ void Model::backward(ForwardState& st, const Tensor& dlogits) {
   const float gbeta = take_grad_beta();
   Tensor glm = g_.lm_head;
   backend_.gemm(dl, true, st.normed, false, glm, 1.0f, gbeta);
-  backward_hidden(st, dnormed, gbeta);
+  backward_hidden(st, std::move(dnormed), gbeta);
 }
 
-void Model::backward_hidden(ForwardState& st, const Tensor& dnormed, float gbeta) {
+void Model::backward_hidden(ForwardState& st, Tensor dnormed, float gbeta) {
   CHECK_EQ(static_cast<int>(st.layers.size()), cfg_.num_hidden_layers) << "forward ran without a state";
   const int64_t m = st.batch * st.seq, h = cfg_.hidden_size;
   Tensor dx = backend_.zeros({m, h});
@@ -415,6 +421,9 @@ void Model::backward_hidden(ForwardState& st, const Tensor& dnormed, float gbeta
   Tensor dxp = rounded();
   Tensor gnorm = g_.final_norm;
   backend_.rmsnorm_backward(dnormed, st.x_final, w_.final_norm, st.final_rstd, dx, gnorm, round ? &dxp : nullptr);
+  // The head's tensors are done with: given back before the layers' backward (which holds the most).
+  dnormed = Tensor();
+  st.x_final = st.normed = Tensor();
   for (int l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
     const LayerWeights& lw = w_.layers[l];
     const LayerWeights& lg = g_.layers[l];

@@ -33,7 +33,8 @@ struct AttentionActs {
 struct MlpActs {
   // [N, 2I], [N, I]. gate_up is in the products' dtype (rounded once: the gated activation is made from
   // the rounded values, and backward reads them), except the shared experts' (f32: a slice of the product
-  // that also makes the router's logits, which decode gates as they are).
+  // that also makes the router's logits, which decode gates as they are). A forward for backward keeps
+  // no act: backward remakes it from gate_up (one pass over them, where it is needed).
   core::Tensor gate_up, act;
 };
 struct MoeActs {
@@ -61,8 +62,8 @@ struct LayerActs {
 // same ops on the same inputs, so the gradients are the same bits in every mode.
 enum class Recompute {
   kNone,       // every layer's activations: the fastest step
-  kSelective,  // all but what cheap ops remake: the norms' outputs, attention's q, k and v (from the kept
-               // latents) and the dense and shared MLPs' gated activations
+  kSelective,  // all but what cheap ops remake: the norms' outputs and attention's q, k and v (from the
+               // kept latents)
   kExperts,    // kSelective's, and the routed experts' and dense MLPs' products: backward runs the
                // experts' products again (the largest activations of a MoE layer: k rows a token)
   kLayers,     // each layer's input only: backward runs the layer's forward again before its backward
@@ -128,7 +129,8 @@ class Model {
   core::Tensor forward(const core::Tensor& tokens, ForwardState* state = nullptr,
                        std::vector<core::Tensor>* hidden = nullptr);
   // Accumulates d(loss)/d(parameter) into grads() from dlogits [B*T, V] (the first backward after
-  // zero_grads writes the matrix weights' gradients).
+  // zero_grads writes the matrix weights' gradients). Each backward here uses up what its state holds
+  // for the head: a state serves one backward.
   void backward(ForwardState& state, const core::Tensor& dlogits);
 
   // The log-probability of each row's target (targets: backend I32 [B*T]) as [B*T] on the backend,
@@ -195,7 +197,8 @@ class Model {
                       std::vector<core::Tensor>* hidden);
   // From d(loss)/d(final normalised hidden state) down to the embeddings; gbeta for the matrix
   // weights' gradients as in mla_backward.
-  void backward_hidden(ForwardState& state, const core::Tensor& dnormed, float gbeta);
+  // Uses up the state's head tensors (x_final, normed): a state serves one backward.
+  void backward_hidden(ForwardState& state, core::Tensor dnormed, float gbeta);
   // The beta of this backward's first write into each matrix weight's gradient: 0 (overwrite) once
   // after zero_grads, else 1.
   float take_grad_beta();

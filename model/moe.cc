@@ -78,7 +78,13 @@ void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, c
   Tensor dgu = dgu_out != nullptr ? *dgu_out : be.empty({n, 2 * inter}, product_dtype(be));
   be.gemm(dyp, false, w.down, false, dact);
   Tensor gd = g.down, ggu = g.gate_up;
-  be.gemm(dyp, true, a.act, false, gd, 1.0f, gbeta);
+  MlpActs remade;  // the gated activation from the kept gate/up products, where the forward kept none
+  if (!a.act.defined()) {
+    remade.gate_up = a.gate_up;
+    gated_activation(be, remade);
+  }
+  be.gemm(dyp, true, a.act.defined() ? a.act : remade.act, false, gd, 1.0f, gbeta);
+  remade = MlpActs();
   be.silu_mul_backward(dact, a.gate_up, dgu);
   if (dgu_out != nullptr) return;
   be.gemm(dgu, false, w.gate_up, false, dx);
@@ -143,20 +149,13 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
   if (for_backward) a.ys = a.experts.act = Tensor();
 }
 
-void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a,
-                bool experts) {
+void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a) {
   // The grouping (token_of, offsets) is kept: the experts read x's rows through it again.
-  if (experts) {
-    routed_gate_up(be, w, cfg.moe_intermediate_size, product_operand(be, x), a, /*for_backward=*/true);
-    a.experts.act = Tensor();
-  }
-  if (w.shared.down.defined()) gated_activation(be, a.shared);
+  routed_gate_up(be, w, cfg.moe_intermediate_size, product_operand(be, x), a, /*for_backward=*/true);
+  a.experts.act = Tensor();
 }
 
-void mlp_remake(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a, bool products) {
-  if (products) gate_up_products(be, w, x, a);
-  gated_activation(be, a);
-}
+void mlp_remake(core::Backend& be, const MlpWeights& w, const Tensor& x, MlpActs& a) { gate_up_products(be, w, x, a); }
 
 void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const LayerWeights& g,
                   const Tensor& x, const MoeActs& a, const Tensor& dy, const Tensor& dyp, Tensor& dx, float gbeta) {
@@ -195,13 +194,16 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.grouped_silu_backward(dyr, w.experts_down, a.offsets, a.experts.gate_up, dgu, &a.token_of, &scale, &dscale,
                            &scaled_act);
   be.grouped_gemm_wgrad(dyr, scaled_act, a.offsets, gdown, gbeta, nullptr, &a.token_of);
+  scaled_act = Tensor();  // each buffer given back after its last use: this is the step's high point
   Tensor dweights = be.empty({m, k});
   Tensor dweight_rows = dweights.view({rows, 1});
   be.gather_rows(dscale.view({rows, 1}), a.row_of, dweight_rows);
   be.grouped_gemm(dgu, w.experts_gate_up, false, a.offsets, dxs);
   be.grouped_gemm_wgrad(dgu, product_operand(be, x), a.offsets, ggu, gbeta, &a.token_of);
+  dgu = Tensor();
   // dx is written by the first of its sums: the shared experts' product where they ran it, else here.
   be.moe_dispatch_backward(dxs, a.row_of, dx, /*accumulate=*/w.shared.down.defined() && !g_both.defined());
+  dxs = Tensor();
   // Router: the weights are differentiable, the selection is not.
   Tensor dlogits = be.zeros({m, e});
   be.moe_route_backward(dweights, a.scores, a.idx, cfg.router(), dlogits);

@@ -237,6 +237,8 @@ TEST_P(ModelVariant, RecomputeGivesTheSameGradients) {
     // The routed experts' outputs and activations are never kept (backward needs neither).
     EXPECT_FALSE(last.moe.ys.defined());
     EXPECT_FALSE(last.moe.experts.act.defined());
+    EXPECT_FALSE(last.moe.shared.act.defined());  // the gated activations are remade from gate_up
+    EXPECT_FALSE(st.layers.front().mlp.act.defined());
     EXPECT_EQ(last.moe.experts.gate_up.defined(), r == Recompute::kNone || r == Recompute::kSelective);
     EXPECT_EQ(st.layers.front().mlp.gate_up.defined(), last.moe.experts.gate_up.defined());  // the dense layer
     EXPECT_EQ(last.attn.ckv.defined(), r != Recompute::kLayers);
