@@ -207,16 +207,21 @@ class Backend {
 
   // ---- normalisation, activations, embeddings
   // y = x / sqrt(mean(x²) + eps) * w;  x, y: [M, D] rows, w: [D], rstd: [M] saved for backward.
-  // y in x's dtype, or bf16 (rounded once: an input only bf16 products read).
-  virtual void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) = 0;
-  // h += x, then y = rmsnorm(h) as above (h f32): a layer's residual add and the next norm in one pass.
-  // This default is the reference; a backend may fuse it.
-  virtual void add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+  // y in x's dtype, or bf16 (rounded once: an input only bf16 products read). x_rounded (optional, bf16
+  // [M, D], x f32): x rounded there too, in the same pass (what a backward that reads x in bf16 keeps).
+  virtual void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                               Tensor* x_rounded = nullptr) = 0;
+  // h += x, then y = rmsnorm(h) as above (h f32): a layer's residual add and the next norm in one pass;
+  // h_rounded (optional) as rmsnorm_forward's x_rounded, of the new h. This default is the reference; a
+  // backend may fuse it.
+  virtual void add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                                   Tensor* h_rounded = nullptr) {
     add(x, h);
-    rmsnorm_forward(h, w, eps, y, rstd);
+    rmsnorm_forward(h, w, eps, y, rstd, h_rounded);
   }
-  // dx += ∂/∂x, dw += ∂/∂w. dx_rounded (optional, bf16 [rows, d] with dx f32): the new dx also rounded
-  // into it, in the same pass (a gradient that bf16 products read next).
+  // dx += ∂/∂x, dw += ∂/∂w; x in dy's and dx's dtype, or bf16 (the forward's input rounded, as
+  // rmsnorm_forward's x_rounded keeps it). dx_rounded (optional, bf16 [rows, d] with dx f32): the new dx
+  // also rounded into it, in the same pass (a gradient that bf16 products read next).
   virtual void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
                                 Tensor& dw, Tensor* dx_rounded = nullptr) = 0;
   // h = silu(g) * u where gu = [g | u]: gu [M, 2I] rows, h [M, I] rows, in gu's dtype or bf16.

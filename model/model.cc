@@ -22,6 +22,7 @@ namespace {
 // it again).
 void drop_remakeable(LayerActs& a, bool products) {
   a.ln1 = a.ln2 = Tensor();
+  a.x_rounded = a.h1_rounded = Tensor();  // made again by backward from x and h1, kept for the remakes
   a.attn.q = a.attn.kv = a.attn.k_pe = Tensor();
   a.attn.q_a = a.attn.q_a_norm = a.attn.q_a_rstd = Tensor();
   if (products) a.mlp.gate_up = a.moe.experts.gate_up = Tensor();
@@ -34,7 +35,7 @@ void for_each_tensor(const MlpActs& a, F&& f) {
 
 template <typename F>
 void for_each_tensor(const LayerActs& a, F&& f) {
-  for (const Tensor* t : {&a.x, &a.ln1, &a.ln1_rstd, &a.h1, &a.ln2, &a.ln2_rstd}) f(*t);
+  for (const Tensor* t : {&a.x, &a.ln1, &a.ln1_rstd, &a.h1, &a.ln2, &a.ln2_rstd, &a.x_rounded, &a.h1_rounded}) f(*t);
   const AttentionActs& n = a.attn;
   for (const Tensor* t :
        {&n.q_a, &n.q_a_norm, &n.q_a_rstd, &n.ckv, &n.c_norm, &n.c_rstd, &n.q, &n.kv, &n.k_pe, &n.out, &n.lse})
@@ -323,14 +324,21 @@ Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   const LayerWeights& lw = w_.layers[l];
   a.x = x;
+  // The norms' inputs rounded for their backward, by the norms (bf16 products).
+  const bool round = for_backward && product_dtype(backend_) == core::DType::kBF16;
+  if (round) {
+    a.x_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
+    a.h1_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
+  }
   a.ln1 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
   a.ln1_rstd = backend_.empty({m});
-  backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd);
+  backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd, round ? &a.x_rounded : nullptr);
   a.h1 = backend_.empty({m, cfg_.hidden_size});
   mla_forward(backend_, cfg_, lw, rope_, a.ln1, positions, batch, a.attn, a.h1);
   a.ln2 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
   a.ln2_rstd = backend_.empty({m});
-  backend_.add_rmsnorm_forward(x, a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd);  // h1 = x + attention
+  backend_.add_rmsnorm_forward(x, a.h1, lw.post_norm, eps, a.ln2, a.ln2_rstd,  // h1 = x + attention
+                               round ? &a.h1_rounded : nullptr);
   Tensor out = backend_.empty({m, cfg_.hidden_size});  // the shared experts' product or a fill, then the rest
   if (lw.moe) {
     moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out, for_backward);
@@ -384,6 +392,8 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
         a = std::move(input);
       } else if (recompute_ != Recompute::kNone) {
         drop_remakeable(a, recompute_ == Recompute::kExperts);
+      } else if (a.x_rounded.defined()) {  // the norms' backward reads the rounded inputs only
+        a.x = a.h1 = Tensor();
       }
       st.layers.push_back(std::move(a));
     }
@@ -394,7 +404,12 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
   // In the products' dtype (the LM head's operand), unless the hidden states are asked for.
   st.normed = backend_.empty({m, cfg_.hidden_size}, hidden ? core::DType::kF32 : product_dtype(backend_));
   st.final_rstd = backend_.empty({m});
-  backend_.rmsnorm_forward(x, w_.final_norm, eps, st.normed, st.final_rstd);
+  // Kept for the final norm's backward: x rounded to bf16 (bf16 products; the norm writes it), else x.
+  Tensor x_rounded;
+  if (keep && product_dtype(backend_) == core::DType::kBF16)
+    x_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
+  backend_.rmsnorm_forward(x, w_.final_norm, eps, st.normed, st.final_rstd, x_rounded.defined() ? &x_rounded : nullptr);
+  if (x_rounded.defined()) st.x_final = x_rounded;
   if (hidden) hidden->push_back(st.normed);
 }
 
@@ -418,6 +433,10 @@ void Model::backward_hidden(ForwardState& st, Tensor dnormed, float gbeta) {
   // the products are bf16): the next layer's products read that.
   const bool round = product_dtype(backend_) == core::DType::kBF16;
   const auto rounded = [&] { return round ? backend_.empty({m, h}, core::DType::kBF16) : Tensor(); };
+  // A norm's input as its backward reads it: kept rounded, or rounded now as the forward would have.
+  const auto norm_input = [&](const Tensor& kept_rounded, const Tensor& exact) {
+    return kept_rounded.defined() ? kept_rounded : product_operand(backend_, exact);
+  };
   Tensor dxp = rounded();
   Tensor gnorm = g_.final_norm;
   backend_.rmsnorm_backward(dnormed, st.x_final, w_.final_norm, st.final_rstd, dx, gnorm, round ? &dxp : nullptr);
@@ -444,13 +463,15 @@ void Model::backward_hidden(ForwardState& st, Tensor dnormed, float gbeta) {
     Tensor dh1 = dx;  // the residual path
     Tensor dh1p = rounded();
     Tensor gpost = lg.post_norm;
-    backend_.rmsnorm_backward(dln2, a.h1, lw.post_norm, a.ln2_rstd, dh1, gpost, round ? &dh1p : nullptr);
+    backend_.rmsnorm_backward(dln2, norm_input(a.h1_rounded, a.h1), lw.post_norm, a.ln2_rstd, dh1, gpost,
+                              round ? &dh1p : nullptr);
     // h1 = x + attn(ln1(x))
     Tensor dln1 = backend_.empty({m, h});  // written by attention's backward
     mla_backward(backend_, cfg_, lw, lg, rope_, a.ln1, st.positions, a.attn, dh1, dh1p, dln1, gbeta);
     Tensor gin = lg.input_norm;
     dxp = l > 0 ? rounded() : Tensor();  // the embedding's backward takes f32
-    backend_.rmsnorm_backward(dln1, a.x, lw.input_norm, a.ln1_rstd, dh1, gin, dxp.defined() ? &dxp : nullptr);
+    backend_.rmsnorm_backward(dln1, norm_input(a.x_rounded, a.x), lw.input_norm, a.ln1_rstd, dh1, gin,
+                              dxp.defined() ? &dxp : nullptr);
     dx = dh1;
   }
   Tensor gemb = g_.embed;

@@ -50,11 +50,15 @@ struct MoeActs {
   MlpActs shared;
 };
 struct LayerActs {
-  core::Tensor x;                  // [M, H] layer input
+  core::Tensor x;                  // [M, H] layer input (f32: the residual stream)
   core::Tensor ln1, ln1_rstd;      // input_layernorm
   AttentionActs attn;
   core::Tensor h1;                 // [M, H] x + attention
   core::Tensor ln2, ln2_rstd;      // post_attention_layernorm
+  // With bf16 products, the norms' inputs x and h1 rounded to bf16 (the norms write them): what the
+  // norms' backward reads. Recompute::kNone keeps these instead of x and h1 (half the bytes); the modes
+  // that remake the norms keep x and h1, and backward rounds them the same way.
+  core::Tensor x_rounded, h1_rounded;
   MlpActs mlp;
   MoeActs moe;
 };
@@ -77,7 +81,9 @@ struct ForwardState {
   Recompute recompute = Recompute::kNone;  // what the layers hold
   core::Tensor tokens, positions;  // [M] I32 on the backend
   std::vector<LayerActs> layers;
-  core::Tensor x_final, normed, final_rstd;  // [M, H], [M, H], [M]
+  // [M, H], [M, H], [M]. x_final: the final norm's input as its backward reads it (rounded to bf16 with
+  // bf16 products, f32 otherwise).
+  core::Tensor x_final, normed, final_rstd;
   core::Tensor lse;                          // [M] log-sum-exp of the logits (forward_logprobs)
   // d(loss)/d(normed) [M, H] where forward_logprobs ran the head's backward too, and the beta its
   // products used for the matrix weights' gradients (backward_from_head goes on from there).

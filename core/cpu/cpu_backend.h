@@ -29,7 +29,8 @@ class CpuBackend final : public Backend {
                           const Tensor* a_rows, const Tensor* dc_rows) override;
   void gather_rows(const Tensor& x, const Tensor& index, Tensor& out) override;
 
-  void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                       Tensor* x_rounded) override;
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
                         Tensor* dx_rounded = nullptr) override;
   void silu_mul_forward(const Tensor& gu, Tensor& h) override;

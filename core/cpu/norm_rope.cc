@@ -6,10 +6,15 @@
 namespace r1lab::core::cpu {
 
 // y = x * rstd * w,  rstd = 1 / sqrt(mean(x²) + eps).
-void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                                 Tensor* x_rounded) {
+  if (x_rounded != nullptr) {
+    CHECK(x.dtype() == DType::kF32 && x_rounded->dtype() == DType::kBF16) << "rmsnorm_forward: f32 x, bf16 copy";
+    copy(x, *x_rounded);
+  }
   if (y.dtype() == DType::kBF16) {  // the f32 result, rounded
     Tensor y32 = Tensor::zeros(y.shape());
-    rmsnorm_forward(x, w, eps, y32, rstd);
+    rmsnorm_forward(x, w, eps, y32, rstd, nullptr);
     copy(y32, y);
     return;
   }
@@ -33,7 +38,8 @@ void CpuBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Te
 // With n = x * rstd: dw += dy * n;  dx += rstd * (dy*w - n * mean(dy*w*n)).
 void CpuBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
                                   Tensor& dw, Tensor* dx_rounded) {
-  Rows dyr = rows_of(dy), xr = rows_of(x), dxr = rows_of(dx);
+  const Tensor x32 = f32_values(x);  // a bf16 x: its values
+  Rows dyr = rows_of(dy), xr = rows_of(x32), dxr = rows_of(dx);
   const float* wp = w.f32();
   const float* rs = rstd.f32();
   float* dwp = dw.f32();

@@ -119,8 +119,10 @@ class CudaBackend final : public Backend {
   void grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor& offsets, Tensor& h, Tensor* gate_up,
                        const Tensor* a_rows) override;
 
-  void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
-  void add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
+  void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                       Tensor* x_rounded) override;
+  void add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                           Tensor* h_rounded) override;
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
                         Tensor* dx_rounded = nullptr) override;
   void silu_mul_forward(const Tensor& gu, Tensor& h) override;

@@ -143,20 +143,23 @@ struct KeptRow {
 // barriers); kKeep = 0 reads the row twice. Both sum each thread's elements in the same order: the same
 // bits. kVirt > 1 (kKeep > 0): blocks of kNormThreads / kVirt threads, each doing the work of kVirt
 // threads of the kNormThreads (see block_sum): the same bits again, with more rows in flight an SM (many
-// rows: training, prefill).
+// rows: training, prefill). xo (optional): x rounded to bf16 there, row stride ldo.
 template <typename T, typename TY, int kKeep, int kVirt = 1>
 __global__ void rmsnorm_forward_kernel(const T* x, int64_t ldx, const float* w, float eps, TY* y, int64_t ldy,
-                                       float* rstd, int d) {
+                                       float* rstd, int d, __nv_bfloat16* xo, int64_t ldo) {
   const T* xr = x + blockIdx.x * ldx;
   if constexpr (kKeep > 0) {
     KeptRow<kKeep, kVirt> row;
     row.take(d, w, [&](int i) { return load(xr + i); });
+    if (xo != nullptr)
+      row.each(d, [&](int q, int u, int i) { xo[blockIdx.x * ldo + i] = __float2bfloat16(row.v[q][u]); });
     row.put_normed(eps, d, rstd, y + blockIdx.x * ldy);
   } else {
     static_assert(kVirt == 1, "rows read twice run one thread a thread");
     float ss = 0;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
       const float v = load(xr + i);
+      if (xo != nullptr) xo[blockIdx.x * ldo + i] = __float2bfloat16(v);
       ss += v * v;
     }
     const float r = rsqrtf(block_sum(ss) / d + eps);
@@ -184,15 +187,20 @@ struct Routed {
 // The same with the residual add first, h += x (f32), as add and rmsnorm_forward_kernel compute them:
 // each thread sums the squares of the same elements in the same order, so the results are the same bits.
 // With routed rows, h first takes them as moe_combine would (moe_combine_add_rmsnorm): the same bits too.
+// ho (optional): the new h rounded to bf16 there, row stride ldo.
 template <typename TY, int kKeep, typename TS = float, int kVirt = 1>
 __global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h, int64_t ldh, const float* w,
-                                           float eps, TY* y, int64_t ldy, float* rstd, int d, Routed<TS> routed = {}) {
+                                           float eps, TY* y, int64_t ldy, float* rstd, int d, Routed<TS> routed = {},
+                                           __nv_bfloat16* ho = nullptr, int64_t ldo = 0) {
   const float* xr = x + blockIdx.x * ldx;
   float* hr = h + blockIdx.x * ldh;
   if constexpr (kKeep > 0) {
     KeptRow<kKeep, kVirt> row;
     row.take(d, w, [&](int i) { return routed.added(hr[i], blockIdx.x, i) + xr[i]; });
-    row.each(d, [&](int q, int u, int i) { hr[i] = row.v[q][u]; });
+    row.each(d, [&](int q, int u, int i) {
+      hr[i] = row.v[q][u];
+      if (ho != nullptr) ho[blockIdx.x * ldo + i] = __float2bfloat16(row.v[q][u]);
+    });
     row.put_normed(eps, d, rstd, y + blockIdx.x * ldy);
   } else {
     static_assert(kVirt == 1, "rows read twice run one thread a thread");
@@ -200,6 +208,7 @@ __global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
       const float v = routed.added(hr[i], blockIdx.x, i) + xr[i];
       hr[i] = v;
+      if (ho != nullptr) ho[blockIdx.x * ldo + i] = __float2bfloat16(v);
       ss += v * v;
     }
     const float r = rsqrtf(block_sum(ss) / d + eps);
@@ -209,12 +218,12 @@ __global__ void add_rmsnorm_forward_kernel(const float* x, int64_t ldx, float* h
   }
 }
 
-// One block per row: n = x·rstd;  dx += rstd · (dy·w - n · mean(dy·w·n)).
-template <typename T>
-__global__ void rmsnorm_backward_dx_kernel(const T* dy, int64_t ldg, const T* x, int64_t ldx, const float* w,
+// One block per row: n = x·rstd;  dx += rstd · (dy·w - n · mean(dy·w·n)) (x in dy's dtype or bf16).
+template <typename T, typename TX>
+__global__ void rmsnorm_backward_dx_kernel(const T* dy, int64_t ldg, const TX* x, int64_t ldx, const float* w,
                                            const float* rstd, T* dx, int64_t ldd, int d) {
   const T* g = dy + blockIdx.x * ldg;
-  const T* xr = x + blockIdx.x * ldx;
+  const TX* xr = x + blockIdx.x * ldx;
   T* o = dx + blockIdx.x * ldd;
   const float r = rstd[blockIdx.x];
   float dot = 0;
@@ -227,8 +236,8 @@ __global__ void rmsnorm_backward_dx_kernel(const T* dy, int64_t ldg, const T* x,
 }
 
 // partial[s, i] = Σ_{rows r of split s} dy[r, i] · x[r, i] · rstd[r]  (grid: column blocks × splits).
-template <typename T>
-__global__ void rmsnorm_dw_partial_kernel(const T* dy, int64_t ldg, const T* x, int64_t ldx, const float* rstd,
+template <typename T, typename TX>
+__global__ void rmsnorm_dw_partial_kernel(const T* dy, int64_t ldg, const TX* x, int64_t ldx, const float* rstd,
                                           int64_t rows, int d, int64_t rows_per_split, float* partial) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= d) return;
@@ -254,9 +263,9 @@ __global__ void column_sum_kernel(const float* partial, int splits, int d, float
 // w and the sums live in shared memory, so that two blocks fit an SM. dxr (optional): the new dx
 // rounded to bf16 there too, row stride ldr.
 constexpr int kNormRows = 32;  // rows a block
-template <typename T, int kV4>
+template <typename T, typename TX, int kV4>
 __global__ void __launch_bounds__(kThreads, 2)
-    rmsnorm_backward_fused_kernel(const T* dy, int64_t ldg, const T* x, int64_t ldx, const float* w,
+    rmsnorm_backward_fused_kernel(const T* dy, int64_t ldg, const TX* x, int64_t ldx, const float* w,
                                   const float* rstd, T* dx, int64_t ldd, int64_t rows, float* partial,
                                   __nv_bfloat16* dxr, int64_t ldr) {
   constexpr int d = 128 * kV4, kWarps = kThreads / 32;
@@ -582,8 +591,16 @@ void dispatch2(DType in, DType out, F f) {
 
 }  // namespace
 
-void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                                  Tensor* x_rounded) {
   const Rows X = rows_of(x), Y = rows_of(y);
+  Rows XO{nullptr, X.rows, X.cols, 0};
+  if (x_rounded != nullptr) {
+    CHECK(x.dtype() == DType::kF32) << "rmsnorm_forward: a bf16 copy of an f32 x";
+    check_device(*x_rounded, DType::kBF16);
+    XO = rows_of(*x_rounded);
+    CHECK(XO.rows == X.rows && XO.cols == X.cols) << "rmsnorm_forward: x_rounded " << shape_str(x_rounded->shape());
+  }
   check_device(y, y.dtype());
   check_device(w, DType::kF32);
   check_device(rstd, DType::kF32);
@@ -594,7 +611,7 @@ void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, T
   CHECK(X.rows == Y.rows && X.cols == Y.cols);
   if (X.rows == 0) return;
   Op op(this, "rmsnorm", 4.0 * X.rows * X.cols,
-        1.0 * X.rows * X.cols * (dtype_size(x.dtype()) + dtype_size(y.dtype())));
+        1.0 * X.rows * X.cols * (dtype_size(x.dtype()) + dtype_size(y.dtype()) + (XO.p ? 2 : 0)));
   dispatch2(x.dtype(), y.dtype(), [&](auto* ti, auto* to) {
     using T = std::remove_pointer_t<decltype(ti)>;
     using TY = std::remove_pointer_t<decltype(to)>;
@@ -602,15 +619,21 @@ void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, T
       rmsnorm_forward_kernel<T, TY, decltype(keep)::value, decltype(virt)::value>
           <<<static_cast<unsigned>(X.rows), kNormThreads / virt, 0, stream()>>>(
               static_cast<const T*>(X.p), X.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
-              static_cast<int>(X.cols));
+              static_cast<int>(X.cols), static_cast<__nv_bfloat16*>(XO.p), XO.ld);
     });
   });
   CUDA_CHECK(cudaGetLastError());
 }
 
 void CudaBackend::add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y,
-                                      Tensor& rstd) {
+                                      Tensor& rstd, Tensor* h_rounded) {
   const Rows X = rows_of(x), H = rows_of(h), Y = rows_of(y);
+  Rows HO{nullptr, H.rows, H.cols, 0};
+  if (h_rounded != nullptr) {
+    check_device(*h_rounded, DType::kBF16);
+    HO = rows_of(*h_rounded);
+    CHECK(HO.rows == H.rows && HO.cols == H.cols) << "add_rmsnorm_forward: h_rounded " << shape_str(h_rounded->shape());
+  }
   check_device(x, DType::kF32);
   check_device(h, DType::kF32);
   check_device(y, y.dtype());
@@ -621,14 +644,15 @@ void CudaBackend::add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& 
   CHECK_EQ(w.numel(), H.cols);
   CHECK_EQ(rstd.numel(), H.rows);
   if (H.rows == 0) return;
-  Op op(this, "add_rmsnorm", 5.0 * H.rows * H.cols, 1.0 * H.rows * H.cols * (12 + dtype_size(y.dtype())));
+  Op op(this, "add_rmsnorm", 5.0 * H.rows * H.cols,
+        1.0 * H.rows * H.cols * (12 + dtype_size(y.dtype()) + (HO.p ? 2 : 0)));
   dispatch(y.dtype(), [&](auto* to) {
     using TY = std::remove_pointer_t<decltype(to)>;
     with_norm_blocks<kAddNormVirt>(H.rows, H.cols, [&](auto keep, auto virt) {
       add_rmsnorm_forward_kernel<TY, decltype(keep)::value, float, decltype(virt)::value>
           <<<static_cast<unsigned>(H.rows), kNormThreads / virt, 0, stream()>>>(
               X.f(), X.ld, H.f(), H.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
-              static_cast<int>(H.cols));
+              static_cast<int>(H.cols), Routed<float>{}, static_cast<__nv_bfloat16*>(HO.p), HO.ld);
     });
   });
   CUDA_CHECK(cudaGetLastError());
@@ -637,8 +661,11 @@ void CudaBackend::add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& 
 void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx,
                                    Tensor& dw, Tensor* dx_rounded) {
   const Rows G = rows_of(dy), X = rows_of(x), D = rows_of(dx);
-  check_device(dy, x.dtype());
-  check_device(dx, x.dtype());
+  check_device(dy, dy.dtype());
+  check_device(dx, dy.dtype());
+  CHECK(x.dtype() == dy.dtype() || x.dtype() == DType::kBF16)
+      << "rmsnorm_backward: x of " << dtype_name(x.dtype()) << " for dy of " << dtype_name(dy.dtype());
+  check_device(x, x.dtype());
   check_device(w, DType::kF32);
   check_device(dw, DType::kF32);
   check_device(rstd, DType::kF32);
@@ -653,17 +680,19 @@ void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tens
     CHECK(R.rows == rows && R.cols == d) << "rmsnorm_backward: dx_rounded " << shape_str(dx_rounded->shape());
   }
   if (rows == 0) return;
-  Op op(this, "rmsnorm_backward", 10.0 * rows * d, 4.0 * rows * d * dtype_size(x.dtype()) + 2.0 * (R.p ? rows * d : 0));
-  const size_t es = dtype_size(x.dtype());
-  if (d % 128 == 0 && d <= 1024 && rows_by4(G.p, d, G.ld, es) && rows_by4(X.p, d, X.ld, es) &&
+  Op op(this, "rmsnorm_backward", 10.0 * rows * d,
+        1.0 * rows * d * (3.0 * dtype_size(dy.dtype()) + dtype_size(x.dtype())) + 2.0 * (R.p ? rows * d : 0));
+  const size_t es = dtype_size(dy.dtype());
+  if (d % 128 == 0 && d <= 1024 && rows_by4(G.p, d, G.ld, es) && rows_by4(X.p, d, X.ld, dtype_size(x.dtype())) &&
       rows_by4(D.p, d, D.ld, es) && (R.p == nullptr || rows_by4(R.p, d, R.ld, 2))) {
     const int64_t nb = (rows + kNormRows - 1) / kNormRows;
     Tensor partial = uncleared({nb, d}, DType::kF32);
-    dispatch(x.dtype(), [&](auto* tag) {
+    dispatch2(dy.dtype(), x.dtype(), [&](auto* tag, auto* xtag) {
       using T = std::remove_pointer_t<decltype(tag)>;
+      using TX = std::remove_pointer_t<decltype(xtag)>;
       const auto launch = [&](auto v4) {
-        rmsnorm_backward_fused_kernel<T, decltype(v4)::value><<<static_cast<unsigned>(nb), kThreads, 0, stream()>>>(
-            static_cast<const T*>(G.p), G.ld, static_cast<const T*>(X.p), X.ld, w.f32(), rstd.f32(),
+        rmsnorm_backward_fused_kernel<T, TX, decltype(v4)::value><<<static_cast<unsigned>(nb), kThreads, 0, stream()>>>(
+            static_cast<const T*>(G.p), G.ld, static_cast<const TX*>(X.p), X.ld, w.f32(), rstd.f32(),
             static_cast<T*>(D.p), D.ld, rows, partial.f32(), static_cast<__nv_bfloat16*>(R.p), R.ld);
       };
       switch (d / 128) {
@@ -685,14 +714,16 @@ void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tens
   const int64_t splits = std::min<int64_t>(std::max<int64_t>(1, rows / 64), 128);
   const int64_t per_split = (rows + splits - 1) / splits;
   Tensor partial = zeros({splits, d}, DType::kF32);
-  dispatch(x.dtype(), [&](auto* tag) {
+  dispatch2(dy.dtype(), x.dtype(), [&](auto* tag, auto* xtag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    rmsnorm_backward_dx_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream()>>>(
-        static_cast<const T*>(G.p), G.ld, static_cast<const T*>(X.p), X.ld, w.f32(), rstd.f32(), static_cast<T*>(D.p),
-        D.ld, d);
-    rmsnorm_dw_partial_kernel<T><<<dim3(blocks(d, kThreads), static_cast<unsigned>(splits)), kThreads, 0, stream()>>>(
-        static_cast<const T*>(G.p), G.ld, static_cast<const T*>(X.p), X.ld, rstd.f32(), rows, d, per_split,
-        partial.f32());
+    using TX = std::remove_pointer_t<decltype(xtag)>;
+    rmsnorm_backward_dx_kernel<T, TX><<<static_cast<unsigned>(rows), kThreads, 0, stream()>>>(
+        static_cast<const T*>(G.p), G.ld, static_cast<const TX*>(X.p), X.ld, w.f32(), rstd.f32(),
+        static_cast<T*>(D.p), D.ld, d);
+    rmsnorm_dw_partial_kernel<T, TX>
+        <<<dim3(blocks(d, kThreads), static_cast<unsigned>(splits)), kThreads, 0, stream()>>>(
+            static_cast<const T*>(G.p), G.ld, static_cast<const TX*>(X.p), X.ld, rstd.f32(), rows, d, per_split,
+            partial.f32());
   });
   column_sum_kernel<<<blocks(d, kThreads), kThreads, 0, stream()>>>(partial.f32(), static_cast<int>(splits), d,
                                                                      dw.f32());

@@ -860,6 +860,33 @@ TEST_F(CudaBackendTest, RmsNormForwardBackwardF32AndBf16) {
     cpu_->add_rmsnorm_forward(r, href, w, 1e-6f, yref, rstd);
     EXPECT_CLOSE(gh1, href, 1e-6);
     EXPECT_LT(max_rel(*gpu_, gya, yref), 8e-3);
+    // The inputs kept rounded for backward (x_rounded, h_rounded): the norms' results as without, and the
+    // copies the inputs rounded; a backward from the rounded x (f32 dy and dx) is the backward from
+    // those values in f32, bit for bit.
+    {
+      Tensor gy3 = gpu_->zeros({m, d}, DType::kBF16), gr3 = gpu_->zeros({m}, DType::kF32);
+      Tensor xr16 = gpu_->zeros({m, d}, DType::kBF16), want_xr = gpu_->zeros({m, d}, DType::kBF16);
+      gpu_->rmsnorm_forward(gx, gw, 1e-6f, gy3, gr3, &xr16);
+      gpu_->copy(gx, want_xr);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gy3), gpu_->download(gy2))) << m << "x" << d;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gr3), gpu_->download(gr))) << m << "x" << d;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(xr16), gpu_->download(want_xr))) << m << "x" << d;
+      Tensor gh3 = dev(hh), gya3 = gpu_->zeros({m, d}, DType::kBF16), gra3 = gpu_->zeros({m}, DType::kF32);
+      Tensor hr16 = gpu_->zeros({m, d}, DType::kBF16), want_hr = gpu_->zeros({m, d}, DType::kBF16);
+      gpu_->add_rmsnorm_forward(gr2, gh3, gw, 1e-6f, gya3, gra3, &hr16);
+      gpu_->copy(gh1, want_hr);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gh3), gpu_->download(gh1))) << m << "x" << d;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gya3), gpu_->download(gya))) << m << "x" << d;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(hr16), gpu_->download(want_hr))) << m << "x" << d;
+      Tensor x_vals = gpu_->zeros({m, d}, DType::kF32);
+      gpu_->copy(xr16, x_vals);
+      Tensor gdx4 = dev(dx_before), gdw4 = dev(dw_before), gdx5 = dev(dx_before), gdw5 = dev(dw_before);
+      gpu_->rmsnorm_backward(dev(dy), xr16, gw, gr, gdx4, gdw4);
+      gpu_->rmsnorm_backward(dev(dy), x_vals, gw, gr, gdx5, gdw5);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gdx4), gpu_->download(gdx5))) << m << "x" << d;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gdw4), gpu_->download(gdw5))) << m << "x" << d;
+      EXPECT_CLOSE(gdx4, dx, 2e-2);
+    }
   }
 }
 
