@@ -229,7 +229,9 @@ class Backend {
   // dgu = [dg | du] = [dh·u·silu'(g) | dh·silu(g)], written (not accumulated): f32, or bf16 (rounded
   // once: a gradient that only bf16 products read). dh in gu's dtype, or f32 with a bf16 gu
   // (products kept rounded for backward: grouped_gate_up's gate_up).
-  virtual void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) = 0;
+  // h (optional, [M, I] in gu's dtype): silu_mul_forward(gu, h) too, in the same pass (a backward that
+  // remakes the gated activation where it needs it).
+  virtual void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu, Tensor* h = nullptr) = 0;
   // out[m] = table[ids[m]];  table [V, D], ids [M] I32, out [M, D].
   virtual void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) = 0;
   virtual void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) = 0;

@@ -78,14 +78,12 @@ void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, c
   Tensor dgu = dgu_out != nullptr ? *dgu_out : be.empty({n, 2 * inter}, product_dtype(be));
   be.gemm(dyp, false, w.down, false, dact);
   Tensor gd = g.down, ggu = g.gate_up;
-  MlpActs remade;  // the gated activation from the kept gate/up products, where the forward kept none
-  if (!a.act.defined()) {
-    remade.gate_up = a.gate_up;
-    gated_activation(be, remade);
-  }
-  be.gemm(dyp, true, a.act.defined() ? a.act : remade.act, false, gd, 1.0f, gbeta);
-  remade = MlpActs();
-  be.silu_mul_backward(dact, a.gate_up, dgu);
+  // The gated activation, where the forward kept none, remade from the kept gate/up products by the
+  // gate's backward in the same pass (as gated_activation makes it).
+  Tensor act = a.act.defined() ? a.act : be.empty({n, inter}, a.gate_up.dtype());
+  be.silu_mul_backward(dact, a.gate_up, dgu, a.act.defined() ? nullptr : &act);
+  be.gemm(dyp, true, act, false, gd, 1.0f, gbeta);
+  act = Tensor();
   if (dgu_out != nullptr) return;
   be.gemm(dgu, false, w.gate_up, false, dx);
   be.gemm(dgu, true, x, false, ggu, 1.0f, gbeta);

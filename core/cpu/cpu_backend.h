@@ -34,7 +34,7 @@ class CpuBackend final : public Backend {
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
                         Tensor* dx_rounded = nullptr) override;
   void silu_mul_forward(const Tensor& gu, Tensor& h) override;
-  void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) override;
+  void silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu, Tensor* h) override;
   void embedding_forward(const Tensor& table, const Tensor& ids, Tensor& out) override;
   void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dtable) override;
 

@@ -128,7 +128,8 @@ void CpuBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
 }
 
 // d silu(g)/dg = s(g) * (1 + g * (1 - s(g))).
-void CpuBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) {
+void CpuBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu, Tensor* h) {
+  if (h != nullptr) silu_mul_forward(gu, *h);
   Rows d = rows_of(dh), in = rows_of(gu), dout = rows_of(dgu);
   const int64_t inter = d.cols;
   CHECK_EQ(in.cols, 2 * inter);

@@ -337,10 +337,11 @@ __global__ void silu_mul_forward_kernel(const T* gu, int64_t ldgu, TH* h, int64_
   storev<kV>(h + r * ldh + c, out);
 }
 
-// silu_gate_backward, each operand in its own dtype, kV elements a thread.
+// silu_gate_backward, each operand in its own dtype, kV elements a thread; h (optional) silu_gate too,
+// as silu_mul_forward_kernel writes it.
 template <typename TH, typename T, typename TD, int kV>
 __global__ void silu_mul_backward_kernel(const TH* dh, int64_t lddh, const T* gu, int64_t ldgu, TD* dgu,
-                                         int64_t lddgu, int64_t rows, int inter) {
+                                         int64_t lddgu, int64_t rows, int inter, T* h, int64_t ldh) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int per = inter / kV;
   if (i >= rows * per) return;
@@ -353,6 +354,12 @@ __global__ void silu_mul_backward_kernel(const TH* dh, int64_t lddh, const T* gu
   for (int e = 0; e < kV; ++e) silu_gate_backward(d[e], g[e], u[e], &dg[e], &du[e]);
   storev<kV>(dgu + r * lddgu + c, dg);
   storev<kV>(dgu + r * lddgu + inter + c, du);
+  if (h != nullptr) {
+    float out[kV];
+#pragma unroll
+    for (int e = 0; e < kV; ++e) out[e] = silu_gate(g[e], u[e]);
+    storev<kV>(h + r * ldh + c, out);
+  }
 }
 
 // (a, b) -> (a c - b s, a s + b c), with the fused multiply-adds spelled out so that every kernel that
@@ -755,8 +762,14 @@ void CudaBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
   CUDA_CHECK(cudaGetLastError());
 }
 
-void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu) {
+void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu, Tensor* h) {
   const Rows DH = rows_of(dh), GU = rows_of(gu), DG = rows_of(dgu);
+  Rows HO{nullptr, DH.rows, DH.cols, 0};
+  if (h != nullptr) {
+    check_device(*h, gu.dtype());
+    HO = rows_of(*h);
+    CHECK(HO.rows == DH.rows && HO.cols == DH.cols) << "silu_mul_backward: h " << shape_str(h->shape());
+  }
   check_device(dh, dh.dtype());
   check_device(gu, gu.dtype());
   check_device(dgu, dgu.dtype());
@@ -769,23 +782,24 @@ void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& 
   CHECK(GU.rows == DH.rows && DG.rows == DH.rows);
   const int64_t n = DH.rows * DH.cols;
   if (n == 0) return;
-  Op op(this, "silu_mul_backward", 12.0 * n,
-        1.0 * n * (dtype_size(dh.dtype()) + 2 * dtype_size(gu.dtype()) + 2 * dtype_size(dgu.dtype())));
+  Op op(this, "silu_mul_backward", (h ? 16.0 : 12.0) * n,
+        1.0 * n * (dtype_size(dh.dtype()) + (h ? 3 : 2) * dtype_size(gu.dtype()) + 2 * dtype_size(dgu.dtype())));
   dispatch(dh.dtype(), [&](auto* th) {
     dispatch2(gu.dtype(), dgu.dtype(), [&](auto* ti, auto* to) {
       using TH = std::remove_pointer_t<decltype(th)>;
       using T = std::remove_pointer_t<decltype(ti)>;
       using TD = std::remove_pointer_t<decltype(to)>;
       const bool by4 = rows_by4(DH.p, DH.cols, DH.ld, sizeof(TH)) && rows_by4(GU.p, DH.cols, GU.ld, sizeof(T)) &&
-                       rows_by4(DG.p, DH.cols, DG.ld, sizeof(TD));
+                       rows_by4(DG.p, DH.cols, DG.ld, sizeof(TD)) &&
+                       (HO.p == nullptr || rows_by4(HO.p, DH.cols, HO.ld, sizeof(T)));
       if (by4)
         silu_mul_backward_kernel<TH, T, TD, 4><<<blocks(n / 4, kThreads), kThreads, 0, stream()>>>(
             static_cast<const TH*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
-            DH.rows, static_cast<int>(DH.cols));
+            DH.rows, static_cast<int>(DH.cols), static_cast<T*>(HO.p), HO.ld);
       else
         silu_mul_backward_kernel<TH, T, TD, 1><<<blocks(n, kThreads), kThreads, 0, stream()>>>(
             static_cast<const TH*>(DH.p), DH.ld, static_cast<const T*>(GU.p), GU.ld, static_cast<TD*>(DG.p), DG.ld,
-            DH.rows, static_cast<int>(DH.cols));
+            DH.rows, static_cast<int>(DH.cols), static_cast<T*>(HO.p), HO.ld);
     });
   });
   CUDA_CHECK(cudaGetLastError());

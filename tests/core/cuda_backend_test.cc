@@ -928,6 +928,17 @@ TEST_F(CudaBackendTest, SiluGateForwardBackward) {
     gpu_->silu_mul_backward(dev(dh), gub, gdgu3);
     gpu_->silu_mul_backward(dev(dh), dev(gu.clone().to(DType::kBF16).to_f32()), gdgu4);
     EXPECT_TRUE(bitwise_equal(gpu_->download(gdgu3), gpu_->download(gdgu4)));
+    // With the gated activation remade in the same pass: the same gradient, and h as silu_mul_forward
+    // makes it, bitwise (bf16 products, and f32).
+    for (const Tensor& g : {gub, dev(gu)}) {
+      Tensor gdgu5 = gpu_->zeros({m, 2 * inter}, DType::kF32), gdgu6 = gpu_->zeros({m, 2 * inter}, DType::kF32);
+      Tensor h5 = gpu_->zeros({m, inter}, g.dtype()), h6 = gpu_->zeros({m, inter}, g.dtype());
+      gpu_->silu_mul_backward(dev(dh), g, gdgu5);
+      gpu_->silu_mul_backward(dev(dh), g, gdgu6, &h6);
+      gpu_->silu_mul_forward(g, h5);
+      EXPECT_TRUE(bitwise_equal(gpu_->download(gdgu5), gpu_->download(gdgu6))) << m << "x" << inter;
+      EXPECT_TRUE(bitwise_equal(gpu_->download(h5), gpu_->download(h6))) << m << "x" << inter;
+    }
   }
 }
 
