@@ -364,10 +364,12 @@ class Backend {
   // A MoE layer's end and the next layer's norm: moe_combine(ys, weights, row_of, h), then
   // add_rmsnorm_forward(x, h, w, eps, y, rstd) (h += x, y = rmsnorm(h)); a backend may do it in one pass
   // (decode runs it once a layer). This default is the reference.
+  // h_rounded as add_rmsnorm_forward's.
   virtual void moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weights, const Tensor& row_of, const Tensor& x,
-                                       Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
+                                       Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                                       Tensor* h_rounded = nullptr) {
     moe_combine(ys, weights, row_of, h);
-    add_rmsnorm_forward(x, h, w, eps, y, rstd);
+    add_rmsnorm_forward(x, h, w, eps, y, rstd, h_rounded);
   }
   // dys[row] = w · dout[m];  dweights[m, k] = dout[m] · ys[row] (row = row_of[m*K+k]), written (not
   // accumulated); rows of dys that no assignment names are left as they are. dys f32, or bf16 (rounded

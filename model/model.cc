@@ -319,20 +319,20 @@ void Model::backward_from_head(ForwardState& st) {
 }
 
 Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int64_t batch, LayerActs& a,
-                            bool for_backward) {
+                            bool for_backward, FusedNorm* next) {
   const int64_t m = x.size(0);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   const LayerWeights& lw = w_.layers[l];
   a.x = x;
   // The norms' inputs rounded for their backward, by the norms (bf16 products).
   const bool round = for_backward && product_dtype(backend_) == core::DType::kBF16;
-  if (round) {
-    a.x_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
-    a.h1_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
+  if (round) a.h1_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
+  if (!a.ln1.defined()) {  // not made by the previous layer's last pass
+    if (round) a.x_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
+    a.ln1 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
+    a.ln1_rstd = backend_.empty({m});
+    backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd, round ? &a.x_rounded : nullptr);
   }
-  a.ln1 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
-  a.ln1_rstd = backend_.empty({m});
-  backend_.rmsnorm_forward(x, lw.input_norm, eps, a.ln1, a.ln1_rstd, round ? &a.x_rounded : nullptr);
   a.h1 = backend_.empty({m, cfg_.hidden_size});
   mla_forward(backend_, cfg_, lw, rope_, a.ln1, positions, batch, a.attn, a.h1);
   a.ln2 = backend_.empty({m, cfg_.hidden_size}, product_dtype(backend_));
@@ -341,13 +341,26 @@ Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int
                                round ? &a.h1_rounded : nullptr);
   Tensor out = backend_.empty({m, cfg_.hidden_size});  // the shared experts' product or a fill, then the rest
   if (lw.moe) {
-    moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out, for_backward);
+    moe_forward(backend_, cfg_, lw, a.ln2, a.moe, out, for_backward, /*combine=*/next == nullptr);
   } else {
     mlp_forward(backend_, lw.mlp, a.ln2, a.mlp, out);
   }
   // Backward remakes the gated activations from the gate/up products it keeps (mlp_backward).
   if (for_backward) a.mlp.act = a.moe.shared.act = Tensor();
-  backend_.add(a.h1, out);
+  if (next == nullptr) {
+    backend_.add(a.h1, out);
+    return out;
+  }
+  // The residual add (after a MoE layer, the routed experts' weighted sum too) and the next norm in one
+  // pass: the same bits as the add, then the norm.
+  Tensor* rounded = next->rounded.defined() ? &next->rounded : nullptr;
+  if (lw.moe) {
+    backend_.moe_combine_add_rmsnorm(a.moe.ys, a.moe.weights, a.moe.row_of, a.h1, out, *next->w, eps, next->y,
+                                     next->rstd, rounded);
+    if (for_backward) a.moe.ys = Tensor();
+  } else {
+    backend_.add_rmsnorm_forward(a.h1, out, *next->w, eps, next->y, next->rstd, rounded);
+  }
   return out;
 }
 
@@ -379,12 +392,32 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
   st.seq = seq;
   Tensor x = embed(tokens, &st.tokens);
   st.positions = positions(batch, seq, 0);
-  const float eps = static_cast<float>(cfg_.rms_norm_eps);
   if (hidden) hidden->assign(1, x);
   if (keep) st.recompute = recompute_;
+  const bool round = keep && product_dtype(backend_) == core::DType::kBF16;
+  LayerActs pending;  // the next layer's input norm, made in the last pass of the layer before it
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-    LayerActs a;
-    Tensor out = layer_forward(l, x, st.positions, batch, a, keep);
+    LayerActs a = std::move(pending);
+    pending = LayerActs();
+    // The norm after this layer (the next layer's input norm, or the final norm), in its last pass. The
+    // final norm's output is the LM head's operand, in the products' dtype unless the hidden states are
+    // asked for; its input is kept for backward (rounded to bf16 with bf16 products).
+    const bool last = l + 1 == cfg_.num_hidden_layers;
+    FusedNorm next;
+    next.w = last ? &w_.final_norm : &w_.layers[l + 1].input_norm;
+    next.y = backend_.empty({m, cfg_.hidden_size}, last && hidden ? core::DType::kF32 : product_dtype(backend_));
+    next.rstd = backend_.empty({m});
+    if (round) next.rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
+    Tensor out = layer_forward(l, x, st.positions, batch, a, keep, &next);
+    if (!last) {
+      pending.ln1 = next.y;
+      pending.ln1_rstd = next.rstd;
+      pending.x_rounded = next.rounded;
+    } else {
+      st.normed = next.y;
+      st.final_rstd = next.rstd;
+      st.x_final = next.rounded.defined() ? next.rounded : out;
+    }
     if (keep) {
       if (recompute_ == Recompute::kLayers) {
         LayerActs input;
@@ -400,16 +433,6 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
     x = out;
     if (hidden && l + 1 < cfg_.num_hidden_layers) hidden->push_back(x);
   }
-  st.x_final = x;
-  // In the products' dtype (the LM head's operand), unless the hidden states are asked for.
-  st.normed = backend_.empty({m, cfg_.hidden_size}, hidden ? core::DType::kF32 : product_dtype(backend_));
-  st.final_rstd = backend_.empty({m});
-  // Kept for the final norm's backward: x rounded to bf16 (bf16 products; the norm writes it), else x.
-  Tensor x_rounded;
-  if (keep && product_dtype(backend_) == core::DType::kBF16)
-    x_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
-  backend_.rmsnorm_forward(x, w_.final_norm, eps, st.normed, st.final_rstd, x_rounded.defined() ? &x_rounded : nullptr);
-  if (x_rounded.defined()) st.x_final = x_rounded;
   if (hidden) hidden->push_back(st.normed);
 }
 

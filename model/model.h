@@ -208,10 +208,18 @@ class Model {
   // The beta of this backward's first write into each matrix weight's gradient: 0 (overwrite) once
   // after zero_grads, else 1.
   float take_grad_beta();
+  // The norm after a layer, run in the pass of the layer's residual add: its weight, its outputs (y in
+  // its own dtype, rstd) and, defined, its input rounded to bf16 (rounded).
+  struct FusedNorm {
+    const core::Tensor* w = nullptr;
+    core::Tensor y, rstd, rounded;
+  };
   // Layer l from its input x [M, H] (positions [M], `batch` sequences): returns its output; `a` holds
-  // what backward needs (the experts' products for backward too where for_backward).
+  // what backward needs (the experts' products for backward too where for_backward). The layer's input
+  // norm (a.ln1, a.ln1_rstd, a.x_rounded) comes made by the previous layer's last pass where a.ln1 is
+  // defined; with next, the norm after the layer runs in its residual add's pass.
   core::Tensor layer_forward(int l, const core::Tensor& x, const core::Tensor& positions, int64_t batch, LayerActs& a,
-                             bool for_backward);
+                             bool for_backward, FusedNorm* next = nullptr);
   // The activations kSelective (with `products`, kExperts) drops, made again from what it keeps.
   void remake_dropped(int l, const core::Tensor& positions, bool products, LayerActs& a);
   // Remakes the low-precision copy of the matrix weights from the parameters: always (but once after

@@ -142,9 +142,10 @@ void moe_forward(core::Backend& be, const ModelConfig& cfg, const LayerWeights& 
     be.fill(y, 0.0f);
   }
   if (combine) be.moe_combine(a.ys, a.weights, a.row_of, y);
-  // Backward needs neither the routed experts' outputs nor their activations (grouped_silu_backward
-  // remakes the activations from the gate and up products).
-  if (for_backward) a.ys = a.experts.act = Tensor();
+  // Backward needs neither the routed experts' outputs (past the combine) nor their activations
+  // (grouped_silu_backward remakes them from the gate and up products).
+  if (for_backward) a.experts.act = Tensor();
+  if (for_backward && combine) a.ys = Tensor();
 }
 
 void moe_remake(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const Tensor& x, MoeActs& a) {

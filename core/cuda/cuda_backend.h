@@ -162,7 +162,8 @@ class CudaBackend final : public Backend {
   void moe_dispatch_backward(const Tensor& dxs, const Tensor& row_of, Tensor& dx, bool accumulate) override;
   void moe_combine(const Tensor& ys, const Tensor& weights, const Tensor& row_of, Tensor& out) override;
   void moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weights, const Tensor& row_of, const Tensor& x,
-                               Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd) override;
+                               Tensor& h, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
+                               Tensor* h_rounded) override;
   void moe_combine_backward(const Tensor& dout, const Tensor& ys, const Tensor& weights, const Tensor& row_of,
                             Tensor& dys, Tensor& dweights) override;
 

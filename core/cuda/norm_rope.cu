@@ -962,8 +962,15 @@ void CudaBackend::scatter_fp8_latents(const Tensor& src, int64_t r, const Tensor
 
 void CudaBackend::moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weights, const Tensor& row_of,
                                           const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y,
-                                          Tensor& rstd) {
+                                          Tensor& rstd, Tensor* h_rounded) {
   const Rows X = rows_of(x), H = rows_of(h), Y = rows_of(y), S = rows_of(ys);
+  Rows HO{nullptr, H.rows, H.cols, 0};
+  if (h_rounded != nullptr) {
+    check_device(*h_rounded, DType::kBF16);
+    HO = rows_of(*h_rounded);
+    CHECK(HO.rows == H.rows && HO.cols == H.cols)
+        << "moe_combine_add_rmsnorm: h_rounded " << shape_str(h_rounded->shape());
+  }
   check_device(x, DType::kF32);
   check_device(h, DType::kF32);
   check_device(y, y.dtype());
@@ -984,7 +991,7 @@ void CudaBackend::moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weight
   if (H.rows == 0) return;
   const int64_t k = weights.size(1);
   Op op(this, "moe_combine_add_rmsnorm", (5.0 + 2 * k) * H.rows * H.cols,
-        1.0 * H.rows * H.cols * (12 + dtype_size(y.dtype()) + k * dtype_size(ys.dtype())));
+        1.0 * H.rows * H.cols * (12 + dtype_size(y.dtype()) + k * dtype_size(ys.dtype()) + (HO.p ? 2 : 0)));
   dispatch(y.dtype(), [&](auto* to) {
     using TY = std::remove_pointer_t<decltype(to)>;
     dispatch(ys.dtype(), [&](auto* ts) {
@@ -994,7 +1001,7 @@ void CudaBackend::moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weight
         add_rmsnorm_forward_kernel<TY, decltype(keep)::value, TS, decltype(virt)::value>
             <<<static_cast<unsigned>(H.rows), kNormThreads / virt, 0, stream()>>>(
                 X.f(), X.ld, H.f(), H.ld, w.f32(), eps, static_cast<TY*>(Y.p), Y.ld, rstd.f32(),
-                static_cast<int>(H.cols), routed);
+                static_cast<int>(H.cols), routed, static_cast<__nv_bfloat16*>(HO.p), HO.ld);
       });
     });
   });

@@ -1638,6 +1638,14 @@ TEST_F(CudaBackendTest, MoeCombineAddRmsNormIsCombineThenAddNorm) {
         EXPECT_TRUE(bitwise_equal(gpu_->download(h1), gpu_->download(h2))) << "d " << d;
         EXPECT_TRUE(bitwise_equal(gpu_->download(y1), gpu_->download(y2))) << "d " << d;
         EXPECT_TRUE(bitwise_equal(gpu_->download(r1), gpu_->download(r2))) << "d " << d;
+        // The new h rounded for a backward (training's fused forward): the same results, and h rounded.
+        Tensor h3 = dev(h), y3 = gpu_->zeros({m, d}, od), r3 = gpu_->zeros({m});
+        Tensor h16 = gpu_->zeros({m, d}, DType::kBF16), want16 = gpu_->zeros({m, d}, DType::kBF16);
+        gpu_->moe_combine_add_rmsnorm(gys, dev(weights), dev(row_of), dev(x), h3, dev(w), 1e-6f, y3, r3, &h16);
+        gpu_->copy(h1, want16);
+        EXPECT_TRUE(bitwise_equal(gpu_->download(h3), gpu_->download(h1))) << "d " << d;
+        EXPECT_TRUE(bitwise_equal(gpu_->download(y3), gpu_->download(y1))) << "d " << d;
+        EXPECT_TRUE(bitwise_equal(gpu_->download(h16), gpu_->download(want16))) << "d " << d;
         Tensor ch = h.clone(), cy = Tensor::zeros({m, d}), cr = Tensor::zeros({m});
         cpu_->moe_combine_add_rmsnorm(ys.to(yd), weights, row_of, x, ch, w, 1e-6f, cy, cr);
         EXPECT_CLOSE(h1, ch, 1e-5) << "d " << d;
