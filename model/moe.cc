@@ -193,7 +193,7 @@ void moe_backward(core::Backend& be, const ModelConfig& cfg, const LayerWeights&
   be.grouped_silu_backward(dyr, w.experts_down, a.offsets, a.experts.gate_up, dgu, &a.token_of, &scale, &dscale,
                            &scaled_act);
   be.grouped_gemm_wgrad(dyr, scaled_act, a.offsets, gdown, gbeta, nullptr, &a.token_of);
-  scaled_act = Tensor();  // each buffer given back after its last use: this is the step's high point
+  scaled_act = Tensor();  // each buffer given back after its last use (the layers' backward is near the high point)
   Tensor dweights = be.empty({m, k});
   Tensor dweight_rows = dweights.view({rows, 1});
   be.gather_rows(dscale.view({rows, 1}), a.row_of, dweight_rows);
