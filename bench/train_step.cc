@@ -388,8 +388,11 @@ int main(int argc, char** argv) {
     jops.push_back({{"op", o.op}, {"calls", o.calls}, {"ms", o.ms}, {"tflops", tf / 1e12}, {"gbps", bw / 1e9}});
   }
   if (!high.op.empty())
-    std::printf("memory: the profiled step held the most, %.2f GiB, as %s (call %lld of the step's) began\n",
-                high.bytes / double(1 << 30), high.op.c_str(), static_cast<long long>(high.call));
+    std::printf(
+        "memory: the profiled step held the most as %s (call %lld of the step's) began: %.2f GiB more than "
+        "it started with (the state of this program's models, %.2f GiB)\n",
+        high.op.c_str(), static_cast<long long>(high.call), (high.bytes - high.start) / double(1 << 30),
+        high.start / double(1 << 30));
   // The dense products' 12 costliest shapes (M×N×K of C = op(A)·op(B), transposes, operand dtypes; "+="
   // adds into C). An f32 operand is rounded to bf16 inside the product's time.
   std::printf("\ndense products (cuBLAS) by shape, the costliest:\n| shape | calls | ms | TFLOP/s | %% of ceiling |\n"

@@ -955,7 +955,7 @@ CudaBackend::Op::Op(CudaBackend* be, const char* name, double flops, double byte
   uint64_t used = 0;
   CUDA_CHECK(cudaMemPoolGetAttribute(be_->ctx_->pool, cudaMemPoolAttrUsedMemCurrent, &used));
   const int64_t call = ++be_->op_calls_[name];
-  if (used > be_->mem_high_.bytes) be_->mem_high_ = {static_cast<size_t>(used), name, call};
+  if (used > be_->mem_high_.bytes) be_->mem_high_ = {static_cast<size_t>(used), be_->mem_high_.start, name, call};
   CUDA_CHECK(cudaEventCreate(&start_));
   CUDA_CHECK(cudaEventRecord(start_, be_->stream()));
 }
@@ -992,7 +992,9 @@ std::vector<OpTime> CudaBackend::profile() {
 void CudaBackend::reset_profile() {
   profile();
   times_.clear();
-  mem_high_ = {};
+  uint64_t used = 0;
+  CUDA_CHECK(cudaMemPoolGetAttribute(ctx_->pool, cudaMemPoolAttrUsedMemCurrent, &used));
+  mem_high_ = {static_cast<size_t>(used), static_cast<size_t>(used), "", 0};
   op_calls_.clear();
 }
 

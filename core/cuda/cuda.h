@@ -64,9 +64,10 @@ size_t peak_memory(Backend& backend);
 void reset_peak_memory(Backend& backend);
 // Where the profiled work (since reset_profile) held the most memory: the pool's bytes in use as an op
 // began (its operands and outputs allocated, not its own scratch), the op and its call number among the
-// ops of its name. Empty without profile.
+// ops of its name; `start`, the bytes in use at reset_profile (the pool is the device's: every backend
+// of the program on that device counts). Empty without profile.
 struct MemoryHigh {
-  size_t bytes = 0;
+  size_t bytes = 0, start = 0;
   std::string op;
   int64_t call = 0;
 };
