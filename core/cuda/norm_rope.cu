@@ -596,18 +596,24 @@ void dispatch2(DType in, DType out, F f) {
   dispatch(in, [&](auto* ti) { dispatch(out, [&](auto* to) { f(ti, to); }); });
 }
 
+// An op's optional extra output (a copy of an input or a result, in `dtype`): its rows, checked to be
+// shaped as `like`; null p where there is none.
+Rows optional_rows(const Tensor* t, DType dtype, const Rows& like, const char* what) {
+  Rows r{nullptr, like.rows, like.cols, 0};
+  if (t == nullptr) return r;
+  check_device(*t, dtype);
+  r = rows_of(*t);
+  CHECK(r.rows == like.rows && r.cols == like.cols) << what << " " << shape_str(t->shape());
+  return r;
+}
+
 }  // namespace
 
 void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd,
                                   Tensor* x_rounded) {
   const Rows X = rows_of(x), Y = rows_of(y);
-  Rows XO{nullptr, X.rows, X.cols, 0};
-  if (x_rounded != nullptr) {
-    CHECK(x.dtype() == DType::kF32) << "rmsnorm_forward: a bf16 copy of an f32 x";
-    check_device(*x_rounded, DType::kBF16);
-    XO = rows_of(*x_rounded);
-    CHECK(XO.rows == X.rows && XO.cols == X.cols) << "rmsnorm_forward: x_rounded " << shape_str(x_rounded->shape());
-  }
+  CHECK(x_rounded == nullptr || x.dtype() == DType::kF32) << "rmsnorm_forward: a bf16 copy of an f32 x";
+  const Rows XO = optional_rows(x_rounded, DType::kBF16, X, "rmsnorm_forward: x_rounded");
   check_device(y, y.dtype());
   check_device(w, DType::kF32);
   check_device(rstd, DType::kF32);
@@ -635,12 +641,7 @@ void CudaBackend::rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, T
 void CudaBackend::add_rmsnorm_forward(const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y,
                                       Tensor& rstd, Tensor* h_rounded) {
   const Rows X = rows_of(x), H = rows_of(h), Y = rows_of(y);
-  Rows HO{nullptr, H.rows, H.cols, 0};
-  if (h_rounded != nullptr) {
-    check_device(*h_rounded, DType::kBF16);
-    HO = rows_of(*h_rounded);
-    CHECK(HO.rows == H.rows && HO.cols == H.cols) << "add_rmsnorm_forward: h_rounded " << shape_str(h_rounded->shape());
-  }
+  const Rows HO = optional_rows(h_rounded, DType::kBF16, H, "add_rmsnorm_forward: h_rounded");
   check_device(x, DType::kF32);
   check_device(h, DType::kF32);
   check_device(y, y.dtype());
@@ -679,13 +680,8 @@ void CudaBackend::rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tens
   CHECK(G.rows == X.rows && D.rows == X.rows && G.cols == X.cols && D.cols == X.cols);
   const int64_t rows = X.rows;
   const int d = static_cast<int>(X.cols);
-  Rows R{nullptr, rows, d, 0};
-  if (dx_rounded != nullptr) {
-    CHECK(dx.dtype() == DType::kF32) << "rmsnorm_backward: a bf16 copy of an f32 dx";
-    check_device(*dx_rounded, DType::kBF16);
-    R = rows_of(*dx_rounded);
-    CHECK(R.rows == rows && R.cols == d) << "rmsnorm_backward: dx_rounded " << shape_str(dx_rounded->shape());
-  }
+  CHECK(dx_rounded == nullptr || dx.dtype() == DType::kF32) << "rmsnorm_backward: a bf16 copy of an f32 dx";
+  const Rows R = optional_rows(dx_rounded, DType::kBF16, X, "rmsnorm_backward: dx_rounded");
   if (rows == 0) return;
   Op op(this, "rmsnorm_backward", 10.0 * rows * d,
         1.0 * rows * d * (3.0 * dtype_size(dy.dtype()) + dtype_size(x.dtype())) + 2.0 * (R.p ? rows * d : 0));
@@ -764,12 +760,7 @@ void CudaBackend::silu_mul_forward(const Tensor& gu, Tensor& h) {
 
 void CudaBackend::silu_mul_backward(const Tensor& dh, const Tensor& gu, Tensor& dgu, Tensor* h) {
   const Rows DH = rows_of(dh), GU = rows_of(gu), DG = rows_of(dgu);
-  Rows HO{nullptr, DH.rows, DH.cols, 0};
-  if (h != nullptr) {
-    check_device(*h, gu.dtype());
-    HO = rows_of(*h);
-    CHECK(HO.rows == DH.rows && HO.cols == DH.cols) << "silu_mul_backward: h " << shape_str(h->shape());
-  }
+  const Rows HO = optional_rows(h, gu.dtype(), DH, "silu_mul_backward: h");
   check_device(dh, dh.dtype());
   check_device(gu, gu.dtype());
   check_device(dgu, dgu.dtype());
@@ -964,13 +955,7 @@ void CudaBackend::moe_combine_add_rmsnorm(const Tensor& ys, const Tensor& weight
                                           const Tensor& x, Tensor& h, const Tensor& w, float eps, Tensor& y,
                                           Tensor& rstd, Tensor* h_rounded) {
   const Rows X = rows_of(x), H = rows_of(h), Y = rows_of(y), S = rows_of(ys);
-  Rows HO{nullptr, H.rows, H.cols, 0};
-  if (h_rounded != nullptr) {
-    check_device(*h_rounded, DType::kBF16);
-    HO = rows_of(*h_rounded);
-    CHECK(HO.rows == H.rows && HO.cols == H.cols)
-        << "moe_combine_add_rmsnorm: h_rounded " << shape_str(h_rounded->shape());
-  }
+  const Rows HO = optional_rows(h_rounded, DType::kBF16, H, "moe_combine_add_rmsnorm: h_rounded");
   check_device(x, DType::kF32);
   check_device(h, DType::kF32);
   check_device(y, y.dtype());
