@@ -22,7 +22,6 @@ namespace {
 // it again).
 void drop_remakeable(LayerActs& a, bool products) {
   a.ln1 = a.ln2 = Tensor();
-  a.x_rounded = a.h1_rounded = Tensor();  // made again by backward from x and h1, kept for the remakes
   a.attn.q = a.attn.kv = a.attn.k_pe = Tensor();
   a.attn.q_a = a.attn.q_a_norm = a.attn.q_a_rstd = Tensor();
   if (products) a.mlp.gate_up = a.moe.experts.gate_up = Tensor();
@@ -319,13 +318,13 @@ void Model::backward_from_head(ForwardState& st) {
 }
 
 Tensor Model::layer_forward(int l, const Tensor& x, const Tensor& positions, int64_t batch, LayerActs& a,
-                            bool for_backward, FusedNorm* next) {
+                            bool for_backward, FusedNorm* next, bool round_inputs) {
   const int64_t m = x.size(0);
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   const LayerWeights& lw = w_.layers[l];
   a.x = x;
   // The norms' inputs rounded for their backward, by the norms (bf16 products).
-  const bool round = for_backward && product_dtype(backend_) == core::DType::kBF16;
+  const bool round = round_inputs && for_backward && product_dtype(backend_) == core::DType::kBF16;
   if (round) a.h1_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
   if (!a.ln1.defined()) {  // not made by the previous layer's last pass
     if (round) a.x_rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
@@ -394,7 +393,10 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
   st.positions = positions(batch, seq, 0);
   if (hidden) hidden->assign(1, x);
   if (keep) st.recompute = recompute_;
+  // The layers' norm inputs rounded for backward where the state keeps them (kNone; the modes that remake
+  // the norms keep x and h1, and backward rounds them); the final norm's in every mode.
   const bool round = keep && product_dtype(backend_) == core::DType::kBF16;
+  const bool round_layers = round && recompute_ == Recompute::kNone;
   LayerActs pending;  // the next layer's input norm, made in the last pass of the layer before it
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     LayerActs a = std::move(pending);
@@ -407,8 +409,8 @@ void Model::forward_hidden(const Tensor& tokens, ForwardState& st, bool keep, st
     next.w = last ? &w_.final_norm : &w_.layers[l + 1].input_norm;
     next.y = backend_.empty({m, cfg_.hidden_size}, last && hidden ? core::DType::kF32 : product_dtype(backend_));
     next.rstd = backend_.empty({m});
-    if (round) next.rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
-    Tensor out = layer_forward(l, x, st.positions, batch, a, keep, &next);
+    if (last ? round : round_layers) next.rounded = backend_.empty({m, cfg_.hidden_size}, core::DType::kBF16);
+    Tensor out = layer_forward(l, x, st.positions, batch, a, keep, &next, round_layers);
     if (!last) {
       pending.ln1 = next.y;
       pending.ln1_rstd = next.rstd;
@@ -471,7 +473,8 @@ void Model::backward_hidden(ForwardState& st, Tensor dnormed, float gbeta) {
     const LayerWeights& lg = g_.layers[l];
     LayerActs a;  // views of what the state keeps, and what backward makes again
     if (st.recompute == Recompute::kLayers) {
-      layer_forward(l, st.layers[l].x, st.positions, st.batch, a, /*for_backward=*/true);
+      layer_forward(l, st.layers[l].x, st.positions, st.batch, a, /*for_backward=*/true, /*next=*/nullptr,
+                    /*round_inputs=*/true);
     } else {
       a = st.layers[l];
       if (st.recompute != Recompute::kNone) remake_dropped(l, st.positions, st.recompute == Recompute::kExperts, a);

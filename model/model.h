@@ -217,9 +217,11 @@ class Model {
   // Layer l from its input x [M, H] (positions [M], `batch` sequences): returns its output; `a` holds
   // what backward needs (the experts' products for backward too where for_backward). The layer's input
   // norm (a.ln1, a.ln1_rstd, a.x_rounded) comes made by the previous layer's last pass where a.ln1 is
-  // defined; with next, the norm after the layer runs in its residual add's pass.
+  // defined; with next, the norm after the layer runs in its residual add's pass. round_inputs (bf16
+  // products, for backward): the norms also write their inputs rounded (a.x_rounded, a.h1_rounded), where
+  // the state keeps them.
   core::Tensor layer_forward(int l, const core::Tensor& x, const core::Tensor& positions, int64_t batch, LayerActs& a,
-                             bool for_backward, FusedNorm* next = nullptr);
+                             bool for_backward, FusedNorm* next, bool round_inputs);
   // The activations kSelective (with `products`, kExperts) drops, made again from what it keeps.
   void remake_dropped(int l, const core::Tensor& positions, bool products, LayerActs& a);
   // Remakes the low-precision copy of the matrix weights from the parameters: always (but once after
