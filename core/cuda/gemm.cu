@@ -151,6 +151,12 @@ constexpr int kTileM = 128, kTileN = 128, kTileK = 64, kStages = 3, kTcThreads =
 // its 64-row one (one warpgroup a block, 3 blocks an SM; kernels alone 12.6 -> 10.1 us against 128
 // rows); the gated gate/up 40.1, 40.0 and 38.9. So on Hopper 64-row tiles take the one-warpgroup kernel.
 constexpr int kGroupedTile32 = 24, kGroupedTile64 = 64;
+// The column tile of the 64-row warpgroup kernels (kGroupedTile64's, Hopper). A decode step's experts
+// stream their weights: a 128-column tile of the gated gate/up is 256 KB of them, and ~290 such tiles
+// over 132 SMs leave some SMs three and most two. 64 columns give twice the tiles at half the bytes each,
+// four blocks an SM, and an evener spread: on an H100 at batch 256 (ncu, 7 MoE layers in a decode step)
+// the gated gate/up went 39.0 -> 35.9 us a call and the down product 17.5 -> 17.1.
+constexpr int kDecodeTileN = 64;
 
 // A k-contiguous tile whose row i lies at a + index[i]·ld (gathered rows), loaded kPer 16-byte chunks a
 // thread by kThreads threads (chunk threadIdx.x + u·kThreads: row that / (kTileK / 8), its k the rest ·
@@ -580,8 +586,8 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // prefill); 1 where they are short (MoE decode: 32 rows a group at batch 256), which wastes half as many
 // products on rows past a group's end and, with a third of the shared memory, fits 3 blocks an SM (a
 // decode step's ~300 tiles in one wave instead of 1.5; what that bought: kGroupedTile64).
-constexpr size_t wg_smem_bytes(int wg) {  // + room to align tiles to 1024 bytes
-  return kStages * (64 * wg * kTileK * 2 + kTileN * kTileK * 2) + 1024;
+constexpr size_t wg_smem_bytes(int wg, int bn = kTileN) {  // + room to align tiles to 1024 bytes
+  return kStages * (64 * wg * kTileK * 2 + bn * kTileK * 2) + 1024;
 }
 constexpr size_t kWgSmem = wg_smem_bytes(2);
 static_assert(kTileM == kTileN && kTileM == 128 && kTileK == 64,
@@ -672,22 +678,22 @@ __device__ __forceinline__ unsigned char* wg_smem_base() {
 // them but in the wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
 // kGather: kGatherA, A's rows at a + rows[i]·lda; kGatherK (kGatherKA), B's (A's) k rows at b + rows[k]·ldb
 // (a + rows[k]·lda) (rows: the group's).
-template <bool kAK, bool kBK, bool kGated = false, int kWG = 2, int kGather = kInOrder>
-__device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloat16* a, int64_t lda,
+template <bool kAK, bool kBK, bool kGated = false, int kWG = 2, int kGather = kInOrder, int kBN = kTileN>
+__device__ __forceinline__ void wg_accumulate(float (&acc)[kBN / 2], const __nv_bfloat16* a, int64_t lda,
                                               const __nv_bfloat16* b, int64_t ldb, int M, int N, int K, int m0,
                                               int n0, int64_t gate_to_up = 0, const int32_t* rows = nullptr) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(!kGated || kBK, "gated tiles read k-contiguous weights");
   using TileA = WgTile<kAK, 64 * kWG, 128 * kWG>;
-  using TileB = WgTile<kBK, kTileN, 128 * kWG>;
+  using TileB = WgTile<kBK, kBN, 128 * kWG>;
   unsigned char* sa = wg_smem_base();
   unsigned char* sb = sa + kStages * TileA::kBytes;
   const __nv_bfloat16* pa = kAK ? a + m0 * lda : a + m0;
   const __nv_bfloat16* pb = kBK ? b + n0 * ldb : b + n0;
-  const int ni_a = min(64 * kWG, M - m0), ni_b = min(kGated ? kTileN / 2 : kTileN, N - n0);
+  const int ni_a = min(64 * kWG, M - m0), ni_b = min(kGated ? kBN / 2 : kBN, N - n0);
   const int row = threadIdx.x / 128 * 64;  // the warpgroup's rows of the tile
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
 
   const int steps = (K + kTileK - 1) / kTileK;
   const __nv_bfloat16* rows_a[TileA::kPer] = {};
@@ -731,7 +737,10 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[64], const __nv_bfloa
     wg::fence();
 #pragma unroll
     for (int kk = 0; kk < kTileK; kk += 16)
-      wg::mma_m64n128k16<kAK ? 0 : 1, kBK ? 0 : 1>(acc, TileA::desc(ta, row, kk), TileB::desc(tb, 0, kk));
+      if constexpr (kBN == 128)
+        wg::mma_m64n128k16<kAK ? 0 : 1, kBK ? 0 : 1>(acc, TileA::desc(ta, row, kk), TileB::desc(tb, 0, kk));
+      else
+        wg::mma_m64n64k16<kAK ? 0 : 1, kBK ? 0 : 1>(acc, TileA::desc(ta, row, kk), TileB::desc(tb, 0, kk));
     wg::commit();
     wg::wait<1>();
     wg::pin(acc);
@@ -786,12 +795,13 @@ __device__ __forceinline__ void put_pair(__nv_bfloat16* out, float v0, float v1,
 // acc[i] += beta · c at each sum's place (wg_accumulate's layout), as put_sum adds it: the old values
 // of 4 column blocks load together, so that their round trips to memory overlap (a weight gradient
 // adds into the gradient so far).
-__device__ __forceinline__ void wg_add_old(float (&acc)[64], const float* c, int64_t ldc, int m0, int n0, int M,
-                                           int N, float beta) {
+template <int kCols>
+__device__ __forceinline__ void wg_add_old(float (&acc)[kCols / 2], const float* c, int64_t ldc, int m0, int n0,
+                                           int M, int N, float beta) {
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const int r0 = m0 + threadIdx.x / 128 * 64 + threadIdx.x / 32 % 4 * 16 + g;
 #pragma unroll
-  for (int j0 = 0; j0 < kTileN / 8; j0 += 4) {
+  for (int j0 = 0; j0 < kCols / 8; j0 += 4) {
     float old[4][2][2];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
@@ -810,7 +820,9 @@ __device__ __forceinline__ void wg_add_old(float (&acc)[64], const float* c, int
         for (int e = 0; e < 2; ++e) acc[4 * (j0 + j) + 2 * h + e] += beta * old[j][h][e];
   }
 }
-__device__ __forceinline__ void wg_add_old(float (&)[64], const __nv_bfloat16*, int64_t, int, int, int, int, float) {}
+template <int kCols>
+__device__ __forceinline__ void wg_add_old(float (&)[kCols / 2], const __nv_bfloat16*, int64_t, int, int, int, int,
+                                           float) {}
 
 // A staged epilogue: the block's outputs, kCols columns of a kTileM-row tile, go into shared memory
 // (padded TS rows) from the accumulators' scattered places, then out to global memory 16 bytes a
@@ -821,7 +833,7 @@ struct WgStage {
   static constexpr int kRows = 64 * kWG, kThreads = 128 * kWG;
   static constexpr int kPer = 16 / static_cast<int>(sizeof(TS));  // elements a 16-byte chunk
   static constexpr int kLd = kCols + kPer;                        // padded row, in elements
-  static_assert(kRows * kLd * sizeof(TS) <= wg_smem_bytes(kWG) - 1024, "fits the pipeline's memory");
+  static_assert(kRows * kLd * sizeof(TS) <= wg_smem_bytes(kWG, 64) - 1024, "fits the narrowest pipeline's memory");
 
   // Values v0, v1 at the tile's row rl, columns cl and cl + 1.
   __device__ static void put(TS* s, int rl, int cl, float v0, float v1) {
@@ -871,46 +883,46 @@ __device__ __forceinline__ void wg_for_each_local(F&& f) {
 
 // tc_tile on the warpgroup products; staged: through shared memory (WgStage's conditions hold). kGather
 // and rows as wg_accumulate's.
-template <bool kAK, bool kBK, typename TC, int kWG = 2, int kGather = kInOrder>
+template <bool kAK, bool kBK, typename TC, int kWG = 2, int kGather = kInOrder, int kBN = kTileN>
 __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
                                         TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta,
                                         bool staged, const int32_t* rows = nullptr) {
-  float acc[64];
-  wg_accumulate<kAK, kBK, false, kWG, kGather>(acc, a, lda, b, ldb, M, N, K, m0, n0, 0, rows);
+  float acc[kBN / 2];
+  wg_accumulate<kAK, kBK, false, kWG, kGather, kBN>(acc, a, lda, b, ldb, M, N, K, m0, n0, 0, rows);
   if (staged) {
-    using S = WgStage<TC, kTileN, kWG>;
+    using S = WgStage<TC, kBN, kWG>;
     TC* s = reinterpret_cast<TC*>(wg_smem_base());
     __syncthreads();  // every warpgroup is done with the pipeline's buffers
-    wg_for_each_local<kTileN>([&](int rl, int cl, int i) { S::put(s, rl, cl, acc[i], acc[i + 1]); });
+    wg_for_each_local<kBN>([&](int rl, int cl, int i) { S::put(s, rl, cl, acc[i], acc[i + 1]); });
     __syncthreads();
     S::write(s, c, ldc, m0, n0, M, N, beta);
     return;
   }
-  if (beta != 0.0f) wg_add_old(acc, c, ldc, m0, n0, M, N, beta);  // bf16 outputs come with beta 0
-  wg_for_each_pair<kTileN>(m0, n0, M, N, [&](int r, int col, int i) {
+  if (beta != 0.0f) wg_add_old<kBN>(acc, c, ldc, m0, n0, M, N, beta);  // bf16 outputs come with beta 0
+  wg_for_each_pair<kBN>(m0, n0, M, N, [&](int r, int col, int i) {
     put_pair(c + static_cast<int64_t>(r) * ldc + col, acc[i], acc[i + 1], col + 1 < N);
   });
 }
 
 // tc_gated_tile on the warpgroup products: a thread holds a gate sum and its up sum (columns j and
-// kTileN / 2 + j of the tile), so the pair meets in registers. The same expression, so the same bits
+// kBN / 2 + j of the tile of kBN columns), so the pair meets in registers. The same expression, so the same bits
 // as wg_tile then silu_mul_forward.
-template <int kWG, int kGather = kInOrder>
+template <int kWG, int kGather = kInOrder, int kBN = kTileN>
 __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
                                               int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
                                               __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0,
                                               bool staged, const int32_t* a_rows = nullptr) {
-  float acc[64];
-  wg_accumulate<true, true, true, kWG, kGather>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up, a_rows);
-  constexpr int kUp = 4 * (kTileN / 16);  // acc[i + kUp]: the up sum of gate sum acc[i]
-  using S = WgStage<__nv_bfloat16, kTileN / 2, kWG>;
-  static_assert(3 * S::kRows * S::kLd * 2 <= wg_smem_bytes(kWG) - 1024,
+  float acc[kBN / 2];
+  wg_accumulate<true, true, true, kWG, kGather, kBN>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up, a_rows);
+  constexpr int kUp = 4 * (kBN / 16);  // acc[i + kUp]: the up sum of gate sum acc[i]
+  using S = WgStage<__nv_bfloat16, kBN / 2, kWG>;
+  static_assert(3 * S::kRows * S::kLd * 2 <= wg_smem_bytes(kWG, kBN) - 1024,
                 "the gated tile's three outputs fit the pipeline's memory");
-  if (staged) {  // h, then the gate and the up products, each [64 · kWG][kTileN / 2] staged
+  if (staged) {  // h, then the gate and the up products, each [64 · kWG][kBN / 2] staged
     __nv_bfloat16* sh = reinterpret_cast<__nv_bfloat16*>(wg_smem_base());
     __nv_bfloat16 *sg = sh + S::kRows * S::kLd, *su = sg + S::kRows * S::kLd;
     __syncthreads();  // every warpgroup is done with the pipeline's buffers
-    wg_for_each_local<kTileN / 2>([&](int rl, int cl, int i) {
+    wg_for_each_local<kBN / 2>([&](int rl, int cl, int i) {
       float gs[2] = {acc[i], acc[i + 1]}, us[2] = {acc[i + kUp], acc[i + kUp + 1]};
       if (gu != nullptr) {
         S::put(sg, rl, cl, gs[0], gs[1]);
@@ -930,7 +942,7 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
     }
     return;
   }
-  wg_for_each_pair<kTileN / 2>(m0, n0, M, N, [&](int r, int col, int i) {
+  wg_for_each_pair<kBN / 2>(m0, n0, M, N, [&](int r, int col, int i) {
     float gs[2] = {acc[i], acc[i + 1]}, us[2] = {acc[i + kUp], acc[i + kUp + 1]};
     const bool both = col + 1 < N;
     if (gu != nullptr) {
@@ -948,19 +960,20 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
 
 // grouped_tc_kernel, grouped_gated_kernel and grouped_wgrad_tc_kernel on the warpgroup products (row
 // tiles of 64 · kWG rows; kWG warpgroups a block).
-template <bool kBK, typename TC, int kWG>
-__global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
+// kBN: the column tile (kTileN, or 64 where few rows a group leave the products streaming weights).
+template <bool kBK, typename TC, int kWG, int kBN = kTileN>
+__global__ void __launch_bounds__(128 * kWG, kWG == 1 ? (kBN == 64 ? 4 : 3) : 2)
     grouped_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, TC* c,
                       int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta, bool staged,
                       int64_t dense_rows) {
   const RowTile t = row_tile<64 * kWG>(bounds, groups, dense_rows);
   if (t.group < 0) return;
-  wg_tile<true, kBK, TC, kWG>(a + t.r0 * lda, lda, w + t.group * ldw0, ldw, c + t.r0 * ldc, ldc, t.rows, n, k, t.row,
-                              blockIdx.x * kTileN, beta, staged);
+  wg_tile<true, kBK, TC, kWG, kInOrder, kBN>(a + t.r0 * lda, lda, w + t.group * ldw0, ldw, c + t.r0 * ldc, ldc,
+                                              t.rows, n, k, t.row, blockIdx.x * kBN, beta, staged);
 }
 
-template <int kWG, int kGather = kInOrder>
-__global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
+template <int kWG, int kGather = kInOrder, int kBN = kTileN>
+__global__ void __launch_bounds__(128 * kWG, kWG == 1 ? (kBN == 64 ? 4 : 3) : 2)
     grouped_gated_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
                             __nv_bfloat16* h, int64_t ldh, __nv_bfloat16* gu, int64_t ldgu, const int64_t* bounds,
                             int groups, int n, int k, bool staged, const int32_t* a_rows) {
@@ -969,9 +982,9 @@ __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
-  wg_gated_tile<kWG, kGather>(kGather == kGatherA ? a : a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh,
+  wg_gated_tile<kWG, kGather, kBN>(kGather == kGatherA ? a : a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh,
                               gu ? gu + r0 * ldgu : nullptr, ldgu, static_cast<int>(bounds[g + 1] - r0), n, k,
-                              tile_row, blockIdx.x * (kTileN / 2), staged,
+                              tile_row, blockIdx.x * (kBN / 2), staged,
                               kGather == kGatherA ? a_rows + r0 : nullptr);
 }
 
@@ -1288,12 +1301,14 @@ std::vector<int64_t> CudaBackend::host_offsets(const Tensor& offsets, int64_t ro
 void CudaBackend::tc_products(const Operand& oa, const Operand& ow, bool trans_w, int64_t groups,
                               const int64_t* bounds, int64_t rows, void* c, int64_t ldc, bool c16, int64_t n, int64_t k,
                               float beta, int tm) {
-  const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN),
+  // On Hopper, row tiles of 128 and 64 take the warpgroup kernels (2 warpgroups a block, or 1); 64-row
+  // tiles (few rows a group: decode) with 64 columns (kDecodeTileN).
+  const bool wgmma = (tm == kTileM || tm == 64) && hopper_;
+  const int bn = wgmma && tm == 64 ? kDecodeTileN : kTileN;
+  const dim3 grid(static_cast<unsigned>((n + bn - 1) / bn),
                   static_cast<unsigned>((rows + tm - 1) / tm + (bounds ? groups : 0)));
   CHECK_LT(grid.y, 65536u) << "tensor-core products: too many rows";
-  // On Hopper, row tiles of 128 and 64 take the warpgroup kernels (2 warpgroups a block, or 1).
-  const bool wgmma = (tm == kTileM || tm == 64) && hopper_;
-  const size_t smem = wgmma     ? wg_smem_bytes(tm / 64)
+  const size_t smem = wgmma     ? wg_smem_bytes(tm / 64, bn)
                       : tm == 32 ? tc_smem<32>()
                       : tm == 64 ? tc_smem<64>()
                                  : tc_smem<128>();
@@ -1305,7 +1320,8 @@ void CudaBackend::tc_products(const Operand& oa, const Operand& ow, bool trans_w
       return trans_w ? grouped_tc_kernel<true, kTM, TC> : grouped_tc_kernel<false, kTM, TC>;
     };
     if (wgmma) {
-      const auto kernel = tm == 64 ? (trans_w ? grouped_wg_kernel<true, TC, 1> : grouped_wg_kernel<false, TC, 1>)
+      const auto kernel = tm == 64 ? (trans_w ? grouped_wg_kernel<true, TC, 1, kDecodeTileN>
+                                             : grouped_wg_kernel<false, TC, 1, kDecodeTileN>)
                                    : (trans_w ? grouped_wg_kernel<true, TC, 2> : grouped_wg_kernel<false, TC, 2>);
       set_tc_attributes(kernel, smem);
       constexpr int kPer = 16 / sizeof(TC);
@@ -1478,16 +1494,22 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   }
   const int64_t mean = rows / groups;
   const int tm = opt_.batch_invariant ? 128 : mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
-  const dim3 grid(static_cast<unsigned>((n + kTileN / 2 - 1) / (kTileN / 2)),
+  // The warpgroup kernel (Hopper), 2 warpgroups a block or 1; 64-row tiles with 64 columns (kDecodeTileN).
+  const bool wgmma = (tm == kTileM || tm == 64) && hopper_;
+  const int bn = wgmma && tm == 64 ? kDecodeTileN : kTileN;
+  const dim3 grid(static_cast<unsigned>((n + bn / 2 - 1) / (bn / 2)),
                   static_cast<unsigned>((rows + tm - 1) / tm + groups));
   CHECK_LT(grid.y, 65536u) << "grouped_gate_up: too many rows";
-  if ((tm == kTileM || tm == 64) && hopper_) {  // the warpgroup kernel, 2 warpgroups a block or 1
+  if (wgmma) {
     const auto aligned = [](const Rows& x) { return x.ld % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0; };
     const bool staged = n % 8 == 0 && aligned(H) && (GU.p == nullptr || aligned(GU));
-    const auto kernel = index ? (tm == 64 ? grouped_gated_wg_kernel<1, kGatherA> : grouped_gated_wg_kernel<2, kGatherA>)
-                              : (tm == 64 ? grouped_gated_wg_kernel<1> : grouped_gated_wg_kernel<2>);
-    set_tc_attributes(kernel, wg_smem_bytes(tm / 64));
-    kernel<<<grid, 2 * tm, wg_smem_bytes(tm / 64), stream()>>>(
+    const auto kernel = index ? (tm == 64 ? grouped_gated_wg_kernel<1, kGatherA, kDecodeTileN>
+                                          : grouped_gated_wg_kernel<2, kGatherA>)
+                              : (tm == 64 ? grouped_gated_wg_kernel<1, kInOrder, kDecodeTileN>
+                                          : grouped_gated_wg_kernel<2>);
+    const size_t smem = wg_smem_bytes(tm / 64, bn);
+    set_tc_attributes(kernel, smem);
+    kernel<<<grid, 2 * tm, smem, stream()>>>(
         static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
         static_cast<__nv_bfloat16*>(H.p), H.ld, static_cast<__nv_bfloat16*>(GU.p), GU.ld, offsets.data<int64_t>(),
         static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), staged, index);
