@@ -8,6 +8,7 @@
 // CUBLAS_COMPUTE_32F_FAST_16BF gives, at 2-3x its speed on Hopper, where the f32-input path converts
 // inside a slower kernel. The copies live only for the call (stream-ordered pool memory).
 #include <cuda_bf16.h>
+#include <cudaTypedefs.h>
 
 #include <algorithm>
 
@@ -252,7 +253,8 @@ enum Gather { kInOrder = 0, kGatherA = 1, kGatherK = 2, kGatherKA = 3 };
 // each operand; kGated: b's rows from pb and pb + gate_to_up rows (TileB::load_pair).
 // kGatherA: A's rows from rows_a (TileA::Gathered::rows); kGatherK (kGatherKA): B's (A's) k rows of step
 // s from k_rows (its kTileK indices in shared memory).
-template <typename TileA, typename TileB, bool kAK, bool kBK, bool kGated, int kGather = kInOrder, typename T>
+template <typename TileA, typename TileB, bool kAK, bool kBK, bool kGated, int kGather = kInOrder, bool kSkipB = false,
+          typename T>
 __device__ __forceinline__ void issue_step(int s, int steps, T* sa, T* sb, const __nv_bfloat16* pa, int64_t lda,
                                            const __nv_bfloat16* pb, int64_t ldb, int64_t gate_to_up, int ni_a,
                                            int ni_b, int K, const __nv_bfloat16* const (&rows_a)[TileA::kPer],
@@ -268,7 +270,9 @@ __device__ __forceinline__ void issue_step(int s, int steps, T* sa, T* sb, const
       TileA::load_k_rows(sa + st * TileA::kStage, pa, lda, k_rows, ni_a, K - k0);
     else
       TileA::load(sa + st * TileA::kStage, kAK ? pa + k0 : pa + k0 * lda, lda, ni_a, K - k0);
-    if constexpr (kGated)
+    if constexpr (kSkipB)
+      ;  // B comes by TMA (wg_accumulate's kTmaB)
+    else if constexpr (kGated)
       TileB::load_pair(sb + st * TileB::kStage, pb + k0, pb + gate_to_up * ldb + k0, ldb, ni_b, K - k0);
     else if constexpr (kGather == kGatherK)
       TileB::load_k_rows(sb + st * TileB::kStage, pb, ldb, k_rows, ni_b, K - k0);
@@ -678,12 +682,15 @@ __device__ __forceinline__ unsigned char* wg_smem_base() {
 // them but in the wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
 // kGather: kGatherA, A's rows at a + rows[i]·lda; kGatherK (kGatherKA), B's (A's) k rows at b + rows[k]·ldb
 // (a + rows[k]·lda) (rows: the group's).
-template <bool kAK, bool kBK, bool kGated = false, int kWG = 2, int kGather = kInOrder, int kBN = kTileN>
+template <bool kAK, bool kBK, bool kGated = false, int kWG = 2, int kGather = kInOrder, int kBN = kTileN,
+          bool kTmaB = false>
 __device__ __forceinline__ void wg_accumulate(float (&acc)[kBN / 2], const __nv_bfloat16* a, int64_t lda,
                                               const __nv_bfloat16* b, int64_t ldb, int M, int N, int K, int m0,
-                                              int n0, int64_t gate_to_up = 0, const int32_t* rows = nullptr) {
+                                              int n0, int64_t gate_to_up = 0, const int32_t* rows = nullptr,
+                                              const CUtensorMap* bmap = nullptr, int b_group = 0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(!kGated || kBK, "gated tiles read k-contiguous weights");
+  static_assert(!kTmaB || (kBK && kGather != kGatherK), "TMA brings k-contiguous weights in order");
   using TileA = WgTile<kAK, 64 * kWG, 128 * kWG>;
   using TileB = WgTile<kBK, kBN, 128 * kWG>;
   unsigned char* sa = wg_smem_base();
@@ -718,10 +725,33 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[kBN / 2], const __nv_
     }
     __syncthreads();
   }
+  // kTmaB: B's tiles come by TMA (bmap: the weights [groups][rows][K], b_group the block's group; the
+  // tile's rows from n0, a gated tile's second half from gate_to_up + n0), each stage completing on its
+  // barrier; thread 0 issues them once every warpgroup is done with the stage (the loop's second barrier).
+  __shared__ uint64_t b_bars[kTmaB ? kStages : 1];
+  if constexpr (kTmaB) {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < kStages; ++i) wg::bar_init(&b_bars[i], 1);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+  }
   const auto issue = [&](int s) {
     if constexpr (kRingOn) fetch(s + kStages - 1);
-    issue_step<TileA, TileB, kAK, kBK, kGated, kGather>(s, steps, sa, sb, kGather == kGatherA ? a : pa, lda, pb, ldb,
-                                                        gate_to_up, ni_a, ni_b, K, rows_a, k_ring[s % kRing]);
+    if constexpr (kTmaB) {
+      if (threadIdx.x == 0 && s < steps) {
+        const int st = s % kStages;
+        unsigned char* dst = sb + st * TileB::kBytes;
+        wg::bar_expect(&b_bars[st], TileB::kBytes);
+        wg::tma_load_3d(dst, bmap, &b_bars[st], s * kTileK, n0, b_group);
+        if constexpr (kGated)
+          wg::tma_load_3d(dst + (kBN / 2) * 128, bmap, &b_bars[st], s * kTileK, static_cast<int>(gate_to_up) + n0,
+                          b_group);
+      }
+    }
+    issue_step<TileA, TileB, kAK, kBK, kGated, kGather, kTmaB>(s, steps, sa, sb, kGather == kGatherA ? a : pa, lda, pb,
+                                                               ldb, gate_to_up, ni_a, ni_b, K, rows_a,
+                                                               k_ring[s % kRing]);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);
@@ -729,6 +759,7 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[kBN / 2], const __nv_
   // reloads their buffer with step s + kStages - 1.
   for (int s = 0; s < steps; ++s) {
     tc::cp_async_wait<kStages - 2>();
+    if constexpr (kTmaB) wg::bar_wait(&b_bars[s % kStages], (s / kStages) & 1);
     wg::fence_shared();
     __syncthreads();  // step s is in
     const unsigned char* ta = sa + (s % kStages) * TileA::kBytes;
@@ -883,12 +914,14 @@ __device__ __forceinline__ void wg_for_each_local(F&& f) {
 
 // tc_tile on the warpgroup products; staged: through shared memory (WgStage's conditions hold). kGather
 // and rows as wg_accumulate's.
-template <bool kAK, bool kBK, typename TC, int kWG = 2, int kGather = kInOrder, int kBN = kTileN>
+template <bool kAK, bool kBK, typename TC, int kWG = 2, int kGather = kInOrder, int kBN = kTileN, bool kTmaB = false>
 __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b, int64_t ldb,
                                         TC* c, int64_t ldc, int M, int N, int K, int m0, int n0, float beta,
-                                        bool staged, const int32_t* rows = nullptr) {
+                                        bool staged, const int32_t* rows = nullptr, const CUtensorMap* bmap = nullptr,
+                                        int b_group = 0) {
   float acc[kBN / 2];
-  wg_accumulate<kAK, kBK, false, kWG, kGather, kBN>(acc, a, lda, b, ldb, M, N, K, m0, n0, 0, rows);
+  wg_accumulate<kAK, kBK, false, kWG, kGather, kBN, kTmaB>(acc, a, lda, b, ldb, M, N, K, m0, n0, 0, rows, bmap,
+                                                           b_group);
   if (staged) {
     using S = WgStage<TC, kBN, kWG>;
     TC* s = reinterpret_cast<TC*>(wg_smem_base());
@@ -907,13 +940,15 @@ __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, con
 // tc_gated_tile on the warpgroup products: a thread holds a gate sum and its up sum (columns j and
 // kBN / 2 + j of the tile of kBN columns), so the pair meets in registers. The same expression, so the same bits
 // as wg_tile then silu_mul_forward.
-template <int kWG, int kGather = kInOrder, int kBN = kTileN>
+template <int kWG, int kGather = kInOrder, int kBN = kTileN, bool kTmaB = false>
 __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* b,
                                               int64_t ldb, int64_t gate_to_up, __nv_bfloat16* h, int64_t ldh,
                                               __nv_bfloat16* gu, int64_t ldgu, int M, int N, int K, int m0, int n0,
-                                              bool staged, const int32_t* a_rows = nullptr) {
+                                              bool staged, const int32_t* a_rows = nullptr,
+                                              const CUtensorMap* bmap = nullptr, int b_group = 0) {
   float acc[kBN / 2];
-  wg_accumulate<true, true, true, kWG, kGather, kBN>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up, a_rows);
+  wg_accumulate<true, true, true, kWG, kGather, kBN, kTmaB>(acc, a, lda, b, ldb, M, N, K, m0, n0, gate_to_up, a_rows,
+                                                            bmap, b_group);
   constexpr int kUp = 4 * (kBN / 16);  // acc[i + kUp]: the up sum of gate sum acc[i]
   using S = WgStage<__nv_bfloat16, kBN / 2, kWG>;
   static_assert(3 * S::kRows * S::kLd * 2 <= wg_smem_bytes(kWG, kBN) - 1024,
@@ -961,31 +996,35 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
 // grouped_tc_kernel, grouped_gated_kernel and grouped_wgrad_tc_kernel on the warpgroup products (row
 // tiles of 64 · kWG rows; kWG warpgroups a block).
 // kBN: the column tile (kTileN, or 64 where few rows a group leave the products streaming weights).
-template <bool kBK, typename TC, int kWG, int kBN = kTileN>
+// kTmaB: the weights' tiles by TMA through bmap (weight_map, below).
+template <bool kBK, typename TC, int kWG, int kBN = kTileN, bool kTmaB = false>
 __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? (kBN == 64 ? 4 : 3) : 2)
     grouped_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0, TC* c,
                       int64_t ldc, const int64_t* bounds, int groups, int n, int k, float beta, bool staged,
-                      int64_t dense_rows) {
+                      int64_t dense_rows, const __grid_constant__ CUtensorMap bmap) {
   const RowTile t = row_tile<64 * kWG>(bounds, groups, dense_rows);
   if (t.group < 0) return;
-  wg_tile<true, kBK, TC, kWG, kInOrder, kBN>(a + t.r0 * lda, lda, w + t.group * ldw0, ldw, c + t.r0 * ldc, ldc,
-                                              t.rows, n, k, t.row, blockIdx.x * kBN, beta, staged);
+  wg_tile<true, kBK, TC, kWG, kInOrder, kBN, kTmaB>(a + t.r0 * lda, lda, w + t.group * ldw0, ldw, c + t.r0 * ldc,
+                                                     ldc, t.rows, n, k, t.row, blockIdx.x * kBN, beta, staged, nullptr,
+                                                     &bmap, t.group);
 }
 
-template <int kWG, int kGather = kInOrder, int kBN = kTileN>
+template <int kWG, int kGather = kInOrder, int kBN = kTileN, bool kTmaB = false>
 __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? (kBN == 64 ? 4 : 3) : 2)
     grouped_gated_wg_kernel(const __nv_bfloat16* a, int64_t lda, const __nv_bfloat16* w, int64_t ldw, int64_t ldw0,
                             __nv_bfloat16* h, int64_t ldh, __nv_bfloat16* gu, int64_t ldgu, const int64_t* bounds,
-                            int groups, int n, int k, bool staged, const int32_t* a_rows) {
+                            int groups, int n, int k, bool staged, const int32_t* a_rows,
+                            const __grid_constant__ CUtensorMap bmap) {
   __shared__ int tile_group, tile_row;
   find_row_tile<64 * kWG>(bounds, groups, &tile_group, &tile_row);
   const int g = tile_group;
   if (g < 0) return;
   const int64_t r0 = bounds[g];
-  wg_gated_tile<kWG, kGather, kBN>(kGather == kGatherA ? a : a + r0 * lda, lda, w + g * ldw0, ldw, n, h + r0 * ldh, ldh,
-                              gu ? gu + r0 * ldgu : nullptr, ldgu, static_cast<int>(bounds[g + 1] - r0), n, k,
-                              tile_row, blockIdx.x * (kBN / 2), staged,
-                              kGather == kGatherA ? a_rows + r0 : nullptr);
+  wg_gated_tile<kWG, kGather, kBN, kTmaB>(kGather == kGatherA ? a : a + r0 * lda, lda, w + g * ldw0, ldw, n,
+                                          h + r0 * ldh, ldh, gu ? gu + r0 * ldgu : nullptr, ldgu,
+                                          static_cast<int>(bounds[g + 1] - r0), n, k, tile_row,
+                                          blockIdx.x * (kBN / 2), staged, kGather == kGatherA ? a_rows + r0 : nullptr,
+                                          &bmap, g);
 }
 
 // The experts' down data gradient ending in the gate's backward (CudaBackend::grouped_silu_backward):
@@ -1106,6 +1145,38 @@ __global__ void __launch_bounds__(kTcThreads, 2)
                                            kGather == kGatherK ? a : a + r0 * lda, lda, dw + g * ldw0, ldw, n, k, rows,
                                            blockIdx.y * kTileM, blockIdx.x * kTileN, beta, staged,
                                            kGather == kInOrder ? nullptr : rows_by + r0);
+}
+
+// A TMA map over bf16 weights [groups][rows][k] (k contiguous, rows ld elements apart, groups ld0 apart)
+// whose box is kTileK ks by box_rows rows, swizzled by 128 bytes as WgTile lays a k-contiguous tile out;
+// coordinates (k, row, group), zeros outside. False where TMA cannot take the layout (alignment, sizes) or
+// the driver has no encoder: the products then load their weights by cp.async.
+bool weight_map(CUtensorMap* map, const void* w, int64_t groups, int64_t rows, int64_t k, int64_t ld, int64_t ld0,
+                int box_rows) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult got{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &got) !=
+            cudaSuccess ||
+        got != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(w) % 16 != 0 || ld % 8 != 0 || groups < 1 || rows < 1 ||
+      k < 1 || k >= (int64_t{1} << 31) || rows >= (int64_t{1} << 31) || groups >= (int64_t{1} << 31) ||
+      (groups > 1 && ld0 % 8 != 0))
+    return false;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(groups)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(2 * ld),
+                                 static_cast<cuuint64_t>(2 * (groups > 1 ? ld0 : rows * ld))};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(kTileK), static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t unit[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(w), dims, strides, box, unit,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 __global__ void hopper_probe_kernel(int* built) {
@@ -1320,16 +1391,22 @@ void CudaBackend::tc_products(const Operand& oa, const Operand& ow, bool trans_w
       return trans_w ? grouped_tc_kernel<true, kTM, TC> : grouped_tc_kernel<false, kTM, TC>;
     };
     if (wgmma) {
-      const auto kernel = tm == 64 ? (trans_w ? grouped_wg_kernel<true, TC, 1, kDecodeTileN>
-                                             : grouped_wg_kernel<false, TC, 1, kDecodeTileN>)
-                                   : (trans_w ? grouped_wg_kernel<true, TC, 2> : grouped_wg_kernel<false, TC, 2>);
+      // k-contiguous weights come by TMA where the map takes them.
+      CUtensorMap map{};
+      const bool tma = trans_w && weight_map(&map, ow.p, groups, n, k, ow.ld, ow.ld0, bn);
+      const auto kernel = tm == 64 ? (trans_w ? (tma ? grouped_wg_kernel<true, TC, 1, kDecodeTileN, true>
+                                                     : grouped_wg_kernel<true, TC, 1, kDecodeTileN>)
+                                              : grouped_wg_kernel<false, TC, 1, kDecodeTileN>)
+                                   : (trans_w ? (tma ? grouped_wg_kernel<true, TC, 2, kTileN, true>
+                                                     : grouped_wg_kernel<true, TC, 2>)
+                                              : grouped_wg_kernel<false, TC, 2>);
       set_tc_attributes(kernel, smem);
       constexpr int kPer = 16 / sizeof(TC);
       const bool staged = n % kPer == 0 && ldc % kPer == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0;
       kernel<<<grid, 2 * tm, smem, stream()>>>(
           static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
           static_cast<TC*>(c), ldc, bounds, static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), beta,
-          staged, dense_rows);
+          staged, dense_rows, map);
       return;
     }
     const auto kernel = tm == 32   ? pick(std::integral_constant<int, 32>())
@@ -1503,16 +1580,27 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   if (wgmma) {
     const auto aligned = [](const Rows& x) { return x.ld % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0; };
     const bool staged = n % 8 == 0 && aligned(H) && (GU.p == nullptr || aligned(GU));
-    const auto kernel = index ? (tm == 64 ? grouped_gated_wg_kernel<1, kGatherA, kDecodeTileN>
-                                          : grouped_gated_wg_kernel<2, kGatherA>)
-                              : (tm == 64 ? grouped_gated_wg_kernel<1, kInOrder, kDecodeTileN>
-                                          : grouped_gated_wg_kernel<2>);
+    // The weights by TMA where the map takes them (boxes of half a tile's rows: gate, then up).
+    CUtensorMap map{};
+    const bool tma = weight_map(&map, ow.p, groups, 2 * n, k, ow.ld, ow.ld0, bn / 2);
+    const auto pick = [&](auto wg, auto gather, auto bn_tag) {
+      constexpr int kWG = decltype(wg)::value, kG = decltype(gather)::value, kBN = decltype(bn_tag)::value;
+      return tma ? grouped_gated_wg_kernel<kWG, kG, kBN, true> : grouped_gated_wg_kernel<kWG, kG, kBN>;
+    };
+    using I1 = std::integral_constant<int, 1>;
+    using I2 = std::integral_constant<int, 2>;
+    using Gather = std::integral_constant<int, kGatherA>;
+    using InOrder = std::integral_constant<int, kInOrder>;
+    using Narrow = std::integral_constant<int, kDecodeTileN>;
+    using Wide = std::integral_constant<int, kTileN>;
+    const auto kernel = index ? (tm == 64 ? pick(I1(), Gather(), Narrow()) : pick(I2(), Gather(), Wide()))
+                              : (tm == 64 ? pick(I1(), InOrder(), Narrow()) : pick(I2(), InOrder(), Wide()));
     const size_t smem = wg_smem_bytes(tm / 64, bn);
     set_tc_attributes(kernel, smem);
     kernel<<<grid, 2 * tm, smem, stream()>>>(
         static_cast<const __nv_bfloat16*>(oa.p), oa.ld, static_cast<const __nv_bfloat16*>(ow.p), ow.ld, ow.ld0,
         static_cast<__nv_bfloat16*>(H.p), H.ld, static_cast<__nv_bfloat16*>(GU.p), GU.ld, offsets.data<int64_t>(),
-        static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), staged, index);
+        static_cast<int>(groups), static_cast<int>(n), static_cast<int>(k), staged, index, map);
     CUDA_CHECK(cudaGetLastError());
     return;
   }
