@@ -158,6 +158,8 @@ constexpr int kGroupedTile32 = 24, kGroupedTile64 = 64;
 // four blocks an SM, and an evener spread: on an H100 at batch 256 (ncu, 7 MoE layers in a decode step)
 // the gated gate/up went 39.0 -> 35.9 us a call and the down product 17.5 -> 17.1.
 constexpr int kDecodeTileN = 64;
+// The column tile of a warpgroup product with row tiles of tm rows (kTileM or 64).
+constexpr int wg_column_tile(int tm) { return tm == 64 ? kDecodeTileN : kTileN; }
 
 // A k-contiguous tile whose row i lies at a + index[i]·ld (gathered rows), loaded kPer 16-byte chunks a
 // thread by kThreads threads (chunk threadIdx.x + u·kThreads: row that / (kTileK / 8), its k the rest ·
@@ -1375,7 +1377,7 @@ void CudaBackend::tc_products(const Operand& oa, const Operand& ow, bool trans_w
   // On Hopper, row tiles of 128 and 64 take the warpgroup kernels (2 warpgroups a block, or 1); 64-row
   // tiles (few rows a group: decode) with 64 columns (kDecodeTileN).
   const bool wgmma = (tm == kTileM || tm == 64) && hopper_;
-  const int bn = wgmma && tm == 64 ? kDecodeTileN : kTileN;
+  const int bn = wgmma ? wg_column_tile(tm) : kTileN;
   const dim3 grid(static_cast<unsigned>((n + bn - 1) / bn),
                   static_cast<unsigned>((rows + tm - 1) / tm + (bounds ? groups : 0)));
   CHECK_LT(grid.y, 65536u) << "tensor-core products: too many rows";
@@ -1573,7 +1575,7 @@ void CudaBackend::grouped_gate_up(const Tensor& a, const Tensor& w, const Tensor
   const int tm = opt_.batch_invariant ? 128 : mean <= kGroupedTile32 ? 32 : mean <= kGroupedTile64 ? 64 : 128;
   // The warpgroup kernel (Hopper), 2 warpgroups a block or 1; 64-row tiles with 64 columns (kDecodeTileN).
   const bool wgmma = (tm == kTileM || tm == 64) && hopper_;
-  const int bn = wgmma && tm == 64 ? kDecodeTileN : kTileN;
+  const int bn = wgmma ? wg_column_tile(tm) : kTileN;
   const dim3 grid(static_cast<unsigned>((n + bn / 2 - 1) / (bn / 2)),
                   static_cast<unsigned>((rows + tm - 1) / tm + groups));
   CHECK_LT(grid.y, 65536u) << "grouped_gate_up: too many rows";
