@@ -280,14 +280,19 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
   const int64_t r0 = blockIdx.x * static_cast<int64_t>(kNormRows), r1 = min(rows, r0 + kNormRows);
   for (int64_t r = r0 + warp; r < r1; r += kWarps) {
-    float g[kV4][4], xv[kV4][4];
+    // dx's old values load with dy and x, before the row's sum: one round trip to memory a row.
+    float g[kV4][4], xv[kV4][4], old[kV4][4];
     const float rs = rstd[r];
+#pragma unroll
+    for (int v = 0; v < kV4; ++v) {
+      loadv<4>(dy + r * ldg + v * 128 + lane * 4, g[v]);
+      loadv<4>(x + r * ldx + v * 128 + lane * 4, xv[v]);
+      loadv<4>(dx + r * ldd + v * 128 + lane * 4, old[v]);
+    }
     float dot = 0;
 #pragma unroll
     for (int v = 0; v < kV4; ++v) {
       float wv[4];
-      loadv<4>(dy + r * ldg + v * 128 + lane * 4, g[v]);
-      loadv<4>(x + r * ldx + v * 128 + lane * 4, xv[v]);
       loadv<4>(ws + v * 128 + lane * 4, wv);
 #pragma unroll
       for (int e = 0; e < 4; ++e) dot += g[v][e] * wv[e] * xv[v][e] * rs;
@@ -298,8 +303,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int v = 0; v < kV4; ++v) {
       T* o = dx + r * ldd + v * 128 + lane * 4;
       float* acc = &sums[warp][v * 128 + lane * 4];
-      float out[4], wv[4], sum[4];
-      loadv<4>(o, out);
+      float* out = old[v];
+      float wv[4], sum[4];
       loadv<4>(ws + v * 128 + lane * 4, wv);
       loadv<4>(acc, sum);
 #pragma unroll
