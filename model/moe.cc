@@ -74,7 +74,9 @@ void mlp_backward(core::Backend& be, const MlpWeights& w, const MlpWeights& g, c
   const int64_t n = x.size(0), inter = w.down.size(1);
   // Gradients that only products read are rounded once (bf16 products), not in each product.
   const Tensor dyp = dy_rounded.defined() ? dy_rounded : product_operand(be, dy);
-  Tensor dact = be.empty({n, inter});
+  // d(act) in the gate/up products' dtype: bf16 where they are (rounded once by the product that makes
+  // it, as the routed experts' grouped_silu_backward rounds theirs), which halves its bytes both ways.
+  Tensor dact = be.empty({n, inter}, a.gate_up.dtype());
   Tensor dgu = dgu_out != nullptr ? *dgu_out : be.empty({n, 2 * inter}, product_dtype(be));
   be.gemm(dyp, false, w.down, false, dact);
   Tensor gd = g.down, ggu = g.gate_up;
