@@ -415,6 +415,51 @@ __global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, TX*
   store(v + ib, rb);
 }
 
+// rope_from_kernel four pairs a thread (pairs 4g .. 4g + 3 of a row): the pairs, the table's cos and
+// sin and the results go 16 bytes an access (8 for bf16 results). The same arithmetic a pair: the same
+// bits. The launch checks that half is a multiple of 4 and the alignment.
+template <typename TX>
+__global__ void rope_from4_kernel(const float* src, int64_t ss0, int64_t ss1, TX* x, int64_t s0, int64_t s1,
+                                  int64_t m, int64_t heads, int half, const int32_t* pos, const float* cos_t,
+                                  const float* sin_t, int64_t n_pos, bool interleaved, bool inverse) {
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;  // the launch checks that groups fit in 32 bits
+  const uint32_t quarter = static_cast<uint32_t>(half) / 4, hq = static_cast<uint32_t>(heads) * quarter;
+  if (idx >= m * hq) return;
+  const uint32_t t = idx / hq, j = idx - t * hq, h = j / quarter;
+  const int i0 = static_cast<int>(j - h * quarter) * 4;
+  const float* u = src + t * ss0 + h * ss1;
+  TX* v = x + t * s0 + h * s1;
+  float ra[4], rb[4];
+  if (interleaved) {  // pairs (a, b) side by side: two 16-byte loads hold the four
+    float f[8];
+    loadv<4>(u + 2 * i0, f);
+    loadv<4>(u + 2 * i0 + 4, f + 4);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ra[e] = f[2 * e], rb[e] = f[2 * e + 1];
+  } else {
+    loadv<4>(u + i0, ra);
+    loadv<4>(u + i0 + half, rb);
+  }
+  const int32_t p = pos[t];
+  if (p >= 0 && p < n_pos) {
+    float c[4], sn[4];
+    loadv<4>(cos_t + static_cast<int64_t>(p) * half + i0, c);
+    loadv<4>(sin_t + static_cast<int64_t>(p) * half + i0, sn);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) rotate(ra[e], rb[e], c[e], inverse ? -sn[e] : sn[e], &ra[e], &rb[e]);
+  }
+  if (interleaved) {
+    float f[8];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f[2 * e] = ra[e], f[2 * e + 1] = rb[e];
+    storev<4>(v + 2 * i0, f);
+    storev<4>(v + 2 * i0 + 4, f + 4);
+  } else {
+    storev<4>(v + i0, ra);
+    storev<4>(v + i0 + half, rb);
+  }
+}
+
 // pool[slots[i]] = [rmsnorm(ckv[i, :r]) · w | rope(ckv[i, r:])] with the arithmetic of
 // rmsnorm_forward_kernel, rope_from_kernel and the scatter after them (the same bits). One block a row.
 // With q (mla_step_inputs), the block also rotates its row's query rope parts into q_rot, as
@@ -836,7 +881,20 @@ void CudaBackend::rope_from(const Tensor& src, Tensor& x, const Tensor& position
   const int64_t m = x.size(0), h = x.size(1), half = x.size(2) / 2;
   if (n == 0) return;
   Op op(this, "rope", 6.0 * n, (x16 ? 16.0 : 24.0) * n);
+  // Four pairs a thread where the rows, the table and the results allow 16-byte (bf16: 8-byte) accesses.
+  const auto by4 = [](const Tensor& t, size_t elem) {
+    return t.stride(0) % 4 == 0 && t.stride(1) % 4 == 0 && reinterpret_cast<uintptr_t>(t.raw()) % (4 * elem) == 0;
+  };
+  const bool four = half % 4 == 0 && by4(src, 4) && by4(x, x16 ? 2 : 4) &&
+                    reinterpret_cast<uintptr_t>(table.cos.raw()) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(table.sin.raw()) % 16 == 0;
   const auto launch = [&](auto* xp) {
+    if (four) {
+      rope_from4_kernel<<<blocks(n / 4, kThreads), kThreads, 0, stream()>>>(
+          src.f32(), src.stride(0), src.stride(1), xp, x.stride(0), x.stride(1), m, h, static_cast<int>(half),
+          positions.data<int32_t>(), table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved, inverse);
+      return;
+    }
     rope_from_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(
         src.f32(), src.stride(0), src.stride(1), xp, x.stride(0), x.stride(1), m, h, static_cast<int>(half),
         positions.data<int32_t>(), table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved, inverse);

@@ -970,26 +970,30 @@ TEST_F(CudaBackendTest, RopeBothLayoutsForwardAndInverseOnSlices) {
     }
     // Rotated into another tensor (a copy and rope in one pass): the same bits as copy then rope, on
     // the GPU, and as the CPU reference within rounding.
-    // Either direction, into f32 or (rounded once) into bf16.
+    // Either direction, into f32 or (rounded once) into bf16; from columns 8 on (16-byte aligned: four
+    // pairs a thread) and from column 2 (a pair a thread).
     const Tensor& p2 = pos;
-    for (bool inverse : {false, true}) {
-      Tensor src = randn({m, h, d + 8}), gsrc = dev(src);
-      Tensor want = Tensor::zeros({m, h, d}), ga = gpu_->zeros({m, h, d}, DType::kF32),
-             gb = gpu_->zeros({m, h, d}, DType::kF32);
-      cpu_->rope_from(src.slice(2, 8, d), want, p2, t, interleaved, inverse);
-      gpu_->rope_from(gsrc.slice(2, 8, d), ga, dev(p2), gt, interleaved, inverse);
-      gpu_->copy(gsrc.slice(2, 8, d), gb);
-      gpu_->rope(gb, dev(p2), gt, interleaved, inverse);
-      EXPECT_TRUE(bitwise_equal(gpu_->download(ga), gpu_->download(gb))) << interleaved << inverse;
-      EXPECT_CLOSE(ga, want, 1e-6) << interleaved << inverse;
-      Tensor g16 = gpu_->zeros({m, h, d}, DType::kBF16), want16 = gpu_->zeros({m, h, d}, DType::kBF16);
-      gpu_->rope_from(gsrc.slice(2, 8, d), g16, dev(p2), gt, interleaved, inverse);
-      gpu_->copy(gb, want16);
-      EXPECT_TRUE(bitwise_equal(gpu_->download(g16), gpu_->download(want16))) << interleaved << inverse << " bf16";
-      Tensor c16 = Tensor::zeros({m, h, d}, DType::kBF16);
-      cpu_->rope_from(src.slice(2, 8, d), c16, p2, t, interleaved, inverse);
-      EXPECT_EQ(std::memcmp(c16.raw(), want.to(DType::kBF16).raw(), m * h * d * 2), 0) << "the CPU reference, rounded";
-    }
+    for (int64_t c0 : {8, 2})
+      for (bool inverse : {false, true}) {
+        Tensor src = randn({m, h, d + 8}), gsrc = dev(src);
+        Tensor want = Tensor::zeros({m, h, d}), ga = gpu_->zeros({m, h, d}, DType::kF32),
+               gb = gpu_->zeros({m, h, d}, DType::kF32);
+        cpu_->rope_from(src.slice(2, c0, d), want, p2, t, interleaved, inverse);
+        gpu_->rope_from(gsrc.slice(2, c0, d), ga, dev(p2), gt, interleaved, inverse);
+        gpu_->copy(gsrc.slice(2, c0, d), gb);
+        gpu_->rope(gb, dev(p2), gt, interleaved, inverse);
+        EXPECT_TRUE(bitwise_equal(gpu_->download(ga), gpu_->download(gb))) << interleaved << inverse << c0;
+        EXPECT_CLOSE(ga, want, 1e-6) << interleaved << inverse << c0;
+        Tensor g16 = gpu_->zeros({m, h, d}, DType::kBF16), want16 = gpu_->zeros({m, h, d}, DType::kBF16);
+        gpu_->rope_from(gsrc.slice(2, c0, d), g16, dev(p2), gt, interleaved, inverse);
+        gpu_->copy(gb, want16);
+        EXPECT_TRUE(bitwise_equal(gpu_->download(g16), gpu_->download(want16)))
+            << interleaved << inverse << c0 << " bf16";
+        Tensor c16 = Tensor::zeros({m, h, d}, DType::kBF16);
+        cpu_->rope_from(src.slice(2, c0, d), c16, p2, t, interleaved, inverse);
+        EXPECT_EQ(std::memcmp(c16.raw(), want.to(DType::kBF16).raw(), m * h * d * 2), 0)
+            << "the CPU reference, rounded";
+      }
   }
 }
 
