@@ -85,7 +85,7 @@ __device__ __forceinline__ void shared_gate_row(const SharedGate& sg, int64_t m,
 // One warp per token. Shared memory per warp (route_smem_floats): the scores s[E] and choice[E] f32,
 // gscore[G] f32, the picks[K] I32, taken[E] u8 (within E floats): every read after the first pass over the
 // logits stays on chip (the scores go out to memory once; the selection's chain of reads waited on memory
-// round trips before). With a SharedGate, the warp first makes its token's shared-experts activation.
+// round trips before). With a SharedGate, a warp of its own makes the token's shared-experts activation.
 __host__ __device__ inline int route_smem_floats(const RouterConfig& cfg) {
   return 4 * cfg.n_experts + cfg.n_group + cfg.top_k;
 }
@@ -94,6 +94,14 @@ __global__ void route_kernel(const float* logits, int64_t ldl, const float* bias
   extern __shared__ float sm[];
   const int E = cfg.n_experts, K = cfg.top_k, G = cfg.n_group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // With the shared experts' gate, warps kRouteWarps .. 2·kRouteWarps - 1 make the same tokens' gated
+  // activations while the first kRouteWarps select: the two chains of memory round trips run side by side
+  // rather than one after the other.
+  if (warp >= kRouteWarps) {
+    const int64_t m = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (warp - kRouteWarps);
+    if (m < rows) shared_gate_row(gate, m, lane);
+    return;
+  }
   float* s = sm + warp * route_smem_floats(cfg);
   float* choice = s + E;
   float* gscore = choice + E;
@@ -101,7 +109,6 @@ __global__ void route_kernel(const float* logits, int64_t ldl, const float* bias
   unsigned char* taken = reinterpret_cast<unsigned char*>(picks + K);
   const int64_t m = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
   if (m >= rows) return;
-  if (gate.gu) shared_gate_row(gate, m, lane);
   const float* l = logits + m * ldl;
   if (cfg.scoring == RouterConfig::Scoring::kSigmoid) {
     for (int j = lane; j < E; j += 32) s[j] = 1.0f / (1.0f + expf(-l[j]));
@@ -598,7 +605,7 @@ void CudaBackend::route_into(const Tensor& logits, const Tensor& bias, const Rou
     const Rows GU = rows_of(*gate_up), A = rows_of(*act);
     gate = SharedGate{GU.f(), GU.ld, A.p, A.ld, static_cast<int>(A.cols), act->dtype() == DType::kBF16};
   }
-  route_kernel<<<blocks(L.rows, kRouteWarps), kRouteWarps * 32, bytes, stream()>>>(
+  route_kernel<<<blocks(L.rows, kRouteWarps), (gate_up != nullptr ? 2 : 1) * kRouteWarps * 32, bytes, stream()>>>(
       L.f(), L.ld, bias.defined() ? bias.f32() : nullptr, cfg, L.rows, idx.data<int32_t>(), weights.f32(),
       scores.f32(), gate);
   CUDA_CHECK(cudaGetLastError());
