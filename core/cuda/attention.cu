@@ -30,6 +30,7 @@ struct AttnDims {
 }  // namespace r1lab::core::cuda
 
 #include "core/cuda/attention_tc.cuh"
+#include "core/cuda/attention_wg.cuh"
 
 namespace r1lab::core::cuda {
 namespace {
@@ -1069,13 +1070,28 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
         ab.g0 = gb.stride(0), ab.g1 = gb.stride(1), ab.g2 = gb.stride(2);
         constexpr size_t sq = tc::dq_smem<D, DV>(), skv = tc::dkdv_smem<D, DV>();
         with_key_split<D>(ab.kd, [&]<int KD>() {
-          set_smem(tc::backward_dq<D, DV, KD>, sq);
-          tc::backward_dq<D, DV, KD>
-              <<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT, sq, stream()>>>(
-                  bf16_data(qb), bf16_data(kb), kt, bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(),
-                  grad_out(dq, dq_tail), accumulate, ab);
+          const auto dq_kernel = [&] {
+            if constexpr (tc::kWgBackward<D, DV>)
+              if (hopper_) return std::make_pair(tc::backward_dq_wg<D, DV, KD>, tc::backward_wg_smem<D, DV>());
+            return std::make_pair(tc::backward_dq<D, DV, KD>, sq);
+          }();
+          set_smem(dq_kernel.first, dq_kernel.second);
+          dq_kernel.first<<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT,
+                            dq_kernel.second, stream()>>>(bf16_data(qb), bf16_data(kb), kt, bf16_data(vb),
+                                                          bf16_data(gb), lse.f32(), delta.f32(),
+                                                          grad_out(dq, dq_tail), accumulate, ab);
           const auto dkdv = [&](auto* dvp) {
             using TV = std::remove_pointer_t<decltype(dvp)>;
+            if constexpr (tc::kWgBackward<D, DV>)
+              if (hopper_) {
+                constexpr size_t sw = tc::backward_wg_smem<D, DV>();
+                set_smem(tc::backward_dkdv_wg<D, DV, KD, TV>, sw);
+                tc::backward_dkdv_wg<D, DV, KD, TV>
+                    <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, sw, stream()>>>(
+                        bf16_data(qb), bf16_data(kb), kt, bf16_data(vb), bf16_data(gb), lse.f32(), delta.f32(),
+                        grad_out(dk, dk_tail), dvp, dv.stride(0), dv.stride(1), dv.stride(2), accumulate, ab);
+                return;
+              }
             set_smem(tc::backward_dkdv<D, DV, KD, TV>, skv);
             tc::backward_dkdv<D, DV, KD, TV>
                 <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, skv, stream()>>>(

@@ -351,6 +351,35 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
   }
 }
 
+// dS / scale of a dq tile in place of its scores s (the warp's 16 queries, rows tr, by the 64 keys from
+// s0), with dP dp and the rows' lse L (log2 domain) and delta Dl: p = 2^(s·sl2 − L), ds = p·(dp − D); p = 0
+// where a query lies past its end or the key after it. A tile wholly inside the causal triangle (every
+// query valid, every key at or before the first query's position) takes no masks.
+__device__ __forceinline__ void ds_q(float (*s)[4], const float (*dp)[4], const float (&L)[2], const float (&Dl)[2],
+                                     const int64_t (&tr)[2], int64_t t0, int64_t s0, float sl2,
+                                     const r1lab::core::cuda::AttnDims& a) {
+  const int cc = 2 * (threadIdx.x % 4);
+  const int64_t off = a.S - a.T;
+  const auto body = [&](auto masked) {
+#pragma unroll
+    for (int j = 0; j < kRowsT / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float p = fast_exp2(s[j][e] * sl2 - L[e / 2]);
+        if constexpr (decltype(masked)::value) {
+          const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
+          if (!(t < a.T && col <= off + t)) p = 0.0f;
+        }
+        s[j][e] = p * (dp[j][e] - Dl[e / 2]);
+      }
+    }
+  };
+  if (t0 + kRowsT <= a.T && s0 + kRowsT <= a.S && s0 + kRowsT - 1 <= off + t0)
+    body(std::false_type{});
+  else
+    body(std::true_type{});
+}
+
 // ---- dq. grid (ceil(T / 64), B·Hq).
 template <int D, int DV, int KD>
 __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
@@ -360,9 +389,9 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* Qs = reinterpret_cast<bf16*>(smem);
   bf16* Gs = Qs + kRowsT * Ly::LQ;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
-  const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
+  const int64_t t0 = reversed_tile() * kRowsT;
   const KeyValueStream<D, DV, KD> kvs(Gs + kRowsT * Ly::LV, k, kt, v, a, b, kh, t0);
   // The block's queries and their output gradients, with the first key tile.
   load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);
@@ -378,33 +407,47 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   }
   float acc[D / 8][4];
   zero<D / 8>(acc);
-  // A tile wholly inside the causal triangle (every query valid, every key at or before the first
-  // query's position) takes no masks.
-  const bool queries_full = t0 + kRowsT <= a.T;
   kvs.for_each_tile([&](const bf16* Ks, const bf16* Vs, int64_t s0) {
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];
     scores_and_dp<D, DV, kRowsT / 8>(s, dp, Qs + 16 * warp * Ly::LQ, Ks, Gs + 16 * warp * Ly::LV, Vs);
-    const auto ds = [&](auto masked) {
-#pragma unroll
-      for (int j = 0; j < kRowsT / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float p = fast_exp2(s[j][e] * sl2 - L[e / 2]);
-          if constexpr (decltype(masked)::value) {
-            const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
-            if (!(t < a.T && col <= off + t)) p = 0.0f;
-          }
-          s[j][e] = p * (dp[j][e] - Dl[e / 2]);  // dS / scale (the scale goes on at the end)
-        }
-      }
-    };
-    if (queries_full && s0 + kRowsT <= a.S && s0 + kRowsT - 1 <= off + t0)
-      ds(std::false_type{});
-    else
-      ds(std::true_type{});
+    ds_q(s, dp, L, Dl, tr, t0, s0, sl2, a);
     product_kn<kRowsT / 16, D / 8>(acc, s, Ks, Ly::LQ);
   });
   put_rows<D / 8>(acc, a.scale, accumulate, dq, b, h, t0 + 16 * warp, a.T);
+}
+
+// P and dS / scale of a dk/dv tile in place of its Sᵀ and dPᵀ (the warp's 16 keys, rows sr, by NQ queries
+// from t0), with each query's lse Lt (log2 domain) and delta Dt: p = 2^(s·sl2 − L), ds = p·(dp − D); p = 0
+// where a query or key lies past its end or the key after the query. A tile wholly inside the causal
+// triangle (every query and key valid, the block's last key at or before the tile's first query) takes
+// no masks.
+template <int NQ>
+__device__ __forceinline__ void p_and_ds_t(float (*st)[4], float (*dpt)[4], const float* Lt, const float* Dt,
+                                           const int64_t (&sr)[2], int64_t s_first, int64_t t0, float sl2,
+                                           const r1lab::core::cuda::AttnDims& a) {
+  const int cc = 2 * (threadIdx.x % 4);
+  const int64_t off = a.S - a.T;
+  const auto body = [&](auto masked) {
+#pragma unroll
+    for (int j = 0; j < NQ / 8; ++j) {
+      const float2 l = *reinterpret_cast<const float2*>(Lt + 8 * j + cc);
+      const float2 d = *reinterpret_cast<const float2*>(Dt + 8 * j + cc);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float p = fast_exp2(st[j][e] * sl2 - (e % 2 ? l.y : l.x));
+        if constexpr (decltype(masked)::value) {
+          const int64_t s = sr[e / 2], t = t0 + 8 * j + cc + e % 2;
+          if (!(t < a.T && s < a.S && s <= off + t)) p = 0.0f;
+        }
+        st[j][e] = p;
+        dpt[j][e] = p * (dpt[j][e] - (e % 2 ? d.y : d.x));
+      }
+    }
+  };
+  if (t0 + NQ <= a.T && s_first + kRowsT <= a.S && s_first + kRowsT - 1 <= off + t0)
+    body(std::false_type{});
+  else
+    body(std::true_type{});
 }
 
 // ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn, NQ queries a tile.
@@ -422,7 +465,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   bf16* Vs = Ks + kRowsT * Ly::LQ;
   bf16* QG = Vs + kRowsT * Ly::LV;
   float* LD = reinterpret_cast<float*>(QG + 2 * kStage);  // [stage][L (log2 domain) | D][NQ]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
   const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk, group = a.Hq / a.Hk;
   const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kRowsT, off = a.S - a.T;
   const int64_t t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
@@ -460,7 +503,6 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   issue(0);
   put(0);
   const int64_t sr[2] = {s_first + 16 * warp + g, s_first + 16 * warp + g + 8};
-  const bool keys_full = s_first + kRowsT <= a.S;
   const float sl2 = a.scale * kLog2e;
   float gk[D / 8][4], gv[DV / 8][4];
   zero<D / 8>(gk);
@@ -476,29 +518,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     const float* Dt = Lt + NQ;
     float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [16 keys of the warp][NQ queries]
     scores_and_dp<D, DV, NQ / 8>(st, dpt, Ks + 16 * warp * Ly::LQ, Qs, Vs + 16 * warp * Ly::LV, Gs);
-    const auto p_and_ds = [&](auto masked) {
-#pragma unroll
-      for (int j = 0; j < NQ / 8; ++j) {
-        const float2 l = *reinterpret_cast<const float2*>(Lt + 8 * j + cc);
-        const float2 d = *reinterpret_cast<const float2*>(Dt + 8 * j + cc);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float p = fast_exp2(st[j][e] * sl2 - (e % 2 ? l.y : l.x));
-          if constexpr (decltype(masked)::value) {
-            const int64_t s = sr[e / 2], t = t0 + 8 * j + cc + e % 2;
-            if (!(t < a.T && s < a.S && s <= off + t)) p = 0.0f;
-          }
-          st[j][e] = p;
-          dpt[j][e] = p * (dpt[j][e] - (e % 2 ? d.y : d.x));  // dSᵀ / scale (the scale goes on at the end)
-        }
-      }
-    };
-    // A tile wholly inside the causal triangle (every query and key valid, the block's last key at or
-    // before the tile's first query) takes no masks.
-    if (t0 + NQ <= a.T && keys_full && s_first + kRowsT - 1 <= off + t0)
-      p_and_ds(std::false_type{});
-    else
-      p_and_ds(std::true_type{});
+    p_and_ds_t<NQ>(st, dpt, Lt, Dt, sr, s_first, t0, sl2, a);
     product_kn<NQ / 16, DV / 8>(gv, st, Gs, Ly::LV);
     product_kn<NQ / 16, D / 8>(gk, dpt, Qs, Ly::LQ);
     put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began

@@ -1044,170 +1044,177 @@ TEST_F(CudaBackendTest, AttentionForwardBackwardCausalGqaAndPrefix) {
 
 // With reduced-precision products the attention runs on tensor cores (bf16 operands, fp32 accumulation
 // and softmax): within the bf16 tolerance of the fixture README (relative L2 < 2e-2).
+// Backward takes the warpgroup-product kernels where they are built (hopper: sm_90a, head sizes 64 or 96
+// by 64), else mma.sync: both are checked.
 TEST_F(CudaBackendTest, TensorCoreAttentionWithinBf16Tolerance) {
-  cuda::Options o;
-  o.gemm = cuda::Options::GemmPrecision::kBF16;
-  auto tcb = cuda::make_backend(o);
-  ASSERT_TRUE(tcb.ok());
-  Backend& be = **tcb;
-  for (const AttnCase& c :
-       {AttnCase{2, 37, 37, 4, 4, 48, 32}, AttnCase{1, 5, 70, 4, 2, 96, 64}, AttnCase{2, 130, 130, 2, 2, 192, 128},
-        AttnCase{3, 64, 96, 6, 3, 64, 64}, AttnCase{1, 200, 200, 2, 1, 128, 128}}) {
-    Tensor q = randn({c.b, c.t, c.hq, c.d}), k = randn({c.b, c.s, c.hk, c.d}), v = randn({c.b, c.s, c.hk, c.dv});
-    Tensor out = Tensor::zeros({c.b, c.t, c.hq, c.dv}), lse = Tensor::zeros({c.b, c.hq, c.t});
-    const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
-    cpu_->attention_forward(q, k, v, scale, out, lse);
-    auto up = [&](const Tensor& h) {
-      Tensor d = be.zeros(h.shape(), DType::kF32);
-      be.upload(h, d);
-      return d;
-    };
-    Tensor gq = up(q), gk = up(k), gv = up(v), gout = be.zeros(out.shape(), DType::kF32),
-           glse = be.zeros(lse.shape(), DType::kF32);
-    be.attention_forward(gq, gk, gv, scale, gout, glse);
-    const std::string what = ::testing::PrintToString(std::vector<int64_t>{c.b, c.t, c.s, c.hq, c.hk, c.d, c.dv});
-    EXPECT_LT(rel_l2(be, gout, out), 2e-2) << what;
-    EXPECT_GT(rel_l2(be, gout, out), 1e-5) << what << ": expected bf16 products (the tensor-core kernels)";
-    EXPECT_LT(rel_l2(be, glse, lse), 2e-2) << what;
-    Tensor dout = randn(out.shape()), dq = randn(q.shape()), dk = randn(k.shape()), dv = randn(v.shape());
-    Tensor gdq = up(dq), gdk = up(dk), gdv = up(dv);
-    // Compare the increments (the outputs accumulate into random starting values).
-    Tensor dq0 = dq.clone(), dk0 = dk.clone(), dv0 = dv.clone();
-    cpu_->attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv);
-    be.attention_backward(up(dout), gq, gk, gv, gout, glse, scale, gdq, gdk, gdv);
-    auto delta = [&](const Tensor& after, const Tensor& before) {
-      Tensor a = after.device() == Device::kCuda ? be.download(after) : after.clone();
-      for (int64_t i = 0; i < a.numel(); ++i) a.f32()[i] -= before.f32()[i];
-      return a;
-    };
-    EXPECT_LT(rel_l2(be, delta(gdq, dq0), delta(dq, dq0)), 2e-2) << what;
-    EXPECT_LT(rel_l2(be, delta(gdk, dk0), delta(dk, dk0)), 2e-2) << what;
-    EXPECT_LT(rel_l2(be, delta(gdv, dv0), delta(dv, dv0)), 2e-2) << what;
-    // Overwriting (accumulate false) never reads what is there (NaN here).
-    Tensor oq = up(nans(q.shape())), ok = up(nans(k.shape())), ov = up(nans(v.shape()));
-    be.attention_backward(up(dout), gq, gk, gv, gout, glse, scale, oq, ok, ov, /*accumulate=*/false);
-    EXPECT_LT(rel_l2(be, oq, delta(dq, dq0)), 2e-2) << what << " (overwriting)";
-    EXPECT_LT(rel_l2(be, ok, delta(dk, dk0)), 2e-2) << what << " (overwriting)";
-    EXPECT_LT(rel_l2(be, ov, delta(dv, dv0)), 2e-2) << what << " (overwriting)";
-    {
-      // A bf16 dv (overwritten, as a strided view): the f32 dv rounded once; dq and dk the same bits.
-      auto nan16 = [&](const Shape& s) {
-        Tensor r = be.zeros(s, DType::kBF16);
-        be.copy(up(nans(s)), r);
+  for (bool hopper : {true, false}) {
+    cuda::Options o;
+    o.gemm = cuda::Options::GemmPrecision::kBF16;
+    o.hopper_products = hopper;
+    auto tcb = cuda::make_backend(o);
+    ASSERT_TRUE(tcb.ok());
+    Backend& be = **tcb;
+    for (const AttnCase& c :
+         {AttnCase{2, 37, 37, 4, 4, 48, 32}, AttnCase{1, 5, 70, 4, 2, 96, 64}, AttnCase{2, 130, 130, 2, 2, 192, 128},
+          AttnCase{3, 64, 96, 6, 3, 64, 64}, AttnCase{1, 200, 200, 2, 1, 128, 128}, AttnCase{2, 150, 150, 4, 2, 96, 64},
+          AttnCase{1, 100, 228, 2, 1, 96, 64}}) {
+      Tensor q = randn({c.b, c.t, c.hq, c.d}), k = randn({c.b, c.s, c.hk, c.d}), v = randn({c.b, c.s, c.hk, c.dv});
+      Tensor out = Tensor::zeros({c.b, c.t, c.hq, c.dv}), lse = Tensor::zeros({c.b, c.hq, c.t});
+      const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+      cpu_->attention_forward(q, k, v, scale, out, lse);
+      auto up = [&](const Tensor& h) {
+        Tensor d = be.zeros(h.shape(), DType::kF32);
+        be.upload(h, d);
+        return d;
+      };
+      Tensor gq = up(q), gk = up(k), gv = up(v), gout = be.zeros(out.shape(), DType::kF32),
+             glse = be.zeros(lse.shape(), DType::kF32);
+      be.attention_forward(gq, gk, gv, scale, gout, glse);
+      const std::string what = ::testing::PrintToString(std::vector<int64_t>{c.b, c.t, c.s, c.hq, c.hk, c.d, c.dv}) +
+                               (hopper ? "" : " (mma.sync)");
+      EXPECT_LT(rel_l2(be, gout, out), 2e-2) << what;
+      EXPECT_GT(rel_l2(be, gout, out), 1e-5) << what << ": expected bf16 products (the tensor-core kernels)";
+      EXPECT_LT(rel_l2(be, glse, lse), 2e-2) << what;
+      Tensor dout = randn(out.shape()), dq = randn(q.shape()), dk = randn(k.shape()), dv = randn(v.shape());
+      Tensor gdq = up(dq), gdk = up(dk), gdv = up(dv);
+      // Compare the increments (the outputs accumulate into random starting values).
+      Tensor dq0 = dq.clone(), dk0 = dk.clone(), dv0 = dv.clone();
+      cpu_->attention_backward(dout, q, k, v, out, lse, scale, dq, dk, dv);
+      be.attention_backward(up(dout), gq, gk, gv, gout, glse, scale, gdq, gdk, gdv);
+      auto delta = [&](const Tensor& after, const Tensor& before) {
+        Tensor a = after.device() == Device::kCuda ? be.download(after) : after.clone();
+        for (int64_t i = 0; i < a.numel(); ++i) a.f32()[i] -= before.f32()[i];
+        return a;
+      };
+      EXPECT_LT(rel_l2(be, delta(gdq, dq0), delta(dq, dq0)), 2e-2) << what;
+      EXPECT_LT(rel_l2(be, delta(gdk, dk0), delta(dk, dk0)), 2e-2) << what;
+      EXPECT_LT(rel_l2(be, delta(gdv, dv0), delta(dv, dv0)), 2e-2) << what;
+      // Overwriting (accumulate false) never reads what is there (NaN here).
+      Tensor oq = up(nans(q.shape())), ok = up(nans(k.shape())), ov = up(nans(v.shape()));
+      be.attention_backward(up(dout), gq, gk, gv, gout, glse, scale, oq, ok, ov, /*accumulate=*/false);
+      EXPECT_LT(rel_l2(be, oq, delta(dq, dq0)), 2e-2) << what << " (overwriting)";
+      EXPECT_LT(rel_l2(be, ok, delta(dk, dk0)), 2e-2) << what << " (overwriting)";
+      EXPECT_LT(rel_l2(be, ov, delta(dv, dv0)), 2e-2) << what << " (overwriting)";
+      {
+        // A bf16 dv (overwritten, as a strided view): the f32 dv rounded once; dq and dk the same bits.
+        auto nan16 = [&](const Shape& s) {
+          Tensor r = be.zeros(s, DType::kBF16);
+          be.copy(up(nans(s)), r);
+          return r;
+        };
+        Tensor oq2 = up(nans(q.shape())), ok2 = up(nans(k.shape()));
+        Tensor wide = nan16({c.b, c.s, c.hk, 2 * c.dv}), ov16 = wide.slice(3, c.dv, c.dv);
+        be.attention_backward(up(dout), gq, gk, gv, gout, glse, scale, oq2, ok2, ov16, /*accumulate=*/false);
+        Tensor want16 = be.zeros(v.shape(), DType::kBF16);
+        be.copy(ov, want16);
+        Tensor got16 = be.zeros(v.shape(), DType::kBF16);
+        be.copy(ov16, got16);
+        EXPECT_TRUE(bitwise_equal(be.download(got16), be.download(want16))) << what << " (bf16 dv)";
+        EXPECT_TRUE(bitwise_equal(be.download(oq2), be.download(oq))) << what << " (bf16 dv)";
+        EXPECT_TRUE(bitwise_equal(be.download(ok2), be.download(ok))) << what << " (bf16 dv)";
+      }
+      // dq and dk in parts (overwritten): dq's first columns into a bf16 strided view, rounded once, dk's
+      // into f32, the rest of each into f32 tails: the bits of the whole gradients, on the tensor-core
+      // kernels and on the f32 ones (which write them whole and split them), and split inside an 8-column
+      // chunk (written whole and split there too).
+      be.synchronize();  // the other backend reads what this one made, on a stream of its own
+      for (const auto& [x, dh] :
+           {std::pair<Backend*, int64_t>{&be, c.d / 16 * 8}, {gpu_.get(), c.d / 16 * 8}, {&be, c.d / 16 * 8 + 3}}) {
+        Tensor wq = x->zeros(q.shape(), DType::kF32), wk = x->zeros(k.shape(), DType::kF32);
+        Tensor wv = x->zeros(v.shape(), DType::kF32), xdout = x->zeros(dout.shape(), DType::kF32);
+        x->upload(dout, xdout);
+        x->attention_backward(xdout, gq, gk, gv, gout, glse, scale, wq, wk, wv, /*accumulate=*/false);
+        Tensor qwide = x->zeros({c.b, c.t, c.hq, c.d + 8}, DType::kBF16), qhead = qwide.slice(3, 0, dh);
+        Tensor qtail = x->zeros({c.b, c.t, c.hq, c.d - dh}, DType::kF32);
+        Tensor khead = x->zeros({c.b, c.s, c.hk, dh}, DType::kF32),
+               ktail = x->zeros({c.b, c.s, c.hk, c.d - dh}, DType::kF32);
+        Tensor pv = x->zeros(v.shape(), DType::kF32);
+        x->attention_backward(xdout, gq, gk, gv, gout, glse, scale, qhead, khead, pv, /*accumulate=*/false, &qtail,
+                              &ktail);
+        Tensor want_qh = x->zeros(qhead.shape(), DType::kBF16), got_qh = x->zeros(qhead.shape(), DType::kBF16);
+        x->copy(wq.slice(3, 0, dh), want_qh);
+        x->copy(qhead, got_qh);
+        const auto part = [&](const Tensor& whole, int64_t from, int64_t n) {
+          Tensor r = x->zeros({whole.size(0), whole.size(1), whole.size(2), n}, DType::kF32);
+          x->copy(whole.slice(3, from, n), r);
+          return x->download(r);
+        };
+        const std::string kind =
+            (x == &be ? " (tensor cores, split " : " (f32 kernels, split ") + std::to_string(dh) + ")";
+        EXPECT_TRUE(bitwise_equal(x->download(got_qh), x->download(want_qh))) << what << kind << ": dq's head";
+        EXPECT_TRUE(bitwise_equal(x->download(qtail), part(wq, dh, c.d - dh))) << what << kind << ": dq's tail";
+        EXPECT_TRUE(bitwise_equal(x->download(khead), part(wk, 0, dh))) << what << kind << ": dk's head";
+        EXPECT_TRUE(bitwise_equal(x->download(ktail), part(wk, dh, c.d - dh))) << what << kind << ": dk's tail";
+        EXPECT_TRUE(bitwise_equal(x->download(pv), x->download(wv))) << what << kind << ": dv";
+      }
+      // Keys in two parts (MLA: each head's first columns inside a wider tensor, the rest one row that every
+      // head shares, expanded): the bits of the same keys whole, forward and backward, on the tensor-core
+      // kernels and the f32 ones (which join them first).
+      for (Backend* x : {&be, gpu_.get()}) {
+        const int64_t dh = c.d / 16 * 8;
+        const Tensor kt_host = randn({c.b, c.s, 1, c.d - dh});
+        Tensor kwide = x->zeros({c.b, c.s, c.hk, dh + 8}, DType::kBF16), khead = kwide.slice(3, 0, dh);
+        Tensor kshared = x->zeros({c.b, c.s, 1, c.d - dh}, DType::kBF16), kall = x->zeros(k.shape(), DType::kBF16);
+        Tensor kx = x->zeros(k.shape(), DType::kF32), ktx = x->zeros(kt_host.shape(), DType::kF32);
+        x->upload(k, kx);
+        x->upload(kt_host, ktx);
+        x->copy(kx.slice(3, 0, dh), khead);
+        x->copy(ktx, kshared);
+        const Tensor ktail = kshared.expand({c.b, c.s, c.hk, c.d - dh});
+        Tensor kall_head = kall.slice(3, 0, dh), kall_tail = kall.slice(3, dh, c.d - dh);
+        x->copy(khead, kall_head);
+        x->copy(ktail, kall_tail);
+        Tensor qx = x->zeros(q.shape(), DType::kF32), vx = x->zeros(v.shape(), DType::kF32);
+        Tensor dox = x->zeros(dout.shape(), DType::kF32);
+        x->upload(q, qx);
+        x->upload(v, vx);
+        x->upload(dout, dox);
+        const std::string kind = x == &be ? " (tensor cores)" : " (f32 kernels)";
+        std::vector<Tensor> got[2];
+        for (int parts = 0; parts < 2; ++parts) {
+          Tensor o = x->zeros(out.shape(), DType::kF32), l = x->zeros(lse.shape(), DType::kF32);
+          x->attention_forward(qx, parts ? khead : kall, vx, scale, o, l, parts ? &ktail : nullptr);
+          Tensor gq2 = x->zeros(q.shape(), DType::kF32), gk2 = x->zeros(k.shape(), DType::kF32);
+          Tensor gv2 = x->zeros(v.shape(), DType::kF32);
+          x->attention_backward(dox, qx, parts ? khead : kall, vx, o, l, scale, gq2, gk2, gv2, /*accumulate=*/false,
+                                nullptr, nullptr, parts ? &ktail : nullptr);
+          for (const Tensor& t : {o, l, gq2, gk2, gv2}) got[parts].push_back(x->download(t));
+        }
+        const char* names[] = {"out", "lse", "dq", "dk", "dv"};
+        for (size_t i = 0; i < got[0].size(); ++i)
+          EXPECT_TRUE(bitwise_equal(got[1][i], got[0][i])) << what << kind << ": keys in parts, " << names[i];
+      }
+      // bf16 operands (as a model keeps them for bf16 products) give the same bits: f32 ones are rounded
+      // the same way first. Values as a strided view (every other head of a wider tensor).
+      auto bf = [&](const Tensor& t) {
+        Tensor r = be.zeros(t.shape(), DType::kBF16);
+        be.copy(t, r);
         return r;
       };
-      Tensor oq2 = up(nans(q.shape())), ok2 = up(nans(k.shape()));
-      Tensor wide = nan16({c.b, c.s, c.hk, 2 * c.dv}), ov16 = wide.slice(3, c.dv, c.dv);
-      be.attention_backward(up(dout), gq, gk, gv, gout, glse, scale, oq2, ok2, ov16, /*accumulate=*/false);
-      Tensor want16 = be.zeros(v.shape(), DType::kBF16);
-      be.copy(ov, want16);
-      Tensor got16 = be.zeros(v.shape(), DType::kBF16);
-      be.copy(ov16, got16);
-      EXPECT_TRUE(bitwise_equal(be.download(got16), be.download(want16))) << what << " (bf16 dv)";
-      EXPECT_TRUE(bitwise_equal(be.download(oq2), be.download(oq))) << what << " (bf16 dv)";
-      EXPECT_TRUE(bitwise_equal(be.download(ok2), be.download(ok))) << what << " (bf16 dv)";
+      Tensor vwide = be.zeros({c.b, c.s, 2 * c.hk, c.dv}, DType::kBF16);
+      Tensor vb = vwide.slice(2, 0, c.hk);
+      be.copy(gv, vb);
+      Tensor gout2 = be.zeros(out.shape(), DType::kF32), glse2 = be.zeros(lse.shape(), DType::kF32);
+      be.attention_forward(bf(gq), bf(gk), vb, scale, gout2, glse2);
+      EXPECT_TRUE(bitwise_equal(be.download(gout2), be.download(gout))) << what;
+      EXPECT_TRUE(bitwise_equal(be.download(glse2), be.download(glse))) << what;
+      Tensor gdq2 = up(dq0), gdk2 = up(dk0), gdv2 = up(dv0);
+      be.attention_backward(up(dout), bf(gq), bf(gk), vb, gout, glse, scale, gdq2, gdk2, gdv2);
+      EXPECT_TRUE(bitwise_equal(be.download(gdq2), be.download(gdq))) << what;
+      EXPECT_TRUE(bitwise_equal(be.download(gdk2), be.download(gdk))) << what;
+      EXPECT_TRUE(bitwise_equal(be.download(gdv2), be.download(gdv))) << what;
+      // A bf16 output (what a model keeps where only bf16 products read it): the f32 one rounded once;
+      // backward's row sums read it, within bf16 tolerance of the CPU as above.
+      Tensor gout16 = be.zeros(out.shape(), DType::kBF16), glse3 = be.zeros(lse.shape(), DType::kF32);
+      be.attention_forward(gq, gk, gv, scale, gout16, glse3);
+      EXPECT_TRUE(bitwise_equal(be.download(gout16), be.download(gout).to(DType::kBF16))) << what;
+      EXPECT_TRUE(bitwise_equal(be.download(glse3), be.download(glse))) << what;
+      Tensor gdq3 = up(dq0), gdk3 = up(dk0), gdv3 = up(dv0);
+      be.attention_backward(up(dout), gq, gk, gv, gout16, glse3, scale, gdq3, gdk3, gdv3);
+      EXPECT_LT(rel_l2(be, delta(gdq3, dq0), delta(dq, dq0)), 2e-2) << what << " (bf16 output)";
+      EXPECT_LT(rel_l2(be, delta(gdk3, dk0), delta(dk, dk0)), 2e-2) << what << " (bf16 output)";
+      EXPECT_TRUE(bitwise_equal(be.download(gdv3), be.download(gdv))) << what << ": dv does not read the output";
     }
-    // dq and dk in parts (overwritten): dq's first columns into a bf16 strided view, rounded once, dk's
-    // into f32, the rest of each into f32 tails: the bits of the whole gradients, on the tensor-core
-    // kernels and on the f32 ones (which write them whole and split them), and split inside an 8-column
-    // chunk (written whole and split there too).
-    be.synchronize();  // the other backend reads what this one made, on a stream of its own
-    for (const auto& [x, dh] :
-         {std::pair<Backend*, int64_t>{&be, c.d / 16 * 8}, {gpu_.get(), c.d / 16 * 8}, {&be, c.d / 16 * 8 + 3}}) {
-      Tensor wq = x->zeros(q.shape(), DType::kF32), wk = x->zeros(k.shape(), DType::kF32);
-      Tensor wv = x->zeros(v.shape(), DType::kF32), xdout = x->zeros(dout.shape(), DType::kF32);
-      x->upload(dout, xdout);
-      x->attention_backward(xdout, gq, gk, gv, gout, glse, scale, wq, wk, wv, /*accumulate=*/false);
-      Tensor qwide = x->zeros({c.b, c.t, c.hq, c.d + 8}, DType::kBF16), qhead = qwide.slice(3, 0, dh);
-      Tensor qtail = x->zeros({c.b, c.t, c.hq, c.d - dh}, DType::kF32);
-      Tensor khead = x->zeros({c.b, c.s, c.hk, dh}, DType::kF32),
-             ktail = x->zeros({c.b, c.s, c.hk, c.d - dh}, DType::kF32);
-      Tensor pv = x->zeros(v.shape(), DType::kF32);
-      x->attention_backward(xdout, gq, gk, gv, gout, glse, scale, qhead, khead, pv, /*accumulate=*/false, &qtail,
-                            &ktail);
-      Tensor want_qh = x->zeros(qhead.shape(), DType::kBF16), got_qh = x->zeros(qhead.shape(), DType::kBF16);
-      x->copy(wq.slice(3, 0, dh), want_qh);
-      x->copy(qhead, got_qh);
-      const auto part = [&](const Tensor& whole, int64_t from, int64_t n) {
-        Tensor r = x->zeros({whole.size(0), whole.size(1), whole.size(2), n}, DType::kF32);
-        x->copy(whole.slice(3, from, n), r);
-        return x->download(r);
-      };
-      const std::string kind =
-          (x == &be ? " (tensor cores, split " : " (f32 kernels, split ") + std::to_string(dh) + ")";
-      EXPECT_TRUE(bitwise_equal(x->download(got_qh), x->download(want_qh))) << what << kind << ": dq's head";
-      EXPECT_TRUE(bitwise_equal(x->download(qtail), part(wq, dh, c.d - dh))) << what << kind << ": dq's tail";
-      EXPECT_TRUE(bitwise_equal(x->download(khead), part(wk, 0, dh))) << what << kind << ": dk's head";
-      EXPECT_TRUE(bitwise_equal(x->download(ktail), part(wk, dh, c.d - dh))) << what << kind << ": dk's tail";
-      EXPECT_TRUE(bitwise_equal(x->download(pv), x->download(wv))) << what << kind << ": dv";
-    }
-    // Keys in two parts (MLA: each head's first columns inside a wider tensor, the rest one row that every
-    // head shares, expanded): the bits of the same keys whole, forward and backward, on the tensor-core
-    // kernels and the f32 ones (which join them first).
-    for (Backend* x : {&be, gpu_.get()}) {
-      const int64_t dh = c.d / 16 * 8;
-      const Tensor kt_host = randn({c.b, c.s, 1, c.d - dh});
-      Tensor kwide = x->zeros({c.b, c.s, c.hk, dh + 8}, DType::kBF16), khead = kwide.slice(3, 0, dh);
-      Tensor kshared = x->zeros({c.b, c.s, 1, c.d - dh}, DType::kBF16), kall = x->zeros(k.shape(), DType::kBF16);
-      Tensor kx = x->zeros(k.shape(), DType::kF32), ktx = x->zeros(kt_host.shape(), DType::kF32);
-      x->upload(k, kx);
-      x->upload(kt_host, ktx);
-      x->copy(kx.slice(3, 0, dh), khead);
-      x->copy(ktx, kshared);
-      const Tensor ktail = kshared.expand({c.b, c.s, c.hk, c.d - dh});
-      Tensor kall_head = kall.slice(3, 0, dh), kall_tail = kall.slice(3, dh, c.d - dh);
-      x->copy(khead, kall_head);
-      x->copy(ktail, kall_tail);
-      Tensor qx = x->zeros(q.shape(), DType::kF32), vx = x->zeros(v.shape(), DType::kF32);
-      Tensor dox = x->zeros(dout.shape(), DType::kF32);
-      x->upload(q, qx);
-      x->upload(v, vx);
-      x->upload(dout, dox);
-      const std::string kind = x == &be ? " (tensor cores)" : " (f32 kernels)";
-      std::vector<Tensor> got[2];
-      for (int parts = 0; parts < 2; ++parts) {
-        Tensor o = x->zeros(out.shape(), DType::kF32), l = x->zeros(lse.shape(), DType::kF32);
-        x->attention_forward(qx, parts ? khead : kall, vx, scale, o, l, parts ? &ktail : nullptr);
-        Tensor gq2 = x->zeros(q.shape(), DType::kF32), gk2 = x->zeros(k.shape(), DType::kF32);
-        Tensor gv2 = x->zeros(v.shape(), DType::kF32);
-        x->attention_backward(dox, qx, parts ? khead : kall, vx, o, l, scale, gq2, gk2, gv2, /*accumulate=*/false,
-                              nullptr, nullptr, parts ? &ktail : nullptr);
-        for (const Tensor& t : {o, l, gq2, gk2, gv2}) got[parts].push_back(x->download(t));
-      }
-      const char* names[] = {"out", "lse", "dq", "dk", "dv"};
-      for (size_t i = 0; i < got[0].size(); ++i)
-        EXPECT_TRUE(bitwise_equal(got[1][i], got[0][i])) << what << kind << ": keys in parts, " << names[i];
-    }
-    // bf16 operands (as a model keeps them for bf16 products) give the same bits: f32 ones are rounded
-    // the same way first. Values as a strided view (every other head of a wider tensor).
-    auto bf = [&](const Tensor& t) {
-      Tensor r = be.zeros(t.shape(), DType::kBF16);
-      be.copy(t, r);
-      return r;
-    };
-    Tensor vwide = be.zeros({c.b, c.s, 2 * c.hk, c.dv}, DType::kBF16);
-    Tensor vb = vwide.slice(2, 0, c.hk);
-    be.copy(gv, vb);
-    Tensor gout2 = be.zeros(out.shape(), DType::kF32), glse2 = be.zeros(lse.shape(), DType::kF32);
-    be.attention_forward(bf(gq), bf(gk), vb, scale, gout2, glse2);
-    EXPECT_TRUE(bitwise_equal(be.download(gout2), be.download(gout))) << what;
-    EXPECT_TRUE(bitwise_equal(be.download(glse2), be.download(glse))) << what;
-    Tensor gdq2 = up(dq0), gdk2 = up(dk0), gdv2 = up(dv0);
-    be.attention_backward(up(dout), bf(gq), bf(gk), vb, gout, glse, scale, gdq2, gdk2, gdv2);
-    EXPECT_TRUE(bitwise_equal(be.download(gdq2), be.download(gdq))) << what;
-    EXPECT_TRUE(bitwise_equal(be.download(gdk2), be.download(gdk))) << what;
-    EXPECT_TRUE(bitwise_equal(be.download(gdv2), be.download(gdv))) << what;
-    // A bf16 output (what a model keeps where only bf16 products read it): the f32 one rounded once;
-    // backward's row sums read it, within bf16 tolerance of the CPU as above.
-    Tensor gout16 = be.zeros(out.shape(), DType::kBF16), glse3 = be.zeros(lse.shape(), DType::kF32);
-    be.attention_forward(gq, gk, gv, scale, gout16, glse3);
-    EXPECT_TRUE(bitwise_equal(be.download(gout16), be.download(gout).to(DType::kBF16))) << what;
-    EXPECT_TRUE(bitwise_equal(be.download(glse3), be.download(glse))) << what;
-    Tensor gdq3 = up(dq0), gdk3 = up(dk0), gdv3 = up(dv0);
-    be.attention_backward(up(dout), gq, gk, gv, gout16, glse3, scale, gdq3, gdk3, gdv3);
-    EXPECT_LT(rel_l2(be, delta(gdq3, dq0), delta(dq, dq0)), 2e-2) << what << " (bf16 output)";
-    EXPECT_LT(rel_l2(be, delta(gdk3, dk0), delta(dk, dk0)), 2e-2) << what << " (bf16 output)";
-    EXPECT_TRUE(bitwise_equal(be.download(gdv3), be.download(gdv))) << what << ": dv does not read the output";
   }
 }
 

@@ -1,0 +1,264 @@
+// The tensor-core attention's backward on Hopper's warpgroup products (wgmma.cuh, sm_90a): included by
+// attention.cu after attention_tc.cuh, whose tiles, masks and outputs these kernels share; the backend
+// takes them where its products are the warpgroup ones (CudaBackend::hopper_) and the head sizes are
+// built here (kWgBackward).
+//
+// A block is one warpgroup (4 warps): the 64 rows it owns (keys in dk/dv, queries in dq) and each 64-row
+// tile of the other side lie in shared memory in the 128-byte swizzled layout, in panels of 64 columns
+// (8192 bytes each), filled by cp.async in two stages as in attention_tc.cuh. The first two products of
+// a tile (S and dP) read both operands from shared memory; the gradient products take P and dS from
+// registers (an accumulator rounded to bf16 is the A operand of the next product) and the other operand
+// from the same shared tiles read the other way round: a 64-row tile with 128-byte rows is both a
+// k-contiguous [rows][columns] operand and an n-contiguous [k = rows][n = columns] one. Compared with
+// mma.sync, no operand goes through registers by ldmatrix, and the products run asynchronously. The
+// same f32 sums in a fixed order: bitwise repeatable, though not the mma.sync kernels' bits.
+#include "core/cuda/wgmma.cuh"
+
+namespace tc {
+
+// The head sizes with warpgroup backward kernels (the accumulators of D = 96 fill the registers).
+template <int D, int DV>
+constexpr bool kWgBackward = (D == 64 || D == 96) && DV == 64;
+
+constexpr int kPanel = kRowsT * 128;  // bytes of a 64-row, 64-column panel
+constexpr int panels(int w) { return (w + 63) / 64; }
+
+// Rows [r0, r0 + 64) of a bf16 matrix (row stride ld, 16-byte aligned rows), W columns of them, into
+// columns [c0, c0 + W) of a swizzled tile by cp.async: this thread's share, in the group the caller
+// commits. Rows ≥ n are zero.
+template <int W>
+__device__ __forceinline__ void load_swizzled(unsigned char* tile, int c0, const bf16* src, int64_t ld, int64_t r0,
+                                              int64_t n) {
+  static_assert(W % 8 == 0, "rows of whole 16-byte chunks");
+  constexpr int kCols = W / 8, kChunks = kRowsT * kCols, kPer = (kChunks + kThreadsT - 1) / kThreadsT;
+  const bf16* first = src + r0 * ld;
+  const int64_t left = n - r0;
+  const int rows = left <= 0 ? 0 : left >= kRowsT ? kRowsT : static_cast<int>(left);
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int i = threadIdx.x + u * kThreadsT;
+    if (kChunks % kThreadsT != 0 && i >= kChunks) continue;
+    const int r = i / kCols, c = c0 + (i % kCols) * 8;
+    const bool valid = r < rows;
+    cp_async16(tile + (c >> 6) * kPanel + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4),
+               valid ? first + r * ld + (c - c0) : src, valid);
+  }
+}
+
+// Descriptors of a swizzled tile at k step kk (a multiple of 16): read k-contiguous ([64 rows][k =
+// columns]), or n-contiguous ([k = rows][n = columns]).
+__device__ __forceinline__ uint64_t desc_k(const unsigned char* tile, int kk) {
+  return wg::desc(tile + (kk >> 6) * kPanel + (kk & 63) * 2, 16, 1024);
+}
+__device__ __forceinline__ uint64_t desc_n(const unsigned char* tile, int kk) {
+  return wg::desc(tile + kk * 128, kPanel, 1024);
+}
+
+template <int N>
+__device__ __forceinline__ float (&flat(float (&c)[N][4]))[N * 4] {
+  return reinterpret_cast<float(&)[N * 4]>(c);
+}
+
+// c[64 × 64] = A · Bᵀ over k < K, both swizzled tiles read k-contiguous (queued after the caller's
+// wg::fence; the caller commits).
+template <int K>
+__device__ __forceinline__ void product_ss(float (&c)[8][4], const unsigned char* a, const unsigned char* b) {
+#pragma unroll
+  for (int kk = 0; kk < K; kk += 16) wg::mma_m64n64k16<0, 0>(flat(c), desc_k(a, kk), desc_k(b, kk), kk > 0);
+}
+
+// The A operands of an accumulator p[64 × 64] rounded to bf16: its four k steps of 16.
+__device__ __forceinline__ void to_a(uint32_t (&fa)[4][4], const float (*p)[4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) acc_to_a(fa[kk], p, kk);
+}
+
+// c[64 × N] += P · B where P is [64 × 64] in A operands (to_a) and B the swizzled tile [64 k][N] read
+// n-contiguous (queued after the caller's wg::fence; the caller commits).
+template <int N>
+__device__ __forceinline__ void product_rs(float (&c)[N / 8][4], const uint32_t (&fa)[4][4], const unsigned char* b) {
+  static_assert(N == 64 || N == 96, "the products built");
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+    if constexpr (N == 64)
+      wg::mma_rs_m64n64k16<1>(flat(c), fa[kk], desc_n(b, 16 * kk));
+    else
+      wg::mma_rs_m64n96k16<1>(flat(c), fa[kk], desc_n(b, 16 * kk));
+}
+
+// The block's dynamic shared memory from its first 1024-byte boundary (swizzle atoms start aligned).
+__device__ __forceinline__ unsigned char* aligned_smem() {
+  extern __shared__ __align__(16) unsigned char wg_attn_smem[];
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(wg_attn_smem));
+  return wg_attn_smem + ((1024 - (base & 1023)) & 1023);
+}
+
+// ---- dk, dv, as backward_dkdv (grid (ceil(S / 64), B·Hk), 64 queries a tile, the same order).
+template <int D, int DV, int KD, typename TV>
+__global__ void __launch_bounds__(kThreadsT, 2)
+    backward_dkdv_wg(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, const bf16* dout, const float* lse,
+                     const float* delta, GradOut dk, TV* dv, int64_t dv0, int64_t dv1, int64_t dv2, bool accumulate,
+                     r1lab::core::cuda::AttnDims a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int NQ = kRowsT;
+  constexpr int kQBytes = panels(D) * kPanel, kGBytes = panels(DV) * kPanel, kStage = kQBytes + kGBytes;
+  unsigned char* Ks = aligned_smem();
+  unsigned char* Vs = Ks + kQBytes;
+  unsigned char* QG = Vs + kGBytes;
+  float* LD = reinterpret_cast<float*>(QG + 2 * kStage);  // [stage][L (log2 domain) | D][NQ]
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
+  const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk, group = a.Hq / a.Hk;
+  const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kRowsT, off = a.S - a.T;
+  const int64_t t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
+  const int per_head = static_cast<int>((a.T - t_begin + NQ - 1) / NQ), tiles = static_cast<int>(group) * per_head;
+  // Tiles in backward_dkdv's order, issued and their lse and delta staged the same way.
+  float nl = 0.0f, nd = 0.0f;
+  int64_t nh = kh * group, nt0 = t_begin;
+  const auto issue = [&](int i) {
+    if (i < tiles) {
+      unsigned char* st = QG + (i % 2) * kStage;
+      load_swizzled<D>(st, 0, q + b * a.q0 + nh * a.q2, a.q1, nt0, a.T);
+      load_swizzled<DV>(st + kQBytes, 0, dout + b * a.g0 + nh * a.g2, a.g1, nt0, a.T);
+      if (threadIdx.x < NQ) {
+        const int64_t t = nt0 + threadIdx.x;
+        nl = t < a.T ? lse[(b * a.Hq + nh) * a.T + t] : 0.0f;
+        nd = t < a.T ? delta[(b * a.Hq + nh) * a.T + t] : 0.0f;
+      }
+      nt0 += NQ;
+      if (nt0 >= a.T) nt0 = t_begin, ++nh;
+    }
+    cp_async_commit();
+  };
+  const auto put = [&](int i) {
+    if (i < tiles && threadIdx.x < NQ) {
+      LD[(i % 2) * 2 * NQ + threadIdx.x] = nl * kLog2e;
+      LD[(i % 2) * 2 * NQ + NQ + threadIdx.x] = nd;
+    }
+  };
+  load_swizzled<KD>(Ks, 0, k + b * a.k0 + kh * a.k2, a.k1, s_first, a.S);
+  if constexpr (KD < D) load_swizzled<D - KD>(Ks, KD, kt + b * a.kt0 + kh * a.kt2, a.kt1, s_first, a.S);
+  load_swizzled<DV>(Vs, 0, v + b * a.v0 + kh * a.v2, a.v1, s_first, a.S);
+  issue(0);
+  put(0);
+  const int64_t sr[2] = {s_first + 16 * warp + g, s_first + 16 * warp + g + 8};
+  const float sl2 = a.scale * kLog2e;
+  float gk[D / 8][4], gv[DV / 8][4];
+  zero<D / 8>(gk);
+  zero<DV / 8>(gv);
+  int64_t t0 = t_begin;
+  for (int i = 0; i < tiles; ++i, t0 = t0 + NQ < a.T ? t0 + NQ : t_begin) {
+    issue(i + 1);
+    cp_async_wait<1>();
+    wg::fence_shared();
+    __syncthreads();  // tile i is in for every warp
+    const unsigned char* Qs = QG + (i % 2) * kStage;
+    const unsigned char* Gs = Qs + kQBytes;
+    const float* Lt = LD + (i % 2) * 2 * NQ;
+    float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [64 keys][NQ queries]
+    wg::fence();
+    product_ss<D>(st, Ks, Qs);
+    product_ss<DV>(dpt, Vs, Gs);
+    wg::commit();
+    wg::wait<0>();
+    wg::pin(flat(st));
+    wg::pin(flat(dpt));
+    p_and_ds_t<NQ>(st, dpt, Lt, Lt + NQ, sr, s_first, t0, sl2, a);
+    uint32_t pa[4][4], da[4][4];
+    to_a(pa, st);
+    to_a(da, dpt);
+    wg::pin(flat(gv));
+    wg::pin(flat(gk));
+    wg::fence();
+    product_rs<DV>(gv, pa, Gs);
+    product_rs<D>(gk, da, Qs);
+    wg::commit();
+    wg::wait<0>();
+    wg::pin(flat(gv));
+    wg::pin(flat(gk));
+    put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began
+    __syncthreads();  // every warp is done with this stage before issue() loads it again
+  }
+  put_rows<D / 8>(gk, a.scale, accumulate, dk, b, kh, s_first + 16 * warp, a.S);
+  put_rows<DV / 8>(gv, 1.0f, accumulate, dv + b * dv0 + kh * dv2, dv1, s_first + 16 * warp, a.S);
+#else
+  __trap();  // launched only where hopper_products_built() said the build has them
+#endif
+}
+
+// ---- dq, as backward_dq (grid (ceil(T / 64), B·Hq), heavy tiles first): the block's queries and their
+// output gradients stay; the key and value tiles they see stream through two stages.
+template <int D, int DV, int KD>
+__global__ void __launch_bounds__(kThreadsT, 2)
+    backward_dq_wg(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, const bf16* dout, const float* lse,
+                   const float* delta, GradOut dq, bool accumulate, r1lab::core::cuda::AttnDims a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kKBytes = panels(D) * kPanel, kVBytes = panels(DV) * kPanel, kStage = kKBytes + kVBytes;
+  unsigned char* Qs = aligned_smem();
+  unsigned char* Gs = Qs + kKBytes;
+  unsigned char* KV = Gs + kVBytes;
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
+  const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
+  const int64_t t0 = reversed_tile() * kRowsT;
+  const int tiles = static_cast<int>(min(a.S - 1, a.S - a.T + min(a.T - 1, t0 + kRowsT - 1)) / kRowsT) + 1;
+  const auto issue = [&](int it) {
+    if (it < tiles) {
+      unsigned char* st = KV + (it % 2) * kStage;
+      const int64_t s0 = static_cast<int64_t>(it) * kRowsT;
+      load_swizzled<KD>(st, 0, k + b * a.k0 + kh * a.k2, a.k1, s0, a.S);
+      if constexpr (KD < D) load_swizzled<D - KD>(st, KD, kt + b * a.kt0 + kh * a.kt2, a.kt1, s0, a.S);
+      load_swizzled<DV>(st + kKBytes, 0, v + b * a.v0 + kh * a.v2, a.v1, s0, a.S);
+    }
+    cp_async_commit();
+  };
+  // The block's queries and their output gradients, with the first key tile.
+  load_swizzled<D>(Qs, 0, q + b * a.q0 + h * a.q2, a.q1, t0, a.T);
+  load_swizzled<DV>(Gs, 0, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T);
+  issue(0);
+  const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
+  const float sl2 = a.scale * kLog2e;
+  float L[2], Dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    L[r] = tr[r] < a.T ? lse[(b * a.Hq + h) * a.T + tr[r]] * kLog2e : 0.0f;
+    Dl[r] = tr[r] < a.T ? delta[(b * a.Hq + h) * a.T + tr[r]] : 0.0f;
+  }
+  float acc[D / 8][4];
+  zero<D / 8>(acc);
+  for (int it = 0; it < tiles; ++it) {
+    issue(it + 1);
+    cp_async_wait<1>();
+    wg::fence_shared();
+    __syncthreads();  // tile it is in for every warp
+    const unsigned char* Ks = KV + (it % 2) * kStage;
+    const unsigned char* Vs = Ks + kKBytes;
+    float s[kRowsT / 8][4], dp[kRowsT / 8][4];  // S and dP: [64 queries][64 keys]
+    wg::fence();
+    product_ss<D>(s, Qs, Ks);
+    product_ss<DV>(dp, Gs, Vs);
+    wg::commit();
+    wg::wait<0>();
+    wg::pin(flat(s));
+    wg::pin(flat(dp));
+    ds_q(s, dp, L, Dl, tr, t0, static_cast<int64_t>(it) * kRowsT, sl2, a);
+    uint32_t fa[4][4];
+    to_a(fa, s);
+    wg::pin(flat(acc));
+    wg::fence();
+    product_rs<D>(acc, fa, Ks);
+    wg::commit();
+    wg::wait<0>();
+    wg::pin(flat(acc));
+    __syncthreads();  // every warp is done with this stage before issue() loads it again
+  }
+  put_rows<D / 8>(acc, a.scale, accumulate, dq, b, h, t0 + 16 * warp, a.T);
+#else
+  __trap();  // launched only where hopper_products_built() said the build has them
+#endif
+}
+
+template <int D, int DV>
+constexpr size_t backward_wg_smem() {  // dk/dv (with lse and delta) or dq
+  return 1024 + 3 * (panels(D) + panels(DV)) * kPanel + 4 * 2 * 2 * kRowsT;
+}
+
+}  // namespace tc
