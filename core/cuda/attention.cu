@@ -955,15 +955,21 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
         constexpr size_t smem = tc::forward_smem<D, DV>();
         const dim3 grid(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq));
         with_key_split<D>(ab.kd, [&]<int KD>() {
-          if (out.dtype() == DType::kBF16) {
-            set_smem(tc::forward<D, DV, KD, tc::bf16>, smem);
-            tc::forward<D, DV, KD, tc::bf16><<<grid, tc::kThreadsT, smem, stream()>>>(
-                bf16_data(qb), bf16_data(kb), kt, bf16_data(vb), static_cast<tc::bf16*>(out.raw()), lse.f32(), ab);
-          } else {
-            set_smem(tc::forward<D, DV, KD>, smem);
-            tc::forward<D, DV, KD><<<grid, tc::kThreadsT, smem, stream()>>>(
-                bf16_data(qb), bf16_data(kb), kt, bf16_data(vb), out.f32(), lse.f32(), ab);
-          }
+          const auto run = [&](auto* o) {
+            using TO = std::remove_pointer_t<decltype(o)>;
+            const auto [kernel, bytes] = [&] {
+              if constexpr (tc::kWgBackward<D, DV>)
+                if (hopper_) return std::make_pair(tc::forward_wg<D, DV, KD, TO>, tc::wg_forward_smem<D, DV>());
+              return std::make_pair(tc::forward<D, DV, KD, TO>, smem);
+            }();
+            set_smem(kernel, bytes);
+            kernel<<<grid, tc::kThreadsT, bytes, stream()>>>(bf16_data(qb), bf16_data(kb), kt, bf16_data(vb), o,
+                                                             lse.f32(), ab);
+          };
+          if (out.dtype() == DType::kBF16)
+            run(static_cast<tc::bf16*>(out.raw()));
+          else
+            run(out.f32());
         });
       })) {
     CUDA_CHECK(cudaGetLastError());
@@ -1072,7 +1078,7 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
         with_key_split<D>(ab.kd, [&]<int KD>() {
           const auto dq_kernel = [&] {
             if constexpr (tc::kWgBackward<D, DV>)
-              if (hopper_) return std::make_pair(tc::backward_dq_wg<D, DV, KD>, tc::backward_wg_smem<D, DV>());
+              if (hopper_) return std::make_pair(tc::backward_dq_wg<D, DV, KD>, tc::wg_backward_smem<D, DV>());
             return std::make_pair(tc::backward_dq<D, DV, KD>, sq);
           }();
           set_smem(dq_kernel.first, dq_kernel.second);
@@ -1084,7 +1090,7 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
             using TV = std::remove_pointer_t<decltype(dvp)>;
             if constexpr (tc::kWgBackward<D, DV>)
               if (hopper_) {
-                constexpr size_t sw = tc::backward_wg_smem<D, DV>();
+                constexpr size_t sw = tc::wg_backward_smem<D, DV>();
                 set_smem(tc::backward_dkdv_wg<D, DV, KD, TV>, sw);
                 tc::backward_dkdv_wg<D, DV, KD, TV>
                     <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, sw, stream()>>>(

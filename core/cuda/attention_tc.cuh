@@ -261,79 +261,71 @@ __device__ __forceinline__ void put_pair(bf16* p, float x, float y) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
 }
 
-// ---- forward. grid (ceil(T / 64), B·Hq). out in f32, or in bf16 where only bf16 products read it.
-template <int D, int DV, int KD, typename TO = float>
-__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
-    forward(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, TO* out, float* lse,
-            r1lab::core::cuda::AttnDims a) {
-  using Ly = Layout<D, DV>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  bf16* Qs = reinterpret_cast<bf16*>(smem);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, cc = 2 * (lane % 4);
-  const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
-  const int64_t t0 = reversed_tile() * kRowsT, off = a.S - a.T;
-  const KeyValueStream<D, DV, KD> kvs(Qs + kRowsT * Ly::LQ, k, kt, v, a, b, kh, t0);
-  load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);  // with the first tile
-  kvs.issue(0);
-  const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
-  const float sl2 = a.scale * kLog2e;
-  float o[DV / 8][4];
-  zero<DV / 8>(o);
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const bool queries_full = t0 + kRowsT <= a.T;
-  kvs.for_each_tile([&](const bf16* Ks, const bf16* Vs, int64_t s0) {
-    float s[kRowsT / 8][4];
-    zero<kRowsT / 8>(s);
-    product_nk<D, kRowsT / 8>(s, Qs + 16 * warp * Ly::LQ, Ly::LQ, Ks, Ly::LQ);
-    // Scores in the log2 domain, masked (a tile wholly inside the causal triangle takes no masks); the
-    // row max over the 4 lanes that share a row.
-    float mx[2] = {-INFINITY, -INFINITY};
-    const auto scores = [&](auto masked) {
-#pragma unroll
-      for (int j = 0; j < kRowsT / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] *= sl2;
-          if constexpr (decltype(masked)::value) {
-            const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
-            if (!(t < a.T && col <= off + t)) s[j][e] = -INFINITY;
-          }
-          mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
-        }
-      }
-    };
-    if (queries_full && s0 + kRowsT <= a.S && s0 + kRowsT - 1 <= off + t0)
-      scores(std::false_type{});
-    else
-      scores(std::true_type{});
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float mn = fmaxf(m[r], mx[r]);
-      alpha[r] = mn == -INFINITY ? 1.0f : fast_exp2(m[r] - mn);
-      m[r] = mn;
-    }
-    float sum[2] = {0.0f, 0.0f};
+// One key tile's step of the online softmax for the warp's 16 queries (rows tr) of the block's tile at
+// t0: the tile's scores s (the 64 keys from s0) become 2^(s·sl2 − m) under the rows' new running maxima m
+// (log2 domain; masked where a query lies past its end or the key after it, unless the tile lies wholly
+// inside the causal triangle), and the running sums l (per lane; summed over the row at the end) and
+// outputs o are rescaled to them.
+template <int DV>
+__device__ __forceinline__ void softmax_step(float (*s)[4], float (&m)[2], float (&l)[2], float (*o)[4],
+                                             const int64_t (&tr)[2], int64_t t0, int64_t s0, float sl2,
+                                             const r1lab::core::cuda::AttnDims& a) {
+  const int cc = 2 * (threadIdx.x % 4);
+  const int64_t off = a.S - a.T;
+  // Scores in the log2 domain, masked; the row max over the 4 lanes that share a row.
+  float mx[2] = {-INFINITY, -INFINITY};
+  const auto scores = [&](auto masked) {
 #pragma unroll
     for (int j = 0; j < kRowsT / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float mr = m[e / 2];
-        s[j][e] = mr == -INFINITY ? 0.0f : fast_exp2(s[j][e] - mr);
-        sum[e / 2] += s[j][e];
+        s[j][e] *= sl2;
+        if constexpr (decltype(masked)::value) {
+          const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
+          if (!(t < a.T && col <= off + t)) s[j][e] = -INFINITY;
+        }
+        mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
       }
     }
+  };
+  if (t0 + kRowsT <= a.T && s0 + kRowsT <= a.S && s0 + kRowsT - 1 <= off + t0)
+    scores(std::false_type{});
+  else
+    scores(std::true_type{});
+  float alpha[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];  // per lane; summed over the row at the end
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mn = fmaxf(m[r], mx[r]);
+    alpha[r] = mn == -INFINITY ? 1.0f : fast_exp2(m[r] - mn);
+    m[r] = mn;
+  }
+  float sum[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int j = 0; j < DV / 8; ++j) {
-      o[j][0] *= alpha[0], o[j][1] *= alpha[0];
-      o[j][2] *= alpha[1], o[j][3] *= alpha[1];
+  for (int j = 0; j < kRowsT / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float mr = m[e / 2];
+      s[j][e] = mr == -INFINITY ? 0.0f : fast_exp2(s[j][e] - mr);
+      sum[e / 2] += s[j][e];
     }
-    product_kn<kRowsT / 16, DV / 8>(o, s, Vs, Ly::LV);
-  });
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
+#pragma unroll
+  for (int j = 0; j < DV / 8; ++j) {
+    o[j][0] *= alpha[0], o[j][1] *= alpha[0];
+    o[j][2] *= alpha[1], o[j][3] *= alpha[1];
+  }
+}
+
+// The warp's 16 rows of out (o over the row sums) and lse, head h of batch entry b.
+template <int DV, typename TO>
+__device__ __forceinline__ void put_forward(float (*o)[4], const float (&m)[2], float (&l)[2], const int64_t (&tr)[2],
+                                            TO* out, float* lse, int64_t b, int64_t h,
+                                            const r1lab::core::cuda::AttnDims& a) {
+  const int cc = 2 * (threadIdx.x % 4);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
@@ -349,6 +341,35 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
       if (cc == 0) lse[(b * a.Hq + h) * a.T + t] = m[r] / kLog2e + logf(l[r]);
     }
   }
+}
+
+// ---- forward. grid (ceil(T / 64), B·Hq). out in f32, or in bf16 where only bf16 products read it.
+template <int D, int DV, int KD, typename TO = float>
+__global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
+    forward(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, TO* out, float* lse,
+            r1lab::core::cuda::AttnDims a) {
+  using Ly = Layout<D, DV>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem);
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
+  const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
+  const int64_t t0 = reversed_tile() * kRowsT;
+  const KeyValueStream<D, DV, KD> kvs(Qs + kRowsT * Ly::LQ, k, kt, v, a, b, kh, t0);
+  load_tile<D, Ly::LQ>(Qs, q + b * a.q0 + h * a.q2 + t0 * a.q1, a.q1, 0, a.T - t0);  // with the first tile
+  kvs.issue(0);
+  const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
+  const float sl2 = a.scale * kLog2e;
+  float o[DV / 8][4];
+  zero<DV / 8>(o);
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  kvs.for_each_tile([&](const bf16* Ks, const bf16* Vs, int64_t s0) {
+    float s[kRowsT / 8][4];
+    zero<kRowsT / 8>(s);
+    product_nk<D, kRowsT / 8>(s, Qs + 16 * warp * Ly::LQ, Ly::LQ, Ks, Ly::LQ);
+    softmax_step<DV>(s, m, l, o, tr, t0, s0, sl2, a);
+    product_kn<kRowsT / 16, DV / 8>(o, s, Vs, Ly::LV);
+  });
+  put_forward<DV>(o, m, l, tr, out, lse, b, h, a);
 }
 
 // dS / scale of a dq tile in place of its scores s (the warp's 16 queries, rows tr, by the 64 keys from

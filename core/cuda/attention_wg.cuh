@@ -93,6 +93,88 @@ __device__ __forceinline__ unsigned char* aligned_smem() {
   return wg_attn_smem + ((1024 - (base & 1023)) & 1023);
 }
 
+// The key and value tiles that the query tile at t0 sees in forward and dq, as KeyValueStream streams
+// them but swizzled: a stage is a key tile (panels(D)) and then its value tile.
+template <int D, int DV, int KD>
+struct SwizzledKeyValues {
+  static constexpr int kKBytes = panels(D) * kPanel, kStage = kKBytes + panels(DV) * kPanel;
+  unsigned char* kv;
+  const bf16 *k, *kt, *v;
+  int64_t k1, kt1, v1, S;
+  int tiles;
+  __device__ SwizzledKeyValues(unsigned char* kv_smem, const bf16* keys_all, const bf16* key_tails,
+                               const bf16* values_all, const r1lab::core::cuda::AttnDims& a, int64_t b, int64_t kh,
+                               int64_t t0)
+      : kv(kv_smem),
+        k(keys_all + b * a.k0 + kh * a.k2),
+        kt(key_tails + b * a.kt0 + kh * a.kt2),
+        v(values_all + b * a.v0 + kh * a.v2),
+        k1(a.k1),
+        kt1(a.kt1),
+        v1(a.v1),
+        S(a.S) {
+    tiles = static_cast<int>(min(a.S - 1, a.S - a.T + min(a.T - 1, t0 + kRowsT - 1)) / kRowsT) + 1;
+  }
+  // Starts tile it's loads (an empty group past the last keeps cp.async's group count uniform).
+  __device__ void issue(int it) const {
+    if (it < tiles) {
+      unsigned char* st = kv + (it % 2) * kStage;
+      const int64_t s0 = static_cast<int64_t>(it) * kRowsT;
+      load_swizzled<KD>(st, 0, k, k1, s0, S);
+      if constexpr (KD < D) load_swizzled<D - KD>(st, KD, kt, kt1, s0, S);
+      load_swizzled<DV>(st + kKBytes, 0, v, v1, s0, S);
+    }
+    cp_async_commit();
+  }
+  __device__ const unsigned char* keys(int it) const { return kv + (it % 2) * kStage; }
+  __device__ const unsigned char* values(int it) const { return keys(it) + kKBytes; }
+};
+
+// ---- forward, as forward (grid (ceil(T / 64), B·Hq), heavy tiles first).
+template <int D, int DV, int KD, typename TO>
+__global__ void __launch_bounds__(kThreadsT, 3) forward_wg(const bf16* q, const bf16* k, const bf16* kt, const bf16* v,
+                                                           TO* out, float* lse, r1lab::core::cuda::AttnDims a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  unsigned char* Qs = aligned_smem();
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
+  const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
+  const int64_t t0 = reversed_tile() * kRowsT;
+  const SwizzledKeyValues<D, DV, KD> kvs(Qs + panels(D) * kPanel, k, kt, v, a, b, kh, t0);
+  load_swizzled<D>(Qs, 0, q + b * a.q0 + h * a.q2, a.q1, t0, a.T);  // with the first tile
+  kvs.issue(0);
+  const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
+  const float sl2 = a.scale * kLog2e;
+  float o[DV / 8][4];
+  zero<DV / 8>(o);
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  for (int it = 0; it < kvs.tiles; ++it) {
+    kvs.issue(it + 1);
+    cp_async_wait<1>();
+    wg::fence_shared();
+    __syncthreads();  // tile it is in for every warp
+    float s[kRowsT / 8][4];
+    wg::fence();
+    product_ss<D>(s, Qs, kvs.keys(it));
+    wg::commit();
+    wg::wait<0>();
+    wg::pin(flat(s));
+    softmax_step<DV>(s, m, l, o, tr, t0, static_cast<int64_t>(it) * kRowsT, sl2, a);
+    uint32_t fa[4][4];
+    to_a(fa, s);
+    wg::pin(flat(o));
+    wg::fence();
+    product_rs<DV>(o, fa, kvs.values(it));
+    wg::commit();
+    wg::wait<0>();
+    wg::pin(flat(o));
+    __syncthreads();  // every warp is done with this stage before issue() loads it again
+  }
+  put_forward<DV>(o, m, l, tr, out, lse, b, h, a);
+#else
+  __trap();  // launched only where hopper_products_built() said the build has them
+#endif
+}
+
 // ---- dk, dv, as backward_dkdv (grid (ceil(S / 64), B·Hk), 64 queries a tile, the same order).
 template <int D, int DV, int KD, typename TV>
 __global__ void __launch_bounds__(kThreadsT, 2)
@@ -192,28 +274,16 @@ __global__ void __launch_bounds__(kThreadsT, 2)
     backward_dq_wg(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, const bf16* dout, const float* lse,
                    const float* delta, GradOut dq, bool accumulate, r1lab::core::cuda::AttnDims a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kKBytes = panels(D) * kPanel, kVBytes = panels(DV) * kPanel, kStage = kKBytes + kVBytes;
   unsigned char* Qs = aligned_smem();
-  unsigned char* Gs = Qs + kKBytes;
-  unsigned char* KV = Gs + kVBytes;
+  unsigned char* Gs = Qs + panels(D) * kPanel;
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = reversed_tile() * kRowsT;
-  const int tiles = static_cast<int>(min(a.S - 1, a.S - a.T + min(a.T - 1, t0 + kRowsT - 1)) / kRowsT) + 1;
-  const auto issue = [&](int it) {
-    if (it < tiles) {
-      unsigned char* st = KV + (it % 2) * kStage;
-      const int64_t s0 = static_cast<int64_t>(it) * kRowsT;
-      load_swizzled<KD>(st, 0, k + b * a.k0 + kh * a.k2, a.k1, s0, a.S);
-      if constexpr (KD < D) load_swizzled<D - KD>(st, KD, kt + b * a.kt0 + kh * a.kt2, a.kt1, s0, a.S);
-      load_swizzled<DV>(st + kKBytes, 0, v + b * a.v0 + kh * a.v2, a.v1, s0, a.S);
-    }
-    cp_async_commit();
-  };
+  const SwizzledKeyValues<D, DV, KD> kvs(Gs + panels(DV) * kPanel, k, kt, v, a, b, kh, t0);
   // The block's queries and their output gradients, with the first key tile.
   load_swizzled<D>(Qs, 0, q + b * a.q0 + h * a.q2, a.q1, t0, a.T);
   load_swizzled<DV>(Gs, 0, dout + b * a.g0 + h * a.g2, a.g1, t0, a.T);
-  issue(0);
+  kvs.issue(0);
   const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float L[2], Dl[2];
@@ -224,13 +294,13 @@ __global__ void __launch_bounds__(kThreadsT, 2)
   }
   float acc[D / 8][4];
   zero<D / 8>(acc);
-  for (int it = 0; it < tiles; ++it) {
-    issue(it + 1);
+  for (int it = 0; it < kvs.tiles; ++it) {
+    kvs.issue(it + 1);
     cp_async_wait<1>();
     wg::fence_shared();
     __syncthreads();  // tile it is in for every warp
-    const unsigned char* Ks = KV + (it % 2) * kStage;
-    const unsigned char* Vs = Ks + kKBytes;
+    const unsigned char* Ks = kvs.keys(it);
+    const unsigned char* Vs = kvs.values(it);
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];  // S and dP: [64 queries][64 keys]
     wg::fence();
     product_ss<D>(s, Qs, Ks);
@@ -256,9 +326,16 @@ __global__ void __launch_bounds__(kThreadsT, 2)
 #endif
 }
 
+// Dynamic shared memory (with room to align to 1024 bytes): backward, the block's two tiles of its own rows
+// and two stages of the other side's (dk/dv: with their lse and delta); forward, the queries and two
+// stages of keys and values.
 template <int D, int DV>
-constexpr size_t backward_wg_smem() {  // dk/dv (with lse and delta) or dq
+constexpr size_t wg_backward_smem() {
   return 1024 + 3 * (panels(D) + panels(DV)) * kPanel + 4 * 2 * 2 * kRowsT;
+}
+template <int D, int DV>
+constexpr size_t wg_forward_smem() {
+  return 1024 + (panels(D) + 2 * (panels(D) + panels(DV))) * kPanel;
 }
 
 }  // namespace tc
