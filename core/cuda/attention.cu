@@ -1078,7 +1078,7 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
         with_key_split<D>(ab.kd, [&]<int KD>() {
           const auto dq_kernel = [&] {
             if constexpr (tc::kWgBackward<D, DV>)
-              if (hopper_) return std::make_pair(tc::backward_dq_wg<D, DV, KD>, tc::wg_backward_smem<D, DV>());
+              if (hopper_) return std::make_pair(tc::backward_dq_wg<D, DV, KD>, tc::wg_dq_smem<D, DV>());
             return std::make_pair(tc::backward_dq<D, DV, KD>, sq);
           }();
           set_smem(dq_kernel.first, dq_kernel.second);
@@ -1090,7 +1090,7 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
             using TV = std::remove_pointer_t<decltype(dvp)>;
             if constexpr (tc::kWgBackward<D, DV>)
               if (hopper_) {
-                constexpr size_t sw = tc::wg_backward_smem<D, DV>();
+                constexpr size_t sw = tc::wg_dkdv_smem<D, DV>();
                 set_smem(tc::backward_dkdv_wg<D, DV, KD, TV>, sw);
                 tc::backward_dkdv_wg<D, DV, KD, TV>
                     <<<dim3(blocks(a.S, tc::kRowsT), static_cast<unsigned>(B * a.Hk)), tc::kThreadsT, sw, stream()>>>(

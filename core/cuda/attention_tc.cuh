@@ -372,13 +372,12 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
   put_forward<DV>(o, m, l, tr, out, lse, b, h, a);
 }
 
-// dS / scale of a dq tile in place of its scores s (the warp's 16 queries, rows tr, by the 64 keys from
-// s0), with dP dp and the rows' lse L (log2 domain) and delta Dl: p = 2^(s·sl2 − L), ds = p·(dp − D); p = 0
-// where a query lies past its end or the key after it. A tile wholly inside the causal triangle (every
-// query valid, every key at or before the first query's position) takes no masks.
-__device__ __forceinline__ void ds_q(float (*s)[4], const float (*dp)[4], const float (&L)[2], const float (&Dl)[2],
-                                     const int64_t (&tr)[2], int64_t t0, int64_t s0, float sl2,
-                                     const r1lab::core::cuda::AttnDims& a) {
+// P of a dq tile in place of its scores s (the warp's 16 queries, rows tr, by the 64 keys from s0), with
+// the rows' lse L (log2 domain): p = 2^(s·sl2 − L); 0 where a query lies past its end or the key after it.
+// A tile wholly inside the causal triangle (every query valid, every key at or before the first query's
+// position) takes no masks.
+__device__ __forceinline__ void p_q(float (*s)[4], const float (&L)[2], const int64_t (&tr)[2], int64_t t0, int64_t s0,
+                                    float sl2, const r1lab::core::cuda::AttnDims& a) {
   const int cc = 2 * (threadIdx.x % 4);
   const int64_t off = a.S - a.T;
   const auto body = [&](auto masked) {
@@ -391,7 +390,7 @@ __device__ __forceinline__ void ds_q(float (*s)[4], const float (*dp)[4], const 
           const int64_t t = tr[e / 2], col = s0 + 8 * j + cc + e % 2;
           if (!(t < a.T && col <= off + t)) p = 0.0f;
         }
-        s[j][e] = p * (dp[j][e] - Dl[e / 2]);
+        s[j][e] = p;
       }
     }
   };
@@ -399,6 +398,14 @@ __device__ __forceinline__ void ds_q(float (*s)[4], const float (*dp)[4], const 
     body(std::false_type{});
   else
     body(std::true_type{});
+}
+
+// dS / scale in place of a dq tile's P (p_q): ds = p·(dp − D), with the rows' delta Dl.
+__device__ __forceinline__ void ds_q(float (*s)[4], const float (*dp)[4], const float (&Dl)[2]) {
+#pragma unroll
+  for (int j = 0; j < kRowsT / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] *= dp[j][e] - Dl[e / 2];
 }
 
 // ---- dq. grid (ceil(T / 64), B·Hq).
@@ -431,28 +438,26 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   kvs.for_each_tile([&](const bf16* Ks, const bf16* Vs, int64_t s0) {
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];
     scores_and_dp<D, DV, kRowsT / 8>(s, dp, Qs + 16 * warp * Ly::LQ, Ks, Gs + 16 * warp * Ly::LV, Vs);
-    ds_q(s, dp, L, Dl, tr, t0, s0, sl2, a);
+    p_q(s, L, tr, t0, s0, sl2, a);
+    ds_q(s, dp, Dl);
     product_kn<kRowsT / 16, D / 8>(acc, s, Ks, Ly::LQ);
   });
   put_rows<D / 8>(acc, a.scale, accumulate, dq, b, h, t0 + 16 * warp, a.T);
 }
 
-// P and dS / scale of a dk/dv tile in place of its Sᵀ and dPᵀ (the warp's 16 keys, rows sr, by NQ queries
-// from t0), with each query's lse Lt (log2 domain) and delta Dt: p = 2^(s·sl2 − L), ds = p·(dp − D); p = 0
-// where a query or key lies past its end or the key after the query. A tile wholly inside the causal
-// triangle (every query and key valid, the block's last key at or before the tile's first query) takes
-// no masks.
+// P of a dk/dv tile in place of its Sᵀ (the warp's 16 keys, rows sr, by NQ queries from t0), with each
+// query's lse Lt (log2 domain): p = 2^(s·sl2 − L); 0 where a query or key lies past its end or the key
+// after the query. A tile wholly inside the causal triangle (every query and key valid, the block's last
+// key at or before the tile's first query) takes no masks.
 template <int NQ>
-__device__ __forceinline__ void p_and_ds_t(float (*st)[4], float (*dpt)[4], const float* Lt, const float* Dt,
-                                           const int64_t (&sr)[2], int64_t s_first, int64_t t0, float sl2,
-                                           const r1lab::core::cuda::AttnDims& a) {
+__device__ __forceinline__ void p_t(float (*st)[4], const float* Lt, const int64_t (&sr)[2], int64_t s_first,
+                                    int64_t t0, float sl2, const r1lab::core::cuda::AttnDims& a) {
   const int cc = 2 * (threadIdx.x % 4);
   const int64_t off = a.S - a.T;
   const auto body = [&](auto masked) {
 #pragma unroll
     for (int j = 0; j < NQ / 8; ++j) {
       const float2 l = *reinterpret_cast<const float2*>(Lt + 8 * j + cc);
-      const float2 d = *reinterpret_cast<const float2*>(Dt + 8 * j + cc);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float p = fast_exp2(st[j][e] * sl2 - (e % 2 ? l.y : l.x));
@@ -461,7 +466,6 @@ __device__ __forceinline__ void p_and_ds_t(float (*st)[4], float (*dpt)[4], cons
           if (!(t < a.T && s < a.S && s <= off + t)) p = 0.0f;
         }
         st[j][e] = p;
-        dpt[j][e] = p * (dpt[j][e] - (e % 2 ? d.y : d.x));
       }
     }
   };
@@ -469,6 +473,18 @@ __device__ __forceinline__ void p_and_ds_t(float (*st)[4], float (*dpt)[4], cons
     body(std::false_type{});
   else
     body(std::true_type{});
+}
+
+// dSᵀ / scale in place of a dk/dv tile's dPᵀ, from its P (p_t): ds = p·(dp − D), with each query's delta Dt.
+template <int NQ>
+__device__ __forceinline__ void ds_t(float (*dpt)[4], const float (*st)[4], const float* Dt) {
+  const int cc = 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int j = 0; j < NQ / 8; ++j) {
+    const float2 d = *reinterpret_cast<const float2*>(Dt + 8 * j + cc);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dpt[j][e] = st[j][e] * (dpt[j][e] - (e % 2 ? d.y : d.x));
+  }
 }
 
 // ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn, NQ queries a tile.
@@ -539,7 +555,8 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     const float* Dt = Lt + NQ;
     float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [16 keys of the warp][NQ queries]
     scores_and_dp<D, DV, NQ / 8>(st, dpt, Ks + 16 * warp * Ly::LQ, Qs, Vs + 16 * warp * Ly::LV, Gs);
-    p_and_ds_t<NQ>(st, dpt, Lt, Dt, sr, s_first, t0, sl2, a);
+    p_t<NQ>(st, Lt, sr, s_first, t0, sl2, a);
+    ds_t<NQ>(dpt, st, Dt);
     product_kn<NQ / 16, DV / 8>(gv, st, Gs, Ly::LV);
     product_kn<NQ / 16, D / 8>(gk, dpt, Qs, Ly::LQ);
     put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began

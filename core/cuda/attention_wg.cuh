@@ -73,6 +73,15 @@ __device__ __forceinline__ void to_a(uint32_t (&fa)[4][4], const float (*p)[4]) 
   for (int kk = 0; kk < 4; ++kk) acc_to_a(fa[kk], p, kk);
 }
 
+// Keeps A operands live (their registers unused for anything else) up to here: a product still running
+// reads them.
+__device__ __forceinline__ void pin_a(uint32_t (&fa)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(fa[i][j])::"memory");
+}
+
 // c[64 × N] += P · B where P is [64 × 64] in A operands (to_a) and B the swizzled tile [64 k][N] read
 // n-contiguous (queued after the caller's wg::fence; the caller commits).
 template <int N>
@@ -237,26 +246,35 @@ __global__ void __launch_bounds__(kThreadsT, 2)
     const unsigned char* Gs = Qs + kQBytes;
     const float* Lt = LD + (i % 2) * 2 * NQ;
     float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [64 keys][NQ queries]
+    // Each step's arithmetic runs while the tensor cores work on the product before it: P while dPᵀ is
+    // made, dS while dV's product runs.
     wg::fence();
     product_ss<D>(st, Ks, Qs);
+    wg::commit();
     product_ss<DV>(dpt, Vs, Gs);
     wg::commit();
-    wg::wait<0>();
+    wg::wait<1>();
     wg::pin(flat(st));
-    wg::pin(flat(dpt));
-    p_and_ds_t<NQ>(st, dpt, Lt, Lt + NQ, sr, s_first, t0, sl2, a);
+    p_t<NQ>(st, Lt, sr, s_first, t0, sl2, a);
     uint32_t pa[4][4], da[4][4];
     to_a(pa, st);
-    to_a(da, dpt);
     wg::pin(flat(gv));
-    wg::pin(flat(gk));
     wg::fence();
     product_rs<DV>(gv, pa, Gs);
+    wg::commit();
+    wg::wait<1>();
+    wg::pin(flat(dpt));
+    ds_t<NQ>(dpt, st, Lt + NQ);
+    to_a(da, dpt);
+    wg::pin(flat(gk));
+    wg::fence();
     product_rs<D>(gk, da, Qs);
     wg::commit();
     wg::wait<0>();
     wg::pin(flat(gv));
     wg::pin(flat(gk));
+    pin_a(pa);  // the products read them until here
+    pin_a(da);
     put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began
     __syncthreads();  // every warp is done with this stage before issue() loads it again
   }
@@ -267,10 +285,10 @@ __global__ void __launch_bounds__(kThreadsT, 2)
 #endif
 }
 
-// ---- dq, as backward_dq (grid (ceil(T / 64), B·Hq), heavy tiles first): the block's queries and their
+// ---- dq, as backward_dq (grid (ceil(T / 64), B·Hq), heavy tiles first), 3 blocks an SM: the block's queries and their
 // output gradients stay; the key and value tiles they see stream through two stages.
 template <int D, int DV, int KD>
-__global__ void __launch_bounds__(kThreadsT, 2)
+__global__ void __launch_bounds__(kThreadsT, 3)
     backward_dq_wg(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, const bf16* dout, const float* lse,
                    const float* delta, GradOut dq, bool accumulate, r1lab::core::cuda::AttnDims a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -302,14 +320,17 @@ __global__ void __launch_bounds__(kThreadsT, 2)
     const unsigned char* Ks = kvs.keys(it);
     const unsigned char* Vs = kvs.values(it);
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];  // S and dP: [64 queries][64 keys]
-    wg::fence();
+    wg::fence();  // P's exponentials run while dP is made
     product_ss<D>(s, Qs, Ks);
+    wg::commit();
     product_ss<DV>(dp, Gs, Vs);
     wg::commit();
-    wg::wait<0>();
+    wg::wait<1>();
     wg::pin(flat(s));
+    p_q(s, L, tr, t0, static_cast<int64_t>(it) * kRowsT, sl2, a);
+    wg::wait<0>();
     wg::pin(flat(dp));
-    ds_q(s, dp, L, Dl, tr, t0, static_cast<int64_t>(it) * kRowsT, sl2, a);
+    ds_q(s, dp, Dl);
     uint32_t fa[4][4];
     to_a(fa, s);
     wg::pin(flat(acc));
@@ -330,8 +351,12 @@ __global__ void __launch_bounds__(kThreadsT, 2)
 // and two stages of the other side's (dk/dv: with their lse and delta); forward, the queries and two
 // stages of keys and values.
 template <int D, int DV>
-constexpr size_t wg_backward_smem() {
+constexpr size_t wg_dkdv_smem() {
   return 1024 + 3 * (panels(D) + panels(DV)) * kPanel + 4 * 2 * 2 * kRowsT;
+}
+template <int D, int DV>
+constexpr size_t wg_dq_smem() {  // 3 blocks an SM at D = 96
+  return 1024 + 3 * (panels(D) + panels(DV)) * kPanel;
 }
 template <int D, int DV>
 constexpr size_t wg_forward_smem() {
