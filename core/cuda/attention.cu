@@ -1084,8 +1084,8 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
           set_smem(dq_kernel.first, dq_kernel.second);
           dq_kernel.first<<<dim3(blocks(a.T, tc::kRowsT), static_cast<unsigned>(B * a.Hq)), tc::kThreadsT,
                             dq_kernel.second, stream()>>>(bf16_data(qb), bf16_data(kb), kt, bf16_data(vb),
-                                                          bf16_data(gb), lse.f32(), delta.f32(),
-                                                          grad_out(dq, dq_tail), accumulate, ab);
+                                                          bf16_data(gb), lse.f32(), delta.f32(), grad_out(dq, dq_tail),
+                                                          accumulate, ab);
           const auto dkdv = [&](auto* dvp) {
             using TV = std::remove_pointer_t<decltype(dvp)>;
             if constexpr (tc::kWgBackward<D, DV>)

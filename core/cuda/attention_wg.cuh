@@ -285,8 +285,8 @@ __global__ void __launch_bounds__(kThreadsT, 2)
 #endif
 }
 
-// ---- dq, as backward_dq (grid (ceil(T / 64), B·Hq), heavy tiles first), 3 blocks an SM: the block's queries and their
-// output gradients stay; the key and value tiles they see stream through two stages.
+// ---- dq, as backward_dq (grid (ceil(T / 64), B·Hq), heavy tiles first), 3 blocks an SM: the block's
+// queries and their output gradients stay; the key and value tiles they see stream through two stages.
 template <int D, int DV, int KD>
 __global__ void __launch_bounds__(kThreadsT, 3)
     backward_dq_wg(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, const bf16* dout, const float* lse,
@@ -320,7 +320,8 @@ __global__ void __launch_bounds__(kThreadsT, 3)
     const unsigned char* Ks = kvs.keys(it);
     const unsigned char* Vs = kvs.values(it);
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];  // S and dP: [64 queries][64 keys]
-    wg::fence();  // P's exponentials run while dP is made
+    // P's exponentials run while dP is made.
+    wg::fence();
     product_ss<D>(s, Qs, Ks);
     wg::commit();
     product_ss<DV>(dp, Gs, Vs);
