@@ -4,6 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
+#include <type_traits>
+
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/silu.cuh"
 #include "core/cuda/vec.cuh"
@@ -393,70 +395,49 @@ __global__ void rope_kernel(float* x, int64_t s0, int64_t s1, int64_t m, int64_t
 }
 
 // x = rope(src) with rope_kernel's arithmetic (a position outside the table copies the pair as it is),
-// x in its own dtype (bf16: the f32 results rounded).
-template <typename TX>
-__global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, TX* x, int64_t s0, int64_t s1,
-                                 int64_t m, int64_t heads, int half, const int32_t* pos, const float* cos_t,
-                                 const float* sin_t, int64_t n_pos, bool interleaved, bool inverse) {
-  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;  // the launch checks that pairs fit in 32 bits
-  if (idx >= m * heads * half) return;
-  const uint32_t hh = static_cast<uint32_t>(heads) * half, t = idx / hh, j = idx - t * hh, h = j / half;
-  const int i = static_cast<int>(j - h * half);
-  const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
-  const float* u = src + t * ss0 + h * ss1;
-  TX* v = x + t * s0 + h * s1;
-  float ra = u[ia], rb = u[ib];
-  const int32_t p = pos[t];
-  if (p >= 0 && p < n_pos) {
-    const float c = cos_t[static_cast<int64_t>(p) * half + i], s = sin_t[static_cast<int64_t>(p) * half + i];
-    rotate(ra, rb, c, inverse ? -s : s, &ra, &rb);
-  }
-  store(v + ia, ra);
-  store(v + ib, rb);
-}
-
-// rope_from_kernel four pairs a thread (pairs 4g .. 4g + 3 of a row): the pairs, the table's cos and
-// sin and the results go 16 bytes an access (8 for bf16 results). The same arithmetic a pair: the same
-// bits. The launch checks that half is a multiple of 4 and the alignment.
-template <typename TX>
-__global__ void rope_from4_kernel(const float* src, int64_t ss0, int64_t ss1, TX* x, int64_t s0, int64_t s1,
-                                  int64_t m, int64_t heads, int half, const int32_t* pos, const float* cos_t,
-                                  const float* sin_t, int64_t n_pos, bool interleaved, bool inverse) {
+// x in its own dtype (bf16: the f32 results rounded). kV pairs a thread (pairs kV·g .. kV·g + kV - 1 of a
+// row): with kV = 4 the pairs, the table's cos and sin and the results go 16 bytes an access (8 for bf16
+// results; the launch checks that half is a multiple of 4 and the alignment). The same arithmetic a
+// pair, so the same bits either way.
+template <int kV, typename TX>
+__global__ void rope_from_kernel(const float* src, int64_t ss0, int64_t ss1, TX* x, int64_t s0, int64_t s1, int64_t m,
+                                 int64_t heads, int half, const int32_t* pos, const float* cos_t, const float* sin_t,
+                                 int64_t n_pos, bool interleaved, bool inverse) {
   const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;  // the launch checks that groups fit in 32 bits
-  const uint32_t quarter = static_cast<uint32_t>(half) / 4, hq = static_cast<uint32_t>(heads) * quarter;
-  if (idx >= m * hq) return;
-  const uint32_t t = idx / hq, j = idx - t * hq, h = j / quarter;
-  const int i0 = static_cast<int>(j - h * quarter) * 4;
+  const uint32_t groups = static_cast<uint32_t>(half) / kV, hg = static_cast<uint32_t>(heads) * groups;
+  if (idx >= m * hg) return;
+  const uint32_t t = idx / hg, j = idx - t * hg, h = j / groups;
+  const int i0 = static_cast<int>(j - h * groups) * kV;
   const float* u = src + t * ss0 + h * ss1;
   TX* v = x + t * s0 + h * s1;
-  float ra[4], rb[4];
-  if (interleaved) {  // pairs (a, b) side by side: two 16-byte loads hold the four
-    float f[8];
-    loadv<4>(u + 2 * i0, f);
-    loadv<4>(u + 2 * i0 + 4, f + 4);
+  float ra[kV], rb[kV];
+  if (interleaved) {  // pairs (a, b) side by side: two accesses hold the kV pairs
+    float f[2 * kV];
+    loadv<kV>(u + 2 * i0, f);
+    loadv<kV>(u + 2 * i0 + kV, f + kV);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) ra[e] = f[2 * e], rb[e] = f[2 * e + 1];
+    for (int e = 0; e < kV; ++e) ra[e] = f[2 * e], rb[e] = f[2 * e + 1];
   } else {
-    loadv<4>(u + i0, ra);
-    loadv<4>(u + i0 + half, rb);
+    loadv<kV>(u + i0, ra);
+    loadv<kV>(u + i0 + half, rb);
   }
   const int32_t p = pos[t];
   if (p >= 0 && p < n_pos) {
-    float c[4], sn[4];
-    loadv<4>(cos_t + static_cast<int64_t>(p) * half + i0, c);
-    loadv<4>(sin_t + static_cast<int64_t>(p) * half + i0, sn);
+    float c[kV], sn[kV];
+    loadv<kV>(cos_t + static_cast<int64_t>(p) * half + i0, c);
+    loadv<kV>(sin_t + static_cast<int64_t>(p) * half + i0, sn);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) rotate(ra[e], rb[e], c[e], inverse ? -sn[e] : sn[e], &ra[e], &rb[e]);
+    for (int e = 0; e < kV; ++e) rotate(ra[e], rb[e], c[e], inverse ? -sn[e] : sn[e], &ra[e], &rb[e]);
   }
   if (interleaved) {
-    float f[8];
+    float f[2 * kV];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) f[2 * e] = ra[e], f[2 * e + 1] = rb[e];
-    storev<4>(v + 2 * i0, f);
-    storev<4>(v + 2 * i0 + 4, f + 4);
+    for (int e = 0; e < kV; ++e) f[2 * e] = ra[e], f[2 * e + 1] = rb[e];
+    storev<kV>(v + 2 * i0, f);
+    storev<kV>(v + 2 * i0 + kV, f + kV);
   } else {
-    storev<4>(v + i0, ra);
-    storev<4>(v + i0 + half, rb);
+    storev<kV>(v + i0, ra);
+    storev<kV>(v + i0 + half, rb);
   }
 }
 
@@ -889,15 +870,16 @@ void CudaBackend::rope_from(const Tensor& src, Tensor& x, const Tensor& position
                     reinterpret_cast<uintptr_t>(table.cos.raw()) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(table.sin.raw()) % 16 == 0;
   const auto launch = [&](auto* xp) {
-    if (four) {
-      rope_from4_kernel<<<blocks(n / 4, kThreads), kThreads, 0, stream()>>>(
+    const auto kernel = [&](auto v) {
+      constexpr int kV = decltype(v)::value;
+      rope_from_kernel<kV><<<blocks(n / kV, kThreads), kThreads, 0, stream()>>>(
           src.f32(), src.stride(0), src.stride(1), xp, x.stride(0), x.stride(1), m, h, static_cast<int>(half),
           positions.data<int32_t>(), table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved, inverse);
-      return;
-    }
-    rope_from_kernel<<<blocks(n, kThreads), kThreads, 0, stream()>>>(
-        src.f32(), src.stride(0), src.stride(1), xp, x.stride(0), x.stride(1), m, h, static_cast<int>(half),
-        positions.data<int32_t>(), table.cos.f32(), table.sin.f32(), table.cos.size(0), interleaved, inverse);
+    };
+    if (four)
+      kernel(std::integral_constant<int, 4>{});
+    else
+      kernel(std::integral_constant<int, 1>{});
   };
   if (x16)
     launch(static_cast<__nv_bfloat16*>(x.raw()));

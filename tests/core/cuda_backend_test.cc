@@ -436,6 +436,37 @@ TEST_F(CudaBackendTest, GemmBatchedAndBf16WeightOperands) {
   EXPECT_TRUE(bitwise_equal(cb, want.to(DType::kBF16)));
 }
 
+// Batched bf16 products as a decode step makes them (the absorbed attention: 16 heads of up to a few
+// hundred rows): within bf16 tolerance of the CPU, with beta, either orientation of the second operand,
+// f32 and bf16 results (c not read where beta is 0).
+TEST_F(CudaBackendTest, Bf16BatchedProductsAgainstTheCpu) {
+  Backend& be = bf16();
+  auto up = [&](const Tensor& t) { return on(be, t); };
+  const int64_t heads = 16, k = 64, r = 256;
+  for (int64_t m : {1, 37, 256, 300}) {
+    const std::string what = "m " + std::to_string(m);
+    Tensor q = randn({m, heads, k + 32}), w = randn({heads, k + 64, r}), out = randn({m, heads, r});
+    Tensor gw = be.zeros(w.shape(), DType::kBF16);
+    be.copy(up(w), gw);
+    Tensor gout = up(out), gov = gout.transpose(0, 1);
+    Tensor ov = out.transpose(0, 1);
+    cpu_->gemm_batched(q.slice(2, 0, k).transpose(0, 1), false, w.slice(1, 0, k), false, ov, 0.5f, 0.25f);
+    be.gemm_batched(up(q).slice(2, 0, k).transpose(0, 1), false, gw.slice(1, 0, k), false, gov, 0.5f, 0.25f);
+    EXPECT_LT(max_rel(be, gout, out), 2e-2) << what;
+    // The un-absorption: y[h] = o[h] · w[h, k:, :]ᵀ into a bf16 result (rounded once), c never read.
+    Tensor o = randn({m, heads, r}), y = Tensor::zeros({m, heads, 64});
+    Tensor gy = be.zeros({m, heads, 64}, DType::kBF16), gy32 = be.zeros({m, heads, 64}, DType::kF32);
+    be.fill(gy32, NAN);
+    Tensor yv = y.transpose(0, 1);
+    cpu_->gemm_batched(o.transpose(0, 1), false, w.slice(1, k, 64), true, yv);
+    Tensor gyv = gy.transpose(0, 1), gy32v = gy32.transpose(0, 1);
+    be.gemm_batched(up(o).transpose(0, 1), false, gw.slice(1, k, 64), true, gyv);
+    be.gemm_batched(up(o).transpose(0, 1), false, gw.slice(1, k, 64), true, gy32v);
+    EXPECT_LT(max_rel(be, gy32, y), 2e-2) << what << " trans_b";
+    EXPECT_LT(max_rel(be, gy, be.download(gy32)), 8e-3) << what << " trans_b, bf16";
+  }
+}
+
 // Few rows a group (MoE decode) take the weight-streaming kernel, more the tensor-core one: the exact
 // sums of the bf16-rounded operands, whatever k, with empty groups and beta.
 TEST_F(CudaBackendTest, GroupedGemmFewRowsAGroupWithBf16Weights) {
