@@ -958,7 +958,7 @@ void CudaBackend::attention_forward(const Tensor& q, const Tensor& k, const Tens
           const auto run = [&](auto* o) {
             using TO = std::remove_pointer_t<decltype(o)>;
             const auto [kernel, bytes] = [&] {
-              if constexpr (tc::kWgBackward<D, DV>)
+              if constexpr (tc::kWgAttention<D, DV>)
                 if (hopper_) return std::make_pair(tc::forward_wg<D, DV, KD, TO>, tc::wg_forward_smem<D, DV>());
               return std::make_pair(tc::forward<D, DV, KD, TO>, smem);
             }();
@@ -1077,7 +1077,7 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
         constexpr size_t sq = tc::dq_smem<D, DV>(), skv = tc::dkdv_smem<D, DV>();
         with_key_split<D>(ab.kd, [&]<int KD>() {
           const auto dq_kernel = [&] {
-            if constexpr (tc::kWgBackward<D, DV>)
+            if constexpr (tc::kWgAttention<D, DV>)
               if (hopper_) return std::make_pair(tc::backward_dq_wg<D, DV, KD>, tc::wg_dq_smem<D, DV>());
             return std::make_pair(tc::backward_dq<D, DV, KD>, sq);
           }();
@@ -1088,7 +1088,7 @@ void CudaBackend::attention_backward(const Tensor& dout, const Tensor& q, const 
                                                           accumulate, ab);
           const auto dkdv = [&](auto* dvp) {
             using TV = std::remove_pointer_t<decltype(dvp)>;
-            if constexpr (tc::kWgBackward<D, DV>)
+            if constexpr (tc::kWgAttention<D, DV>)
               if (hopper_) {
                 constexpr size_t sw = tc::wg_dkdv_smem<D, DV>();
                 set_smem(tc::backward_dkdv_wg<D, DV, KD, TV>, sw);

@@ -487,6 +487,51 @@ __device__ __forceinline__ void ds_t(float (*dpt)[4], const float (*st)[4], cons
   }
 }
 
+// The query tiles a dk/dv block (keys from s_first, kv head kh) sees, in order: tile i is query head
+// kh·group + i / per_head, queries from t_begin + (i % per_head)·NQ. issue(i, load) starts tile i's Q and
+// dO rows (load(stage, head, first query), by cp.async) and its lse and delta into registers; put(i), a
+// tile later, puts those in shared memory at LD ([stage][L (log2 domain) | D][NQ]: lse into the log2
+// domain there, since a multiply at the load would wait for it).
+template <int NQ>
+struct QueryTiles {
+  const float *lse, *delta;
+  float* LD;
+  int64_t b, T, Hq, t_begin, nh, nt0;  // (nh, nt0): the next tile to issue
+  int tiles;
+  float nl = 0.0f, nd = 0.0f;
+  __device__ QueryTiles(const float* lse_all, const float* delta_all, float* ld_smem,
+                        const r1lab::core::cuda::AttnDims& a, int64_t batch, int64_t kh, int64_t s_first)
+      : lse(lse_all), delta(delta_all), LD(ld_smem), b(batch), T(a.T), Hq(a.Hq) {
+    const int64_t group = a.Hq / a.Hk, off = a.S - a.T;
+    t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
+    tiles = static_cast<int>(group) * static_cast<int>((a.T - t_begin + NQ - 1) / NQ);
+    nh = kh * group;
+    nt0 = t_begin;
+  }
+  template <typename Load>
+  __device__ void issue(int i, Load&& load) {
+    if (i < tiles) {
+      load(i % 2, nh, nt0);
+      if (threadIdx.x < NQ) {
+        const int64_t t = nt0 + threadIdx.x;
+        nl = t < T ? lse[(b * Hq + nh) * T + t] : 0.0f;
+        nd = t < T ? delta[(b * Hq + nh) * T + t] : 0.0f;
+      }
+      nt0 += NQ;
+      if (nt0 >= T) nt0 = t_begin, ++nh;
+    }
+    cp_async_commit();  // an empty group past the end keeps the count uniform
+  }
+  __device__ void put(int i) {
+    if (i < tiles && threadIdx.x < NQ) {
+      LD[(i % 2) * 2 * NQ + threadIdx.x] = nl * kLog2e;
+      LD[(i % 2) * 2 * NQ + NQ + threadIdx.x] = nd;
+    }
+  }
+  __device__ const float* lse_of(int i) const { return LD + (i % 2) * 2 * NQ; }  // then delta, NQ on
+  __device__ int64_t next_first(int64_t t0) const { return t0 + NQ < T ? t0 + NQ : t_begin; }
+};
+
 // ---- dk, dv. grid (ceil(S / 64), B·Hk); every query head of the kv head in turn, NQ queries a tile.
 // TV: dv's type (f32, or bf16 overwritten).
 template <int D, int DV, int KD, typename TV>
@@ -503,55 +548,32 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   bf16* QG = Vs + kRowsT * Ly::LV;
   float* LD = reinterpret_cast<float*>(QG + 2 * kStage);  // [stage][L (log2 domain) | D][NQ]
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
-  const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk, group = a.Hq / a.Hk;
-  const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kRowsT, off = a.S - a.T;
-  const int64_t t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
-  const int per_head = static_cast<int>((a.T - t_begin + NQ - 1) / NQ), tiles = static_cast<int>(group) * per_head;
-  // Tile i: query head kh·group + i / per_head, queries from t_begin + (i % per_head)·NQ (issue() and
-  // the loop below each step through them in order: (nh, nt0) the next to issue). Its Q and dO rows go
-  // by cp.async; its lse and delta into registers (nl, nd), put in shared memory a tile later (lse into
-  // the log2 domain there: a multiply at the load would wait for it).
-  float nl = 0.0f, nd = 0.0f;
-  int64_t nh = kh * group, nt0 = t_begin;
-  const auto issue = [&](int i) {
-    if (i < tiles) {
-      bf16* st = QG + (i % 2) * kStage;
-      load_tile<D, Ly::LQ, NQ>(st, q + b * a.q0 + nh * a.q2, a.q1, nt0, a.T);
-      load_tile<DV, Ly::LV, NQ>(st + NQ * Ly::LQ, dout + b * a.g0 + nh * a.g2, a.g1, nt0, a.T);
-      if (threadIdx.x < NQ) {
-        const int64_t t = nt0 + threadIdx.x;
-        nl = t < a.T ? lse[(b * a.Hq + nh) * a.T + t] : 0.0f;
-        nd = t < a.T ? delta[(b * a.Hq + nh) * a.T + t] : 0.0f;
-      }
-      nt0 += NQ;
-      if (nt0 >= a.T) nt0 = t_begin, ++nh;
-    }
-    cp_async_commit();  // an empty group past the end keeps the count uniform
-  };
-  const auto put = [&](int i) {
-    if (i < tiles && threadIdx.x < NQ) {
-      LD[(i % 2) * 2 * NQ + threadIdx.x] = nl * kLog2e;
-      LD[(i % 2) * 2 * NQ + NQ + threadIdx.x] = nd;
-    }
+  const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk;
+  const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kRowsT;
+  QueryTiles<NQ> qt(lse, delta, LD, a, b, kh, s_first);
+  const auto load = [&](int stage, int64_t h, int64_t t) {
+    bf16* st = QG + stage * kStage;
+    load_tile<D, Ly::LQ, NQ>(st, q + b * a.q0 + h * a.q2, a.q1, t, a.T);
+    load_tile<DV, Ly::LV, NQ>(st + NQ * Ly::LQ, dout + b * a.g0 + h * a.g2, a.g1, t, a.T);
   };
   // The block's keys and values, with the first query tile.
   load_key_tile<D, KD, Ly::LQ>(Ks, k + b * a.k0 + kh * a.k2, a.k1, kt + b * a.kt0 + kh * a.kt2, a.kt1, s_first, a.S);
   load_tile<DV, Ly::LV>(Vs, v + b * a.v0 + kh * a.v2, a.v1, s_first, a.S);
-  issue(0);
-  put(0);
+  qt.issue(0, load);
+  qt.put(0);
   const int64_t sr[2] = {s_first + 16 * warp + g, s_first + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float gk[D / 8][4], gv[DV / 8][4];
   zero<D / 8>(gk);
   zero<DV / 8>(gv);
-  int64_t t0 = t_begin;  // tile i's first query
-  for (int i = 0; i < tiles; ++i, t0 = t0 + NQ < a.T ? t0 + NQ : t_begin) {
-    issue(i + 1);
+  int64_t t0 = qt.t_begin;  // tile i's first query
+  for (int i = 0; i < qt.tiles; ++i, t0 = qt.next_first(t0)) {
+    qt.issue(i + 1, load);
     cp_async_wait<1>();
     __syncthreads();  // tile i is in for every warp
     const bf16* Qs = QG + (i % 2) * kStage;
     const bf16* Gs = Qs + NQ * Ly::LQ;
-    const float* Lt = LD + (i % 2) * 2 * NQ;
+    const float* Lt = qt.lse_of(i);
     const float* Dt = Lt + NQ;
     float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [16 keys of the warp][NQ queries]
     scores_and_dp<D, DV, NQ / 8>(st, dpt, Ks + 16 * warp * Ly::LQ, Qs, Vs + 16 * warp * Ly::LV, Gs);
@@ -559,7 +581,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
     ds_t<NQ>(dpt, st, Dt);
     product_kn<NQ / 16, DV / 8>(gv, st, Gs, Ly::LV);
     product_kn<NQ / 16, D / 8>(gk, dpt, Qs, Ly::LQ);
-    put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began
+    qt.put(i + 1);    // the other stage's lse and delta: its last readers were done before this tile began
     __syncthreads();  // every warp is done with this stage before issue() loads it again
   }
   put_rows<D / 8>(gk, a.scale, accumulate, dk, b, kh, s_first + 16 * warp, a.S);

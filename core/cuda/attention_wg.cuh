@@ -1,24 +1,24 @@
-// The tensor-core attention's backward on Hopper's warpgroup products (wgmma.cuh, sm_90a): included by
-// attention.cu after attention_tc.cuh, whose tiles, masks and outputs these kernels share; the backend
-// takes them where its products are the warpgroup ones (CudaBackend::hopper_) and the head sizes are
-// built here (kWgBackward).
+// The tensor-core attention, forward and backward, on Hopper's warpgroup products (wgmma.cuh, sm_90a):
+// included by attention.cu after attention_tc.cuh, whose tiles, masks, softmax step and outputs these
+// kernels share; the backend takes them where its products are the warpgroup ones (CudaBackend::hopper_)
+// and the head sizes are built here (kWgAttention).
 //
-// A block is one warpgroup (4 warps): the 64 rows it owns (keys in dk/dv, queries in dq) and each 64-row
-// tile of the other side lie in shared memory in the 128-byte swizzled layout, in panels of 64 columns
-// (8192 bytes each), filled by cp.async in two stages as in attention_tc.cuh. The first two products of
-// a tile (S and dP) read both operands from shared memory; the gradient products take P and dS from
-// registers (an accumulator rounded to bf16 is the A operand of the next product) and the other operand
-// from the same shared tiles read the other way round: a 64-row tile with 128-byte rows is both a
-// k-contiguous [rows][columns] operand and an n-contiguous [k = rows][n = columns] one. Compared with
-// mma.sync, no operand goes through registers by ldmatrix, and the products run asynchronously. The
+// A block is one warpgroup (4 warps): the 64 rows it owns (keys in dk/dv, queries in forward and dq) and
+// each 64-row tile of the other side lie in shared memory in the 128-byte swizzled layout, in panels of 64
+// columns (8192 bytes each), filled by cp.async in two stages as in attention_tc.cuh. The first products
+// of a tile (S, and dP in backward) read both operands from shared memory; the products after them take
+// P or dS from registers (an accumulator rounded to bf16 is the A operand of the next product) and the
+// other operand from the same shared tiles read the other way round: a 64-row tile with 128-byte rows is
+// both a k-contiguous [rows][columns] operand and an n-contiguous [k = rows][n = columns] one. Compared
+// with mma.sync, no operand goes through registers by ldmatrix, and the products run asynchronously. The
 // same f32 sums in a fixed order: bitwise repeatable, though not the mma.sync kernels' bits.
 #include "core/cuda/wgmma.cuh"
 
 namespace tc {
 
-// The head sizes with warpgroup backward kernels (the accumulators of D = 96 fill the registers).
+// The head sizes with warpgroup kernels (dk/dv's accumulators at D = 96 fill the registers).
 template <int D, int DV>
-constexpr bool kWgBackward = (D == 64 || D == 96) && DV == 64;
+constexpr bool kWgAttention = (D == 64 || D == 96) && DV == 64;
 
 constexpr int kPanel = kRowsT * 128;  // bytes of a 64-row, 64-column panel
 constexpr int panels(int w) { return (w + 63) / 64; }
@@ -95,11 +95,11 @@ __device__ __forceinline__ void product_rs(float (&c)[N / 8][4], const uint32_t 
       wg::mma_rs_m64n96k16<1>(flat(c), fa[kk], desc_n(b, 16 * kk));
 }
 
-// The block's dynamic shared memory from its first 1024-byte boundary (swizzle atoms start aligned).
-__device__ __forceinline__ unsigned char* aligned_smem() {
-  extern __shared__ __align__(16) unsigned char wg_attn_smem[];
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(wg_attn_smem));
-  return wg_attn_smem + ((1024 - (base & 1023)) & 1023);
+// Waits for the stage before the one issued last and makes it visible to every warp's products.
+__device__ __forceinline__ void stage_arrived() {
+  cp_async_wait<1>();
+  wg::fence_shared();
+  __syncthreads();
 }
 
 // The key and value tiles that the query tile at t0 sees in forward and dq, as KeyValueStream streams
@@ -144,7 +144,7 @@ template <int D, int DV, int KD, typename TO>
 __global__ void __launch_bounds__(kThreadsT, 3) forward_wg(const bf16* q, const bf16* k, const bf16* kt, const bf16* v,
                                                            TO* out, float* lse, r1lab::core::cuda::AttnDims a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  unsigned char* Qs = aligned_smem();
+  unsigned char* Qs = wg::smem_base();
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
   const int64_t t0 = reversed_tile() * kRowsT;
@@ -158,9 +158,7 @@ __global__ void __launch_bounds__(kThreadsT, 3) forward_wg(const bf16* q, const 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   for (int it = 0; it < kvs.tiles; ++it) {
     kvs.issue(it + 1);
-    cp_async_wait<1>();
-    wg::fence_shared();
-    __syncthreads();  // tile it is in for every warp
+    stage_arrived();  // tile it
     float s[kRowsT / 8][4];
     wg::fence();
     product_ss<D>(s, Qs, kvs.keys(it));
@@ -193,58 +191,36 @@ __global__ void __launch_bounds__(kThreadsT, 2)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int NQ = kRowsT;
   constexpr int kQBytes = panels(D) * kPanel, kGBytes = panels(DV) * kPanel, kStage = kQBytes + kGBytes;
-  unsigned char* Ks = aligned_smem();
+  unsigned char* Ks = wg::smem_base();
   unsigned char* Vs = Ks + kQBytes;
   unsigned char* QG = Vs + kGBytes;
   float* LD = reinterpret_cast<float*>(QG + 2 * kStage);  // [stage][L (log2 domain) | D][NQ]
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
-  const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk, group = a.Hq / a.Hk;
-  const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kRowsT, off = a.S - a.T;
-  const int64_t t_begin = (s_first > off ? s_first - off : 0) / NQ * NQ;
-  const int per_head = static_cast<int>((a.T - t_begin + NQ - 1) / NQ), tiles = static_cast<int>(group) * per_head;
-  // Tiles in backward_dkdv's order, issued and their lse and delta staged the same way.
-  float nl = 0.0f, nd = 0.0f;
-  int64_t nh = kh * group, nt0 = t_begin;
-  const auto issue = [&](int i) {
-    if (i < tiles) {
-      unsigned char* st = QG + (i % 2) * kStage;
-      load_swizzled<D>(st, 0, q + b * a.q0 + nh * a.q2, a.q1, nt0, a.T);
-      load_swizzled<DV>(st + kQBytes, 0, dout + b * a.g0 + nh * a.g2, a.g1, nt0, a.T);
-      if (threadIdx.x < NQ) {
-        const int64_t t = nt0 + threadIdx.x;
-        nl = t < a.T ? lse[(b * a.Hq + nh) * a.T + t] : 0.0f;
-        nd = t < a.T ? delta[(b * a.Hq + nh) * a.T + t] : 0.0f;
-      }
-      nt0 += NQ;
-      if (nt0 >= a.T) nt0 = t_begin, ++nh;
-    }
-    cp_async_commit();
-  };
-  const auto put = [&](int i) {
-    if (i < tiles && threadIdx.x < NQ) {
-      LD[(i % 2) * 2 * NQ + threadIdx.x] = nl * kLog2e;
-      LD[(i % 2) * 2 * NQ + NQ + threadIdx.x] = nd;
-    }
+  const int64_t b = blockIdx.y / a.Hk, kh = blockIdx.y % a.Hk;
+  const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kRowsT;
+  QueryTiles<NQ> qt(lse, delta, LD, a, b, kh, s_first);  // backward_dkdv's order
+  const auto load = [&](int stage, int64_t h, int64_t t) {
+    unsigned char* st = QG + stage * kStage;
+    load_swizzled<D>(st, 0, q + b * a.q0 + h * a.q2, a.q1, t, a.T);
+    load_swizzled<DV>(st + kQBytes, 0, dout + b * a.g0 + h * a.g2, a.g1, t, a.T);
   };
   load_swizzled<KD>(Ks, 0, k + b * a.k0 + kh * a.k2, a.k1, s_first, a.S);
   if constexpr (KD < D) load_swizzled<D - KD>(Ks, KD, kt + b * a.kt0 + kh * a.kt2, a.kt1, s_first, a.S);
   load_swizzled<DV>(Vs, 0, v + b * a.v0 + kh * a.v2, a.v1, s_first, a.S);
-  issue(0);
-  put(0);
+  qt.issue(0, load);
+  qt.put(0);
   const int64_t sr[2] = {s_first + 16 * warp + g, s_first + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float gk[D / 8][4], gv[DV / 8][4];
   zero<D / 8>(gk);
   zero<DV / 8>(gv);
-  int64_t t0 = t_begin;
-  for (int i = 0; i < tiles; ++i, t0 = t0 + NQ < a.T ? t0 + NQ : t_begin) {
-    issue(i + 1);
-    cp_async_wait<1>();
-    wg::fence_shared();
-    __syncthreads();  // tile i is in for every warp
+  int64_t t0 = qt.t_begin;
+  for (int i = 0; i < qt.tiles; ++i, t0 = qt.next_first(t0)) {
+    qt.issue(i + 1, load);
+    stage_arrived();  // tile i
     const unsigned char* Qs = QG + (i % 2) * kStage;
     const unsigned char* Gs = Qs + kQBytes;
-    const float* Lt = LD + (i % 2) * 2 * NQ;
+    const float* Lt = qt.lse_of(i);
     float st[NQ / 8][4], dpt[NQ / 8][4];  // Sᵀ and dPᵀ: [64 keys][NQ queries]
     // Each step's arithmetic runs while the tensor cores work on the product before it: P while dPᵀ is
     // made, dS while dV's product runs.
@@ -275,7 +251,7 @@ __global__ void __launch_bounds__(kThreadsT, 2)
     wg::pin(flat(gk));
     pin_a(pa);  // the products read them until here
     pin_a(da);
-    put(i + 1);       // the other stage's lse and delta: its last readers were done before this tile began
+    qt.put(i + 1);    // the other stage's lse and delta: its last readers were done before this tile began
     __syncthreads();  // every warp is done with this stage before issue() loads it again
   }
   put_rows<D / 8>(gk, a.scale, accumulate, dk, b, kh, s_first + 16 * warp, a.S);
@@ -292,7 +268,7 @@ __global__ void __launch_bounds__(kThreadsT, 3)
     backward_dq_wg(const bf16* q, const bf16* k, const bf16* kt, const bf16* v, const bf16* dout, const float* lse,
                    const float* delta, GradOut dq, bool accumulate, r1lab::core::cuda::AttnDims a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  unsigned char* Qs = aligned_smem();
+  unsigned char* Qs = wg::smem_base();
   unsigned char* Gs = Qs + panels(D) * kPanel;
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
   const int64_t b = blockIdx.y / a.Hq, h = blockIdx.y % a.Hq, kh = h / (a.Hq / a.Hk);
@@ -314,9 +290,7 @@ __global__ void __launch_bounds__(kThreadsT, 3)
   zero<D / 8>(acc);
   for (int it = 0; it < kvs.tiles; ++it) {
     kvs.issue(it + 1);
-    cp_async_wait<1>();
-    wg::fence_shared();
-    __syncthreads();  // tile it is in for every warp
+    stage_arrived();  // tile it
     const unsigned char* Ks = kvs.keys(it);
     const unsigned char* Vs = kvs.values(it);
     float s[kRowsT / 8][4], dp[kRowsT / 8][4];  // S and dP: [64 queries][64 keys]

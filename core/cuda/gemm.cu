@@ -672,14 +672,8 @@ struct WgTile {
   }
 };
 
-// The block's dynamic shared memory from its first 1024-byte boundary (swizzle atoms start aligned):
-// the pipeline's tiles, then the staged epilogues' rows.
-__device__ __forceinline__ unsigned char* wg_smem_base() {
-  extern __shared__ __align__(16) unsigned char wg_smem[];
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
-  return wg_smem + ((1024 - (base & 1023)) & 1023);
-}
-
+// The warpgroup kernels' dynamic shared memory (wg::smem_base): the pipeline's tiles, then the staged
+// epilogues' rows.
 // The f32 sums of the block's tile at (m0, n0) of one product (64 · kWG rows), as tc_accumulate makes
 // them but in the wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
 // kGather: kGatherA, A's rows at a + rows[i]·lda; kGatherK (kGatherKA), B's (A's) k rows at b + rows[k]·ldb
@@ -695,7 +689,7 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[kBN / 2], const __nv_
   static_assert(!kTmaB || (kBK && kGather != kGatherK), "TMA brings k-contiguous weights in order");
   using TileA = WgTile<kAK, 64 * kWG, 128 * kWG>;
   using TileB = WgTile<kBK, kBN, 128 * kWG>;
-  unsigned char* sa = wg_smem_base();
+  unsigned char* sa = wg::smem_base();
   unsigned char* sb = sa + kStages * TileA::kBytes;
   const __nv_bfloat16* pa = kAK ? a + m0 * lda : a + m0;
   const __nv_bfloat16* pb = kBK ? b + n0 * ldb : b + n0;
@@ -926,7 +920,7 @@ __device__ __forceinline__ void wg_tile(const __nv_bfloat16* a, int64_t lda, con
                                                            b_group);
   if (staged) {
     using S = WgStage<TC, kBN, kWG>;
-    TC* s = reinterpret_cast<TC*>(wg_smem_base());
+    TC* s = reinterpret_cast<TC*>(wg::smem_base());
     __syncthreads();  // every warpgroup is done with the pipeline's buffers
     wg_for_each_local<kBN>([&](int rl, int cl, int i) { S::put(s, rl, cl, acc[i], acc[i + 1]); });
     __syncthreads();
@@ -956,7 +950,7 @@ __device__ __forceinline__ void wg_gated_tile(const __nv_bfloat16* a, int64_t ld
   static_assert(3 * S::kRows * S::kLd * 2 <= wg_smem_bytes(kWG, kBN) - 1024,
                 "the gated tile's three outputs fit the pipeline's memory");
   if (staged) {  // h, then the gate and the up products, each [64 · kWG][kBN / 2] staged
-    __nv_bfloat16* sh = reinterpret_cast<__nv_bfloat16*>(wg_smem_base());
+    __nv_bfloat16* sh = reinterpret_cast<__nv_bfloat16*>(wg::smem_base());
     __nv_bfloat16 *sg = sh + S::kRows * S::kLd, *su = sg + S::kRows * S::kLd;
     __syncthreads();  // every warpgroup is done with the pipeline's buffers
     wg_for_each_local<kBN / 2>([&](int rl, int cl, int i) {
@@ -1055,7 +1049,7 @@ __global__ void __launch_bounds__(128 * kWG, kWG == 1 ? 3 : 2)
                                                   kGather == kGatherA ? dc_rows + t.r0 : nullptr);
   using TS = std::conditional_t<kScaled, float, __nv_bfloat16>;
   using S = WgStage<TS, kTileN, kWG>;
-  TS* s = reinterpret_cast<TS*>(wg_smem_base());
+  TS* s = reinterpret_cast<TS*>(wg::smem_base());
   __syncthreads();  // every warpgroup is done with the pipeline's buffers
   wg_for_each_local<kTileN>([&](int rl, int cl, int i) { S::put(s, rl, cl, acc[i], acc[i + 1]); });
   __syncthreads();

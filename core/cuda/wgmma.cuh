@@ -31,6 +31,14 @@ __device__ __forceinline__ uint64_t desc(const void* smem, uint32_t leading_byte
          static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32 | uint64_t{1} << 62;
 }
 
+// The block's dynamic shared memory from its first 1024-byte boundary (swizzle atoms start aligned);
+// kernels that use it ask for 1024 bytes more than their tiles.
+__device__ __forceinline__ unsigned char* smem_base() {
+  extern __shared__ __align__(16) unsigned char wg_smem[];
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
+  return wg_smem + ((1024 - (base & 1023)) & 1023);
+}
+
 // Orders this warpgroup's register accesses before the products that follow.
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
