@@ -55,15 +55,32 @@ Tensor queries(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
   return q;
 }
 
-// ckv = x · W_kvaᵀ = [c | k_pe];  c_out [M, r] rows = rmsnorm(c);  pe_out [M, H, rope] = rope(k_pe) in
-// each of its H heads (f32, or bf16 rounded once; H 1 where the heads read one row).
-// Keeps ckv and the norm's rstd in `a`. (The paged path makes the same rows straight into its cache
-// slots: Backend::store_latents.)
+// q = x · W_qᵀ ([M, heads, nope + rope], its rope parts not rotated) and ckv = x · W_kvaᵀ = [c | k_pe]
+// ([M, r + rope]): one product where the two weights lie one after the other (without query
+// compression the parameter layout puts kv_a_proj right after q_proj), both views of its output; else
+// queries() and a product of its own.
+std::pair<Tensor, Tensor> queries_and_latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w,
+                                              const core::RopeTable& rope, const Tensor& xin, const Tensor& positions,
+                                              AttentionActs* a) {
+  const int64_t m = xin.size(0), heads = cfg.num_attention_heads, qn = heads * cfg.qk_head_dim();
+  const int64_t lat = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+  const Tensor both = cfg.q_lora_rank == 0 ? stacked_with(w.q_proj, w.kv_a_proj) : Tensor();
+  if (both.defined()) {
+    Tensor out = be.empty({m, qn + lat});
+    be.gemm(xin, false, both, true, out);
+    return {split_heads(out.slice(1, 0, qn), heads), out.slice(1, qn, lat)};
+  }
+  Tensor ckv = be.empty({m, lat});
+  be.gemm(xin, false, w.kv_a_proj, true, ckv);
+  return {queries(be, cfg, w, rope, xin, positions, a, /*rotate=*/false), ckv};
+}
+
+// From a.ckv = [c | k_pe]: c_out [M, r] rows = rmsnorm(c);  pe_out [M, H, rope] = rope(k_pe) in each of
+// its H heads (f32, or bf16 rounded once; H 1 where the heads read one row). Keeps the norm's rstd in
+// `a`. (The paged path makes the same rows straight into its cache slots: Backend::store_latents.)
 void latents(core::Backend& be, const ModelConfig& cfg, const LayerWeights& w, const core::RopeTable& rope,
-             const Tensor& x, const Tensor& positions, Tensor& c_out, Tensor& pe_out, AttentionActs& a) {
-  const int64_t m = x.size(0), r = cfg.kv_lora_rank, rd = cfg.qk_rope_head_dim;
-  a.ckv = be.empty({m, r + rd});
-  be.gemm(x, false, w.kv_a_proj, true, a.ckv);
+             const Tensor& positions, Tensor& c_out, Tensor& pe_out, AttentionActs& a) {
+  const int64_t m = a.ckv.size(0), r = cfg.kv_lora_rank, rd = cfg.qk_rope_head_dim;
   a.c_rstd = be.empty({m});
   be.rmsnorm_forward(a.ckv.slice(1, 0, r), w.kv_a_norm, static_cast<float>(cfg.rms_norm_eps), c_out, a.c_rstd);
   be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1).expand({m, pe_out.size(1), rd}), pe_out, positions, rope,
@@ -107,15 +124,25 @@ void attention_operands(core::Backend& be, const ModelConfig& cfg, const LayerWe
   const int64_t m = xin.size(0), heads = cfg.num_attention_heads;
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
-  a.q = rotated_operand(be, cfg, rope, queries(be, cfg, w, rope, xin, positions, &a, /*rotate=*/false), positions);
   // The shared rope key in the products' dtype, rotated once (attention reads it for every head), with
   // the compressed latent made first where it is not kept.
   a.k_pe = be.empty({m, 1, rd}, product_dtype(be));
   if (latents_kept) {
+    a.q = rotated_operand(be, cfg, rope, queries(be, cfg, w, rope, xin, positions, &a, /*rotate=*/false), positions);
     be.rope_from(a.ckv.slice(1, r, rd).unsqueeze(1), a.k_pe, positions, rope, cfg.rope_interleave);
   } else {
+    auto [q, ckv] = queries_and_latents(be, cfg, w, rope, xin, positions, &a);
+    // ckv is kept for backward: compact where it is a view of a wider output (whose query columns go
+    // once they are rotated into the operand).
+    if (ckv.is_contiguous()) {
+      a.ckv = ckv;
+    } else {
+      a.ckv = be.empty(ckv.shape());
+      be.copy(ckv, a.ckv);
+    }
+    a.q = rotated_operand(be, cfg, rope, q, positions);
     a.c_norm = be.empty({m, r}, product_dtype(be));
-    latents(be, cfg, w, rope, xin, positions, a.c_norm, a.k_pe, a);
+    latents(be, cfg, w, rope, positions, a.c_norm, a.k_pe, a);
   }
   // kv in the products' dtype: the keys' nope parts and the values, read where the product puts them.
   a.kv = be.empty({m, heads, nope + vd}, product_dtype(be));
@@ -248,21 +275,7 @@ void mla_forward_paged(core::Backend& be, const ModelConfig& cfg, const LayerWei
   const int64_t nope = cfg.qk_nope_head_dim, rd = cfg.qk_rope_head_dim;
   const int64_t r = cfg.kv_lora_rank, vd = cfg.v_head_dim;
   const Tensor xin = product_operand(be, x);
-  // q = x · W_qᵀ and ckv = x · W_kvaᵀ: one product where the two weights lie one after the other (the
-  // parameter layout puts kv_a_proj right after q_proj), else two.
-  Tensor q, ckv;
-  const int64_t qn = heads * cfg.qk_head_dim();
-  const Tensor both = cfg.q_lora_rank == 0 ? stacked_with(w.q_proj, w.kv_a_proj) : Tensor();
-  if (both.defined()) {
-    Tensor out = be.empty({m, qn + r + rd});
-    be.gemm(xin, false, both, true, out);
-    q = split_heads(out.slice(1, 0, qn), heads);
-    ckv = out.slice(1, qn, r + rd);
-  } else {
-    q = queries(be, cfg, w, rope, xin, st.positions, nullptr, /*rotate=*/false);
-    ckv = be.empty({m, r + rd});
-    be.gemm(xin, false, w.kv_a_proj, true, ckv);
-  }
+  const auto [q, ckv] = queries_and_latents(be, cfg, w, rope, xin, st.positions, nullptr);
   // In one pass: the new rows [rmsnorm(c) | rope(k_pe)] of ckv, straight into their cache slots; the
   // queries' rope parts rotated into place; their nope parts in the product's dtype.
   Tensor pool = cache.layer(layer);
