@@ -510,6 +510,11 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 __device__ __forceinline__ void put(float* p, float v) { *p = v; }
 __device__ __forceinline__ void put(tc::bf16* p, float v) { *p = __float2bfloat16(v); }
+// Two adjacent values at p (aligned to both).
+__device__ __forceinline__ void put2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void put2(tc::bf16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
 
 // out[i, h] = Σ_z acc_z · e^(m_z - M) / Σ_z l_z · e^(m_z - M), M = max_z m_z (splits without positions
 // carry m = -inf, l = 0); out f32 or bf16. grid (N, H), 128 threads.
@@ -549,23 +554,30 @@ __global__ void paged_combine_kernel(const float* part_ml, const float* part_acc
 // buffers, and each tile is widened into one bf16 tile before its products: the stored values times
 // their power-of-two scales, exact in bf16, so attention over fp8 rows is the same kernel over their
 // dequantised values, reading 0.58 of a bf16 row's bytes (r 256, rope 32).
+// On Hopper (sm_90a) each latent row comes as one bulk copy (cp.async.bulk, a lane a row) completing on
+// its buffer's barrier, in place of 16-byte cp.async pieces from every lane; rows past the end are
+// zeroed by their lane (only a sequence's last tile has them).
 constexpr int kLatTile = 64, kLatWarps = 8, kLatHeads = 16;
 
 // The shared memory of paged_latent_tc_kernel for rows of D values (row_bytes each where kFp8).
 constexpr size_t paged_tc_smem(int64_t D, bool fp8, int64_t row_bytes) {
   return sizeof(tc::bf16) * ((kLatHeads + (fp8 ? 1 : 2) * kLatTile) * (D + 8) + kLatHeads * (kLatTile + 8)) +
-         sizeof(float) * 2 * kLatWarps * 16 + (fp8 ? 2 * kLatTile * row_bytes : 0);
+         sizeof(float) * 2 * kLatWarps * 16 + (fp8 ? 2 * kLatTile * row_bytes : 0) + 2 * sizeof(uint64_t);
 }
 
 // pool: rows of row_bytes bytes (bf16 values, or fp8 rows where kFp8).
-template <int kDvw, typename TO, bool kFp8>  // dv / 8: the columns of one warp; the output's dtype (f32 or bf16)
+// kDvw: dv / 8, the columns of one warp; kD: the row's values where the launch knows them at compile time
+// (the products' shared-memory addresses are then constants, and the loop over the row unrolled: the
+// kernel's integer work was most of its instructions), else 0 and `row` says; TO: the output's dtype
+// (f32 or bf16).
+template <int kDvw, int kD, typename TO, bool kFp8>
 __global__ void __launch_bounds__(kLatWarps * 32)
     paged_latent_tc_kernel(const float* q, int64_t qs0, int64_t qs1, const unsigned char* pool, int64_t row_bytes,
-                           int64_t pool_rows, int block_size, const int32_t* tables, int64_t max_blocks,
-                           int64_t n_seq, const int32_t* starts, const int32_t* ctx, TO* out, int64_t os0,
-                           int64_t os1, int64_t heads, int D, float scale, int64_t split_len, float* part_ml,
-                           float* part_acc) {
+                           int64_t pool_rows, int block_size, const int32_t* tables, int64_t max_blocks, int64_t n_seq,
+                           const int32_t* starts, const int32_t* ctx, TO* out, int64_t os0, int64_t os1, int64_t heads,
+                           int row, float scale, int64_t split_len, float* part_ml, float* part_acc) {
   constexpr int kNt = kDvw / 8;  // accumulator n-tiles of a warp
+  const int D = kD > 0 ? kD : row;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = D + 8;  // bf16 row stride of the Q and K tiles (an odd number of 16-byte units)
   constexpr int kLdp = kLatTile + 8;
@@ -579,32 +591,101 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   const auto arrival = [&](int b) {
     return kFp8 ? staging + b * kLatTile * row_bytes : reinterpret_cast<unsigned char*>(Ks + b * kLatTile * ld);
   };
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kBulk = true;
+#else
+  constexpr bool kBulk = false;
+#endif
+  // The buffers' barriers (kBulk): each warp arrives once a tile, announcing its rows' bytes.
+  uint64_t* bars = reinterpret_cast<uint64_t*>(staging + (kFp8 ? 2 * kLatTile * row_bytes : 0));
+  if constexpr (kBulk) {
+    if (threadIdx.x == 0) {
+      wg::bar_init(&bars[0], kLatWarps);
+      wg::bar_init(&bars[1], kLatWarps);
+      wg::bars_initialized();
+    }
+    __syncthreads();
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t i = blockIdx.x, h0 = static_cast<int64_t>(blockIdx.y) * kLatHeads;
-  const int32_t s = seq_of_row(starts, n_seq, i);
-  const int64_t last = ctx[s] - (starts[s + 1] - starts[s]) + (i - starts[s]);  // own position
-  const int64_t z = blockIdx.z, splits = gridDim.z;
-  const int64_t begin = z * split_len, end = splits == 1 ? last : min(last, begin + split_len - 1);
+  // Q: 16 heads (zeros past the last) in bf16, as float4 loads issued kBatch at a time (a loop of one
+  // load each would wait out a memory round trip per element). The host checks the alignment. The first
+  // kBatch a thread are issued before anything else waits, and stored once the first tile is on its way.
+  constexpr int kBatch = 8;
+  const int quads = D / 4, q_total = kLatHeads * quads;
+  float4 qv[kBatch];
+  const auto load_q = [&](int base) {
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int e = base + k * blockDim.x, r = e / quads;
+      qv[k] = e < q_total && h0 + r < heads
+                  ? __ldg(reinterpret_cast<const float4*>(q + i * qs0 + (h0 + r) * qs1) + e % quads)
+                  : make_float4(0, 0, 0, 0);
+    }
+  };
+  const auto store_q = [&](int base) {
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int e = base + k * blockDim.x;
+      if (e >= q_total) break;
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(Qs + (e / quads) * ld + 4 * (e % quads));
+      dst[0] = __floats2bfloat162_rn(qv[k].x, qv[k].y);
+      dst[1] = __floats2bfloat162_rn(qv[k].z, qv[k].w);
+    }
+  };
+  load_q(threadIdx.x);
   // A warp takes every kLatWarps-th row of a tile. Its lanes look up those rows' block-table entries
   // together a tile ahead of the tile's load (the entries arrive while the tile before is computed),
   // then the rows come in 16-byte pieces (zeros past the end).
   const int pieces = static_cast<int>(kFp8 ? row_bytes / 16 : D / 8);
   constexpr int kRowsPerWarp = kLatTile / kLatWarps;
   struct Entry {
-    int32_t blk;  // the lane's row's block-table entry, -1 past the end (loaded; read only by fetch)
-    int64_t pos;
+    int32_t blk;  // the lane's row's block-table entry, -1 outside the table (read only by fetch)
+    int32_t at;   // the row's place in its block
+    int32_t pos;  // the row's position (fetch takes it only up to the end)
   };
-  const auto lookup = [&](int64_t p0) {
-    Entry e{-1, p0 + warp + kLatWarps * lane};
-    if (lane < kRowsPerWarp && e.pos <= end) e.blk = tables[s * max_blocks + e.pos / block_size];
+  const auto lookup = [&](int32_t seq, int64_t p0) {
+    // Positions fit 32 bits (the host checks the tables' extent), and 32-bit division is a fraction of
+    // 64-bit division's instructions.
+    const int32_t pos = static_cast<int32_t>(p0 + warp + kLatWarps * lane);
+    const uint32_t in_table = static_cast<uint32_t>(pos) / static_cast<uint32_t>(block_size);
+    Entry e{-1, static_cast<int32_t>(static_cast<uint32_t>(pos) - in_table * static_cast<uint32_t>(block_size)), pos};
+    if (lane < kRowsPerWarp && in_table < max_blocks) e.blk = tables[seq * max_blocks + in_table];
     return e;
   };
+  // The row's sequence. In a decode step row i is sequence i: its bounds, its context length and its
+  // first tile's entries are loaded together on that guess (one memory round trip before the first
+  // tile's copy, not four), and again where the guess is wrong.
+  const int64_t z = blockIdx.z, splits = gridDim.z, begin = z * split_len;
+  int32_t s = static_cast<int32_t>(min(i, n_seq - 1));
+  int32_t s0 = starts[s], s1 = starts[s + 1], cs = ctx[s];
+  Entry first = lookup(s, begin);
+  if (!(s0 <= i && i < s1)) {
+    s = seq_of_row(starts, n_seq, i);
+    s0 = starts[s], s1 = starts[s + 1], cs = ctx[s];
+    first = lookup(s, begin);
+  }
+  const int64_t last = cs - (s1 - s0) + (i - s0);  // own position
+  const int64_t end = splits == 1 ? last : min(last, begin + split_len - 1);
   // The warp's kRowsPerWarp × pieces copies spread over all its lanes: copy e = lane + 32·j is piece
   // e % pieces of the warp's row e / pieces (kept as a running row and piece, no division a copy).
   const int total = kRowsPerWarp * pieces, row0 = lane / pieces, piece0 = lane % pieces;
-  const auto fetch = [&](unsigned char* rows, const Entry& e) {
-    const int64_t row = static_cast<int64_t>(e.blk) * block_size + e.pos % block_size;
-    const int64_t mine = e.blk >= 0 && row < pool_rows ? row : -1;
+  const auto fetch = [&](unsigned char* rows, const Entry& e, uint64_t* bar) {
+    const int64_t row = static_cast<int64_t>(e.blk) * block_size + e.at;
+    const int64_t mine = e.pos <= end && e.blk >= 0 && row < pool_rows ? row : -1;
+    if constexpr (kBulk) {
+      const uint32_t bytes = 16 * pieces;
+      const unsigned copied = __ballot_sync(0xffffffffu, mine >= 0);
+      if (lane == 0) wg::bar_expect(bar, __popc(copied) * bytes);
+      __syncwarp();
+      unsigned char* dst = rows + (warp + kLatWarps * lane) * arrive_ld;
+      if (mine >= 0) {
+        wg::bulk_load(dst, pool + mine * row_bytes, bytes, bar);
+      } else if (lane < kRowsPerWarp) {
+        for (int piece = 0; piece < pieces; ++piece) reinterpret_cast<uint4*>(dst)[piece] = make_uint4(0, 0, 0, 0);
+      }
+      return;
+    }
     int k = row0, piece = piece0;
     for (int e0 = 0; e0 < total; e0 += 32) {
       const int64_t r = __shfl_sync(0xffffffffu, mine, min(k, kRowsPerWarp - 1));
@@ -616,48 +697,34 @@ __global__ void __launch_bounds__(kLatWarps * 32)
     }
     tc::cp_async_commit();
   };
-  // The first tile's rows are on their way before q is loaded, and the second's entries.
-  if (begin <= end) fetch(arrival(0), lookup(begin));
-  Entry ahead = lookup(begin + kLatTile);
-  // Q: 16 heads (zeros past the last) in bf16, as float4 loads issued kBatch at a time (a loop of one
-  // load each would wait out a memory round trip per element). The host checks the alignment.
-  {
-    constexpr int kBatch = 8;
-    const int quads = D / 4, total = kLatHeads * quads;
-    for (int base = threadIdx.x; base < total; base += blockDim.x * kBatch) {
-      float4 v[kBatch];
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int e = base + k * blockDim.x, r = e / quads;
-        v[k] = e < total && h0 + r < heads
-                   ? __ldg(reinterpret_cast<const float4*>(q + i * qs0 + (h0 + r) * qs1) + e % quads)
-                   : make_float4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int e = base + k * blockDim.x;
-        if (e >= total) break;
-        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(Qs + (e / quads) * ld + 4 * (e % quads));
-        dst[0] = __floats2bfloat162_rn(v[k].x, v[k].y);
-        dst[1] = __floats2bfloat162_rn(v[k].z, v[k].w);
-      }
-    }
+  // The first tile's rows are on their way before q is stored, and the second's entries.
+  if (begin <= end) fetch(arrival(0), first, &bars[0]);
+  Entry ahead = lookup(s, begin + kLatTile);
+  store_q(threadIdx.x);
+  for (int base = threadIdx.x + blockDim.x * kBatch; base < q_total; base += blockDim.x * kBatch) {
+    load_q(base);
+    store_q(base);
   }
   const float scale_log2 = scale * 1.4426950408889634f;
   float acc[kNt][4];
 #pragma unroll
   for (int t = 0; t < kNt; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};  // rows g and g + 8, log2 units
+  if constexpr (kBulk) __syncthreads();                // Q (the loop's first barrier shows it otherwise)
   int buf = 0;
-  for (int64_t p0 = begin; p0 <= end; p0 += kLatTile, buf ^= 1) {
+  uint32_t uses = 0;  // of each buffer before this tile's (kBulk: its barrier's phase parity)
+  for (int64_t p0 = begin; p0 <= end; p0 += kLatTile, buf ^= 1, uses += buf == 0) {
     if (p0 + kLatTile <= end) {
-      fetch(arrival(buf ^ 1), ahead);
-      ahead = lookup(p0 + 2 * kLatTile);
-      tc::cp_async_wait<1>();
-    } else {
+      fetch(arrival(buf ^ 1), ahead, &bars[buf ^ 1]);
+      ahead = lookup(s, p0 + 2 * kLatTile);
+      if constexpr (!kBulk) tc::cp_async_wait<1>();
+    } else if constexpr (!kBulk) {
       tc::cp_async_wait<0>();
     }
-    __syncthreads();
+    if constexpr (kBulk)
+      wg::bar_wait(&bars[buf], uses & 1);
+    else
+      __syncthreads();
     const tc::bf16* K = Ks + (kFp8 ? 0 : buf * kLatTile * ld);
     if constexpr (kFp8) {
       // The staged fp8 rows into the bf16 tile, 8 values a thread at a time: the latent's E4M3 values
@@ -691,30 +758,41 @@ __global__ void __launch_bounds__(kLatWarps * 32)
       }
       __syncthreads();
     }
-    // S for this warp's 8 positions (one 16×8 block), 32 of the latent row at a time (two chains of
-    // products, summed at the end), then the last 16 if D is an odd multiple of 16.
-    float sc[4] = {0, 0, 0, 0}, sc2[4] = {0, 0, 0, 0};
+    // S for this warp's 8 positions (one 16×8 block), 64 of the latent row at a time in four chains of
+    // products (summed at the end: the chains' latencies overlap), then what is left by 32 and 16.
+    float chain[4][4] = {};
     const tc::bf16* Kw = K + warp * 8 * ld;
-    int kk = 0;
-    for (; kk + 32 <= D; kk += 32) {
+    const auto step32 = [&](int kk, float(&c0)[4], float(&c1)[4]) {
       uint32_t a0[4], a1[4], b[4];
       tc::load_a(a0, Qs + kk, ld);
       tc::load_a(a1, Qs + kk + 16, ld);
       tc::load_b_nk32(b, Kw + kk, ld);
-      tc::mma(sc, a0, b[0], b[1]);
-      tc::mma(sc2, a1, b[2], b[3]);
+      tc::mma(c0, a0, b[0], b[1]);
+      tc::mma(c1, a1, b[2], b[3]);
+    };
+    int kk = 0;
+    for (; kk + 64 <= D; kk += 64) {
+      step32(kk, chain[0], chain[1]);
+      step32(kk + 32, chain[2], chain[3]);
+    }
+    if (kk + 32 <= D) {
+      step32(kk, chain[0], chain[1]);
+      kk += 32;
     }
     if (kk < D) {
       uint32_t a0[4], b[2];
       tc::load_a(a0, Qs + kk, ld);
       tc::load_b_nk8(b, Kw + kk, ld);
-      tc::mma(sc, a0, b[0], b[1]);
+      tc::mma(chain[2], a0, b[0], b[1]);
     }
+    float sc[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sc[e] = (chain[0][e] + chain[1][e]) + (chain[2][e] + chain[3][e]);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t pos = p0 + warp * 8 + 2 * c + (e & 1);
-      sc[e] = pos <= end ? (sc[e] + sc2[e]) * scale_log2 : -INFINITY;
+      sc[e] = pos <= end ? sc[e] * scale_log2 : -INFINITY;
       mx[e / 2] = fmaxf(mx[e / 2], sc[e]);
     }
 #pragma unroll
@@ -790,17 +868,22 @@ __global__ void __launch_bounds__(kLatWarps * 32)
 #pragma unroll
       for (int t = 0; t < kNt; ++t) {
         const int64_t col = warp * kDvw + t * 8 + 2 * c;
-        part_acc[slot * dv + col] = acc[t][2 * r];
-        part_acc[slot * dv + col + 1] = acc[t][2 * r + 1];
+        *reinterpret_cast<float2*>(part_acc + slot * dv + col) = make_float2(acc[t][2 * r], acc[t][2 * r + 1]);
       }
     } else {
       TO* o = out + i * os0 + h * os1;
       const float inv = 1.0f / l[r];
+      // A lane's two columns in one store where the row allows (each store is waited out at the exit).
+      const bool pairs = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(TO)) == 0;
 #pragma unroll
       for (int t = 0; t < kNt; ++t) {
         const int64_t col = warp * kDvw + t * 8 + 2 * c;
-        put(o + col, acc[t][2 * r] * inv);
-        put(o + col + 1, acc[t][2 * r + 1] * inv);
+        if (pairs) {
+          put2(o + col, acc[t][2 * r] * inv, acc[t][2 * r + 1] * inv);
+        } else {
+          put(o + col, acc[t][2 * r] * inv);
+          put(o + col + 1, acc[t][2 * r + 1] * inv);
+        }
       }
     }
   }
@@ -1181,6 +1264,7 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
   if (n == 0) return;
   Op op(this, "paged_latent_attention", 0, 4.0 * (q.numel() + out.numel()));
   const int64_t longest = block_tables.size(1) * block_size;
+  CHECK_LT(longest, int64_t{1} << 31) << "paged latent attention: block tables over 2^31 positions";
   // The context split over blocks when the query rows leave SMs idle (flash-decoding): at most
   // want_blocks in all, none shorter than min_len positions; each split leaves partial results that
   // paged_combine_kernel merges.
@@ -1226,10 +1310,13 @@ void CudaBackend::paged_latent_attention(const Tensor& q, const Tensor& pool, in
     const auto launch = [&](auto* tag, auto fp8_tag) {
       using TO = std::remove_pointer_t<decltype(tag)>;
       constexpr bool kFp8 = decltype(fp8_tag)::value;
-      const auto kernel = dv == 64    ? paged_latent_tc_kernel<8, TO, kFp8>
-                          : dv == 128 ? paged_latent_tc_kernel<16, TO, kFp8>
-                          : dv == 256 ? paged_latent_tc_kernel<32, TO, kFp8>
-                                      : paged_latent_tc_kernel<64, TO, kFp8>;
+      // Rows known at compile time: DeepSeek-V3's (512 + rope 64) and the benchmark model's (256 + 32).
+      const auto kernel = dv == 512 && d == 576   ? paged_latent_tc_kernel<64, 576, TO, kFp8>
+                          : dv == 256 && d == 288 ? paged_latent_tc_kernel<32, 288, TO, kFp8>
+                          : dv == 64              ? paged_latent_tc_kernel<8, 0, TO, kFp8>
+                          : dv == 128             ? paged_latent_tc_kernel<16, 0, TO, kFp8>
+                          : dv == 256             ? paged_latent_tc_kernel<32, 0, TO, kFp8>
+                                                  : paged_latent_tc_kernel<64, 0, TO, kFp8>;
       const size_t smem = paged_tc_smem(d, kFp8, row_bytes);
       set_smem(kernel, smem);
       // Up to two blocks an SM: more splits cost more than they give once every SM is busy (their partial

@@ -728,7 +728,7 @@ __device__ __forceinline__ void wg_accumulate(float (&acc)[kBN / 2], const __nv_
   if constexpr (kTmaB) {
     if (threadIdx.x == 0) {
       for (int i = 0; i < kStages; ++i) wg::bar_init(&b_bars[i], 1);
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+      wg::bars_initialized();
     }
     __syncthreads();
   }
