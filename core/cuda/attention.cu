@@ -596,16 +596,6 @@ __global__ void __launch_bounds__(kLatWarps * 32)
 #else
   constexpr bool kBulk = false;
 #endif
-  // The buffers' barriers (kBulk): each warp arrives once a tile, announcing its rows' bytes.
-  uint64_t* bars = reinterpret_cast<uint64_t*>(staging + (kFp8 ? 2 * kLatTile * row_bytes : 0));
-  if constexpr (kBulk) {
-    if (threadIdx.x == 0) {
-      wg::bar_init(&bars[0], kLatWarps);
-      wg::bar_init(&bars[1], kLatWarps);
-      wg::bars_initialized();
-    }
-    __syncthreads();
-  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t i = blockIdx.x, h0 = static_cast<int64_t>(blockIdx.y) * kLatHeads;
   // Q: 16 heads (zeros past the last) in bf16, as float4 loads issued kBatch at a time (a loop of one
@@ -667,6 +657,17 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   }
   const int64_t last = cs - (s1 - s0) + (i - s0);  // own position
   const int64_t end = splits == 1 ? last : min(last, begin + split_len - 1);
+  // The buffers' barriers (kBulk), made while the loads above are in flight: each warp arrives once a
+  // tile, announcing its rows' bytes.
+  uint64_t* bars = reinterpret_cast<uint64_t*>(staging + (kFp8 ? 2 * kLatTile * row_bytes : 0));
+  if constexpr (kBulk) {
+    if (threadIdx.x == 0) {
+      wg::bar_init(&bars[0], kLatWarps);
+      wg::bar_init(&bars[1], kLatWarps);
+      wg::bars_initialized();
+    }
+    __syncthreads();
+  }
   // The warp's kRowsPerWarp × pieces copies spread over all its lanes: copy e = lane + 32·j is piece
   // e % pieces of the warp's row e / pieces (kept as a running row and piece, no division a copy).
   const int total = kRowsPerWarp * pieces, row0 = lane / pieces, piece0 = lane % pieces;
@@ -709,7 +710,9 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   float acc[kNt][4];
 #pragma unroll
   for (int t = 0; t < kNt; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};  // rows g and g + 8, log2 units
+  // Rows g and g + 8: the running maxima (log2 units), and this warp's share of the sums (its
+  // positions' weights; the warps' shares are added once, after the last tile).
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
   if constexpr (kBulk) __syncthreads();                // Q (the loop's first barrier shows it otherwise)
   int buf = 0;
   uint32_t uses = 0;  // of each buffer before this tile's (kBulk: its barrier's phase parity)
@@ -827,14 +830,10 @@ __global__ void __launch_bounds__(kLatWarps * 32)
       sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
       sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
     }
-    if (c == 0) red[kLatWarps * 16 + warp * 16 + g] = sum[0], red[kLatWarps * 16 + warp * 16 + g + 8] = sum[1];
-    __syncthreads();
+    __syncthreads();  // P
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float tile = 0;
-#pragma unroll
-      for (int w = 0; w < kLatWarps; ++w) tile += red[kLatWarps * 16 + w * 16 + g + 8 * r];
-      l[r] = l[r] * alpha[r] + tile;
+      l[r] = l[r] * alpha[r] + sum[r];
       m[r] = mn[r];
     }
 #pragma unroll
@@ -855,7 +854,16 @@ __global__ void __launch_bounds__(kLatWarps * 32)
         if constexpr (kNt > 1) tc::mma(acc[t + 1], a, b[2], b[3]);
       }
     }
-    __syncthreads();  // every warp is done with this tile, P and the sums before they are written again
+    __syncthreads();  // every warp is done with this tile, P and the maxima before they are written again
+  }
+  // The sums: the warps' shares added in warp order.
+  if (c == 0) red[kLatWarps * 16 + warp * 16 + g] = l[0], red[kLatWarps * 16 + warp * 16 + g + 8] = l[1];
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = 0;
+#pragma unroll
+    for (int w = 0; w < kLatWarps; ++w) l[r] += red[kLatWarps * 16 + w * 16 + g + 8 * r];
   }
   const int64_t dv = kLatWarps * kDvw;
 #pragma unroll
