@@ -372,6 +372,18 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocks)
   put_forward<DV>(o, m, l, tr, out, lse, b, h, a);
 }
 
+// A dq block's rows tr (of head h in batch b): their lse L in the log2 domain and their delta Dl, zeros
+// past the end.
+__device__ __forceinline__ void row_stats(const float* lse, const float* delta, const int64_t (&tr)[2], int64_t b,
+                                          int64_t h, const r1lab::core::cuda::AttnDims& a, float (&L)[2],
+                                          float (&Dl)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    L[r] = tr[r] < a.T ? lse[(b * a.Hq + h) * a.T + tr[r]] * kLog2e : 0.0f;
+    Dl[r] = tr[r] < a.T ? delta[(b * a.Hq + h) * a.T + tr[r]] : 0.0f;
+  }
+}
+
 // P of a dq tile in place of its scores s (the warp's 16 queries, rows tr, by the 64 keys from s0), with
 // the rows' lse L (log2 domain): p = 2^(s·sl2 − L); 0 where a query lies past its end or the key after it.
 // A tile wholly inside the causal triangle (every query valid, every key at or before the first query's
@@ -428,11 +440,7 @@ __global__ void __launch_bounds__(kThreadsT, Layout<D, DV>::kMinBlocksBackward)
   const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float L[2], Dl[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    L[r] = tr[r] < a.T ? lse[(b * a.Hq + h) * a.T + tr[r]] * kLog2e : 0.0f;
-    Dl[r] = tr[r] < a.T ? delta[(b * a.Hq + h) * a.T + tr[r]] : 0.0f;
-  }
+  row_stats(lse, delta, tr, b, h, a, L, Dl);
   float acc[D / 8][4];
   zero<D / 8>(acc);
   kvs.for_each_tile([&](const bf16* Ks, const bf16* Vs, int64_t s0) {

@@ -281,11 +281,7 @@ __global__ void __launch_bounds__(kThreadsT, 3)
   const int64_t tr[2] = {t0 + 16 * warp + g, t0 + 16 * warp + g + 8};
   const float sl2 = a.scale * kLog2e;
   float L[2], Dl[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    L[r] = tr[r] < a.T ? lse[(b * a.Hq + h) * a.T + tr[r]] * kLog2e : 0.0f;
-    Dl[r] = tr[r] < a.T ? delta[(b * a.Hq + h) * a.T + tr[r]] : 0.0f;
-  }
+  row_stats(lse, delta, tr, b, h, a, L, Dl);
   float acc[D / 8][4];
   zero<D / 8>(acc);
   for (int it = 0; it < kvs.tiles; ++it) {
