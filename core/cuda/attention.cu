@@ -713,7 +713,8 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   // Rows g and g + 8: the running maxima (log2 units), and this warp's share of the sums (its
   // positions' weights; the warps' shares are added once, after the last tile).
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
-  if constexpr (kBulk) __syncthreads();                // Q (the loop's first barrier shows it otherwise)
+  // Q (and rows zeroed by the first fetch) before the first tile; without kBulk the loop's first barrier.
+  if constexpr (kBulk) __syncthreads();
   int buf = 0;
   uint32_t uses = 0;  // of each buffer before this tile's (kBulk: its barrier's phase parity)
   for (int64_t p0 = begin; p0 <= end; p0 += kLatTile, buf ^= 1, uses += buf == 0) {
