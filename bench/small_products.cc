@@ -3,7 +3,9 @@
 // ceiling for the experts' products. Then chains of a small elementwise kernel, alone
 // and between cuBLAS products, with and without programmatic dependent launch (PDL): the price of a
 // kernel boundary. Then the step's dense products (few rows, a bf16 weight each): cublasGemmEx's default
-// choice against every algorithm cuBLASLt's heuristic offers for the shape (the heuristic's first, the
+// choice, the same with k split in 2 or 4 parts as one strided batch (partial sums a plane each, which
+// the kernel after the product would add), and every algorithm cuBLASLt's heuristic offers for the
+// shape (the heuristic's first, the
 // fastest, its split-k and waves), each timed in a graph of back-to-back calls that cycle through enough
 // copies of the weight to miss L2, as a decode step reads each weight once. Shapes from the model
 // config, at the rows given.
@@ -190,8 +192,8 @@ int main(int argc, char** argv) {
     cudaFree(wc);
   }
   std::printf(
-      "| rows | product | n x k | default us | heuristic #0 us | best us | best: #, split-k, waves | "
-      "best vs default | weight GB/s (best) |\n|---|---|---|---|---|---|---|---|---|\n");
+      "| rows | product | n x k | default us | k in 2 / 4 us | heuristic #0 us | best us | best: #, split-k, waves | "
+      "best vs default | weight GB/s (best) |\n|---|---|---|---|---|---|---|---|---|---|\n");
   for (const std::string& rs : absl::GetFlag(FLAGS_rows)) {
     const int64_t m = std::stoll(rs);
     for (const Shape& sh : shapes) {
@@ -208,7 +210,7 @@ int main(int argc, char** argv) {
       float* c;
       CUDA_CHECK(cudaMalloc(&x, static_cast<size_t>(m * k) * 2));
       CUDA_CHECK(cudaMemset(x, 0x3c, static_cast<size_t>(m * k) * 2));
-      CUDA_CHECK(cudaMalloc(&c, static_cast<size_t>(m * n) * 4));
+      CUDA_CHECK(cudaMalloc(&c, static_cast<size_t>(4 * m * n) * 4));
       const float alpha = 1, beta = 0;
       // Row-major c[m, n] = x[m, k] · w[n, k]ᵀ is column-major cᵀ[n, m] = w[k, n]ᵀ · xᵀ[k, m].
       const double t_default = time_graph(s, calls, [&](int i) {
@@ -217,6 +219,21 @@ int main(int argc, char** argv) {
                                   static_cast<int>(k), x, CUDA_R_16BF, static_cast<int>(k), &beta, c, CUDA_R_32F,
                                   static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       });
+      // k split in parts as one strided batch of products, each part's f32 sums in a plane of its own
+      // (the kernel after the product would add the planes in a fixed order: deterministic, no atomics).
+      double t_split[2] = {0, 0};
+      for (int u = 0; u < 2; ++u) {
+        const int parts = u == 0 ? 2 : 4;
+        if (k % (8 * parts) != 0) continue;
+        const int64_t kp = k / parts;
+        t_split[u] = time_graph(s, calls, [&](int i) {
+          CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+              blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m), static_cast<int>(kp), &alpha,
+              w[static_cast<size_t>(i % copies)], CUDA_R_16BF, static_cast<int>(k), kp, x, CUDA_R_16BF,
+              static_cast<int>(k), kp, &beta, c, CUDA_R_32F, static_cast<int>(n), m * n, parts, CUBLAS_COMPUTE_32F,
+              CUBLAS_GEMM_DEFAULT));
+        });
+      }
       cublasLtMatmulDesc_t op;
       CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
       const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
@@ -259,9 +276,9 @@ int main(int argc, char** argv) {
       if (best >= 0)
         CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(
             &res[static_cast<size_t>(best)].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split, sizeof(split), nullptr));
-      std::printf("| %lld | %s | %lld x %lld | %.2f | %.2f | %.2f | #%d, %d, %.2f | %.2fx | %.0f |\n",
+      std::printf("| %lld | %s | %lld x %lld | %.2f | %.2f / %.2f | %.2f | %.2f | #%d, %d, %.2f | %.2fx | %.0f |\n",
                   static_cast<long long>(m), sh.name.c_str(), static_cast<long long>(n), static_cast<long long>(k),
-                  1e3 * t_default, 1e3 * t_first, 1e3 * t_best, best, split,
+                  1e3 * t_default, 1e3 * t_split[0], 1e3 * t_split[1], 1e3 * t_first, 1e3 * t_best, best, split,
                   best >= 0 ? res[static_cast<size_t>(best)].wavesCount : 0.0f, t_default / t_best,
                   wbytes / (t_best * 1e-3) / 1e9);
       std::fflush(stdout);
