@@ -205,31 +205,35 @@ __device__ __forceinline__ void scores_and_dp(float (*s)[4], float (*dp)[4], con
 // Heavy tiles first: in forward and dq the last query tile sees the most keys.
 __device__ __forceinline__ int64_t reversed_tile() { return static_cast<int64_t>(gridDim.x - 1 - blockIdx.x); }
 
-// The key and value tiles that the query tile at t0 sees in forward and dq (causally: up to its last
-// query's position), streamed through two shared-memory stages at kv: issue(it) starts tile it's loads
-// (an empty group past the last keeps cp.async's group count uniform); keys(it) and values(it) are where
-// tile it lies once it is in.
-template <int D, int DV, int KD>
-struct KeyValueStream {
-  using Ly = Layout<D, DV>;
-  static constexpr int kStage = kRowsT * (Ly::LQ + Ly::LV);  // a key tile, then its value tile
-  bf16* kv;
+// Where the keys, key tails and values of batch b's kv head kh lie, and how many key tiles the query
+// tile at t0 sees in forward and dq (causally: up to its last query's position).
+struct KeyValueSource {
   const bf16 *k, *kt, *v;
   int64_t k1, kt1, v1, S;
   int tiles;
-  __device__ KeyValueStream(bf16* kv_smem, const bf16* keys_all, const bf16* key_tails, const bf16* values_all,
+  __device__ KeyValueSource(const bf16* keys_all, const bf16* key_tails, const bf16* values_all,
                             const r1lab::core::cuda::AttnDims& a, int64_t b, int64_t kh, int64_t t0)
-      : kv(kv_smem),
-        k(keys_all + b * a.k0 + kh * a.k2),
+      : k(keys_all + b * a.k0 + kh * a.k2),
         kt(key_tails + b * a.kt0 + kh * a.kt2),
         v(values_all + b * a.v0 + kh * a.v2),
         k1(a.k1),
         kt1(a.kt1),
         v1(a.v1),
-        S(a.S) {
-    const int64_t last = min(a.S - 1, a.S - a.T + min(a.T - 1, t0 + kRowsT - 1));
-    tiles = static_cast<int>(last / kRowsT) + 1;
-  }
+        S(a.S),
+        tiles(static_cast<int>(min(a.S - 1, a.S - a.T + min(a.T - 1, t0 + kRowsT - 1)) / kRowsT) + 1) {}
+};
+
+// Those key and value tiles streamed through two shared-memory stages at kv: issue(it) starts tile it's
+// loads (an empty group past the last keeps cp.async's group count uniform); keys(it) and values(it) are
+// where tile it lies once it is in.
+template <int D, int DV, int KD>
+struct KeyValueStream : KeyValueSource {
+  using Ly = Layout<D, DV>;
+  static constexpr int kStage = kRowsT * (Ly::LQ + Ly::LV);  // a key tile, then its value tile
+  bf16* kv;
+  __device__ KeyValueStream(bf16* kv_smem, const bf16* keys_all, const bf16* key_tails, const bf16* values_all,
+                            const r1lab::core::cuda::AttnDims& a, int64_t b, int64_t kh, int64_t t0)
+      : KeyValueSource(keys_all, key_tails, values_all, a, b, kh, t0), kv(kv_smem) {}
   __device__ void issue(int it) const {
     if (it < tiles) {
       bf16* st = kv + (it % 2) * kStage;

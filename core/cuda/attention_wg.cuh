@@ -105,25 +105,13 @@ __device__ __forceinline__ void stage_arrived() {
 // The key and value tiles that the query tile at t0 sees in forward and dq, as KeyValueStream streams
 // them but swizzled: a stage is a key tile (panels(D)) and then its value tile.
 template <int D, int DV, int KD>
-struct SwizzledKeyValues {
+struct SwizzledKeyValues : KeyValueSource {
   static constexpr int kKBytes = panels(D) * kPanel, kStage = kKBytes + panels(DV) * kPanel;
   unsigned char* kv;
-  const bf16 *k, *kt, *v;
-  int64_t k1, kt1, v1, S;
-  int tiles;
   __device__ SwizzledKeyValues(unsigned char* kv_smem, const bf16* keys_all, const bf16* key_tails,
                                const bf16* values_all, const r1lab::core::cuda::AttnDims& a, int64_t b, int64_t kh,
                                int64_t t0)
-      : kv(kv_smem),
-        k(keys_all + b * a.k0 + kh * a.k2),
-        kt(key_tails + b * a.kt0 + kh * a.kt2),
-        v(values_all + b * a.v0 + kh * a.v2),
-        k1(a.k1),
-        kt1(a.kt1),
-        v1(a.v1),
-        S(a.S) {
-    tiles = static_cast<int>(min(a.S - 1, a.S - a.T + min(a.T - 1, t0 + kRowsT - 1)) / kRowsT) + 1;
-  }
+      : KeyValueSource(keys_all, key_tails, values_all, a, b, kh, t0), kv(kv_smem) {}
   // Starts tile it's loads (an empty group past the last keeps cp.async's group count uniform).
   __device__ void issue(int it) const {
     if (it < tiles) {
