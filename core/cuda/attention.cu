@@ -626,7 +626,7 @@ __global__ void __launch_bounds__(kLatWarps * 32)
   load_q(threadIdx.x);
   // A warp takes every kLatWarps-th row of a tile. Its lanes look up those rows' block-table entries
   // together a tile ahead of the tile's load (the entries arrive while the tile before is computed),
-  // then the rows come in 16-byte pieces (zeros past the end).
+  // then the rows come in 16-byte pieces, or on Hopper a bulk copy a row (zeros past the end).
   const int pieces = static_cast<int>(kFp8 ? row_bytes / 16 : D / 8);
   constexpr int kRowsPerWarp = kLatTile / kLatWarps;
   struct Entry {

@@ -592,7 +592,9 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 // prefill); 1 where they are short (MoE decode: 32 rows a group at batch 256), which wastes half as many
 // products on rows past a group's end and, with a third of the shared memory, fits 3 blocks an SM (a
 // decode step's ~300 tiles in one wave instead of 1.5; what that bought: kGroupedTile64).
-constexpr size_t wg_smem_bytes(int wg, int bn = kTileN) {  // + room to align tiles to 1024 bytes
+// The warpgroup kernels' dynamic shared memory, from wg::smem_base: the pipeline's tiles (which the staged
+// epilogues' rows reuse), + room to align them to 1024 bytes.
+constexpr size_t wg_smem_bytes(int wg, int bn = kTileN) {
   return kStages * (64 * wg * kTileK * 2 + bn * kTileK * 2) + 1024;
 }
 constexpr size_t kWgSmem = wg_smem_bytes(2);
@@ -672,8 +674,6 @@ struct WgTile {
   }
 };
 
-// The warpgroup kernels' dynamic shared memory (wg::smem_base): the pipeline's tiles, then the staged
-// epilogues' rows.
 // The f32 sums of the block's tile at (m0, n0) of one product (64 · kWG rows), as tc_accumulate makes
 // them but in the wgmma layout (wg_for_each). kGated as there: b's rows n0 + j, then gate_to_up + n0 + j.
 // kGather: kGatherA, A's rows at a + rows[i]·lda; kGatherK (kGatherKA), B's (A's) k rows at b + rows[k]·ldb
